@@ -1,0 +1,51 @@
+"""Cortex: convert language models to compact quantized formats and run them fast locally.
+
+>>> import cortex
+>>> model, tokenizer = cortex.load()          # the default model, SmolLM2-135M-Instruct
+>>> for r in cortex.stream_generate(model, tokenizer, "Tell me about Rust", max_tokens=64):
+...     print(r.text, end="", flush=True)
+"""
+
+from ._core import Model, SamplingParams, Tokenizer, __version__
+from .exceptions import (
+    CancelledError,
+    ConfigError,
+    ContextLengthError,
+    CortexError,
+    EngineError,
+    ModelFormatError,
+    ModelLoadError,
+    ModelNotFoundError,
+    RequestValidationError,
+    TemplateError,
+    TokenizerError,
+    UnsupportedArchitectureError,
+)
+from .generation import GenerationResponse, generate, load, load_model, stream_generate
+from .models import cortex_home, default_model_path
+
+__all__ = [
+    "CancelledError",
+    "ConfigError",
+    "ContextLengthError",
+    "CortexError",
+    "EngineError",
+    "GenerationResponse",
+    "Model",
+    "ModelFormatError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "RequestValidationError",
+    "SamplingParams",
+    "TemplateError",
+    "Tokenizer",
+    "TokenizerError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "cortex_home",
+    "default_model_path",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+]

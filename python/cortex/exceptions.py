@@ -1,0 +1,97 @@
+"""The exception tree of Cortex.
+
+Every error Cortex raises on purpose is a :class:`CortexError`. Errors about bad input also
+subclass the built-in class a Python user would catch for it (``ValueError`` for a malformed
+file or an invalid parameter, ``FileNotFoundError`` for a missing model, ``RuntimeError``
+for engine faults), so both ``except cortex.ModelFormatError`` and ``except ValueError``
+work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CancelledError",
+    "ConfigError",
+    "ContextLengthError",
+    "CortexError",
+    "EngineError",
+    "ModelFormatError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "RequestValidationError",
+    "TemplateError",
+    "TokenizerError",
+    "UnsupportedArchitectureError",
+]
+
+
+class CortexError(Exception):
+    """Base class of every error Cortex raises on purpose.
+
+    Keyword arguments become attributes (``path``, ``offset``, ``field``, ``param`` ...).
+    """
+
+    def __init__(self, message: str = "", **attrs: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+
+class ModelLoadError(CortexError):
+    """A model could not be loaded. ``path`` names the file."""
+
+    path: str | None = None
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The reference names no file, or a directory without model weights."""
+
+    def __init__(self, message: str = "", **attrs: Any) -> None:
+        CortexError.__init__(self, message, **attrs)
+
+
+class ModelFormatError(ModelLoadError, ValueError):
+    """A model file is malformed, truncated or hostile; ``offset`` is the byte position."""
+
+    offset: int | None = None
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The model's architecture is not one Cortex runs; the message lists those it does."""
+
+    architecture: str | None = None
+
+
+class ConfigError(CortexError, ValueError):
+    """A configuration field is missing, mistyped or out of range; ``field`` names it."""
+
+    field: str | None = None
+
+
+class TokenizerError(CortexError, ValueError):
+    """The tokenizer could not be built or failed on its input."""
+
+
+class TemplateError(CortexError, ValueError):
+    """A chat template failed to parse or render (or ran out of its evaluation budget)."""
+
+
+class RequestValidationError(CortexError, ValueError):
+    """A request parameter is invalid; ``param`` names it."""
+
+    param: str | None = None
+
+
+class ContextLengthError(RequestValidationError):
+    """The prompt does not fit in the model's context."""
+
+
+class EngineError(CortexError, RuntimeError):
+    """A fault inside generation (a crashed worker, NaN logits ...)."""
+
+
+class CancelledError(EngineError):
+    """The work was cancelled."""

@@ -1,0 +1,164 @@
+"""Loading models and generating text: ``load``, ``generate``, ``stream_generate``.
+
+The shape follows mlx-lm (``stream_generate`` yields responses carrying the new text and
+running statistics), so code written for it reads naturally here.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from . import _core
+from ._core import Model, SamplingParams, Tokenizer
+from .models import default_model_path
+
+__all__ = [
+    "GenerationResponse",
+    "Prompt",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+]
+
+#: A prompt: text, chat messages (rendered with the model's chat template) or token ids.
+Prompt = Union[str, Sequence[Mapping[str, Any]], Sequence[int]]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _check_placement(device: str, dtype: str | None) -> None:
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"device={device!r}: this build of Cortex runs on 'cpu' (or 'auto')")
+    if dtype not in (None, "float32"):
+        raise ValueError(f"dtype={dtype!r}: CPU activations are 'float32'")
+
+
+def _resolve(ref: PathLike | None) -> str:
+    return str(default_model_path() if ref is None else os.fspath(ref))
+
+
+def load(
+    ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None
+) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer.
+
+    Args:
+        ref: a ``.gguf`` file or a directory holding one (with ``tokenizer.json`` beside it,
+            that tokenizer is used). ``None`` loads the default model, SmolLM2-135M-Instruct.
+        device: ``"auto"`` or ``"cpu"``.
+        dtype: activation dtype; ``None`` or ``"float32"`` on CPU.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ModelNotFoundError: nothing loadable at ``ref``.
+        ModelFormatError: the file is malformed or truncated.
+        UnsupportedArchitectureError: the architecture is not supported.
+    """
+    _check_placement(device, dtype)
+    return _core.load(_resolve(ref))
+
+
+def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None) -> Model:
+    """Load only a model's weights (see :func:`load`)."""
+    _check_placement(device, dtype)
+    return _core.load_model(_resolve(ref))
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One step of a streamed generation."""
+
+    #: Text completed by this step (concatenate all steps for the whole output).
+    text: str
+    #: The token sampled at this step.
+    token: int
+    #: ``(logprob, [(token, logprob), ...])`` when ``logprobs`` was requested.
+    logprobs: tuple[float, list[tuple[int, float]]] | None
+    #: ``None`` until the last step, then ``"stop"`` or ``"length"``.
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+    #: Prompt tokens per second of prefill.
+    prompt_tps: float
+    #: Generated tokens per second since prefill ended.
+    generation_tps: float
+    #: Peak resident memory of this process so far, in GB.
+    peak_memory: float
+
+
+def _peak_memory_gb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    items = list(prompt)
+    if items and all(isinstance(m, Mapping) for m in items):
+        ids = tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
+        assert isinstance(ids, list)
+        return ids
+    if all(isinstance(t, int) for t in items):
+        return [int(t) for t in items]
+    raise TypeError("prompt must be a string, a list of chat messages or a list of token ids")
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    params: SamplingParams | None = None,
+    **sampling: Any,
+) -> Iterator[GenerationResponse]:
+    """Generate text, yielding a :class:`GenerationResponse` per token.
+
+    Args:
+        model, tokenizer: from :func:`load`.
+        prompt: text, chat messages, or token ids.
+        params: sampling settings; or pass their fields as keyword arguments
+            (``max_tokens=64, temperature=0.7, ...``).
+
+    The model works on a background thread with the GIL released; Ctrl-C raises
+    ``KeyboardInterrupt`` promptly and stops the work, and the model stays usable.
+    """
+    if params is None:
+        params = SamplingParams(**sampling)
+    elif sampling:
+        raise TypeError("pass either params or sampling keyword arguments, not both")
+    stream = _core.stream(model, tokenizer, _prompt_ids(tokenizer, prompt), params)
+    try:
+        for text, token, logprobs, finish, n_prompt, n_gen, prompt_tps, gen_tps in stream:
+            yield GenerationResponse(
+                text=text,
+                token=token,
+                logprobs=logprobs,
+                finish_reason=finish,
+                prompt_tokens=n_prompt,
+                generation_tokens=n_gen,
+                prompt_tps=prompt_tps,
+                generation_tps=gen_tps,
+                peak_memory=_peak_memory_gb(),
+            )
+    finally:
+        stream.cancel()
+
+
+def generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    params: SamplingParams | None = None,
+    **sampling: Any,
+) -> str:
+    """Generate and return the whole text (see :func:`stream_generate`)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, params, **sampling))

@@ -1,0 +1,344 @@
+//! Sampling parameters (OpenAI/vLLM names and ranges) and the sampler.
+//!
+//! Logits processing follows transformers' order: repetition penalty (CTRL, Keskar et al.
+//! 2019) and OpenAI presence/frequency penalties on the raw logits, then temperature,
+//! top-k, top-p (nucleus, Holtzman et al. 2019) and min-p (Nguyen et al. 2024) on the
+//! distribution. Each request samples from its own seeded RNG, so a seed reproduces the
+//! same text whatever else runs.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+
+/// Most stop strings per request, and the longest one, in bytes.
+pub const MAX_STOP_STRINGS: usize = 64;
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Largest number of top alternatives returned with `logprobs`.
+pub const MAX_LOGPROBS: usize = 20;
+/// Temperatures below this are raised to it: smaller ones only overflow `exp`.
+pub const MIN_TEMPERATURE: f32 = 0.01;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy; otherwise in (0, 2].
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (0 = all; above the vocabulary means all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`, in (0, 1].
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one, in [0, 1].
+    pub min_p: f32,
+    /// > 0; 1 disables. Applies to every token of the prompt and the output.
+    pub repetition_penalty: f32,
+    /// In [-2, 2]; subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// In [-2, 2]; subtracted per occurrence in the generated tokens.
+    pub frequency_penalty: f32,
+    /// At least 1. Generation also ends when the context is full.
+    pub max_tokens: usize,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// `None` draws a fresh seed.
+    pub seed: Option<u64>,
+    /// Return the log-probability of each token and of the `n` most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Keep generating past end-of-sequence tokens (benchmarks, load tests).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            max_tokens: 256,
+            stop: Vec::new(),
+            seed: None,
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field; the error names the first field at fault.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !t.is_finite() || !(0.0..=2.0).contains(&t) {
+            return Err(Error::param("temperature", format!("{t} is not in [0, 2]")));
+        }
+        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(Error::param(
+                "top_p",
+                format!("{} is not in (0, 1]", self.top_p),
+            ));
+        }
+        if !self.min_p.is_finite() || !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::param(
+                "min_p",
+                format!("{} is not in [0, 1]", self.min_p),
+            ));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return Err(Error::param(
+                "repetition_penalty",
+                format!("{} must be a positive number", self.repetition_penalty),
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
+                return Err(Error::param(name, format!("{v} is not in [-2, 2]")));
+            }
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::param("max_tokens", "must be at least 1"));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::param(
+                "stop",
+                format!(
+                    "{} stop strings, at most {MAX_STOP_STRINGS} allowed",
+                    self.stop.len()
+                ),
+            ));
+        }
+        for s in &self.stop {
+            if s.is_empty() {
+                return Err(Error::param("stop", "stop strings cannot be empty"));
+            }
+            if s.len() > MAX_STOP_BYTES {
+                return Err(Error::param(
+                    "stop",
+                    format!(
+                        "a stop string of {} bytes exceeds {MAX_STOP_BYTES}",
+                        s.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = self.logprobs {
+            if n > MAX_LOGPROBS {
+                return Err(Error::param(
+                    "logprobs",
+                    format!("{n} is more than the maximum of {MAX_LOGPROBS}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps a user seed: -1 (or none) draws a fresh one; other negatives and values past
+    /// u64 are rejected.
+    pub fn seed_from(seed: Option<i128>) -> Result<Option<u64>> {
+        match seed {
+            None | Some(-1) => Ok(None),
+            Some(s) => u64::try_from(s)
+                .map(Some)
+                .map_err(|_| Error::param("seed", format!("{s} is not -1 or in [0, 2^64)"))),
+        }
+    }
+}
+
+/// SplitMix64 (Steele et al., 2014): small, fast, and good enough to draw from a
+/// categorical distribution; its whole state is the seed, so runs reproduce exactly.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process and per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// Log-probabilities of a sampled token and of the most likely alternatives, from the
+/// model's raw distribution (before penalties and truncation), as mlx-lm reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(fresh_seed);
+        Sampler {
+            params,
+            rng: Rng(seed),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits: [vocab]`. `context` is the prompt followed by the
+    /// tokens generated so far; `prompt_len` splits the two. Fails on NaN logits, which
+    /// only a broken model produces.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        context: &[u32],
+        prompt_len: usize,
+    ) -> Result<(u32, Option<TokenLogprobs>)> {
+        if logits.iter().any(|x| x.is_nan()) {
+            return Err(Error::Engine("the model produced NaN logits".into()));
+        }
+        let raw_logprobs = self.params.logprobs.map(|n| (n, log_softmax(logits)));
+        let mut logits = logits.to_vec();
+        self.apply_penalties(&mut logits, context, prompt_len);
+        let token = if self.params.temperature == 0.0 {
+            argmax(&logits)
+        } else {
+            self.draw(&logits)
+        };
+        let logprobs = raw_logprobs.map(|(n, lp)| TokenLogprobs {
+            logprob: lp[token as usize],
+            top: top_n(&lp, n),
+        });
+        Ok((token, logprobs))
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32], context: &[u32], prompt_len: usize) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in context {
+                let t = t as usize;
+                if t < logits.len() && !seen[t] {
+                    seen[t] = true;
+                    let l = &mut logits[t];
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: HashMap<u32, usize> = HashMap::new();
+            for &t in &context[prompt_len.min(context.len())..] {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
+
+    /// Samples from softmax(logits / temperature) restricted by top-k, top-p and min-p.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let temperature = p.temperature.max(MIN_TEMPERATURE);
+        // Candidates sorted by logit, best first; top-k truncates before sorting the rest.
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        if p.top_k > 0 && p.top_k < idx.len() {
+            idx.select_nth_unstable_by(p.top_k - 1, by_logit);
+            idx.truncate(p.top_k);
+        }
+        idx.sort_unstable_by(by_logit);
+        let max = logits[idx[0] as usize];
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| f64::from((logits[i as usize] - max) / temperature).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        // top-p: the smallest prefix whose mass reaches top_p (at least one token).
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (i, &q) in probs.iter().enumerate() {
+                cum += q;
+                if cum >= f64::from(p.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        // min-p: relative to the most likely token, which always survives.
+        if p.min_p > 0.0 {
+            let floor = probs[0] * f64::from(p.min_p);
+            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = self.rng.next_f64() * total;
+        for (i, &q) in probs.iter().enumerate() {
+            if u < q {
+                return idx[i];
+            }
+            u -= q;
+        }
+        idx[probs.len() - 1]
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log(softmax(logits))`.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    logits.iter().map(|&x| x - lse).collect()
+}
+
+/// The `n` largest entries as `(index, value)`, largest first.
+fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]);
+    if n < idx.len() && n > 0 {
+        idx.select_nth_unstable_by(n - 1, by_value);
+    }
+    idx.truncate(n);
+    idx.sort_unstable_by(by_value);
+    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+}

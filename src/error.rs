@@ -1,0 +1,113 @@
+//! The crate's one error type. Every variant names the file, field or value at fault and,
+//! where it helps, what would have been valid; the Python bindings map each variant onto
+//! one class of the `cortex.CortexError` tree (`src/py/errors.rs`).
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model reference names nothing on disk, or a directory without model weights.
+    #[error("{message}: {}", path.display())]
+    ModelNotFound { path: PathBuf, message: String },
+
+    /// A model file is malformed, truncated or hostile (bad magic, offsets past the end,
+    /// overflowing shapes, duplicate names...). `offset` is the byte position where the
+    /// problem was found, when there is one.
+    #[error("{}: {message}{}", path.display(), offset.map(|o| format!(" (at byte {o})")).unwrap_or_default())]
+    ModelFormat {
+        path: PathBuf,
+        offset: Option<u64>,
+        message: String,
+    },
+
+    /// The file is well formed but describes an architecture Cortex does not run.
+    #[error("unsupported architecture '{architecture}'; supported: {}", supported.join(", "))]
+    UnsupportedArchitecture {
+        architecture: String,
+        supported: Vec<String>,
+    },
+
+    /// A configuration value (GGUF metadata key or config.json field) is missing, of the
+    /// wrong type, or out of range.
+    #[error("invalid config field '{field}': {message}")]
+    Config { field: String, message: String },
+
+    /// The tokenizer could not be built, or failed to encode/decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A chat template failed to parse or render (including running out of fuel).
+    #[error("chat template: {0}")]
+    Template(String),
+
+    /// A request parameter is invalid; `param` is the field name as the user spells it.
+    #[error("invalid value for '{param}': {message}")]
+    InvalidParam { param: String, message: String },
+
+    /// The prompt (plus the tokens asked for) does not fit in the model's context.
+    #[error(
+        "prompt of {prompt_tokens} tokens does not fit in the context of {context_length} tokens"
+    )]
+    ContextLength {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+
+    /// The caller cancelled the work (Ctrl-C, abort).
+    #[error("cancelled")]
+    Cancelled,
+
+    /// A fault inside the generation machinery (a worker that died, NaN logits...).
+    #[error("engine: {0}")]
+    Engine(String),
+
+    /// An I/O error while reading `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An error from a tensor operation in candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn format(
+        path: impl Into<PathBuf>,
+        offset: Option<u64>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::ModelFormat {
+            path: path.into(),
+            offset,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidParam {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

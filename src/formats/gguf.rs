@@ -1,0 +1,401 @@
+//! A validating GGUF reader.
+//!
+//! Follows the GGUF specification (ggml `docs/gguf.md`) and the checks of llama.cpp's
+//! `gguf.cpp`. candle's own reader trusts several fields it should not (it panics on a zero
+//! alignment, accepts overflowing dims and duplicate names, and amplifies huge metadata
+//! arrays into gigabytes), so Cortex parses the header itself and hands candle only
+//! validated [`TensorInfo`]s. Every count and length is checked against the bytes left in
+//! the file *before* anything proportional to it is allocated, so a hostile header costs
+//! time and memory bounded by the file's real size.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{TensorInfo, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+/// Longest string value accepted (a chat template or a token is far below this).
+const MAX_STRING_BYTES: u64 = 16 << 20;
+/// Most elements in one metadata array: the largest vocabularies have ~262k tokens.
+/// Bounds memory, since each element becomes a `Value` of 32 bytes or more.
+const MAX_ARRAY_LEN: u64 = 4 << 20;
+/// Deepest nesting of arrays inside arrays (real files use 1).
+const MAX_DEPTH: usize = 4;
+/// Largest `general.alignment` accepted.
+const MAX_ALIGNMENT: u32 = 1 << 20;
+/// ggml's GGML_MAX_NAME includes the terminating NUL.
+const MAX_TENSOR_NAME: usize = 63;
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A GGUF file whose header has been read and validated; tensors are read on demand.
+#[derive(Debug)]
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: HashMap<String, Value>,
+    /// Tensor names in file order.
+    pub tensor_names: Vec<String>,
+    pub tensors: HashMap<String, TensorInfo>,
+    /// Absolute offset of the tensor data section.
+    pub data_offset: u64,
+    file: File,
+}
+
+/// Bounds-checked little-endian reader that knows how many bytes remain.
+struct Cursor<'a> {
+    inner: BufReader<&'a File>,
+    path: &'a Path,
+    pos: u64,
+    len: u64,
+}
+
+impl Cursor<'_> {
+    fn err(&self, message: impl Into<String>) -> Error {
+        Error::format(self.path, Some(self.pos), message)
+    }
+
+    fn remaining(&self) -> u64 {
+        self.len - self.pos
+    }
+
+    fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>> {
+        if n > self.remaining() {
+            return Err(self.err(format!(
+                "{what} needs {n} bytes but only {} remain: the file is truncated or corrupt",
+                self.remaining()
+            )));
+        }
+        // n <= remaining <= file size, so this allocation is bounded by the file.
+        let mut buf = vec![0u8; n as usize];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| Error::io(self.path, e))?;
+        self.pos += n;
+        Ok(buf)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let v = self.bytes(N as u64, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&v);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.u64(what)?;
+        if n > MAX_STRING_BYTES {
+            return Err(self.err(format!(
+                "{what}: string length {n} exceeds the limit of {MAX_STRING_BYTES} bytes"
+            )));
+        }
+        let bytes = self.bytes(n, what)?;
+        String::from_utf8(bytes).map_err(|_| self.err(format!("{what}: string is not valid UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
+        let what = key;
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>(what)?[0]),
+            1 => Value::I8(i8::from_le_bytes(self.array(what)?)),
+            2 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.err(format!("{key}: bool value {b} is neither 0 nor 1"))),
+            },
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(self.err(format!(
+                        "{key}: arrays nested deeper than {MAX_DEPTH} (nesting depth)"
+                    )));
+                }
+                let elem_ty = self.u32(what)?;
+                let count = self.u64(what)?;
+                let min = min_value_size(elem_ty).ok_or_else(|| {
+                    self.err(format!("{key}: unknown array element type {elem_ty}"))
+                })?;
+                if count > MAX_ARRAY_LEN {
+                    return Err(self.err(format!(
+                        "{key}: array of {count} elements exceeds the limit of {MAX_ARRAY_LEN}"
+                    )));
+                }
+                if count.saturating_mul(min) > self.remaining() {
+                    return Err(self.err(format!(
+                        "{key}: array of {count} elements cannot fit in the {} bytes left",
+                        self.remaining()
+                    )));
+                }
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
+            other => return Err(self.err(format!("{key}: unknown metadata value type {other}"))),
+        })
+    }
+}
+
+/// Smallest encoded size of a value of GGUF type `ty`, or None for an unknown type.
+fn min_value_size(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4 | 5 | 6 => 4,
+        8 | 9 | 10 | 11 | 12 => 8,
+        _ => return None,
+    })
+}
+
+/// ggml's type ids (ggml.h `enum ggml_type`) for the block types candle can run.
+fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+impl GgufFile {
+    /// Opens `path` and validates its whole header: magic, version, counts, every metadata
+    /// value, every tensor's name, type, dims and byte range.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut c = Cursor {
+            inner: BufReader::with_capacity(1 << 16, &file),
+            path,
+            pos: 0,
+            len,
+        };
+        if len < 24 {
+            return Err(Error::format(
+                path,
+                None,
+                format!("not a GGUF file: only {len} bytes, smaller than a GGUF header"),
+            ));
+        }
+        let magic = c.array::<4>("magic")?;
+        if &magic != b"GGUF" {
+            return Err(Error::format(
+                path,
+                Some(0),
+                format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"),
+            ));
+        }
+        let version = c.u32("version")?;
+        if version > 3 && (1..=3).contains(&version.swap_bytes()) {
+            return Err(Error::format(
+                path,
+                Some(4),
+                "big-endian GGUF files are not supported",
+            ));
+        }
+        if !(2..=3).contains(&version) {
+            return Err(Error::format(
+                path,
+                Some(4),
+                format!("unsupported GGUF version {version} (supported: 2, 3)"),
+            ));
+        }
+        let tensor_count = c.u64("tensor_count")?;
+        let kv_count = c.u64("kv_count")?;
+        // Smallest possible entries: a key-value is an 8-byte length, a 1-byte key, a 4-byte
+        // type and a 1-byte value; a tensor info is an 8-byte length, a 1-byte name, a 4-byte
+        // n_dims, one 8-byte dim, a 4-byte type and an 8-byte offset.
+        let needed = u128::from(kv_count) * 14 + u128::from(tensor_count) * 33;
+        if needed > u128::from(c.remaining()) {
+            return Err(c.err(format!(
+                "header declares {tensor_count} tensors and {kv_count} metadata entries, more than the file's {len} bytes can hold"
+            )));
+        }
+
+        let mut metadata = HashMap::with_capacity(kv_count as usize);
+        for _ in 0..kv_count {
+            let key = c.string("metadata key")?;
+            if key.is_empty() {
+                return Err(c.err("empty metadata key"));
+            }
+            let ty = c.u32(&key)?;
+            let value = c.value(ty, &key, 0)?;
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(c.err(format!("duplicate metadata key '{key}'")));
+            }
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(Value::U32(a)) if a.is_power_of_two() && *a <= MAX_ALIGNMENT => u64::from(*a),
+            Some(v) => return Err(Error::format(
+                path,
+                None,
+                format!(
+                    "general.alignment must be a UINT32 power of two <= {MAX_ALIGNMENT}, got {v:?}"
+                ),
+            )),
+        };
+
+        // (name, info, byte size) in file order.
+        let mut infos: Vec<(String, TensorInfo, u64)> = Vec::with_capacity(tensor_count as usize);
+        let mut seen = HashSet::with_capacity(tensor_count as usize);
+        for _ in 0..tensor_count {
+            let name = c.string("tensor name")?;
+            if name.is_empty() || name.len() > MAX_TENSOR_NAME {
+                return Err(c.err(format!(
+                    "tensor name '{name}' must be 1 to {MAX_TENSOR_NAME} bytes long"
+                )));
+            }
+            let n_dims = c.u32(&name)?;
+            if !(1..=4).contains(&n_dims) {
+                return Err(c.err(format!(
+                    "tensor '{name}' has {n_dims} dims (expected 1 to 4)"
+                )));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)?);
+            }
+            let type_id = c.u32(&name)?;
+            let offset = c.u64(&name)?;
+            let dtype = ggml_dtype(type_id)
+                .ok_or_else(|| c.err(format!("tensor '{name}' has unknown ggml type {type_id}")))?;
+            let elems = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| {
+                    if d == 0 || d > i64::MAX as u64 {
+                        None
+                    } else {
+                        acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
+                    }
+                })
+                .ok_or_else(|| {
+                    c.err(format!(
+                        "tensor '{name}' has invalid dims {dims:?} (zero, negative or overflowing)"
+                    ))
+                })?;
+            let block = dtype.block_size() as u64;
+            if dims[0] % block != 0 {
+                return Err(c.err(format!(
+                    "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {block}",
+                    dims[0]
+                )));
+            }
+            let nbytes = (elems / block)
+                .checked_mul(dtype.type_size() as u64)
+                .ok_or_else(|| c.err(format!("tensor '{name}': byte size overflows")))?;
+            if offset % alignment != 0 {
+                return Err(c.err(format!("tensor '{name}': offset {offset} is not a multiple of the alignment {alignment}")));
+            }
+            // candle's shapes list the slowest dimension first, GGUF lists the fastest first.
+            let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
+            let info = TensorInfo {
+                ggml_dtype: dtype,
+                shape: shape.into(),
+                offset,
+            };
+            if !seen.insert(name.clone()) {
+                return Err(c.err(format!("duplicate tensor name '{name}'")));
+            }
+            infos.push((name, info, nbytes));
+        }
+
+        let data_offset = c.pos.div_ceil(alignment) * alignment;
+        let mut by_offset: Vec<&(String, TensorInfo, u64)> = infos.iter().collect();
+        by_offset.sort_by_key(|(_, info, _)| info.offset);
+        let mut prev_end = 0u64;
+        let mut prev_name = "";
+        for (name, info, nbytes) in by_offset {
+            let start = info.offset;
+            let end = start
+                .checked_add(*nbytes)
+                .and_then(|e| e.checked_add(data_offset));
+            match end {
+                Some(end) if end <= len => {}
+                _ => {
+                    return Err(Error::format(
+                        path,
+                        Some(data_offset.saturating_add(start)),
+                        format!("tensor '{name}' ({nbytes} bytes at data offset {start}) lies past the end of the file ({len} bytes)"),
+                    ))
+                }
+            }
+            if start < prev_end {
+                return Err(Error::format(
+                    path,
+                    Some(data_offset + start),
+                    format!("tensor '{name}' overlaps tensor '{prev_name}'"),
+                ));
+            }
+            prev_end = start + nbytes;
+            prev_name = name;
+        }
+
+        let tensor_names = infos.iter().map(|(n, _, _)| n.clone()).collect();
+        let tensors = infos.into_iter().map(|(n, info, _)| (n, info)).collect();
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensor_names,
+            tensors,
+            data_offset,
+            file,
+        })
+    }
+
+    /// Reads tensor `name` into a quantized tensor on `device`, blocks kept as they are.
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let info = self.tensors.get(name).ok_or_else(|| {
+            Error::format(&self.path, None, format!("tensor '{name}' is missing"))
+        })?;
+        let mut file = &self.file;
+        // The header was validated against the file's length at open; if the file shrank
+        // since (rewritten underneath us), candle's read reports the short read.
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(&self.path, e))?;
+        info.read(&mut file, self.data_offset, device)
+            .map_err(|e| Error::format(&self.path, None, format!("reading tensor '{name}': {e}")))
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+}

@@ -1,0 +1,278 @@
+//! Decoder configuration with Hugging Face field names (`num_key_value_heads`,
+//! `rope_theta`...), read from GGUF metadata (llama.cpp's `{arch}.*` keys, as written by
+//! `convert_hf_to_gguf.py`). Every size is range-checked here, before anything is allocated
+//! from it, and checked again against the tensors' real shapes at load.
+
+use candle_core::quantized::gguf_file::Value;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+
+/// Architectures (`general.architecture`) the llama-family decoder runs. Mistral GGUFs are
+/// written with `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
+
+/// Upper bounds that no real model reaches; a config past them is corrupt or hostile.
+const MAX_LAYERS: usize = 1024;
+const MAX_HEADS: usize = 1024;
+const MAX_CONTEXT: usize = 1 << 24;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_HIDDEN: usize = 1 << 17;
+
+/// RoPE frequency scaling (HF `rope_scaling`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Position interpolation: positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Per-frequency factors stored in the file (llama 3's `rope_freqs.weight`): each
+    /// inverse frequency is divided by its factor.
+    Llama3,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tie_word_embeddings: bool,
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(x.into()),
+        Value::U16(x) => Some(x.into()),
+        Value::U32(x) => Some(x.into()),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    match *v {
+        Value::F32(x) => Some(x.into()),
+        Value::F64(x) => Some(x),
+        _ => as_u64(v).map(|x| x as f64),
+    }
+}
+
+/// Reads an unsigned integer metadata key, `None` when absent.
+pub(crate) fn meta_usize(g: &GgufFile, key: &str) -> Result<Option<usize>> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(v) => as_u64(v)
+            .and_then(|x| usize::try_from(x).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::config(key, format!("expected a non-negative integer, got {v:?}"))
+            }),
+    }
+}
+
+fn meta_f64(g: &GgufFile, key: &str) -> Result<Option<f64>> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(v) => as_f64(v)
+            .filter(|x| x.is_finite())
+            .map(Some)
+            .ok_or_else(|| Error::config(key, format!("expected a finite number, got {v:?}"))),
+    }
+}
+
+fn required(g: &GgufFile, key: &str) -> Result<usize> {
+    meta_usize(g, key)?.ok_or_else(|| Error::config(key, "missing from the GGUF metadata"))
+}
+
+fn check_range(field: &str, value: usize, max: usize) -> Result<usize> {
+    if value == 0 || value > max {
+        return Err(Error::config(
+            field,
+            format!("{value} is outside 1..={max}"),
+        ));
+    }
+    Ok(value)
+}
+
+impl ModelConfig {
+    /// Builds the configuration from GGUF metadata (`general.architecture` and the
+    /// `{arch}.*` keys).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = match g.get("general.architecture") {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => {
+                return Err(Error::config(
+                    "general.architecture",
+                    format!("expected a string, got {v:?}"),
+                ))
+            }
+            None => {
+                return Err(Error::config(
+                    "general.architecture",
+                    "missing from the GGUF metadata",
+                ))
+            }
+        };
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(Error::UnsupportedArchitecture {
+                architecture: arch,
+                supported: SUPPORTED_ARCHITECTURES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            });
+        }
+        let k = |name: &str| format!("{arch}.{name}");
+        let hidden_size = check_range(
+            &k("embedding_length"),
+            required(g, &k("embedding_length"))?,
+            MAX_HIDDEN,
+        )?;
+        let intermediate_size = check_range(
+            &k("feed_forward_length"),
+            required(g, &k("feed_forward_length"))?,
+            16 * MAX_HIDDEN,
+        )?;
+        let num_hidden_layers = check_range(
+            &k("block_count"),
+            required(g, &k("block_count"))?,
+            MAX_LAYERS,
+        )?;
+        let num_attention_heads = check_range(
+            &k("attention.head_count"),
+            required(g, &k("attention.head_count"))?,
+            MAX_HEADS,
+        )?;
+        let num_key_value_heads = match meta_usize(g, &k("attention.head_count_kv"))? {
+            Some(n) => check_range(&k("attention.head_count_kv"), n, num_attention_heads)?,
+            None => num_attention_heads,
+        };
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::config(
+                k("attention.head_count_kv"),
+                format!("{num_key_value_heads} KV heads do not divide {num_attention_heads} attention heads"),
+            ));
+        }
+        let head_dim = match meta_usize(g, &k("attention.key_length"))? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(Error::config(
+                        k("attention.head_count"),
+                        format!("embedding_length {hidden_size} is not divisible by {num_attention_heads} heads"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > 1024 {
+            return Err(Error::config(
+                k("attention.key_length"),
+                format!("head dim {head_dim} must be even and in 2..=1024"),
+            ));
+        }
+        if let Some(rot) = meta_usize(g, &k("rope.dimension_count"))? {
+            if rot != head_dim {
+                return Err(Error::config(
+                    k("rope.dimension_count"),
+                    format!("partial rotary embeddings ({rot} of {head_dim} dims) are not supported for {arch}"),
+                ));
+            }
+        }
+        let vocab_size = match meta_usize(g, &k("vocab_size"))? {
+            Some(v) => v,
+            None => match g.get("tokenizer.ggml.tokens") {
+                Some(Value::Array(tokens)) => tokens.len(),
+                _ => g
+                    .tensors
+                    .get("token_embd.weight")
+                    .map(|t| t.shape.dims()[0])
+                    .ok_or_else(|| {
+                        Error::config(
+                            k("vocab_size"),
+                            "missing, and no tokenizer or embedding to infer it from",
+                        )
+                    })?,
+            },
+        };
+        let vocab_size = check_range(&k("vocab_size"), vocab_size, MAX_VOCAB)?;
+        let max_position_embeddings = check_range(
+            &k("context_length"),
+            required(g, &k("context_length"))?,
+            MAX_CONTEXT,
+        )?;
+        // Strangely absent from some older files; llama.cpp's default then applies.
+        let rms_norm_eps = meta_f64(g, &k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+            return Err(Error::config(
+                k("attention.layer_norm_rms_epsilon"),
+                format!("{rms_norm_eps} is not in (0, 1)"),
+            ));
+        }
+        let rope_theta = meta_f64(g, &k("rope.freq_base"))?.unwrap_or(10_000.0);
+        if rope_theta <= 1.0 {
+            return Err(Error::config(
+                k("rope.freq_base"),
+                format!("{rope_theta} must be greater than 1"),
+            ));
+        }
+        let rope_scaling = Self::rope_scaling(g, &arch)?;
+        Ok(ModelConfig {
+            model_type: arch,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope_theta: rope_theta as f32,
+            rope_scaling,
+            tie_word_embeddings: !g.has_tensor("output.weight"),
+        })
+    }
+
+    fn rope_scaling(g: &GgufFile, arch: &str) -> Result<Option<RopeScaling>> {
+        if g.has_tensor("rope_freqs.weight") {
+            return Ok(Some(RopeScaling::Llama3));
+        }
+        let ty_key = format!("{arch}.rope.scaling.type");
+        let ty = match g.get(&ty_key) {
+            None => return Ok(None),
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => {
+                return Err(Error::config(
+                    ty_key,
+                    format!("expected a string, got {v:?}"),
+                ))
+            }
+        };
+        let factor_key = format!("{arch}.rope.scaling.factor");
+        match ty {
+            "none" => Ok(None),
+            "linear" => {
+                let factor = meta_f64(g, &factor_key)?.ok_or_else(|| Error::config(&factor_key, "missing for linear rope scaling"))?;
+                if !(factor > 0.0) {
+                    return Err(Error::config(factor_key, format!("factor {factor} must be positive")));
+                }
+                Ok(if factor == 1.0 { None } else { Some(RopeScaling::Linear { factor: factor as f32 }) })
+            }
+            other => Err(Error::config(ty_key, format!("rope scaling type '{other}' is not supported (supported: none, linear, llama3 via rope_freqs)"))),
+        }
+    }
+}

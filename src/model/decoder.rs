@@ -1,0 +1,257 @@
+//! The one decoder: a pre-norm transformer (llama family: GQA attention with RoPE, SwiGLU
+//! MLP, RMSNorm) over a per-sequence KV cache. Follows HF transformers'
+//! `modeling_llama.py` and llama.cpp's `llm_build_llama`; candle-transformers'
+//! `quantized_llama.rs` serves as an independent oracle in `tests/oracle_llama.rs`.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+#[derive(Debug)]
+pub struct Decoder {
+    /// `[vocab, d]`, kept in its stored block format; rows are dequantized on lookup.
+    pub embed_tokens: Arc<QTensor>,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// `[vocab, d]`; shares `embed_tokens` when the embeddings are tied.
+    pub lm_head: Linear,
+    pub rope: Rope,
+    pub config: ModelConfig,
+    pub device: Device,
+}
+
+/// Keys and values of one layer: `[1, kv_heads, capacity, head_dim]` buffers of which the
+/// first `KvCache::len` positions are filled. Capacity doubles as needed, so a sequence
+/// costs memory for its own length, not the model's whole context.
+#[derive(Debug, Default)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// The KV cache of one sequence.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, max_len: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Number of positions already in the cache (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl LayerKv {
+    /// Appends `k, v: [1, kv_heads, t, head_dim]` at position `len` and returns views of
+    /// all `len + t` positions.
+    fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        len: usize,
+        max_len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, kv_heads, t, head_dim) = k.dims4()?;
+        let need = len + t;
+        let capacity = self.k.as_ref().map_or(0, |b| b.dims()[2]);
+        if need > capacity {
+            let new_capacity = need.max((2 * capacity).min(max_len)).max(64.min(max_len));
+            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+                let buf =
+                    Tensor::zeros((1, kv_heads, new_capacity, head_dim), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    if len > 0 {
+                        buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k)?);
+            self.v = Some(grow(&self.v)?);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => {
+                return Err(Error::Engine(
+                    "KV cache buffers missing after growth".into(),
+                ))
+            }
+        };
+        kb.slice_set(&k.contiguous()?, 2, len)?;
+        vb.slice_set(&v.contiguous()?, 2, len)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+}
+
+impl Attention {
+    /// `xs: [1, t, d]` at positions `pos..pos + t` → `[1, t, d]`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut LayerKv,
+        pos: usize,
+        max_len: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?; // [1, nh, t, hd]
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // [1, nkv, t, hd]
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // [1, nkv, t, hd]
+        let q = Rope::apply(&q, cos, sin)?;
+        let k = Rope::apply(&k, cos, sin)?;
+        let (k, v) = kv.append(&k, &v, pos, max_len)?; // [1, nkv, T, hd], T = pos + t
+        let total = pos + t;
+
+        // Grouped-query attention without copying K/V: query head h reads KV head
+        // h / groups (HF `repeat_kv`), and heads are stored KV-major, so folding the group
+        // into the row dimension lines each query up with its KV head.
+        let groups = nh / nkv;
+        let q = q.reshape((b, nkv, groups * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // [1, nkv, groups * t, T]
+        let att = match mask {
+            Some(mask) => att
+                .reshape((b, nkv, groups, t, total))?
+                .broadcast_add(mask)?
+                .reshape((b, nkv, groups * t, total))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?; // [1, nkv, groups * t, hd]
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// Additive causal mask `[t, pos + t]`: query `i` (at position `pos + i`) sees keys `0..=pos + i`.
+fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let total = pos + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?)
+}
+
+impl Decoder {
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len(), self.config.max_position_embeddings)
+    }
+
+    /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys
+    /// and values to `cache`. Returns logits `[t, vocab]` when `all_positions`, else `[1, vocab]`
+    /// for the last token.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        all_positions: bool,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::param("token_ids", "at least one token is required"));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::param(
+                "token_ids",
+                format!("token id {bad} is out of vocabulary (size {vocab})"),
+            ));
+        }
+        let pos = cache.len;
+        if pos + t > cache.max_len {
+            return Err(Error::ContextLength {
+                prompt_tokens: pos + t,
+                context_length: cache.max_len,
+            });
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self
+            .embed_tokens
+            .embedding(&ids)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(0)?; // [1, t, d]
+        let (cos, sin) = self.rope.tables(pos, t, &self.device)?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, pos, &self.device)?)
+        } else {
+            None
+        };
+        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = block.input_layernorm.forward(&x)?;
+            let h =
+                block
+                    .self_attn
+                    .forward(&h, &cos, &sin, mask.as_ref(), kv, pos, cache.max_len)?;
+            x = (x + h)?;
+            let h = block
+                .mlp
+                .forward(&block.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        cache.len = pos + t;
+        let x = if all_positions {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.squeeze(0)?)
+    }
+}

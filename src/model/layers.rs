@@ -1,0 +1,119 @@
+//! Building blocks of the decoder: linear layers over quantized weights, RMSNorm, rotary
+//! position embeddings and the SwiGLU MLP. Shapes use `t` for tokens in a step and `d`
+//! for hidden size.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::Result;
+
+/// A bias-free linear layer whose weight stays in its stored (possibly quantized) form;
+/// `forward` maps `[.., in]` to `[.., out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+}
+
+impl Linear {
+    pub fn new(weight: Arc<QTensor>) -> Result<Self> {
+        Ok(Linear {
+            weight: QMatMul::from_arc(weight)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.weight.forward(xs)?)
+    }
+}
+
+/// Root-mean-square normalisation (Zhang & Sennrich, 2019) with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor, // [d]
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    /// `[.., d]` → `[.., d]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+/// Rotary position embeddings (Su et al., 2021) in the interleaved-pair layout that
+/// llama.cpp's GGUF converter produces (it permutes q/k weights so that pairs are adjacent).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>, // [head_dim / 2]
+}
+
+impl Rope {
+    /// `inv_freq[i] = 1 / (theta^(2i/head_dim) * factor_i)`, where `factors` are llama 3's
+    /// per-frequency divisors (or none) and `position_scale` divides positions (linear
+    /// scaling, folded into the frequencies).
+    pub fn new(head_dim: usize, theta: f32, factors: Option<&[f32]>, position_scale: f32) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| {
+                let f = 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32);
+                let factor = factors.map_or(1.0, |fs| fs[i]);
+                f / factor / position_scale
+            })
+            .collect();
+        Rope { inv_freq }
+    }
+
+    /// cos and sin tables for positions `start..start + len`, each `[len, head_dim / 2]`.
+    pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &self.inv_freq {
+                // f64 keeps large positions (long contexts) accurate.
+                let angle = p as f64 * f64::from(f);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    }
+
+    /// Rotates `xs: [1, heads, t, head_dim]` with tables from [`Rope::tables`].
+    pub fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::rotary_emb::rope_i(&xs.contiguous()?, cos, sin)?)
+    }
+}
+
+/// SwiGLU feed-forward (Shazeer, 2020): `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `[1, t, d]` → `[1, t, d]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        let up = self.up_proj.forward(xs)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+/// A dense f32 tensor from a stored tensor (norm weights are small and kept in f32).
+pub fn dense(t: &QTensor, device: &Device) -> Result<Tensor> {
+    Ok(t.dequantize(device)?.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,91 @@
+//! Maps [`Error`] onto the exception tree of `cortex.exceptions` (defined in Python so
+//! classes can subclass both `CortexError` and `ValueError`, `RuntimeError`...), and the
+//! one helper every long call goes through.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::error::Error;
+
+/// Instantiates `cortex.exceptions.<class>(message, **attrs)`.
+fn build(
+    py: Python<'_>,
+    class: &str,
+    message: String,
+    attrs: &[(&str, Py<PyAny>)],
+) -> PyResult<PyErr> {
+    let cls = py.import("cortex.exceptions")?.getattr(class)?;
+    let kwargs = PyDict::new(py);
+    for (k, v) in attrs {
+        kwargs.set_item(k, v)?;
+    }
+    Ok(PyErr::from_value(cls.call((message,), Some(&kwargs))?))
+}
+
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        Python::attach(|py| {
+            let message = err.to_string();
+            let s = |v: &str| v.into_pyobject(py).map(|o| o.into_any().unbind());
+            let attrs: PyResult<(&str, Vec<(&str, Py<PyAny>)>)> = (|| {
+                Ok(match &err {
+                    Error::ModelNotFound { path, .. } => (
+                        "ModelNotFoundError",
+                        vec![("path", s(&path.display().to_string())?)],
+                    ),
+                    Error::ModelFormat { path, offset, .. } => (
+                        "ModelFormatError",
+                        vec![
+                            ("path", s(&path.display().to_string())?),
+                            ("offset", offset.into_pyobject(py)?.into_any().unbind()),
+                        ],
+                    ),
+                    Error::UnsupportedArchitecture { architecture, .. } => (
+                        "UnsupportedArchitectureError",
+                        vec![("architecture", s(architecture)?)],
+                    ),
+                    Error::Config { field, .. } => ("ConfigError", vec![("field", s(field)?)]),
+                    Error::Tokenizer(_) => ("TokenizerError", vec![]),
+                    Error::Template(_) => ("TemplateError", vec![]),
+                    Error::InvalidParam { param, .. } => {
+                        ("RequestValidationError", vec![("param", s(param)?)])
+                    }
+                    Error::ContextLength { .. } => {
+                        ("ContextLengthError", vec![("param", s("prompt")?)])
+                    }
+                    Error::Cancelled => ("CancelledError", vec![]),
+                    Error::Engine(_) | Error::Candle(_) => ("EngineError", vec![]),
+                    Error::Io { path, .. } => (
+                        "ModelLoadError",
+                        vec![("path", s(&path.display().to_string())?)],
+                    ),
+                })
+            })();
+            match attrs.and_then(|(class, attrs)| build(py, class, message, &attrs)) {
+                Ok(e) | Err(e) => e,
+            }
+        })
+    }
+}
+
+/// Runs `work` with the GIL released, turning a panic into `EngineError` (a panic is a bug,
+/// but it must not reach Python as `PanicException`, a `BaseException`).
+pub(crate) fn run_detached<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|p| Err(panic_error(p))))
+        .map_err(PyErr::from)
+}
+
+/// Describes a caught panic payload as an engine error.
+pub(crate) fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
+    let what = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    Error::Engine(format!("internal error (please report): {what}"))
+}

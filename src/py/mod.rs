@@ -1,0 +1,24 @@
+//! Python bindings (`cortex._core`): thin wrappers that convert arguments, call the core
+//! with the GIL released, and convert results and errors. Logic belongs in the core.
+
+mod errors;
+mod generate;
+mod model;
+mod tokenizer;
+
+use pyo3::prelude::*;
+
+pub(crate) use errors::run_detached;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<tokenizer::PyTokenizer>()?;
+    m.add_class::<generate::PySamplingParams>()?;
+    m.add_class::<generate::PyGenerationStream>()?;
+    m.add_function(wrap_pyfunction!(model::load, m)?)?;
+    m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
+    m.add_function(wrap_pyfunction!(generate::stream, m)?)?;
+    Ok(())
+}

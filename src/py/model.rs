@@ -1,0 +1,117 @@
+//! `cortex._core.Model` and the loaders.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyByteArray;
+
+use super::run_detached;
+use super::tokenizer::PyTokenizer;
+use crate::model::Model;
+use crate::tokenizer::check_token_ids;
+
+/// A loaded model: weights stay in their quantized form; safe to share across threads.
+#[pyclass(name = "Model", module = "cortex._core", frozen)]
+pub struct PyModel {
+    pub(crate) inner: Arc<Model>,
+}
+
+#[pymethods]
+impl PyModel {
+    /// Logits for `token_ids` from an empty context.
+    ///
+    /// Args:
+    ///     token_ids: the input tokens.
+    ///     all_positions: return logits for every position, not only the last.
+    ///
+    /// Returns:
+    ///     numpy.ndarray: float32, `[vocab]` or `[len(token_ids), vocab]`.
+    #[pyo3(signature = (token_ids, *, all_positions = false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+        all_positions: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let vocab = self.inner.config.vocab_size;
+        let ids = check_token_ids(&token_ids, vocab, "token_ids")?;
+        let model = self.inner.clone();
+        let (values, rows) = run_detached(py, move || model.logits(&ids, all_positions))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let array = py
+            .import("numpy")?
+            .call_method1("frombuffer", (PyByteArray::new(py, &bytes), "<f4"))?;
+        if all_positions {
+            array.call_method1("reshape", (rows, vocab))
+        } else {
+            array.call_method1("reshape", (vocab,))
+        }
+    }
+
+    /// The decoder configuration (Hugging Face field names).
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = serde_json::to_string(&self.inner.config)
+            .map_err(|e| crate::Error::Engine(e.to_string()))?;
+        py.import("json")?.call_method1("loads", (json,))
+    }
+
+    #[getter]
+    fn num_parameters(&self) -> usize {
+        self.inner.num_parameters
+    }
+
+    /// Bytes the weights occupy in memory.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes
+    }
+
+    #[getter]
+    fn device(&self) -> &'static str {
+        "cpu"
+    }
+
+    /// Activation dtype; weights keep their stored (quantized) types.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        "float32"
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner.config;
+        format!(
+            "Model(model_type={:?}, layers={}, hidden_size={}, vocab_size={}, parameters={}, path={:?})",
+            c.model_type, c.num_hidden_layers, c.hidden_size, c.vocab_size, self.inner.num_parameters, self.inner.path
+        )
+    }
+}
+
+/// Loads model and tokenizer from a `.gguf` file or a directory holding one.
+#[pyfunction]
+pub fn load(py: Python<'_>, path: PathBuf) -> PyResult<(PyModel, PyTokenizer)> {
+    let (model, tokenizer) = run_detached(py, move || crate::model::load(&path))?;
+    Ok((
+        PyModel {
+            inner: Arc::new(model),
+        },
+        PyTokenizer {
+            inner: Arc::new(tokenizer),
+        },
+    ))
+}
+
+/// Loads only the model weights.
+#[pyfunction]
+pub fn load_model(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
+    let model = run_detached(py, move || crate::model::load_model(&path))?;
+    Ok(PyModel {
+        inner: Arc::new(model),
+    })
+}

@@ -1,0 +1,221 @@
+//! Tokenizers: `tokenizers::Tokenizer` built from `tokenizer.json` or from GGUF metadata,
+//! the model's chat template, and an incremental, UTF-8-safe detokenizer for streaming.
+
+pub mod chat;
+pub mod detok;
+mod gguf;
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use serde_json::Value as Json;
+
+pub use chat::ChatTemplate;
+pub use detok::StreamDecoder;
+
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Prepended by `encode` when special tokens are asked for (GGUF `add_bos_token`);
+    /// tokenizers loaded from `tokenizer.json` add it through their own post-processor.
+    add_bos: bool,
+    pub bos_token_id: Option<u32>,
+    /// Every id that ends generation (eos, end-of-turn...).
+    pub eos_token_ids: Vec<u32>,
+    chat_template: Option<ChatTemplate>,
+}
+
+fn read_json(path: &Path) -> Result<Option<Json>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::config(path.display().to_string(), format!("invalid JSON: {e}")))
+}
+
+/// A special token in tokenizer_config.json: a string, or an object with `content`.
+fn token_content(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// The tokenizer stored in a GGUF file's metadata, with its chat template.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let vocab = gguf::from_gguf(g)?;
+        let token_text = |id: Option<u32>| {
+            id.map(|i| vocab.tokens[i as usize].clone())
+                .unwrap_or_default()
+        };
+        let chat_template = match g.get("tokenizer.chat_template") {
+            None => None,
+            Some(Value::String(src)) => Some(ChatTemplate::new(
+                src,
+                &token_text(vocab.bos_token_id),
+                &token_text(vocab.eos_token_ids.first().copied()),
+            )?),
+            Some(v) => {
+                return Err(Error::config(
+                    "tokenizer.chat_template",
+                    format!("expected a string, got {:?}", v.value_type()),
+                ))
+            }
+        };
+        Ok(Tokenizer {
+            inner: vocab.tokenizer,
+            add_bos: vocab.add_bos_token,
+            bos_token_id: vocab.bos_token_id,
+            eos_token_ids: vocab.eos_token_ids,
+            chat_template,
+        })
+    }
+
+    /// A Hugging Face tokenizer folder: `tokenizer.json`, with `tokenizer_config.json`
+    /// (special tokens, chat template) and `generation_config.json` (eos ids) when present.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
+        let id_of = |tok: &Option<String>| tok.as_deref().and_then(|t| inner.token_to_id(t));
+        let bos_token = token_content(config.get("bos_token"));
+        let eos_token = token_content(config.get("eos_token"));
+        let bos_token_id = id_of(&bos_token);
+        let mut eos_token_ids: Vec<u32> = id_of(&eos_token).into_iter().collect();
+        if let Some(gen) = read_json(&dir.join("generation_config.json"))? {
+            let ids = match gen.get("eos_token_id") {
+                None | Some(Json::Null) => vec![],
+                Some(Json::Array(items)) => items
+                    .iter()
+                    .map(Json::as_u64)
+                    .collect::<Option<Vec<_>>>()
+                    .unwrap_or_default(),
+                Some(v) => v.as_u64().into_iter().collect(),
+            };
+            let vocab = inner.get_vocab_size(true) as u64;
+            for id in ids {
+                if id >= vocab {
+                    return Err(Error::config(
+                        "generation_config.json: eos_token_id",
+                        format!("{id} is outside the vocabulary of {vocab} tokens"),
+                    ));
+                }
+                if !eos_token_ids.contains(&(id as u32)) {
+                    eos_token_ids.push(id as u32);
+                }
+            }
+        }
+        let source = match config.get("chat_template") {
+            Some(Json::String(s)) => Some(s.clone()),
+            // A list of named templates: transformers uses the one named "default".
+            Some(Json::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Json::as_str))
+                .map(str::to_string),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let chat_template = source
+            .map(|s| {
+                ChatTemplate::new(
+                    &s,
+                    bos_token.as_deref().unwrap_or(""),
+                    eos_token.as_deref().unwrap_or(""),
+                )
+            })
+            .transpose()?;
+        Ok(Tokenizer {
+            inner,
+            add_bos: false,
+            bos_token_id,
+            eos_token_ids,
+            chat_template,
+        })
+    }
+
+    /// Token ids of `text`. With `add_special_tokens` the model's BOS is added where the
+    /// model asks for one; special tokens written in the text are always recognised.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && self.add_bos {
+            if let Some(bos) = self.bos_token_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let vocab = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::param(
+                "ids",
+                format!("token id {bad} is out of vocabulary (size {vocab})"),
+            ));
+        }
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &Json,
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Json>,
+    ) -> Result<String> {
+        self.chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Template("this model has no chat template".into()))?
+            .render(messages, add_generation_prompt, extra)
+    }
+}
+
+/// Converts user-supplied token ids (any integer type from Python or JSON) after checking
+/// each lies in `0..vocab_size`.
+pub fn check_token_ids(ids: &[i64], vocab_size: usize, field: &str) -> Result<Vec<u32>> {
+    ids.iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&u| (u as usize) < vocab_size)
+                .ok_or_else(|| {
+                    Error::param(
+                        field,
+                        format!("token id {id} is out of vocabulary (size {vocab_size})"),
+                    )
+                })
+        })
+        .collect()
+}
