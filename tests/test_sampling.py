@@ -1,0 +1,117 @@
+"""SamplingParams validation and sampler behaviour on the real model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import cortex
+from cortex import SamplingParams
+
+PROMPT = "Once upon a time, there was a little robot who"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -1.0),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", 3.0),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -5),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", math.nan),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -3.0),
+        ("max_tokens", 0),
+        ("max_tokens", -1),
+        ("stop", [""]),
+        ("stop", ["x" * 5000]),
+        ("stop", ["s"] * 1000),
+        ("seed", -2),
+        ("seed", 2**64),
+        ("logprobs", 10**6),
+    ],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(cortex.RequestValidationError) as info:
+        SamplingParams(**{field: value})
+    assert isinstance(info.value, ValueError)
+    assert info.value.param == field
+    assert field in str(info.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_tokens", "10"), ("max_tokens", 3.5), ("stop", 5)])
+def test_wrong_types_are_type_errors(field, value):
+    with pytest.raises(TypeError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_defaults_and_seed_minus_one():
+    p = SamplingParams(seed=-1)
+    assert p.seed is None and p.temperature == 0.0 and p.max_tokens == 256 and p.top_p == 1.0
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def _sample(smollm, **kw):
+    model, tok = smollm
+    return [r.token for r in cortex.stream_generate(model, tok, PROMPT, max_tokens=12, **kw)]
+
+
+def test_same_seed_same_text(smollm):
+    kw = {"temperature": 1.0, "top_p": 0.95, "seed": 1234}
+    assert _sample(smollm, **kw) == _sample(smollm, **kw)
+
+
+def test_different_seeds_differ(smollm):
+    runs = {tuple(_sample(smollm, temperature=1.5, seed=s)) for s in range(4)}
+    assert len(runs) > 1
+
+
+def test_top_k_one_is_greedy(smollm):
+    assert _sample(smollm, temperature=1.5, top_k=1, seed=7) == _sample(smollm)
+
+
+def test_logprobs_reported_from_the_raw_distribution(smollm):
+    model, tok = smollm
+    ids = tok.encode(PROMPT)
+    logits = model.forward(ids).astype(np.float64)
+    expected = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+    first = next(iter(cortex.stream_generate(model, tok, ids, max_tokens=1, logprobs=3)))
+    assert first.logprobs is not None
+    logprob, top = first.logprobs
+    assert [t for t, _ in top] == list(np.argsort(-expected)[:3])
+    assert logprob == pytest.approx(expected[first.token], abs=1e-4)
+
+
+def test_repetition_penalty_discourages_repeats(smollm):
+    """Greedy decoding of this prompt loops on digits; a strong penalty must make every
+    token that was already in the context rarer."""
+    model, tok = smollm
+    prompt = "1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5,"
+    ids = tok.encode(prompt)
+
+    def repeats(**kw):
+        out = [r.token for r in cortex.stream_generate(model, tok, ids, max_tokens=16, **kw)]
+        return sum(t in set(ids) or t in out[:i] for i, t in enumerate(out))
+
+    assert repeats(repetition_penalty=2.0) < repeats()
+
+
+def test_repetition_penalty_changes_exactly_the_seen_logits(smollm):
+    """First step: penalised greedy picks argmax of the logits with seen tokens scaled."""
+    model, tok = smollm
+    ids = tok.encode(PROMPT)
+    logits = model.forward(ids)
+    penalised = logits.copy()
+    for t in set(ids):
+        penalised[t] = penalised[t] / 1.3 if penalised[t] > 0 else penalised[t] * 1.3
+    first = next(iter(cortex.stream_generate(model, tok, ids, max_tokens=1, repetition_penalty=1.3)))
+    assert first.token == int(np.argmax(penalised))
