@@ -1,0 +1,113 @@
+"""A small GGUF writer for tests: valid tiny models, and files broken on purpose.
+
+Written from the GGUF specification (ggml docs/gguf.md); shares no code with the Rust
+reader it tests.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
+_SCALAR = {U8: "B", I8: "b", U16: "H", I16: "h", U32: "I", I32: "i", F32: "f", BOOL: "?",
+           U64: "Q", I64: "q", F64: "d"}  # fmt: skip
+GGML_F32 = 0
+
+
+def string(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def value(ty: int, v: Any) -> bytes:
+    if ty == STRING:
+        return string(v)
+    if ty == ARRAY:
+        elem_ty, items = v
+        return struct.pack("<IQ", elem_ty, len(items)) + b"".join(value(elem_ty, x) for x in items)
+    return struct.pack("<" + _SCALAR[ty], v)
+
+
+@dataclass
+class Tensor:
+    name: str
+    dims: list[int]  # GGUF order: fastest-varying first
+    data: bytes = b""
+    ggml_type: int = GGML_F32
+    offset: int | None = None  # None: laid out after the previous tensor
+
+
+@dataclass
+class Gguf:
+    kvs: list[tuple[str, int, Any]] = field(default_factory=list)
+    tensors: list[Tensor] = field(default_factory=list)
+    magic: bytes = b"GGUF"
+    version: int = 3
+    alignment: int = 32
+    tensor_count: int | None = None
+    kv_count: int | None = None
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(self.magic + struct.pack("<I", self.version))
+        out += struct.pack("<QQ", len(self.tensors) if self.tensor_count is None else self.tensor_count,
+                           len(self.kvs) if self.kv_count is None else self.kv_count)  # fmt: skip
+        for key, ty, v in self.kvs:
+            out += string(key) + struct.pack("<I", ty) + value(ty, v)
+        data = bytearray()
+        for t in self.tensors:
+            offset = len(data) if t.offset is None else t.offset
+            out += string(t.name) + struct.pack("<I", len(t.dims))
+            out += b"".join(struct.pack("<Q", d) for d in t.dims)
+            out += struct.pack("<IQ", t.ggml_type, offset)
+            data += t.data
+            data += b"\0" * (-len(data) % self.alignment)
+        out += b"\0" * (-len(out) % self.alignment)
+        return bytes(out + data)
+
+    def write(self, path) -> None:
+        with open(path, "wb") as f:
+            f.write(self.to_bytes())
+
+
+def tiny_llama(seed: int = 0, vocab: int = 16, hidden: int = 8, heads: int = 2, kv_heads: int = 1,
+               ff: int = 16, layers: int = 1, ctx: int = 32) -> Gguf:  # fmt: skip
+    """A valid llama-architecture GGUF with random f32 weights (no tokenizer)."""
+    rng = np.random.default_rng(seed)
+    hd = hidden // heads
+
+    def t(name: str, *shape: int) -> Tensor:
+        # `shape` is numpy order (slowest first); GGUF lists dims fastest first.
+        arr = rng.standard_normal(shape).astype("<f4") * 0.5
+        return Tensor(name, list(reversed(shape)), arr.tobytes())
+
+    tensors = [t("token_embd.weight", vocab, hidden)]
+    for i in range(layers):
+        tensors += [
+            t(f"blk.{i}.attn_norm.weight", hidden),
+            t(f"blk.{i}.attn_q.weight", heads * hd, hidden),
+            t(f"blk.{i}.attn_k.weight", kv_heads * hd, hidden),
+            t(f"blk.{i}.attn_v.weight", kv_heads * hd, hidden),
+            t(f"blk.{i}.attn_output.weight", hidden, heads * hd),
+            t(f"blk.{i}.ffn_norm.weight", hidden),
+            t(f"blk.{i}.ffn_gate.weight", ff, hidden),
+            t(f"blk.{i}.ffn_up.weight", ff, hidden),
+            t(f"blk.{i}.ffn_down.weight", hidden, ff),
+        ]
+    tensors.append(t("output_norm.weight", hidden))
+    kvs = [
+        ("general.architecture", STRING, "llama"),
+        ("llama.block_count", U32, layers),
+        ("llama.context_length", U32, ctx),
+        ("llama.embedding_length", U32, hidden),
+        ("llama.feed_forward_length", U32, ff),
+        ("llama.attention.head_count", U32, heads),
+        ("llama.attention.head_count_kv", U32, kv_heads),
+        ("llama.rope.freq_base", F32, 10000.0),
+        ("llama.attention.layer_norm_rms_epsilon", F32, 1e-5),
+        ("llama.vocab_size", U32, vocab),
+    ]
+    return Gguf(kvs=kvs, tensors=tensors)

@@ -1,0 +1,197 @@
+"""Bad and hostile model files (RELIABILITY.md §2.A): each gives the right CortexError
+subclass naming the problem, never a panic, an abort or a hang, and leaves the process
+able to load and run models."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from gguf_writer import ARRAY, STRING, U8, U32, U64, Gguf, Tensor, tiny_llama
+
+import cortex
+
+
+def load(path):
+    return cortex.load_model(path)
+
+
+def test_tiny_valid_model_loads_and_runs(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    tiny_llama().write(path)
+    model = load(path)
+    assert model.config["num_key_value_heads"] == 1 and model.config["tie_word_embeddings"]
+    logits = model.forward([1, 2, 3], all_positions=True)
+    assert logits.shape == (3, 16) and np.isfinite(logits).all()
+
+
+def _expect(tmp_path, data: bytes, exc: type[Exception], fragment: str):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(exc) as info:
+        load(path)
+    assert fragment in str(info.value), str(info.value)
+    assert isinstance(info.value, cortex.CortexError)
+    return info.value
+
+
+def _with(**changes) -> Gguf:
+    g = tiny_llama()
+    for k, v in changes.items():
+        setattr(g, k, v)
+    return g
+
+
+def test_empty_file(tmp_path):
+    _expect(tmp_path, b"", cortex.ModelFormatError, "not a GGUF file")
+
+
+def test_wrong_magic(tmp_path):
+    _expect(tmp_path, _with(magic=b"GGML").to_bytes(), cortex.ModelFormatError, "not a GGUF file")
+
+
+@pytest.mark.parametrize("version", [0, 1, 4, 2**31])
+def test_unsupported_version(tmp_path, version):
+    _expect(tmp_path, _with(version=version).to_bytes(), cortex.ModelFormatError, "unsupported GGUF version")
+
+
+def test_big_endian(tmp_path):
+    data = _with(version=struct.unpack("<I", struct.pack(">I", 3))[0]).to_bytes()
+    _expect(tmp_path, data, cortex.ModelFormatError, "big-endian")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])
+def test_truncated(tmp_path, keep):
+    data = tiny_llama().to_bytes()
+    err = _expect(tmp_path, data[: int(len(data) * keep)], cortex.ModelFormatError, "")
+    assert "truncated" in str(err) or "past the end" in str(err)
+
+
+def test_tensor_data_beyond_end(tmp_path):
+    g = tiny_llama()
+    g.tensors[-1].offset = 1 << 20
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "past the end of the file")
+
+
+@pytest.mark.parametrize(("ty", "v"), [(U32, 0), (U32, 3), (U32, 2**31), (U64, 32), (STRING, "32")])
+def test_bad_alignment(tmp_path, ty, v):
+    g = tiny_llama()
+    g.kvs.append(("general.alignment", ty, v))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "general.alignment")
+
+
+@pytest.mark.parametrize("dims", [[2**32, 2**32], [2**63 + 4, 2], [8, 0], [1, 1, 1, 1, 1]])
+def test_bad_dims(tmp_path, dims):
+    g = tiny_llama()
+    g.tensors[0].dims = dims
+    err = _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "token_embd.weight")
+    assert "dims" in str(err)
+
+
+def test_unknown_ggml_type(tmp_path):
+    g = tiny_llama()
+    g.tensors[0].ggml_type = 999
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "unknown ggml type 999")
+
+
+def test_duplicate_tensor_name(tmp_path):
+    g = tiny_llama()
+    g.tensors.append(Tensor("output_norm.weight", [8], b"\0" * 32))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "duplicate tensor name 'output_norm.weight'")
+
+
+def test_duplicate_metadata_key(tmp_path):
+    g = tiny_llama()
+    g.kvs.append(("llama.block_count", U32, 1))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "duplicate metadata key")
+
+
+@pytest.mark.parametrize("field", ["tensor_count", "kv_count"])
+def test_counts_beyond_file_size(tmp_path, field):
+    _expect(tmp_path, _with(**{field: 2**63}).to_bytes(), cortex.ModelFormatError, "more than the file")
+
+
+def test_huge_string_length(tmp_path):
+    g = tiny_llama()
+    data = g.to_bytes()
+    # The first key's length prefix sits right after the 24-byte header.
+    data = data[:24] + struct.pack("<Q", 2**40) + data[32:]
+    _expect(tmp_path, data, cortex.ModelFormatError, "string length")
+
+
+def test_huge_array_without_data(tmp_path):
+    g = tiny_llama()
+    g.kvs.append(("tokenizer.ggml.tokens", ARRAY, (U8, [])))
+    data = g.to_bytes()
+    # Rewrite the array length (last kv) to 2^29 with no elements behind it.
+    i = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8
+    data = data[:i] + struct.pack("<Q", 2**29) + data[i + 8 :]
+    _expect(tmp_path, data, cortex.ModelFormatError, "tokenizer.ggml.tokens")
+
+
+def test_deeply_nested_arrays(tmp_path):
+    nested: tuple = (U8, [1])
+    for _ in range(100):
+        nested = (ARRAY, [nested])
+    g = tiny_llama()
+    g.kvs.append(("x.nested", ARRAY, nested))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "nesting depth")
+
+
+def test_overlapping_tensors(tmp_path):
+    g = tiny_llama()
+    g.tensors[1].offset = 0  # on top of token_embd
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "overlaps")
+
+
+def test_wrong_shape_for_architecture(tmp_path):
+    g = tiny_llama()
+    g.tensors[0] = Tensor("token_embd.weight", [9, 16], b"\0" * 9 * 16 * 4)
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "has shape [16, 9], expected [16, 8]")
+
+
+def test_missing_tensor(tmp_path):
+    g = tiny_llama()
+    g.tensors = [t for t in g.tensors if t.name != "blk.0.ffn_up.weight"]
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "'blk.0.ffn_up.weight' is missing")
+
+
+@pytest.mark.parametrize(
+    ("key", "v", "fragment"),
+    [
+        ("llama.attention.head_count", 0, "outside"),
+        ("llama.block_count", 10**6, "outside"),
+        ("llama.context_length", 2**40, "outside"),
+        ("llama.attention.head_count_kv", 3, "outside"),
+    ],
+)
+def test_bad_config_values(tmp_path, key, v, fragment):
+    g = tiny_llama()
+    g.kvs = [(k, U64, v) if k == key else (k, t, old) for k, t, old in g.kvs]
+    err = _expect(tmp_path, g.to_bytes(), cortex.ConfigError, fragment)
+    assert err.field == key
+
+
+def test_unsupported_architecture(tmp_path):
+    g = tiny_llama()
+    g.kvs[0] = ("general.architecture", STRING, "bert")
+    err = _expect(tmp_path, g.to_bytes(), cortex.UnsupportedArchitectureError, "llama")
+    assert err.architecture == "bert"
+
+
+def test_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(cortex.ModelNotFoundError, match="no model weights") as info:
+        load(tmp_path)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(cortex.ModelNotFoundError):
+        load(tmp_path / "nope.gguf")
+
+
+def test_process_still_usable(smollm):
+    model, tok = smollm
+    assert cortex.generate(model, tok, "The capital of France is", max_tokens=2) == " Paris."
