@@ -260,13 +260,15 @@ impl GgufFile {
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) if a.is_power_of_two() && *a <= MAX_ALIGNMENT => u64::from(*a),
-            Some(v) => return Err(Error::format(
-                path,
-                None,
-                format!(
+            Some(v) => {
+                return Err(Error::format(
+                    path,
+                    None,
+                    format!(
                     "general.alignment must be a UINT32 power of two <= {MAX_ALIGNMENT}, got {v:?}"
                 ),
-            )),
+                ))
+            }
         };
 
         // (name, info, byte size) in file order.

@@ -211,6 +211,7 @@ fn build_model(gguf: &GgufFile, device: &Device) -> Result<Model> {
 
 /// Loads the model `reference` points at (weights only).
 pub fn load_model(reference: &Path) -> Result<Model> {
+    crate::threads::init_thread_pool();
     let path = resolve_model_path(reference)?;
     let gguf = GgufFile::open(&path)?;
     build_model(&gguf, &Device::Cpu)
@@ -219,6 +220,7 @@ pub fn load_model(reference: &Path) -> Result<Model> {
 /// Loads model and tokenizer. The tokenizer comes from `tokenizer.json` beside the weights
 /// when `reference` is a directory that has one, else from the GGUF metadata.
 pub fn load(reference: &Path) -> Result<(Model, Tokenizer)> {
+    crate::threads::init_thread_pool();
     let path = resolve_model_path(reference)?;
     let gguf = GgufFile::open(&path)?;
     let model = build_model(&gguf, &Device::Cpu)?;
