@@ -342,3 +342,163 @@ fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.sort_unstable_by(by_value);
     idx.into_iter().map(|i| (i, values[i as usize])).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed: Some(7),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// The tokens top-k, then top-p, then min-p allow, computed independently of the
+    /// sampler: probabilities at `temperature` in descending order, cut three ways.
+    fn allowed(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let t = f64::from(p.temperature.max(MIN_TEMPERATURE));
+        let max = f64::from(logits[order[0]]);
+        let w: Vec<f64> = order
+            .iter()
+            .map(|&i| ((f64::from(logits[i]) - max) / t).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut keep = order.len();
+        let mut cum = 0.0;
+        for (i, x) in w.iter().enumerate() {
+            cum += x / total;
+            if cum >= f64::from(p.top_p) - 1e-6 {
+                keep = i + 1;
+                break;
+            }
+        }
+        let floor = w[0] / total * f64::from(p.min_p);
+        let by_min_p = w
+            .iter()
+            .take_while(|&&x| x / total >= floor * (1.0 - 1e-6))
+            .count()
+            .max(1);
+        // Tokens tied in logit with an allowed one are also allowed (order among ties is free).
+        let cut = keep.min(by_min_p);
+        let last = logits[order[cut - 1]];
+        order
+            .iter()
+            .enumerate()
+            .filter(|&(i, &tok)| i < cut || logits[tok] == last)
+            .map(|(_, &t)| t as u32)
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn never_samples_an_excluded_token(
+            logits in prop::collection::vec(-20.0f32..20.0, 2..64),
+            temperature in 0.05f32..2.0,
+            top_k in 0usize..10,
+            top_p in 0.05f32..=1.0,
+            min_p in 0.0f32..0.9,
+            seed in any::<u64>(),
+        ) {
+            let mut p = params(temperature, top_k, top_p, min_p);
+            p.seed = Some(seed);
+            let ok = allowed(&logits, &p);
+            let mut sampler = Sampler::new(p);
+            for _ in 0..16 {
+                let (t, _) = sampler.sample(&logits, &[], 0).unwrap();
+                prop_assert!(ok.contains(&t), "sampled {} outside {:?}", t, ok);
+            }
+        }
+
+        #[test]
+        fn same_seed_same_tokens(logits in prop::collection::vec(-5.0f32..5.0, 2..64), seed in any::<u64>()) {
+            let mut p = params(1.0, 0, 1.0, 0.0);
+            p.seed = Some(seed);
+            let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
+            for _ in 0..8 {
+                prop_assert_eq!(a.sample(&logits, &[], 0).unwrap().0, b.sample(&logits, &[], 0).unwrap().0);
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[], 0).unwrap().0, 1);
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // Two tokens with probabilities 0.25 and 0.75 at temperature 1.
+        let logits = [0.0, 3f32.ln()];
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0));
+        let ones = (0..4000)
+            .filter(|_| s.sample(&logits, &[], 0).unwrap().0 == 1)
+            .count();
+        assert!((2800..3200).contains(&ones), "{ones} of 4000");
+    }
+
+    #[test]
+    fn penalties() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
+        let s = Sampler::new(p);
+        let mut logits = vec![4.0, -4.0, 1.0, 1.0];
+        // Prompt [0, 1]; generated [2, 2].
+        s.apply_penalties(&mut logits, &[0, 1, 2, 2], 2);
+        assert_eq!(logits, vec![2.0, -8.0, 0.5 - 0.5 - 0.5, 1.0]);
+    }
+
+    #[test]
+    fn nan_logits_fail_the_request() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert!(matches!(
+            s.sample(&[0.0, f32::NAN], &[], 0),
+            Err(Error::Engine(_))
+        ));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = [
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                max_tokens: 0,
+                ..Default::default()
+            },
+            SamplingParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+        ];
+        let fields = ["temperature", "top_p", "max_tokens", "stop"];
+        for (p, field) in bad.iter().zip(fields) {
+            match p.validate() {
+                Err(Error::InvalidParam { param, .. }) => assert_eq!(param, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+}
