@@ -21,20 +21,19 @@ test: model ## Build, then run every test: Rust (unit, oracle) and Python
 	$(PYTHON) -m pytest
 
 .PHONY: lint
-lint: ## rustfmt, clippy (-D warnings), ruff
+lint: install ## rustfmt, clippy (-D warnings), ruff, mypy, stub check
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(PYTHON) -m ruff check python tests examples benches
-	$(PYTHON) -m ruff format --check python tests examples benches
-
-.PHONY: stubtest
-stubtest: install ## Check python/cortex/_core.pyi against the built module
-	$(PYTHON) -m mypy.stubtest cortex._core --allowlist stubtest-allowlist.txt
+	cargo clippy --lib --features python -- -D warnings
+	$(PYTHON) -m ruff check python tests examples
+	$(PYTHON) -m ruff format --check python tests examples
+	$(PYTHON) -m mypy python/cortex
+	$(PYTHON) -m mypy.stubtest cortex._core
 
 .PHONY: fmt
 fmt: ## Format Rust and Python sources
 	cargo fmt
-	$(PYTHON) -m ruff format python tests examples benches
+	$(PYTHON) -m ruff format python tests examples
 
 .PHONY: bench
 bench: install ## Speed of the default model, beside llama.cpp when llama-cpp-python is installed

@@ -30,7 +30,9 @@ def test_generate_chat_and_seed(smollm, model_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     messages = [{"role": "user", "content": "Name a color."}]
-    assert first.stdout == cortex.generate(model, tok, messages, max_tokens=10, temperature=0.8, seed=11) + "\n"
+    assert (
+        first.stdout == cortex.generate(model, tok, messages, max_tokens=10, temperature=0.8, seed=11) + "\n"
+    )
 
 
 def test_generate_reports_bad_input_clearly(tmp_path):

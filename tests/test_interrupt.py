@@ -81,7 +81,9 @@ def test_ctrl_c_during_a_long_prefill(smollm):
     assert elapsed < 3.0  # far less than the whole prefill would take on this machine
     # The worker stops at the next prefill chunk rather than finishing the prompt.
     assert _wait_for_no_workers() == 0
-    assert cortex.generate(model, tok, PROMPT, max_tokens=2) == cortex.generate(model, tok, PROMPT, max_tokens=2)
+    assert cortex.generate(model, tok, PROMPT, max_tokens=2) == cortex.generate(
+        model, tok, PROMPT, max_tokens=2
+    )
 
 
 def test_abandoned_stream_stops_its_worker(smollm):

@@ -32,7 +32,7 @@ def test_stream_equals_generate(smollm):
     ["Reply with only these emoji: 🚀🔥🎉😀👍", "请用中文介绍一下你自己。", "日本語で自己紹介してください。"],
 )
 def test_multibyte_output_is_never_split(smollm, content):
-    model, tok = smollm
+    _, tok = smollm
     chunks = _stream(smollm, [{"role": "user", "content": content}], max_tokens=48, temperature=1.0, seed=3)
     ids = [r.token for r in chunks if r.token not in tok.eos_token_ids]
     full = tok.decode(ids)
@@ -46,7 +46,9 @@ def test_multibyte_output_is_never_split(smollm, content):
         assert full.startswith(so_far), (so_far, full)
     assert so_far == full
     # The byte-level vocabulary really did produce characters spread over several tokens.
-    assert any(len(tok.decode([t]).encode()) != len(tok.decode([t])) or "\ufffd" in tok.decode([t]) for t in ids)
+    assert any(
+        len(tok.decode([t]).encode()) != len(tok.decode([t])) or "\ufffd" in tok.decode([t]) for t in ids
+    )
 
 
 def test_stop_string_spanning_tokens(smollm):
@@ -72,7 +74,7 @@ def test_max_tokens_gives_length(smollm):
 
 
 def test_eos_stops_with_stop(smollm):
-    model, tok = smollm
+    _, tok = smollm
     # A short chat answer ends with <|im_end|>, the model's EOS.
     chunks = _stream(smollm, [{"role": "user", "content": "What is 2+2?"}], max_tokens=64)
     assert chunks[-1].finish_reason == "stop"

@@ -88,7 +88,9 @@ def test_chat_template_renders_like_transformers(tmp_path):
     template = "{% for m in messages %}\n    {% if true %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}"
     assert chat(tmp_path, template) == "[ab]\n"
     # Python string methods, bos/eos variables, extra keyword arguments, tojson.
-    template = "{{ bos_token }}{{ messages[0].content.upper() }}{{ eos_token }}{{ flag }}{{ {'k': 'é'} | tojson }}"
+    template = (
+        "{{ bos_token }}{{ messages[0].content.upper() }}{{ eos_token }}{{ flag }}{{ {'k': 'é'} | tojson }}"
+    )
     assert chat(tmp_path, template, flag=7) == '<|im_start|>AB<|im_end|>7{"k": "é"}'
 
 
@@ -137,7 +139,9 @@ def test_template_syntax_error_reported_at_load(tmp_path):
 
 
 def test_template_raise_exception(tmp_path):
-    template = "{% if messages[0].role != 'system' %}{{ raise_exception('system message required') }}{% endif %}"
+    template = (
+        "{% if messages[0].role != 'system' %}{{ raise_exception('system message required') }}{% endif %}"
+    )
     with pytest.raises(cortex.TemplateError, match="system message required"):
         chat(tmp_path, template)
 

@@ -2,13 +2,25 @@
 
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "GenerationStream",
+    "Model",
+    "SamplingParams",
+    "Tokenizer",
+    "__version__",
+    "load",
+    "load_model",
+    "stream",
+]
+
 __version__: str
 
+@final
 class Model:
     """A loaded model: weights stay in their quantized form; safe to share across threads."""
 
@@ -28,6 +40,7 @@ class Model:
     @property
     def path(self) -> str: ...
 
+@final
 class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
@@ -49,6 +62,7 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, id: int) -> str | None: ...
 
+@final
 class SamplingParams:
     def __new__(
         cls,
@@ -91,10 +105,9 @@ class SamplingParams:
     @property
     def ignore_eos(self) -> bool: ...
 
-_Step = tuple[
-    str, int, tuple[float, list[tuple[int, float]]] | None, str | None, int, int, float, float
-]
+_Step = tuple[str, int, tuple[float, list[tuple[int, float]]] | None, str | None, int, int, float, float]
 
+@final
 class GenerationStream(Iterator[_Step]):
     def __iter__(self) -> GenerationStream: ...
     def __next__(self) -> _Step: ...

@@ -103,7 +103,7 @@ def _peak_memory_gb() -> float:
 def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    items = list(prompt)
+    items: list[Any] = list(prompt)
     if items and all(isinstance(m, Mapping) for m in items):
         ids = tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
         assert isinstance(ids, list)

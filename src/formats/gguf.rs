@@ -162,8 +162,8 @@ fn min_value_size(ty: u32) -> Option<u64> {
     Some(match ty {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
-        4 | 5 | 6 => 4,
-        8 | 9 | 10 | 11 | 12 => 8,
+        4..=6 => 4,
+        8..=12 => 8,
         _ => return None,
     })
 }

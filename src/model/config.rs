@@ -267,7 +267,7 @@ impl ModelConfig {
             "none" => Ok(None),
             "linear" => {
                 let factor = meta_f64(g, &factor_key)?.ok_or_else(|| Error::config(&factor_key, "missing for linear rope scaling"))?;
-                if !(factor > 0.0) {
+                if factor <= 0.0 {
                     return Err(Error::config(factor_key, format!("factor {factor} must be positive")));
                 }
                 Ok(if factor == 1.0 { None } else { Some(RopeScaling::Linear { factor: factor as f32 }) })

@@ -47,10 +47,12 @@ pub struct Decoder {
 /// Keys and values of one layer: `[1, kv_heads, capacity, head_dim]` buffers of which the
 /// first `KvCache::len` positions are filled. Capacity doubles as needed, so a sequence
 /// costs memory for its own length, not the model's whole context.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LayerKv {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    /// Capacity never grows past the model's context length.
+    max_len: usize,
 }
 
 /// The KV cache of one sequence.
@@ -64,7 +66,13 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize, max_len: usize) -> Self {
         KvCache {
-            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+            layers: (0..num_layers)
+                .map(|_| LayerKv {
+                    k: None,
+                    v: None,
+                    max_len,
+                })
+                .collect(),
             len: 0,
             max_len,
         }
@@ -83,18 +91,14 @@ impl KvCache {
 impl LayerKv {
     /// Appends `k, v: [1, kv_heads, t, head_dim]` at position `len` and returns views of
     /// all `len + t` positions.
-    fn append(
-        &mut self,
-        k: &Tensor,
-        v: &Tensor,
-        len: usize,
-        max_len: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    fn append(&mut self, k: &Tensor, v: &Tensor, len: usize) -> Result<(Tensor, Tensor)> {
         let (_, kv_heads, t, head_dim) = k.dims4()?;
         let need = len + t;
         let capacity = self.k.as_ref().map_or(0, |b| b.dims()[2]);
         if need > capacity {
-            let new_capacity = need.max((2 * capacity).min(max_len)).max(64.min(max_len));
+            let new_capacity = need
+                .max((2 * capacity).min(self.max_len))
+                .max(64.min(self.max_len));
             let grow = |old: &Option<Tensor>| -> Result<Tensor> {
                 let buf =
                     Tensor::zeros((1, kv_heads, new_capacity, head_dim), k.dtype(), k.device())?;
@@ -132,7 +136,6 @@ impl Attention {
         mask: Option<&Tensor>,
         kv: &mut LayerKv,
         pos: usize,
-        max_len: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -153,7 +156,7 @@ impl Attention {
             .transpose(1, 2)?; // [1, nkv, t, hd]
         let q = Rope::apply(&q, cos, sin)?;
         let k = Rope::apply(&k, cos, sin)?;
-        let (k, v) = kv.append(&k, &v, pos, max_len)?; // [1, nkv, T, hd], T = pos + t
+        let (k, v) = kv.append(&k, &v, pos)?; // [1, nkv, T, hd], T = pos + t
         let total = pos + t;
 
         // Grouped-query attention without copying K/V: query head h reads KV head
@@ -235,10 +238,9 @@ impl Decoder {
         };
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = block.input_layernorm.forward(&x)?;
-            let h =
-                block
-                    .self_attn
-                    .forward(&h, &cos, &sin, mask.as_ref(), kv, pos, cache.max_len)?;
+            let h = block
+                .self_attn
+                .forward(&h, &cos, &sin, mask.as_ref(), kv, pos)?;
             x = (x + h)?;
             let h = block
                 .mlp

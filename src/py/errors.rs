@@ -24,46 +24,48 @@ fn build(
     Ok(PyErr::from_value(cls.call((message,), Some(&kwargs))?))
 }
 
+/// An attribute set on the exception instance (`path`, `offset`, `field`, `param`...).
+type Attr = (&'static str, Py<PyAny>);
+
+/// The `cortex.exceptions` class for `err`, and the attributes it carries.
+fn classify(py: Python<'_>, err: &Error) -> PyResult<(&'static str, Vec<Attr>)> {
+    let s = |v: &str| v.into_pyobject(py).map(|o| o.into_any().unbind());
+    Ok(match err {
+        Error::ModelNotFound { path, .. } => (
+            "ModelNotFoundError",
+            vec![("path", s(&path.display().to_string())?)],
+        ),
+        Error::ModelFormat { path, offset, .. } => (
+            "ModelFormatError",
+            vec![
+                ("path", s(&path.display().to_string())?),
+                ("offset", offset.into_pyobject(py)?.into_any().unbind()),
+            ],
+        ),
+        Error::UnsupportedArchitecture { architecture, .. } => (
+            "UnsupportedArchitectureError",
+            vec![("architecture", s(architecture)?)],
+        ),
+        Error::Config { field, .. } => ("ConfigError", vec![("field", s(field)?)]),
+        Error::Tokenizer(_) => ("TokenizerError", vec![]),
+        Error::Template(_) => ("TemplateError", vec![]),
+        Error::InvalidParam { param, .. } => ("RequestValidationError", vec![("param", s(param)?)]),
+        Error::ContextLength { .. } => ("ContextLengthError", vec![("param", s("prompt")?)]),
+        Error::Cancelled => ("CancelledError", vec![]),
+        Error::Engine(_) | Error::Candle(_) => ("EngineError", vec![]),
+        Error::Io { path, .. } => (
+            "ModelLoadError",
+            vec![("path", s(&path.display().to_string())?)],
+        ),
+    })
+}
+
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         Python::attach(|py| {
-            let message = err.to_string();
-            let s = |v: &str| v.into_pyobject(py).map(|o| o.into_any().unbind());
-            let attrs: PyResult<(&str, Vec<(&str, Py<PyAny>)>)> = (|| {
-                Ok(match &err {
-                    Error::ModelNotFound { path, .. } => (
-                        "ModelNotFoundError",
-                        vec![("path", s(&path.display().to_string())?)],
-                    ),
-                    Error::ModelFormat { path, offset, .. } => (
-                        "ModelFormatError",
-                        vec![
-                            ("path", s(&path.display().to_string())?),
-                            ("offset", offset.into_pyobject(py)?.into_any().unbind()),
-                        ],
-                    ),
-                    Error::UnsupportedArchitecture { architecture, .. } => (
-                        "UnsupportedArchitectureError",
-                        vec![("architecture", s(architecture)?)],
-                    ),
-                    Error::Config { field, .. } => ("ConfigError", vec![("field", s(field)?)]),
-                    Error::Tokenizer(_) => ("TokenizerError", vec![]),
-                    Error::Template(_) => ("TemplateError", vec![]),
-                    Error::InvalidParam { param, .. } => {
-                        ("RequestValidationError", vec![("param", s(param)?)])
-                    }
-                    Error::ContextLength { .. } => {
-                        ("ContextLengthError", vec![("param", s("prompt")?)])
-                    }
-                    Error::Cancelled => ("CancelledError", vec![]),
-                    Error::Engine(_) | Error::Candle(_) => ("EngineError", vec![]),
-                    Error::Io { path, .. } => (
-                        "ModelLoadError",
-                        vec![("path", s(&path.display().to_string())?)],
-                    ),
-                })
-            })();
-            match attrs.and_then(|(class, attrs)| build(py, class, message, &attrs)) {
+            match classify(py, &err)
+                .and_then(|(class, attrs)| build(py, class, err.to_string(), &attrs))
+            {
                 Ok(e) | Err(e) => e,
             }
         })

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._core import SamplingParams
 from ..generation import GenerationResponse
 
 
@@ -29,17 +30,17 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> No
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temp,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "stop": args.stop,
-    }
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def print_stats(last: GenerationResponse | None) -> None:

@@ -16,7 +16,6 @@ import os
 import resource
 import sys
 import time
-from typing import Any
 
 from ..generation import load, stream_generate
 
@@ -26,7 +25,7 @@ _TEXT = (
 )
 
 
-def add_parser(verbs: argparse._SubParsersAction, name: str) -> None:
+def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
     p = verbs.add_parser(name, help="measure speed (and compare with llama.cpp)", description=__doc__)
     p.add_argument("--model", metavar="PATH", default=None, help="a .gguf file (default model if omitted)")
     p.add_argument("--prompt-tokens", type=int, default=512)
@@ -67,7 +66,7 @@ def _bench_cortex(path: str | None, n_prompt: int, n_gen: int) -> tuple[dict[str
 
 
 def _bench_llama_cpp(path: str, ids: list[int], n_gen: int, threads: int) -> dict[str, float]:
-    from llama_cpp import Llama  # type: ignore[import-not-found]
+    from llama_cpp import Llama
 
     t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=2048, n_batch=512, n_threads=threads,

@@ -11,10 +11,10 @@ import sys
 from typing import Any
 
 from ..generation import load, stream_generate
-from ._common import add_model_option, add_sampling_options, sampling_kwargs
+from ._common import add_model_option, add_sampling_options, sampling_params
 
 
-def add_parser(verbs: argparse._SubParsersAction, name: str) -> None:
+def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
     p = verbs.add_parser(name, help="chat interactively", description=__doc__)
     add_model_option(p)
     add_sampling_options(p, max_tokens=512)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         reply: list[str] = []
         try:
-            for r in stream_generate(model, tokenizer, messages, **sampling_kwargs(args)):
+            for r in stream_generate(model, tokenizer, messages, sampling_params(args)):
                 reply.append(r.text)
                 sys.stdout.write(r.text)
                 sys.stdout.flush()

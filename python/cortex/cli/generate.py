@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..generation import GenerationResponse, load, stream_generate
-from ._common import add_model_option, add_sampling_options, print_stats, sampling_kwargs
+from ._common import add_model_option, add_sampling_options, print_stats, sampling_params
 
 
-def add_parser(verbs: argparse._SubParsersAction, name: str) -> None:
+def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
     p = verbs.add_parser(name, help="generate text from a prompt", description=__doc__)
     add_model_option(p)
     add_sampling_options(p, max_tokens=256)
@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     last: GenerationResponse | None = None
-    for last in stream_generate(model, tokenizer, prompt, **sampling_kwargs(args)):
+    for last in stream_generate(model, tokenizer, prompt, sampling_params(args)):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
