@@ -157,3 +157,12 @@ def test_messages_must_be_serialisable(tmp_path):
     with pytest.raises(cortex.RequestValidationError) as info:
         chat(tmp_path, CHATML, messages=[{"role": "user", "content": object()}])
     assert info.value.param == "messages"
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, "_" * 100_000, "ab " * 30_000])
+def test_long_unbroken_text_tokenizes(smollm, text):
+    """RELIABILITY B7: 100k characters without whitespace tokenize (pytest-timeout bounds
+    the time) and round-trip."""
+    _, tok = smollm
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids and tok.decode(ids) == text
