@@ -267,49 +267,54 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let temperature = p.temperature.max(MIN_TEMPERATURE);
-        // Candidates sorted by logit, best first; top-k truncates before sorting the rest.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if p.top_k > 0 && p.top_k < idx.len() {
             idx.select_nth_unstable_by(p.top_k - 1, by_logit);
             idx.truncate(p.top_k);
         }
-        idx.sort_unstable_by(by_logit);
-        let max = logits[idx[0] as usize];
-        let mut probs: Vec<f64> = idx
+        // Only top-p needs the candidates in order; sorting the whole vocabulary for every
+        // token would cost more than the rest of sampling together.
+        if p.top_p < 1.0 {
+            idx.sort_unstable_by(by_logit);
+        }
+        let max = idx
             .iter()
-            .map(|&i| f64::from((logits[i as usize] - max) / temperature).exp())
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        // (token, probability) at `temperature`, normalised over the candidates.
+        let mut cands: Vec<(u32, f64)> = idx
+            .iter()
+            .map(|&i| (i, f64::from((logits[i as usize] - max) / temperature).exp()))
             .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        // top-p: the smallest prefix whose mass reaches top_p (at least one token).
+        let total: f64 = cands.iter().map(|c| c.1).sum();
+        cands.iter_mut().for_each(|c| c.1 /= total);
+        // top-p: the smallest prefix (most likely first) whose mass reaches top_p.
         if p.top_p < 1.0 {
             let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, &q) in probs.iter().enumerate() {
-                cum += q;
-                if cum >= f64::from(p.top_p) {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
+            let keep = cands
+                .iter()
+                .position(|c| {
+                    cum += c.1;
+                    cum >= f64::from(p.top_p)
+                })
+                .map_or(cands.len(), |i| i + 1);
+            cands.truncate(keep);
         }
-        // min-p: relative to the most likely token, which always survives.
+        // min-p: relative to the most likely token (probability 1 / total), which survives.
         if p.min_p > 0.0 {
-            let floor = probs[0] * f64::from(p.min_p);
-            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
-            probs.truncate(keep);
+            let floor = f64::from(p.min_p) / total;
+            cands.retain(|c| c.1 >= floor);
         }
-        let total: f64 = probs.iter().sum();
-        let mut u = self.rng.next_f64() * total;
-        for (i, &q) in probs.iter().enumerate() {
+        let mass: f64 = cands.iter().map(|c| c.1).sum();
+        let mut u = self.rng.next_f64() * mass;
+        for &(token, q) in &cands {
             if u < q {
-                return idx[i];
+                return token;
             }
             u -= q;
         }
-        idx[probs.len() - 1]
+        cands.last().map_or(0, |c| c.0)
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{TensorInfo, Value};
@@ -387,8 +387,6 @@ impl GgufFile {
         let mut file = &self.file;
         // The header was validated against the file's length at open; if the file shrank
         // since (rewritten underneath us), candle's read reports the short read.
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| Error::io(&self.path, e))?;
         info.read(&mut file, self.data_offset, device)
             .map_err(|e| Error::format(&self.path, None, format!("reading tensor '{name}': {e}")))
     }
