@@ -195,3 +195,35 @@ def test_missing_path(tmp_path):
 def test_process_still_usable(smollm):
     model, tok = smollm
     assert cortex.generate(model, tok, "The capital of France is", max_tokens=2) == " Paris."
+
+
+def test_empty_metadata_key(tmp_path):
+    g = tiny_llama()
+    g.kvs.append(("", U32, 1))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "empty metadata key")
+
+
+def test_tensor_name_too_long(tmp_path):
+    g = tiny_llama()
+    g.tensors.append(Tensor("x" * 64, [8], b"\0" * 32))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "must be 1 to 63 bytes")
+
+
+def test_unaligned_tensor_offset(tmp_path):
+    g = tiny_llama()
+    g.tensors[-1].offset = 4 + len(b"".join(t.data for t in g.tensors[:-1]))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "not a multiple of the alignment")
+
+
+def test_row_not_divisible_by_block_size(tmp_path):
+    g = tiny_llama()
+    g.tensors[0].ggml_type = 2  # Q4_0: blocks of 32 values, and this row has 8
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "not a multiple of the Q4_0 block size 32")
+
+
+def test_metadata_array_over_the_documented_cap(tmp_path):
+    """RELIABILITY A11: arrays are capped at 4 Mi elements (each becomes a 32-byte value in
+    memory), so 5 MB of u8 cannot become ~160 MB."""
+    g = tiny_llama()
+    g.kvs.append(("x.big", ARRAY, (U8, [0] * (5 << 20))))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "exceeds the limit")

@@ -115,3 +115,17 @@ def test_repetition_penalty_changes_exactly_the_seen_logits(smollm):
         penalised[t] = penalised[t] / 1.3 if penalised[t] > 0 else penalised[t] * 1.3
     first = next(iter(cortex.stream_generate(model, tok, ids, max_tokens=1, repetition_penalty=1.3)))
     assert first.token == int(np.argmax(penalised))
+
+
+def test_one_model_from_sixteen_threads(smollm):
+    """RELIABILITY G4: one model shared by 16 Python threads; every greedy output equals
+    the single-threaded one and no call fails."""
+    import concurrent.futures
+
+    model, tok = smollm
+    prompts = [PROMPT, "The capital of France is", "def fibonacci(n):", "Water boils at"]
+    expected = {p: cortex.generate(model, tok, p, max_tokens=8) for p in prompts}
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        jobs = [(p, pool.submit(cortex.generate, model, tok, p, max_tokens=8)) for p in prompts * 4]
+        for p, job in jobs:
+            assert job.result(timeout=300) == expected[p]

@@ -166,3 +166,8 @@ def test_long_unbroken_text_tokenizes(smollm, text):
     _, tok = smollm
     ids = tok.encode(text, add_special_tokens=False)
     assert ids and tok.decode(ids) == text
+
+
+def test_template_huge_string_is_refused(tmp_path):
+    with pytest.raises(cortex.TemplateError, match="too large"):
+        chat(tmp_path, "{{ 'x' * 2000000000 }}")
