@@ -16,5 +16,5 @@ pub mod tokenizer;
 mod py;
 
 pub use error::{Error, Result};
-pub use model::{load, load_model, Model};
+pub use model::{load, load_model, load_tokenizer, Model};
 pub use tokenizer::Tokenizer;

@@ -21,7 +21,7 @@ from .exceptions import (
     TokenizerError,
     UnsupportedArchitectureError,
 )
-from .generation import GenerationResponse, generate, load, load_model, stream_generate
+from .generation import GenerationResponse, generate, load, load_model, load_tokenizer, stream_generate
 from .models import cortex_home, default_model_path
 
 __all__ = [
@@ -47,5 +47,6 @@ __all__ = [
     "generate",
     "load",
     "load_model",
+    "load_tokenizer",
     "stream_generate",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "load",
     "load_model",
+    "load_tokenizer",
     "stream",
 ]
 
@@ -115,6 +116,7 @@ class GenerationStream(Iterator[_Step]):
 
 def load(path: str | PathLike[str]) -> tuple[Model, Tokenizer]: ...
 def load_model(path: str | PathLike[str]) -> Model: ...
+def load_tokenizer(path: str | PathLike[str]) -> Tokenizer: ...
 def stream(
     model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
 ) -> GenerationStream: ...

@@ -23,6 +23,7 @@ __all__ = [
     "generate",
     "load",
     "load_model",
+    "load_tokenizer",
     "stream_generate",
 ]
 
@@ -70,6 +71,11 @@ def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str 
     """Load only a model's weights (see :func:`load`)."""
     _check_placement(device, dtype)
     return _core.load_model(_resolve(ref))
+
+
+def load_tokenizer(ref: PathLike | None = None) -> Tokenizer:
+    """Load only a model's tokenizer (see :func:`load`); no weights are read."""
+    return _core.load_tokenizer(_resolve(ref))
 
 
 @dataclass(frozen=True)

@@ -217,17 +217,29 @@ pub fn load_model(reference: &Path) -> Result<Model> {
     build_model(&gguf, &Device::Cpu)
 }
 
-/// Loads model and tokenizer. The tokenizer comes from `tokenizer.json` beside the weights
-/// when `reference` is a directory that has one, else from the GGUF metadata.
+/// The tokenizer for `reference`: `tokenizer.json` beside the weights when `reference` is a
+/// directory that has one, else the GGUF metadata.
+fn tokenizer_for(reference: &Path, gguf: &GgufFile) -> Result<Tokenizer> {
+    if reference.is_dir() && reference.join("tokenizer.json").is_file() {
+        Tokenizer::from_dir(reference)
+    } else {
+        Tokenizer::from_gguf(gguf)
+    }
+}
+
+/// Loads model and tokenizer (see [`load_tokenizer`] for where the tokenizer comes from).
 pub fn load(reference: &Path) -> Result<(Model, Tokenizer)> {
     crate::threads::init_thread_pool();
     let path = resolve_model_path(reference)?;
     let gguf = GgufFile::open(&path)?;
     let model = build_model(&gguf, &Device::Cpu)?;
-    let tokenizer = if reference.is_dir() && reference.join("tokenizer.json").is_file() {
-        Tokenizer::from_dir(reference)?
-    } else {
-        Tokenizer::from_gguf(&gguf)?
-    };
+    let tokenizer = tokenizer_for(reference, &gguf)?;
     Ok((model, tokenizer))
+}
+
+/// Loads only the tokenizer of `reference` (no weights are read): from `tokenizer.json`
+/// when `reference` is a directory that has one, else from the GGUF metadata.
+pub fn load_tokenizer(reference: &Path) -> Result<Tokenizer> {
+    let path = resolve_model_path(reference)?;
+    tokenizer_for(reference, &GgufFile::open(&path)?)
 }

@@ -7,4 +7,4 @@ pub mod loader;
 
 pub use config::ModelConfig;
 pub use decoder::{Decoder, KvCache};
-pub use loader::{load, load_model, resolve_model_path, Model};
+pub use loader::{load, load_model, load_tokenizer, resolve_model_path, Model};

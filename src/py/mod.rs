@@ -19,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<generate::PyGenerationStream>()?;
     m.add_function(wrap_pyfunction!(model::load, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
+    m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(generate::stream, m)?)?;
     Ok(())
 }

@@ -115,3 +115,12 @@ pub fn load_model(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
         inner: Arc::new(model),
     })
 }
+
+/// Loads only the tokenizer (from `tokenizer.json` in a model folder, else GGUF metadata).
+#[pyfunction]
+pub fn load_tokenizer(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
+    let tokenizer = run_detached(py, move || crate::model::load_tokenizer(&path))?;
+    Ok(PyTokenizer {
+        inner: Arc::new(tokenizer),
+    })
+}
