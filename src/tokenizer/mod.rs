@@ -26,6 +26,8 @@ pub struct Tokenizer {
     /// Every id that ends generation (eos, end-of-turn...).
     pub eos_token_ids: Vec<u32>,
     chat_template: Option<ChatTemplate>,
+    /// Cached: `tokenizers` computes it by building the whole vocabulary map.
+    vocab_size: usize,
 }
 
 fn read_json(path: &Path) -> Result<Option<Json>> {
@@ -70,6 +72,7 @@ impl Tokenizer {
             }
         };
         Ok(Tokenizer {
+            vocab_size: vocab.tokenizer.get_vocab_size(true),
             inner: vocab.tokenizer,
             add_bos: vocab.add_bos_token,
             bos_token_id: vocab.bos_token_id,
@@ -133,6 +136,7 @@ impl Tokenizer {
             })
             .transpose()?;
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             add_bos: false,
             bos_token_id,
@@ -173,7 +177,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
