@@ -21,9 +21,10 @@ def test_gemma_tokenizer_matches_reference(gemma_path, gemma_golden):
         assert tok.encode(case["prompt"]) == case["input_ids"], case["prompt"]
 
 
-def test_gemma_model_architecture_is_reported(gemma_path):
-    with pytest.raises(cortex.UnsupportedArchitectureError, match="gemma3"):
-        cortex.load(gemma_path)
+def test_gemma_ends_turns(gemma_path):
+    tok = cortex.load_tokenizer(gemma_path)
+    # <eos> from the metadata, <end_of_turn> by name (the file does not list it).
+    assert tok.eos_token_ids == [1, 106]
 
 
 # A tiny SentencePiece vocabulary: byte tokens, pieces with scores, and a control token.

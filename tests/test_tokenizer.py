@@ -47,7 +47,8 @@ def test_tiny_tokenizer(tmp_path):
     assert tok.encode("<|im_start|>ab<|im_end|>", add_special_tokens=False) == [1, 8, 2]
     assert tok.decode([8, 12, 2]) == "ab ab<|im_end|>"
     assert tok.decode([8, 12, 2], skip_special_tokens=True) == "ab ab"
-    assert tok.eos_token_ids == [2] and tok.bos_token_id == 1
+    # The eos id, then <|endoftext|>: a control token that ends generation by its name.
+    assert tok.eos_token_ids == [2, 0] and tok.bos_token_id == 1
 
 
 def test_add_bos_token(tmp_path):

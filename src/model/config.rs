@@ -9,9 +9,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 
-/// Architectures (`general.architecture`) the llama-family decoder runs. Mistral GGUFs are
-/// written with `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
+/// Architectures (`general.architecture`) the decoder runs. Mistral GGUFs are written with
+/// `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "gemma3"];
 
 /// Upper bounds that no real model reaches; a config past them is corrupt or hostile.
 const MAX_LAYERS: usize = 1024;
@@ -31,6 +31,16 @@ pub enum RopeScaling {
     Llama3,
 }
 
+/// The MLP's gate activation (HF `hidden_act` / `hidden_activation` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU (llama family).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluPytorchTanh,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
     pub model_type: String,
@@ -46,6 +56,25 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rope_scaling: Option<RopeScaling>,
     pub tie_word_embeddings: bool,
+    pub hidden_act: Activation,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` (Gemma's name; the head
+    /// dimension for the llama family).
+    pub query_pre_attn_scalar: f64,
+    /// RMSNorm over each head of q and k before RoPE (Gemma 3, Qwen 3).
+    pub use_qk_norm: bool,
+    /// Norms after attention and after the MLP too, before the residual adds (Gemma 2/3).
+    pub sandwich_norms: bool,
+    /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
+    pub scale_embeddings: bool,
+    /// RoPE on adjacent pairs, the layout llama.cpp's converter gives llama-family q/k
+    /// weights; otherwise on the two halves of each head (GPT-NeoX / HF `rotate_half`).
+    pub rope_interleaved: bool,
+    /// Local layers attend to the last `sliding_window` positions only.
+    pub sliding_window: Option<usize>,
+    /// Every `sliding_window_pattern`-th layer is global, the others local (Gemma 3: 6).
+    pub sliding_window_pattern: Option<usize>,
+    /// RoPE base of the local layers.
+    pub rope_local_base_freq: Option<f32>,
 }
 
 fn as_u64(v: &Value) -> Option<u64> {
@@ -192,6 +221,14 @@ impl ModelConfig {
                 ));
             }
         }
+        if let Some(v) = meta_usize(g, &k("attention.value_length"))? {
+            if v != head_dim {
+                return Err(Error::config(
+                    k("attention.value_length"),
+                    format!("value head dim {v} differs from the key head dim {head_dim}"),
+                ));
+            }
+        }
         let vocab_size = match meta_usize(g, &k("vocab_size"))? {
             Some(v) => v,
             None => match g.get("tokenizer.ggml.tokens") {
@@ -230,6 +267,20 @@ impl ModelConfig {
             ));
         }
         let rope_scaling = Self::rope_scaling(g, &arch)?;
+        let gemma3 = arch == "gemma3";
+        let sliding_window = if gemma3 {
+            let key = k("attention.sliding_window");
+            Some(check_range(&key, required(g, &key)?, MAX_CONTEXT)?)
+        } else {
+            None
+        };
+        // llama.cpp (`llama-model.cpp`): Gemma 3 27B (62 layers) scales by
+        // hidden/heads, the other sizes by the head dimension.
+        let query_pre_attn_scalar = if gemma3 && num_hidden_layers == 62 {
+            (hidden_size / num_attention_heads) as f64
+        } else {
+            head_dim as f64
+        };
         Ok(ModelConfig {
             model_type: arch,
             hidden_size,
@@ -244,6 +295,21 @@ impl ModelConfig {
             rope_theta: rope_theta as f32,
             rope_scaling,
             tie_word_embeddings: !g.has_tensor("output.weight"),
+            hidden_act: if gemma3 {
+                Activation::GeluPytorchTanh
+            } else {
+                Activation::Silu
+            },
+            query_pre_attn_scalar,
+            use_qk_norm: gemma3,
+            sandwich_norms: gemma3,
+            scale_embeddings: gemma3,
+            rope_interleaved: !gemma3,
+            sliding_window,
+            // Fixed by the architecture (HF `sliding_window_pattern`, llama.cpp
+            // `n_swa_pattern`; not stored in GGUF), as is the local RoPE base.
+            sliding_window_pattern: gemma3.then_some(6),
+            rope_local_base_freq: gemma3.then_some(10_000.0),
         })
     }
 

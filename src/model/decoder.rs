@@ -1,7 +1,9 @@
-//! The one decoder: a pre-norm transformer (llama family: GQA attention with RoPE, SwiGLU
-//! MLP, RMSNorm) over a per-sequence KV cache. Follows HF transformers'
-//! `modeling_llama.py` and llama.cpp's `llm_build_llama`; candle-transformers'
-//! `quantized_llama.rs` serves as an independent oracle in `tests/oracle_llama.rs`.
+//! The one decoder: a pre-norm transformer over a per-sequence KV cache — GQA attention with
+//! RoPE, a gated MLP, RMSNorm — with the switches each family needs (q/k norms, sandwich
+//! norms, embedding scale, sliding-window layers; see `ModelConfig`). Follows HF
+//! transformers' `modeling_llama.py` / `modeling_gemma3.py` and llama.cpp's
+//! `llm_build_llama` / `llm_build_gemma3`; candle-transformers' `quantized_llama.rs` serves
+//! as an independent oracle in `tests/oracle_llama.rs`.
 
 use std::sync::Arc;
 
@@ -18,17 +20,30 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Per-head RMSNorm of q and k, before RoPE (Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies q·k.
+    pub scale: f64,
+    /// A local layer: attends to the last `sliding_window` positions, with the local RoPE.
+    pub local: bool,
 }
 
+/// One layer. Norm names follow HF Gemma 3; in the llama family only `input_layernorm` and
+/// `pre_feedforward_layernorm` (HF llama's `post_attention_layernorm`) exist.
 #[derive(Debug, Clone)]
 pub struct Block {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
+    /// Applied to the attention output before the residual add (sandwich norms).
+    pub post_attention_layernorm: Option<RmsNorm>,
+    pub pre_feedforward_layernorm: RmsNorm,
     pub mlp: Mlp,
+    /// Applied to the MLP output before the residual add (sandwich norms).
+    pub post_feedforward_layernorm: Option<RmsNorm>,
 }
 
 #[derive(Debug)]
@@ -39,7 +54,9 @@ pub struct Decoder {
     pub norm: RmsNorm,
     /// `[vocab, d]`; shares `embed_tokens` when the embeddings are tied.
     pub lm_head: Linear,
+    /// RoPE of global layers, and of local (sliding-window) layers where they differ.
     pub rope: Rope,
+    pub local_rope: Option<Rope>,
     pub config: ModelConfig,
     pub device: Device,
 }
@@ -128,15 +145,9 @@ impl LayerKv {
 
 impl Attention {
     /// `xs: [1, t, d]` at positions `pos..pos + t` → `[1, t, d]`.
-    fn forward(
-        &self,
-        xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut LayerKv,
-        pos: usize,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, step: &Step<'_>, kv: &mut LayerKv) -> Result<Tensor> {
+        let (rope, cos, sin, mask) = step.for_layer(self.local);
+        let pos = step.pos;
         let (b, t, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self
@@ -154,8 +165,12 @@ impl Attention {
             .forward(xs)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?; // [1, nkv, t, hd]
-        let q = Rope::apply(&q, cos, sin)?;
-        let k = Rope::apply(&k, cos, sin)?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?),
+            _ => (q, k),
+        };
+        let q = rope.apply(&q, cos, sin)?;
+        let k = rope.apply(&k, cos, sin)?;
         let (k, v) = kv.append(&k, &v, pos)?; // [1, nkv, T, hd], T = pos + t
         let total = pos + t;
 
@@ -164,8 +179,7 @@ impl Attention {
         // into the row dimension lines each query up with its KV head.
         let groups = nh / nkv;
         let q = q.reshape((b, nkv, groups * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // [1, nkv, groups * t, T]
+        let att = (q.matmul(&k.t()?)? * self.scale)?; // [1, nkv, groups * t, T]
         let att = match mask {
             Some(mask) => att
                 .reshape((b, nkv, groups, t, total))?
@@ -183,13 +197,44 @@ impl Attention {
     }
 }
 
-/// Additive causal mask `[t, pos + t]`: query `i` (at position `pos + i`) sees keys `0..=pos + i`.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+/// What every layer of one forward pass shares: positions, RoPE tables and masks (for
+/// global layers, and for local ones when the model has them).
+struct Step<'a> {
+    pos: usize,
+    rope: &'a Rope,
+    cos: Tensor, // [t, head_dim / 2]
+    sin: Tensor,
+    mask: Option<Tensor>, // [t, pos + t]
+    local: Option<(&'a Rope, Tensor, Tensor, Option<Tensor>)>,
+}
+
+impl Step<'_> {
+    fn for_layer(&self, local: bool) -> (&Rope, &Tensor, &Tensor, Option<&Tensor>) {
+        match (&self.local, local) {
+            (Some((rope, cos, sin, mask)), true) => (rope, cos, sin, mask.as_ref()),
+            _ => (self.rope, &self.cos, &self.sin, self.mask.as_ref()),
+        }
+    }
+}
+
+/// Additive mask `[t, pos + t]`: query `i` (at position `pos + i`) sees keys `0..=pos + i`,
+/// and with a `window` only the last `window` of those (HF `sliding_window`); `None` when
+/// nothing is masked (one query over a short enough history).
+fn attention_mask(
+    t: usize,
+    pos: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     let total = pos + t;
+    let hidden = |i: usize, j: usize| j > pos + i || window.is_some_and(|w| pos + i - j >= w);
+    if !(0..t).any(|i| (0..total).any(|j| hidden(i, j))) {
+        return Ok(None);
+    }
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| (0..total).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Ok(Tensor::from_vec(mask, (t, total), device)?)
+    Ok(Some(Tensor::from_vec(mask, (t, total), device)?))
 }
 
 impl Decoder {
@@ -230,21 +275,44 @@ impl Decoder {
             .embedding(&ids)?
             .to_dtype(DType::F32)?
             .unsqueeze(0)?; // [1, t, d]
+        if self.config.scale_embeddings {
+            // Gemma: HF computes the factor in the activation dtype, f32 here.
+            x = (x * f64::from((self.config.hidden_size as f32).sqrt()))?;
+        }
         let (cos, sin) = self.rope.tables(pos, t, &self.device)?;
-        let mask = if t > 1 {
-            Some(causal_mask(t, pos, &self.device)?)
-        } else {
-            None
+        let local = match (&self.local_rope, self.config.sliding_window) {
+            (Some(rope), Some(window)) => {
+                let (cos, sin) = rope.tables(pos, t, &self.device)?;
+                Some((
+                    rope,
+                    cos,
+                    sin,
+                    attention_mask(t, pos, Some(window), &self.device)?,
+                ))
+            }
+            _ => None,
+        };
+        let step = Step {
+            pos,
+            rope: &self.rope,
+            cos,
+            sin,
+            mask: attention_mask(t, pos, None, &self.device)?,
+            local,
         };
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = block.input_layernorm.forward(&x)?;
-            let h = block
-                .self_attn
-                .forward(&h, &cos, &sin, mask.as_ref(), kv, pos)?;
+            let mut h = block.self_attn.forward(&h, &step, kv)?;
+            if let Some(norm) = &block.post_attention_layernorm {
+                h = norm.forward(&h)?;
+            }
             x = (x + h)?;
-            let h = block
+            let mut h = block
                 .mlp
-                .forward(&block.post_attention_layernorm.forward(&x)?)?;
+                .forward(&block.pre_feedforward_layernorm.forward(&x)?)?;
+            if let Some(norm) = &block.post_feedforward_layernorm {
+                h = norm.forward(&h)?;
+            }
             x = (x + h)?;
         }
         cache.len = pos + t;

@@ -8,6 +8,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::model::config::Activation;
 
 /// A bias-free linear layer whose weight stays in its stored (possibly quantized) form;
 /// `forward` maps `[.., in]` to `[.., out]`.
@@ -49,18 +50,26 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position embeddings (Su et al., 2021) in the interleaved-pair layout that
-/// llama.cpp's GGUF converter produces (it permutes q/k weights so that pairs are adjacent).
+/// Rotary position embeddings (Su et al., 2021), either on adjacent pairs (the layout
+/// llama.cpp's GGUF converter gives llama-family q/k weights, which it permutes) or on the
+/// two halves of each head (GPT-NeoX / HF `rotate_half`, e.g. Gemma).
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>, // [head_dim / 2]
+    interleaved: bool,
 }
 
 impl Rope {
     /// `inv_freq[i] = 1 / (theta^(2i/head_dim) * factor_i)`, where `factors` are llama 3's
     /// per-frequency divisors (or none) and `position_scale` divides positions (linear
     /// scaling, folded into the frequencies).
-    pub fn new(head_dim: usize, theta: f32, factors: Option<&[f32]>, position_scale: f32) -> Self {
+    pub fn new(
+        head_dim: usize,
+        theta: f32,
+        factors: Option<&[f32]>,
+        position_scale: f32,
+        interleaved: bool,
+    ) -> Self {
         let inv_freq = (0..head_dim / 2)
             .map(|i| {
                 let f = 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32);
@@ -68,7 +77,10 @@ impl Rope {
                 f / factor / position_scale
             })
             .collect();
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            interleaved,
+        }
     }
 
     /// cos and sin tables for positions `start..start + len`, each `[len, head_dim / 2]`.
@@ -91,23 +103,34 @@ impl Rope {
     }
 
     /// Rotates `xs: [1, heads, t, head_dim]` with tables from [`Rope::tables`].
-    pub fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::rotary_emb::rope_i(&xs.contiguous()?, cos, sin)?)
+    pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let xs = xs.contiguous()?;
+        Ok(if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&xs, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&xs, cos, sin)?
+        })
     }
 }
 
-/// SwiGLU feed-forward (Shazeer, 2020): `down(silu(gate(x)) * up(x))`.
+/// Gated feed-forward (Shazeer, 2020): `down(act(gate(x)) * up(x))`, SwiGLU with SiLU,
+/// GeGLU with tanh-approximated GELU.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub act: Activation,
 }
 
 impl Mlp {
     /// `[1, t, d]` → `[1, t, d]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        let gate = self.gate_proj.forward(xs)?;
+        let gate = match self.act {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluPytorchTanh => gate.gelu()?,
+        };
         let up = self.up_proj.forward(xs)?;
         self.down_proj.forward(&(gate * up)?)
     }

@@ -157,6 +157,11 @@ fn build_model(gguf: &GgufFile, device: &Device) -> Result<Model> {
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
+        let optional_norm = |name: &str, dim: usize, present: bool| -> Result<Option<RmsNorm>> {
+            present.then(|| src.norm(&p(name), dim, eps)).transpose()
+        };
+        // Gemma 3: every `pattern`-th layer is global, the rest slide.
+        let local = cfg.sliding_window_pattern.is_some_and(|n| (i + 1) % n != 0);
         layers.push(Block {
             input_layernorm: src.norm(&p("attn_norm"), d, eps)?,
             self_attn: Attention {
@@ -164,28 +169,41 @@ fn build_model(gguf: &GgufFile, device: &Device) -> Result<Model> {
                 k_proj: src.linear(&p("attn_k"), nkv * hd, d)?,
                 v_proj: src.linear(&p("attn_v"), nkv * hd, d)?,
                 o_proj: src.linear(&p("attn_output"), d, nh * hd)?,
+                q_norm: optional_norm("attn_q_norm", hd, cfg.use_qk_norm)?,
+                k_norm: optional_norm("attn_k_norm", hd, cfg.use_qk_norm)?,
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
+                scale: 1.0 / cfg.query_pre_attn_scalar.sqrt(),
+                local,
             },
-            post_attention_layernorm: src.norm(&p("ffn_norm"), d, eps)?,
+            post_attention_layernorm: optional_norm("post_attention_norm", d, cfg.sandwich_norms)?,
+            pre_feedforward_layernorm: src.norm(&p("ffn_norm"), d, eps)?,
             mlp: Mlp {
                 gate_proj: src.linear(&p("ffn_gate"), inter, d)?,
                 up_proj: src.linear(&p("ffn_up"), inter, d)?,
                 down_proj: src.linear(&p("ffn_down"), d, inter)?,
+                act: cfg.hidden_act,
             },
+            post_feedforward_layernorm: optional_norm("post_ffw_norm", d, cfg.sandwich_norms)?,
         });
     }
     let norm = src.norm("output_norm.weight", d, eps)?;
+    let interleaved = cfg.rope_interleaved;
     let rope = match &cfg.rope_scaling {
         Some(RopeScaling::Llama3) => {
             let factors = dense(src.get("rope_freqs.weight", &[hd / 2])?.as_ref(), device)?
                 .to_vec1::<f32>()?;
-            Rope::new(hd, cfg.rope_theta, Some(&factors), 1.0)
+            Rope::new(hd, cfg.rope_theta, Some(&factors), 1.0, interleaved)
         }
-        Some(RopeScaling::Linear { factor }) => Rope::new(hd, cfg.rope_theta, None, *factor),
-        None => Rope::new(hd, cfg.rope_theta, None, 1.0),
+        Some(RopeScaling::Linear { factor }) => {
+            Rope::new(hd, cfg.rope_theta, None, *factor, interleaved)
+        }
+        None => Rope::new(hd, cfg.rope_theta, None, 1.0, interleaved),
     };
+    let local_rope = cfg
+        .rope_local_base_freq
+        .map(|base| Rope::new(hd, base, None, 1.0, interleaved));
     let num_parameters = gguf.tensors.values().map(|t| t.shape.elem_count()).sum();
     let weight_bytes = gguf
         .tensors
@@ -202,6 +220,7 @@ fn build_model(gguf: &GgufFile, device: &Device) -> Result<Model> {
             norm,
             lm_head,
             rope,
+            local_rope,
             config: cfg.clone(),
             device: device.clone(),
         },

@@ -53,6 +53,17 @@ pub const SUPPORTED_PRE: &[&str] = &[
     "deepseek-r1-qwen",
 ];
 
+/// Control tokens that end generation whatever the metadata's eos id says.
+const END_OF_GENERATION: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+];
+
 /// Token attributes from `tokenizer.ggml.token_type` (llama.cpp `llama_token_type`).
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
@@ -379,6 +390,17 @@ pub(crate) fn from_gguf(g: &GgufFile) -> Result<GgufVocab> {
             if !eos_token_ids.contains(&id) {
                 eos_token_ids.push(id);
             }
+        }
+    }
+    // Files often name only one end token while chat models end turns with another
+    // (Gemma's <end_of_turn>, ChatML's <|im_end|>); llama.cpp (`llama-vocab.cpp`) treats
+    // these control tokens as end-of-generation too.
+    for (id, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
+        if ty == TOKEN_CONTROL
+            && END_OF_GENERATION.contains(tok)
+            && !eos_token_ids.contains(&(id as u32))
+        {
+            eos_token_ids.push(id as u32);
         }
     }
     let add_bos_token = match g.get("tokenizer.ggml.add_bos_token") {
