@@ -111,3 +111,49 @@ def tiny_llama(seed: int = 0, vocab: int = 16, hidden: int = 8, heads: int = 2, 
         ("llama.vocab_size", U32, vocab),
     ]
     return Gguf(kvs=kvs, tensors=tensors)
+
+
+def tiny_gemma3(seed: int = 0, window: int = 4, layers: int = 1, vocab: int = 16, hidden: int = 8,
+                heads: int = 2, head_dim: int = 4, ff: int = 16, ctx: int = 64) -> Gguf:  # fmt: skip
+    """A valid gemma3-architecture GGUF with random f32 weights: q/k norms, sandwich norms,
+    sliding-window attention over `window` positions (every 6th layer global)."""
+    rng = np.random.default_rng(seed)
+
+    def t(name: str, *shape: int, scale: float = 0.5, offset: float = 0.0) -> Tensor:
+        arr = (rng.standard_normal(shape) * scale + offset).astype("<f4")
+        return Tensor(name, list(reversed(shape)), arr.tobytes())
+
+    tensors = [t("token_embd.weight", vocab, hidden)]
+    for i in range(layers):
+        tensors += [
+            t(f"blk.{i}.attn_norm.weight", hidden, scale=0.1, offset=1.0),
+            t(f"blk.{i}.attn_q.weight", heads * head_dim, hidden),
+            t(f"blk.{i}.attn_k.weight", head_dim, hidden),
+            t(f"blk.{i}.attn_v.weight", head_dim, hidden),
+            t(f"blk.{i}.attn_q_norm.weight", head_dim, scale=0.1, offset=1.0),
+            t(f"blk.{i}.attn_k_norm.weight", head_dim, scale=0.1, offset=1.0),
+            t(f"blk.{i}.attn_output.weight", hidden, heads * head_dim),
+            t(f"blk.{i}.post_attention_norm.weight", hidden, scale=0.1, offset=1.0),
+            t(f"blk.{i}.ffn_norm.weight", hidden, scale=0.1, offset=1.0),
+            t(f"blk.{i}.ffn_gate.weight", ff, hidden),
+            t(f"blk.{i}.ffn_up.weight", ff, hidden),
+            t(f"blk.{i}.ffn_down.weight", hidden, ff),
+            t(f"blk.{i}.post_ffw_norm.weight", hidden, scale=0.1, offset=1.0),
+        ]
+    tensors.append(t("output_norm.weight", hidden, scale=0.1, offset=1.0))
+    kvs = [
+        ("general.architecture", STRING, "gemma3"),
+        ("gemma3.block_count", U32, layers),
+        ("gemma3.context_length", U32, ctx),
+        ("gemma3.embedding_length", U32, hidden),
+        ("gemma3.feed_forward_length", U32, ff),
+        ("gemma3.attention.head_count", U32, heads),
+        ("gemma3.attention.head_count_kv", U32, 1),
+        ("gemma3.attention.key_length", U32, head_dim),
+        ("gemma3.attention.value_length", U32, head_dim),
+        ("gemma3.rope.freq_base", F32, 1000000.0),
+        ("gemma3.attention.layer_norm_rms_epsilon", F32, 1e-6),
+        ("gemma3.attention.sliding_window", U32, window),
+        ("gemma3.vocab_size", U32, vocab),
+    ]
+    return Gguf(kvs=kvs, tensors=tensors)
