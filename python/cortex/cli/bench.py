@@ -34,6 +34,15 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
 
 
 def _peak_rss_mb() -> float:
+    # Linux: VmHWM belongs to this process's own memory; ru_maxrss would also count what a
+    # spawned child inherited from its parent's high-water mark.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak / 1024
 
