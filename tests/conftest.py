@@ -29,12 +29,16 @@ def smollm(model_path: Path) -> tuple[cortex.Model, cortex.Tokenizer]:
     return cortex.load(model_path)
 
 
-@pytest.fixture(scope="session")
-def golden() -> dict:
-    path = GOLDEN_DIR / "smollm2-135m-instruct-q4_1.json"
+def _golden(name: str) -> dict:
+    path = GOLDEN_DIR / name
     if not path.is_file():
         pytest.fail(f"golden file missing: {path} (set CORTEX_GOLDEN_DIR)")
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return _golden("smollm2-135m-instruct-q4_1.json")
 
 
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -71,7 +75,4 @@ def gemma_path() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_golden() -> dict:
-    path = GOLDEN_DIR / "gemma3-270m-q4_k_m.json"
-    if not path.is_file():
-        pytest.fail(f"golden file missing: {path} (set CORTEX_GOLDEN_DIR)")
-    return json.loads(path.read_text())
+    return _golden("gemma3-270m-q4_k_m.json")
