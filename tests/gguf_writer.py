@@ -50,6 +50,8 @@ class Gguf:
     alignment: int = 32
     tensor_count: int | None = None
     kv_count: int | None = None
+    #: The weights as numpy arrays (numpy order: slowest dimension first), for references.
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         out = bytearray(self.magic + struct.pack("<I", self.version))
@@ -79,9 +81,12 @@ def tiny_llama(seed: int = 0, vocab: int = 16, hidden: int = 8, heads: int = 2, 
     rng = np.random.default_rng(seed)
     hd = hidden // heads
 
+    arrays: dict[str, np.ndarray] = {}
+
     def t(name: str, *shape: int) -> Tensor:
         # `shape` is numpy order (slowest first); GGUF lists dims fastest first.
         arr = rng.standard_normal(shape).astype("<f4") * 0.5
+        arrays[name] = arr
         return Tensor(name, list(reversed(shape)), arr.tobytes())
 
     tensors = [t("token_embd.weight", vocab, hidden)]
@@ -110,7 +115,7 @@ def tiny_llama(seed: int = 0, vocab: int = 16, hidden: int = 8, heads: int = 2, 
         ("llama.attention.layer_norm_rms_epsilon", F32, 1e-5),
         ("llama.vocab_size", U32, vocab),
     ]
-    return Gguf(kvs=kvs, tensors=tensors)
+    return Gguf(kvs=kvs, tensors=tensors, arrays=arrays)
 
 
 def tiny_gemma3(seed: int = 0, window: int = 4, layers: int = 1, vocab: int = 16, hidden: int = 8,
@@ -119,8 +124,11 @@ def tiny_gemma3(seed: int = 0, window: int = 4, layers: int = 1, vocab: int = 16
     sliding-window attention over `window` positions (every 6th layer global)."""
     rng = np.random.default_rng(seed)
 
+    arrays: dict[str, np.ndarray] = {}
+
     def t(name: str, *shape: int, scale: float = 0.5, offset: float = 0.0) -> Tensor:
         arr = (rng.standard_normal(shape) * scale + offset).astype("<f4")
+        arrays[name] = arr
         return Tensor(name, list(reversed(shape)), arr.tobytes())
 
     tensors = [t("token_embd.weight", vocab, hidden)]
@@ -156,4 +164,4 @@ def tiny_gemma3(seed: int = 0, window: int = 4, layers: int = 1, vocab: int = 16
         ("gemma3.attention.sliding_window", U32, window),
         ("gemma3.vocab_size", U32, vocab),
     ]
-    return Gguf(kvs=kvs, tensors=tensors)
+    return Gguf(kvs=kvs, tensors=tensors, arrays=arrays)

@@ -1,0 +1,102 @@
+"""Independent numpy (float64) forward passes for the decoder families, written from the
+papers and llama.cpp's graph definitions; shares no code with the Rust side.
+
+Weights come as ``{gguf_tensor_name: array}`` in numpy order (a linear layer is
+``[out, in]``, applied as ``x @ W.T``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Family:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    theta: float
+    #: RoPE on adjacent pairs (llama.cpp's permuted llama q/k) or on the two halves (NeoX).
+    interleaved: bool
+    gemma: bool = False
+    window: int | None = None
+    local_theta: float = 10000.0
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float, interleaved: bool) -> np.ndarray:
+    """``x: [T, H, D]`` rotated by position (Su et al. 2021)."""
+    d = x.shape[-1]
+    inv = theta ** (-np.arange(0, d, 2) / d)
+    ang = positions[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    out = np.empty_like(x)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+    else:
+        a, b = x[..., : d // 2], x[..., d // 2 :]
+        out[..., : d // 2], out[..., d // 2 :] = a * cos - b * sin, b * cos + a * sin
+    return out
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
+    """Logits ``[len(ids), vocab]``."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    t = len(ids)
+    pos = np.arange(t, dtype=np.float64)
+    x = w["token_embd.weight"][ids]
+    if f.gemma:
+        x = x * np.sqrt(x.shape[-1])
+    layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blk."))
+    for i in range(layers):
+
+        def p(name: str, i: int = i) -> np.ndarray:
+            return w[f"blk.{i}.{name}.weight"]
+
+        local = f.window is not None and (i + 1) % 6 != 0
+        h = rms_norm(x, p("attn_norm"), f.eps)
+        q = (h @ p("attn_q").T).reshape(t, f.heads, f.head_dim)
+        k = (h @ p("attn_k").T).reshape(t, f.kv_heads, f.head_dim)
+        v = (h @ p("attn_v").T).reshape(t, f.kv_heads, f.head_dim)
+        if f.gemma:
+            q, k = rms_norm(q, p("attn_q_norm"), f.eps), rms_norm(k, p("attn_k_norm"), f.eps)
+        theta = f.local_theta if local else f.theta
+        q, k = rope(q, pos, theta, f.interleaved), rope(k, pos, theta, f.interleaved)
+        visible = np.tril(np.ones((t, t), dtype=bool))
+        if local:
+            visible &= np.arange(t)[:, None] - np.arange(t)[None, :] < f.window
+        out = np.empty((t, f.heads, f.head_dim))
+        for head in range(f.heads):
+            kv = head // (f.heads // f.kv_heads)
+            scores = q[:, head] @ k[:, kv].T / np.sqrt(f.head_dim)
+            scores = np.where(visible, scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            out[:, head] = probs @ v[:, kv]
+        o = out.reshape(t, -1) @ p("attn_output").T
+        if f.gemma:
+            o = rms_norm(o, p("post_attention_norm"), f.eps)
+        x = x + o
+        h = rms_norm(x, p("ffn_norm"), f.eps)
+        act = gelu_tanh if f.gemma else silu
+        m = (act(h @ p("ffn_gate").T) * (h @ p("ffn_up").T)) @ p("ffn_down").T
+        if f.gemma:
+            m = rms_norm(m, p("post_ffw_norm"), f.eps)
+        x = x + m
+    x = rms_norm(x, w["output_norm.weight"], f.eps)
+    return x @ w["token_embd.weight"].T
