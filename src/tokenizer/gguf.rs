@@ -292,7 +292,9 @@ fn sentencepiece_bpe(
     }
     normalizers.push(replace(" ", "\u{2581}")?.into());
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-    tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(|e| Error::Tokenizer(format!("SentencePiece normaliser: {e}")))?;
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
 }
@@ -376,8 +378,13 @@ pub(crate) fn from_gguf(g: &GgufFile) -> Result<GgufVocab> {
             .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
             .collect()
     };
-    tokenizer.add_special_tokens(&added(TOKEN_CONTROL, true));
-    tokenizer.add_tokens(&added(TOKEN_USER_DEFINED, false));
+    let add_failed = |e: tokenizers::Error| Error::Tokenizer(format!("adding special tokens: {e}"));
+    tokenizer
+        .add_special_tokens(added(TOKEN_CONTROL, true))
+        .map_err(add_failed)?;
+    tokenizer
+        .add_tokens(added(TOKEN_USER_DEFINED, false))
+        .map_err(add_failed)?;
 
     let bos_token_id = token_id(g, "tokenizer.ggml.bos_token_id", n)?;
     let mut eos_token_ids = Vec::new();
