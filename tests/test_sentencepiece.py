@@ -77,6 +77,7 @@ def test_tiny_spm_byte_fallback(tmp_path):
         ("tokenizer.ggml.scores", (ARRAY, (F32, [0.0])), "entries for 14 tokens"),
         ("tokenizer.ggml.scores", (ARRAY, (STRING, ["x"] * 14)), "expected finite f32 scores"),
         ("tokenizer.ggml.add_space_prefix", (U32, 1), "expected a bool"),
+        ("tokenizer.ggml.unknown_token_id", (U32, 99), "outside the vocabulary"),
     ],
 )
 def test_bad_spm_metadata(tmp_path, key, value, fragment):

@@ -246,8 +246,8 @@ fn sentencepiece_bpe(
             )
         })
         .collect();
-    let unk = meta_usize(g, "tokenizer.ggml.unknown_token_id")?
-        .and_then(|id| tokens.get(id))
+    let unk = token_id(g, "tokenizer.ggml.unknown_token_id", tokens.len())?
+        .map(|id| &tokens[id as usize])
         .or_else(|| tokens.iter().find(|t| **t == "<unk>"))
         .ok_or_else(|| {
             Error::config(

@@ -93,6 +93,7 @@ impl Tokenizer {
         let eos_token = token_content(config.get("eos_token"));
         let bos_token_id = id_of(&bos_token);
         let mut eos_token_ids: Vec<u32> = id_of(&eos_token).into_iter().collect();
+        let vocab_size = inner.get_vocab_size(true);
         if let Some(gen) = read_json(&dir.join("generation_config.json"))? {
             let ids = match gen.get("eos_token_id") {
                 None | Some(Json::Null) => vec![],
@@ -103,7 +104,7 @@ impl Tokenizer {
                     .unwrap_or_default(),
                 Some(v) => v.as_u64().into_iter().collect(),
             };
-            let vocab = inner.get_vocab_size(true) as u64;
+            let vocab = vocab_size as u64;
             for id in ids {
                 if id >= vocab {
                     return Err(Error::config(
@@ -136,7 +137,7 @@ impl Tokenizer {
             })
             .transpose()?;
         Ok(Tokenizer {
-            vocab_size: inner.get_vocab_size(true),
+            vocab_size,
             inner,
             add_bos: false,
             bos_token_id,
