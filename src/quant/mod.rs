@@ -1,0 +1,7 @@
+//! Quantization: MLX's affine group quantization (`affine`) and its correspondence with
+//! GGML block types (`ggml`).
+
+pub mod affine;
+pub mod ggml;
+
+pub use affine::{AffineMatrix, ScaleDType};
