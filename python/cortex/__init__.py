@@ -7,10 +7,12 @@
 """
 
 from ._core import Model, SamplingParams, Tokenizer, __version__
+from .converter import ConversionConfig, ConversionFormat, MLXConverter, QuantizationRecipe
 from .exceptions import (
     CancelledError,
     ConfigError,
     ContextLengthError,
+    ConversionError,
     CortexError,
     EngineError,
     ModelFormatError,
@@ -28,13 +30,18 @@ __all__ = [
     "CancelledError",
     "ConfigError",
     "ContextLengthError",
+    "ConversionConfig",
+    "ConversionError",
+    "ConversionFormat",
     "CortexError",
     "EngineError",
     "GenerationResponse",
+    "MLXConverter",
     "Model",
     "ModelFormatError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "QuantizationRecipe",
     "RequestValidationError",
     "SamplingParams",
     "TemplateError",

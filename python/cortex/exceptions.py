@@ -95,3 +95,8 @@ class EngineError(CortexError, RuntimeError):
 
 class CancelledError(EngineError):
     """The work was cancelled."""
+
+
+class ConversionError(CortexError):
+    """A conversion could not be carried out (``MLXConverter.convert_model`` reports these
+    as ``(False, message, None)`` rather than raising)."""

@@ -342,3 +342,220 @@ impl ModelConfig {
         }
     }
 }
+
+/// `model_type` values of `config.json` the decoder runs, each with the family it maps
+/// onto (aliases share an adapter).
+pub const SUPPORTED_MODEL_TYPES: &[(&str, &str)] = &[
+    ("llama", "llama"),
+    ("mistral", "llama"),
+    ("gemma3_text", "gemma3"),
+];
+
+/// Typed access to `config.json` fields; every error names the field.
+struct HfFields<'a>(&'a serde_json::Map<String, serde_json::Value>);
+
+impl HfFields<'_> {
+    fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
+        match self.0.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::config(field, format!("expected a non-negative integer, got {v}"))
+                }),
+        }
+    }
+
+    fn usize(&self, field: &str, max: usize) -> Result<usize> {
+        let v = self
+            .opt_usize(field)?
+            .ok_or_else(|| Error::config(field, "missing from config.json"))?;
+        check_range(field, v, max)
+    }
+
+    fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
+        match self.0.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| Error::config(field, format!("expected a finite number, got {v}"))),
+        }
+    }
+
+    fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
+        match self.0.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| Error::config(field, format!("expected true or false, got {v}"))),
+        }
+    }
+
+    fn str_or<'b>(&'b self, field: &str, default: &'b str) -> Result<&'b str> {
+        match self.0.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| Error::config(field, format!("expected a string, got {v}"))),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Builds the configuration from a Hugging Face `config.json` (already parsed), mapping
+    /// `model_type` through [`SUPPORTED_MODEL_TYPES`]. Defaults are those of the
+    /// transformers config classes.
+    pub fn from_hf(json: &serde_json::Value) -> Result<Self> {
+        let map = json
+            .as_object()
+            .ok_or_else(|| Error::config("config.json", "expected a JSON object"))?;
+        let f = HfFields(map);
+        let model_type = f.str_or("model_type", "")?;
+        let family = SUPPORTED_MODEL_TYPES
+            .iter()
+            .find(|(t, _)| *t == model_type)
+            .map(|(_, fam)| *fam)
+            .ok_or_else(|| Error::UnsupportedArchitecture {
+                architecture: if model_type.is_empty() {
+                    "(config.json has no model_type)".into()
+                } else {
+                    model_type.to_string()
+                },
+                supported: SUPPORTED_MODEL_TYPES.iter().map(|(t, _)| t.to_string()).collect(),
+            })?;
+        let gemma3 = family == "gemma3";
+        let hidden_size = f.usize("hidden_size", MAX_HIDDEN)?;
+        let intermediate_size = f.usize("intermediate_size", 16 * MAX_HIDDEN)?;
+        let num_hidden_layers = f.usize("num_hidden_layers", MAX_LAYERS)?;
+        let num_attention_heads = f.usize("num_attention_heads", MAX_HEADS)?;
+        let num_key_value_heads = match f.opt_usize("num_key_value_heads")? {
+            Some(n) => check_range("num_key_value_heads", n, num_attention_heads)?,
+            None => num_attention_heads,
+        };
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::config(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} KV heads do not divide {num_attention_heads} attention heads"),
+            ));
+        }
+        let head_dim = match f.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => {
+                return Err(Error::config(
+                    "num_attention_heads",
+                    format!("hidden_size {hidden_size} is not divisible by {num_attention_heads} heads"),
+                ))
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > 1024 {
+            return Err(Error::config(
+                "head_dim",
+                format!("head dim {head_dim} must be even and in 2..=1024"),
+            ));
+        }
+        let vocab_size = f.usize("vocab_size", MAX_VOCAB)?;
+        let max_position_embeddings = match f.opt_usize("max_position_embeddings")? {
+            Some(n) => check_range("max_position_embeddings", n, MAX_CONTEXT)?,
+            None if gemma3 => 131_072,
+            None => 2048,
+        };
+        let rms_norm_eps = f.f64_or("rms_norm_eps", 1e-6)?;
+        if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+            return Err(Error::config(
+                "rms_norm_eps",
+                format!("{rms_norm_eps} is not in (0, 1)"),
+            ));
+        }
+        let rope_theta = f.f64_or("rope_theta", if gemma3 { 1_000_000.0 } else { 10_000.0 })?;
+        if rope_theta <= 1.0 {
+            return Err(Error::config("rope_theta", format!("{rope_theta} must be greater than 1")));
+        }
+        let rope_scaling = match map.get("rope_scaling") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let ty = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                let factor = v.get("factor").and_then(|x| x.as_f64());
+                match (ty, factor) {
+                    ("default", _) => None,
+                    ("linear", Some(factor)) if factor > 0.0 && factor.is_finite() => {
+                        (factor != 1.0).then_some(RopeScaling::Linear { factor: factor as f32 })
+                    }
+                    _ => {
+                        return Err(Error::config(
+                            "rope_scaling",
+                            format!("{v} is not supported (supported: linear with a positive factor)"),
+                        ))
+                    }
+                }
+            }
+        };
+        let act_field = if gemma3 { "hidden_activation" } else { "hidden_act" };
+        let hidden_act = match f.str_or(act_field, if gemma3 { "gelu_pytorch_tanh" } else { "silu" })? {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluPytorchTanh,
+            other => {
+                return Err(Error::config(
+                    act_field,
+                    format!("activation '{other}' is not supported (supported: silu, gelu_pytorch_tanh)"),
+                ))
+            }
+        };
+        let sliding_window = match f.opt_usize("sliding_window")? {
+            Some(w) => Some(check_range("sliding_window", w, MAX_CONTEXT)?),
+            None if gemma3 => Some(4096),
+            None => None,
+        };
+        let sliding_window_pattern = if gemma3 {
+            Some(f.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1))
+        } else {
+            None
+        };
+        let query_pre_attn_scalar = if gemma3 {
+            f.f64_or("query_pre_attn_scalar", 256.0)?
+        } else {
+            head_dim as f64
+        };
+        if query_pre_attn_scalar <= 0.0 {
+            return Err(Error::config(
+                "query_pre_attn_scalar",
+                format!("{query_pre_attn_scalar} must be positive"),
+            ));
+        }
+        Ok(ModelConfig {
+            model_type: family.to_string(),
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope_theta: rope_theta as f32,
+            rope_scaling,
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma3)?,
+            hidden_act,
+            query_pre_attn_scalar,
+            use_qk_norm: gemma3,
+            sandwich_norms: gemma3,
+            scale_embeddings: gemma3,
+            // HF checkpoints rotate the two halves of each head (`rotate_half`).
+            rope_interleaved: false,
+            sliding_window,
+            sliding_window_pattern,
+            rope_local_base_freq: gemma3
+                .then(|| f.f64_or("rope_local_base_freq", 10_000.0))
+                .transpose()?
+                .map(|b| b as f32),
+        })
+    }
+}

@@ -5,14 +5,11 @@
 //! `llm_build_llama` / `llm_build_gemma3`; candle-transformers' `quantized_llama.rs` serves
 //! as an independent oracle in `tests/oracle_llama.rs`.
 
-use std::sync::Arc;
-
-use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Linear, Mlp, RmsNorm, Rope};
+use crate::model::layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -48,8 +45,8 @@ pub struct Block {
 
 #[derive(Debug)]
 pub struct Decoder {
-    /// `[vocab, d]`, kept in its stored block format; rows are dequantized on lookup.
-    pub embed_tokens: Arc<QTensor>,
+    /// `[vocab, d]`, kept in its stored form; rows are dequantized on lookup.
+    pub embed_tokens: Embedding,
     pub layers: Vec<Block>,
     pub norm: RmsNorm,
     /// `[vocab, d]`; shares `embed_tokens` when the embeddings are tied.
@@ -269,12 +266,7 @@ impl Decoder {
                 context_length: cache.max_len,
             });
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self
-            .embed_tokens
-            .embedding(&ids)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(0)?; // [1, t, d]
+        let mut x = self.embed_tokens.forward(tokens, &self.device)?.unsqueeze(0)?; // [1, t, d]
         if self.config.scale_embeddings {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
             x = (x * f64::from((self.config.hidden_size as f32).sqrt()))?;

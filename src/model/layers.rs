@@ -9,23 +9,98 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::config::Activation;
+use crate::quant::AffineMatrix;
 
-/// A bias-free linear layer whose weight stays in its stored (possibly quantized) form;
-/// `forward` maps `[.., in]` to `[.., out]`.
+/// How a weight matrix `[out, in]` is stored in memory: GGML blocks (GGUF files), dense
+/// f32 (float safetensors), or MLX affine groups (MLX folders). Quantized weights stay
+/// quantized; nothing is expanded to f32 at load.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight: QMatMul,
+pub enum Weight {
+    Ggml(Arc<QTensor>),
+    Dense(Tensor),
+    Affine(Arc<AffineMatrix>),
+}
+
+impl Weight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Weight::Ggml(q) => {
+                let d = q.shape().dims();
+                (d[0], d[d.len() - 1])
+            }
+            Weight::Dense(t) => {
+                let d = t.dims();
+                (d[0], d[d.len() - 1])
+            }
+            Weight::Affine(a) => (a.rows, a.cols),
+        }
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Weight::Ggml(q) => q.storage_size_in_bytes(),
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Affine(a) => 4 * (a.packed.len() + a.scales.len() + a.biases.len()),
+        }
+    }
+}
+
+/// A bias-free linear layer; `forward` maps `[.., in]` to `[.., out]`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// GGML blocks or a dense matrix, through candle's `QMatMul`.
+    Candle(QMatMul),
+    /// MLX affine groups, multiplied without unpacking the whole matrix.
+    Affine(Arc<AffineMatrix>),
 }
 
 impl Linear {
-    pub fn new(weight: Arc<QTensor>) -> Result<Self> {
-        Ok(Linear {
-            weight: QMatMul::from_arc(weight)?,
+    pub fn new(weight: Weight) -> Result<Self> {
+        Ok(match weight {
+            Weight::Ggml(q) => Linear::Candle(QMatMul::from_arc(q)?),
+            Weight::Dense(t) => Linear::Candle(QMatMul::Tensor(t)),
+            Weight::Affine(a) => Linear::Affine(a),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.weight.forward(xs)?)
+        match self {
+            Linear::Candle(w) => Ok(w.forward(xs)?),
+            Linear::Affine(a) => {
+                let dims = xs.dims().to_vec();
+                let m = xs.elem_count() / a.cols;
+                let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = a.matmul_t(&x, m);
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = a.rows;
+                }
+                Ok(Tensor::from_vec(y, out_dims, xs.device())?)
+            }
+        }
+    }
+}
+
+/// Token embeddings `[vocab, d]` in any [`Weight`] form; rows are dequantized on lookup.
+#[derive(Debug, Clone)]
+pub struct Embedding(pub Weight);
+
+impl Embedding {
+    /// `ids: [t]` → `[t, d]` f32.
+    pub fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match &self.0 {
+            Weight::Ggml(q) => Ok(q.embedding(&Tensor::new(ids, device)?)?.to_dtype(DType::F32)?),
+            Weight::Dense(t) => Ok(t.embedding(&Tensor::new(ids, device)?)?),
+            Weight::Affine(a) => {
+                let mut out = vec![0f32; ids.len() * a.cols];
+                for (row, &id) in out.chunks_mut(a.cols).zip(ids) {
+                    a.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), a.cols), device)?)
+            }
+        }
     }
 }
 

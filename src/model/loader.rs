@@ -4,16 +4,14 @@
 //! as an index error in the first forward pass.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::decoder::{Attention, Block, Decoder, KvCache};
-use crate::model::layers::{dense, Linear, Mlp, RmsNorm, Rope};
+use crate::model::layers::{dense, Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::model::weights::{FolderWeights, GgufWeights, WeightSource};
 use crate::tokenizer::Tokenizer;
 
 /// A loaded model: configuration and weights (read-only, shareable across threads).
@@ -101,45 +99,14 @@ pub fn resolve_model_path(reference: &Path) -> Result<PathBuf> {
     })
 }
 
-struct TensorSource<'a> {
-    gguf: &'a GgufFile,
-    device: &'a Device,
-}
-
-impl TensorSource<'_> {
-    /// Reads `name` after checking its shape (slowest dimension first) is `expected`.
-    fn get(&self, name: &str, expected: &[usize]) -> Result<Arc<QTensor>> {
-        let info = self.gguf.tensors.get(name).ok_or_else(|| {
-            Error::format(&self.gguf.path, None, format!("tensor '{name}' is missing"))
-        })?;
-        if info.shape.dims() != expected {
-            return Err(Error::format(
-                &self.gguf.path,
-                None,
-                format!(
-                    "tensor '{name}' has shape {:?}, expected {expected:?}",
-                    info.shape.dims()
-                ),
-            ));
-        }
-        Ok(Arc::new(self.gguf.tensor(name, self.device)?))
-    }
-
-    fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-        Linear::new(self.get(name, &[out_dim, in_dim])?)
-    }
-
-    fn norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(
-            dense(self.get(name, &[dim])?.as_ref(), self.device)?,
-            eps,
-        ))
-    }
-}
-
-fn build_model(gguf: &GgufFile, device: &Device) -> Result<Model> {
-    let cfg = ModelConfig::from_gguf(gguf)?;
-    let src = TensorSource { gguf, device };
+/// Builds the decoder from `src`, checking every tensor against `cfg`.
+/// `rope_factors` are llama 3's per-frequency divisors when the file stores them.
+fn build_decoder(
+    cfg: ModelConfig,
+    src: &dyn WeightSource,
+    rope_factors: Option<&[f32]>,
+    device: &Device,
+) -> Result<Decoder> {
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (nh, nkv, inter) = (
         cfg.num_attention_heads,
@@ -147,118 +114,197 @@ fn build_model(gguf: &GgufFile, device: &Device) -> Result<Model> {
         cfg.intermediate_size,
     );
     let eps = cfg.rms_norm_eps;
+    let norm = |m: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(src.vector(m, dim)?, eps)) };
+    let linear = |m: &str, out: usize, inp: usize| -> Result<Linear> { Linear::new(src.matrix(m, out, inp)?) };
 
-    let embed_tokens = src.get("token_embd.weight", &[cfg.vocab_size, d])?;
-    let lm_head = if cfg.tie_word_embeddings {
+    let embed_tokens = src.matrix("model.embed_tokens", cfg.vocab_size, d)?;
+    let lm_head = if src.has("lm_head") {
+        linear("lm_head", cfg.vocab_size, d)?
+    } else if cfg.tie_word_embeddings {
         Linear::new(embed_tokens.clone())?
     } else {
-        src.linear("output.weight", cfg.vocab_size, d)?
+        return Err(Error::format(
+            src.path(),
+            None,
+            "tensor 'lm_head.weight' is missing and the embeddings are not tied",
+        ));
     };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        let p = |n: &str| format!("blk.{i}.{n}.weight");
+        let p = |n: &str| format!("model.layers.{i}.{n}");
         let optional_norm = |name: &str, dim: usize, present: bool| -> Result<Option<RmsNorm>> {
-            present.then(|| src.norm(&p(name), dim, eps)).transpose()
+            present.then(|| norm(&p(name), dim)).transpose()
         };
-        // Gemma 3: every `pattern`-th layer is global, the rest slide.
-        let local = cfg.sliding_window_pattern.is_some_and(|n| (i + 1) % n != 0);
+        // Gemma 3: every `pattern`-th layer is global, the rest slide; a window without a
+        // pattern (Mistral) applies to every layer.
+        let local = match cfg.sliding_window_pattern {
+            Some(n) => (i + 1) % n != 0,
+            None => cfg.sliding_window.is_some(),
+        };
+        // The llama family has one norm before the MLP, which HF calls
+        // `post_attention_layernorm`; Gemma's is `pre_feedforward_layernorm`.
+        let pre_mlp_norm = if cfg.sandwich_norms { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
         layers.push(Block {
-            input_layernorm: src.norm(&p("attn_norm"), d, eps)?,
+            input_layernorm: norm(&p("input_layernorm"), d)?,
             self_attn: Attention {
-                q_proj: src.linear(&p("attn_q"), nh * hd, d)?,
-                k_proj: src.linear(&p("attn_k"), nkv * hd, d)?,
-                v_proj: src.linear(&p("attn_v"), nkv * hd, d)?,
-                o_proj: src.linear(&p("attn_output"), d, nh * hd)?,
-                q_norm: optional_norm("attn_q_norm", hd, cfg.use_qk_norm)?,
-                k_norm: optional_norm("attn_k_norm", hd, cfg.use_qk_norm)?,
+                q_proj: linear(&p("self_attn.q_proj"), nh * hd, d)?,
+                k_proj: linear(&p("self_attn.k_proj"), nkv * hd, d)?,
+                v_proj: linear(&p("self_attn.v_proj"), nkv * hd, d)?,
+                o_proj: linear(&p("self_attn.o_proj"), d, nh * hd)?,
+                q_norm: optional_norm("self_attn.q_norm", hd, cfg.use_qk_norm)?,
+                k_norm: optional_norm("self_attn.k_norm", hd, cfg.use_qk_norm)?,
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
                 scale: 1.0 / cfg.query_pre_attn_scalar.sqrt(),
                 local,
             },
-            post_attention_layernorm: optional_norm("post_attention_norm", d, cfg.sandwich_norms)?,
-            pre_feedforward_layernorm: src.norm(&p("ffn_norm"), d, eps)?,
+            post_attention_layernorm: optional_norm("post_attention_layernorm", d, cfg.sandwich_norms)?,
+            pre_feedforward_layernorm: norm(&p(pre_mlp_norm), d)?,
             mlp: Mlp {
-                gate_proj: src.linear(&p("ffn_gate"), inter, d)?,
-                up_proj: src.linear(&p("ffn_up"), inter, d)?,
-                down_proj: src.linear(&p("ffn_down"), d, inter)?,
+                gate_proj: linear(&p("mlp.gate_proj"), inter, d)?,
+                up_proj: linear(&p("mlp.up_proj"), inter, d)?,
+                down_proj: linear(&p("mlp.down_proj"), d, inter)?,
                 act: cfg.hidden_act,
             },
-            post_feedforward_layernorm: optional_norm("post_ffw_norm", d, cfg.sandwich_norms)?,
+            post_feedforward_layernorm: optional_norm("post_feedforward_layernorm", d, cfg.sandwich_norms)?,
         });
     }
-    let norm = src.norm("output_norm.weight", d, eps)?;
-    let interleaved = cfg.rope_interleaved;
-    let rope = match &cfg.rope_scaling {
-        Some(RopeScaling::Llama3) => {
-            let factors = dense(src.get("rope_freqs.weight", &[hd / 2])?.as_ref(), device)?
-                .to_vec1::<f32>()?;
-            Rope::new(hd, cfg.rope_theta, Some(&factors), 1.0, interleaved)
-        }
-        Some(RopeScaling::Linear { factor }) => {
-            Rope::new(hd, cfg.rope_theta, None, *factor, interleaved)
-        }
-        None => Rope::new(hd, cfg.rope_theta, None, 1.0, interleaved),
+    let final_norm = norm("model.norm", d)?;
+    let position_scale = match cfg.rope_scaling {
+        Some(RopeScaling::Linear { factor }) => factor,
+        _ => 1.0,
     };
-    let local_rope = cfg
-        .rope_local_base_freq
-        .map(|base| Rope::new(hd, base, None, 1.0, interleaved));
-    let num_parameters = gguf.tensors.values().map(|t| t.shape.elem_count()).sum();
+    let rope = Rope::new(hd, cfg.rope_theta, rope_factors, position_scale, cfg.rope_interleaved);
+    let local_rope = match (cfg.rope_local_base_freq, cfg.sliding_window) {
+        (Some(base), _) => Some(Rope::new(hd, base, None, 1.0, cfg.rope_interleaved)),
+        (None, Some(_)) => Some(rope.clone()),
+        (None, None) => None,
+    };
+    Ok(Decoder {
+        embed_tokens: Embedding(embed_tokens),
+        layers,
+        norm: final_norm,
+        lm_head,
+        rope,
+        local_rope,
+        config: cfg,
+        device: device.clone(),
+    })
+}
+
+fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
+    let cfg = ModelConfig::from_gguf(gguf)?;
+    let src = GgufWeights { gguf, family: &cfg.model_type, device };
+    let rope_factors = match cfg.rope_scaling {
+        Some(RopeScaling::Llama3) => {
+            let factors = dense(&gguf.tensor("rope_freqs.weight", device)?, device)?;
+            if factors.dims() != [cfg.head_dim / 2] {
+                return Err(Error::format(&gguf.path, None, format!(
+                    "tensor 'rope_freqs.weight' has shape {:?}, expected [{}]", factors.dims(), cfg.head_dim / 2
+                )));
+            }
+            Some(factors.to_vec1::<f32>()?)
+        }
+        _ => None,
+    };
+    let num_parameters = src.num_parameters();
     let weight_bytes = gguf
         .tensors
         .values()
         .map(|t| t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
         .sum();
-    Ok(Model {
-        path: gguf.path.clone(),
-        num_parameters,
-        weight_bytes,
-        decoder: Decoder {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            local_rope,
-            config: cfg.clone(),
-            device: device.clone(),
-        },
-        config: cfg,
-    })
+    let decoder = build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
+    Ok(Model { config: cfg, path: gguf.path.clone(), num_parameters, weight_bytes, decoder })
 }
 
-/// Loads the model `reference` points at (weights only).
+/// Reads and parses `dir/config.json`.
+pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::ModelNotFound {
+            path: dir.to_path_buf(),
+            message: "no config.json beside the safetensors weights".into(),
+        },
+        _ => Error::io(&path, e),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::config("config.json", format!("invalid JSON: {e}")))
+}
+
+fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
+    let json = read_config_json(dir)?;
+    let cfg = ModelConfig::from_hf(&json)?;
+    let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
+    let src = FolderWeights::open(dir, &json, norm_offset)?;
+    let num_parameters = src.num_parameters();
+    let weight_bytes = src.files.iter().map(|f| f.tensors.values().map(|t| (t.end - t.start) as usize).sum::<usize>()).sum();
+    let decoder = build_decoder(cfg.clone(), &src, None, device)?;
+    Ok(Model { config: cfg, path: dir.to_path_buf(), num_parameters, weight_bytes, decoder })
+}
+
+/// What a reference resolves to.
+enum ModelFiles {
+    Gguf(PathBuf),
+    /// A folder with `config.json` and safetensors (HF or MLX layout).
+    Folder(PathBuf),
+}
+
+fn locate(reference: &Path) -> Result<ModelFiles> {
+    if reference.is_dir() && reference.join("config.json").is_file() && has_safetensors(reference) {
+        return Ok(ModelFiles::Folder(reference.to_path_buf()));
+    }
+    if reference.is_dir() && has_safetensors(reference) {
+        // Weights without a config: say what is missing rather than "no .gguf".
+        read_config_json(reference)?;
+    }
+    resolve_model_path(reference).map(ModelFiles::Gguf)
+}
+
+fn has_safetensors(dir: &Path) -> bool {
+    dir.join("model.safetensors.index.json").is_file()
+        || std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        })
+}
+
+fn model_from(files: &ModelFiles) -> Result<Model> {
+    match files {
+        ModelFiles::Gguf(path) => model_from_gguf(&GgufFile::open(path)?, &Device::Cpu),
+        ModelFiles::Folder(dir) => model_from_folder(dir, &Device::Cpu),
+    }
+}
+
+/// Loads the model `reference` points at (weights only): a `.gguf` file, a directory
+/// holding one, or a directory with `config.json` and safetensors (HF or MLX layout).
 pub fn load_model(reference: &Path) -> Result<Model> {
     crate::threads::init_thread_pool();
-    let path = resolve_model_path(reference)?;
-    let gguf = GgufFile::open(&path)?;
-    build_model(&gguf, &Device::Cpu)
+    model_from(&locate(reference)?)
 }
 
 /// The tokenizer for `reference`: `tokenizer.json` beside the weights when `reference` is a
 /// directory that has one, else the GGUF metadata.
-fn tokenizer_for(reference: &Path, gguf: &GgufFile) -> Result<Tokenizer> {
-    if reference.is_dir() && reference.join("tokenizer.json").is_file() {
-        Tokenizer::from_dir(reference)
-    } else {
-        Tokenizer::from_gguf(gguf)
+fn tokenizer_for(reference: &Path, files: &ModelFiles) -> Result<Tokenizer> {
+    match files {
+        _ if reference.is_dir() && reference.join("tokenizer.json").is_file() => Tokenizer::from_dir(reference),
+        ModelFiles::Gguf(path) => Tokenizer::from_gguf(&GgufFile::open(path)?),
+        ModelFiles::Folder(dir) => Err(Error::ModelNotFound {
+            path: dir.clone(),
+            message: "no tokenizer.json in the model folder (cortex.load_model loads weights alone)".into(),
+        }),
     }
 }
 
 /// Loads model and tokenizer (see [`load_tokenizer`] for where the tokenizer comes from).
 pub fn load(reference: &Path) -> Result<(Model, Tokenizer)> {
     crate::threads::init_thread_pool();
-    let path = resolve_model_path(reference)?;
-    let gguf = GgufFile::open(&path)?;
-    let model = build_model(&gguf, &Device::Cpu)?;
-    let tokenizer = tokenizer_for(reference, &gguf)?;
+    let files = locate(reference)?;
+    let model = model_from(&files)?;
+    let tokenizer = tokenizer_for(reference, &files)?;
     Ok((model, tokenizer))
 }
 
 /// Loads only the tokenizer of `reference` (no weights are read): from `tokenizer.json`
 /// when `reference` is a directory that has one, else from the GGUF metadata.
 pub fn load_tokenizer(reference: &Path) -> Result<Tokenizer> {
-    let path = resolve_model_path(reference)?;
-    tokenizer_for(reference, &GgufFile::open(&path)?)
+    tokenizer_for(reference, &locate(reference)?)
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod layers;
 pub mod loader;
+pub mod weights;
 
 pub use config::ModelConfig;
 pub use decoder::{Decoder, KvCache};

@@ -1,6 +1,7 @@
 //! Python bindings (`cortex._core`): thin wrappers that convert arguments, call the core
 //! with the GIL released, and convert results and errors. Logic belongs in the core.
 
+mod convert;
 mod errors;
 mod generate;
 mod model;
@@ -21,5 +22,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(generate::stream, m)?)?;
+    m.add_class::<convert::PyConversionJob>()?;
+    m.add_function(wrap_pyfunction!(convert::inspect_source, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::affine_quantize, m)?)?;
     Ok(())
 }

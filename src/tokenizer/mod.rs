@@ -189,6 +189,61 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Hugging Face tokenizer files for this tokenizer: `tokenizer.json` (BOS added by a
+    /// post-processor where the model wants one, so `tokenizers` alone encodes as Cortex
+    /// does), `tokenizer_config.json` (special tokens, `chat_template`) and
+    /// `generation_config.json` (every end-of-generation id).
+    pub fn hf_files(&self, chat_template: Option<&str>) -> Result<Vec<(String, String)>> {
+        let err = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("serialising tokenizer.json: {e}"));
+        let mut json: Json = serde_json::from_str(&self.inner.to_string(false).map_err(|e| err(&e))?)
+            .map_err(|e| err(&e))?;
+        let text = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let bos = text(self.bos_token_id);
+        let eos = text(self.eos_token_ids.first().copied());
+        if let (true, Some(bos), Some(bos_id)) = (self.add_bos, &bos, self.bos_token_id) {
+            let special = |type_id: u32| serde_json::json!({"SpecialToken": {"id": bos, "type_id": type_id}});
+            let seq = |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+            let template = serde_json::json!({
+                "type": "TemplateProcessing",
+                "single": [special(0), seq("A", 0)],
+                "pair": [special(0), seq("A", 0), special(1), seq("B", 1)],
+                "special_tokens": {bos.clone(): {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+            });
+            let processor = match json.get("post_processor") {
+                Some(existing) if !existing.is_null() => {
+                    serde_json::json!({"type": "Sequence", "processors": [existing, template]})
+                }
+                _ => template,
+            };
+            json["post_processor"] = processor;
+        }
+        let tokenizer_json = serde_json::to_string(&json).map_err(|e| err(&e))?;
+        // Check the result loads before anyone else relies on it.
+        tokenizer_json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Tokenizer(format!("generated tokenizer.json does not load: {e}")))?;
+        let mut config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": false,
+            "add_bos_token": self.add_bos,
+            "bos_token": bos,
+            "eos_token": eos,
+        });
+        if let Some(t) = chat_template {
+            config["chat_template"] = Json::String(t.to_string());
+        }
+        let generation = serde_json::json!({
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+        });
+        let pretty = |v: &Json| serde_json::to_string_pretty(v).map_err(|e| err(&e));
+        Ok(vec![
+            ("tokenizer.json".into(), tokenizer_json),
+            ("tokenizer_config.json".into(), pretty(&config)?),
+            ("generation_config.json".into(), pretty(&generation)?),
+        ])
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

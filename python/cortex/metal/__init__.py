@@ -1,0 +1,1 @@
+"""Compatibility paths of the original MLX-based project (``cortex.metal.mlx_converter``)."""

@@ -1,0 +1,280 @@
+//! The conversion pipeline: source → per-tensor plan → quantize → write → (validate, in
+//! Python). [`convert_mlx`] writes the layout mlx-lm writes: `config.json` with
+//! `quantization` (and its mirror `quantization_config`, plus per-module overrides),
+//! safetensors shards with metadata `{"format": "mlx"}` named `model.safetensors` or
+//! `model-00001-of-0000N.safetensors`, `model.safetensors.index.json`, tokenizer files.
+//! It writes into the directory it is given; making that atomic (a temporary sibling
+//! renamed at the end) is the caller's job.
+
+pub mod source;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::formats::safetensors::{self, Dtype, TensorSpec};
+use crate::quant::affine::check_params;
+use crate::quant::{AffineMatrix, ScaleDType};
+pub use source::{Source, SourceTensor, TensorData};
+
+/// What to do with each tensor.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The model-wide setting written as `quantization` (None: a float model).
+    pub default: Option<(u32, usize)>,
+    /// Modules (HF paths without `.weight`) to quantize, with their bits and group size;
+    /// every other tensor is written as `float_dtype`.
+    pub modules: BTreeMap<String, (u32, usize)>,
+    pub float_dtype: Dtype,
+    /// Largest shard (mlx-lm: 5 GiB).
+    pub max_shard_bytes: u64,
+}
+
+/// Progress of a running conversion, readable from another thread.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicUsize,
+    pub total: AtomicUsize,
+}
+
+/// What was written, for `conversion.json`.
+#[derive(Debug, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub source: String,
+    /// None: kept float.
+    pub bits: Option<u32>,
+    pub group_size: Option<usize>,
+    /// The quantized values are exactly the source's (a block-for-block transfer).
+    pub lossless: bool,
+    /// Root-mean-square error of the dequantized weight relative to the source's RMS.
+    pub relative_rmse: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub tensors: Vec<TensorReport>,
+    pub files: Vec<String>,
+    pub total_bytes: u64,
+    pub num_parameters: usize,
+    /// Bits of weight storage (packed values, scales, biases, float tensors) per parameter.
+    pub bits_per_weight: f64,
+}
+
+fn scale_dtype(d: Dtype) -> ScaleDType {
+    match d {
+        Dtype::F16 => ScaleDType::F16,
+        Dtype::BF16 => ScaleDType::BF16,
+        _ => ScaleDType::F32,
+    }
+}
+
+/// Checks the plan against the source: every planned module exists, is a matrix, and its
+/// rows split into whole groups.
+pub fn check_plan(source: &Source, plan: &Plan) -> Result<()> {
+    let by_name: HashMap<&str, &SourceTensor> =
+        source.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (module, &(bits, group)) in &plan.modules {
+        let t = by_name.get(format!("{module}.weight").as_str()).ok_or_else(|| {
+            Error::param("mixed_precision_config", format!("module '{module}' is not in the model"))
+        })?;
+        if t.shape.len() != 2 {
+            return Err(Error::param(
+                "mixed_precision_config",
+                format!("'{module}' has shape {:?}; only matrices are quantized", t.shape),
+            ));
+        }
+        check_params(bits, group, t.shape[1])
+            .map_err(|e| Error::param("mixed_precision_config", format!("'{module}': {e}")))?;
+    }
+    Ok(())
+}
+
+/// Quantizes (or transfers) one tensor according to the plan.
+fn quantize(
+    data: TensorData,
+    t: &SourceTensor,
+    bits: u32,
+    group: usize,
+    dtype: ScaleDType,
+) -> Result<(AffineMatrix, bool, f64)> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    match data {
+        // Same bits and group, scales representable in the output dtype: a transfer.
+        TensorData::Affine(a)
+            if a.bits == bits
+                && a.group_size == group
+                && a.scales.iter().chain(&a.biases).all(|&x| dtype.round(x) == x) =>
+        {
+            let a = AffineMatrix { scale_dtype: dtype, ..a };
+            Ok((a, true, 0.0))
+        }
+        other => {
+            let w = other.to_f32();
+            let a = AffineMatrix::quantize(&w, rows, cols, bits, group, dtype)?;
+            let back = a.dequantize();
+            let (mut err, mut norm) = (0f64, 0f64);
+            for (x, y) in w.iter().zip(&back) {
+                err += f64::from(x - y).powi(2);
+                norm += f64::from(*x).powi(2);
+            }
+            let rel = if norm > 0.0 { (err / norm).sqrt() } else { err.sqrt() };
+            Ok((a, false, rel))
+        }
+    }
+}
+
+/// Writes the MLX layout of `source` under `plan` into `out` (an existing, empty
+/// directory). `cancel` is checked between tensors.
+pub fn convert_mlx(
+    source: &Source,
+    plan: &Plan,
+    out: &Path,
+    cancel: &AtomicBool,
+    progress: &Progress,
+) -> Result<Report> {
+    check_plan(source, plan)?;
+    let dtype = scale_dtype(plan.float_dtype);
+    // Output tensors in name order; a quantized module contributes `.biases`, `.scales`
+    // and `.weight`, which sort together in that order.
+    let mut specs: Vec<(TensorSpec, usize)> = Vec::new(); // (spec, source index)
+    for (i, t) in source.tensors.iter().enumerate() {
+        let module = t.name.strip_suffix(".weight");
+        match module.and_then(|m| plan.modules.get(m).map(|p| (m, *p))) {
+            Some((m, (bits, group))) => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let sd = plan.float_dtype;
+                specs.push((TensorSpec { name: format!("{m}.biases"), dtype: sd, shape: vec![rows, cols / group] }, i));
+                specs.push((TensorSpec { name: format!("{m}.scales"), dtype: sd, shape: vec![rows, cols / group] }, i));
+                specs.push((TensorSpec { name: t.name.clone(), dtype: Dtype::U32, shape: vec![rows, cols * bits as usize / 32] }, i));
+            }
+            None => specs.push((TensorSpec { name: t.name.clone(), dtype: plan.float_dtype, shape: t.shape.clone() }, i)),
+        }
+    }
+    specs.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    // Shards: consecutive runs of at most `max_shard_bytes` (a single larger tensor gets
+    // a shard of its own).
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0u64;
+    for (k, (spec, _)) in specs.iter().enumerate() {
+        let current = shards.last_mut().expect("non-empty");
+        if !current.is_empty() && size + spec.nbytes() > plan.max_shard_bytes {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().expect("non-empty").push(k);
+        size += spec.nbytes();
+    }
+    let n = shards.len();
+    let names: Vec<String> = (0..n)
+        .map(|s| if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{n:05}.safetensors", s + 1) })
+        .collect();
+    progress.total.store(source.tensors.len(), Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+
+    let mut reports: Vec<TensorReport> = Vec::new();
+    let mut pending: HashMap<usize, AffineMatrix> = HashMap::new();
+    let mut weight_map = serde_json::Map::new();
+    let metadata = BTreeMap::from([("format".to_string(), "mlx".to_string())]);
+    for (shard, file) in shards.iter().zip(&names) {
+        let shard_specs: Vec<TensorSpec> = shard.iter().map(|&k| specs[k].0.clone()).collect();
+        for s in &shard_specs {
+            weight_map.insert(s.name.clone(), serde_json::Value::String(file.clone()));
+        }
+        safetensors::write(&out.join(file), &shard_specs, &metadata, |j| {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let (spec, i) = &specs[shard[j]];
+            let t = &source.tensors[*i];
+            let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+            match plan.modules.get(module) {
+                None => {
+                    let values = source.read(t)?.to_f32();
+                    let lossless = values.iter().all(|&x| dtype.round(x) == x || x.is_nan());
+                    reports.push(TensorReport { name: t.name.clone(), shape: t.shape.clone(), source: t.stored.clone(), bits: None, group_size: None, lossless, relative_rmse: None });
+                    progress.done.fetch_add(1, Ordering::Relaxed);
+                    Ok(encode_float(&values, plan.float_dtype))
+                }
+                Some(&(bits, group)) => {
+                    if !pending.contains_key(i) {
+                        let (a, lossless, rel) = quantize(source.read(t)?, t, bits, group, dtype)?;
+                        reports.push(TensorReport { name: t.name.clone(), shape: t.shape.clone(), source: t.stored.clone(), bits: Some(bits), group_size: Some(group), lossless, relative_rmse: Some(rel) });
+                        pending.insert(*i, a);
+                    }
+                    let a = &pending[i];
+                    let bytes = if spec.name.ends_with(".biases") {
+                        dtype.encode(&a.biases)
+                    } else if spec.name.ends_with(".scales") {
+                        dtype.encode(&a.scales)
+                    } else {
+                        let bytes = a.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
+                        pending.remove(i);
+                        progress.done.fetch_add(1, Ordering::Relaxed);
+                        bytes
+                    };
+                    Ok(bytes)
+                }
+            }
+        })?;
+    }
+    let total_bytes: u64 = specs.iter().map(|(s, _)| s.nbytes()).sum();
+    let num_parameters: usize = source.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let index = serde_json::json!({
+        "metadata": {"total_size": total_bytes, "total_parameters": num_parameters},
+        "weight_map": weight_map,
+    });
+    write_json(&out.join("model.safetensors.index.json"), &index)?;
+    write_json(&out.join("config.json"), &output_config(source, plan))?;
+    let mut files = names;
+    files.extend(source.write_tokenizer_files(out)?);
+    files.push("model.safetensors.index.json".into());
+    files.push("config.json".into());
+    reports.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Report {
+        tensors: reports,
+        files,
+        total_bytes,
+        num_parameters,
+        bits_per_weight: total_bytes as f64 * 8.0 / num_parameters.max(1) as f64,
+    })
+}
+
+/// The source's `config.json` with the quantization settings mlx-lm reads: the default
+/// under `quantization` (mirrored as `quantization_config`), and an entry per module whose
+/// bits or group size differ from it.
+fn output_config(source: &Source, plan: &Plan) -> serde_json::Value {
+    let mut config = source.config.clone();
+    let map = config.as_object_mut().expect("config.json is an object (checked at open)");
+    map.remove("quantization");
+    map.remove("quantization_config");
+    map.insert("torch_dtype".into(), source::torch_dtype_name(plan.float_dtype).into());
+    if let Some((bits, group)) = plan.default {
+        let mut q = serde_json::json!({"group_size": group, "bits": bits, "mode": "affine"});
+        for (module, &(b, g)) in &plan.modules {
+            if (b, g) != (bits, group) {
+                q[module] = serde_json::json!({"group_size": g, "bits": b});
+            }
+        }
+        map.insert("quantization".into(), q.clone());
+        map.insert("quantization_config".into(), q);
+    }
+    config
+}
+
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Engine(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+fn encode_float(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => ScaleDType::F16.encode(values),
+        Dtype::BF16 => ScaleDType::BF16.encode(values),
+        _ => ScaleDType::F32.encode(values),
+    }
+}

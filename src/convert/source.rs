@@ -1,0 +1,413 @@
+//! Conversion sources, all presented the same way: a Hugging Face `config.json`, and
+//! tensors under HF names (`model.layers.0.mlp.up_proj.weight`) read one at a time as
+//! f32 values or, where the stored form is already MLX affine (MLX folders, GGUF
+//! Q4_0/Q4_1/Q5_0/Q5_1/Q8_0), as an exact [`AffineMatrix`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+use crate::formats::safetensors::Dtype;
+use crate::model::config::ModelConfig;
+use crate::model::loader::read_config_json;
+use crate::model::resolve_model_path;
+use crate::model::weights::{hf_module, FolderWeights};
+use crate::quant::{ggml, AffineMatrix};
+use crate::tokenizer::Tokenizer;
+
+/// A tensor of the source, as the converter sees it.
+#[derive(Debug, Clone)]
+pub struct SourceTensor {
+    /// HF name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// Logical shape (before any packing).
+    pub shape: Vec<usize>,
+    /// How the source stores it: `F32`, `BF16`, `Q4_1`, `affine4g64`...
+    pub stored: String,
+}
+
+/// Tensor values read from a source.
+pub enum TensorData {
+    Float(Vec<f32>),
+    Affine(AffineMatrix),
+}
+
+impl TensorData {
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            TensorData::Float(v) => v.clone(),
+            TensorData::Affine(a) => a.dequantize(),
+        }
+    }
+}
+
+enum Kind {
+    Gguf(GgufFile),
+    Folder(FolderWeights),
+    Pytorch(Vec<candle_core::pickle::PthTensors>, BTreeMap<String, usize>),
+}
+
+pub struct Source {
+    pub path: PathBuf,
+    /// `gguf`, `safetensors`, `mlx` or `pytorch`.
+    pub format: &'static str,
+    /// The HF `config.json` (generated from metadata for GGUF).
+    pub config: serde_json::Value,
+    pub model: ModelConfig,
+    /// Tensors sorted by name.
+    pub tensors: Vec<SourceTensor>,
+    /// The float dtype of the source weights (`torch_dtype`), for outputs kept float.
+    pub float_dtype: Dtype,
+    kind: Kind,
+}
+
+fn dtype_of_torch(name: &str) -> Option<Dtype> {
+    match name {
+        "float32" => Some(Dtype::F32),
+        "float16" => Some(Dtype::F16),
+        "bfloat16" => Some(Dtype::BF16),
+        _ => None,
+    }
+}
+
+pub fn torch_dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F16 => "float16",
+        Dtype::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+/// HF `config.json` for a model read from GGUF metadata.
+fn hf_config(cfg: &ModelConfig, tok: Option<&Tokenizer>) -> serde_json::Value {
+    let gemma = cfg.model_type == "gemma3";
+    let mut c = json!({
+        "architectures": [if gemma { "Gemma3ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": if gemma { "gemma3_text" } else { "llama" },
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float16",
+    });
+    let m = c.as_object_mut().expect("literal object");
+    if gemma {
+        m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+        m.insert("query_pre_attn_scalar".into(), json!(cfg.query_pre_attn_scalar));
+        m.insert("sliding_window".into(), json!(cfg.sliding_window));
+        m.insert("sliding_window_pattern".into(), json!(cfg.sliding_window_pattern));
+        m.insert("rope_local_base_freq".into(), json!(cfg.rope_local_base_freq));
+    } else {
+        m.insert("hidden_act".into(), json!("silu"));
+    }
+    if let Some(crate::model::config::RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        m.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": factor}));
+    }
+    if let Some(t) = tok {
+        m.insert("bos_token_id".into(), json!(t.bos_token_id));
+        m.insert("eos_token_id".into(), json!(t.eos_token_ids));
+    }
+    c
+}
+
+impl Source {
+    /// Opens `path`: a `.gguf` file (or a folder holding one), a folder with `config.json`
+    /// and safetensors (HF or MLX layout), or with `pytorch_model.bin` (read by candle's
+    /// pickle reader, which interprets only the tensor records and never runs code).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() && !path.join("config.json").is_file() {
+            if let Ok(gguf) = resolve_model_path(path) {
+                return Self::gguf(&gguf);
+            }
+        }
+        if path.is_dir() {
+            let config = read_config_json(path)?;
+            let model = ModelConfig::from_hf(&config)?;
+            let st = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
+            if st || path.join("model.safetensors.index.json").is_file() {
+                return Self::folder(path, config, model);
+            }
+            return Self::pytorch(path, config, model);
+        }
+        if path.is_file() {
+            return Self::gguf(path);
+        }
+        Err(Error::ModelNotFound {
+            path: path.to_path_buf(),
+            message: "no such file or directory".into(),
+        })
+    }
+
+    fn gguf(path: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(path)?;
+        let model = ModelConfig::from_gguf(&gguf)?;
+        let tok = Tokenizer::from_gguf(&gguf).ok();
+        let mut tensors = Vec::new();
+        for name in &gguf.tensor_names {
+            let info = &gguf.tensors[name];
+            let module = hf_module(name, &model.model_type, model.num_hidden_layers).ok_or_else(|| {
+                Error::format(path, None, format!(
+                    "tensor '{name}' has no Hugging Face counterpart for {} (llama 3 rope_freqs and similar are not convertible yet)",
+                    model.model_type
+                ))
+            })?;
+            tensors.push(SourceTensor {
+                name: format!("{module}.weight"),
+                shape: info.shape.dims().to_vec(),
+                stored: format!("{:?}", info.ggml_dtype),
+            });
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Source {
+            path: path.to_path_buf(),
+            format: "gguf",
+            config: hf_config(&model, tok.as_ref()),
+            model,
+            tensors,
+            // GGML scales are f16: keeping f16 makes Q4/Q5/Q8 transfers exact.
+            float_dtype: Dtype::F16,
+            kind: Kind::Gguf(gguf),
+        })
+    }
+
+    fn folder(path: &Path, config: serde_json::Value, model: ModelConfig) -> Result<Self> {
+        let folder = FolderWeights::open(path, &config, 0.0)?;
+        let mut tensors = Vec::new();
+        let mut float_dtype = None;
+        for name in folder.tensor_names() {
+            if name.ends_with("rotary_emb.inv_freq") {
+                continue; // recomputed from the config, as mlx-lm and transformers do
+            }
+            let module = name.strip_suffix(".weight");
+            let quantized = module.is_some_and(|m| folder.is_quantized(m));
+            if quantized {
+                let m = module.unwrap_or_default();
+                let (bits, group) = folder.quant.for_module(m).ok_or_else(|| {
+                    Error::config("quantization", format!("'{m}' is quantized but config.json has no 'quantization'"))
+                })?;
+                let entry = folder.file_of(&name)?.get(&name)?.clone();
+                let scales = folder.file_of(&format!("{m}.scales"))?.get(&format!("{m}.scales"))?.clone();
+                float_dtype.get_or_insert(scales.dtype);
+                let cols = entry.shape.last().copied().unwrap_or(0) * 32 / bits as usize;
+                tensors.push(SourceTensor {
+                    shape: vec![entry.shape[0], cols],
+                    stored: format!("affine{bits}g{group}"),
+                    name,
+                });
+                continue;
+            }
+            if name.ends_with(".scales") || name.ends_with(".biases") {
+                let m = &name[..name.len() - 7];
+                if folder.is_quantized(m) {
+                    continue;
+                }
+            }
+            let entry = folder.file_of(&name)?.get(&name)?.clone();
+            if !entry.dtype.is_float() {
+                return Err(Error::format(&folder.file_of(&name)?.path, None, format!(
+                    "tensor '{name}' has dtype {} and is not a quantized module's weight", entry.dtype
+                )));
+            }
+            float_dtype.get_or_insert(entry.dtype);
+            tensors.push(SourceTensor { name, shape: entry.shape.clone(), stored: entry.dtype.to_string() });
+        }
+        let torch = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(|d| d.as_str()).and_then(dtype_of_torch);
+        let is_mlx = config.get("quantization").is_some();
+        Ok(Source {
+            path: path.to_path_buf(),
+            format: if is_mlx { "mlx" } else { "safetensors" },
+            float_dtype: torch.or(float_dtype).unwrap_or(Dtype::F32),
+            config,
+            model,
+            tensors,
+            kind: Kind::Folder(folder),
+        })
+    }
+
+    fn pytorch(path: &Path, config: serde_json::Value, model: ModelConfig) -> Result<Self> {
+        let index_path = path.join("pytorch_model.bin.index.json");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index_path, None, format!("invalid JSON: {e}")))?;
+            let mut names: Vec<String> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::format(&index_path, None, "no 'weight_map' object"))?
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+                .iter()
+                .map(|n| crate::model::weights::shard_path(path, &index_path, n))
+                .collect::<Result<_>>()?
+        } else if path.join("pytorch_model.bin").is_file() {
+            vec![path.join("pytorch_model.bin")]
+        } else {
+            return Err(Error::ModelNotFound {
+                path: path.to_path_buf(),
+                message: "no weights (model.safetensors, pytorch_model.bin or a .gguf) in directory".into(),
+            });
+        };
+        let mut readers = Vec::new();
+        let mut index = BTreeMap::new();
+        let mut tensors = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let r = candle_core::pickle::PthTensors::new(f, None)
+                .map_err(|e| Error::format(f, None, format!("not a readable PyTorch checkpoint: {e}")))?;
+            for (name, info) in r.tensor_infos() {
+                if name.ends_with("rotary_emb.inv_freq") {
+                    continue;
+                }
+                if index.insert(name.clone(), i).is_some() {
+                    return Err(Error::format(f, None, format!("tensor '{name}' appears in two checkpoint files")));
+                }
+                tensors.push(SourceTensor { name: name.clone(), shape: info.layout.shape().dims().to_vec(), stored: format!("{:?}", info.dtype) });
+            }
+            readers.push(r);
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let torch = config.get("torch_dtype").and_then(|d| d.as_str()).and_then(dtype_of_torch);
+        Ok(Source {
+            path: path.to_path_buf(),
+            format: "pytorch",
+            float_dtype: torch.unwrap_or(Dtype::F32),
+            config,
+            model,
+            tensors,
+            kind: Kind::Pytorch(readers, index),
+        })
+    }
+
+    /// Reads tensor `name` (one of [`Source::tensors`]) in HF layout.
+    pub fn read(&self, t: &SourceTensor) -> Result<TensorData> {
+        match &self.kind {
+            Kind::Folder(folder) => match t.name.strip_suffix(".weight") {
+                Some(m) if folder.is_quantized(m) => Ok(TensorData::Affine(folder.affine(m, t.shape[0], t.shape[1])?)),
+                _ => Ok(TensorData::Float(folder.dense_f32(&t.name, &t.shape)?)),
+            },
+            Kind::Pytorch(readers, index) => {
+                let r = &readers[index[&t.name]];
+                let tensor = r
+                    .get(&t.name)
+                    .map_err(|e| Error::format(&self.path, None, format!("reading '{}': {e}", t.name)))?
+                    .ok_or_else(|| Error::format(&self.path, None, format!("tensor '{}' is missing", t.name)))?;
+                Ok(TensorData::Float(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+            }
+            Kind::Gguf(gguf) => self.read_gguf(gguf, t),
+        }
+    }
+
+    fn read_gguf(&self, gguf: &GgufFile, t: &SourceTensor) -> Result<TensorData> {
+        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+        let family = self.model.model_type.as_str();
+        let gname = format!("{}.weight", crate::model::weights::gguf_name(module, family).unwrap_or_default());
+        let q = gguf.tensor(&gname, &Device::Cpu)?;
+        let dims = t.shape.clone();
+        let mut data = match (dims.as_slice(), ggml::affine_bits(q.dtype())) {
+            ([rows, cols], Some(_)) => {
+                let a = ggml::to_affine(q.dtype(), &q.data()?, *rows, *cols)?;
+                TensorData::Affine(a.ok_or_else(|| Error::Engine("affine conversion refused".into()))?)
+            }
+            _ => TensorData::Float(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
+        };
+        // llama.cpp permutes llama-family q/k rows so that RoPE rotates adjacent pairs; HF
+        // rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF matrix is row
+        // `h·d + 2i + j` of the GGUF one.
+        if self.model.rope_interleaved && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj")) {
+            let hd = self.model.head_dim;
+            let perm: Vec<usize> = (0..dims[0])
+                .map(|r| {
+                    let (h, rest) = (r / hd, r % hd);
+                    let (j, i) = (rest / (hd / 2), rest % (hd / 2));
+                    h * hd + 2 * i + j
+                })
+                .collect();
+            data = permute_rows(data, &perm, dims[1]);
+        }
+        // llama.cpp stores Gemma's norm weights as `1 + w`; HF stores `w`.
+        if family == "gemma3" && dims.len() == 1 && module.contains("norm") {
+            if let TensorData::Float(v) = &mut data {
+                v.iter_mut().for_each(|x| *x -= 1.0);
+            }
+        }
+        Ok(data)
+    }
+
+    /// HF tokenizer files for the output: copied from a folder source, or built from a
+    /// GGUF's metadata (`tokenizer.json` that Hugging Face `tokenizers` loads, and a
+    /// `tokenizer_config.json` carrying the chat template and special tokens).
+    pub fn write_tokenizer_files(&self, out: &Path) -> Result<Vec<String>> {
+        let mut written = Vec::new();
+        match &self.kind {
+            Kind::Gguf(gguf) => {
+                let tok = Tokenizer::from_gguf(gguf)?;
+                let files = tok.hf_files(gguf.get("tokenizer.chat_template").and_then(|v| match v {
+                    candle_core::quantized::gguf_file::Value::String(s) => Some(s.as_str()),
+                    _ => None,
+                }))?;
+                for (name, text) in files {
+                    let p = out.join(&name);
+                    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+                    written.push(name);
+                }
+            }
+            Kind::Folder(_) | Kind::Pytorch(..) => {
+                const FILES: &[&str] = &[
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                    "generation_config.json",
+                    "tokenizer.model",
+                    "vocab.json",
+                    "merges.txt",
+                    "added_tokens.json",
+                    "chat_template.json",
+                    "chat_template.jinja",
+                ];
+                for name in FILES {
+                    let src = self.path.join(name);
+                    if src.is_file() {
+                        let dst = out.join(name);
+                        std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                        written.push(name.to_string());
+                    }
+                }
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// Reorders the rows of a `[rows, cols]` tensor: row `r` of the result is row `perm[r]`.
+fn permute_rows(data: TensorData, perm: &[usize], cols: usize) -> TensorData {
+    let gather = |v: &[f32], width: usize| -> Vec<f32> {
+        perm.iter().flat_map(|&p| v[p * width..(p + 1) * width].iter().copied()).collect()
+    };
+    match data {
+        TensorData::Float(v) => TensorData::Float(gather(&v, cols)),
+        TensorData::Affine(mut a) => {
+            let (w, g) = (a.words_per_row(), a.groups_per_row());
+            a.packed = perm.iter().flat_map(|&p| a.packed[p * w..(p + 1) * w].iter().copied()).collect();
+            a.scales = gather(&a.scales, g);
+            a.biases = gather(&a.biases, g);
+            TensorData::Affine(a)
+        }
+    }
+}
