@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from . import _core
-from .exceptions import CancelledError, CortexError
+from .exceptions import CancelledError, CortexError, ModelNotFoundError
 from .models import cortex_home
 
 __all__ = [
@@ -303,9 +303,11 @@ def run_conversion(
     float_dtype: str,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     show_progress: bool = True,
+    output_format: str = "mlx",
 ) -> Dict[str, Any]:
-    """Runs the Rust conversion into the existing directory ``out`` with a progress bar;
-    Ctrl-C cancels it (the worker stops at the next tensor) and re-raises."""
+    """Runs the Rust conversion into the existing directory ``out`` (MLX) or the file ``out``
+    (GGUF) with a progress bar; Ctrl-C cancels it (the worker stops at the next tensor) and
+    re-raises."""
     job = _core.ConversionJob(
         str(source),
         str(out),
@@ -313,6 +315,7 @@ def run_conversion(
         modules=modules,
         float_dtype=float_dtype,
         max_shard_bytes=max_shard_bytes,
+        format=output_format,
     )
     bar = None
     try:
@@ -323,6 +326,8 @@ def run_conversion(
             if bar is not None:
                 bar.update(done - bar.n)
         report: Dict[str, Any] = json.loads(job.result())
+        if bar is not None:
+            bar.update(bar.total - bar.n)
         return report
     except KeyboardInterrupt:
         job.cancel()
@@ -348,9 +353,12 @@ def validate(output: Path, source: Optional[Path]) -> Dict[str, Any]:
     agreement. Raises ``CortexError`` for a load failure, a broken tokenizer or NaN logits."""
     converted = _core.load_model(output)
     vocab = int(converted.config["vocab_size"])
-    tokenizer_ok = (output / "tokenizer.json").is_file()
-    if tokenizer_ok:
-        tokenizer = _core.load_tokenizer(output)
+    try:
+        tokenizer: Optional[_core.Tokenizer] = _core.load_tokenizer(output)
+    except ModelNotFoundError:
+        tokenizer = None  # weights without tokenizer files
+    tokenizer_ok = tokenizer is not None
+    if tokenizer is not None:
         ids = tokenizer.encode(_VALIDATION_TEXT)
         back = tokenizer.decode(ids, skip_special_tokens=True)
         if _VALIDATION_TEXT.strip()[:200] not in back:
@@ -421,10 +429,8 @@ class MLXConverter:
         max_shard_bytes: int = MAX_SHARD_BYTES,
         show_progress: bool = True,
     ) -> Tuple[bool, str, Optional[Path]]:
-        if config.output_format != "mlx":
-            return False, (
-                f"output_format {config.output_format!r} is not supported yet (supported: 'mlx')"
-            ), None
+        if config.output_format not in ("mlx", "gguf"):
+            raise ValueError(f"output_format must be 'mlx' or 'gguf', got {config.output_format!r}")
         if config.group_size not in (32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128, got {config.group_size}")
         start = time.monotonic()
@@ -449,8 +455,16 @@ class MLXConverter:
         tmp = out_abs.with_name(f".{out_abs.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         try:
+            target = tmp / f"{out_abs.name}.gguf" if config.output_format == "gguf" else tmp
             report = run_conversion(
-                source, tmp, default, modules, info["float_dtype"], max_shard_bytes, show_progress
+                source,
+                target,
+                default,
+                modules,
+                info["float_dtype"],
+                max_shard_bytes,
+                show_progress,
+                config.output_format,
             )
             quality: Dict[str, Any] = {}
             if config.validate_conversion:

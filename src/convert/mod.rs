@@ -3,9 +3,10 @@
 //! `quantization` (and its mirror `quantization_config`, plus per-module overrides),
 //! safetensors shards with metadata `{"format": "mlx"}` named `model.safetensors` or
 //! `model-00001-of-0000N.safetensors`, `model.safetensors.index.json`, tokenizer files.
-//! It writes into the directory it is given; making that atomic (a temporary sibling
-//! renamed at the end) is the caller's job.
+//! [`gguf_out::convert_gguf`] writes one GGUF file instead. Both write where they are told;
+//! making that atomic (a temporary sibling renamed at the end) is the caller's job.
 
+pub mod gguf_out;
 pub mod source;
 
 use std::collections::{BTreeMap, HashMap};

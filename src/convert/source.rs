@@ -350,6 +350,24 @@ impl Source {
         Ok(data)
     }
 
+    /// The GGUF file of a GGUF source.
+    pub fn gguf_file(&self) -> Option<&GgufFile> {
+        match &self.kind {
+            Kind::Gguf(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The stored blocks of `t` when the source is GGUF (llama.cpp layout, unconverted).
+    pub fn gguf_tensor(&self, t: &SourceTensor) -> Result<Option<candle_core::quantized::QTensor>> {
+        let Some(g) = self.gguf_file() else { return Ok(None) };
+        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+        match crate::model::weights::gguf_name(module, &self.model.model_type) {
+            Some(name) => Ok(Some(g.tensor(&format!("{name}.weight"), &Device::Cpu)?)),
+            None => Ok(None),
+        }
+    }
+
     /// HF tokenizer files for the output: copied from a folder source, or built from a
     /// GGUF's metadata (`tokenizer.json` that Hugging Face `tokenizers` loads, and a
     /// `tokenizer_config.json` carrying the chat template and special tokens).
@@ -396,7 +414,7 @@ impl Source {
 }
 
 /// Reorders the rows of a `[rows, cols]` tensor: row `r` of the result is row `perm[r]`.
-fn permute_rows(data: TensorData, perm: &[usize], cols: usize) -> TensorData {
+pub(crate) fn permute_rows(data: TensorData, perm: &[usize], cols: usize) -> TensorData {
     let gather = |v: &[f32], width: usize| -> Vec<f32> {
         perm.iter().flat_map(|&p| v[p * width..(p + 1) * width].iter().copied()).collect()
     };

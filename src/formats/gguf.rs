@@ -10,10 +10,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{TensorInfo, Value};
+use candle_core::quantized::gguf_file::{TensorInfo, Value, ValueType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
@@ -397,5 +397,169 @@ impl GgufFile {
 
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
+    }
+}
+
+/// GGML type ids as GGUF stores them (ggml.h `enum ggml_type`).
+pub fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// One tensor of a GGUF file about to be written; `dims` slowest first (row-major), as
+/// everywhere in Cortex (the file stores them fastest first).
+#[derive(Debug, Clone)]
+pub struct GgufTensorSpec {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub dtype: GgmlDType,
+}
+
+impl GgufTensorSpec {
+    pub fn nbytes(&self) -> u64 {
+        let n: usize = self.dims.iter().product();
+        (n / self.dtype.block_size() * self.dtype.type_size()) as u64
+    }
+}
+
+fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::U8(x) => w.write_all(&[*x]),
+        Value::I8(x) => w.write_all(&x.to_le_bytes()),
+        Value::U16(x) => w.write_all(&x.to_le_bytes()),
+        Value::I16(x) => w.write_all(&x.to_le_bytes()),
+        Value::U32(x) => w.write_all(&x.to_le_bytes()),
+        Value::I32(x) => w.write_all(&x.to_le_bytes()),
+        Value::U64(x) => w.write_all(&x.to_le_bytes()),
+        Value::I64(x) => w.write_all(&x.to_le_bytes()),
+        Value::F32(x) => w.write_all(&x.to_le_bytes()),
+        Value::F64(x) => w.write_all(&x.to_le_bytes()),
+        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
+        Value::String(s) => {
+            w.write_all(&(s.len() as u64).to_le_bytes())?;
+            w.write_all(s.as_bytes())
+        }
+        Value::Array(items) => {
+            let ty = items.first().map_or(ValueType::U8, Value::value_type);
+            w.write_all(&value_type_id(ty).to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|item| write_value(w, item))
+        }
+    }
+}
+
+fn value_type_id(t: ValueType) -> u32 {
+    match t {
+        ValueType::U8 => 0,
+        ValueType::I8 => 1,
+        ValueType::U16 => 2,
+        ValueType::I16 => 3,
+        ValueType::U32 => 4,
+        ValueType::I32 => 5,
+        ValueType::F32 => 6,
+        ValueType::Bool => 7,
+        ValueType::String => 8,
+        ValueType::Array => 9,
+        ValueType::U64 => 10,
+        ValueType::I64 => 11,
+        ValueType::F64 => 12,
+    }
+}
+
+/// Writes a GGUF v3 file: `metadata` in the order given, then the tensors, whose bytes
+/// `data(i)` produces one at a time (so the model is never held in memory whole). Arrays
+/// must be homogeneous.
+pub fn write_gguf(
+    path: &Path,
+    metadata: &[(String, Value)],
+    specs: &[GgufTensorSpec],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let io = |e| Error::io(path, e);
+    let string = |w: &mut BufWriter<File>, s: &str| -> std::io::Result<()> {
+        w.write_all(&(s.len() as u64).to_le_bytes())?;
+        w.write_all(s.as_bytes())
+    };
+    w.write_all(b"GGUF").map_err(io)?;
+    w.write_all(&3u32.to_le_bytes()).map_err(io)?;
+    w.write_all(&(specs.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(metadata.len() as u64).to_le_bytes()).map_err(io)?;
+    for (key, value) in metadata {
+        string(&mut w, key).map_err(io)?;
+        w.write_all(&value_type_id(value.value_type()).to_le_bytes()).map_err(io)?;
+        write_value(&mut w, value).map_err(io)?;
+    }
+    let mut offset = 0u64;
+    // The data section starts at the first aligned offset after the header.
+    let mut pos = 24u64; // magic, version, tensor count, metadata count
+    for (key, value) in metadata {
+        pos += 8 + key.len() as u64 + 4;
+        let mut counter = CountingWriter(0);
+        write_value(&mut counter, value).map_err(io)?;
+        pos += counter.0;
+    }
+    for s in specs {
+        string(&mut w, &s.name).map_err(io)?;
+        w.write_all(&(s.dims.len() as u32).to_le_bytes()).map_err(io)?;
+        for &d in s.dims.iter().rev() {
+            w.write_all(&(d as u64).to_le_bytes()).map_err(io)?;
+        }
+        w.write_all(&ggml_type_id(s.dtype).to_le_bytes()).map_err(io)?;
+        w.write_all(&offset.to_le_bytes()).map_err(io)?;
+        pos += 8 + s.name.len() as u64 + 4 + 8 * s.dims.len() as u64 + 4 + 8;
+        offset = (offset + s.nbytes()).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+    }
+    let pad = |w: &mut BufWriter<File>, at: u64| -> std::io::Result<u64> {
+        let to = at.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        w.write_all(&vec![0u8; (to - at) as usize])?;
+        Ok(to)
+    };
+    pad(&mut w, pos).map_err(io)?;
+    for (i, s) in specs.iter().enumerate() {
+        let bytes = data(i)?;
+        if bytes.len() as u64 != s.nbytes() {
+            return Err(Error::Engine(format!(
+                "writing '{}': produced {} bytes, {} expected",
+                s.name,
+                bytes.len(),
+                s.nbytes()
+            )));
+        }
+        w.write_all(&bytes).map_err(io)?;
+        if i + 1 < specs.len() {
+            pad(&mut w, bytes.len() as u64).map_err(io)?;
+        }
+    }
+    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)
+}
+
+/// Counts bytes instead of writing them (for the header length).
+struct CountingWriter(u64);
+
+impl Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

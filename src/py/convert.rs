@@ -15,6 +15,7 @@ use pyo3::types::PyBytes;
 
 use super::errors::panic_error;
 use super::run_detached;
+use crate::convert::gguf_out::convert_gguf;
 use crate::convert::{convert_mlx, Plan, Progress, Source};
 use crate::error::Error;
 use crate::formats::safetensors::Dtype;
@@ -60,10 +61,11 @@ pub struct PyConversionJob {
 
 #[pymethods]
 impl PyConversionJob {
-    /// Starts converting `source` into the existing empty directory `out` (MLX layout).
-    /// `modules` maps module paths to `(bits, group_size)`; others stay `float_dtype`.
+    /// Starts converting `source`: with `format="mlx"` into the existing empty directory
+    /// `out`, with `format="gguf"` into the file `out`. `modules` maps module paths to
+    /// `(bits, group_size)`; other tensors stay `float_dtype`.
     #[new]
-    #[pyo3(signature = (source, out, *, default, modules, float_dtype, max_shard_bytes))]
+    #[pyo3(signature = (source, out, *, default, modules, float_dtype, max_shard_bytes, format = "mlx"))]
     fn new(
         source: PathBuf,
         out: PathBuf,
@@ -71,7 +73,13 @@ impl PyConversionJob {
         modules: BTreeMap<String, (u32, usize)>,
         float_dtype: &str,
         max_shard_bytes: u64,
+        format: &str,
     ) -> PyResult<Self> {
+        let gguf = match format {
+            "mlx" => false,
+            "gguf" => true,
+            other => return Err(Error::param("output_format", format!("'{other}' is not one of mlx, gguf")).into()),
+        };
         let plan = Plan { default, modules, float_dtype: dtype_from(float_dtype)?, max_shard_bytes };
         let cancel = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Progress::default());
@@ -83,7 +91,11 @@ impl PyConversionJob {
                 let work = || -> crate::Result<String> {
                     crate::threads::init_thread_pool();
                     let src = Source::open(&source)?;
-                    let report = convert_mlx(&src, &plan, &out, &c, &p)?;
+                    let report = if gguf {
+                        convert_gguf(&src, &plan, &out, &c, &p)?
+                    } else {
+                        convert_mlx(&src, &plan, &out, &c, &p)?
+                    };
                     serde_json::to_string(&report).map_err(|e| Error::Engine(e.to_string()))
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
