@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -14,7 +13,7 @@ import numpy as np
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I64": np.int64}
 
 
-def read(path: Path) -> Tuple[Dict[str, Tuple[str, np.ndarray]], Dict[str, str]]:
+def read(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
     """``{name: (dtype, array)}`` and the metadata."""
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -28,8 +27,10 @@ def read(path: Path) -> Tuple[Dict[str, Tuple[str, np.ndarray]], Dict[str, str]]
     return out, meta
 
 
-def write(path: Path, tensors: Dict[str, Tuple[str, np.ndarray]], metadata: Optional[Dict[str, str]] = None) -> None:
-    header: Dict[str, object] = {"__metadata__": metadata} if metadata else {}
+def write(
+    path: Path, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> None:
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     blobs = []
     offset = 0
     for name, (dtype, arr) in tensors.items():
@@ -52,9 +53,9 @@ def from_bf16(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_folder(folder: Path) -> Dict[str, Tuple[str, np.ndarray]]:
+def read_folder(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
     """Every tensor of a model folder (all its ``*.safetensors``)."""
-    out: Dict[str, Tuple[str, np.ndarray]] = {}
+    out: dict[str, tuple[str, np.ndarray]] = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         tensors, _ = read(f)
         out.update(tensors)

@@ -63,3 +63,29 @@ def test_help_lists_verbs():
     assert proc.returncode == 0
     for verb in ("generate", "chat", "bench"):
         assert verb in proc.stdout
+
+
+def test_convert(tmp_path):
+    """``cortex convert`` to an MLX folder with --q-bits, and to a single .gguf file."""
+    from test_convert import write_tiny_hf
+
+    write_tiny_hf(tmp_path / "tiny", shards=1)
+    proc = run(
+        "convert",
+        str(tmp_path / "tiny"),
+        "-o",
+        str(tmp_path / "out"),
+        "--q-bits",
+        "3",
+        "--q-group-size",
+        "32",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "3-bit, group 32" in proc.stdout
+    assert cortex.load_model(tmp_path / "out").forward([1, 2, 3]).shape == (96,)
+    proc = run("convert", str(tmp_path / "tiny"), "--format", "gguf", "-o", str(tmp_path / "m.gguf"))
+    # No tokenizer.json: a GGUF needs one, and the error says so.
+    assert proc.returncode == 1 and "tokenizer" in proc.stdout
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
+    proc = run("convert", str(tmp_path / "nowhere"))
+    assert proc.returncode == 1 and "no such file" in proc.stdout

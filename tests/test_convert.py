@@ -196,7 +196,9 @@ def write_tiny_hf(folder: Path, seed: int = 0, shards: int = 2, model_type: str 
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         st.write(folder / fname, {n: ("F32", hf[n]) for n in part}, {"format": "pt"})
         weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     config = {
         "model_type": model_type, "hidden_size": d, "intermediate_size": i,
         "num_hidden_layers": TINY["layers"], "num_attention_heads": TINY["heads"],
@@ -208,7 +210,9 @@ def write_tiny_hf(folder: Path, seed: int = 0, shards: int = 2, model_type: str 
     return ref
 
 
-FAMILY = Family(heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=16, eps=1e-5, theta=10000.0, interleaved=False)
+FAMILY = Family(
+    heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=16, eps=1e-5, theta=10000.0, interleaved=False
+)
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
 
 
@@ -367,7 +371,8 @@ def test_output_inside_the_source_is_refused(tmp_path: Path) -> None:
 CHILD = """
 import sys
 from cortex import MLXConverter, ConversionConfig
-ok, message, out = MLXConverter(sys.argv[2]).convert_model(sys.argv[1], "out", ConversionConfig(group_size=32))
+config = ConversionConfig(group_size=32)
+ok, message, out = MLXConverter(sys.argv[2]).convert_model(sys.argv[1], "out", config)
 print("finished", ok, flush=True)
 """
 
@@ -393,7 +398,7 @@ def test_interrupted_conversion_leaves_nothing_finished(model_path: Path, tmp_pa
         assert "KeyboardInterrupt" in stderr, stderr
         assert not list(cache.glob(".out.tmp-*"))
     assert not (cache / "out").exists()
-    ok, message, out = MLXConverter(cache).convert_model(
+    ok, message, _out = MLXConverter(cache).convert_model(
         str(model_path), "out", ConversionConfig(group_size=32, validate_conversion=False)
     )
     assert ok, message
@@ -408,7 +413,7 @@ def test_optimize_for_chip(tmp_path: Path) -> None:
     assert conv.optimize_for_chip(out, "m3_max") is True
     config = json.loads((out / "config.json").read_text())
     assert config["chip_optimization"]["chip"] == "m3_max"
-    with pytest.raises(ValueError, match="unknown chip 'm9'.*m1"):
+    with pytest.raises(ValueError, match=r"unknown chip 'm9'.*m1"):
         conv.optimize_for_chip(out, "m9")
 
 
@@ -430,14 +435,20 @@ def test_hf_cache_repo_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_compat_import_paths() -> None:
     from cortex.metal.mlx_converter import ConversionConfig as C
-    from cortex.metal.mlx_converter import ConversionFormat, MLXConverter as M, QuantizationRecipe as Q
+    from cortex.metal.mlx_converter import ConversionFormat
+    from cortex.metal.mlx_converter import MLXConverter as M
+    from cortex.metal.mlx_converter import QuantizationRecipe as Q
 
     assert C is ConversionConfig and M is MLXConverter and Q is QuantizationRecipe
     assert [r.value for r in Q] == ["4bit", "5bit", "8bit", "mixed", "none"]
     assert {f.name for f in ConversionFormat} == {"HUGGINGFACE", "SAFETENSORS", "PYTORCH", "GGUF"}
     c = ConversionConfig()
     assert (c.quantization, c.group_size, c.cache_converted, c.validate_conversion, c.output_format) == (
-        Q.SPEED_4BIT, 64, True, True, "mlx"
+        Q.SPEED_4BIT,
+        64,
+        True,
+        True,
+        "mlx",
     )
     assert MLXConverter().cache_dir == cortex.cortex_home() / "mlx_models"
     assert os.fspath(MLXConverter("/x").cache_dir) == "/x"

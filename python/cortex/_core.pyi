@@ -8,11 +8,14 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ConversionJob",
     "GenerationStream",
     "Model",
     "SamplingParams",
     "Tokenizer",
     "__version__",
+    "affine_quantize",
+    "inspect_source",
     "load",
     "load_model",
     "load_tokenizer",
@@ -120,3 +123,26 @@ def load_tokenizer(path: str | PathLike[str]) -> Tokenizer: ...
 def stream(
     model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
 ) -> GenerationStream: ...
+
+@final
+class ConversionJob:
+    def __new__(
+        cls,
+        source: str | PathLike[str],
+        out: str | PathLike[str],
+        *,
+        default: tuple[int, int] | None,
+        modules: Mapping[str, tuple[int, int]],
+        float_dtype: str,
+        max_shard_bytes: int,
+        format: str = "mlx",
+    ) -> ConversionJob: ...
+    def wait(self, timeout: float) -> bool: ...
+    def progress(self) -> tuple[int, int]: ...
+    def cancel(self) -> None: ...
+    def result(self) -> str: ...
+
+def inspect_source(path: str | PathLike[str]) -> str: ...
+def affine_quantize(
+    data: bytes, rows: int, cols: int, bits: int, group_size: int, dtype: str
+) -> tuple[bytes, bytes, bytes]: ...

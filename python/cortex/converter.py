@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -32,11 +32,11 @@ from .exceptions import CancelledError, CortexError, ModelNotFoundError
 from .models import cortex_home
 
 __all__ = [
+    "SUPPORTED_CHIPS",
     "ConversionConfig",
     "ConversionFormat",
     "MLXConverter",
     "QuantizationRecipe",
-    "SUPPORTED_CHIPS",
 ]
 
 #: mlx-lm's largest shard.
@@ -72,7 +72,7 @@ _RECIPE_BITS = {
 
 #: The original mixed-precision rule: critical layers at higher precision, attention and
 #: MLP projections at the standard width, everything else float.
-DEFAULT_MIXED_PRECISION: Dict[str, Any] = {
+DEFAULT_MIXED_PRECISION: dict[str, Any] = {
     "critical_layers": ["lm_head", "embed_tokens", "wte", "wpe"],
     "critical_bits": 6,
     "standard_bits": 4,
@@ -94,7 +94,7 @@ class ConversionConfig:
     source_format: ConversionFormat = ConversionFormat.HUGGINGFACE
     quantization: QuantizationRecipe = QuantizationRecipe.SPEED_4BIT
     group_size: int = 64
-    mixed_precision_config: Optional[Dict[str, Any]] = None
+    mixed_precision_config: dict[str, Any] | None = None
     cache_converted: bool = True
     validate_conversion: bool = True
     use_amx: bool = True
@@ -103,7 +103,7 @@ class ConversionConfig:
 
 
 # Memory bandwidth (GB/s) and GPU cores of Apple chips, recorded by `optimize_for_chip`.
-SUPPORTED_CHIPS: Dict[str, Dict[str, int]] = {
+SUPPORTED_CHIPS: dict[str, dict[str, int]] = {
     "m1": {"gpu_cores": 8, "memory_bandwidth_gbps": 68},
     "m1_pro": {"gpu_cores": 16, "memory_bandwidth_gbps": 200},
     "m1_max": {"gpu_cores": 32, "memory_bandwidth_gbps": 400},
@@ -147,7 +147,7 @@ _VALIDATION_TEXT = (
 
 
 class _WeightView:
-    def __init__(self, shape: Tuple[int, ...]):
+    def __init__(self, shape: tuple[int, ...]):
         self.shape = shape
 
 
@@ -155,7 +155,7 @@ class _ModuleView:
     """What a 3-argument predicate ``(path, module, config)`` receives: an object with
     ``weight.shape`` and ``to_quantized``, enough for the predicates mlx-lm users write."""
 
-    def __init__(self, path: str, shape: Tuple[int, ...]):
+    def __init__(self, path: str, shape: tuple[int, ...]):
         self.path = path
         self.weight = _WeightView(shape)
 
@@ -166,10 +166,10 @@ class _ModuleView:
         return f"Module({self.path!r}, weight.shape={self.weight.shape})"
 
 
-Predicate = Callable[..., Union[bool, Dict[str, int]]]
+Predicate = Callable[..., Union[bool, dict[str, int]]]
 
 
-def _call_predicate(pred: Predicate, path: str, shape: Tuple[int, ...], config: Dict[str, Any]) -> Any:
+def _call_predicate(pred: Predicate, path: str, shape: tuple[int, ...], config: dict[str, Any]) -> Any:
     try:
         n = len(inspect.signature(pred).parameters)
     except (TypeError, ValueError):
@@ -180,11 +180,11 @@ def _call_predicate(pred: Predicate, path: str, shape: Tuple[int, ...], config: 
 
 
 def make_plan(
-    tensors: List[Tuple[str, List[int], str]],
+    tensors: list[tuple[str, list[int], str]],
     config: ConversionConfig,
-    model_config: Dict[str, Any],
-    bits_override: Optional[int] = None,
-) -> Tuple[Optional[Tuple[int, int]], Dict[str, Tuple[int, int]]]:
+    model_config: dict[str, Any],
+    bits_override: int | None = None,
+) -> tuple[tuple[int, int] | None, dict[str, tuple[int, int]]]:
     """The default ``(bits, group)`` and the quantized modules with theirs.
 
     Candidates are 2-D ``*.weight`` tensors whose rows split into whole groups (mlx-lm's rule
@@ -198,19 +198,19 @@ def make_plan(
     if predicate is not None and not callable(predicate):
         raise ValueError("mixed_precision_config['predicate'] must be callable")
     if recipe is QuantizationRecipe.MIXED_PRECISION:
-        default_bits: Optional[int] = int(mp["standard_bits"])
+        default_bits: int | None = int(mp["standard_bits"])
     else:
         default_bits = _RECIPE_BITS.get(recipe)
     if bits_override is not None:
         default_bits = bits_override
     if default_bits is None and predicate is None:
         return None, {}
-    modules: Dict[str, Tuple[int, int]] = {}
+    modules: dict[str, tuple[int, int]] = {}
     for name, shape, _stored in tensors:
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         module = name[: -len(".weight")]
-        chosen: Optional[Tuple[int, int]] = None
+        chosen: tuple[int, int] | None = None
         if recipe is QuantizationRecipe.MIXED_PRECISION and bits_override is None:
             leaf = module.split(".")[-1]
             if any(c == leaf or c in module.split(".") for c in mp["critical_layers"]):
@@ -298,13 +298,13 @@ def _progress_bar(total: int, desc: str) -> Any:
 def run_conversion(
     source: Path,
     out: Path,
-    default: Optional[Tuple[int, int]],
-    modules: Dict[str, Tuple[int, int]],
+    default: tuple[int, int] | None,
+    modules: dict[str, tuple[int, int]],
     float_dtype: str,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     show_progress: bool = True,
     output_format: str = "mlx",
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Runs the Rust conversion into the existing directory ``out`` (MLX) or the file ``out``
     (GGUF) with a progress bar; Ctrl-C cancels it (the worker stops at the next tensor) and
     re-raises."""
@@ -325,7 +325,7 @@ def run_conversion(
                 bar = _progress_bar(total, "converting")
             if bar is not None:
                 bar.update(done - bar.n)
-        report: Dict[str, Any] = json.loads(job.result())
+        report: dict[str, Any] = json.loads(job.result())
         if bar is not None:
             bar.update(bar.total - bar.n)
         return report
@@ -347,14 +347,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))  # type: ignore[no-any-return]
 
 
-def validate(output: Path, source: Optional[Path]) -> Dict[str, Any]:
+def validate(output: Path, source: Path | None) -> dict[str, Any]:
     """Loads the converted model and measures it against the source on a fixed text of at
     least 256 tokens: mean KL(source ‖ converted) of next-token distributions and top-1
     agreement. Raises ``CortexError`` for a load failure, a broken tokenizer or NaN logits."""
     converted = _core.load_model(output)
     vocab = int(converted.config["vocab_size"])
     try:
-        tokenizer: Optional[_core.Tokenizer] = _core.load_tokenizer(output)
+        tokenizer: _core.Tokenizer | None = _core.load_tokenizer(output)
     except ModelNotFoundError:
         tokenizer = None  # weights without tokenizer files
     tokenizer_ok = tokenizer is not None
@@ -370,7 +370,7 @@ def validate(output: Path, source: Optional[Path]) -> Dict[str, Any]:
     got = converted.forward(ids, all_positions=True)
     if not np.isfinite(got).all():
         raise CortexError("the converted model produces NaN or infinite logits")
-    quality: Dict[str, Any] = {"tokens": len(ids), "tokenizer": tokenizer_ok}
+    quality: dict[str, Any] = {"tokens": len(ids), "tokenizer": tokenizer_ok}
     if source is not None:
         try:
             reference = _core.load_model(source).forward(ids, all_positions=True)
@@ -397,7 +397,7 @@ class MLXConverter:
             (``$CORTEX_HOME/mlx_models``).
     """
 
-    def __init__(self, cache_dir: Optional[Union[str, Path]] = None):
+    def __init__(self, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cortex_home() / "mlx_models"
         self.cache_file = self.cache_dir / "conversion_cache.json"
 
@@ -405,9 +405,9 @@ class MLXConverter:
     def convert_model(
         self,
         source_path: str,
-        output_name: Optional[str] = None,
-        config: Optional[ConversionConfig] = None,
-    ) -> Tuple[bool, str, Optional[Path]]:
+        output_name: str | None = None,
+        config: ConversionConfig | None = None,
+    ) -> tuple[bool, str, Path | None]:
         """Converts ``source_path`` (a local folder or file, or a repo id in the local Hugging
         Face cache) and returns ``(ok, message, output_path)``; failures give
         ``(False, message, None)`` and leave nothing that looks like a finished model."""
@@ -425,10 +425,10 @@ class MLXConverter:
         source_path: str,
         output: Path,
         config: ConversionConfig,
-        bits_override: Optional[int] = None,
+        bits_override: int | None = None,
         max_shard_bytes: int = MAX_SHARD_BYTES,
         show_progress: bool = True,
-    ) -> Tuple[bool, str, Optional[Path]]:
+    ) -> tuple[bool, str, Path | None]:
         if config.output_format not in ("mlx", "gguf"):
             raise ValueError(f"output_format must be 'mlx' or 'gguf', got {config.output_format!r}")
         if config.group_size not in (32, 64, 128):
@@ -445,7 +445,7 @@ class MLXConverter:
             return existing
         info = json.loads(_core.inspect_source(source))
         default, modules = make_plan(
-            [tuple(t) for t in info["tensors"]],  # type: ignore[misc]
+            [(t[0], t[1], t[2]) for t in info["tensors"]],
             config,
             info["config"],
             bits_override,
@@ -466,7 +466,7 @@ class MLXConverter:
                 show_progress,
                 config.output_format,
             )
-            quality: Dict[str, Any] = {}
+            quality: dict[str, Any] = {}
             if config.validate_conversion:
                 quality = validate(tmp, source)
             bits = sorted({b for b, _ in modules.values()})
@@ -514,16 +514,19 @@ class MLXConverter:
                 f"; validation over {quality['tokens']} tokens: mean KL {quality['mean_kl']:.4f}, "
                 f"top-1 agreement {quality['top1_agreement']:.1%}"
             )
+        what = f"{default[0]}-bit, group {default[1]}" if default else "float"
+        if config.quantization is QuantizationRecipe.MIXED_PRECISION:
+            what = f"mixed {'/'.join(map(str, bits))}-bit, group {config.group_size}"
         message = (
-            f"Converted {source_path} to {out_abs} ({config.quantization.value}, group "
-            f"{config.group_size}, {report['bits_per_weight']:.2f} bits/weight, {size_mb:.1f} MB) in "
+            f"Converted {source_path} to {out_abs} ({what}, "
+            f"{report['bits_per_weight']:.2f} bits/weight, {size_mb:.1f} MB) in "
             f"{record['duration_s']:.1f} s{quality_text}"
         )
         return True, message, out_abs
 
     def _check_existing(
-        self, out: Path, src: Path, config: ConversionConfig, bits_override: Optional[int]
-    ) -> Optional[Tuple[bool, str, Optional[Path]]]:
+        self, out: Path, src: Path, config: ConversionConfig, bits_override: int | None
+    ) -> tuple[bool, str, Path | None] | None:
         """Reuses a valid existing output of the same conversion; refuses a different one."""
         if not out.exists():
             return None
@@ -543,10 +546,15 @@ class MLXConverter:
         }
         mismatch = [f"{k} {record.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if record.get(k) != v]
         if mismatch:
-            return False, (
-                f"{out} already holds a different conversion: " + ", ".join(mismatch)
-                + "; choose another output name"
-            ), None
+            return (
+                False,
+                (
+                    f"{out} already holds a different conversion: "
+                    + ", ".join(mismatch)
+                    + "; choose another output name"
+                ),
+                None,
+            )
         if not config.cache_converted:
             return None  # same conversion, but the caller asked for a fresh one
         if not (out / "config.json").is_file():
@@ -561,17 +569,17 @@ class MLXConverter:
         tmp.write_text(json.dumps(cache, indent=2))
         os.replace(tmp, self.cache_file)
 
-    def _read_cache(self) -> Dict[str, Any]:
+    def _read_cache(self) -> dict[str, Any]:
         try:
             data = json.loads(self.cache_file.read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, json.JSONDecodeError):
             return {}
 
-    def list_converted_models(self) -> Dict[str, Dict[str, Any]]:
+    def list_converted_models(self) -> dict[str, dict[str, Any]]:
         """Converted models in the cache directory: name → path, size_gb, bits, recipe,
         group_size, use_amx (the flag it was converted with), source."""
-        models: Dict[str, Dict[str, Any]] = {}
+        models: dict[str, dict[str, Any]] = {}
         if not self.cache_dir.is_dir():
             return models
         for d in sorted(self.cache_dir.iterdir()):
@@ -593,7 +601,7 @@ class MLXConverter:
             }
         return models
 
-    def optimize_for_chip(self, model_path: Union[str, Path], chip: str) -> bool:
+    def optimize_for_chip(self, model_path: str | Path, chip: str) -> bool:
         """Records ``chip_optimization`` (the chip's name, GPU cores and memory bandwidth) in
         the model's ``config.json``, for MLX runtimes on that Apple chip. Raises ``ValueError``
         for an unknown chip and ``FileNotFoundError`` when there is no config.json."""
@@ -622,9 +630,9 @@ def _remove_stale_temporaries(out: Path) -> None:
             continue
 
 
-def quantize_affine(w: np.ndarray, bits: int = 4, group_size: int = 64, dtype: str = "float32") -> Tuple[
-    np.ndarray, np.ndarray, np.ndarray
-]:
+def quantize_affine(
+    w: np.ndarray, bits: int = 4, group_size: int = 64, dtype: str = "float32"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MLX affine quantization of a 2-D float matrix, bit-exact with ``mx.quantize``:
     returns ``(packed uint32 [rows, cols*bits/32], scales, biases [rows, cols/group])``, scales
     and biases in ``dtype`` (bfloat16 as its uint16 bit patterns, since numpy has no bf16)."""

@@ -55,18 +55,36 @@ fn model_metadata(source: &Source, name: &str) -> Vec<(String, Value)> {
     let arch = c.model_type.clone();
     let k = |s: &str| format!("{arch}.{s}");
     let mut m = vec![
-        ("general.architecture".to_string(), Value::String(arch.clone())),
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.clone()),
+        ),
         ("general.name".into(), Value::String(name.to_string())),
         ("general.quantization_version".into(), Value::U32(2)),
-        (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+        (
+            k("context_length"),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
         (k("embedding_length"), Value::U32(c.hidden_size as u32)),
         (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
-        (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
-        (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
-        (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+        (
+            k("feed_forward_length"),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            k("attention.head_count"),
+            Value::U32(c.num_attention_heads as u32),
+        ),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(c.num_key_value_heads as u32),
+        ),
         (k("attention.key_length"), Value::U32(c.head_dim as u32)),
         (k("attention.value_length"), Value::U32(c.head_dim as u32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
         (k("rope.freq_base"), Value::F32(c.rope_theta)),
         (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
         (k("vocab_size"), Value::U32(c.vocab_size as u32)),
@@ -85,9 +103,16 @@ fn model_metadata(source: &Source, name: &str) -> Vec<(String, Value)> {
 /// `tokenizer.json` (llama.cpp's `gpt2` tokenizer model).
 fn tokenizer_metadata(source: &Source) -> Result<Vec<(String, Value)>> {
     if let Some(g) = source.gguf_file() {
-        let mut keys: Vec<&String> = g.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
+        let mut keys: Vec<&String> = g
+            .metadata
+            .keys()
+            .filter(|k| k.starts_with("tokenizer."))
+            .collect();
         keys.sort();
-        return Ok(keys.into_iter().map(|k| (k.clone(), g.metadata[k].clone())).collect());
+        return Ok(keys
+            .into_iter()
+            .map(|k| (k.clone(), g.metadata[k].clone()))
+            .collect());
     }
     let path = source.path.join("tokenizer.json");
     if !path.is_file() {
@@ -107,7 +132,9 @@ fn tokenizer_metadata(source: &Source) -> Result<Vec<(String, Value)>> {
             path.display()
         )));
     }
-    let vocab = model["vocab"].as_object().ok_or_else(|| Error::Tokenizer("tokenizer.json has no model.vocab".into()))?;
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| Error::Tokenizer("tokenizer.json has no model.vocab".into()))?;
     let mut tokens: Vec<Option<String>> = vec![None; source.model.vocab_size];
     let mut types = vec![1i32; source.model.vocab_size]; // 1 = normal
     let mut place = |id: u64, tok: &str, ty: i32| {
@@ -120,7 +147,9 @@ fn tokenizer_metadata(source: &Source) -> Result<Vec<(String, Value)>> {
         place(id.as_u64().unwrap_or(u64::MAX), tok, 1);
     }
     for added in json["added_tokens"].as_array().into_iter().flatten() {
-        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else { continue };
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
         // 3 = control (special), 4 = user-defined.
         place(id, content, if added["special"] == true { 3 } else { 4 });
     }
@@ -136,16 +165,24 @@ fn tokenizer_metadata(source: &Source) -> Result<Vec<(String, Value)>> {
         .flatten()
         .filter_map(|m| match m {
             serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            serde_json::Value::Array(p) => {
+                Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+            }
             _ => None,
         })
         .map(Value::String)
         .collect();
     let mut m = vec![
-        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
         ("tokenizer.ggml.pre".into(), Value::String("default".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.merges".into(), Value::Array(merges)),
     ];
     let tok = crate::tokenizer::Tokenizer::from_dir(&source.path)?;
@@ -156,13 +193,19 @@ fn tokenizer_metadata(source: &Source) -> Result<Vec<(String, Value)>> {
         m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
     }
     if tok.eos_token_ids.len() > 1 {
-        m.push(("tokenizer.ggml.eos_token_ids".into(), u32s(tok.eos_token_ids.iter().copied())));
+        m.push((
+            "tokenizer.ggml.eos_token_ids".into(),
+            u32s(tok.eos_token_ids.iter().copied()),
+        ));
     }
     let config_path = source.path.join("tokenizer_config.json");
     if let Ok(text) = std::fs::read_to_string(&config_path) {
         if let Ok(cfg) = serde_json::from_str::<serde_json::Value>(&text) {
             if let Some(t) = cfg["chat_template"].as_str() {
-                m.push(("tokenizer.chat_template".into(), Value::String(t.to_string())));
+                m.push((
+                    "tokenizer.chat_template".into(),
+                    Value::String(t.to_string()),
+                ));
             }
             if let Some(b) = cfg["add_bos_token"].as_bool() {
                 m.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(b)));
@@ -186,7 +229,11 @@ pub fn convert_gguf(
     for t in &source.tensors {
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
         let name = gguf_name(module, family).ok_or_else(|| {
-            Error::format(&source.path, None, format!("tensor '{}' has no GGUF name for {family}", t.name))
+            Error::format(
+                &source.path,
+                None,
+                format!("tensor '{}' has no GGUF name for {family}", t.name),
+            )
         })?;
         let dtype = match (plan.modules.get(module), t.shape.len()) {
             (Some(&(bits, _)), 2) => ggml_type_for(bits, t.shape[1]),
@@ -194,7 +241,11 @@ pub fn convert_gguf(
             _ if plan.float_dtype == Dtype::F32 => GgmlDType::F32,
             _ => GgmlDType::F16,
         };
-        specs.push(GgufTensorSpec { name: format!("{name}.weight"), dims: t.shape.clone(), dtype });
+        specs.push(GgufTensorSpec {
+            name: format!("{name}.weight"),
+            dims: t.shape.clone(),
+            dtype,
+        });
     }
     let name = source
         .path
@@ -229,13 +280,15 @@ pub fn convert_gguf(
         }
         let data = to_gguf_layout(source, t, source.read(t)?);
         let bytes = match (&data, spec.dtype) {
-            (TensorData::Affine(a), GgmlDType::Q4_1 | GgmlDType::Q5_1) => match ggml::from_affine(a) {
-                Some((ty, bytes)) if ty == spec.dtype => {
-                    report.lossless = true;
-                    Some(bytes)
+            (TensorData::Affine(a), GgmlDType::Q4_1 | GgmlDType::Q5_1) => {
+                match ggml::from_affine(a) {
+                    Some((ty, bytes)) if ty == spec.dtype => {
+                        report.lossless = true;
+                        Some(bytes)
+                    }
+                    _ => None,
                 }
-                _ => None,
-            },
+            }
             _ => None,
         };
         let bytes = match bytes {
@@ -245,13 +298,20 @@ pub fn convert_gguf(
                 let tensor = Tensor::from_vec(values.clone(), spec.dims.clone(), &Device::Cpu)?;
                 let q = QTensor::quantize(&tensor, spec.dtype)?;
                 if spec.dtype != GgmlDType::F32 {
-                    let back = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    let back = q
+                        .dequantize(&Device::Cpu)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
                     let (mut err, mut norm) = (0f64, 0f64);
                     for (x, y) in values.iter().zip(&back) {
                         err += f64::from(x - y).powi(2);
                         norm += f64::from(*x).powi(2);
                     }
-                    report.relative_rmse = Some(if norm > 0.0 { (err / norm).sqrt() } else { err.sqrt() });
+                    report.relative_rmse = Some(if norm > 0.0 {
+                        (err / norm).sqrt()
+                    } else {
+                        err.sqrt()
+                    });
                     report.lossless = err == 0.0;
                 } else {
                     report.lossless = true;
@@ -264,10 +324,16 @@ pub fn convert_gguf(
         Ok(bytes)
     })?;
     let total_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    let num_parameters: usize = source.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let num_parameters: usize = source
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     Ok(Report {
         tensors: reports,
-        files: vec![out.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())],
+        files: vec![out
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())],
         total_bytes,
         num_parameters,
         bits_per_weight: total_bytes as f64 * 8.0 / num_parameters.max(1) as f64,
@@ -280,7 +346,9 @@ fn to_gguf_layout(source: &Source, t: &super::SourceTensor, data: TensorData) ->
     let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
     let family = source.model.model_type.as_str();
     let mut data = data;
-    if family != "gemma3" && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj")) {
+    if family != "gemma3"
+        && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
+    {
         let hd = source.model.head_dim;
         // GGUF row `h·d + 2i + j` is HF row `h·d + j·d/2 + i`.
         let perm: Vec<usize> = (0..t.shape[0])

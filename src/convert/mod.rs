@@ -77,16 +77,27 @@ fn scale_dtype(d: Dtype) -> ScaleDType {
 /// Checks the plan against the source: every planned module exists, is a matrix, and its
 /// rows split into whole groups.
 pub fn check_plan(source: &Source, plan: &Plan) -> Result<()> {
-    let by_name: HashMap<&str, &SourceTensor> =
-        source.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: HashMap<&str, &SourceTensor> = source
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     for (module, &(bits, group)) in &plan.modules {
-        let t = by_name.get(format!("{module}.weight").as_str()).ok_or_else(|| {
-            Error::param("mixed_precision_config", format!("module '{module}' is not in the model"))
-        })?;
+        let t = by_name
+            .get(format!("{module}.weight").as_str())
+            .ok_or_else(|| {
+                Error::param(
+                    "mixed_precision_config",
+                    format!("module '{module}' is not in the model"),
+                )
+            })?;
         if t.shape.len() != 2 {
             return Err(Error::param(
                 "mixed_precision_config",
-                format!("'{module}' has shape {:?}; only matrices are quantized", t.shape),
+                format!(
+                    "'{module}' has shape {:?}; only matrices are quantized",
+                    t.shape
+                ),
             ));
         }
         check_params(bits, group, t.shape[1])
@@ -109,9 +120,15 @@ fn quantize(
         TensorData::Affine(a)
             if a.bits == bits
                 && a.group_size == group
-                && a.scales.iter().chain(&a.biases).all(|&x| dtype.round(x) == x) =>
+                && a.scales
+                    .iter()
+                    .chain(&a.biases)
+                    .all(|&x| dtype.round(x) == x) =>
         {
-            let a = AffineMatrix { scale_dtype: dtype, ..a };
+            let a = AffineMatrix {
+                scale_dtype: dtype,
+                ..a
+            };
             Ok((a, true, 0.0))
         }
         other => {
@@ -123,7 +140,11 @@ fn quantize(
                 err += f64::from(x - y).powi(2);
                 norm += f64::from(*x).powi(2);
             }
-            let rel = if norm > 0.0 { (err / norm).sqrt() } else { err.sqrt() };
+            let rel = if norm > 0.0 {
+                (err / norm).sqrt()
+            } else {
+                err.sqrt()
+            };
             Ok((a, false, rel))
         }
     }
@@ -149,11 +170,39 @@ pub fn convert_mlx(
             Some((m, (bits, group))) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let sd = plan.float_dtype;
-                specs.push((TensorSpec { name: format!("{m}.biases"), dtype: sd, shape: vec![rows, cols / group] }, i));
-                specs.push((TensorSpec { name: format!("{m}.scales"), dtype: sd, shape: vec![rows, cols / group] }, i));
-                specs.push((TensorSpec { name: t.name.clone(), dtype: Dtype::U32, shape: vec![rows, cols * bits as usize / 32] }, i));
+                specs.push((
+                    TensorSpec {
+                        name: format!("{m}.biases"),
+                        dtype: sd,
+                        shape: vec![rows, cols / group],
+                    },
+                    i,
+                ));
+                specs.push((
+                    TensorSpec {
+                        name: format!("{m}.scales"),
+                        dtype: sd,
+                        shape: vec![rows, cols / group],
+                    },
+                    i,
+                ));
+                specs.push((
+                    TensorSpec {
+                        name: t.name.clone(),
+                        dtype: Dtype::U32,
+                        shape: vec![rows, cols * bits as usize / 32],
+                    },
+                    i,
+                ));
             }
-            None => specs.push((TensorSpec { name: t.name.clone(), dtype: plan.float_dtype, shape: t.shape.clone() }, i)),
+            None => specs.push((
+                TensorSpec {
+                    name: t.name.clone(),
+                    dtype: plan.float_dtype,
+                    shape: t.shape.clone(),
+                },
+                i,
+            )),
         }
     }
     specs.sort_by(|a, b| a.0.name.cmp(&b.0.name));
@@ -172,9 +221,17 @@ pub fn convert_mlx(
     }
     let n = shards.len();
     let names: Vec<String> = (0..n)
-        .map(|s| if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{n:05}.safetensors", s + 1) })
+        .map(|s| {
+            if n == 1 {
+                "model.safetensors".into()
+            } else {
+                format!("model-{:05}-of-{n:05}.safetensors", s + 1)
+            }
+        })
         .collect();
-    progress.total.store(source.tensors.len(), Ordering::Relaxed);
+    progress
+        .total
+        .store(source.tensors.len(), Ordering::Relaxed);
     progress.done.store(0, Ordering::Relaxed);
 
     let mut reports: Vec<TensorReport> = Vec::new();
@@ -197,14 +254,30 @@ pub fn convert_mlx(
                 None => {
                     let values = source.read(t)?.to_f32();
                     let lossless = values.iter().all(|&x| dtype.round(x) == x || x.is_nan());
-                    reports.push(TensorReport { name: t.name.clone(), shape: t.shape.clone(), source: t.stored.clone(), bits: None, group_size: None, lossless, relative_rmse: None });
+                    reports.push(TensorReport {
+                        name: t.name.clone(),
+                        shape: t.shape.clone(),
+                        source: t.stored.clone(),
+                        bits: None,
+                        group_size: None,
+                        lossless,
+                        relative_rmse: None,
+                    });
                     progress.done.fetch_add(1, Ordering::Relaxed);
                     Ok(encode_float(&values, plan.float_dtype))
                 }
                 Some(&(bits, group)) => {
                     if !pending.contains_key(i) {
                         let (a, lossless, rel) = quantize(source.read(t)?, t, bits, group, dtype)?;
-                        reports.push(TensorReport { name: t.name.clone(), shape: t.shape.clone(), source: t.stored.clone(), bits: Some(bits), group_size: Some(group), lossless, relative_rmse: Some(rel) });
+                        reports.push(TensorReport {
+                            name: t.name.clone(),
+                            shape: t.shape.clone(),
+                            source: t.stored.clone(),
+                            bits: Some(bits),
+                            group_size: Some(group),
+                            lossless,
+                            relative_rmse: Some(rel),
+                        });
                         pending.insert(*i, a);
                     }
                     let a = &pending[i];
@@ -224,7 +297,11 @@ pub fn convert_mlx(
         })?;
     }
     let total_bytes: u64 = specs.iter().map(|(s, _)| s.nbytes()).sum();
-    let num_parameters: usize = source.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let num_parameters: usize = source
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     let index = serde_json::json!({
         "metadata": {"total_size": total_bytes, "total_parameters": num_parameters},
         "weight_map": weight_map,
@@ -250,10 +327,15 @@ pub fn convert_mlx(
 /// bits or group size differ from it.
 fn output_config(source: &Source, plan: &Plan) -> serde_json::Value {
     let mut config = source.config.clone();
-    let map = config.as_object_mut().expect("config.json is an object (checked at open)");
+    let map = config
+        .as_object_mut()
+        .expect("config.json is an object (checked at open)");
     map.remove("quantization");
     map.remove("quantization_config");
-    map.insert("torch_dtype".into(), source::torch_dtype_name(plan.float_dtype).into());
+    map.insert(
+        "torch_dtype".into(),
+        source::torch_dtype_name(plan.float_dtype).into(),
+    );
     if let Some((bits, group)) = plan.default {
         let mut q = serde_json::json!({"group_size": group, "bits": bits, "mode": "affine"});
         for (module, &(b, g)) in &plan.modules {

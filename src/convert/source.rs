@@ -48,7 +48,10 @@ impl TensorData {
 enum Kind {
     Gguf(GgufFile),
     Folder(FolderWeights),
-    Pytorch(Vec<candle_core::pickle::PthTensors>, BTreeMap<String, usize>),
+    Pytorch(
+        Vec<candle_core::pickle::PthTensors>,
+        BTreeMap<String, usize>,
+    ),
 }
 
 pub struct Source {
@@ -104,15 +107,27 @@ fn hf_config(cfg: &ModelConfig, tok: Option<&Tokenizer>) -> serde_json::Value {
     let m = c.as_object_mut().expect("literal object");
     if gemma {
         m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
-        m.insert("query_pre_attn_scalar".into(), json!(cfg.query_pre_attn_scalar));
+        m.insert(
+            "query_pre_attn_scalar".into(),
+            json!(cfg.query_pre_attn_scalar),
+        );
         m.insert("sliding_window".into(), json!(cfg.sliding_window));
-        m.insert("sliding_window_pattern".into(), json!(cfg.sliding_window_pattern));
-        m.insert("rope_local_base_freq".into(), json!(cfg.rope_local_base_freq));
+        m.insert(
+            "sliding_window_pattern".into(),
+            json!(cfg.sliding_window_pattern),
+        );
+        m.insert(
+            "rope_local_base_freq".into(),
+            json!(cfg.rope_local_base_freq),
+        );
     } else {
         m.insert("hidden_act".into(), json!("silu"));
     }
     if let Some(crate::model::config::RopeScaling::Linear { factor }) = cfg.rope_scaling {
-        m.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": factor}));
+        m.insert(
+            "rope_scaling".into(),
+            json!({"rope_type": "linear", "factor": factor}),
+        );
     }
     if let Some(t) = tok {
         m.insert("bos_token_id".into(), json!(t.bos_token_id));
@@ -197,10 +212,16 @@ impl Source {
             if quantized {
                 let m = module.unwrap_or_default();
                 let (bits, group) = folder.quant.for_module(m).ok_or_else(|| {
-                    Error::config("quantization", format!("'{m}' is quantized but config.json has no 'quantization'"))
+                    Error::config(
+                        "quantization",
+                        format!("'{m}' is quantized but config.json has no 'quantization'"),
+                    )
                 })?;
                 let entry = folder.file_of(&name)?.get(&name)?.clone();
-                let scales = folder.file_of(&format!("{m}.scales"))?.get(&format!("{m}.scales"))?.clone();
+                let scales = folder
+                    .file_of(&format!("{m}.scales"))?
+                    .get(&format!("{m}.scales"))?
+                    .clone();
                 float_dtype.get_or_insert(scales.dtype);
                 let cols = entry.shape.last().copied().unwrap_or(0) * 32 / bits as usize;
                 tensors.push(SourceTensor {
@@ -218,14 +239,27 @@ impl Source {
             }
             let entry = folder.file_of(&name)?.get(&name)?.clone();
             if !entry.dtype.is_float() {
-                return Err(Error::format(&folder.file_of(&name)?.path, None, format!(
-                    "tensor '{name}' has dtype {} and is not a quantized module's weight", entry.dtype
-                )));
+                return Err(Error::format(
+                    &folder.file_of(&name)?.path,
+                    None,
+                    format!(
+                        "tensor '{name}' has dtype {} and is not a quantized module's weight",
+                        entry.dtype
+                    ),
+                ));
             }
             float_dtype.get_or_insert(entry.dtype);
-            tensors.push(SourceTensor { name, shape: entry.shape.clone(), stored: entry.dtype.to_string() });
+            tensors.push(SourceTensor {
+                name,
+                shape: entry.shape.clone(),
+                stored: entry.dtype.to_string(),
+            });
         }
-        let torch = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(|d| d.as_str()).and_then(dtype_of_torch);
+        let torch = config
+            .get("torch_dtype")
+            .or_else(|| config.get("dtype"))
+            .and_then(|d| d.as_str())
+            .and_then(dtype_of_torch);
         let is_mlx = config.get("quantization").is_some();
         Ok(Source {
             path: path.to_path_buf(),
@@ -241,7 +275,8 @@ impl Source {
     fn pytorch(path: &Path, config: serde_json::Value, model: ModelConfig) -> Result<Self> {
         let index_path = path.join("pytorch_model.bin.index.json");
         let files: Vec<PathBuf> = if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(&index_path, None, format!("invalid JSON: {e}")))?;
             let mut names: Vec<String> = json
@@ -262,28 +297,42 @@ impl Source {
         } else {
             return Err(Error::ModelNotFound {
                 path: path.to_path_buf(),
-                message: "no weights (model.safetensors, pytorch_model.bin or a .gguf) in directory".into(),
+                message:
+                    "no weights (model.safetensors, pytorch_model.bin or a .gguf) in directory"
+                        .into(),
             });
         };
         let mut readers = Vec::new();
         let mut index = BTreeMap::new();
         let mut tensors = Vec::new();
         for (i, f) in files.iter().enumerate() {
-            let r = candle_core::pickle::PthTensors::new(f, None)
-                .map_err(|e| Error::format(f, None, format!("not a readable PyTorch checkpoint: {e}")))?;
+            let r = candle_core::pickle::PthTensors::new(f, None).map_err(|e| {
+                Error::format(f, None, format!("not a readable PyTorch checkpoint: {e}"))
+            })?;
             for (name, info) in r.tensor_infos() {
                 if name.ends_with("rotary_emb.inv_freq") {
                     continue;
                 }
                 if index.insert(name.clone(), i).is_some() {
-                    return Err(Error::format(f, None, format!("tensor '{name}' appears in two checkpoint files")));
+                    return Err(Error::format(
+                        f,
+                        None,
+                        format!("tensor '{name}' appears in two checkpoint files"),
+                    ));
                 }
-                tensors.push(SourceTensor { name: name.clone(), shape: info.layout.shape().dims().to_vec(), stored: format!("{:?}", info.dtype) });
+                tensors.push(SourceTensor {
+                    name: name.clone(),
+                    shape: info.layout.shape().dims().to_vec(),
+                    stored: format!("{:?}", info.dtype),
+                });
             }
             readers.push(r);
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let torch = config.get("torch_dtype").and_then(|d| d.as_str()).and_then(dtype_of_torch);
+        let torch = config
+            .get("torch_dtype")
+            .and_then(|d| d.as_str())
+            .and_then(dtype_of_torch);
         Ok(Source {
             path: path.to_path_buf(),
             format: "pytorch",
@@ -299,16 +348,24 @@ impl Source {
     pub fn read(&self, t: &SourceTensor) -> Result<TensorData> {
         match &self.kind {
             Kind::Folder(folder) => match t.name.strip_suffix(".weight") {
-                Some(m) if folder.is_quantized(m) => Ok(TensorData::Affine(folder.affine(m, t.shape[0], t.shape[1])?)),
+                Some(m) if folder.is_quantized(m) => Ok(TensorData::Affine(
+                    folder.affine(m, t.shape[0], t.shape[1])?,
+                )),
                 _ => Ok(TensorData::Float(folder.dense_f32(&t.name, &t.shape)?)),
             },
             Kind::Pytorch(readers, index) => {
                 let r = &readers[index[&t.name]];
                 let tensor = r
                     .get(&t.name)
-                    .map_err(|e| Error::format(&self.path, None, format!("reading '{}': {e}", t.name)))?
-                    .ok_or_else(|| Error::format(&self.path, None, format!("tensor '{}' is missing", t.name)))?;
-                Ok(TensorData::Float(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+                    .map_err(|e| {
+                        Error::format(&self.path, None, format!("reading '{}': {e}", t.name))
+                    })?
+                    .ok_or_else(|| {
+                        Error::format(&self.path, None, format!("tensor '{}' is missing", t.name))
+                    })?;
+                Ok(TensorData::Float(
+                    tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                ))
             }
             Kind::Gguf(gguf) => self.read_gguf(gguf, t),
         }
@@ -317,20 +374,27 @@ impl Source {
     fn read_gguf(&self, gguf: &GgufFile, t: &SourceTensor) -> Result<TensorData> {
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
         let family = self.model.model_type.as_str();
-        let gname = format!("{}.weight", crate::model::weights::gguf_name(module, family).unwrap_or_default());
+        let gname = format!(
+            "{}.weight",
+            crate::model::weights::gguf_name(module, family).unwrap_or_default()
+        );
         let q = gguf.tensor(&gname, &Device::Cpu)?;
         let dims = t.shape.clone();
         let mut data = match (dims.as_slice(), ggml::affine_bits(q.dtype())) {
             ([rows, cols], Some(_)) => {
                 let a = ggml::to_affine(q.dtype(), &q.data()?, *rows, *cols)?;
-                TensorData::Affine(a.ok_or_else(|| Error::Engine("affine conversion refused".into()))?)
+                TensorData::Affine(
+                    a.ok_or_else(|| Error::Engine("affine conversion refused".into()))?,
+                )
             }
             _ => TensorData::Float(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
         };
         // llama.cpp permutes llama-family q/k rows so that RoPE rotates adjacent pairs; HF
         // rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF matrix is row
         // `h·d + 2i + j` of the GGUF one.
-        if self.model.rope_interleaved && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj")) {
+        if self.model.rope_interleaved
+            && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
+        {
             let hd = self.model.head_dim;
             let perm: Vec<usize> = (0..dims[0])
                 .map(|r| {
@@ -360,7 +424,9 @@ impl Source {
 
     /// The stored blocks of `t` when the source is GGUF (llama.cpp layout, unconverted).
     pub fn gguf_tensor(&self, t: &SourceTensor) -> Result<Option<candle_core::quantized::QTensor>> {
-        let Some(g) = self.gguf_file() else { return Ok(None) };
+        let Some(g) = self.gguf_file() else {
+            return Ok(None);
+        };
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
         match crate::model::weights::gguf_name(module, &self.model.model_type) {
             Some(name) => Ok(Some(g.tensor(&format!("{name}.weight"), &Device::Cpu)?)),
@@ -376,10 +442,11 @@ impl Source {
         match &self.kind {
             Kind::Gguf(gguf) => {
                 let tok = Tokenizer::from_gguf(gguf)?;
-                let files = tok.hf_files(gguf.get("tokenizer.chat_template").and_then(|v| match v {
-                    candle_core::quantized::gguf_file::Value::String(s) => Some(s.as_str()),
-                    _ => None,
-                }))?;
+                let files =
+                    tok.hf_files(gguf.get("tokenizer.chat_template").and_then(|v| match v {
+                        candle_core::quantized::gguf_file::Value::String(s) => Some(s.as_str()),
+                        _ => None,
+                    }))?;
                 for (name, text) in files {
                     let p = out.join(&name);
                     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
@@ -416,13 +483,18 @@ impl Source {
 /// Reorders the rows of a `[rows, cols]` tensor: row `r` of the result is row `perm[r]`.
 pub(crate) fn permute_rows(data: TensorData, perm: &[usize], cols: usize) -> TensorData {
     let gather = |v: &[f32], width: usize| -> Vec<f32> {
-        perm.iter().flat_map(|&p| v[p * width..(p + 1) * width].iter().copied()).collect()
+        perm.iter()
+            .flat_map(|&p| v[p * width..(p + 1) * width].iter().copied())
+            .collect()
     };
     match data {
         TensorData::Float(v) => TensorData::Float(gather(&v, cols)),
         TensorData::Affine(mut a) => {
             let (w, g) = (a.words_per_row(), a.groups_per_row());
-            a.packed = perm.iter().flat_map(|&p| a.packed[p * w..(p + 1) * w].iter().copied()).collect();
+            a.packed = perm
+                .iter()
+                .flat_map(|&p| a.packed[p * w..(p + 1) * w].iter().copied())
+                .collect();
             a.scales = gather(&a.scales, g);
             a.biases = gather(&a.biases, g);
             TensorData::Affine(a)

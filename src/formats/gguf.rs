@@ -499,11 +499,14 @@ pub fn write_gguf(
     };
     w.write_all(b"GGUF").map_err(io)?;
     w.write_all(&3u32.to_le_bytes()).map_err(io)?;
-    w.write_all(&(specs.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&(metadata.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(specs.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&(metadata.len() as u64).to_le_bytes())
+        .map_err(io)?;
     for (key, value) in metadata {
         string(&mut w, key).map_err(io)?;
-        w.write_all(&value_type_id(value.value_type()).to_le_bytes()).map_err(io)?;
+        w.write_all(&value_type_id(value.value_type()).to_le_bytes())
+            .map_err(io)?;
         write_value(&mut w, value).map_err(io)?;
     }
     let mut offset = 0u64;
@@ -517,11 +520,13 @@ pub fn write_gguf(
     }
     for s in specs {
         string(&mut w, &s.name).map_err(io)?;
-        w.write_all(&(s.dims.len() as u32).to_le_bytes()).map_err(io)?;
+        w.write_all(&(s.dims.len() as u32).to_le_bytes())
+            .map_err(io)?;
         for &d in s.dims.iter().rev() {
             w.write_all(&(d as u64).to_le_bytes()).map_err(io)?;
         }
-        w.write_all(&ggml_type_id(s.dtype).to_le_bytes()).map_err(io)?;
+        w.write_all(&ggml_type_id(s.dtype).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&offset.to_le_bytes()).map_err(io)?;
         pos += 8 + s.name.len() as u64 + 4 + 8 * s.dims.len() as u64 + 4 + 8;
         offset = (offset + s.nbytes()).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
@@ -547,7 +552,9 @@ pub fn write_gguf(
             pad(&mut w, bytes.len() as u64).map_err(io)?;
         }
     }
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().map_err(io)
 }
 

@@ -117,7 +117,10 @@ impl<'de> Deserialize<'de> for RawHeader {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
                 let mut seen = HashSet::new();
                 let mut entries = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
@@ -147,10 +150,15 @@ impl SafetensorsFile {
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let err = |offset: Option<u64>, msg: String| Error::format(path, offset, msg);
         if file_len < 8 {
-            return Err(err(None, format!("{file_len} bytes is too short for a safetensors file")));
+            return Err(err(
+                None,
+                format!("{file_len} bytes is too short for a safetensors file"),
+            ));
         }
         let mut len_bytes = [0u8; 8];
-        (&file).read_exact(&mut len_bytes).map_err(|e| Error::io(path, e))?;
+        (&file)
+            .read_exact(&mut len_bytes)
+            .map_err(|e| Error::io(path, e))?;
         let n = u64::from_le_bytes(len_bytes);
         if n > MAX_HEADER || n > file_len - 8 {
             return Err(err(
@@ -159,7 +167,8 @@ impl SafetensorsFile {
             ));
         }
         let mut header = vec![0u8; n as usize];
-        file.read_exact_at(&mut header, 8).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut header, 8)
+            .map_err(|e| Error::io(path, e))?;
         let header = std::str::from_utf8(&header)
             .map_err(|e| err(Some(8), format!("header is not UTF-8: {e}")))?;
         let raw: RawHeader = serde_json::from_str(header.trim_end_matches(' '))
@@ -170,18 +179,29 @@ impl SafetensorsFile {
         let mut metadata = BTreeMap::new();
         for (name, value) in raw.0 {
             if name == "__metadata__" {
-                metadata = serde_json::from_value(value)
-                    .map_err(|e| err(Some(8), format!("__metadata__ must map strings to strings: {e}")))?;
+                metadata = serde_json::from_value(value).map_err(|e| {
+                    err(
+                        Some(8),
+                        format!("__metadata__ must map strings to strings: {e}"),
+                    )
+                })?;
                 continue;
             }
             let e: RawEntry = serde_json::from_value(value)
                 .map_err(|e| err(Some(8), format!("tensor '{name}': {e}")))?;
             let dtype = Dtype::from_name(&e.dtype).ok_or_else(|| {
-                err(Some(8), format!(
-                    "tensor '{name}' has dtype {:?}; supported: {}",
-                    e.dtype,
-                    Dtype::ALL.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
-                ))
+                err(
+                    Some(8),
+                    format!(
+                        "tensor '{name}' has dtype {:?}; supported: {}",
+                        e.dtype,
+                        Dtype::ALL
+                            .iter()
+                            .map(|(_, n)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
             })?;
             let (start, end) = e.data_offsets;
             let bytes = e
@@ -199,8 +219,21 @@ impl SafetensorsFile {
                 .iter()
                 .map(|&d| usize::try_from(d))
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|_| err(Some(8), format!("tensor '{name}': shape {:?} overflows", e.shape)))?;
-            tensors.insert(name, TensorEntry { dtype, shape, start, end });
+                .map_err(|_| {
+                    err(
+                        Some(8),
+                        format!("tensor '{name}': shape {:?} overflows", e.shape),
+                    )
+                })?;
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype,
+                    shape,
+                    start,
+                    end,
+                },
+            );
         }
         // The byte ranges must tile the data section: no overlap, no hole, nothing after.
         let mut ranges: Vec<(&String, &TensorEntry)> = tensors.iter().collect();
@@ -208,11 +241,14 @@ impl SafetensorsFile {
         let mut pos = 0u64;
         for (name, t) in ranges {
             if t.start != pos {
-                return Err(err(Some(data_start + t.start), format!(
-                    "tensor '{name}' starts at {} but the previous tensor ends at {pos} ({})",
-                    t.start,
-                    if t.start < pos { "overlap" } else { "hole" }
-                )));
+                return Err(err(
+                    Some(data_start + t.start),
+                    format!(
+                        "tensor '{name}' starts at {} but the previous tensor ends at {pos} ({})",
+                        t.start,
+                        if t.start < pos { "overlap" } else { "hole" }
+                    ),
+                ));
             }
             pos = t.end;
         }
@@ -240,12 +276,20 @@ impl SafetensorsFile {
     /// The raw little-endian bytes of `name`.
     pub fn bytes(&self, name: &str) -> Result<Vec<u8>> {
         let t = self.get(name)?;
-        let now = self.file.metadata().map_err(|e| Error::io(&self.path, e))?.len();
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
         if now != self.file_len {
-            return Err(Error::format(&self.path, None, format!(
-                "file changed size while open ({} → {now} bytes); it is being rewritten",
-                self.file_len
-            )));
+            return Err(Error::format(
+                &self.path,
+                None,
+                format!(
+                    "file changed size while open ({} → {now} bytes); it is being rewritten",
+                    self.file_len
+                ),
+            ));
         }
         let mut buf = vec![0u8; (t.end - t.start) as usize];
         self.file
@@ -259,13 +303,24 @@ impl SafetensorsFile {
         let dtype = self.get(name)?.dtype;
         let b = self.bytes(name)?;
         Ok(match dtype {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
-                return Err(Error::format(&self.path, None, format!(
-                    "tensor '{name}' has dtype {other}, expected a float type"
-                )))
+                return Err(Error::format(
+                    &self.path,
+                    None,
+                    format!("tensor '{name}' has dtype {other}, expected a float type"),
+                ))
             }
         })
     }
@@ -274,9 +329,13 @@ impl SafetensorsFile {
     pub fn u32s(&self, name: &str) -> Result<Vec<u32>> {
         let dtype = self.get(name)?.dtype;
         if dtype != Dtype::U32 {
-            return Err(Error::format(&self.path, None, format!(
-                "tensor '{name}' has dtype {dtype}, expected U32 (packed quantized weights)"
-            )));
+            return Err(Error::format(
+                &self.path,
+                None,
+                format!(
+                    "tensor '{name}' has dtype {dtype}, expected U32 (packed quantized weights)"
+                ),
+            ));
         }
         Ok(self
             .bytes(name)?
@@ -311,7 +370,10 @@ pub fn write(
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(json_err)?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(json_err)?,
+        );
     }
     let mut offset = 0u64;
     for s in specs {
@@ -328,7 +390,8 @@ pub fn write(
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let io = |e| Error::io(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&header).map_err(io)?;
     for (i, s) in specs.iter().enumerate() {
         let bytes = data(i)?;
@@ -344,7 +407,9 @@ pub fn write(
         }
         w.write_all(&bytes).map_err(io)?;
     }
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().map_err(io)?;
     Ok(())
 }
@@ -363,8 +428,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.safetensors");
         let specs = vec![
-            TensorSpec { name: "b".into(), dtype: Dtype::F32, shape: vec![2, 3] },
-            TensorSpec { name: "a".into(), dtype: Dtype::U32, shape: vec![1] },
+            TensorSpec {
+                name: "b".into(),
+                dtype: Dtype::F32,
+                shape: vec![2, 3],
+            },
+            TensorSpec {
+                name: "a".into(),
+                dtype: Dtype::U32,
+                shape: vec![1],
+            },
         ];
         let meta = BTreeMap::from([("format".to_string(), "mlx".to_string())]);
         write(&path, &specs, &meta, |i| {

@@ -424,7 +424,10 @@ impl ModelConfig {
                 } else {
                     model_type.to_string()
                 },
-                supported: SUPPORTED_MODEL_TYPES.iter().map(|(t, _)| t.to_string()).collect(),
+                supported: SUPPORTED_MODEL_TYPES
+                    .iter()
+                    .map(|(t, _)| t.to_string())
+                    .collect(),
             })?;
         let gemma3 = family == "gemma3";
         let hidden_size = f.usize("hidden_size", MAX_HIDDEN)?;
@@ -447,7 +450,9 @@ impl ModelConfig {
             None => {
                 return Err(Error::config(
                     "num_attention_heads",
-                    format!("hidden_size {hidden_size} is not divisible by {num_attention_heads} heads"),
+                    format!(
+                        "hidden_size {hidden_size} is not divisible by {num_attention_heads} heads"
+                    ),
                 ))
             }
         };
@@ -472,7 +477,10 @@ impl ModelConfig {
         }
         let rope_theta = f.f64_or("rope_theta", if gemma3 { 1_000_000.0 } else { 10_000.0 })?;
         if rope_theta <= 1.0 {
-            return Err(Error::config("rope_theta", format!("{rope_theta} must be greater than 1")));
+            return Err(Error::config(
+                "rope_theta",
+                format!("{rope_theta} must be greater than 1"),
+            ));
         }
         let rope_scaling = match map.get("rope_scaling") {
             None | Some(serde_json::Value::Null) => None,
@@ -486,28 +494,39 @@ impl ModelConfig {
                 match (ty, factor) {
                     ("default", _) => None,
                     ("linear", Some(factor)) if factor > 0.0 && factor.is_finite() => {
-                        (factor != 1.0).then_some(RopeScaling::Linear { factor: factor as f32 })
+                        (factor != 1.0).then_some(RopeScaling::Linear {
+                            factor: factor as f32,
+                        })
                     }
                     _ => {
                         return Err(Error::config(
                             "rope_scaling",
-                            format!("{v} is not supported (supported: linear with a positive factor)"),
+                            format!(
+                                "{v} is not supported (supported: linear with a positive factor)"
+                            ),
                         ))
                     }
                 }
             }
         };
-        let act_field = if gemma3 { "hidden_activation" } else { "hidden_act" };
-        let hidden_act = match f.str_or(act_field, if gemma3 { "gelu_pytorch_tanh" } else { "silu" })? {
-            "silu" | "swish" => Activation::Silu,
-            "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluPytorchTanh,
-            other => {
-                return Err(Error::config(
-                    act_field,
-                    format!("activation '{other}' is not supported (supported: silu, gelu_pytorch_tanh)"),
-                ))
-            }
+        let act_field = if gemma3 {
+            "hidden_activation"
+        } else {
+            "hidden_act"
         };
+        let hidden_act =
+            match f.str_or(act_field, if gemma3 { "gelu_pytorch_tanh" } else { "silu" })? {
+                "silu" | "swish" => Activation::Silu,
+                "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluPytorchTanh,
+                other => {
+                    return Err(Error::config(
+                        act_field,
+                        format!(
+                    "activation '{other}' is not supported (supported: silu, gelu_pytorch_tanh)"
+                ),
+                    ))
+                }
+            };
         let sliding_window = match f.opt_usize("sliding_window")? {
             Some(w) => Some(check_range("sliding_window", w, MAX_CONTEXT)?),
             None if gemma3 => Some(4096),

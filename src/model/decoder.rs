@@ -266,7 +266,10 @@ impl Decoder {
                 context_length: cache.max_len,
             });
         }
-        let mut x = self.embed_tokens.forward(tokens, &self.device)?.unsqueeze(0)?; // [1, t, d]
+        let mut x = self
+            .embed_tokens
+            .forward(tokens, &self.device)?
+            .unsqueeze(0)?; // [1, t, d]
         if self.config.scale_embeddings {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
             x = (x * f64::from((self.config.hidden_size as f32).sqrt()))?;

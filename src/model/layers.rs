@@ -91,7 +91,9 @@ impl Embedding {
     /// `ids: [t]` → `[t, d]` f32.
     pub fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match &self.0 {
-            Weight::Ggml(q) => Ok(q.embedding(&Tensor::new(ids, device)?)?.to_dtype(DType::F32)?),
+            Weight::Ggml(q) => Ok(q
+                .embedding(&Tensor::new(ids, device)?)?
+                .to_dtype(DType::F32)?),
             Weight::Dense(t) => Ok(t.embedding(&Tensor::new(ids, device)?)?),
             Weight::Affine(a) => {
                 let mut out = vec![0f32; ids.len() * a.cols];

@@ -3,8 +3,8 @@
 //! its data is read, so a mismatched file fails at load with the tensor's name rather than
 //! as an index error in the first forward pass.
 
-use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
@@ -114,8 +114,11 @@ fn build_decoder(
         cfg.intermediate_size,
     );
     let eps = cfg.rms_norm_eps;
-    let norm = |m: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(src.vector(m, dim)?, eps)) };
-    let linear = |m: &str, out: usize, inp: usize| -> Result<Linear> { Linear::new(src.matrix(m, out, inp)?) };
+    let norm =
+        |m: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(src.vector(m, dim)?, eps)) };
+    let linear = |m: &str, out: usize, inp: usize| -> Result<Linear> {
+        Linear::new(src.matrix(m, out, inp)?)
+    };
 
     let embed_tokens = src.matrix("model.embed_tokens", cfg.vocab_size, d)?;
     let lm_head = if src.has("lm_head") {
@@ -143,7 +146,11 @@ fn build_decoder(
         };
         // The llama family has one norm before the MLP, which HF calls
         // `post_attention_layernorm`; Gemma's is `pre_feedforward_layernorm`.
-        let pre_mlp_norm = if cfg.sandwich_norms { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+        let pre_mlp_norm = if cfg.sandwich_norms {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
         layers.push(Block {
             input_layernorm: norm(&p("input_layernorm"), d)?,
             self_attn: Attention {
@@ -159,7 +166,11 @@ fn build_decoder(
                 scale: 1.0 / cfg.query_pre_attn_scalar.sqrt(),
                 local,
             },
-            post_attention_layernorm: optional_norm("post_attention_layernorm", d, cfg.sandwich_norms)?,
+            post_attention_layernorm: optional_norm(
+                "post_attention_layernorm",
+                d,
+                cfg.sandwich_norms,
+            )?,
             pre_feedforward_layernorm: norm(&p(pre_mlp_norm), d)?,
             mlp: Mlp {
                 gate_proj: linear(&p("mlp.gate_proj"), inter, d)?,
@@ -167,7 +178,11 @@ fn build_decoder(
                 down_proj: linear(&p("mlp.down_proj"), d, inter)?,
                 act: cfg.hidden_act,
             },
-            post_feedforward_layernorm: optional_norm("post_feedforward_layernorm", d, cfg.sandwich_norms)?,
+            post_feedforward_layernorm: optional_norm(
+                "post_feedforward_layernorm",
+                d,
+                cfg.sandwich_norms,
+            )?,
         });
     }
     let final_norm = norm("model.norm", d)?;
@@ -175,7 +190,13 @@ fn build_decoder(
         Some(RopeScaling::Linear { factor }) => factor,
         _ => 1.0,
     };
-    let rope = Rope::new(hd, cfg.rope_theta, rope_factors, position_scale, cfg.rope_interleaved);
+    let rope = Rope::new(
+        hd,
+        cfg.rope_theta,
+        rope_factors,
+        position_scale,
+        cfg.rope_interleaved,
+    );
     let local_rope = match (cfg.rope_local_base_freq, cfg.sliding_window) {
         (Some(base), _) => Some(Rope::new(hd, base, None, 1.0, cfg.rope_interleaved)),
         (None, Some(_)) => Some(rope.clone()),
@@ -195,14 +216,24 @@ fn build_decoder(
 
 fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
     let cfg = ModelConfig::from_gguf(gguf)?;
-    let src = GgufWeights { gguf, family: &cfg.model_type, device };
+    let src = GgufWeights {
+        gguf,
+        family: &cfg.model_type,
+        device,
+    };
     let rope_factors = match cfg.rope_scaling {
         Some(RopeScaling::Llama3) => {
             let factors = dense(&gguf.tensor("rope_freqs.weight", device)?, device)?;
             if factors.dims() != [cfg.head_dim / 2] {
-                return Err(Error::format(&gguf.path, None, format!(
-                    "tensor 'rope_freqs.weight' has shape {:?}, expected [{}]", factors.dims(), cfg.head_dim / 2
-                )));
+                return Err(Error::format(
+                    &gguf.path,
+                    None,
+                    format!(
+                        "tensor 'rope_freqs.weight' has shape {:?}, expected [{}]",
+                        factors.dims(),
+                        cfg.head_dim / 2
+                    ),
+                ));
             }
             Some(factors.to_vec1::<f32>()?)
         }
@@ -215,7 +246,13 @@ fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
         .map(|t| t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
         .sum();
     let decoder = build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
-    Ok(Model { config: cfg, path: gguf.path.clone(), num_parameters, weight_bytes, decoder })
+    Ok(Model {
+        config: cfg,
+        path: gguf.path.clone(),
+        num_parameters,
+        weight_bytes,
+        decoder,
+    })
 }
 
 /// Reads and parses `dir/config.json`.
@@ -228,7 +265,8 @@ pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
         },
         _ => Error::io(&path, e),
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::config("config.json", format!("invalid JSON: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::config("config.json", format!("invalid JSON: {e}")))
 }
 
 fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
@@ -237,9 +275,24 @@ fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
     let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
     let src = FolderWeights::open(dir, &json, norm_offset)?;
     let num_parameters = src.num_parameters();
-    let weight_bytes = src.files.iter().map(|f| f.tensors.values().map(|t| (t.end - t.start) as usize).sum::<usize>()).sum();
+    let weight_bytes = src
+        .files
+        .iter()
+        .map(|f| {
+            f.tensors
+                .values()
+                .map(|t| (t.end - t.start) as usize)
+                .sum::<usize>()
+        })
+        .sum();
     let decoder = build_decoder(cfg.clone(), &src, None, device)?;
-    Ok(Model { config: cfg, path: dir.to_path_buf(), num_parameters, weight_bytes, decoder })
+    Ok(Model {
+        config: cfg,
+        path: dir.to_path_buf(),
+        num_parameters,
+        weight_bytes,
+        decoder,
+    })
 }
 
 /// What a reference resolves to.
@@ -263,7 +316,9 @@ fn locate(reference: &Path) -> Result<ModelFiles> {
 fn has_safetensors(dir: &Path) -> bool {
     dir.join("model.safetensors.index.json").is_file()
         || std::fs::read_dir(dir).is_ok_and(|entries| {
-            entries.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            entries
+                .filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
         })
 }
 
@@ -285,11 +340,15 @@ pub fn load_model(reference: &Path) -> Result<Model> {
 /// directory that has one, else the GGUF metadata.
 fn tokenizer_for(reference: &Path, files: &ModelFiles) -> Result<Tokenizer> {
     match files {
-        _ if reference.is_dir() && reference.join("tokenizer.json").is_file() => Tokenizer::from_dir(reference),
+        _ if reference.is_dir() && reference.join("tokenizer.json").is_file() => {
+            Tokenizer::from_dir(reference)
+        }
         ModelFiles::Gguf(path) => Tokenizer::from_gguf(&GgufFile::open(path)?),
         ModelFiles::Folder(dir) => Err(Error::ModelNotFound {
             path: dir.clone(),
-            message: "no tokenizer.json in the model folder (cortex.load_model loads weights alone)".into(),
+            message:
+                "no tokenizer.json in the model folder (cortex.load_model loads weights alone)"
+                    .into(),
         }),
     }
 }

@@ -67,7 +67,10 @@ pub fn hf_module(gguf_tensor: &str, family: &str, num_layers: usize) -> Option<S
         "model.norm".into(),
         "lm_head".into(),
     ];
-    if let Some(c) = candidates.iter().find(|c| gguf_name(c, family).as_deref() == Some(base)) {
+    if let Some(c) = candidates
+        .iter()
+        .find(|c| gguf_name(c, family).as_deref() == Some(base))
+    {
         return Some(c.clone());
     }
     let layer: usize = base.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
@@ -131,13 +134,22 @@ impl GgufWeights<'_> {
             .ok_or_else(|| Error::Engine(format!("no GGUF name for module '{module}'")))
     }
 
-    fn get(&self, module: &str, expected: &[usize]) -> Result<Arc<candle_core::quantized::QTensor>> {
+    fn get(
+        &self,
+        module: &str,
+        expected: &[usize],
+    ) -> Result<Arc<candle_core::quantized::QTensor>> {
         let name = self.name(module)?;
         let info = self.gguf.tensors.get(&name).ok_or_else(|| {
             Error::format(&self.gguf.path, None, format!("tensor '{name}' is missing"))
         })?;
         if info.shape.dims() != expected {
-            return Err(shape_error(&self.gguf.path, &name, info.shape.dims(), expected));
+            return Err(shape_error(
+                &self.gguf.path,
+                &name,
+                info.shape.dims(),
+                expected,
+            ));
         }
         Ok(Arc::new(self.gguf.tensor(&name, self.device)?))
     }
@@ -162,7 +174,11 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn num_parameters(&self) -> usize {
-        self.gguf.tensors.values().map(|t| t.shape.elem_count()).sum()
+        self.gguf
+            .tensors
+            .values()
+            .map(|t| t.shape.elem_count())
+            .sum()
     }
 }
 
@@ -176,20 +192,27 @@ pub struct QuantConfig {
 
 impl QuantConfig {
     pub fn from_config_json(config: &serde_json::Value) -> Result<Self> {
-        let Some(q) = config.get("quantization").or_else(|| config.get("quantization_config")) else {
+        let Some(q) = config
+            .get("quantization")
+            .or_else(|| config.get("quantization_config"))
+        else {
             return Ok(QuantConfig::default());
         };
         let q = q
             .as_object()
             .ok_or_else(|| Error::config("quantization", "expected an object"))?;
-        let pair = |field: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(u32, usize)> {
-            let bits = v.get("bits").and_then(|b| b.as_u64());
-            let group = v.get("group_size").and_then(|g| g.as_u64());
-            match (bits, group) {
-                (Some(b), Some(g)) => Ok((b as u32, g as usize)),
-                _ => Err(Error::config(field, "needs integer 'bits' and 'group_size'")),
-            }
-        };
+        let pair =
+            |field: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(u32, usize)> {
+                let bits = v.get("bits").and_then(|b| b.as_u64());
+                let group = v.get("group_size").and_then(|g| g.as_u64());
+                match (bits, group) {
+                    (Some(b), Some(g)) => Ok((b as u32, g as usize)),
+                    _ => Err(Error::config(
+                        field,
+                        "needs integer 'bits' and 'group_size'",
+                    )),
+                }
+            };
         if let Some(mode) = q.get("mode").and_then(|m| m.as_str()) {
             if mode != "affine" {
                 return Err(Error::config(
@@ -258,7 +281,8 @@ impl FolderWeights {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(&index_path, None, format!("invalid JSON: {e}")))?;
             let map = json
@@ -269,7 +293,11 @@ impl FolderWeights {
             let mut wanted: Vec<(String, String)> = Vec::new();
             for (tensor, shard) in map {
                 let shard = shard.as_str().ok_or_else(|| {
-                    Error::format(&index_path, None, format!("weight_map['{tensor}'] is not a string"))
+                    Error::format(
+                        &index_path,
+                        None,
+                        format!("weight_map['{tensor}'] is not a string"),
+                    )
                 })?;
                 shard_path(dir, &index_path, shard)?;
                 let next = shard_ids.len();
@@ -374,22 +402,27 @@ impl FolderWeights {
                 format!("'{module}' is quantized but config.json has no 'quantization' settings"),
             )
         })?;
-        crate::quant::affine::check_params(bits, group, inp).map_err(|e| {
-            Error::config(format!("quantization.{module}"), e.to_string())
-        })?;
+        crate::quant::affine::check_params(bits, group, inp)
+            .map_err(|e| Error::config(format!("quantization.{module}"), e.to_string()))?;
         let (w, s, b) = (
             format!("{module}.weight"),
             format!("{module}.scales"),
             format!("{module}.biases"),
         );
-        let packed = self.checked(&w, &[out, inp * bits as usize / 32])?.u32s(&w)?;
+        let packed = self
+            .checked(&w, &[out, inp * bits as usize / 32])?
+            .u32s(&w)?;
         let sf = self.checked(&s, &[out, inp / group])?;
         let scale_dtype = match sf.get(&s)?.dtype {
             Dtype::F32 => ScaleDType::F32,
             Dtype::F16 => ScaleDType::F16,
             Dtype::BF16 => ScaleDType::BF16,
             other => {
-                return Err(Error::format(&sf.path, None, format!("tensor '{s}' has dtype {other}, expected a float type")))
+                return Err(Error::format(
+                    &sf.path,
+                    None,
+                    format!("tensor '{s}' has dtype {other}, expected a float type"),
+                ))
             }
         };
         let scales = sf.f32s(&s)?;
@@ -418,7 +451,11 @@ impl WeightSource for FolderWeights {
         }
         let name = format!("{module}.weight");
         let values = self.dense_f32(&name, &[out, inp])?;
-        Ok(Weight::Dense(Tensor::from_vec(values, (out, inp), &self.device)?))
+        Ok(Weight::Dense(Tensor::from_vec(
+            values,
+            (out, inp),
+            &self.device,
+        )?))
     }
 
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor> {
@@ -437,7 +474,10 @@ impl WeightSource for FolderWeights {
             .filter(|n| n.ends_with(".weight"))
             .map(|n| {
                 let module = &n[..n.len() - ".weight".len()];
-                let numel = self.file_of(n).and_then(|f| f.get(n).map(|t| t.numel())).unwrap_or(0);
+                let numel = self
+                    .file_of(n)
+                    .and_then(|f| f.get(n).map(|t| t.numel()))
+                    .unwrap_or(0);
                 match (self.is_quantized(module), self.quant.for_module(module)) {
                     (true, Some((bits, _))) => numel * 32 / bits as usize,
                     _ => numel,

@@ -26,7 +26,10 @@ fn dtype_from(name: &str) -> Result<Dtype, Error> {
         "float32" => Ok(Dtype::F32),
         "float16" => Ok(Dtype::F16),
         "bfloat16" => Ok(Dtype::BF16),
-        other => Err(Error::param("dtype", format!("'{other}' is not one of float32, float16, bfloat16"))),
+        other => Err(Error::param(
+            "dtype",
+            format!("'{other}' is not one of float32, float16, bfloat16"),
+        )),
     }
 }
 
@@ -36,7 +39,11 @@ fn dtype_from(name: &str) -> Result<Dtype, Error> {
 pub fn inspect_source(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     run_detached(py, move || {
         let s = Source::open(&path)?;
-        let tensors: Vec<_> = s.tensors.iter().map(|t| (&t.name, &t.shape, &t.stored)).collect();
+        let tensors: Vec<_> = s
+            .tensors
+            .iter()
+            .map(|t| (&t.name, &t.shape, &t.stored))
+            .collect();
         Ok(serde_json::json!({
             "format": s.format,
             "config": s.config,
@@ -78,9 +85,20 @@ impl PyConversionJob {
         let gguf = match format {
             "mlx" => false,
             "gguf" => true,
-            other => return Err(Error::param("output_format", format!("'{other}' is not one of mlx, gguf")).into()),
+            other => {
+                return Err(Error::param(
+                    "output_format",
+                    format!("'{other}' is not one of mlx, gguf"),
+                )
+                .into())
+            }
         };
-        let plan = Plan { default, modules, float_dtype: dtype_from(float_dtype)?, max_shard_bytes };
+        let plan = Plan {
+            default,
+            modules,
+            float_dtype: dtype_from(float_dtype)?,
+            max_shard_bytes,
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Progress::default());
         let done: Arc<(Mutex<Outcome>, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
@@ -104,7 +122,12 @@ impl PyConversionJob {
                 d.1.notify_all();
             })
             .map_err(|e| Error::Engine(format!("could not start the conversion thread: {e}")))?;
-        Ok(PyConversionJob { cancel, progress, done, thread: Mutex::new(Some(thread)) })
+        Ok(PyConversionJob {
+            cancel,
+            progress,
+            done,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// Waits up to `timeout` seconds (GIL released); True once the job has ended.
@@ -113,7 +136,8 @@ impl PyConversionJob {
         py.detach(move || {
             let mut g = done.0.lock();
             if g.is_none() {
-                done.1.wait_for(&mut g, Duration::from_secs_f64(timeout.max(0.0)));
+                done.1
+                    .wait_for(&mut g, Duration::from_secs_f64(timeout.max(0.0)));
             }
             g.is_some()
         })
@@ -121,7 +145,10 @@ impl PyConversionJob {
 
     /// `(tensors done, tensors in all)`.
     fn progress(&self) -> (usize, usize) {
-        (self.progress.done.load(Ordering::Relaxed), self.progress.total.load(Ordering::Relaxed))
+        (
+            self.progress.done.load(Ordering::Relaxed),
+            self.progress.total.load(Ordering::Relaxed),
+        )
     }
 
     /// Asks the job to stop at the next tensor; it then ends with `CancelledError`.
@@ -149,16 +176,48 @@ impl PyConversionJob {
 /// and message.
 fn clone_error(e: &Error) -> Error {
     match e {
-        Error::ModelNotFound { path, message } => Error::ModelNotFound { path: path.clone(), message: message.clone() },
-        Error::ModelFormat { path, offset, message } => Error::ModelFormat { path: path.clone(), offset: *offset, message: message.clone() },
-        Error::UnsupportedArchitecture { architecture, supported } => Error::UnsupportedArchitecture { architecture: architecture.clone(), supported: supported.clone() },
-        Error::Config { field, message } => Error::Config { field: field.clone(), message: message.clone() },
+        Error::ModelNotFound { path, message } => Error::ModelNotFound {
+            path: path.clone(),
+            message: message.clone(),
+        },
+        Error::ModelFormat {
+            path,
+            offset,
+            message,
+        } => Error::ModelFormat {
+            path: path.clone(),
+            offset: *offset,
+            message: message.clone(),
+        },
+        Error::UnsupportedArchitecture {
+            architecture,
+            supported,
+        } => Error::UnsupportedArchitecture {
+            architecture: architecture.clone(),
+            supported: supported.clone(),
+        },
+        Error::Config { field, message } => Error::Config {
+            field: field.clone(),
+            message: message.clone(),
+        },
         Error::Tokenizer(m) => Error::Tokenizer(m.clone()),
         Error::Template(m) => Error::Template(m.clone()),
-        Error::InvalidParam { param, message } => Error::InvalidParam { param: param.clone(), message: message.clone() },
-        Error::ContextLength { prompt_tokens, context_length } => Error::ContextLength { prompt_tokens: *prompt_tokens, context_length: *context_length },
+        Error::InvalidParam { param, message } => Error::InvalidParam {
+            param: param.clone(),
+            message: message.clone(),
+        },
+        Error::ContextLength {
+            prompt_tokens,
+            context_length,
+        } => Error::ContextLength {
+            prompt_tokens: *prompt_tokens,
+            context_length: *context_length,
+        },
         Error::Cancelled => Error::Cancelled,
-        Error::Io { path, source } => Error::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) },
+        Error::Io { path, source } => Error::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
         Error::Engine(m) => Error::Engine(m.clone()),
         Error::Candle(c) => Error::Engine(c.to_string()),
     }
@@ -175,17 +234,34 @@ pub fn affine_quantize<'py>(
     bits: u32,
     group_size: usize,
     dtype: &str,
-) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+) -> PyResult<(
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+)> {
     let sd = match dtype_from(dtype)? {
         Dtype::F16 => ScaleDType::F16,
         Dtype::BF16 => ScaleDType::BF16,
         _ => ScaleDType::F32,
     };
     if data.len() != rows * cols * 4 {
-        return Err(Error::param("data", format!("{} bytes for [{rows}, {cols}] f32", data.len())).into());
+        return Err(Error::param(
+            "data",
+            format!("{} bytes for [{rows}, {cols}] f32", data.len()),
+        )
+        .into());
     }
-    let w: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let a = run_detached(py, move || AffineMatrix::quantize(&w, rows, cols, bits, group_size, sd))?;
+    let w: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let a = run_detached(py, move || {
+        AffineMatrix::quantize(&w, rows, cols, bits, group_size, sd)
+    })?;
     let packed: Vec<u8> = a.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
-    Ok((PyBytes::new(py, &packed), PyBytes::new(py, &sd.encode(&a.scales)), PyBytes::new(py, &sd.encode(&a.biases))))
+    Ok((
+        PyBytes::new(py, &packed),
+        PyBytes::new(py, &sd.encode(&a.scales)),
+        PyBytes::new(py, &sd.encode(&a.biases)),
+    ))
 }

@@ -281,29 +281,27 @@ impl AffineMatrix {
         let xsum: Vec<f32> = x.chunks(gs).map(|c| c.iter().sum()).collect();
         // Results column by column (`[n, m]`), transposed at the end.
         let mut cols = vec![0f32; n * m];
-        cols.par_chunks_mut(m)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; k],
-                |q, (j, out)| {
-                    let codes = self.codes(j);
-                    for (qf, &c) in q.iter_mut().zip(&codes) {
-                        *qf = f32::from(c);
+        cols.par_chunks_mut(m).enumerate().for_each_init(
+            || vec![0f32; k],
+            |q, (j, out)| {
+                let codes = self.codes(j);
+                for (qf, &c) in q.iter_mut().zip(&codes) {
+                    *qf = f32::from(c);
+                }
+                let scales = &self.scales[j * groups..(j + 1) * groups];
+                let biases = &self.biases[j * groups..(j + 1) * groups];
+                for (i, o) in out.iter_mut().enumerate() {
+                    let xi = &x[i * k..(i + 1) * k];
+                    let mut acc = 0f32;
+                    for g in 0..groups {
+                        let r = g * gs..(g + 1) * gs;
+                        acc += scales[g] * dot(&q[r.clone()], &xi[r])
+                            + biases[g] * xsum[i * groups + g];
                     }
-                    let scales = &self.scales[j * groups..(j + 1) * groups];
-                    let biases = &self.biases[j * groups..(j + 1) * groups];
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let xi = &x[i * k..(i + 1) * k];
-                        let mut acc = 0f32;
-                        for g in 0..groups {
-                            let r = g * gs..(g + 1) * gs;
-                            acc += scales[g] * dot(&q[r.clone()], &xi[r])
-                                + biases[g] * xsum[i * groups + g];
-                        }
-                        *o = acc;
-                    }
-                },
-            );
+                    *o = acc;
+                }
+            },
+        );
         let mut out = vec![0f32; m * n];
         for (j, col) in cols.chunks(m).enumerate() {
             for (i, &v) in col.iter().enumerate() {

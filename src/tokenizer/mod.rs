@@ -194,14 +194,18 @@ impl Tokenizer {
     /// does), `tokenizer_config.json` (special tokens, `chat_template`) and
     /// `generation_config.json` (every end-of-generation id).
     pub fn hf_files(&self, chat_template: Option<&str>) -> Result<Vec<(String, String)>> {
-        let err = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("serialising tokenizer.json: {e}"));
-        let mut json: Json = serde_json::from_str(&self.inner.to_string(false).map_err(|e| err(&e))?)
-            .map_err(|e| err(&e))?;
+        let err = |e: &dyn std::fmt::Display| {
+            Error::Tokenizer(format!("serialising tokenizer.json: {e}"))
+        };
+        let mut json: Json =
+            serde_json::from_str(&self.inner.to_string(false).map_err(|e| err(&e))?)
+                .map_err(|e| err(&e))?;
         let text = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
         let bos = text(self.bos_token_id);
         let eos = text(self.eos_token_ids.first().copied());
         if let (true, Some(bos), Some(bos_id)) = (self.add_bos, &bos, self.bos_token_id) {
-            let special = |type_id: u32| serde_json::json!({"SpecialToken": {"id": bos, "type_id": type_id}});
+            let special =
+                |type_id: u32| serde_json::json!({"SpecialToken": {"id": bos, "type_id": type_id}});
             let seq = |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
             let template = serde_json::json!({
                 "type": "TemplateProcessing",
@@ -221,7 +225,9 @@ impl Tokenizer {
         // Check the result loads before anyone else relies on it.
         tokenizer_json
             .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| Error::Tokenizer(format!("generated tokenizer.json does not load: {e}")))?;
+            .map_err(|e| {
+                Error::Tokenizer(format!("generated tokenizer.json does not load: {e}"))
+            })?;
         let mut config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": false,

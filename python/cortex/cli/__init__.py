@@ -7,18 +7,19 @@ import sys
 from collections.abc import Sequence
 
 from ..exceptions import CortexError
-from . import bench, chat, generate
+from . import bench, chat, convert, generate
 
 __all__ = ["main"]
 
-_VERBS = {"generate": generate, "chat": chat, "bench": bench}
+_VERBS = {"generate": generate, "chat": chat, "convert": convert, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(
-        prog="cortex", description="Run quantized language models on your own machine."
+        prog="cortex",
+        description="Convert language models to quantized formats and run them on your own machine.",
     )
     parser.add_argument("--version", action="version", version=f"cortex {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
