@@ -452,3 +452,84 @@ def test_compat_import_paths() -> None:
     )
     assert MLXConverter().cache_dir == cortex.cortex_home() / "mlx_models"
     assert os.fspath(MLXConverter("/x").cache_dir) == "/x"
+
+
+def _write_torch_checkpoint(
+    path: Path, tensors: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `pytorch_model.bin` in PyTorch's zip format (``archive/data.pkl`` + one file per
+    storage), written without torch: stand-in ``torch`` modules make pickle emit the same
+    global references (``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage``)."""
+    import collections
+    import io
+    import pickle
+    import types
+    import zipfile
+
+    torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args: object) -> None: ...
+
+    _rebuild_tensor_v2.__module__ = "torch._utils"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    float_storage = type("FloatStorage", (), {"__module__": "torch"})
+    utils_mod._rebuild_tensor_v2 = _rebuild_tensor_v2  # type: ignore[attr-defined]
+    torch_mod.FloatStorage = float_storage  # type: ignore[attr-defined]
+    torch_mod._utils = utils_mod  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", torch_mod)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils_mod)
+
+    class Storage:
+        def __init__(self, key: str, numel: int):
+            self.key, self.numel = key, numel
+
+    class Tensor:
+        def __init__(self, key: str, arr: np.ndarray):
+            self.key, self.arr = key, arr
+
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            stride = tuple(s // 4 for s in self.arr.strides)
+            args = (
+                Storage(self.key, self.arr.size),
+                0,
+                self.arr.shape,
+                stride,
+                False,
+                collections.OrderedDict(),
+            )
+            return (_rebuild_tensor_v2, args)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):  # type: ignore[no-untyped-def]
+            if isinstance(obj, Storage):
+                return ("storage", float_storage, obj.key, "cpu", obj.numel)
+            return None
+
+    state = collections.OrderedDict((name, Tensor(str(i), a)) for i, (name, a) in enumerate(tensors.items()))
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(state)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        for i, a in enumerate(tensors.values()):
+            zf.writestr(f"archive/data/{i}", np.ascontiguousarray(a, np.float32).tobytes())
+
+
+def test_pytorch_bin_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PyTorch checkpoint is read by candle's pickle interpreter (no code runs) and
+    converts to the same model as its safetensors twin."""
+    write_tiny_hf(tmp_path / "st", shards=1)
+    tensors = {name: arr for name, (_, arr) in st.read_folder(tmp_path / "st").items()}
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    _write_torch_checkpoint(tmp_path / "pt" / "pytorch_model.bin", tensors, monkeypatch)
+    conv = MLXConverter(tmp_path / "cache")
+    config = ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT, validate_conversion=False)
+    ok_pt, message, from_pt = conv.convert_model(str(tmp_path / "pt"), config=config)
+    assert ok_pt, message
+    ok_st, message, from_st = conv.convert_model(str(tmp_path / "st"), config=config)
+    assert ok_st, message
+    a, b = st.read_folder(from_pt), st.read_folder(from_st)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
+    assert json.loads((from_pt / "conversion.json").read_text())["source_format"] == "pytorch"
