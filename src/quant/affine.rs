@@ -281,27 +281,29 @@ impl AffineMatrix {
         let xsum: Vec<f32> = x.chunks(gs).map(|c| c.iter().sum()).collect();
         // Results column by column (`[n, m]`), transposed at the end.
         let mut cols = vec![0f32; n * m];
-        cols.par_chunks_mut(m).enumerate().for_each_init(
-            || vec![0f32; k],
-            |q, (j, out)| {
-                let codes = self.codes(j);
-                for (qf, &c) in q.iter_mut().zip(&codes) {
-                    *qf = f32::from(c);
-                }
-                let scales = &self.scales[j * groups..(j + 1) * groups];
-                let biases = &self.biases[j * groups..(j + 1) * groups];
-                for (i, o) in out.iter_mut().enumerate() {
-                    let xi = &x[i * k..(i + 1) * k];
-                    let mut acc = 0f32;
-                    for g in 0..groups {
-                        let r = g * gs..(g + 1) * gs;
-                        acc += scales[g] * dot(&q[r.clone()], &xi[r])
-                            + biases[g] * xsum[i * groups + g];
+        let words = self.words_per_row();
+        // Blocks of rows per task: a single row is too little work to schedule.
+        cols.par_chunks_mut(m)
+            .enumerate()
+            .with_min_len(32)
+            .for_each_init(
+                || vec![0f32; k],
+                |q, (j, out)| {
+                    unpack_row_f32(&self.packed[j * words..(j + 1) * words], self.bits, q);
+                    let scales = &self.scales[j * groups..(j + 1) * groups];
+                    let biases = &self.biases[j * groups..(j + 1) * groups];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let xi = &x[i * k..(i + 1) * k];
+                        let mut acc = 0f32;
+                        for g in 0..groups {
+                            let r = g * gs..(g + 1) * gs;
+                            acc += scales[g] * dot(&q[r.clone()], &xi[r])
+                                + biases[g] * xsum[i * groups + g];
+                        }
+                        *o = acc;
                     }
-                    *o = acc;
-                }
-            },
-        );
+                },
+            );
         let mut out = vec![0f32; m * n];
         for (j, col) in cols.chunks(m).enumerate() {
             for (i, &v) in col.iter().enumerate() {
@@ -328,6 +330,43 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Like [`unpack_row`], into f32 (the matmul's scratch row), without an intermediate.
+fn unpack_row_f32(packed: &[u32], bits: u32, out: &mut [f32]) {
+    match bits {
+        4 => {
+            for (w, o) in packed.iter().zip(out.chunks_exact_mut(8)) {
+                for (k, o) in o.iter_mut().enumerate() {
+                    *o = ((w >> (4 * k)) & 0xF) as f32;
+                }
+            }
+        }
+        8 => {
+            for (w, o) in packed.iter().zip(out.chunks_exact_mut(4)) {
+                for (k, o) in o.iter_mut().enumerate() {
+                    *o = ((w >> (8 * k)) & 0xFF) as f32;
+                }
+            }
+        }
+        2 => {
+            for (w, o) in packed.iter().zip(out.chunks_exact_mut(16)) {
+                for (k, o) in o.iter_mut().enumerate() {
+                    *o = ((w >> (2 * k)) & 0x3) as f32;
+                }
+            }
+        }
+        _ => {
+            let mask = (1u64 << bits) - 1;
+            let mut bit = 0usize;
+            for o in out.iter_mut() {
+                let lo = u64::from(packed[bit / 32]);
+                let hi = packed.get(bit / 32 + 1).map_or(0, |&w| u64::from(w));
+                *o = (((lo | hi << 32) >> (bit % 32)) & mask) as f32;
+                bit += bits as usize;
+            }
+        }
+    }
 }
 
 /// Packs `codes` (each `< 2^bits`) into `out` (`codes.len() * bits / 32` words).
