@@ -189,7 +189,7 @@ CONFIG_CASES = {
         {"num_attention_heads": 5, "num_key_value_heads": 5},
         "num_attention_heads",
         "not divisible",
-    ),  # fmt: skip
+    ),
     "B2 context 10^12": ({"max_position_embeddings": 10**12}, "max_position_embeddings", "outside"),
     "B3 unknown rope scaling": (
         {"rope_scaling": {"rope_type": "wobbly", "factor": 2}},
@@ -233,5 +233,5 @@ def test_weights_without_config(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     write_tiny_hf(folder, shards=1)
     (folder / "config.json").unlink()
-    with pytest.raises(cortex.ModelNotFoundError, match="no config.json"):
+    with pytest.raises(cortex.ModelNotFoundError, match=r"no config\.json"):
         cortex.load_model(folder)
