@@ -533,3 +533,76 @@ def test_pytorch_bin_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for name in a:
         np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
     assert json.loads((from_pt / "conversion.json").read_text())["source_format"] == "pytorch"
+
+
+def test_mlx_folder_source_and_float_recipe(tmp_path: Path) -> None:
+    """An MLX folder re-converts: to the same bits and group as a lossless transfer, to 8
+    bits from its dequantized weights, and to float (no `quantization` in config.json, the
+    source's torch_dtype)."""
+    conv = MLXConverter(tmp_path)
+    src = str(FIXTURES / "q4g32")
+    ok, message, same = conv.convert_model(src, "same", ConversionConfig(group_size=32))
+    assert ok, message
+    record = json.loads((same / "conversion.json").read_text())
+    assert record["source_format"] == "mlx"
+    assert all(t["lossless"] for t in record["per_tensor"].values())
+    a, b = st.read_folder(same), st.read_folder(FIXTURES / "q4g32")
+    assert all(np.array_equal(a[k][1], b[k][1]) for k in b)
+    ok, message, q8 = conv.convert_model(
+        src, "q8", ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT)
+    )
+    assert ok, message
+    assert json.loads((q8 / "config.json").read_text())["quantization"]["bits"] == 8
+    ok, message, flt = conv.convert_model(
+        src, "float", ConversionConfig(quantization=QuantizationRecipe.NONE)
+    )
+    assert ok, message
+    config = json.loads((flt / "config.json").read_text())
+    assert "quantization" not in config and config["torch_dtype"] == "bfloat16"
+    tensors = st.read_folder(flt)
+    assert {dt for dt, _ in tensors.values()} == {"BF16"}
+    ref = np.load(FIXTURES / "logits.npz")
+    for out in (q8, flt):
+        got = cortex.load_model(out).forward(ref["ids"].tolist(), all_positions=True)
+        assert _kl(ref["q4g32"], got) < 0.01
+
+
+def test_source_format_must_match_and_cache_is_used(tmp_path: Path) -> None:
+    from cortex import ConversionFormat
+
+    conv = MLXConverter(tmp_path / "cache")
+    src = str(FIXTURES / "source")
+    ok, message, _ = conv.convert_model(src, config=ConversionConfig(source_format=ConversionFormat.GGUF))
+    assert not ok and "source_format is GGUF" in message
+    ok, _, first = conv.convert_model(
+        src, "named", ConversionConfig(source_format=ConversionFormat.SAFETENSORS)
+    )
+    assert ok
+    cache = json.loads((tmp_path / "cache" / "conversion_cache.json").read_text())
+    assert any(v["path"] == str(first) for v in cache.values())
+    # Same source and settings without a name: the cached conversion is found and reused.
+    ok, message, again = conv.convert_model(
+        src, config=ConversionConfig(source_format=ConversionFormat.SAFETENSORS)
+    )
+    assert ok and again == first and "cached" in message
+
+
+def test_mlx_model_stays_packed_in_memory(model_path: Path, tmp_path: Path) -> None:
+    """Loading an MLX 4-bit folder costs about its file size in resident memory, far from
+    the f32 size (measured in a fresh process: VmRSS after load minus before)."""
+    ok, message, out = MLXConverter(tmp_path).convert_model(
+        str(model_path), "m", ConversionConfig(validate_conversion=False)
+    )
+    assert ok, message
+    code = (
+        "import cortex, sys\n"
+        "def rss():\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "before = rss(); m = cortex.load_model(sys.argv[1]); print(rss() - before, m.num_parameters)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    grown, params = map(int, proc.stdout.split())
+    file_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert grown < 1.5 * file_bytes, (grown, file_bytes)
+    assert grown < 0.3 * params * 4  # the f32 size

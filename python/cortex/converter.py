@@ -87,8 +87,10 @@ _PROJECTIONS = re.compile(
 class ConversionConfig:
     """Settings of one conversion (the original fields and defaults, plus ``output_format``).
 
-    ``use_amx`` and ``compile_model`` are recorded in ``conversion.json``; they select nothing
-    at conversion time on this backend (kernels are chosen by CPU detection when a model runs).
+    The source's format is detected from its files; an explicit ``source_format`` other than
+    ``HUGGINGFACE`` must agree with what is found. ``use_amx`` and ``compile_model`` are
+    recorded in ``conversion.json``; they select nothing at conversion time on this backend
+    (kernels are chosen by CPU detection when a model runs).
     """
 
     source_format: ConversionFormat = ConversionFormat.HUGGINGFACE
@@ -414,6 +416,17 @@ class MLXConverter:
         config = config or ConversionConfig()
         name = output_name or default_output_name(str(source_path), config.quantization)
         try:
+            if output_name is None and config.cache_converted:
+                # An earlier conversion of the same source and settings, under any name.
+                key = _cache_key(resolve_source(str(source_path)).resolve(), config, None)
+                cached = self._read_cache().get(key)
+                if isinstance(cached, dict) and "path" in cached:
+                    path = Path(cached["path"])
+                    reused = self._check_existing(
+                        path, resolve_source(str(source_path)).resolve(), config, None
+                    )
+                    if reused is not None and reused[0]:
+                        return reused
             return self._convert(str(source_path), self.cache_dir / name, config)
         except KeyboardInterrupt:
             raise
@@ -439,11 +452,18 @@ class MLXConverter:
         out_abs = output.expanduser().resolve()
         if out_abs == src_abs or src_abs in out_abs.parents or out_abs in src_abs.parents:
             return False, f"output {out_abs} would overwrite or sit inside the source {src_abs}", None
-        key = f"{src_abs}|{config.quantization.value}|{config.group_size}|{bits_override or ''}"
+        key = _cache_key(src_abs, config, bits_override)
         existing = self._check_existing(out_abs, src_abs, config, bits_override)
         if existing is not None:
             return existing
         info = json.loads(_core.inspect_source(source))
+        expected = _FORMATS.get(config.source_format)
+        if expected is not None and info["format"] not in expected:
+            return (
+                False,
+                (f"source_format is {config.source_format.name} but {source} holds a {info['format']} model"),
+                None,
+            )
         default, modules = make_plan(
             [(t[0], t[1], t[2]) for t in info["tensors"]],
             config,
@@ -615,6 +635,29 @@ class MLXConverter:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         os.replace(tmp, config_path)
         return True
+
+
+#: Detected source formats each explicit `source_format` accepts (HUGGINGFACE, the default,
+#: accepts everything: the format is detected from the files).
+_FORMATS = {
+    ConversionFormat.GGUF: ("gguf",),
+    ConversionFormat.PYTORCH: ("pytorch",),
+    ConversionFormat.SAFETENSORS: ("safetensors", "mlx"),
+}
+
+
+def _cache_key(source: Path, config: ConversionConfig, bits_override: int | None) -> str:
+    """`conversion_cache.json` key: source, recipe, group size (and bits / output format)."""
+    return "|".join(
+        str(x)
+        for x in (
+            source,
+            config.quantization.value,
+            config.group_size,
+            bits_override or "",
+            config.output_format,
+        )
+    )
 
 
 def _remove_stale_temporaries(out: Path) -> None:
