@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::decoder::{Attention, Block, Decoder, KvCache};
-use crate::model::layers::{dense, Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::model::layers::{dense, Embedding, Linear, Mlp, RmsNorm, Rope, Weight};
 use crate::model::weights::{FolderWeights, GgufWeights, WeightSource};
 use crate::tokenizer::Tokenizer;
 
@@ -99,14 +99,21 @@ pub fn resolve_model_path(reference: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Builds the decoder from `src`, checking every tensor against `cfg`.
-/// `rope_factors` are llama 3's per-frequency divisors when the file stores them.
+/// Builds the decoder from `src`, checking every tensor against `cfg`, and counts the bytes
+/// its weights occupy in memory. `rope_factors` are llama 3's per-frequency divisors when
+/// the file stores them.
 fn build_decoder(
     cfg: ModelConfig,
     src: &dyn WeightSource,
     rope_factors: Option<&[f32]>,
     device: &Device,
-) -> Result<Decoder> {
+) -> Result<(Decoder, usize)> {
+    let bytes = std::cell::Cell::new(0usize);
+    let matrix = |m: &str, out: usize, inp: usize| -> Result<Weight> {
+        let w = src.matrix(m, out, inp)?;
+        bytes.set(bytes.get() + w.nbytes());
+        Ok(w)
+    };
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (nh, nkv, inter) = (
         cfg.num_attention_heads,
@@ -114,13 +121,14 @@ fn build_decoder(
         cfg.intermediate_size,
     );
     let eps = cfg.rms_norm_eps;
-    let norm =
-        |m: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(src.vector(m, dim)?, eps)) };
-    let linear = |m: &str, out: usize, inp: usize| -> Result<Linear> {
-        Linear::new(src.matrix(m, out, inp)?)
+    let norm = |m: &str, dim: usize| -> Result<RmsNorm> {
+        bytes.set(bytes.get() + 4 * dim);
+        Ok(RmsNorm::new(src.vector(m, dim)?, eps))
     };
+    let linear =
+        |m: &str, out: usize, inp: usize| -> Result<Linear> { Linear::new(matrix(m, out, inp)?) };
 
-    let embed_tokens = src.matrix("model.embed_tokens", cfg.vocab_size, d)?;
+    let embed_tokens = matrix("model.embed_tokens", cfg.vocab_size, d)?;
     let lm_head = if src.has("lm_head") {
         linear("lm_head", cfg.vocab_size, d)?
     } else if cfg.tie_word_embeddings {
@@ -202,7 +210,7 @@ fn build_decoder(
         (None, Some(_)) => Some(rope.clone()),
         (None, None) => None,
     };
-    Ok(Decoder {
+    let decoder = Decoder {
         embed_tokens: Embedding(embed_tokens),
         layers,
         norm: final_norm,
@@ -211,7 +219,8 @@ fn build_decoder(
         local_rope,
         config: cfg,
         device: device.clone(),
-    })
+    };
+    Ok((decoder, bytes.get()))
 }
 
 fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
@@ -240,12 +249,8 @@ fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
         _ => None,
     };
     let num_parameters = src.num_parameters();
-    let weight_bytes = gguf
-        .tensors
-        .values()
-        .map(|t| t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
-        .sum();
-    let decoder = build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
+    let (decoder, weight_bytes) =
+        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
     Ok(Model {
         config: cfg,
         path: gguf.path.clone(),
@@ -275,17 +280,7 @@ fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
     let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
     let src = FolderWeights::open(dir, &json, norm_offset)?;
     let num_parameters = src.num_parameters();
-    let weight_bytes = src
-        .files
-        .iter()
-        .map(|f| {
-            f.tensors
-                .values()
-                .map(|t| (t.end - t.start) as usize)
-                .sum::<usize>()
-        })
-        .sum();
-    let decoder = build_decoder(cfg.clone(), &src, None, device)?;
+    let (decoder, weight_bytes) = build_decoder(cfg.clone(), &src, None, device)?;
     Ok(Model {
         config: cfg,
         path: dir.to_path_buf(),
