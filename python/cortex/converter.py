@@ -519,9 +519,13 @@ class MLXConverter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+            # Replacing an earlier conversion: move it aside first, so that the final name
+            # always holds one complete model.
+            old = out_abs.with_name(f".{out_abs.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             if out_abs.exists():
-                shutil.rmtree(out_abs)
+                os.replace(out_abs, old)
             os.replace(tmp, out_abs)
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -661,15 +665,19 @@ def _cache_key(source: Path, config: ConversionConfig, bits_override: int | None
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Removes temporaries of earlier conversions to ``out`` whose process is gone (a
-    conversion killed with SIGKILL cannot clean up after itself)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    """Removes temporaries (``.NAME.tmp-PID-X`` being built, ``.NAME.old-PID-X`` being
+    replaced) of earlier conversions to ``out`` whose process is gone: a conversion killed
+    with SIGKILL cannot clean up after itself."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    for tmp in out.parent.iterdir():
+        match = pattern.match(tmp.name)
+        if not match:
+            continue
         try:
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            os.kill(pid, 0)
+            os.kill(int(match.group(2)), 0)
         except ProcessLookupError:
             shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
+        except PermissionError:
             continue
 
 

@@ -70,6 +70,12 @@ impl Linear {
             Linear::Candle(w) => Ok(w.forward(xs)?),
             Linear::Affine(a) => {
                 let dims = xs.dims().to_vec();
+                if dims.last() != Some(&a.cols) {
+                    return Err(crate::Error::Engine(format!(
+                        "affine linear layer of input size {} applied to shape {dims:?}",
+                        a.cols
+                    )));
+                }
                 let m = xs.elem_count() / a.cols;
                 let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let y = a.matmul_t(&x, m);

@@ -108,8 +108,8 @@ pub trait WeightSource {
     /// The vector `module.weight`, `[dim]`, as f32 (norm weights, already in the form the
     /// decoder multiplies by).
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor>;
-    /// Parameters and in-memory bytes of everything loaded so far is not tracked; these are
-    /// the file's totals.
+    /// Parameters in all the source's tensors (packed weights counted by the values they
+    /// hold).
     fn num_parameters(&self) -> usize;
 }
 
@@ -205,8 +205,11 @@ impl QuantConfig {
             |field: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(u32, usize)> {
                 let bits = v.get("bits").and_then(|b| b.as_u64());
                 let group = v.get("group_size").and_then(|g| g.as_u64());
-                match (bits, group) {
-                    (Some(b), Some(g)) => Ok((b as u32, g as usize)),
+                match (
+                    bits.and_then(|b| u32::try_from(b).ok()),
+                    group.and_then(|g| usize::try_from(g).ok()),
+                ) {
+                    (Some(b), Some(g)) => Ok((b, g)),
                     _ => Err(Error::config(
                         field,
                         "needs integer 'bits' and 'group_size'",
