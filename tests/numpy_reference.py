@@ -2,7 +2,7 @@
 papers and llama.cpp's graph definitions; shares no code with the Rust side.
 
 Weights come as ``{gguf_tensor_name: array}`` in numpy order (a linear layer is
-``[out, in]``, applied as ``x @ W.T``).
+``[out, in]``, applied as ``x @ W.T``, plus its ``.bias`` when the dict has one).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class Family:
     #: RoPE on adjacent pairs (llama.cpp's permuted llama q/k) or on the two halves (NeoX).
     interleaved: bool
     gemma: bool = False
+    #: Per-head RMSNorm of q and k before RoPE (Gemma 3 has it too; Qwen 3).
+    qk_norm: bool = False
     window: int | None = None
     local_theta: float = 10000.0
 
@@ -68,12 +70,17 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
         def p(name: str, i: int = i) -> np.ndarray:
             return w[f"blk.{i}.{name}.weight"]
 
+        def lin(h: np.ndarray, name: str, i: int = i) -> np.ndarray:
+            y = h @ w[f"blk.{i}.{name}.weight"].T
+            bias = w.get(f"blk.{i}.{name}.bias")
+            return y if bias is None else y + bias
+
         local = f.window is not None and (i + 1) % 6 != 0
         h = rms_norm(x, p("attn_norm"), f.eps)
-        q = (h @ p("attn_q").T).reshape(t, f.heads, f.head_dim)
-        k = (h @ p("attn_k").T).reshape(t, f.kv_heads, f.head_dim)
-        v = (h @ p("attn_v").T).reshape(t, f.kv_heads, f.head_dim)
-        if f.gemma:
+        q = lin(h, "attn_q").reshape(t, f.heads, f.head_dim)
+        k = lin(h, "attn_k").reshape(t, f.kv_heads, f.head_dim)
+        v = lin(h, "attn_v").reshape(t, f.kv_heads, f.head_dim)
+        if f.gemma or f.qk_norm:
             q, k = rms_norm(q, p("attn_q_norm"), f.eps), rms_norm(k, p("attn_k_norm"), f.eps)
         theta = f.local_theta if local else f.theta
         q, k = rope(q, pos, theta, f.interleaved), rope(k, pos, theta, f.interleaved)
@@ -99,4 +106,4 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
             m = rms_norm(m, p("post_ffw_norm"), f.eps)
         x = x + m
     x = rms_norm(x, w["output_norm.weight"], f.eps)
-    return x @ w["token_embd.weight"].T
+    return x @ w.get("output.weight", w["token_embd.weight"]).T

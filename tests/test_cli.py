@@ -67,7 +67,7 @@ def test_help_lists_verbs():
 
 def test_convert(tmp_path):
     """``cortex convert`` to an MLX folder with --q-bits, and to a single .gguf file."""
-    from test_convert import write_tiny_hf
+    from hf_models import write_tiny_hf
 
     write_tiny_hf(tmp_path / "tiny", shards=1)
     proc = run(

@@ -18,7 +18,8 @@ import gguf
 import numpy as np
 import pytest
 import safetensors_io as st
-from numpy_reference import Family, forward
+from hf_models import TINY, family, write_tiny_hf
+from numpy_reference import forward
 
 import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
@@ -162,59 +163,7 @@ def test_smollm_to_gguf_reads_back(model_path: Path, tmp_path: Path) -> None:
 
 # ── A tiny HF llama: sharded safetensors, float reference ────────────────────────────────────
 
-TINY = {"hidden": 64, "inter": 128, "layers": 2, "heads": 4, "kv": 2, "vocab": 96}
-
-
-def write_tiny_hf(folder: Path, seed: int = 0, shards: int = 2, model_type: str = "llama") -> dict:
-    """An HF-layout llama with random f32 weights in `shards` files plus the index; returns
-    the weights under the reference's GGUF-style names (HF row order, so NeoX RoPE)."""
-    rng = np.random.default_rng(seed)
-    d, i, hd = TINY["hidden"], TINY["inter"], TINY["hidden"] // TINY["heads"]
-    hf: dict[str, np.ndarray] = {}
-    ref: dict[str, np.ndarray] = {}
-
-    def t(hf_name: str, ref_name: str, *shape: int, scale: float = 0.2, offset: float = 0.0) -> None:
-        a = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
-        hf[hf_name], ref[ref_name] = a, a
-
-    t("model.embed_tokens.weight", "token_embd.weight", TINY["vocab"], d, scale=0.5)
-    for n in range(TINY["layers"]):
-        p, g = f"model.layers.{n}.", f"blk.{n}."
-        t(p + "input_layernorm.weight", g + "attn_norm.weight", d, scale=0.1, offset=1.0)
-        t(p + "self_attn.q_proj.weight", g + "attn_q.weight", TINY["heads"] * hd, d)
-        t(p + "self_attn.k_proj.weight", g + "attn_k.weight", TINY["kv"] * hd, d)
-        t(p + "self_attn.v_proj.weight", g + "attn_v.weight", TINY["kv"] * hd, d)
-        t(p + "self_attn.o_proj.weight", g + "attn_output.weight", d, TINY["heads"] * hd)
-        t(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", d, scale=0.1, offset=1.0)
-        t(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", i, d)
-        t(p + "mlp.up_proj.weight", g + "ffn_up.weight", i, d)
-        t(p + "mlp.down_proj.weight", g + "ffn_down.weight", d, i)
-    t("model.norm.weight", "output_norm.weight", d, scale=0.1, offset=1.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(hf)
-    weight_map = {}
-    for s in range(shards):
-        part = names[s::shards]
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        st.write(folder / fname, {n: ("F32", hf[n]) for n in part}, {"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    config = {
-        "model_type": model_type, "hidden_size": d, "intermediate_size": i,
-        "num_hidden_layers": TINY["layers"], "num_attention_heads": TINY["heads"],
-        "num_key_value_heads": TINY["kv"], "vocab_size": TINY["vocab"], "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32",
-        "max_position_embeddings": 512,
-    }  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
-    return ref
-
-
-FAMILY = Family(
-    heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=16, eps=1e-5, theta=10000.0, interleaved=False
-)
+FAMILY = family("llama")
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
 
 

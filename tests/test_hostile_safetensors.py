@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import safetensors_io as st
-from test_convert import write_tiny_hf
+from hf_models import write_tiny_hf
 
 import cortex
 
@@ -186,7 +186,7 @@ CONFIG_CASES = {
     "B2 absurd vocab": ({"vocab_size": 2**40}, "vocab_size", "outside"),
     "B2 zero heads": ({"num_attention_heads": 0}, "num_attention_heads", "outside"),
     "B2 heads do not divide": (
-        {"num_attention_heads": 5, "num_key_value_heads": 5},
+        {"num_attention_heads": 5, "num_key_value_heads": 5, "head_dim": None},
         "num_attention_heads",
         "not divisible",
     ),

@@ -28,7 +28,7 @@ use super::{check_plan, Plan, Progress, Report, TensorReport};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{write_gguf, GgufTensorSpec};
 use crate::formats::safetensors::Dtype;
-use crate::model::weights::gguf_name;
+use crate::model::weights::{gguf_param, split_param};
 use crate::quant::ggml;
 
 /// The block type for `bits` on rows of `cols` values.
@@ -228,7 +228,7 @@ pub fn convert_gguf(
     let mut specs = Vec::new();
     for t in &source.tensors {
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-        let name = gguf_name(module, family).ok_or_else(|| {
+        let name = gguf_param(&t.name, family).ok_or_else(|| {
             Error::format(
                 &source.path,
                 None,
@@ -242,7 +242,7 @@ pub fn convert_gguf(
             _ => GgmlDType::F16,
         };
         specs.push(GgufTensorSpec {
-            name: format!("{name}.weight"),
+            name,
             dims: t.shape.clone(),
             dtype,
         });
@@ -343,10 +343,11 @@ pub fn convert_gguf(
 /// HF layout → llama.cpp layout: llama-family q/k rows permuted for interleaved RoPE
 /// (the inverse of the permutation in [`Source::read`]), Gemma norms stored as `1 + w`.
 fn to_gguf_layout(source: &Source, t: &super::SourceTensor, data: TensorData) -> TensorData {
-    let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+    let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
     let family = source.model.model_type.as_str();
     let mut data = data;
-    if family != "gemma3"
+    // Only llama.cpp's llama family permutes q/k (weights and biases).
+    if family == "llama"
         && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
     {
         let hd = source.model.head_dim;
@@ -358,7 +359,7 @@ fn to_gguf_layout(source: &Source, t: &super::SourceTensor, data: TensorData) ->
                 h * hd + j * (hd / 2) + i
             })
             .collect();
-        data = super::source::permute_rows(data, &perm, t.shape[1]);
+        data = super::source::permute_rows(data, &perm, t.shape.get(1).copied().unwrap_or(1));
     }
     if family == "gemma3" && t.shape.len() == 1 && module.contains("norm") {
         if let TensorData::Float(v) = &mut data {

@@ -15,7 +15,7 @@ use crate::formats::safetensors::Dtype;
 use crate::model::config::ModelConfig;
 use crate::model::loader::read_config_json;
 use crate::model::resolve_model_path;
-use crate::model::weights::{hf_module, FolderWeights};
+use crate::model::weights::{gguf_param, hf_param, split_param, FolderWeights};
 use crate::quant::{ggml, AffineMatrix};
 use crate::tokenizer::Tokenizer;
 
@@ -174,14 +174,14 @@ impl Source {
         let mut tensors = Vec::new();
         for name in &gguf.tensor_names {
             let info = &gguf.tensors[name];
-            let module = hf_module(name, &model.model_type, model.num_hidden_layers).ok_or_else(|| {
+            let hf = hf_param(name, &model.model_type, model.num_hidden_layers).ok_or_else(|| {
                 Error::format(path, None, format!(
                     "tensor '{name}' has no Hugging Face counterpart for {} (llama 3 rope_freqs and similar are not convertible yet)",
                     model.model_type
                 ))
             })?;
             tensors.push(SourceTensor {
-                name: format!("{module}.weight"),
+                name: hf,
                 shape: info.shape.dims().to_vec(),
                 stored: format!("{:?}", info.ggml_dtype),
             });
@@ -372,12 +372,9 @@ impl Source {
     }
 
     fn read_gguf(&self, gguf: &GgufFile, t: &SourceTensor) -> Result<TensorData> {
-        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+        let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
         let family = self.model.model_type.as_str();
-        let gname = format!(
-            "{}.weight",
-            crate::model::weights::gguf_name(module, family).unwrap_or_default()
-        );
+        let gname = gguf_param(&t.name, family).unwrap_or_default();
         let q = gguf.tensor(&gname, &Device::Cpu)?;
         let dims = t.shape.clone();
         let mut data = match (dims.as_slice(), ggml::affine_bits(q.dtype())) {
@@ -389,9 +386,9 @@ impl Source {
             }
             _ => TensorData::Float(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
         };
-        // llama.cpp permutes llama-family q/k rows so that RoPE rotates adjacent pairs; HF
-        // rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF matrix is row
-        // `h·d + 2i + j` of the GGUF one.
+        // llama.cpp permutes llama-family q/k rows (and biases) so that RoPE rotates adjacent
+        // pairs; HF rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF
+        // matrix is row `h·d + 2i + j` of the GGUF one.
         if self.model.rope_interleaved
             && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
         {
@@ -403,7 +400,7 @@ impl Source {
                     h * hd + 2 * i + j
                 })
                 .collect();
-            data = permute_rows(data, &perm, dims[1]);
+            data = permute_rows(data, &perm, dims.get(1).copied().unwrap_or(1));
         }
         // llama.cpp stores Gemma's norm weights as `1 + w`; HF stores `w`.
         if family == "gemma3" && dims.len() == 1 && module.contains("norm") {
@@ -427,9 +424,8 @@ impl Source {
         let Some(g) = self.gguf_file() else {
             return Ok(None);
         };
-        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-        match crate::model::weights::gguf_name(module, &self.model.model_type) {
-            Some(name) => Ok(Some(g.tensor(&format!("{name}.weight"), &Device::Cpu)?)),
+        match gguf_param(&t.name, &self.model.model_type) {
+            Some(name) => Ok(Some(g.tensor(&name, &Device::Cpu)?)),
             None => Ok(None),
         }
     }

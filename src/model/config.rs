@@ -11,7 +11,7 @@ use crate::formats::gguf::GgufFile;
 
 /// Architectures (`general.architecture`) the decoder runs. Mistral GGUFs are written with
 /// `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "gemma3", "qwen2", "qwen3"];
 
 /// Upper bounds that no real model reaches; a config past them is corrupt or hostile.
 const MAX_LAYERS: usize = 1024;
@@ -62,6 +62,12 @@ pub struct ModelConfig {
     pub query_pre_attn_scalar: f64,
     /// RMSNorm over each head of q and k before RoPE (Gemma 3, Qwen 3).
     pub use_qk_norm: bool,
+    /// Biases on the q/k/v projections (Qwen 2; llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection (llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Biases on the MLP projections (llama's `mlp_bias`).
+    pub mlp_bias: bool,
     /// Norms after attention and after the MLP too, before the residual adds (Gemma 2/3).
     pub sandwich_norms: bool,
     /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
@@ -268,6 +274,7 @@ impl ModelConfig {
         }
         let rope_scaling = Self::rope_scaling(g, &arch)?;
         let gemma3 = arch == "gemma3";
+        let (qwen2, qwen3) = (arch == "qwen2", arch == "qwen3");
         let sliding_window = if gemma3 {
             let key = k("attention.sliding_window");
             Some(check_range(&key, required(g, &key)?, MAX_CONTEXT)?)
@@ -301,10 +308,14 @@ impl ModelConfig {
                 Activation::Silu
             },
             query_pre_attn_scalar,
-            use_qk_norm: gemma3,
+            use_qk_norm: gemma3 || qwen3,
+            qkv_bias: qwen2,
+            o_bias: false,
+            mlp_bias: false,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
-            rope_interleaved: !gemma3,
+            // Only llama.cpp's llama converter permutes q/k for adjacent-pair RoPE.
+            rope_interleaved: !(gemma3 || qwen2 || qwen3),
             sliding_window,
             // Fixed by the architecture (HF `sliding_window_pattern`, llama.cpp
             // `n_swa_pattern`; not stored in GGUF), as is the local RoPE base.
@@ -349,6 +360,8 @@ pub const SUPPORTED_MODEL_TYPES: &[(&str, &str)] = &[
     ("llama", "llama"),
     ("mistral", "llama"),
     ("gemma3_text", "gemma3"),
+    ("qwen2", "qwen2"),
+    ("qwen3", "qwen3"),
 ];
 
 /// Typed access to `config.json` fields; every error names the field.
@@ -430,6 +443,13 @@ impl ModelConfig {
                     .collect(),
             })?;
         let gemma3 = family == "gemma3";
+        let qwen = family == "qwen2" || family == "qwen3";
+        if qwen && f.bool_or("use_sliding_window", false)? {
+            return Err(Error::config(
+                "use_sliding_window",
+                "Qwen's per-layer sliding window (max_window_layers) is not supported",
+            ));
+        }
         let hidden_size = f.usize("hidden_size", MAX_HIDDEN)?;
         let intermediate_size = f.usize("intermediate_size", 16 * MAX_HIDDEN)?;
         let num_hidden_layers = f.usize("num_hidden_layers", MAX_LAYERS)?;
@@ -509,6 +529,8 @@ impl ModelConfig {
                 }
             }
         };
+        // llama / Qwen 3 `attention_bias`: q/k/v/o biases (Qwen 2 always has q/k/v ones).
+        let attention_bias = f.bool_or("attention_bias", false)?;
         let act_field = if gemma3 {
             "hidden_activation"
         } else {
@@ -528,6 +550,8 @@ impl ModelConfig {
                 }
             };
         let sliding_window = match f.opt_usize("sliding_window")? {
+            // Qwen configs carry a window that applies only with `use_sliding_window`.
+            Some(_) if qwen => None,
             Some(w) => Some(check_range("sliding_window", w, MAX_CONTEXT)?),
             None if gemma3 => Some(4096),
             None => None,
@@ -564,7 +588,10 @@ impl ModelConfig {
             tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma3)?,
             hidden_act,
             query_pre_attn_scalar,
-            use_qk_norm: gemma3,
+            use_qk_norm: gemma3 || family == "qwen3",
+            qkv_bias: family == "qwen2" || attention_bias,
+            o_bias: attention_bias,
+            mlp_bias: f.bool_or("mlp_bias", false)?,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // HF checkpoints rotate the two halves of each head (`rotate_half`).

@@ -47,9 +47,15 @@ impl Weight {
     }
 }
 
-/// A bias-free linear layer; `forward` maps `[.., in]` to `[.., out]`.
+/// A linear layer, `[.., in]` → `[.., out]`, with an optional bias `[out]` (f32).
 #[derive(Debug, Clone)]
-pub enum Linear {
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
     /// GGML blocks or a dense matrix, through candle's `QMatMul`.
     Candle(QMatMul),
     /// MLX affine groups, multiplied without unpacking the whole matrix.
@@ -58,17 +64,22 @@ pub enum Linear {
 
 impl Linear {
     pub fn new(weight: Weight) -> Result<Self> {
-        Ok(match weight {
-            Weight::Ggml(q) => Linear::Candle(QMatMul::from_arc(q)?),
-            Weight::Dense(t) => Linear::Candle(QMatMul::Tensor(t)),
-            Weight::Affine(a) => Linear::Affine(a),
-        })
+        let weight = match weight {
+            Weight::Ggml(q) => LinearWeight::Candle(QMatMul::from_arc(q)?),
+            Weight::Dense(t) => LinearWeight::Candle(QMatMul::Tensor(t)),
+            Weight::Affine(a) => LinearWeight::Affine(a),
+        };
+        Ok(Linear { weight, bias: None })
+    }
+
+    pub fn with_bias(self, bias: Option<Tensor>) -> Self {
+        Linear { bias, ..self }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Candle(w) => Ok(w.forward(xs)?),
-            Linear::Affine(a) => {
+        let y = match &self.weight {
+            LinearWeight::Candle(w) => w.forward(xs)?,
+            LinearWeight::Affine(a) => {
                 let dims = xs.dims().to_vec();
                 if dims.last() != Some(&a.cols) {
                     return Err(crate::Error::Engine(format!(
@@ -83,9 +94,13 @@ impl Linear {
                 if let Some(last) = out_dims.last_mut() {
                     *last = a.rows;
                 }
-                Ok(Tensor::from_vec(y, out_dims, xs.device())?)
+                Tensor::from_vec(y, out_dims, xs.device())?
             }
-        }
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 }
 

@@ -127,6 +127,12 @@ fn build_decoder(
     };
     let linear =
         |m: &str, out: usize, inp: usize| -> Result<Linear> { Linear::new(matrix(m, out, inp)?) };
+    // A linear layer whose bias the configuration requires.
+    let biased = |m: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+        let b = bias.then(|| src.bias(m, out)).transpose()?;
+        bytes.set(bytes.get() + b.as_ref().map_or(0, |_| 4 * out));
+        Ok(linear(m, out, inp)?.with_bias(b))
+    };
 
     let embed_tokens = matrix("model.embed_tokens", cfg.vocab_size, d)?;
     let lm_head = if src.has("lm_head") {
@@ -162,10 +168,10 @@ fn build_decoder(
         layers.push(Block {
             input_layernorm: norm(&p("input_layernorm"), d)?,
             self_attn: Attention {
-                q_proj: linear(&p("self_attn.q_proj"), nh * hd, d)?,
-                k_proj: linear(&p("self_attn.k_proj"), nkv * hd, d)?,
-                v_proj: linear(&p("self_attn.v_proj"), nkv * hd, d)?,
-                o_proj: linear(&p("self_attn.o_proj"), d, nh * hd)?,
+                q_proj: biased(&p("self_attn.q_proj"), nh * hd, d, cfg.qkv_bias)?,
+                k_proj: biased(&p("self_attn.k_proj"), nkv * hd, d, cfg.qkv_bias)?,
+                v_proj: biased(&p("self_attn.v_proj"), nkv * hd, d, cfg.qkv_bias)?,
+                o_proj: biased(&p("self_attn.o_proj"), d, nh * hd, cfg.o_bias)?,
                 q_norm: optional_norm("self_attn.q_norm", hd, cfg.use_qk_norm)?,
                 k_norm: optional_norm("self_attn.k_norm", hd, cfg.use_qk_norm)?,
                 num_heads: nh,
@@ -181,9 +187,9 @@ fn build_decoder(
             )?,
             pre_feedforward_layernorm: norm(&p(pre_mlp_norm), d)?,
             mlp: Mlp {
-                gate_proj: linear(&p("mlp.gate_proj"), inter, d)?,
-                up_proj: linear(&p("mlp.up_proj"), inter, d)?,
-                down_proj: linear(&p("mlp.down_proj"), d, inter)?,
+                gate_proj: biased(&p("mlp.gate_proj"), inter, d, cfg.mlp_bias)?,
+                up_proj: biased(&p("mlp.up_proj"), inter, d, cfg.mlp_bias)?,
+                down_proj: biased(&p("mlp.down_proj"), d, inter, cfg.mlp_bias)?,
                 act: cfg.hidden_act,
             },
             post_feedforward_layernorm: optional_norm(

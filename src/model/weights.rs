@@ -59,9 +59,29 @@ pub fn gguf_name(module: &str, family: &str) -> Option<String> {
     Some(format!("blk.{layer}.{name}"))
 }
 
-/// The inverse of [`gguf_name`] for the tensors of one file.
-pub fn hf_module(gguf_tensor: &str, family: &str, num_layers: usize) -> Option<String> {
-    let base = gguf_tensor.strip_suffix(".weight")?;
+/// Splits a parameter name into its module path and `weight` / `bias`.
+pub fn split_param(name: &str) -> Option<(&str, &str)> {
+    name.strip_suffix(".weight")
+        .map(|m| (m, "weight"))
+        .or_else(|| name.strip_suffix(".bias").map(|m| (m, "bias")))
+}
+
+/// llama.cpp's name for an HF parameter (`model.layers.0.self_attn.q_proj.bias` →
+/// `blk.0.attn_q.bias`).
+pub fn gguf_param(name: &str, family: &str) -> Option<String> {
+    let (module, suffix) = split_param(name)?;
+    Some(format!("{}.{suffix}", gguf_name(module, family)?))
+}
+
+/// The HF name of a GGUF parameter (the inverse of [`gguf_param`]).
+pub fn hf_param(gguf_tensor: &str, family: &str, num_layers: usize) -> Option<String> {
+    let (base, suffix) = split_param(gguf_tensor)?;
+    Some(format!("{}.{suffix}", hf_module(base, family, num_layers)?))
+}
+
+/// The HF module path of a llama.cpp module name (`blk.0.attn_q`), the inverse of
+/// [`gguf_name`].
+pub fn hf_module(base: &str, family: &str, num_layers: usize) -> Option<String> {
     let candidates = [
         "model.embed_tokens".to_string(),
         "model.norm".into(),
@@ -108,6 +128,8 @@ pub trait WeightSource {
     /// The vector `module.weight`, `[dim]`, as f32 (norm weights, already in the form the
     /// decoder multiplies by).
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor>;
+    /// The bias `module.bias`, `[dim]`, as f32.
+    fn bias(&self, module: &str, dim: usize) -> Result<Tensor>;
     /// Parameters in all the source's tensors (packed weights counted by the values they
     /// hold).
     fn num_parameters(&self) -> usize;
@@ -171,6 +193,22 @@ impl WeightSource for GgufWeights<'_> {
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor> {
         // llama.cpp's converter already folds Gemma's `1 + w` into its norm weights.
         dense(self.get(module, &[dim])?.as_ref(), self.device)
+    }
+
+    fn bias(&self, module: &str, dim: usize) -> Result<Tensor> {
+        let name = self.name(module)?.replace(".weight", ".bias");
+        let info = self.gguf.tensors.get(&name).ok_or_else(|| {
+            Error::format(&self.gguf.path, None, format!("tensor '{name}' is missing"))
+        })?;
+        if info.shape.dims() != [dim] {
+            return Err(shape_error(
+                &self.gguf.path,
+                &name,
+                info.shape.dims(),
+                &[dim],
+            ));
+        }
+        dense(&self.gguf.tensor(&name, self.device)?, self.device)
     }
 
     fn num_parameters(&self) -> usize {
@@ -467,6 +505,11 @@ impl WeightSource for FolderWeights {
         if self.norm_offset != 0.0 {
             values.iter_mut().for_each(|v| *v += self.norm_offset);
         }
+        Ok(Tensor::from_vec(values, dim, &self.device)?)
+    }
+
+    fn bias(&self, module: &str, dim: usize) -> Result<Tensor> {
+        let values = self.dense_f32(&format!("{module}.bias"), &[dim])?;
         Ok(Tensor::from_vec(values, dim, &self.device)?)
     }
 

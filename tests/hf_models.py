@@ -1,0 +1,125 @@
+"""Tiny random-weight models in Hugging Face layout (config.json + safetensors, optionally
+sharded with an index, optionally a word-level tokenizer.json), written by the tests, with
+the same weights under the numpy reference's names (``numpy_reference.forward``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import safetensors_io as st
+from numpy_reference import Family
+
+TINY = {"hidden": 64, "inter": 128, "layers": 2, "heads": 4, "kv": 2, "vocab": 96}
+HEAD_DIM = TINY["hidden"] // TINY["heads"]
+
+
+def family(model_type: str = "llama") -> Family:
+    """The reference's description of a tiny model of `model_type` (HF row order: NeoX RoPE)."""
+    return Family(
+        heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=HEAD_DIM, eps=1e-5, theta=10000.0,
+        interleaved=False, qk_norm=model_type == "qwen3",
+    )  # fmt: skip
+
+
+def write_tiny_hf(
+    folder: Path, seed: int = 0, shards: int = 2, model_type: str = "llama", tokenizer: str | None = None
+) -> dict[str, np.ndarray]:
+    """Writes the model; returns its weights under the reference's (GGUF-style) names.
+
+    `model_type` picks the family's extras: qwen2 has q/k/v biases, qwen3 per-head q/k
+    RMSNorm; both untie the output head. `tokenizer`: None, "word" or "bpe"."""
+    rng = np.random.default_rng(seed)
+    d, i, hd = TINY["hidden"], TINY["inter"], HEAD_DIM
+    hf: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+
+    def t(hf_name: str, ref_name: str, *shape: int, scale: float = 0.2, offset: float = 0.0) -> None:
+        a = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+        hf[hf_name], ref[ref_name] = a, a
+
+    qwen = model_type in ("qwen2", "qwen3")
+    t("model.embed_tokens.weight", "token_embd.weight", TINY["vocab"], d, scale=0.5)
+    for n in range(TINY["layers"]):
+        p, g = f"model.layers.{n}.", f"blk.{n}."
+        t(p + "input_layernorm.weight", g + "attn_norm.weight", d, scale=0.1, offset=1.0)
+        t(p + "self_attn.q_proj.weight", g + "attn_q.weight", TINY["heads"] * hd, d)
+        t(p + "self_attn.k_proj.weight", g + "attn_k.weight", TINY["kv"] * hd, d)
+        t(p + "self_attn.v_proj.weight", g + "attn_v.weight", TINY["kv"] * hd, d)
+        if model_type == "qwen2":
+            t(p + "self_attn.q_proj.bias", g + "attn_q.bias", TINY["heads"] * hd, scale=0.5)
+            t(p + "self_attn.k_proj.bias", g + "attn_k.bias", TINY["kv"] * hd, scale=0.5)
+            t(p + "self_attn.v_proj.bias", g + "attn_v.bias", TINY["kv"] * hd, scale=0.5)
+        if model_type == "qwen3":
+            t(p + "self_attn.q_norm.weight", g + "attn_q_norm.weight", hd, scale=0.1, offset=1.0)
+            t(p + "self_attn.k_norm.weight", g + "attn_k_norm.weight", hd, scale=0.1, offset=1.0)
+        t(p + "self_attn.o_proj.weight", g + "attn_output.weight", d, TINY["heads"] * hd)
+        t(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", d, scale=0.1, offset=1.0)
+        t(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", i, d)
+        t(p + "mlp.up_proj.weight", g + "ffn_up.weight", i, d)
+        t(p + "mlp.down_proj.weight", g + "ffn_down.weight", d, i)
+    t("model.norm.weight", "output_norm.weight", d, scale=0.1, offset=1.0)
+    if qwen:
+        t("lm_head.weight", "output.weight", TINY["vocab"], d, scale=0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(hf)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        st.write(folder / fname, {n: ("F32", hf[n]) for n in part}, {"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    config = {
+        "model_type": model_type, "hidden_size": d, "intermediate_size": i,
+        "num_hidden_layers": TINY["layers"], "num_attention_heads": TINY["heads"],
+        "num_key_value_heads": TINY["kv"], "vocab_size": TINY["vocab"], "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": not qwen, "torch_dtype": "float32",
+        "max_position_embeddings": 512, "head_dim": hd,
+    }  # fmt: skip
+    if qwen:
+        # As real Qwen configs: a window that applies only with use_sliding_window.
+        config.update({"sliding_window": 4, "use_sliding_window": False})
+    (folder / "config.json").write_text(json.dumps(config))
+    if tokenizer == "word":
+        write_word_tokenizer(folder)
+    elif tokenizer == "bpe":
+        write_bpe_tokenizer(folder)
+    return ref
+
+
+def write_word_tokenizer(folder: Path) -> None:
+    """A word-level `tokenizer.json` over the tiny vocabulary (`w0` … `w95`, `w1` as EOS
+    never reached in tests that ignore it)."""
+    vocab = {f"w{i}": i for i in range(TINY["vocab"])}
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+    }  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+
+
+def write_bpe_tokenizer(folder: Path) -> None:
+    """A byte-level BPE `tokenizer.json` (GPT-2 style, ChatML template) over the small
+    vocabulary of test_tokenizer.py; model ids past it have no token."""
+    from test_tokenizer import CHATML, MERGES, TOKENS, TYPES
+
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    special = [{"id": i, "content": t, **flags} for i, t in enumerate(TOKENS) if TYPES[i] == 3]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    byte_level["use_regex"] = True
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": byte_level, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "vocab": {t: i for i, t in enumerate(TOKENS)}, "merges": MERGES},
+    }  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    config = {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": CHATML}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
