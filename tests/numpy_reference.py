@@ -26,16 +26,40 @@ class Family:
     qk_norm: bool = False
     window: int | None = None
     local_theta: float = 10000.0
+    #: HF `rope_scaling` of type llama3: (factor, low_freq_factor, high_freq_factor,
+    #: original_max_position_embeddings).
+    llama3: tuple[float, float, float, int] | None = None
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, interleaved: bool) -> np.ndarray:
+def llama3_inv_freq(inv: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """Llama 3.1's frequency scaling (Meta's reference `apply_scaling`): wavelengths longer
+    than original/low are stretched by `factor`, shorter than original/high kept, and a
+    linear blend in between."""
+    out = []
+    for f in inv:
+        wavelen = 2 * np.pi / f
+        if wavelen < original / high:
+            out.append(f)
+        elif wavelen > original / low:
+            out.append(f / factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def rope(
+    x: np.ndarray, positions: np.ndarray, theta: float, interleaved: bool, llama3: tuple | None = None
+) -> np.ndarray:
     """``x: [T, H, D]`` rotated by position (Su et al. 2021)."""
     d = x.shape[-1]
     inv = theta ** (-np.arange(0, d, 2) / d)
+    if llama3 is not None:
+        inv = llama3_inv_freq(inv, *llama3)
     ang = positions[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     out = np.empty_like(x)
@@ -83,7 +107,7 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
         if f.gemma or f.qk_norm:
             q, k = rms_norm(q, p("attn_q_norm"), f.eps), rms_norm(k, p("attn_k_norm"), f.eps)
         theta = f.local_theta if local else f.theta
-        q, k = rope(q, pos, theta, f.interleaved), rope(k, pos, theta, f.interleaved)
+        q, k = rope(q, pos, theta, f.interleaved, f.llama3), rope(k, pos, theta, f.interleaved, f.llama3)
         visible = np.tril(np.ones((t, t), dtype=bool))
         if local:
             visible &= np.arange(t)[:, None] - np.arange(t)[None, :] < f.window

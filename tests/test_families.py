@@ -85,3 +85,26 @@ def _kl(want: np.ndarray, got: np.ndarray) -> float:
     log_q = got - got.max(-1, keepdims=True)
     log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
     return float((p * (np.log(p) - log_q)).sum(-1).mean())
+
+
+def test_llama3_rope_scaling(tmp_path: Path) -> None:
+    """`rope_scaling: {rope_type: llama3}` from config.json; a short original context makes
+    every regime (kept, stretched, blended) occur in a 16-dim head."""
+    import dataclasses
+    import json
+
+    weights = write_tiny_hf(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    params = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    config["rope_scaling"] = {"rope_type": "llama3", **params}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    fam = dataclasses.replace(family("llama"), llama3=(8.0, 1.0, 4.0, 64))
+    got = cortex.load_model(tmp_path / "m").forward(IDS, all_positions=True)
+    want = forward(weights, fam, IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(want, forward(weights, family("llama"), IDS), atol=1e-2)  # the scaling matters

@@ -224,6 +224,15 @@ pub fn convert_gguf(
     progress: &Progress,
 ) -> Result<Report> {
     check_plan(source, plan)?;
+    if matches!(
+        source.model.rope_scaling,
+        Some(crate::model::config::RopeScaling::Llama3Params { .. })
+    ) {
+        return Err(Error::config(
+            "rope_scaling",
+            "GGUF output of llama 3 rope scaling (a rope_freqs tensor) is not supported yet; use MLX output",
+        ));
+    }
     let family = source.model.model_type.as_str();
     let mut specs = Vec::new();
     for t in &source.tensors {

@@ -29,6 +29,14 @@ pub enum RopeScaling {
     /// Per-frequency factors stored in the file (llama 3's `rope_freqs.weight`): each
     /// inverse frequency is divided by its factor.
     Llama3,
+    /// Llama 3's scaling from its `config.json` parameters (HF `rope_type: llama3`):
+    /// low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3Params {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// The MLP's gate activation (HF `hidden_act` / `hidden_activation` values).
@@ -511,8 +519,37 @@ impl ModelConfig {
                     .and_then(|t| t.as_str())
                     .unwrap_or("");
                 let factor = v.get("factor").and_then(|x| x.as_f64());
+                let num = |k: &str| {
+                    v.get(k)
+                        .and_then(|x| x.as_f64())
+                        .filter(|x| *x > 0.0 && x.is_finite())
+                };
                 match (ty, factor) {
                     ("default", _) => None,
+                    ("llama3", Some(factor)) if factor >= 1.0 && factor.is_finite() => {
+                        let (Some(low), Some(high), Some(original)) = (
+                            num("low_freq_factor"),
+                            num("high_freq_factor"),
+                            num("original_max_position_embeddings"),
+                        ) else {
+                            return Err(Error::config(
+                                "rope_scaling",
+                                "llama3 scaling needs positive low_freq_factor, high_freq_factor and original_max_position_embeddings",
+                            ));
+                        };
+                        if high <= low {
+                            return Err(Error::config(
+                                "rope_scaling",
+                                "high_freq_factor must exceed low_freq_factor",
+                            ));
+                        }
+                        Some(RopeScaling::Llama3Params {
+                            factor: factor as f32,
+                            low_freq_factor: low as f32,
+                            high_freq_factor: high as f32,
+                            original_max_position_embeddings: original as usize,
+                        })
+                    }
                     ("linear", Some(factor)) if factor > 0.0 && factor.is_finite() => {
                         (factor != 1.0).then_some(RopeScaling::Linear {
                             factor: factor as f32,
@@ -521,9 +558,7 @@ impl ModelConfig {
                     _ => {
                         return Err(Error::config(
                             "rope_scaling",
-                            format!(
-                                "{v} is not supported (supported: linear with a positive factor)"
-                            ),
+                            format!("{v} is not supported (supported: linear, llama3)"),
                         ))
                     }
                 }
@@ -603,5 +638,40 @@ impl ModelConfig {
                 .transpose()?
                 .map(|b| b as f32),
         })
+    }
+}
+
+impl RopeScaling {
+    /// Per-frequency divisors of the inverse frequencies for llama 3's parameters (HF
+    /// `_compute_llama3_parameters`), `None` for the other kinds.
+    pub fn llama3_factors(&self, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
+        let RopeScaling::Llama3Params {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: original,
+        } = *self
+        else {
+            return None;
+        };
+        let original = original as f64;
+        let (low_wavelen, high_wavelen) = (original / f64::from(low), original / f64::from(high));
+        Some(
+            (0..head_dim / 2)
+                .map(|i| {
+                    let inv = 1.0 / f64::from(theta).powf(2.0 * i as f64 / head_dim as f64);
+                    let wavelen = 2.0 * std::f64::consts::PI / inv;
+                    let scaled = if wavelen < high_wavelen {
+                        inv
+                    } else if wavelen > low_wavelen {
+                        inv / f64::from(factor)
+                    } else {
+                        let smooth = (original / wavelen - f64::from(low)) / f64::from(high - low);
+                        (1.0 - smooth) * inv / f64::from(factor) + smooth * inv
+                    };
+                    (inv / scaled) as f32
+                })
+                .collect(),
+        )
     }
 }

@@ -286,7 +286,12 @@ fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
     let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
     let src = FolderWeights::open(dir, &json, norm_offset)?;
     let num_parameters = src.num_parameters();
-    let (decoder, weight_bytes) = build_decoder(cfg.clone(), &src, None, device)?;
+    let rope_factors = cfg
+        .rope_scaling
+        .as_ref()
+        .and_then(|r| r.llama3_factors(cfg.head_dim, cfg.rope_theta));
+    let (decoder, weight_bytes) =
+        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
     Ok(Model {
         config: cfg,
         path: dir.to_path_buf(),
