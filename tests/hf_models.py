@@ -13,10 +13,17 @@ from numpy_reference import Family
 
 TINY = {"hidden": 64, "inter": 128, "layers": 2, "heads": 4, "kv": 2, "vocab": 96}
 HEAD_DIM = TINY["hidden"] // TINY["heads"]
+#: Gemma 3: 7 layers so that layer 5 is global and the others slide over 3 positions.
+GEMMA_LAYERS, GEMMA_WINDOW = 7, 3
 
 
 def family(model_type: str = "llama") -> Family:
     """The reference's description of a tiny model of `model_type` (HF row order: NeoX RoPE)."""
+    if model_type == "gemma3_text":
+        return Family(
+            heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=HEAD_DIM, eps=1e-6, theta=1e6,
+            interleaved=False, gemma=True, window=GEMMA_WINDOW, local_theta=10000.0,
+        )  # fmt: skip
     return Family(
         heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=HEAD_DIM, eps=1e-5, theta=10000.0,
         interleaved=False, qk_norm=model_type == "qwen3",
@@ -40,10 +47,19 @@ def write_tiny_hf(
         hf[hf_name], ref[ref_name] = a, a
 
     qwen = model_type in ("qwen2", "qwen3")
+    gemma = model_type == "gemma3_text"
+    layers = GEMMA_LAYERS if gemma else TINY["layers"]
+
+    def norm(hf_name: str, ref_name: str, dim: int) -> None:
+        # Gemma stores `w` and scales by `1 + w`; the reference multiplies by what it is given.
+        t(hf_name, ref_name, dim, scale=0.1, offset=0.0 if gemma else 1.0)
+        if gemma:
+            ref[ref_name] = hf[hf_name] + 1.0
+
     t("model.embed_tokens.weight", "token_embd.weight", TINY["vocab"], d, scale=0.5)
-    for n in range(TINY["layers"]):
+    for n in range(layers):
         p, g = f"model.layers.{n}.", f"blk.{n}."
-        t(p + "input_layernorm.weight", g + "attn_norm.weight", d, scale=0.1, offset=1.0)
+        norm(p + "input_layernorm.weight", g + "attn_norm.weight", d)
         t(p + "self_attn.q_proj.weight", g + "attn_q.weight", TINY["heads"] * hd, d)
         t(p + "self_attn.k_proj.weight", g + "attn_k.weight", TINY["kv"] * hd, d)
         t(p + "self_attn.v_proj.weight", g + "attn_v.weight", TINY["kv"] * hd, d)
@@ -51,15 +67,20 @@ def write_tiny_hf(
             t(p + "self_attn.q_proj.bias", g + "attn_q.bias", TINY["heads"] * hd, scale=0.5)
             t(p + "self_attn.k_proj.bias", g + "attn_k.bias", TINY["kv"] * hd, scale=0.5)
             t(p + "self_attn.v_proj.bias", g + "attn_v.bias", TINY["kv"] * hd, scale=0.5)
-        if model_type == "qwen3":
-            t(p + "self_attn.q_norm.weight", g + "attn_q_norm.weight", hd, scale=0.1, offset=1.0)
-            t(p + "self_attn.k_norm.weight", g + "attn_k_norm.weight", hd, scale=0.1, offset=1.0)
+        if model_type == "qwen3" or gemma:
+            norm(p + "self_attn.q_norm.weight", g + "attn_q_norm.weight", hd)
+            norm(p + "self_attn.k_norm.weight", g + "attn_k_norm.weight", hd)
         t(p + "self_attn.o_proj.weight", g + "attn_output.weight", d, TINY["heads"] * hd)
-        t(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", d, scale=0.1, offset=1.0)
+        if gemma:
+            norm(p + "post_attention_layernorm.weight", g + "post_attention_norm.weight", d)
+            norm(p + "pre_feedforward_layernorm.weight", g + "ffn_norm.weight", d)
+            norm(p + "post_feedforward_layernorm.weight", g + "post_ffw_norm.weight", d)
+        else:
+            norm(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", d)
         t(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", i, d)
         t(p + "mlp.up_proj.weight", g + "ffn_up.weight", i, d)
         t(p + "mlp.down_proj.weight", g + "ffn_down.weight", d, i)
-    t("model.norm.weight", "output_norm.weight", d, scale=0.1, offset=1.0)
+    norm("model.norm.weight", "output_norm.weight", d)
     if qwen:
         t("lm_head.weight", "output.weight", TINY["vocab"], d, scale=0.5)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,11 +96,17 @@ def write_tiny_hf(
     )
     config = {
         "model_type": model_type, "hidden_size": d, "intermediate_size": i,
-        "num_hidden_layers": TINY["layers"], "num_attention_heads": TINY["heads"],
+        "num_hidden_layers": layers, "num_attention_heads": TINY["heads"],
         "num_key_value_heads": TINY["kv"], "vocab_size": TINY["vocab"], "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "tie_word_embeddings": not qwen, "torch_dtype": "float32",
         "max_position_embeddings": 512, "head_dim": hd,
     }  # fmt: skip
+    if gemma:
+        config.update({
+            "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": hd, "sliding_window": GEMMA_WINDOW, "sliding_window_pattern": 6,
+            "hidden_activation": "gelu_pytorch_tanh",
+        })  # fmt: skip
     if qwen:
         # As real Qwen configs: a window that applies only with use_sliding_window.
         config.update({"sliding_window": 4, "use_sliding_window": False})

@@ -18,7 +18,7 @@ import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
 
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
-FAMILIES = ["llama", "qwen2", "qwen3"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -42,7 +42,7 @@ def test_cached_greedy_decoding_matches_numpy(tmp_path: Path, model_type: str) -
     assert len(ids) == 12
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
 def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
     """Biases and q/k norms stay float; the untied head is quantized; logits stay close."""
     weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
@@ -69,7 +69,7 @@ def test_gguf_output_runs_with_its_family(tmp_path: Path, model_type: str) -> No
     ok, message, out = MLXConverter(tmp_path / "cache").convert_model(str(tmp_path / "m"), config=config)
     assert ok, message
     model, tok = cortex.load(out)
-    assert model.config["model_type"] == model_type
+    assert model.config["model_type"] == model_type.replace("_text", "")
     assert model.config["rope_interleaved"] == (model_type == "llama")
     want = forward(weights, family(model_type), IDS)
     # Q8_0 is symmetric and candle's Q8_0 matmul rounds activations to 8 bits too: a little
