@@ -36,7 +36,8 @@ def write_tiny_hf(
     """Writes the model; returns its weights under the reference's (GGUF-style) names.
 
     `model_type` picks the family's extras: qwen2 has q/k/v biases, qwen3 per-head q/k
-    RMSNorm; both untie the output head. `tokenizer`: None, "word" or "bpe"."""
+    RMSNorm, phi3 fused qkv and gate_up projections (all three untie the output head),
+    gemma3_text its norms, scaled embeddings and sliding-window layers. `tokenizer`: None, "word" or "bpe"."""
     rng = np.random.default_rng(seed)
     d, i, hd = TINY["hidden"], TINY["inter"], HEAD_DIM
     hf: dict[str, np.ndarray] = {}
@@ -48,6 +49,7 @@ def write_tiny_hf(
 
     qwen = model_type in ("qwen2", "qwen3")
     gemma = model_type == "gemma3_text"
+    phi3 = model_type == "phi3"
     layers = GEMMA_LAYERS if gemma else TINY["layers"]
 
     def norm(hf_name: str, ref_name: str, dim: int) -> None:
@@ -80,8 +82,14 @@ def write_tiny_hf(
         t(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", i, d)
         t(p + "mlp.up_proj.weight", g + "ffn_up.weight", i, d)
         t(p + "mlp.down_proj.weight", g + "ffn_down.weight", d, i)
+        if phi3:
+            # Fused as Phi 3 stores them; the reference keeps the parts.
+            for fused, parts in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                 ("mlp.gate_up_proj", ("gate_proj", "up_proj"))):  # fmt: skip
+                prefix = fused.split(".")[0]
+                hf[p + fused + ".weight"] = np.concatenate([hf.pop(f"{p}{prefix}.{x}.weight") for x in parts])
     norm("model.norm.weight", "output_norm.weight", d)
-    if qwen:
+    if qwen or phi3:
         t("lm_head.weight", "output.weight", TINY["vocab"], d, scale=0.5)
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(hf)
@@ -98,7 +106,7 @@ def write_tiny_hf(
         "model_type": model_type, "hidden_size": d, "intermediate_size": i,
         "num_hidden_layers": layers, "num_attention_heads": TINY["heads"],
         "num_key_value_heads": TINY["kv"], "vocab_size": TINY["vocab"], "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": not qwen, "torch_dtype": "float32",
+        "rope_theta": 10000.0, "tie_word_embeddings": not (qwen or phi3), "torch_dtype": "float32",
         "max_position_embeddings": 512, "head_dim": hd,
     }  # fmt: skip
     if gemma:
@@ -107,6 +115,9 @@ def write_tiny_hf(
             "query_pre_attn_scalar": hd, "sliding_window": GEMMA_WINDOW, "sliding_window_pattern": 6,
             "hidden_activation": "gelu_pytorch_tanh",
         })  # fmt: skip
+    if phi3:
+        # Phi-3-mini's window, longer than any test sequence.
+        config.update({"sliding_window": 2047, "hidden_act": "silu"})
     if qwen:
         # As real Qwen configs: a window that applies only with use_sliding_window.
         config.update({"sliding_window": 4, "use_sliding_window": False})

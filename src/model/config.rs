@@ -11,7 +11,8 @@ use crate::formats::gguf::GgufFile;
 
 /// Architectures (`general.architecture`) the decoder runs. Mistral GGUFs are written with
 /// `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "gemma3", "qwen2", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3"];
 
 /// Upper bounds that no real model reaches; a config past them is corrupt or hostile.
 const MAX_LAYERS: usize = 1024;
@@ -76,6 +77,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Biases on the MLP projections (llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// q/k/v stored as one `qkv_proj`, gate/up as one `gate_up_proj` (Phi 3).
+    pub fused_projections: bool,
     /// Norms after attention and after the MLP too, before the residual adds (Gemma 2/3).
     pub sandwich_norms: bool,
     /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
@@ -282,7 +285,7 @@ impl ModelConfig {
         }
         let rope_scaling = Self::rope_scaling(g, &arch)?;
         let gemma3 = arch == "gemma3";
-        let (qwen2, qwen3) = (arch == "qwen2", arch == "qwen3");
+        let (qwen2, qwen3, phi3) = (arch == "qwen2", arch == "qwen3", arch == "phi3");
         let sliding_window = if gemma3 {
             let key = k("attention.sliding_window");
             Some(check_range(&key, required(g, &key)?, MAX_CONTEXT)?)
@@ -320,10 +323,11 @@ impl ModelConfig {
             qkv_bias: qwen2,
             o_bias: false,
             mlp_bias: false,
+            fused_projections: phi3,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // Only llama.cpp's llama converter permutes q/k for adjacent-pair RoPE.
-            rope_interleaved: !(gemma3 || qwen2 || qwen3),
+            rope_interleaved: !(gemma3 || qwen2 || qwen3 || phi3),
             sliding_window,
             // Fixed by the architecture (HF `sliding_window_pattern`, llama.cpp
             // `n_swa_pattern`; not stored in GGUF), as is the local RoPE base.
@@ -370,6 +374,7 @@ pub const SUPPORTED_MODEL_TYPES: &[(&str, &str)] = &[
     ("gemma3_text", "gemma3"),
     ("qwen2", "qwen2"),
     ("qwen3", "qwen3"),
+    ("phi3", "phi3"),
 ];
 
 /// Typed access to `config.json` fields; every error names the field.
@@ -456,6 +461,13 @@ impl ModelConfig {
             return Err(Error::config(
                 "use_sliding_window",
                 "Qwen's per-layer sliding window (max_window_layers) is not supported",
+            ));
+        }
+        let partial = f.f64_or("partial_rotary_factor", 1.0)?;
+        if partial != 1.0 {
+            return Err(Error::config(
+                "partial_rotary_factor",
+                format!("{partial}: partial rotary embeddings are not supported yet"),
             ));
         }
         let hidden_size = f.usize("hidden_size", MAX_HIDDEN)?;
@@ -627,6 +639,7 @@ impl ModelConfig {
             qkv_bias: family == "qwen2" || attention_bias,
             o_bias: attention_bias,
             mlp_bias: f.bool_or("mlp_bias", false)?,
+            fused_projections: family == "phi3",
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // HF checkpoints rotate the two halves of each head (`rotate_half`).

@@ -37,6 +37,41 @@ impl Weight {
         }
     }
 
+    /// Rows `start..start + len` (a part of a fused projection), in the same storage form.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Weight> {
+        Ok(match self {
+            Weight::Dense(t) => Weight::Dense(t.narrow(0, start, len)?.contiguous()?),
+            Weight::Ggml(q) => {
+                let (_, cols) = self.dims();
+                let dtype = q.dtype();
+                let row_bytes = cols / dtype.block_size() * dtype.type_size();
+                let data = q.data()?;
+                let part = &data[start * row_bytes..(start + len) * row_bytes];
+                Weight::Ggml(Arc::new(
+                    candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        dtype,
+                        part,
+                        vec![len, cols],
+                        &q.device(),
+                    )?,
+                ))
+            }
+            Weight::Affine(a) => {
+                let (w, g) = (a.words_per_row(), a.groups_per_row());
+                Weight::Affine(Arc::new(AffineMatrix::from_parts(
+                    len,
+                    a.cols,
+                    a.bits,
+                    a.group_size,
+                    a.packed[start * w..(start + len) * w].to_vec(),
+                    a.scales[start * g..(start + len) * g].to_vec(),
+                    a.biases[start * g..(start + len) * g].to_vec(),
+                    a.scale_dtype,
+                )?))
+            }
+        })
+    }
+
     /// Bytes the weight occupies in memory.
     pub fn nbytes(&self) -> usize {
         match self {

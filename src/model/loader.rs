@@ -165,12 +165,33 @@ fn build_decoder(
         } else {
             "post_attention_layernorm"
         };
+        // Phi 3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`: split by
+        // rows at load, so the decoder sees the usual projections.
+        let (q_proj, k_proj, v_proj, gate_proj, up_proj) = if cfg.fused_projections {
+            let qkv = matrix(&p("self_attn.qkv_proj"), (nh + 2 * nkv) * hd, d)?;
+            let gate_up = matrix(&p("mlp.gate_up_proj"), 2 * inter, d)?;
+            (
+                Linear::new(qkv.rows(0, nh * hd)?)?,
+                Linear::new(qkv.rows(nh * hd, nkv * hd)?)?,
+                Linear::new(qkv.rows((nh + nkv) * hd, nkv * hd)?)?,
+                Linear::new(gate_up.rows(0, inter)?)?,
+                Linear::new(gate_up.rows(inter, inter)?)?,
+            )
+        } else {
+            (
+                biased(&p("self_attn.q_proj"), nh * hd, d, cfg.qkv_bias)?,
+                biased(&p("self_attn.k_proj"), nkv * hd, d, cfg.qkv_bias)?,
+                biased(&p("self_attn.v_proj"), nkv * hd, d, cfg.qkv_bias)?,
+                biased(&p("mlp.gate_proj"), inter, d, cfg.mlp_bias)?,
+                biased(&p("mlp.up_proj"), inter, d, cfg.mlp_bias)?,
+            )
+        };
         layers.push(Block {
             input_layernorm: norm(&p("input_layernorm"), d)?,
             self_attn: Attention {
-                q_proj: biased(&p("self_attn.q_proj"), nh * hd, d, cfg.qkv_bias)?,
-                k_proj: biased(&p("self_attn.k_proj"), nkv * hd, d, cfg.qkv_bias)?,
-                v_proj: biased(&p("self_attn.v_proj"), nkv * hd, d, cfg.qkv_bias)?,
+                q_proj,
+                k_proj,
+                v_proj,
                 o_proj: biased(&p("self_attn.o_proj"), d, nh * hd, cfg.o_bias)?,
                 q_norm: optional_norm("self_attn.q_norm", hd, cfg.use_qk_norm)?,
                 k_norm: optional_norm("self_attn.k_norm", hd, cfg.use_qk_norm)?,
@@ -187,8 +208,8 @@ fn build_decoder(
             )?,
             pre_feedforward_layernorm: norm(&p(pre_mlp_norm), d)?,
             mlp: Mlp {
-                gate_proj: biased(&p("mlp.gate_proj"), inter, d, cfg.mlp_bias)?,
-                up_proj: biased(&p("mlp.up_proj"), inter, d, cfg.mlp_bias)?,
+                gate_proj,
+                up_proj,
                 down_proj: biased(&p("mlp.down_proj"), d, inter, cfg.mlp_bias)?,
                 act: cfg.hidden_act,
             },

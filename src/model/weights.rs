@@ -47,6 +47,9 @@ pub fn gguf_name(module: &str, family: &str) -> Option<String> {
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
+        // Phi 3's fused projections (llama.cpp keeps gate and up fused under `ffn_up`).
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" if family == "phi3" => "ffn_up",
         "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
         "pre_feedforward_layernorm" if gemma => "ffn_norm",
@@ -105,6 +108,8 @@ pub fn hf_module(base: &str, family: &str, num_layers: usize) -> Option<String> 
         "self_attn.o_proj",
         "self_attn.q_norm",
         "self_attn.k_norm",
+        "self_attn.qkv_proj",
+        "mlp.gate_up_proj",
         "post_attention_layernorm",
         "pre_feedforward_layernorm",
         "post_feedforward_layernorm",
