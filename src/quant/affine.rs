@@ -334,35 +334,36 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Like [`unpack_row`], into f32 (the matmul's scratch row), without an intermediate.
 fn unpack_row_f32(packed: &[u32], bits: u32, out: &mut [f32]) {
+    unpack_into(packed, bits, out, |c| c as f32);
+}
+
+/// Writes value `i` of a packed row (at bit `i * bits`) as `from(code)` into `out[i]`; the
+/// power-of-two widths, whose values never straddle a word, get a loop per width.
+#[inline(always)]
+fn unpack_into<T>(packed: &[u32], bits: u32, out: &mut [T], from: impl Fn(u32) -> T) {
+    #[inline(always)]
+    fn words<const BITS: u32, T>(packed: &[u32], out: &mut [T], from: impl Fn(u32) -> T) {
+        let mask = (1u32 << BITS) - 1;
+        for (w, o) in packed
+            .iter()
+            .zip(out.chunks_exact_mut((32 / BITS) as usize))
+        {
+            for (k, o) in o.iter_mut().enumerate() {
+                *o = from((w >> (BITS as usize * k)) & mask);
+            }
+        }
+    }
     match bits {
-        4 => {
-            for (w, o) in packed.iter().zip(out.chunks_exact_mut(8)) {
-                for (k, o) in o.iter_mut().enumerate() {
-                    *o = ((w >> (4 * k)) & 0xF) as f32;
-                }
-            }
-        }
-        8 => {
-            for (w, o) in packed.iter().zip(out.chunks_exact_mut(4)) {
-                for (k, o) in o.iter_mut().enumerate() {
-                    *o = ((w >> (8 * k)) & 0xFF) as f32;
-                }
-            }
-        }
-        2 => {
-            for (w, o) in packed.iter().zip(out.chunks_exact_mut(16)) {
-                for (k, o) in o.iter_mut().enumerate() {
-                    *o = ((w >> (2 * k)) & 0x3) as f32;
-                }
-            }
-        }
+        2 => words::<2, T>(packed, out, from),
+        4 => words::<4, T>(packed, out, from),
+        8 => words::<8, T>(packed, out, from),
         _ => {
             let mask = (1u64 << bits) - 1;
             let mut bit = 0usize;
             for o in out.iter_mut() {
                 let lo = u64::from(packed[bit / 32]);
                 let hi = packed.get(bit / 32 + 1).map_or(0, |&w| u64::from(w));
-                *o = (((lo | hi << 32) >> (bit % 32)) & mask) as f32;
+                *o = from((((lo | hi << 32) >> (bit % 32)) & mask) as u32);
                 bit += bits as usize;
             }
         }
@@ -385,30 +386,7 @@ pub fn pack_row(codes: &[u8], bits: u32, out: &mut [u32]) {
 
 /// The inverse of [`pack_row`]: fills `codes` from `packed`.
 pub fn unpack_row(packed: &[u32], bits: u32, codes: &mut [u8]) {
-    let mask = (1u64 << bits) - 1;
-    match bits {
-        4 => {
-            for (w, c) in packed.iter().zip(codes.chunks_mut(8)) {
-                for (k, c) in c.iter_mut().enumerate() {
-                    *c = ((w >> (4 * k)) & 0xF) as u8;
-                }
-            }
-        }
-        8 => {
-            for (w, c) in packed.iter().zip(codes.chunks_mut(4)) {
-                c.copy_from_slice(&w.to_le_bytes()[..c.len()]);
-            }
-        }
-        _ => {
-            let mut bit = 0usize;
-            for c in codes.iter_mut() {
-                let lo = u64::from(packed[bit / 32]);
-                let hi = packed.get(bit / 32 + 1).map_or(0, |&w| u64::from(w));
-                *c = (((lo | hi << 32) >> (bit % 32)) & mask) as u8;
-                bit += bits as usize;
-            }
-        }
-    }
+    unpack_into(packed, bits, codes, |c| c as u8);
 }
 
 #[cfg(test)]
