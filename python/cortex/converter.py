@@ -28,7 +28,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from . import _core
-from .exceptions import CancelledError, CortexError, ModelNotFoundError
+from .exceptions import CortexError, ModelNotFoundError
 from .models import cortex_home
 
 __all__ = [
@@ -267,7 +267,7 @@ def resolve_source(source: str) -> Path:
             return snapshots[-1]
         raise FileNotFoundError(
             f"'{source}' is neither a local path nor in the Hugging Face cache ({repo}); "
-            "download it first (e.g. `huggingface-cli download {source}`)"
+            f"download it first (e.g. `huggingface-cli download {source}`)"
         )
     raise FileNotFoundError(f"no such file or directory: {source}")
 
@@ -334,9 +334,9 @@ def run_conversion(
     except KeyboardInterrupt:
         job.cancel()
         try:
-            job.result()
-        except CancelledError:
-            pass
+            job.result()  # wait for the worker to stop
+        except CortexError:
+            pass  # cancelled (or failed meanwhile): the interrupt is what the caller sees
         raise
     finally:
         if bar is not None:
