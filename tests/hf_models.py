@@ -17,8 +17,17 @@ HEAD_DIM = TINY["hidden"] // TINY["heads"]
 GEMMA_LAYERS, GEMMA_WINDOW = 7, 3
 
 
+#: Qwen 3 MoE: experts per layer, experts per token, expert width.
+EXPERTS, TOP_K, EXPERT_WIDTH = 4, 2, 32
+
+
 def family(model_type: str = "llama") -> Family:
     """The reference's description of a tiny model of `model_type` (HF row order: NeoX RoPE)."""
+    if model_type == "qwen3_moe":
+        return Family(
+            heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=HEAD_DIM, eps=1e-5, theta=10000.0,
+            interleaved=False, qk_norm=True, moe=(TOP_K, True),
+        )  # fmt: skip
     if model_type == "gemma3_text":
         return Family(
             heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=HEAD_DIM, eps=1e-6, theta=1e6,
@@ -36,7 +45,8 @@ def write_tiny_hf(
     """Writes the model; returns its weights under the reference's (GGUF-style) names.
 
     `model_type` picks the family's extras: qwen2 has q/k/v biases, qwen3 per-head q/k
-    RMSNorm, phi3 fused qkv and gate_up projections (all three untie the output head),
+    RMSNorm, qwen3_moe that plus a mixture of experts in every layer, phi3 fused qkv and
+    gate_up projections (all these untie the output head),
     gemma3_text its norms, scaled embeddings and sliding-window layers. `tokenizer`: None, "word" or "bpe"."""
     rng = np.random.default_rng(seed)
     d, i, hd = TINY["hidden"], TINY["inter"], HEAD_DIM
@@ -47,7 +57,8 @@ def write_tiny_hf(
         a = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         hf[hf_name], ref[ref_name] = a, a
 
-    qwen = model_type in ("qwen2", "qwen3")
+    qwen = model_type in ("qwen2", "qwen3", "qwen3_moe")
+    moe = model_type == "qwen3_moe"
     gemma = model_type == "gemma3_text"
     phi3 = model_type == "phi3"
     layers = GEMMA_LAYERS if gemma else TINY["layers"]
@@ -69,7 +80,7 @@ def write_tiny_hf(
             t(p + "self_attn.q_proj.bias", g + "attn_q.bias", TINY["heads"] * hd, scale=0.5)
             t(p + "self_attn.k_proj.bias", g + "attn_k.bias", TINY["kv"] * hd, scale=0.5)
             t(p + "self_attn.v_proj.bias", g + "attn_v.bias", TINY["kv"] * hd, scale=0.5)
-        if model_type == "qwen3" or gemma:
+        if model_type in ("qwen3", "qwen3_moe") or gemma:
             norm(p + "self_attn.q_norm.weight", g + "attn_q_norm.weight", hd)
             norm(p + "self_attn.k_norm.weight", g + "attn_k_norm.weight", hd)
         t(p + "self_attn.o_proj.weight", g + "attn_output.weight", d, TINY["heads"] * hd)
@@ -79,9 +90,17 @@ def write_tiny_hf(
             norm(p + "post_feedforward_layernorm.weight", g + "post_ffw_norm.weight", d)
         else:
             norm(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", d)
-        t(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", i, d)
-        t(p + "mlp.up_proj.weight", g + "ffn_up.weight", i, d)
-        t(p + "mlp.down_proj.weight", g + "ffn_down.weight", d, i)
+        if moe:
+            t(p + "mlp.gate.weight", g + "ffn_gate_inp.weight", EXPERTS, d, scale=1.0)
+            for e in range(EXPERTS):
+                x, y = f"{p}mlp.experts.{e}.", f"{g}expert.{e}."
+                t(x + "gate_proj.weight", y + "ffn_gate.weight", EXPERT_WIDTH, d)
+                t(x + "up_proj.weight", y + "ffn_up.weight", EXPERT_WIDTH, d)
+                t(x + "down_proj.weight", y + "ffn_down.weight", d, EXPERT_WIDTH)
+        else:
+            t(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", i, d)
+            t(p + "mlp.up_proj.weight", g + "ffn_up.weight", i, d)
+            t(p + "mlp.down_proj.weight", g + "ffn_down.weight", d, i)
         if phi3:
             # Fused as Phi 3 stores them; the reference keeps the parts.
             for fused, parts in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -118,6 +137,11 @@ def write_tiny_hf(
     if phi3:
         # Phi-3-mini's window, longer than any test sequence.
         config.update({"sliding_window": 2047, "hidden_act": "silu"})
+    if moe:
+        config.update({
+            "num_experts": EXPERTS, "num_experts_per_tok": TOP_K, "moe_intermediate_size": EXPERT_WIDTH,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        })  # fmt: skip
     if qwen:
         # As real Qwen configs: a window that applies only with use_sliding_window.
         config.update({"sliding_window": 4, "use_sliding_window": False})

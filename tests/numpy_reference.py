@@ -29,6 +29,9 @@ class Family:
     #: HF `rope_scaling` of type llama3: (factor, low_freq_factor, high_freq_factor,
     #: original_max_position_embeddings).
     llama3: tuple[float, float, float, int] | None = None
+    #: A mixture of experts in every layer: (experts chosen per token, renormalise their
+    #: probabilities). Router ``blk.N.ffn_gate_inp``, experts ``blk.N.expert.E.ffn_*``.
+    moe: tuple[int, bool] | None = None
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -124,8 +127,27 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
             o = rms_norm(o, p("post_attention_norm"), f.eps)
         x = x + o
         h = rms_norm(x, p("ffn_norm"), f.eps)
-        act = gelu_tanh if f.gemma else silu
-        m = (act(h @ p("ffn_gate").T) * (h @ p("ffn_up").T)) @ p("ffn_down").T
+
+        def mlp(h: np.ndarray, prefix: str, p=p) -> np.ndarray:  # noqa: ANN001 (binds this layer)
+            act = gelu_tanh if f.gemma else silu
+            gate, up, down = (p(prefix + n) for n in ("ffn_gate", "ffn_up", "ffn_down"))
+            return (act(h @ gate.T) * (h @ up.T)) @ down.T
+
+        if f.moe is None:
+            m = mlp(h, "")
+        else:
+            top_k, renormalise = f.moe
+            logits = h @ p("ffn_gate_inp").T
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            m = np.zeros_like(h)
+            for tok in range(t):
+                chosen = np.argsort(-probs[tok], kind="stable")[:top_k]
+                weights = probs[tok, chosen]
+                if renormalise:
+                    weights = weights / weights.sum()
+                for e, wgt in zip(chosen, weights):
+                    m[tok] += wgt * mlp(h[tok : tok + 1], f"expert.{e}.")[0]
         if f.gemma:
             m = rms_norm(m, p("post_ffw_norm"), f.eps)
         x = x + m

@@ -40,6 +40,26 @@ pub enum RopeScaling {
     },
 }
 
+/// Mixture-of-experts settings (HF `Qwen3MoeConfig` names).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub moe_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    /// Every `decoder_sparse_step`-th layer is sparse...
+    pub decoder_sparse_step: usize,
+    /// ...except these, which keep a dense MLP of `intermediate_size`.
+    pub mlp_only_layers: Vec<usize>,
+}
+
+impl MoeConfig {
+    /// Whether layer `i` (from 0) uses the experts (HF `Qwen3MoeDecoderLayer`).
+    pub fn is_sparse(&self, i: usize) -> bool {
+        !self.mlp_only_layers.contains(&i) && (i + 1) % self.decoder_sparse_step == 0
+    }
+}
+
 /// The MLP's gate activation (HF `hidden_act` / `hidden_activation` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -79,6 +99,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// q/k/v stored as one `qkv_proj`, gate/up as one `gate_up_proj` (Phi 3).
     pub fused_projections: bool,
+    /// Mixture-of-experts feed-forward layers (Qwen 3 MoE).
+    pub moe: Option<MoeConfig>,
     /// Norms after attention and after the MLP too, before the residual adds (Gemma 2/3).
     pub sandwich_norms: bool,
     /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
@@ -324,6 +346,7 @@ impl ModelConfig {
             o_bias: false,
             mlp_bias: false,
             fused_projections: phi3,
+            moe: None,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // Only llama.cpp's llama converter permutes q/k for adjacent-pair RoPE.
@@ -375,6 +398,7 @@ pub const SUPPORTED_MODEL_TYPES: &[(&str, &str)] = &[
     ("qwen2", "qwen2"),
     ("qwen3", "qwen3"),
     ("phi3", "phi3"),
+    ("qwen3_moe", "qwen3_moe"),
 ];
 
 /// Typed access to `config.json` fields; every error names the field.
@@ -456,7 +480,7 @@ impl ModelConfig {
                     .collect(),
             })?;
         let gemma3 = family == "gemma3";
-        let qwen = family == "qwen2" || family == "qwen3";
+        let qwen = matches!(family, "qwen2" | "qwen3" | "qwen3_moe");
         if qwen && f.bool_or("use_sliding_window", false)? {
             return Err(Error::config(
                 "use_sliding_window",
@@ -635,11 +659,16 @@ impl ModelConfig {
             tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma3)?,
             hidden_act,
             query_pre_attn_scalar,
-            use_qk_norm: gemma3 || family == "qwen3",
+            use_qk_norm: gemma3 || family == "qwen3" || family == "qwen3_moe",
             qkv_bias: family == "qwen2" || attention_bias,
             o_bias: attention_bias,
             mlp_bias: f.bool_or("mlp_bias", false)?,
             fused_projections: family == "phi3",
+            moe: if family == "qwen3_moe" {
+                Some(Self::moe_from_hf(&f)?)
+            } else {
+                None
+            },
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // HF checkpoints rotate the two halves of each head (`rotate_half`).
@@ -650,6 +679,36 @@ impl ModelConfig {
                 .then(|| f.f64_or("rope_local_base_freq", 10_000.0))
                 .transpose()?
                 .map(|b| b as f32),
+        })
+    }
+}
+
+impl ModelConfig {
+    fn moe_from_hf(f: &HfFields<'_>) -> Result<MoeConfig> {
+        let num_experts = f.usize("num_experts", 4096)?;
+        let num_experts_per_tok = f.usize("num_experts_per_tok", num_experts)?;
+        let mlp_only_layers = match f.0.get("mlp_only_layers") {
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+                .ok_or_else(|| {
+                    Error::config(
+                        "mlp_only_layers",
+                        format!("expected a list of layer indices, got {v}"),
+                    )
+                })?,
+        };
+        Ok(MoeConfig {
+            num_experts,
+            num_experts_per_tok,
+            moe_intermediate_size: f.usize("moe_intermediate_size", 16 * MAX_HIDDEN)?,
+            norm_topk_prob: f.bool_or("norm_topk_prob", false)?,
+            decoder_sparse_step: match f.opt_usize("decoder_sparse_step")? {
+                Some(n) => check_range("decoder_sparse_step", n, MAX_LAYERS)?,
+                None => 1,
+            },
+            mlp_only_layers,
         })
     }
 }

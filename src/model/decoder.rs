@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::model::layers::{Embedding, FeedForward, Linear, RmsNorm, Rope};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -38,7 +38,7 @@ pub struct Block {
     /// Applied to the attention output before the residual add (sandwich norms).
     pub post_attention_layernorm: Option<RmsNorm>,
     pub pre_feedforward_layernorm: RmsNorm,
-    pub mlp: Mlp,
+    pub mlp: FeedForward,
     /// Applied to the MLP output before the residual add (sandwich norms).
     pub post_feedforward_layernorm: Option<RmsNorm>,
 }

@@ -269,6 +269,83 @@ impl Mlp {
     }
 }
 
+/// The feed-forward part of a layer: one gated MLP, or a mixture of experts.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeMlp),
+}
+
+impl FeedForward {
+    /// `[1, t, d]` → `[1, t, d]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(xs),
+            FeedForward::Moe(moe) => moe.forward(xs),
+        }
+    }
+}
+
+/// A sparse mixture of experts (Qwen 3 MoE, HF `Qwen3MoeSparseMoeBlock`): a router picks
+/// the `top_k` experts with the highest softmax probability for each token, and the token's
+/// output is their outputs weighted by those probabilities (renormalised to sum to one with
+/// `norm_topk_prob`).
+#[derive(Debug, Clone)]
+pub struct MoeMlp {
+    /// Router, `[num_experts, d]`.
+    pub gate: Linear,
+    pub experts: Vec<Mlp>,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl MoeMlp {
+    /// `[1, t, d]` → `[1, t, d]`. Routing is decided on the CPU; each chosen expert then
+    /// runs once over all the tokens routed to it.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, t, d) = xs.dims3()?;
+        let x = xs.reshape((t, d))?;
+        let logits = self
+            .gate
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?; // [t, E]
+                                // Per expert: the tokens routed to it and their weights.
+        let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); self.experts.len()];
+        for (token, row) in logits.iter().enumerate() {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            // Highest probability first; ties keep the lower expert index (stable sort).
+            order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]));
+            let chosen = &order[..self.top_k.min(order.len())];
+            let total: f32 = chosen.iter().map(|&e| exp[e] / sum).sum();
+            for &e in chosen {
+                let p = exp[e] / sum;
+                routed[e].0.push(token as u32);
+                routed[e]
+                    .1
+                    .push(if self.norm_topk_prob { p / total } else { p });
+            }
+        }
+        let mut out = Tensor::zeros((t, d), DType::F32, xs.device())?;
+        for (expert, (tokens, weights)) in self.experts.iter().zip(routed) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::from_vec(tokens, n, xs.device())?;
+            let y = expert
+                .forward(&x.index_select(&idx, 0)?.unsqueeze(0)?)?
+                .squeeze(0)?; // [n, d]
+            let w = Tensor::from_vec(weights, (n, 1), xs.device())?;
+            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out.unsqueeze(0)?)
+    }
+}
+
 /// A dense f32 tensor from a stored tensor (norm weights are small and kept in f32).
 pub fn dense(t: &QTensor, device: &Device) -> Result<Tensor> {
     Ok(t.dequantize(device)?.to_dtype(DType::F32)?)

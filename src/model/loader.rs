@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::decoder::{Attention, Block, Decoder, KvCache};
-use crate::model::layers::{dense, Embedding, Linear, Mlp, RmsNorm, Rope, Weight};
+use crate::model::layers::{
+    dense, Embedding, FeedForward, Linear, Mlp, MoeMlp, RmsNorm, Rope, Weight,
+};
 use crate::model::weights::{FolderWeights, GgufWeights, WeightSource};
 use crate::tokenizer::Tokenizer;
 
@@ -167,24 +169,51 @@ fn build_decoder(
         };
         // Phi 3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`: split by
         // rows at load, so the decoder sees the usual projections.
-        let (q_proj, k_proj, v_proj, gate_proj, up_proj) = if cfg.fused_projections {
+        let (q_proj, k_proj, v_proj) = if cfg.fused_projections {
             let qkv = matrix(&p("self_attn.qkv_proj"), (nh + 2 * nkv) * hd, d)?;
-            let gate_up = matrix(&p("mlp.gate_up_proj"), 2 * inter, d)?;
             (
                 Linear::new(qkv.rows(0, nh * hd)?)?,
                 Linear::new(qkv.rows(nh * hd, nkv * hd)?)?,
                 Linear::new(qkv.rows((nh + nkv) * hd, nkv * hd)?)?,
-                Linear::new(gate_up.rows(0, inter)?)?,
-                Linear::new(gate_up.rows(inter, inter)?)?,
             )
         } else {
             (
                 biased(&p("self_attn.q_proj"), nh * hd, d, cfg.qkv_bias)?,
                 biased(&p("self_attn.k_proj"), nkv * hd, d, cfg.qkv_bias)?,
                 biased(&p("self_attn.v_proj"), nkv * hd, d, cfg.qkv_bias)?,
-                biased(&p("mlp.gate_proj"), inter, d, cfg.mlp_bias)?,
-                biased(&p("mlp.up_proj"), inter, d, cfg.mlp_bias)?,
             )
+        };
+        // A gated MLP under `prefix` (`mlp` or one of its experts) of width `width`.
+        let gated = |prefix: &str, width: usize| -> Result<Mlp> {
+            let (gate_proj, up_proj) = if cfg.fused_projections {
+                let gate_up = matrix(&p(&format!("{prefix}.gate_up_proj")), 2 * width, d)?;
+                (
+                    Linear::new(gate_up.rows(0, width)?)?,
+                    Linear::new(gate_up.rows(width, width)?)?,
+                )
+            } else {
+                (
+                    biased(&p(&format!("{prefix}.gate_proj")), width, d, cfg.mlp_bias)?,
+                    biased(&p(&format!("{prefix}.up_proj")), width, d, cfg.mlp_bias)?,
+                )
+            };
+            Ok(Mlp {
+                gate_proj,
+                up_proj,
+                down_proj: biased(&p(&format!("{prefix}.down_proj")), d, width, cfg.mlp_bias)?,
+                act: cfg.hidden_act,
+            })
+        };
+        let mlp = match &cfg.moe {
+            Some(moe) if moe.is_sparse(i) => FeedForward::Moe(MoeMlp {
+                gate: linear(&p("mlp.gate"), moe.num_experts, d)?,
+                experts: (0..moe.num_experts)
+                    .map(|e| gated(&format!("mlp.experts.{e}"), moe.moe_intermediate_size))
+                    .collect::<Result<_>>()?,
+                top_k: moe.num_experts_per_tok,
+                norm_topk_prob: moe.norm_topk_prob,
+            }),
+            _ => FeedForward::Dense(gated("mlp", inter)?),
         };
         layers.push(Block {
             input_layernorm: norm(&p("input_layernorm"), d)?,
@@ -207,12 +236,7 @@ fn build_decoder(
                 cfg.sandwich_norms,
             )?,
             pre_feedforward_layernorm: norm(&p(pre_mlp_norm), d)?,
-            mlp: Mlp {
-                gate_proj,
-                up_proj,
-                down_proj: biased(&p("mlp.down_proj"), d, inter, cfg.mlp_bias)?,
-                act: cfg.hidden_act,
-            },
+            mlp,
             post_feedforward_layernorm: optional_norm(
                 "post_feedforward_layernorm",
                 d,
