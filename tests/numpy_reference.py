@@ -128,7 +128,7 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
         x = x + o
         h = rms_norm(x, p("ffn_norm"), f.eps)
 
-        def mlp(h: np.ndarray, prefix: str, p=p) -> np.ndarray:  # noqa: ANN001 (binds this layer)
+        def mlp(h: np.ndarray, prefix: str, p=p) -> np.ndarray:  # `p=p` binds this layer
             act = gelu_tanh if f.gemma else silu
             gate, up, down = (p(prefix + n) for n in ("ffn_gate", "ffn_up", "ffn_down"))
             return (act(h @ gate.T) * (h @ up.T)) @ down.T
