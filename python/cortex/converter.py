@@ -189,8 +189,9 @@ def make_plan(
 ) -> tuple[tuple[int, int] | None, dict[str, tuple[int, int]]]:
     """The default ``(bits, group)`` and the quantized modules with theirs.
 
-    Candidates are 2-D ``*.weight`` tensors whose rows split into whole groups (mlx-lm's rule
-    for Linear and Embedding layers); 1-D tensors (norms, biases) always stay float.
+    Candidates are ``*.weight`` matrices (2-D, or 3-D stacked experts) whose rows split into
+    whole groups (mlx-lm's rule for Linear, Embedding and SwitchLinear layers); 1-D tensors
+    (norms, biases) always stay float.
     """
     recipe = config.quantization
     group = config.group_size
@@ -209,7 +210,7 @@ def make_plan(
         return None, {}
     modules: dict[str, tuple[int, int]] = {}
     for name, shape, _stored in tensors:
-        if not name.endswith(".weight") or len(shape) != 2:
+        if not name.endswith(".weight") or len(shape) < 2:
             continue
         module = name[: -len(".weight")]
         chosen: tuple[int, int] | None = None
@@ -229,7 +230,7 @@ def make_plan(
                 chosen = chosen or (default_bits or 4, group)
             else:
                 chosen = None
-        if chosen is not None and shape[1] % chosen[1] == 0:
+        if chosen is not None and shape[-1] % chosen[1] == 0:
             modules[module] = chosen
     default = (default_bits, group) if default_bits is not None else next(iter(modules.values()), None)
     return default, modules

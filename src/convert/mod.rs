@@ -91,7 +91,7 @@ pub fn check_plan(source: &Source, plan: &Plan) -> Result<()> {
                     format!("module '{module}' is not in the model"),
                 )
             })?;
-        if t.shape.len() != 2 {
+        if t.shape.len() < 2 {
             return Err(Error::param(
                 "mixed_precision_config",
                 format!(
@@ -100,10 +100,16 @@ pub fn check_plan(source: &Source, plan: &Plan) -> Result<()> {
                 ),
             ));
         }
-        check_params(bits, group, t.shape[1])
+        check_params(bits, group, t.shape[t.shape.len() - 1])
             .map_err(|e| Error::param("mixed_precision_config", format!("'{module}': {e}")))?;
     }
     Ok(())
+}
+
+/// A tensor of shape `[lead.., cols]` as a matrix: `(product(lead), cols)`.
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    let cols = shape[shape.len() - 1];
+    (shape.iter().product::<usize>() / cols.max(1), cols)
 }
 
 /// Quantizes (or transfers) one tensor according to the plan.
@@ -114,7 +120,7 @@ fn quantize(
     group: usize,
     dtype: ScaleDType,
 ) -> Result<(AffineMatrix, bool, f64)> {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let (rows, cols) = rows_cols(&t.shape);
     match data {
         // Same bits and group, scales representable in the output dtype: a transfer.
         TensorData::Affine(a)
@@ -168,13 +174,16 @@ pub fn convert_mlx(
         let module = t.name.strip_suffix(".weight");
         match module.and_then(|m| plan.modules.get(m).map(|p| (m, *p))) {
             Some((m, (bits, group))) => {
-                let (rows, cols) = (t.shape[0], t.shape[1]);
+                // Leading dims stay (stacked experts are `[experts, out, in]`); the last
+                // one is packed.
+                let (lead, cols) = (&t.shape[..t.shape.len() - 1], t.shape[t.shape.len() - 1]);
+                let shape = |last: usize| [lead, &[last]].concat();
                 let sd = plan.float_dtype;
                 specs.push((
                     TensorSpec {
                         name: format!("{m}.biases"),
                         dtype: sd,
-                        shape: vec![rows, cols / group],
+                        shape: shape(cols / group),
                     },
                     i,
                 ));
@@ -182,7 +191,7 @@ pub fn convert_mlx(
                     TensorSpec {
                         name: format!("{m}.scales"),
                         dtype: sd,
-                        shape: vec![rows, cols / group],
+                        shape: shape(cols / group),
                     },
                     i,
                 ));
@@ -190,7 +199,7 @@ pub fn convert_mlx(
                     TensorSpec {
                         name: t.name.clone(),
                         dtype: Dtype::U32,
-                        shape: vec![rows, cols * bits as usize / 32],
+                        shape: shape(cols * bits as usize / 32),
                     },
                     i,
                 ));

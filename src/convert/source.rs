@@ -3,7 +3,7 @@
 //! f32 values or, where the stored form is already MLX affine (MLX folders, GGUF
 //! Q4_0/Q4_1/Q5_0/Q5_1/Q8_0), as an exact [`AffineMatrix`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -28,6 +28,9 @@ pub struct SourceTensor {
     pub shape: Vec<usize>,
     /// How the source stores it: `F32`, `BF16`, `Q4_1`, `affine4g64`...
     pub stored: String,
+    /// For a tensor the converter assembles (mlx-lm's stacked experts): the source tensors
+    /// whose rows it stacks, in order. Empty for a stored tensor.
+    pub parts: Vec<String>,
 }
 
 /// Tensor values read from a source.
@@ -37,6 +40,33 @@ pub enum TensorData {
 }
 
 impl TensorData {
+    /// Row blocks stacked in order: affine matrices of one kind stay affine (rows are
+    /// independent), anything else is stacked as f32.
+    pub fn stack_rows(parts: Vec<TensorData>) -> TensorData {
+        let same_affine = match parts.first() {
+            Some(TensorData::Affine(first)) => parts.iter().all(|p| {
+                matches!(p, TensorData::Affine(a) if (a.bits, a.group_size, a.cols, a.scale_dtype)
+                    == (first.bits, first.group_size, first.cols, first.scale_dtype))
+            }),
+            _ => false,
+        };
+        if !same_affine {
+            return TensorData::Float(parts.iter().flat_map(|p| p.to_f32()).collect());
+        }
+        let mut it = parts.into_iter().map(|p| match p {
+            TensorData::Affine(a) => a,
+            TensorData::Float(_) => unreachable!("checked above"),
+        });
+        let mut acc = it.next().expect("checked non-empty");
+        for a in it {
+            acc.rows += a.rows;
+            acc.packed.extend(a.packed);
+            acc.scales.extend(a.scales);
+            acc.biases.extend(a.biases);
+        }
+        TensorData::Affine(acc)
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             TensorData::Float(v) => v.clone(),
@@ -65,6 +95,8 @@ pub struct Source {
     pub tensors: Vec<SourceTensor>,
     /// The float dtype of the source weights (`torch_dtype`), for outputs kept float.
     pub float_dtype: Dtype,
+    /// Stored tensors that only feed assembled ones (see [`SourceTensor::parts`]).
+    tensors_by_parts: HashMap<String, SourceTensor>,
     kind: Kind,
 }
 
@@ -141,6 +173,50 @@ impl Source {
     /// and safetensors (HF or MLX layout), or with `pytorch_model.bin` (read by candle's
     /// pickle reader, which interprets only the tensor records and never runs code).
     pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self::open_stored(path)?.stack_experts())
+    }
+
+    /// mlx-lm stores a mixture of experts with each projection of all experts stacked
+    /// (`mlp.switch_mlp.gate_proj.weight`, `[experts, out, in]`); HF stores one tensor per
+    /// expert. Presents the HF ones stacked, so the output has mlx-lm's layout.
+    fn stack_experts(mut self) -> Self {
+        let Some(moe) = self.model.moe.clone() else {
+            return self;
+        };
+        for layer in 0..self.model.num_hidden_layers {
+            for proj in ["gate_proj", "up_proj", "down_proj"] {
+                let names: Vec<String> = (0..moe.num_experts)
+                    .map(|e| format!("model.layers.{layer}.mlp.experts.{e}.{proj}.weight"))
+                    .collect();
+                let found: Vec<usize> = names
+                    .iter()
+                    .filter_map(|n| self.tensors.iter().position(|t| &t.name == n))
+                    .collect();
+                if found.len() != names.len() {
+                    continue;
+                }
+                let first = self.tensors[found[0]].clone();
+                let mut shape = vec![moe.num_experts];
+                shape.extend(&first.shape);
+                for n in &names {
+                    if let Some(i) = self.tensors.iter().position(|t| &t.name == n) {
+                        let t = self.tensors.remove(i);
+                        self.tensors_by_parts.insert(t.name.clone(), t);
+                    }
+                }
+                self.tensors.push(SourceTensor {
+                    name: format!("model.layers.{layer}.mlp.switch_mlp.{proj}.weight"),
+                    shape,
+                    stored: first.stored,
+                    parts: names,
+                });
+            }
+        }
+        self.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        self
+    }
+
+    fn open_stored(path: &Path) -> Result<Self> {
         if path.is_dir() && !path.join("config.json").is_file() {
             if let Ok(gguf) = resolve_model_path(path) {
                 return Self::gguf(&gguf);
@@ -181,6 +257,7 @@ impl Source {
                 ))
             })?;
             tensors.push(SourceTensor {
+                parts: vec![],
                 name: hf,
                 shape: info.shape.dims().to_vec(),
                 stored: format!("{:?}", info.ggml_dtype),
@@ -195,6 +272,7 @@ impl Source {
             tensors,
             // GGML scales are f16: keeping f16 makes Q4/Q5/Q8 transfers exact.
             float_dtype: Dtype::F16,
+            tensors_by_parts: HashMap::new(),
             kind: Kind::Gguf(gguf),
         })
     }
@@ -224,10 +302,15 @@ impl Source {
                     .clone();
                 float_dtype.get_or_insert(scales.dtype);
                 let cols = entry.shape.last().copied().unwrap_or(0) * 32 / bits as usize;
+                let mut shape = entry.shape.clone();
+                if let Some(last) = shape.last_mut() {
+                    *last = cols;
+                }
                 tensors.push(SourceTensor {
-                    shape: vec![entry.shape[0], cols],
+                    shape,
                     stored: format!("affine{bits}g{group}"),
                     name,
+                    parts: vec![],
                 });
                 continue;
             }
@@ -250,6 +333,7 @@ impl Source {
             }
             float_dtype.get_or_insert(entry.dtype);
             tensors.push(SourceTensor {
+                parts: vec![],
                 name,
                 shape: entry.shape.clone(),
                 stored: entry.dtype.to_string(),
@@ -268,6 +352,7 @@ impl Source {
             config,
             model,
             tensors,
+            tensors_by_parts: HashMap::new(),
             kind: Kind::Folder(folder),
         })
     }
@@ -321,6 +406,7 @@ impl Source {
                     ));
                 }
                 tensors.push(SourceTensor {
+                    parts: vec![],
                     name: name.clone(),
                     shape: info.layout.shape().dims().to_vec(),
                     stored: format!("{:?}", info.dtype),
@@ -340,17 +426,33 @@ impl Source {
             config,
             model,
             tensors,
+            tensors_by_parts: HashMap::new(),
             kind: Kind::Pytorch(readers, index),
         })
     }
 
     /// Reads tensor `name` (one of [`Source::tensors`]) in HF layout.
     pub fn read(&self, t: &SourceTensor) -> Result<TensorData> {
+        if !t.parts.is_empty() {
+            let parts = t
+                .parts
+                .iter()
+                .map(|name| {
+                    let part = self.tensors_by_parts.get(name).ok_or_else(|| {
+                        Error::format(&self.path, None, format!("tensor '{name}' is missing"))
+                    })?;
+                    self.read(part)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(TensorData::stack_rows(parts));
+        }
         match &self.kind {
             Kind::Folder(folder) => match t.name.strip_suffix(".weight") {
-                Some(m) if folder.is_quantized(m) => Ok(TensorData::Affine(
-                    folder.affine(m, t.shape[0], t.shape[1])?,
-                )),
+                Some(m) if folder.is_quantized(m) => Ok(TensorData::Affine(folder.affine(
+                    m,
+                    &t.shape[..t.shape.len() - 1],
+                    t.shape[t.shape.len() - 1],
+                )?)),
                 _ => Ok(TensorData::Float(folder.dense_f32(&t.name, &t.shape)?)),
             },
             Kind::Pytorch(readers, index) => {

@@ -207,9 +207,34 @@ fn build_decoder(
         let mlp = match &cfg.moe {
             Some(moe) if moe.is_sparse(i) => FeedForward::Moe(MoeMlp {
                 gate: linear(&p("mlp.gate"), moe.num_experts, d)?,
-                experts: (0..moe.num_experts)
-                    .map(|e| gated(&format!("mlp.experts.{e}"), moe.moe_intermediate_size))
-                    .collect::<Result<_>>()?,
+                experts: if src.has(&p("mlp.switch_mlp.gate_proj")) {
+                    // mlx-lm's layout: each projection of all experts stacked in one tensor.
+                    let (n, w) = (moe.num_experts, moe.moe_intermediate_size);
+                    let stack = |name: &str, out: usize, inp: usize| -> Result<Weight> {
+                        let w = src.stacked(&p(&format!("mlp.switch_mlp.{name}")), n, out, inp)?;
+                        bytes.set(bytes.get() + w.nbytes());
+                        Ok(w)
+                    };
+                    let (gate, up, down) = (
+                        stack("gate_proj", w, d)?,
+                        stack("up_proj", w, d)?,
+                        stack("down_proj", d, w)?,
+                    );
+                    (0..n)
+                        .map(|e| {
+                            Ok(Mlp {
+                                gate_proj: Linear::new(gate.rows(e * w, w)?)?,
+                                up_proj: Linear::new(up.rows(e * w, w)?)?,
+                                down_proj: Linear::new(down.rows(e * d, d)?)?,
+                                act: cfg.hidden_act,
+                            })
+                        })
+                        .collect::<Result<_>>()?
+                } else {
+                    (0..moe.num_experts)
+                        .map(|e| gated(&format!("mlp.experts.{e}"), moe.moe_intermediate_size))
+                        .collect::<Result<_>>()?
+                },
                 top_k: moe.num_experts_per_tok,
                 norm_topk_prob: moe.norm_topk_prob,
             }),

@@ -135,6 +135,9 @@ pub trait WeightSource {
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor>;
     /// The bias `module.bias`, `[dim]`, as f32.
     fn bias(&self, module: &str, dim: usize) -> Result<Tensor>;
+    /// Stacked expert matrices `module.weight`, `[experts, out, in]` (mlx-lm's
+    /// `switch_mlp`), as one `[experts * out, in]` weight whose row blocks are the experts.
+    fn stacked(&self, module: &str, experts: usize, out: usize, inp: usize) -> Result<Weight>;
     /// Parameters in all the source's tensors (packed weights counted by the values they
     /// hold).
     fn num_parameters(&self) -> usize;
@@ -214,6 +217,14 @@ impl WeightSource for GgufWeights<'_> {
             ));
         }
         dense(&self.gguf.tensor(&name, self.device)?, self.device)
+    }
+
+    fn stacked(&self, module: &str, _: usize, _: usize, _: usize) -> Result<Weight> {
+        Err(Error::format(
+            &self.gguf.path,
+            None,
+            format!("stacked experts ('{module}') are not supported in GGUF files yet"),
+        ))
     }
 
     fn num_parameters(&self) -> usize {
@@ -440,8 +451,9 @@ impl FolderWeights {
         self.index.contains_key(&format!("{module}.scales"))
     }
 
-    /// The affine matrix `module` (`[out, in]` before packing).
-    pub fn affine(&self, module: &str, out: usize, inp: usize) -> Result<AffineMatrix> {
+    /// The affine matrix `module`: `[lead.., in]` before packing (`lead` is `[out]`, or
+    /// `[experts, out]` for stacked experts), as `[product(lead), in]`.
+    pub fn affine(&self, module: &str, lead: &[usize], inp: usize) -> Result<AffineMatrix> {
         let (bits, group) = self.quant.for_module(module).ok_or_else(|| {
             Error::config(
                 "quantization",
@@ -455,10 +467,12 @@ impl FolderWeights {
             format!("{module}.scales"),
             format!("{module}.biases"),
         );
+        let shape = |last: usize| [lead, &[last]].concat();
+        let out: usize = lead.iter().product();
         let packed = self
-            .checked(&w, &[out, inp * bits as usize / 32])?
+            .checked(&w, &shape(inp * bits as usize / 32))?
             .u32s(&w)?;
-        let sf = self.checked(&s, &[out, inp / group])?;
+        let sf = self.checked(&s, &shape(inp / group))?;
         let scale_dtype = match sf.get(&s)?.dtype {
             Dtype::F32 => ScaleDType::F32,
             Dtype::F16 => ScaleDType::F16,
@@ -472,7 +486,7 @@ impl FolderWeights {
             }
         };
         let scales = sf.f32s(&s)?;
-        let biases = self.checked(&b, &[out, inp / group])?.f32s(&b)?;
+        let biases = self.checked(&b, &shape(inp / group))?.f32s(&b)?;
         AffineMatrix::from_parts(out, inp, bits, group, packed, scales, biases, scale_dtype)
     }
 
@@ -493,7 +507,11 @@ impl WeightSource for FolderWeights {
 
     fn matrix(&self, module: &str, out: usize, inp: usize) -> Result<Weight> {
         if self.is_quantized(module) {
-            return Ok(Weight::Affine(Arc::new(self.affine(module, out, inp)?)));
+            return Ok(Weight::Affine(Arc::new(self.affine(
+                module,
+                &[out],
+                inp,
+            )?)));
         }
         let name = format!("{module}.weight");
         let values = self.dense_f32(&name, &[out, inp])?;
@@ -516,6 +534,22 @@ impl WeightSource for FolderWeights {
     fn bias(&self, module: &str, dim: usize) -> Result<Tensor> {
         let values = self.dense_f32(&format!("{module}.bias"), &[dim])?;
         Ok(Tensor::from_vec(values, dim, &self.device)?)
+    }
+
+    fn stacked(&self, module: &str, experts: usize, out: usize, inp: usize) -> Result<Weight> {
+        if self.is_quantized(module) {
+            return Ok(Weight::Affine(Arc::new(self.affine(
+                module,
+                &[experts, out],
+                inp,
+            )?)));
+        }
+        let values = self.dense_f32(&format!("{module}.weight"), &[experts, out, inp])?;
+        Ok(Weight::Dense(Tensor::from_vec(
+            values,
+            (experts * out, inp),
+            &self.device,
+        )?))
     }
 
     fn num_parameters(&self) -> usize {
