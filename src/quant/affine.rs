@@ -173,7 +173,7 @@ impl AffineMatrix {
                 }
                 pack_row(&codes, bits, packed);
             });
-        Ok(AffineMatrix {
+        Self::from_parts(
             rows,
             cols,
             bits,
@@ -182,7 +182,7 @@ impl AffineMatrix {
             scales,
             biases,
             scale_dtype,
-        })
+        )
     }
 
     /// Builds a matrix from stored parts, checking every length against the shape.
