@@ -23,6 +23,11 @@ EXPERTS, TOP_K, EXPERT_WIDTH = 4, 2, 32
 
 def family(model_type: str = "llama") -> Family:
     """The reference's description of a tiny model of `model_type` (HF row order: NeoX RoPE)."""
+    if model_type == "phi":
+        return Family(
+            heads=TINY["heads"], kv_heads=TINY["heads"], head_dim=HEAD_DIM, eps=1e-5, theta=10000.0,
+            interleaved=False, phi=True, rotary_dim=HEAD_DIM // 2,
+        )  # fmt: skip
     if model_type == "qwen3_moe":
         return Family(
             heads=TINY["heads"], kv_heads=TINY["kv"], head_dim=HEAD_DIM, eps=1e-5, theta=10000.0,
@@ -57,6 +62,10 @@ def write_tiny_hf(
         a = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         hf[hf_name], ref[ref_name] = a, a
 
+    if model_type == "phi":
+        ref = _write_tiny_phi(folder, rng, shards)
+        _write_tokenizer(folder, tokenizer)
+        return ref
     qwen = model_type in ("qwen2", "qwen3", "qwen3_moe")
     moe = model_type == "qwen3_moe"
     gemma = model_type == "gemma3_text"
@@ -146,11 +155,15 @@ def write_tiny_hf(
         # As real Qwen configs: a window that applies only with use_sliding_window.
         config.update({"sliding_window": 4, "use_sliding_window": False})
     (folder / "config.json").write_text(json.dumps(config))
-    if tokenizer == "word":
-        write_word_tokenizer(folder)
-    elif tokenizer == "bpe":
-        write_bpe_tokenizer(folder)
+    _write_tokenizer(folder, tokenizer)
     return ref
+
+
+def _write_tokenizer(folder: Path, kind: str | None) -> None:
+    if kind == "word":
+        write_word_tokenizer(folder)
+    elif kind == "bpe":
+        write_bpe_tokenizer(folder)
 
 
 def write_word_tokenizer(folder: Path) -> None:
@@ -185,3 +198,52 @@ def write_bpe_tokenizer(folder: Path) -> None:
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     config = {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": CHATML}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _write_tiny_phi(folder: Path, rng: np.random.Generator, shards: int) -> dict[str, np.ndarray]:
+    """Phi (phi-2 layout): biases everywhere, LayerNorms, `dense` attention output, plain
+    `fc1`/`fc2` MLP, `final_layernorm`, a biased untied head, half the head rotary."""
+    d, i, hd, heads = TINY["hidden"], TINY["inter"], HEAD_DIM, TINY["heads"]
+    hf: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+
+    def t(hf_name: str, ref_name: str, *shape: int, scale: float = 0.2, offset: float = 0.0) -> None:
+        a = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+        hf[hf_name], ref[ref_name] = a, a
+
+    def linear(hf_name: str, ref_name: str, out: int, inp: int) -> None:
+        t(hf_name + ".weight", ref_name + ".weight", out, inp)
+        t(hf_name + ".bias", ref_name + ".bias", out, scale=0.1)
+
+    def norm(hf_name: str, ref_name: str) -> None:
+        t(hf_name + ".weight", ref_name + ".weight", d, scale=0.1, offset=1.0)
+        t(hf_name + ".bias", ref_name + ".bias", d, scale=0.1)
+
+    t("model.embed_tokens.weight", "token_embd.weight", TINY["vocab"], d, scale=0.5)
+    for n in range(TINY["layers"]):
+        p, g = f"model.layers.{n}.", f"blk.{n}."
+        norm(p + "input_layernorm", g + "attn_norm")
+        for hf_proj, ref_proj in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
+            linear(p + "self_attn." + hf_proj, g + ref_proj, heads * hd, d)
+        linear(p + "self_attn.dense", g + "attn_output", d, heads * hd)
+        linear(p + "mlp.fc1", g + "ffn_up", i, d)
+        linear(p + "mlp.fc2", g + "ffn_down", d, i)
+    norm("model.final_layernorm", "output_norm")
+    linear("lm_head", "output", TINY["vocab"], d)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(hf)
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        st.write(folder / fname, {n: ("F32", hf[n]) for n in names[s::shards]}, {"format": "pt"})
+    weight_map = {n: f"model-{k % shards + 1:05d}-of-{shards:05d}.safetensors" for k, n in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    config = {
+        "model_type": "phi", "hidden_size": d, "intermediate_size": i, "num_hidden_layers": TINY["layers"],
+        "num_attention_heads": heads, "vocab_size": TINY["vocab"], "layer_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "hidden_act": "gelu_new",
+        "tie_word_embeddings": False, "torch_dtype": "float32", "max_position_embeddings": 512,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return ref

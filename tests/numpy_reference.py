@@ -32,10 +32,21 @@ class Family:
     #: A mixture of experts in every layer: (experts chosen per token, renormalise their
     #: probabilities). Router ``blk.N.ffn_gate_inp``, experts ``blk.N.expert.E.ffn_*``.
     moe: tuple[int, bool] | None = None
+    #: Phi: LayerNorm with biases, attention and a plain MLP (``ffn_up`` → GELU →
+    #: ``ffn_down``, with biases) in parallel on one normalised input, a biased head.
+    phi: bool = False
+    #: Leading dimensions of each head that RoPE turns (all when None).
+    rotary_dim: int | None = None
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
 
 
 def llama3_inv_freq(inv: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
@@ -88,6 +99,17 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
     w = {k: v.astype(np.float64) for k, v in w.items()}
     t = len(ids)
     pos = np.arange(t, dtype=np.float64)
+
+    def norm(x: np.ndarray, name: str) -> np.ndarray:
+        if f.phi:
+            return layer_norm(x, w[name + ".weight"], w[name + ".bias"], f.eps)
+        return rms_norm(x, w[name + ".weight"], f.eps)
+
+    def turn(x: np.ndarray, theta: float) -> np.ndarray:
+        rd = f.rotary_dim or x.shape[-1]
+        rotated = rope(x[..., :rd], pos, theta, f.interleaved, f.llama3)
+        return np.concatenate([rotated, x[..., rd:]], axis=-1)
+
     x = w["token_embd.weight"][ids]
     if f.gemma:
         x = x * np.sqrt(x.shape[-1])
@@ -103,14 +125,14 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
             return y if bias is None else y + bias
 
         local = f.window is not None and (i + 1) % 6 != 0
-        h = rms_norm(x, p("attn_norm"), f.eps)
+        h = norm(x, f"blk.{i}.attn_norm")
         q = lin(h, "attn_q").reshape(t, f.heads, f.head_dim)
         k = lin(h, "attn_k").reshape(t, f.kv_heads, f.head_dim)
         v = lin(h, "attn_v").reshape(t, f.kv_heads, f.head_dim)
         if f.gemma or f.qk_norm:
             q, k = rms_norm(q, p("attn_q_norm"), f.eps), rms_norm(k, p("attn_k_norm"), f.eps)
         theta = f.local_theta if local else f.theta
-        q, k = rope(q, pos, theta, f.interleaved, f.llama3), rope(k, pos, theta, f.interleaved, f.llama3)
+        q, k = turn(q, theta), turn(k, theta)
         visible = np.tril(np.ones((t, t), dtype=bool))
         if local:
             visible &= np.arange(t)[:, None] - np.arange(t)[None, :] < f.window
@@ -122,7 +144,10 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             out[:, head] = probs @ v[:, kv]
-        o = out.reshape(t, -1) @ p("attn_output").T
+        o = lin(out.reshape(t, -1), "attn_output")
+        if f.phi:
+            x = x + o + lin(gelu_tanh(lin(h, "ffn_up")), "ffn_down")
+            continue
         if f.gemma:
             o = rms_norm(o, p("post_attention_norm"), f.eps)
         x = x + o
@@ -151,5 +176,6 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
         if f.gemma:
             m = rms_norm(m, p("post_ffw_norm"), f.eps)
         x = x + m
-    x = rms_norm(x, w["output_norm.weight"], f.eps)
-    return x @ w.get("output.weight", w["token_embd.weight"]).T
+    x = norm(x, "output_norm")
+    logits = x @ w.get("output.weight", w["token_embd.weight"]).T
+    return logits + w["output.bias"] if "output.bias" in w else logits

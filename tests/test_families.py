@@ -19,7 +19,7 @@ import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
 
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3"]
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -43,7 +43,7 @@ def test_cached_greedy_decoding_matches_numpy(tmp_path: Path, model_type: str) -
     assert len(ids) == 12
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi"])
 def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
     """Biases and q/k norms stay float; the untied head is quantized; logits stay close."""
     weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
@@ -54,7 +54,7 @@ def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
     assert _kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
 
 
-@pytest.mark.parametrize("model_type", [f for f in FAMILIES if f != "qwen3_moe"])
+@pytest.mark.parametrize("model_type", [f for f in FAMILIES if f not in ("qwen3_moe", "phi")])
 def test_gguf_output_runs_with_its_family(tmp_path: Path, model_type: str) -> None:
     """HF → GGUF 8-bit → Cortex's GGUF loader: llama's q/k rows are permuted on the way out
     (and read with adjacent-pair RoPE), Qwen's are not and keep their biases and q/k norms;

@@ -101,6 +101,11 @@ pub struct ModelConfig {
     pub fused_projections: bool,
     /// Mixture-of-experts feed-forward layers (Qwen 3 MoE).
     pub moe: Option<MoeConfig>,
+    /// Phi: LayerNorm with biases instead of RMSNorm, attention and a plain MLP side by side
+    /// on one normalised input, a biased output head.
+    pub phi_block: bool,
+    /// Leading dimensions of each head that RoPE turns (HF `partial_rotary_factor`).
+    pub rotary_dim: usize,
     /// Norms after attention and after the MLP too, before the residual adds (Gemma 2/3).
     pub sandwich_norms: bool,
     /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
@@ -347,6 +352,8 @@ impl ModelConfig {
             mlp_bias: false,
             fused_projections: phi3,
             moe: None,
+            phi_block: false,
+            rotary_dim: head_dim,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // Only llama.cpp's llama converter permutes q/k for adjacent-pair RoPE.
@@ -399,6 +406,7 @@ pub const SUPPORTED_MODEL_TYPES: &[(&str, &str)] = &[
     ("qwen3", "qwen3"),
     ("phi3", "phi3"),
     ("qwen3_moe", "qwen3_moe"),
+    ("phi", "phi"),
 ];
 
 /// Typed access to `config.json` fields; every error names the field.
@@ -487,13 +495,7 @@ impl ModelConfig {
                 "Qwen's per-layer sliding window (max_window_layers) is not supported",
             ));
         }
-        let partial = f.f64_or("partial_rotary_factor", 1.0)?;
-        if partial != 1.0 {
-            return Err(Error::config(
-                "partial_rotary_factor",
-                format!("{partial}: partial rotary embeddings are not supported yet"),
-            ));
-        }
+        let phi = family == "phi";
         let hidden_size = f.usize("hidden_size", MAX_HIDDEN)?;
         let intermediate_size = f.usize("intermediate_size", 16 * MAX_HIDDEN)?;
         let num_hidden_layers = f.usize("num_hidden_layers", MAX_LAYERS)?;
@@ -520,6 +522,14 @@ impl ModelConfig {
                 ))
             }
         };
+        let partial = f.f64_or("partial_rotary_factor", if phi { 0.5 } else { 1.0 })?;
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if !(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(Error::config(
+                "partial_rotary_factor",
+                format!("{partial} of head dim {head_dim} is not an even number of dimensions"),
+            ));
+        }
         if head_dim == 0 || head_dim % 2 != 0 || head_dim > 1024 {
             return Err(Error::config(
                 "head_dim",
@@ -532,7 +542,14 @@ impl ModelConfig {
             None if gemma3 => 131_072,
             None => 2048,
         };
-        let rms_norm_eps = f.f64_or("rms_norm_eps", 1e-6)?;
+        let rms_norm_eps = f.f64_or(
+            if phi {
+                "layer_norm_eps"
+            } else {
+                "rms_norm_eps"
+            },
+            1e-6,
+        )?;
         if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
             return Err(Error::config(
                 "rms_norm_eps",
@@ -610,7 +627,7 @@ impl ModelConfig {
         let hidden_act =
             match f.str_or(act_field, if gemma3 { "gelu_pytorch_tanh" } else { "silu" })? {
                 "silu" | "swish" => Activation::Silu,
-                "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluPytorchTanh,
+                "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => Activation::GeluPytorchTanh,
                 other => {
                     return Err(Error::config(
                         act_field,
@@ -660,10 +677,12 @@ impl ModelConfig {
             hidden_act,
             query_pre_attn_scalar,
             use_qk_norm: gemma3 || family == "qwen3" || family == "qwen3_moe",
-            qkv_bias: family == "qwen2" || attention_bias,
-            o_bias: attention_bias,
+            qkv_bias: family == "qwen2" || attention_bias || phi,
+            o_bias: attention_bias || phi,
             mlp_bias: f.bool_or("mlp_bias", false)?,
             fused_projections: family == "phi3",
+            phi_block: phi,
+            rotary_dim,
             moe: if family == "qwen3_moe" {
                 Some(Self::moe_from_hf(&f)?)
             } else {

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Embedding, FeedForward, Linear, RmsNorm, Rope};
+use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -18,8 +18,8 @@ pub struct Attention {
     pub v_proj: Linear,
     pub o_proj: Linear,
     /// Per-head RMSNorm of q and k, before RoPE (Gemma 3).
-    pub q_norm: Option<RmsNorm>,
-    pub k_norm: Option<RmsNorm>,
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -33,14 +33,16 @@ pub struct Attention {
 /// `pre_feedforward_layernorm` (HF llama's `post_attention_layernorm`) exist.
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub input_layernorm: RmsNorm,
+    pub input_layernorm: Norm,
     pub self_attn: Attention,
     /// Applied to the attention output before the residual add (sandwich norms).
-    pub post_attention_layernorm: Option<RmsNorm>,
-    pub pre_feedforward_layernorm: RmsNorm,
+    pub post_attention_layernorm: Option<Norm>,
+    /// `None` in Phi's parallel block: the MLP reads the attention's (normalised) input and
+    /// both outputs join the residual together.
+    pub pre_feedforward_layernorm: Option<Norm>,
     pub mlp: FeedForward,
     /// Applied to the MLP output before the residual add (sandwich norms).
-    pub post_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<Norm>,
 }
 
 #[derive(Debug)]
@@ -48,7 +50,7 @@ pub struct Decoder {
     /// `[vocab, d]`, kept in its stored form; rows are dequantized on lookup.
     pub embed_tokens: Embedding,
     pub layers: Vec<Block>,
-    pub norm: RmsNorm,
+    pub norm: Norm,
     /// `[vocab, d]`; shares `embed_tokens` when the embeddings are tied.
     pub lm_head: Linear,
     /// RoPE of global layers, and of local (sliding-window) layers where they differ.
@@ -296,15 +298,17 @@ impl Decoder {
             local,
         };
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = block.input_layernorm.forward(&x)?;
-            let mut h = block.self_attn.forward(&h, &step, kv)?;
+            let normed = block.input_layernorm.forward(&x)?;
+            let mut h = block.self_attn.forward(&normed, &step, kv)?;
             if let Some(norm) = &block.post_attention_layernorm {
                 h = norm.forward(&h)?;
             }
+            let Some(pre_mlp) = &block.pre_feedforward_layernorm else {
+                x = ((x + h)? + block.mlp.forward(&normed)?)?;
+                continue;
+            };
             x = (x + h)?;
-            let mut h = block
-                .mlp
-                .forward(&block.pre_feedforward_layernorm.forward(&x)?)?;
+            let mut h = block.mlp.forward(&pre_mlp.forward(&x)?)?;
             if let Some(norm) = &block.post_feedforward_layernorm {
                 h = norm.forward(&h)?;
             }

@@ -162,24 +162,38 @@ impl Embedding {
     }
 }
 
-/// Root-mean-square normalisation (Zhang & Sennrich, 2019) with a learned scale.
+/// Root-mean-square normalisation (Zhang & Sennrich, 2019) with a learned scale, or, with a
+/// bias, LayerNorm (Ba et al., 2016: mean removed too), as Phi uses.
 #[derive(Debug, Clone)]
-pub struct RmsNorm {
-    weight: Tensor, // [d]
+pub struct Norm {
+    weight: Tensor,       // [d]
+    bias: Option<Tensor>, // [d], LayerNorm only
     eps: f32,
 }
 
-impl RmsNorm {
-    pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm {
+impl Norm {
+    pub fn rms(weight: Tensor, eps: f64) -> Self {
+        Norm {
             weight,
+            bias: None,
+            eps: eps as f32,
+        }
+    }
+
+    pub fn layer(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Norm {
+            weight,
+            bias: Some(bias),
             eps: eps as f32,
         }
     }
 
     /// `[.., d]` → `[.., d]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+        Ok(match &self.bias {
+            None => candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?,
+            Some(b) => candle_nn::ops::layer_norm(xs, &self.weight, b, self.eps)?,
+        })
     }
 }
 
@@ -235,8 +249,18 @@ impl Rope {
         ))
     }
 
-    /// Rotates `xs: [1, heads, t, head_dim]` with tables from [`Rope::tables`].
+    /// Rotates `xs: [1, heads, t, head_dim]` with tables from [`Rope::tables`]. When the
+    /// rotary dimension is smaller than the head (Phi's partial rotary embeddings), only the
+    /// first dimensions of each head turn and the rest pass through.
     pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (rotary, head_dim) = (2 * self.inv_freq.len(), xs.dim(3)?);
+        if rotary < head_dim {
+            let turned = self.apply(&xs.narrow(3, 0, rotary)?, cos, sin)?;
+            return Ok(Tensor::cat(
+                &[&turned, &xs.narrow(3, rotary, head_dim - rotary)?],
+                3,
+            )?);
+        }
         let xs = xs.contiguous()?;
         Ok(if self.interleaved {
             candle_nn::rotary_emb::rope_i(&xs, cos, sin)?
@@ -259,20 +283,22 @@ pub struct Mlp {
 impl Mlp {
     /// `[1, t, d]` → `[1, t, d]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(xs)?;
-        let gate = match self.act {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluPytorchTanh => gate.gelu()?,
-        };
+        let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
         let up = self.up_proj.forward(xs)?;
         self.down_proj.forward(&(gate * up)?)
     }
 }
 
-/// The feed-forward part of a layer: one gated MLP, or a mixture of experts.
+/// The feed-forward part of a layer: one gated MLP, a plain two-layer MLP
+/// (`fc2(act(fc1(x)))`, Phi), or a mixture of experts.
 #[derive(Debug, Clone)]
 pub enum FeedForward {
     Dense(Mlp),
+    Plain {
+        fc1: Linear,
+        fc2: Linear,
+        act: Activation,
+    },
     Moe(MoeMlp),
 }
 
@@ -281,6 +307,7 @@ impl FeedForward {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             FeedForward::Dense(mlp) => mlp.forward(xs),
+            FeedForward::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(xs)?)?),
             FeedForward::Moe(moe) => moe.forward(xs),
         }
     }
@@ -343,6 +370,16 @@ impl MoeMlp {
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }
         Ok(out.unsqueeze(0)?)
+    }
+}
+
+impl Activation {
+    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => candle_nn::ops::silu(xs)?,
+            // candle's `gelu` is the tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`).
+            Activation::GeluPytorchTanh => xs.gelu()?,
+        })
     }
 }
 

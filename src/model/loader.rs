@@ -11,7 +11,7 @@ use crate::formats::gguf::GgufFile;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::decoder::{Attention, Block, Decoder, KvCache};
 use crate::model::layers::{
-    dense, Embedding, FeedForward, Linear, Mlp, MoeMlp, RmsNorm, Rope, Weight,
+    dense, Embedding, FeedForward, Linear, Mlp, MoeMlp, Norm, Rope, Weight,
 };
 use crate::model::weights::{FolderWeights, GgufWeights, WeightSource};
 use crate::tokenizer::Tokenizer;
@@ -123,9 +123,13 @@ fn build_decoder(
         cfg.intermediate_size,
     );
     let eps = cfg.rms_norm_eps;
-    let norm = |m: &str, dim: usize| -> Result<RmsNorm> {
+    let norm = |m: &str, dim: usize| -> Result<Norm> {
         bytes.set(bytes.get() + 4 * dim);
-        Ok(RmsNorm::new(src.vector(m, dim)?, eps))
+        if cfg.phi_block {
+            bytes.set(bytes.get() + 4 * dim);
+            return Ok(Norm::layer(src.vector(m, dim)?, src.bias(m, dim)?, eps));
+        }
+        Ok(Norm::rms(src.vector(m, dim)?, eps))
     };
     let linear =
         |m: &str, out: usize, inp: usize| -> Result<Linear> { Linear::new(matrix(m, out, inp)?) };
@@ -138,7 +142,7 @@ fn build_decoder(
 
     let embed_tokens = matrix("model.embed_tokens", cfg.vocab_size, d)?;
     let lm_head = if src.has("lm_head") {
-        linear("lm_head", cfg.vocab_size, d)?
+        biased("lm_head", cfg.vocab_size, d, cfg.phi_block)?
     } else if cfg.tie_word_embeddings {
         Linear::new(embed_tokens.clone())?
     } else {
@@ -151,7 +155,7 @@ fn build_decoder(
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = |n: &str| format!("model.layers.{i}.{n}");
-        let optional_norm = |name: &str, dim: usize, present: bool| -> Result<Option<RmsNorm>> {
+        let optional_norm = |name: &str, dim: usize, present: bool| -> Result<Option<Norm>> {
             present.then(|| norm(&p(name), dim)).transpose()
         };
         // Gemma 3: every `pattern`-th layer is global, the rest slide; a window without a
@@ -166,6 +170,12 @@ fn build_decoder(
             "pre_feedforward_layernorm"
         } else {
             "post_attention_layernorm"
+        };
+        // Phi names the attention output `dense`.
+        let o_proj = if cfg.phi_block {
+            "self_attn.dense"
+        } else {
+            "self_attn.o_proj"
         };
         // Phi 3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`: split by
         // rows at load, so the decoder sees the usual projections.
@@ -238,6 +248,11 @@ fn build_decoder(
                 top_k: moe.num_experts_per_tok,
                 norm_topk_prob: moe.norm_topk_prob,
             }),
+            _ if cfg.phi_block => FeedForward::Plain {
+                fc1: biased(&p("mlp.fc1"), inter, d, true)?,
+                fc2: biased(&p("mlp.fc2"), d, inter, true)?,
+                act: cfg.hidden_act,
+            },
             _ => FeedForward::Dense(gated("mlp", inter)?),
         };
         layers.push(Block {
@@ -246,7 +261,7 @@ fn build_decoder(
                 q_proj,
                 k_proj,
                 v_proj,
-                o_proj: biased(&p("self_attn.o_proj"), d, nh * hd, cfg.o_bias)?,
+                o_proj: biased(&p(o_proj), d, nh * hd, cfg.o_bias)?,
                 q_norm: optional_norm("self_attn.q_norm", hd, cfg.use_qk_norm)?,
                 k_norm: optional_norm("self_attn.k_norm", hd, cfg.use_qk_norm)?,
                 num_heads: nh,
@@ -260,7 +275,12 @@ fn build_decoder(
                 d,
                 cfg.sandwich_norms,
             )?,
-            pre_feedforward_layernorm: norm(&p(pre_mlp_norm), d)?,
+            // None: Phi's parallel block, whose MLP reads the attention's input.
+            pre_feedforward_layernorm: if cfg.phi_block {
+                None
+            } else {
+                Some(norm(&p(pre_mlp_norm), d)?)
+            },
             mlp,
             post_feedforward_layernorm: optional_norm(
                 "post_feedforward_layernorm",
@@ -269,20 +289,33 @@ fn build_decoder(
             )?,
         });
     }
-    let final_norm = norm("model.norm", d)?;
+    let final_norm = norm(
+        if cfg.phi_block {
+            "model.final_layernorm"
+        } else {
+            "model.norm"
+        },
+        d,
+    )?;
     let position_scale = match cfg.rope_scaling {
         Some(RopeScaling::Linear { factor }) => factor,
         _ => 1.0,
     };
     let rope = Rope::new(
-        hd,
+        cfg.rotary_dim,
         cfg.rope_theta,
         rope_factors,
         position_scale,
         cfg.rope_interleaved,
     );
     let local_rope = match (cfg.rope_local_base_freq, cfg.sliding_window) {
-        (Some(base), _) => Some(Rope::new(hd, base, None, 1.0, cfg.rope_interleaved)),
+        (Some(base), _) => Some(Rope::new(
+            cfg.rotary_dim,
+            base,
+            None,
+            1.0,
+            cfg.rope_interleaved,
+        )),
         (None, Some(_)) => Some(rope.clone()),
         (None, None) => None,
     };
@@ -359,7 +392,7 @@ fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
     let rope_factors = cfg
         .rope_scaling
         .as_ref()
-        .and_then(|r| r.llama3_factors(cfg.head_dim, cfg.rope_theta));
+        .and_then(|r| r.llama3_factors(cfg.rotary_dim, cfg.rope_theta));
     let (decoder, weight_bytes) =
         build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
     Ok(Model {
