@@ -557,3 +557,25 @@ def test_mlx_model_stays_packed_in_memory(model_path: Path, tmp_path: Path) -> N
     file_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert grown < 1.5 * file_bytes, (grown, file_bytes)
     assert grown < 0.3 * params * 4  # the f32 size
+
+
+def test_output_is_sharded_past_the_shard_limit(tmp_path: Path) -> None:
+    """Past the shard size (5 GiB by default, 40 kB here) the weights go to numbered shards
+    that the index maps, as mlx-lm names them; the model loads back unchanged."""
+    write_tiny_hf(tmp_path / "tiny")
+    out = tmp_path / "cache" / "sharded"
+    config = ConversionConfig(quantization=QuantizationRecipe.NONE, validate_conversion=False)
+    ok, message, _ = MLXConverter(tmp_path / "cache")._convert(
+        str(tmp_path / "tiny"), out, config, max_shard_bytes=40_000
+    )
+    assert ok, message
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:
+        tensors, meta = st.read(out / shard)
+        assert meta == {"format": "mlx"}
+        assert all(index["weight_map"][n] == shard for n in tensors)
+    want = cortex.load_model(tmp_path / "tiny").forward(IDS, all_positions=True)
+    np.testing.assert_array_equal(cortex.load_model(out).forward(IDS, all_positions=True), want)
