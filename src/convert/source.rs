@@ -183,35 +183,40 @@ impl Source {
         let Some(moe) = self.model.moe.clone() else {
             return self;
         };
+        // By name: a large MoE has tens of thousands of tensors.
+        let mut by_name: HashMap<String, SourceTensor> = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
         for layer in 0..self.model.num_hidden_layers {
             for proj in ["gate_proj", "up_proj", "down_proj"] {
                 let names: Vec<String> = (0..moe.num_experts)
                     .map(|e| format!("model.layers.{layer}.mlp.experts.{e}.{proj}.weight"))
                     .collect();
-                let found: Vec<usize> = names
-                    .iter()
-                    .filter_map(|n| self.tensors.iter().position(|t| &t.name == n))
-                    .collect();
-                if found.len() != names.len() {
+                if !names.iter().all(|n| by_name.contains_key(n)) {
                     continue;
                 }
-                let first = self.tensors[found[0]].clone();
-                let mut shape = vec![moe.num_experts];
-                shape.extend(&first.shape);
+                let first = by_name[&names[0]].clone();
                 for n in &names {
-                    if let Some(i) = self.tensors.iter().position(|t| &t.name == n) {
-                        let t = self.tensors.remove(i);
+                    if let Some(t) = by_name.remove(n) {
                         self.tensors_by_parts.insert(t.name.clone(), t);
                     }
                 }
-                self.tensors.push(SourceTensor {
-                    name: format!("model.layers.{layer}.mlp.switch_mlp.{proj}.weight"),
-                    shape,
-                    stored: first.stored,
-                    parts: names,
-                });
+                let name = format!("model.layers.{layer}.mlp.switch_mlp.{proj}.weight");
+                let mut shape = vec![moe.num_experts];
+                shape.extend(&first.shape);
+                by_name.insert(
+                    name.clone(),
+                    SourceTensor {
+                        name,
+                        shape,
+                        stored: first.stored,
+                        parts: names,
+                    },
+                );
             }
         }
+        self.tensors = by_name.into_values().collect();
         self.tensors.sort_by(|a, b| a.name.cmp(&b.name));
         self
     }
