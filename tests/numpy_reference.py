@@ -179,3 +179,14 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
     x = norm(x, "output_norm")
     logits = x @ w.get("output.weight", w["token_embd.weight"]).T
     return logits + w["output.bias"] if "output.bias" in w else logits
+
+
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(p) ‖ softmax(q)), in float64."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))  # type: ignore[no-any-return]
+
+    p, q = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())

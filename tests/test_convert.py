@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors_io as st
 from hf_models import TINY, family, write_tiny_hf
-from numpy_reference import forward
+from numpy_reference import forward, mean_kl
 
 import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
@@ -167,15 +167,6 @@ FAMILY = family("llama")
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
 
 
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64) - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))  # type: ignore[no-any-return]
-
-    p, q = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
-
-
 def _reference_names() -> dict[str, str]:
     """HF module path → the numpy reference's tensor name."""
     names = {"model.embed_tokens": "token_embd.weight", "model.norm": "output_norm.weight"}
@@ -220,7 +211,7 @@ def test_tiny_sharded_hf_llama_converts_and_runs(tmp_path: Path) -> None:
         str(tmp_path / "tiny"), config=ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT)
     )
     assert ok, message
-    assert _kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) <= 0.01
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) <= 0.01
 
 
 def test_mixed_precision_recipe_and_predicates(tmp_path: Path) -> None:
@@ -515,7 +506,7 @@ def test_mlx_folder_source_and_float_recipe(tmp_path: Path) -> None:
     ref = np.load(FIXTURES / "logits.npz")
     for out in (q8, flt):
         got = cortex.load_model(out).forward(ref["ids"].tolist(), all_positions=True)
-        assert _kl(ref["q4g32"], got) < 0.01
+        assert mean_kl(ref["q4g32"], got) < 0.01
 
 
 def test_source_format_must_match_and_cache_is_used(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hf_models import family, write_tiny_hf
-from numpy_reference import forward
+from numpy_reference import forward, mean_kl
 
 import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
@@ -51,7 +51,7 @@ def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
     ok, message, out = MLXConverter(tmp_path / "cache").convert_model(str(tmp_path / "m"), config=config)
     assert ok, message
     want = forward(weights, family(model_type), IDS)
-    assert _kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
 
 
 @pytest.mark.parametrize("model_type", [f for f in FAMILIES if f not in ("qwen3_moe", "phi")])
@@ -75,17 +75,9 @@ def test_gguf_output_runs_with_its_family(tmp_path: Path, model_type: str) -> No
     want = forward(weights, family(model_type), IDS)
     # Q8_0 is symmetric and candle's Q8_0 matmul rounds activations to 8 bits too: a little
     # looser than the MLX 8-bit bound (measured up to 0.013 on these random models).
-    assert _kl(want, model.forward(IDS, all_positions=True)) < 0.03
+    assert mean_kl(want, model.forward(IDS, all_positions=True)) < 0.03
     assert tok.encode("ab cd") == cortex.load_tokenizer(tmp_path / "m").encode("ab cd")
     assert tok.apply_chat_template([{"role": "user", "content": "a"}]).startswith("<|im_start|>user")
-
-
-def _kl(want: np.ndarray, got: np.ndarray) -> float:
-    p = np.exp(want - want.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    log_q = got - got.max(-1, keepdims=True)
-    log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
-    return float((p * (np.log(p) - log_q)).sum(-1).mean())
 
 
 def test_llama3_rope_scaling(tmp_path: Path) -> None:
@@ -136,4 +128,4 @@ def test_moe_experts_are_stacked_as_mlx_lm_does(tmp_path: Path) -> None:
         EXPERT_WIDTH // 32,
     )
     want = cortex.load_model(tmp_path / "m").forward(IDS, all_positions=True)
-    assert _kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01

@@ -23,8 +23,8 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::source::{Source, TensorData};
-use super::{check_plan, Plan, Progress, Report, TensorReport};
+use super::source::{llama_cpp_layout, Source, TensorData};
+use super::{check_plan, relative_rmse, Plan, Progress, Report, TensorReport};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{write_gguf, GgufTensorSpec};
 use crate::formats::safetensors::Dtype;
@@ -287,7 +287,8 @@ pub fn convert_gguf(
             progress.done.fetch_add(1, Ordering::Relaxed);
             return Ok(q.data()?.into_owned());
         }
-        let data = to_gguf_layout(source, t, source.read(t)?);
+        let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
+        let data = llama_cpp_layout(source.read(t)?, module, &t.shape, &source.model, false);
         let bytes = match (&data, spec.dtype) {
             (TensorData::Affine(a), GgmlDType::Q4_1 | GgmlDType::Q5_1) => {
                 match ggml::from_affine(a) {
@@ -311,17 +312,9 @@ pub fn convert_gguf(
                         .dequantize(&Device::Cpu)?
                         .flatten_all()?
                         .to_vec1::<f32>()?;
-                    let (mut err, mut norm) = (0f64, 0f64);
-                    for (x, y) in values.iter().zip(&back) {
-                        err += f64::from(x - y).powi(2);
-                        norm += f64::from(*x).powi(2);
-                    }
-                    report.relative_rmse = Some(if norm > 0.0 {
-                        (err / norm).sqrt()
-                    } else {
-                        err.sqrt()
-                    });
-                    report.lossless = err == 0.0;
+                    let rel = relative_rmse(&values, &back);
+                    report.relative_rmse = Some(rel);
+                    report.lossless = rel == 0.0;
                 } else {
                     report.lossless = true;
                 }
@@ -347,33 +340,4 @@ pub fn convert_gguf(
         num_parameters,
         bits_per_weight: total_bytes as f64 * 8.0 / num_parameters.max(1) as f64,
     })
-}
-
-/// HF layout → llama.cpp layout: llama-family q/k rows permuted for interleaved RoPE
-/// (the inverse of the permutation in [`Source::read`]), Gemma norms stored as `1 + w`.
-fn to_gguf_layout(source: &Source, t: &super::SourceTensor, data: TensorData) -> TensorData {
-    let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
-    let family = source.model.model_type.as_str();
-    let mut data = data;
-    // Only llama.cpp's llama family permutes q/k (weights and biases).
-    if family == "llama"
-        && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
-    {
-        let hd = source.model.head_dim;
-        // GGUF row `h·d + 2i + j` is HF row `h·d + j·d/2 + i`.
-        let perm: Vec<usize> = (0..t.shape[0])
-            .map(|r| {
-                let (h, rest) = (r / hd, r % hd);
-                let (i, j) = (rest / 2, rest % 2);
-                h * hd + j * (hd / 2) + i
-            })
-            .collect();
-        data = super::source::permute_rows(data, &perm, t.shape.get(1).copied().unwrap_or(1));
-    }
-    if family == "gemma3" && t.shape.len() == 1 && module.contains("norm") {
-        if let TensorData::Float(v) = &mut data {
-            v.iter_mut().for_each(|x| *x += 1.0);
-        }
-    }
-    data
 }

@@ -106,6 +106,21 @@ pub fn check_plan(source: &Source, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Root-mean-square error of `approx` against `exact`, relative to `exact`'s RMS (absolute
+/// when `exact` is all zeros).
+pub(crate) fn relative_rmse(exact: &[f32], approx: &[f32]) -> f64 {
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (x, y) in exact.iter().zip(approx) {
+        err += f64::from(x - y).powi(2);
+        norm += f64::from(*x).powi(2);
+    }
+    if norm > 0.0 {
+        (err / norm).sqrt()
+    } else {
+        err.sqrt()
+    }
+}
+
 /// A tensor of shape `[lead.., cols]` as a matrix: `(product(lead), cols)`.
 fn rows_cols(shape: &[usize]) -> (usize, usize) {
     let cols = shape[shape.len() - 1];
@@ -140,17 +155,7 @@ fn quantize(
         other => {
             let w = other.to_f32();
             let a = AffineMatrix::quantize(&w, rows, cols, bits, group, dtype)?;
-            let back = a.dequantize();
-            let (mut err, mut norm) = (0f64, 0f64);
-            for (x, y) in w.iter().zip(&back) {
-                err += f64::from(x - y).powi(2);
-                norm += f64::from(*x).powi(2);
-            }
-            let rel = if norm > 0.0 {
-                (err / norm).sqrt()
-            } else {
-                err.sqrt()
-            };
+            let rel = relative_rmse(&w, &a.dequantize());
             Ok((a, false, rel))
         }
     }

@@ -483,8 +483,7 @@ impl Source {
         let family = self.model.model_type.as_str();
         let gname = gguf_param(&t.name, family).unwrap_or_default();
         let q = gguf.tensor(&gname, &Device::Cpu)?;
-        let dims = t.shape.clone();
-        let mut data = match (dims.as_slice(), ggml::affine_bits(q.dtype())) {
+        let data = match (t.shape.as_slice(), ggml::affine_bits(q.dtype())) {
             ([rows, cols], Some(_)) => {
                 let a = ggml::to_affine(q.dtype(), &q.data()?, *rows, *cols)?;
                 TensorData::Affine(
@@ -493,29 +492,7 @@ impl Source {
             }
             _ => TensorData::Float(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
         };
-        // llama.cpp permutes llama-family q/k rows (and biases) so that RoPE rotates adjacent
-        // pairs; HF rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF
-        // matrix is row `h·d + 2i + j` of the GGUF one.
-        if self.model.rope_interleaved
-            && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
-        {
-            let hd = self.model.head_dim;
-            let perm: Vec<usize> = (0..dims[0])
-                .map(|r| {
-                    let (h, rest) = (r / hd, r % hd);
-                    let (j, i) = (rest / (hd / 2), rest % (hd / 2));
-                    h * hd + 2 * i + j
-                })
-                .collect();
-            data = permute_rows(data, &perm, dims.get(1).copied().unwrap_or(1));
-        }
-        // llama.cpp stores Gemma's norm weights as `1 + w`; HF stores `w`.
-        if family == "gemma3" && dims.len() == 1 && module.contains("norm") {
-            if let TensorData::Float(v) = &mut data {
-                v.iter_mut().for_each(|x| *x -= 1.0);
-            }
-        }
-        Ok(data)
+        Ok(llama_cpp_layout(data, module, &t.shape, &self.model, true))
     }
 
     /// The GGUF file of a GGUF source.
@@ -583,8 +560,50 @@ impl Source {
     }
 }
 
+/// Converts one tensor between llama.cpp's layout and HF's (`to_hf` picks the direction),
+/// the only two places they differ:
+/// * llama-family q/k rows (and biases) are permuted so that RoPE rotates adjacent pairs;
+///   HF rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF matrix is row
+///   `h·d + 2i + j` of the GGUF one.
+/// * Gemma's norm weights are stored as `1 + w`; HF stores `w`.
+pub(crate) fn llama_cpp_layout(
+    data: TensorData,
+    module: &str,
+    shape: &[usize],
+    model: &ModelConfig,
+    to_hf: bool,
+) -> TensorData {
+    let family = model.model_type.as_str();
+    let mut data = data;
+    if matches!(family, "llama" | "mistral")
+        && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
+    {
+        let hd = model.head_dim;
+        let perm: Vec<usize> = (0..shape[0])
+            .map(|r| {
+                let (h, rest) = (r / hd, r % hd);
+                if to_hf {
+                    let (j, i) = (rest / (hd / 2), rest % (hd / 2));
+                    h * hd + 2 * i + j
+                } else {
+                    let (i, j) = (rest / 2, rest % 2);
+                    h * hd + j * (hd / 2) + i
+                }
+            })
+            .collect();
+        data = permute_rows(data, &perm, shape.get(1).copied().unwrap_or(1));
+    }
+    if family == "gemma3" && shape.len() == 1 && module.contains("norm") {
+        if let TensorData::Float(v) = &mut data {
+            let offset = if to_hf { -1.0 } else { 1.0 };
+            v.iter_mut().for_each(|x| *x += offset);
+        }
+    }
+    data
+}
+
 /// Reorders the rows of a `[rows, cols]` tensor: row `r` of the result is row `perm[r]`.
-pub(crate) fn permute_rows(data: TensorData, perm: &[usize], cols: usize) -> TensorData {
+fn permute_rows(data: TensorData, perm: &[usize], cols: usize) -> TensorData {
     let gather = |v: &[f32], width: usize| -> Vec<f32> {
         perm.iter()
             .flat_map(|&p| v[p * width..(p + 1) * width].iter().copied())
