@@ -56,6 +56,13 @@ pub enum Error {
         context_length: usize,
     },
 
+    /// A request needs more KV cache positions than the whole cache holds, so it could
+    /// never run, however long it waited.
+    #[error(
+        "a request of {needed} tokens can never fit in the KV cache of {capacity} tokens (raise kv_cache_tokens)"
+    )]
+    CacheFull { needed: usize, capacity: usize },
+
     /// The caller cancelled the work (Ctrl-C, abort).
     #[error("cancelled")]
     Cancelled,
@@ -109,5 +116,15 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    /// Describes a caught panic payload as an engine error.
+    pub(crate) fn from_panic(payload: Box<dyn std::any::Any + Send>) -> Self {
+        let what = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Error::Engine(format!("internal error (please report): {what}"))
     }
 }

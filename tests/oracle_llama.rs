@@ -65,7 +65,7 @@ fn compare(path: &Path) -> TestResult<(f32, f32, bool)> {
     let prompt: Vec<u32> = vec![6403, 1980, 253, 655, 28, 665, 436, 253, 1838, 8085, 617];
     let theirs = oracle.forward(&Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?, 0)?;
     let theirs = theirs.flatten_all()?.to_vec1::<f32>()?;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache()?;
     let ours = model
         .forward(&prompt, &mut cache, false)?
         .flatten_all()?

@@ -1,5 +1,5 @@
 """Ctrl-C during a stream (RELIABILITY.md G2): KeyboardInterrupt arrives promptly, the
-worker stops, and the model keeps working."""
+request is aborted in the engine, and the model keeps working."""
 
 from __future__ import annotations
 
@@ -24,22 +24,17 @@ def _interrupt_after(seconds: float, fired: list[float] | None = None) -> thread
     return timer
 
 
-def _generation_workers() -> int:
-    """Live Rust generation threads of this process (Linux: /proc/self/task/*/comm)."""
-    count = 0
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            count += (task / "comm").read_text().strip() == "cortex-generate"
-        except OSError:
-            continue
-    return count
+def _in_flight(model: cortex.Model) -> int:
+    """Requests queued or running on the model's own engine."""
+    stats = cortex._core.engine_stats(model)
+    return int(stats["requests_waiting"] + stats["requests_running"])
 
 
-def _wait_for_no_workers(timeout: float = 5.0) -> int:
+def _wait_until_idle(model: cortex.Model, timeout: float = 5.0) -> int:
     deadline = time.monotonic() + timeout
-    while _generation_workers() and time.monotonic() < deadline:
+    while _in_flight(model) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return _generation_workers()
+    return _in_flight(model)
 
 
 def test_ctrl_c_interrupts_a_long_stream(smollm):
@@ -60,7 +55,7 @@ def test_ctrl_c_interrupts_a_long_stream(smollm):
     # Responsiveness bound, not a speed measurement: one decode step on this model takes
     # tens of milliseconds; the stream polls for signals every 50 ms.
     assert latency < 1.0
-    assert _wait_for_no_workers() == 0
+    assert _wait_until_idle(model) == 0
     # The model is still usable, and still correct.
     assert cortex.generate(model, tok, PROMPT, max_tokens=8) == expected
 
@@ -79,18 +74,18 @@ def test_ctrl_c_during_a_long_prefill(smollm):
     finally:
         timer.cancel()
     assert elapsed < 3.0  # far less than the whole prefill would take on this machine
-    # The worker stops at the next prefill chunk rather than finishing the prompt.
-    assert _wait_for_no_workers() == 0
+    # The engine drops the request after the step in progress rather than finishing it.
+    assert _wait_until_idle(model) == 0
     assert cortex.generate(model, tok, PROMPT, max_tokens=2) == cortex.generate(
         model, tok, PROMPT, max_tokens=2
     )
 
 
-def test_abandoned_stream_stops_its_worker(smollm):
+def test_abandoned_stream_stops_its_request(smollm):
     model, tok = smollm
     stream = cortex.stream_generate(model, tok, PROMPT, max_tokens=100_000, ignore_eos=True)
     next(stream)
-    assert _generation_workers() == 1
-    stream.close()  # runs the generator's finally: the worker is told to stop
-    assert _wait_for_no_workers() == 0
+    assert _in_flight(model) == 1
+    stream.close()  # runs the generator's finally: the request is aborted
+    assert _wait_until_idle(model) == 0
     assert cortex.generate(model, tok, PROMPT, max_tokens=3)

@@ -7,8 +7,10 @@
 """
 
 from ._core import Model, SamplingParams, Tokenizer, __version__
+from .engine import Engine, RequestOutput, StreamEvent
 from .converter import ConversionConfig, ConversionFormat, MLXConverter, QuantizationRecipe
 from .exceptions import (
+    CacheFullError,
     CancelledError,
     ConfigError,
     ContextLengthError,
@@ -27,6 +29,7 @@ from .generation import GenerationResponse, generate, load, load_model, load_tok
 from .models import cortex_home, default_model_path
 
 __all__ = [
+    "CacheFullError",
     "CancelledError",
     "ConfigError",
     "ContextLengthError",
@@ -34,6 +37,7 @@ __all__ = [
     "ConversionError",
     "ConversionFormat",
     "CortexError",
+    "Engine",
     "EngineError",
     "GenerationResponse",
     "MLXConverter",
@@ -42,8 +46,10 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "QuantizationRecipe",
+    "RequestOutput",
     "RequestValidationError",
     "SamplingParams",
+    "StreamEvent",
     "TemplateError",
     "Tokenizer",
     "TokenizerError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CacheFullError",
     "CancelledError",
     "ConfigError",
     "ContextLengthError",
@@ -87,6 +88,12 @@ class RequestValidationError(CortexError, ValueError):
 
 class ContextLengthError(RequestValidationError):
     """The prompt does not fit in the model's context."""
+
+
+class CacheFullError(ContextLengthError):
+    """A request needs more KV cache positions than the engine's whole cache holds, so it
+    could never run (raise ``kv_cache_tokens``). Requests that merely find the cache busy
+    wait instead."""
 
 
 class EngineError(CortexError, RuntimeError):

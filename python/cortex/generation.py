@@ -134,8 +134,11 @@ def stream_generate(
         params: sampling settings; or pass their fields as keyword arguments
             (``max_tokens=64, temperature=0.7, ...``).
 
-    The model works on a background thread with the GIL released; Ctrl-C raises
-    ``KeyboardInterrupt`` promptly and stops the work, and the model stays usable.
+    The prompt runs as one request on the model's own engine (a background thread shared
+    by every caller of this model, so concurrent calls from several threads are batched
+    together); the GIL is released while waiting. Ctrl-C raises ``KeyboardInterrupt``
+    promptly and aborts the request, and the model stays usable. Leaving the loop early
+    aborts it too.
     """
     if params is None:
         params = SamplingParams(**sampling)
@@ -143,7 +146,9 @@ def stream_generate(
         raise TypeError("pass either params or sampling keyword arguments, not both")
     stream = _core.stream(model, tokenizer, _prompt_ids(tokenizer, prompt), params)
     try:
-        for text, token, logprobs, finish, n_prompt, n_gen, prompt_tps, gen_tps in stream:
+        for _, text, token, logprobs, finish, n_prompt, n_gen, prompt_tps, gen_tps, _ in stream:
+            if token is None:  # aborted (errors are raised, not yielded, for one request)
+                return
             yield GenerationResponse(
                 text=text,
                 token=token,

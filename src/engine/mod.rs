@@ -1,8 +1,17 @@
-//! Generation: sampling and the one generation loop (the continuous-batching engine will
-//! take over scheduling; this loop is the single place generation happens today).
+//! The inference engine, split as in vLLM: `request` (state machine, per-request sampling),
+//! `kv_cache` (block pool and block tables), `scheduler` (FIFO admission, token budget,
+//! preemption), `core` (the engine thread: schedule → run the batch → update), `stats`
+//! and `sampling`. Every generation — one streamed prompt or a thousand concurrent
+//! requests — runs through [`Engine`].
 
-pub mod generate;
+pub mod core;
+pub mod kv_cache;
+pub mod request;
 pub mod sampling;
+pub mod scheduler;
+pub mod stats;
 
-pub use generate::{generate, FinishReason, GenerationRequest, StepOutput, TokenLogprobs};
-pub use sampling::{Sampler, SamplingParams};
+pub use self::core::{Engine, EngineConfig};
+pub use request::{Event, FinishReason, Output, Request, RequestId, RequestState, StepOutput};
+pub use sampling::{Sampler, SamplingParams, TokenLogprobs};
+pub use stats::Stats;

@@ -230,43 +230,32 @@ impl Rope {
         }
     }
 
-    /// cos and sin tables for positions `start..start + len`, each `[len, head_dim / 2]`.
-    pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
-            for &f in &self.inv_freq {
-                // f64 keeps large positions (long contexts) accurate.
-                let angle = p as f64 * f64::from(f);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
-    }
-
-    /// Rotates `xs: [1, heads, t, head_dim]` with tables from [`Rope::tables`]. When the
+    /// Rotates `xs: [rows, heads, head_dim]` in place, row `r` by `positions[r]`. When the
     /// rotary dimension is smaller than the head (Phi's partial rotary embeddings), only the
     /// first dimensions of each head turn and the rest pass through.
-    pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (rotary, head_dim) = (2 * self.inv_freq.len(), xs.dim(3)?);
-        if rotary < head_dim {
-            let turned = self.apply(&xs.narrow(3, 0, rotary)?, cos, sin)?;
-            return Ok(Tensor::cat(
-                &[&turned, &xs.narrow(3, rotary, head_dim - rotary)?],
-                3,
-            )?);
+    pub fn rotate(&self, xs: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
+        let half = self.inv_freq.len();
+        let mut cos_sin = vec![(0f32, 0f32); half];
+        for (row, &p) in xs.chunks_mut(heads * head_dim).zip(positions) {
+            for (cs, &f) in cos_sin.iter_mut().zip(&self.inv_freq) {
+                // f64 keeps large positions (long contexts) accurate.
+                let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
+                *cs = (cos as f32, sin as f32);
+            }
+            for head in row.chunks_mut(head_dim) {
+                for (i, &(cos, sin)) in cos_sin.iter().enumerate() {
+                    // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
+                    let (a, b) = if self.interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + half)
+                    };
+                    let (x, y) = (head[a], head[b]);
+                    head[a] = x * cos - y * sin;
+                    head[b] = x * sin + y * cos;
+                }
+            }
         }
-        let xs = xs.contiguous()?;
-        Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&xs, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&xs, cos, sin)?
-        })
     }
 }
 

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
+use crate::model::attention::{KvStorage, SeqSpan};
 use crate::model::config::{ModelConfig, RopeScaling};
-use crate::model::decoder::{Attention, Block, Decoder, KvCache};
+use crate::model::decoder::{Attention, Batch, Block, Decoder};
 use crate::model::layers::{
     dense, Embedding, FeedForward, Linear, Mlp, MoeMlp, Norm, Rope, Weight,
 };
@@ -33,28 +34,93 @@ impl Model {
         &self.decoder.device
     }
 
-    /// A fresh, empty KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        self.decoder.new_cache()
+    /// The decoder, for the engine's batched forward passes.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
-    /// See [`Decoder::forward`]: logits `[t, vocab]` or `[1, vocab]`.
+    /// A fresh, empty KV cache for one sequence run outside the engine.
+    pub fn new_cache(&self) -> Result<SequenceCache> {
+        Ok(SequenceCache {
+            storage: self.decoder.new_storage(0, SequenceCache::BLOCK, None)?,
+            blocks: Vec::new(),
+            len: 0,
+        })
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` as a batch of one sequence, extending
+    /// `cache`. Logits are `[t, vocab]` when `all_positions`, else `[1, vocab]`.
     pub fn forward(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut SequenceCache,
         all_positions: bool,
     ) -> Result<Tensor> {
-        self.decoder.forward(tokens, cache, all_positions)
+        let (start, t) = (cache.len, tokens.len());
+        let context_length = self.config.max_position_embeddings;
+        if start + t > context_length {
+            return Err(Error::ContextLength {
+                prompt_tokens: start + t,
+                context_length,
+            });
+        }
+        let need = (start + t).div_ceil(SequenceCache::BLOCK);
+        if need > cache.blocks.len() {
+            let more = need - cache.blocks.len();
+            cache
+                .blocks
+                .extend((0..more).map(|i| (cache.storage.num_blocks + i) as u32));
+            cache.storage.grow(more);
+        }
+        let first = if all_positions {
+            0
+        } else {
+            t.saturating_sub(1)
+        };
+        let batch = Batch {
+            tokens: tokens.to_vec(),
+            seqs: vec![SeqSpan {
+                row: 0,
+                len: t,
+                start,
+                blocks: &cache.blocks,
+            }],
+            logits_rows: (first as u32..t as u32).collect(),
+        };
+        let logits = self.decoder.forward(&batch, &mut cache.storage)?;
+        cache.len = start + t;
+        Ok(logits)
     }
 
     /// Logits for `tokens` from an empty cache, as `(values, rows)` with
     /// `values.len() == rows * vocab_size`.
     pub fn logits(&self, tokens: &[u32], all_positions: bool) -> Result<(Vec<f32>, usize)> {
-        let mut cache = self.new_cache();
+        let mut cache = self.new_cache()?;
         let logits = self.forward(tokens, &mut cache, all_positions)?;
         let rows = logits.dims()[0];
         Ok((logits.flatten_all()?.to_vec1::<f32>()?, rows))
+    }
+}
+
+/// The KV cache of one sequence outside the engine (tests, oracles, conversion checks):
+/// blocks are added as it grows.
+#[derive(Debug)]
+pub struct SequenceCache {
+    storage: KvStorage,
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SequenceCache {
+    const BLOCK: usize = 64;
+
+    /// Positions already cached (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

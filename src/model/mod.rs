@@ -1,5 +1,6 @@
 //! Models: configuration, layers, the one decoder, and loading from files.
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod layers;
@@ -7,5 +8,5 @@ pub mod loader;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use decoder::{Decoder, KvCache};
-pub use loader::{load, load_model, load_tokenizer, resolve_model_path, Model};
+pub use decoder::{Batch, Decoder};
+pub use loader::{load, load_model, load_tokenizer, resolve_model_path, Model, SequenceCache};

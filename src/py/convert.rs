@@ -13,7 +13,6 @@ use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::errors::panic_error;
 use super::run_detached;
 use crate::convert::gguf_out::convert_gguf;
 use crate::convert::{convert_mlx, Plan, Progress, Source};
@@ -117,7 +116,7 @@ impl PyConversionJob {
                     serde_json::to_string(&report).map_err(|e| Error::Engine(e.to_string()))
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-                    .unwrap_or_else(|p| Err(panic_error(p)));
+                    .unwrap_or_else(|p| Err(Error::from_panic(p)));
                 *d.0.lock() = Some(result);
                 d.1.notify_all();
             })
@@ -212,6 +211,10 @@ fn clone_error(e: &Error) -> Error {
         } => Error::ContextLength {
             prompt_tokens: *prompt_tokens,
             context_length: *context_length,
+        },
+        Error::CacheFull { needed, capacity } => Error::CacheFull {
+            needed: *needed,
+            capacity: *capacity,
         },
         Error::Cancelled => Error::Cancelled,
         Error::Io { path, source } => Error::Io {

@@ -51,6 +51,7 @@ fn classify(py: Python<'_>, err: &Error) -> PyResult<(&'static str, Vec<Attr>)> 
         Error::Template(_) => ("TemplateError", vec![]),
         Error::InvalidParam { param, .. } => ("RequestValidationError", vec![("param", s(param)?)]),
         Error::ContextLength { .. } => ("ContextLengthError", vec![("param", s("prompt")?)]),
+        Error::CacheFull { .. } => ("CacheFullError", vec![("param", s("prompt")?)]),
         Error::Cancelled => ("CancelledError", vec![]),
         Error::Engine(_) | Error::Candle(_) => ("EngineError", vec![]),
         Error::Io { path, .. } => (
@@ -78,16 +79,6 @@ pub(crate) fn run_detached<T: Send>(
     py: Python<'_>,
     work: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(|| catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|p| Err(panic_error(p))))
+    py.detach(|| catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|p| Err(Error::from_panic(p))))
         .map_err(PyErr::from)
-}
-
-/// Describes a caught panic payload as an engine error.
-pub(crate) fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
-    let what = payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into());
-    Error::Engine(format!("internal error (please report): {what}"))
 }

@@ -2,9 +2,10 @@
 //! with the GIL released, and convert results and errors. Logic belongs in the core.
 
 mod convert;
+mod engine;
 mod errors;
-mod generate;
 mod model;
+mod sampling;
 mod tokenizer;
 
 use pyo3::prelude::*;
@@ -16,12 +17,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
-    m.add_class::<generate::PySamplingParams>()?;
-    m.add_class::<generate::PyGenerationStream>()?;
+    m.add_class::<sampling::PySamplingParams>()?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyEngineStream>()?;
     m.add_function(wrap_pyfunction!(model::load, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;
-    m.add_function(wrap_pyfunction!(generate::stream, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::stream, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::engine_stats, m)?)?;
     m.add_class::<convert::PyConversionJob>()?;
     m.add_function(wrap_pyfunction!(convert::inspect_source, m)?)?;
     m.add_function(wrap_pyfunction!(convert::affine_quantize, m)?)?;

@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyByteArray;
 
 use super::run_detached;
 use super::tokenizer::PyTokenizer;
+use crate::engine::{Engine, EngineConfig};
 use crate::model::Model;
 use crate::tokenizer::check_token_ids;
 
@@ -15,6 +17,28 @@ use crate::tokenizer::check_token_ids;
 #[pyclass(name = "Model", module = "cortex._core", frozen)]
 pub struct PyModel {
     pub(crate) inner: Arc<Model>,
+    /// The engine `cortex.generate` and `cortex.stream_generate` share, started on first
+    /// use, so threads generating with one model interleave in one batch.
+    engine: Mutex<Option<Arc<Engine>>>,
+}
+
+impl PyModel {
+    pub(crate) fn new(model: Model) -> Self {
+        PyModel {
+            inner: Arc::new(model),
+            engine: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn engine(&self) -> crate::Result<Arc<Engine>> {
+        let mut engine = self.engine.lock();
+        if let Some(e) = engine.as_ref() {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(Engine::new(self.inner.clone(), EngineConfig::default())?);
+        *engine = Some(e.clone());
+        Ok(e)
+    }
 }
 
 #[pymethods]
@@ -98,9 +122,7 @@ impl PyModel {
 pub fn load(py: Python<'_>, path: PathBuf) -> PyResult<(PyModel, PyTokenizer)> {
     let (model, tokenizer) = run_detached(py, move || crate::model::load(&path))?;
     Ok((
-        PyModel {
-            inner: Arc::new(model),
-        },
+        PyModel::new(model),
         PyTokenizer {
             inner: Arc::new(tokenizer),
         },
@@ -111,9 +133,7 @@ pub fn load(py: Python<'_>, path: PathBuf) -> PyResult<(PyModel, PyTokenizer)> {
 #[pyfunction]
 pub fn load_model(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
     let model = run_detached(py, move || crate::model::load_model(&path))?;
-    Ok(PyModel {
-        inner: Arc::new(model),
-    })
+    Ok(PyModel::new(model))
 }
 
 /// Loads only the tokenizer (from `tokenizer.json` in a model folder, else GGUF metadata).

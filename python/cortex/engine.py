@@ -1,0 +1,157 @@
+"""The continuous-batching engine: many requests share one model, and every step runs all
+of them through the model at once (weights are read once per step for the whole batch).
+
+>>> engine = cortex.Engine(model, tokenizer, max_batch_size=16)
+>>> outs = engine.generate_batch(["Hello", "Tell me about Rust"], max_tokens=32)
+>>> [o.text for o in outs]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _core
+from ._core import Model, SamplingParams, Tokenizer
+from .generation import Prompt, _prompt_ids
+
+__all__ = ["Engine", "RequestOutput", "StreamEvent"]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one request produced."""
+
+    text: str
+    token_ids: list[int]
+    #: ``"stop"``, ``"length"``, ``"abort"`` or ``"error"``.
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    #: The exception of a failed request (``finish_reason == "error"``), else ``None``.
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of :meth:`Engine.stream`: new text of one request."""
+
+    request_id: int
+    #: Text completed by this event (may be empty).
+    text: str
+    #: ``None`` until the request's last event.
+    finish_reason: str | None
+    #: The sampled token (``None`` for an abort or an error).
+    token: int | None = None
+    error: BaseException | None = None
+
+
+class Engine:
+    """A continuous-batching engine over ``model``: a FIFO scheduler, a paged KV cache
+    and per-request sampling, on a background thread.
+
+    Args:
+        model, tokenizer: from :func:`cortex.load`.
+        max_batch_size: most requests running at once; the rest wait in order.
+        kv_cache_tokens: positions the KV cache holds, shared by all requests...
+        memory_fraction: ...or the fraction of available memory to give it (not both;
+            by default the model's context, at most 32768 positions). The memory is
+            reserved up front but only touched as it is used.
+        block_size: positions per cache block.
+        max_num_batched_tokens: tokens one step may run (prompt chunks and decode tokens).
+        kv_cache_size: most positions one request may cache (default: the context).
+        rotating_kv_cache: past ``kv_cache_size``, keep the first 4 positions and a sliding
+            window of the most recent ones (mlx-lm's ``RotatingKVCache``) instead of
+            stopping; needs ``kv_cache_size``.
+
+    Requests that do not fit the cache wait, or are preempted and recomputed later; a
+    request that could never fit raises :class:`cortex.CacheFullError` at submission. The
+    object is safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int = 32,
+        kv_cache_tokens: int | None = None,
+        memory_fraction: float | None = None,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 256,
+        kv_cache_size: int | None = None,
+        rotating_kv_cache: bool = False,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._core = _core.Engine(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            kv_cache_tokens=kv_cache_tokens,
+            memory_fraction=memory_fraction,
+            block_size=block_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_size=kv_cache_size,
+            rotating_kv_cache=rotating_kv_cache,
+        )
+
+    def _params(
+        self, params: SamplingParams | Sequence[SamplingParams] | None, sampling: dict[str, Any]
+    ) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams(**sampling)]
+        if sampling:
+            raise TypeError("pass either params or sampling keyword arguments, not both")
+        if isinstance(params, SamplingParams):
+            return [params]
+        return list(params)
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, **sampling: Any) -> int:
+        """Queue one request (text, chat messages or token ids); returns its id, for
+        :meth:`result` and :meth:`abort`."""
+        (p,) = self._params(params, sampling)
+        return self._core.submit(_prompt_ids(self._tokenizer, prompt), p)
+
+    def result(self, request_id: int) -> RequestOutput:
+        """Wait for a request from :meth:`submit` to finish (GIL released; Ctrl-C aborts
+        it). Each id can be collected once."""
+        return RequestOutput(*self._core.wait(request_id))
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **sampling: Any,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; results in input order. ``params`` is one
+        setting for all or one per prompt. The GIL is released for the whole batch; Ctrl-C
+        aborts these requests (and only these)."""
+        ids = [_prompt_ids(self._tokenizer, p) for p in prompts]
+        return [RequestOutput(*r) for r in self._core.generate_batch(ids, self._params(params, sampling))]
+
+    def stream(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **sampling: Any,
+    ) -> Iterator[StreamEvent]:
+        """Submit every prompt and yield their events as the engine produces them,
+        interleaved across requests. Leaving the loop early aborts what is still running."""
+        ids = [_prompt_ids(self._tokenizer, p) for p in prompts]
+        stream = self._core.stream(ids, self._params(params, sampling))
+        try:
+            for rid, text, token, _, finish, _, _, _, _, error in stream:
+                yield StreamEvent(rid, text, finish, token, error)
+        finally:
+            stream.cancel()
+
+    def abort(self, request_id: int) -> None:
+        """End a request now and free its cache blocks; unknown or finished ids are
+        ignored."""
+        self._core.abort(request_id)
+
+    def stats(self) -> dict[str, float]:
+        """Throughput, latency percentiles (``ttft_p50_s``, ``itl_p99_s`` ...), queue and
+        batch sizes, and KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``)."""
+        return self._core.stats()

@@ -1,0 +1,491 @@
+//! The engine: requests come in through a channel, and a background thread repeats
+//! `step()` = schedule → execute (one forward pass over every scheduled sequence) →
+//! update (sample, detokenize, stop checks, stream each request's event to its caller).
+//! A single streamed prompt is the engine with one request.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::attention::{KvStorage, Ring, SeqSpan};
+use crate::model::{Batch, Model};
+use crate::tokenizer::Tokenizer;
+
+use super::kv_cache::BlockPool;
+use super::request::{Event, FinishReason, Output, Request, RequestId, RequestState};
+use super::sampling::SamplingParams;
+use super::scheduler::Scheduler;
+use super::stats::Stats;
+
+/// Positions the rotating cache always keeps from the start of a sequence (mlx-lm's
+/// `RotatingKVCache(keep=4)`: the first tokens act as attention sinks).
+pub const ROTATING_KEEP: usize = 4;
+
+/// Most positions the cache gets when neither `kv_cache_tokens` nor `memory_fraction`
+/// is given (a model's whole context when it is shorter).
+pub const DEFAULT_KV_CACHE_TOKENS: usize = 32_768;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Most sequences in one step.
+    pub max_batch_size: usize,
+    /// Cache size in positions (shared by all sequences)...
+    pub kv_cache_tokens: Option<usize>,
+    /// ...or as a fraction of the memory available now.
+    pub memory_fraction: Option<f64>,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Token budget of one step (prompt chunks and decode tokens together).
+    pub max_num_batched_tokens: usize,
+    /// Most positions one sequence may cache (`kv_cache_size`); by default the context.
+    pub max_seq_len: Option<usize>,
+    /// Past `max_seq_len`, keep the first tokens and a sliding window instead of stopping.
+    pub rotating: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_size: 32,
+            kv_cache_tokens: None,
+            memory_fraction: None,
+            block_size: 16,
+            max_num_batched_tokens: 256,
+            max_seq_len: None,
+            rotating: false,
+        }
+    }
+}
+
+/// Bytes of memory available for new allocations (Linux `MemAvailable`).
+fn available_memory() -> Result<usize> {
+    let path = "/proc/meminfo";
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| Error::param("memory_fraction", "MemAvailable is not in /proc/meminfo"))
+}
+
+enum Command {
+    Submit(Box<Request>),
+    Abort(RequestId),
+    Shutdown,
+}
+
+/// What every submitted request is checked against.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Longest prompt accepted (the context, or `max_seq_len`); none with rotation.
+    max_prompt: Option<usize>,
+    /// Positions the pool holds.
+    capacity: usize,
+    ring: Option<Ring>,
+}
+
+/// A running engine. Dropping it stops the thread after its current step; requests still
+/// in flight then end with an `EngineError`.
+pub struct Engine {
+    commands: Mutex<Sender<Command>>,
+    stats: Arc<Mutex<Stats>>,
+    model: Arc<Model>,
+    limits: Limits,
+    next_id: AtomicU64,
+    config: EngineConfig,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, config: EngineConfig) -> Result<Self> {
+        let c = &config;
+        if c.max_batch_size == 0 {
+            return Err(Error::param("max_batch_size", "must be at least 1"));
+        }
+        if !(1..=1024).contains(&c.block_size) {
+            return Err(Error::param(
+                "block_size",
+                format!("{} is not in [1, 1024]", c.block_size),
+            ));
+        }
+        if c.max_num_batched_tokens == 0 {
+            return Err(Error::param("max_num_batched_tokens", "must be at least 1"));
+        }
+        let cfg = &model.config;
+        let context = cfg.max_position_embeddings;
+        let per_token = KvStorage::bytes_per_token(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let tokens = match (c.kv_cache_tokens, c.memory_fraction) {
+            (Some(_), Some(_)) => {
+                return Err(Error::param(
+                    "memory_fraction",
+                    "give kv_cache_tokens or memory_fraction, not both",
+                ))
+            }
+            (Some(t), None) => t,
+            (None, Some(f)) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(Error::param(
+                        "memory_fraction",
+                        format!("{f} is not in (0, 1]"),
+                    ));
+                }
+                (available_memory()? as f64 * f) as usize / per_token
+            }
+            (None, None) => context.min(DEFAULT_KV_CACHE_TOKENS),
+        };
+        let num_blocks = tokens / c.block_size;
+        if num_blocks == 0 {
+            return Err(Error::param(
+                "kv_cache_tokens",
+                format!("{tokens} positions make no block of {}", c.block_size),
+            ));
+        }
+        let seq_len = c.max_seq_len.unwrap_or(context);
+        if seq_len == 0 {
+            return Err(Error::param("kv_cache_size", "must be at least 1"));
+        }
+        let ring = if c.rotating {
+            if c.max_seq_len.is_none() || seq_len <= ROTATING_KEEP {
+                return Err(Error::param(
+                    "kv_cache_size",
+                    format!("a rotating cache needs kv_cache_size above {ROTATING_KEEP}"),
+                ));
+            }
+            if seq_len > num_blocks * c.block_size {
+                return Err(Error::param(
+                    "kv_cache_size",
+                    format!(
+                        "{seq_len} positions per sequence exceed the cache's {}",
+                        num_blocks * c.block_size
+                    ),
+                ));
+            }
+            Some(Ring {
+                keep: ROTATING_KEEP,
+                window: seq_len - ROTATING_KEEP,
+            })
+        } else {
+            None
+        };
+        let limits = Limits {
+            max_prompt: ring.is_none().then(|| seq_len.min(context)),
+            capacity: num_blocks * c.block_size,
+            ring,
+        };
+        let storage = model
+            .decoder()
+            .new_storage(num_blocks, c.block_size, ring)?;
+        let pool = BlockPool::new(num_blocks, c.block_size);
+        let stats = Arc::new(Mutex::new(Stats {
+            kv_blocks_total: num_blocks,
+            kv_blocks_free: num_blocks,
+            kv_block_size: c.block_size,
+            ..Stats::default()
+        }));
+        let scheduler = Scheduler::new(pool, ring, c.max_batch_size, c.max_num_batched_tokens);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            model: model.clone(),
+            storage,
+            scheduler,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("cortex-engine".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| Error::Engine(format!("could not start the engine thread: {e}")))?;
+        Ok(Engine {
+            commands: Mutex::new(tx),
+            stats,
+            model,
+            limits,
+            next_id: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Queues a request; its events go to `sink`. Everything that can be known before
+    /// running is checked here, so a bad request fails alone and at once.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        tokenizer: Arc<Tokenizer>,
+        sink: Sender<Output>,
+    ) -> Result<RequestId> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::param("prompt", "the prompt is empty"));
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::param(
+                "prompt",
+                format!("token id {bad} is out of vocabulary (size {vocab})"),
+            ));
+        }
+        let Limits {
+            max_prompt,
+            capacity,
+            ring,
+        } = self.limits;
+        if let Some(max) = max_prompt {
+            if prompt.len() >= max {
+                return Err(Error::ContextLength {
+                    prompt_tokens: prompt.len(),
+                    context_length: max,
+                });
+            }
+        }
+        if Ring::slots(ring, prompt.len()) > capacity {
+            return Err(Error::CacheFull {
+                needed: prompt.len(),
+                capacity,
+            });
+        }
+        let max_len = max_prompt.map_or(usize::MAX, |m| m.min(capacity));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Request::new(id, prompt, params, max_len, tokenizer, sink);
+        self.send(Command::Submit(Box::new(request)))?;
+        Ok(id)
+    }
+
+    /// Ends request `id` now and frees its cache blocks; it receives `Event::Aborted`.
+    /// Unknown or finished ids are ignored.
+    pub fn abort(&self, id: RequestId) {
+        // A stopped engine has nothing left to abort.
+        let _ = self.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().clone()
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands
+            .lock()
+            .send(command)
+            .map_err(|_| Error::Engine("the engine has stopped".into()))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.send(Command::Shutdown);
+    }
+}
+
+/// The engine thread's state.
+struct Worker {
+    model: Arc<Model>,
+    storage: KvStorage,
+    scheduler: Scheduler,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            if self.scheduler.is_idle() {
+                self.publish();
+                let keep_going = rx.recv().is_ok_and(|command| self.handle(command));
+                if !keep_going {
+                    return self.shut_down();
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(command) => {
+                        if !self.handle(command) {
+                            return self.shut_down();
+                        }
+                    }
+                    Err(TryRecvError::Disconnected) => return self.shut_down(),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if self.scheduler.is_idle() {
+                continue;
+            }
+            let start = Instant::now();
+            match catch_unwind(AssertUnwindSafe(|| self.step())) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.fail_all(&e),
+                Err(panic) => self.fail_all(&Error::from_panic(panic)),
+            }
+            let mut stats = self.stats.lock();
+            stats.busy_seconds += start.elapsed().as_secs_f64();
+            stats.steps += 1;
+            drop(stats);
+            self.publish();
+        }
+    }
+
+    /// Applies a command; false to stop.
+    fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Submit(request) => self.scheduler.add(*request),
+            Command::Abort(id) => {
+                if let Some(mut request) = self.scheduler.remove(id) {
+                    request.state = RequestState::Finished(FinishReason::Abort);
+                    request.emit(Event::Aborted);
+                    self.stats.lock().aborted += 1;
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn shut_down(&mut self) {
+        self.fail_all(&Error::Engine("the engine was shut down".into()));
+    }
+
+    /// Fails every request (a fault whose culprit is unknown, or shutdown); the cache is
+    /// then empty and the engine ready for new work.
+    fn fail_all(&mut self, error: &Error) {
+        let all = self.scheduler.drain();
+        self.stats.lock().failed += all.len() as u64;
+        for mut request in all {
+            request.state = RequestState::Failed;
+            request.emit(Event::Failed(Error::Engine(error.to_string())));
+        }
+    }
+
+    fn publish(&self) {
+        let mut stats = self.stats.lock();
+        stats.waiting = self.scheduler.waiting.len();
+        stats.running = self.scheduler.running.len();
+        stats.kv_blocks_free = self.scheduler.pool.num_free();
+        stats.preemptions = self.scheduler.preemptions;
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
+            return self.fail_unschedulable();
+        }
+        let now = Instant::now();
+        let sched = &mut self.scheduler;
+        // Plan entries follow `running` order, so one pass pairs them up.
+        let mut batch = Batch {
+            tokens: Vec::new(),
+            seqs: Vec::with_capacity(plan.len()),
+            logits_rows: Vec::new(),
+        };
+        let mut sampled = Vec::new(); // ids of the requests that get a new token
+        let mut prompt_tokens = 0;
+        let mut running = sched.running.iter_mut();
+        for &(id, n) in &plan {
+            let Some(r) = running.by_ref().find(|r| r.id == id) else {
+                return Err(Error::Engine(format!(
+                    "scheduled request {id} is not running"
+                )));
+            };
+            r.first_scheduled.get_or_insert(now);
+            let row = batch.tokens.len();
+            batch
+                .tokens
+                .extend_from_slice(&r.tokens[r.computed..r.computed + n]);
+            batch.seqs.push(SeqSpan {
+                row,
+                len: n,
+                start: r.computed,
+                blocks: sched.pool.table(id),
+            });
+            if r.computed + n == r.tokens.len() {
+                batch.logits_rows.push((row + n - 1) as u32);
+                sampled.push(id);
+            }
+            if n > 1 || r.state == RequestState::Prefilling {
+                prompt_tokens += n;
+            }
+        }
+        let logits = self.model.decoder().forward(&batch, &mut self.storage)?;
+        drop(batch);
+        sched.computed(&plan);
+        let rows = logits.to_vec2::<f32>()?; // [sampled, vocab]
+
+        // Sample every request in parallel; each has its own RNG, so the order of work
+        // does not change what any request draws.
+        let mut chosen: Vec<&mut Request> = Vec::with_capacity(sampled.len());
+        let mut ids = sampled.iter().peekable();
+        for r in sched.running.iter_mut() {
+            if ids.peek() == Some(&&r.id) {
+                ids.next();
+                chosen.push(r);
+            }
+        }
+        let previous: Vec<_> = chosen.iter().map(|r| r.last_token).collect();
+        let results: Vec<Result<_>> = chosen
+            .par_iter_mut()
+            .zip(rows.par_iter())
+            .map(|(r, row)| r.sample(row))
+            .collect();
+        let mut stats = self.stats.lock();
+        stats.prompt_tokens += prompt_tokens as u64;
+        for ((r, result), previous) in chosen.into_iter().zip(results).zip(previous) {
+            match result {
+                Ok(step) => {
+                    stats.generation_tokens += 1;
+                    match (previous, r.last_token, r.first_token) {
+                        (Some(before), Some(last), _) => stats.itl.push(last - before),
+                        (None, _, Some(first)) => stats.ttft.push(first - r.arrived),
+                        _ => {}
+                    }
+                    let finished = step.finish_reason.is_some();
+                    if !r.emit(Event::Token(step)) && !finished {
+                        // Nobody listens any more: stop spending work on it.
+                        r.state = RequestState::Finished(FinishReason::Abort);
+                        stats.aborted += 1;
+                    } else if finished {
+                        stats.finished += 1;
+                    }
+                }
+                Err(e) => {
+                    r.state = RequestState::Failed;
+                    r.emit(Event::Failed(e));
+                    stats.failed += 1;
+                }
+            }
+        }
+        drop(stats);
+        self.scheduler.retire();
+        Ok(())
+    }
+
+    /// Nothing could be scheduled: the request at the head can never get its blocks.
+    fn fail_unschedulable(&mut self) -> Result<()> {
+        let s = &self.scheduler;
+        let Some(id) = s.running.first().or(s.waiting.front()).map(|r| r.id) else {
+            return Ok(());
+        };
+        let capacity = self.scheduler.pool.capacity_tokens();
+        if let Some(mut r) = self.scheduler.remove(id) {
+            r.state = RequestState::Failed;
+            r.emit(Event::Failed(Error::CacheFull {
+                needed: r.tokens.len(),
+                capacity,
+            }));
+            self.stats.lock().failed += 1;
+        }
+        Ok(())
+    }
+}

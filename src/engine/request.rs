@@ -1,0 +1,295 @@
+//! One request's life: its tokens, its state (Waiting → Prefilling → Decoding →
+//! Finished | Failed), its own sampler and RNG, and the text it has streamed so far.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+use super::sampling::{Sampler, SamplingParams, TokenLogprobs};
+
+pub type RequestId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the sequence filled its context.
+    Length,
+    /// Aborted by the caller (or its output channel went away).
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestState {
+    /// Queued; holds no cache blocks (also after a preemption).
+    Waiting,
+    /// Part of the prompt (or, after a preemption, of the recomputed text) is cached.
+    Prefilling,
+    /// Everything but the newest token is cached; one token per step.
+    Decoding,
+    Finished(FinishReason),
+    Failed,
+}
+
+/// What one generated token produced for its request.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Text completed by this step (may be empty while a character or a possible stop
+    /// string is incomplete). All steps' texts concatenate to the generated text.
+    pub text: String,
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub generation_tokens: usize,
+    /// Prompt tokens per second, from the request's first scheduled step to its first token.
+    pub prompt_tps: f64,
+    /// Generated tokens per second since the first token.
+    pub generation_tps: f64,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Token(StepOutput),
+    /// Ended by [`super::Engine::abort`]; nothing more follows.
+    Aborted,
+    /// The request failed; nothing more follows.
+    Failed(Error),
+}
+
+/// An event of request `id`, as its caller receives it.
+#[derive(Debug)]
+pub struct Output {
+    pub id: RequestId,
+    pub event: Event,
+}
+
+/// Holds back generated text that could be the start of a stop string, and cuts the text
+/// at the first stop string found (which may span several tokens).
+#[derive(Debug)]
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Adds `piece`; returns the text now safe to emit and whether a stop string ended it.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (piece.to_string(), false);
+        }
+        self.held.push_str(piece);
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a proper prefix of some stop string: earlier text
+        // can no longer be part of a match.
+        let keep = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                (1..s.len())
+                    .rev()
+                    .find(|&k| s.is_char_boundary(k) && self.held.ends_with(&s[..k]))
+            })
+            .max()
+            .unwrap_or(0);
+        let out: String = self.held.drain(..self.held.len() - keep).collect();
+        (out, false)
+    }
+
+    /// Text still held when generation ends for another reason.
+    fn release(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[derive(Debug)]
+pub struct Request {
+    pub id: RequestId,
+    /// The prompt, then every generated token.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose keys and values are in the cache.
+    pub computed: usize,
+    pub state: RequestState,
+    /// The request ends with `length` once this many tokens are cached (the context, or
+    /// the most the cache holds for one sequence); `usize::MAX` with a rotating cache.
+    pub max_len: usize,
+    sampler: Sampler,
+    tokenizer: Arc<Tokenizer>,
+    detok: StreamDecoder,
+    stops: StopMatcher,
+    sink: Sender<Output>,
+    pub arrived: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+}
+
+impl Request {
+    pub fn new(
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_len: usize,
+        tokenizer: Arc<Tokenizer>,
+        sink: Sender<Output>,
+    ) -> Self {
+        Request {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            computed: 0,
+            state: RequestState::Waiting,
+            max_len,
+            stops: StopMatcher {
+                stops: params.stop.clone(),
+                held: String::new(),
+            },
+            sampler: Sampler::new(params),
+            tokenizer,
+            detok: StreamDecoder::new(),
+            sink,
+            arrived: Instant::now(),
+            first_scheduled: None,
+            first_token: None,
+            last_token: None,
+        }
+    }
+
+    /// Tokens still to run through the model before the next token can be sampled.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, RequestState::Finished(_) | RequestState::Failed)
+    }
+
+    /// Samples the next token from `logits` (`[vocab]`, the row of the newest token),
+    /// detokenizes it and checks the stop conditions.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<StepOutput> {
+        let (token, logprobs) = self.sampler.sample(logits, &self.tokens, self.prompt_len)?;
+        self.tokens.push(token);
+        let now = Instant::now();
+        let first_token = *self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        let params = self.sampler.params();
+        let n = self.generated();
+        let eos = !params.ignore_eos && self.tokenizer.eos_token_ids.contains(&token);
+        let mut text = String::new();
+        let mut finish = None;
+        if !eos {
+            let (safe, hit) = self.stops.push(&self.detok.push(&self.tokenizer, token)?);
+            text = safe;
+            finish = hit.then_some(FinishReason::Stop);
+        }
+        // The newest token needs no cache slot: the sequence is full once every slot is.
+        let length = n >= params.max_tokens || self.tokens.len() > self.max_len;
+        if finish.is_none() && (eos || length) {
+            let (safe, hit) = self.stops.push(&self.detok.flush(&self.tokenizer)?);
+            text.push_str(&safe);
+            if !hit {
+                text.push_str(&self.stops.release());
+            }
+            finish = Some(if eos || hit {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            });
+        }
+        self.state = match finish {
+            Some(reason) => RequestState::Finished(reason),
+            None => RequestState::Decoding,
+        };
+        let scheduled = self.first_scheduled.unwrap_or(self.arrived);
+        Ok(StepOutput {
+            text,
+            token,
+            logprobs,
+            finish_reason: finish,
+            prompt_tokens: self.prompt_len,
+            generation_tokens: n,
+            prompt_tps: self.prompt_len as f64 / (first_token - scheduled).as_secs_f64().max(1e-9),
+            generation_tps: n as f64 / (now - first_token).as_secs_f64().max(1e-3),
+        })
+    }
+
+    /// Sends an event to the caller; false when the caller has gone away.
+    pub fn emit(&self, event: Event) -> bool {
+        self.sink.send(Output { id: self.id, event }).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher {
+            stops: stops.iter().map(|s| s.to_string()).collect(),
+            held: String::new(),
+        };
+        let mut out = String::new();
+        for p in pieces {
+            let (t, hit) = m.push(p);
+            out.push_str(&t);
+            if hit {
+                return (out, true);
+            }
+        }
+        out.push_str(&m.release());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_string_spanning_pieces_is_cut() {
+        assert_eq!(
+            run(&["END"], &["abc E", "N", "D tail"]),
+            ("abc ".to_string(), true)
+        );
+        assert_eq!(
+            run(&["\n\n"], &["one\n", "\ntwo"]),
+            ("one".to_string(), true)
+        );
+    }
+
+    #[test]
+    fn partial_match_is_released() {
+        assert_eq!(
+            run(&["END"], &["abc E", "N"]),
+            ("abc EN".to_string(), false)
+        );
+        assert_eq!(run(&["xyz"], &["é", "ü"]), ("éü".to_string(), false));
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins() {
+        assert_eq!(run(&["b c", "a"], &["x a b c"]), ("x ".to_string(), true));
+    }
+}

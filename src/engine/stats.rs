@@ -1,0 +1,68 @@
+//! Engine statistics: throughput, time to first token and inter-token latency
+//! percentiles over recent requests, queue and batch sizes, KV cache usage.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Latency samples kept for percentiles (the most recent ones).
+const SAMPLES: usize = 4096;
+
+#[derive(Debug, Clone, Default)]
+pub struct Latencies(VecDeque<f64>);
+
+impl Latencies {
+    pub fn push(&mut self, d: Duration) {
+        if self.0.len() == SAMPLES {
+            self.0.pop_front();
+        }
+        self.0.push_back(d.as_secs_f64());
+    }
+
+    /// The `q`-quantile in seconds (nearest rank), or 0 without samples.
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let mut v: Vec<f64> = self.0.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v[rank - 1]
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub waiting: usize,
+    pub running: usize,
+    pub finished: u64,
+    pub aborted: u64,
+    pub failed: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+    /// Prompt tokens run through the model (recomputed ones included).
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    /// Seconds spent in forward passes and sampling.
+    pub busy_seconds: f64,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_free: usize,
+    pub kv_block_size: usize,
+    pub ttft: Latencies,
+    pub itl: Latencies,
+}
+
+impl Stats {
+    /// Generated tokens per busy second, over the engine's life.
+    pub fn generation_tps(&self) -> f64 {
+        self.generation_tokens as f64 / self.busy_seconds.max(1e-9)
+    }
+
+    pub fn prompt_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.busy_seconds.max(1e-9)
+    }
+
+    /// Fraction of the KV cache's blocks in use.
+    pub fn kv_usage(&self) -> f64 {
+        1.0 - self.kv_blocks_free as f64 / self.kv_blocks_total.max(1) as f64
+    }
+}
