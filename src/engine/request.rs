@@ -183,6 +183,10 @@ impl Request {
         self.tokens.len() - self.computed
     }
 
+    pub fn params(&self) -> &SamplingParams {
+        self.sampler.params()
+    }
+
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }

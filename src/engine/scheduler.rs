@@ -155,3 +155,137 @@ impl Scheduler {
         all
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::engine::request::FinishReason;
+    use crate::engine::sampling::SamplingParams;
+    use crate::tokenizer::Tokenizer;
+
+    const VOCAB: usize = 8;
+
+    /// A word-level tokenizer of `VOCAB` words, built once for every test of the module.
+    fn tokenizer() -> Arc<Tokenizer> {
+        static TOKENIZER: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
+        TOKENIZER.get_or_init(build_tokenizer).clone()
+    }
+
+    fn build_tokenizer() -> Arc<Tokenizer> {
+        let vocab: Vec<String> = (0..VOCAB).map(|i| format!("\"w{i}\": {i}")).collect();
+        let json = format!(
+            r#"{{"version": "1.0", "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null, "decoder": null,
+            "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
+            vocab.join(", ")
+        );
+        let dir = std::env::temp_dir().join(format!("cortex-sched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), json).unwrap();
+        Arc::new(Tokenizer::from_dir(&dir).unwrap())
+    }
+
+    /// One simulated workload: `(prompt length, max_tokens, step at which it is aborted)`.
+    fn run(
+        requests: Vec<(usize, usize, Option<usize>)>,
+        num_blocks: usize,
+        block_size: usize,
+        ring: Option<Ring>,
+    ) {
+        let tok = tokenizer();
+        let (tx, _rx) = mpsc::channel();
+        let capacity = num_blocks * block_size;
+        let mut s = Scheduler::new(BlockPool::new(num_blocks, block_size), ring, 4, 24);
+        let mut aborts = Vec::new();
+        for (id, &(prompt, max_tokens, abort)) in requests.iter().enumerate() {
+            let params = SamplingParams {
+                max_tokens,
+                ..SamplingParams::default()
+            };
+            // As `Engine::submit` admits them: a prompt must fit the cache.
+            let max_len = if ring.is_some() { usize::MAX } else { capacity };
+            let prompt = (0..prompt.min(capacity - 1))
+                .map(|t| (t % VOCAB) as u32)
+                .collect();
+            s.add(Request::new(
+                id as u64,
+                prompt,
+                params,
+                max_len,
+                tok.clone(),
+                tx.clone(),
+            ));
+            if let Some(step) = abort {
+                aborts.push((step, id as u64));
+            }
+        }
+        let mut logits = vec![0f32; VOCAB];
+        logits[3] = 1.0;
+        let mut done = 0;
+        for step in 0..10_000 {
+            for &(_, id) in aborts.iter().filter(|(at, _)| *at == step) {
+                if s.remove(id).is_some() {
+                    done += 1;
+                }
+            }
+            if s.is_idle() {
+                break;
+            }
+            let plan = s.schedule();
+            assert!(!plan.is_empty(), "nothing scheduled: deadlock");
+            s.pool.check();
+            let total: usize = plan.iter().map(|&(_, n)| n).sum();
+            assert!(total <= 24 && plan.len() <= 4);
+            for &(id, n) in &plan {
+                let r = s.running.iter().find(|r| r.id == id).unwrap();
+                let need = Ring::slots(ring, r.computed + n).div_ceil(block_size);
+                assert!(s.pool.table(id).len() >= need, "table of {id} too short");
+            }
+            s.computed(&plan);
+            for r in s.running.iter_mut().filter(|r| r.pending() == 0) {
+                r.sample(&logits).unwrap();
+            }
+            for r in s.retire() {
+                assert!(matches!(
+                    r.state,
+                    RequestState::Finished(FinishReason::Length)
+                ));
+                assert!(r.generated() == r.params().max_tokens || r.tokens.len() > r.max_len);
+                done += 1;
+            }
+            s.pool.check();
+        }
+        assert!(s.is_idle(), "requests left after the step limit");
+        assert_eq!(done, requests.len());
+        assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Random workloads on a small cache: every request ends, the pool's invariant
+        /// holds after each step, and every block comes back.
+        #[test]
+        fn block_accounting_holds(
+            requests in prop::collection::vec((1usize..60, 1usize..40, prop::option::of(0usize..80)), 1..12),
+            num_blocks in 4usize..24,
+            block_size in prop::sample::select(vec![1usize, 4, 16]),
+        ) {
+            run(requests, num_blocks, block_size, None);
+        }
+
+        #[test]
+        fn block_accounting_holds_with_a_ring(
+            requests in prop::collection::vec((1usize..60, 1usize..40, prop::option::of(0usize..80)), 1..12),
+            window in 2usize..20,
+        ) {
+            let ring = Ring { keep: 4, window };
+            run(requests, 8, 4, Some(ring));
+        }
+    }
+}
