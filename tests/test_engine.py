@@ -95,7 +95,7 @@ def test_100_concurrent_requests_from_threads(smollm):
             rid = engine.submit([1 + i, 2 + i, 3 + i], max_tokens=10, ignore_eos=True)
             out = engine.result(rid)
             counts.append(len(out.token_ids) if out.finish_reason == "length" else -1)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(100)]

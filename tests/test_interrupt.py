@@ -6,7 +6,6 @@ from __future__ import annotations
 import _thread
 import threading
 import time
-from pathlib import Path
 
 import cortex
 

@@ -7,8 +7,8 @@
 """
 
 from ._core import Model, SamplingParams, Tokenizer, __version__
-from .engine import Engine, RequestOutput, StreamEvent
 from .converter import ConversionConfig, ConversionFormat, MLXConverter, QuantizationRecipe
+from .engine import Engine, RequestOutput, StreamEvent
 from .exceptions import (
     CacheFullError,
     CancelledError,

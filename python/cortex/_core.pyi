@@ -9,12 +9,14 @@ import numpy.typing as npt
 
 __all__ = [
     "ConversionJob",
-    "GenerationStream",
+    "Engine",
+    "EngineStream",
     "Model",
     "SamplingParams",
     "Tokenizer",
     "__version__",
     "affine_quantize",
+    "engine_stats",
     "inspect_source",
     "load",
     "load_model",
