@@ -33,6 +33,9 @@ class Model:
     def forward(
         self, token_ids: Sequence[int], *, all_positions: bool = False
     ) -> npt.NDArray[np.float32]: ...
+    def forward_batch(
+        self, sequences: Sequence[Sequence[int]], *, all_positions: bool = False
+    ) -> list[npt.NDArray[np.float32]]: ...
     @property
     def config(self) -> dict[str, Any]: ...
     @property

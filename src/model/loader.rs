@@ -95,8 +95,63 @@ impl Model {
     /// Logits for `tokens` from an empty cache, as `(values, rows)` with
     /// `values.len() == rows * vocab_size`.
     pub fn logits(&self, tokens: &[u32], all_positions: bool) -> Result<(Vec<f32>, usize)> {
-        let mut cache = self.new_cache()?;
-        let logits = self.forward(tokens, &mut cache, all_positions)?;
+        self.logits_batch(&[tokens], all_positions)
+    }
+
+    /// Logits for several independent sequences run side by side in one forward pass (as
+    /// the engine batches them): rows for every position of each sequence in turn, or for
+    /// the last position of each.
+    pub fn logits_batch(&self, seqs: &[&[u32]], all_positions: bool) -> Result<(Vec<f32>, usize)> {
+        let context_length = self.config.max_position_embeddings;
+        if let Some(long) = seqs.iter().find(|s| s.len() > context_length) {
+            return Err(Error::ContextLength {
+                prompt_tokens: long.len(),
+                context_length,
+            });
+        }
+        if seqs.iter().any(|s| s.is_empty()) {
+            return Err(Error::param("token_ids", "at least one token is required"));
+        }
+        // Each sequence gets its own run of blocks.
+        let per_seq: Vec<usize> = seqs
+            .iter()
+            .map(|s| s.len().div_ceil(SequenceCache::BLOCK))
+            .collect();
+        let mut storage =
+            self.decoder
+                .new_storage(per_seq.iter().sum(), SequenceCache::BLOCK, None)?;
+        let mut next = 0u32;
+        let tables: Vec<Vec<u32>> = per_seq
+            .iter()
+            .map(|&n| {
+                next += n as u32;
+                (next - n as u32..next).collect()
+            })
+            .collect();
+        let mut batch = Batch {
+            tokens: Vec::new(),
+            seqs: Vec::new(),
+            logits_rows: Vec::new(),
+        };
+        for (tokens, blocks) in seqs.iter().zip(&tables) {
+            let row = batch.tokens.len();
+            batch.tokens.extend_from_slice(tokens);
+            batch.seqs.push(SeqSpan {
+                row,
+                len: tokens.len(),
+                start: 0,
+                blocks,
+            });
+            let first = if all_positions {
+                row
+            } else {
+                row + tokens.len() - 1
+            };
+            batch
+                .logits_rows
+                .extend(first as u32..(row + tokens.len()) as u32);
+        }
+        let logits = self.decoder.forward(&batch, &mut storage)?;
         let rows = logits.dims()[0];
         Ok((logits.flatten_all()?.to_vec1::<f32>()?, rows))
     }

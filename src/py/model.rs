@@ -43,6 +43,49 @@ impl PyModel {
 
 #[pymethods]
 impl PyModel {
+    /// Logits for several sequences run side by side in one batched forward pass, each
+    /// from an empty context (what the engine does with concurrent requests).
+    ///
+    /// Returns:
+    ///     list[numpy.ndarray]: per sequence, float32 `[len(ids), vocab]` with
+    ///     `all_positions`, else `[vocab]`.
+    #[pyo3(signature = (sequences, *, all_positions = false))]
+    fn forward_batch<'py>(
+        &self,
+        py: Python<'py>,
+        sequences: Vec<Vec<i64>>,
+        all_positions: bool,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let vocab = self.inner.config.vocab_size;
+        let seqs = sequences
+            .iter()
+            .map(|ids| check_token_ids(ids, vocab, "sequences"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let model = self.inner.clone();
+        let (values, _) = run_detached(py, move || {
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            model.logits_batch(&refs, all_positions)
+        })?;
+        let numpy = py.import("numpy")?;
+        let mut at = 0;
+        sequences
+            .iter()
+            .map(|ids| {
+                let rows = if all_positions { ids.len() } else { 1 };
+                let part = &values[at * vocab..(at + rows) * vocab];
+                at += rows;
+                let bytes: Vec<u8> = part.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let array =
+                    numpy.call_method1("frombuffer", (PyByteArray::new(py, &bytes), "<f4"))?;
+                if all_positions {
+                    array.call_method1("reshape", (rows, vocab))
+                } else {
+                    array.call_method1("reshape", (vocab,))
+                }
+            })
+            .collect()
+    }
+
     /// Logits for `token_ids` from an empty context.
     ///
     /// Args:
