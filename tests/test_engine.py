@@ -232,3 +232,20 @@ def test_bad_requests_fail_alone(smollm):
         cortex.Engine(model, tok, kv_cache_tokens=64, memory_fraction=0.1)
     assert _idle(engine)["requests_waiting"] == 0
     assert engine.generate_batch([PROMPTS[0]], max_tokens=2)[0].generation_tokens == 2
+
+
+def test_one_model_from_16_threads(smollm):
+    """cortex.generate from many threads shares the model's own engine (RELIABILITY G4):
+    no 'Already borrowed', and every thread gets what a lone call gets."""
+    model, tok = smollm
+    want = cortex.generate(model, tok, PROMPTS[0], max_tokens=8)
+    got: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(cortex.generate(model, tok, PROMPTS[0], max_tokens=8)))
+        for _ in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 16
