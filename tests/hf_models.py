@@ -23,6 +23,11 @@ EXPERTS, TOP_K, EXPERT_WIDTH = 4, 2, 32
 
 def family(model_type: str = "llama") -> Family:
     """The reference's description of a tiny model of `model_type` (HF row order: NeoX RoPE)."""
+    if model_type == "gpt2":
+        return Family(
+            heads=TINY["heads"], kv_heads=TINY["heads"], head_dim=HEAD_DIM, eps=1e-5, theta=0.0,
+            interleaved=False, gpt2=True,
+        )  # fmt: skip
     if model_type == "phi":
         return Family(
             heads=TINY["heads"], kv_heads=TINY["heads"], head_dim=HEAD_DIM, eps=1e-5, theta=10000.0,
@@ -62,8 +67,8 @@ def write_tiny_hf(
         a = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         hf[hf_name], ref[ref_name] = a, a
 
-    if model_type == "phi":
-        ref = _write_tiny_phi(folder, rng, shards)
+    if model_type in ("phi", "gpt2"):
+        ref = (_write_tiny_phi if model_type == "phi" else _write_tiny_gpt2)(folder, rng, shards)
         _write_tokenizer(folder, tokenizer)
         return ref
     qwen = model_type in ("qwen2", "qwen3", "qwen3_moe")
@@ -244,6 +249,60 @@ def _write_tiny_phi(folder: Path, rng: np.random.Generator, shards: int) -> dict
         "num_attention_heads": heads, "vocab_size": TINY["vocab"], "layer_norm_eps": 1e-5,
         "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "hidden_act": "gelu_new",
         "tie_word_embeddings": False, "torch_dtype": "float32", "max_position_embeddings": 512,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return ref
+
+
+def _write_tiny_gpt2(folder: Path, rng: np.random.Generator, shards: int) -> dict[str, np.ndarray]:
+    """GPT-2 as `GPT2LMHeadModel` saves it: `transformer.`-prefixed names, Conv1D weights
+    stored `[in, out]` (q, k and v fused in `c_attn`), learned positions `wpe`, the causal
+    mask buffer `attn.bias`, and a head tied to `wte`."""
+    d, i, heads = TINY["hidden"], TINY["inter"], TINY["heads"]
+    hf: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+
+    def rand(*shape: int, scale: float = 0.2, offset: float = 0.0) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+
+    def conv1d(hf_name: str, ref_names: list[str], inp: int, out: int) -> None:
+        w, b = rand(inp, out), rand(out, scale=0.1)
+        hf[hf_name + ".weight"], hf[hf_name + ".bias"] = w, b
+        width = out // len(ref_names)
+        for k, r in enumerate(ref_names):  # the reference takes [out, in] parts
+            ref[r + ".weight"] = np.ascontiguousarray(w[:, k * width : (k + 1) * width].T)
+            ref[r + ".bias"] = b[k * width : (k + 1) * width]
+
+    def norm(hf_name: str, ref_name: str) -> None:
+        hf[hf_name + ".weight"] = ref[ref_name + ".weight"] = rand(d, scale=0.1, offset=1.0)
+        hf[hf_name + ".bias"] = ref[ref_name + ".bias"] = rand(d, scale=0.1)
+
+    p = "transformer."
+    hf[p + "wte.weight"] = ref["token_embd.weight"] = rand(TINY["vocab"], d, scale=0.5)
+    hf[p + "wpe.weight"] = ref["position_embd.weight"] = rand(512, d, scale=0.5)
+    for n in range(TINY["layers"]):
+        h, g = f"{p}h.{n}.", f"blk.{n}."
+        norm(h + "ln_1", g + "attn_norm")
+        conv1d(h + "attn.c_attn", [g + "attn_q", g + "attn_k", g + "attn_v"], d, 3 * d)
+        conv1d(h + "attn.c_proj", [g + "attn_output"], d, d)
+        hf[h + "attn.bias"] = np.tril(np.ones((1, 1, 512, 512), dtype=np.float32))
+        norm(h + "ln_2", g + "ffn_norm")
+        conv1d(h + "mlp.c_fc", [g + "ffn_up"], d, i)
+        conv1d(h + "mlp.c_proj", [g + "ffn_down"], i, d)
+    norm(p + "ln_f", "output_norm")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(hf)
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        st.write(folder / fname, {n: ("F32", hf[n]) for n in names[s::shards]}, {"format": "pt"})
+    weight_map = {n: f"model-{k % shards + 1:05d}-of-{shards:05d}.safetensors" for k, n in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    config = {
+        "model_type": "gpt2", "n_embd": d, "n_inner": i, "n_layer": TINY["layers"], "n_head": heads,
+        "n_positions": 512, "n_ctx": 512, "vocab_size": TINY["vocab"], "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new", "torch_dtype": "float32", "architectures": ["GPT2LMHeadModel"],
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     return ref

@@ -37,6 +37,9 @@ class Family:
     phi: bool = False
     #: Leading dimensions of each head that RoPE turns (all when None).
     rotary_dim: int | None = None
+    #: GPT-2: learned absolute positions (``position_embd``) instead of RoPE, LayerNorms
+    #: with biases, and a plain MLP (``ffn_up`` → GELU → ``ffn_down``) after attention.
+    gpt2: bool = False
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -101,11 +104,13 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
     pos = np.arange(t, dtype=np.float64)
 
     def norm(x: np.ndarray, name: str) -> np.ndarray:
-        if f.phi:
+        if f.phi or f.gpt2:
             return layer_norm(x, w[name + ".weight"], w[name + ".bias"], f.eps)
         return rms_norm(x, w[name + ".weight"], f.eps)
 
     def turn(x: np.ndarray, theta: float) -> np.ndarray:
+        if f.gpt2:
+            return x
         rd = f.rotary_dim or x.shape[-1]
         rotated = rope(x[..., :rd], pos, theta, f.interleaved, f.llama3)
         return np.concatenate([rotated, x[..., rd:]], axis=-1)
@@ -113,6 +118,8 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
     x = w["token_embd.weight"][ids]
     if f.gemma:
         x = x * np.sqrt(x.shape[-1])
+    if f.gpt2:
+        x = x + w["position_embd.weight"][:t]
     layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blk."))
     for i in range(layers):
 
@@ -147,6 +154,10 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
         o = lin(out.reshape(t, -1), "attn_output")
         if f.phi:
             x = x + o + lin(gelu_tanh(lin(h, "ffn_up")), "ffn_down")
+            continue
+        if f.gpt2:
+            x = x + o
+            x = x + lin(gelu_tanh(lin(norm(x, f"blk.{i}.ffn_norm"), "ffn_up")), "ffn_down")
             continue
         if f.gemma:
             o = rms_norm(o, p("post_attention_norm"), f.eps)

@@ -1,6 +1,6 @@
 """Hugging Face model families (llama; Qwen 2: q/k/v biases; Qwen 3: per-head q/k RMSNorm;
-Qwen 3 MoE: top-k routed experts; Gemma 3; Phi 3: fused projections), each as a tiny random
-model written by the test and
+Qwen 3 MoE: top-k routed experts; Gemma 3; Phi 3: fused projections; phi-2; GPT-2: learned
+positions, Conv1D weights), each as a tiny random model written by the test and
 checked against the independent numpy reference: all positions without a cache, two prompts
 of different lengths in one batch, greedy decoding one token at a time through the cache,
 and after conversion to MLX 8-bit.
@@ -20,7 +20,7 @@ import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
 
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi"]
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi", "gpt2"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -56,7 +56,7 @@ def test_cached_greedy_decoding_matches_numpy(tmp_path: Path, model_type: str) -
     assert len(ids) == 12
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi", "gpt2"])
 def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
     """Biases and q/k norms stay float; the untied head is quantized; logits stay close."""
     weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
@@ -67,7 +67,7 @@ def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
     assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
 
 
-@pytest.mark.parametrize("model_type", [f for f in FAMILIES if f not in ("qwen3_moe", "phi")])
+@pytest.mark.parametrize("model_type", [f for f in FAMILIES if f not in ("qwen3_moe", "phi", "gpt2")])
 def test_gguf_output_runs_with_its_family(tmp_path: Path, model_type: str) -> None:
     """HF → GGUF 8-bit → Cortex's GGUF loader: llama's q/k rows are permuted on the way out
     (and read with adjacent-pair RoPE), Qwen's are not and keep their biases and q/k norms;
@@ -142,3 +142,43 @@ def test_moe_experts_are_stacked_as_mlx_lm_does(tmp_path: Path) -> None:
     )
     want = cortex.load_model(tmp_path / "m").forward(IDS, all_positions=True)
     assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
+
+
+def test_gpt2_converts_to_mlx_lm_layout(tmp_path: Path) -> None:
+    """mlx-lm's GPT-2 layout: names under `model.`, Conv1D weights transposed to `[out, in]`,
+    no causal-mask buffers; the result loads back and matches the reference."""
+    import json
+
+    weights = write_tiny_hf(tmp_path / "m", model_type="gpt2")
+    config = ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT)
+    ok, message, out = MLXConverter(tmp_path / "cache").convert_model(str(tmp_path / "m"), config=config)
+    assert ok, message
+    index = json.loads((Path(out) / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.h.0.attn.c_attn.scales" in index and "model.wpe.weight" in index
+    assert not any(n.endswith(".attn.bias") or n.startswith("transformer.") for n in index)
+    from safetensors_io import read_folder
+
+    _, packed = read_folder(Path(out))["model.h.0.attn.c_attn.weight"]
+    assert packed.shape == (3 * 64, 64 * 8 // 32)  # [out, in packed as 8-bit in u32]
+    want = forward(weights, family("gpt2"), IDS)
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
+
+
+def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path: Path) -> None:
+    """GPT-2 checkpoints (DialoGPT) ship `vocab.json` and `merges.txt`, not `tokenizer.json`:
+    the tokenizer built from them encodes as the `tokenizer.json` built from the same
+    vocabulary and merges does."""
+    import json
+
+    from hf_models import write_bpe_tokenizer
+    from test_tokenizer import MERGES, TOKENS
+
+    (tmp_path / "json").mkdir()
+    (tmp_path / "files").mkdir()
+    write_bpe_tokenizer(tmp_path / "json")
+    (tmp_path / "files" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(TOKENS)}))
+    (tmp_path / "files" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    want, got = cortex.load_tokenizer(tmp_path / "json"), cortex.load_tokenizer(tmp_path / "files")
+    for text in ["ab cd", "abc  d", "a b c d"]:
+        assert got.encode(text) == want.encode(text)
+        assert got.decode(got.encode(text)) == text

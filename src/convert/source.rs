@@ -15,7 +15,9 @@ use crate::formats::safetensors::Dtype;
 use crate::model::config::ModelConfig;
 use crate::model::loader::read_config_json;
 use crate::model::resolve_model_path;
-use crate::model::weights::{gguf_param, hf_param, split_param, FolderWeights};
+use crate::model::weights::{
+    gguf_param, hf_param, split_param, transpose, FolderWeights, Gpt2Layout,
+};
 use crate::quant::{ggml, AffineMatrix};
 use crate::tokenizer::Tokenizer;
 
@@ -97,6 +99,9 @@ pub struct Source {
     pub float_dtype: Dtype,
     /// Stored tensors that only feed assembled ones (see [`SourceTensor::parts`]).
     tensors_by_parts: HashMap<String, SourceTensor>,
+    /// Tensors presented under another name: the stored tensor, and whether it is read
+    /// transposed (GPT-2's Conv1D weights).
+    renamed: HashMap<String, (SourceTensor, bool)>,
     kind: Kind,
 }
 
@@ -173,7 +178,46 @@ impl Source {
     /// and safetensors (HF or MLX layout), or with `pytorch_model.bin` (read by candle's
     /// pickle reader, which interprets only the tensor records and never runs code).
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self::open_stored(path)?.stack_experts())
+        Ok(Self::open_stored(path)?.stack_experts().gpt2_mlx_layout())
+    }
+
+    /// GPT-2 goes out in mlx-lm's layout: every name under `model.` (`model.h.0.attn.c_attn`),
+    /// Conv1D weights `[out, in]`, no causal-mask buffers and no copy of the tied head. A
+    /// source in HF layout is presented that way, its tensors read (and transposed) on
+    /// demand.
+    fn gpt2_mlx_layout(mut self) -> Self {
+        if self.model.model_type != "gpt2" {
+            return self;
+        }
+        let layout = Gpt2Layout::detect(|n| self.tensors.iter().any(|t| t.name == n));
+        let Some(layout) = layout.filter(|l| l.conv1d) else {
+            return self; // already mlx-lm's layout
+        };
+        let tied = self.model.tie_word_embeddings;
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        for t in std::mem::take(&mut self.tensors) {
+            if Gpt2Layout::is_buffer(&t.name) || (tied && t.name == "lm_head.weight") {
+                continue;
+            }
+            let rest = t.name.strip_prefix(layout.prefix).unwrap_or(&t.name);
+            let name = format!("model.{rest}");
+            let transposed = Gpt2Layout::is_conv1d_weight(&t.name) && t.shape.len() == 2;
+            let shape = if transposed {
+                vec![t.shape[1], t.shape[0]]
+            } else {
+                t.shape.clone()
+            };
+            tensors.push(SourceTensor {
+                name: name.clone(),
+                shape,
+                stored: t.stored.clone(),
+                parts: vec![],
+            });
+            self.renamed.insert(name, (t, transposed));
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        self.tensors = tensors;
+        self
     }
 
     /// mlx-lm stores a mixture of experts with each projection of all experts stacked
@@ -278,6 +322,7 @@ impl Source {
             // GGML scales are f16: keeping f16 makes Q4/Q5/Q8 transfers exact.
             float_dtype: Dtype::F16,
             tensors_by_parts: HashMap::new(),
+            renamed: HashMap::new(),
             kind: Kind::Gguf(gguf),
         })
     }
@@ -358,6 +403,7 @@ impl Source {
             model,
             tensors,
             tensors_by_parts: HashMap::new(),
+            renamed: HashMap::new(),
             kind: Kind::Folder(folder),
         })
     }
@@ -432,12 +478,20 @@ impl Source {
             model,
             tensors,
             tensors_by_parts: HashMap::new(),
+            renamed: HashMap::new(),
             kind: Kind::Pytorch(readers, index),
         })
     }
 
     /// Reads tensor `name` (one of [`Source::tensors`]) in HF layout.
     pub fn read(&self, t: &SourceTensor) -> Result<TensorData> {
+        if let Some((stored, transposed)) = self.renamed.get(&t.name) {
+            let data = self.read(stored)?;
+            return Ok(match (transposed, stored.shape.as_slice()) {
+                (true, &[rows, cols]) => TensorData::Float(transpose(&data.to_f32(), rows, cols)),
+                _ => data,
+            });
+        }
         if !t.parts.is_empty() {
             let parts = t
                 .parts

@@ -154,6 +154,12 @@ impl Engine {
             return Err(Error::param("kv_cache_size", "must be at least 1"));
         }
         let ring = if c.rotating {
+            if cfg.learned_positions {
+                return Err(Error::param(
+                    "rotating_kv_cache",
+                    "a model with learned positions (gpt2) cannot go past its context",
+                ));
+            }
             if c.max_seq_len.is_none() || seq_len <= ROTATING_KEEP {
                 return Err(Error::param(
                     "kv_cache_size",

@@ -101,9 +101,17 @@ pub struct ModelConfig {
     pub fused_projections: bool,
     /// Mixture-of-experts feed-forward layers (Qwen 3 MoE).
     pub moe: Option<MoeConfig>,
-    /// Phi: LayerNorm with biases instead of RMSNorm, attention and a plain MLP side by side
-    /// on one normalised input, a biased output head.
+    /// Phi: attention and the MLP side by side on one normalised input, a biased output
+    /// head.
     pub phi_block: bool,
+    /// LayerNorm with biases instead of RMSNorm (Phi, GPT-2).
+    pub layer_norm: bool,
+    /// A plain two-layer MLP `fc2(act(fc1(x)))` with biases instead of a gated one (Phi,
+    /// GPT-2).
+    pub plain_mlp: bool,
+    /// Learned absolute position embeddings added to the token embeddings, and no RoPE
+    /// (GPT-2; `rotary_dim` is 0).
+    pub learned_positions: bool,
     /// Leading dimensions of each head that RoPE turns (HF `partial_rotary_factor`).
     pub rotary_dim: usize,
     /// Norms after attention and after the MLP too, before the residual adds (Gemma 2/3).
@@ -353,6 +361,9 @@ impl ModelConfig {
             fused_projections: phi3,
             moe: None,
             phi_block: false,
+            layer_norm: false,
+            plain_mlp: false,
+            learned_positions: false,
             rotary_dim: head_dim,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
@@ -407,6 +418,18 @@ pub const SUPPORTED_MODEL_TYPES: &[(&str, &str)] = &[
     ("phi3", "phi3"),
     ("qwen3_moe", "qwen3_moe"),
     ("phi", "phi"),
+    ("gpt2", "gpt2"),
+];
+
+/// GPT-2's `config.json` names (`GPT2Config`) for the fields the other families share.
+const GPT2_FIELDS: &[(&str, &str)] = &[
+    ("n_embd", "hidden_size"),
+    ("n_layer", "num_hidden_layers"),
+    ("n_head", "num_attention_heads"),
+    ("n_positions", "max_position_embeddings"),
+    ("n_inner", "intermediate_size"),
+    ("layer_norm_epsilon", "layer_norm_eps"),
+    ("activation_function", "hidden_act"),
 ];
 
 /// Typed access to `config.json` fields; every error names the field.
@@ -463,6 +486,38 @@ impl HfFields<'_> {
 }
 
 impl ModelConfig {
+    /// GPT-2's config under the shared field names; settings the decoder does not
+    /// implement are refused.
+    fn gpt2_fields(
+        map: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let f = HfFields(map);
+        if f.bool_or("scale_attn_by_inverse_layer_idx", false)? {
+            return Err(Error::config(
+                "scale_attn_by_inverse_layer_idx",
+                "per-layer attention scaling is not supported",
+            ));
+        }
+        if !f.bool_or("scale_attn_weights", true)? {
+            return Err(Error::config(
+                "scale_attn_weights",
+                "attention without 1/sqrt(head_dim) scaling is not supported",
+            ));
+        }
+        let mut out = map.clone();
+        for (theirs, ours) in GPT2_FIELDS {
+            if let Some(v) = map.get(*theirs) {
+                out.insert(ours.to_string(), v.clone());
+            }
+        }
+        // `n_inner: null` means four times the width.
+        if out.get("intermediate_size").is_none_or(|v| v.is_null()) {
+            let d = f.usize("n_embd", MAX_HIDDEN)?;
+            out.insert("intermediate_size".into(), (4 * d).into());
+        }
+        Ok(out)
+    }
+
     /// Builds the configuration from a Hugging Face `config.json` (already parsed), mapping
     /// `model_type` through [`SUPPORTED_MODEL_TYPES`]. Defaults are those of the
     /// transformers config classes.
@@ -470,6 +525,14 @@ impl ModelConfig {
         let map = json
             .as_object()
             .ok_or_else(|| Error::config("config.json", "expected a JSON object"))?;
+        let gpt2 = HfFields(map).str_or("model_type", "")? == "gpt2";
+        let renamed;
+        let map = if gpt2 {
+            renamed = Self::gpt2_fields(map)?;
+            &renamed
+        } else {
+            map
+        };
         let f = HfFields(map);
         let model_type = f.str_or("model_type", "")?;
         let family = SUPPORTED_MODEL_TYPES
@@ -496,6 +559,7 @@ impl ModelConfig {
             ));
         }
         let phi = family == "phi";
+        let layer_norm = phi || gpt2;
         let hidden_size = f.usize("hidden_size", MAX_HIDDEN)?;
         let intermediate_size = f.usize("intermediate_size", 16 * MAX_HIDDEN)?;
         let num_hidden_layers = f.usize("num_hidden_layers", MAX_LAYERS)?;
@@ -523,8 +587,12 @@ impl ModelConfig {
             }
         };
         let partial = f.f64_or("partial_rotary_factor", if phi { 0.5 } else { 1.0 })?;
-        let rotary_dim = (head_dim as f64 * partial) as usize;
-        if !(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || rotary_dim % 2 != 0 {
+        let rotary_dim = if gpt2 {
+            0
+        } else {
+            (head_dim as f64 * partial) as usize
+        };
+        if !gpt2 && (!(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || rotary_dim % 2 != 0) {
             return Err(Error::config(
                 "partial_rotary_factor",
                 format!("{partial} of head dim {head_dim} is not an even number of dimensions"),
@@ -540,10 +608,11 @@ impl ModelConfig {
         let max_position_embeddings = match f.opt_usize("max_position_embeddings")? {
             Some(n) => check_range("max_position_embeddings", n, MAX_CONTEXT)?,
             None if gemma3 => 131_072,
+            None if gpt2 => 1024,
             None => 2048,
         };
         let rms_norm_eps = f.f64_or(
-            if phi {
+            if layer_norm {
                 "layer_norm_eps"
             } else {
                 "rms_norm_eps"
@@ -624,19 +693,25 @@ impl ModelConfig {
         } else {
             "hidden_act"
         };
-        let hidden_act =
-            match f.str_or(act_field, if gemma3 { "gelu_pytorch_tanh" } else { "silu" })? {
-                "silu" | "swish" => Activation::Silu,
-                "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => Activation::GeluPytorchTanh,
-                other => {
-                    return Err(Error::config(
-                        act_field,
-                        format!(
+        let hidden_act = match f.str_or(
+            act_field,
+            if gemma3 || gpt2 {
+                "gelu_pytorch_tanh"
+            } else {
+                "silu"
+            },
+        )? {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => Activation::GeluPytorchTanh,
+            other => {
+                return Err(Error::config(
+                    act_field,
+                    format!(
                     "activation '{other}' is not supported (supported: silu, gelu_pytorch_tanh)"
                 ),
-                    ))
-                }
-            };
+                ))
+            }
+        };
         let sliding_window = match f.opt_usize("sliding_window")? {
             // Qwen configs carry a window that applies only with `use_sliding_window`.
             Some(_) if qwen => None,
@@ -673,15 +748,18 @@ impl ModelConfig {
             rms_norm_eps,
             rope_theta: rope_theta as f32,
             rope_scaling,
-            tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma3)?,
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma3 || gpt2)?,
             hidden_act,
             query_pre_attn_scalar,
             use_qk_norm: gemma3 || family == "qwen3" || family == "qwen3_moe",
-            qkv_bias: family == "qwen2" || attention_bias || phi,
-            o_bias: attention_bias || phi,
+            qkv_bias: family == "qwen2" || attention_bias || phi || gpt2,
+            o_bias: attention_bias || phi || gpt2,
             mlp_bias: f.bool_or("mlp_bias", false)?,
-            fused_projections: family == "phi3",
+            fused_projections: family == "phi3" || gpt2,
             phi_block: phi,
+            layer_norm,
+            plain_mlp: phi || gpt2,
+            learned_positions: gpt2,
             rotary_dim,
             moe: if family == "qwen3_moe" {
                 Some(Self::moe_from_hf(&f)?)

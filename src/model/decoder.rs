@@ -51,6 +51,8 @@ pub struct Block {
 pub struct Decoder {
     /// `[vocab, d]`, kept in its stored form; rows are dequantized on lookup.
     pub embed_tokens: Embedding,
+    /// `[context, d]` learned absolute positions (GPT-2), added to the token embeddings.
+    pub embed_positions: Option<Embedding>,
     pub layers: Vec<Block>,
     pub norm: Norm,
     /// `[vocab, d]`; shares `embed_tokens` when the embeddings are tied.
@@ -144,6 +146,17 @@ impl Decoder {
             .embed_tokens
             .forward(&batch.tokens, &self.device)?
             .unsqueeze(0)?; // [1, rows, d]
+        if let Some(table) = &self.embed_positions {
+            let context_length = self.config.max_position_embeddings;
+            if let Some(&p) = positions.iter().find(|&&p| p >= context_length) {
+                return Err(Error::ContextLength {
+                    prompt_tokens: p + 1,
+                    context_length,
+                });
+            }
+            let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            x = (x + table.forward(&ids, &self.device)?.unsqueeze(0)?)?;
+        }
         if self.config.scale_embeddings {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
             x = (x * f64::from((self.config.hidden_size as f32).sqrt()))?;

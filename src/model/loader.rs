@@ -246,7 +246,7 @@ fn build_decoder(
     let eps = cfg.rms_norm_eps;
     let norm = |m: &str, dim: usize| -> Result<Norm> {
         bytes.set(bytes.get() + 4 * dim);
-        if cfg.phi_block {
+        if cfg.layer_norm {
             bytes.set(bytes.get() + 4 * dim);
             return Ok(Norm::layer(src.vector(m, dim)?, src.bias(m, dim)?, eps));
         }
@@ -262,6 +262,11 @@ fn build_decoder(
     };
 
     let embed_tokens = matrix("model.embed_tokens", cfg.vocab_size, d)?;
+    let embed_positions = cfg
+        .learned_positions
+        .then(|| matrix("model.embed_positions", cfg.max_position_embeddings, d))
+        .transpose()?
+        .map(Embedding);
     let lm_head = if src.has("lm_head") {
         biased("lm_head", cfg.vocab_size, d, cfg.phi_block)?
     } else if cfg.tie_word_embeddings {
@@ -301,11 +306,22 @@ fn build_decoder(
         // Phi 3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`: split by
         // rows at load, so the decoder sees the usual projections.
         let (q_proj, k_proj, v_proj) = if cfg.fused_projections {
-            let qkv = matrix(&p("self_attn.qkv_proj"), (nh + 2 * nkv) * hd, d)?;
+            let qkv_name = p("self_attn.qkv_proj");
+            let qkv = matrix(&qkv_name, (nh + 2 * nkv) * hd, d)?;
+            // GPT-2's fused projection has a fused bias, split the same way.
+            let bias = cfg
+                .qkv_bias
+                .then(|| src.bias(&qkv_name, (nh + 2 * nkv) * hd))
+                .transpose()?;
+            bytes.set(bytes.get() + bias.as_ref().map_or(0, |_| 4 * (nh + 2 * nkv) * hd));
+            let part = |start: usize, len: usize| -> Result<Linear> {
+                let b = bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
+                Ok(Linear::new(qkv.rows(start, len)?)?.with_bias(b))
+            };
             (
-                Linear::new(qkv.rows(0, nh * hd)?)?,
-                Linear::new(qkv.rows(nh * hd, nkv * hd)?)?,
-                Linear::new(qkv.rows((nh + nkv) * hd, nkv * hd)?)?,
+                part(0, nh * hd)?,
+                part(nh * hd, nkv * hd)?,
+                part((nh + nkv) * hd, nkv * hd)?,
             )
         } else {
             (
@@ -369,7 +385,7 @@ fn build_decoder(
                 top_k: moe.num_experts_per_tok,
                 norm_topk_prob: moe.norm_topk_prob,
             }),
-            _ if cfg.phi_block => FeedForward::Plain {
+            _ if cfg.plain_mlp => FeedForward::Plain {
                 fc1: biased(&p("mlp.fc1"), inter, d, true)?,
                 fc2: biased(&p("mlp.fc2"), d, inter, true)?,
                 act: cfg.hidden_act,
@@ -442,6 +458,7 @@ fn build_decoder(
     };
     let decoder = Decoder {
         embed_tokens: Embedding(embed_tokens),
+        embed_positions,
         layers,
         norm: final_norm,
         lm_head,
@@ -570,14 +587,13 @@ pub fn load_model(reference: &Path) -> Result<Model> {
 /// directory that has one, else the GGUF metadata.
 fn tokenizer_for(reference: &Path, files: &ModelFiles) -> Result<Tokenizer> {
     match files {
-        _ if reference.is_dir() && reference.join("tokenizer.json").is_file() => {
-            Tokenizer::from_dir(reference)
-        }
+        _ if has_tokenizer_files(reference) => Tokenizer::from_dir(reference),
         ModelFiles::Gguf(path) => Tokenizer::from_gguf(&GgufFile::open(path)?),
         ModelFiles::Folder(dir) => Err(Error::ModelNotFound {
             path: dir.clone(),
             message:
-                "no tokenizer.json in the model folder (cortex.load_model loads weights alone)"
+                "no tokenizer.json (or GPT-2's vocab.json and merges.txt) in the model folder \
+                 (cortex.load_model loads weights alone)"
                     .into(),
         }),
     }
@@ -595,5 +611,15 @@ pub fn load(reference: &Path) -> Result<(Model, Tokenizer)> {
 /// Loads only the tokenizer of `reference` (no weights are read): from `tokenizer.json`
 /// when `reference` is a directory that has one, else from the GGUF metadata.
 pub fn load_tokenizer(reference: &Path) -> Result<Tokenizer> {
+    if has_tokenizer_files(reference) {
+        return Tokenizer::from_dir(reference);
+    }
     tokenizer_for(reference, &locate(reference)?)
+}
+
+/// A folder with `tokenizer.json`, or GPT-2's `vocab.json` and `merges.txt`.
+fn has_tokenizer_files(dir: &Path) -> bool {
+    dir.is_dir()
+        && (dir.join("tokenizer.json").is_file()
+            || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file()))
 }

@@ -303,7 +303,87 @@ pub struct FolderWeights {
     pub quant: QuantConfig,
     /// Added to every norm weight: HF Gemma stores `w` and multiplies by `1 + w`.
     pub norm_offset: f32,
+    /// GPT-2's own module names, when the folder holds GPT-2.
+    pub gpt2: Option<Gpt2Layout>,
     pub device: Device,
+}
+
+/// GPT-2 checkpoints keep the original code's module names (`h.0.attn.c_attn`) and store
+/// Conv1D weights `[in, out]`. `GPT2LMHeadModel` prefixes them with `transformer.`,
+/// `GPT2Model` with nothing, and mlx-lm with `model.` (having transposed the Conv1D
+/// weights to `[out, in]`, as it does on load).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpt2Layout {
+    pub prefix: &'static str,
+    /// Conv1D weights are stored `[in, out]`.
+    pub conv1d: bool,
+}
+
+impl Gpt2Layout {
+    /// Recognises the layout from the tensor names.
+    pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
+        ["transformer.", "", "model."]
+            .into_iter()
+            .find(|p| has(&format!("{p}wte.weight")))
+            .map(|prefix| Gpt2Layout {
+                prefix,
+                conv1d: prefix != "model.",
+            })
+    }
+
+    /// The stored module behind one of the decoder's module names, and whether it is a
+    /// Conv1D whose weight is stored transposed.
+    pub fn stored(&self, module: &str) -> Option<(String, bool)> {
+        let p = self.prefix;
+        let top = match module {
+            "model.embed_tokens" => Some("wte"),
+            "model.embed_positions" => Some("wpe"),
+            "model.norm" => Some("ln_f"),
+            _ => None,
+        };
+        if let Some(top) = top {
+            return Some((format!("{p}{top}"), false));
+        }
+        let (layer, leaf) = module.strip_prefix("model.layers.")?.split_once('.')?;
+        let (name, conv) = match leaf {
+            "input_layernorm" => ("ln_1", false),
+            "post_attention_layernorm" => ("ln_2", false),
+            "self_attn.qkv_proj" => ("attn.c_attn", true),
+            "self_attn.o_proj" => ("attn.c_proj", true),
+            "mlp.fc1" => ("mlp.c_fc", true),
+            "mlp.fc2" => ("mlp.c_proj", true),
+            _ => return None,
+        };
+        Some((format!("{p}h.{layer}.{name}"), conv && self.conv1d))
+    }
+
+    /// Whether a stored parameter is one of the Conv1D weights.
+    pub fn is_conv1d_weight(name: &str) -> bool {
+        [
+            "attn.c_attn.weight",
+            "attn.c_proj.weight",
+            "mlp.c_fc.weight",
+            "mlp.c_proj.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+    }
+
+    /// Buffers some checkpoints carry that are not parameters (the causal mask).
+    pub fn is_buffer(name: &str) -> bool {
+        name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
+    }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
 }
 
 /// Checks that a shard name from an index stays inside the model folder (RELIABILITY A19).
@@ -412,14 +492,27 @@ impl FolderWeights {
                 files.push(f);
             }
         }
+        let gpt2 = (config.get("model_type").and_then(|t| t.as_str()) == Some("gpt2"))
+            .then(|| Gpt2Layout::detect(|n| index.contains_key(n)))
+            .flatten();
         Ok(FolderWeights {
             dir: dir.to_path_buf(),
             files,
-            index,
+            gpt2,
             quant: QuantConfig::from_config_json(config)?,
+            index,
             norm_offset,
             device: Device::Cpu,
         })
+    }
+
+    /// The stored module behind a decoder module name, and whether its weight is a
+    /// transposed Conv1D (GPT-2); other families store modules under their own names.
+    fn stored(&self, module: &str) -> (String, bool) {
+        self.gpt2
+            .as_ref()
+            .and_then(|g| g.stored(module))
+            .unwrap_or_else(|| (module.to_string(), false))
     }
 
     /// The file holding `name`, and its entry.
@@ -502,19 +595,25 @@ impl WeightSource for FolderWeights {
     }
 
     fn has(&self, module: &str) -> bool {
-        self.index.contains_key(&format!("{module}.weight"))
+        self.index
+            .contains_key(&format!("{}.weight", self.stored(module).0))
     }
 
     fn matrix(&self, module: &str, out: usize, inp: usize) -> Result<Weight> {
-        if self.is_quantized(module) {
+        let (module, conv1d) = self.stored(module);
+        if self.is_quantized(&module) {
             return Ok(Weight::Affine(Arc::new(self.affine(
-                module,
+                &module,
                 &[out],
                 inp,
             )?)));
         }
         let name = format!("{module}.weight");
-        let values = self.dense_f32(&name, &[out, inp])?;
+        let values = if conv1d {
+            transpose(&self.dense_f32(&name, &[inp, out])?, inp, out)
+        } else {
+            self.dense_f32(&name, &[out, inp])?
+        };
         Ok(Weight::Dense(Tensor::from_vec(
             values,
             (out, inp),
@@ -523,7 +622,7 @@ impl WeightSource for FolderWeights {
     }
 
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor> {
-        let name = format!("{module}.weight");
+        let name = format!("{}.weight", self.stored(module).0);
         let mut values = self.dense_f32(&name, &[dim])?;
         if self.norm_offset != 0.0 {
             values.iter_mut().for_each(|v| *v += self.norm_offset);
@@ -532,7 +631,7 @@ impl WeightSource for FolderWeights {
     }
 
     fn bias(&self, module: &str, dim: usize) -> Result<Tensor> {
-        let values = self.dense_f32(&format!("{module}.bias"), &[dim])?;
+        let values = self.dense_f32(&format!("{}.bias", self.stored(module).0), &[dim])?;
         Ok(Tensor::from_vec(values, dim, &self.device)?)
     }
 

@@ -49,6 +49,29 @@ fn token_content(v: Option<&Json>) -> Option<String> {
     }
 }
 
+/// GPT-2's end-of-text token, the default of every special token in its tokenizer.
+const GPT2_EOS: &str = "<|endoftext|>";
+
+/// A byte-level BPE tokenizer from GPT-2's original files (`vocab.json`, `merges.txt`), as
+/// transformers' `GPT2TokenizerFast` builds it: no prefix space, the GPT-2 split regex,
+/// `<|endoftext|>` special.
+fn byte_level_bpe_files(vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let (v, m) = (vocab.to_string_lossy(), merges.to_string_lossy());
+    let bpe = tokenizers::models::bpe::BPE::from_file(&v, &m)
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("{v} / {m}: {e}")))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    if tokenizer.token_to_id(GPT2_EOS).is_some() {
+        tokenizer
+            .add_special_tokens([tokenizers::AddedToken::from(GPT2_EOS, true)])
+            .map_err(|e| Error::Tokenizer(format!("adding {GPT2_EOS}: {e}")))?;
+    }
+    Ok(tokenizer)
+}
+
 impl Tokenizer {
     /// The tokenizer stored in a GGUF file's metadata, with its chat template.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
@@ -85,8 +108,14 @@ impl Tokenizer {
     /// (special tokens, chat template) and `generation_config.json` (eos ids) when present.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let (vocab_file, merges_file) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let gpt2_files = !path.is_file() && vocab_file.is_file() && merges_file.is_file();
+        let inner = if gpt2_files {
+            byte_level_bpe_files(&vocab_file, &merges_file)?
+        } else {
+            tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?
+        };
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let id_of = |tok: &Option<String>| tok.as_deref().and_then(|t| inner.token_to_id(t));
         let bos_token = token_content(config.get("bos_token"));
@@ -136,6 +165,10 @@ impl Tokenizer {
                 )
             })
             .transpose()?;
+        // GPT-2's tokenizer class defaults every special token to <|endoftext|>.
+        if gpt2_files && eos_token_ids.is_empty() {
+            eos_token_ids.extend(inner.token_to_id(GPT2_EOS));
+        }
         Ok(Tokenizer {
             vocab_size,
             inner,
