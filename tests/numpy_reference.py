@@ -29,6 +29,9 @@ class Family:
     #: HF `rope_scaling` of type llama3: (factor, low_freq_factor, high_freq_factor,
     #: original_max_position_embeddings).
     llama3: tuple[float, float, float, int] | None = None
+    #: HF `rope_scaling` of type yarn: (factor, original_max_position_embeddings); beta_fast
+    #: 32, beta_slow 1, truncated ramp, attention factor 0.1 ln(factor) + 1.
+    yarn: tuple[float, int] | None = None
     #: A mixture of experts in every layer: (experts chosen per token, renormalise their
     #: probabilities). Router ``blk.N.ffn_gate_inp``, experts ``blk.N.expert.E.ffn_*``.
     moe: tuple[int, bool] | None = None
@@ -69,16 +72,40 @@ def llama3_inv_freq(inv: np.ndarray, factor: float, low: float, high: float, ori
     return np.array(out)
 
 
+def yarn_inv_freq(d: int, theta: float, factor: float, original: int) -> tuple[np.ndarray, float]:
+    """YaRN (Peng et al. 2023) as HF configs describe it: each frequency blends its
+    original value and the one divided by `factor` along a ramp between the dimensions
+    that turn 32 and 1 times over the original context; cos/sin scaled by
+    0.1 ln(factor) + 1."""
+
+    def dim_for(turns: float) -> float:
+        return d * np.log(original / (turns * 2 * np.pi)) / (2 * np.log(theta))
+
+    low, high = max(np.floor(dim_for(32)), 0), min(np.ceil(dim_for(1)), d - 1)
+    ramp = np.clip((np.arange(d // 2) - low) / max(high - low, 1e-3), 0, 1)
+    extra = theta ** (-np.arange(0, d, 2) / d)
+    inv = extra / factor * ramp + extra * (1 - ramp)
+    return inv, 0.1 * np.log(factor) + 1 if factor > 1 else 1.0
+
+
 def rope(
-    x: np.ndarray, positions: np.ndarray, theta: float, interleaved: bool, llama3: tuple | None = None
+    x: np.ndarray,
+    positions: np.ndarray,
+    theta: float,
+    interleaved: bool,
+    llama3: tuple | None = None,
+    yarn: tuple | None = None,
 ) -> np.ndarray:
     """``x: [T, H, D]`` rotated by position (Su et al. 2021)."""
     d = x.shape[-1]
     inv = theta ** (-np.arange(0, d, 2) / d)
+    scale = 1.0
     if llama3 is not None:
         inv = llama3_inv_freq(inv, *llama3)
+    if yarn is not None:
+        inv, scale = yarn_inv_freq(d, theta, *yarn)
     ang = positions[:, None] * inv[None, :]
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    cos, sin = scale * np.cos(ang)[:, None, :], scale * np.sin(ang)[:, None, :]
     out = np.empty_like(x)
     if interleaved:
         a, b = x[..., 0::2], x[..., 1::2]
@@ -112,7 +139,7 @@ def forward(w: dict[str, np.ndarray], f: Family, ids: list[int]) -> np.ndarray:
         if f.gpt2:
             return x
         rd = f.rotary_dim or x.shape[-1]
-        rotated = rope(x[..., :rd], pos, theta, f.interleaved, f.llama3)
+        rotated = rope(x[..., :rd], pos, theta, f.interleaved, f.llama3, f.yarn)
         return np.concatenate([rotated, x[..., rd:]], axis=-1)
 
     x = w["token_embd.weight"][ids]

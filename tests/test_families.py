@@ -116,6 +116,25 @@ def test_llama3_rope_scaling(tmp_path: Path) -> None:
     assert not np.allclose(want, forward(weights, family("llama"), IDS), atol=1e-2)  # the scaling matters
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi"])
+def test_yarn_rope_scaling(tmp_path: Path, model_type: str) -> None:
+    """`rope_scaling: {rope_type: yarn}`: with an original context of 64 the ramp spans
+    pairs 0-3 of a 16-dim head (kept, blended, interpolated all occur), and the attention
+    factor scales q and k; phi checks it with partial rotary embeddings."""
+    import dataclasses
+    import json
+
+    weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    fam = dataclasses.replace(family(model_type), yarn=(4.0, 64))
+    got = cortex.load_model(tmp_path / "m").forward(IDS, all_positions=True)
+    want = forward(weights, fam, IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(want, forward(weights, family(model_type), IDS), atol=1e-2)  # the scaling matters
+
+
 def test_moe_experts_are_stacked_as_mlx_lm_does(tmp_path: Path) -> None:
     """HF's per-expert tensors come out stacked as mlx-lm's `switch_mlp` (`[experts, out,
     in]`, quantized along `in`), and that layout loads back to the same logits as the

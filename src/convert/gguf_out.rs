@@ -224,13 +224,14 @@ pub fn convert_gguf(
     progress: &Progress,
 ) -> Result<Report> {
     check_plan(source, plan)?;
+    use crate::model::config::RopeScaling;
     if matches!(
         source.model.rope_scaling,
-        Some(crate::model::config::RopeScaling::Llama3Params { .. })
+        Some(RopeScaling::Llama3Params { .. } | RopeScaling::Yarn { .. })
     ) {
         return Err(Error::config(
             "rope_scaling",
-            "GGUF output of llama 3 rope scaling (a rope_freqs tensor) is not supported yet; use MLX output",
+            "GGUF output of llama 3 and YaRN rope scaling is not supported yet; use MLX output",
         ));
     }
     let family = source.model.model_type.as_str();

@@ -38,6 +38,18 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: usize,
     },
+    /// YaRN (Peng et al. 2023, HF `rope_type: yarn`): frequencies past the original
+    /// context are interpolated by `factor`, short wavelengths kept, with a linear ramp
+    /// between the `beta_fast` and `beta_slow` rotation counts; the rotated dimensions are
+    /// scaled by `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+        truncate: bool,
+    },
 }
 
 /// Mixture-of-experts settings (HF `Qwen3MoeConfig` names).
@@ -518,6 +530,66 @@ impl ModelConfig {
         Ok(out)
     }
 
+    /// YaRN's settings from `rope_scaling` (transformers' defaults and attention factor).
+    fn yarn_from_hf(
+        v: &serde_json::Value,
+        factor: Option<f64>,
+        max_position_embeddings: usize,
+        top_level_original: Option<&serde_json::Value>,
+    ) -> Result<RopeScaling> {
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let original = v
+            .get("original_max_position_embeddings")
+            .or(top_level_original)
+            .and_then(|x| x.as_u64())
+            .map_or(max_position_embeddings, |x| x as usize);
+        let factor = factor.unwrap_or(max_position_embeddings as f64 / original as f64);
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        if !positive(factor) || original == 0 {
+            return Err(Error::config(
+                "rope_scaling",
+                "yarn needs a positive factor and original_max_position_embeddings",
+            ));
+        }
+        let mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
+        let attention_factor = match (
+            num("attention_factor"),
+            num("mscale"),
+            num("mscale_all_dim"),
+        ) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                mscale(factor, m) / mscale(factor, all)
+            }
+            _ => mscale(factor, 1.0),
+        };
+        let beta_fast = num("beta_fast").unwrap_or(32.0);
+        let beta_slow = num("beta_slow").unwrap_or(1.0);
+        if ![attention_factor, beta_fast, beta_slow]
+            .into_iter()
+            .all(positive)
+        {
+            return Err(Error::config(
+                "rope_scaling",
+                "yarn's attention_factor, beta_fast and beta_slow must be positive",
+            ));
+        }
+        Ok(RopeScaling::Yarn {
+            factor: factor as f32,
+            original_max_position_embeddings: original,
+            beta_fast: beta_fast as f32,
+            beta_slow: beta_slow as f32,
+            attention_factor: attention_factor as f32,
+            truncate: v.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+        })
+    }
+
     /// Builds the configuration from a Hugging Face `config.json` (already parsed), mapping
     /// `model_type` through [`SUPPORTED_MODEL_TYPES`]. Defaults are those of the
     /// transformers config classes.
@@ -672,6 +744,12 @@ impl ModelConfig {
                             original_max_position_embeddings: original as usize,
                         })
                     }
+                    ("yarn", _) => Some(Self::yarn_from_hf(
+                        v,
+                        factor,
+                        max_position_embeddings,
+                        map.get("original_max_position_embeddings"),
+                    )?),
                     ("linear", Some(factor)) if factor > 0.0 && factor.is_finite() => {
                         (factor != 1.0).then_some(RopeScaling::Linear {
                             factor: factor as f32,
@@ -680,7 +758,7 @@ impl ModelConfig {
                     _ => {
                         return Err(Error::config(
                             "rope_scaling",
-                            format!("{v} is not supported (supported: linear, llama3)"),
+                            format!("{v} is not supported (supported: linear, llama3, yarn)"),
                         ))
                     }
                 }
@@ -813,7 +891,32 @@ impl ModelConfig {
 impl RopeScaling {
     /// Per-frequency divisors of the inverse frequencies for llama 3's parameters (HF
     /// `_compute_llama3_parameters`), `None` for the other kinds.
-    pub fn llama3_factors(&self, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
+    /// What the rotated dimensions are multiplied by (YaRN's attention factor; else 1).
+    pub fn attention_factor(&self) -> f32 {
+        match *self {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// Per-frequency divisors of the inverse frequencies, for the scalings computed from
+    /// the config (llama 3, YaRN).
+    pub fn frequency_factors(&self, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
+        if let RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } = *self
+        {
+            return Some(yarn_factors(
+                head_dim, theta, factor, original, beta_fast, beta_slow, truncate,
+            ));
+        }
         let RopeScaling::Llama3Params {
             factor,
             low_freq_factor: low,
@@ -843,4 +946,40 @@ impl RopeScaling {
                 .collect(),
         )
     }
+}
+
+/// YaRN's divisors, as transformers' `_compute_yarn_parameters`: pair `i` keeps its
+/// frequency (extrapolation) below the ramp, is divided by `factor` (interpolation) above
+/// it, and blends linearly across it; the ramp runs between the pair indices at which a
+/// frequency turns `beta_fast` and `beta_slow` times over the original context.
+fn yarn_factors(
+    dim: usize,
+    theta: f32,
+    factor: f32,
+    original: usize,
+    beta_fast: f32,
+    beta_slow: f32,
+    truncate: bool,
+) -> Vec<f32> {
+    let (d, base) = (dim as f64, f64::from(theta));
+    let correction = |rotations: f32| {
+        d * (original as f64 / (f64::from(rotations) * 2.0 * std::f64::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001; // as transformers: no division by zero
+    }
+    (0..dim / 2)
+        .map(|i| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let keep = 1.0 - ramp; // weight of the unscaled frequency
+            let scale = (1.0 - keep) / f64::from(factor) + keep;
+            (1.0 / scale) as f32
+        })
+        .collect()
 }

@@ -204,6 +204,8 @@ impl Norm {
 pub struct Rope {
     inv_freq: Vec<f32>, // [head_dim / 2]
     interleaved: bool,
+    /// Multiplies the rotated dimensions (YaRN's attention factor; usually 1).
+    scale: f32,
 }
 
 impl Rope {
@@ -227,7 +229,13 @@ impl Rope {
         Rope {
             inv_freq,
             interleaved,
+            scale: 1.0,
         }
+    }
+
+    pub fn with_attention_factor(mut self, scale: f32) -> Self {
+        self.scale = scale;
+        self
     }
 
     /// Rotates `xs: [rows, heads, head_dim]` in place, row `r` by `positions[r]`. When the
@@ -240,7 +248,7 @@ impl Rope {
             for (cs, &f) in cos_sin.iter_mut().zip(&self.inv_freq) {
                 // f64 keeps large positions (long contexts) accurate.
                 let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
-                *cs = (cos as f32, sin as f32);
+                *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
             }
             for head in row.chunks_mut(head_dim) {
                 for (i, &(cos, sin)) in cos_sin.iter().enumerate() {

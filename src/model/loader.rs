@@ -444,6 +444,11 @@ fn build_decoder(
         rope_factors,
         position_scale,
         cfg.rope_interleaved,
+    )
+    .with_attention_factor(
+        cfg.rope_scaling
+            .as_ref()
+            .map_or(1.0, |r| r.attention_factor()),
     );
     let local_rope = match (cfg.rope_local_base_freq, cfg.sliding_window) {
         (Some(base), _) => Some(Rope::new(
@@ -530,7 +535,7 @@ fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
     let rope_factors = cfg
         .rope_scaling
         .as_ref()
-        .and_then(|r| r.llama3_factors(cfg.rotary_dim, cfg.rope_theta));
+        .and_then(|r| r.frequency_factors(cfg.rotary_dim, cfg.rope_theta));
     let (decoder, weight_bytes) =
         build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
     Ok(Model {
