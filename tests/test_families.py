@@ -201,3 +201,44 @@ def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path: Path) -> None:
     for text in ["ab cd", "abc  d", "a b c d"]:
         assert got.encode(text) == want.encode(text)
         assert got.decode(got.encode(text)) == text
+
+
+@pytest.mark.parametrize("model_type", ["phi", "gpt2"])
+def test_gguf_phi2_and_gpt2(tmp_path: Path, model_type: str) -> None:
+    """GGUF files of llama.cpp's `phi2` and `gpt2` architectures, written here from the
+    reference's weights (GPT-2's q/k/v fused into `attn_qkv` as llama.cpp stores them),
+    match the numpy reference."""
+    from gguf_writer import F32, STRING, U32, Gguf, Tensor
+
+    weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
+    arch = "phi2" if model_type == "phi" else "gpt2"
+    arrays = dict(weights)
+    if arch == "gpt2":
+        for n in range(2):
+            for suffix in ("weight", "bias"):
+                parts = [arrays.pop(f"blk.{n}.attn_{x}.{suffix}") for x in "qkv"]
+                arrays[f"blk.{n}.attn_qkv.{suffix}"] = np.concatenate(parts)
+    tensors = [
+        Tensor(name, list(reversed(a.shape)), np.ascontiguousarray(a, dtype="<f4").tobytes())
+        for name, a in sorted(arrays.items())
+    ]
+    d, heads = 64, 4
+    kvs = [
+        ("general.architecture", STRING, arch),
+        (f"{arch}.block_count", U32, 2),
+        (f"{arch}.context_length", U32, 512),
+        (f"{arch}.embedding_length", U32, d),
+        (f"{arch}.feed_forward_length", U32, 128),
+        (f"{arch}.attention.head_count", U32, heads),
+        (f"{arch}.attention.layer_norm_epsilon", F32, 1e-5),
+    ]
+    if arch == "phi2":
+        kvs += [
+            (f"{arch}.rope.dimension_count", U32, d // heads // 2),
+            (f"{arch}.rope.freq_base", F32, 10000.0),
+        ]
+    Gguf(kvs=kvs, tensors=tensors).write(tmp_path / "m.gguf")
+    model = cortex.load_model(tmp_path / "m.gguf")
+    assert model.config["model_type"] == arch
+    got = model.forward(IDS, all_positions=True)
+    np.testing.assert_allclose(got, forward(weights, family(model_type), IDS), rtol=1e-4, atol=1e-5)

@@ -295,6 +295,16 @@ impl Source {
     fn gguf(path: &Path) -> Result<Self> {
         let gguf = GgufFile::open(path)?;
         let model = ModelConfig::from_gguf(&gguf)?;
+        if matches!(model.model_type.as_str(), "phi2" | "gpt2") {
+            // Their HF layouts (config field names, GPT-2's Conv1D) are not generated yet.
+            return Err(Error::config(
+                "general.architecture",
+                format!(
+                    "converting a GGUF {} is not supported yet; convert its Hugging Face checkpoint",
+                    model.model_type
+                ),
+            ));
+        }
         let tok = Tokenizer::from_gguf(&gguf).ok();
         let mut tensors = Vec::new();
         for name in &gguf.tensor_names {

@@ -11,8 +11,9 @@ use crate::formats::gguf::GgufFile;
 
 /// Architectures (`general.architecture`) the decoder runs. Mistral GGUFs are written with
 /// `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3", "phi2", "gpt2",
+];
 
 /// Upper bounds that no real model reaches; a config past them is corrupt or hostile.
 const MAX_LAYERS: usize = 1024;
@@ -277,7 +278,20 @@ impl ModelConfig {
                 format!("head dim {head_dim} must be even and in 2..=1024"),
             ));
         }
-        if let Some(rot) = meta_usize(g, &k("rope.dimension_count"))? {
+        let (phi2, gpt2) = (arch == "phi2", arch == "gpt2");
+        let rotary_dim = match meta_usize(g, &k("rope.dimension_count"))? {
+            _ if gpt2 => 0,
+            // phi-2 turns part of each head.
+            Some(rot) if phi2 && rot > 0 && rot <= head_dim && rot % 2 == 0 => rot,
+            Some(rot) if phi2 => {
+                return Err(Error::config(
+                    k("rope.dimension_count"),
+                    format!("{rot} is not an even number of dimensions up to {head_dim}"),
+                ))
+            }
+            _ => head_dim,
+        };
+        if let Some(rot) = meta_usize(g, &k("rope.dimension_count"))?.filter(|_| !phi2) {
             if rot != head_dim {
                 return Err(Error::config(
                     k("rope.dimension_count"),
@@ -316,10 +330,15 @@ impl ModelConfig {
             MAX_CONTEXT,
         )?;
         // Strangely absent from some older files; llama.cpp's default then applies.
-        let rms_norm_eps = meta_f64(g, &k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        let eps_key = if phi2 || gpt2 {
+            k("attention.layer_norm_epsilon")
+        } else {
+            k("attention.layer_norm_rms_epsilon")
+        };
+        let rms_norm_eps = meta_f64(g, &eps_key)?.unwrap_or(1e-5);
         if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
             return Err(Error::config(
-                k("attention.layer_norm_rms_epsilon"),
+                eps_key,
                 format!("{rms_norm_eps} is not in (0, 1)"),
             ));
         }
@@ -360,27 +379,28 @@ impl ModelConfig {
             rope_theta: rope_theta as f32,
             rope_scaling,
             tie_word_embeddings: !g.has_tensor("output.weight"),
-            hidden_act: if gemma3 {
+            hidden_act: if gemma3 || phi2 || gpt2 {
                 Activation::GeluPytorchTanh
             } else {
                 Activation::Silu
             },
             query_pre_attn_scalar,
             use_qk_norm: gemma3 || qwen3,
-            qkv_bias: qwen2,
-            o_bias: false,
+            qkv_bias: qwen2 || phi2 || gpt2,
+            o_bias: phi2 || gpt2,
             mlp_bias: false,
-            fused_projections: phi3,
+            // GPT-2's q/k/v are fused (`attn_qkv`); phi-2 files have them apart.
+            fused_projections: phi3 || gpt2,
             moe: None,
-            phi_block: false,
-            layer_norm: false,
-            plain_mlp: false,
-            learned_positions: false,
-            rotary_dim: head_dim,
+            phi_block: phi2,
+            layer_norm: phi2 || gpt2,
+            plain_mlp: phi2 || gpt2,
+            learned_positions: gpt2,
+            rotary_dim,
             sandwich_norms: gemma3,
             scale_embeddings: gemma3,
             // Only llama.cpp's llama converter permutes q/k for adjacent-pair RoPE.
-            rope_interleaved: !(gemma3 || qwen2 || qwen3 || phi3),
+            rope_interleaved: !(gemma3 || qwen2 || qwen3 || phi3 || phi2),
             sliding_window,
             // Fixed by the architecture (HF `sliding_window_pattern`, llama.cpp
             // `n_swa_pattern`; not stored in GGUF), as is the local RoPE base.

@@ -29,9 +29,13 @@ use crate::quant::{AffineMatrix, ScaleDType};
 /// llama family's pre-MLP norm is HF `post_attention_layernorm`, Gemma's is
 /// `pre_feedforward_layernorm` and its `post_attention_layernorm` is a sandwich norm.
 pub fn gguf_name(module: &str, family: &str) -> Option<String> {
+    // phi-2 and GPT-2 have plain MLPs (`fc1`, `fc2`) where the others have gated ones.
+    let plain = matches!(family, "phi2" | "gpt2");
     match module {
         "model.embed_tokens" => return Some("token_embd".into()),
-        "model.norm" => return Some("output_norm".into()),
+        "model.embed_positions" if family == "gpt2" => return Some("position_embd".into()),
+        "model.norm" if family != "phi2" => return Some("output_norm".into()),
+        "model.final_layernorm" if family == "phi2" => return Some("output_norm".into()),
         "lm_head" => return Some("output".into()),
         _ => {}
     }
@@ -44,7 +48,8 @@ pub fn gguf_name(module: &str, family: &str) -> Option<String> {
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
+        "self_attn.o_proj" if family != "phi2" => "attn_output",
+        "self_attn.dense" if family == "phi2" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         // Phi 3's fused projections (llama.cpp keeps gate and up fused under `ffn_up`).
@@ -54,9 +59,11 @@ pub fn gguf_name(module: &str, family: &str) -> Option<String> {
         "post_attention_layernorm" => "ffn_norm",
         "pre_feedforward_layernorm" if gemma => "ffn_norm",
         "post_feedforward_layernorm" if gemma => "post_ffw_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
+        "mlp.gate_proj" if !plain => "ffn_gate",
+        "mlp.up_proj" if !plain => "ffn_up",
+        "mlp.down_proj" if !plain => "ffn_down",
+        "mlp.fc1" if plain => "ffn_up",
+        "mlp.fc2" if plain => "ffn_down",
         _ => return None,
     };
     Some(format!("blk.{layer}.{name}"))
@@ -87,7 +94,9 @@ pub fn hf_param(gguf_tensor: &str, family: &str, num_layers: usize) -> Option<St
 pub fn hf_module(base: &str, family: &str, num_layers: usize) -> Option<String> {
     let candidates = [
         "model.embed_tokens".to_string(),
+        "model.embed_positions".into(),
         "model.norm".into(),
+        "model.final_layernorm".into(),
         "lm_head".into(),
     ];
     if let Some(c) = candidates
@@ -116,6 +125,9 @@ pub fn hf_module(base: &str, family: &str, num_layers: usize) -> Option<String> 
         "mlp.gate_proj",
         "mlp.up_proj",
         "mlp.down_proj",
+        "self_attn.dense",
+        "mlp.fc1",
+        "mlp.fc2",
     ];
     LEAVES
         .iter()
