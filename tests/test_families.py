@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_models import family, write_tiny_hf
+from hf_models import EXPERT_WIDTH, EXPERTS, TOP_K, family, write_tiny_hf
 from numpy_reference import forward, mean_kl
 
 import cortex
@@ -203,21 +203,26 @@ def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path: Path) -> None:
         assert got.decode(got.encode(text)) == text
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gpt2"])
-def test_gguf_phi2_and_gpt2(tmp_path: Path, model_type: str) -> None:
-    """GGUF files of llama.cpp's `phi2` and `gpt2` architectures, written here from the
-    reference's weights (GPT-2's q/k/v fused into `attn_qkv` as llama.cpp stores them),
-    match the numpy reference."""
+@pytest.mark.parametrize("model_type", ["phi", "gpt2", "qwen3_moe"])
+def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
+    """GGUF files of llama.cpp's `phi2`, `gpt2` and `qwen3moe` architectures, written here
+    from the reference's weights as llama.cpp stores them (GPT-2's q/k/v fused into
+    `attn_qkv`; each Qwen 3 MoE projection of all experts stacked in `ffn_*_exps`), match
+    the numpy reference."""
     from gguf_writer import F32, STRING, U32, Gguf, Tensor
 
     weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
-    arch = "phi2" if model_type == "phi" else "gpt2"
+    arch = {"phi": "phi2", "gpt2": "gpt2", "qwen3_moe": "qwen3moe"}[model_type]
     arrays = dict(weights)
-    if arch == "gpt2":
-        for n in range(2):
+    for n in range(2):
+        if arch == "gpt2":
             for suffix in ("weight", "bias"):
                 parts = [arrays.pop(f"blk.{n}.attn_{x}.{suffix}") for x in "qkv"]
                 arrays[f"blk.{n}.attn_qkv.{suffix}"] = np.concatenate(parts)
+        if arch == "qwen3moe":
+            for proj in ("ffn_gate", "ffn_up", "ffn_down"):
+                experts = [arrays.pop(f"blk.{n}.expert.{e}.{proj}.weight") for e in range(EXPERTS)]
+                arrays[f"blk.{n}.{proj}_exps.weight"] = np.stack(experts)
     tensors = [
         Tensor(name, list(reversed(a.shape)), np.ascontiguousarray(a, dtype="<f4").tobytes())
         for name, a in sorted(arrays.items())
@@ -230,13 +235,20 @@ def test_gguf_phi2_and_gpt2(tmp_path: Path, model_type: str) -> None:
         (f"{arch}.embedding_length", U32, d),
         (f"{arch}.feed_forward_length", U32, 128),
         (f"{arch}.attention.head_count", U32, heads),
-        (f"{arch}.attention.layer_norm_epsilon", F32, 1e-5),
+        (f"{arch}.rope.freq_base", F32, 10000.0),
     ]
-    if arch == "phi2":
+    if arch == "qwen3moe":
         kvs += [
-            (f"{arch}.rope.dimension_count", U32, d // heads // 2),
-            (f"{arch}.rope.freq_base", F32, 10000.0),
+            (f"{arch}.attention.head_count_kv", U32, 2),
+            (f"{arch}.attention.layer_norm_rms_epsilon", F32, 1e-5),
+            (f"{arch}.expert_count", U32, EXPERTS),
+            (f"{arch}.expert_used_count", U32, TOP_K),
+            (f"{arch}.expert_feed_forward_length", U32, EXPERT_WIDTH),
         ]
+    else:
+        kvs += [(f"{arch}.attention.layer_norm_epsilon", F32, 1e-5)]
+    if arch == "phi2":
+        kvs += [(f"{arch}.rope.dimension_count", U32, d // heads // 2)]
     Gguf(kvs=kvs, tensors=tensors).write(tmp_path / "m.gguf")
     model = cortex.load_model(tmp_path / "m.gguf")
     assert model.config["model_type"] == arch

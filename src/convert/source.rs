@@ -295,8 +295,8 @@ impl Source {
     fn gguf(path: &Path) -> Result<Self> {
         let gguf = GgufFile::open(path)?;
         let model = ModelConfig::from_gguf(&gguf)?;
-        if matches!(model.model_type.as_str(), "phi2" | "gpt2") {
-            // Their HF layouts (config field names, GPT-2's Conv1D) are not generated yet.
+        if matches!(model.model_type.as_str(), "phi2" | "gpt2" | "qwen3moe") {
+            // Their HF configs (and GPT-2's Conv1D layout) are not generated yet.
             return Err(Error::config(
                 "general.architecture",
                 format!(

@@ -12,7 +12,7 @@ use crate::formats::gguf::GgufFile;
 /// Architectures (`general.architecture`) the decoder runs. Mistral GGUFs are written with
 /// `llama` by llama.cpp's converter; `mistral` is accepted as an alias.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3", "phi2", "gpt2",
+    "llama", "mistral", "gemma3", "qwen2", "qwen3", "qwen3moe", "phi3", "phi2", "gpt2",
 ];
 
 /// Upper bounds that no real model reaches; a config past them is corrupt or hostile.
@@ -351,7 +351,9 @@ impl ModelConfig {
         }
         let rope_scaling = Self::rope_scaling(g, &arch)?;
         let gemma3 = arch == "gemma3";
-        let (qwen2, qwen3, phi3) = (arch == "qwen2", arch == "qwen3", arch == "phi3");
+        let (qwen2, phi3) = (arch == "qwen2", arch == "phi3");
+        let qwen3moe = arch == "qwen3moe";
+        let qwen3 = arch == "qwen3" || qwen3moe;
         let sliding_window = if gemma3 {
             let key = k("attention.sliding_window");
             Some(check_range(&key, required(g, &key)?, MAX_CONTEXT)?)
@@ -365,6 +367,9 @@ impl ModelConfig {
         } else {
             head_dim as f64
         };
+        let moe = qwen3moe
+            .then(|| Self::moe_from_gguf(g, &arch))
+            .transpose()?;
         Ok(ModelConfig {
             model_type: arch,
             hidden_size,
@@ -391,7 +396,7 @@ impl ModelConfig {
             mlp_bias: false,
             // GPT-2's q/k/v are fused (`attn_qkv`); phi-2 files have them apart.
             fused_projections: phi3 || gpt2,
-            moe: None,
+            moe,
             phi_block: phi2,
             layer_norm: phi2 || gpt2,
             plain_mlp: phi2 || gpt2,
@@ -879,6 +884,26 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
+    /// llama.cpp's `qwen3moe` keys; every layer is sparse and the chosen experts'
+    /// weights are renormalised (`norm_topk_prob`), as llama.cpp runs it.
+    fn moe_from_gguf(g: &GgufFile, arch: &str) -> Result<MoeConfig> {
+        let k = |name: &str| format!("{arch}.{name}");
+        let num_experts = check_range(&k("expert_count"), required(g, &k("expert_count"))?, 4096)?;
+        let used = k("expert_used_count");
+        Ok(MoeConfig {
+            num_experts,
+            num_experts_per_tok: check_range(&used, required(g, &used)?, num_experts)?,
+            moe_intermediate_size: check_range(
+                &k("expert_feed_forward_length"),
+                required(g, &k("expert_feed_forward_length"))?,
+                16 * MAX_HIDDEN,
+            )?,
+            norm_topk_prob: true,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+        })
+    }
+
     fn moe_from_hf(f: &HfFields<'_>) -> Result<MoeConfig> {
         let num_experts = f.usize("num_experts", 4096)?;
         let num_experts_per_tok = f.usize("num_experts_per_tok", num_experts)?;

@@ -62,6 +62,11 @@ pub fn gguf_name(module: &str, family: &str) -> Option<String> {
         "mlp.gate_proj" if !plain => "ffn_gate",
         "mlp.up_proj" if !plain => "ffn_up",
         "mlp.down_proj" if !plain => "ffn_down",
+        // Qwen 3 MoE: the router, and every expert's projection stacked in one tensor.
+        "mlp.gate" => "ffn_gate_inp",
+        "mlp.switch_mlp.gate_proj" => "ffn_gate_exps",
+        "mlp.switch_mlp.up_proj" => "ffn_up_exps",
+        "mlp.switch_mlp.down_proj" => "ffn_down_exps",
         "mlp.fc1" if plain => "ffn_up",
         "mlp.fc2" if plain => "ffn_down",
         _ => return None,
@@ -231,12 +236,17 @@ impl WeightSource for GgufWeights<'_> {
         dense(&self.gguf.tensor(&name, self.device)?, self.device)
     }
 
-    fn stacked(&self, module: &str, _: usize, _: usize, _: usize) -> Result<Weight> {
-        Err(Error::format(
-            &self.gguf.path,
-            None,
-            format!("stacked experts ('{module}') are not supported in GGUF files yet"),
-        ))
+    fn stacked(&self, module: &str, experts: usize, out: usize, inp: usize) -> Result<Weight> {
+        // `[experts, out, in]` as one matrix of `experts * out` rows (expert-major), whose
+        // row blocks are the experts' matrices.
+        let q = self.get(module, &[experts, out, inp])?;
+        let flat = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            q.dtype(),
+            &q.data()?,
+            vec![experts * out, inp],
+            self.device,
+        )?;
+        Ok(Weight::Ggml(Arc::new(flat)))
     }
 
     fn num_parameters(&self) -> usize {
