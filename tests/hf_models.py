@@ -124,17 +124,7 @@ def write_tiny_hf(
     norm("model.norm.weight", "output_norm.weight", d)
     if qwen or phi3:
         t("lm_head.weight", "output.weight", TINY["vocab"], d, scale=0.5)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(hf)
-    weight_map = {}
-    for s in range(shards):
-        part = names[s::shards]
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        st.write(folder / fname, {n: ("F32", hf[n]) for n in part}, {"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    _write_shards(folder, hf, shards)
     config = {
         "model_type": model_type, "hidden_size": d, "intermediate_size": i,
         "num_hidden_layers": layers, "num_attention_heads": TINY["heads"],
@@ -162,6 +152,21 @@ def write_tiny_hf(
     (folder / "config.json").write_text(json.dumps(config))
     _write_tokenizer(folder, tokenizer)
     return ref
+
+
+def _write_shards(folder: Path, hf: dict[str, np.ndarray], shards: int) -> None:
+    """The tensors as f32 safetensors in `shards` files, with the index mapping them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(hf)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        st.write(folder / fname, {n: ("F32", hf[n]) for n in part}, {"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def _write_tokenizer(folder: Path, kind: str | None) -> None:
@@ -235,15 +240,7 @@ def _write_tiny_phi(folder: Path, rng: np.random.Generator, shards: int) -> dict
         linear(p + "mlp.fc2", g + "ffn_down", d, i)
     norm("model.final_layernorm", "output_norm")
     linear("lm_head", "output", TINY["vocab"], d)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(hf)
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        st.write(folder / fname, {n: ("F32", hf[n]) for n in names[s::shards]}, {"format": "pt"})
-    weight_map = {n: f"model-{k % shards + 1:05d}-of-{shards:05d}.safetensors" for k, n in enumerate(names)}
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    _write_shards(folder, hf, shards)
     config = {
         "model_type": "phi", "hidden_size": d, "intermediate_size": i, "num_hidden_layers": TINY["layers"],
         "num_attention_heads": heads, "vocab_size": TINY["vocab"], "layer_norm_eps": 1e-5,
@@ -290,15 +287,7 @@ def _write_tiny_gpt2(folder: Path, rng: np.random.Generator, shards: int) -> dic
         conv1d(h + "mlp.c_fc", [g + "ffn_up"], d, i)
         conv1d(h + "mlp.c_proj", [g + "ffn_down"], i, d)
     norm(p + "ln_f", "output_norm")
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(hf)
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        st.write(folder / fname, {n: ("F32", hf[n]) for n in names[s::shards]}, {"format": "pt"})
-    weight_map = {n: f"model-{k % shards + 1:05d}-of-{shards:05d}.safetensors" for k, n in enumerate(names)}
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    _write_shards(folder, hf, shards)
     config = {
         "model_type": "gpt2", "n_embd": d, "n_inner": i, "n_layer": TINY["layers"], "n_head": heads,
         "n_positions": 512, "n_ctx": 512, "vocab_size": TINY["vocab"], "layer_norm_epsilon": 1e-5,

@@ -249,3 +249,25 @@ def test_one_model_from_16_threads(smollm):
     for t in threads:
         t.join()
     assert got == [want] * 16
+
+
+def test_one_stream_read_from_two_threads(smollm):
+    """Two threads pulling from one stream: the second waits for the first with the GIL
+    released (holding it would deadlock the first when it comes back)."""
+    model, tok = smollm
+    stream = cortex._core.stream(
+        model, tok, tok.encode(PROMPTS[0]), cortex.SamplingParams(max_tokens=40, ignore_eos=True)
+    )
+    counts = [0, 0]
+
+    def pull(i: int) -> None:
+        for _ in stream:
+            counts[i] += 1
+
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert sum(counts) == 40

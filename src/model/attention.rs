@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::quant::affine::dot;
 
 /// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
 /// stay, and the rest share `window` slots in a ring, so a sequence holds at most
@@ -211,25 +212,6 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
             }
         }
     }
-}
-
-/// Dot product with eight independent sums, which the compiler turns into vector lanes
-/// (a single running sum would have to stay sequential).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

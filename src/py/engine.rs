@@ -163,7 +163,14 @@ impl PyEngineStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<EventTuple>> {
-        let mut guard = self.rx.lock();
+        // Another thread may be waiting on this stream with the GIL released: wait for it
+        // without holding the GIL, or it could never take the GIL back.
+        let mut guard = loop {
+            if let Some(guard) = self.rx.try_lock() {
+                break guard;
+            }
+            py.detach(|| std::thread::sleep(Duration::from_millis(1)));
+        };
         loop {
             if self.open.lock().is_empty() {
                 return Ok(None);
