@@ -254,3 +254,52 @@ def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
     assert model.config["model_type"] == arch
     got = model.forward(IDS, all_positions=True)
     np.testing.assert_allclose(got, forward(weights, family(model_type), IDS), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_converted_to_mlx_4bit_runs_its_dequantized_weights_exactly(tmp_path: Path, model_type: str) -> None:
+    """4-bit (group 32) output loads back and gives, to 1e-4, the logits of the same
+    folder with every quantized matrix dequantized independently in numpy (MLX's rule),
+    so the packed path is exact for every family and layout (fused, stacked experts,
+    GPT-2). Against the float model these tiny random models lose a lot at 4 bits (mean
+    KL 0.0004 to 1.6 measured, top-1 27% to 100%), unlike real ones (SmolLM2: KL 0.06), so
+    closeness to the float model is asserted at 8 bits (above)."""
+    import json
+    import shutil
+
+    import safetensors_io as st
+    from test_quant import unpack
+
+    write_tiny_hf(tmp_path / "m", model_type=model_type)
+    config = ConversionConfig(quantization=QuantizationRecipe.SPEED_4BIT, group_size=32)
+    ok, message, out = MLXConverter(tmp_path / "cache").convert_model(str(tmp_path / "m"), config=config)
+    assert ok, message
+    tensors = st.read_folder(Path(out))
+    plain: dict[str, tuple[str, np.ndarray]] = {}
+    for name, (dt, a) in tensors.items():
+        module, leaf = name.rsplit(".", 1)
+        quantized = f"{module}.scales" in tensors
+        if quantized and leaf in ("scales", "biases"):
+            continue
+        if not (quantized and leaf == "weight"):
+            plain[name] = (dt, a)  # float tensors, layer biases included
+        else:
+            (sdt, scales), (_, biases) = tensors[f"{module}.scales"], tensors[f"{module}.biases"]
+            f32 = st.from_bf16 if sdt == "BF16" else (lambda x: x.astype(np.float32))
+            lead, words = a.shape[:-1], a.shape[-1]
+            q = unpack(a.reshape(-1, words), 4, words * 8).astype(np.float32)
+            s, b = (np.repeat(f32(x).reshape(q.shape[0], -1), 32, 1) for x in (scales, biases))
+            plain[name] = ("F32", (s * q + b).reshape(*lead, words * 8))
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    st.write(
+        dense / "model.safetensors", {n: ("F32", v.astype(np.float32)) for n, (_, v) in plain.items()}, {}
+    )
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    cfg.pop("quantization"), cfg.pop("quantization_config", None)
+    (dense / "config.json").write_text(json.dumps(cfg))
+    q4 = cortex.load_model(out).forward(IDS, all_positions=True)
+    np.testing.assert_allclose(
+        q4, cortex.load_model(dense).forward(IDS, all_positions=True), rtol=1e-4, atol=1e-4
+    )
+    shutil.rmtree(dense)
