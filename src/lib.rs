@@ -5,6 +5,7 @@
 //! `tokenizer` turns text into ids and back, and `engine` samples and runs the one
 //! generation loop.
 
+pub mod bench;
 pub mod convert;
 pub mod engine;
 pub mod error;

@@ -7,6 +7,7 @@
 """
 
 from ._core import Model, SamplingParams, Tokenizer, __version__
+from .accelerator import MLXAccelerator, MLXConfig
 from .converter import ConversionConfig, ConversionFormat, MLXConverter, QuantizationRecipe
 from .engine import Engine, RequestOutput, StreamEvent
 from .exceptions import (
@@ -40,6 +41,8 @@ __all__ = [
     "Engine",
     "EngineError",
     "GenerationResponse",
+    "MLXAccelerator",
+    "MLXConfig",
     "MLXConverter",
     "Model",
     "ModelFormatError",

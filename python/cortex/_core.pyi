@@ -22,6 +22,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "stream",
+    "time_operation",
 ]
 
 __version__: str
@@ -33,6 +34,7 @@ class Model:
     def forward(
         self, token_ids: Sequence[int], *, all_positions: bool = False
     ) -> npt.NDArray[np.float32]: ...
+    def requantize(self, bits: int, *, head_bits: int | None = None, group_size: int = 32) -> Model: ...
     def forward_batch(
         self, sequences: Sequence[Sequence[int]], *, all_positions: bool = False
     ) -> list[npt.NDArray[np.float32]]: ...
@@ -160,6 +162,7 @@ def stream(
     model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
 ) -> EngineStream: ...
 def engine_stats(model: Model) -> dict[str, float]: ...
+def time_operation(operation: str, shape: Sequence[int], iterations: int) -> tuple[float, float]: ...
 
 @final
 class ConversionJob:

@@ -196,6 +196,54 @@ impl Decoder {
         self.lm_head.forward(&x)
     }
 
+    /// A copy whose linear layers are requantized to MLX affine groups: `bits` for every
+    /// layer, `head_bits` for the output head. Embeddings and norms are shared as they
+    /// are. Returns the decoder and the change in weight bytes.
+    pub fn requantized(
+        &self,
+        bits: u32,
+        head_bits: u32,
+        group_size: usize,
+    ) -> Result<(Decoder, isize)> {
+        let mut delta = 0isize;
+        let mut requant = |l: &Linear, b: u32| -> Result<Linear> {
+            let q = l.requantized(b, group_size)?;
+            delta += q.nbytes() as isize - l.nbytes() as isize;
+            Ok(q)
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for block in &self.layers {
+            let mut f = |l: &Linear| requant(l, bits);
+            let a = &block.self_attn;
+            let self_attn = Attention {
+                q_proj: f(&a.q_proj)?,
+                k_proj: f(&a.k_proj)?,
+                v_proj: f(&a.v_proj)?,
+                o_proj: f(&a.o_proj)?,
+                ..a.clone()
+            };
+            let mlp = block.mlp.map(&mut f)?;
+            layers.push(Block {
+                self_attn,
+                mlp,
+                ..block.clone()
+            });
+        }
+        let lm_head = requant(&self.lm_head, head_bits)?;
+        let decoder = Decoder {
+            embed_tokens: self.embed_tokens.clone(),
+            embed_positions: self.embed_positions.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head,
+            rope: self.rope.clone(),
+            local_rope: self.local_rope.clone(),
+            config: self.config.clone(),
+            device: self.device.clone(),
+        };
+        Ok((decoder, delta))
+    }
+
     /// A cache for these layers: `num_blocks` blocks of `block_size` positions.
     pub fn new_storage(
         &self,

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::config::Activation;
-use crate::quant::AffineMatrix;
+use crate::quant::{AffineMatrix, ScaleDType};
 
 /// How a weight matrix `[out, in]` is stored in memory: GGML blocks (GGUF files), dense
 /// f32 (float safetensors), or MLX affine groups (MLX folders). Quantized weights stay
@@ -109,6 +109,56 @@ impl Linear {
 
     pub fn with_bias(self, bias: Option<Tensor>) -> Self {
         Linear { bias, ..self }
+    }
+
+    /// Bytes of the weight in memory.
+    pub fn nbytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            LinearWeight::Affine(a) => 4 * (a.packed.len() + a.scales.len() + a.biases.len()),
+        }
+    }
+
+    /// The same layer with its weight requantized to MLX affine groups of `bits` (the bias
+    /// is kept): the matrix is expanded one layer at a time and packed again, except GGML
+    /// blocks of the same width, which are rewritten exactly (groups of 32). A matrix whose
+    /// width no group size divides stays as it is.
+    pub fn requantized(&self, bits: u32, group_size: usize) -> Result<Linear> {
+        // GGML blocks of the same width are affine groups of 32 already: repacked exactly.
+        if let LinearWeight::Candle(QMatMul::QTensor(q)) = &self.weight {
+            let (rows, cols) = q.shape().dims2()?;
+            if crate::quant::ggml::affine_bits(q.dtype()) == Some(bits) {
+                if let Some(a) = crate::quant::ggml::to_affine(q.dtype(), &q.data()?, rows, cols)? {
+                    return Ok(Linear {
+                        weight: LinearWeight::Affine(Arc::new(a)),
+                        bias: self.bias.clone(),
+                    });
+                }
+            }
+        }
+        let (rows, cols, values) = match &self.weight {
+            LinearWeight::Affine(a) => (a.rows, a.cols, a.dequantize()),
+            LinearWeight::Candle(q) => {
+                let t = match q {
+                    QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+                };
+                let (rows, cols) = t.dims2()?;
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                (rows, cols, values)
+            }
+        };
+        let Some(group) = [group_size, 64, 32].into_iter().find(|g| cols % g == 0) else {
+            return Ok(self.clone());
+        };
+        let a = AffineMatrix::quantize(&values, rows, cols, bits, group, ScaleDType::F32)?;
+        Ok(Linear {
+            weight: LinearWeight::Affine(Arc::new(a)),
+            bias: self.bias.clone(),
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -278,6 +328,16 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The same MLP with `f` applied to each projection.
+    pub fn map(&self, f: &mut impl FnMut(&Linear) -> Result<Linear>) -> Result<Mlp> {
+        Ok(Mlp {
+            gate_proj: f(&self.gate_proj)?,
+            up_proj: f(&self.up_proj)?,
+            down_proj: f(&self.down_proj)?,
+            act: self.act,
+        })
+    }
+
     /// `[1, t, d]` → `[1, t, d]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
@@ -300,6 +360,28 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
+    /// The same layer with `f` applied to each linear layer (the router included).
+    pub fn map(&self, f: &mut impl FnMut(&Linear) -> Result<Linear>) -> Result<FeedForward> {
+        Ok(match self {
+            FeedForward::Dense(mlp) => FeedForward::Dense(mlp.map(f)?),
+            FeedForward::Plain { fc1, fc2, act } => FeedForward::Plain {
+                fc1: f(fc1)?,
+                fc2: f(fc2)?,
+                act: *act,
+            },
+            FeedForward::Moe(moe) => FeedForward::Moe(MoeMlp {
+                gate: f(&moe.gate)?,
+                experts: moe
+                    .experts
+                    .iter()
+                    .map(|e| e.map(f))
+                    .collect::<Result<_>>()?,
+                top_k: moe.top_k,
+                norm_topk_prob: moe.norm_topk_prob,
+            }),
+        })
+    }
+
     /// `[1, t, d]` → `[1, t, d]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {

@@ -34,6 +34,19 @@ impl Model {
         &self.decoder.device
     }
 
+    /// A copy with every linear layer requantized to MLX affine groups (see
+    /// [`Decoder::requantized`]); this model is left as it is.
+    pub fn requantized(&self, bits: u32, head_bits: u32, group_size: usize) -> Result<Model> {
+        let (decoder, delta) = self.decoder.requantized(bits, head_bits, group_size)?;
+        Ok(Model {
+            config: self.config.clone(),
+            path: self.path.clone(),
+            num_parameters: self.num_parameters,
+            weight_bytes: (self.weight_bytes as isize + delta).max(0) as usize,
+            decoder,
+        })
+    }
+
     /// The decoder, for the engine's batched forward passes.
     pub fn decoder(&self) -> &Decoder {
         &self.decoder

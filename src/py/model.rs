@@ -43,6 +43,22 @@ impl PyModel {
 
 #[pymethods]
 impl PyModel {
+    /// A copy of this model with every linear layer requantized to MLX affine groups:
+    /// `bits` per weight, `head_bits` for the output head, groups of `group_size`.
+    #[pyo3(signature = (bits, *, head_bits = None, group_size = 32))]
+    fn requantize(
+        &self,
+        py: Python<'_>,
+        bits: u32,
+        head_bits: Option<u32>,
+        group_size: usize,
+    ) -> PyResult<PyModel> {
+        let model = self.inner.clone();
+        let head_bits = head_bits.unwrap_or(bits);
+        let out = run_detached(py, move || model.requantized(bits, head_bits, group_size))?;
+        Ok(PyModel::new(out))
+    }
+
     /// Logits for several sequences run side by side in one batched forward pass, each
     /// from an empty context (what the engine does with concurrent requests).
     ///
@@ -185,5 +201,19 @@ pub fn load_tokenizer(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
     let tokenizer = run_detached(py, move || crate::model::load_tokenizer(&path))?;
     Ok(PyTokenizer {
         inner: Arc::new(tokenizer),
+    })
+}
+
+/// Times one of the engine's kernels (see `crate::bench::time_operation`): returns the
+/// total seconds of `iterations` runs and the FLOPs of one.
+#[pyfunction]
+pub fn time_operation(
+    py: Python<'_>,
+    operation: String,
+    shape: Vec<usize>,
+    iterations: usize,
+) -> PyResult<(f64, f64)> {
+    run_detached(py, move || {
+        crate::bench::time_operation(&operation, &shape, iterations)
     })
 }
