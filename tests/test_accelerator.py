@@ -143,3 +143,25 @@ def test_quantize_model_packs_real_weights(smollm):
     assert cortex.generate(q8, tok, PROMPT, max_tokens=4)
     with pytest.raises(ValueError, match="bits"):
         acc.quantize_model(model, bits=7)
+
+
+def test_pipeline_chains_models(smollm):
+    model, tok = smollm
+    acc = MLXAccelerator()
+    pipe = acc.create_pipeline([(model, tok), (model, tok)], batch_size=2)
+    prompts = [PROMPT, "Once upon a time"]
+    out = pipe(prompts, max_tokens=6)
+    first = [cortex.generate(model, tok, p, max_tokens=6) for p in prompts]
+    assert out == [cortex.generate(model, tok, f, max_tokens=6) for f in first]
+    assert all(e.stats()["requests_finished"] == 2 for e in pipe.engines)
+    with pytest.raises(ValueError, match="at least one"):
+        acc.create_pipeline([])
+
+
+def test_accelerate_transformer(smollm):
+    model, tok = smollm
+    acc = MLXAccelerator()
+    fast = acc.accelerate_transformer(model, tok, bits=4)
+    assert fast is not model and acc.last_warmup_seconds > 0
+    assert acc.engine(fast, tok).stats()["steps"] == 0  # started, idle
+    assert next(acc.generate_optimized(fast, tok, PROMPT, max_tokens=4, temperature=0.0, stream=False))

@@ -25,7 +25,7 @@ from ._core import Model, SamplingParams, Tokenizer
 from .engine import Engine
 from .generation import Prompt
 
-__all__ = ["OPTIMIZATION_PRESETS", "MLXAccelerator", "MLXConfig"]
+__all__ = ["OPTIMIZATION_PRESETS", "MLXAccelerator", "MLXConfig", "Pipeline"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _BITS = (2, 3, 4, 5, 6, 8)
@@ -128,6 +128,25 @@ def _kv_bytes_per_token(model: Model) -> int:
     return 2 * int(c["num_hidden_layers"]) * int(c["num_key_value_heads"]) * head_dim * 4
 
 
+class Pipeline:
+    """Models chained by :meth:`MLXAccelerator.create_pipeline`; call it with prompts."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        self.engines = engines
+
+    def __call__(self, prompts: Sequence[Prompt], **sampling: Any) -> list[str]:
+        """Run ``prompts`` through every stage; returns the last stage's texts, in order.
+        ``sampling``: :class:`cortex.SamplingParams` fields, for every stage."""
+        texts: Sequence[Prompt] = list(prompts)
+        for engine in self.engines:
+            outs = engine.generate_batch(texts, **sampling)
+            for out in outs:
+                if out.error is not None:
+                    raise out.error
+            texts = [out.text for out in outs]
+        return [str(t) for t in texts]
+
+
 class MLXAccelerator:
     """Runs models on Cortex's engine with the settings of an :class:`MLXConfig`."""
 
@@ -150,11 +169,11 @@ class MLXAccelerator:
 
     # ── Engine ────────────────────────────────────────────────────────────────────────────
 
-    def _kv_cache_tokens(self, model: Model) -> int:
+    def _kv_cache_tokens(self, model: Model, batch_size: int | None = None) -> int:
         """The engine's cache: room for ``batch_size`` sequences of ``kv_cache_size``
         positions, within ``memory_fraction`` of the memory available now."""
         c = self.config
-        want = c.batch_size * c.kv_cache_size
+        want = (batch_size or c.batch_size) * c.kv_cache_size
         available = _meminfo().get("MemAvailable")
         if available:
             want = min(want, int(available * c.memory_fraction) // _kv_bytes_per_token(model))
@@ -165,17 +184,7 @@ class MLXAccelerator:
         with self._lock:
             entry = self._engines.get(id(model))
             if entry is None or entry[0] is not model or entry[1] is not tokenizer:
-                c = self.config
-                engine = Engine(
-                    model,
-                    tokenizer,
-                    max_batch_size=c.batch_size,
-                    kv_cache_tokens=self._kv_cache_tokens(model),
-                    kv_cache_size=c.kv_cache_size,
-                    rotating_kv_cache=c.rotating_kv_cache
-                    and not model.config.get("learned_positions", False),
-                )
-                entry = (model, tokenizer, engine)
+                entry = (model, tokenizer, self._new_engine(model, tokenizer))
                 self._engines[id(model)] = entry
             return entry[2]
 
@@ -215,6 +224,49 @@ class MLXAccelerator:
                 raise event.error
             parts.append(event.text)
         yield "".join(parts)
+
+    def _new_engine(self, model: Model, tokenizer: Tokenizer, batch_size: int | None = None) -> Engine:
+        c = self.config
+        return Engine(
+            model,
+            tokenizer,
+            max_batch_size=batch_size or c.batch_size,
+            kv_cache_tokens=self._kv_cache_tokens(model, batch_size),
+            kv_cache_size=c.kv_cache_size,
+            # Learned positions (GPT-2) end at the context: no rotation for them.
+            rotating_kv_cache=c.rotating_kv_cache and not model.config.get("learned_positions"),
+        )
+
+    def create_pipeline(
+        self, models: Sequence[tuple[Model, Tokenizer]], batch_size: int | None = None
+    ) -> Pipeline:
+        """Chain models: the first generates from the prompts, each next one from the
+        previous one's outputs (draft, then rewrite...). Each stage runs its prompts as one
+        batch on its own engine, ``batch_size`` requests per step (default
+        ``config.batch_size``)."""
+        if not models:
+            raise ValueError("a pipeline needs at least one (model, tokenizer) pair")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        return Pipeline([self._new_engine(m, t, batch_size) for m, t in models])
+
+    def accelerate_transformer(
+        self,
+        model: Model,
+        tokenizer: Tokenizer | None = None,
+        bits: int | None = None,
+        example_input: Sequence[int] | None = None,
+    ) -> Model:
+        """Prepare a transformer for generation: requantize its linear layers to ``bits``
+        (see :meth:`quantize_model`; left as stored when ``None``), warm it up, and, given
+        its tokenizer, start the engine this accelerator will run it on. Returns the model
+        to use (a new one when requantized)."""
+        if bits is not None:
+            model = self.quantize_model(model, bits)
+        self.optimize_model(model, example_input)
+        if tokenizer is not None:
+            self.engine(model, tokenizer)
+        return model
 
     # ── Model preparation and measurement ─────────────────────────────────────────────────
 
