@@ -230,6 +230,9 @@ def test_bad_requests_fail_alone(smollm):
         engine.submit(PROMPTS[0], temperature=-1.0)
     with pytest.raises(ValueError, match="not both"):
         cortex.Engine(model, tok, kv_cache_tokens=64, memory_fraction=0.1)
+    # A cache bigger than the machine is refused before anything is allocated.
+    with pytest.raises(cortex.RequestValidationError, match="GB"):
+        cortex.Engine(model, tok, kv_cache_tokens=10**9)
     assert _idle(engine)["requests_waiting"] == 0
     assert engine.generate_batch([PROMPTS[0]], max_tokens=2)[0].generation_tokens == 2
 

@@ -63,15 +63,14 @@ impl Default for EngineConfig {
     }
 }
 
-/// Bytes of memory available for new allocations (Linux `MemAvailable`).
-fn available_memory() -> Result<usize> {
-    let path = "/proc/meminfo";
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+/// A `/proc/meminfo` figure in bytes (`MemAvailable`, `MemTotal`), where Linux gives one.
+fn meminfo(key: &str) -> Option<usize> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
         .map(|kb| kb * 1024)
-        .ok_or_else(|| Error::param("memory_fraction", "MemAvailable is not in /proc/meminfo"))
 }
 
 enum Command {
@@ -138,10 +137,27 @@ impl Engine {
                         format!("{f} is not in (0, 1]"),
                     ));
                 }
-                (available_memory()? as f64 * f) as usize / per_token
+                let available = meminfo("MemAvailable").ok_or_else(|| {
+                    Error::param("memory_fraction", "no MemAvailable in /proc/meminfo")
+                })?;
+                (available as f64 * f) as usize / per_token
             }
             (None, None) => context.min(DEFAULT_KV_CACHE_TOKENS),
         };
+        // The cache is reserved up front and only touched as used, but a reservation past
+        // the machine's memory could still fail, and a failed allocation aborts the process:
+        // refuse it here instead (RELIABILITY G10).
+        let bytes = tokens.saturating_mul(per_token);
+        if let Some(total) = meminfo("MemTotal").filter(|&t| bytes > t) {
+            return Err(Error::param(
+                "kv_cache_tokens",
+                format!(
+                    "{tokens} positions need {:.1} GB of KV cache; this machine has {:.1} GB",
+                    bytes as f64 / 1e9,
+                    total as f64 / 1e9
+                ),
+            ));
+        }
         let num_blocks = tokens / c.block_size;
         if num_blocks == 0 {
             return Err(Error::param(
