@@ -13,12 +13,13 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::attention::{KvStorage, Ring, SeqSpan};
-use crate::model::{Batch, Model};
+use crate::model::attention::{KvStorage, Ring};
+use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 use super::kv_cache::BlockPool;
 use super::request::{Event, FinishReason, Output, Request, RequestId, RequestState};
+use super::runner::{self, Executed};
 use super::sampling::SamplingParams;
 use super::scheduler::Scheduler;
 use super::stats::Stats;
@@ -405,45 +406,18 @@ impl Worker {
             return self.fail_unschedulable();
         }
         let now = Instant::now();
+        let Executed {
+            sampled,
+            rows,
+            prompt_tokens,
+        } = runner::execute(
+            self.model.decoder(),
+            &mut self.storage,
+            &mut self.scheduler,
+            &plan,
+            now,
+        )?;
         let sched = &mut self.scheduler;
-        // Plan entries follow `running` order, so one pass pairs them up.
-        let mut batch = Batch {
-            tokens: Vec::new(),
-            seqs: Vec::with_capacity(plan.len()),
-            logits_rows: Vec::new(),
-        };
-        let mut sampled = Vec::new(); // ids of the requests that get a new token
-        let mut prompt_tokens = 0;
-        let mut running = sched.running.iter_mut();
-        for &(id, n) in &plan {
-            let Some(r) = running.by_ref().find(|r| r.id == id) else {
-                return Err(Error::Engine(format!(
-                    "scheduled request {id} is not running"
-                )));
-            };
-            r.first_scheduled.get_or_insert(now);
-            let row = batch.tokens.len();
-            batch
-                .tokens
-                .extend_from_slice(&r.tokens[r.computed..r.computed + n]);
-            batch.seqs.push(SeqSpan {
-                row,
-                len: n,
-                start: r.computed,
-                blocks: sched.pool.table(id),
-            });
-            if r.computed + n == r.tokens.len() {
-                batch.logits_rows.push((row + n - 1) as u32);
-                sampled.push(id);
-            }
-            if n > 1 || r.state == RequestState::Prefilling {
-                prompt_tokens += n;
-            }
-        }
-        let logits = self.model.decoder().forward(&batch, &mut self.storage)?;
-        drop(batch);
-        sched.computed(&plan);
-        let rows = logits.to_vec2::<f32>()?; // [sampled, vocab]
 
         // Sample every request in parallel; each has its own RNG, so the order of work
         // does not change what any request draws.
