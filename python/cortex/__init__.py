@@ -27,9 +27,11 @@ from .exceptions import (
     UnsupportedArchitectureError,
 )
 from .generation import GenerationResponse, generate, load, load_model, load_tokenizer, stream_generate
+from .hub import CacheError, EntryNotFoundError, HubError, LocalEntryNotFoundError
 from .models import cortex_home, default_model_path
 
 __all__ = [
+    "CacheError",
     "CacheFullError",
     "CancelledError",
     "ConfigError",
@@ -40,7 +42,10 @@ __all__ = [
     "CortexError",
     "Engine",
     "EngineError",
+    "EntryNotFoundError",
     "GenerationResponse",
+    "HubError",
+    "LocalEntryNotFoundError",
     "MLXAccelerator",
     "MLXConfig",
     "MLXConverter",

@@ -27,7 +27,7 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, hub
 from .exceptions import CortexError, ModelNotFoundError
 from .models import cortex_home
 
@@ -239,37 +239,17 @@ def make_plan(
 # ── Sources and outputs ──────────────────────────────────────────────────────────────────────
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    return Path(home).expanduser() / "hub"
-
-
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_source(source: str) -> Path:
-    """A local path, or a repo id found in the local Hugging Face cache (its ``main``
-    snapshot). Raises ``FileNotFoundError`` naming where it looked."""
+    """A local path, or a repo id: fetched from the Hugging Face Hub into its cache, or
+    found there offline (see :mod:`cortex.hub`)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     if _REPO_ID.match(source):
-        repo = hf_cache_dir() / ("models--" + source.replace("/", "--"))
-        ref = repo / "refs" / "main"
-        if ref.is_file():
-            snapshot = repo / "snapshots" / ref.read_text().strip()
-            if snapshot.is_dir():
-                return snapshot
-        snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
-        if snapshots:
-            return snapshots[-1]
-        raise FileNotFoundError(
-            f"'{source}' is neither a local path nor in the Hugging Face cache ({repo}); "
-            f"download it first (e.g. `huggingface-cli download {source}`)"
-        )
+        return hub.snapshot_download(source)
     raise FileNotFoundError(f"no such file or directory: {source}")
 
 

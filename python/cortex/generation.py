@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from . import _core
+from . import _core, hub
 from ._core import Model, SamplingParams, Tokenizer
 from .models import default_model_path
 
@@ -40,20 +40,25 @@ def _check_placement(device: str, dtype: str | None) -> None:
         raise ValueError(f"dtype={dtype!r}: CPU activations are 'float32'")
 
 
-def _resolve(ref: PathLike | None) -> str:
-    return str(default_model_path() if ref is None else os.fspath(ref))
+def _resolve(ref: PathLike | None, revision: str = "main") -> str:
+    """The default model, a local path, or a Hub repo id fetched into the HF cache."""
+    if ref is None:
+        return str(default_model_path())
+    return str(hub.resolve(os.fspath(ref), revision))
 
 
 def load(
-    ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None
+    ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None, revision: str = "main"
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer.
 
     Args:
-        ref: a ``.gguf`` file or a directory holding one (with ``tokenizer.json`` beside it,
-            that tokenizer is used). ``None`` loads the default model, SmolLM2-135M-Instruct.
+        ref: a ``.gguf`` file, a model folder (Hugging Face or MLX layout, or one holding a
+            ``.gguf``), or a Hub repo id (``org/name``, fetched into the Hugging Face cache;
+            see :mod:`cortex.hub`). ``None`` loads the default model, SmolLM2-135M-Instruct.
         device: ``"auto"`` or ``"cpu"``.
         dtype: activation dtype; ``None`` or ``"float32"`` on CPU.
+        revision: branch, tag or commit of a Hub repo id.
 
     Returns:
         ``(model, tokenizer)``.
@@ -64,7 +69,7 @@ def load(
         UnsupportedArchitectureError: the architecture is not supported.
     """
     _check_placement(device, dtype)
-    return _core.load(_resolve(ref))
+    return _core.load(_resolve(ref, revision))
 
 
 def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None) -> Model:

@@ -421,7 +421,15 @@ pub(crate) fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<Pa
     }
     let path = dir.join(rel);
     if let (Ok(real), Ok(real_dir)) = (path.canonicalize(), dir.canonicalize()) {
-        if !real.starts_with(&real_dir) {
+        // A Hugging Face cache snapshot (`models--org--name/snapshots/<commit>/`) links
+        // its files to the repo's `blobs/`: that is inside the model too.
+        let blobs = real_dir
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+            .and_then(Path::parent)
+            .map(|repo| repo.join("blobs"));
+        let in_blobs = blobs.is_some_and(|b| real.parent() == Some(b.as_path()));
+        if !real.starts_with(&real_dir) && !in_blobs {
             return Err(Error::format(
                 index_path,
                 None,
