@@ -161,6 +161,16 @@ def test_corrupted_blob_is_rejected(served, tmp_path: Path) -> None:
     assert (hub.snapshot_download("org/tiny") / shard).read_bytes() == server.files[shard]
 
 
+def test_corrupted_small_file_is_rejected_by_its_git_blob_id(served) -> None:
+    server, _ = served
+    server.corrupt.add("config.json")
+    with pytest.raises(hub.CacheError, match=r"checksum mismatch for config\.json"):
+        hub.snapshot_download("org/tiny")
+    server.corrupt.clear()
+    snapshot = hub.snapshot_download("org/tiny")
+    assert (snapshot / "config.json").read_bytes() == server.files["config.json"]
+
+
 def test_cut_download_is_completed_on_the_next_call(served) -> None:
     server, weights = served
     shard = next(n for n in server.files if n.endswith(".safetensors"))

@@ -9,10 +9,11 @@ Environment: ``HF_ENDPOINT``, ``HF_TOKEN`` (or ``$HF_HOME/token``), ``HF_HUB_OFF
 (cache only; zero requests), ``HF_HUB_CACHE`` / ``HF_HOME``, and
 ``MAX_CONCURRENT_DOWNLOADS`` (default 8 files at once).
 
-Every file is checked against the size the Hub lists and, for LFS files, its sha256, before
-it enters the cache; a download is written to ``<blob>.incomplete`` and only renamed into
-place once complete and checked, and an interrupted one is resumed (or restarted when the
-server ignores the range) on the next call.
+Every file is checked against the size the Hub lists and its checksum (sha256 for LFS
+files, the git blob id for the others) before it enters the cache; a download is written
+to ``<blob>.incomplete`` and only renamed into place once complete and checked, and an
+interrupted one is resumed (or restarted when the server ignores the range) on the next
+call.
 """
 
 from __future__ import annotations
@@ -189,14 +190,17 @@ def _fetch(url: str, blob: Path, size: int, sha256: str | None, name: str, bar: 
         if got > size:
             part.unlink()
         raise HubError(f"{name}: received {got} of {size} bytes; run again to resume")
+    # LFS files carry their sha256; the others their git blob id, sha1("blob <size>\0" + data).
     if sha256 is not None:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            part.unlink()
-            raise CacheError(f"checksum mismatch for {name}: the download was discarded")
+        digest, want = hashlib.sha256(), sha256
+    else:
+        digest, want = hashlib.sha1(b"blob %d\0" % size), blob.name
+    with open(part, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != want:
+        part.unlink()
+        raise CacheError(f"checksum mismatch for {name}: the download was discarded")
     os.replace(part, blob)
 
 
