@@ -163,7 +163,7 @@ def _wanted(siblings: list[dict[str, Any]], filename: str | None) -> list[dict[s
 
 def _fetch(url: str, blob: Path, size: int, sha256: str | None, name: str, bar: Any) -> None:
     """Downloads ``url`` into ``blob`` through ``blob.incomplete``, resuming a previous
-    partial download, and checks size and sha256 before renaming it into place."""
+    partial download, and checks size and checksum before renaming it into place."""
     part = blob.with_name(blob.name + ".incomplete")
     have = part.stat().st_size if part.exists() else 0
     if have > size:
@@ -179,12 +179,12 @@ def _fetch(url: str, blob: Path, size: int, sha256: str | None, name: str, bar: 
                     out.write(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
-    except (http.client.IncompleteRead, ConnectionError, TimeoutError) as e:
+    except (http.client.IncompleteRead, urllib.error.URLError, ConnectionError, TimeoutError) as e:
         # What arrived stays in `.incomplete`; the size check below reports the rest.
         if isinstance(e, http.client.IncompleteRead) and part.exists():
             with open(part, "ab") as out:
                 out.write(e.partial)
-    got = part.stat().st_size
+    got = part.stat().st_size if part.exists() else 0
     if got != size:
         # Short: keep it to resume next time. Long: it cannot be right.
         if got > size:
