@@ -107,19 +107,18 @@ def _meminfo() -> dict[str, int]:
 
 
 def _cpu() -> tuple[str, set[str]]:
-    model: str = platform.processor() or platform.machine()
-    flags: set[str] = set()
+    """The CPU's model name and feature flags (Linux ``/proc/cpuinfo``; the platform's
+    processor name and no flags elsewhere)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's
     except OSError:
         pass
-    return model, flags
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return model, set(fields.get("flags", "").split())
 
 
 def _kv_bytes_per_token(model: Model) -> int:

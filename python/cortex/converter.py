@@ -239,24 +239,19 @@ def make_plan(
 # ── Sources and outputs ──────────────────────────────────────────────────────────────────────
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_source(source: str) -> Path:
     """A local path, or a repo id: fetched from the Hugging Face Hub into its cache, or
     found there offline (see :mod:`cortex.hub`)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if _REPO_ID.match(source):
-        return hub.snapshot_download(source)
-    raise FileNotFoundError(f"no such file or directory: {source}")
+    path = hub.resolve(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {source}")
+    return path
 
 
 def default_output_name(source: str, recipe: QuantizationRecipe) -> str:
     """``org_name`` for repo ids, the folder (or file stem) name for paths, plus ``_<recipe>``."""
     path = Path(source).expanduser()
-    if not path.exists() and _REPO_ID.match(source):
+    if hub.is_repo_id(source):
         base = source.replace("/", "_")
     elif path.is_file():
         base = path.stem

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _core
 from ._core import Model, SamplingParams, Tokenizer
-from .generation import Prompt, _prompt_ids
+from .generation import Prompt, _params_or_keywords, _prompt_ids
 
 __all__ = ["Engine", "RequestOutput", "StreamEvent"]
 
@@ -99,12 +99,10 @@ class Engine:
     def _params(
         self, params: SamplingParams | Sequence[SamplingParams] | None, sampling: dict[str, Any]
     ) -> list[SamplingParams]:
-        if params is None:
-            return [SamplingParams(**sampling)]
+        if params is None or isinstance(params, SamplingParams):
+            return [_params_or_keywords(params, sampling)]
         if sampling:
             raise TypeError("pass either params or sampling keyword arguments, not both")
-        if isinstance(params, SamplingParams):
-            return [params]
         return list(params)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, **sampling: Any) -> int:

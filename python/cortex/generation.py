@@ -124,6 +124,15 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     raise TypeError("prompt must be a string, a list of chat messages or a list of token ids")
 
 
+def _params_or_keywords(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+    """``params``, or settings built from keyword arguments; not both."""
+    if params is None:
+        return SamplingParams(**sampling)
+    if sampling:
+        raise TypeError("pass either params or sampling keyword arguments, not both")
+    return params
+
+
 def stream_generate(
     model: Model,
     tokenizer: Tokenizer,
@@ -145,10 +154,7 @@ def stream_generate(
     promptly and aborts the request, and the model stays usable. Leaving the loop early
     aborts it too.
     """
-    if params is None:
-        params = SamplingParams(**sampling)
-    elif sampling:
-        raise TypeError("pass either params or sampling keyword arguments, not both")
+    params = _params_or_keywords(params, sampling)
     stream = _core.stream(model, tokenizer, _prompt_ids(tokenizer, prompt), params)
     try:
         for _, text, token, logprobs, finish, n_prompt, n_gen, prompt_tps, gen_tps, _ in stream:

@@ -15,9 +15,8 @@ use crate::formats::safetensors::Dtype;
 use crate::model::config::ModelConfig;
 use crate::model::loader::read_config_json;
 use crate::model::resolve_model_path;
-use crate::model::weights::{
-    gguf_param, hf_param, split_param, transpose, FolderWeights, Gpt2Layout,
-};
+use crate::model::weights::{gguf_param, hf_param, split_param, FolderWeights, Gpt2Layout};
+use crate::quant::affine::transpose;
 use crate::quant::{ggml, AffineMatrix};
 use crate::tokenizer::Tokenizer;
 

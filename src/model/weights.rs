@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::{Dtype, SafetensorsFile};
 use crate::model::layers::{dense, Weight};
+use crate::quant::affine::transpose;
 use crate::quant::{AffineMatrix, ScaleDType};
 
 /// llama.cpp's tensor name for an HF module path (without `.weight`), `None` when the
@@ -341,6 +342,16 @@ pub struct Gpt2Layout {
     pub conv1d: bool,
 }
 
+/// A GPT-2 layer's modules: the decoder's name, GPT-2's, and whether it is a Conv1D.
+const GPT2_LAYER_MODULES: &[(&str, &str, bool)] = &[
+    ("input_layernorm", "ln_1", false),
+    ("post_attention_layernorm", "ln_2", false),
+    ("self_attn.qkv_proj", "attn.c_attn", true),
+    ("self_attn.o_proj", "attn.c_proj", true),
+    ("mlp.fc1", "mlp.c_fc", true),
+    ("mlp.fc2", "mlp.c_proj", true),
+];
+
 impl Gpt2Layout {
     /// Recognises the layout from the tensor names.
     pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
@@ -367,45 +378,23 @@ impl Gpt2Layout {
             return Some((format!("{p}{top}"), false));
         }
         let (layer, leaf) = module.strip_prefix("model.layers.")?.split_once('.')?;
-        let (name, conv) = match leaf {
-            "input_layernorm" => ("ln_1", false),
-            "post_attention_layernorm" => ("ln_2", false),
-            "self_attn.qkv_proj" => ("attn.c_attn", true),
-            "self_attn.o_proj" => ("attn.c_proj", true),
-            "mlp.fc1" => ("mlp.c_fc", true),
-            "mlp.fc2" => ("mlp.c_proj", true),
-            _ => return None,
-        };
+        let &(_, name, conv) = GPT2_LAYER_MODULES.iter().find(|(ours, ..)| *ours == leaf)?;
         Some((format!("{p}h.{layer}.{name}"), conv && self.conv1d))
     }
 
     /// Whether a stored parameter is one of the Conv1D weights.
     pub fn is_conv1d_weight(name: &str) -> bool {
-        [
-            "attn.c_attn.weight",
-            "attn.c_proj.weight",
-            "mlp.c_fc.weight",
-            "mlp.c_proj.weight",
-        ]
-        .iter()
-        .any(|s| name.ends_with(s))
+        GPT2_LAYER_MODULES.iter().any(|&(_, theirs, conv)| {
+            conv && name
+                .strip_suffix(".weight")
+                .is_some_and(|m| m.ends_with(theirs))
+        })
     }
 
     /// Buffers some checkpoints carry that are not parameters (the causal mask).
     pub fn is_buffer(name: &str) -> bool {
         name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
     }
-}
-
-/// `[rows, cols]` row-major → `[cols, rows]`.
-pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; values.len()];
-    for (r, row) in values.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
-        }
-    }
-    out
 }
 
 /// Checks that a shard name from an index stays inside the model folder (RELIABILITY A19).

@@ -15,7 +15,7 @@ use pyo3::types::PyDict;
 use super::model::PyModel;
 use super::sampling::PySamplingParams;
 use super::tokenizer::PyTokenizer;
-use crate::engine::{Engine, EngineConfig, Event, Output, RequestId};
+use crate::engine::{Engine, EngineConfig, Event, Output, RequestId, SamplingParams};
 use crate::error::Error;
 use crate::tokenizer::{check_token_ids, Tokenizer};
 
@@ -92,13 +92,14 @@ fn is_last(out: &Output) -> bool {
     }
 }
 
-/// Submits every prompt with its parameters, all reporting to one channel; on a bad
-/// request, the ones already submitted are aborted and the error raised.
+/// Submits every prompt with its parameters (one for all, or one each), all reporting to
+/// one channel; on a bad request, the ones already submitted are aborted and the error
+/// raised. Every Python entry point submits through here.
 fn submit_all(
     engine: &Engine,
     tokenizer: &Arc<Tokenizer>,
     prompts: Vec<Vec<i64>>,
-    params: Vec<PyRef<'_, PySamplingParams>>,
+    params: &[SamplingParams],
 ) -> PyResult<(Vec<RequestId>, Receiver<Output>)> {
     if params.len() != prompts.len() && params.len() != 1 {
         return Err(Error::param(
@@ -116,9 +117,8 @@ fn submit_all(
     let mut ids = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
         let p = &params[if params.len() == 1 { 0 } else { i }];
-        let submitted = check_token_ids(prompt, vocab, "prompt").and_then(|prompt| {
-            engine.submit(prompt, p.inner.clone(), tokenizer.clone(), tx.clone())
-        });
+        let submitted = check_token_ids(prompt, vocab, "prompt")
+            .and_then(|prompt| engine.submit(prompt, p.clone(), tokenizer.clone(), tx.clone()));
         match submitted {
             Ok(id) => ids.push(id),
             Err(e) => {
@@ -143,6 +143,21 @@ pub struct PyEngineStream {
 }
 
 impl PyEngineStream {
+    fn new(
+        engine: Arc<Engine>,
+        ids: Vec<RequestId>,
+        rx: Receiver<Output>,
+        raise_errors: bool,
+    ) -> Self {
+        PyEngineStream {
+            engine,
+            rx: Mutex::new(rx),
+            open: Mutex::new(ids.iter().copied().collect()),
+            ids,
+            raise_errors,
+        }
+    }
+
     fn abort_open(&self) {
         for id in self.open.lock().drain() {
             self.engine.abort(id);
@@ -348,13 +363,10 @@ impl PyEngine {
 
     /// Queues one request and returns its id; `wait(id)` collects its result.
     fn submit(&self, prompt_ids: Vec<i64>, params: &PySamplingParams) -> PyResult<RequestId> {
-        let prompt = check_token_ids(&prompt_ids, self.engine.model().config.vocab_size, "prompt")?;
-        let (tx, rx) = mpsc::channel();
-        let id = self
-            .engine
-            .submit(prompt, params.inner.clone(), self.tokenizer.clone(), tx)?;
-        self.pending.lock().insert(id, rx);
-        Ok(id)
+        let params = [params.inner.clone()];
+        let (ids, rx) = submit_all(&self.engine, &self.tokenizer, vec![prompt_ids], &params)?;
+        self.pending.lock().insert(ids[0], rx);
+        Ok(ids[0])
     }
 
     /// Waits for a request from `submit` to finish and returns its result.
@@ -378,7 +390,8 @@ impl PyEngine {
         prompts: Vec<Vec<i64>>,
         params: Vec<PyRef<'_, PySamplingParams>>,
     ) -> PyResult<Vec<ResultTuple>> {
-        let (ids, mut rx) = submit_all(&self.engine, &self.tokenizer, prompts, params)?;
+        let params: Vec<SamplingParams> = params.iter().map(|p| p.inner.clone()).collect();
+        let (ids, mut rx) = submit_all(&self.engine, &self.tokenizer, prompts, &params)?;
         collect(py, &self.engine, &mut rx, &ids)
     }
 
@@ -388,14 +401,9 @@ impl PyEngine {
         prompts: Vec<Vec<i64>>,
         params: Vec<PyRef<'_, PySamplingParams>>,
     ) -> PyResult<PyEngineStream> {
-        let (ids, rx) = submit_all(&self.engine, &self.tokenizer, prompts, params)?;
-        Ok(PyEngineStream {
-            engine: self.engine.clone(),
-            rx: Mutex::new(rx),
-            open: Mutex::new(ids.iter().copied().collect()),
-            ids,
-            raise_errors: false,
-        })
+        let params: Vec<SamplingParams> = params.iter().map(|p| p.inner.clone()).collect();
+        let (ids, rx) = submit_all(&self.engine, &self.tokenizer, prompts, &params)?;
+        Ok(PyEngineStream::new(self.engine.clone(), ids, rx, false))
     }
 
     /// Aborts a request and frees its cache blocks at once; unknown or finished ids are
@@ -446,16 +454,9 @@ pub fn stream(
     params: &PySamplingParams,
 ) -> PyResult<PyEngineStream> {
     let engine = model.engine()?;
-    let prompt = check_token_ids(&prompt_ids, engine.model().config.vocab_size, "prompt")?;
-    let (tx, rx) = mpsc::channel();
-    let id = engine.submit(prompt, params.inner.clone(), tokenizer.inner.clone(), tx)?;
-    Ok(PyEngineStream {
-        engine,
-        rx: Mutex::new(rx),
-        open: Mutex::new(HashSet::from([id])),
-        ids: vec![id],
-        raise_errors: true,
-    })
+    let params = [params.inner.clone()];
+    let (ids, rx) = submit_all(&engine, &tokenizer.inner, vec![prompt_ids], &params)?;
+    Ok(PyEngineStream::new(engine, ids, rx, true))
 }
 
 /// Statistics of the model's own engine (the one `stream` uses).

@@ -304,14 +304,19 @@ impl AffineMatrix {
                     }
                 },
             );
-        let mut out = vec![0f32; m * n];
-        for (j, col) in cols.chunks(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * n + j] = v;
-            }
-        }
-        out
+        transpose(&cols, n, m)
     }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
 }
 
 /// A dot product with eight independent accumulators, so that it vectorises (a single
