@@ -9,19 +9,35 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::config::Activation;
-use crate::quant::{AffineMatrix, ScaleDType};
+use crate::quant::{ggml, AffineMatrix, PackedMatrix, ScaleDType};
 
-/// How a weight matrix `[out, in]` is stored in memory: GGML blocks (GGUF files), dense
-/// f32 (float safetensors), or MLX affine groups (MLX folders). Quantized weights stay
-/// quantized; nothing is expanded to f32 at load.
+/// How a weight matrix `[out, in]` is stored in memory: affine groups in our kernels'
+/// layout (MLX folders, and the GGML types that are affine: Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0), other GGML blocks (k-quants, run by candle), or dense f32 (float safetensors).
+/// Quantized weights stay quantized; nothing is expanded to f32 at load.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Ggml(Arc<QTensor>),
     Dense(Tensor),
-    Affine(Arc<AffineMatrix>),
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Weight {
+    /// GGML blocks as read from a GGUF file: repacked for our kernels when the type is
+    /// affine (exactly, see `quant::ggml`), kept for candle's otherwise.
+    pub fn from_ggml(q: Arc<QTensor>) -> Result<Weight> {
+        let (rows, cols) = q.shape().dims2()?;
+        Ok(match ggml::to_affine(q.dtype(), &q.data()?, rows, cols)? {
+            Some(a) => Weight::Packed(Arc::new(PackedMatrix::from_affine(&a))),
+            None => Weight::Ggml(q),
+        })
+    }
+
+    /// MLX affine groups, repacked for our kernels.
+    pub fn from_affine(a: &AffineMatrix) -> Weight {
+        Weight::Packed(Arc::new(PackedMatrix::from_affine(a)))
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> (usize, usize) {
         match self {
@@ -33,7 +49,7 @@ impl Weight {
                 let d = t.dims();
                 (d[0], d[d.len() - 1])
             }
-            Weight::Affine(a) => (a.rows, a.cols),
+            Weight::Packed(p) => (p.rows, p.cols),
         }
     }
 
@@ -56,19 +72,7 @@ impl Weight {
                     )?,
                 ))
             }
-            Weight::Affine(a) => {
-                let (w, g) = (a.words_per_row(), a.groups_per_row());
-                Weight::Affine(Arc::new(AffineMatrix::from_parts(
-                    len,
-                    a.cols,
-                    a.bits,
-                    a.group_size,
-                    a.packed[start * w..(start + len) * w].to_vec(),
-                    a.scales[start * g..(start + len) * g].to_vec(),
-                    a.biases[start * g..(start + len) * g].to_vec(),
-                    a.scale_dtype,
-                )?))
-            }
+            Weight::Packed(p) => Weight::Packed(Arc::new(p.rows(start, len)?)),
         })
     }
 
@@ -77,7 +81,7 @@ impl Weight {
         match self {
             Weight::Ggml(q) => q.storage_size_in_bytes(),
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            Weight::Affine(a) => 4 * (a.packed.len() + a.scales.len() + a.biases.len()),
+            Weight::Packed(p) => p.nbytes(),
         }
     }
 }
@@ -93,8 +97,8 @@ pub struct Linear {
 enum LinearWeight {
     /// GGML blocks or a dense matrix, through candle's `QMatMul`.
     Candle(QMatMul),
-    /// MLX affine groups, multiplied without unpacking the whole matrix.
-    Affine(Arc<AffineMatrix>),
+    /// Affine groups, through our kernels (`quant::kernels`).
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Linear {
@@ -102,7 +106,7 @@ impl Linear {
         let weight = match weight {
             Weight::Ggml(q) => LinearWeight::Candle(QMatMul::from_arc(q)?),
             Weight::Dense(t) => LinearWeight::Candle(QMatMul::Tensor(t)),
-            Weight::Affine(a) => LinearWeight::Affine(a),
+            Weight::Packed(p) => LinearWeight::Packed(p),
         };
         Ok(Linear { weight, bias: None })
     }
@@ -118,29 +122,18 @@ impl Linear {
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
-            LinearWeight::Affine(a) => 4 * (a.packed.len() + a.scales.len() + a.biases.len()),
+            LinearWeight::Packed(p) => p.nbytes(),
         }
     }
 
     /// The same layer with its weight requantized to MLX affine groups of `bits` (the bias
-    /// is kept): the matrix is expanded one layer at a time and packed again, except GGML
-    /// blocks of the same width, which are rewritten exactly (groups of 32). A matrix whose
-    /// width no group size divides stays as it is.
+    /// is kept): the matrix is expanded one layer at a time and packed again, except affine
+    /// weights of that width already (GGML's Q4_0/Q4_1 at 4 bits, say), which stay exactly
+    /// as they are. A matrix whose width no group size divides stays as it is too.
     pub fn requantized(&self, bits: u32, group_size: usize) -> Result<Linear> {
-        // GGML blocks of the same width are affine groups of 32 already: repacked exactly.
-        if let LinearWeight::Candle(QMatMul::QTensor(q)) = &self.weight {
-            let (rows, cols) = q.shape().dims2()?;
-            if crate::quant::ggml::affine_bits(q.dtype()) == Some(bits) {
-                if let Some(a) = crate::quant::ggml::to_affine(q.dtype(), &q.data()?, rows, cols)? {
-                    return Ok(Linear {
-                        weight: LinearWeight::Affine(Arc::new(a)),
-                        bias: self.bias.clone(),
-                    });
-                }
-            }
-        }
         let (rows, cols, values) = match &self.weight {
-            LinearWeight::Affine(a) => (a.rows, a.cols, a.dequantize()),
+            LinearWeight::Packed(p) if p.bits == bits => return Ok(self.clone()),
+            LinearWeight::Packed(p) => (p.rows, p.cols, p.dequantize()),
             LinearWeight::Candle(q) => {
                 let t = match q {
                     QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
@@ -156,7 +149,7 @@ impl Linear {
         };
         let a = AffineMatrix::quantize(&values, rows, cols, bits, group, ScaleDType::F32)?;
         Ok(Linear {
-            weight: LinearWeight::Affine(Arc::new(a)),
+            weight: LinearWeight::Packed(Arc::new(PackedMatrix::from_affine(&a))),
             bias: self.bias.clone(),
         })
     }
@@ -164,20 +157,20 @@ impl Linear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(xs)?,
-            LinearWeight::Affine(a) => {
+            LinearWeight::Packed(p) => {
                 let dims = xs.dims().to_vec();
-                if dims.last() != Some(&a.cols) {
+                if dims.last() != Some(&p.cols) {
                     return Err(crate::Error::Engine(format!(
-                        "affine linear layer of input size {} applied to shape {dims:?}",
-                        a.cols
+                        "linear layer of input size {} applied to shape {dims:?}",
+                        p.cols
                     )));
                 }
-                let m = xs.elem_count() / a.cols;
+                let m = xs.elem_count() / p.cols;
                 let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = a.matmul_t(&x, m);
+                let y = p.matmul_t(&x, m);
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {
-                    *last = a.rows;
+                    *last = p.rows;
                 }
                 Tensor::from_vec(y, out_dims, xs.device())?
             }
@@ -201,12 +194,12 @@ impl Embedding {
                 .embedding(&Tensor::new(ids, device)?)?
                 .to_dtype(DType::F32)?),
             Weight::Dense(t) => Ok(t.embedding(&Tensor::new(ids, device)?)?),
-            Weight::Affine(a) => {
-                let mut out = vec![0f32; ids.len() * a.cols];
-                for (row, &id) in out.chunks_mut(a.cols).zip(ids) {
-                    a.dequantize_row(id as usize, row);
+            Weight::Packed(p) => {
+                let mut out = vec![0f32; ids.len() * p.cols];
+                for (row, &id) in out.chunks_mut(p.cols).zip(ids) {
+                    p.dequantize_row(id as usize, row);
                 }
-                Ok(Tensor::from_vec(out, (ids.len(), a.cols), device)?)
+                Ok(Tensor::from_vec(out, (ids.len(), p.cols), device)?)
             }
         }
     }

@@ -213,7 +213,7 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn matrix(&self, module: &str, out: usize, inp: usize) -> Result<Weight> {
-        Ok(Weight::Ggml(self.get(module, &[out, inp])?))
+        Weight::from_ggml(self.get(module, &[out, inp])?)
     }
 
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor> {
@@ -247,7 +247,7 @@ impl WeightSource for GgufWeights<'_> {
             vec![experts * out, inp],
             self.device,
         )?;
-        Ok(Weight::Ggml(Arc::new(flat)))
+        Weight::from_ggml(Arc::new(flat))
     }
 
     fn num_parameters(&self) -> usize {
@@ -621,11 +621,7 @@ impl WeightSource for FolderWeights {
     fn matrix(&self, module: &str, out: usize, inp: usize) -> Result<Weight> {
         let (module, conv1d) = self.stored(module);
         if self.is_quantized(&module) {
-            return Ok(Weight::Affine(Arc::new(self.affine(
-                &module,
-                &[out],
-                inp,
-            )?)));
+            return Ok(Weight::from_affine(&self.affine(&module, &[out], inp)?));
         }
         let name = format!("{module}.weight");
         let values = if conv1d {
@@ -656,11 +652,11 @@ impl WeightSource for FolderWeights {
 
     fn stacked(&self, module: &str, experts: usize, out: usize, inp: usize) -> Result<Weight> {
         if self.is_quantized(module) {
-            return Ok(Weight::Affine(Arc::new(self.affine(
+            return Ok(Weight::from_affine(&self.affine(
                 module,
                 &[experts, out],
                 inp,
-            )?)));
+            )?));
         }
         let values = self.dense_f32(&format!("{module}.weight"), &[experts, out, inp])?;
         Ok(Weight::Dense(Tensor::from_vec(

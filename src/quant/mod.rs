@@ -3,5 +3,7 @@
 
 pub mod affine;
 pub mod ggml;
+pub mod kernels;
 
 pub use affine::{AffineMatrix, ScaleDType};
+pub use kernels::{Isa, PackedMatrix};
