@@ -136,65 +136,67 @@ pub fn attend(
     out.par_chunks_mut(hd)
         .enumerate()
         .with_min_len(4)
-        .for_each(|(item, out)| {
-            let (row, head) = (item / heads, item % heads);
-            let seq = &seqs[row_seq[row]];
-            let kv_head = head / groups;
-            let qpos = seq.start + (row - seq.row);
-            let query = &q[item * hd..(item + 1) * hd];
-            let visible = |p: usize| {
-                window.is_none_or(|w| qpos - p < w)
-                    && kv.ring.is_none_or(|r| p < r.keep || qpos - p < r.window)
-            };
-            // (position, offset of its key/value vector in the cache or the fresh rows).
-            let cached = match kv.ring {
-                Some(r) => {
-                    let recent = seq.start.saturating_sub(r.window).max(r.keep);
-                    (0..r.keep.min(seq.start))
-                        .chain(recent..seq.start)
-                        .collect::<Vec<_>>()
+        // Per task: the offsets of the keys a query sees (cached ones first, then fresh
+        // ones of its own chunk) and their scores, reused from query to query.
+        .for_each_init(
+            || (Vec::<usize>::new(), Vec::<f32>::new()),
+            |(offsets, scores), (item, out)| {
+                let (row, head) = (item / heads, item % heads);
+                let seq = &seqs[row_seq[row]];
+                let kv_head = head / groups;
+                let qpos = seq.start + (row - seq.row);
+                let query = &q[item * hd..(item + 1) * hd];
+                let visible = |p: usize| {
+                    window.is_none_or(|w| qpos - p < w)
+                        && kv.ring.is_none_or(|r| p < r.keep || qpos - p < r.window)
+                };
+                offsets.clear();
+                let cached = |p: usize| kv.row(seq.blocks, p, kv_head);
+                match kv.ring {
+                    Some(r) => {
+                        let recent = seq.start.saturating_sub(r.window).max(r.keep);
+                        let positions = (0..r.keep.min(seq.start)).chain(recent..seq.start);
+                        offsets.extend(positions.filter(|&p| visible(p)).map(cached));
+                    }
+                    None => {
+                        let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+                        let positions = first.min(seq.start)..seq.start;
+                        offsets.extend(positions.filter(|&p| visible(p)).map(cached));
+                    }
                 }
-                None => {
-                    let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-                    (first.min(seq.start)..seq.start).collect()
-                }
-            };
-            let keys: Vec<(bool, usize)> = cached
-                .into_iter()
-                .filter(|&p| visible(p))
-                .map(|p| (true, kv.row(seq.blocks, p, kv_head)))
-                .chain(
+                let in_cache = offsets.len();
+                offsets.extend(
                     (seq.start..=qpos)
                         .filter(|&p| visible(p))
-                        .map(|p| (false, ((seq.row + p - seq.start) * nkv + kv_head) * hd)),
-                )
-                .collect();
-            let key = |&(in_cache, at): &(bool, usize)| {
-                if in_cache {
-                    &cache_k[at..at + hd]
-                } else {
-                    &k[at..at + hd]
+                        .map(|p| ((seq.row + p - seq.start) * nkv + kv_head) * hd),
+                );
+                let (old, new) = offsets.split_at(in_cache);
+                scores.clear();
+                scores.extend(
+                    old.iter()
+                        .map(|&at| dot(query, &cache_k[at..at + hd]) * scale),
+                );
+                scores.extend(new.iter().map(|&at| dot(query, &k[at..at + hd]) * scale));
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
                 }
-            };
-            let mut scores: Vec<f32> = keys.iter().map(|x| dot(query, key(x)) * scale).collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (&(in_cache, at), &p) in keys.iter().zip(&scores) {
-                let value = if in_cache {
-                    &cache_v[at..at + hd]
-                } else {
-                    &v[at..at + hd]
-                };
-                let w = p / sum;
-                for (o, x) in out.iter_mut().zip(value) {
-                    *o += w * x;
+                let (p_old, p_new) = scores.split_at(in_cache);
+                let values = old
+                    .iter()
+                    .zip(p_old)
+                    .map(|(&at, p)| (&cache_v[at..at + hd], p))
+                    .chain(new.iter().zip(p_new).map(|(&at, p)| (&v[at..at + hd], p)));
+                for (value, &p) in values {
+                    let w = p / sum;
+                    for (o, x) in out.iter_mut().zip(value) {
+                        *o += w * x;
+                    }
                 }
-            }
-        });
+            },
+        );
     out
 }
 

@@ -321,6 +321,7 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// A dot product with eight independent accumulators, so that it vectorises (a single
 /// running sum would have to stay sequential).
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -10,32 +10,41 @@
 //!         + Σ_groups g  bias[j, g] · Σ_{v∈g} x[i, v]                        (exact sums)
 //! ```
 //!
-//! The integer dots run on AVX2 (`maddubs`: u8 × i8 pairs → i16 → i32) or AVX-512 VNNI
-//! (`dpbusd`: u8 × i8 quads → i32 in one instruction), picked at run time from the CPU's
+//! The integer dots run on AVX-512 VNNI (`dpbusd`: u8 × i8 quads summed into i32 lanes in
+//! one instruction) or AVX2 (`maddubs` + `madd`), picked at run time from the CPU's
 //! features, with a portable scalar path that computes the same sums.
 //!
-//! Weights are repacked once, at load, into [`PackedMatrix`]: per row, blocks of 32 values
-//! whose byte layout lets one 256-bit register hold a block's 32 codes after a few shifts
-//! and masks (`4 · bits` bytes per block):
+//! **Layout.** Weights are repacked once, at load, into tiles of 8 rows whose bytes are
+//! interleaved in fours: one 32-byte register holds 4 consecutive codes of each of the 8
+//! rows (lane `4r + t` = row `r`, value `t`). A `dpbusd` of that register with the
+//! activations' 4 values broadcast to every lane adds 4 products to each row's sum at once,
+//! so a block of 32 values takes 8 such steps for 8 rows, and the scale of each row is
+//! applied by one vector multiply per block (llama.cpp's repacked "8x8" kernels use the same
+//! idea). Register `ρ` of a block (values `4ρ..4ρ + 4`) is stored, per block and tile, as:
 //!
-//! | bits | block bytes |
-//! |------|-------------|
-//! | 2 | crumbs: byte j = c[j] ∣ c[j+8]≪2 ∣ c[j+16]≪4 ∣ c[j+24]≪6 |
-//! | 3 | crumbs of c & 3, then a 32-bit plane of bit 2 (bit v = c[v]≫2) |
-//! | 4 | nibbles: byte j = c[j] ∣ c[j+16]≪4 |
-//! | 5 | nibbles of c & 15, then a 32-bit plane of bit 4 |
-//! | 6 | nibbles of c & 15, then crumbs of c ≫ 4 |
-//! | 8 | c − 128 as i8 (the bias term adds 128·scale back): `maddubs` needs one operand unsigned, and codes up to 255 times 127 would overflow its i16 pair sums |
+//! | bits | block bytes (8 rows × 32 values) |
+//! |------|---------------|
+//! | 4, 5, 6 | nibbles: 32 bytes for registers ρ (low) and ρ + 4 (high), ρ < 4; then for 5 bits a 32-bit plane of bit 4 per register, for 6 bits 8 bytes of its bits 4–5 |
+//! | 2, 3 | 8 bytes of 2-bit values per register (byte `v` of the register from bits `2·(v / 8)` of byte `v % 8`); then for 3 bits a 32-bit plane of bit 2 per register |
+//! | 8 | the register as bytes, code − 128 as i8: `maddubs` needs one operand unsigned, and codes up to 255 times 127 would overflow its i16 pair sums (the bias term adds 128·scale back) |
+//!
+//! Rows are padded to a multiple of 8 with zero codes, scales and biases.
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::affine::{dot, transpose, AffineMatrix, ScaleDType};
+use super::affine::{AffineMatrix, ScaleDType};
 use crate::error::{Error, Result};
 
 /// Values per block: the unit of activation quantization and of the weight layout.
 pub const BLOCK: usize = 32;
+/// Weight rows per tile.
+pub const TILE: usize = 8;
+/// Values per register lane.
+const QUAD: usize = 4;
+/// Registers per block: 32 values in quads.
+const REGS: usize = BLOCK / QUAD;
 
 /// The instruction sets the kernels are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -94,81 +103,97 @@ impl Isa {
     }
 }
 
-/// Bytes of one block of 32 values at `bits`.
-pub const fn block_bytes(bits: u32) -> usize {
-    4 * bits as usize
+/// Bytes of one block (32 values) of a tile of 8 rows.
+const fn tile_block_bytes(bits: u32) -> usize {
+    BLOCK * bits as usize
 }
 
-/// Writes 32 codes (each `< 2^bits`) as one block of the kernel layout (module docs).
-fn encode_block(bits: u32, c: &[u8], out: &mut [u8]) {
-    let nibbles = |c: &[u8], out: &mut [u8]| {
-        for j in 0..16 {
-            out[j] = (c[j] & 15) | (c[j + 16] & 15) << 4;
-        }
-    };
-    let crumbs = |c: &[u8], shift: u32, out: &mut [u8]| {
-        for j in 0..8 {
-            out[j] = (0..4).fold(0u8, |b, q| b | ((c[j + 8 * q] >> shift) & 3) << (2 * q));
-        }
-    };
-    let plane = |c: &[u8], shift: u32, out: &mut [u8]| {
-        let bits = (0..BLOCK).fold(0u32, |p, v| p | u32::from((c[v] >> shift) & 1) << v);
-        out[..4].copy_from_slice(&bits.to_le_bytes());
-    };
+/// One block of a tile as registers: `regs[ρ][4r + t]` = code of row `r`, value `4ρ + t`.
+type Registers<T> = [[T; BLOCK]; REGS];
+
+/// 2-bit fields (`(v >> shift) & 3`) of a register's 32 bytes, as 8 bytes: byte `j` holds
+/// those of bytes `j`, `j + 8`, `j + 16`, `j + 24` from its low bits up.
+fn encode_crumbs(reg: &[u8; BLOCK], shift: u32, out: &mut [u8]) {
+    for (j, o) in out[..8].iter_mut().enumerate() {
+        *o = (0..4).fold(0u8, |b, q| b | ((reg[j + 8 * q] >> shift) & 3) << (2 * q));
+    }
+}
+
+/// Bit `shift` of a register's 32 bytes, as a little-endian u32.
+fn encode_plane(reg: &[u8; BLOCK], shift: u32, out: &mut [u8]) {
+    let bits = (0..BLOCK).fold(0u32, |p, v| p | u32::from((reg[v] >> shift) & 1) << v);
+    out[..4].copy_from_slice(&bits.to_le_bytes());
+}
+
+/// Writes one block of a tile in the layout of the module docs.
+fn encode_tile_block(bits: u32, regs: &Registers<u8>, out: &mut [u8]) {
     match bits {
-        2 => crumbs(c, 0, out),
-        3 => {
-            crumbs(c, 0, out);
-            plane(c, 2, &mut out[8..]);
+        4..=6 => {
+            for r in 0..REGS / 2 {
+                for (l, o) in out[r * BLOCK..(r + 1) * BLOCK].iter_mut().enumerate() {
+                    *o = (regs[r][l] & 15) | (regs[r + REGS / 2][l] & 15) << 4;
+                }
+            }
+            let high = &mut out[4 * BLOCK..];
+            for (r, reg) in regs.iter().enumerate() {
+                match bits {
+                    5 => encode_plane(reg, 4, &mut high[4 * r..]),
+                    6 => encode_crumbs(reg, 4, &mut high[8 * r..]),
+                    _ => {}
+                }
+            }
         }
-        4 => nibbles(c, out),
-        5 => {
-            nibbles(c, out);
-            plane(c, 4, &mut out[16..]);
-        }
-        6 => {
-            nibbles(c, out);
-            crumbs(c, 4, &mut out[16..]);
+        2 | 3 => {
+            for (r, reg) in regs.iter().enumerate() {
+                encode_crumbs(reg, 0, &mut out[8 * r..]);
+                if bits == 3 {
+                    encode_plane(reg, 2, &mut out[64 + 4 * r..]);
+                }
+            }
         }
         8 => {
-            for (o, &q) in out.iter_mut().zip(c) {
-                *o = (i16::from(q) - 128) as i8 as u8;
+            for (r, reg) in regs.iter().enumerate() {
+                for (o, &q) in out[r * BLOCK..(r + 1) * BLOCK].iter_mut().zip(reg) {
+                    *o = (i16::from(q) - 128) as i8 as u8;
+                }
             }
         }
         _ => unreachable!("bits are checked by AffineMatrix"),
     }
 }
 
-/// The inverse of [`encode_block`], as the integer the kernels multiply: the code, or for
-/// 8 bits the code − 128.
-fn decode_block(bits: u32, b: &[u8], out: &mut [i32; BLOCK]) {
+/// The inverse of [`encode_tile_block`], as the integers the kernels multiply: the codes,
+/// or for 8 bits the codes − 128.
+fn decode_tile_block(bits: u32, b: &[u8], regs: &mut Registers<i32>) {
     let crumb = |b: &[u8], v: usize| i32::from(b[v % 8] >> (2 * (v / 8)) & 3);
-    let nibble = |b: &[u8], v: usize| i32::from(b[v % 16] >> (4 * (v / 16)) & 15);
     let bit = |b: &[u8], v: usize| i32::from(b[v / 8] >> (v % 8) & 1);
-    for (v, o) in out.iter_mut().enumerate() {
-        *o = match bits {
-            2 => crumb(b, v),
-            3 => crumb(b, v) | bit(&b[8..], v) << 2,
-            4 => nibble(b, v),
-            5 => nibble(b, v) | bit(&b[16..], v) << 4,
-            6 => nibble(b, v) | crumb(&b[16..], v) << 4,
-            8 => i32::from(b[v] as i8),
-            _ => unreachable!("bits are checked by AffineMatrix"),
-        };
+    for (r, reg) in regs.iter_mut().enumerate() {
+        for (l, o) in reg.iter_mut().enumerate() {
+            let nibble = || i32::from(b[(r % 4) * BLOCK + l] >> (4 * (r / 4)) & 15);
+            *o = match bits {
+                2 => crumb(&b[8 * r..], l),
+                3 => crumb(&b[8 * r..], l) | bit(&b[64 + 4 * r..], l) << 2,
+                4 => nibble(),
+                5 => nibble() | bit(&b[128 + 4 * r..], l) << 4,
+                6 => nibble() | crumb(&b[128 + 8 * r..], l) << 4,
+                8 => i32::from(b[r * BLOCK + l] as i8),
+                _ => unreachable!("bits are checked by AffineMatrix"),
+            };
+        }
     }
 }
 
-/// An affine `[rows, cols]` matrix in the kernels' layout. Scales and biases are f32 (the
-/// stored values, exactly).
+/// An affine `[rows, cols]` matrix in the kernels' layout (module docs). Scales and biases
+/// are the stored values, as f32.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bits: u32,
     pub group_size: usize,
-    /// `[rows, cols / 32, block_bytes(bits)]`.
+    /// `[tiles, cols / 32, tile_block_bytes(bits)]`.
     data: Vec<u8>,
-    /// `[rows, cols / group_size]` each.
+    /// `[tiles, cols / group_size, 8]` each.
     scales: Vec<f32>,
     biases: Vec<f32>,
     /// What the source stored scales and biases in (kept for writing them back).
@@ -178,54 +203,108 @@ pub struct PackedMatrix {
 impl PackedMatrix {
     /// Repacks an affine matrix (done once, at load).
     pub fn from_affine(a: &AffineMatrix) -> PackedMatrix {
-        let (blocks, bb) = (a.cols / BLOCK, block_bytes(a.bits));
-        let mut data = vec![0u8; a.rows * blocks * bb];
-        data.par_chunks_mut(blocks * bb)
+        let (tiles, blocks, groups) = (a.rows.div_ceil(TILE), a.cols / BLOCK, a.groups_per_row());
+        let tbb = tile_block_bytes(a.bits);
+        let mut data = vec![0u8; tiles * blocks * tbb];
+        data.par_chunks_mut(blocks * tbb)
             .enumerate()
-            .for_each(|(r, row)| {
-                let codes = a.codes(r);
-                for (c, out) in codes.chunks(BLOCK).zip(row.chunks_mut(bb)) {
-                    encode_block(a.bits, c, out);
+            .for_each(|(tile, out)| {
+                let rows: Vec<Vec<u8>> = (tile * TILE..((tile + 1) * TILE).min(a.rows))
+                    .map(|r| a.codes(r))
+                    .collect();
+                let mut regs: Registers<u8> = [[0; BLOCK]; REGS];
+                for (b, out) in out.chunks_mut(tbb).enumerate() {
+                    for (r, reg) in regs.iter_mut().enumerate() {
+                        for (l, o) in reg.iter_mut().enumerate() {
+                            let at = b * BLOCK + r * QUAD + l % QUAD;
+                            // Padding rows: code 0 (their scales and biases are 0 too).
+                            *o = rows.get(l / QUAD).map_or(0, |codes| codes[at]);
+                        }
+                    }
+                    encode_tile_block(a.bits, &regs, out);
                 }
             });
+        let interleave = |values: &[f32]| {
+            let mut out = vec![0f32; tiles * groups * TILE];
+            for r in 0..a.rows {
+                for g in 0..groups {
+                    out[((r / TILE) * groups + g) * TILE + r % TILE] = values[r * groups + g];
+                }
+            }
+            out
+        };
         PackedMatrix {
             rows: a.rows,
             cols: a.cols,
             bits: a.bits,
             group_size: a.group_size,
             data,
-            scales: a.scales.clone(),
-            biases: a.biases.clone(),
+            scales: interleave(&a.scales),
+            biases: interleave(&a.biases),
             scale_dtype: a.scale_dtype,
         }
     }
 
-    /// Back to MLX's layout (for requantizing or writing the weights out).
-    pub fn to_affine(&self) -> Result<AffineMatrix> {
-        let (blocks, bb) = (self.cols / BLOCK, block_bytes(self.bits));
-        let words = self.cols * self.bits as usize / 32;
-        let mut packed = vec![0u32; self.rows * words];
+    /// Rows `start..start + len` back in MLX's layout (for requantizing, slicing or
+    /// writing the weights out).
+    pub fn to_affine_rows(&self, start: usize, len: usize) -> Result<AffineMatrix> {
+        if start + len > self.rows {
+            return Err(Error::param(
+                "rows",
+                format!(
+                    "rows {start}..{} of a {}-row matrix",
+                    start + len,
+                    self.rows
+                ),
+            ));
+        }
+        let (groups, words) = (self.groups_per_row(), self.cols * self.bits as usize / 32);
+        let mut packed = vec![0u32; len * words];
+        let (mut scales, mut biases) = (Vec::with_capacity(len * groups), Vec::new());
         let mut codes = vec![0u8; self.cols];
-        let mut block = [0i32; BLOCK];
-        for r in 0..self.rows {
-            for (b, c) in codes.chunks_mut(BLOCK).enumerate() {
-                decode_block(self.bits, self.block(r * blocks + b, bb), &mut block);
-                for (c, &q) in c.iter_mut().zip(&block) {
-                    *c = (q + self.code_offset()) as u8;
-                }
+        for (r, packed) in (start..start + len).zip(packed.chunks_mut(words)) {
+            self.row_codes(r, |v, q| codes[v] = (q + self.code_offset()) as u8);
+            super::affine::pack_row(&codes, self.bits, packed);
+            for g in 0..groups {
+                scales.push(self.scales[self.param_index(r, g)]);
+                biases.push(self.biases[self.param_index(r, g)]);
             }
-            super::affine::pack_row(&codes, self.bits, &mut packed[r * words..(r + 1) * words]);
         }
         AffineMatrix::from_parts(
-            self.rows,
+            len,
             self.cols,
             self.bits,
             self.group_size,
             packed,
-            self.scales.clone(),
-            self.biases.clone(),
+            scales,
+            biases,
             self.scale_dtype,
         )
+    }
+
+    /// The whole matrix in MLX's layout.
+    pub fn to_affine(&self) -> Result<AffineMatrix> {
+        self.to_affine_rows(0, self.rows)
+    }
+
+    /// Calls `f(v, q)` for every value `v` of row `r`, `q` being the stored integer.
+    fn row_codes(&self, r: usize, mut f: impl FnMut(usize, i32)) {
+        let (blocks, tbb) = (self.cols / BLOCK, tile_block_bytes(self.bits));
+        let tile = &self.data[(r / TILE) * blocks * tbb..(r / TILE + 1) * blocks * tbb];
+        let mut regs: Registers<i32> = [[0; BLOCK]; REGS];
+        for (b, block) in tile.chunks(tbb).enumerate() {
+            decode_tile_block(self.bits, block, &mut regs);
+            for (reg_i, reg) in regs.iter().enumerate() {
+                for t in 0..QUAD {
+                    f(b * BLOCK + reg_i * QUAD + t, reg[(r % TILE) * QUAD + t]);
+                }
+            }
+        }
+    }
+
+    /// Index of row `r`, group `g` in `scales` / `biases`.
+    fn param_index(&self, r: usize, g: usize) -> usize {
+        ((r / TILE) * self.groups_per_row() + g) * TILE + r % TILE
     }
 
     /// What the stored integers lack of the codes: 128 for 8 bits (stored signed).
@@ -237,10 +316,6 @@ impl PackedMatrix {
         }
     }
 
-    fn block(&self, index: usize, bb: usize) -> &[u8] {
-        &self.data[index * bb..(index + 1) * bb]
-    }
-
     pub fn groups_per_row(&self) -> usize {
         self.cols / self.group_size
     }
@@ -250,23 +325,13 @@ impl PackedMatrix {
         self.data.len() + 4 * (self.scales.len() + self.biases.len())
     }
 
-    /// Row `r` as f32 (`scale · q + bias` per group).
+    /// Row `r` as f32 (`scale · code + bias` per group, as `mx.dequantize`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let (blocks, bb, groups) = (
-            self.cols / BLOCK,
-            block_bytes(self.bits),
-            self.groups_per_row(),
-        );
-        let per_group = self.group_size / BLOCK;
-        let mut codes = [0i32; BLOCK];
-        for (b, o) in out[..self.cols].chunks_mut(BLOCK).enumerate() {
-            decode_block(self.bits, self.block(r * blocks + b, bb), &mut codes);
-            let g = r * groups + b / per_group;
-            let (s, bias) = (self.scales[g], self.biases[g]);
-            for (o, &q) in o.iter_mut().zip(&codes) {
-                *o = s * (q + self.code_offset()) as f32 + bias;
-            }
-        }
+        let offset = self.code_offset();
+        self.row_codes(r, |v, q| {
+            let at = self.param_index(r, v / self.group_size);
+            out[v] = self.scales[at] * (q + offset) as f32 + self.biases[at];
+        });
     }
 
     /// The whole matrix as row-major f32.
@@ -280,61 +345,44 @@ impl PackedMatrix {
 
     /// Rows `start..start + len`.
     pub fn rows(&self, start: usize, len: usize) -> Result<PackedMatrix> {
-        if start + len > self.rows {
-            return Err(Error::param(
-                "rows",
-                format!(
-                    "rows {start}..{} of a {}-row matrix",
-                    start + len,
-                    self.rows
-                ),
-            ));
-        }
-        let (row_bytes, groups) = (
-            self.cols / BLOCK * block_bytes(self.bits),
-            self.groups_per_row(),
-        );
-        Ok(PackedMatrix {
-            rows: len,
-            data: self.data[start * row_bytes..(start + len) * row_bytes].to_vec(),
-            scales: self.scales[start * groups..(start + len) * groups].to_vec(),
-            biases: self.biases[start * groups..(start + len) * groups].to_vec(),
-            ..self.without_values()
-        })
+        Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?))
     }
 
     /// The matrices' rows one after another (a fused projection), or `None` unless they
-    /// share width, bits and group size.
-    pub fn concat(parts: &[&PackedMatrix]) -> Option<PackedMatrix> {
-        let first = parts.first()?;
-        if parts.iter().any(|p| {
-            (p.cols, p.bits, p.group_size, p.scale_dtype)
-                != (first.cols, first.bits, first.group_size, first.scale_dtype)
-        }) {
-            return None;
+    /// share width, bits, group size and scale type.
+    pub fn concat(parts: &[&PackedMatrix]) -> Result<Option<PackedMatrix>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let key = |p: &PackedMatrix| (p.cols, p.bits, p.group_size, p.scale_dtype);
+        if parts.iter().any(|p| key(p) != key(first)) {
+            return Ok(None);
         }
-        Some(PackedMatrix {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
-            scales: parts
+        let parts = parts
+            .iter()
+            .map(|p| p.to_affine())
+            .collect::<Result<Vec<_>>>()?;
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let joined = AffineMatrix::from_parts(
+            rows,
+            first.cols,
+            first.bits,
+            first.group_size,
+            parts
+                .iter()
+                .flat_map(|p| p.packed.iter().copied())
+                .collect(),
+            parts
                 .iter()
                 .flat_map(|p| p.scales.iter().copied())
                 .collect(),
-            biases: parts
+            parts
                 .iter()
                 .flat_map(|p| p.biases.iter().copied())
                 .collect(),
-            ..first.without_values()
-        })
-    }
-
-    fn without_values(&self) -> PackedMatrix {
-        PackedMatrix {
-            data: Vec::new(),
-            scales: Vec::new(),
-            biases: Vec::new(),
-            ..*self
-        }
+            first.scale_dtype,
+        )?;
+        Ok(Some(PackedMatrix::from_affine(&joined)))
     }
 
     /// `x: [m, cols]` times the transpose of this matrix → `[m, rows]`, on the active
@@ -353,88 +401,92 @@ impl PackedMatrix {
             x.k == self.cols && x.group_size == self.group_size,
             "activations quantized for another matrix"
         );
-        let (m, n) = (x.m, self.rows);
-        // Results weight row by weight row (`[n, m]`; rows of one task stay together), so
-        // each task reads its weights once for every activation row.
-        let mut cols = vec![0f32; n * m];
-        let rows_per_task = (n / (4 * rayon::current_num_threads())).clamp(8, 256);
-        cols.par_chunks_mut(rows_per_task * m)
-            .enumerate()
-            .for_each(|(t, out)| self.rows_into(isa, x, t * rows_per_task, out));
-        if m == 1 {
-            cols
-        } else {
-            transpose(&cols, n, m)
-        }
+        assert!(
+            Isa::available().contains(&isa),
+            "this CPU cannot run the {} kernels",
+            isa.name()
+        );
+        let mut out = vec![0f32; x.m * self.rows];
+        let tiles = self.rows.div_ceil(TILE);
+        let per_task = (tiles / (4 * rayon::current_num_threads())).clamp(1, 32);
+        let sink = Sink(out.as_mut_ptr());
+        (0..tiles.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let sink = &sink;
+                for tile in task * per_task..((task + 1) * per_task).min(tiles) {
+                    // SAFETY: tasks own disjoint tiles, so they write disjoint columns of `out`
+                    // (`tile_into` writes only columns `8·tile..8·tile + 8` below `rows`); the
+                    // ISA was checked above.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        self.tile_into(isa, x, tile, sink.0)
+                    }
+                }
+            });
+        out
     }
 
-    /// Weight rows from `j0` on, for every activation row: `out` is `[rows, m]`.
-    fn rows_into(&self, isa: Isa, x: &QuantizedRows, j0: usize, out: &mut [f32]) {
+    /// Columns `8·tile..` of `out: [m, rows]` (raw: other tasks fill other columns).
+    #[allow(unsafe_code)]
+    unsafe fn tile_into(&self, isa: Isa, x: &QuantizedRows, tile: usize, out: *mut f32) {
         match isa {
-            Isa::Scalar => self.rows_scalar(x, j0, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                assert!(Isa::available().contains(&Isa::Avx2), "this CPU lacks AVX2");
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                #[allow(unsafe_code)]
-                unsafe {
-                    x86::rows_avx2(self, x, j0, out)
-                }
-            }
+            Isa::Avx2 => x86::tile_avx2(self, x, tile, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => {
-                assert!(
-                    Isa::available().contains(&Isa::Avx512Vnni),
-                    "this CPU lacks AVX-512 VNNI"
-                );
-                // SAFETY: the CPU has AVX-512 F/VL/BW/VNNI, AVX2 and FMA (checked above).
-                #[allow(unsafe_code)]
-                unsafe {
-                    x86::rows_vnni(self, x, j0, out)
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => self.rows_scalar(x, j0, out),
+            Isa::Avx512Vnni => x86::tile_vnni(self, x, tile, out),
+            _ => self.tile_scalar(x, tile, out),
         }
     }
 
-    /// The reference: the module docs' sum, block by block.
-    fn rows_scalar(&self, x: &QuantizedRows, j0: usize, out: &mut [f32]) {
-        let (k, blocks, bb) = (self.cols, self.cols / BLOCK, block_bytes(self.bits));
+    /// The reference: the module docs' sum, block by block, for the 8 rows of a tile.
+    #[allow(unsafe_code)]
+    unsafe fn tile_scalar(&self, x: &QuantizedRows, tile: usize, out: *mut f32) {
+        let (k, blocks, tbb) = (self.cols, self.cols / BLOCK, tile_block_bytes(self.bits));
         let (groups, per_group) = (self.groups_per_row(), self.group_size / BLOCK);
-        let mut codes = [0i32; BLOCK];
-        for (jj, out) in out.chunks_mut(x.m).enumerate() {
-            let j = j0 + jj;
-            out.fill(0.0);
-            for b in 0..blocks {
-                decode_block(self.bits, self.block(j * blocks + b, bb), &mut codes);
-                let s = self.scales[j * groups + b / per_group];
-                for (i, o) in out.iter_mut().enumerate() {
-                    let qx = &x.qs[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
-                    let isum: i32 = codes.iter().zip(qx).map(|(&q, &v)| q * i32::from(v)).sum();
-                    *o += s * x.d[i * blocks + b] * isum as f32;
+        let offset = self.code_offset() as f32;
+        let mut regs: Registers<i32> = [[0; BLOCK]; REGS];
+        let mut acc = vec![[0f32; TILE]; x.m];
+        let mut bias = vec![[0f32; TILE]; x.m];
+        for g in 0..groups {
+            let at = (tile * groups + g) * TILE;
+            let (s, b) = (&self.scales[at..at + TILE], &self.biases[at..at + TILE]);
+            for (i, bias) in bias.iter_mut().enumerate() {
+                let sum = x.group_sums[i * groups + g];
+                for r in 0..TILE {
+                    bias[r] += b[r] * sum + offset * s[r] * sum;
                 }
             }
-            for (i, o) in out.iter_mut().enumerate() {
-                *o += self.bias_term(x, i, j);
+            for blk in g * per_group..(g + 1) * per_group {
+                let start = (tile * blocks + blk) * tbb;
+                decode_tile_block(self.bits, &self.data[start..start + tbb], &mut regs);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let qx = &x.qs[i * k + blk * BLOCK..i * k + (blk + 1) * BLOCK];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let mut isum = 0i32;
+                        for (reg_i, reg) in regs.iter().enumerate() {
+                            for t in 0..QUAD {
+                                isum += reg[r * QUAD + t] * i32::from(qx[reg_i * QUAD + t]);
+                            }
+                        }
+                        *acc += s[r] * x.d[i * blocks + blk] * isum as f32;
+                    }
+                }
             }
         }
-    }
-
-    /// `Σ_g (bias[j, g] + offset · s[j, g]) · Σ_{v∈g} x[i, v]`, the offset being what the
-    /// stored integers lack of the codes.
-    fn bias_term(&self, x: &QuantizedRows, i: usize, j: usize) -> f32 {
-        let groups = self.groups_per_row();
-        let sums = &x.group_sums[i * groups..(i + 1) * groups];
-        let biased = dot(&self.biases[j * groups..(j + 1) * groups], sums);
-        match self.code_offset() {
-            0 => biased,
-            offset => {
-                biased + offset as f32 * dot(&self.scales[j * groups..(j + 1) * groups], sums)
+        for (i, (acc, bias)) in acc.iter().zip(&bias).enumerate() {
+            for r in 0..TILE.min(self.rows - tile * TILE) {
+                *out.add(i * self.rows + tile * TILE + r) = acc[r] + bias[r];
             }
         }
     }
 }
+
+/// `out`'s pointer, shared by the tasks that fill disjoint parts of it.
+struct Sink(*mut f32);
+// SAFETY: see `PackedMatrix::matmul_t_on`: every task writes its own elements only.
+#[allow(unsafe_code)]
+unsafe impl Sync for Sink {}
 
 /// Activations `[m, k]` quantized to int8 per block of 32 (`x ≈ d · q`, `d = max|x| / 127`),
 /// with the exact sum of each group of `group_size` (for the weights' biases).
@@ -483,48 +535,47 @@ impl QuantizedRows {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    //! The SIMD kernels. Each weight block is expanded once into a register of 32 bytes and
-    //! dotted with up to four activation rows (prefill tiles); per block the i32 sums are
-    //! scaled by `s · dx` into f32 accumulators, as the scalar path does.
+    //! The SIMD kernels: a tile of 8 weight rows against up to 4 activation rows at a time,
+    //! each expanded weight register serving every activation row (prefill tiles).
 
     use std::arch::x86_64::*;
 
-    use super::{block_bytes, PackedMatrix, QuantizedRows, BLOCK};
+    use super::{tile_block_bytes, PackedMatrix, QuantizedRows, BLOCK, QUAD, REGS, TILE};
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows_avx2(
+    pub(super) unsafe fn tile_avx2(
         w: &PackedMatrix,
         x: &QuantizedRows,
-        j0: usize,
-        out: &mut [f32],
+        tile: usize,
+        out: *mut f32,
     ) {
-        by_bits::<false>(w, x, j0, out)
+        by_bits::<false>(w, x, tile, out)
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub(super) unsafe fn rows_vnni(
+    pub(super) unsafe fn tile_vnni(
         w: &PackedMatrix,
         x: &QuantizedRows,
-        j0: usize,
-        out: &mut [f32],
+        tile: usize,
+        out: *mut f32,
     ) {
-        by_bits::<true>(w, x, j0, out)
+        by_bits::<true>(w, x, tile, out)
     }
 
     #[inline(always)]
     unsafe fn by_bits<const VNNI: bool>(
         w: &PackedMatrix,
         x: &QuantizedRows,
-        j0: usize,
-        out: &mut [f32],
+        tile: usize,
+        out: *mut f32,
     ) {
         match w.bits {
-            2 => rows::<VNNI, 2>(w, x, j0, out),
-            3 => rows::<VNNI, 3>(w, x, j0, out),
-            4 => rows::<VNNI, 4>(w, x, j0, out),
-            5 => rows::<VNNI, 5>(w, x, j0, out),
-            6 => rows::<VNNI, 6>(w, x, j0, out),
-            8 => rows::<VNNI, 8>(w, x, j0, out),
+            2 => rows::<VNNI, 2>(w, x, tile, out),
+            3 => rows::<VNNI, 3>(w, x, tile, out),
+            4 => rows::<VNNI, 4>(w, x, tile, out),
+            5 => rows::<VNNI, 5>(w, x, tile, out),
+            6 => rows::<VNNI, 6>(w, x, tile, out),
+            8 => rows::<VNNI, 8>(w, x, tile, out),
             _ => unreachable!("bits are checked by AffineMatrix"),
         }
     }
@@ -533,104 +584,139 @@ mod x86 {
     unsafe fn rows<const VNNI: bool, const BITS: u32>(
         w: &PackedMatrix,
         x: &QuantizedRows,
-        j0: usize,
-        out: &mut [f32],
+        tile: usize,
+        out: *mut f32,
     ) {
         let m = x.m;
-        for (jj, out) in out.chunks_mut(m).enumerate() {
-            let j = j0 + jj;
-            let mut i = 0;
-            while i + 4 <= m {
-                tile::<VNNI, BITS, 4>(w, x, j, i, &mut out[i..i + 4]);
-                i += 4;
-            }
-            match m - i {
-                3 => tile::<VNNI, BITS, 3>(w, x, j, i, &mut out[i..]),
-                2 => tile::<VNNI, BITS, 2>(w, x, j, i, &mut out[i..]),
-                1 => tile::<VNNI, BITS, 1>(w, x, j, i, &mut out[i..]),
-                _ => {}
-            }
+        let mut i = 0;
+        while i + 4 <= m {
+            tile_rows::<VNNI, BITS, 4>(w, x, tile, i, out);
+            i += 4;
+        }
+        match m - i {
+            3 => tile_rows::<VNNI, BITS, 3>(w, x, tile, i, out),
+            2 => tile_rows::<VNNI, BITS, 2>(w, x, tile, i, out),
+            1 => tile_rows::<VNNI, BITS, 1>(w, x, tile, i, out),
+            _ => {}
         }
     }
 
-    /// Weight row `j` with activation rows `i0..i0 + M`.
+    /// The tile's 8 weight rows with activation rows `i0..i0 + M`.
     #[inline(always)]
-    unsafe fn tile<const VNNI: bool, const BITS: u32, const M: usize>(
+    unsafe fn tile_rows<const VNNI: bool, const BITS: u32, const M: usize>(
         w: &PackedMatrix,
         x: &QuantizedRows,
-        j: usize,
+        tile: usize,
         i0: usize,
-        out: &mut [f32],
+        out: *mut f32,
     ) {
-        let (k, blocks, bb) = (w.cols, w.cols / BLOCK, block_bytes(BITS));
+        let (k, blocks, tbb) = (w.cols, w.cols / BLOCK, tile_block_bytes(BITS));
         let (groups, per_group) = (w.groups_per_row(), w.group_size / BLOCK);
-        let row = w.data.as_ptr().add(j * blocks * bb);
-        let scales = w.scales.as_ptr().add(j * groups);
+        let data = w.data.as_ptr().add(tile * blocks * tbb);
+        let scales = w.scales.as_ptr().add(tile * groups * TILE);
+        let biases = w.biases.as_ptr().add(tile * groups * TILE);
         let qs = x.qs.as_ptr().add(i0 * k);
         let ds = x.d.as_ptr().add(i0 * blocks);
+        let sums = x.group_sums.as_ptr().add(i0 * groups);
+        let offset = _mm256_set1_ps(w.code_offset() as f32);
         let mut acc = [_mm256_setzero_ps(); M];
+        // The bias term, `Σ_g (bias + offset · s) · Σx`, group by group.
+        let mut bias = [_mm256_setzero_ps(); M];
         for g in 0..groups {
-            let s = *scales.add(g);
-            for b in g * per_group..(g + 1) * per_group {
-                let wv = expand::<BITS>(row.add(b * bb));
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_si256(qs.add(t * k + b * BLOCK) as *const __m256i);
-                    let p = if BITS == 8 {
-                        // Signed × signed: |w| × (x with w's sign).
-                        idot::<VNNI>(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
-                    } else {
-                        idot::<VNNI>(wv, xv)
-                    };
-                    let sd = _mm256_set1_ps(s * *ds.add(t * blocks + b));
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sd, *acc);
+            let s = _mm256_loadu_ps(scales.add(g * TILE));
+            let b = _mm256_loadu_ps(biases.add(g * TILE));
+            for (t, bias) in bias.iter_mut().enumerate() {
+                let sum = _mm256_set1_ps(*sums.add(t * groups + g));
+                *bias = _mm256_fmadd_ps(b, sum, *bias);
+                if BITS == 8 {
+                    *bias = _mm256_fmadd_ps(_mm256_mul_ps(offset, s), sum, *bias);
+                }
+            }
+            for blk in g * per_group..(g + 1) * per_group {
+                let p = data.add(blk * tbb);
+                let xq = |t: usize, value: usize| -> __m256i {
+                    // The activation row's 4 values from `value` on, in every lane.
+                    _mm256_set1_epi32(
+                        (qs.add(t * k + blk * BLOCK + value) as *const i32).read_unaligned(),
+                    )
+                };
+                let mut isum = [_mm256_setzero_si256(); M];
+                if (4..=6).contains(&BITS) {
+                    for r in 0..REGS / 2 {
+                        let v = _mm256_loadu_si256(p.add(r * BLOCK) as *const __m256i);
+                        let mask = _mm256_set1_epi8(15);
+                        let mut lo = _mm256_and_si256(v, mask);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        let high = p.add(4 * BLOCK);
+                        if BITS == 5 {
+                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(plane(high.add(4 * r)), 4));
+                            hi = _mm256_or_si256(
+                                hi,
+                                _mm256_slli_epi16(plane(high.add(4 * (r + 4))), 4),
+                            );
+                        } else if BITS == 6 {
+                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(crumbs(high.add(8 * r)), 4));
+                            hi = _mm256_or_si256(
+                                hi,
+                                _mm256_slli_epi16(crumbs(high.add(8 * (r + 4))), 4),
+                            );
+                        }
+                        for (t, isum) in isum.iter_mut().enumerate() {
+                            *isum = dot::<VNNI>(*isum, lo, xq(t, r * QUAD));
+                            *isum = dot::<VNNI>(*isum, hi, xq(t, (r + REGS / 2) * QUAD));
+                        }
+                    }
+                } else {
+                    for r in 0..REGS {
+                        let v = match BITS {
+                            2 => crumbs(p.add(8 * r)),
+                            3 => _mm256_or_si256(
+                                crumbs(p.add(8 * r)),
+                                _mm256_slli_epi16(plane(p.add(64 + 4 * r)), 2),
+                            ),
+                            _ => _mm256_loadu_si256(p.add(r * BLOCK) as *const __m256i),
+                        };
+                        for (t, isum) in isum.iter_mut().enumerate() {
+                            *isum = if BITS == 8 {
+                                // Signed × signed: |w| × (x with w's sign).
+                                let xv = xq(t, r * QUAD);
+                                dot::<VNNI>(*isum, _mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
+                            } else {
+                                dot::<VNNI>(*isum, v, xq(t, r * QUAD))
+                            };
+                        }
+                    }
+                }
+                for (t, (acc, isum)) in acc.iter_mut().zip(isum).enumerate() {
+                    let sd = _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
                 }
             }
         }
-        for (t, (o, acc)) in out.iter_mut().zip(acc).enumerate() {
-            *o = hsum(acc) + w.bias_term(x, i0 + t, j);
+        let valid = TILE.min(w.rows - tile * TILE);
+        for (t, (acc, bias)) in acc.iter().zip(bias).enumerate() {
+            let y = _mm256_add_ps(*acc, bias);
+            let dst = out.add((i0 + t) * w.rows + tile * TILE);
+            if valid == TILE {
+                _mm256_storeu_ps(dst, y);
+            } else {
+                let mut lanes = [0f32; TILE];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, valid);
+            }
         }
     }
 
-    /// u8 × i8 products summed in fours: `[i32; 8]`.
+    /// `acc` plus u8 × i8 products summed in fours (per lane: one row, 4 values).
     #[inline(always)]
-    unsafe fn idot<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+    unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+            _mm256_dpbusd_epi32(acc, u, s)
         } else {
             // Pair sums fit i16: at most 2 · 128 · 127 (8-bit magnitudes) or 2 · 63 · 127.
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+            let pairs = _mm256_maddubs_epi16(u, s);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// A block's 32 codes, one per byte, in order.
-    #[inline(always)]
-    unsafe fn expand<const BITS: u32>(p: *const u8) -> __m256i {
-        match BITS {
-            2 => crumbs(p),
-            3 => _mm256_or_si256(crumbs(p), _mm256_slli_epi16(plane(p.add(8)), 2)),
-            4 => nibbles(p),
-            5 => _mm256_or_si256(nibbles(p), _mm256_slli_epi16(plane(p.add(16)), 4)),
-            6 => _mm256_or_si256(nibbles(p), _mm256_slli_epi16(crumbs(p.add(16)), 4)),
-            _ => _mm256_loadu_si256(p as *const __m256i),
-        }
-    }
-
-    /// 16 bytes of nibbles → values 0..16 (low nibbles), then 16..32 (high nibbles).
-    #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        let v = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(15);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-        _mm256_set_m128i(hi, lo)
     }
 
     /// 8 bytes of 2-bit values → byte `v` from bits `2·(v / 8)` of byte `v % 8`. (16-bit
@@ -732,7 +818,7 @@ mod tests {
         let b = PackedMatrix::from_affine(
             &AffineMatrix::quantize(&random(3 * k, 2), 3, k, 4, gs, ScaleDType::F16).unwrap(),
         );
-        let fused = PackedMatrix::concat(&[&a, &b]).unwrap();
+        let fused = PackedMatrix::concat(&[&a, &b]).unwrap().unwrap();
         let x = random(2 * k, 3);
         let (ya, yb, y) = (a.matmul_t(&x, 2), b.matmul_t(&x, 2), fused.matmul_t(&x, 2));
         for i in 0..2 {
@@ -743,6 +829,6 @@ mod tests {
         let other = PackedMatrix::from_affine(
             &AffineMatrix::quantize(&random(k, 4), 1, k, 8, gs, ScaleDType::F16).unwrap(),
         );
-        assert!(PackedMatrix::concat(&[&a, &other]).is_none());
+        assert!(PackedMatrix::concat(&[&a, &other]).unwrap().is_none());
     }
 }
