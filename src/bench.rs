@@ -1,14 +1,17 @@
-//! Timing of the engine's own kernels for `MLXAccelerator.benchmark_operation`: a float
-//! matmul (candle), a quantized matmul (Q4_0 weights, as GGUF models run) and paged
-//! attention over one causal sequence, each with its true FLOP count.
+//! Timing of the engine's own kernels for `MLXAccelerator.benchmark_operation` and the
+//! benchmarks: a float matmul (candle), a quantized matmul (our kernels, `quant::kernels`),
+//! paged attention over one causal sequence, each with its true FLOP count and the bytes it
+//! reads, and the machine's memory bandwidth (the roofline's other side).
 
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::attention::{attend, KvStorage, SeqSpan};
+use crate::quant::kernels::QuantizedRows;
+use crate::quant::{AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
 /// Deterministic values in [-1, 1): benchmarks need data, not randomness.
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -23,15 +26,30 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Runs `operation` `iterations` times on inputs of `shape` and returns the seconds they
-/// took and the floating-point operations of one run.
+/// What one run of an operation costs.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Seconds for all the iterations.
+    pub seconds: f64,
+    /// Floating-point (or integer multiply-add) operations of one run.
+    pub flops: f64,
+    /// Bytes of one run's main operand (weights, cache or buffer) read from memory.
+    pub bytes: f64,
+}
+
+/// Runs `operation` `iterations` times on inputs of `shape` and returns what it took.
 ///
 /// * `matmul`, `qmatmul`: `shape` is `(m, k, n)` (or `(m, k)` for `n = k`); `[m, k] @ [k, n]`,
-///   `2·m·n·k` FLOPs. `qmatmul` stores the `[n, k]` weight as Q4_0 (`k` a multiple of 32).
+///   `2·m·n·k` FLOPs. `qmatmul` stores the `[n, k]` weight in our kernels' affine layout, at
+///   `bits` and `group_size` when `shape` is `(m, k, n, bits, group_size)` and otherwise 4
+///   bits in groups of 32 (GGUF Q4_1's); each run quantizes its activations too, as a
+///   forward pass does.
 /// * `attention`: `shape` is `(seq_len, heads, head_dim)`; causal self-attention over one
 ///   sequence of `seq_len` positions, `2·heads·head_dim·t(t+1)` FLOPs (q·k and p·v over the
 ///   `t(t+1)/2` visible pairs).
-pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Result<(f64, f64)> {
+/// * `bandwidth`: `shape` is `(megabytes,)`; sums a buffer of that size on every thread of
+///   the compute pool: the memory bandwidth a memory-bound kernel can hope for.
+pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Result<Timing> {
     if iterations == 0 {
         return Err(Error::param("num_iterations", "must be at least 1"));
     }
@@ -44,32 +62,67 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
     if shape.contains(&0) || shape.iter().any(|&d| d > 1 << 16) {
         return Err(bad_shape("dimensions in 1..=65536"));
     }
+    let timed = |run: &dyn Fn() -> Result<()>, flops: f64, bytes: f64| -> Result<Timing> {
+        run()?; // warm-up: first-touch allocations stay out of the timing
+        let start = Instant::now();
+        for _ in 0..iterations {
+            run()?;
+        }
+        Ok(Timing {
+            seconds: start.elapsed().as_secs_f64(),
+            flops,
+            bytes,
+        })
+    };
     let device = Device::Cpu;
     match operation {
-        "matmul" | "qmatmul" => {
+        "matmul" => {
             let (m, k, n) = match *shape {
                 [m, k] => (m, k, k),
                 [m, k, n] => (m, k, n),
                 _ => return Err(bad_shape("(m, k) or (m, k, n)")),
             };
             let x = Tensor::from_vec(values(m * k, 1), (m, k), &device)?;
-            let w = Tensor::from_vec(values(n * k, 2), (n, k), &device)?;
-            let run: Box<dyn Fn() -> Result<Tensor>> = if operation == "matmul" {
-                let wt = w.t()?.contiguous()?; // [k, n]
-                Box::new(move || Ok(x.matmul(&wt)?))
-            } else {
-                if k % 32 != 0 {
-                    return Err(bad_shape("k a multiple of 32 (Q4_0 blocks)"));
-                }
-                let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_0)?)?;
-                Box::new(move || Ok(q.forward(&x)?))
+            let wt = Tensor::from_vec(values(n * k, 2), (k, n), &device)?;
+            let run = || -> Result<()> {
+                std::hint::black_box(x.matmul(&wt)?);
+                Ok(())
             };
-            run()?; // warm-up: first-touch allocations stay out of the timing
-            let start = Instant::now();
-            for _ in 0..iterations {
-                run()?;
-            }
-            Ok((start.elapsed().as_secs_f64(), 2.0 * (m * n * k) as f64))
+            timed(&run, 2.0 * (m * n * k) as f64, (4 * n * k) as f64)
+        }
+        "qmatmul" => {
+            let (m, k, n, bits, group) = match *shape {
+                [m, k] => (m, k, k, 4, 32),
+                [m, k, n] => (m, k, n, 4, 32),
+                [m, k, n, bits, group] => (m, k, n, bits as u32, group),
+                _ => return Err(bad_shape("(m, k), (m, k, n) or (m, k, n, bits, group_size)")),
+            };
+            let a = AffineMatrix::quantize(&values(n * k, 2), n, k, bits, group, ScaleDType::F16)?;
+            let w = PackedMatrix::from_affine(&a);
+            let x = values(m * k, 1);
+            let isa = Isa::active();
+            let run = || -> Result<()> {
+                let q = QuantizedRows::new(&x, m, k, group);
+                std::hint::black_box(w.matmul_t_on(isa, &q));
+                Ok(())
+            };
+            timed(&run, 2.0 * (m * n * k) as f64, w.nbytes() as f64)
+        }
+        "bandwidth" => {
+            let [megabytes] = *shape else {
+                return Err(bad_shape("(megabytes,)"));
+            };
+            let buffer = vec![1u64; megabytes << 17];
+            let run = || -> Result<()> {
+                // Wide chunks, one per task; a sum per chunk keeps the loads honest.
+                let total: u64 = buffer
+                    .par_chunks(1 << 16)
+                    .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                    .sum();
+                std::hint::black_box(total);
+                Ok(())
+            };
+            timed(&run, 0.0, (megabytes << 20) as f64)
         }
         "attention" => {
             let [t, heads, hd] = *shape else {
@@ -94,12 +147,16 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
             for _ in 0..iterations {
                 std::hint::black_box(attend(&kv, 0, &seq, &q, &k, &v, heads, scale, None));
             }
-            let flops = 2.0 * (heads * hd) as f64 * (t * (t + 1)) as f64;
-            Ok((start.elapsed().as_secs_f64(), flops))
+            Ok(Timing {
+                seconds: start.elapsed().as_secs_f64(),
+                flops: 2.0 * (heads * hd) as f64 * (t * (t + 1)) as f64,
+                // Keys and values, read once per query head.
+                bytes: (2 * heads * t * hd * 4) as f64,
+            })
         }
         other => Err(Error::param(
             "operation",
-            format!("unknown operation '{other}' (matmul, qmatmul, attention, or a callable)"),
+            format!("unknown operation '{other}' (matmul, qmatmul, attention, bandwidth, or a callable)"),
         )),
     }
 }

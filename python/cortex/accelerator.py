@@ -327,10 +327,13 @@ class MLXAccelerator:
         flops: float | None = None,
     ) -> dict[str, Any]:
         """Time an operation of the engine (``"matmul"``: ``(m, k, n)``, float;
-        ``"qmatmul"``: the same with Q4_0 weights; ``"attention"``: ``(seq_len, heads,
-        head_dim)``, causal) or a Python callable (pass its ``flops`` per call for a GFLOP/s
-        figure). AMX is never used: it is unavailable on this backend (``use_amx`` is
-        reported, not applied)."""
+        ``"qmatmul"``: the same with quantized weights, 4 bits in groups of 32 unless the
+        shape is ``(m, k, n, bits, group_size)``; ``"attention"``: ``(seq_len, heads,
+        head_dim)``, causal; ``"bandwidth"``: ``(megabytes,)``, a parallel read of a buffer)
+        or a Python callable (pass its ``flops`` per call for a GFLOP/s figure). The result
+        has GFLOP/s and GB/s of the bytes the operation reads (weights, KV or buffer). AMX is
+        never used: it is unavailable on this backend (``use_amx`` is reported, not
+        applied)."""
         if num_iterations < 1:
             raise ValueError("num_iterations must be at least 1")
         if callable(operation):
@@ -338,10 +341,10 @@ class MLXAccelerator:
             start = time.perf_counter()
             for _ in range(num_iterations):
                 operation()
-            seconds, per_call = time.perf_counter() - start, flops
+            seconds, per_call, nbytes = time.perf_counter() - start, flops, None
             name = getattr(operation, "__name__", "callable")
         else:
-            seconds, per_call = _core.time_operation(operation, list(input_shape), num_iterations)
+            seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
             name = operation
         avg = seconds / num_iterations
         return {
@@ -351,6 +354,8 @@ class MLXAccelerator:
             "avg_time": avg,
             "flops": per_call,
             "gflops": per_call / avg / 1e9 if per_call else None,
+            "bytes": nbytes,
+            "gbytes_per_s": nbytes / avg / 1e9 if nbytes else None,
             "use_amx": False,
             "amx_requested": use_amx,
         }

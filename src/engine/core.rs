@@ -348,11 +348,7 @@ impl Worker {
                 continue;
             }
             let start = Instant::now();
-            // The step runs on a thread of the compute pool, which the kernels split their
-            // work over: the engine thread waits meanwhile, so there are never more busy
-            // threads than the pool has (one per core), and none is spinning for work.
-            let outcome = rayon::scope(|_| catch_unwind(AssertUnwindSafe(|| self.step())));
-            match outcome {
+            match catch_unwind(AssertUnwindSafe(|| self.step())) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => self.fail_all(&e),
                 Err(panic) => self.fail_all(&Error::from_panic(panic)),

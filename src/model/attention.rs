@@ -7,10 +7,7 @@
 //! written into the cache afterwards, so a ring (the rotating cache) can never overwrite a
 //! key that a query of the same chunk still needs.
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
-use crate::quant::affine::dot;
 
 /// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
 /// stay, and the rest share `window` slots in a ring, so a sequence holds at most
@@ -36,7 +33,8 @@ impl Ring {
     }
 }
 
-/// Keys and values of every layer: `[num_blocks, block_size, kv_heads, head_dim]` f32 each.
+/// Keys and values of every layer: `[num_blocks, kv_heads, block_size, head_dim]` f32 each
+/// (a head's keys in a block are contiguous: a query streams through them).
 /// Buffers are zero-initialised allocations, which the OS maps lazily: memory is resident
 /// only for blocks that have been written, though the whole pool is reserved up front.
 #[derive(Debug)]
@@ -91,7 +89,7 @@ impl KvStorage {
     fn row(&self, blocks: &[u32], p: usize, kv_head: usize) -> usize {
         let slot = Ring::slot(self.ring, p);
         let block = blocks[slot / self.block_size] as usize;
-        ((block * self.block_size + slot % self.block_size) * self.kv_heads + kv_head)
+        ((block * self.kv_heads + kv_head) * self.block_size + slot % self.block_size)
             * self.head_dim
     }
 }
@@ -133,14 +131,18 @@ pub fn attend(
         .flat_map(|(i, s)| std::iter::repeat_n(i, s.len))
         .collect();
     let mut out = vec![0f32; row_seq.len() * heads * hd];
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .with_min_len(4)
-        // Per task: the offsets of the keys a query sees (cached ones first, then fresh
-        // ones of its own chunk) and their scores, reused from query to query.
-        .for_each_init(
-            || (Vec::<usize>::new(), Vec::<f32>::new()),
-            |(offsets, scores), (item, out)| {
+    // Tasks of a few (row, head) items; per task, the offsets of the keys a query sees
+    // (cached ones first, then fresh ones of its own chunk) and their scores, reused from
+    // query to query.
+    let items = row_seq.len() * heads;
+    let per_task = items
+        .div_ceil(4 * crate::threads::num_threads())
+        .clamp(1, 16);
+    crate::threads::parallel_chunks_mut(&mut out, per_task * hd, &|task, outs| {
+        let (mut offsets, mut scores) = (Vec::<usize>::new(), Vec::<f32>::new());
+        for (i, out) in outs.chunks_mut(hd).enumerate() {
+            let item = task * per_task + i;
+            {
                 let (row, head) = (item / heads, item % heads);
                 let seq = &seqs[row_seq[row]];
                 let kv_head = head / groups;
@@ -195,8 +197,9 @@ pub fn attend(
                         *o += w * x;
                     }
                 }
-            },
-        );
+            }
+        }
+    });
     out
 }
 
@@ -214,6 +217,41 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
             }
         }
     }
+}
+
+/// `a · b` with four independent 8-lane sums, so that it vectorises and consecutive
+/// fused multiply-adds do not wait on each other (one running sum would be sequential).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [[0f32; 8]; 4];
+    let (wide_a, wide_b) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (rest_a, rest_b) = (wide_a.remainder(), wide_b.remainder());
+    for (x, y) in wide_a.zip(wide_b) {
+        for (c, acc) in acc.iter_mut().enumerate() {
+            for (l, acc) in acc.iter_mut().enumerate() {
+                *acc += x[8 * c + l] * y[8 * c + l];
+            }
+        }
+    }
+    let (eights_a, eights_b) = (rest_a.chunks_exact(8), rest_b.chunks_exact(8));
+    let tail: f32 = eights_a
+        .remainder()
+        .iter()
+        .zip(eights_b.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in eights_a.zip(eights_b) {
+        for (l, acc) in acc[0].iter_mut().enumerate() {
+            *acc += x[l] * y[l];
+        }
+    }
+    let mut sum = [0f32; 8];
+    for acc in &acc {
+        for (s, a) in sum.iter_mut().zip(acc) {
+            *s += a;
+        }
+    }
+    sum.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -205,15 +205,16 @@ pub fn load_tokenizer(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
 }
 
 /// Times one of the engine's kernels (see `crate::bench::time_operation`): returns the
-/// total seconds of `iterations` runs and the FLOPs of one.
+/// total seconds of `iterations` runs, and the FLOPs and bytes read of one.
 #[pyfunction]
 pub fn time_operation(
     py: Python<'_>,
     operation: String,
     shape: Vec<usize>,
     iterations: usize,
-) -> PyResult<(f64, f64)> {
+) -> PyResult<(f64, f64, f64)> {
     run_detached(py, move || {
-        crate::bench::time_operation(&operation, &shape, iterations)
+        let t = crate::bench::time_operation(&operation, &shape, iterations)?;
+        Ok((t.seconds, t.flops, t.bytes))
     })
 }

@@ -270,42 +270,6 @@ impl AffineMatrix {
             .for_each(|(r, row)| self.dequantize_row(r, row));
         out
     }
-
-    /// `x: [m, cols]` (row-major) times the transpose of this matrix → `[m, rows]`, with the
-    /// weights staying packed: each weight row is unpacked once per call and dotted with
-    /// every activation row, per group `scale * Σ q·x + bias * Σ x`.
-    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (k, n, gs) = (self.cols, self.rows, self.group_size);
-        let groups = self.groups_per_row();
-        // Σ x per activation row and group: `[m, groups]`.
-        let xsum: Vec<f32> = x.chunks(gs).map(|c| c.iter().sum()).collect();
-        // Results column by column (`[n, m]`), transposed at the end.
-        let mut cols = vec![0f32; n * m];
-        let words = self.words_per_row();
-        // Blocks of rows per task: a single row is too little work to schedule.
-        cols.par_chunks_mut(m)
-            .enumerate()
-            .with_min_len(32)
-            .for_each_init(
-                || vec![0f32; k],
-                |q, (j, out)| {
-                    unpack_row_f32(&self.packed[j * words..(j + 1) * words], self.bits, q);
-                    let scales = &self.scales[j * groups..(j + 1) * groups];
-                    let biases = &self.biases[j * groups..(j + 1) * groups];
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let xi = &x[i * k..(i + 1) * k];
-                        let mut acc = 0f32;
-                        for g in 0..groups {
-                            let r = g * gs..(g + 1) * gs;
-                            acc += scales[g] * dot(&q[r.clone()], &xi[r])
-                                + biases[g] * xsum[i * groups + g];
-                        }
-                        *o = acc;
-                    }
-                },
-            );
-        transpose(&cols, n, m)
-    }
 }
 
 /// `[rows, cols]` row-major → `[cols, rows]`.
@@ -317,31 +281,6 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// A dot product with eight independent accumulators, so that it vectorises (a single
-/// running sum would have to stay sequential).
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Like [`unpack_row`], into f32 (the matmul's scratch row), without an intermediate.
-fn unpack_row_f32(packed: &[u32], bits: u32, out: &mut [f32]) {
-    unpack_into(packed, bits, out, |c| c as f32);
 }
 
 /// Writes value `i` of a packed row (at bit `i * bits`) as `from(code)` into `out[i]`; the
@@ -416,28 +355,6 @@ mod tests {
             let mut back = vec![0u8; n];
             unpack_row(&packed, bits, &mut back);
             prop_assert_eq!(codes, back);
-        }
-
-        #[test]
-        fn matmul_matches_dequantized_product(bits_i in 0usize..6, g_i in 0usize..3, m in 1usize..4, n in 1usize..5, seed in any::<u64>()) {
-            let (bits, gs) = (SUPPORTED_BITS[bits_i], SUPPORTED_GROUP_SIZES[g_i]);
-            let k = gs * 2;
-            let mut s = seed;
-            let mut next = || {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            };
-            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
-            let a = AffineMatrix::quantize(&w, n, k, bits, gs, ScaleDType::F32).unwrap();
-            let wd = a.dequantize();
-            let y = a.matmul_t(&x, m);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f32 = (0..k).map(|c| x[i * k + c] * wd[j * k + c]).sum();
-                    prop_assert!((y[i * n + j] - want).abs() < 1e-4 * (1.0 + want.abs()), "{} vs {}", y[i * n + j], want);
-                }
-            }
         }
     }
 

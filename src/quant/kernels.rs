@@ -36,6 +36,7 @@ use rayon::prelude::*;
 
 use super::affine::{AffineMatrix, ScaleDType};
 use crate::error::{Error, Result};
+use crate::threads::SendPtr;
 
 /// Values per block: the unit of activation quantization and of the weight layout.
 pub const BLOCK: usize = 32;
@@ -408,22 +409,19 @@ impl PackedMatrix {
         );
         let mut out = vec![0f32; x.m * self.rows];
         let tiles = self.rows.div_ceil(TILE);
-        let per_task = (tiles / (4 * rayon::current_num_threads())).clamp(1, 32);
-        let sink = Sink(out.as_mut_ptr());
-        (0..tiles.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let sink = &sink;
-                for tile in task * per_task..((task + 1) * per_task).min(tiles) {
-                    // SAFETY: tasks own disjoint tiles, so they write disjoint columns of `out`
-                    // (`tile_into` writes only columns `8·tile..8·tile + 8` below `rows`); the
-                    // ISA was checked above.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        self.tile_into(isa, x, tile, sink.0)
-                    }
+        let per_task = (tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
+        let sink = SendPtr(out.as_mut_ptr());
+        crate::threads::parallel_for(tiles.div_ceil(per_task), &|task| {
+            for tile in task * per_task..((task + 1) * per_task).min(tiles) {
+                // SAFETY: tasks own disjoint tiles, so they write disjoint columns of `out`
+                // (`tile_into` writes only columns `8·tile..8·tile + 8` below `rows`); the
+                // ISA was checked above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    self.tile_into(isa, x, tile, sink.get())
                 }
-            });
+            }
+        });
         out
     }
 
@@ -481,12 +479,6 @@ impl PackedMatrix {
         }
     }
 }
-
-/// `out`'s pointer, shared by the tasks that fill disjoint parts of it.
-struct Sink(*mut f32);
-// SAFETY: see `PackedMatrix::matmul_t_on`: every task writes its own elements only.
-#[allow(unsafe_code)]
-unsafe impl Sync for Sink {}
 
 /// Activations `[m, k]` quantized to int8 per block of 32 (`x ≈ d · q`, `d = max|x| / 127`),
 /// with the exact sum of each group of `group_size` (for the weights' biases).
