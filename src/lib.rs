@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod formats;
 pub mod model;
+pub mod progress;
 pub mod quant;
 pub mod threads;
 pub mod tokenizer;

@@ -300,3 +300,60 @@ impl Pool {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_once_from_any_number_of_callers() {
+        let callers: Vec<_> = (0..4)
+            .map(|c| {
+                std::thread::spawn(move || {
+                    for n in [0usize, 1, 2, 7, 100, 1000] {
+                        let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                        parallel_for(n, &|t| {
+                            hits[t].fetch_add(1, Ordering::Relaxed);
+                            // A nested operation runs in place.
+                            parallel_for(3, &|_| {});
+                        });
+                        assert!(
+                            hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                            "caller {c}, {n} tasks"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
+        let mut data = vec![0usize; 1001];
+        parallel_chunks_mut(&mut data, 10, &|i, chunk| {
+            chunk.iter_mut().for_each(|x| *x += i)
+        });
+        assert!(data.iter().enumerate().all(|(j, &x)| x == j / 10));
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_after_the_others_finish() {
+        let done = AtomicU32::new(0);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            parallel_for(64, &|t| {
+                if t == 5 {
+                    panic!("task five");
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            })
+        }));
+        assert!(result.is_err());
+        assert_eq!(done.load(Ordering::Relaxed), 63);
+        // The pool keeps working.
+        let count = AtomicU32::new(0);
+        parallel_for(10, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 10);
+    }
+}

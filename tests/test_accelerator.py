@@ -108,6 +108,13 @@ def test_benchmark_operation_counts_true_flops():
     assert r["gflops"] == pytest.approx(r["flops"] / r["avg_time"] / 1e9)
     q = acc.benchmark_operation("qmatmul", (4, 256, 128), num_iterations=20)
     assert q["flops"] == 2 * 4 * 256 * 128 and q["gflops"] > 0
+    # Weights read: 4-bit codes plus an f32 scale and bias per group of 32.
+    assert q["bytes"] == 128 * 256 // 2 + 128 * (256 // 32) * 8
+    assert q["gbytes_per_s"] == pytest.approx(q["bytes"] / q["avg_time"] / 1e9)
+    q8 = acc.benchmark_operation("qmatmul", (1, 256, 128, 8, 64), num_iterations=20)
+    assert q8["bytes"] == 128 * 256 + 128 * (256 // 64) * 8
+    bw = acc.benchmark_operation("bandwidth", (64,), num_iterations=2)
+    assert bw["bytes"] == 64 << 20 and bw["gbytes_per_s"] > 0 and bw["gflops"] is None
     a = acc.benchmark_operation("attention", (32, 4, 16), num_iterations=5)
     assert a["flops"] == 2 * 4 * 16 * 32 * 33
     assert a["use_amx"] is False and a["amx_requested"] is True
@@ -116,8 +123,10 @@ def test_benchmark_operation_counts_true_flops():
     assert c["gflops"] > 0 and c["operation"] == "<lambda>"
     with pytest.raises(ValueError, match="operation"):
         acc.benchmark_operation("conv", (1, 1))
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="groups of 32"):
         acc.benchmark_operation("qmatmul", (4, 40, 8))
+    with pytest.raises(ValueError, match="bits"):
+        acc.benchmark_operation("qmatmul", (4, 64, 8, 7, 32))
 
 
 def test_quantize_model_packs_real_weights(smollm):

@@ -65,12 +65,15 @@ def test_same_bytes_as_mlx_lm(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("folder", ["source", "q4g32"])
 def test_runs_mlx_lm_folders(folder: str) -> None:
-    """Cortex runs both the HF bf16 folder and mlx-lm's quantized output; logits match
-    mlx-lm's own float32 forward pass within 1e-4 relative."""
+    """Cortex runs both the HF bf16 folder and mlx-lm's quantized output; computed in f32,
+    logits match mlx-lm's own float32 forward pass within 1e-4 relative, and the quantized
+    kernels (8-bit activations) stay within KL 0.02 of it."""
     ref = np.load(FIXTURES / "logits.npz")
     model = cortex.load_model(FIXTURES / folder)
-    got = model.forward(ref["ids"].tolist(), all_positions=True)
+    ids = ref["ids"].tolist()
+    got = model.dequantize().forward(ids, all_positions=True)
     np.testing.assert_allclose(got, ref[folder], rtol=1e-4, atol=1e-4 * np.abs(ref[folder]).max())
+    assert mean_kl(ref[folder], model.forward(ids, all_positions=True)) < 0.02
 
 
 # ── SmolLM2 GGUF ─────────────────────────────────────────────────────────────────────────────
@@ -183,9 +186,11 @@ def _reference_names() -> dict[str, str]:
 
 def test_tiny_sharded_hf_llama_converts_and_runs(tmp_path: Path) -> None:
     """The float HF folder (two shards + index) matches the numpy reference (1e-4
-    relative). Its 4-bit conversion loads back and matches the reference run on the weights
-    dequantized independently (numpy, MLX rule), so the packed matmul is exact; the 8-bit one
-    stays close to the float model (mean KL ≤ 0.01; measured 0.006 on this random model)."""
+    relative). Its 4-bit conversion loads back and, computed in f32, matches the reference
+    run on the weights dequantized independently (numpy, MLX rule), so the packed layout is
+    exact (and the kernels, with 8-bit activations, stay within KL 0.02); the 8-bit one
+    stays close to the float model (mean KL ≤ 0.02; measured 0.011 on this random model, 8-bit
+    activations included)."""
     ref_w = write_tiny_hf(tmp_path / "tiny")
     want = forward(ref_w, FAMILY, IDS)
     got = cortex.load_model(tmp_path / "tiny").forward(IDS, all_positions=True)
@@ -201,8 +206,13 @@ def test_tiny_sharded_hf_llama_converts_and_runs(tmp_path: Path) -> None:
             deq[ref_name] = _dequantize_mlx(tensors, module, 4, 32)
         else:
             deq[ref_name] = tensors[f"{module}.weight"][1]
-    q4 = cortex.load_model(out).forward(IDS, all_positions=True)
-    np.testing.assert_allclose(q4, forward(deq, FAMILY, IDS), rtol=1e-4, atol=1e-4)
+    q4 = cortex.load_model(out)
+    want_q4 = forward(deq, FAMILY, IDS)
+    np.testing.assert_allclose(
+        q4.dequantize().forward(IDS, all_positions=True), want_q4, rtol=1e-4, atol=1e-4
+    )
+    # The kernels round activations to 8 bits per block of 32 (measured KL 0.003 here).
+    assert mean_kl(want_q4, q4.forward(IDS, all_positions=True)) < 0.02
     # No tokenizer files: validation falls back to fixed token ids and still measures KL.
     record = json.loads((out / "conversion.json").read_text())
     assert record["quality"]["tokenizer"] is False and "mean_kl" in record["quality"]
@@ -211,7 +221,7 @@ def test_tiny_sharded_hf_llama_converts_and_runs(tmp_path: Path) -> None:
         str(tmp_path / "tiny"), config=ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT)
     )
     assert ok, message
-    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) <= 0.01
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) <= 0.02
 
 
 def test_mixed_precision_recipe_and_predicates(tmp_path: Path) -> None:

@@ -21,13 +21,20 @@ from cortex import ConversionConfig, MLXConverter, QuantizationRecipe
 
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 93]
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi", "gpt2"]
+# Quantized models run with 8-bit activations (per block of 32, as llama.cpp's kernels):
+# the bound on their mean KL from the same weights computed in f32 (measured on these tiny
+# random models at 4 bits: 2e-6 to 0.0064).
+QUANTIZED_ACTIVATIONS_KL = 0.02
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_all_positions_match_numpy(tmp_path: Path, model_type: str) -> None:
+    """Float weights: the reference to summation order (attention merges ranges of keys, so
+    near-zero logits get an absolute tolerance on the logits' scale)."""
     weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
     got = cortex.load_model(tmp_path / "m").forward(IDS, all_positions=True)
-    np.testing.assert_allclose(got, forward(weights, family(model_type), IDS), rtol=1e-4, atol=1e-5)
+    want = forward(weights, family(model_type), IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -58,13 +65,15 @@ def test_cached_greedy_decoding_matches_numpy(tmp_path: Path, model_type: str) -
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "phi", "gpt2"])
 def test_converted_to_mlx_8bit(tmp_path: Path, model_type: str) -> None:
-    """Biases and q/k norms stay float; the untied head is quantized; logits stay close."""
+    """Biases and q/k norms stay float; the untied head is quantized; logits stay close
+    (8-bit weights and 8-bit activations: measured mean KL up to 0.011, Qwen 3 MoE, whose
+    routing amplifies small changes)."""
     weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
     config = ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT)
     ok, message, out = MLXConverter(tmp_path / "cache").convert_model(str(tmp_path / "m"), config=config)
     assert ok, message
     want = forward(weights, family(model_type), IDS)
-    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.01
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.02
 
 
 @pytest.mark.parametrize("model_type", [f for f in FAMILIES if f not in ("qwen3_moe", "phi", "gpt2")])
@@ -253,17 +262,20 @@ def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
     model = cortex.load_model(tmp_path / "m.gguf")
     assert model.config["model_type"] == arch
     got = model.forward(IDS, all_positions=True)
-    np.testing.assert_allclose(got, forward(weights, family(model_type), IDS), rtol=1e-4, atol=1e-5)
+    want = forward(weights, family(model_type), IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_converted_to_mlx_4bit_runs_its_dequantized_weights_exactly(tmp_path: Path, model_type: str) -> None:
-    """4-bit (group 32) output loads back and gives, to 1e-4, the logits of the same
-    folder with every quantized matrix dequantized independently in numpy (MLX's rule),
-    so the packed path is exact for every family and layout (fused, stacked experts,
-    GPT-2). Against the float model these tiny random models lose a lot at 4 bits (mean
-    KL 0.0004 to 1.6 measured, top-1 27% to 100%), unlike real ones (SmolLM2: KL 0.06), so
-    closeness to the float model is asserted at 8 bits (above)."""
+    """4-bit (group 32) output loads back and, computed in f32 (`Model.dequantize`), gives
+    to 1e-4 the logits of the same folder with every quantized matrix dequantized
+    independently in numpy (MLX's rule), so the packed layout is exact for every family and
+    layout (fused, stacked experts, GPT-2); the quantized kernels (8-bit activations) stay
+    within `QUANTIZED_ACTIVATIONS_KL` of it. Against the float model these tiny random
+    models lose a lot at 4 bits (mean KL 0.0004 to 1.6 measured, top-1 27% to 100%), unlike
+    real ones (SmolLM2: KL 0.06), so closeness to the float model is asserted at 8 bits
+    (above)."""
     import json
     import shutil
 
@@ -298,8 +310,9 @@ def test_converted_to_mlx_4bit_runs_its_dequantized_weights_exactly(tmp_path: Pa
     cfg = json.loads((Path(out) / "config.json").read_text())
     cfg.pop("quantization"), cfg.pop("quantization_config", None)
     (dense / "config.json").write_text(json.dumps(cfg))
-    q4 = cortex.load_model(out).forward(IDS, all_positions=True)
-    np.testing.assert_allclose(
-        q4, cortex.load_model(dense).forward(IDS, all_positions=True), rtol=1e-4, atol=1e-4
-    )
+    want = cortex.load_model(dense).forward(IDS, all_positions=True)
+    q4 = cortex.load_model(out)
+    np.testing.assert_allclose(q4.dequantize().forward(IDS, all_positions=True), want, rtol=1e-4, atol=1e-4)
+    kl = mean_kl(want, q4.forward(IDS, all_positions=True))
+    assert kl < QUANTIZED_ACTIVATIONS_KL, kl
     shutil.rmtree(dense)

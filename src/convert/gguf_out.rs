@@ -17,7 +17,7 @@
 //! F32). A GGUF source keeps its blocks where the target type is the stored type.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -33,7 +33,7 @@ use crate::quant::ggml;
 
 /// The block type for `bits` on rows of `cols` values.
 pub fn ggml_type_for(bits: u32, cols: usize) -> GgmlDType {
-    let k_ok = cols % 256 == 0;
+    let k_ok = cols.is_multiple_of(256);
     match bits {
         8 => GgmlDType::Q8_0,
         6 if k_ok => GgmlDType::Q6K,
@@ -220,7 +220,6 @@ pub fn convert_gguf(
     source: &Source,
     plan: &Plan,
     out: &Path,
-    cancel: &AtomicBool,
     progress: &Progress,
 ) -> Result<Report> {
     check_plan(source, plan)?;
@@ -266,7 +265,7 @@ pub fn convert_gguf(
     progress.total.store(specs.len(), Ordering::Relaxed);
     let mut reports = Vec::new();
     write_gguf(out, &metadata, &specs, |i| {
-        if cancel.load(Ordering::Relaxed) {
+        if progress.is_cancelled() {
             return Err(Error::Cancelled);
         }
         let (t, spec) = (&source.tensors[i], &specs[i]);

@@ -11,12 +11,13 @@ pub mod source;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self, Dtype, TensorSpec};
+pub use crate::progress::Progress;
 use crate::quant::affine::check_params;
 use crate::quant::{AffineMatrix, ScaleDType};
 pub use source::{Source, SourceTensor, TensorData};
@@ -32,13 +33,6 @@ pub struct Plan {
     pub float_dtype: Dtype,
     /// Largest shard (mlx-lm: 5 GiB).
     pub max_shard_bytes: u64,
-}
-
-/// Progress of a running conversion, readable from another thread.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub done: AtomicUsize,
-    pub total: AtomicUsize,
 }
 
 /// What was written, for `conversion.json`.
@@ -162,12 +156,11 @@ fn quantize(
 }
 
 /// Writes the MLX layout of `source` under `plan` into `out` (an existing, empty
-/// directory). `cancel` is checked between tensors.
+/// directory). Cancellation (`progress`) is checked between tensors.
 pub fn convert_mlx(
     source: &Source,
     plan: &Plan,
     out: &Path,
-    cancel: &AtomicBool,
     progress: &Progress,
 ) -> Result<Report> {
     check_plan(source, plan)?;
@@ -258,7 +251,7 @@ pub fn convert_mlx(
             weight_map.insert(s.name.clone(), serde_json::Value::String(file.clone()));
         }
         safetensors::write(&out.join(file), &shard_specs, &metadata, |j| {
-            if cancel.load(Ordering::Relaxed) {
+            if progress.is_cancelled() {
                 return Err(Error::Cancelled);
             }
             let (spec, i) = &specs[shard[j]];

@@ -7,6 +7,8 @@
 //! written into the cache afterwards, so a ring (the rotating cache) can never overwrite a
 //! key that a query of the same chunk still needs.
 
+use std::ops::RangeInclusive;
+
 use crate::error::{Error, Result};
 
 /// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
@@ -109,6 +111,12 @@ pub struct SeqSpan<'a> {
 /// kv_heads, head_dim]` (RoPE already applied) → `[rows, heads * head_dim]`. Query head `h`
 /// reads KV head `h / (heads / kv_heads)` (grouped-query attention, HF `repeat_kv`).
 /// `window` restricts each query to the last `window` positions (sliding-window layers).
+///
+/// Work is split by row, KV head and range of keys (flash-decoding, Dao et al. 2023): each
+/// task reads its keys and values once for all the query heads that share
+/// them and leaves a partial softmax per head (its maximum score, sum of weights and
+/// weighted values), which are merged at the end. The ranges depend on the row alone, so
+/// a row's result does not depend on what else is in the batch.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     kv: &KvStorage,
@@ -130,77 +138,172 @@ pub fn attend(
         .enumerate()
         .flat_map(|(i, s)| std::iter::repeat_n(i, s.len))
         .collect();
-    let mut out = vec![0f32; row_seq.len() * heads * hd];
-    // Tasks of a few (row, head) items; per task, the offsets of the keys a query sees
-    // (cached ones first, then fresh ones of its own chunk) and their scores, reused from
-    // query to query.
-    let items = row_seq.len() * heads;
-    let per_task = items
-        .div_ceil(4 * crate::threads::num_threads())
-        .clamp(1, 16);
-    crate::threads::parallel_chunks_mut(&mut out, per_task * hd, &|task, outs| {
-        let (mut offsets, mut scores) = (Vec::<usize>::new(), Vec::<f32>::new());
-        for (i, out) in outs.chunks_mut(hd).enumerate() {
-            let item = task * per_task + i;
-            {
-                let (row, head) = (item / heads, item % heads);
-                let seq = &seqs[row_seq[row]];
-                let kv_head = head / groups;
-                let qpos = seq.start + (row - seq.row);
-                let query = &q[item * hd..(item + 1) * hd];
-                let visible = |p: usize| {
-                    window.is_none_or(|w| qpos - p < w)
-                        && kv.ring.is_none_or(|r| p < r.keep || qpos - p < r.window)
+    let rows = row_seq.len();
+    let units = rows * nkv;
+    // The positions row `row` sees, in order: without a ring `first..=qpos` (all of them,
+    // given as `Err(first..=qpos)`), with one the kept and recent positions still visible.
+    let positions = |row: usize| -> std::result::Result<Vec<usize>, RangeInclusive<usize>> {
+        let seq = &seqs[row_seq[row]];
+        let qpos = seq.start + (row - seq.row);
+        match kv.ring {
+            None => Err(window.map_or(0, |w| (qpos + 1).saturating_sub(w))..=qpos),
+            Some(r) => {
+                let visible = |p: &usize| {
+                    window.is_none_or(|w| qpos - p < w) && (*p < r.keep || qpos - p < r.window)
                 };
-                offsets.clear();
-                let cached = |p: usize| kv.row(seq.blocks, p, kv_head);
-                match kv.ring {
-                    Some(r) => {
-                        let recent = seq.start.saturating_sub(r.window).max(r.keep);
-                        let positions = (0..r.keep.min(seq.start)).chain(recent..seq.start);
-                        offsets.extend(positions.filter(|&p| visible(p)).map(cached));
-                    }
-                    None => {
-                        let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-                        let positions = first.min(seq.start)..seq.start;
-                        offsets.extend(positions.filter(|&p| visible(p)).map(cached));
+                let recent = seq.start.saturating_sub(r.window).max(r.keep);
+                Ok((0..r.keep.min(seq.start))
+                    .chain(recent..seq.start)
+                    .chain(seq.start..=qpos)
+                    .filter(visible)
+                    .collect())
+            }
+        }
+    };
+    // Ranges of a row that sees `n` keys: one per `KEYS_PER_TASK`, at most `MAX_SPLITS`.
+    let splits_of = |n: usize| n.div_ceil(KEYS_PER_TASK).clamp(1, MAX_SPLITS);
+    let splits = (0..rows)
+        .map(|row| {
+            let seq = &seqs[row_seq[row]];
+            splits_of(seq.start + (row - seq.row) + 1)
+        })
+        .max()
+        .unwrap_or(1);
+    // Per task and query head: [max score, sum of weights, Σ weight·value (head_dim)].
+    let part = 2 + hd;
+    let mut partial = vec![0f32; units * splits * groups * part];
+    // A task takes one split when there are few rows (decoding: the splits are the
+    // parallelism) and all of a (row, KV head)'s otherwise; either way each split's
+    // arithmetic is the same.
+    let per_task = if units >= 4 * crate::threads::num_threads() {
+        splits
+    } else {
+        1
+    };
+    crate::threads::parallel_chunks_mut(
+        &mut partial,
+        per_task * groups * part,
+        &|task, partials| {
+            let (mut cached, mut fresh, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
+                let (unit, split) = (
+                    (task * per_task + i) / splits,
+                    (task * per_task + i) % splits,
+                );
+                let (row, kv_head) = (unit / nkv, unit % nkv);
+                let seq = &seqs[row_seq[row]];
+                let seen = positions(row);
+                let n = seen.as_ref().map_or_else(|r| r.clone().count(), Vec::len);
+                if split >= splits_of(n) {
+                    // Nothing for this split: an empty partial softmax.
+                    partial.fill(0.0);
+                    continue;
+                }
+                // This split's keys: cached ones first, then fresh ones of the row's own chunk.
+                let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                let position = |i: usize| seen.as_ref().map_or_else(|r| r.start() + i, |l| l[i]);
+                cached.clear();
+                fresh.clear();
+                for p in (lo..hi).map(position) {
+                    if p < seq.start {
+                        cached.push(kv.row(seq.blocks, p, kv_head));
+                    } else {
+                        fresh.push(((seq.row + p - seq.start) * nkv + kv_head) * hd);
                     }
                 }
-                let in_cache = offsets.len();
-                offsets.extend(
-                    (seq.start..=qpos)
-                        .filter(|&p| visible(p))
-                        .map(|p| ((seq.row + p - seq.start) * nkv + kv_head) * hd),
-                );
-                let (old, new) = offsets.split_at(in_cache);
-                scores.clear();
-                scores.extend(
-                    old.iter()
-                        .map(|&at| dot(query, &cache_k[at..at + hd]) * scale),
-                );
-                scores.extend(new.iter().map(|&at| dot(query, &k[at..at + hd]) * scale));
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let (p_old, p_new) = scores.split_at(in_cache);
-                let values = old
-                    .iter()
-                    .zip(p_old)
-                    .map(|(&at, p)| (&cache_v[at..at + hd], p))
-                    .chain(new.iter().zip(p_new).map(|(&at, p)| (&v[at..at + hd], p)));
-                for (value, &p) in values {
-                    let w = p / sum;
-                    for (o, x) in out.iter_mut().zip(value) {
-                        *o += w * x;
+                let ranges = [cached.as_slice(), fresh.as_slice()];
+                let sources = [(cache_k.as_slice(), cache_v.as_slice()), (k, v)];
+                for (h, partial) in partial.chunks_mut(part).enumerate() {
+                    let query = &q[((row * heads) + kv_head * groups + h) * hd..][..hd];
+                    match hd {
+                        64 => weigh::<64>(query, ranges, sources, scale, &mut scores, partial),
+                        128 => weigh::<128>(query, ranges, sources, scale, &mut scores, partial),
+                        _ => weigh::<0>(query, ranges, sources, scale, &mut scores, partial),
                     }
                 }
             }
+        },
+    );
+    // Merge the splits of each (row, head): rescale each to the largest maximum.
+    let mut out = vec![0f32; rows * heads * hd];
+    for (i, out) in out.chunks_mut(hd).enumerate() {
+        let (row, head) = (i / heads, i % heads);
+        let (unit, h) = (row * nkv + head / groups, head % groups);
+        let parts: Vec<&[f32]> = (0..splits)
+            .map(|s| &partial[((unit * splits + s) * groups + h) * part..][..part])
+            .collect();
+        let max = parts.iter().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for p in parts.iter().filter(|p| p[1] > 0.0) {
+            let w = (p[0] - max).exp();
+            sum += w * p[1];
+            for (o, x) in out.iter_mut().zip(&p[2..]) {
+                *o += w * x;
+            }
         }
-    });
+        out.iter_mut().for_each(|o| *o /= sum);
+    }
     out
+}
+
+/// Keys per attention task (while there are at most `MAX_SPLITS` tasks per row and KV head).
+const KEYS_PER_TASK: usize = 32;
+const MAX_SPLITS: usize = 8;
+
+/// One query head's partial attention over the keys at `offsets[0]` in `sources[0]` (the
+/// cache) and `offsets[1]` in `sources[1]` (the fresh rows): writes `[max, Σ w, Σ w·v]`
+/// to `out` with `w = exp(scale · q·k − max)` (`Σ w = 0` when there are no keys). `HD` is
+/// the head size when it is known at compile time (0: `query.len()`): fixed lengths let the
+/// loops unroll and the sums stay in registers while the values stream past.
+#[inline(always)]
+fn weigh<const HD: usize>(
+    query: &[f32],
+    offsets: [&[usize]; 2],
+    sources: [(&[f32], &[f32]); 2],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = if HD == 0 { query.len() } else { HD };
+    let query = &query[..hd];
+    scores.clear();
+    for (offsets, (keys, _)) in offsets.iter().zip(sources) {
+        scores.extend(
+            offsets
+                .iter()
+                .map(|&at| dot(query, &keys[at..at + hd]) * scale),
+        );
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let (head, acc_out) = out.split_at_mut(2);
+    head[0] = max;
+    head[1] = sum;
+    let mut weights = scores.iter();
+    if HD == 0 {
+        acc_out.fill(0.0);
+        for (offsets, (_, values)) in offsets.iter().zip(sources) {
+            for (&at, &p) in offsets.iter().zip(&mut weights) {
+                for (o, x) in acc_out.iter_mut().zip(&values[at..at + hd]) {
+                    *o += p * x;
+                }
+            }
+        }
+    } else {
+        let mut acc = [0f32; HD];
+        for (offsets, (_, values)) in offsets.iter().zip(sources) {
+            for (&at, &p) in offsets.iter().zip(&mut weights) {
+                for (a, x) in acc.iter_mut().zip(&values[at..at + HD]) {
+                    *a += p * x;
+                }
+            }
+        }
+        acc_out.copy_from_slice(&acc);
+    }
 }
 
 /// Stores the batch's fresh keys and values (`[rows, kv_heads, head_dim]`) in their slots.

@@ -69,7 +69,7 @@ pub struct MoeConfig {
 impl MoeConfig {
     /// Whether layer `i` (from 0) uses the experts (HF `Qwen3MoeDecoderLayer`).
     pub fn is_sparse(&self, i: usize) -> bool {
-        !self.mlp_only_layers.contains(&i) && (i + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&i) && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 

@@ -206,14 +206,26 @@ impl Decoder {
         group_size: usize,
     ) -> Result<(Decoder, isize)> {
         let mut delta = 0isize;
-        let mut requant = |l: &Linear, b: u32| -> Result<Linear> {
-            let q = l.requantized(b, group_size)?;
+        let decoder = self.map_linears(|l, head| {
+            let q = l.requantized(if head { head_bits } else { bits }, group_size)?;
             delta += q.nbytes() as isize - l.nbytes() as isize;
             Ok(q)
-        };
+        })?;
+        Ok((decoder, delta))
+    }
+
+    /// A copy whose linear layers hold their weights as f32 values, computed in f32 (a
+    /// reference for the quantized kernels, which round activations to 8 bits).
+    pub fn dequantized(&self) -> Result<Decoder> {
+        self.map_linears(|l, _| l.dequantized())
+    }
+
+    /// A copy with `f(layer, is_output_head)` applied to every linear layer. Embeddings
+    /// and norms are shared as they are.
+    fn map_linears(&self, mut f: impl FnMut(&Linear, bool) -> Result<Linear>) -> Result<Decoder> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for block in &self.layers {
-            let mut f = |l: &Linear| requant(l, bits);
+            let mut f = |l: &Linear| f(l, false);
             let a = &block.self_attn;
             let self_attn = Attention {
                 q_proj: f(&a.q_proj)?,
@@ -229,8 +241,8 @@ impl Decoder {
                 ..block.clone()
             });
         }
-        let lm_head = requant(&self.lm_head, head_bits)?;
-        let decoder = Decoder {
+        let lm_head = f(&self.lm_head, true)?;
+        Ok(Decoder {
             embed_tokens: self.embed_tokens.clone(),
             embed_positions: self.embed_positions.clone(),
             layers,
@@ -240,8 +252,7 @@ impl Decoder {
             local_rope: self.local_rope.clone(),
             config: self.config.clone(),
             device: self.device.clone(),
-        };
-        Ok((decoder, delta))
+        })
     }
 
     /// A cache for these layers: `num_blocks` blocks of `block_size` positions.

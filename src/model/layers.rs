@@ -154,6 +154,23 @@ impl Linear {
         })
     }
 
+    /// The same layer with its weight as dense f32 values.
+    pub fn dequantized(&self) -> Result<Linear> {
+        let values = match &self.weight {
+            LinearWeight::Packed(p) => {
+                Tensor::from_vec(p.dequantize(), (p.rows, p.cols), &Device::Cpu)?
+            }
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.to_dtype(DType::F32)?
+            }
+        };
+        Ok(Linear {
+            weight: LinearWeight::Candle(QMatMul::Tensor(values)),
+            bias: self.bias.clone(),
+        })
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(xs)?,

@@ -47,6 +47,17 @@ impl Model {
         })
     }
 
+    /// A copy computing in f32 from dequantized weights (see [`Decoder::dequantized`]).
+    pub fn dequantized(&self) -> Result<Model> {
+        Ok(Model {
+            config: self.config.clone(),
+            path: self.path.clone(),
+            num_parameters: self.num_parameters,
+            weight_bytes: self.weight_bytes,
+            decoder: self.decoder.dequantized()?,
+        })
+    }
+
     /// The decoder, for the engine's batched forward passes.
     pub fn decoder(&self) -> &Decoder {
         &self.decoder

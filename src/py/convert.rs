@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -59,7 +58,6 @@ type Outcome = Option<Result<String, Error>>;
 /// A conversion running on its own thread.
 #[pyclass(name = "ConversionJob", module = "cortex._core", frozen)]
 pub struct PyConversionJob {
-    cancel: Arc<AtomicBool>,
     progress: Arc<Progress>,
     done: Arc<(Mutex<Outcome>, Condvar)>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -98,10 +96,9 @@ impl PyConversionJob {
             float_dtype: dtype_from(float_dtype)?,
             max_shard_bytes,
         };
-        let cancel = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Progress::default());
         let done: Arc<(Mutex<Outcome>, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
-        let (c, p, d) = (cancel.clone(), progress.clone(), done.clone());
+        let (p, d) = (progress.clone(), done.clone());
         let thread = std::thread::Builder::new()
             .name("cortex-convert".into())
             .spawn(move || {
@@ -109,9 +106,9 @@ impl PyConversionJob {
                     crate::threads::init_thread_pool();
                     let src = Source::open(&source)?;
                     let report = if gguf {
-                        convert_gguf(&src, &plan, &out, &c, &p)?
+                        convert_gguf(&src, &plan, &out, &p)?
                     } else {
-                        convert_mlx(&src, &plan, &out, &c, &p)?
+                        convert_mlx(&src, &plan, &out, &p)?
                     };
                     serde_json::to_string(&report).map_err(|e| Error::Engine(e.to_string()))
                 };
@@ -122,7 +119,6 @@ impl PyConversionJob {
             })
             .map_err(|e| Error::Engine(format!("could not start the conversion thread: {e}")))?;
         Ok(PyConversionJob {
-            cancel,
             progress,
             done,
             thread: Mutex::new(Some(thread)),
@@ -144,15 +140,12 @@ impl PyConversionJob {
 
     /// `(tensors done, tensors in all)`.
     fn progress(&self) -> (usize, usize) {
-        (
-            self.progress.done.load(Ordering::Relaxed),
-            self.progress.total.load(Ordering::Relaxed),
-        )
+        self.progress.get()
     }
 
     /// Asks the job to stop at the next tensor; it then ends with `CancelledError`.
     fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        self.progress.cancel();
     }
 
     /// The report (JSON text) of a finished job, or its error. Waits for the job.

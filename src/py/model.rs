@@ -59,6 +59,15 @@ impl PyModel {
         Ok(PyModel::new(out))
     }
 
+    /// A copy of this model whose linear layers compute in f32 from dequantized weights:
+    /// a reference for the quantized kernels, which round activations to 8 bits per block
+    /// of 32 (as llama.cpp's do). Takes 4 bytes per weight.
+    fn dequantize(&self, py: Python<'_>) -> PyResult<PyModel> {
+        let model = self.inner.clone();
+        let out = run_detached(py, move || model.dequantized())?;
+        Ok(PyModel::new(out))
+    }
+
     /// Logits for several sequences run side by side in one batched forward pass, each
     /// from an empty context (what the engine does with concurrent requests).
     ///

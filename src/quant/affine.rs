@@ -81,7 +81,7 @@ pub fn check_params(bits: u32, group_size: usize, cols: usize) -> Result<()> {
             format!("{group_size} is not supported (supported: {SUPPORTED_GROUP_SIZES:?})"),
         ));
     }
-    if cols == 0 || cols % group_size != 0 {
+    if cols == 0 || !cols.is_multiple_of(group_size) {
         return Err(Error::param(
             "group_size",
             format!("rows of {cols} values do not split into groups of {group_size}"),

@@ -7,8 +7,10 @@
 //!
 //! ```text
 //! y[i, j] = Σ_blocks b  s[j, g(b)] · dx[i, b] · Σ_{v∈b} q[j, v] · qx[i, v]   (integer)
-//!         + Σ_groups g  bias[j, g] · Σ_{v∈g} x[i, v]                        (exact sums)
+//!         + Σ_groups g  bias[j, g] · Σ_{v∈g} dx[i, b(v)] · qx[i, v]
 //! ```
+//!
+//! which is exactly `Σ w · x̂` for the rounded activations `x̂ = dx · qx`.
 //!
 //! The integer dots run on AVX-512 VNNI (`dpbusd`: u8 × i8 quads summed into i32 lanes in
 //! one instruction) or AVX2 (`maddubs` + `madd`), picked at run time from the CPU's
@@ -481,7 +483,7 @@ impl PackedMatrix {
 }
 
 /// Activations `[m, k]` quantized to int8 per block of 32 (`x ≈ d · q`, `d = max|x| / 127`),
-/// with the exact sum of each group of `group_size` (for the weights' biases).
+/// with the sum of `d · q` over each group of `group_size` (for the weights' biases).
 #[derive(Debug, Clone)]
 pub struct QuantizedRows {
     pub m: usize,
@@ -498,7 +500,7 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     pub fn new(x: &[f32], m: usize, k: usize, group_size: usize) -> QuantizedRows {
         assert!(
-            x.len() == m * k && k % group_size == 0 && group_size % BLOCK == 0,
+            x.len() == m * k && k.is_multiple_of(group_size) && group_size.is_multiple_of(BLOCK),
             "activations [{m}, {k}] in groups of {group_size} from {} values",
             x.len()
         );
@@ -512,7 +514,21 @@ impl QuantizedRows {
                 *q = (v * inv).round() as i8;
             }
         }
-        let group_sums = x.chunks(group_size).map(|g| g.iter().sum()).collect();
+        // Sums of the rounded values `d · q`, not of `x`: then the product is exactly
+        // `Σ w · x̂`, whose rounding error is weighted by the weights themselves (centred
+        // on 0), not by their codes (all ≥ 0, so the errors would add up instead of
+        // cancelling: measured 1.6x the error on GGUF Q4_1 with outlier activations).
+        let per_group = group_size / BLOCK;
+        let group_sums = qs
+            .chunks(group_size)
+            .zip(d.chunks(per_group))
+            .map(|(q, d)| {
+                q.chunks(BLOCK)
+                    .zip(d)
+                    .map(|(q, d)| d * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
+                    .sum()
+            })
+            .collect();
         QuantizedRows {
             m,
             k,
