@@ -47,10 +47,11 @@ for i, _ in enumerate(llm.generate(cfg["ids"][:16], top_k=1, temp=0.0, repeat_pe
         break
 best = {"prefill_tps": 0.0, "decode_tps": 0.0}
 for _ in range(cfg["repeats"]):
+    llm.reset()  # or generate() would reuse the cached prompt instead of evaluating it
     t0 = time.perf_counter()
     first = None
     n = 0
-    for _ in llm.generate(cfg["ids"], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+    for _ in llm.generate(cfg["ids"], top_k=1, temp=0.0, repeat_penalty=1.0):
         n += 1
         if first is None:
             first = time.perf_counter()

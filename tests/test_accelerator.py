@@ -108,11 +108,11 @@ def test_benchmark_operation_counts_true_flops():
     assert r["gflops"] == pytest.approx(r["flops"] / r["avg_time"] / 1e9)
     q = acc.benchmark_operation("qmatmul", (4, 256, 128), num_iterations=20)
     assert q["flops"] == 2 * 4 * 256 * 128 and q["gflops"] > 0
-    # Weights read: 4-bit codes plus an f32 scale and bias per group of 32.
-    assert q["bytes"] == 128 * 256 // 2 + 128 * (256 // 32) * 8
+    # Weights read: 4-bit codes plus an f16 scale and bias per group of 32.
+    assert q["bytes"] == 128 * 256 // 2 + 128 * (256 // 32) * 4
     assert q["gbytes_per_s"] == pytest.approx(q["bytes"] / q["avg_time"] / 1e9)
     q8 = acc.benchmark_operation("qmatmul", (1, 256, 128, 8, 64), num_iterations=20)
-    assert q8["bytes"] == 128 * 256 + 128 * (256 // 64) * 8
+    assert q8["bytes"] == 128 * 256 + 128 * (256 // 64) * 4
     bw = acc.benchmark_operation("bandwidth", (64,), num_iterations=2)
     assert bw["bytes"] == 64 << 20 and bw["gbytes_per_s"] > 0 and bw["gflops"] is None
     a = acc.benchmark_operation("attention", (32, 4, 16), num_iterations=5)

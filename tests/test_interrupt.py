@@ -7,6 +7,8 @@ import _thread
 import threading
 import time
 
+import pytest
+
 import cortex
 
 PROMPT = "The capital of France is"
@@ -88,3 +90,20 @@ def test_abandoned_stream_stops_its_request(smollm):
     stream.close()  # runs the generator's finally: the request is aborted
     assert _wait_until_idle(model) == 0
     assert cortex.generate(model, tok, PROMPT, max_tokens=3)
+
+
+def test_loading_reports_layers_and_stops_when_cancelled(model_path):
+    """Loading reports its layers to a progress object (what the progress bar draws) and a
+    cancelled load (what Ctrl-C during cortex.load does) stops with CancelledError."""
+    progress = cortex._core.Progress()
+    model = cortex._core.load_model(str(model_path), progress)
+    layers = model.config["num_hidden_layers"]
+    assert progress.get() == (layers, layers)
+    stopped = cortex._core.Progress()
+    stopped.cancel()
+    with pytest.raises(cortex.CancelledError):
+        cortex._core.load_model(str(model_path), stopped)
+    assert stopped.get()[0] == 0
+    # Errors on the loading thread reach the caller with their own type.
+    with pytest.raises(cortex.ModelNotFoundError):
+        cortex.load_model("/nonexistent/model.gguf")

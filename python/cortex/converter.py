@@ -28,6 +28,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from . import _core, hub
+from ._progress import progress_bar
 from .exceptions import CortexError, ModelNotFoundError
 from .models import cortex_home
 
@@ -264,15 +265,6 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _progress_bar(total: int, desc: str) -> Any:
-    """A ``tqdm.auto`` bar (widget in Jupyter) that appears only for steps over 0.5 s."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, desc=desc, unit="tensor", delay=0.5, leave=False)
-
-
 def run_conversion(
     source: Path,
     out: Path,
@@ -300,7 +292,7 @@ def run_conversion(
         while not job.wait(0.05):
             done, total = job.progress()
             if show_progress and bar is None and total:
-                bar = _progress_bar(total, "converting")
+                bar = progress_bar(total, "converting", "tensor")
             if bar is not None:
                 bar.update(done - bar.n)
         report: dict[str, Any] = json.loads(job.result())

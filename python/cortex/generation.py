@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from . import _core, hub
 from ._core import Model, SamplingParams, Tokenizer
+from ._progress import with_progress
 from .models import default_model_path
 
 __all__ = [
@@ -67,15 +68,20 @@ def load(
         ModelNotFoundError: nothing loadable at ``ref``.
         ModelFormatError: the file is malformed or truncated.
         UnsupportedArchitectureError: the architecture is not supported.
+
+    A progress bar shows a load that takes over half a second; Ctrl-C stops it at the next
+    layer (``KeyboardInterrupt``).
     """
     _check_placement(device, dtype)
-    return _core.load(_resolve(ref, revision))
+    path = _resolve(ref, revision)
+    return with_progress("loading", "layer", lambda progress: _core.load(path, progress))
 
 
 def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None) -> Model:
     """Load only a model's weights (see :func:`load`)."""
     _check_placement(device, dtype)
-    return _core.load_model(_resolve(ref))
+    path = _resolve(ref)
+    return with_progress("loading", "layer", lambda progress: _core.load_model(path, progress))
 
 
 def load_tokenizer(ref: PathLike | None = None) -> Tokenizer:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ._progress import progress_bar
 from .exceptions import CortexError
 
 __all__ = [
@@ -283,7 +284,7 @@ def snapshot_download(repo_id: str, revision: str = "main", filename: str | None
             _link(snapshot, name, blob)
 
     if jobs:
-        bar = _bytes_bar(sum(j[2] for j in jobs), f"downloading {repo_id}")
+        bar = progress_bar(sum(j[2] for j in jobs), f"downloading {repo_id}", "B", unit_scale=True)
         quoted = urllib.parse.quote
         try:
             workers = max(1, int(os.environ.get("MAX_CONCURRENT_DOWNLOADS", "8")))
@@ -303,15 +304,6 @@ def snapshot_download(repo_id: str, revision: str = "main", filename: str | None
     if revision != commit:
         ref.write_text(commit)
     return snapshot
-
-
-def _bytes_bar(total: int, desc: str) -> Any:
-    """A ``tqdm.auto`` bar (widget in Jupyter) that appears only after 0.5 s."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, delay=0.5, leave=False)
 
 
 def resolve(source: str, revision: str = "main", filename: str | None = None) -> Path:

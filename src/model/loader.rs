@@ -15,6 +15,7 @@ use crate::model::layers::{
     dense, Embedding, FeedForward, Linear, Mlp, MoeMlp, Norm, Rope, Weight,
 };
 use crate::model::weights::{FolderWeights, GgufWeights, WeightSource};
+use crate::progress::Progress;
 use crate::tokenizer::Tokenizer;
 
 /// A loaded model: configuration and weights (read-only, shareable across threads).
@@ -254,7 +255,9 @@ fn build_decoder(
     src: &dyn WeightSource,
     rope_factors: Option<&[f32]>,
     device: &Device,
+    progress: &Progress,
 ) -> Result<(Decoder, usize)> {
+    progress.start(cfg.num_hidden_layers);
     let bytes = std::cell::Cell::new(0usize);
     let matrix = |m: &str, out: usize, inp: usize| -> Result<Weight> {
         let w = src.matrix(m, out, inp)?;
@@ -416,6 +419,7 @@ fn build_decoder(
             },
             _ => FeedForward::Dense(gated("mlp", inter)?),
         };
+        progress.advance()?;
         layers.push(Block {
             input_layernorm: norm(&p("input_layernorm"), d)?,
             self_attn: Attention {
@@ -499,7 +503,7 @@ fn build_decoder(
     Ok((decoder, bytes.get()))
 }
 
-fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
+fn model_from_gguf(gguf: &GgufFile, device: &Device, progress: &Progress) -> Result<Model> {
     let cfg = ModelConfig::from_gguf(gguf)?;
     let src = GgufWeights {
         gguf,
@@ -526,7 +530,7 @@ fn model_from_gguf(gguf: &GgufFile, device: &Device) -> Result<Model> {
     };
     let num_parameters = src.num_parameters();
     let (decoder, weight_bytes) =
-        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
+        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device, progress)?;
     Ok(Model {
         config: cfg,
         path: gguf.path.clone(),
@@ -550,7 +554,7 @@ pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
         .map_err(|e| Error::config("config.json", format!("invalid JSON: {e}")))
 }
 
-fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
+fn model_from_folder(dir: &Path, device: &Device, progress: &Progress) -> Result<Model> {
     let json = read_config_json(dir)?;
     let cfg = ModelConfig::from_hf(&json)?;
     let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
@@ -561,7 +565,7 @@ fn model_from_folder(dir: &Path, device: &Device) -> Result<Model> {
         .as_ref()
         .and_then(|r| r.frequency_factors(cfg.rotary_dim, cfg.rope_theta));
     let (decoder, weight_bytes) =
-        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device)?;
+        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device, progress)?;
     Ok(Model {
         config: cfg,
         path: dir.to_path_buf(),
@@ -598,18 +602,24 @@ fn has_safetensors(dir: &Path) -> bool {
         })
 }
 
-fn model_from(files: &ModelFiles) -> Result<Model> {
+fn model_from(files: &ModelFiles, progress: &Progress) -> Result<Model> {
     match files {
-        ModelFiles::Gguf(path) => model_from_gguf(&GgufFile::open(path)?, &Device::Cpu),
-        ModelFiles::Folder(dir) => model_from_folder(dir, &Device::Cpu),
+        ModelFiles::Gguf(path) => model_from_gguf(&GgufFile::open(path)?, &Device::Cpu, progress),
+        ModelFiles::Folder(dir) => model_from_folder(dir, &Device::Cpu, progress),
     }
 }
 
 /// Loads the model `reference` points at (weights only): a `.gguf` file, a directory
 /// holding one, or a directory with `config.json` and safetensors (HF or MLX layout).
 pub fn load_model(reference: &Path) -> Result<Model> {
+    load_model_with(reference, &Progress::default())
+}
+
+/// [`load_model`], reporting layers built to `progress` (and stopping with
+/// `Error::Cancelled` when it is cancelled).
+pub fn load_model_with(reference: &Path, progress: &Progress) -> Result<Model> {
     crate::threads::init_thread_pool();
-    model_from(&locate(reference)?)
+    model_from(&locate(reference)?, progress)
 }
 
 /// The tokenizer for `reference`: `tokenizer.json` beside the weights when `reference` is a
@@ -630,9 +640,14 @@ fn tokenizer_for(reference: &Path, files: &ModelFiles) -> Result<Tokenizer> {
 
 /// Loads model and tokenizer (see [`load_tokenizer`] for where the tokenizer comes from).
 pub fn load(reference: &Path) -> Result<(Model, Tokenizer)> {
+    load_with(reference, &Progress::default())
+}
+
+/// [`load`], reporting layers built to `progress` (see [`load_model_with`]).
+pub fn load_with(reference: &Path, progress: &Progress) -> Result<(Model, Tokenizer)> {
     crate::threads::init_thread_pool();
     let files = locate(reference)?;
-    let model = model_from(&files)?;
+    let model = model_from(&files, progress)?;
     let tokenizer = tokenizer_for(reference, &files)?;
     Ok((model, tokenizer))
 }

@@ -9,4 +9,7 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use decoder::{Batch, Decoder};
-pub use loader::{load, load_model, load_tokenizer, resolve_model_path, Model, SequenceCache};
+pub use loader::{
+    load, load_model, load_model_with, load_tokenizer, load_with, resolve_model_path, Model,
+    SequenceCache,
+};

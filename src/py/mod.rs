@@ -16,6 +16,7 @@ pub(crate) use errors::run_detached;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PyProgress>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<sampling::PySamplingParams>()?;
     m.add_class::<engine::PyEngine>()?;

@@ -185,10 +185,42 @@ impl PyModel {
     }
 }
 
+/// How far a load has got (layers built, layers in all), shared with the loading thread,
+/// which stops with `CancelledError` at the next layer once `cancel` is called.
+#[pyclass(name = "Progress", module = "cortex._core", frozen)]
+pub struct PyProgress {
+    inner: Arc<crate::progress::Progress>,
+}
+
+#[pymethods]
+impl PyProgress {
+    #[new]
+    fn new() -> Self {
+        PyProgress {
+            inner: Arc::default(),
+        }
+    }
+
+    /// `(done, total)`; total is 0 until the step has started.
+    fn get(&self) -> (usize, usize) {
+        self.inner.get()
+    }
+
+    fn cancel(&self) {
+        self.inner.cancel();
+    }
+}
+
 /// Loads model and tokenizer from a `.gguf` file or a directory holding one.
 #[pyfunction]
-pub fn load(py: Python<'_>, path: PathBuf) -> PyResult<(PyModel, PyTokenizer)> {
-    let (model, tokenizer) = run_detached(py, move || crate::model::load(&path))?;
+#[pyo3(signature = (path, progress = None))]
+pub fn load(
+    py: Python<'_>,
+    path: PathBuf,
+    progress: Option<&PyProgress>,
+) -> PyResult<(PyModel, PyTokenizer)> {
+    let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
+    let (model, tokenizer) = run_detached(py, move || crate::model::load_with(&path, &progress))?;
     Ok((
         PyModel::new(model),
         PyTokenizer {
@@ -199,8 +231,14 @@ pub fn load(py: Python<'_>, path: PathBuf) -> PyResult<(PyModel, PyTokenizer)> {
 
 /// Loads only the model weights.
 #[pyfunction]
-pub fn load_model(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
-    let model = run_detached(py, move || crate::model::load_model(&path))?;
+#[pyo3(signature = (path, progress = None))]
+pub fn load_model(
+    py: Python<'_>,
+    path: PathBuf,
+    progress: Option<&PyProgress>,
+) -> PyResult<PyModel> {
+    let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
+    let model = run_detached(py, move || crate::model::load_model_with(&path, &progress))?;
     Ok(PyModel::new(model))
 }
 

@@ -16,6 +16,7 @@
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
+use rayon::prelude::*;
 
 use super::affine::{pack_row, unpack_row, AffineMatrix, ScaleDType};
 use crate::error::Result;
@@ -96,16 +97,22 @@ pub fn to_affine(
     let mut packed = vec![0u32; rows * words];
     let mut scales = vec![0f32; rows * blocks];
     let mut biases = vec![0f32; rows * blocks];
-    let mut codes = vec![0u8; cols];
-    for r in 0..rows {
-        let row = &data[r * blocks * block_bytes..(r + 1) * blocks * block_bytes];
-        for (g, b) in row.chunks(block_bytes).enumerate() {
-            let (s, bias) = decode_block(dtype, b, &mut codes[g * BLOCK..(g + 1) * BLOCK]);
-            scales[r * blocks + g] = s;
-            biases[r * blocks + g] = bias;
-        }
-        pack_row(&codes, bits, &mut packed[r * words..(r + 1) * words]);
-    }
+    packed
+        .par_chunks_mut(words)
+        .zip(scales.par_chunks_mut(blocks))
+        .zip(biases.par_chunks_mut(blocks))
+        .zip(data.par_chunks(blocks * block_bytes))
+        .for_each_init(
+            || vec![0u8; cols],
+            |codes, (((packed, scales), biases), row)| {
+                for (g, b) in row.chunks(block_bytes).enumerate() {
+                    let (s, bias) = decode_block(dtype, b, &mut codes[g * BLOCK..(g + 1) * BLOCK]);
+                    scales[g] = s;
+                    biases[g] = bias;
+                }
+                pack_row(codes, bits, packed);
+            },
+        );
     AffineMatrix::from_parts(
         rows,
         cols,

@@ -53,9 +53,9 @@ const REGS: usize = BLOCK / QUAD;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
-    /// AVX2 + FMA (x86-64-v3).
+    /// AVX2, FMA and F16C (x86-64-v3).
     Avx2,
-    /// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`, with AVX-512 VL), plus AVX2 + FMA.
+    /// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`, with AVX-512 VL), plus the above.
     Avx512Vnni,
 }
 
@@ -73,7 +73,10 @@ impl Isa {
         let mut levels = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 levels.push(Isa::Avx2);
                 if is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512vl")
@@ -186,8 +189,40 @@ fn decode_tile_block(bits: u32, b: &[u8], regs: &mut Registers<i32>) {
     }
 }
 
-/// An affine `[rows, cols]` matrix in the kernels' layout (module docs). Scales and biases
-/// are the stored values, as f32.
+/// Scales or biases in the type the source stored them in (f16 for GGUF, usually bf16 or
+/// f16 for MLX), converted when read: f32 copies would add a quarter to the bytes a 4-bit
+/// matrix in groups of 32 streams per token.
+#[derive(Debug, Clone)]
+struct Params {
+    bytes: Vec<u8>,
+    dtype: ScaleDType,
+}
+
+impl Params {
+    /// `values` in `dtype` (f32 when one of them is not exact in it).
+    fn new(values: &[f32], dtype: ScaleDType) -> Params {
+        let dtype = if values.iter().all(|&v| dtype.round(v) == v) {
+            dtype
+        } else {
+            ScaleDType::F32
+        };
+        Params {
+            bytes: dtype.encode(values),
+            dtype,
+        }
+    }
+
+    fn get(&self, i: usize) -> f32 {
+        let b = &self.bytes[i * self.dtype.size()..];
+        match self.dtype {
+            ScaleDType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            ScaleDType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            ScaleDType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        }
+    }
+}
+
+/// An affine `[rows, cols]` matrix in the kernels' layout (module docs).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
@@ -197,8 +232,8 @@ pub struct PackedMatrix {
     /// `[tiles, cols / 32, tile_block_bytes(bits)]`.
     data: Vec<u8>,
     /// `[tiles, cols / group_size, 8]` each.
-    scales: Vec<f32>,
-    biases: Vec<f32>,
+    scales: Params,
+    biases: Params,
     /// What the source stored scales and biases in (kept for writing them back).
     pub scale_dtype: ScaleDType,
 }
@@ -242,8 +277,8 @@ impl PackedMatrix {
             bits: a.bits,
             group_size: a.group_size,
             data,
-            scales: interleave(&a.scales),
-            biases: interleave(&a.biases),
+            scales: Params::new(&interleave(&a.scales), a.scale_dtype),
+            biases: Params::new(&interleave(&a.biases), a.scale_dtype),
             scale_dtype: a.scale_dtype,
         }
     }
@@ -269,8 +304,8 @@ impl PackedMatrix {
             self.row_codes(r, |v, q| codes[v] = (q + self.code_offset()) as u8);
             super::affine::pack_row(&codes, self.bits, packed);
             for g in 0..groups {
-                scales.push(self.scales[self.param_index(r, g)]);
-                biases.push(self.biases[self.param_index(r, g)]);
+                scales.push(self.scales.get(self.param_index(r, g)));
+                biases.push(self.biases.get(self.param_index(r, g)));
             }
         }
         AffineMatrix::from_parts(
@@ -325,7 +360,7 @@ impl PackedMatrix {
 
     /// Bytes the matrix occupies.
     pub fn nbytes(&self) -> usize {
-        self.data.len() + 4 * (self.scales.len() + self.biases.len())
+        self.data.len() + self.scales.bytes.len() + self.biases.bytes.len()
     }
 
     /// Row `r` as f32 (`scale · code + bias` per group, as `mx.dequantize`).
@@ -333,7 +368,7 @@ impl PackedMatrix {
         let offset = self.code_offset();
         self.row_codes(r, |v, q| {
             let at = self.param_index(r, v / self.group_size);
-            out[v] = self.scales[at] * (q + offset) as f32 + self.biases[at];
+            out[v] = self.scales.get(at) * (q + offset) as f32 + self.biases.get(at);
         });
     }
 
@@ -450,7 +485,8 @@ impl PackedMatrix {
         let mut bias = vec![[0f32; TILE]; x.m];
         for g in 0..groups {
             let at = (tile * groups + g) * TILE;
-            let (s, b) = (&self.scales[at..at + TILE], &self.biases[at..at + TILE]);
+            let s: Vec<f32> = (at..at + TILE).map(|i| self.scales.get(i)).collect();
+            let b: Vec<f32> = (at..at + TILE).map(|i| self.biases.get(i)).collect();
             for (i, bias) in bias.iter_mut().enumerate() {
                 let sum = x.group_sums[i * groups + g];
                 for r in 0..TILE {
@@ -548,9 +584,11 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{tile_block_bytes, PackedMatrix, QuantizedRows, BLOCK, QUAD, REGS, TILE};
+    use super::{
+        tile_block_bytes, PackedMatrix, Params, QuantizedRows, ScaleDType, BLOCK, QUAD, REGS, TILE,
+    };
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_avx2(
         w: &PackedMatrix,
         x: &QuantizedRows,
@@ -560,7 +598,7 @@ mod x86 {
         by_bits::<false>(w, x, tile, out)
     }
 
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub(super) unsafe fn tile_vnni(
         w: &PackedMatrix,
         x: &QuantizedRows,
@@ -621,8 +659,8 @@ mod x86 {
         let (k, blocks, tbb) = (w.cols, w.cols / BLOCK, tile_block_bytes(BITS));
         let (groups, per_group) = (w.groups_per_row(), w.group_size / BLOCK);
         let data = w.data.as_ptr().add(tile * blocks * tbb);
-        let scales = w.scales.as_ptr().add(tile * groups * TILE);
-        let biases = w.biases.as_ptr().add(tile * groups * TILE);
+        let (scales, biases) = (&w.scales, &w.biases);
+        let first = tile * groups * TILE;
         let qs = x.qs.as_ptr().add(i0 * k);
         let ds = x.d.as_ptr().add(i0 * blocks);
         let sums = x.group_sums.as_ptr().add(i0 * groups);
@@ -631,8 +669,8 @@ mod x86 {
         // The bias term, `Σ_g (bias + offset · s) · Σx`, group by group.
         let mut bias = [_mm256_setzero_ps(); M];
         for g in 0..groups {
-            let s = _mm256_loadu_ps(scales.add(g * TILE));
-            let b = _mm256_loadu_ps(biases.add(g * TILE));
+            let s = load8(scales, first + g * TILE);
+            let b = load8(biases, first + g * TILE);
             for (t, bias) in bias.iter_mut().enumerate() {
                 let sum = _mm256_set1_ps(*sums.add(t * groups + g));
                 *bias = _mm256_fmadd_ps(b, sum, *bias);
@@ -715,6 +753,21 @@ mod x86 {
         }
     }
 
+    /// Elements `at..at + 8` of scales or biases, as f32.
+    #[inline(always)]
+    unsafe fn load8(params: &Params, at: usize) -> __m256 {
+        let p = params.bytes.as_ptr().add(at * params.dtype.size());
+        match params.dtype {
+            ScaleDType::F32 => _mm256_loadu_ps(p as *const f32),
+            ScaleDType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            // bf16 is the top half of an f32.
+            ScaleDType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            )),
+        }
+    }
+
     /// `acc` plus u8 × i8 products summed in fours (per lane: one row, 4 values).
     #[inline(always)]
     unsafe fn dot<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
@@ -780,18 +833,22 @@ mod tests {
         /// up to the activations' rounding (at most half a step `dx / 2` per value).
         #[test]
         fn kernels_match_reference(bits_i in 0usize..6, g_i in 0usize..3, m in 1usize..8,
-                                   n in 1usize..12, groups in 1usize..4, seed in any::<u64>()) {
+                                   n in 1usize..12, groups in 1usize..4, dtype_i in 0usize..3,
+                                   seed in any::<u64>()) {
             let (bits, gs) = (SUPPORTED_BITS[bits_i], SUPPORTED_GROUP_SIZES[g_i]);
             let k = gs * groups;
             let w = random(n * k, seed);
             let mut x = random(m * k, seed ^ 0xABCD);
             x[0] = 0.0; // zero and large values in the same block
             x[k - 1] *= 40.0;
-            let a = AffineMatrix::quantize(&w, n, k, bits, gs, ScaleDType::F32).unwrap();
+            // Scales and biases stored as f32, f16 or bf16 (and read back exactly).
+            let dtype = [ScaleDType::F32, ScaleDType::F16, ScaleDType::BF16][dtype_i];
+            let a = AffineMatrix::quantize(&w, n, k, bits, gs, dtype).unwrap();
             let p = PackedMatrix::from_affine(&a);
+            prop_assert_eq!(p.scales.dtype, dtype);
             prop_assert_eq!(p.dequantize(), a.dequantize());
             let back = p.to_affine().unwrap();
-            prop_assert_eq!((&back.packed, &back.biases), (&a.packed, &a.biases));
+            prop_assert_eq!((&back.packed, &back.scales, &back.biases), (&a.packed, &a.scales, &a.biases));
             let wd = a.dequantize();
             let q = QuantizedRows::new(&x, m, k, gs);
             let reference = p.matmul_t_on(Isa::Scalar, &q);

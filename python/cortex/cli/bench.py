@@ -84,9 +84,10 @@ def _bench_llama_cpp(path: str, ids: list[int], n_gen: int, threads: int) -> dic
     for i, _ in enumerate(llm.generate(ids[:16], top_k=1, temp=0.0, repeat_penalty=1.0)):
         if i == 1:
             break
+    llm.reset()  # or generate() would reuse the warm-up's prompt tokens instead of evaluating them
     start = time.perf_counter()
     t_first = t_last = 0.0
-    for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True)):
+    for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)):
         t_last = time.perf_counter() - start
         if i == 0:
             t_first = t_last
