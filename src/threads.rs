@@ -47,7 +47,6 @@ pub fn init_thread_pool() {
 /// them) and returns when all are done. A panic in a task is re-raised here once every
 /// task has finished. Called from inside a task, it runs the tasks in place.
 pub fn parallel_for(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-    thread_local!(static IN_TASK: Cell<bool> = const { Cell::new(false) });
     let pool = Pool::global();
     if tasks <= 1 || tasks > MAX_TASKS || pool.helpers == 0 || IN_TASK.get() {
         (0..tasks).for_each(f);
@@ -121,6 +120,12 @@ impl<T> SendPtr<T> {
 unsafe impl<T: Send> Send for SendPtr<T> {}
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+thread_local! {
+    /// True on the pool's helpers, and on a caller while it runs tasks: an operation
+    /// started there runs in place (waiting for the pool from inside it would deadlock).
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+}
 
 /// The task function with its lifetime erased (see `parallel_for`'s safety note).
 type TaskFn = *const (dyn Fn(usize) + Sync + 'static);
@@ -221,6 +226,7 @@ impl Shared {
     }
 
     fn helper(&self) {
+        IN_TASK.set(true);
         // Rounds of waiting for the next operation: first spinning (the gaps between a
         // step's operations are microseconds), then yielding the core to any other thread
         // that wants it (the engine's caller, say), then sleeping.

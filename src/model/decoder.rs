@@ -87,9 +87,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, rows, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(xs)?.reshape((rows, nh, hd))?;
-        let k = self.k_proj.forward(xs)?.reshape((rows, nkv, hd))?;
-        let v = self.v_proj.forward(xs)?.reshape((rows, nkv, hd))?;
+        let [q, k, v] = Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
+        let q = q.reshape((rows, nh, hd))?;
+        let k = k.reshape((rows, nkv, hd))?;
+        let v = v.reshape((rows, nkv, hd))?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::config::Activation;
-use crate::quant::{ggml, AffineMatrix, PackedMatrix, ScaleDType};
+use crate::quant::kernels::QuantizedRows;
+use crate::quant::{ggml, AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
 /// How a weight matrix `[out, in]` is stored in memory: affine groups in our kernels'
 /// layout (MLX folders, and the GGML types that are affine: Q4_0, Q4_1, Q5_0, Q5_1,
@@ -172,30 +173,72 @@ impl Linear {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Candle(w) => w.forward(xs)?,
-            LinearWeight::Packed(p) => {
-                let dims = xs.dims().to_vec();
-                if dims.last() != Some(&p.cols) {
-                    return Err(crate::Error::Engine(format!(
-                        "linear layer of input size {} applied to shape {dims:?}",
-                        p.cols
-                    )));
-                }
-                let m = xs.elem_count() / p.cols;
-                let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = p.matmul_t(&x, m);
-                let mut out_dims = dims;
+        let [y] = Linear::forward_all([self], xs)?;
+        Ok(y)
+    }
+
+    /// Several layers applied to the same input `[.., in]` (q/k/v, gate/up): those in our
+    /// kernels' layout in one parallel operation over activations quantized once (what a
+    /// fused projection gains), the others one by one.
+    pub fn forward_all<const N: usize>(layers: [&Linear; N], xs: &Tensor) -> Result<[Tensor; N]> {
+        let ys: Vec<Tensor> = Linear::products(&layers, xs)?
+            .into_iter()
+            .zip(layers)
+            .map(|(y, l)| match &l.bias {
+                Some(b) => Ok(y.broadcast_add(b)?),
+                None => Ok(y),
+            })
+            .collect::<Result<_>>()?;
+        ys.try_into()
+            .map_err(|_| crate::Error::Engine("one output per layer".into()))
+    }
+
+    /// `xs · Wᵀ` for each layer, biases left out.
+    fn products(layers: &[&Linear], xs: &Tensor) -> Result<Vec<Tensor>> {
+        let packed: Option<Vec<&PackedMatrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Packed(p) => Some(p.as_ref()),
+                LinearWeight::Candle(_) => None,
+            })
+            .collect();
+        let Some(mats) = packed.filter(|m| {
+            m.iter()
+                .all(|p| (p.cols, p.group_size) == (m[0].cols, m[0].group_size))
+        }) else {
+            // Mixed forms: one layer at a time.
+            return layers
+                .iter()
+                .map(|l| match &l.weight {
+                    LinearWeight::Candle(w) => Ok(w.forward(xs)?),
+                    LinearWeight::Packed(_) => Ok(Linear::products(&[l], xs)?.remove(0)),
+                })
+                .collect();
+        };
+        let Some(&first) = mats.first() else {
+            return Ok(Vec::new());
+        };
+        let dims = xs.dims().to_vec();
+        if dims.last() != Some(&first.cols) {
+            return Err(crate::Error::Engine(format!(
+                "linear layer of input size {} applied to shape {dims:?}",
+                first.cols
+            )));
+        }
+        let m = xs.elem_count() / first.cols;
+        let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = QuantizedRows::new(&x, m, first.cols, first.group_size);
+        PackedMatrix::matmul_t_all(&mats, Isa::active(), &x)
+            .into_iter()
+            .zip(&mats)
+            .map(|(y, p)| {
+                let mut out_dims = dims.clone();
                 if let Some(last) = out_dims.last_mut() {
                     *last = p.rows;
                 }
-                Tensor::from_vec(y, out_dims, xs.device())?
-            }
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+                Ok(Tensor::from_vec(y, out_dims, xs.device())?)
+            })
+            .collect()
     }
 }
 
@@ -350,8 +393,8 @@ impl Mlp {
 
     /// `[1, t, d]` → `[1, t, d]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
-        let up = self.up_proj.forward(xs)?;
+        let [gate, up] = Linear::forward_all([&self.gate_proj, &self.up_proj], xs)?;
+        let gate = self.act.apply(&gate)?;
         self.down_proj.forward(&(gate * up)?)
     }
 }

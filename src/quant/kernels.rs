@@ -435,8 +435,20 @@ impl PackedMatrix {
     /// The product with activations already quantized (for this matrix's width and group
     /// size), on a given instruction set (which the CPU must have: see [`Isa::available`]).
     pub fn matmul_t_on(&self, isa: Isa, x: &QuantizedRows) -> Vec<f32> {
+        let [out] = PackedMatrix::matmul_t_all(&[self], isa, x)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one matrix, one product"));
+        out
+    }
+
+    /// Several matrices of the activations' width and group size times the same
+    /// activations (`[m, rows_i]` each), in one parallel operation: what a fused q/k/v or
+    /// gate/up projection gains (one wake-up of the threads, the activations read by all),
+    /// without concatenating the weights.
+    pub fn matmul_t_all(mats: &[&PackedMatrix], isa: Isa, x: &QuantizedRows) -> Vec<Vec<f32>> {
         assert!(
-            x.k == self.cols && x.group_size == self.group_size,
+            mats.iter()
+                .all(|w| x.k == w.cols && x.group_size == w.group_size),
             "activations quantized for another matrix"
         );
         assert!(
@@ -444,22 +456,33 @@ impl PackedMatrix {
             "this CPU cannot run the {} kernels",
             isa.name()
         );
-        let mut out = vec![0f32; x.m * self.rows];
-        let tiles = self.rows.div_ceil(TILE);
-        let per_task = (tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
-        let sink = SendPtr(out.as_mut_ptr());
-        crate::threads::parallel_for(tiles.div_ceil(per_task), &|task| {
-            for tile in task * per_task..((task + 1) * per_task).min(tiles) {
-                // SAFETY: tasks own disjoint tiles, so they write disjoint columns of `out`
-                // (`tile_into` writes only columns `8·tile..8·tile + 8` below `rows`); the
-                // ISA was checked above.
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; x.m * w.rows]).collect();
+        let all_tiles: usize = mats.iter().map(|w| w.rows.div_ceil(TILE)).sum();
+        let per_task = (all_tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
+        // Tasks as (matrix, first tile, end tile), never across two matrices.
+        let mut tasks = Vec::new();
+        for (i, w) in mats.iter().enumerate() {
+            let tiles = w.rows.div_ceil(TILE);
+            tasks.extend(
+                (0..tiles)
+                    .step_by(per_task)
+                    .map(|t| (i, t, (t + per_task).min(tiles))),
+            );
+        }
+        let sinks: Vec<SendPtr<f32>> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+        crate::threads::parallel_for(tasks.len(), &|task| {
+            let (i, first, end) = tasks[task];
+            for tile in first..end {
+                // SAFETY: tasks own disjoint tiles, so they write disjoint columns of the
+                // outputs (`tile_into` writes only columns `8·tile..8·tile + 8` below
+                // `rows`); the ISA was checked above.
                 #[allow(unsafe_code)]
                 unsafe {
-                    self.tile_into(isa, x, tile, sink.get())
+                    mats[i].tile_into(isa, x, tile, sinks[i].get())
                 }
             }
         });
-        out
+        outs
     }
 
     /// Columns `8·tile..` of `out: [m, rows]` (raw: other tasks fill other columns).
@@ -891,6 +914,12 @@ mod tests {
             assert_eq!(&y[i * 8 + 5..(i + 1) * 8], &yb[i * 3..(i + 1) * 3]);
         }
         assert_eq!(fused.rows(5, 3).unwrap().dequantize(), b.dequantize());
+        // Applied together in one operation: the same products as one by one.
+        let q = QuantizedRows::new(&x, 2, k, gs);
+        for isa in Isa::available() {
+            let both = PackedMatrix::matmul_t_all(&[&a, &b], isa, &q);
+            assert_eq!(both, vec![a.matmul_t_on(isa, &q), b.matmul_t_on(isa, &q)]);
+        }
         let other = PackedMatrix::from_affine(
             &AffineMatrix::quantize(&random(k, 4), 1, k, 8, gs, ScaleDType::F16).unwrap(),
         );
