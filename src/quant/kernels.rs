@@ -386,43 +386,6 @@ impl PackedMatrix {
         Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?))
     }
 
-    /// The matrices' rows one after another (a fused projection), or `None` unless they
-    /// share width, bits, group size and scale type.
-    pub fn concat(parts: &[&PackedMatrix]) -> Result<Option<PackedMatrix>> {
-        let Some(first) = parts.first() else {
-            return Ok(None);
-        };
-        let key = |p: &PackedMatrix| (p.cols, p.bits, p.group_size, p.scale_dtype);
-        if parts.iter().any(|p| key(p) != key(first)) {
-            return Ok(None);
-        }
-        let parts = parts
-            .iter()
-            .map(|p| p.to_affine())
-            .collect::<Result<Vec<_>>>()?;
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let joined = AffineMatrix::from_parts(
-            rows,
-            first.cols,
-            first.bits,
-            first.group_size,
-            parts
-                .iter()
-                .flat_map(|p| p.packed.iter().copied())
-                .collect(),
-            parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
-            parts
-                .iter()
-                .flat_map(|p| p.biases.iter().copied())
-                .collect(),
-            first.scale_dtype,
-        )?;
-        Ok(Some(PackedMatrix::from_affine(&joined)))
-    }
-
     /// `x: [m, cols]` times the transpose of this matrix → `[m, rows]`, on the active
     /// instruction set.
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
@@ -898,31 +861,26 @@ mod tests {
     }
 
     #[test]
-    fn fused_rows_are_the_parts() {
+    fn row_slices_and_joint_products() {
         let (k, gs) = (128, 64);
-        let a = PackedMatrix::from_affine(
-            &AffineMatrix::quantize(&random(5 * k, 1), 5, k, 4, gs, ScaleDType::F16).unwrap(),
-        );
-        let b = PackedMatrix::from_affine(
-            &AffineMatrix::quantize(&random(3 * k, 2), 3, k, 4, gs, ScaleDType::F16).unwrap(),
-        );
-        let fused = PackedMatrix::concat(&[&a, &b]).unwrap().unwrap();
+        let w = random(8 * k, 1);
+        let whole = AffineMatrix::quantize(&w, 8, k, 4, gs, ScaleDType::F16).unwrap();
+        let whole = PackedMatrix::from_affine(&whole);
+        // Rows 5..8 on their own (padded to a tile of 8): the same values.
+        let (a, b) = (whole.rows(0, 5).unwrap(), whole.rows(5, 3).unwrap());
+        assert_eq!(b.dequantize(), whole.dequantize()[5 * k..]);
+        // Applied together in one operation: the same products as one by one, and as the
+        // whole matrix's.
         let x = random(2 * k, 3);
-        let (ya, yb, y) = (a.matmul_t(&x, 2), b.matmul_t(&x, 2), fused.matmul_t(&x, 2));
-        for i in 0..2 {
-            assert_eq!(&y[i * 8..i * 8 + 5], &ya[i * 5..(i + 1) * 5]);
-            assert_eq!(&y[i * 8 + 5..(i + 1) * 8], &yb[i * 3..(i + 1) * 3]);
-        }
-        assert_eq!(fused.rows(5, 3).unwrap().dequantize(), b.dequantize());
-        // Applied together in one operation: the same products as one by one.
         let q = QuantizedRows::new(&x, 2, k, gs);
         for isa in Isa::available() {
             let both = PackedMatrix::matmul_t_all(&[&a, &b], isa, &q);
             assert_eq!(both, vec![a.matmul_t_on(isa, &q), b.matmul_t_on(isa, &q)]);
+            let y = whole.matmul_t_on(isa, &q);
+            for i in 0..2 {
+                assert_eq!(&y[i * 8..i * 8 + 5], &both[0][i * 5..(i + 1) * 5]);
+                assert_eq!(&y[i * 8 + 5..(i + 1) * 8], &both[1][i * 3..(i + 1) * 3]);
+            }
         }
-        let other = PackedMatrix::from_affine(
-            &AffineMatrix::quantize(&random(k, 4), 1, k, 8, gs, ScaleDType::F16).unwrap(),
-        );
-        assert!(PackedMatrix::concat(&[&a, &other]).unwrap().is_none());
     }
 }
