@@ -229,12 +229,14 @@ pub fn attend(
     for (i, out) in out.chunks_mut(hd).enumerate() {
         let (row, head) = (i / heads, i % heads);
         let (unit, h) = (row * nkv + head / groups, head % groups);
+        // Splits with keys (a row always sees itself, so at least one).
         let parts: Vec<&[f32]> = (0..splits)
             .map(|s| &partial[((unit * splits + s) * groups + h) * part..][..part])
+            .filter(|p| p[1] > 0.0)
             .collect();
         let max = parts.iter().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for p in parts.iter().filter(|p| p[1] > 0.0) {
+        for p in &parts {
             let w = (p[0] - max).exp();
             sum += w * p[1];
             for (o, x) in out.iter_mut().zip(&p[2..]) {
@@ -436,6 +438,28 @@ mod tests {
         assert!(worst < 5e-7, "relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(f32::NEG_INFINITY), exp(-87.336_55));
+    }
+
+    /// Every score far below zero (e^score underflows f32): the partial softmaxes of a
+    /// long prompt's key ranges still merge to the right weights.
+    #[test]
+    fn very_negative_scores_merge_exactly() {
+        let (t, heads, hd) = (300, 2, 8);
+        let (q, k) = (vec![-4.0f32; t * heads * hd], vec![3.0f32; t * heads * hd]);
+        let v = data(t * heads * hd, 7);
+        let want = naive(&q, &k, &v, t, heads, heads, hd);
+        let kv = KvStorage::new(1, t.div_ceil(16), 16, heads, hd, None).unwrap();
+        let blocks: Vec<u32> = (0..t.div_ceil(16) as u32).collect();
+        let seq = SeqSpan {
+            row: 0,
+            len: t,
+            start: 0,
+            blocks: &blocks,
+        };
+        let got = attend(&kv, 0, &[seq], &q, &k, &v, heads, 1.0, None);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 
     /// Prefill in uneven chunks through scattered blocks equals one causal pass.
