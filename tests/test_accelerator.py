@@ -4,6 +4,7 @@ and measurable, and every setting is either applied or reported as not applicabl
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -43,6 +44,9 @@ def test_every_setting_is_applied_or_reported():
     assert info["device"] == "cpu" and info["is_gpu"] is False and info["dtype"] == "float32"
     assert info["memory_total"] > info["memory_available"] > 0
     assert isinstance(info["cpu_features"]["avx2"], bool) and info["cpu_model"]
+    assert info["kernels"] in ("avx512vnni", "avx2", "scalar")
+    if info["cpu_features"]["avx512_vnni"] and "CORTEX_KERNEL" not in os.environ:
+        assert info["kernels"] == "avx512vnni"
 
 
 def test_generate_optimized_streams_and_honours_settings(smollm):

@@ -19,6 +19,7 @@ __all__ = [
     "affine_quantize",
     "engine_stats",
     "inspect_source",
+    "kernel_isa",
     "load",
     "load_model",
     "load_tokenizer",
@@ -170,6 +171,7 @@ def stream(
     model: Model, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams
 ) -> EngineStream: ...
 def engine_stats(model: Model) -> dict[str, float]: ...
+def kernel_isa() -> str: ...
 def time_operation(operation: str, shape: Sequence[int], iterations: int) -> tuple[float, float, float]: ...
 
 @final

@@ -412,6 +412,8 @@ class MLXAccelerator:
             "cpu_count": os.cpu_count(),
             "threads": int(os.environ.get("CORTEX_NUM_THREADS") or os.cpu_count() or 1),
             "cpu_features": features,
+            # The instruction set our quantized kernels run with (CORTEX_KERNEL can lower it).
+            "kernels": _core.kernel_isa(),
             "memory_total": mem.get("MemTotal"),
             "memory_available": mem.get("MemAvailable"),
             "settings": settings,

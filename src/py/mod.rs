@@ -25,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(model::time_operation, m)?)?;
+    m.add_function(wrap_pyfunction!(model::kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(engine::stream, m)?)?;
     m.add_function(wrap_pyfunction!(engine::engine_stats, m)?)?;
     m.add_class::<convert::PyConversionJob>()?;

@@ -251,6 +251,12 @@ pub fn load_tokenizer(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
     })
 }
 
+/// The instruction set the quantized kernels run with: `avx512vnni`, `avx2` or `scalar`.
+#[pyfunction]
+pub fn kernel_isa() -> &'static str {
+    crate::quant::Isa::active().name()
+}
+
 /// Times one of the engine's kernels (see `crate::bench::time_operation`): returns the
 /// total seconds of `iterations` runs, and the FLOPs and bytes read of one.
 #[pyfunction]

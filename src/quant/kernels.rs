@@ -68,8 +68,13 @@ impl Isa {
         }
     }
 
-    /// Every level this CPU can run, lowest first.
-    pub fn available() -> Vec<Isa> {
+    /// Every level this CPU can run, lowest first (detected once).
+    pub fn available() -> &'static [Isa] {
+        static LEVELS: OnceLock<Vec<Isa>> = OnceLock::new();
+        LEVELS.get_or_init(Isa::detect)
+    }
+
+    fn detect() -> Vec<Isa> {
         let mut levels = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -101,7 +106,8 @@ impl Isa {
                 .ok()
                 .and_then(|want| {
                     available
-                        .into_iter()
+                        .iter()
+                        .copied()
                         .find(|isa| isa.name() == want.trim().to_ascii_lowercase())
                 })
                 .unwrap_or(best)
@@ -851,7 +857,7 @@ mod tests {
                         "bits {} gs {}: {} vs exact {} (bound {})", bits, gs, got, exact, bound);
                 }
             }
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let y = p.matmul_t_on(isa, &q);
                 for (a, b) in y.iter().zip(&reference) {
                     prop_assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{:?}: {} vs {}", isa, a, b);
@@ -873,7 +879,7 @@ mod tests {
         // whole matrix's.
         let x = random(2 * k, 3);
         let q = QuantizedRows::new(&x, 2, k, gs);
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             let both = PackedMatrix::matmul_t_all(&[&a, &b], isa, &q);
             assert_eq!(both, vec![a.matmul_t_on(isa, &q), b.matmul_t_on(isa, &q)]);
             let y = whole.matmul_t_on(isa, &q);
