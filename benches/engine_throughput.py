@@ -16,11 +16,11 @@ venv, never in CI), or is skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
+
+from cpu_speed import bench_llama_cpp  # the llama.cpp child process both benchmarks run
 
 import cortex
 
@@ -34,24 +34,6 @@ _TOPICS = [
     "the life cycle of a star like the Sun",
     "how vaccines train the immune system",
 ]
-
-_LLAMA = r"""
-import json, sys, time
-from llama_cpp import Llama
-cfg = json.load(sys.stdin)
-llm = Llama(model_path=cfg["path"], n_ctx=2048, n_threads=cfg["threads"], n_batch=512, verbose=False)
-t0 = time.perf_counter()
-first = None
-n = 0
-for tok in llm.generate(cfg["ids"], top_k=1, temp=0.0, repeat_penalty=1.0):
-    n += 1
-    if first is None:
-        first = time.perf_counter()
-    if n == cfg["n_gen"]:
-        break
-end = time.perf_counter()
-print(json.dumps({"decode_tps": (n - 1) / (end - first), "prefill_tps": len(cfg["ids"]) / (first - t0)}))
-"""
 
 
 def _prompts(tok: cortex.Tokenizer, n: int) -> list[list[int]]:
@@ -92,13 +74,6 @@ def bench_cortex(model: cortex.Model, tok: cortex.Tokenizer, concurrency: int, n
     }
 
 
-def bench_llama_cpp(python: str, path: str, ids: list[int], n_gen: int, threads: int) -> dict[str, float]:
-    cfg = json.dumps({"path": path, "ids": ids, "n_gen": n_gen, "threads": threads})
-    out = subprocess.run([python, "-c", _LLAMA], input=cfg, capture_output=True, text=True, check=True)
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a .gguf file (default model if omitted)")
@@ -114,7 +89,8 @@ def main() -> int:
     base = rows[0]["decode_tps"] if rows[0]["concurrency"] == 1 else None
     llama = None
     if args.llama_python:
-        llama = bench_llama_cpp(args.llama_python, path, _prompts(tok, 1)[0], args.gen_tokens, threads)
+        ids = _prompts(tok, 1)[0]
+        llama = bench_llama_cpp(args.llama_python, path, ids, args.gen_tokens, threads, repeats=1)
     header = f"{'requests':>8} {'decode tok/s':>13} {'vs batch-1':>10} {'vs llama.cpp':>12} "
     print(header + f"{'TTFT p50':>9} {'ITL p50':>8} {'ITL p99':>8} {'preempt':>7}")
     for r in rows:

@@ -142,17 +142,13 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
                 blocks: &blocks,
             }];
             let scale = 1.0 / (hd as f32).sqrt();
-            attend(&kv, 0, &seq, &q, &k, &v, heads, scale, None);
-            let start = Instant::now();
-            for _ in 0..iterations {
+            let run = || -> Result<()> {
                 std::hint::black_box(attend(&kv, 0, &seq, &q, &k, &v, heads, scale, None));
-            }
-            Ok(Timing {
-                seconds: start.elapsed().as_secs_f64(),
-                flops: 2.0 * (heads * hd) as f64 * (t * (t + 1)) as f64,
-                // Keys and values, read once per query head.
-                bytes: (2 * heads * t * hd * 4) as f64,
-            })
+                Ok(())
+            };
+            let flops = 2.0 * (heads * hd) as f64 * (t * (t + 1)) as f64;
+            // The keys and values of every head (f32).
+            timed(&run, flops, (2 * heads * t * hd * 4) as f64)
         }
         other => Err(Error::param(
             "operation",

@@ -191,12 +191,6 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` points at a `Job` whose function is `Sync`, used as `parallel_for` allows.
-#[allow(unsafe_code)]
-unsafe impl Send for Shared {}
-#[allow(unsafe_code)]
-unsafe impl Sync for Shared {}
-
 impl Shared {
     /// Claims and runs tasks of operation `generation`, whose job `job` is (if the
     /// operation is still running), until none is left.

@@ -129,6 +129,8 @@ def test_exact_path_matches_reference(subject):
     """Logits and greedy ids with the weights dequantized and every product in f32
     (`Model.dequantize`): only summation order separates us from the reference."""
     model = subject.model.dequantize()
+    # f32 weights take several times the quantized ones' bytes, and the model says so.
+    assert model.weight_bytes > 3 * subject.model.weight_bytes
     for case in subject.golden["logits"]:
         logits = model.forward(case["input_ids"])
         ours = [float(logits[i]) for i in case["top20_ids"]]

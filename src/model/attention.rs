@@ -7,7 +7,7 @@
 //! written into the cache afterwards, so a ring (the rotating cache) can never overwrite a
 //! key that a query of the same chunk still needs.
 
-use std::ops::RangeInclusive;
+use std::ops::Range;
 
 use crate::error::{Error, Result};
 
@@ -140,25 +140,19 @@ pub fn attend(
         .collect();
     let rows = row_seq.len();
     let units = rows * nkv;
-    // The positions row `row` sees, in order: without a ring `first..=qpos` (all of them,
-    // given as `Err(first..=qpos)`), with one the kept and recent positions still visible.
-    let positions = |row: usize| -> std::result::Result<Vec<usize>, RangeInclusive<usize>> {
+    // The positions row `row` sees, in order, as two ranges: those from `first` on (the
+    // sliding window's start, else 0) that a ring keeps for good, then the recent ones up to
+    // the row's own. Without a ring the first range is empty. (Positions a ring has
+    // overwritten are exactly those before the second range's start.)
+    let positions = |row: usize| -> [Range<usize>; 2] {
         let seq = &seqs[row_seq[row]];
         let qpos = seq.start + (row - seq.row);
-        match kv.ring {
-            None => Err(window.map_or(0, |w| (qpos + 1).saturating_sub(w))..=qpos),
-            Some(r) => {
-                let visible = |p: &usize| {
-                    window.is_none_or(|w| qpos - p < w) && (*p < r.keep || qpos - p < r.window)
-                };
-                let recent = seq.start.saturating_sub(r.window).max(r.keep);
-                Ok((0..r.keep.min(seq.start))
-                    .chain(recent..seq.start)
-                    .chain(seq.start..=qpos)
-                    .filter(visible)
-                    .collect())
-            }
-        }
+        let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+        let (keep, recent) = kv
+            .ring
+            .map_or((0, 0), |r| (r.keep, (qpos + 1).saturating_sub(r.window)));
+        let kept_end = keep.min(qpos + 1).max(first);
+        [first..kept_end, first.max(keep).max(recent)..qpos + 1]
     };
     // Ranges of a row that sees `n` keys: one per `KEYS_PER_TASK`, at most `MAX_SPLITS`.
     let splits_of = |n: usize| n.div_ceil(KEYS_PER_TASK).clamp(1, MAX_SPLITS);
@@ -192,8 +186,8 @@ pub fn attend(
                 );
                 let (row, kv_head) = (unit / nkv, unit % nkv);
                 let seq = &seqs[row_seq[row]];
-                let seen = positions(row);
-                let n = seen.as_ref().map_or_else(|r| r.clone().count(), Vec::len);
+                let [kept, recent] = positions(row);
+                let n = kept.len() + recent.len();
                 if split >= splits_of(n) {
                     // Nothing for this split: an empty partial softmax.
                     partial.fill(0.0);
@@ -201,7 +195,10 @@ pub fn attend(
                 }
                 // This split's keys: cached ones first, then fresh ones of the row's own chunk.
                 let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
-                let position = |i: usize| seen.as_ref().map_or_else(|r| r.start() + i, |l| l[i]);
+                let position = |i: usize| match kept.len() {
+                    k if i < k => kept.start + i,
+                    k => recent.start + i - k,
+                };
                 cached.clear();
                 fresh.clear();
                 for p in (lo..hi).map(position) {

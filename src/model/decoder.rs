@@ -206,24 +206,28 @@ impl Decoder {
         head_bits: u32,
         group_size: usize,
     ) -> Result<(Decoder, isize)> {
-        let mut delta = 0isize;
-        let decoder = self.map_linears(|l, head| {
-            let q = l.requantized(if head { head_bits } else { bits }, group_size)?;
-            delta += q.nbytes() as isize - l.nbytes() as isize;
-            Ok(q)
-        })?;
-        Ok((decoder, delta))
+        self.map_linears(|l, head| l.requantized(if head { head_bits } else { bits }, group_size))
     }
 
     /// A copy whose linear layers hold their weights as f32 values, computed in f32 (a
-    /// reference for the quantized kernels, which round activations to 8 bits).
-    pub fn dequantized(&self) -> Result<Decoder> {
+    /// reference for the quantized kernels, which round activations to 8 bits). Returns
+    /// the decoder and the change in weight bytes.
+    pub fn dequantized(&self) -> Result<(Decoder, isize)> {
         self.map_linears(|l, _| l.dequantized())
     }
 
-    /// A copy with `f(layer, is_output_head)` applied to every linear layer. Embeddings
-    /// and norms are shared as they are.
-    fn map_linears(&self, mut f: impl FnMut(&Linear, bool) -> Result<Linear>) -> Result<Decoder> {
+    /// A copy with `f(layer, is_output_head)` applied to every linear layer, and the change
+    /// in weight bytes. Embeddings and norms are shared as they are.
+    fn map_linears(
+        &self,
+        mut f: impl FnMut(&Linear, bool) -> Result<Linear>,
+    ) -> Result<(Decoder, isize)> {
+        let mut delta = 0isize;
+        let mut f = |l: &Linear, head: bool| -> Result<Linear> {
+            let new = f(l, head)?;
+            delta += new.nbytes() as isize - l.nbytes() as isize;
+            Ok(new)
+        };
         let mut layers = Vec::with_capacity(self.layers.len());
         for block in &self.layers {
             let mut f = |l: &Linear| f(l, false);
@@ -243,7 +247,7 @@ impl Decoder {
             });
         }
         let lm_head = f(&self.lm_head, true)?;
-        Ok(Decoder {
+        let decoder = Decoder {
             embed_tokens: self.embed_tokens.clone(),
             embed_positions: self.embed_positions.clone(),
             layers,
@@ -253,7 +257,8 @@ impl Decoder {
             local_rope: self.local_rope.clone(),
             config: self.config.clone(),
             device: self.device.clone(),
-        })
+        };
+        Ok((decoder, delta))
     }
 
     /// A cache for these layers: `num_blocks` blocks of `block_size` positions.

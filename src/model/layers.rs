@@ -132,19 +132,12 @@ impl Linear {
     /// weights of that width already (GGML's Q4_0/Q4_1 at 4 bits, say), which stay exactly
     /// as they are. A matrix whose width no group size divides stays as it is too.
     pub fn requantized(&self, bits: u32, group_size: usize) -> Result<Linear> {
-        let (rows, cols, values) = match &self.weight {
-            LinearWeight::Packed(p) if p.bits == bits => return Ok(self.clone()),
-            LinearWeight::Packed(p) => (p.rows, p.cols, p.dequantize()),
-            LinearWeight::Candle(q) => {
-                let t = match q {
-                    QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
-                };
-                let (rows, cols) = t.dims2()?;
-                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                (rows, cols, values)
-            }
-        };
+        if matches!(&self.weight, LinearWeight::Packed(p) if p.bits == bits) {
+            return Ok(self.clone());
+        }
+        let dense = self.dense_weight()?;
+        let (rows, cols) = dense.dims2()?;
+        let values = dense.flatten_all()?.to_vec1::<f32>()?;
         let Some(group) = [group_size, 64, 32].into_iter().find(|g| cols % g == 0) else {
             return Ok(self.clone());
         };
@@ -157,7 +150,15 @@ impl Linear {
 
     /// The same layer with its weight as dense f32 values.
     pub fn dequantized(&self) -> Result<Linear> {
-        let values = match &self.weight {
+        Ok(Linear {
+            weight: LinearWeight::Candle(QMatMul::Tensor(self.dense_weight()?)),
+            bias: self.bias.clone(),
+        })
+    }
+
+    /// The weight expanded to a dense f32 `[out, in]` tensor.
+    fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
             LinearWeight::Packed(p) => {
                 Tensor::from_vec(p.dequantize(), (p.rows, p.cols), &Device::Cpu)?
             }
@@ -165,10 +166,6 @@ impl Linear {
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.to_dtype(DType::F32)?
             }
-        };
-        Ok(Linear {
-            weight: LinearWeight::Candle(QMatMul::Tensor(values)),
-            bias: self.bias.clone(),
         })
     }
 

@@ -38,25 +38,23 @@ impl Model {
     /// A copy with every linear layer requantized to MLX affine groups (see
     /// [`Decoder::requantized`]); this model is left as it is.
     pub fn requantized(&self, bits: u32, head_bits: u32, group_size: usize) -> Result<Model> {
-        let (decoder, delta) = self.decoder.requantized(bits, head_bits, group_size)?;
-        Ok(Model {
+        Ok(self.with_decoder(self.decoder.requantized(bits, head_bits, group_size)?))
+    }
+
+    /// A copy computing in f32 from dequantized weights (see [`Decoder::dequantized`]).
+    pub fn dequantized(&self) -> Result<Model> {
+        Ok(self.with_decoder(self.decoder.dequantized()?))
+    }
+
+    /// This model with another decoder whose weights take `delta` more bytes.
+    fn with_decoder(&self, (decoder, delta): (Decoder, isize)) -> Model {
+        Model {
             config: self.config.clone(),
             path: self.path.clone(),
             num_parameters: self.num_parameters,
             weight_bytes: (self.weight_bytes as isize + delta).max(0) as usize,
             decoder,
-        })
-    }
-
-    /// A copy computing in f32 from dequantized weights (see [`Decoder::dequantized`]).
-    pub fn dequantized(&self) -> Result<Model> {
-        Ok(Model {
-            config: self.config.clone(),
-            path: self.path.clone(),
-            num_parameters: self.num_parameters,
-            weight_bytes: self.weight_bytes,
-            decoder: self.decoder.dequantized()?,
-        })
+        }
     }
 
     /// The decoder, for the engine's batched forward passes.
