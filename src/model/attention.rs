@@ -10,6 +10,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
+use crate::quant::Isa;
 
 /// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
 /// stay, and the rest share `window` slots in a ring, so a sequence holds at most
@@ -35,8 +36,11 @@ impl Ring {
     }
 }
 
-/// Keys and values of every layer: `[num_blocks, kv_heads, block_size, head_dim]` f32 each
-/// (a head's keys in a block are contiguous: a query streams through them).
+/// Keys and values of every layer, f32. Keys are `[num_blocks, kv_heads, head_dim,
+/// block_size]` (transposed within a block: one dimension of a block's keys is contiguous,
+/// so a query scores a whole run of keys with vector multiply-adds and no horizontal sums);
+/// values are `[num_blocks, kv_heads, block_size, head_dim]` (a key's value is contiguous,
+/// to be added to the output with its weight).
 /// Buffers are zero-initialised allocations, which the OS maps lazily: memory is resident
 /// only for blocks that have been written, though the whole pool is reserved up front.
 #[derive(Debug)]
@@ -63,7 +67,7 @@ impl KvStorage {
             .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
         Ok(KvStorage {
             layers: (0..num_layers)
-                .map(|_| (vec![0f32; len], vec![0f32; len]))
+                .map(|_| (vec![0f32; len + PAD], vec![0f32; len]))
                 .collect(),
             block_size,
             kv_heads,
@@ -83,16 +87,19 @@ impl KvStorage {
         self.num_blocks += more;
         let len = self.num_blocks * self.block_size * self.kv_heads * self.head_dim;
         for (k, v) in &mut self.layers {
-            k.resize(len, 0.0);
+            k.resize(len + PAD, 0.0);
             v.resize(len, 0.0);
         }
     }
 
-    fn row(&self, blocks: &[u32], p: usize, kv_head: usize) -> usize {
-        let slot = Ring::slot(self.ring, p);
+    /// Where the keys of `kv_head` in slot `slot` of a sequence with block table `blocks`
+    /// start: `(block's first key element, index within the block)`. Dimension `d` of the
+    /// key is at `first + d * block_size + index`, its value at
+    /// `first + index * head_dim..` (both arrays share the block's base).
+    fn place(&self, blocks: &[u32], slot: usize, kv_head: usize) -> (usize, usize) {
         let block = blocks[slot / self.block_size] as usize;
-        ((block * self.kv_heads + kv_head) * self.block_size + slot % self.block_size)
-            * self.head_dim
+        let base = (block * self.kv_heads + kv_head) * self.block_size * self.head_dim;
+        (base, slot % self.block_size)
     }
 }
 
@@ -105,6 +112,19 @@ pub struct SeqSpan<'a> {
     pub len: usize,
     pub start: usize,
     pub blocks: &'a [u32],
+}
+
+/// Keys whose storage is consecutive: dimension `d` of key `j < n` is at
+/// `keys[k_at + d * k_stride + j]`, its value at `values[v_at + j * v_stride..][..head_dim]`.
+#[derive(Debug, Clone, Copy)]
+struct Run<'a> {
+    keys: &'a [f32],
+    k_at: usize,
+    k_stride: usize,
+    values: &'a [f32],
+    v_at: usize,
+    v_stride: usize,
+    n: usize,
 }
 
 /// One layer's attention over a batch: `q: [rows, heads, head_dim]`, `k, v: [rows,
@@ -129,6 +149,34 @@ pub fn attend(
     scale: f32,
     window: Option<usize>,
 ) -> Vec<f32> {
+    attend_on(
+        Isa::active(),
+        kv,
+        layer,
+        seqs,
+        q,
+        k,
+        v,
+        heads,
+        scale,
+        window,
+    )
+}
+
+/// [`attend`] with its inner loops compiled for `isa` (one of `Isa::available()`).
+#[allow(clippy::too_many_arguments)]
+fn attend_on(
+    isa: Isa,
+    kv: &KvStorage,
+    layer: usize,
+    seqs: &[SeqSpan<'_>],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    scale: f32,
+    window: Option<usize>,
+) -> Vec<f32> {
     let (hd, nkv) = (kv.head_dim, kv.kv_heads);
     let groups = heads / nkv;
     let (cache_k, cache_v) = &kv.layers[layer];
@@ -140,6 +188,15 @@ pub fn attend(
         .collect();
     let rows = row_seq.len();
     let units = rows * nkv;
+    // The fresh keys transposed like the cache's, `[kv_heads, head_dim, rows]`, so that a
+    // run of them is scored the same way.
+    let mut fresh_k = vec![0f32; nkv * hd * rows + PAD];
+    for (r, key) in k.chunks_exact(hd).enumerate() {
+        let (row, kv_head) = (r / nkv, r % nkv);
+        for (d, &x) in key.iter().enumerate() {
+            fresh_k[(kv_head * hd + d) * rows + row] = x;
+        }
+    }
     // The positions row `row` sees, in order, as two ranges: those from `first` on (the
     // sliding window's start, else 0) that a ring keeps for good, then the recent ones up to
     // the row's own. Without a ring the first range is empty. (Positions a ring has
@@ -163,6 +220,12 @@ pub fn attend(
         })
         .max()
         .unwrap_or(1);
+    let sources = Sources {
+        kv,
+        cache: (cache_k, cache_v),
+        fresh: (&fresh_k, v),
+        rows,
+    };
     // Per task and query head: [max score, sum of weights, Σ weight·value (head_dim)].
     let part = 2 + hd;
     let mut partial = vec![0f32; units * splits * groups * part];
@@ -178,14 +241,13 @@ pub fn attend(
         &mut partial,
         per_task * groups * part,
         &|task, partials| {
-            let (mut cached, mut fresh, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut runs, mut scores) = (Vec::new(), Vec::new());
             for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
                 let (unit, split) = (
                     (task * per_task + i) / splits,
                     (task * per_task + i) % splits,
                 );
                 let (row, kv_head) = (unit / nkv, unit % nkv);
-                let seq = &seqs[row_seq[row]];
                 let [kept, recent] = positions(row);
                 let n = kept.len() + recent.len();
                 if split >= splits_of(n) {
@@ -193,47 +255,49 @@ pub fn attend(
                     partial.fill(0.0);
                     continue;
                 }
-                // This split's keys: cached ones first, then fresh ones of the row's own chunk.
+                // This split's keys: indices `lo..hi` of the row's visible positions.
                 let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
-                let position = |i: usize| match kept.len() {
-                    k if i < k => kept.start + i,
-                    k => recent.start + i - k,
-                };
-                cached.clear();
-                fresh.clear();
-                for p in (lo..hi).map(position) {
-                    if p < seq.start {
-                        cached.push(kv.row(seq.blocks, p, kv_head));
-                    } else {
-                        fresh.push(((seq.row + p - seq.start) * nkv + kv_head) * hd);
-                    }
+                let seq = &seqs[row_seq[row]];
+                runs.clear();
+                let k = kept.len();
+                if lo < k {
+                    let range = kept.start + lo..kept.start + hi.min(k);
+                    sources.runs(seq, kv_head, range, &mut runs);
                 }
-                let ranges = [cached.as_slice(), fresh.as_slice()];
-                let sources = [(cache_k.as_slice(), cache_v.as_slice()), (k, v)];
-                for (h, partial) in partial.chunks_mut(part).enumerate() {
-                    let query = &q[((row * heads) + kv_head * groups + h) * hd..][..hd];
-                    match hd {
-                        64 => weigh::<64>(query, ranges, sources, scale, &mut scores, partial),
-                        128 => weigh::<128>(query, ranges, sources, scale, &mut scores, partial),
-                        _ => weigh::<0>(query, ranges, sources, scale, &mut scores, partial),
-                    }
+                if hi > k {
+                    let range = recent.start + lo.saturating_sub(k)..recent.start + hi - k;
+                    sources.runs(seq, kv_head, range, &mut runs);
                 }
+                // The query heads that share this KV head: `[groups, head_dim]`.
+                let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
+                weigh_on(
+                    isa,
+                    hd,
+                    queries,
+                    &runs,
+                    hi - lo,
+                    scale,
+                    &mut scores,
+                    partial,
+                );
             }
         },
     );
-    // Merge the splits of each (row, head): rescale each to the largest maximum.
+    // Merge the splits of each (row, head): rescale each to the largest maximum. Splits
+    // without keys (`Σ w = 0`) take no part; a row always sees itself, so one has keys.
+    let partial = &partial;
     let mut out = vec![0f32; rows * heads * hd];
     for (i, out) in out.chunks_mut(hd).enumerate() {
         let (row, head) = (i / heads, i % heads);
         let (unit, h) = (row * nkv + head / groups, head % groups);
-        // Splits with keys (a row always sees itself, so at least one).
-        let parts: Vec<&[f32]> = (0..splits)
-            .map(|s| &partial[((unit * splits + s) * groups + h) * part..][..part])
-            .filter(|p| p[1] > 0.0)
-            .collect();
-        let max = parts.iter().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+        let parts = || {
+            (0..splits)
+                .map(move |s| &partial[((unit * splits + s) * groups + h) * part..][..part])
+                .filter(|p| p[1] > 0.0)
+        };
+        let max = parts().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for p in &parts {
+        for p in parts() {
             let w = (p[0] - max).exp();
             sum += w * p[1];
             for (o, x) in out.iter_mut().zip(&p[2..]) {
@@ -245,74 +309,251 @@ pub fn attend(
     out
 }
 
+/// Where one layer's keys and values are read from: the cache, and the batch's fresh
+/// rows (keys transposed to `[kv_heads, head_dim, rows]`, values `[rows, kv_heads,
+/// head_dim]`).
+struct Sources<'a> {
+    kv: &'a KvStorage,
+    cache: (&'a [f32], &'a [f32]),
+    fresh: (&'a [f32], &'a [f32]),
+    rows: usize,
+}
+
+impl<'a> Sources<'a> {
+    /// Appends the runs (consecutive storage) that hold `positions` of `seq` for `kv_head`.
+    fn runs(
+        &self,
+        seq: &SeqSpan<'_>,
+        kv_head: usize,
+        positions: Range<usize>,
+        out: &mut Vec<Run<'a>>,
+    ) {
+        let kv = self.kv;
+        let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
+        let (mut p, end) = (positions.start, positions.end);
+        while p < end {
+            let run = if p < seq.start {
+                // Cached: consecutive slots of one block, up to where the ring wraps.
+                let wrap = match kv.ring {
+                    Some(r) if p >= r.keep => r.window - (p - r.keep) % r.window,
+                    Some(r) => r.keep - p,
+                    None => usize::MAX,
+                };
+                let (base, index) = kv.place(seq.blocks, Ring::slot(kv.ring, p), kv_head);
+                Run {
+                    keys: self.cache.0,
+                    k_at: base + index,
+                    k_stride: bs,
+                    values: self.cache.1,
+                    v_at: base + index * hd,
+                    v_stride: hd,
+                    n: (end.min(seq.start) - p).min(bs - index).min(wrap),
+                }
+            } else {
+                let row = seq.row + p - seq.start;
+                Run {
+                    keys: self.fresh.0,
+                    k_at: kv_head * hd * self.rows + row,
+                    k_stride: self.rows,
+                    values: self.fresh.1,
+                    v_at: (row * nkv + kv_head) * hd,
+                    v_stride: nkv * hd,
+                    n: end - p,
+                }
+            };
+            p += run.n;
+            out.push(run);
+        }
+    }
+}
+
+/// Keys scored at once (one AVX-512 register, two AVX2 ones).
+const LANES: usize = 16;
+/// Elements after the keys of a layer's cache and of the fresh keys, so that scoring the
+/// last `LANES` keys of a run never reads out of bounds.
+const PAD: usize = LANES;
+
 /// Keys per attention task (while there are at most `MAX_SPLITS` tasks per row and KV head).
 const KEYS_PER_TASK: usize = 32;
 const MAX_SPLITS: usize = 8;
 
-/// One query head's partial attention over the keys at `offsets[0]` in `sources[0]` (the
-/// cache) and `offsets[1]` in `sources[1]` (the fresh rows): writes `[max, Σ w, Σ w·v]`
-/// to `out` with `w = exp(scale · q·k − max)` (`Σ w = 0` when there are no keys). `HD` is
-/// the head size when it is known at compile time (0: `query.len()`): fixed lengths let the
-/// loops unroll and the sums stay in registers while the values stream past.
-#[inline(always)]
-fn weigh<const HD: usize>(
-    query: &[f32],
-    offsets: [&[usize]; 2],
-    sources: [(&[f32], &[f32]); 2],
+/// [`weigh`] compiled for the instruction set `isa` (the loops are plain Rust; compiled
+/// with AVX2 or AVX-512 enabled they run 8 or 16 lanes wide with fused multiply-adds) and
+/// specialised for the common head sizes.
+#[allow(clippy::too_many_arguments)]
+fn weigh_on(
+    isa: Isa,
+    hd: usize,
+    queries: &[f32],
+    runs: &[Run<'_>],
+    n: usize,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = if HD == 0 { query.len() } else { HD };
-    let query = &query[..hd];
-    scores.clear();
-    for (offsets, (keys, _)) in offsets.iter().zip(sources) {
-        scores.extend(
-            offsets
-                .iter()
-                .map(|&at| dot(query, &keys[at..at + hd]) * scale),
-        );
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    unsafe fn avx2<const HD: usize>(
+        hd: usize,
+        queries: &[f32],
+        runs: &[Run<'_>],
+        n: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        weigh::<HD, true>(hd, queries, runs, n, scale, scores, out)
     }
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    scores.iter_mut().for_each(|s| *s = exp(*s - max));
-    let sum: f32 = scores.iter().sum();
-    let (head, acc_out) = out.split_at_mut(2);
-    head[0] = max;
-    head[1] = sum;
-    let mut weights = scores.iter();
-    if HD == 0 {
-        acc_out.fill(0.0);
-        for (offsets, (_, values)) in offsets.iter().zip(sources) {
-            for (&at, &p) in offsets.iter().zip(&mut weights) {
-                for (o, x) in acc_out.iter_mut().zip(&values[at..at + hd]) {
-                    *o += p * x;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    unsafe fn avx512<const HD: usize>(
+        hd: usize,
+        queries: &[f32],
+        runs: &[Run<'_>],
+        n: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        weigh::<HD, true>(hd, queries, runs, n, scale, scores, out)
+    }
+    macro_rules! on {
+        ($hd:literal) => {
+            match isa {
+                // SAFETY: `isa` is one `Isa::available` found on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                #[allow(unsafe_code)]
+                Isa::Avx2 => unsafe { avx2::<$hd>(hd, queries, runs, n, scale, scores, out) },
+                #[cfg(target_arch = "x86_64")]
+                #[allow(unsafe_code)]
+                Isa::Avx512Vnni => unsafe {
+                    avx512::<$hd>(hd, queries, runs, n, scale, scores, out)
+                },
+                _ => weigh::<$hd, false>(hd, queries, runs, n, scale, scores, out),
+            }
+        };
+    }
+    match hd {
+        64 => on!(64),
+        128 => on!(128),
+        _ => on!(0),
+    }
+}
+
+/// The partial attention of the query heads `queries: [groups, head_dim]` over the `n`
+/// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
+/// with `w = exp(scale · q·k − max)`. `HD` is the head size when it is known at compile
+/// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
+/// the values stream past.
+#[inline(always)]
+fn weigh<const HD: usize, const FMA: bool>(
+    hd: usize,
+    queries: &[f32],
+    runs: &[Run<'_>],
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = if HD == 0 { hd } else { HD };
+    // Scores `[groups, n]`, for `LANES` keys at a time: over the dimensions, a query's
+    // component times one row of the transposed keys (contiguous), into four sums in
+    // registers (independent chains of multiply-adds). A run's last group of keys reads
+    // past it into storage that `PAD` keeps in bounds; those lanes are dropped.
+    scores.clear();
+    scores.resize(queries.len() / hd * n, 0.0);
+    let quads = hd / 4 * 4;
+    let mut at = 0;
+    for run in runs {
+        for j in (0..run.n).step_by(LANES) {
+            let keys = |d: usize| -> &[f32; LANES] {
+                let at = run.k_at + d * run.k_stride + j;
+                run.keys[at..at + LANES].try_into().expect("LANES keys")
+            };
+            for (query, scores) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+                let mut acc = [[0f32; LANES]; 4];
+                for d in (0..quads).step_by(4) {
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let (qd, k) = (query[d + c] * scale, keys(d + c));
+                        for (a, &k) in acc.iter_mut().zip(k) {
+                            *a = fma::<FMA>(qd, k, *a);
+                        }
+                    }
+                }
+                for (d, &qd) in query.iter().enumerate().skip(quads) {
+                    let (qd, k) = (qd * scale, keys(d));
+                    for (a, &k) in acc[0].iter_mut().zip(k) {
+                        *a = fma::<FMA>(qd, k, *a);
+                    }
+                }
+                let w = (run.n - j).min(LANES);
+                for (l, s) in scores[at + j..at + j + w].iter_mut().enumerate() {
+                    *s = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
                 }
             }
         }
+        at += run.n;
+    }
+    debug_assert_eq!(at, n);
+    for (scores, out) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(2 + hd)) {
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let (head, acc_out) = out.split_at_mut(2);
+        head[0] = max;
+        head[1] = scores.iter().sum();
+        let mut weights = scores.iter();
+        if HD == 0 {
+            acc_out.fill(0.0);
+            for run in runs {
+                for (j, &p) in (0..run.n).zip(&mut weights) {
+                    let value = &run.values[run.v_at + j * run.v_stride..][..hd];
+                    for (o, &x) in acc_out.iter_mut().zip(value) {
+                        *o = fma::<FMA>(p, x, *o);
+                    }
+                }
+            }
+        } else {
+            let mut acc = [0f32; HD];
+            for run in runs {
+                for (j, &p) in (0..run.n).zip(&mut weights) {
+                    let value = &run.values[run.v_at + j * run.v_stride..][..HD];
+                    for (a, &x) in acc.iter_mut().zip(value) {
+                        *a = fma::<FMA>(p, x, *a);
+                    }
+                }
+            }
+            acc_out.copy_from_slice(&acc);
+        }
+    }
+}
+
+/// `a · b + c`, fused into one instruction where the caller's instruction set has it
+/// (`f32::mul_add` without hardware support is a slow library call).
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
     } else {
-        let mut acc = [0f32; HD];
-        for (offsets, (_, values)) in offsets.iter().zip(sources) {
-            for (&at, &p) in offsets.iter().zip(&mut weights) {
-                for (a, x) in acc.iter_mut().zip(&values[at..at + HD]) {
-                    *a += p * x;
-                }
-            }
-        }
-        acc_out.copy_from_slice(&acc);
+        a * b + c
     }
 }
 
 /// Stores the batch's fresh keys and values (`[rows, kv_heads, head_dim]`) in their slots.
 pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], v: &[f32]) {
-    let (hd, nkv) = (kv.head_dim, kv.kv_heads);
+    let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
     for seq in seqs {
         for i in 0..seq.len {
+            let slot = Ring::slot(kv.ring, seq.start + i);
             for h in 0..nkv {
-                let at = kv.row(seq.blocks, seq.start + i, h);
+                let (base, index) = kv.place(seq.blocks, slot, h);
                 let from = ((seq.row + i) * nkv + h) * hd;
                 let (ck, cv) = &mut kv.layers[layer];
-                ck[at..at + hd].copy_from_slice(&k[from..from + hd]);
-                cv[at..at + hd].copy_from_slice(&v[from..from + hd]);
+                for (d, &x) in k[from..from + hd].iter().enumerate() {
+                    ck[base + d * bs + index] = x;
+                }
+                cv[base + index * hd..][..hd].copy_from_slice(&v[from..from + hd]);
             }
         }
     }
@@ -337,41 +578,6 @@ fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// `a · b` with four independent 8-lane sums, so that it vectorises and consecutive
-/// fused multiply-adds do not wait on each other (one running sum would be sequential).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [[0f32; 8]; 4];
-    let (wide_a, wide_b) = (a.chunks_exact(32), b.chunks_exact(32));
-    let (rest_a, rest_b) = (wide_a.remainder(), wide_b.remainder());
-    for (x, y) in wide_a.zip(wide_b) {
-        for (c, acc) in acc.iter_mut().enumerate() {
-            for (l, acc) in acc.iter_mut().enumerate() {
-                *acc += x[8 * c + l] * y[8 * c + l];
-            }
-        }
-    }
-    let (eights_a, eights_b) = (rest_a.chunks_exact(8), rest_b.chunks_exact(8));
-    let tail: f32 = eights_a
-        .remainder()
-        .iter()
-        .zip(eights_b.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in eights_a.zip(eights_b) {
-        for (l, acc) in acc[0].iter_mut().enumerate() {
-            *acc += x[l] * y[l];
-        }
-    }
-    let mut sum = [0f32; 8];
-    for acc in &acc {
-        for (s, a) in sum.iter_mut().zip(acc) {
-            *s += a;
-        }
-    }
-    sum.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -456,6 +662,109 @@ mod tests {
         let got = attend(&kv, 0, &[seq], &q, &k, &v, heads, 1.0, None);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// Attention of `q: [t, heads, hd]` over the positions `visible(i, j)` allows.
+    #[allow(clippy::too_many_arguments)]
+    fn masked(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        heads: usize,
+        nkv: usize,
+        hd: usize,
+        visible: impl Fn(usize, usize) -> bool,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; t * heads * hd];
+        for i in 0..t {
+            for h in 0..heads {
+                let kh = h / (heads / nkv);
+                let qv = &q[(i * heads + h) * hd..][..hd];
+                let seen: Vec<usize> = (0..=i).filter(|&j| visible(i, j)).collect();
+                let s: Vec<f32> = seen
+                    .iter()
+                    .map(|&j| {
+                        let key = &k[(j * nkv + kh) * hd..][..hd];
+                        qv.iter().zip(key).map(|(a, b)| a * b).sum()
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
+                for (&j, x) in seen.iter().zip(&s) {
+                    let w = (x - m).exp() / z;
+                    for d in 0..hd {
+                        out[(i * heads + h) * hd + d] += w * v[(j * nkv + kh) * hd + d];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A ring (first 3 positions kept, 7 more in rotation) under a sliding window of 6, fed
+    /// in chunks, some longer than the ring: each query sees exactly the positions both
+    /// allow, on every instruction set, for head sizes with and without a specialised path
+    /// and one that is not a multiple of 4.
+    #[test]
+    fn ring_and_window_match_masked_attention() {
+        let (t, heads, nkv, bs) = (41, 4, 2, 4);
+        let (keep, ring_window, window) = (3, 7, 6);
+        for hd in [6, 8, 64] {
+            let (q, k, v) = (
+                data(t * heads * hd, 1),
+                data(t * nkv * hd, 2),
+                data(t * nkv * hd, 3),
+            );
+            let want = masked(&q, &k, &v, t, heads, nkv, hd, |i, j| {
+                i - j < window && (j < keep || i - j < ring_window)
+            });
+            for &isa in Isa::available() {
+                let ring = Ring {
+                    keep,
+                    window: ring_window,
+                };
+                let mut kv = KvStorage::new(1, 4, bs, nkv, hd, Some(ring)).unwrap();
+                let blocks = [2u32, 0, 3];
+                let mut got = vec![];
+                for (start, len) in [
+                    (0, 2),
+                    (2, 9),
+                    (11, 1),
+                    (12, 13),
+                    (25, 1),
+                    (26, 1),
+                    (27, 14),
+                ] {
+                    let seq = SeqSpan {
+                        row: 0,
+                        len,
+                        start,
+                        blocks: &blocks,
+                    };
+                    let rows =
+                        |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
+                    let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
+                    let qq = rows(&q, heads);
+                    got.extend(attend_on(
+                        isa,
+                        &kv,
+                        0,
+                        &[seq],
+                        &qq,
+                        &kk,
+                        &vv,
+                        heads,
+                        1.0,
+                        Some(window),
+                    ));
+                    store(&mut kv, 0, &[seq], &kk, &vv);
+                }
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() < 1e-5, "{isa:?} hd {hd} at {i}: {a} vs {b}");
+                }
+            }
         }
     }
 
