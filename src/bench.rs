@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::attention::{attend, KvStorage, SeqSpan};
+use crate::model::attention::{attend, KvDType, KvStorage, SeqSpan};
 use crate::quant::kernels::QuantizedRows;
 use crate::quant::{AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
@@ -129,7 +129,7 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
                 return Err(bad_shape("(seq_len, heads, head_dim)"));
             };
             let blocks: Vec<u32> = (0..t.div_ceil(16) as u32).collect();
-            let kv = KvStorage::new(1, blocks.len(), 16, heads, hd, None)?;
+            let kv = KvStorage::new(KvDType::F16, 1, blocks.len(), 16, heads, hd, None)?;
             let (q, k, v) = (
                 values(t * heads * hd, 3),
                 values(t * heads * hd, 4),
@@ -147,8 +147,8 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
                 Ok(())
             };
             let flops = 2.0 * (heads * hd) as f64 * (t * (t + 1)) as f64;
-            // The keys and values of every head (f32).
-            timed(&run, flops, (2 * heads * t * hd * 4) as f64)
+            // The keys and values of every head (f16, as quantized models cache them).
+            timed(&run, flops, (2 * heads * t * hd * 2) as f64)
         }
         other => Err(Error::param(
             "operation",

@@ -121,12 +121,6 @@ def _cpu() -> tuple[str, set[str]]:
     return model, set(fields.get("flags", "").split())
 
 
-def _kv_bytes_per_token(model: Model) -> int:
-    c = model.config
-    head_dim = int(c["head_dim"])
-    return 2 * int(c["num_hidden_layers"]) * int(c["num_key_value_heads"]) * head_dim * 4
-
-
 class Pipeline:
     """Models chained by :meth:`MLXAccelerator.create_pipeline`; call it with prompts."""
 
@@ -175,7 +169,7 @@ class MLXAccelerator:
         want = (batch_size or c.batch_size) * c.kv_cache_size
         available = _meminfo().get("MemAvailable")
         if available:
-            want = min(want, int(available * c.memory_fraction) // _kv_bytes_per_token(model))
+            want = min(want, int(available * c.memory_fraction) // model.kv_bytes_per_token)
         return max(want, 16)
 
     def engine(self, model: Model, tokenizer: Tokenizer) -> Engine:

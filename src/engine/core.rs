@@ -118,11 +118,7 @@ impl Engine {
         }
         let cfg = &model.config;
         let context = cfg.max_position_embeddings;
-        let per_token = KvStorage::bytes_per_token(
-            cfg.num_hidden_layers,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let per_token = model.decoder().kv_bytes_per_token();
         let tokens = match (c.kv_cache_tokens, c.memory_fraction) {
             (Some(_), Some(_)) => {
                 return Err(Error::param(

@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::quant::Isa;
+use half::f16;
 
 /// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
 /// stay, and the rest share `window` slots in a ring, so a sequence holds at most
@@ -36,7 +37,88 @@ impl Ring {
     }
 }
 
-/// Keys and values of every layer, f32. Keys are `[num_blocks, kv_heads, head_dim,
+/// How the cache stores keys and values: f16 halves the memory a position takes and the
+/// bytes each decoded token reads (llama.cpp's default too); f32 keeps a float model's
+/// reference computation exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+}
+
+impl KvDType {
+    /// Bytes of one element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+}
+
+/// An element type of the cache.
+pub trait Elem: Copy + Default + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// 16 elements as f32. `SIMD`: the caller runs with AVX2 and F16C enabled.
+    fn widen16<const SIMD: bool>(x: &[Self; 16]) -> [f32; 16];
+}
+
+impl Elem for f32 {
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn widen16<const SIMD: bool>(x: &[f32; 16]) -> [f32; 16] {
+        *x
+    }
+}
+
+impl Elem for f16 {
+    fn from_f32(x: f32) -> f16 {
+        f16::from_f32(x)
+    }
+
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn widen16<const SIMD: bool>(x: &[f16; 16]) -> [f32; 16] {
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+            let mut out = [0f32; 16];
+            // SAFETY: `SIMD` callers run with F16C and AVX enabled; both loads read 8 of
+            // the 16 halves and both stores write 8 of the 16 floats.
+            #[allow(unsafe_code)]
+            unsafe {
+                let p = x.as_ptr().cast::<std::arch::x86_64::__m128i>();
+                _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(p)));
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(8),
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+                );
+            }
+            return out;
+        }
+        x.map(f16::to_f32)
+    }
+}
+
+/// Each layer's keys and values, in one element type.
+#[derive(Debug)]
+enum Layers {
+    F32(Vec<(Vec<f32>, Vec<f32>)>),
+    F16(Vec<(Vec<f16>, Vec<f16>)>),
+}
+
+/// Keys and values of every layer. Keys are `[num_blocks, kv_heads, head_dim,
 /// block_size]` (transposed within a block: one dimension of a block's keys is contiguous,
 /// so a query scores a whole run of keys with vector multiply-adds and no horizontal sums);
 /// values are `[num_blocks, kv_heads, block_size, head_dim]` (a key's value is contiguous,
@@ -45,7 +127,7 @@ impl Ring {
 /// only for blocks that have been written, though the whole pool is reserved up front.
 #[derive(Debug)]
 pub struct KvStorage {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Layers,
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -54,7 +136,9 @@ pub struct KvStorage {
 }
 
 impl KvStorage {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        dtype: KvDType,
         num_layers: usize,
         num_blocks: usize,
         block_size: usize,
@@ -65,10 +149,16 @@ impl KvStorage {
         let len = num_blocks
             .checked_mul(block_size * kv_heads * head_dim)
             .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
+        fn zeros<T: Elem>(layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
+            (0..layers)
+                .map(|_| (vec![T::default(); len + PAD], vec![T::default(); len]))
+                .collect()
+        }
         Ok(KvStorage {
-            layers: (0..num_layers)
-                .map(|_| (vec![0f32; len + PAD], vec![0f32; len]))
-                .collect(),
+            layers: match dtype {
+                KvDType::F32 => Layers::F32(zeros(num_layers, len)),
+                KvDType::F16 => Layers::F16(zeros(num_layers, len)),
+            },
             block_size,
             kv_heads,
             head_dim,
@@ -78,17 +168,28 @@ impl KvStorage {
     }
 
     /// Bytes of K and V per cached token, over all layers.
-    pub fn bytes_per_token(num_layers: usize, kv_heads: usize, head_dim: usize) -> usize {
-        2 * num_layers * kv_heads * head_dim * std::mem::size_of::<f32>()
+    pub fn bytes_per_token(
+        dtype: KvDType,
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        2 * num_layers * kv_heads * head_dim * dtype.size()
     }
 
     /// Adds `more` blocks (a single sequence's cache growing).
     pub fn grow(&mut self, more: usize) {
+        fn resize<T: Elem>(layers: &mut [(Vec<T>, Vec<T>)], len: usize) {
+            for (k, v) in layers {
+                k.resize(len + PAD, T::default());
+                v.resize(len, T::default());
+            }
+        }
         self.num_blocks += more;
         let len = self.num_blocks * self.block_size * self.kv_heads * self.head_dim;
-        for (k, v) in &mut self.layers {
-            k.resize(len + PAD, 0.0);
-            v.resize(len, 0.0);
+        match &mut self.layers {
+            Layers::F32(l) => resize(l, len),
+            Layers::F16(l) => resize(l, len),
         }
     }
 
@@ -117,11 +218,11 @@ pub struct SeqSpan<'a> {
 /// Keys whose storage is consecutive: dimension `d` of key `j < n` is at
 /// `keys[k_at + d * k_stride + j]`, its value at `values[v_at + j * v_stride..][..head_dim]`.
 #[derive(Debug, Clone, Copy)]
-struct Run<'a> {
-    keys: &'a [f32],
+struct Run<'a, T> {
+    keys: &'a [T],
     k_at: usize,
     k_stride: usize,
-    values: &'a [f32],
+    values: &'a [T],
     v_at: usize,
     v_stride: usize,
     n: usize,
@@ -177,9 +278,28 @@ fn attend_on(
     scale: f32,
     window: Option<usize>,
 ) -> Vec<f32> {
+    match &kv.layers {
+        Layers::F32(l) => attend_in(isa, kv, &l[layer], seqs, q, k, v, heads, scale, window),
+        Layers::F16(l) => attend_in(isa, kv, &l[layer], seqs, q, k, v, heads, scale, window),
+    }
+}
+
+/// [`attend_on`] over one layer's cache, `(keys, values)` in element type `T`.
+#[allow(clippy::too_many_arguments)]
+fn attend_in<T: Elem>(
+    isa: Isa,
+    kv: &KvStorage,
+    (cache_k, cache_v): &(Vec<T>, Vec<T>),
+    seqs: &[SeqSpan<'_>],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    scale: f32,
+    window: Option<usize>,
+) -> Vec<f32> {
     let (hd, nkv) = (kv.head_dim, kv.kv_heads);
     let groups = heads / nkv;
-    let (cache_k, cache_v) = &kv.layers[layer];
     // Which sequence each row belongs to.
     let row_seq: Vec<usize> = seqs
         .iter()
@@ -188,15 +308,17 @@ fn attend_on(
         .collect();
     let rows = row_seq.len();
     let units = rows * nkv;
-    // The fresh keys transposed like the cache's, `[kv_heads, head_dim, rows]`, so that a
-    // run of them is scored the same way.
-    let mut fresh_k = vec![0f32; nkv * hd * rows + PAD];
+    // The fresh keys and values as the cache stores them (so that a position's attention to
+    // itself uses what later positions will read): keys transposed, `[kv_heads, head_dim,
+    // rows]`, so that a run of them is scored the same way.
+    let mut fresh_k = vec![T::default(); nkv * hd * rows + PAD];
     for (r, key) in k.chunks_exact(hd).enumerate() {
         let (row, kv_head) = (r / nkv, r % nkv);
         for (d, &x) in key.iter().enumerate() {
-            fresh_k[(kv_head * hd + d) * rows + row] = x;
+            fresh_k[(kv_head * hd + d) * rows + row] = T::from_f32(x);
         }
     }
+    let fresh_v: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
     // The positions row `row` sees, in order, as two ranges: those from `first` on (the
     // sliding window's start, else 0) that a ring keeps for good, then the recent ones up to
     // the row's own. Without a ring the first range is empty. (Positions a ring has
@@ -223,7 +345,7 @@ fn attend_on(
     let sources = Sources {
         kv,
         cache: (cache_k, cache_v),
-        fresh: (&fresh_k, v),
+        fresh: (&fresh_k, &fresh_v),
         rows,
     };
     // Per task and query head: [max score, sum of weights, Σ weight·value (head_dim)].
@@ -312,21 +434,21 @@ fn attend_on(
 /// Where one layer's keys and values are read from: the cache, and the batch's fresh
 /// rows (keys transposed to `[kv_heads, head_dim, rows]`, values `[rows, kv_heads,
 /// head_dim]`).
-struct Sources<'a> {
+struct Sources<'a, T> {
     kv: &'a KvStorage,
-    cache: (&'a [f32], &'a [f32]),
-    fresh: (&'a [f32], &'a [f32]),
+    cache: (&'a [T], &'a [T]),
+    fresh: (&'a [T], &'a [T]),
     rows: usize,
 }
 
-impl<'a> Sources<'a> {
+impl<'a, T> Sources<'a, T> {
     /// Appends the runs (consecutive storage) that hold `positions` of `seq` for `kv_head`.
     fn runs(
         &self,
         seq: &SeqSpan<'_>,
         kv_head: usize,
         positions: Range<usize>,
-        out: &mut Vec<Run<'a>>,
+        out: &mut Vec<Run<'a, T>>,
     ) {
         let kv = self.kv;
         let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
@@ -381,43 +503,43 @@ const MAX_SPLITS: usize = 8;
 /// with AVX2 or AVX-512 enabled they run 8 or 16 lanes wide with fused multiply-adds) and
 /// specialised for the common head sizes.
 #[allow(clippy::too_many_arguments)]
-fn weigh_on(
+fn weigh_on<T: Elem>(
     isa: Isa,
     hd: usize,
     queries: &[f32],
-    runs: &[Run<'_>],
+    runs: &[Run<'_, T>],
     n: usize,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(unsafe_code, clippy::too_many_arguments)]
-    unsafe fn avx2<const HD: usize>(
+    unsafe fn avx2<T: Elem, const HD: usize>(
         hd: usize,
         queries: &[f32],
-        runs: &[Run<'_>],
+        runs: &[Run<'_, T>],
         n: usize,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        weigh::<HD, true>(hd, queries, runs, n, scale, scores, out)
+        weigh::<T, HD, true>(hd, queries, runs, n, scale, scores, out)
     }
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
     #[allow(unsafe_code, clippy::too_many_arguments)]
-    unsafe fn avx512<const HD: usize>(
+    unsafe fn avx512<T: Elem, const HD: usize>(
         hd: usize,
         queries: &[f32],
-        runs: &[Run<'_>],
+        runs: &[Run<'_, T>],
         n: usize,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        weigh::<HD, true>(hd, queries, runs, n, scale, scores, out)
+        weigh::<T, HD, true>(hd, queries, runs, n, scale, scores, out)
     }
     macro_rules! on {
         ($hd:literal) => {
@@ -425,13 +547,13 @@ fn weigh_on(
                 // SAFETY: `isa` is one `Isa::available` found on this CPU.
                 #[cfg(target_arch = "x86_64")]
                 #[allow(unsafe_code)]
-                Isa::Avx2 => unsafe { avx2::<$hd>(hd, queries, runs, n, scale, scores, out) },
+                Isa::Avx2 => unsafe { avx2::<T, $hd>(hd, queries, runs, n, scale, scores, out) },
                 #[cfg(target_arch = "x86_64")]
                 #[allow(unsafe_code)]
                 Isa::Avx512Vnni => unsafe {
-                    avx512::<$hd>(hd, queries, runs, n, scale, scores, out)
+                    avx512::<T, $hd>(hd, queries, runs, n, scale, scores, out)
                 },
-                _ => weigh::<$hd, false>(hd, queries, runs, n, scale, scores, out),
+                _ => weigh::<T, $hd, false>(hd, queries, runs, n, scale, scores, out),
             }
         };
     }
@@ -446,12 +568,13 @@ fn weigh_on(
 /// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
 /// with `w = exp(scale · q·k − max)`. `HD` is the head size when it is known at compile
 /// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
-/// the values stream past.
+/// the values stream past. `HD`
+/// is a multiple of 16 (values are widened 16 at a time).
 #[inline(always)]
-fn weigh<const HD: usize, const FMA: bool>(
+fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,
     queries: &[f32],
-    runs: &[Run<'_>],
+    runs: &[Run<'_, T>],
     n: usize,
     scale: f32,
     scores: &mut Vec<f32>,
@@ -468,23 +591,23 @@ fn weigh<const HD: usize, const FMA: bool>(
     let mut at = 0;
     for run in runs {
         for j in (0..run.n).step_by(LANES) {
-            let keys = |d: usize| -> &[f32; LANES] {
+            let keys = |d: usize| -> [f32; LANES] {
                 let at = run.k_at + d * run.k_stride + j;
-                run.keys[at..at + LANES].try_into().expect("LANES keys")
+                T::widen16::<FMA>(run.keys[at..at + LANES].try_into().expect("LANES keys"))
             };
             for (query, scores) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
                 let mut acc = [[0f32; LANES]; 4];
                 for d in (0..quads).step_by(4) {
                     for (c, acc) in acc.iter_mut().enumerate() {
                         let (qd, k) = (query[d + c] * scale, keys(d + c));
-                        for (a, &k) in acc.iter_mut().zip(k) {
+                        for (a, k) in acc.iter_mut().zip(k) {
                             *a = fma::<FMA>(qd, k, *a);
                         }
                     }
                 }
                 for (d, &qd) in query.iter().enumerate().skip(quads) {
                     let (qd, k) = (qd * scale, keys(d));
-                    for (a, &k) in acc[0].iter_mut().zip(k) {
+                    for (a, k) in acc[0].iter_mut().zip(k) {
                         *a = fma::<FMA>(qd, k, *a);
                     }
                 }
@@ -510,7 +633,7 @@ fn weigh<const HD: usize, const FMA: bool>(
                 for (j, &p) in (0..run.n).zip(&mut weights) {
                     let value = &run.values[run.v_at + j * run.v_stride..][..hd];
                     for (o, &x) in acc_out.iter_mut().zip(value) {
-                        *o = fma::<FMA>(p, x, *o);
+                        *o = fma::<FMA>(p, x.to_f32(), *o);
                     }
                 }
             }
@@ -519,8 +642,11 @@ fn weigh<const HD: usize, const FMA: bool>(
             for run in runs {
                 for (j, &p) in (0..run.n).zip(&mut weights) {
                     let value = &run.values[run.v_at + j * run.v_stride..][..HD];
-                    for (a, &x) in acc.iter_mut().zip(value) {
-                        *a = fma::<FMA>(p, x, *a);
+                    for (acc, value) in acc.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
+                        let value = T::widen16::<FMA>(value.try_into().expect("16 values"));
+                        for (a, x) in acc.iter_mut().zip(value) {
+                            *a = fma::<FMA>(p, x, *a);
+                        }
                     }
                 }
             }
@@ -542,21 +668,40 @@ fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// Stores the batch's fresh keys and values (`[rows, kv_heads, head_dim]`) in their slots.
 pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], v: &[f32]) {
-    let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
-    for seq in seqs {
-        for i in 0..seq.len {
-            let slot = Ring::slot(kv.ring, seq.start + i);
-            for h in 0..nkv {
-                let (base, index) = kv.place(seq.blocks, slot, h);
-                let from = ((seq.row + i) * nkv + h) * hd;
-                let (ck, cv) = &mut kv.layers[layer];
-                for (d, &x) in k[from..from + hd].iter().enumerate() {
-                    ck[base + d * bs + index] = x;
+    fn store_in<T: Elem>(
+        kv: &KvStorage,
+        (ck, cv): &mut (Vec<T>, Vec<T>),
+        seqs: &[SeqSpan<'_>],
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
+        for seq in seqs {
+            for i in 0..seq.len {
+                let slot = Ring::slot(kv.ring, seq.start + i);
+                for h in 0..nkv {
+                    let (base, index) = kv.place(seq.blocks, slot, h);
+                    let from = ((seq.row + i) * nkv + h) * hd;
+                    for (d, &x) in k[from..from + hd].iter().enumerate() {
+                        ck[base + d * bs + index] = T::from_f32(x);
+                    }
+                    for (c, &x) in cv[base + index * hd..][..hd]
+                        .iter_mut()
+                        .zip(&v[from..from + hd])
+                    {
+                        *c = T::from_f32(x);
+                    }
                 }
-                cv[base + index * hd..][..hd].copy_from_slice(&v[from..from + hd]);
             }
         }
     }
+    // The layers leave `kv` for the call, so that its shape can be read meanwhile.
+    let mut layers = std::mem::replace(&mut kv.layers, Layers::F32(Vec::new()));
+    match &mut layers {
+        Layers::F32(l) => store_in(kv, &mut l[layer], seqs, k, v),
+        Layers::F16(l) => store_in(kv, &mut l[layer], seqs, k, v),
+    }
+    kv.layers = layers;
 }
 
 /// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
@@ -651,7 +796,7 @@ mod tests {
         let (q, k) = (vec![-4.0f32; t * heads * hd], vec![3.0f32; t * heads * hd]);
         let v = data(t * heads * hd, 7);
         let want = naive(&q, &k, &v, t, heads, heads, hd);
-        let kv = KvStorage::new(1, t.div_ceil(16), 16, heads, hd, None).unwrap();
+        let kv = KvStorage::new(KvDType::F32, 1, t.div_ceil(16), 16, heads, hd, None).unwrap();
         let blocks: Vec<u32> = (0..t.div_ceil(16) as u32).collect();
         let seq = SeqSpan {
             row: 0,
@@ -705,27 +850,37 @@ mod tests {
 
     /// A ring (first 3 positions kept, 7 more in rotation) under a sliding window of 6, fed
     /// in chunks, some longer than the ring: each query sees exactly the positions both
-    /// allow, on every instruction set, for head sizes with and without a specialised path
+    /// allow, on every instruction set, in both cache types (f16 against a reference on
+    /// keys and values rounded to f16), for head sizes with and without a specialised path
     /// and one that is not a multiple of 4.
     #[test]
     fn ring_and_window_match_masked_attention() {
         let (t, heads, nkv, bs) = (41, 4, 2, 4);
         let (keep, ring_window, window) = (3, 7, 6);
-        for hd in [6, 8, 64] {
+        let ring = Ring {
+            keep,
+            window: ring_window,
+        };
+        for (hd, dtype) in [6, 8, 64]
+            .into_iter()
+            .flat_map(|hd| [(hd, KvDType::F32), (hd, KvDType::F16)])
+        {
             let (q, k, v) = (
                 data(t * heads * hd, 1),
                 data(t * nkv * hd, 2),
                 data(t * nkv * hd, 3),
             );
-            let want = masked(&q, &k, &v, t, heads, nkv, hd, |i, j| {
+            let stored = |x: &[f32]| -> Vec<f32> {
+                match dtype {
+                    KvDType::F32 => x.to_vec(),
+                    KvDType::F16 => x.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+                }
+            };
+            let want = masked(&q, &stored(&k), &stored(&v), t, heads, nkv, hd, |i, j| {
                 i - j < window && (j < keep || i - j < ring_window)
             });
             for &isa in Isa::available() {
-                let ring = Ring {
-                    keep,
-                    window: ring_window,
-                };
-                let mut kv = KvStorage::new(1, 4, bs, nkv, hd, Some(ring)).unwrap();
+                let mut kv = KvStorage::new(dtype, 1, 4, bs, nkv, hd, Some(ring)).unwrap();
                 let blocks = [2u32, 0, 3];
                 let mut got = vec![];
                 for (start, len) in [
@@ -762,7 +917,10 @@ mod tests {
                     store(&mut kv, 0, &[seq], &kk, &vv);
                 }
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() < 1e-5, "{isa:?} hd {hd} at {i}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{isa:?} {dtype:?} hd {hd} at {i}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -778,7 +936,7 @@ mod tests {
             data(t * nkv * hd, 3),
         );
         let want = naive(&q, &k, &v, t, heads, nkv, hd);
-        let mut kv = KvStorage::new(1, 6, bs, nkv, hd, None).unwrap();
+        let mut kv = KvStorage::new(KvDType::F32, 1, 6, bs, nkv, hd, None).unwrap();
         let blocks = [5u32, 0, 3];
         let mut got = vec![];
         for (start, len) in [(0, 5), (5, 1), (6, 4), (10, 1)] {

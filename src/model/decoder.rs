@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::attention::{self, KvStorage, SeqSpan};
+use crate::model::attention::{self, KvDType, KvStorage, SeqSpan};
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope};
 
@@ -261,6 +261,27 @@ impl Decoder {
         Ok((decoder, delta))
     }
 
+    /// How the cache stores keys and values: f16 for quantized weights (half the memory
+    /// and half the bytes each decoded token reads), f32 for float weights (whose
+    /// computation is the exact reference for the quantized ones).
+    pub fn kv_dtype(&self) -> KvDType {
+        match self.layers.first() {
+            Some(b) if b.self_attn.q_proj.is_float() => KvDType::F32,
+            _ => KvDType::F16,
+        }
+    }
+
+    /// Bytes of keys and values one cached position takes, over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let a = &self.layers[0].self_attn;
+        KvStorage::bytes_per_token(
+            self.kv_dtype(),
+            self.layers.len(),
+            a.num_kv_heads,
+            a.head_dim,
+        )
+    }
+
     /// A cache for these layers: `num_blocks` blocks of `block_size` positions.
     pub fn new_storage(
         &self,
@@ -270,6 +291,7 @@ impl Decoder {
     ) -> Result<KvStorage> {
         let a = &self.layers[0].self_attn;
         KvStorage::new(
+            self.kv_dtype(),
             self.layers.len(),
             num_blocks,
             block_size,

@@ -116,6 +116,14 @@ impl Linear {
         Linear { bias, ..self }
     }
 
+    /// Whether the weight holds float values (not quantized blocks).
+    pub fn is_float(&self) -> bool {
+        matches!(
+            &self.weight,
+            LinearWeight::Candle(QMatMul::Tensor(_) | QMatMul::TensorF16(_))
+        )
+    }
+
     /// Bytes of the weight in memory.
     pub fn nbytes(&self) -> usize {
         match &self.weight {

@@ -10,6 +10,7 @@ use pyo3::types::PyByteArray;
 use super::run_detached;
 use super::tokenizer::PyTokenizer;
 use crate::engine::{Engine, EngineConfig};
+use crate::model::attention::KvDType;
 use crate::model::Model;
 use crate::tokenizer::check_token_ids;
 
@@ -158,6 +159,22 @@ impl PyModel {
     #[getter]
     fn weight_bytes(&self) -> usize {
         self.inner.weight_bytes
+    }
+
+    /// Bytes of keys and values one cached position takes, over all layers (f16 for
+    /// quantized models, f32 for float ones).
+    #[getter]
+    fn kv_bytes_per_token(&self) -> usize {
+        self.inner.decoder().kv_bytes_per_token()
+    }
+
+    /// How the KV cache stores keys and values: `"float16"` or `"float32"`.
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        match self.inner.decoder().kv_dtype() {
+            KvDType::F16 => "float16",
+            KvDType::F32 => "float32",
+        }
     }
 
     #[getter]
