@@ -6,12 +6,13 @@
 //! `llm_build_llama` / `llm_build_gemma3`; candle-transformers' `quantized_llama.rs` serves
 //! as an independent oracle in `tests/oracle_llama.rs`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::model::attention::{self, KvDType, KvStorage, SeqSpan};
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope};
+use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope, Scratch};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -62,6 +63,30 @@ pub struct Decoder {
     pub local_rope: Option<Rope>,
     pub config: ModelConfig,
     pub device: Device,
+    /// Buffers of the forward pass, kept between passes.
+    pub workspace: Mutex<Workspace>,
+}
+
+/// The buffers a forward pass computes in, kept from one pass to the next: once they have
+/// grown to the batch's size, decoding allocates nothing per token for them.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    positions: Vec<usize>,
+    /// `[rows, d]`: the residual stream.
+    x: Vec<f32>,
+    /// `[rows, d]`: its normalised copy, a sublayer's input.
+    normed: Vec<f32>,
+    /// `[rows, heads, head_dim]` and `[rows, kv_heads, head_dim]`.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// `[rows, heads * head_dim]`: the attention's output.
+    attn: Vec<f32>,
+    /// `[rows, d]`: a sublayer's output.
+    h: Vec<f32>,
+    /// `[rows, d]`: the MLP's output in a parallel block (Phi).
+    mlp: Vec<f32>,
+    layers: Scratch,
 }
 
 /// One forward pass over several sequences: their tokens side by side, as `seqs`
@@ -74,45 +99,56 @@ pub struct Batch<'a> {
 }
 
 impl Attention {
-    /// `xs: [1, rows, d]` → `[1, rows, d]`; `positions[r]` is row `r`'s position; `rope`
-    /// and `window` are the layer's (global or local).
+    /// `ws.normed: [rows, d]` → `ws.h: [rows, d]`; `positions[r]` is row `r`'s position;
+    /// `rope` and `window` are the layer's (global or local).
     fn forward(
         &self,
-        xs: &Tensor,
+        ws: &mut Workspace,
         layer: usize,
         batch: &Batch<'_>,
-        positions: &[usize],
         (rope, window): (&Rope, Option<usize>),
         kv: &mut KvStorage,
-    ) -> Result<Tensor> {
-        let (_, rows, _) = xs.dims3()?;
+    ) -> Result<()> {
+        let rows = ws.positions.len();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v] = Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
-        let q = q.reshape((rows, nh, hd))?;
-        let k = k.reshape((rows, nkv, hd))?;
-        let v = v.reshape((rows, nkv, hd))?;
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
-            _ => (q, k),
-        };
-        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let (mut q, mut k, v) = (flat(q)?, flat(k)?, flat(v)?);
-        rope.rotate(&mut q, nh, hd, positions);
-        rope.rotate(&mut k, nkv, hd, positions);
-        let y = attention::attend(
+        let Workspace {
+            positions,
+            normed,
+            q,
+            k,
+            v,
+            attn,
+            h,
+            layers,
+            ..
+        } = ws;
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        Linear::forward_rows(
+            projections,
+            normed,
+            rows,
+            [&mut *q, &mut *k, &mut *v],
+            &mut layers.quantized,
+        )?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            qn.apply(q);
+            kn.apply(k);
+        }
+        rope.rotate(q, nh, hd, positions);
+        rope.rotate(k, nkv, hd, positions);
+        *attn = attention::attend(
             kv,
             layer,
             &batch.seqs,
-            &q,
-            &k,
-            &v,
+            q,
+            k,
+            v,
             nh,
             self.scale as f32,
             window,
         );
-        attention::store(kv, layer, &batch.seqs, &k, &v);
-        self.o_proj
-            .forward(&Tensor::from_vec(y, (1, rows, nh * hd), xs.device())?)
+        attention::store(kv, layer, &batch.seqs, k, v);
+        Linear::forward_rows([&self.o_proj], attn, rows, [h], &mut layers.quantized)
     }
 }
 
@@ -132,35 +168,39 @@ impl Decoder {
                 format!("token id {bad} is out of vocabulary (size {vocab})"),
             ));
         }
-        let positions: Vec<usize> = batch
-            .seqs
-            .iter()
-            .flat_map(|s| s.start..s.start + s.len)
-            .collect();
-        if positions.len() != rows {
+        // Another pass on this decoder (another engine) holds the buffers: use fresh ones.
+        let mut held = self.workspace.try_lock();
+        let mut fresh = Workspace::default();
+        let ws = held.as_deref_mut().unwrap_or(&mut fresh);
+        ws.positions.clear();
+        ws.positions
+            .extend(batch.seqs.iter().flat_map(|s| s.start..s.start + s.len));
+        if ws.positions.len() != rows {
             return Err(Error::Engine(format!(
                 "batch of {rows} tokens describes {} positions",
-                positions.len()
+                ws.positions.len()
             )));
         }
-        let mut x = self
-            .embed_tokens
-            .forward(&batch.tokens, &self.device)?
-            .unsqueeze(0)?; // [1, rows, d]
+        let d = self.config.hidden_size;
+        ws.x.resize(rows * d, 0.0);
+        self.embed_tokens.forward_into(&batch.tokens, &mut ws.x)?;
         if let Some(table) = &self.embed_positions {
             let context_length = self.config.max_position_embeddings;
-            if let Some(&p) = positions.iter().find(|&&p| p >= context_length) {
+            if let Some(&p) = ws.positions.iter().find(|&&p| p >= context_length) {
                 return Err(Error::ContextLength {
                     prompt_tokens: p + 1,
                     context_length,
                 });
             }
-            let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-            x = (x + table.forward(&ids, &self.device)?.unsqueeze(0)?)?;
+            let ids: Vec<u32> = ws.positions.iter().map(|&p| p as u32).collect();
+            ws.h.resize(rows * d, 0.0);
+            table.forward_into(&ids, &mut ws.h)?;
+            ws.x.iter_mut().zip(&ws.h).for_each(|(x, p)| *x += p);
         }
         if self.config.scale_embeddings {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
-            x = (x * f64::from((self.config.hidden_size as f32).sqrt()))?;
+            let scale = (d as f32).sqrt();
+            ws.x.iter_mut().for_each(|x| *x *= scale);
         }
         for (i, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
@@ -170,31 +210,57 @@ impl Decoder {
             } else {
                 (&self.rope, None)
             };
-            let normed = block.input_layernorm.forward(&x)?;
-            let mut h = attn.forward(&normed, i, batch, &positions, (rope, window), kv)?;
+            ws.normed.clone_from(&ws.x);
+            block.input_layernorm.apply(&mut ws.normed);
+            attn.forward(ws, i, batch, (rope, window), kv)?;
             if let Some(norm) = &block.post_attention_layernorm {
-                h = norm.forward(&h)?;
+                norm.apply(&mut ws.h);
             }
             let Some(pre_mlp) = &block.pre_feedforward_layernorm else {
-                x = ((x + h)? + block.mlp.forward(&normed)?)?;
+                // Parallel block: the MLP reads the attention's input too.
+                block
+                    .mlp
+                    .forward_rows(&ws.normed, rows, &mut ws.mlp, &mut ws.layers)?;
+                for ((x, h), m) in ws.x.iter_mut().zip(&ws.h).zip(&ws.mlp) {
+                    *x += h + m;
+                }
                 continue;
             };
-            x = (x + h)?;
-            let mut h = block.mlp.forward(&pre_mlp.forward(&x)?)?;
+            ws.x.iter_mut().zip(&ws.h).for_each(|(x, h)| *x += h);
+            ws.normed.clone_from(&ws.x);
+            pre_mlp.apply(&mut ws.normed);
+            block
+                .mlp
+                .forward_rows(&ws.normed, rows, &mut ws.h, &mut ws.layers)?;
             if let Some(norm) = &block.post_feedforward_layernorm {
-                h = norm.forward(&h)?;
+                norm.apply(&mut ws.h);
             }
-            x = (x + h)?;
+            ws.x.iter_mut().zip(&ws.h).for_each(|(x, h)| *x += h);
         }
         if batch.logits_rows.is_empty() {
             // A step of prompt chunks only: the cache is filled, no logits are wanted.
-            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, vocab),
+                candle_core::DType::F32,
+                &self.device,
+            )?);
         }
-        let wanted = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
-        let x = self
-            .norm
-            .forward(&x.squeeze(0)?.index_select(&wanted, 0)?)?;
-        self.lm_head.forward(&x)
+        // The wanted rows, normalised, through the head.
+        ws.normed.clear();
+        for &r in &batch.logits_rows {
+            ws.normed.extend_from_slice(&ws.x[r as usize * d..][..d]);
+        }
+        self.norm.apply(&mut ws.normed);
+        let n = batch.logits_rows.len();
+        let mut logits = Vec::new();
+        Linear::forward_rows(
+            [&self.lm_head],
+            &ws.normed,
+            n,
+            [&mut logits],
+            &mut ws.layers.quantized,
+        )?;
+        Ok(Tensor::from_vec(logits, (n, vocab), &self.device)?)
     }
 
     /// A copy whose linear layers are requantized to MLX affine groups: `bits` for every
@@ -257,6 +323,7 @@ impl Decoder {
             local_rope: self.local_rope.clone(),
             config: self.config.clone(),
             device: self.device.clone(),
+            workspace: Mutex::default(),
         };
         Ok((decoder, delta))
     }

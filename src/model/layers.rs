@@ -91,7 +91,7 @@ impl Weight {
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,8 +112,20 @@ impl Linear {
         Ok(Linear { weight, bias: None })
     }
 
-    pub fn with_bias(self, bias: Option<Tensor>) -> Self {
-        Linear { bias, ..self }
+    pub fn with_bias(self, bias: Option<Tensor>) -> Result<Self> {
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        Ok(Linear { bias, ..self })
+    }
+
+    /// Output size.
+    pub fn out_features(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Packed(p) => p.rows,
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.shape().dims()[0],
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
+        }
     }
 
     /// Whether the weight holds float values (not quantized blocks).
@@ -177,73 +189,109 @@ impl Linear {
         })
     }
 
+    /// `xs: [.., in]` → `[.., out]` as a new tensor (the mixture of experts' routing
+    /// works on tensors; the decoder's main path uses [`Linear::forward_rows`]).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let [y] = Linear::forward_all([self], xs)?;
         Ok(y)
     }
 
-    /// Several layers applied to the same input `[.., in]` (q/k/v, gate/up): those in our
-    /// kernels' layout in one parallel operation over activations quantized once (what a
-    /// fused projection gains), the others one by one.
+    /// [`Linear::forward_rows`] on tensors.
     pub fn forward_all<const N: usize>(layers: [&Linear; N], xs: &Tensor) -> Result<[Tensor; N]> {
-        let ys: Vec<Tensor> = Linear::products(&layers, xs)?
-            .into_iter()
-            .zip(layers)
-            .map(|(y, l)| match &l.bias {
-                Some(b) => Ok(y.broadcast_add(b)?),
-                None => Ok(y),
-            })
-            .collect::<Result<_>>()?;
+        let dims = xs.dims().to_vec();
+        let cols = dims.last().copied().unwrap_or(1);
+        let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        let mut quantized = QuantizedRows::default();
+        Linear::forward_rows(
+            layers,
+            &x,
+            x.len() / cols.max(1),
+            outs.each_mut(),
+            &mut quantized,
+        )?;
+        let mut ys = Vec::with_capacity(N);
+        for (y, l) in outs.into_iter().zip(layers) {
+            let mut out_dims = dims.clone();
+            if let Some(last) = out_dims.last_mut() {
+                *last = l.out_features();
+            }
+            ys.push(Tensor::from_vec(y, out_dims, xs.device())?);
+        }
         ys.try_into()
             .map_err(|_| crate::Error::Engine("one output per layer".into()))
     }
 
-    /// `xs · Wᵀ` for each layer, biases left out.
-    fn products(layers: &[&Linear], xs: &Tensor) -> Result<Vec<Tensor>> {
-        let packed: Option<Vec<&PackedMatrix>> = layers
+    /// Several layers applied to the same input `x: [m, in]`, each into its `outs[i]`
+    /// (resized to `[m, out_i]`; no allocation once it has the capacity): those in our
+    /// kernels' layout in one parallel operation over activations quantized once into
+    /// `quantized` (what a fused q/k/v or gate/up projection gains), the others one by one
+    /// through candle.
+    pub fn forward_rows<const N: usize>(
+        layers: [&Linear; N],
+        x: &[f32],
+        m: usize,
+        mut outs: [&mut Vec<f32>; N],
+        quantized: &mut QuantizedRows,
+    ) -> Result<()> {
+        for (out, l) in outs.iter_mut().zip(layers) {
+            out.resize(m * l.out_features(), 0.0);
+        }
+        let packed: Option<[&PackedMatrix; N]> = layers
             .iter()
             .map(|l| match &l.weight {
                 LinearWeight::Packed(p) => Some(p.as_ref()),
                 LinearWeight::Candle(_) => None,
             })
-            .collect();
-        let Some(mats) = packed.filter(|m| {
-            m.iter()
-                .all(|p| (p.cols, p.group_size) == (m[0].cols, m[0].group_size))
-        }) else {
-            // Mixed forms: one layer at a time.
-            return layers
-                .iter()
-                .map(|l| match &l.weight {
-                    LinearWeight::Candle(w) => Ok(w.forward(xs)?),
-                    LinearWeight::Packed(_) => Ok(Linear::products(&[l], xs)?.remove(0)),
-                })
-                .collect();
-        };
-        let Some(&first) = mats.first() else {
-            return Ok(Vec::new());
-        };
-        let dims = xs.dims().to_vec();
-        if dims.last() != Some(&first.cols) {
-            return Err(crate::Error::Engine(format!(
-                "linear layer of input size {} applied to shape {dims:?}",
-                first.cols
-            )));
-        }
-        let m = xs.elem_count() / first.cols;
-        let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let x = QuantizedRows::new(&x, m, first.cols, first.group_size);
-        PackedMatrix::matmul_t_all(&mats, Isa::active(), &x)
-            .into_iter()
-            .zip(&mats)
-            .map(|(y, p)| {
-                let mut out_dims = dims.clone();
-                if let Some(last) = out_dims.last_mut() {
-                    *last = p.rows;
+            .collect::<Option<Vec<_>>>()
+            .and_then(|v| v.try_into().ok())
+            .filter(|m: &[&PackedMatrix; N]| {
+                m.iter()
+                    .all(|p| (p.cols, p.group_size) == (m[0].cols, m[0].group_size))
+            });
+        match packed {
+            Some(mats) if N > 0 => {
+                let cols = mats[0].cols;
+                if x.len() != m * cols {
+                    return Err(crate::Error::Engine(format!(
+                        "linear layer of input size {cols} applied to {} values in {m} rows",
+                        x.len()
+                    )));
                 }
-                Ok(Tensor::from_vec(y, out_dims, xs.device())?)
-            })
-            .collect()
+                quantized.quantize(x, m, cols, mats[0].group_size);
+                PackedMatrix::matmul_t_all_into(
+                    mats,
+                    Isa::active(),
+                    quantized,
+                    outs.each_mut().map(|o| o.as_mut_slice()),
+                );
+            }
+            _ => {
+                // Mixed or candle forms: one layer at a time.
+                for (out, l) in outs.iter_mut().zip(layers) {
+                    match &l.weight {
+                        LinearWeight::Candle(w) => {
+                            let cols = x.len() / m.max(1);
+                            let y = w.forward(&Tensor::from_slice(x, (m, cols), &Device::Cpu)?)?;
+                            out.copy_from_slice(
+                                &y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                            );
+                        }
+                        LinearWeight::Packed(_) => {
+                            Linear::forward_rows([l], x, m, [&mut **out], quantized)?;
+                        }
+                    }
+                }
+            }
+        }
+        for (out, l) in outs.iter_mut().zip(layers) {
+            if let Some(b) = &l.bias {
+                for row in out.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -252,21 +300,25 @@ impl Linear {
 pub struct Embedding(pub Weight);
 
 impl Embedding {
-    /// `ids: [t]` → `[t, d]` f32.
-    pub fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+    /// `ids: [t]` → `out: [t, d]` f32.
+    pub fn forward_into(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let rows = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
         match &self.0 {
-            Weight::Ggml(q) => Ok(q
-                .embedding(&Tensor::new(ids, device)?)?
-                .to_dtype(DType::F32)?),
-            Weight::Dense(t) => Ok(t.embedding(&Tensor::new(ids, device)?)?),
+            Weight::Ggml(q) => {
+                out.copy_from_slice(&rows(q.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
+            }
+            Weight::Dense(t) => {
+                out.copy_from_slice(&rows(t.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
+            }
             Weight::Packed(p) => {
-                let mut out = vec![0f32; ids.len() * p.cols];
                 for (row, &id) in out.chunks_mut(p.cols).zip(ids) {
                     p.dequantize_row(id as usize, row);
                 }
-                Ok(Tensor::from_vec(out, (ids.len(), p.cols), device)?)
             }
         }
+        Ok(())
     }
 }
 
@@ -274,34 +326,55 @@ impl Embedding {
 /// bias, LayerNorm (Ba et al., 2016: mean removed too), as Phi uses.
 #[derive(Debug, Clone)]
 pub struct Norm {
-    weight: Tensor,       // [d]
-    bias: Option<Tensor>, // [d], LayerNorm only
+    weight: Vec<f32>,       // [d]
+    bias: Option<Vec<f32>>, // [d], LayerNorm only
     eps: f32,
 }
 
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 impl Norm {
-    pub fn rms(weight: Tensor, eps: f64) -> Self {
-        Norm {
-            weight,
+    pub fn rms(weight: Tensor, eps: f64) -> Result<Self> {
+        Ok(Norm {
+            weight: values(&weight)?,
             bias: None,
             eps: eps as f32,
-        }
-    }
-
-    pub fn layer(weight: Tensor, bias: Tensor, eps: f64) -> Self {
-        Norm {
-            weight,
-            bias: Some(bias),
-            eps: eps as f32,
-        }
-    }
-
-    /// `[.., d]` → `[.., d]`.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(match &self.bias {
-            None => candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?,
-            Some(b) => candle_nn::ops::layer_norm(xs, &self.weight, b, self.eps)?,
         })
+    }
+
+    pub fn layer(weight: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
+        Ok(Norm {
+            weight: values(&weight)?,
+            bias: Some(values(&bias)?),
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises each row of `xs: [.., d]` in place, as candle's `rms_norm` and
+    /// `layer_norm` do (f32 sums; `x / sqrt(mean + eps)`).
+    pub fn apply(&self, xs: &mut [f32]) {
+        let d = self.weight.len();
+        for row in xs.chunks_exact_mut(d) {
+            match &self.bias {
+                None => {
+                    let sum2: f32 = row.iter().map(|x| x * x).sum();
+                    let m = (sum2 / d as f32 + self.eps).sqrt();
+                    for (x, w) in row.iter_mut().zip(&self.weight) {
+                        *x = *x / m * w;
+                    }
+                }
+                Some(bias) => {
+                    let mean = row.iter().sum::<f32>() / d as f32;
+                    let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d as f32;
+                    let std = (var + self.eps).sqrt();
+                    for ((x, w), b) in row.iter_mut().zip(&self.weight).zip(bias) {
+                        *x = (*x - mean) / std * w + b;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -350,25 +423,30 @@ impl Rope {
     /// rotary dimension is smaller than the head (Phi's partial rotary embeddings), only the
     /// first dimensions of each head turn and the rest pass through.
     pub fn rotate(&self, xs: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
+        /// Frequencies whose rotation is computed at once (on the stack), for all heads.
+        const CHUNK: usize = 64;
         let half = self.inv_freq.len();
-        let mut cos_sin = vec![(0f32, 0f32); half];
+        let mut cos_sin = [(0f32, 0f32); CHUNK];
         for (row, &p) in xs.chunks_mut(heads * head_dim).zip(positions) {
-            for (cs, &f) in cos_sin.iter_mut().zip(&self.inv_freq) {
-                // f64 keeps large positions (long contexts) accurate.
-                let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
-                *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
-            }
-            for head in row.chunks_mut(head_dim) {
-                for (i, &(cos, sin)) in cos_sin.iter().enumerate() {
-                    // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
-                    let (a, b) = if self.interleaved {
-                        (2 * i, 2 * i + 1)
-                    } else {
-                        (i, i + half)
-                    };
-                    let (x, y) = (head[a], head[b]);
-                    head[a] = x * cos - y * sin;
-                    head[b] = x * sin + y * cos;
+            for first in (0..half).step_by(CHUNK) {
+                let freqs = &self.inv_freq[first..(first + CHUNK).min(half)];
+                for (cs, &f) in cos_sin.iter_mut().zip(freqs) {
+                    // f64 keeps large positions (long contexts) accurate.
+                    let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
+                    *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
+                }
+                for head in row.chunks_mut(head_dim) {
+                    for (i, &(cos, sin)) in (first..).zip(&cos_sin[..freqs.len()]) {
+                        // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
+                        let (a, b) = if self.interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + half)
+                        };
+                        let (x, y) = (head[a], head[b]);
+                        head[a] = x * cos - y * sin;
+                        head[b] = x * sin + y * cos;
+                    }
                 }
             }
         }
@@ -396,12 +474,49 @@ impl Mlp {
         })
     }
 
-    /// `[1, t, d]` → `[1, t, d]`.
+    /// `[1, t, d]` → `[1, t, d]` (for the mixture of experts' tensors).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let [gate, up] = Linear::forward_all([&self.gate_proj, &self.up_proj], xs)?;
-        let gate = self.act.apply(&gate)?;
-        self.down_proj.forward(&(gate * up)?)
+        let (_, t, d) = xs.dims3()?;
+        let mut out = Vec::new();
+        self.forward_rows(&values(xs)?, t, &mut out, &mut Scratch::default())?;
+        Ok(Tensor::from_vec(out, (1, t, d), xs.device())?)
     }
+
+    /// `x: [m, d]` → `out: [m, d]`, computing in `scratch`.
+    pub fn forward_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut Vec<f32>,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let Scratch {
+            gate,
+            up,
+            quantized,
+        } = scratch;
+        Linear::forward_rows(
+            [&self.gate_proj, &self.up_proj],
+            x,
+            m,
+            [gate, up],
+            quantized,
+        )?;
+        self.act.gated(gate, up);
+        Linear::forward_rows([&self.down_proj], gate, m, [out], quantized)
+    }
+}
+
+/// Buffers the layers compute in, kept from one forward pass to the next (so that decoding
+/// allocates nothing per token once they have grown to the batch's size).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// `[rows, intermediate]`: the gate's projection, then the gated activations.
+    pub gate: Vec<f32>,
+    /// `[rows, intermediate]`.
+    pub up: Vec<f32>,
+    /// The activations of the last product, rounded to int8 for the kernels.
+    pub quantized: QuantizedRows,
 }
 
 /// The feed-forward part of a layer: one gated MLP, a plain two-layer MLP
@@ -440,12 +555,30 @@ impl FeedForward {
         })
     }
 
-    /// `[1, t, d]` → `[1, t, d]`.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `x: [m, d]` → `out: [m, d]`, computing in `scratch`.
+    pub fn forward_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut Vec<f32>,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
         match self {
-            FeedForward::Dense(mlp) => mlp.forward(xs),
-            FeedForward::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(xs)?)?),
-            FeedForward::Moe(moe) => moe.forward(xs),
+            FeedForward::Dense(mlp) => mlp.forward_rows(x, m, out, scratch),
+            FeedForward::Plain { fc1, fc2, act } => {
+                let Scratch {
+                    gate, quantized, ..
+                } = scratch;
+                Linear::forward_rows([fc1], x, m, [&mut *gate], quantized)?;
+                act.apply(gate);
+                Linear::forward_rows([fc2], gate, m, [out], quantized)
+            }
+            FeedForward::Moe(moe) => {
+                let xs = Tensor::from_slice(x, (1, m, x.len() / m.max(1)), &Device::Cpu)?;
+                out.clear();
+                out.extend(values(&moe.forward(&xs)?)?);
+                Ok(())
+            }
         }
     }
 }
@@ -511,12 +644,29 @@ impl MoeMlp {
 }
 
 impl Activation {
-    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Activation::Silu => candle_nn::ops::silu(xs)?,
-            // candle's `gelu` is the tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`).
-            Activation::GeluPytorchTanh => xs.gelu()?,
-        })
+    /// The activation of one value, as candle computes it in f32.
+    #[inline(always)]
+    fn of(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            // The tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`; candle's `gelu`).
+            Activation::GeluPytorchTanh => {
+                const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+                0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+            }
+        }
+    }
+
+    /// In place.
+    pub fn apply(self, xs: &mut [f32]) {
+        xs.iter_mut().for_each(|x| *x = self.of(*x));
+    }
+
+    /// `gate ← act(gate) · up`, in place (the gated MLP's product).
+    pub fn gated(self, gate: &mut [f32], up: &[f32]) {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = self.of(*g) * u;
+        }
     }
 }
 

@@ -273,9 +273,9 @@ fn build_decoder(
         bytes.set(bytes.get() + 4 * dim);
         if cfg.layer_norm {
             bytes.set(bytes.get() + 4 * dim);
-            return Ok(Norm::layer(src.vector(m, dim)?, src.bias(m, dim)?, eps));
+            return Norm::layer(src.vector(m, dim)?, src.bias(m, dim)?, eps);
         }
-        Ok(Norm::rms(src.vector(m, dim)?, eps))
+        Norm::rms(src.vector(m, dim)?, eps)
     };
     let linear =
         |m: &str, out: usize, inp: usize| -> Result<Linear> { Linear::new(matrix(m, out, inp)?) };
@@ -283,7 +283,7 @@ fn build_decoder(
     let biased = |m: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
         let b = bias.then(|| src.bias(m, out)).transpose()?;
         bytes.set(bytes.get() + b.as_ref().map_or(0, |_| 4 * out));
-        Ok(linear(m, out, inp)?.with_bias(b))
+        linear(m, out, inp)?.with_bias(b)
     };
 
     let embed_tokens = matrix("model.embed_tokens", cfg.vocab_size, d)?;
@@ -341,7 +341,7 @@ fn build_decoder(
             bytes.set(bytes.get() + bias.as_ref().map_or(0, |_| 4 * (nh + 2 * nkv) * hd));
             let part = |start: usize, len: usize| -> Result<Linear> {
                 let b = bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
-                Ok(Linear::new(qkv.rows(start, len)?)?.with_bias(b))
+                Linear::new(qkv.rows(start, len)?)?.with_bias(b)
             };
             (
                 part(0, nh * hd)?,
@@ -497,6 +497,7 @@ fn build_decoder(
         local_rope,
         config: cfg,
         device: device.clone(),
+        workspace: Default::default(),
     };
     Ok((decoder, bytes.get()))
 }

@@ -115,6 +115,9 @@ impl Isa {
     }
 }
 
+/// The most matrices one joint product takes (q/k/v is three).
+const MAX_JOINT: usize = 4;
+
 /// Bytes of one block (32 values) of a tile of 8 rows.
 const fn tile_block_bytes(bits: u32) -> usize {
     BLOCK * bits as usize
@@ -415,6 +418,28 @@ impl PackedMatrix {
     /// gate/up projection gains (one wake-up of the threads, the activations read by all),
     /// without concatenating the weights.
     pub fn matmul_t_all(mats: &[&PackedMatrix], isa: Isa, x: &QuantizedRows) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; x.m * w.rows]).collect();
+        let mut sinks: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        PackedMatrix::matmul_t_all_slices(mats, isa, x, &mut sinks);
+        outs
+    }
+
+    /// [`PackedMatrix::matmul_t_all`] into `outs[i]: [m, rows_i]` (no allocation).
+    pub fn matmul_t_all_into<const N: usize>(
+        mats: [&PackedMatrix; N],
+        isa: Isa,
+        x: &QuantizedRows,
+        mut outs: [&mut [f32]; N],
+    ) {
+        PackedMatrix::matmul_t_all_slices(&mats, isa, x, &mut outs);
+    }
+
+    fn matmul_t_all_slices(
+        mats: &[&PackedMatrix],
+        isa: Isa,
+        x: &QuantizedRows,
+        outs: &mut [&mut [f32]],
+    ) {
         assert!(
             mats.iter()
                 .all(|w| x.k == w.cols && x.group_size == w.group_size),
@@ -425,22 +450,36 @@ impl PackedMatrix {
             "this CPU cannot run the {} kernels",
             isa.name()
         );
-        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; x.m * w.rows]).collect();
+        assert!(
+            mats.len() == outs.len()
+                && mats
+                    .iter()
+                    .zip(outs.iter())
+                    .all(|(w, o)| o.len() == x.m * w.rows),
+            "one output of [m, rows] per matrix"
+        );
+        assert!(
+            mats.len() <= MAX_JOINT,
+            "at most {MAX_JOINT} matrices at once"
+        );
         let all_tiles: usize = mats.iter().map(|w| w.rows.div_ceil(TILE)).sum();
         let per_task = (all_tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
-        // Tasks as (matrix, first tile, end tile), never across two matrices.
-        let mut tasks = Vec::new();
-        for (i, w) in mats.iter().enumerate() {
-            let tiles = w.rows.div_ceil(TILE);
-            tasks.extend(
-                (0..tiles)
-                    .step_by(per_task)
-                    .map(|t| (i, t, (t + per_task).min(tiles))),
-            );
+        // Tasks never span two matrices: matrix `i` has `tasks_of(i)` of them.
+        let tasks_of = |i: usize| mats[i].rows.div_ceil(TILE).div_ceil(per_task);
+        let tasks: usize = (0..mats.len()).map(tasks_of).sum();
+        let mut sinks: [SendPtr<f32>; MAX_JOINT] =
+            std::array::from_fn(|_| SendPtr(std::ptr::null_mut()));
+        for (sink, out) in sinks.iter_mut().zip(outs.iter_mut()) {
+            *sink = SendPtr(out.as_mut_ptr());
         }
-        let sinks: Vec<SendPtr<f32>> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
-        crate::threads::parallel_for(tasks.len(), &|task| {
-            let (i, first, end) = tasks[task];
+        crate::threads::parallel_for(tasks, &|mut task| {
+            let mut i = 0;
+            while task >= tasks_of(i) {
+                task -= tasks_of(i);
+                i += 1;
+            }
+            let tiles = mats[i].rows.div_ceil(TILE);
+            let (first, end) = (task * per_task, ((task + 1) * per_task).min(tiles));
             for tile in first..end {
                 // SAFETY: tasks own disjoint tiles, so they write disjoint columns of the
                 // outputs (`tile_into` writes only columns `8·tile..8·tile + 8` below
@@ -451,7 +490,6 @@ impl PackedMatrix {
                 }
             }
         });
-        outs
     }
 
     /// Columns `8·tile..` of `out: [m, rows]` (raw: other tasks fill other columns).
@@ -512,7 +550,7 @@ impl PackedMatrix {
 
 /// Activations `[m, k]` quantized to int8 per block of 32 (`x ≈ d · q`, `d = max|x| / 127`),
 /// with the sum of `d · q` over each group of `group_size` (for the weights' biases).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct QuantizedRows {
     pub m: usize,
     pub k: usize,
@@ -527,14 +565,25 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     pub fn new(x: &[f32], m: usize, k: usize, group_size: usize) -> QuantizedRows {
+        let mut rows = QuantizedRows::default();
+        rows.quantize(x, m, k, group_size);
+        rows
+    }
+
+    /// Quantizes `x: [m, k]` into these buffers (reused: no allocation once they have the
+    /// capacity).
+    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, group_size: usize) {
         assert!(
             x.len() == m * k && k.is_multiple_of(group_size) && group_size.is_multiple_of(BLOCK),
             "activations [{m}, {k}] in groups of {group_size} from {} values",
             x.len()
         );
-        let mut qs = vec![0i8; m * k];
-        let mut d = vec![0f32; m * k / BLOCK];
-        for ((q, d), x) in qs.chunks_mut(BLOCK).zip(&mut d).zip(x.chunks(BLOCK)) {
+        let QuantizedRows {
+            qs, d, group_sums, ..
+        } = self;
+        qs.resize(m * k, 0);
+        d.resize(m * k / BLOCK, 0.0);
+        for ((q, d), x) in qs.chunks_mut(BLOCK).zip(d.iter_mut()).zip(x.chunks(BLOCK)) {
             let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
             *d = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -547,24 +596,18 @@ impl QuantizedRows {
         // on 0), not by their codes (all ≥ 0, so the errors would add up instead of
         // cancelling: measured 1.6x the error on GGUF Q4_1 with outlier activations).
         let per_group = group_size / BLOCK;
-        let group_sums = qs
-            .chunks(group_size)
-            .zip(d.chunks(per_group))
-            .map(|(q, d)| {
-                q.chunks(BLOCK)
-                    .zip(d)
-                    .map(|(q, d)| d * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
-                    .sum()
-            })
-            .collect();
-        QuantizedRows {
-            m,
-            k,
-            group_size,
-            qs,
-            d,
-            group_sums,
-        }
+        group_sums.clear();
+        group_sums.extend(
+            qs.chunks(group_size)
+                .zip(d.chunks(per_group))
+                .map(|(q, d)| {
+                    q.chunks(BLOCK)
+                        .zip(d)
+                        .map(|(q, d)| d * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
+                        .sum::<f32>()
+                }),
+        );
+        (self.m, self.k, self.group_size) = (m, k, group_size);
     }
 }
 
