@@ -589,7 +589,17 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     scores.resize(queries.len() / hd * n, 0.0);
     let quads = hd / 4 * 4;
     let mut at = 0;
-    for run in runs {
+    // Runs are small (a block's keys are 2–4 KB) and scattered, too short for the hardware
+    // prefetcher to learn: ask for each run's keys two runs ahead, and for its values
+    // while its keys are scored (they are needed once every score is known).
+    runs.iter()
+        .take(2)
+        .for_each(|r| prefetch(r.keys, r.k_at, r.k_stride, hd, 1));
+    for (i, run) in runs.iter().enumerate() {
+        if let Some(r) = runs.get(i + 2) {
+            prefetch(r.keys, r.k_at, r.k_stride, hd, 1);
+        }
+        prefetch(run.values, run.v_at, run.v_stride, run.n, hd);
         for j in (0..run.n).step_by(LANES) {
             let keys = |d: usize| -> [f32; LANES] {
                 let at = run.k_at + d * run.k_stride + j;
@@ -653,6 +663,30 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
             acc_out.copy_from_slice(&acc);
         }
     }
+}
+
+/// Asks the CPU to start loading `rows` rows of `len` elements, `data[at + r * stride..]`,
+/// into its caches (a hint: nothing is read, nothing can fault).
+#[inline(always)]
+fn prefetch<T>(data: &[T], at: usize, stride: usize, rows: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let line = (64 / std::mem::size_of::<T>()).max(1);
+        for r in 0..rows {
+            for e in (0..len).step_by(line) {
+                let p = data.as_ptr().wrapping_add(at + r * stride + e);
+                // SAFETY: a prefetch only hints; it reads nothing and never faults, even
+                // for an address outside `data`.
+                #[allow(unsafe_code)]
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>())
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at, stride, rows, len);
 }
 
 /// `a · b + c`, fused into one instruction where the caller's instruction set has it
