@@ -97,13 +97,6 @@ def bench_llama_cpp(
     return result
 
 
-def kv_bytes_per_token(config: dict) -> int:
-    """Bytes of keys and values one cached position takes (f32, every layer)."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 4
-
-
 def kernel_table(acc: MLXAccelerator, config: dict) -> None:
     d, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     print("\nThe quantized matmul alone (one token: [1, k] x [k, n]; prefill: 512 tokens)")
@@ -170,7 +163,7 @@ def main() -> int:
                     args.llama_python, llama_path, ids, args.gen_tokens, threads, args.repeats
                 )
             context = args.prompt_tokens + args.gen_tokens // 2
-            per_token = model.weight_bytes + context * kv_bytes_per_token(model.config)
+            per_token = model.weight_bytes + context * model.kv_bytes_per_token
             rows.append((name, ours, theirs, per_token))
             if name.startswith("SmolLM2 Q4_1"):
                 config = model.config
@@ -193,7 +186,7 @@ def main() -> int:
             f"{name:<22} {ours['prefill_tps']:>9.1f} {lp} {ours['decode_tps']:>8.1f} {ld} "
             f"{per_token / 1e6:>9.1f} {roof:>9.1f} {ours['decode_tps'] / roof:>5.0%}"
         )
-    print("(tok/s; ratio > 1: Cortex is faster. MB/token: weights plus the f32 KV cache read per decoded token at\n"
+    print("(tok/s; ratio > 1: Cortex is faster. MB/token: weights plus the KV cache (f16) read per decoded token at\n"
           " the mean context; roofline: the decode speed that memory bandwidth allows)")  # fmt: skip
     if config:
         kernel_table(acc, config)

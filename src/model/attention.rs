@@ -300,6 +300,8 @@ fn attend_in<T: Elem>(
 ) -> Vec<f32> {
     let (hd, nkv) = (kv.head_dim, kv.kv_heads);
     let groups = heads / nkv;
+    // Queries scaled once, not once per key.
+    let q: Vec<f32> = q.iter().map(|x| x * scale).collect();
     // Which sequence each row belongs to.
     let row_seq: Vec<usize> = seqs
         .iter()
@@ -392,16 +394,7 @@ fn attend_in<T: Elem>(
                 }
                 // The query heads that share this KV head: `[groups, head_dim]`.
                 let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
-                weigh_on(
-                    isa,
-                    hd,
-                    queries,
-                    &runs,
-                    hi - lo,
-                    scale,
-                    &mut scores,
-                    partial,
-                );
+                weigh_on(isa, hd, queries, &runs, hi - lo, &mut scores, partial);
             }
         },
     );
@@ -509,7 +502,6 @@ fn weigh_on<T: Elem>(
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -521,11 +513,10 @@ fn weigh_on<T: Elem>(
         queries: &[f32],
         runs: &[Run<'_, T>],
         n: usize,
-        scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scale, scores, out)
+        weigh::<T, HD, true>(hd, queries, runs, n, scores, out)
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
@@ -535,11 +526,10 @@ fn weigh_on<T: Elem>(
         queries: &[f32],
         runs: &[Run<'_, T>],
         n: usize,
-        scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scale, scores, out)
+        weigh::<T, HD, true>(hd, queries, runs, n, scores, out)
     }
     macro_rules! on {
         ($hd:literal) => {
@@ -547,13 +537,11 @@ fn weigh_on<T: Elem>(
                 // SAFETY: `isa` is one `Isa::available` found on this CPU.
                 #[cfg(target_arch = "x86_64")]
                 #[allow(unsafe_code)]
-                Isa::Avx2 => unsafe { avx2::<T, $hd>(hd, queries, runs, n, scale, scores, out) },
+                Isa::Avx2 => unsafe { avx2::<T, $hd>(hd, queries, runs, n, scores, out) },
                 #[cfg(target_arch = "x86_64")]
                 #[allow(unsafe_code)]
-                Isa::Avx512Vnni => unsafe {
-                    avx512::<T, $hd>(hd, queries, runs, n, scale, scores, out)
-                },
-                _ => weigh::<T, $hd, false>(hd, queries, runs, n, scale, scores, out),
+                Isa::Avx512Vnni => unsafe { avx512::<T, $hd>(hd, queries, runs, n, scores, out) },
+                _ => weigh::<T, $hd, false>(hd, queries, runs, n, scores, out),
             }
         };
     }
@@ -566,7 +554,7 @@ fn weigh_on<T: Elem>(
 
 /// The partial attention of the query heads `queries: [groups, head_dim]` over the `n`
 /// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
-/// with `w = exp(scale · q·k − max)`. `HD` is the head size when it is known at compile
+/// with `w = exp(q·k − max)` (the queries come scaled). `HD` is the head size when it is known at compile
 /// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
 /// the values stream past. `HD`
 /// is a multiple of 16 (values are widened 16 at a time).
@@ -576,7 +564,6 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -609,14 +596,14 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
                 let mut acc = [[0f32; LANES]; 4];
                 for d in (0..quads).step_by(4) {
                     for (c, acc) in acc.iter_mut().enumerate() {
-                        let (qd, k) = (query[d + c] * scale, keys(d + c));
+                        let (qd, k) = (query[d + c], keys(d + c));
                         for (a, k) in acc.iter_mut().zip(k) {
                             *a = fma::<FMA>(qd, k, *a);
                         }
                     }
                 }
                 for (d, &qd) in query.iter().enumerate().skip(quads) {
-                    let (qd, k) = (qd * scale, keys(d));
+                    let k = keys(d);
                     for (a, k) in acc[0].iter_mut().zip(k) {
                         *a = fma::<FMA>(qd, k, *a);
                     }
