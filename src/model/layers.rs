@@ -113,9 +113,7 @@ impl Linear {
     }
 
     pub fn with_bias(self, bias: Option<Tensor>) -> Result<Self> {
-        let bias = bias
-            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
-            .transpose()?;
+        let bias = bias.map(|b| values(&b)).transpose()?;
         Ok(Linear { bias, ..self })
     }
 
@@ -200,7 +198,7 @@ impl Linear {
     pub fn forward_all<const N: usize>(layers: [&Linear; N], xs: &Tensor) -> Result<[Tensor; N]> {
         let dims = xs.dims().to_vec();
         let cols = dims.last().copied().unwrap_or(1);
-        let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = values(xs)?;
         let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
         let mut quantized = QuantizedRows::default();
         Linear::forward_rows(
@@ -237,6 +235,31 @@ impl Linear {
         for (out, l) in outs.iter_mut().zip(layers) {
             out.resize(m * l.out_features(), 0.0);
         }
+        Linear::products(
+            layers,
+            x,
+            m,
+            outs.each_mut().map(|o| o.as_mut_slice()),
+            quantized,
+        )?;
+        for (out, l) in outs.iter_mut().zip(layers) {
+            if let Some(b) = &l.bias {
+                for row in out.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `x · Wᵀ` for each layer into `outs[i]: [m, out_i]`, biases left out.
+    fn products<const N: usize>(
+        layers: [&Linear; N],
+        x: &[f32],
+        m: usize,
+        mut outs: [&mut [f32]; N],
+        quantized: &mut QuantizedRows,
+    ) -> Result<()> {
         let packed: Option<[&PackedMatrix; N]> = layers
             .iter()
             .map(|l| match &l.weight {
@@ -259,12 +282,7 @@ impl Linear {
                     )));
                 }
                 quantized.quantize(x, m, cols, mats[0].group_size);
-                PackedMatrix::matmul_t_all_into(
-                    mats,
-                    Isa::active(),
-                    quantized,
-                    outs.each_mut().map(|o| o.as_mut_slice()),
-                );
+                PackedMatrix::matmul_t_all_into(mats, Isa::active(), quantized, outs);
             }
             _ => {
                 // Mixed or candle forms: one layer at a time.
@@ -273,21 +291,12 @@ impl Linear {
                         LinearWeight::Candle(w) => {
                             let cols = x.len() / m.max(1);
                             let y = w.forward(&Tensor::from_slice(x, (m, cols), &Device::Cpu)?)?;
-                            out.copy_from_slice(
-                                &y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                            );
+                            out.copy_from_slice(&values(&y)?);
                         }
                         LinearWeight::Packed(_) => {
-                            Linear::forward_rows([l], x, m, [&mut **out], quantized)?;
+                            Linear::products([l], x, m, [&mut **out], quantized)?;
                         }
                     }
-                }
-            }
-        }
-        for (out, l) in outs.iter_mut().zip(layers) {
-            if let Some(b) = &l.bias {
-                for row in out.chunks_exact_mut(b.len()) {
-                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
                 }
             }
         }
@@ -302,15 +311,12 @@ pub struct Embedding(pub Weight);
 impl Embedding {
     /// `ids: [t]` → `out: [t, d]` f32.
     pub fn forward_into(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
-        let rows = |t: Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
         match &self.0 {
             Weight::Ggml(q) => {
-                out.copy_from_slice(&rows(q.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
+                out.copy_from_slice(&values(&q.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
             }
             Weight::Dense(t) => {
-                out.copy_from_slice(&rows(t.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
+                out.copy_from_slice(&values(&t.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
             }
             Weight::Packed(p) => {
                 for (row, &id) in out.chunks_mut(p.cols).zip(ids) {
@@ -673,4 +679,67 @@ impl Activation {
 /// A dense f32 tensor from a stored tensor (norm weights are small and kept in f32).
 pub fn dense(t: &QTensor, device: &Device) -> Result<Tensor> {
     Ok(t.dequantize(device)?.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Layers of different forms (our kernels' layout and a dense matrix) with biases, run
+    /// together, give what each gives alone: the bias is added once.
+    #[test]
+    fn mixed_forms_with_biases_match_each_alone() {
+        let (out, inp) = (8, 64);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let bias = Tensor::new(
+            (0..out).map(|i| i as f32).collect::<Vec<f32>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let affine = AffineMatrix::quantize(&w, out, inp, 4, 32, ScaleDType::F32).unwrap();
+        let packed = Linear::new(Weight::from_affine(&affine))
+            .unwrap()
+            .with_bias(Some(bias.clone()))
+            .unwrap();
+        let dense = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
+        let dense = Linear::new(Weight::Dense(dense))
+            .unwrap()
+            .with_bias(Some(bias))
+            .unwrap();
+        let x = Tensor::from_vec(
+            (0..2 * inp).map(|i| (i as f32).sin()).collect::<Vec<f32>>(),
+            (2, inp),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let [a, b] = Linear::forward_all([&packed, &dense], &x).unwrap();
+        for (joint, alone) in [
+            (a, packed.forward(&x).unwrap()),
+            (b, dense.forward(&x).unwrap()),
+        ] {
+            let (joint, alone) = (values(&joint).unwrap(), values(&alone).unwrap());
+            assert_eq!(joint, alone);
+        }
+        // And the alone products carry the bias exactly once: row 0 of the dense layer.
+        let plain = Linear::new(Weight::Dense(
+            Tensor::from_vec(
+                (0..out * inp)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect::<Vec<f32>>(),
+                (out, inp),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        ))
+        .unwrap();
+        let (with, without) = (
+            values(&dense.forward(&x).unwrap()).unwrap(),
+            values(&plain.forward(&x).unwrap()).unwrap(),
+        );
+        for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+            assert!((a - b - (i % out) as f32).abs() < 1e-4, "{i}: {a} vs {b}");
+        }
+    }
 }
