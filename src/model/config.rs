@@ -630,6 +630,27 @@ impl ModelConfig {
         } else {
             map
         };
+        let (map, spelled) = v4_spellings(map)?;
+        // Errors name the field as this file spells it.
+        Self::from_hf_fields(&map).map_err(|e| match e {
+            Error::Config { field, message } => {
+                let field = spelled
+                    .iter()
+                    .find_map(|(v4, theirs)| {
+                        let rest = field.strip_prefix(v4.as_str())?;
+                        (rest.is_empty() || rest.starts_with('.'))
+                            .then(|| format!("{theirs}{rest}"))
+                    })
+                    .unwrap_or(field);
+                Error::Config { field, message }
+            }
+            other => other,
+        })
+    }
+
+    /// [`Self::from_hf`] on the 4.x spellings.
+    fn from_hf_fields(map: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        let gpt2 = HfFields(map).str_or("model_type", "")? == "gpt2";
         let f = HfFields(map);
         let model_type = f.str_or("model_type", "")?;
         let family = SUPPORTED_MODEL_TYPES
@@ -723,12 +744,7 @@ impl ModelConfig {
             ));
         }
         let rope_theta = f.f64_or("rope_theta", if gemma3 { 1_000_000.0 } else { 10_000.0 })?;
-        if rope_theta <= 1.0 {
-            return Err(Error::config(
-                "rope_theta",
-                format!("{rope_theta} must be greater than 1"),
-            ));
-        }
+        check_rope_base("rope_theta", rope_theta)?;
         let rope_scaling = match map.get("rope_scaling") {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => {
@@ -760,6 +776,13 @@ impl ModelConfig {
                             return Err(Error::config(
                                 "rope_scaling",
                                 "high_freq_factor must exceed low_freq_factor",
+                            ));
+                        }
+                        // Divides the wavelength bounds; below one position it truncates to 0.
+                        if original < 1.0 {
+                            return Err(Error::config(
+                                "rope_scaling.original_max_position_embeddings",
+                                format!("{original} must be at least 1"),
                             ));
                         }
                         Some(RopeScaling::Llama3Params {
@@ -823,7 +846,14 @@ impl ModelConfig {
             None => None,
         };
         let sliding_window_pattern = if gemma3 {
-            Some(f.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1))
+            Some(match f.opt_usize("sliding_window_pattern")? {
+                // The loader takes each layer's index modulo the pattern.
+                Some(n) => check_range("sliding_window_pattern", n, MAX_LAYERS)?,
+                None => match map.get("layer_types") {
+                    None | Some(serde_json::Value::Null) => 6,
+                    Some(v) => pattern_of_layer_types(v, num_hidden_layers)?,
+                },
+            })
         } else {
             None
         };
@@ -876,11 +906,159 @@ impl ModelConfig {
             sliding_window,
             sliding_window_pattern,
             rope_local_base_freq: gemma3
-                .then(|| f.f64_or("rope_local_base_freq", 10_000.0))
-                .transpose()?
-                .map(|b| b as f32),
+                .then(|| {
+                    let base = f.f64_or("rope_local_base_freq", 10_000.0)?;
+                    check_rope_base("rope_local_base_freq", base).map(|()| base as f32)
+                })
+                .transpose()?,
         })
     }
+}
+
+/// A RoPE base: past 1 (the frequencies `base^(-2i/d)` must fall) and finite in f32, the
+/// type the rotation tables are computed in.
+fn check_rope_base(field: &str, base: f64) -> Result<()> {
+    if base <= 1.0 || !(base as f32).is_finite() {
+        return Err(Error::config(
+            field,
+            format!("{base} must be greater than 1 and at most {:e}", f32::MAX),
+        ));
+    }
+    Ok(())
+}
+
+/// The Gemma 3 window pattern from transformers' per-layer `layer_types` (which replaced
+/// `sliding_window_pattern`): every `n`-th layer `full_attention`, the others
+/// `sliding_attention`; other layouts are refused, since the decoder runs only this one.
+fn pattern_of_layer_types(v: &serde_json::Value, layers: usize) -> Result<usize> {
+    let kinds: Vec<&str> = v
+        .as_array()
+        .and_then(|a| a.iter().map(|x| x.as_str()).collect())
+        .ok_or_else(|| {
+            Error::config(
+                "layer_types",
+                format!("expected a list of strings, got {v}"),
+            )
+        })?;
+    if kinds.len() != layers {
+        return Err(Error::config(
+            "layer_types",
+            format!("{} entries for {layers} layers", kinds.len()),
+        ));
+    }
+    let full = |i: usize| kinds[i] == "full_attention";
+    if let Some(bad) = kinds
+        .iter()
+        .find(|k| !matches!(**k, "full_attention" | "sliding_attention"))
+    {
+        return Err(Error::config(
+            "layer_types",
+            format!("'{bad}' is not supported (supported: full_attention, sliding_attention)"),
+        ));
+    }
+    // With no global layer at all, any pattern longer than the model describes it.
+    let n = (0..layers).find(|&i| full(i)).map_or(layers + 1, |i| i + 1);
+    if (0..layers).any(|i| full(i) != (i + 1).is_multiple_of(n)) {
+        return Err(Error::config(
+            "layer_types",
+            format!("{kinds:?} is not every {n}th layer global"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Field names of 4.x `config.json`s whose 5.x spelling differs, with the 5.x path.
+type Spellings = Vec<(String, String)>;
+
+/// `map` with the transformers 5.x spellings also written under their 4.x names (which
+/// the rest of [`ModelConfig::from_hf`] reads), and which fields were moved:
+/// * `num_local_experts` (5.x `Qwen3MoeConfig`'s attribute for `num_experts`);
+/// * `rope_parameters` (5.x's one place for RoPE): its `rope_theta` and
+///   `partial_rotary_factor`, and the rest as `rope_scaling`; or, keyed by layer type
+///   (Gemma 3), `full_attention`'s as those and `sliding_attention`'s `rope_theta` as
+///   `rope_local_base_freq`.
+///
+/// As transformers' `convert_rope_params_to_dict`, a 4.x `rope_scaling` object present
+/// beside `rope_parameters` wins, and `rope_parameters`' `rope_theta` wins over the
+/// top-level one.
+fn v4_spellings(
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Spellings)> {
+    use serde_json::Value as J;
+    let mut out = map.clone();
+    let mut spelled = Spellings::new();
+    let mut set = |out: &mut serde_json::Map<String, J>, v4: &str, v5: String, v: J| {
+        out.insert(v4.to_string(), v);
+        spelled.push((v4.to_string(), v5));
+    };
+    if let (None | Some(J::Null), Some(n)) = (map.get("num_experts"), map.get("num_local_experts"))
+    {
+        set(
+            &mut out,
+            "num_experts",
+            "num_local_experts".into(),
+            n.clone(),
+        );
+    }
+    let Some(params) = map.get("rope_parameters").filter(|v| !v.is_null()) else {
+        return Ok((out, spelled));
+    };
+    let object = |v: &J, field: &str| {
+        v.as_object()
+            .cloned()
+            .ok_or_else(|| Error::config(field, format!("expected an object, got {v}")))
+    };
+    let params = object(params, "rope_parameters")?;
+    let per_layer = !params.is_empty()
+        && params
+            .keys()
+            .all(|k| matches!(k.as_str(), "full_attention" | "sliding_attention"));
+    let (mut full, full_field) = match params.get("full_attention") {
+        Some(v) if per_layer => (
+            object(v, "rope_parameters.full_attention")?,
+            "rope_parameters.full_attention",
+        ),
+        _ if per_layer => (serde_json::Map::new(), "rope_parameters.full_attention"),
+        _ => (params.clone(), "rope_parameters"),
+    };
+    for key in ["rope_theta", "partial_rotary_factor"] {
+        if let Some(v) = full.remove(key) {
+            set(&mut out, key, format!("{full_field}.{key}"), v);
+        }
+    }
+    let legacy_scaling = map
+        .get("rope_scaling")
+        .and_then(|v| v.as_object())
+        .is_some_and(|o| !o.is_empty());
+    if !legacy_scaling {
+        if !full.contains_key("rope_type") && !full.contains_key("type") {
+            full.insert("rope_type".into(), "default".into());
+        }
+        set(&mut out, "rope_scaling", full_field.into(), J::Object(full));
+    }
+    if let Some(v) = params.get("sliding_attention").filter(|_| per_layer) {
+        let field = "rope_parameters.sliding_attention";
+        let mut local = object(v, field)?;
+        let ty = local.get("rope_type").or_else(|| local.get("type"));
+        if ty.is_some_and(|t| t.as_str() != Some("default")) {
+            return Err(Error::config(
+                format!("{field}.rope_type"),
+                format!(
+                    "{} is not supported on local layers (supported: default)",
+                    ty.unwrap_or(&J::Null)
+                ),
+            ));
+        }
+        if let Some(theta) = local.remove("rope_theta") {
+            set(
+                &mut out,
+                "rope_local_base_freq",
+                format!("{field}.rope_theta"),
+                theta,
+            );
+        }
+    }
+    Ok((out, spelled))
 }
 
 impl ModelConfig {

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::{Dtype, SafetensorsFile};
 use crate::model::layers::{dense, Weight};
-use crate::quant::affine::transpose;
+use crate::quant::affine::{transpose, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
 use crate::quant::{AffineMatrix, ScaleDType};
 
 /// llama.cpp's tensor name for an HF module path (without `.weight`), `None` when the
@@ -282,16 +282,33 @@ impl QuantConfig {
             |field: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(u32, usize)> {
                 let bits = v.get("bits").and_then(|b| b.as_u64());
                 let group = v.get("group_size").and_then(|g| g.as_u64());
-                match (
+                let (b, g) = match (
                     bits.and_then(|b| u32::try_from(b).ok()),
                     group.and_then(|g| usize::try_from(g).ok()),
                 ) {
-                    (Some(b), Some(g)) => Ok((b, g)),
-                    _ => Err(Error::config(
-                        field,
-                        "needs integer 'bits' and 'group_size'",
-                    )),
+                    (Some(b), Some(g)) => (b, g),
+                    _ => {
+                        return Err(Error::config(
+                            field,
+                            "needs integer 'bits' and 'group_size'",
+                        ))
+                    }
+                };
+                // Checked here, not only where a matrix is read: both divide sizes (packed
+                // widths, parameter counts, the converter's plan) before any matrix is.
+                if !SUPPORTED_BITS.contains(&b) {
+                    return Err(Error::config(
+                        format!("{field}.bits"),
+                        format!("{b} is not supported (supported: {SUPPORTED_BITS:?})"),
+                    ));
                 }
+                if !SUPPORTED_GROUP_SIZES.contains(&g) {
+                    return Err(Error::config(
+                        format!("{field}.group_size"),
+                        format!("{g} is not supported (supported: {SUPPORTED_GROUP_SIZES:?})"),
+                    ));
+                }
+                Ok((b, g))
             };
         if let Some(mode) = q.get("mode").and_then(|m| m.as_str()) {
             if mode != "affine" {
