@@ -10,13 +10,73 @@
 //!   much as the work. Its helper threads are persistent and spin for a while between
 //!   operations, then sleep; the calling thread takes tasks too, so `CORTEX_NUM_THREADS`
 //!   threads compute in all.
+//! * `fork()` copies only the thread that calls it: in a child forked after these threads
+//!   started, work handed to them would wait forever. [`register_fork_handler`] marks such
+//!   a child (huggingface/tokenizers does the same for rayon, `utils/parallelism.rs`), and
+//!   [`check_not_forked`] turns the hang into an error at every entry point.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once, OnceLock};
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+
+/// Set once any thread of ours (rayon's pool, the compute helpers, an engine) has started.
+static THREADS_STARTED: AtomicBool = AtomicBool::new(false);
+/// Set in a child forked after [`THREADS_STARTED`]: none of those threads exist there.
+static FORKED_AFTER_THREADS: AtomicBool = AtomicBool::new(false);
+
+/// Records that this process now runs threads of ours, which a forked child will lack.
+pub fn note_threads_started() {
+    THREADS_STARTED.store(true, Ordering::SeqCst);
+}
+
+/// Runs in the child of every `fork()` (also Python's `os.fork` and multiprocessing's
+/// "fork" start method); only atomics here, as async-signal safety requires.
+extern "C" fn in_forked_child() {
+    if THREADS_STARTED.load(Ordering::SeqCst) {
+        FORKED_AFTER_THREADS.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Registers [`in_forked_child`] with `pthread_atfork`, once per process.
+pub fn register_fork_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        extern "C" {
+            fn pthread_atfork(
+                prepare: Option<extern "C" fn()>,
+                parent: Option<extern "C" fn()>,
+                child: Option<extern "C" fn()>,
+            ) -> std::ffi::c_int;
+        }
+        // SAFETY: the C signature of pthread_atfork (POSIX), given a handler that lives as
+        // long as the process and touches only atomics. It fails only for lack of memory,
+        // in which case a forked child keeps today's behaviour.
+        #[allow(unsafe_code)]
+        unsafe {
+            pthread_atfork(None, None, Some(in_forked_child));
+        }
+    });
+}
+
+/// Fails in a child forked after this process's compute threads started: they do not
+/// exist there, so any work would wait for them forever.
+pub fn check_not_forked() -> Result<()> {
+    if FORKED_AFTER_THREADS.load(Ordering::SeqCst) {
+        return Err(Error::Engine(
+            "this process was forked (os.fork, or multiprocessing's default 'fork' start \
+             method on Linux) after Cortex had started its compute threads, which a fork does \
+             not copy; use the 'spawn' start method (multiprocessing.set_start_method('spawn') \
+             or get_context('spawn')), or load models only in the child processes"
+                .into(),
+        ));
+    }
+    Ok(())
+}
 
 /// `CORTEX_NUM_THREADS`, or the number of cores (read once: finding the cores reads
 /// cgroup files).
@@ -35,6 +95,7 @@ pub fn num_threads() -> usize {
 pub fn init_thread_pool() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
+        note_threads_started();
         // Fails only if the pool was already built (by an embedding program): keep that one.
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(num_threads())
@@ -278,6 +339,7 @@ impl Pool {
                 wake: Condvar::new(),
             });
             let helpers = num_threads() - 1;
+            note_threads_started();
             for i in 0..helpers {
                 let helper = Arc::clone(&shared);
                 let spawned = std::thread::Builder::new()

@@ -218,6 +218,7 @@ impl Engine {
             scheduler,
             stats: stats.clone(),
         };
+        crate::threads::note_threads_started();
         std::thread::Builder::new()
             .name("cortex-engine".into())
             .spawn(move || worker.run(rx))
@@ -249,6 +250,8 @@ impl Engine {
         tokenizer: Arc<Tokenizer>,
         sink: Sender<Output>,
     ) -> Result<RequestId> {
+        // In a forked child the engine thread is gone: the request would never run.
+        crate::threads::check_not_forked()?;
         params.validate()?;
         if prompt.is_empty() {
             return Err(Error::param("prompt", "the prompt is empty"));

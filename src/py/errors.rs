@@ -79,6 +79,8 @@ pub(crate) fn run_detached<T: Send>(
     py: Python<'_>,
     work: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
+    // Every long call may need the compute threads, which a forked child lacks.
+    crate::threads::check_not_forked()?;
     py.detach(|| catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|p| Err(Error::from_panic(p))))
         .map_err(PyErr::from)
 }

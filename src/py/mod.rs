@@ -14,6 +14,8 @@ pub(crate) use errors::run_detached;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A child forked after generating gets an error, not a hang (crate::threads).
+    crate::threads::register_fork_handler();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<model::PyProgress>()?;
