@@ -357,6 +357,89 @@ def test_interrupted_conversion_leaves_nothing_finished(model_path: Path, tmp_pa
     assert not list(cache.glob(".out.tmp-*"))
 
 
+SWAP_CHILD = """
+import os, signal, sys
+from cortex import ConversionConfig, MLXConverter
+
+real_replace = os.replace
+
+
+def dying_replace(src, dst):
+    # The second rename (new folder into place) never happens: killed between the two.
+    if os.path.basename(src).startswith(".out.tmp-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+
+os.replace = dying_replace
+config = ConversionConfig(validate_conversion=False, cache_converted=False)
+MLXConverter(sys.argv[2]).convert_model(sys.argv[1], "out", config)
+print("finished", flush=True)
+"""
+
+
+def _first_conversion(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny model converted to `cache/out`, with a marker file to recognise that copy."""
+    write_tiny_hf(tmp_path / "tiny")
+    ok, message, out = MLXConverter(tmp_path / "cache").convert_model(
+        str(tmp_path / "tiny"), "out", ConversionConfig(validate_conversion=False)
+    )
+    assert ok and out == tmp_path / "cache" / "out", message
+    (out / "marker").write_text("first")
+    return tmp_path / "tiny", out
+
+
+def test_killed_between_the_swap_renames_the_next_run_restores_the_old_output(tmp_path: Path) -> None:
+    """SIGKILL after the earlier output was moved aside and before the new one took its
+    name: nothing is under the name then, but the next run puts the earlier, complete
+    output back (and reuses it) instead of deleting both copies and rebuilding."""
+    src, out = _first_conversion(tmp_path)
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SWAP_CHILD), str(src), str(out.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert not out.exists()
+    assert len(list(out.parent.glob(".out.old-*"))) == 1  # the earlier output, complete
+    ok, message, again = MLXConverter(out.parent).convert_model(
+        str(src), "out", ConversionConfig(validate_conversion=False)
+    )
+    assert ok and again == out and "cached" in message, message
+    assert (out / "marker").read_text() == "first"
+    assert cortex.load_model(out).forward([1, 2, 3]).shape == (TINY["vocab"],)
+    # The killed attempt's temporary is removed by the next fresh conversion.
+    ok, message, _ = MLXConverter(out.parent).convert_model(
+        str(src), "out", ConversionConfig(validate_conversion=False, cache_converted=False)
+    )
+    assert ok, message
+    assert not list(out.parent.glob(".out.*"))
+
+
+def test_exception_between_the_swap_renames_puts_the_old_output_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (any exception) between the two renames: the earlier output is renamed back
+    at once, so the name never stays empty."""
+    src, out = _first_conversion(tmp_path)
+    real_replace = os.replace
+
+    def interrupted_replace(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+        if Path(a).name.startswith(".out.tmp-"):
+            raise KeyboardInterrupt
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        MLXConverter(out.parent).convert_model(
+            str(src), "out", ConversionConfig(validate_conversion=False, cache_converted=False)
+        )
+    monkeypatch.undo()
+    assert (out / "marker").read_text() == "first"
+    assert not list(out.parent.glob(".out.*"))
+
+
 def test_optimize_for_chip(tmp_path: Path) -> None:
     write_tiny_hf(tmp_path / "tiny")
     conv = MLXConverter(tmp_path / "cache")

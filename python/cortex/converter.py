@@ -421,6 +421,7 @@ class MLXConverter:
         if out_abs == src_abs or src_abs in out_abs.parents or out_abs in src_abs.parents:
             return False, f"output {out_abs} would overwrite or sit inside the source {src_abs}", None
         key = _cache_key(src_abs, config, bits_override)
+        _restore_interrupted_swap(out_abs)
         existing = self._check_existing(out_abs, src_abs, config, bits_override)
         if existing is not None:
             return existing
@@ -441,6 +442,7 @@ class MLXConverter:
         out_abs.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out_abs)
         tmp = out_abs.with_name(f".{out_abs.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        old = out_abs.with_name(f".{out_abs.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         try:
             target = tmp / f"{out_abs.name}.gguf" if config.output_format == "gguf" else tmp
@@ -487,14 +489,19 @@ class MLXConverter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-            # Replacing an earlier conversion: move it aside first, so that the final name
-            # always holds one complete model.
-            old = out_abs.with_name(f".{out_abs.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            # Replacing an earlier conversion takes two renames (POSIX cannot swap two
+            # folders in one): the earlier one is moved aside first and deleted only once the
+            # new one holds the name. Between the renames no folder holds it; an exception
+            # there puts the earlier one back below, and a process killed there leaves it
+            # as `.NAME.old-PID-X`, which the next conversion restores
+            # (`_restore_interrupted_swap`) before it looks at the output.
             if out_abs.exists():
                 os.replace(out_abs, old)
             os.replace(tmp, out_abs)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
+            if old.exists() and not out_abs.exists():
+                os.replace(old, out_abs)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if config.cache_converted:
@@ -632,6 +639,33 @@ def _cache_key(source: Path, config: ConversionConfig, bits_override: int | None
     )
 
 
+def _restore_interrupted_swap(out: Path) -> None:
+    """Puts back the earlier output that a conversion killed between its two renames had
+    moved aside (``.NAME.old-PID-X``, complete, its process gone) while nothing holds
+    ``out``; the newer, unfinished attempt is then an ordinary stale temporary."""
+    if out.exists() or out.is_symlink():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.old-(\d+)-[0-9a-f]+$")
+    aside = []
+    for path in out.parent.iterdir() if out.parent.is_dir() else []:
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            aside.append(path)
+    if aside:
+        # One at most in practice; were there several, the latest moved aside is newest.
+        os.replace(max(aside, key=lambda p: p.stat().st_mtime_ns), out)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Removes temporaries (``.NAME.tmp-PID-X`` being built, ``.NAME.old-PID-X`` being
     replaced) of earlier conversions to ``out`` whose process is gone: a conversion killed
@@ -639,14 +673,8 @@ def _remove_stale_temporaries(out: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
     for tmp in out.parent.iterdir():
         match = pattern.match(tmp.name)
-        if not match:
-            continue
-        try:
-            os.kill(int(match.group(2)), 0)
-        except ProcessLookupError:
+        if match and not _process_alive(int(match.group(2))):
             shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 def quantize_affine(
