@@ -289,3 +289,40 @@ def test_fork_before_any_model_leaves_the_child_usable(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# ── Item 10: logits reach Python without copies ──────────────────────────────────────────
+
+
+def _owner(a: np.ndarray) -> object:
+    """The object at the end of `a`'s chain of bases (what holds the memory)."""
+    base: object = a
+    while isinstance(base, np.ndarray):
+        if base.base is None:
+            return base
+        base = base.base
+    return base
+
+
+def test_logits_are_numpy_arrays_over_the_rust_buffer(tmp_path: Path) -> None:
+    """The logits Vec becomes the array's buffer (rust-numpy): no byte copy and no
+    bytearray in between, as there were (`to_le_bytes` into a Vec, then a bytearray that
+    `numpy.frombuffer` wrapped)."""
+    write_tiny_hf(tmp_path / "m", shards=1)
+    model = cortex.load_model(tmp_path / "m")
+    for logits in (model.forward(IDS, all_positions=True), model.forward(IDS)):
+        assert logits.dtype == np.float32 and logits.flags.c_contiguous and logits.flags.writeable
+        owner = _owner(logits)
+        assert not isinstance(owner, (bytes, bytearray, memoryview, np.ndarray)), type(owner)
+    assert model.forward(IDS, all_positions=True).shape == (len(IDS), 96)
+    assert model.forward(IDS).shape == (96,)
+    # A batch's sequences are views of one buffer, each over its own rows.
+    short, long = IDS[:4], IDS[::-1]
+    a, b = model.forward_batch([long, short], all_positions=True)
+    assert (a.shape, b.shape) == ((len(long), 96), (len(short), 96))
+    assert _owner(a) is _owner(b) and not np.shares_memory(a, b)
+    # Batched rows sum in another order (test_families), hence a tolerance.
+    np.testing.assert_allclose(b, model.forward(short, all_positions=True), rtol=1e-4, atol=5e-5)
+    c, d = model.forward_batch([long, short])
+    assert c.shape == d.shape == (96,)
+    np.testing.assert_allclose(d, model.forward(short), rtol=1e-4, atol=5e-5)

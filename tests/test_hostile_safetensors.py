@@ -64,6 +64,17 @@ def _unknown_dtype(h: dict) -> None:
     h["model.norm.weight"]["dtype"] = "Q4"
 
 
+def _f64(h: dict) -> None:
+    # A dtype the safetensors crate knows but Cortex does not compute with; same byte count.
+    h["model.norm.weight"].update(dtype="F64", shape=[32])
+
+
+def _end_before_start(h: dict) -> None:
+    name = _first_tensor(h)
+    start, end = h[name]["data_offsets"]
+    h[name]["data_offsets"] = [end, start]
+
+
 def _huge_dims(h: dict) -> None:
     h["model.norm.weight"]["shape"] = [2**62, 2**62]
 
@@ -102,6 +113,8 @@ CASES = {
     "A4 shape overflows": (_header(_huge_dims), "does not match its byte range"),
     "A5 duplicate tensor name": (_duplicate_key, "duplicate tensor name 'model.norm.weight'"),
     "A6 unknown dtype": (_header(_unknown_dtype), "supported: F32"),
+    "A6 dtype Cortex does not compute with": (_header(_f64), 'has dtype "F64"; supported: F32'),
+    "A3 range ending before its start": (_header(_end_before_start), "starts at"),
 }
 
 

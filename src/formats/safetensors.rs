@@ -2,11 +2,14 @@
 //!
 //! Format (huggingface/safetensors): an u64 little-endian header length `n`, `n` bytes of
 //! JSON `{name: {"dtype", "shape", "data_offsets": [start, end]}, "__metadata__": {..}}`,
-//! then the data section. The reader checks what the `safetensors` crate checks (header
-//! length, JSON, offsets that tile the data section exactly, shape × dtype = byte count) and
-//! also rejects duplicate names, which the crate lets through. Files are read with
-//! positioned reads, never memory-mapped, so a file rewritten underneath us gives an error,
-//! not a SIGBUS; its length is re-checked before every read.
+//! then the data section. The `safetensors` crate parses and validates the tensor entries
+//! (`TensorInfo`, `Metadata::new`: offsets that tile the data from 0, shape × dtype = byte
+//! count without overflow); this reader adds what it leaves out: the header read from a
+//! file without mapping it, duplicate names (the crate keeps the last silently), a data
+//! section that ends exactly where the tensors do, the dtypes Cortex computes with, and
+//! messages naming the tensor and offsets at fault. Files are read with positioned reads,
+//! never memory-mapped, so a file rewritten underneath us gives an error, not a SIGBUS; its
+//! length is re-checked before every read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -16,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use safetensors::tensor::{Metadata, TensorInfo};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
@@ -136,12 +140,61 @@ impl<'de> Deserialize<'de> for RawHeader {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEntry {
-    dtype: String,
-    shape: Vec<u64>,
-    data_offsets: (u64, u64),
+impl Dtype {
+    /// Ours for the crate's, `None` for the element types Cortex does not compute with.
+    fn from_crate(d: safetensors::Dtype) -> Option<Dtype> {
+        use safetensors::Dtype as D;
+        Some(match d {
+            D::F32 => Dtype::F32,
+            D::F16 => Dtype::F16,
+            D::BF16 => Dtype::BF16,
+            D::U32 => Dtype::U32,
+            D::I32 => Dtype::I32,
+            D::I64 => Dtype::I64,
+            D::U8 => Dtype::U8,
+            D::I8 => Dtype::I8,
+            _ => return None,
+        })
+    }
+}
+
+/// Why the crate refused the entries (`Metadata::new`), said with the tensor and offsets at
+/// fault: the crate's errors name at most the tensor. `entries` are sorted by offset, as
+/// the crate checks them.
+fn explain_invalid(
+    entries: &[(&String, &TensorInfo)],
+    data_start: u64,
+) -> Option<(Option<u64>, String)> {
+    let mut pos = 0usize;
+    for (name, t) in entries {
+        let (start, end) = t.data_offsets;
+        if start != pos {
+            return Some((
+                Some(data_start + start as u64),
+                format!(
+                    "tensor '{name}' starts at {start} but the previous tensor ends at {pos} ({})",
+                    if start < pos { "overlap" } else { "hole" }
+                ),
+            ));
+        }
+        let bytes = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+            .filter(|bits| bits % 8 == 0)
+            .map(|bits| bits / 8);
+        if end < start || bytes != Some(end - start) {
+            return Some((
+                Some(8),
+                format!(
+                    "tensor '{name}': shape {:?} of {:?} does not match its byte range [{start}, {end})",
+                    t.shape, t.dtype
+                ),
+            ));
+        }
+        pos = end;
+    }
+    None
 }
 
 impl SafetensorsFile {
@@ -175,8 +228,8 @@ impl SafetensorsFile {
             .map_err(|e| err(Some(8), format!("invalid JSON in header: {e}")))?;
         let data_start = 8 + n;
         let data_len = file_len - data_start;
-        let mut tensors = BTreeMap::new();
         let mut metadata = BTreeMap::new();
+        let mut entries = Vec::with_capacity(raw.0.len());
         for (name, value) in raw.0 {
             if name == "__metadata__" {
                 metadata = serde_json::from_value(value).map_err(|e| {
@@ -187,14 +240,11 @@ impl SafetensorsFile {
                 })?;
                 continue;
             }
-            let e: RawEntry = serde_json::from_value(value)
-                .map_err(|e| err(Some(8), format!("tensor '{name}': {e}")))?;
-            let dtype = Dtype::from_name(&e.dtype).ok_or_else(|| {
+            let unsupported = |dtype: &str| {
                 err(
                     Some(8),
                     format!(
-                        "tensor '{name}' has dtype {:?}; supported: {}",
-                        e.dtype,
+                        "tensor '{name}' has dtype {dtype:?}; supported: {}",
                         Dtype::ALL
                             .iter()
                             .map(|(_, n)| *n)
@@ -202,61 +252,54 @@ impl SafetensorsFile {
                             .join(", ")
                     ),
                 )
-            })?;
-            let (start, end) = e.data_offsets;
-            let bytes = e
-                .shape
-                .iter()
-                .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d));
-            if end < start || bytes != Some(end - start) {
-                return Err(err(Some(8), format!(
-                    "tensor '{name}': shape {:?} of {dtype} does not match its byte range [{start}, {end})",
-                    e.shape
-                )));
-            }
-            let shape = e
-                .shape
-                .iter()
-                .map(|&d| usize::try_from(d))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    err(
-                        Some(8),
-                        format!("tensor '{name}': shape {:?} overflows", e.shape),
-                    )
-                })?;
-            tensors.insert(
-                name,
-                TensorEntry {
-                    dtype,
-                    shape,
-                    start,
-                    end,
-                },
-            );
+            };
+            let dtype_name = value
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .unwrap_or("")
+                .to_owned();
+            let info: TensorInfo = match serde_json::from_value(value) {
+                Ok(info) => info,
+                // A dtype the crate does not know either ("Q4") reads as one Cortex lacks.
+                Err(_) if Dtype::from_name(&dtype_name).is_none() => {
+                    return Err(unsupported(&dtype_name))
+                }
+                Err(e) => return Err(err(Some(8), format!("tensor '{name}': {e}"))),
+            };
+            let dtype = Dtype::from_crate(info.dtype).ok_or_else(|| unsupported(&dtype_name))?;
+            entries.push((name, info, dtype));
         }
-        // The byte ranges must tile the data section: no overlap, no hole, nothing after.
-        let mut ranges: Vec<(&String, &TensorEntry)> = tensors.iter().collect();
-        ranges.sort_by_key(|(_, t)| (t.start, t.end));
-        let mut pos = 0u64;
-        for (name, t) in ranges {
-            if t.start != pos {
-                return Err(err(
-                    Some(data_start + t.start),
-                    format!(
-                        "tensor '{name}' starts at {} but the previous tensor ends at {pos} ({})",
-                        t.start,
-                        if t.start < pos { "overlap" } else { "hole" }
-                    ),
-                ));
-            }
-            pos = t.end;
-        }
-        if pos != data_len {
+        // The crate's validation expects the entries in data order.
+        entries.sort_by_key(|(_, t, _)| t.data_offsets);
+        let infos: Vec<(String, TensorInfo)> = entries
+            .iter()
+            .map(|(name, t, _)| (name.clone(), t.clone()))
+            .collect();
+        let checked = Metadata::new(None, infos).map_err(|e| {
+            let infos: Vec<_> = entries.iter().map(|(n, t, _)| (n, t)).collect();
+            let (offset, message) = explain_invalid(&infos, data_start)
+                .unwrap_or((Some(8), format!("invalid tensor entries: {e}")));
+            err(offset, message)
+        })?;
+        // The crate checks that the ranges tile [0, data_len()); the file must end there.
+        let covered = checked.data_len() as u64;
+        if covered != data_len {
             return Err(err(None, format!(
-                "tensors cover {pos} bytes but the data section holds {data_len} (truncated or trailing bytes)"
+                "tensors cover {covered} bytes but the data section holds {data_len} (truncated or trailing bytes)"
             )));
         }
+        let tensors = entries
+            .into_iter()
+            .map(|(name, t, dtype)| {
+                let entry = TensorEntry {
+                    dtype,
+                    shape: t.shape,
+                    start: t.data_offsets.0 as u64,
+                    end: t.data_offsets.1 as u64,
+                };
+                (name, entry)
+            })
+            .collect();
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             tensors,

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use numpy::{PyArray1, PyArrayMethods};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use pyo3::types::PyByteArray;
+use pyo3::types::PySlice;
 
 use super::run_detached;
 use super::tokenizer::PyTokenizer;
@@ -92,22 +93,21 @@ impl PyModel {
             let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
             model.logits_batch(&refs, all_positions)
         })?;
-        let numpy = py.import("numpy")?;
+        // One array owns the logits; each sequence gets a view of its rows.
+        let total = values.len() / vocab;
+        let all = PyArray1::from_vec(py, values).reshape([total, vocab])?;
         let mut at = 0;
         sequences
             .iter()
             .map(|ids| {
                 let rows = if all_positions { ids.len() } else { 1 };
-                let part = &values[at * vocab..(at + rows) * vocab];
-                at += rows;
-                let bytes: Vec<u8> = part.iter().flat_map(|x| x.to_le_bytes()).collect();
-                let array =
-                    numpy.call_method1("frombuffer", (PyByteArray::new(py, &bytes), "<f4"))?;
-                if all_positions {
-                    array.call_method1("reshape", (rows, vocab))
+                let view = if all_positions {
+                    all.get_item(PySlice::new(py, at as isize, (at + rows) as isize, 1))
                 } else {
-                    array.call_method1("reshape", (vocab,))
-                }
+                    all.get_item(at)
+                };
+                at += rows;
+                view
             })
             .collect()
     }
@@ -131,15 +131,13 @@ impl PyModel {
         let ids = check_token_ids(&token_ids, vocab, "token_ids")?;
         let model = self.inner.clone();
         let (values, rows) = run_detached(py, move || model.logits(&ids, all_positions))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let array = py
-            .import("numpy")?
-            .call_method1("frombuffer", (PyByteArray::new(py, &bytes), "<f4"))?;
-        if all_positions {
-            array.call_method1("reshape", (rows, vocab))
+        // The array takes the Vec as its buffer: no copy on the way to Python.
+        let array = PyArray1::from_vec(py, values);
+        Ok(if all_positions {
+            array.reshape([rows, vocab])?.into_any()
         } else {
-            array.call_method1("reshape", (vocab,))
-        }
+            array.into_any()
+        })
     }
 
     /// The decoder configuration (Hugging Face field names).
