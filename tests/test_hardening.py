@@ -162,11 +162,18 @@ V5_CASES: dict[str, tuple[str, Callable[[dict[str, Any]], None] | None, Callable
     # (model_type, edit giving the 4.x config, edit of that giving the 5.x one)
     "qwen3_moe": ("qwen3_moe", None, _v5_moe),
     "llama yarn": ("llama", lambda c: c.update({"rope_scaling": dict(YARN)}), _v5_rope),
+    # Not phi's defaults (0.5 of each head, theta 10000), so that ignoring them shows.
     "phi partial rotary": (
         "phi",
-        None,
+        lambda c: c.update({"partial_rotary_factor": 0.25, "rope_theta": 500.0}),
         lambda c: c.update(
-            {"rope_parameters": {"rope_theta": c.pop("rope_theta", 10000.0), "partial_rotary_factor": 0.5}}
+            {
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": c.pop("rope_theta"),
+                    "partial_rotary_factor": c.pop("partial_rotary_factor"),
+                }
+            }
         ),
     ),
     "gemma3 per layer type": ("gemma3_text", _v4_gemma_linear, _v5_gemma),
