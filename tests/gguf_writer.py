@@ -28,6 +28,9 @@ def value(ty: int, v: Any) -> bytes:
         return string(v)
     if ty == ARRAY:
         elem_ty, items = v
+        if isinstance(items, np.ndarray):  # large numeric arrays, written in one piece
+            raw = items.astype("<" + _SCALAR[elem_ty]).tobytes()
+            return struct.pack("<IQ", elem_ty, len(items)) + raw
         return struct.pack("<IQ", elem_ty, len(items)) + b"".join(value(elem_ty, x) for x in items)
     return struct.pack("<" + _SCALAR[ty], v)
 

@@ -5,10 +5,12 @@ able to load and run models."""
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from gguf_writer import ARRAY, STRING, U8, U32, U64, Gguf, Tensor, tiny_llama
+from gguf_writer import ARRAY, F32, I32, STRING, U8, U32, U64, Gguf, Tensor, tiny_llama
 
 import cortex
 
@@ -70,7 +72,7 @@ def test_truncated(tmp_path, keep):
 
 def test_tensor_data_beyond_end(tmp_path):
     g = tiny_llama()
-    g.tensors[-1].offset = 1 << 20
+    g.tensors[-1].dims = [g.tensors[-1].dims[0] << 16]  # declares far more than it holds
     _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "past the end of the file")
 
 
@@ -143,6 +145,39 @@ def test_overlapping_tensors(tmp_path):
     g = tiny_llama()
     g.tensors[1].offset = 0  # on top of token_embd
     _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "overlaps")
+
+
+def _retype(data: bytes, name: str, old: int, new: int) -> bytes:
+    """`data` with the ggml type of tensor `name` changed from `old` to `new` in its header
+    entry (a 4-byte edit)."""
+    at = data.index(struct.pack("<Q", len(name)) + name.encode()) + 8 + len(name)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    at += 4 + 8 * n_dims
+    assert struct.unpack_from("<I", data, at) == (old,)
+    return data[:at] + struct.pack("<I", new) + data[at + 4 :]
+
+
+def test_retyped_tensor_in_a_real_model(tmp_path, model_path):
+    """Issue 14 item 3: one tensor of the real SmolLM2 file retyped Q4_1 -> Q4_0 (a 4-byte
+    edit) describes fewer bytes than it has; llama.cpp's tiling rule refuses the gap that
+    leaves before the next tensor, instead of loading and generating nonsense."""
+    data = _retype(model_path.read_bytes(), "blk.0.ffn_down.weight", 3, 2)
+    _expect(tmp_path, data, cortex.ModelFormatError, "leaves a gap")
+
+
+def test_retyped_last_tensor(tmp_path):
+    """The last tensor retyped F32 -> F16 leaves bytes after it that no tensor describes."""
+    g = tiny_llama()
+    g.tensors[-1].dims = [64]
+    g.tensors[-1].data = b"\0" * 256
+    data = _retype(g.to_bytes(), g.tensors[-1].name, 0, 1)
+    _expect(tmp_path, data, cortex.ModelFormatError, "follow the last tensor")
+
+
+def test_gap_between_tensors(tmp_path):
+    g = tiny_llama()
+    g.tensors[2].offset = sum(len(t.data) + (-len(t.data) % 32) for t in g.tensors[:2]) + 32
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "leaves a gap")
 
 
 def test_wrong_shape_for_architecture(tmp_path):
@@ -222,8 +257,45 @@ def test_row_not_divisible_by_block_size(tmp_path):
 
 
 def test_metadata_array_over_the_documented_cap(tmp_path):
-    """RELIABILITY A11: arrays are capped at 4 Mi elements (each becomes a 32-byte value in
-    memory), so 5 MB of u8 cannot become ~160 MB."""
+    """RELIABILITY A11: a kept (tokenizer) array is capped at 4 Mi elements, each of which
+    becomes a 32-byte value in memory."""
     g = tiny_llama()
-    g.kvs.append(("x.big", ARRAY, (U8, [0] * (5 << 20))))
+    g.kvs.append(("tokenizer.ggml.scores", ARRAY, (F32, np.zeros(5 << 20, np.float32))))
     _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "exceeds the limit")
+
+
+def test_metadata_memory_total_cap(tmp_path):
+    """Issue 14 item 2: arrays each under the per-array cap but together over the total
+    (3 x 4 Mi i32 under tokenizer keys, 48 MB on disk, ~400 MB parsed) are refused before
+    they are built."""
+    g = tiny_llama()
+    for i in range(3):
+        g.kvs.append((f"tokenizer.extra{i}", ARRAY, (I32, np.zeros(4 << 20, np.int32))))
+    _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "MiB of memory")
+
+
+def _peak_rss_mib(path) -> float:
+    """Peak RSS of a fresh process that imports Cortex and opens `path` (a failed load
+    counts too: only the memory matters here)."""
+    code = (
+        "import resource, sys, cortex\n"
+        "try:\n    cortex.load_model(sys.argv[1])\nexcept cortex.CortexError:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    return float(out.stdout.strip())
+
+
+def test_unused_metadata_arrays_cost_no_memory(tmp_path):
+    """Issue 14 item 2: 32 MB of legal u8 arrays that the loader does not use (which cost
+    ~1 GB as 32-byte values) are stepped over, not materialised."""
+    small, big = tmp_path / "small.gguf", tmp_path / "big.gguf"
+    tiny_llama().write(small)
+    g = tiny_llama()
+    for i in range(8):
+        g.kvs.append((f"x.pad{i}", ARRAY, (U8, np.zeros(4 << 20, np.uint8))))
+    g.write(big)
+    assert big.stat().st_size > 32 << 20
+    assert cortex.load_model(big).config["vocab_size"] == 16
+    assert _peak_rss_mib(big) - _peak_rss_mib(small) < 48

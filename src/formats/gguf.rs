@@ -26,6 +26,11 @@ const MAX_STRING_BYTES: u64 = 16 << 20;
 const MAX_ARRAY_LEN: u64 = 4 << 20;
 /// Deepest nesting of arrays inside arrays (real files use 1).
 const MAX_DEPTH: usize = 4;
+/// Most memory the metadata of one file may take once parsed (a 262k-token vocabulary with
+/// scores, types and merges takes ~60 MiB).
+const MAX_METADATA_BYTES: u64 = 256 << 20;
+/// What one parsed value costs beyond its string bytes: candle's `Value` enum.
+const VALUE_BYTES: u64 = std::mem::size_of::<Value>() as u64;
 /// Largest `general.alignment` accepted.
 const MAX_ALIGNMENT: u32 = 1 << 20;
 /// ggml's GGML_MAX_NAME includes the terminating NUL.
@@ -52,6 +57,17 @@ struct Cursor<'a> {
     path: &'a Path,
     pos: u64,
     len: u64,
+    /// Memory the metadata parsed so far takes, charged against [`MAX_METADATA_BYTES`].
+    cost: u64,
+}
+
+/// Whether the array under `key`, of elements of type `elem_ty`, is kept in memory. Only
+/// the tokenizer's arrays are read (the vocabulary, scores, token types, merges; and the
+/// GGUF writer copies `tokenizer.*`), and of those only arrays whose elements take at least
+/// 4 bytes on disk, so a kept array costs at most 8x its bytes. Any other array is checked
+/// and skipped: it is kept as an empty array, so its key still says an array was there.
+fn keeps_array(key: &str, elem_ty: u32) -> bool {
+    key.starts_with("tokenizer.") && min_value_size(elem_ty).is_some_and(|n| n >= 4)
 }
 
 impl Cursor<'_> {
@@ -94,19 +110,58 @@ impl Cursor<'_> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn string(&mut self, what: &str) -> Result<String> {
+    /// Charges `n` bytes of parsed metadata; past [`MAX_METADATA_BYTES`] the file is refused.
+    fn charge(&mut self, n: u64, key: &str) -> Result<()> {
+        self.check_room(n, key)?;
+        self.cost += n;
+        Ok(())
+    }
+
+    fn check_room(&self, n: u64, key: &str) -> Result<()> {
+        if self.cost.saturating_add(n) > MAX_METADATA_BYTES {
+            return Err(self.err(format!(
+                "{key}: the metadata would take more than {} MiB of memory",
+                MAX_METADATA_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, n: u64, what: &str) -> Result<()> {
+        if n > self.remaining() {
+            return Err(self.err(format!(
+                "{what} needs {n} bytes but only {} remain: the file is truncated or corrupt",
+                self.remaining()
+            )));
+        }
+        // n <= remaining <= file size, which fits an i64.
+        self.inner
+            .seek_relative(n as i64)
+            .map_err(|e| Error::io(self.path, e))?;
+        self.pos += n;
+        Ok(())
+    }
+
+    fn string_len(&mut self, what: &str) -> Result<u64> {
         let n = self.u64(what)?;
         if n > MAX_STRING_BYTES {
             return Err(self.err(format!(
                 "{what}: string length {n} exceeds the limit of {MAX_STRING_BYTES} bytes"
             )));
         }
+        Ok(n)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.string_len(what)?;
+        self.charge(n, what)?;
         let bytes = self.bytes(n, what)?;
         String::from_utf8(bytes).map_err(|_| self.err(format!("{what}: string is not valid UTF-8")))
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
         let what = key;
+        self.charge(VALUE_BYTES, key)?;
         Ok(match ty {
             0 => Value::U8(self.array::<1>(what)?[0]),
             1 => Value::I8(i8::from_le_bytes(self.array(what)?)),
@@ -143,6 +198,12 @@ impl Cursor<'_> {
                         self.remaining()
                     )));
                 }
+                if !keeps_array(key, elem_ty) {
+                    self.skip_array(elem_ty, count, key, depth + 1)?;
+                    return Ok(Value::Array(Vec::new()));
+                }
+                // Checked before the allocation; each element then charges its own share.
+                self.check_room(count.saturating_mul(VALUE_BYTES), key)?;
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_ty, key, depth + 1)?);
@@ -154,6 +215,44 @@ impl Cursor<'_> {
             12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
             other => return Err(self.err(format!("{key}: unknown metadata value type {other}"))),
         })
+    }
+}
+
+impl Cursor<'_> {
+    /// Steps over `count` elements of type `elem_ty` without keeping them, checking what
+    /// must hold for the file to be well formed (string lengths, nesting, element types).
+    fn skip_array(&mut self, elem_ty: u32, count: u64, key: &str, depth: usize) -> Result<()> {
+        match elem_ty {
+            8 => {
+                for _ in 0..count {
+                    let n = self.string_len(key)?;
+                    self.skip(n, key)?;
+                }
+            }
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(self.err(format!(
+                        "{key}: arrays nested deeper than {MAX_DEPTH} (nesting depth)"
+                    )));
+                }
+                for _ in 0..count {
+                    let inner_ty = self.u32(key)?;
+                    let inner_count = self.u64(key)?;
+                    if min_value_size(inner_ty).is_none() {
+                        return Err(
+                            self.err(format!("{key}: unknown array element type {inner_ty}"))
+                        );
+                    }
+                    self.skip_array(inner_ty, inner_count, key, depth + 1)?;
+                }
+            }
+            // Fixed-size elements; the caller checked the type and that they fit.
+            _ => {
+                let size = min_value_size(elem_ty).unwrap_or(1);
+                self.skip(count.saturating_mul(size), key)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -202,6 +301,7 @@ impl GgufFile {
             path,
             pos: 0,
             len,
+            cost: 0,
         };
         if len < 24 {
             return Err(Error::format(
@@ -335,35 +435,50 @@ impl GgufFile {
             infos.push((name, info, nbytes));
         }
 
+        // llama.cpp's rule (gguf.cpp): in file order, each tensor starts exactly where the
+        // previous one ends, padded to the alignment. Any gap or overlap means a tensor's
+        // type or dims do not describe its bytes (a 4-byte edit of Q4_1 to Q4_0 would
+        // otherwise load and produce nonsense), and so does data beyond the last tensor's
+        // padded end.
         let data_offset = c.pos.div_ceil(alignment) * alignment;
-        let mut by_offset: Vec<&(String, TensorInfo, u64)> = infos.iter().collect();
-        by_offset.sort_by_key(|(_, info, _)| info.offset);
-        let mut prev_end = 0u64;
-        let mut prev_name = "";
-        for (name, info, nbytes) in by_offset {
-            let start = info.offset;
-            let end = start
-                .checked_add(*nbytes)
-                .and_then(|e| e.checked_add(data_offset));
-            match end {
-                Some(end) if end <= len => {}
-                _ => {
-                    return Err(Error::format(
-                        path,
-                        Some(data_offset.saturating_add(start)),
-                        format!("tensor '{name}' ({nbytes} bytes at data offset {start}) lies past the end of the file ({len} bytes)"),
-                    ))
-                }
-            }
-            if start < prev_end {
+        let mut expected = 0u64;
+        for (name, info, nbytes) in &infos {
+            if info.offset != expected {
+                let how = if info.offset < expected {
+                    "overlaps the tensor before it"
+                } else {
+                    "leaves a gap after the tensor before it"
+                };
                 return Err(Error::format(
                     path,
-                    Some(data_offset + start),
-                    format!("tensor '{name}' overlaps tensor '{prev_name}'"),
+                    Some(data_offset.saturating_add(info.offset)),
+                    format!(
+                        "tensor '{name}' starts at data offset {}, where the tensors before it end at {expected}: it {how} (a type or dims that do not match the data)",
+                        info.offset
+                    ),
                 ));
             }
-            prev_end = start + nbytes;
-            prev_name = name;
+            let end = expected
+                .checked_add(*nbytes)
+                .filter(|&e| e.saturating_add(data_offset) <= len)
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        Some(data_offset.saturating_add(expected)),
+                        format!("tensor '{name}' ({nbytes} bytes at data offset {expected}) lies past the end of the file ({len} bytes)"),
+                    )
+                })?;
+            expected = end.div_ceil(alignment) * alignment;
+        }
+        if len > data_offset.saturating_add(expected) {
+            return Err(Error::format(
+                path,
+                Some(data_offset.saturating_add(expected)),
+                format!(
+                    "{} bytes follow the last tensor's data: a tensor's type or dims do not match its data",
+                    len - data_offset - expected
+                ),
+            ));
         }
 
         let tensor_names = infos.iter().map(|(n, _, _)| n.clone()).collect();

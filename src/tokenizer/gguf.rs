@@ -386,6 +386,14 @@ pub(crate) fn from_gguf(g: &GgufFile) -> Result<GgufVocab> {
         .add_tokens(added(TOKEN_USER_DEFINED, false))
         .map_err(add_failed)?;
 
+    // Every special-token id the file names must lie in the vocabulary, also those this
+    // loader does not use (unknown, padding, separator, mask, fill-in-the-middle...): an
+    // id outside it means the metadata does not describe this vocabulary.
+    for key in g.metadata.keys() {
+        if key.starts_with("tokenizer.ggml.") && key.ends_with("_token_id") {
+            token_id(g, key, n)?;
+        }
+    }
     let bos_token_id = token_id(g, "tokenizer.ggml.bos_token_id", n)?;
     let mut eos_token_ids = Vec::new();
     for key in [

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod detok;
 mod gguf;
+mod normalize;
 
 use std::path::Path;
 
@@ -12,6 +13,7 @@ use serde_json::Value as Json;
 
 pub use chat::ChatTemplate;
 pub use detok::StreamDecoder;
+use normalize::NormalizerGuard;
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
@@ -28,6 +30,8 @@ pub struct Tokenizer {
     chat_template: Option<ChatTemplate>,
     /// Cached: `tokenizers` computes it by building the whole vocabulary map.
     vocab_size: usize,
+    /// Refuses texts the normalizer would blow up (a hostile `tokenizer.json`).
+    normalizer_guard: NormalizerGuard,
 }
 
 fn read_json(path: &Path) -> Result<Option<Json>> {
@@ -72,6 +76,57 @@ fn byte_level_bpe_files(vocab: &Path, merges: &Path) -> Result<tokenizers::Token
     Ok(tokenizer)
 }
 
+/// The `added_tokens` of a `tokenizer.json` as (declared id, content); an id past 2^32 is
+/// an error here, named, rather than a parse error deep in `tokenizers`.
+fn declared_added_tokens(text: &str) -> Result<Vec<(u32, String)>> {
+    #[derive(serde::Deserialize)]
+    struct Added {
+        id: u64,
+        content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        added_tokens: Vec<Added>,
+    }
+    let file: File = serde_json::from_str(text)
+        .map_err(|e| Error::config(ADDED_TOKENS, format!("invalid entry: {e}")))?;
+    file.added_tokens
+        .into_iter()
+        .map(|t| match u32::try_from(t.id) {
+            Ok(id) => Ok((id, t.content)),
+            Err(_) => Err(Error::config(
+                ADDED_TOKENS,
+                format!("token '{}' has id {}, past 2^32", t.content, t.id),
+            )),
+        })
+        .collect()
+}
+
+const ADDED_TOKENS: &str = "tokenizer.json: added_tokens";
+
+/// Checks that every added token got the id `tokenizer.json` declares: `tokenizers`
+/// silently gives a token whose id is absurd (past the vocabulary, or taken by another
+/// token) a different one, so prompts and stop ids would disagree with the model's training.
+fn check_added_tokens(declared: &[(u32, String)], inner: &tokenizers::Tokenizer) -> Result<()> {
+    for (id, content) in declared {
+        let got = inner.token_to_id(content);
+        if got != Some(*id) {
+            let what = match got {
+                Some(other) => format!("the tokenizer gives it id {other}"),
+                None => "the tokenizer does not know it".to_string(),
+            };
+            return Err(Error::config(
+                ADDED_TOKENS,
+                format!(
+                    "token '{content}' is declared with id {id}, but {what}: the id is out of range or taken"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// The tokenizer stored in a GGUF file's metadata, with its chat template.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
@@ -96,6 +151,7 @@ impl Tokenizer {
         };
         Ok(Tokenizer {
             vocab_size: vocab.tokenizer.get_vocab_size(true),
+            normalizer_guard: NormalizerGuard::new(vocab.tokenizer.get_normalizer())?,
             inner: vocab.tokenizer,
             add_bos: vocab.add_bos_token,
             bos_token_id: vocab.bos_token_id,
@@ -113,31 +169,53 @@ impl Tokenizer {
         let inner = if gpt2_files {
             byte_level_bpe_files(&vocab_file, &merges_file)?
         } else {
-            tokenizers::Tokenizer::from_file(&path)
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let declared = declared_added_tokens(&text)?;
+            let inner = text
+                .parse::<tokenizers::Tokenizer>()
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+            check_added_tokens(&declared, &inner)?;
+            inner
         };
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
-        let id_of = |tok: &Option<String>| tok.as_deref().and_then(|t| inner.token_to_id(t));
+        // A special token the model names must exist: without it generation would never
+        // stop (eos) or prompts would silently lack their first token (bos).
+        let id_of = |key: &str, tok: &Option<String>| -> Result<Option<u32>> {
+            match tok.as_deref() {
+                None => Ok(None),
+                Some(t) => inner.token_to_id(t).map(Some).ok_or_else(|| {
+                    Error::config(
+                        format!("tokenizer_config.json: {key}"),
+                        format!("'{t}' is not in the vocabulary"),
+                    )
+                }),
+            }
+        };
         let bos_token = token_content(config.get("bos_token"));
         let eos_token = token_content(config.get("eos_token"));
-        let bos_token_id = id_of(&bos_token);
-        let mut eos_token_ids: Vec<u32> = id_of(&eos_token).into_iter().collect();
+        let bos_token_id = id_of("bos_token", &bos_token)?;
+        let mut eos_token_ids: Vec<u32> = id_of("eos_token", &eos_token)?.into_iter().collect();
         let vocab_size = inner.get_vocab_size(true);
         if let Some(gen) = read_json(&dir.join("generation_config.json"))? {
+            let field = "generation_config.json: eos_token_id";
+            let id = |v: &Json| {
+                v.as_u64().ok_or_else(|| {
+                    Error::config(
+                        field,
+                        format!("expected a token id or a list of them, got {v}"),
+                    )
+                })
+            };
             let ids = match gen.get("eos_token_id") {
                 None | Some(Json::Null) => vec![],
-                Some(Json::Array(items)) => items
-                    .iter()
-                    .map(Json::as_u64)
-                    .collect::<Option<Vec<_>>>()
-                    .unwrap_or_default(),
-                Some(v) => v.as_u64().into_iter().collect(),
+                Some(Json::Array(items)) => items.iter().map(id).collect::<Result<Vec<_>>>()?,
+                Some(v) => vec![id(v)?],
             };
             let vocab = vocab_size as u64;
             for id in ids {
                 if id >= vocab {
                     return Err(Error::config(
-                        "generation_config.json: eos_token_id",
+                        field,
                         format!("{id} is outside the vocabulary of {vocab} tokens"),
                     ));
                 }
@@ -171,6 +249,7 @@ impl Tokenizer {
         }
         Ok(Tokenizer {
             vocab_size,
+            normalizer_guard: NormalizerGuard::new(inner.get_normalizer())?,
             inner,
             add_bos: false,
             bos_token_id,
@@ -182,6 +261,7 @@ impl Tokenizer {
     /// Token ids of `text`. With `add_special_tokens` the model's BOS is added where the
     /// model asks for one; special tokens written in the text are always recognised.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.normalizer_guard.check(text)?;
         let enc = self
             .inner
             .encode_fast(text, add_special_tokens)
