@@ -71,6 +71,8 @@ def test_generate_optimized_multi_token_stop_and_messages(smollm):
     assert len(tok.encode(stop)) > 1
     cut = next(acc.generate_optimized(model, tok, PROMPT, stream=False, stop_sequences=[stop], **greedy))
     assert cut == full[: full.index(stop)]
+    one = next(acc.generate_optimized(model, tok, PROMPT, stream=False, stop_sequences=stop, **greedy))
+    assert one == cut  # one string, as the OpenAI client sends it
     messages = [{"role": "user", "content": "Name a colour."}]
     reply = next(acc.generate_optimized(model, tok, messages, stream=False, **greedy))
     want = cortex.generate(model, tok, messages, max_tokens=24)
@@ -102,7 +104,9 @@ def test_optimize_and_profile_model(smollm):
         model.forward_batch(seqs)
     by_hand = (time.perf_counter() - start) / 3
     assert by_hand / 2 < prof["avg_inference_time"] < by_hand * 2
-    assert prof["throughput"] == pytest.approx(32 / prof["avg_inference_time"])
+    # The original's throughput is samples (sequences) per second; tokens under their own key.
+    assert prof["throughput"] == pytest.approx(2 / prof["avg_inference_time"])
+    assert prof["tokens_per_second"] == pytest.approx(32 / prof["avg_inference_time"])
 
 
 def test_benchmark_operation_counts_true_flops():
@@ -131,6 +135,88 @@ def test_benchmark_operation_counts_true_flops():
         acc.benchmark_operation("qmatmul", (4, 40, 8))
     with pytest.raises(ValueError, match="bits"):
         acc.benchmark_operation("qmatmul", (4, 64, 8, 7, 32))
+
+
+def test_benchmark_operation_on_the_class_with_an_array_callable():
+    """The original's form: called on the class, with a callable of one array built from
+    ``input_shape``; its keys (``throughput_gflops`` ...) and the original's FLOP count."""
+    seen: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def matmul_op(x):
+        seen.append((x.shape, x.dtype))
+        return np.matmul(x, x.T)
+
+    r = MLXAccelerator.benchmark_operation(matmul_op, input_shape=(64, 64), num_iterations=50, use_amx=True)
+    assert seen[0] == ((64, 64), np.dtype(np.float32)) and len(seen) == 51  # warm-up + 50
+    assert r["flops"] == 2 * 64**3
+    assert r["throughput_gflops"] == r["gflops"] == pytest.approx(2 * 64**3 / r["avg_time"] / 1e9)
+    assert r["avg_time_ms"] == pytest.approx(r["avg_time"] * 1e3)
+    assert r["amx_enabled"] is False and r["amx_requested"] is True
+
+    # A lazy result (as mlx returns) is materialised inside the timed loop.
+    class Lazy:
+        forced = 0
+
+        def __array__(self, dtype=None, copy=None):
+            Lazy.forced += 1
+            return np.zeros(1)
+
+    MLXAccelerator.benchmark_operation(lambda x: Lazy(), input_shape=(4, 4), num_iterations=3)
+    assert Lazy.forced == 4
+    # Engine operations work on the class too.
+    assert (
+        MLXAccelerator.benchmark_operation("matmul", (4, 32, 8), num_iterations=2)["flops"] == 2 * 4 * 32 * 8
+    )
+
+
+def test_get_device_info_on_the_class():
+    info = MLXAccelerator.get_device_info()
+    assert info["is_gpu"] is False and info["device"] == "cpu"
+    assert info["config"] == dataclasses.asdict(MLXConfig())
+    own = MLXAccelerator(MLXConfig(batch_size=3)).get_device_info()
+    assert own["settings"]["batch_size"]["value"] == 3
+
+
+def test_config_takes_dtype_objects():
+    """``dtype=mx.bfloat16`` as the guide writes it: mlx dtypes print as
+    ``mlx.core.bfloat16``; numpy's dtypes work too. All are stored by name."""
+    try:
+        import mlx.core as mx
+
+        mlx_bf16: object = mx.bfloat16
+    except ImportError:
+
+        class MlxDtype:  # what mlx's Dtype looks like to Cortex: its printed name
+            def __repr__(self) -> str:
+                return "mlx.core.bfloat16"
+
+        mlx_bf16 = MlxDtype()
+    assert MLXConfig(dtype=mlx_bf16).dtype == "bfloat16"
+    assert MLXConfig(dtype=np.float16).dtype == "float16"
+    assert MLXConfig(dtype=np.dtype("float32")).dtype == "float32"
+    assert MLXConfig(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):
+        MLXConfig(dtype=np.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        MLXConfig(dtype=None)
+
+
+def test_optimize_memory(smollm, tmp_path):
+    """A float model is packed to config.quantization_bits; a quantized one is kept."""
+    from hf_models import write_tiny_hf
+
+    model, _ = smollm
+    acc = MLXAccelerator(MLXConfig(quantization_bits=4))
+    assert acc.optimize_memory(model) is model
+    assert acc.last_memory_report["weight_bytes_after"] == model.weight_bytes
+    write_tiny_hf(tmp_path / "tiny", shards=1)
+    tiny = cortex.load_model(tmp_path / "tiny")
+    small = acc.optimize_memory(tiny)
+    report = acc.last_memory_report
+    assert small is not tiny and report["weight_bytes_before"] == tiny.weight_bytes
+    assert report["weight_bytes_after"] == small.weight_bytes < tiny.weight_bytes / 2
+    ids = [1, 2, 3, 4]
+    assert np.argmax(small.forward(ids)) == np.argmax(tiny.forward(ids))
 
 
 def test_quantize_model_packs_real_weights(smollm):
@@ -171,10 +257,29 @@ def test_pipeline_chains_models(smollm):
         acc.create_pipeline([])
 
 
+def test_pipeline_of_plain_models(smollm, tmp_path):
+    """The guide's ``create_pipeline([model1, model2, model3], batch_size=4)``: each
+    model's tokenizer is found beside it; one prompt in, one text out."""
+    from hf_models import write_tiny_hf
+
+    model, tok = smollm
+    plain = cortex.load_model(model.path)
+    pipe = MLXAccelerator().create_pipeline([plain, model], batch_size=4)
+    first = cortex.generate(model, tok, PROMPT, max_tokens=5)
+    assert pipe(PROMPT, max_tokens=5) == cortex.generate(model, tok, first, max_tokens=5)
+    write_tiny_hf(tmp_path / "bare", shards=1)  # no tokenizer files
+    with pytest.raises(cortex.TokenizerError, match="stage 1 has no tokenizer"):
+        MLXAccelerator().create_pipeline([model, cortex.load_model(tmp_path / "bare")])
+    with pytest.raises(TypeError, match="stage 0 is a str"):
+        MLXAccelerator().create_pipeline(["model.gguf"])
+
+
 def test_accelerate_transformer(smollm):
     model, tok = smollm
     acc = MLXAccelerator()
-    fast = acc.accelerate_transformer(model, tok, bits=4)
+    with pytest.warns(cortex.CortexWarning, match=r"num_heads=12, but this model has num_heads=9"):
+        assert acc.accelerate_transformer(model, num_heads=12, head_dim=64) is model
+    fast = acc.accelerate_transformer(model, num_heads=9, head_dim=64, tokenizer=tok, bits=4)
     assert fast is not model and acc.last_warmup_seconds > 0
     assert acc.engine(fast, tok).stats()["steps"] == 0  # started, idle
     assert next(acc.generate_optimized(fast, tok, PROMPT, max_tokens=4, temperature=0.0, stream=False))

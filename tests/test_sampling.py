@@ -129,3 +129,56 @@ def test_one_model_from_sixteen_threads(smollm):
         jobs = [(p, pool.submit(cortex.generate, model, tok, p, max_tokens=8)) for p in prompts * 4]
         for p, job in jobs:
             assert job.result(timeout=300) == expected[p]
+
+
+def test_stop_may_be_one_string(smollm):
+    """``stop="..."`` as the OpenAI client sends it: the same as a list of that string."""
+    model, tok = smollm
+    assert SamplingParams(stop="\n").stop == ["\n"]
+    assert SamplingParams(stop=["a", "b"]).stop == ["a", "b"] and SamplingParams().stop == []
+    full = cortex.generate(model, tok, PROMPT, max_tokens=24)
+    stop = full[8:14]
+    cut = cortex.generate(model, tok, PROMPT, max_tokens=24, stop=stop)
+    assert cut == full[: full.index(stop)] == cortex.generate(model, tok, PROMPT, max_tokens=24, stop=[stop])
+    with pytest.raises(cortex.RequestValidationError, match="stop"):
+        SamplingParams(stop="")
+
+
+def test_other_tools_argument_names():
+    """transformers' ``max_new_tokens`` and ``do_sample``, mlx-lm's ``temp``."""
+    assert SamplingParams(max_new_tokens=7).max_tokens == 7
+    assert SamplingParams(max_new_tokens=7, max_tokens=7).max_tokens == 7
+    assert SamplingParams(temp=0.6).temperature == pytest.approx(0.6)
+    assert SamplingParams(do_sample=False).temperature == 0.0
+    assert SamplingParams(do_sample=True).temperature == 1.0  # transformers' default
+    assert SamplingParams(do_sample=True, temperature=0.3).temperature == pytest.approx(0.3)
+    assert SamplingParams(do_sample=True, temp=0.4).temperature == pytest.approx(0.4)
+    assert SamplingParams(do_sample=False, temperature=0.0).temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_new_tokens": 5, "max_tokens": 6}, "max_new_tokens"),
+        ({"temp": 0.5, "temperature": 0.7}, "temp"),
+        ({"do_sample": False, "temperature": 0.7}, "do_sample"),
+        ({"do_sample": True, "temperature": 0.0}, "do_sample"),
+        ({"max_new_tokens": 0}, "max_tokens"),
+        ({"temp": -1.0}, "temperature"),
+    ],
+)
+def test_conflicting_or_invalid_aliases_name_the_argument(kwargs, param):
+    with pytest.raises(cortex.RequestValidationError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param and param in str(info.value)
+
+
+def test_aliases_reach_generation(smollm):
+    model, tok = smollm
+    responses = list(cortex.stream_generate(model, tok, PROMPT, max_new_tokens=5, do_sample=False))
+    assert responses[-1].generation_tokens == 5 and responses[-1].finish_reason == "length"
+    assert "".join(r.text for r in responses) == cortex.generate(model, tok, PROMPT, max_tokens=5)
+    sampled = [
+        r.token for r in cortex.stream_generate(model, tok, PROMPT, max_new_tokens=12, temp=1.0, seed=1234)
+    ]
+    assert sampled == _sample(smollm, temperature=1.0, seed=1234)

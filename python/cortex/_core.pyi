@@ -91,18 +91,21 @@ class SamplingParams:
     def __new__(
         cls,
         *,
-        temperature: float = 0.0,
+        temperature: float | None = None,
         top_k: int = 0,
         top_p: float = 1.0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
-        max_tokens: int = 256,
-        stop: Sequence[str] = ...,
+        max_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         logprobs: int | None = None,
         ignore_eos: bool = False,
+        max_new_tokens: int | None = None,
+        temp: float | None = None,
+        do_sample: bool | None = None,
     ) -> SamplingParams: ...
     @property
     def temperature(self) -> float: ...

@@ -7,28 +7,50 @@ none is silently ignored.
 >>> acc = cortex.MLXAccelerator()
 >>> for chunk in acc.generate_optimized(model, tokenizer, "Tell me about Rust", max_tokens=64):
 ...     print(chunk, end="", flush=True)
+
+The original's guide (docs/mlx-acceleration.md of the MLX project) runs as written:
+examples/mlx_guide.py follows it call by call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import platform
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union, overload
+
+import numpy as np
 
 from . import _core
 from ._core import Model, SamplingParams, Tokenizer
 from .engine import Engine
-from .generation import Prompt
+from .exceptions import CortexError, CortexWarning, TokenizerError
+from .generation import Prompt, load_tokenizer
 
 __all__ = ["OPTIMIZATION_PRESETS", "MLXAccelerator", "MLXConfig", "Pipeline"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _BITS = (2, 3, 4, 5, 6, 8)
+
+#: A pipeline stage: a model (its tokenizer is found beside it) or a (model, tokenizer) pair.
+Stage = Union[Model, "tuple[Model, Tokenizer]"]
+
+
+def _dtype_name(dtype: object) -> str:
+    """The name of a dtype given as text (``"bfloat16"``) or as a dtype object: mlx's
+    (``mx.bfloat16``, printed ``mlx.core.bfloat16``) or numpy's (``np.float16``)."""
+    if isinstance(dtype, str) or dtype is None:
+        return str(dtype)
+    try:
+        return str(np.dtype(dtype).name)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return str(dtype).rsplit(".", 1)[-1]
 
 
 @dataclass
@@ -44,7 +66,9 @@ class MLXConfig:
     fusion_threshold: int = 1024
     #: Share of available memory the KV cache may take.
     memory_fraction: float = 0.85
-    dtype: str = "bfloat16"
+    #: ``"bfloat16"``, ``"float16"`` or ``"float32"``; an mlx or numpy dtype object
+    #: (``mx.bfloat16``) is accepted too and stored as its name.
+    dtype: Any = "bfloat16"
     use_amx: bool = True
     fuse_operations: bool = True
     lazy_evaluation: bool = True
@@ -59,8 +83,12 @@ class MLXConfig:
             raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction={self.memory_fraction}: must be in (0, 1]")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: one of {', '.join(_DTYPES)}")
+        name = _dtype_name(self.dtype)
+        if name not in _DTYPES:
+            raise ValueError(
+                f"dtype={self.dtype!r}: one of {', '.join(_DTYPES)}, by name or as an mlx/numpy dtype"
+            )
+        self.dtype = name
         if self.kv_cache_size < 8:
             raise ValueError(f"kv_cache_size={self.kv_cache_size}: must be at least 8")
         if self.quantization_bits not in _BITS:
@@ -92,6 +120,17 @@ _NOT_APPLICABLE = {
     "fuse_operations": "no operator fusion pass",
     "lazy_evaluation": "evaluation is eager",
 }
+
+
+def _takes_argument(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes a positional argument (builtins without a signature, such as
+    numpy's functions, are taken to)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in kinds or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _meminfo() -> dict[str, int]:
@@ -127,9 +166,16 @@ class Pipeline:
     def __init__(self, engines: list[Engine]) -> None:
         self.engines = engines
 
-    def __call__(self, prompts: Sequence[Prompt], **sampling: Any) -> list[str]:
-        """Run ``prompts`` through every stage; returns the last stage's texts, in order.
-        ``sampling``: :class:`cortex.SamplingParams` fields, for every stage."""
+    @overload
+    def __call__(self, prompts: str, **sampling: Any) -> str: ...
+    @overload
+    def __call__(self, prompts: Sequence[Prompt], **sampling: Any) -> list[str]: ...
+    def __call__(self, prompts: str | Sequence[Prompt], **sampling: Any) -> str | list[str]:
+        """Run ``prompts`` through every stage; returns the last stage's texts, in order
+        (one prompt given as a string: one text). ``sampling``: :class:`cortex.SamplingParams`
+        fields, for every stage."""
+        if isinstance(prompts, str):
+            return self([prompts], **sampling)[0]
         texts: Sequence[Prompt] = list(prompts)
         for engine in self.engines:
             outs = engine.generate_batch(texts, **sampling)
@@ -191,17 +237,18 @@ class MLXAccelerator:
         top_p: float = 0.95,
         repetition_penalty: float = 1.1,
         stream: bool = True,
-        stop_sequences: Sequence[str] | None = None,
+        stop_sequences: str | Sequence[str] | None = None,
     ) -> Iterator[str]:
         """Yield the generated text: chunks as they come (``stream=True``) or the whole text
         at once. ``prompt`` may be text, chat messages (through the chat template) or token
-        ids; generation stops before the first of ``stop_sequences`` (of any length)."""
+        ids; generation stops before the first of ``stop_sequences`` (of any length; one
+        string or several)."""
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             repetition_penalty=repetition_penalty,
-            stop=list(stop_sequences or []),
+            stop=stop_sequences or [],
         )
         events = self.engine(model, tokenizer).stream([prompt], params)
         if stream:
@@ -230,22 +277,50 @@ class MLXAccelerator:
             rotating_kv_cache=c.rotating_kv_cache and not model.config.get("learned_positions"),
         )
 
-    def create_pipeline(
-        self, models: Sequence[tuple[Model, Tokenizer]], batch_size: int | None = None
-    ) -> Pipeline:
+    def create_pipeline(self, models: Sequence[Stage], batch_size: int | None = None) -> Pipeline:
         """Chain models: the first generates from the prompts, each next one from the
-        previous one's outputs (draft, then rewrite...). Each stage runs its prompts as one
-        batch on its own engine, ``batch_size`` requests per step (default
-        ``config.batch_size``)."""
+        previous one's outputs (draft, then rewrite...). Each stage is a model, whose
+        tokenizer is loaded from beside it (the folder or GGUF file it came from), or a
+        ``(model, tokenizer)`` pair. Each stage runs its prompts as one batch on its own
+        engine, ``batch_size`` requests per step (default ``config.batch_size``)."""
         if not models:
-            raise ValueError("a pipeline needs at least one (model, tokenizer) pair")
+            raise ValueError("a pipeline needs at least one model (or (model, tokenizer) pair)")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
-        return Pipeline([self._new_engine(m, t, batch_size) for m, t in models])
+        stages = [self._stage(i, stage) for i, stage in enumerate(models)]
+        return Pipeline([self._new_engine(m, t, batch_size) for m, t in stages])
+
+    def _stage(self, index: int, stage: Stage) -> tuple[Model, Tokenizer]:
+        if isinstance(stage, Model):
+            known = self._engines.get(id(stage))
+            if known is not None and known[0] is stage:
+                return stage, known[1]
+            try:
+                return stage, load_tokenizer(stage.path)
+            except CortexError as err:
+                raise TokenizerError(
+                    f"create_pipeline: stage {index} has no tokenizer beside its model ({stage.path}): "
+                    f"{err}; pass a (model, tokenizer) pair",
+                    path=stage.path,
+                ) from err
+        if (
+            isinstance(stage, tuple)
+            and len(stage) == 2
+            and isinstance(stage[0], Model)
+            and isinstance(stage[1], Tokenizer)
+        ):
+            return stage[0], stage[1]
+        raise TypeError(
+            f"create_pipeline: stage {index} is a {type(stage).__name__}; "
+            "expected a cortex.Model or a (Model, Tokenizer) pair"
+        )
 
     def accelerate_transformer(
         self,
         model: Model,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
         tokenizer: Tokenizer | None = None,
         bits: int | None = None,
         example_input: Sequence[int] | None = None,
@@ -253,7 +328,24 @@ class MLXAccelerator:
         """Prepare a transformer for generation: requantize its linear layers to ``bits``
         (see :meth:`quantize_model`; left as stored when ``None``), warm it up, and, given
         its tokenizer, start the engine this accelerator will run it on. Returns the model
-        to use (a new one when requantized)."""
+        to use (a new one when requantized).
+
+        ``num_heads`` and ``head_dim`` (the original's arguments) state the attention
+        layout the caller expects. The engine's fused attention always runs the layout the
+        model's config gives; a value that differs from it is named in a
+        :class:`cortex.CortexWarning`, since it means the caller has another model in mind.
+        """
+        config = model.config
+        heads = int(config.get("num_attention_heads") or 0)
+        dim = int(config.get("head_dim") or (int(config.get("hidden_size") or 0) // heads if heads else 0))
+        for name, given, actual in (("num_heads", num_heads, heads), ("head_dim", head_dim, dim)):
+            if given is not None and given != actual:
+                warnings.warn(
+                    f"accelerate_transformer: {name}={given}, but this model has {name}={actual} "
+                    f"(num_attention_heads={heads}, head_dim={dim} in its config); its own layout is used",
+                    CortexWarning,
+                    stacklevel=2,
+                )
         if bits is not None:
             model = self.quantize_model(model, bits)
         self.optimize_model(model, example_input)
@@ -277,7 +369,9 @@ class MLXAccelerator:
         self, model: Model, input_shape: tuple[int, int] = (1, 128), num_iterations: int = 100
     ) -> dict[str, Any]:
         """Time ``num_iterations`` real forward passes over a batch of ``input_shape =
-        (batch, seq_len)`` token ids (run side by side, as the engine batches them)."""
+        (batch, seq_len)`` token ids (run side by side, as the engine batches them).
+        ``throughput`` is in samples (sequences) per second, as the original reported it;
+        ``tokens_per_second`` counts the positions processed."""
         batch, seq_len = input_shape
         if batch < 1 or seq_len < 1 or num_iterations < 1:
             raise ValueError("input_shape entries and num_iterations must be at least 1")
@@ -290,7 +384,8 @@ class MLXAccelerator:
         avg = (time.perf_counter() - start) / num_iterations
         return {
             "avg_inference_time": avg,
-            "throughput": batch * seq_len / avg,  # tokens per second
+            "throughput": batch / avg,
+            "tokens_per_second": batch * seq_len / avg,
             "num_parameters": model.num_parameters,
             "dtype": model.dtype,
             "device": model.device,
@@ -298,6 +393,27 @@ class MLXAccelerator:
             "seq_len": seq_len,
             "num_iterations": num_iterations,
         }
+
+    def optimize_memory(self, model: Model) -> Model:
+        """The model in the least memory this accelerator's config allows. Weights are
+        most of a model's memory, so a model whose linear layers are stored as floats
+        (f32/f16/bf16, 2 bytes or more per parameter) is packed to
+        ``config.quantization_bits`` (see :meth:`quantize_model`); a model that is
+        quantized already is returned as it is, as requantizing would round twice. Returns
+        the model to use; ``last_memory_report`` says what was done."""
+        before = model.weight_bytes
+        if before >= 2 * model.num_parameters:
+            out = self.quantize_model(model)
+            action = f"packed float weights to {self.config.quantization_bits} bits"
+        else:
+            out = model
+            action = "kept: weights are quantized already"
+        self.last_memory_report = {
+            "weight_bytes_before": before,
+            "weight_bytes_after": out.weight_bytes,
+            "action": action,
+        }
+        return out
 
     def quantize_model(
         self, model: Model, bits: int | None = None, mixed_precision: bool | None = None, group_size: int = 32
@@ -312,9 +428,9 @@ class MLXAccelerator:
         mixed = self.config.mixed_precision if mixed_precision is None else mixed_precision
         return model.requantize(bits, head_bits=max(bits, 8) if mixed else bits, group_size=group_size)
 
+    @staticmethod
     def benchmark_operation(
-        self,
-        operation: str | Callable[[], Any],
+        operation: str | Callable[..., Any],
         input_shape: Sequence[int],
         num_iterations: int = 1000,
         use_amx: bool = True,
@@ -324,37 +440,71 @@ class MLXAccelerator:
         ``"qmatmul"``: the same with quantized weights, 4 bits in groups of 32 unless the
         shape is ``(m, k, n, bits, group_size)``; ``"attention"``: ``(seq_len, heads,
         head_dim)``, causal; ``"bandwidth"``: ``(megabytes,)``, a parallel read of a buffer)
-        or a Python callable (pass its ``flops`` per call for a GFLOP/s figure). The result
-        has GFLOP/s and GB/s of the bytes the operation reads (weights, KV or buffer). AMX is
-        never used: it is unavailable on this backend (``use_amx`` is reported, not
-        applied)."""
+        or a Python callable. Callable on the class, as the original was.
+
+        A callable that takes an argument is called with a float32 array of
+        ``input_shape`` (standard normal; numpy, which mlx and torch functions accept) and
+        its result is materialised with ``numpy.asarray`` so that lazy frameworks' work is
+        timed; one that takes none is called as it is. ``flops`` is the work of one call;
+        for a callable given an array it defaults to ``2 * prod(input_shape) *
+        input_shape[-1]``, the input times a square matrix of its width (the original's
+        count; exact for ``x @ x.T`` on a square ``x``). The result has GFLOP/s, GB/s of
+        the bytes an engine operation reads (weights, KV or buffer) and the original's keys
+        (``avg_time_ms``, ``throughput_gflops``, ``amx_enabled``). AMX is never used: it
+        is unavailable on this backend (``use_amx`` is reported, not applied)."""
         if num_iterations < 1:
             raise ValueError("num_iterations must be at least 1")
+        nbytes: float | None = None
         if callable(operation):
-            operation()  # warm-up
+            shape = tuple(int(d) for d in input_shape)
+            call: Callable[[], Any]
+            if _takes_argument(operation):
+                x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+                call = lambda: np.asarray(operation(x))  # noqa: E731
+                if flops is None and len(shape) >= 2:
+                    flops = 2.0 * float(np.prod(shape)) * shape[-1]
+            else:
+                call = operation
+            call()  # warm-up
             start = time.perf_counter()
             for _ in range(num_iterations):
-                operation()
-            seconds, per_call, nbytes = time.perf_counter() - start, flops, None
+                call()
+            seconds, per_call = time.perf_counter() - start, flops
             name = getattr(operation, "__name__", "callable")
         else:
             seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
             name = operation
         avg = seconds / num_iterations
+        gflops = per_call / avg / 1e9 if per_call else None
         return {
             "operation": name,
             "input_shape": tuple(input_shape),
             "num_iterations": num_iterations,
             "avg_time": avg,
+            "avg_time_ms": avg * 1e3,
             "flops": per_call,
-            "gflops": per_call / avg / 1e9 if per_call else None,
+            "gflops": gflops,
+            "throughput_gflops": gflops,
             "bytes": nbytes,
             "gbytes_per_s": nbytes / avg / 1e9 if nbytes else None,
             "use_amx": False,
+            "amx_enabled": False,
             "amx_requested": use_amx,
         }
 
-    def get_device_info(self) -> dict[str, Any]:
+    class _DeviceInfo:
+        """``get_device_info`` works on the class (the original's static method: the
+        settings reported are a default :class:`MLXConfig`'s) and on an instance (its
+        own config's)."""
+
+        def __get__(
+            self, accelerator: MLXAccelerator | None, owner: type[MLXAccelerator]
+        ) -> Callable[[], dict[str, Any]]:
+            return (accelerator if accelerator is not None else owner())._device_info
+
+    get_device_info = _DeviceInfo()
+
+    def _device_info(self) -> dict[str, Any]:
         """The device, CPU model and features, memory, and how each setting applies."""
         model, flags = _cpu()
         mem = _meminfo()

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _core
+from . import _core, _env
 from ._core import Model, SamplingParams, Tokenizer
 from .generation import Prompt, _params_or_keywords, _prompt_ids
 
@@ -53,7 +53,8 @@ class Engine:
 
     Args:
         model, tokenizer: from :func:`cortex.load`.
-        max_batch_size: most requests running at once; the rest wait in order.
+        max_batch_size: most requests running at once; the rest wait in order (default:
+            ``CANDLE_NUM_PARALLEL`` when set, else 32).
         kv_cache_tokens: positions the KV cache holds, shared by all requests...
         memory_fraction: ...or the fraction of available memory to give it (not both;
             by default the model's context, at most 32768 positions). The memory is
@@ -75,7 +76,7 @@ class Engine:
         model: Model,
         tokenizer: Tokenizer,
         *,
-        max_batch_size: int = 32,
+        max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         memory_fraction: float | None = None,
         block_size: int = 16,
@@ -87,7 +88,7 @@ class Engine:
         self._core = _core.Engine(
             model,
             tokenizer,
-            max_batch_size=max_batch_size,
+            max_batch_size=max_batch_size if max_batch_size is not None else (_env.num_parallel() or 32),
             kv_cache_tokens=kv_cache_tokens,
             memory_fraction=memory_fraction,
             block_size=block_size,

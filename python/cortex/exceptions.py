@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "ContextLengthError",
     "CortexError",
+    "CortexWarning",
     "EngineError",
     "ModelFormatError",
     "ModelLoadError",
@@ -107,3 +108,9 @@ class CancelledError(EngineError):
 class ConversionError(CortexError):
     """A conversion could not be carried out (``MLXConverter.convert_model`` reports these
     as ``(False, message, None)`` rather than raising)."""
+
+
+class CortexWarning(UserWarning):
+    """Cortex did something other than what a call or setting literally asked for, and
+    says what it did instead (an argument that does not match the model, an environment
+    variable of another tool that has no counterpart here ...)."""

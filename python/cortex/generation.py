@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from . import _core, hub
+from . import _core, _env, hub
 from ._core import Model, SamplingParams, Tokenizer
 from ._progress import with_progress
 from .models import default_model_path
@@ -48,6 +48,12 @@ def _resolve(ref: PathLike | None, revision: str = "main") -> str:
     return str(hub.resolve(os.fspath(ref), revision))
 
 
+def _quantized(model: Model) -> bool:
+    """Whether most of ``model``'s weights are packed below 16 bits (float weights load as
+    f32: 4 bytes a parameter)."""
+    return model.weight_bytes < 2 * model.num_parameters
+
+
 def load(
     ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None, revision: str = "main"
 ) -> tuple[Model, Tokenizer]:
@@ -74,14 +80,18 @@ def load(
     """
     _check_placement(device, dtype)
     path = _resolve(ref, revision)
-    return with_progress("loading", "layer", lambda progress: _core.load(path, progress))
+    model, tokenizer = with_progress("loading", "layer", lambda progress: _core.load(path, progress))
+    _env.note_force_f32(_quantized(model))
+    return model, tokenizer
 
 
 def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None) -> Model:
     """Load only a model's weights (see :func:`load`)."""
     _check_placement(device, dtype)
     path = _resolve(ref)
-    return with_progress("loading", "layer", lambda progress: _core.load_model(path, progress))
+    model = with_progress("loading", "layer", lambda progress: _core.load_model(path, progress))
+    _env.note_force_f32(_quantized(model))
+    return model
 
 
 def load_tokenizer(ref: PathLike | None = None) -> Tokenizer:

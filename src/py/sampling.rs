@@ -9,6 +9,30 @@ fn count(param: &str, value: i64) -> Result<usize, Error> {
     usize::try_from(value).map_err(|_| Error::param(param, format!("{value} must not be negative")))
 }
 
+/// `stop` as callers send it: one string (the OpenAI client's form) or a list of strings.
+#[derive(FromPyObject)]
+enum StopArg {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One setting passed under our name (`name`) or another tool's (`alias`): the value given,
+/// `None` when neither is, and an error naming both when they disagree.
+fn same_setting<T: PartialEq + std::fmt::Display>(
+    name: &str,
+    value: Option<T>,
+    alias: &str,
+    alias_value: Option<T>,
+) -> Result<Option<T>, Error> {
+    match (value, alias_value) {
+        (Some(a), Some(b)) if a != b => Err(Error::param(
+            alias,
+            format!("{alias}={b} and {name}={a} are the same setting; pass one of them"),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// Sampling settings for one request; every field is validated on construction and a
 /// `RequestValidationError` (a `ValueError`) names the field at fault.
 #[pyclass(name = "SamplingParams", module = "cortex._core", frozen)]
@@ -19,25 +43,60 @@ pub struct PySamplingParams {
 
 #[pymethods]
 impl PySamplingParams {
+    /// Besides our names, three other tools' names are accepted, so their users' calls run
+    /// unchanged: `max_new_tokens` (transformers) for `max_tokens`, `temp` (mlx-lm) for
+    /// `temperature`, and `do_sample` (transformers: `False` is greedy, `True` samples at
+    /// temperature 1.0 unless one is given). `stop` may be one string (as the OpenAI client
+    /// sends it) or a list.
     #[new]
-    #[pyo3(signature = (*, temperature = 0.0, top_k = 0, top_p = 1.0, min_p = 0.0, repetition_penalty = 1.0,
-        presence_penalty = 0.0, frequency_penalty = 0.0, max_tokens = 256, stop = Vec::new(), seed = None,
-        logprobs = None, ignore_eos = false))]
+    #[pyo3(signature = (*, temperature = None, top_k = 0, top_p = 1.0, min_p = 0.0, repetition_penalty = 1.0,
+        presence_penalty = 0.0, frequency_penalty = 0.0, max_tokens = None, stop = None, seed = None,
+        logprobs = None, ignore_eos = false, max_new_tokens = None, temp = None, do_sample = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        temperature: f32,
+        temperature: Option<f32>,
         top_k: i64,
         top_p: f32,
         min_p: f32,
         repetition_penalty: f32,
         presence_penalty: f32,
         frequency_penalty: f32,
-        max_tokens: i64,
-        stop: Vec<String>,
+        max_tokens: Option<i64>,
+        stop: Option<StopArg>,
         seed: Option<i128>,
         logprobs: Option<i64>,
         ignore_eos: bool,
+        max_new_tokens: Option<i64>,
+        temp: Option<f32>,
+        do_sample: Option<bool>,
     ) -> PyResult<Self> {
+        let max_tokens = same_setting("max_tokens", max_tokens, "max_new_tokens", max_new_tokens)?
+            .unwrap_or(256);
+        let temperature = same_setting("temperature", temperature, "temp", temp)?;
+        let temperature = match (do_sample, temperature) {
+            (None, t) => t.unwrap_or(0.0),
+            (Some(false), Some(t)) if t != 0.0 => {
+                return Err(Error::param(
+                    "do_sample",
+                    format!("do_sample=False asks for greedy decoding, but temperature={t}; pass one of them"),
+                )
+                .into());
+            }
+            (Some(false), _) => 0.0,
+            (Some(true), Some(t)) if t == 0.0 => {
+                return Err(Error::param(
+                    "do_sample",
+                    "do_sample=True needs a temperature above 0 (temperature=0 is greedy decoding)",
+                )
+                .into());
+            }
+            (Some(true), t) => t.unwrap_or(1.0),
+        };
+        let stop = match stop {
+            None => Vec::new(),
+            Some(StopArg::One(s)) => vec![s],
+            Some(StopArg::Many(v)) => v,
+        };
         if max_tokens < 1 {
             return Err(Error::param(
                 "max_tokens",

@@ -9,6 +9,11 @@ from .._core import SamplingParams
 from ..generation import GenerationResponse
 
 
+def description(doc: str | None) -> str:
+    """A module docstring as ``--help`` text (without reStructuredText's double backquotes)."""
+    return (doc or "").replace("``", "")
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
