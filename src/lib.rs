@@ -10,6 +10,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod formats;
+pub mod hub;
 pub mod model;
 pub mod progress;
 pub mod quant;

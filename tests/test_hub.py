@@ -1,13 +1,19 @@
-"""Hub downloads against a real HTTP server on 127.0.0.1 that serves the Hub's file API
-(``/api/models/{repo}/revision/{rev}`` and ``/{repo}/resolve/{commit}/{file}``, with
-ranges) for a tiny model written by the test (RELIABILITY C7-C14)."""
+"""Hub downloads against real HTTP servers on the loopback interface that serve the Hub's
+file API (``/api/models/{repo}/revision/{rev}?blobs=true``, ``HEAD`` and ``GET``
+``/{repo}/resolve/{commit}/{file}`` with ranges, and the redirect of LFS files to a separate
+storage host) for a tiny model written by the test (RELIABILITY C7-C16)."""
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,24 +29,81 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 IDS = [3, 1, 4, 1, 5, 9, 2, 6]
 
 
+def _etag(name: str, data: bytes) -> str:
+    """The Hub's blob name: sha256 for LFS files (weights here), the git blob id otherwise."""
+    if name.endswith(".safetensors"):
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _request(handler: http.server.BaseHTTPRequestHandler) -> tuple[str, str, dict[str, str]]:
+    """Method, path and headers (names lower-cased: HTTP clients differ in case)."""
+    return handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()}
+
+
+class StorageServer:
+    """The storage host LFS downloads are redirected to (``cdn-lfs.hf.co`` on the real Hub):
+    serves ``/blob/<name>`` from the Hub server's files, and records every request."""
+
+    def __init__(self, hub_server: HubServer, host: str) -> None:
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        storage = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.serve(head=True)
+
+            def do_GET(self) -> None:
+                self.serve(head=False)
+
+            def serve(self, head: bool) -> None:
+                storage.requests.append(_request(self))
+                name = self.path.removeprefix("/blob/")
+                if name not in hub_server.files:
+                    self.send_error(404)
+                    return
+                hub_server.send_file(self, name, head)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class HubServer:
     """Serves one repo (`org/tiny`) from a folder; faults are switched on per test."""
 
     def __init__(self, folder: Path) -> None:
         self.files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.corrupt: set[str] = set()  # serve wrong bytes (same size) for these
         self.cut: set[str] = set()  # send half of these, then drop the connection (once)
+        self.slow = 0.0  # seconds to pause halfway through every file body...
+        self.slow_only: set[str] | None = None  # ...or through these files' only
+        self.storage: StorageServer | None = None  # where LFS files are redirected, if set
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass
 
+            def do_HEAD(self) -> None:
+                self.serve(head=True)
+
             def do_GET(self) -> None:
-                server.requests.append((self.path, dict(self.headers)))
-                if self.path.startswith("/api/models/org/tiny/revision/"):
-                    body = json.dumps({"sha": COMMIT, "siblings": server.siblings()}).encode()
+                self.serve(head=False)
+
+            def serve(self, head: bool) -> None:
+                server.requests.append(_request(self))
+                if self.path.startswith("/api/models/org/tiny/revision/") and not head:
+                    listing = {"id": "org/tiny", "sha": COMMIT, "siblings": server.siblings()}
+                    body = json.dumps(listing).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
@@ -52,41 +115,64 @@ class HubServer:
                 if name not in server.files:
                     self.send_error(404)
                     return
-                data = server.files[name]
-                if name in server.corrupt:
-                    data = bytes(b ^ 0xFF for b in data)
-                start = 0
-                if rng := self.headers.get("Range"):
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                if name in server.cut:
-                    server.cut.discard(name)
-                    self.wfile.write(data[start : start + (len(data) - start) // 2])
-                    self.wfile.flush()
-                    self.connection.close()
+                if server.storage is not None and name.endswith(".safetensors"):
+                    # The Hub answers for LFS files with a redirect that carries the file's
+                    # metadata; the bytes come from the storage host.
+                    data = server.files[name]
+                    self.send_response(302)
+                    self.send_header("Location", f"{server.storage.url}/blob/{name}")
+                    self.send_header("X-Linked-Etag", f'"{_etag(name, data)}"')
+                    self.send_header("X-Linked-Size", str(len(data)))
+                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
-                self.wfile.write(data[start:])
+                server.send_file(self, name, head)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def send_file(self, handler: http.server.BaseHTTPRequestHandler, name: str, head: bool) -> None:
+        data = self.files[name]
+        if name in self.corrupt:
+            data = bytes(b ^ 0xFF for b in data)
+        start = 0
+        if rng := handler.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+        handler.send_response(206 if start else 200)
+        handler.send_header("Content-Length", str(len(data) - start))
+        handler.send_header("ETag", f'"{_etag(name, self.files[name])}"')
+        handler.send_header("X-Repo-Commit", COMMIT)
+        handler.end_headers()
+        if head:
+            return
+        body = data[start:]
+        if name in self.cut:
+            self.cut.discard(name)
+            handler.wfile.write(body[: len(body) // 2])
+            handler.wfile.flush()
+            handler.connection.close()
+            return
+        handler.wfile.write(body[: len(body) // 2])
+        handler.wfile.flush()
+        if self.slow_only is None or name in self.slow_only:
+            time.sleep(self.slow)
+        handler.wfile.write(body[len(body) // 2 :])
 
     def siblings(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
         for name, data in self.files.items():
             if name.endswith(".safetensors"):  # weights are LFS files
-                lfs = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                lfs = {"sha256": _etag(name, data), "size": len(data)}
                 out.append({"rfilename": name, "size": len(data), "lfs": lfs})
             else:
-                blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-                out.append({"rfilename": name, "size": len(data), "blobId": blob})
+                out.append({"rfilename": name, "size": len(data), "blobId": _etag(name, data)})
         return out
 
     def downloads(self) -> list[str]:
-        return [p for p, _ in self.requests if "/resolve/" in p]
+        """The file GETs (not the HEADs that ask about a file)."""
+        return [p for m, p, _ in self.requests if m == "GET" and "/resolve/" in p]
 
     def stop(self) -> None:
         self.httpd.shutdown()
@@ -99,8 +185,8 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Hu
     server = HubServer(tmp_path / "repo")
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     yield server, weights
     server.stop()
@@ -116,7 +202,7 @@ def test_first_download_then_cache_hit_with_the_server_stopped(served, tmp_path:
     snapshot = tmp_path / "cache" / "models--org--tiny" / "snapshots" / COMMIT
     assert (snapshot / "config.json").is_symlink()
     assert (tmp_path / "cache" / "models--org--tiny" / "refs" / "main").read_text() == COMMIT
-    assert len(server.downloads()) == len(server.files)
+    assert sorted(server.downloads()) == sorted(f"/org/tiny/resolve/{COMMIT}/{n}" for n in server.files)
     # Everything cached: the next call asks for the listing only.
     before = len(server.downloads())
     cortex.load_tokenizer("org/tiny")
@@ -144,7 +230,36 @@ def test_token_is_sent_as_a_header(served, monkeypatch: pytest.MonkeyPatch) -> N
     server, _ = served
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     hub.snapshot_download("org/tiny")
-    assert server.requests and all(h.get("Authorization") == "Bearer hf_secret" for _, h in server.requests)
+    assert server.requests and {h.get("authorization") for _, _, h in server.requests} == {"Bearer hf_secret"}
+
+
+def test_token_from_hf_token_path(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = served
+    token_file = tmp_path / "elsewhere" / "token"
+    token_file.parent.mkdir()
+    token_file.write_text("hf_from_file\n")  # as `huggingface-cli login` writes it
+    monkeypatch.setenv("HF_TOKEN_PATH", str(token_file))
+    hub.snapshot_download("org/tiny")
+    assert {h.get("authorization") for _, _, h in server.requests} == {"Bearer hf_from_file"}
+
+
+def test_token_never_reaches_the_storage_host(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub redirects weight files to another host; the token is for the Hub only
+    (127.0.0.1 and localhost are different hosts to an HTTP client)."""
+    server, _ = served
+    storage = StorageServer(server, host="localhost")
+    server.storage = storage
+    try:
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        snapshot = hub.snapshot_download("org/tiny")
+        shards = [n for n in server.files if n.endswith(".safetensors")]
+        assert shards and all((snapshot / n).read_bytes() == server.files[n] for n in shards)
+        fetched = [p for m, p, _ in storage.requests if m == "GET"]
+        assert sorted(fetched) == sorted(f"/blob/{n}" for n in shards)
+        assert [h for _, _, h in storage.requests if "authorization" in h] == []
+        assert all(h.get("authorization") == "Bearer hf_secret" for _, _, h in server.requests)
+    finally:
+        storage.stop()
 
 
 def test_corrupted_blob_is_rejected(served, tmp_path: Path) -> None:
@@ -179,12 +294,118 @@ def test_cut_download_is_completed_on_the_next_call(served) -> None:
         hub.snapshot_download("org/tiny")
     snapshot = hub.snapshot_download("org/tiny")
     assert (snapshot / shard).read_bytes() == server.files[shard]
-    ranged = [h.get("Range") for p, h in server.requests if p.endswith(shard)]
-    assert ranged[-1] and ranged[-1] != "bytes=0-"  # resumed, not restarted
+    ranged = [h.get("range") for m, p, h in server.requests if m == "GET" and p.endswith(shard)]
+    assert len(ranged) == 2 and ranged[0] is None
+    assert ranged[1].startswith(f"bytes={len(server.files[shard]) // 2}-")  # resumed, not restarted
     model = cortex.load_model(snapshot)
     np.testing.assert_allclose(
         model.forward(IDS, all_positions=True), forward(weights, family(), IDS), rtol=1e-4, atol=1e-5
     )
+
+
+def test_ctrl_c_stops_promptly_and_the_next_call_resumes(served, tmp_path: Path) -> None:
+    """Ctrl-C lands while the server is silent mid-file; the halves that arrived stay in
+    `.incomplete` and the next call resumes them instead of fetching them again."""
+    server, _ = served
+    server.slow = 5.0
+    server.slow_only = {n for n in server.files if n.endswith(".safetensors")}
+    blobs = tmp_path / "cache" / "models--org--tiny" / "blobs"
+    interrupted_at: list[float] = []
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 10
+        while len(list(blobs.glob("*.incomplete"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        interrupted_at.append(time.monotonic())
+        _thread.interrupt_main()
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        hub.snapshot_download("org/tiny")
+    assert time.monotonic() - interrupted_at[0] < 1.0
+    assert len(list(blobs.glob("*.incomplete"))) == 2
+    server.slow = 0.0
+    snapshot = hub.snapshot_download("org/tiny")
+    for name, data in server.files.items():
+        assert (snapshot / name).read_bytes() == data
+    ranges = [h.get("range") for m, p, h in server.requests if m == "GET" and p.endswith(".safetensors")]
+    assert len(ranges) == 4 and sum(1 for r in ranges if r and not r.startswith("bytes=0-")) == 2
+
+
+def test_two_processes_fill_one_empty_cache(served, tmp_path: Path) -> None:
+    """Both succeed with identical files, and each file crosses the network once: the
+    second process waits on the first one's lock, then links its blob."""
+    server, _ = served
+    server.slow = 0.5  # every file body pauses halfway, so the two overlap
+    script = "import sys; from cortex import hub; print(hub.snapshot_download('org/tiny'))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    snapshots = {Path(out.strip()) for out, _ in results}
+    assert snapshots == {tmp_path / "cache" / "models--org--tiny" / "snapshots" / COMMIT}
+    (snapshot,) = snapshots
+    for name, data in server.files.items():
+        assert (snapshot / name).read_bytes() == data
+    assert sorted(server.downloads()) == sorted(f"/org/tiny/resolve/{COMMIT}/{n}" for n in server.files)
+    assert not list((tmp_path / "cache" / "models--org--tiny" / "blobs").glob("*.incomplete"))
+
+
+def test_files_with_identical_contents_fetched_at_once(served, tmp_path: Path) -> None:
+    """Two shards with the same bytes share one blob: the second waits for the first's
+    lock instead of writing the same `.incomplete` at the same time."""
+    server, _ = served
+    server.slow = 0.3
+    first, second = sorted(n for n in server.files if n.endswith(".safetensors"))
+    server.files[second] = server.files[first]
+    snapshot = hub.snapshot_download("org/tiny")
+    assert (snapshot / first).read_bytes() == (snapshot / second).read_bytes() == server.files[first]
+    assert os.path.realpath(snapshot / first) == os.path.realpath(snapshot / second)
+    weight_gets = [p for p in server.downloads() if p.endswith(".safetensors")]
+    assert len(weight_gets) == 1
+
+
+def test_only_the_indexed_shards_are_fetched(served) -> None:
+    """An adapter, Mistral's consolidated file and a stale shard beside an indexed model
+    are left on the Hub (transformers and mlx-lm load neither)."""
+    server, weights = served
+    shards = sorted(n for n in server.files if n.endswith(".safetensors"))
+    extras = ["consolidated.safetensors", "adapter_model.safetensors", "model-00003-of-00003.safetensors"]
+    for i, name in enumerate(extras):
+        server.files[name] = server.files[shards[i % len(shards)]] + bytes([i])
+    snapshot = hub.snapshot_download("org/tiny")
+    fetched = {p.rsplit("/", 1)[1] for p in server.downloads()}
+    assert fetched == set(server.files) - set(extras)
+    assert not any((snapshot / n).exists() for n in extras)
+    model = cortex.load_model(snapshot)
+    np.testing.assert_allclose(
+        model.forward(IDS, all_positions=True), forward(weights, family(), IDS), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_allow_and_ignore_patterns(served) -> None:
+    server, _ = served
+    snapshot = hub.snapshot_download("org/tiny", allow_patterns=["*.json"], ignore_patterns="tokenizer*")
+    fetched = {p.rsplit("/", 1)[1] for p in server.downloads()}
+    want = {n for n in server.files if n.endswith(".json") and not n.startswith("tokenizer")}
+    assert fetched == want and "config.json" in want
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(want)
+    # ignore_patterns alone narrows the usual selection.
+    server.requests.clear()
+    snapshot = hub.snapshot_download("org/tiny", ignore_patterns=["tokenizer.json"])
+    fetched = {p.rsplit("/", 1)[1] for p in server.downloads()}
+    assert "tokenizer.json" not in fetched and any(n.endswith(".safetensors") for n in fetched)
+    with pytest.raises(ValueError, match="allow_patterns"):
+        hub.snapshot_download("org/tiny", allow_patterns=["[unclosed"])
 
 
 def test_names_outside_the_repo_are_refused(served, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, final
 
 import numpy as np
@@ -18,6 +19,8 @@ __all__ = [
     "__version__",
     "affine_quantize",
     "engine_stats",
+    "hub_cache_dir",
+    "hub_snapshot_download",
     "inspect_source",
     "kernel_isa",
     "load",
@@ -203,3 +206,12 @@ def inspect_source(path: str | PathLike[str]) -> str: ...
 def affine_quantize(
     data: bytes, rows: int, cols: int, bits: int, group_size: int, dtype: str
 ) -> tuple[bytes, bytes, bytes]: ...
+def hub_snapshot_download(
+    repo_id: str,
+    revision: str,
+    filename: str | None = None,
+    allow_patterns: Sequence[str] | None = None,
+    ignore_patterns: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> Path: ...
+def hub_cache_dir() -> Path: ...

@@ -4,6 +4,7 @@
 mod convert;
 mod engine;
 mod errors;
+mod hub;
 mod model;
 mod sampling;
 mod tokenizer;
@@ -33,5 +34,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<convert::PyConversionJob>()?;
     m.add_function(wrap_pyfunction!(convert::inspect_source, m)?)?;
     m.add_function(wrap_pyfunction!(convert::affine_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(hub::hub_snapshot_download, m)?)?;
+    m.add_function(wrap_pyfunction!(hub::hub_cache_dir, m)?)?;
     Ok(())
 }

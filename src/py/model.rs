@@ -204,7 +204,7 @@ impl PyModel {
 /// which stops with `CancelledError` at the next layer once `cancel` is called.
 #[pyclass(name = "Progress", module = "cortex._core", frozen)]
 pub struct PyProgress {
-    inner: Arc<crate::progress::Progress>,
+    pub(crate) inner: Arc<crate::progress::Progress>,
 }
 
 #[pymethods]
