@@ -96,42 +96,30 @@ impl Budget {
         });
     }
 
-    fn charge(
-        counter: fn(&Budget) -> &Cell<usize>,
-        n: usize,
-        limit: usize,
-        what: &str,
-    ) -> std::result::Result<(), minijinja::Error> {
+    fn emit(n: usize) -> std::result::Result<(), minijinja::Error> {
         BUDGET.with(|b| {
-            let c = counter(b);
-            let total = c.get().saturating_add(n);
-            c.set(total);
-            if total > limit {
-                Err(too_large(format!(
-                    "{what} exceed the limit of {limit} bytes"
-                )))
+            let total = b.emitted.get().saturating_add(n);
+            b.emitted.set(total);
+            if total > MAX_EMITTED_BYTES {
+                Err(emitted_too_large())
             } else {
                 Ok(())
             }
         })
     }
 
-    fn emit(n: usize) -> std::result::Result<(), minijinja::Error> {
-        Self::charge(
-            |b| &b.emitted,
-            n,
-            MAX_EMITTED_BYTES,
-            "bytes written by the template",
-        )
-    }
-
     fn build(n: usize) -> std::result::Result<(), minijinja::Error> {
-        Self::charge(
-            |b| &b.built,
-            n,
-            MAX_BUILT_BYTES,
-            "strings built by the template",
-        )
+        BUDGET.with(|b| {
+            let total = b.built.get().saturating_add(n);
+            b.built.set(total);
+            if total > MAX_BUILT_BYTES {
+                Err(too_large(format!(
+                    "strings built by the template exceed {MAX_BUILT_BYTES} bytes"
+                )))
+            } else {
+                Ok(())
+            }
+        })
     }
 
     fn visit(n: usize) -> std::result::Result<(), minijinja::Error> {
@@ -152,6 +140,12 @@ fn too_large(msg: String) -> minijinja::Error {
         ErrorKind::InvalidOperation,
         format!("too large for the template memory limit: {msg}"),
     )
+}
+
+fn emitted_too_large() -> minijinja::Error {
+    too_large(format!(
+        "bytes written by the template (captured blocks included) exceed {MAX_EMITTED_BYTES}"
+    ))
 }
 
 fn check_size(n: usize, what: &str) -> std::result::Result<(), minijinja::Error> {
@@ -193,7 +187,7 @@ fn display_bounded(value: &Value, limit: usize) -> std::result::Result<String, m
         limit,
     };
     write!(w, "{value}")
-        .map_err(|_| too_large(format!("a printed value exceeds {limit} bytes")))?;
+        .map_err(|_| too_large(format!("a printed value would exceed {limit} bytes")))?;
     Ok(s)
 }
 
@@ -216,7 +210,7 @@ fn deep_size(value: &Value) -> std::result::Result<usize, minijinja::Error> {
     let mut visits = 0usize;
     while let Some((v, depth)) = stack.pop() {
         visits += 1;
-        if visits % 4096 == 0 {
+        if visits.is_multiple_of(4096) {
             Budget::visit(4096)?;
         }
         total = total.saturating_add(ITEM_BYTES);
@@ -347,14 +341,17 @@ fn formatted_len(fmt: &str, args: &[Value]) -> std::result::Result<usize, miniji
 
 /// `sep.join(items)` printed into a bounded buffer (minijinja's `join` and pycompat's).
 fn bounded_join(items: &Value, sep: &str) -> std::result::Result<Value, minijinja::Error> {
+    let what = "the result of `join`";
     let mut out = String::new();
     for (i, item) in items.try_iter()?.enumerate() {
         if i > 0 {
+            check_size(out.len().saturating_add(sep.len()), what)?;
             out.push_str(sep);
         }
-        let room = MAX_VALUE_BYTES.saturating_sub(out.len());
-        out.push_str(&display_bounded(&item, room)?);
-        check_size(out.len(), "the result of `join`")?;
+        let room = MAX_VALUE_BYTES - out.len();
+        let text = display_bounded(&item, room)
+            .map_err(|_| too_large(format!("{what} would exceed {MAX_VALUE_BYTES} bytes")))?;
+        out.push_str(&text);
     }
     Ok(Value::from(out))
 }
@@ -528,15 +525,15 @@ fn python_compact_json(v: &serde_json::Value) -> String {
 }
 
 /// Writes a value as the default formatter does without auto-escaping, charging it to the
-/// render's output budget as it goes.
+/// render's output budget as it goes (printing stops at the budget, so a value that would
+/// print as gigabytes costs no more than the budget).
 fn guarded_formatter(
     out: &mut Output,
     _state: &State,
     value: &Value,
 ) -> std::result::Result<(), minijinja::Error> {
     let room = BUDGET.with(|b| MAX_EMITTED_BYTES.saturating_sub(b.emitted.get()));
-    let text = display_bounded(value, room)
-        .or_else(|_| Budget::emit(usize::MAX).map(|_| String::new()))?;
+    let text = display_bounded(value, room).map_err(|_| emitted_too_large())?;
     Budget::emit(text.len())?;
     out.write_str(&text).map_err(minijinja::Error::from)
 }
@@ -662,7 +659,7 @@ impl ChatTemplate {
             lstrip_blocks: true,
             trim_blocks: true,
         };
-        let ast = machinery::parse(&self.source, TEMPLATE_NAME, SyntaxConfig::default(), ws)?;
+        let ast = machinery::parse(&self.source, TEMPLATE_NAME, SyntaxConfig, ws)?;
         let mut generator = CodeGenerator::new(TEMPLATE_NAME, &self.source);
         generator.compile_stmt(&ast);
         let (mut instructions, mut blocks) = generator.finish();
