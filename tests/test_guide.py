@@ -33,6 +33,7 @@ def cells() -> list[tuple[str, str]]:
 
 def _converted(ns: dict[str, Any], out: str) -> None:
     assert ns["success"] is True, ns["message"]
+    assert Path(ns["output_path"]).parent == Path(ns["converter"].cache_dir)
     config = json.loads((Path(ns["output_path"]) / "config.json").read_text())
     assert (config["quantization"]["bits"], config["quantization"]["group_size"]) == (4, 64)
     assert f"{ns['success']} {ns['message']}" in out
@@ -168,9 +169,14 @@ def test_the_example_has_every_block_of_the_guide() -> None:
 
 
 @pytest.mark.timeout(1800)
-def test_the_guide_runs_as_written(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_guide_runs_as_written(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Slow by the guide's own numbers: 100 profiled passes over 512 tokens and 1000
     products of 1024x1024 matrices."""
+    # The converter's cache ($CORTEX_HOME/mlx_models) starts empty; the model stays put.
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path))
+    monkeypatch.setattr(cortex, "default_model_path", lambda *args, **kwargs: model_path)
     ns: dict[str, Any] = {"__name__": "__guide__"}
     for (title, code), check in zip(cells(), CHECKS.values()):
         compiled = compile(code, str(GUIDE), "exec")
@@ -183,3 +189,4 @@ def test_the_guide_runs_as_written(model_path: Path, capsys: pytest.CaptureFixtu
         out = capsys.readouterr().out
         if check is not None:
             check(ns, out)
+    assert ns["converter"].cache_dir == tmp_path / "mlx_models"
