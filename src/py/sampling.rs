@@ -83,7 +83,7 @@ impl PySamplingParams {
                 .into());
             }
             (Some(false), _) => 0.0,
-            (Some(true), Some(t)) if t == 0.0 => {
+            (Some(true), Some(0.0)) => {
                 return Err(Error::param(
                     "do_sample",
                     "do_sample=True needs a temperature above 0 (temperature=0 is greedy decoding)",
