@@ -227,6 +227,9 @@ FORK_CHILD = textwrap.dedent(
 
     model, tok = cortex.load(sys.argv[1])
     assert cortex.generate(model, tok, "w3 w4", max_tokens=3, ignore_eos=True)
+    # A stream started before the fork, iterated in the child.
+    stream = iter(cortex.stream_generate(model, tok, "w3 w4", max_tokens=1000, ignore_eos=True))
+    next(stream)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -236,6 +239,7 @@ FORK_CHILD = textwrap.dedent(
             ("generate", lambda: cortex.generate(model, tok, "w3 w4", max_tokens=3, ignore_eos=True)),
             ("forward", lambda: model.forward([1, 2, 3])),
             ("load", lambda: cortex.load_model(sys.argv[1])),
+            ("stream", lambda: next(stream)),
         ]:
             start = time.monotonic()
             try:
@@ -272,7 +276,7 @@ def test_fork_after_generating_raises_in_the_child(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "parent ok"
-    for name in ("generate", "forward", "load"):
+    for name in ("generate", "forward", "load", "stream"):
         (line,) = [x for x in lines if x.startswith(f"{name}:")]
         assert "EngineError" in line and "spawn" in line, line
         assert float(line.split()[2].rstrip("s")) < 0.5, line

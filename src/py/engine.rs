@@ -178,6 +178,8 @@ impl PyEngineStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<EventTuple>> {
+        // In a child forked after the engine started, no engine thread will ever answer.
+        crate::threads::check_not_forked()?;
         // Another thread may be waiting on this stream with the GIL released: wait for it
         // without holding the GIL, or it could never take the GIL back.
         let mut guard = loop {

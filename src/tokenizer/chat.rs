@@ -56,8 +56,8 @@ const MAX_VISITS: usize = 20_000_000;
 const MAX_DEPTH: usize = 128;
 /// Most items a list may hold (`batch`/`slice` counts included).
 const MAX_ITEMS: usize = 1 << 20;
-/// What one item costs in a measured size beyond its text: a pointer and a separator.
-const ITEM_BYTES: usize = 8;
+/// What one item costs in a measured size beyond its text: the `Value` that holds it.
+const ITEM_BYTES: usize = std::mem::size_of::<Value>();
 /// Largest `tojson` indent accepted (Python takes any; templates use 2 or 4).
 const MAX_JSON_INDENT: usize = 64;
 /// The source of a template must compile within this size (real ones are under 50 KB).
