@@ -87,6 +87,17 @@ class HubServer:
         self.slow = 0.0  # seconds to pause halfway through every file body...
         self.slow_only: set[str] | None = None  # ...or through these files' only
         self.storage: StorageServer | None = None  # where LFS files are redirected, if set
+        # Answer every request (or, with fail_files_only, every file request) with this
+        # status and these headers instead.
+        self.fail: tuple[int, dict[str, str]] | None = None
+        self.fail_files_only = False
+        self.ignore_range = False  # answer a ranged GET with the whole file (200)
+        self.linked_size = False  # send X-Linked-Size (the whole size) with every file, as a proxy may
+        # Hold file requests until this many listings have been asked for (or 30 s passed).
+        self.gate = 0
+        self.gate_opened: bool | None = None
+        self.listings = 0
+        self.cond = threading.Condition()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -101,7 +112,22 @@ class HubServer:
 
             def serve(self, head: bool) -> None:
                 server.requests.append(_request(self))
+                if server.fail is not None and (not server.fail_files_only or "/resolve/" in self.path):
+                    status, headers = server.fail
+                    self.send_response(status)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if "/resolve/" in self.path and server.gate:
+                    with server.cond:
+                        opened = server.cond.wait_for(lambda: server.listings >= server.gate, timeout=30)
+                        server.gate_opened = opened and server.gate_opened is not False
                 if self.path.startswith("/api/models/org/tiny/revision/") and not head:
+                    with server.cond:
+                        server.listings += 1
+                        server.cond.notify_all()
                     listing = {"id": "org/tiny", "sha": COMMIT, "siblings": server.siblings()}
                     body = json.dumps(listing).encode()
                     self.send_response(200)
@@ -138,10 +164,12 @@ class HubServer:
         if name in self.corrupt:
             data = bytes(b ^ 0xFF for b in data)
         start = 0
-        if rng := handler.headers.get("Range"):
+        if (rng := handler.headers.get("Range")) and not self.ignore_range:
             start = int(rng.removeprefix("bytes=").split("-")[0])
         handler.send_response(206 if start else 200)
         handler.send_header("Content-Length", str(len(data) - start))
+        if self.linked_size:
+            handler.send_header("X-Linked-Size", str(len(data)))
         handler.send_header("ETag", f'"{_etag(name, self.files[name])}"')
         handler.send_header("X-Repo-Commit", COMMIT)
         handler.end_headers()
@@ -336,7 +364,8 @@ def test_two_processes_fill_one_empty_cache(served, tmp_path: Path) -> None:
     """Both succeed with identical files, and each file crosses the network once: the
     second process waits on the first one's lock, then links its blob."""
     server, _ = served
-    server.slow = 0.5  # every file body pauses halfway, so the two overlap
+    server.gate = 2  # no file is served before both processes have asked for the listing
+    server.slow = 0.5  # and every file body pauses halfway, so the two overlap
     script = "import sys; from cortex import hub; print(hub.snapshot_download('org/tiny'))"
     procs = [
         subprocess.Popen(
@@ -358,6 +387,7 @@ def test_two_processes_fill_one_empty_cache(served, tmp_path: Path) -> None:
         assert (snapshot / name).read_bytes() == data
     assert sorted(server.downloads()) == sorted(f"/org/tiny/resolve/{COMMIT}/{n}" for n in server.files)
     assert not list((tmp_path / "cache" / "models--org--tiny" / "blobs").glob("*.incomplete"))
+    assert server.gate_opened, "the two processes did not overlap"
 
 
 def test_files_with_identical_contents_fetched_at_once(served, tmp_path: Path) -> None:
@@ -420,3 +450,134 @@ def test_names_outside_the_repo_are_refused(served, monkeypatch: pytest.MonkeyPa
 def test_missing_repo_is_a_clear_error(served) -> None:
     with pytest.raises(hub.EntryNotFoundError, match="not found on the Hub"):
         hub.snapshot_download("org/absent")
+
+
+def test_an_empty_file_is_downloaded(served) -> None:
+    """A zero-byte file has nothing to fetch, but its blob must still be made and checked."""
+    server, _ = served
+    server.files["empty.txt"] = b""
+    snapshot = hub.snapshot_download("org/tiny", allow_patterns="*")
+    assert (snapshot / "empty.txt").read_bytes() == b""
+    assert (snapshot / "empty.txt").resolve().name == hashlib.sha1(b"blob 0\0").hexdigest()
+    assert (snapshot / "config.json").read_bytes() == server.files["config.json"]
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 401, 403])
+def test_hub_errors_fall_back_to_a_complete_cached_snapshot(
+    served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """As huggingface_hub: any HTTP error but a missing repo or revision lets the cache serve."""
+    server, _ = served
+    snapshot = hub.snapshot_download("org/tiny")
+    server.fail = (status, {})
+    assert hub.snapshot_download("org/tiny") == snapshot
+    # Nothing cached: the Hub's error is raised, the cache miss as its cause.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(hub.HubError, match=f"HTTP {status}") as raised:
+        hub.snapshot_download("org/tiny")
+    assert not isinstance(raised.value, hub.LocalEntryNotFoundError)
+    assert isinstance(raised.value.__cause__, hub.LocalEntryNotFoundError)
+    assert "no complete cached snapshot" in str(raised.value)
+
+
+def test_a_missing_revision_does_not_fall_back(served) -> None:
+    server, _ = served
+    hub.snapshot_download("org/tiny")
+    server.fail = (404, {"X-Error-Code": "RevisionNotFound"})
+    with pytest.raises(hub.EntryNotFoundError, match="not found on the Hub"):
+        hub.snapshot_download("org/tiny")
+
+
+def test_unreachable_and_not_cached_is_a_cache_miss(served) -> None:
+    server, _ = served
+    server.stop()
+    with pytest.raises(hub.LocalEntryNotFoundError, match="not in the cache"):
+        hub.snapshot_download("org/tiny")
+
+
+def test_a_cached_call_writes_nothing(served, tmp_path: Path) -> None:
+    """Links and refs that are right already are left alone: same inodes and mtimes, and,
+    where permissions bind (not root), a read-only snapshot folder and refs still serve."""
+    snapshot = hub.snapshot_download("org/tiny")
+    ref = tmp_path / "cache" / "models--org--tiny" / "refs" / "main"
+    paths = [ref, *sorted(snapshot.iterdir())]
+
+    def stamps() -> list[tuple[int, int]]:
+        return [(os.lstat(p).st_ino, os.lstat(p).st_mtime_ns) for p in paths]
+
+    before = stamps()
+    time.sleep(0.01)  # a rewrite would show in the mtime too
+    assert hub.snapshot_download("org/tiny") == snapshot
+    assert stamps() == before
+    if os.geteuid() != 0:
+        for folder in (snapshot, ref.parent):
+            folder.chmod(0o555)
+        try:
+            assert hub.snapshot_download("org/tiny") == snapshot
+        finally:
+            for folder in (snapshot, ref.parent):
+                folder.chmod(0o755)
+
+
+def test_unauthenticated_missing_repo_is_not_found(served) -> None:
+    """The Hub answers 401 for a repo that does not exist when no token is sent."""
+    server, _ = served
+    server.fail = (401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+    with pytest.raises(hub.EntryNotFoundError, match=r"the repo org/tiny.*HF_TOKEN"):
+        hub.snapshot_download("org/tiny")
+
+
+def test_gated_repo_says_to_accept_the_license(served) -> None:
+    """A gated repo's listing is public; its files answer 401/403 with GatedRepo."""
+    server, _ = served
+    server.fail = (403, {"X-Error-Code": "GatedRepo"})
+    server.fail_files_only = True
+    with pytest.raises(hub.HubError, match=r"gated repo.*license.*HF_TOKEN") as raised:
+        hub.snapshot_download("org/tiny")
+    assert not isinstance(raised.value, hub.EntryNotFoundError)
+
+
+def _cut_then_resume(server: HubServer) -> tuple[str, list[str | None]]:
+    shard = next(n for n in server.files if n.endswith(".safetensors"))
+    server.cut.add(shard)
+    with pytest.raises(hub.HubError, match="run again to resume"):
+        hub.snapshot_download("org/tiny")
+    return shard, [h.get("range") for m, p, h in server.requests if m == "GET" and p.endswith(shard)]
+
+
+def test_a_server_that_ignores_the_range_restarts_the_file(served) -> None:
+    server, _ = served
+    shard, _ = _cut_then_resume(server)
+    server.ignore_range = True
+    snapshot = hub.snapshot_download("org/tiny")
+    assert (snapshot / shard).read_bytes() == server.files[shard]
+    ranges = [h.get("range") for m, p, h in server.requests if m == "GET" and p.endswith(shard)]
+    assert len(ranges) == 2 and ranges[1] is not None  # asked for a range, got the whole file
+
+
+def test_a_resume_through_a_proxy_sending_x_linked_size(served) -> None:
+    """A 206 that carries X-Linked-Size (the whole size) is still the rest of the file."""
+    server, _ = served
+    shard, _ = _cut_then_resume(server)
+    server.linked_size = True
+    snapshot = hub.snapshot_download("org/tiny")
+    assert (snapshot / shard).read_bytes() == server.files[shard]
+    ranges = [h.get("range") for m, p, h in server.requests if m == "GET" and p.endswith(shard)]
+    assert len(ranges) == 2 and ranges[1].startswith(f"bytes={len(server.files[shard]) // 2}-")
+
+
+def test_cache_folder_from_the_environment(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_CACHE, then HUGGINGFACE_HUB_CACHE, then HF_HOME/hub, then XDG_CACHE_HOME."""
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "old-name"))
+    assert hub.hf_cache_dir() == tmp_path / "cache"  # HF_HUB_CACHE wins
+    monkeypatch.delenv("HF_HUB_CACHE")
+    assert hub.hf_cache_dir() == tmp_path / "old-name"
+    snapshot = hub.snapshot_download("org/tiny")
+    assert snapshot == tmp_path / "old-name" / "models--org--tiny" / "snapshots" / COMMIT
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE")
+    assert hub.hf_cache_dir() == tmp_path / "hf_home" / "hub"
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.hf_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    snapshot = hub.snapshot_download("org/tiny")
+    assert snapshot == tmp_path / "xdg" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / COMMIT

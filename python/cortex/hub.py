@@ -14,9 +14,9 @@ picks among several), or PyTorch checkpoints. ``allow_patterns`` (fnmatch) fetch
 the matching files instead; ``ignore_patterns`` excludes files either way.
 
 Environment: ``HF_ENDPOINT``, ``HF_TOKEN`` (or the file ``HF_TOKEN_PATH`` names, or
-``$HF_HOME/token``), ``HF_HUB_OFFLINE`` (cache only; zero requests), ``HF_HUB_CACHE`` /
-``HF_HOME``, and ``MAX_CONCURRENT_DOWNLOADS`` (default 8 files at once). The token is sent
-to the Hub only, never to the storage host a download is redirected to.
+``$HF_HOME/token``), ``HF_HUB_OFFLINE`` (cache only; zero requests), the cache folder
+(see :func:`hf_cache_dir`), and ``MAX_CONCURRENT_DOWNLOADS`` (default 8 files at once).
+The token is sent to the Hub only, never to the storage host a download is redirected to.
 
 Every file is checked against the size the Hub lists and its checksum (sha256 for LFS
 files, the git blob id for the others) before it enters the cache; a download is written
@@ -66,12 +66,15 @@ class LocalEntryNotFoundError(HubError, FileNotFoundError):
 
 
 class CacheError(HubError):
-    """A downloaded file does not match what the Hub lists (size or checksum); it was
-    discarded."""
+    """A downloaded file does not match the checksum the Hub lists (sha256 or git blob id);
+    it was discarded. (A file of the wrong size is a cut download: ``HubError``, and the
+    next call resumes it.)"""
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``."""
+    """The Hugging Face hub cache, as huggingface_hub finds it: ``$HF_HUB_CACHE``, else
+    ``$HUGGINGFACE_HUB_CACHE`` (its old name), else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
     return _core.hub_cache_dir()
 
 
@@ -95,8 +98,9 @@ def snapshot_download(
 ) -> Path:
     """Fetches what a model needs from ``repo_id`` at ``revision`` (branch, tag or commit)
     and returns its snapshot folder in the Hugging Face cache. Files already cached are not
-    fetched again. Offline, or when the Hub cannot be reached, the cached snapshot is used
-    if it is complete.
+    fetched again. Offline, when the Hub cannot be reached, or when it answers with an error
+    other than a missing repo or revision (a 5xx, 429, 401/403), the cached snapshot is used
+    if it is complete, as huggingface_hub does.
 
     Args:
         repo_id: ``org/name``.
@@ -105,6 +109,15 @@ def snapshot_download(
         allow_patterns: fnmatch patterns (``*`` crosses ``/``); when given, exactly the
             matching files are fetched, with no weight selection.
         ignore_patterns: files matching these are never fetched.
+
+    Raises:
+        EntryNotFoundError: the repo, revision or file does not exist (the Hub answers
+            401 for a missing repo when no token is sent; the message says so).
+        LocalEntryNotFoundError: offline or unreachable, and not cached completely.
+        HubError: any other failure, the Hub's status in the message (a gated repo's says
+            to accept its license and set ``HF_TOKEN``); when a cached snapshot could not
+            stand in, its ``__cause__`` says why.
+        CacheError: a file did not match its checksum and was discarded.
     """
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"{repo_id!r} is not a repo id (org/name)")

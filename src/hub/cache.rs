@@ -17,6 +17,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::Digest;
@@ -54,6 +55,18 @@ fn expand_home(path: &str) -> PathBuf {
         _ if path == "~" => std::env::var_os("HOME").map_or_else(|| path.into(), PathBuf::from),
         _ => path.into(),
     }
+}
+
+/// A temporary-name suffix no other call makes: the process id (other processes), then a
+/// process-wide counter (other threads, and other calls of this one). Two threads that
+/// shared a name would remove or rename each other's half-made file.
+fn unique_suffix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -126,22 +139,27 @@ impl RepoCache {
         }
     }
 
-    /// Points `snapshots/<commit>/<name>` at the blob. The link is made under a temporary
+    /// Points `snapshots/<commit>/<name>` at the blob. A link that already points there is
+    /// left alone, so a cached snapshot costs no write (a read-only cache keeps working, and
+    /// a reader never races a replacement). Otherwise the link is made under a temporary
     /// name and renamed over the old one, so a reader (or a second process linking the same
     /// file) never sees it missing.
     pub fn link(&self, commit: &str, name: &str, etag: &str) -> Result<PathBuf> {
         let target = self.snapshot(commit).join(name);
-        let parent = target.parent().unwrap_or(&target).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
         let depth = name.matches('/').count() + 2; // snapshots/<commit>/<dirs...>/ up to the repo folder
         let relative = Path::new(&"../".repeat(depth)).join("blobs").join(etag);
+        if self.linked(&target, &relative, etag) {
+            return Ok(target);
+        }
+        let parent = target.parent().unwrap_or(&target).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
         let tmp = parent.join(format!(
             ".{}.{}.link",
             target
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("file"),
-            std::process::id()
+            unique_suffix()
         ));
         let _ = std::fs::remove_file(&tmp);
         #[cfg(unix)]
@@ -149,21 +167,49 @@ impl RepoCache {
         // No symlinks (Windows without developer mode): a copy serves as well.
         #[cfg(not(unix))]
         std::fs::copy(self.blob(etag), &tmp).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &target).map_err(io(&target))?;
+        std::fs::rename(&tmp, &target).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(&target)(e)
+        })?;
         Ok(target)
     }
 
-    /// Records that `revision` (a branch or tag) pointed to `commit`.
+    /// True when `target` already stands for the blob: the same relative symlink (or, where
+    /// links are copies, a file of the blob's size).
+    fn linked(&self, target: &Path, relative: &Path, etag: &str) -> bool {
+        #[cfg(unix)]
+        {
+            let _ = etag;
+            std::fs::read_link(target).is_ok_and(|l| l == relative)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = relative;
+            match (target.symlink_metadata(), self.blob(etag).metadata()) {
+                (Ok(t), Ok(b)) => t.is_file() && t.len() == b.len(),
+                _ => false,
+            }
+        }
+    }
+
+    /// Records that `revision` (a branch or tag) pointed to `commit`; a ref that already
+    /// says so is not written again (a read-only cache keeps working).
     pub fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
         if revision == commit {
             return Ok(());
         }
         let path = self.dir().join("refs").join(revision);
+        if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
+            return Ok(());
+        }
         let parent = path.parent().unwrap_or(&path).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let tmp = parent.join(format!(".ref.{}.tmp", std::process::id()));
+        let tmp = parent.join(format!(".ref.{}.tmp", unique_suffix()));
         std::fs::write(&tmp, commit).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(&path)(e)
+        })
     }
 
     /// The cached snapshot of `revision`, checked for completeness: `filename` present,
@@ -245,8 +291,9 @@ pub fn safe_name(name: &str) -> Result<&str> {
     Ok(name)
 }
 
-/// How a blob's contents are checked: LFS files are named by their sha256, the others by
-/// their git blob id, `sha1("blob <size>\0" + data)`.
+/// How a blob's contents are checked: LFS files are named by their sha256 (64 hex digits),
+/// the others by their git blob id, `sha1("blob <size>\0" + data)` (40). The listing admits
+/// no other names; one would not equal a sha1 in hex, so it would fail the check.
 pub fn verify(path: &Path, etag: &str, size: u64) -> Result<bool> {
     let mut file = File::open(path).map_err(io(path))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -260,20 +307,15 @@ pub fn verify(path: &Path, etag: &str, size: u64) -> Result<bool> {
             update(&buf[..n]);
         }
     };
-    Ok(match etag.len() {
-        64 => {
-            let mut h = sha2::Sha256::new();
-            feed(&mut |b| h.update(b))?;
-            hex(&h.finalize()) == etag
-        }
-        40 => {
-            let mut h = sha1::Sha1::new();
-            h.update(format!("blob {size}\0").as_bytes());
-            feed(&mut |b| h.update(b))?;
-            hex(&h.finalize()) == etag
-        }
-        // Not a content hash (a storage host's ETag): the size check is all we have.
-        _ => true,
+    Ok(if etag.len() == 64 {
+        let mut h = sha2::Sha256::new();
+        feed(&mut |b| h.update(b))?;
+        hex(&h.finalize()) == etag
+    } else {
+        let mut h = sha1::Sha1::new();
+        h.update(format!("blob {size}\0").as_bytes());
+        feed(&mut |b| h.update(b))?;
+        hex(&h.finalize()) == etag
     })
 }
 
@@ -303,6 +345,92 @@ mod tests {
             "ce013625030ba8dba906f756967f9e9ca394464b",
             6
         )?);
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        Ok(())
+    }
+
+    fn scratch(name: &str) -> Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("cortex-hub-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(dir)
+    }
+
+    #[test]
+    fn the_empty_file_is_checked() -> Result<()> {
+        let dir = scratch("empty")?;
+        let path = dir.join("f");
+        std::fs::write(&path, b"").map_err(io(&path))?;
+        // `git hash-object /dev/null` and `sha256sum /dev/null`.
+        assert!(verify(
+            &path,
+            "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391",
+            0
+        )?);
+        assert!(verify(
+            &path,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            0
+        )?);
+        assert!(!verify(&path, "not-a-hash", 0)?);
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        Ok(())
+    }
+
+    /// Threads of one process linking the same names at once: with temporary names unique
+    /// per process only, one thread removed or renamed another's half-made link.
+    #[cfg(unix)] // the links are symlinks to blobs this test never writes
+    #[test]
+    fn concurrent_links_and_refs_do_not_collide() -> Result<()> {
+        let dir = scratch("links")?;
+        let repo = RepoCache::new(dir.clone(), "org/x");
+        let commits = ["a".repeat(40), "b".repeat(40)];
+        let failures = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let (repo, commits, failures) = (&repo, &commits, &failures);
+                scope.spawn(move || {
+                    for i in 0..200 {
+                        // Alternate targets, so every call has to replace the link or ref.
+                        let etag = if (i + t) % 2 == 0 { "1" } else { "2" };
+                        let ok = repo.link(&commits[0], "sub/f.json", etag).is_ok()
+                            && repo.write_ref("main", &commits[(i + t) % 2]).is_ok();
+                        if !ok {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(failures.load(Ordering::Relaxed), 0);
+        let leftovers: Vec<_> = std::fs::read_dir(repo.snapshot(&commits[0]).join("sub"))
+            .map_err(io(&dir))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        Ok(())
+    }
+
+    /// A second call over a cached snapshot writes nothing: a read-only cache keeps working.
+    #[cfg(unix)]
+    #[test]
+    fn an_unchanged_link_or_ref_is_not_rewritten() -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = scratch("relink")?;
+        let repo = RepoCache::new(dir.clone(), "org/x");
+        let commit = "c".repeat(40);
+        let link = repo.link(&commit, "sub/f.json", "1")?;
+        repo.write_ref("main", &commit)?;
+        let ref_path = repo.dir().join("refs").join("main");
+        let inode = |p: &Path| p.symlink_metadata().map(|m| m.ino()).map_err(io(p));
+        let before = (inode(&link)?, inode(&ref_path)?);
+        repo.link(&commit, "sub/f.json", "1")?;
+        repo.write_ref("main", &commit)?;
+        assert_eq!((inode(&link)?, inode(&ref_path)?), before);
+        repo.link(&commit, "sub/f.json", "2")?; // a different blob is relinked
+        assert_ne!(inode(&link)?, before.0);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         Ok(())
     }

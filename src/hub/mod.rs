@@ -12,21 +12,25 @@
 //! * resume: a cut download continues from the length of its `.incomplete` file, and starts
 //!   over when the server ignores the range (hf-hub always starts over);
 //! * checks: size, then sha256 (LFS) or the git blob id, before the blob enters the cache
-//!   (hf-hub checks neither); a mismatch is `Checksum` and the download is discarded;
+//!   (hf-hub checks neither). A short file is `Hub` (a cut download, resumed by the next
+//!   call); a content mismatch is `Checksum`, and that download is discarded;
 //! * locks without a time limit (hf-hub gives up after 10 s, too short for a weight file
 //!   another process is fetching), taken again-checked so the second process links the
 //!   blob instead of downloading it twice;
-//! * weight selection ([`select`]), `HF_HUB_OFFLINE`, and the offline / unreachable
-//!   fallback to a complete cached snapshot.
+//! * weight selection ([`select`]), `HF_HUB_OFFLINE`, the Hub's `X-Error-Code` (a missing
+//!   repo answers 401 to a caller without a token), and huggingface_hub's fallback to a
+//!   complete cached snapshot when offline or when the Hub fails for any reason but a
+//!   missing repo or revision (404, `RevisionNotFound`).
 //!
 //! Environment: `HF_ENDPOINT`, `HF_TOKEN` / `HF_TOKEN_PATH` / `$HF_HOME/token`,
-//! `HF_HUB_DISABLE_IMPLICIT_TOKEN`, `HF_HUB_OFFLINE`, `HF_HUB_CACHE` / `HF_HOME`,
+//! `HF_HUB_DISABLE_IMPLICIT_TOKEN`, `HF_HUB_OFFLINE`, the cache folder ([`cache_dir`]:
+//! `HF_HUB_CACHE`, `HUGGINGFACE_HUB_CACHE`, `HF_HOME`, `XDG_CACHE_HOME`), and
 //! `MAX_CONCURRENT_DOWNLOADS` (default 8 files at once).
 
 mod cache;
 mod select;
 
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -61,14 +65,25 @@ pub enum Error {
     #[error("{0}")]
     NotCached(String),
 
-    /// A downloaded file does not match the size or checksum the Hub lists; it was
-    /// discarded and never linked into the snapshot.
+    /// A downloaded file has the size the Hub lists but not its checksum (sha256 or git
+    /// blob id); it was discarded and never linked into the snapshot. (A file of the wrong
+    /// size is `Hub`: a cut download, resumed by the next call.)
     #[error("checksum mismatch for {file}: the download was discarded")]
     Checksum { file: String },
 
     /// The Hub refused access (HTTP 401/403).
     #[error("access denied to {what} (HTTP {status}): for a gated or private repo, accept its license on the Hub and set HF_TOKEN")]
     Denied { what: String, status: u16 },
+
+    /// The repo is gated (`X-Error-Code: GatedRepo`) and the token, if any, has not been
+    /// granted access.
+    #[error("{repo} is a gated repo (HTTP {status}): accept its license on its page on the Hub, then set HF_TOKEN to a token of that account")]
+    Gated { repo: String, status: u16 },
+
+    /// The Hub failed (`error`) and the cached snapshot could not stand in (`cache` says
+    /// why); raised as `error` is.
+    #[error("{error} (no complete cached snapshot to fall back on: {cache})")]
+    NoFallback { error: Box<Error>, cache: String },
 
     /// Any other failure: transport, HTTP status, a malformed answer, a cut download, a
     /// listing the selection cannot use.
@@ -125,8 +140,22 @@ pub fn snapshot_download(request: &Request, progress: &Progress) -> Result<PathB
         return repo.cached_snapshot(&request.revision, filename);
     }
     let session = Session::new(&request.repo_id)?;
-    let Some(listing) = session.listing(&request.revision, progress)? else {
-        return repo.cached_snapshot(&request.revision, filename);
+    let listing = match session.listing(&request.revision, progress)? {
+        Answer::Listing(listing) => listing,
+        Answer::Failed { error, reached } => {
+            return repo
+                .cached_snapshot(&request.revision, filename)
+                .map_err(|miss| match (reached, miss) {
+                    // Unreachable and not cached is a cache miss, as huggingface_hub has it
+                    // (`LocalEntryNotFoundError`); the transport error says why.
+                    (false, Error::NotCached(m)) => Error::NotCached(format!("{m}: {error}")),
+                    // The Hub answered with an error: that is what the caller needs to see.
+                    (_, miss) => Error::NoFallback {
+                        error: Box::new(error),
+                        cache: miss.to_string(),
+                    },
+                });
+        }
     };
     let commit = listing.commit;
 
@@ -271,6 +300,60 @@ struct Listing {
     files: Vec<Entry>,
 }
 
+/// What the Hub said about a revision.
+enum Answer {
+    Listing(Listing),
+    /// No listing, for a reason the cached snapshot may stand in for: `reached` is false
+    /// when the Hub could not be asked (connection, timeout, stall), true when it answered
+    /// with an error status.
+    Failed {
+        error: Error,
+        reached: bool,
+    },
+}
+
+/// Our error for an HTTP error `status` about `what` in `repo_id`, read as huggingface_hub
+/// reads it: the Hub's `X-Error-Code` first (it answers 401 for a repo that does not exist
+/// when no token is sent, as it does for a private one), then the status.
+fn status_error(
+    status: u16,
+    code: Option<&str>,
+    message: Option<&str>,
+    repo_id: &str,
+    what: &str,
+) -> Error {
+    let hint = if status == 401 {
+        " (HTTP 401: a private repo looks the same without a valid token; set HF_TOKEN if it is yours)"
+    } else {
+        ""
+    };
+    match code {
+        Some("RepoNotFound") => Error::NotFound {
+            what: format!("the repo {repo_id}{hint}"),
+        },
+        Some("RevisionNotFound") | Some("EntryNotFound") => Error::NotFound {
+            what: format!("{what}{hint}"),
+        },
+        Some("GatedRepo") => Error::Gated {
+            repo: repo_id.to_string(),
+            status,
+        },
+        _ => match status {
+            404 => Error::NotFound {
+                what: what.to_string(),
+            },
+            401 | 403 => Error::Denied {
+                what: what.to_string(),
+                status,
+            },
+            s => Error::Hub(match message.filter(|m| !m.is_empty()) {
+                Some(m) => format!("HTTP {s} from {what}: {m}"),
+                None => format!("HTTP {s} from {what}"),
+            }),
+        },
+    }
+}
+
 #[derive(Deserialize)]
 struct RawListing {
     sha: Option<String>,
@@ -302,7 +385,9 @@ fn is_hex(s: &str, lens: &[usize]) -> bool {
 /// A client for one repo: hf-hub's, the runtime that drives it, and a plain reqwest client
 /// for the one call hf-hub has no typed answer for (the listing with hashes).
 struct Session {
-    runtime: tokio::runtime::Runtime,
+    /// Owned only to be shut down in `Drop` (always `Some` until then); `handle` drives it.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     http: reqwest::Client,
     repo: HFRepository<RepoTypeModel>,
     endpoint: String,
@@ -346,7 +431,8 @@ impl Session {
             .build()
             .map_err(|e| Error::Hub(format!("cannot build the HTTP client: {e}")))?;
         Ok(Session {
-            runtime,
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
             http,
             repo: client.model(owner, name),
             endpoint,
@@ -355,9 +441,11 @@ impl Session {
         })
     }
 
-    /// The commit `revision` points to and the files there, or `None` when the Hub cannot
-    /// be reached (the caller falls back to the cache).
-    fn listing(&self, revision: &str, progress: &Progress) -> Result<Option<Listing>> {
+    /// The commit `revision` points to and the files there, or why the Hub gave none when
+    /// the cached snapshot may stand in. A missing repo or revision (404,
+    /// `RevisionNotFound`) is an error here: the Hub has answered, and a snapshot of a
+    /// revision that no longer exists is not what was asked for.
+    fn listing(&self, revision: &str, progress: &Progress) -> Result<Answer> {
         let url = format!(
             "{}/api/models/{}/revision/{}?blobs=true",
             self.endpoint,
@@ -368,30 +456,52 @@ impl Session {
         if let Some(t) = &self.token {
             request = request.bearer_auth(t);
         }
-        let body = self.wait(
+        let header = |r: &reqwest::Response, name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let answer = self.wait(
             async {
                 let response = request.send().await?;
-                let status = response.status();
-                Ok::<_, reqwest::Error>((status, response.bytes().await?))
+                let status = response.status().as_u16();
+                let code = header(&response, "x-error-code");
+                let message = header(&response, "x-error-message");
+                Ok::<_, reqwest::Error>((status, code, message, response.bytes().await?))
             },
             progress,
         )?;
-        let (status, body) = match body {
-            Some(Ok(b)) => b,
-            None => return Ok(None),
-            Some(Err(e)) if e.is_connect() || e.is_timeout() => return Ok(None),
-            Some(Err(e)) => return Err(Error::Hub(format!("{url}: {e}"))),
-        };
-        match status.as_u16() {
-            200..=299 => {}
-            404 => return Err(Error::NotFound { what: url }),
-            s @ (401 | 403) => {
-                return Err(Error::Denied {
-                    what: url,
-                    status: s,
+        let (status, code, message, body) = match answer {
+            Some(Ok(answer)) => answer,
+            None => {
+                return Ok(Answer::Failed {
+                    error: Error::Hub(format!("{url}: no answer within {} s", STALL.as_secs())),
+                    reached: false,
                 })
             }
-            s => return Err(Error::Hub(format!("HTTP {s} from {url}"))),
+            Some(Err(e)) => {
+                return Ok(Answer::Failed {
+                    error: Error::Hub(format!("{url}: {e}")),
+                    reached: false,
+                })
+            }
+        };
+        if !(200..=299).contains(&status) {
+            let error = status_error(
+                status,
+                code.as_deref(),
+                message.as_deref(),
+                &self.repo_id,
+                &format!("{}@{revision} ({url})", self.repo_id),
+            );
+            if status == 404 || code.as_deref() == Some("RevisionNotFound") {
+                return Err(error);
+            }
+            return Ok(Answer::Failed {
+                error,
+                reached: true,
+            });
         }
         let raw: RawListing = serde_json::from_slice(&body)
             .map_err(|e| Error::Hub(format!("{url}: not a repo listing: {e}")))?;
@@ -428,7 +538,7 @@ impl Session {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Listing { commit, files }))
+        Ok(Answer::Listing(Listing { commit, files }))
     }
 
     /// Drives `future` on the runtime in short slices, so that a cancellation (Ctrl-C)
@@ -448,7 +558,7 @@ impl Session {
             // The timer must be made inside the runtime (it registers with its clock).
             let slice =
                 async { tokio::time::timeout(Duration::from_millis(100), &mut future).await };
-            if let Ok(output) = self.runtime.block_on(slice) {
+            if let Ok(output) = self.handle.block_on(slice) {
                 return Ok(Some(output));
             }
             if start.elapsed() > STALL {
@@ -552,6 +662,17 @@ impl Session {
         if have > size {
             have = 0; // longer than the file: it cannot be right
         }
+        // Made (or cut back) before anything is asked: an empty file has nothing to fetch,
+        // yet its `.incomplete` must exist to be checked and renamed into place.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(part)
+            .map_err(io)?;
+        out.set_len(have).map_err(io)?;
+        meter.add(have);
         if have < size {
             let range = (have > 0).then_some(have..size);
             let sent = self.wait(
@@ -569,27 +690,21 @@ impl Session {
                     STALL.as_secs()
                 )));
             };
-            let (length, mut stream) = sent.map_err(|e| hub_error(e, name, commit))?;
-            if have > 0 && length == Some(size) {
-                have = 0; // the server ignored the range and sent it all: start over, never append
-            }
-            meter.add(have);
-            let mut out = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .append(have > 0)
-                .truncate(have == 0)
-                .open(part)
-                .map_err(io)?;
+            // hf-hub's length cannot tell an honoured range from an ignored one: it prefers
+            // `X-Linked-Size` (the whole file's size, which a proxy may pass along with a
+            // 206) over `Content-Length`. The bytes that arrive decide (see `Part`).
+            let (_length, mut stream) =
+                sent.map_err(|e| hub_error(e, name, commit, &self.repo_id))?;
+            let mut writer = Part::new(out, have, size).map_err(io)?;
             // Until the stream is cut, stalls or ends: what arrived stays in `.incomplete`,
             // and the size check below says which it was.
             while let Some(Some(Ok(chunk))) = self.wait(stream.next(), meter.progress)? {
-                out.write_all(&chunk).map_err(io)?;
+                if writer.write(&chunk).map_err(io)? {
+                    meter.restart(have);
+                }
                 meter.add(chunk.len() as u64);
             }
-            out.flush().map_err(io)?;
-        } else {
-            meter.add(have);
+            writer.flush().map_err(io)?;
         }
         let got = part.metadata().map_or(0, |m| m.len());
         if got != size {
@@ -601,6 +716,74 @@ impl Session {
             )));
         }
         Ok(())
+    }
+}
+
+impl Drop for Session {
+    /// Without waiting for the runtime's blocking pool: a DNS lookup runs there and cannot
+    /// be cancelled, and dropping a `Runtime` would wait for it (up to the resolver's own
+    /// timeout) after a Ctrl-C or a stall has already given up on it.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A download written into its `.incomplete` file from offset `start` (the length it had).
+/// A server that honours the range sends the `size - start` bytes from `start`; one that
+/// ignores it sends the whole file from byte 0. Until more than `size - start` bytes have
+/// arrived the two look alike and the bytes go at `start`; past that, it was the whole
+/// file, and what was written at `start` moves to 0. (Cut before that point, an ignored
+/// range leaves a wrong `.incomplete`: the next call's overflow moves it likewise, or the
+/// checksum discards it.)
+struct Part {
+    file: std::fs::File,
+    start: u64,
+    written: u64,
+    rest: u64,
+}
+
+impl Part {
+    fn new(mut file: std::fs::File, start: u64, size: u64) -> std::io::Result<Self> {
+        file.seek(SeekFrom::Start(start))?;
+        Ok(Part {
+            file,
+            start,
+            written: 0,
+            rest: size.saturating_sub(start),
+        })
+    }
+
+    /// Writes `chunk`; true when this showed the server to have ignored the range (the
+    /// file now holds only the bytes of this response, from offset 0).
+    fn write(&mut self, chunk: &[u8]) -> std::io::Result<bool> {
+        let mut restarted = false;
+        if self.start > 0 && self.written + chunk.len() as u64 > self.rest {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < self.written {
+                let n = buf
+                    .len()
+                    .min(usize::try_from(self.written - off).unwrap_or(usize::MAX));
+                self.file.seek(SeekFrom::Start(self.start + off))?;
+                self.file.read_exact(&mut buf[..n])?;
+                self.file.seek(SeekFrom::Start(off))?;
+                self.file.write_all(&buf[..n])?;
+                off += n as u64;
+            }
+            self.file.set_len(self.written)?;
+            self.file.seek(SeekFrom::Start(self.written))?;
+            self.start = 0;
+            restarted = true;
+        }
+        self.file.write_all(chunk)?;
+        self.written += chunk.len() as u64;
+        Ok(restarted)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -626,6 +809,16 @@ impl<'a> Meter<'a> {
         }
     }
 
+    /// Takes back `bytes` counted as already there (a resume that turned out to restart);
+    /// the bar stays where it is until the count passes it again.
+    fn restart(&self, bytes: u64) {
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
+    }
+
     fn add(&self, bytes: u64) {
         let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let mib = usize::try_from(now / Self::MIB).unwrap_or(usize::MAX);
@@ -633,22 +826,34 @@ impl<'a> Meter<'a> {
     }
 }
 
-/// hf-hub's error for one file, as ours.
-fn hub_error(e: HFError, name: &str, commit: &str) -> Error {
+/// hf-hub's error for one file, as ours: read from the HTTP answer when there was one
+/// (its `X-Error-Code` tells a gated repo from a private or missing one).
+fn hub_error(e: HFError, name: &str, commit: &str, repo_id: &str) -> Error {
+    let what = format!("{name} in {repo_id} at {commit}");
+    let context = match &e {
+        HFError::Http { context }
+        | HFError::AuthRequired { context }
+        | HFError::Forbidden { context }
+        | HFError::Conflict { context }
+        | HFError::RateLimited { context, .. } => Some(context.as_ref()),
+        HFError::RepoNotFound { context, .. }
+        | HFError::RevisionNotFound { context, .. }
+        | HFError::EntryNotFound { context, .. } => context.as_deref(),
+        _ => None,
+    };
+    if let Some(c) = context {
+        return status_error(
+            c.status.as_u16(),
+            c.error_code.as_deref(),
+            c.server_message.as_deref(),
+            repo_id,
+            &what,
+        );
+    }
     match e {
-        HFError::EntryNotFound { repo_id, .. } => Error::NotFound {
-            what: format!("{name} in {repo_id} at {commit}"),
-        },
-        HFError::RepoNotFound { repo_id, .. } => Error::NotFound { what: repo_id },
-        HFError::RevisionNotFound { revision, .. } => Error::NotFound { what: revision },
-        HFError::AuthRequired { .. } => Error::Denied {
-            what: name.to_string(),
-            status: 401,
-        },
-        HFError::Forbidden { .. } => Error::Denied {
-            what: name.to_string(),
-            status: 403,
-        },
+        HFError::RepoNotFound { .. }
+        | HFError::RevisionNotFound { .. }
+        | HFError::EntryNotFound { .. } => Error::NotFound { what },
         other => Error::Hub(format!("{name}: {other}")),
     }
 }
@@ -668,5 +873,80 @@ mod tests {
             assert!(check_revision(bad).is_err(), "{bad}");
         }
         assert_eq!(encode_segment("refs/pr/1"), "refs%2Fpr%2F1");
+    }
+
+    #[test]
+    fn error_codes_come_before_the_status() {
+        let e = |status, code| status_error(status, code, None, "org/x", "f");
+        assert!(
+            matches!(e(401, Some("RepoNotFound")), Error::NotFound { what } if what.contains("HF_TOKEN"))
+        );
+        assert!(matches!(
+            e(404, Some("RevisionNotFound")),
+            Error::NotFound { .. }
+        ));
+        assert!(matches!(
+            e(401, Some("EntryNotFound")),
+            Error::NotFound { .. }
+        ));
+        assert!(matches!(
+            e(403, Some("GatedRepo")),
+            Error::Gated { status: 403, .. }
+        ));
+        assert!(matches!(e(401, None), Error::Denied { status: 401, .. }));
+        assert!(matches!(e(404, None), Error::NotFound { .. }));
+        assert!(matches!(e(500, None), Error::Hub(m) if m.contains("HTTP 500")));
+    }
+
+    fn part_file(name: &str, contents: &[u8]) -> std::io::Result<(PathBuf, std::fs::File)> {
+        let path = std::env::temp_dir().join(format!("cortex-hub-{name}-{}", std::process::id()));
+        std::fs::write(&path, contents)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        Ok((path, file))
+    }
+
+    /// A resume whose range was honoured appends; one whose range was ignored (the whole
+    /// file from byte 0, whatever length hf-hub reported) ends as the whole file, whether
+    /// the overflow shows inside a chunk or at a chunk boundary.
+    #[test]
+    fn a_resume_is_written_where_its_bytes_belong() -> std::io::Result<()> {
+        let whole = b"0123456789abcdef";
+        for (name, chunks) in [
+            ("honoured", vec![&whole[6..10], &whole[10..]]),
+            ("ignored", vec![&whole[..5], &whole[5..12], &whole[12..]]),
+            ("ignored-boundary", vec![&whole[..10], &whole[10..]]),
+            ("ignored-first-chunk", vec![&whole[..]]),
+        ] {
+            let (path, file) = part_file(name, &whole[..6])?;
+            let mut part = Part::new(file, 6, whole.len() as u64)?;
+            let mut restarted = false;
+            for c in chunks {
+                restarted |= part.write(c)?;
+            }
+            part.flush()?;
+            assert_eq!(std::fs::read(&path)?, whole, "{name}");
+            assert_eq!(restarted, name != "honoured", "{name}");
+            std::fs::remove_file(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Dropping a session must not wait for its blocking pool (where DNS lookups run).
+    #[test]
+    fn a_session_drops_without_waiting_for_blocking_tasks() -> Result<()> {
+        let session = Session::new("org/x")?;
+        let (started, running) = std::sync::mpsc::channel();
+        session.handle.spawn_blocking(move || {
+            let _ = started.send(());
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let _ = running.recv_timeout(Duration::from_secs(5));
+        let start = Instant::now();
+        drop(session);
+        assert!(start.elapsed() < Duration::from_secs(1));
+        Ok(())
     }
 }

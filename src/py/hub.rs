@@ -11,30 +11,46 @@ use pyo3::prelude::*;
 use super::model::PyProgress;
 use crate::hub::{self, Error};
 
-/// `cortex.hub.<class>(message)`, or `cortex.exceptions.<class>` for cancellation.
+/// The module and class an error is raised as.
+fn class_of(err: &Error) -> Option<(&'static str, &'static str)> {
+    Some(match err {
+        Error::NotFound { .. } => ("cortex.hub", "EntryNotFoundError"),
+        Error::NotCached(_) => ("cortex.hub", "LocalEntryNotFoundError"),
+        Error::Checksum { .. } => ("cortex.hub", "CacheError"),
+        Error::Denied { .. } | Error::Gated { .. } | Error::Hub(_) | Error::Io { .. } => {
+            ("cortex.hub", "HubError")
+        }
+        // The Hub's error decides the class; the cache miss becomes its `__cause__`.
+        Error::NoFallback { error, .. } => return class_of(error),
+        Error::InvalidArgument { .. } => return None,
+        Error::Cancelled => ("cortex.exceptions", "CancelledError"),
+    })
+}
+
+fn instance(py: Python<'_>, module: &str, class: &str, message: String) -> PyErr {
+    match py
+        .import(module)
+        .and_then(|m| m.getattr(class))
+        .and_then(|cls| cls.call1((message,)))
+    {
+        Ok(e) => PyErr::from_value(e),
+        Err(e) => e,
+    }
+}
+
+/// `cortex.hub.<class>(message)`, or `cortex.exceptions.<class>` for cancellation, or
+/// `ValueError` for an invalid argument.
 fn to_py(err: Error) -> PyErr {
-    let class = match &err {
-        Error::NotFound { .. } => "EntryNotFoundError",
-        Error::NotCached(_) => "LocalEntryNotFoundError",
-        Error::Checksum { .. } => "CacheError",
-        Error::Denied { .. } | Error::Hub(_) | Error::Io { .. } => "HubError",
-        Error::InvalidArgument { .. } => return PyValueError::new_err(err.to_string()),
-        Error::Cancelled => "CancelledError",
-    };
-    let module = if class == "CancelledError" {
-        "cortex.exceptions"
-    } else {
-        "cortex.hub"
+    let Some((module, class)) = class_of(&err) else {
+        return PyValueError::new_err(err.to_string());
     };
     Python::attach(|py| {
-        match py
-            .import(module)
-            .and_then(|m| m.getattr(class))
-            .and_then(|cls| cls.call1((err.to_string(),)))
-        {
-            Ok(e) => PyErr::from_value(e),
-            Err(e) => e,
+        let e = instance(py, module, class, err.to_string());
+        if let Error::NoFallback { cache, .. } = &err {
+            let miss = instance(py, "cortex.hub", "LocalEntryNotFoundError", cache.clone());
+            e.set_cause(py, Some(miss));
         }
+        e
     })
 }
 
@@ -84,7 +100,8 @@ pub fn hub_snapshot_download(
     .map_err(to_py)
 }
 
-/// The Hugging Face hub cache folder (``HF_HUB_CACHE``, ``HF_HOME/hub``, ...).
+/// The Hugging Face hub cache folder: ``$HF_HUB_CACHE``, ``$HUGGINGFACE_HUB_CACHE``,
+/// ``$HF_HOME/hub``, ``$XDG_CACHE_HOME/huggingface/hub`` or ``~/.cache/huggingface/hub``.
 #[pyfunction]
 pub fn hub_cache_dir() -> PathBuf {
     hub::cache_dir()
