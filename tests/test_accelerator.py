@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -140,15 +143,17 @@ def test_benchmark_operation_counts_true_flops():
 def test_benchmark_operation_on_the_class_with_an_array_callable():
     """The original's form: called on the class, with a callable of one array built from
     ``input_shape``; its keys (``throughput_gflops`` ...) and the original's FLOP count."""
-    seen: list[tuple[tuple[int, ...], np.dtype]] = []
+    seen: list[np.ndarray] = []
 
     def matmul_op(x):
-        seen.append((x.shape, x.dtype))
+        seen.append(x)
         return np.matmul(x, x.T)
 
     r = MLXAccelerator.benchmark_operation(matmul_op, input_shape=(64, 64), num_iterations=50, use_amx=True)
-    assert seen[0] == ((64, 64), np.dtype(np.float32)) and len(seen) == 51  # warm-up + 50
-    assert r["flops"] == 2 * 64**3
+    assert (seen[0].shape, seen[0].dtype) == ((64, 64), np.dtype(np.float32))
+    assert len(seen) == 10 + 50  # the original's 10 warm-up calls, then the timed ones
+    assert all(x is seen[0] for x in seen)  # one input, built before timing
+    assert r["flops"] == 2 * 64**3 and r["flops_assumed"] is True and r["input_framework"] == "numpy"
     assert r["throughput_gflops"] == r["gflops"] == pytest.approx(2 * 64**3 / r["avg_time"] / 1e9)
     assert r["avg_time_ms"] == pytest.approx(r["avg_time"] * 1e3)
     assert r["amx_enabled"] is False and r["amx_requested"] is True
@@ -162,19 +167,122 @@ def test_benchmark_operation_on_the_class_with_an_array_callable():
             return np.zeros(1)
 
     MLXAccelerator.benchmark_operation(lambda x: Lazy(), input_shape=(4, 4), num_iterations=3)
-    assert Lazy.forced == 4
+    assert Lazy.forced == 10 + 3
     # Engine operations work on the class too.
     assert (
         MLXAccelerator.benchmark_operation("matmul", (4, 32, 8), num_iterations=2)["flops"] == 2 * 4 * 32 * 8
     )
 
 
+def test_benchmark_flop_counts_given_assumed_or_unknown():
+    """``flops_assumed`` says when the count is the default matmul formula; without any
+    count ``throughput_gflops`` is 0.0 (as the original's), so user f-strings format it."""
+    x = np.ones((16, 16), dtype=np.float32)
+    given = MLXAccelerator.benchmark_operation(lambda a: a @ a, (16, 16), num_iterations=5, flops=2 * 16**3)
+    assert given["flops_assumed"] is False and given["throughput_gflops"] > 0
+    unknown = MLXAccelerator.benchmark_operation(lambda: x @ x, (16, 16), num_iterations=5)
+    assert unknown["flops"] is None and unknown["gflops"] is None and unknown["flops_assumed"] is False
+    assert unknown["throughput_gflops"] == 0.0 and f"{unknown['throughput_gflops']:.1f}" == "0.0"
+    assert unknown["input_framework"] is None
+    bw = MLXAccelerator.benchmark_operation("bandwidth", (8,), num_iterations=2)
+    assert bw["throughput_gflops"] == 0.0 and bw["flops_assumed"] is False
+    engine = MLXAccelerator.benchmark_operation("matmul", (4, 32, 8), num_iterations=2)
+    assert engine["flops_assumed"] is False and engine["throughput_gflops"] == engine["gflops"]
+
+
+class _FakeMlxArray:
+    """Enough of an mlx array for a matmul callable: records how it is used."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self.value = value
+
+    @property
+    def T(self) -> _FakeMlxArray:
+        return _FakeMlxArray(self.value.T)
+
+    def __matmul__(self, other: _FakeMlxArray) -> _FakeMlxArray:
+        return _FakeMlxArray(self.value @ other.value)
+
+
+def test_benchmark_callable_input_in_mlx_when_mlx_is_imported(monkeypatch):
+    """With mlx imported, a callable that names no framework gets an mlx array, made once
+    with ``mx.random.normal`` and evaluated before timing; every result goes through
+    ``mx.eval`` (lazy work is timed)."""
+    made: list[tuple[int, ...]] = []
+    evaluated: list[object] = []
+
+    def normal(shape):
+        made.append(tuple(shape))
+        return _FakeMlxArray(np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+
+    mx = types.ModuleType("mlx.core")
+    mx.random = types.SimpleNamespace(normal=normal)  # type: ignore[attr-defined]
+    mx.eval = lambda *arrays: evaluated.extend(arrays)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mlx.core", mx)
+    seen: list[object] = []
+
+    def op(x):
+        seen.append(x)
+        return x @ x.T
+
+    r = MLXAccelerator.benchmark_operation(op, input_shape=(8, 8), num_iterations=7)
+    assert made == [(8, 8)] and r["input_framework"] == "mlx"
+    assert len(seen) == 17 and all(x is seen[0] for x in seen) and isinstance(seen[0], _FakeMlxArray)
+    assert evaluated[0] is seen[0] and len(evaluated) == 1 + 17  # the input, then each result
+    assert all(isinstance(e, _FakeMlxArray) and e.value.shape == (8, 8) for e in evaluated)
+    # A numpy function stays on numpy even with mlx imported.
+    r = MLXAccelerator.benchmark_operation(np.sort, input_shape=(8, 8), num_iterations=2)
+    assert r["input_framework"] == "numpy" and made == [(8, 8)]
+
+
+def test_benchmark_torch_callable_gets_a_tensor(monkeypatch):
+    """A torch function gets a tensor from ``torch.from_numpy`` (torch functions do not
+    take numpy arrays), made once before timing."""
+    converted: list[np.ndarray] = []
+
+    class Tensor:
+        def __init__(self, value: np.ndarray) -> None:
+            self.value = value
+
+    def from_numpy(a: np.ndarray) -> Tensor:
+        converted.append(a)
+        return Tensor(a)
+
+    def matmul(a: Tensor, b: Tensor) -> Tensor:
+        if not isinstance(a, Tensor):
+            raise TypeError("matmul(): argument 'input' must be Tensor, not numpy.ndarray")
+        return Tensor(a.value @ b.value)
+
+    torch = types.ModuleType("torch")
+    torch.from_numpy = from_numpy  # type: ignore[attr-defined]
+    torch.matmul = matmul  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    op = eval("lambda x: torch.matmul(x, x)", {"torch": torch})  # as user code refers to torch
+    r = MLXAccelerator.benchmark_operation(op, input_shape=(8, 8), num_iterations=4)
+    assert r["input_framework"] == "torch" and len(converted) == 1
+    assert converted[0].shape == (8, 8) and converted[0].dtype == np.float32
+
+
 def test_get_device_info_on_the_class():
     info = MLXAccelerator.get_device_info()
     assert info["is_gpu"] is False and info["device"] == "cpu"
+    assert info["default_dtype"] == "float32"  # the original's key
     assert info["config"] == dataclasses.asdict(MLXConfig())
     own = MLXAccelerator(MLXConfig(batch_size=3)).get_device_info()
     assert own["settings"]["batch_size"]["value"] == 3
+
+    class Mine(MLXAccelerator):
+        def __init__(self, name: str) -> None:  # a constructor that needs an argument
+            super().__init__()
+            self.name = name
+
+    assert Mine.get_device_info()["config"] == dataclasses.asdict(MLXConfig())
+    assert Mine("x").get_device_info()["device"] == "cpu"
+
+
+def test_reports_exist_before_the_first_call():
+    acc = MLXAccelerator()
+    assert acc.last_memory_report is None and acc.last_warmup_seconds is None
 
 
 def test_config_takes_dtype_objects():
@@ -195,10 +303,28 @@ def test_config_takes_dtype_objects():
     assert MLXConfig(dtype=np.float16).dtype == "float16"
     assert MLXConfig(dtype=np.dtype("float32")).dtype == "float32"
     assert MLXConfig(dtype="bfloat16").dtype == "bfloat16"
+    later = MLXConfig()
+    later.dtype = np.float16  # assigned after construction: stored by name too
+    assert later.dtype == "float16" and dataclasses.asdict(later)["dtype"] == "float16"
+    with pytest.raises(ValueError, match="dtype"):
+        later.dtype = "int4"
     with pytest.raises(ValueError, match="dtype"):
         MLXConfig(dtype=np.int8)
     with pytest.raises(ValueError, match="dtype"):
         MLXConfig(dtype=None)
+
+
+def test_model_quantized(smollm, tmp_path):
+    """``Model.quantized`` comes from the decoder: what picks the KV cache's dtype."""
+    from hf_models import write_tiny_hf
+
+    model, _ = smollm
+    assert model.quantized is True and model.kv_dtype == "float16"
+    plain = model.dequantize()
+    assert plain.quantized is False and plain.kv_dtype == "float32"
+    write_tiny_hf(tmp_path / "tiny", shards=1)
+    tiny = cortex.load_model(tmp_path / "tiny")
+    assert tiny.quantized is False and tiny.requantize(8).quantized is True
 
 
 def test_optimize_memory(smollm, tmp_path):
@@ -279,6 +405,16 @@ def test_accelerate_transformer(smollm):
     acc = MLXAccelerator()
     with pytest.warns(cortex.CortexWarning, match=r"num_heads=12, but this model has num_heads=9"):
         assert acc.accelerate_transformer(model, num_heads=12, head_dim=64) is model
+    # The older call form, a tokenizer where num_heads goes: a TypeError with the fix.
+    with pytest.raises(TypeError, match=r"num_heads must be an int, got Tokenizer.*tokenizer=tok"):
+        acc.accelerate_transformer(model, tok)
+    with pytest.raises(TypeError, match="head_dim must be an int, got str"):
+        acc.accelerate_transformer(model, 9, "64")
+    with pytest.raises(TypeError, match="num_heads must be an int, got bool"):
+        acc.accelerate_transformer(model, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acc.accelerate_transformer(model, np.int64(9), 64)  # numpy ints are ints
     fast = acc.accelerate_transformer(model, num_heads=9, head_dim=64, tokenizer=tok, bits=4)
     assert fast is not model and acc.last_warmup_seconds > 0
     assert acc.engine(fast, tok).stats()["steps"] == 0  # started, idle

@@ -42,6 +42,31 @@ def test_candle_num_parallel_sets_the_engines_batch(smollm, monkeypatch):
     cortex.Engine(model, tok, max_batch_size=4, kv_cache_tokens=64)
 
 
+def test_candle_num_parallel_reaches_the_models_own_engine(model_path, monkeypatch):
+    """The engine ``cortex.generate``/``stream_generate`` run on (one per model, started on
+    first use) takes its batch size from ``CANDLE_NUM_PARALLEL`` too."""
+    from cortex import _core
+
+    monkeypatch.setenv("CANDLE_NUM_PARALLEL", "2")
+    model, tok = cortex.load(model_path)  # a fresh model: its engine starts here
+    params = cortex.SamplingParams(max_tokens=48, ignore_eos=True)
+    streams = [_core.stream(model, tok, tok.encode(p), params) for p in ("a", "b", "c")]
+    try:
+        deadline = time.monotonic() + 30
+        while _core.engine_stats(model)["requests_running"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = _core.engine_stats(model)
+        assert (stats["requests_running"], stats["requests_waiting"]) == (2, 1)
+    finally:
+        for s in streams:
+            s.cancel()
+    monkeypatch.setenv("CANDLE_NUM_PARALLEL", "two")
+    fresh = cortex.load_model(model_path)
+    with pytest.raises(cortex.ConfigError, match="CANDLE_NUM_PARALLEL") as err:
+        cortex.generate(fresh, tok, "a", max_tokens=2)
+    assert err.value.field == "CANDLE_NUM_PARALLEL"
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "two", "1.5"])
 def test_candle_num_parallel_must_be_a_count(smollm, monkeypatch, value):
     model, tok = smollm

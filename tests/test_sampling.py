@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -161,16 +162,42 @@ def test_other_tools_argument_names():
     [
         ({"max_new_tokens": 5, "max_tokens": 6}, "max_new_tokens"),
         ({"temp": 0.5, "temperature": 0.7}, "temp"),
-        ({"do_sample": False, "temperature": 0.7}, "do_sample"),
         ({"do_sample": True, "temperature": 0.0}, "do_sample"),
-        ({"max_new_tokens": 0}, "max_tokens"),
-        ({"temp": -1.0}, "temperature"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temp": -1.0}, "temp"),
+        ({"temperature": -1.0}, "temperature"),
     ],
 )
 def test_conflicting_or_invalid_aliases_name_the_argument(kwargs, param):
     with pytest.raises(cortex.RequestValidationError) as info:
         SamplingParams(**kwargs)
     assert info.value.param == param and param in str(info.value)
+
+
+def test_do_sample_false_with_a_temperature_is_greedy_with_a_warning():
+    """As in transformers: ``do_sample=False`` decodes greedily, and the sampling settings
+    given with it are named in a warning (pointing at the caller), not an error."""
+    with pytest.warns(cortex.CortexWarning, match=r"do_sample=False.*temperature=0\.7.*top_p=0\.9") as rec:
+        p = SamplingParams(do_sample=False, temperature=0.7, top_p=0.9)
+    assert p.temperature == 0.0 and len(rec) == 1 and rec[0].filename == __file__
+    with pytest.warns(cortex.CortexWarning, match="temp=0.5"):
+        assert SamplingParams(do_sample=False, temp=0.5).temperature == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SamplingParams(do_sample=False, temperature=0.0)
+        SamplingParams(do_sample=False)
+        SamplingParams(temperature=0.7)
+
+
+def test_do_sample_true_brings_transformers_top_k():
+    """``do_sample=True`` samples as transformers' defaults do: temperature 1.0 and top_k
+    50, unless given; without ``do_sample`` our default (no top-k) holds."""
+    assert (SamplingParams(do_sample=True).temperature, SamplingParams(do_sample=True).top_k) == (1.0, 50)
+    assert SamplingParams(do_sample=True, top_k=0).top_k == 0
+    assert SamplingParams(do_sample=True, top_k=5).top_k == 5
+    assert SamplingParams(temperature=1.0).top_k == 0 and SamplingParams().top_k == 0
 
 
 def test_aliases_reach_generation(smollm):
@@ -182,3 +209,6 @@ def test_aliases_reach_generation(smollm):
         r.token for r in cortex.stream_generate(model, tok, PROMPT, max_new_tokens=12, temp=1.0, seed=1234)
     ]
     assert sampled == _sample(smollm, temperature=1.0, seed=1234)
+    with pytest.warns(cortex.CortexWarning, match="do_sample=False"):
+        greedy = cortex.generate(model, tok, PROMPT, max_new_tokens=5, do_sample=False, temperature=0.7)
+    assert greedy == cortex.generate(model, tok, PROMPT, max_tokens=5)

@@ -53,6 +53,8 @@ class Model:
     @property
     def kv_bytes_per_token(self) -> int: ...
     @property
+    def quantized(self) -> bool: ...
+    @property
     def kv_dtype(self) -> str: ...
     @property
     def device(self) -> str: ...
@@ -95,7 +97,7 @@ class SamplingParams:
         cls,
         *,
         temperature: float | None = None,
-        top_k: int = 0,
+        top_k: int | None = None,
         top_p: float = 1.0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
@@ -157,7 +159,7 @@ class Engine:
         model: Model,
         tokenizer: Tokenizer,
         *,
-        max_batch_size: int = 32,
+        max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         memory_fraction: float | None = None,
         block_size: int = 16,

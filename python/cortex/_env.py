@@ -3,7 +3,12 @@ mean something here and otherwise named in a one-time :class:`CortexWarning`, so
 is silently ignored.
 
 - ``CANDLE_NUM_PARALLEL`` (candle-based runners: how many prompts are generated at once):
-  the default ``max_batch_size`` of :class:`cortex.Engine`.
+  the default ``max_batch_size`` of every engine: :class:`cortex.Engine`'s, and the one a
+  model starts for :func:`cortex.generate` and :func:`cortex.stream_generate`. It is read
+  by the Rust core (``crate::engine::core::num_parallel``) when an engine starts; a value
+  that is not a count of at least 1 raises :class:`cortex.ConfigError` then.
+  :class:`cortex.MLXAccelerator`'s engines take ``MLXConfig.batch_size`` instead, as an
+  explicit ``max_batch_size`` always wins.
 - ``CANDLE_FORCE_F32`` (load float weights as f32 rather than f16): always the case on
   CPU, where float weights load as f32 and every activation is f32. A quantized model
   keeps its packed weights and an f16 KV cache, which the variable never covered; loading
@@ -16,9 +21,9 @@ import os
 import threading
 import warnings
 
-from .exceptions import ConfigError, CortexWarning
+from .exceptions import CortexWarning
 
-__all__ = ["note_force_f32", "num_parallel", "warn_once"]
+__all__ = ["note_force_f32", "warn_once"]
 
 _warned: set[str] = set()
 _lock = threading.Lock()
@@ -36,23 +41,6 @@ def warn_once(key: str, message: str, stacklevel: int = 2) -> None:
 
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def num_parallel() -> int | None:
-    """``CANDLE_NUM_PARALLEL`` as a request count, or ``None`` when unset."""
-    raw = os.environ.get("CANDLE_NUM_PARALLEL", "").strip()
-    if not raw:
-        return None
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ConfigError(
-            f"CANDLE_NUM_PARALLEL={raw!r}: must be a whole number of requests, at least 1",
-            field="CANDLE_NUM_PARALLEL",
-        )
-    return n
 
 
 def note_force_f32(quantized: bool) -> None:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import os
 import platform
+import sys
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +39,9 @@ from .generation import Prompt, load_tokenizer
 __all__ = ["OPTIMIZATION_PRESETS", "MLXAccelerator", "MLXConfig", "Pipeline"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = "cpu"
+#: What activations compute in on the CPU, whatever ``MLXConfig.dtype`` asks for.
+_ACTIVATION_DTYPE = "float32"
 _BITS = (2, 3, 4, 5, 6, 8)
 
 #: A pipeline stage: a model (its tokenizer is found beside it) or a (model, tokenizer) pair.
@@ -53,6 +59,30 @@ def _dtype_name(dtype: object) -> str:
         return str(dtype).rsplit(".", 1)[-1]
 
 
+class _DtypeName:
+    """``MLXConfig.dtype``: set from a name (``"bfloat16"``) or an mlx/numpy dtype object
+    (``mx.bfloat16``), validated, and read back as the name, a ``str``."""
+
+    default = "bfloat16"
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = f"_{name}"
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> str:
+        if obj is None:  # the dataclass's default
+            return self.default
+        value: str = getattr(obj, self._attr)
+        return value
+
+    def __set__(self, obj: object, value: object) -> None:
+        name = _dtype_name(value)
+        if name not in _DTYPES:
+            raise ValueError(
+                f"dtype={value!r}: one of {', '.join(_DTYPES)}, by name or as an mlx/numpy dtype"
+            )
+        setattr(obj, self._attr, name)
+
+
 @dataclass
 class MLXConfig:
     """Accelerator settings (the original fields and defaults)."""
@@ -67,8 +97,9 @@ class MLXConfig:
     #: Share of available memory the KV cache may take.
     memory_fraction: float = 0.85
     #: ``"bfloat16"``, ``"float16"`` or ``"float32"``; an mlx or numpy dtype object
-    #: (``mx.bfloat16``) is accepted too and stored as its name.
-    dtype: Any = "bfloat16"
+    #: (``mx.bfloat16``) is accepted too, here or assigned later, and stored as its name
+    #: (reading it always gives a ``str``).
+    dtype: _DtypeName = _DtypeName()
     use_amx: bool = True
     fuse_operations: bool = True
     lazy_evaluation: bool = True
@@ -83,12 +114,6 @@ class MLXConfig:
             raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction={self.memory_fraction}: must be in (0, 1]")
-        name = _dtype_name(self.dtype)
-        if name not in _DTYPES:
-            raise ValueError(
-                f"dtype={self.dtype!r}: one of {', '.join(_DTYPES)}, by name or as an mlx/numpy dtype"
-            )
-        self.dtype = name
         if self.kv_cache_size < 8:
             raise ValueError(f"kv_cache_size={self.kv_cache_size}: must be at least 8")
         if self.quantization_bits not in _BITS:
@@ -131,6 +156,82 @@ def _takes_argument(fn: Callable[..., Any]) -> bool:
         return True
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return any(p.kind in kinds or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+#: Calls of a benchmarked callable before the timed loop, as the original made: the first
+#: ones pay for compilation, allocation and thread start-up.
+_WARMUP_CALLS = 10
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global and free names ``code`` and the code nested in it (comprehensions,
+    inner lambdas) refer to."""
+    names = set(code.co_names) | set(code.co_freevars)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _framework(fn: Callable[..., Any]) -> str | None:
+    """The array framework ``fn`` computes with, where something says: ``"torch"``,
+    ``"mlx"`` or ``"numpy"``, from the package ``fn`` itself (or its type: a
+    ``torch.nn.Module``, a numpy ufunc) comes from, or from the modules and objects its code
+    refers to (``torch.matmul`` in a lambda); ``None`` when nothing does (``lambda x: x @
+    x.T``)."""
+    found: set[str] = set()
+
+    def note(obj: object) -> None:
+        if isinstance(obj, types.ModuleType):
+            found.add(obj.__name__.partition(".")[0])
+            return
+        for module in (getattr(obj, "__module__", None), type(obj).__module__):
+            if isinstance(module, str):
+                found.add(module.partition(".")[0])
+
+    note(fn)
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
+        for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+            try:
+                scope[name] = cell.cell_contents
+            except ValueError:  # a cell not filled yet
+                pass
+        for name in _code_names(code):
+            if name in scope:
+                note(scope[name])
+    return next((f for f in ("torch", "mlx", "numpy") if f in found), None)
+
+
+def _array_call(
+    operation: Callable[..., Any], shape: tuple[int, ...]
+) -> tuple[str, Callable[[], Any], Callable[[], None]]:
+    """``operation`` bound to one standard-normal float32 input of ``shape``, built once
+    in the framework it computes with: a torch tensor (``torch.from_numpy``) for a torch
+    function; an mlx array (``mx.random.normal``, evaluated) for an mlx one, or for one
+    that names no framework while mlx is imported (the original's case); a numpy array
+    otherwise. Returns the framework's name, the call (which forces the result: ``mx.eval``
+    for mlx, ``numpy.asarray`` for numpy, so lazy work is timed) and what finishes
+    outstanding device work after the loop (torch's CUDA queue)."""
+    framework = _framework(operation)
+    torch = sys.modules.get("torch")
+    mx = sys.modules.get("mlx.core")
+    if framework == "torch" and torch is not None:
+        x_torch = torch.from_numpy(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+        cuda = getattr(torch, "cuda", None)
+
+        def sync() -> None:
+            if cuda is not None and cuda.is_available() and cuda.is_initialized():
+                cuda.synchronize()
+
+        return "torch", lambda: operation(x_torch), sync
+    if mx is not None and framework in ("mlx", None):
+        x_mlx = mx.random.normal(shape)
+        mx.eval(x_mlx)
+        return "mlx", lambda: mx.eval(operation(x_mlx)), lambda: None
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    return "numpy", lambda: np.asarray(operation(x)), lambda: None
 
 
 def _meminfo() -> dict[str, int]:
@@ -193,11 +294,15 @@ class MLXAccelerator:
 
     def __init__(self, config: MLXConfig | None = None) -> None:
         self.config = config or MLXConfig()
-        self.device = "cpu"
+        self.device = _DEVICE
         #: CPU activations are float32 whatever ``config.dtype`` asks for.
-        self.dtype = "float32"
+        self.dtype = _ACTIVATION_DTYPE
         self._engines: dict[int, tuple[Model, Tokenizer, Engine]] = {}
         self._lock = threading.Lock()
+        #: What the last :meth:`optimize_memory` did (``None`` before the first call).
+        self.last_memory_report: dict[str, Any] | None = None
+        #: Seconds of the last :meth:`optimize_model` warm-up pass (``None`` before one).
+        self.last_warmup_seconds: float | None = None
 
     @classmethod
     def from_preset(cls, name: str) -> MLXAccelerator:
@@ -334,10 +439,22 @@ class MLXAccelerator:
         layout the caller expects. The engine's fused attention always runs the layout the
         model's config gives; a value that differs from it is named in a
         :class:`cortex.CortexWarning`, since it means the caller has another model in mind.
+        Both are ints; the tokenizer is passed by keyword (``tokenizer=tok``), and one given
+        in their place (the older ``accelerate_transformer(model, tok)``) is a ``TypeError``.
         """
+        for name, given in (("num_heads", num_heads), ("head_dim", head_dim)):
+            if given is not None and (isinstance(given, bool) or not isinstance(given, numbers.Integral)):
+                hint = (
+                    "; pass the tokenizer by keyword: accelerate_transformer(model, tokenizer=tok)"
+                    if isinstance(given, Tokenizer)
+                    else ""
+                )
+                raise TypeError(
+                    f"accelerate_transformer: {name} must be an int, got {type(given).__name__}{hint}"
+                )
         config = model.config
-        heads = int(config.get("num_attention_heads") or 0)
-        dim = int(config.get("head_dim") or (int(config.get("hidden_size") or 0) // heads if heads else 0))
+        heads = int(config["num_attention_heads"])
+        dim = int(config["head_dim"])
         for name, given, actual in (("num_heads", num_heads, heads), ("head_dim", head_dim, dim)):
             if given is not None and given != actual:
                 warnings.warn(
@@ -395,14 +512,16 @@ class MLXAccelerator:
         }
 
     def optimize_memory(self, model: Model) -> Model:
-        """The model in the least memory this accelerator's config allows. Weights are
-        most of a model's memory, so a model whose linear layers are stored as floats
-        (f32/f16/bf16, 2 bytes or more per parameter) is packed to
-        ``config.quantization_bits`` (see :meth:`quantize_model`); a model that is
-        quantized already is returned as it is, as requantizing would round twice. Returns
-        the model to use; ``last_memory_report`` says what was done."""
+        """Quantize a float model to ``config.quantization_bits`` (lossy: weights are
+        rounded), the least memory this accelerator's config allows.
+
+        Weights are most of a model's memory, so a model whose linear layers are stored as
+        floats (``model.quantized`` is false) is packed to ``config.quantization_bits`` (see
+        :meth:`quantize_model`); a model that is quantized already is returned as it is, as
+        requantizing would round twice. Returns the model to use; ``last_memory_report``
+        says what was done."""
         before = model.weight_bytes
-        if before >= 2 * model.num_parameters:
+        if not model.quantized:
             out = self.quantize_model(model)
             action = f"packed float weights to {self.config.quantization_bits} bits"
         else:
@@ -442,33 +561,47 @@ class MLXAccelerator:
         head_dim)``, causal; ``"bandwidth"``: ``(megabytes,)``, a parallel read of a buffer)
         or a Python callable. Callable on the class, as the original was.
 
-        A callable that takes an argument is called with a float32 array of
-        ``input_shape`` (standard normal; numpy, which mlx and torch functions accept) and
-        its result is materialised with ``numpy.asarray`` so that lazy frameworks' work is
-        timed; one that takes none is called as it is. ``flops`` is the work of one call;
-        for a callable given an array it defaults to ``2 * prod(input_shape) *
-        input_shape[-1]``, the input times a square matrix of its width (the original's
-        count; exact for ``x @ x.T`` on a square ``x``). The result has GFLOP/s, GB/s of
-        the bytes an engine operation reads (weights, KV or buffer) and the original's keys
-        (``avg_time_ms``, ``throughput_gflops``, ``amx_enabled``). AMX is never used: it
-        is unavailable on this backend (``use_amx`` is reported, not applied)."""
+        A callable that takes an argument is called with one standard-normal float32 input
+        of ``input_shape``, built once before timing in the framework the callable computes
+        with: a torch tensor (``torch.from_numpy``) for a torch function (torch functions
+        do not take numpy arrays); an mlx array (``mx.random.normal``) for an mlx function,
+        or for one that names no framework (``lambda x: x @ x.T``) while mlx is imported; a
+        numpy array otherwise. ``input_framework`` in the result says which. Each result is
+        forced inside the timed loop (``mx.eval`` for mlx, ``numpy.asarray`` for numpy), so
+        lazy frameworks' work is timed. A callable that takes no argument is called as it
+        is. Either is called 10 times before timing, as the original did.
+
+        ``flops`` is the work of one call. When it is not given, a callable given an array
+        is counted as ``2 * prod(input_shape) * input_shape[-1]`` FLOPs, the input times a
+        square matrix of its width (the original's count; exact for ``x @ x.T`` on a square
+        ``x``), and the result says so with ``flops_assumed: True``; other callables have no
+        count. The result has GFLOP/s (``gflops``, ``None`` without a count), GB/s of the
+        bytes an engine operation reads (weights, KV or buffer) and the original's keys
+        (``avg_time_ms``, ``throughput_gflops``: ``0.0`` without a count, as the original
+        reported it, so it always formats as a number; ``amx_enabled``). AMX is never used:
+        it is unavailable on this backend (``use_amx`` is reported, not applied)."""
         if num_iterations < 1:
             raise ValueError("num_iterations must be at least 1")
         nbytes: float | None = None
+        assumed = False
+        framework: str | None = None
         if callable(operation):
             shape = tuple(int(d) for d in input_shape)
             call: Callable[[], Any]
+            finish: Callable[[], None] = lambda: None  # noqa: E731
             if _takes_argument(operation):
-                x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-                call = lambda: np.asarray(operation(x))  # noqa: E731
+                framework, call, finish = _array_call(operation, shape)
                 if flops is None and len(shape) >= 2:
-                    flops = 2.0 * float(np.prod(shape)) * shape[-1]
+                    flops, assumed = 2.0 * float(np.prod(shape)) * shape[-1], True
             else:
                 call = operation
-            call()  # warm-up
+            for _ in range(_WARMUP_CALLS):
+                call()
+            finish()
             start = time.perf_counter()
             for _ in range(num_iterations):
                 call()
+            finish()
             seconds, per_call = time.perf_counter() - start, flops
             name = getattr(operation, "__name__", "callable")
         else:
@@ -479,12 +612,14 @@ class MLXAccelerator:
         return {
             "operation": name,
             "input_shape": tuple(input_shape),
+            "input_framework": framework,
             "num_iterations": num_iterations,
             "avg_time": avg,
             "avg_time_ms": avg * 1e3,
             "flops": per_call,
+            "flops_assumed": assumed,
             "gflops": gflops,
-            "throughput_gflops": gflops,
+            "throughput_gflops": gflops if gflops is not None else 0.0,
             "bytes": nbytes,
             "gbytes_per_s": nbytes / avg / 1e9 if nbytes else None,
             "use_amx": False,
@@ -494,18 +629,25 @@ class MLXAccelerator:
 
     class _DeviceInfo:
         """``get_device_info`` works on the class (the original's static method: the
-        settings reported are a default :class:`MLXConfig`'s) and on an instance (its
-        own config's)."""
+        settings reported are a default :class:`MLXConfig`'s; no instance is made, so a
+        subclass whose constructor takes arguments works too) and on an instance (its own
+        config's)."""
 
         def __get__(
             self, accelerator: MLXAccelerator | None, owner: type[MLXAccelerator]
         ) -> Callable[[], dict[str, Any]]:
-            return (accelerator if accelerator is not None else owner())._device_info
+            if accelerator is not None:
+                return lambda: accelerator._device_info(
+                    accelerator.config, accelerator.device, accelerator.dtype
+                )
+            return lambda: owner._device_info(MLXConfig(), _DEVICE, _ACTIVATION_DTYPE)
 
     get_device_info = _DeviceInfo()
 
-    def _device_info(self) -> dict[str, Any]:
-        """The device, CPU model and features, memory, and how each setting applies."""
+    @staticmethod
+    def _device_info(c: MLXConfig, device: str, dtype: str) -> dict[str, Any]:
+        """The device, CPU model and features, memory, and how each setting of ``c``
+        applies."""
         model, flags = _cpu()
         mem = _meminfo()
         features = {
@@ -522,7 +664,6 @@ class MLXAccelerator:
                 ("amx_bf16", "amx_bf16"),
             ]
         }
-        c = self.config
         settings: dict[str, dict[str, Any]] = {
             name: {"value": getattr(c, name), "applied": False, "reason": why}
             for name, why in _NOT_APPLICABLE.items()
@@ -549,9 +690,11 @@ class MLXAccelerator:
             "reason": "AMX is not used: the CPU may list it, but no kernel here has proven it safe",
         }
         return {
-            "device": self.device,
+            "device": device,
             "is_gpu": False,
-            "dtype": self.dtype,
+            "dtype": dtype,
+            # The original's key: the dtype arrays are created in (here, activations').
+            "default_dtype": dtype,
             "cpu_model": model,
             "cpu_count": os.cpu_count(),
             "threads": int(os.environ.get("CORTEX_NUM_THREADS") or os.cpu_count() or 1),

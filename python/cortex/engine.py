@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _core, _env
+from . import _core
 from ._core import Model, SamplingParams, Tokenizer
 from .generation import Prompt, _params_or_keywords, _prompt_ids
 
@@ -88,7 +88,7 @@ class Engine:
         self._core = _core.Engine(
             model,
             tokenizer,
-            max_batch_size=max_batch_size if max_batch_size is not None else (_env.num_parallel() or 32),
+            max_batch_size=max_batch_size,
             kv_cache_tokens=kv_cache_tokens,
             memory_fraction=memory_fraction,
             block_size=block_size,

@@ -48,12 +48,6 @@ def _resolve(ref: PathLike | None, revision: str = "main") -> str:
     return str(hub.resolve(os.fspath(ref), revision))
 
 
-def _quantized(model: Model) -> bool:
-    """Whether most of ``model``'s weights are packed below 16 bits (float weights load as
-    f32: 4 bytes a parameter)."""
-    return model.weight_bytes < 2 * model.num_parameters
-
-
 def load(
     ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None, revision: str = "main"
 ) -> tuple[Model, Tokenizer]:
@@ -81,7 +75,7 @@ def load(
     _check_placement(device, dtype)
     path = _resolve(ref, revision)
     model, tokenizer = with_progress("loading", "layer", lambda progress: _core.load(path, progress))
-    _env.note_force_f32(_quantized(model))
+    _env.note_force_f32(model.quantized)
     return model, tokenizer
 
 
@@ -90,7 +84,7 @@ def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str 
     _check_placement(device, dtype)
     path = _resolve(ref)
     model = with_progress("loading", "layer", lambda progress: _core.load_model(path, progress))
-    _env.note_force_f32(_quantized(model))
+    _env.note_force_f32(model.quantized)
     return model
 
 

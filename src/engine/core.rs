@@ -64,6 +64,42 @@ impl Default for EngineConfig {
     }
 }
 
+/// The variable candle-based runners read for how many prompts they generate at once;
+/// here, when set, the default `max_batch_size` of every engine (`cortex.Engine`'s and the
+/// one each model starts for `cortex.generate`), see [`EngineConfig::from_env`].
+pub const NUM_PARALLEL_VAR: &str = "CANDLE_NUM_PARALLEL";
+
+/// `CANDLE_NUM_PARALLEL` as a count of requests, `None` when unset or empty; anything but
+/// a whole number from 1 up is a configuration error naming the variable.
+pub fn num_parallel() -> Result<Option<usize>> {
+    let raw = match std::env::var(NUM_PARALLEL_VAR) {
+        Ok(raw) => raw,
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => raw.to_string_lossy().into_owned(),
+    };
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    match raw.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(Error::config(
+            NUM_PARALLEL_VAR,
+            format!("{raw:?} must be a whole number of requests, at least 1"),
+        )),
+    }
+}
+
+impl EngineConfig {
+    /// The defaults, with `max_batch_size` from `CANDLE_NUM_PARALLEL` where it is set.
+    pub fn from_env() -> Result<Self> {
+        let default = EngineConfig::default();
+        Ok(EngineConfig {
+            max_batch_size: num_parallel()?.unwrap_or(default.max_batch_size),
+            ..default
+        })
+    }
+}
+
 /// A `/proc/meminfo` figure in bytes (`MemAvailable`, `MemTotal`), where Linux gives one.
 fn meminfo(key: &str) -> Option<usize> {
     std::fs::read_to_string("/proc/meminfo")

@@ -14,5 +14,5 @@ pub mod stats;
 
 pub use self::core::{Engine, EngineConfig};
 pub use request::{Event, FinishReason, Output, Request, RequestId, RequestState, StepOutput};
-pub use sampling::{Sampler, SamplingParams, TokenLogprobs};
+pub use sampling::{ResolvedSampling, Sampler, SamplingArgs, SamplingParams, TokenLogprobs};
 pub use stats::Stats;

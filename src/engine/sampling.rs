@@ -147,6 +147,176 @@ impl SamplingParams {
     }
 }
 
+/// transformers' `top_k` when sampling and none is given (`GenerationConfig.top_k = 50`):
+/// what `do_sample=True` brings with it here too.
+pub const TRANSFORMERS_TOP_K: usize = 50;
+
+/// Sampling settings as a caller passes them: our names, and other tools' names for three
+/// of them, so their users' calls run unchanged: `max_new_tokens` (transformers) for
+/// `max_tokens`, `temp` (mlx-lm) for `temperature`, and `do_sample` (transformers).
+/// `None` means not given. Counts are signed, so that a negative one is reported under the
+/// name it was given. [`SamplingArgs::resolve`] turns them into [`SamplingParams`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingArgs {
+    pub temperature: Option<f32>,
+    pub temp: Option<f32>,
+    pub do_sample: Option<bool>,
+    pub top_k: Option<i64>,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub max_tokens: Option<i64>,
+    pub max_new_tokens: Option<i64>,
+    pub stop: Vec<String>,
+    pub seed: Option<i128>,
+    pub logprobs: Option<i64>,
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingArgs {
+    fn default() -> Self {
+        let p = SamplingParams::default();
+        SamplingArgs {
+            temperature: None,
+            temp: None,
+            do_sample: None,
+            top_k: None,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            max_tokens: None,
+            max_new_tokens: None,
+            stop: Vec::new(),
+            seed: None,
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// [`SamplingArgs`] resolved: the settings, and what the caller should be warned about
+/// (a setting that was given but has no effect), one sentence each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedSampling {
+    pub params: SamplingParams,
+    pub warnings: Vec<String>,
+}
+
+/// A count given by the caller as `param`; negative ones are rejected under that name.
+fn count(param: &str, value: i64) -> Result<usize> {
+    usize::try_from(value).map_err(|_| Error::param(param, format!("{value} must not be negative")))
+}
+
+/// One setting passed under our name (`name`) or another tool's (`alias`): the value and
+/// the name it came under (ours when neither is given), or an error naming both when they
+/// disagree.
+fn same_setting<'a, T: PartialEq + std::fmt::Display>(
+    name: &'a str,
+    value: Option<T>,
+    alias: &'a str,
+    alias_value: Option<T>,
+) -> Result<(Option<T>, &'a str)> {
+    match (value, alias_value) {
+        (Some(a), Some(b)) if a != b => Err(Error::param(
+            alias,
+            format!("{alias}={b} and {name}={a} are the same setting; pass one of them"),
+        )),
+        (Some(a), _) => Ok((Some(a), name)),
+        (None, Some(b)) => Ok((Some(b), alias)),
+        (None, None) => Ok((None, name)),
+    }
+}
+
+impl SamplingArgs {
+    /// The settings these arguments ask for, validated; every error names the argument as
+    /// the caller spelled it (`max_new_tokens=0` is an error about `max_new_tokens`).
+    ///
+    /// `do_sample` follows transformers: `False` decodes greedily, and sampling settings
+    /// given with it (`temperature`, `top_k`, `top_p`, `min_p`) are unused and named in a
+    /// warning; `True` samples at `temperature` (default 1.0; 0 is an error, as
+    /// transformers' is) with `top_k` 50 unless one is given ([`TRANSFORMERS_TOP_K`]).
+    /// Without `do_sample`, our defaults hold: greedy, no top-k.
+    pub fn resolve(self) -> Result<ResolvedSampling> {
+        let (max_tokens, max_name) = same_setting(
+            "max_tokens",
+            self.max_tokens,
+            "max_new_tokens",
+            self.max_new_tokens,
+        )?;
+        let max_tokens = count(max_name, max_tokens.unwrap_or(256))?;
+        if max_tokens == 0 {
+            return Err(Error::param(max_name, "must be at least 1, got 0"));
+        }
+        let (temperature, temp_name) =
+            same_setting("temperature", self.temperature, "temp", self.temp)?;
+        let top_k = self.top_k.map(|k| count("top_k", k)).transpose()?;
+        let mut warnings = Vec::new();
+        let (temperature, top_k) = match self.do_sample {
+            None => (temperature.unwrap_or(0.0), top_k.unwrap_or(0)),
+            Some(false) => {
+                let mut unused = Vec::new();
+                if let Some(t) = temperature.filter(|&t| t != 0.0) {
+                    unused.push(format!("{temp_name}={t}"));
+                }
+                if let Some(k) = top_k.filter(|&k| k != 0) {
+                    unused.push(format!("top_k={k}"));
+                }
+                if self.top_p != 1.0 {
+                    unused.push(format!("top_p={}", self.top_p));
+                }
+                if self.min_p != 0.0 {
+                    unused.push(format!("min_p={}", self.min_p));
+                }
+                if !unused.is_empty() {
+                    warnings.push(format!(
+                        "do_sample=False decodes greedily, so {} only apply when sampling and are \
+                         unused (as in transformers); pass do_sample=True to sample",
+                        unused.join(", ")
+                    ));
+                }
+                (0.0, top_k.unwrap_or(0))
+            }
+            Some(true) => match temperature {
+                Some(0.0) => {
+                    return Err(Error::param(
+                        "do_sample",
+                        format!(
+                            "do_sample=True needs a {temp_name} above 0 ({temp_name}=0 is greedy decoding)"
+                        ),
+                    ))
+                }
+                t => (t.unwrap_or(1.0), top_k.unwrap_or(TRANSFORMERS_TOP_K)),
+            },
+        };
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            max_tokens,
+            stop: self.stop,
+            seed: SamplingParams::seed_from(self.seed)?,
+            logprobs: self.logprobs.map(|n| count("logprobs", n)).transpose()?,
+            ignore_eos: self.ignore_eos,
+        };
+        params.validate().map_err(|err| match err {
+            // A temperature given as `temp` is reported as `temp`.
+            Error::InvalidParam { param, message } if param == "temperature" => {
+                Error::param(temp_name, message)
+            }
+            other => other,
+        })?;
+        Ok(ResolvedSampling { params, warnings })
+    }
+}
+
 /// SplitMix64 (Steele et al., 2014): small, fast, and good enough to draw from a
 /// categorical distribution; its whole state is the seed, so runs reproduce exactly.
 #[derive(Debug, Clone)]
@@ -505,5 +675,179 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    fn resolve(args: SamplingArgs) -> Result<ResolvedSampling> {
+        args.resolve()
+    }
+
+    fn param_of(r: Result<ResolvedSampling>) -> String {
+        match r {
+            Err(Error::InvalidParam { param, .. }) => param,
+            other => panic!("expected an invalid parameter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_arguments_are_the_defaults() {
+        let r = resolve(SamplingArgs::default()).unwrap();
+        assert_eq!(r.params, SamplingParams::default());
+        assert!(r.warnings.is_empty());
+    }
+
+    #[test]
+    fn aliases_merge_with_our_names() {
+        let r = resolve(SamplingArgs {
+            max_new_tokens: Some(7),
+            temp: Some(0.5),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((r.params.max_tokens, r.params.temperature), (7, 0.5));
+        let same = resolve(SamplingArgs {
+            max_tokens: Some(7),
+            max_new_tokens: Some(7),
+            temperature: Some(0.5),
+            temp: Some(0.5),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(same.params, r.params);
+        let clash = SamplingArgs {
+            max_tokens: Some(6),
+            max_new_tokens: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(param_of(resolve(clash)), "max_new_tokens");
+        let clash = SamplingArgs {
+            temperature: Some(0.7),
+            temp: Some(0.5),
+            ..Default::default()
+        };
+        assert_eq!(param_of(resolve(clash)), "temp");
+    }
+
+    #[test]
+    fn errors_name_the_argument_as_given() {
+        for (args, name) in [
+            (
+                SamplingArgs {
+                    max_new_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_new_tokens",
+            ),
+            (
+                SamplingArgs {
+                    max_new_tokens: Some(-2),
+                    ..Default::default()
+                },
+                "max_new_tokens",
+            ),
+            (
+                SamplingArgs {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingArgs {
+                    temp: Some(-1.0),
+                    ..Default::default()
+                },
+                "temp",
+            ),
+            (
+                SamplingArgs {
+                    temperature: Some(3.0),
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingArgs {
+                    top_k: Some(-1),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SamplingArgs {
+                    do_sample: Some(true),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                "do_sample",
+            ),
+        ] {
+            assert_eq!(param_of(resolve(args)), name);
+        }
+    }
+
+    #[test]
+    fn do_sample_false_is_greedy_and_names_unused_settings() {
+        let r = resolve(SamplingArgs {
+            do_sample: Some(false),
+            temperature: Some(0.7),
+            top_p: 0.9,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.params.temperature, 0.0);
+        assert_eq!(r.warnings.len(), 1);
+        assert!(
+            r.warnings[0].contains("temperature=0.7"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(r.warnings[0].contains("top_p=0.9"), "{:?}", r.warnings);
+        let r = resolve(SamplingArgs {
+            do_sample: Some(false),
+            temp: Some(0.7),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(r.warnings[0].contains("temp=0.7"), "{:?}", r.warnings);
+        // Nothing unused: nothing to say.
+        for t in [None, Some(0.0)] {
+            let r = resolve(SamplingArgs {
+                do_sample: Some(false),
+                temperature: t,
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(r.params.temperature, 0.0);
+            assert!(r.warnings.is_empty());
+        }
+    }
+
+    #[test]
+    fn do_sample_true_samples_as_transformers_does() {
+        let r = resolve(SamplingArgs {
+            do_sample: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (r.params.temperature, r.params.top_k),
+            (1.0, TRANSFORMERS_TOP_K)
+        );
+        assert!(r.warnings.is_empty());
+        let r = resolve(SamplingArgs {
+            do_sample: Some(true),
+            temp: Some(0.4),
+            top_k: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((r.params.temperature, r.params.top_k), (0.4, 0));
+        // Without do_sample, a temperature alone keeps our default of no top-k.
+        let r = resolve(SamplingArgs {
+            temperature: Some(0.8),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.params.top_k, 0);
     }
 }

@@ -328,13 +328,25 @@ impl Decoder {
         Ok((decoder, delta))
     }
 
+    /// Whether the linear layers hold quantized blocks rather than float values, judged by
+    /// the first attention projection (a mixed GGUF keeps its norms and sometimes its
+    /// embeddings or head as floats, never its attention). This is what picks the KV
+    /// cache's dtype ([`Decoder::kv_dtype`]).
+    pub fn quantized(&self) -> bool {
+        !self
+            .layers
+            .first()
+            .is_some_and(|b| b.self_attn.q_proj.is_float())
+    }
+
     /// How the cache stores keys and values: f16 for quantized weights (half the memory
     /// and half the bytes each decoded token reads), f32 for float weights (whose
     /// computation is the exact reference for the quantized ones).
     pub fn kv_dtype(&self) -> KvDType {
-        match self.layers.first() {
-            Some(b) if b.self_attn.q_proj.is_float() => KvDType::F32,
-            _ => KvDType::F16,
+        if self.quantized() {
+            KvDType::F16
+        } else {
+            KvDType::F32
         }
     }
 

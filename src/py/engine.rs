@@ -332,14 +332,14 @@ pub struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model, tokenizer, *, max_batch_size = 32, kv_cache_tokens = None,
+    #[pyo3(signature = (model, tokenizer, *, max_batch_size = None, kv_cache_tokens = None,
         memory_fraction = None, block_size = 16, max_num_batched_tokens = 256, kv_cache_size = None,
         rotating_kv_cache = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyModel,
         tokenizer: &PyTokenizer,
-        max_batch_size: usize,
+        max_batch_size: Option<usize>,
         kv_cache_tokens: Option<usize>,
         memory_fraction: Option<f64>,
         block_size: usize,
@@ -347,6 +347,12 @@ impl PyEngine {
         kv_cache_size: Option<usize>,
         rotating_kv_cache: bool,
     ) -> PyResult<Self> {
+        // Without a batch size, CANDLE_NUM_PARALLEL's or the default (the env is not read
+        // when one is given).
+        let max_batch_size = match max_batch_size {
+            Some(n) => n,
+            None => EngineConfig::from_env()?.max_batch_size,
+        };
         let config = EngineConfig {
             max_batch_size,
             kv_cache_tokens,

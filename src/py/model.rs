@@ -37,7 +37,7 @@ impl PyModel {
         if let Some(e) = engine.as_ref() {
             return Ok(e.clone());
         }
-        let e = Arc::new(Engine::new(self.inner.clone(), EngineConfig::default())?);
+        let e = Arc::new(Engine::new(self.inner.clone(), EngineConfig::from_env()?)?);
         *engine = Some(e.clone());
         Ok(e)
     }
@@ -164,6 +164,14 @@ impl PyModel {
     #[getter]
     fn kv_bytes_per_token(&self) -> usize {
         self.inner.decoder().kv_bytes_per_token()
+    }
+
+    /// Whether the linear layers hold quantized blocks (GGUF quantized types, MLX affine
+    /// groups, a `requantize` copy) rather than floats; a quantized model's KV cache is
+    /// f16.
+    #[getter]
+    fn quantized(&self) -> bool {
+        self.inner.decoder().quantized()
     }
 
     /// How the KV cache stores keys and values: `"float16"` or `"float32"`.

@@ -1,36 +1,16 @@
 //! `SamplingParams`: every field validated on construction, with the error naming it.
 
+use std::ffi::CString;
+
 use pyo3::prelude::*;
 
-use crate::engine::SamplingParams;
-use crate::error::Error;
-
-fn count(param: &str, value: i64) -> Result<usize, Error> {
-    usize::try_from(value).map_err(|_| Error::param(param, format!("{value} must not be negative")))
-}
+use crate::engine::{SamplingArgs, SamplingParams};
 
 /// `stop` as callers send it: one string (the OpenAI client's form) or a list of strings.
 #[derive(FromPyObject)]
 enum StopArg {
     One(String),
     Many(Vec<String>),
-}
-
-/// One setting passed under our name (`name`) or another tool's (`alias`): the value given,
-/// `None` when neither is, and an error naming both when they disagree.
-fn same_setting<T: PartialEq + std::fmt::Display>(
-    name: &str,
-    value: Option<T>,
-    alias: &str,
-    alias_value: Option<T>,
-) -> Result<Option<T>, Error> {
-    match (value, alias_value) {
-        (Some(a), Some(b)) if a != b => Err(Error::param(
-            alias,
-            format!("{alias}={b} and {name}={a} are the same setting; pass one of them"),
-        )),
-        (a, b) => Ok(a.or(b)),
-    }
 }
 
 /// Sampling settings for one request; every field is validated on construction and a
@@ -45,17 +25,20 @@ pub struct PySamplingParams {
 impl PySamplingParams {
     /// Besides our names, three other tools' names are accepted, so their users' calls run
     /// unchanged: `max_new_tokens` (transformers) for `max_tokens`, `temp` (mlx-lm) for
-    /// `temperature`, and `do_sample` (transformers: `False` is greedy, `True` samples at
-    /// temperature 1.0 unless one is given). `stop` may be one string (as the OpenAI client
-    /// sends it) or a list.
+    /// `temperature`, and `do_sample` (transformers: `False` is greedy, and sampling
+    /// settings given with it are unused and named in a `cortex.CortexWarning`; `True`
+    /// samples at temperature 1.0 and top_k 50 unless they are given). `stop` may be one
+    /// string (as the OpenAI client sends it) or a list. The rules are
+    /// `crate::engine::SamplingArgs::resolve`'s.
     #[new]
-    #[pyo3(signature = (*, temperature = None, top_k = 0, top_p = 1.0, min_p = 0.0, repetition_penalty = 1.0,
+    #[pyo3(signature = (*, temperature = None, top_k = None, top_p = 1.0, min_p = 0.0, repetition_penalty = 1.0,
         presence_penalty = 0.0, frequency_penalty = 0.0, max_tokens = None, stop = None, seed = None,
         logprobs = None, ignore_eos = false, max_new_tokens = None, temp = None, do_sample = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         temperature: Option<f32>,
-        top_k: i64,
+        top_k: Option<i64>,
         top_p: f32,
         min_p: f32,
         repetition_penalty: f32,
@@ -70,56 +53,40 @@ impl PySamplingParams {
         temp: Option<f32>,
         do_sample: Option<bool>,
     ) -> PyResult<Self> {
-        let max_tokens = same_setting("max_tokens", max_tokens, "max_new_tokens", max_new_tokens)?
-            .unwrap_or(256);
-        let temperature = same_setting("temperature", temperature, "temp", temp)?;
-        let temperature = match (do_sample, temperature) {
-            (None, t) => t.unwrap_or(0.0),
-            (Some(false), Some(t)) if t != 0.0 => {
-                return Err(Error::param(
-                    "do_sample",
-                    format!("do_sample=False asks for greedy decoding, but temperature={t}; pass one of them"),
-                )
-                .into());
-            }
-            (Some(false), _) => 0.0,
-            (Some(true), Some(0.0)) => {
-                return Err(Error::param(
-                    "do_sample",
-                    "do_sample=True needs a temperature above 0 (temperature=0 is greedy decoding)",
-                )
-                .into());
-            }
-            (Some(true), t) => t.unwrap_or(1.0),
-        };
-        let stop = match stop {
-            None => Vec::new(),
-            Some(StopArg::One(s)) => vec![s],
-            Some(StopArg::Many(v)) => v,
-        };
-        if max_tokens < 1 {
-            return Err(Error::param(
-                "max_tokens",
-                format!("must be at least 1, got {max_tokens}"),
-            )
-            .into());
-        }
-        let inner = SamplingParams {
+        let resolved = SamplingArgs {
             temperature,
-            top_k: count("top_k", top_k)?,
+            temp,
+            do_sample,
+            top_k,
             top_p,
             min_p,
             repetition_penalty,
             presence_penalty,
             frequency_penalty,
-            max_tokens: count("max_tokens", max_tokens)?,
-            stop,
-            seed: SamplingParams::seed_from(seed)?,
-            logprobs: logprobs.map(|n| count("logprobs", n)).transpose()?,
+            max_tokens,
+            max_new_tokens,
+            stop: match stop {
+                None => Vec::new(),
+                Some(StopArg::One(s)) => vec![s],
+                Some(StopArg::Many(v)) => v,
+            },
+            seed,
+            logprobs,
             ignore_eos,
-        };
-        inner.validate()?;
-        Ok(PySamplingParams { inner })
+        }
+        .resolve()?;
+        if !resolved.warnings.is_empty() {
+            let category = py.import("cortex.exceptions")?.getattr("CortexWarning")?;
+            for message in resolved.warnings {
+                let message =
+                    CString::new(message).map_err(|e| crate::Error::Engine(e.to_string()))?;
+                // Level 1: the Python line that built these settings.
+                PyErr::warn(py, &category, &message, 1)?;
+            }
+        }
+        Ok(PySamplingParams {
+            inner: resolved.params,
+        })
     }
 
     #[getter]

@@ -1,7 +1,8 @@
 """``cortex chat``: an interactive conversation that keeps its history.
 
 Type a message and press Enter. In a terminal the line can be edited and earlier lines
-recalled with the arrow keys (readline; kept between sessions in $CORTEX_HOME/chat_history).
+recalled with the arrow keys where Python has readline (kept between sessions in
+$CORTEX_HOME/chat_history; without readline the banner does not offer recall).
 ``/reset`` forgets the conversation, ``/exit`` or Ctrl-D quits; Ctrl-C stops a reply that
 is being written, or clears the line being typed (the conversation is kept).
 """
@@ -62,15 +63,17 @@ def _save_history(readline: ModuleType) -> None:
         print(f"cortex chat: history not saved: {err}", file=sys.stderr)
 
 
-def banner(model: Model) -> str:
-    """The first lines of an interactive session: which model, and the keys."""
+def banner(model: Model, recall: bool = True) -> str:
+    """The first lines of an interactive session: which model, and the keys (the arrow
+    keys' recall only with ``recall``, where readline is there to give it)."""
     path = Path(model.path)
     name = path.stem if path.is_file() else path.name
     params = model.num_parameters
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
+    keys = ["Enter sends", *(["↑/↓ recall"] if recall else []), "/reset forgets the conversation"]
     return (
         f"cortex chat · {name} ({size} parameters, {path})\n"
-        "Enter sends · ↑/↓ recall · /reset forgets the conversation · /exit or Ctrl-D quits\n"
+        f"{' · '.join(keys)} · /exit or Ctrl-D quits\n"
         "Ctrl-C stops a reply, or clears the line being typed\n"
     )
 
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     readline = _line_editing() if interactive else None
     if interactive:
-        sys.stdout.write(banner(model))
+        sys.stdout.write(banner(model, recall=readline is not None))
     try:
         while True:
             try:
