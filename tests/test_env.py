@@ -17,16 +17,28 @@ def fresh_warnings(monkeypatch):
     monkeypatch.setattr(_env, "_warned", set())
 
 
+def _settle(stats, want: tuple[int, int]) -> tuple[int, int]:
+    """(running, waiting) once it equals ``want``, or as it is after 30 s. Submitted
+    requests reach the scheduler's queues at its next step, so the counts settle over a
+    step or two; long requests (1000 tokens) keep them there while this looks."""
+    deadline = time.monotonic() + 30
+    while True:
+        s = stats()
+        got = (s["requests_running"], s["requests_waiting"])
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.005)
+
+
 def test_candle_num_parallel_sets_the_engines_batch(smollm, monkeypatch):
     """``CANDLE_NUM_PARALLEL=2``: an engine runs two requests at once and queues the third
     (the default, 32, would run all three)."""
     model, tok = smollm
     monkeypatch.setenv("CANDLE_NUM_PARALLEL", "2")
     engine = cortex.Engine(model, tok, kv_cache_tokens=1024)
-    events = engine.stream(["a", "b", "c"], max_tokens=48, ignore_eos=True)
+    events = engine.stream(["a", "b", "c"], max_tokens=1000, ignore_eos=True)
     next(events)
-    stats = engine.stats()
-    assert (stats["requests_running"], stats["requests_waiting"]) == (2, 1)
+    assert _settle(engine.stats, (2, 1)) == (2, 1)
     events.close()
     monkeypatch.delenv("CANDLE_NUM_PARALLEL")
     engine = cortex.Engine(model, tok, kv_cache_tokens=1024)
@@ -49,14 +61,10 @@ def test_candle_num_parallel_reaches_the_models_own_engine(model_path, monkeypat
 
     monkeypatch.setenv("CANDLE_NUM_PARALLEL", "2")
     model, tok = cortex.load(model_path)  # a fresh model: its engine starts here
-    params = cortex.SamplingParams(max_tokens=48, ignore_eos=True)
+    params = cortex.SamplingParams(max_tokens=1000, ignore_eos=True)
     streams = [_core.stream(model, tok, tok.encode(p), params) for p in ("a", "b", "c")]
     try:
-        deadline = time.monotonic() + 30
-        while _core.engine_stats(model)["requests_running"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        stats = _core.engine_stats(model)
-        assert (stats["requests_running"], stats["requests_waiting"]) == (2, 1)
+        assert _settle(lambda: _core.engine_stats(model), (2, 1)) == (2, 1)
     finally:
         for s in streams:
             s.cancel()
