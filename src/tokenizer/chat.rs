@@ -399,16 +399,16 @@ fn precheck_filter(name: &str, args: &[Value]) -> std::result::Result<(), miniji
     }
 }
 
-/// The filters replaced by guarded versions, each wrapping minijinja's own.
-const GUARDED_FILTERS: &[&str] = &["indent", "batch", "slice", "format"];
-
-fn builtin_filter(name: &str) -> Value {
-    match name {
-        "indent" => Value::from_function(minijinja::filters::indent),
-        "batch" => Value::from_function(minijinja::filters::batch),
-        "slice" => Value::from_function(minijinja::filters::slice),
-        _ => Value::from_function(minijinja::filters::format),
-    }
+/// minijinja's filters that are replaced by guarded versions wrapping them (each checks
+/// its result's size from its arguments first, see [`precheck_filter`]).
+fn guarded_builtins() -> [(&'static str, Value); 4] {
+    use minijinja::filters::{batch, format, indent, slice};
+    [
+        ("indent", Value::from_function(indent)),
+        ("batch", Value::from_function(batch)),
+        ("slice", Value::from_function(slice)),
+        ("format", Value::from_function(format)),
+    ]
 }
 
 /// Jinja's `replace(old, new, count=None)` with the result measured first.
@@ -627,8 +627,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_filter("replace", replace_filter);
         env.add_filter("join", join_filter);
-        for &name in GUARDED_FILTERS {
-            let builtin = builtin_filter(name);
+        for (name, builtin) in guarded_builtins() {
             env.add_filter(name, move |state: &State, args: Rest<Value>| {
                 precheck_filter(name, &args)?;
                 checked(builtin.call(state, &args)?)
