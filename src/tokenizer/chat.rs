@@ -96,42 +96,36 @@ impl Budget {
         });
     }
 
-    fn emit(n: usize) -> std::result::Result<(), minijinja::Error> {
+    /// Adds `n` to the counter `pick` selects; false once its total passes `limit`.
+    fn add(pick: fn(&Budget) -> &Cell<usize>, n: usize, limit: usize) -> bool {
         BUDGET.with(|b| {
-            let total = b.emitted.get().saturating_add(n);
-            b.emitted.set(total);
-            if total > MAX_EMITTED_BYTES {
-                Err(emitted_too_large())
-            } else {
-                Ok(())
-            }
+            let c = pick(b);
+            c.set(c.get().saturating_add(n));
+            c.get() <= limit
         })
+    }
+
+    fn emit(n: usize) -> std::result::Result<(), minijinja::Error> {
+        match Self::add(|b| &b.emitted, n, MAX_EMITTED_BYTES) {
+            true => Ok(()),
+            false => Err(emitted_too_large()),
+        }
     }
 
     fn build(n: usize) -> std::result::Result<(), minijinja::Error> {
-        BUDGET.with(|b| {
-            let total = b.built.get().saturating_add(n);
-            b.built.set(total);
-            if total > MAX_BUILT_BYTES {
-                Err(too_large(format!(
-                    "strings built by the template exceed {MAX_BUILT_BYTES} bytes"
-                )))
-            } else {
-                Ok(())
-            }
-        })
+        match Self::add(|b| &b.built, n, MAX_BUILT_BYTES) {
+            true => Ok(()),
+            false => Err(too_large(format!(
+                "strings built by the template exceed {MAX_BUILT_BYTES} bytes"
+            ))),
+        }
     }
 
     fn visit(n: usize) -> std::result::Result<(), minijinja::Error> {
-        BUDGET.with(|b| {
-            let total = b.visits.get().saturating_add(n);
-            b.visits.set(total);
-            if total > MAX_VISITS {
-                Err(minijinja::Error::from(ErrorKind::OutOfFuel))
-            } else {
-                Ok(())
-            }
-        })
+        match Self::add(|b| &b.visits, n, MAX_VISITS) {
+            true => Ok(()),
+            false => Err(minijinja::Error::from(ErrorKind::OutOfFuel)),
+        }
     }
 }
 
