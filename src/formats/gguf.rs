@@ -177,27 +177,7 @@ impl Cursor<'_> {
             },
             8 => Value::String(self.string(what)?),
             9 => {
-                if depth >= MAX_DEPTH {
-                    return Err(self.err(format!(
-                        "{key}: arrays nested deeper than {MAX_DEPTH} (nesting depth)"
-                    )));
-                }
-                let elem_ty = self.u32(what)?;
-                let count = self.u64(what)?;
-                let min = min_value_size(elem_ty).ok_or_else(|| {
-                    self.err(format!("{key}: unknown array element type {elem_ty}"))
-                })?;
-                if count > MAX_ARRAY_LEN {
-                    return Err(self.err(format!(
-                        "{key}: array of {count} elements exceeds the limit of {MAX_ARRAY_LEN}"
-                    )));
-                }
-                if count.saturating_mul(min) > self.remaining() {
-                    return Err(self.err(format!(
-                        "{key}: array of {count} elements cannot fit in the {} bytes left",
-                        self.remaining()
-                    )));
-                }
+                let (elem_ty, count) = self.array_header(key, depth)?;
                 if !keeps_array(key, elem_ty) {
                     self.skip_array(elem_ty, count, key, depth + 1)?;
                     return Ok(Value::Array(Vec::new()));
@@ -216,11 +196,36 @@ impl Cursor<'_> {
             other => return Err(self.err(format!("{key}: unknown metadata value type {other}"))),
         })
     }
-}
 
-impl Cursor<'_> {
+    /// Reads the element type and count of an array nested `depth` deep, checked against
+    /// the nesting and length limits and the bytes left before anything proportional to
+    /// the count happens (kept and skipped arrays alike).
+    fn array_header(&mut self, key: &str, depth: usize) -> Result<(u32, u64)> {
+        if depth >= MAX_DEPTH {
+            return Err(self.err(format!(
+                "{key}: arrays nested deeper than {MAX_DEPTH} (nesting depth)"
+            )));
+        }
+        let elem_ty = self.u32(key)?;
+        let count = self.u64(key)?;
+        let min = min_value_size(elem_ty)
+            .ok_or_else(|| self.err(format!("{key}: unknown array element type {elem_ty}")))?;
+        if count > MAX_ARRAY_LEN {
+            return Err(self.err(format!(
+                "{key}: array of {count} elements exceeds the limit of {MAX_ARRAY_LEN}"
+            )));
+        }
+        if count.saturating_mul(min) > self.remaining() {
+            return Err(self.err(format!(
+                "{key}: array of {count} elements cannot fit in the {} bytes left",
+                self.remaining()
+            )));
+        }
+        Ok((elem_ty, count))
+    }
+
     /// Steps over `count` elements of type `elem_ty` without keeping them, checking what
-    /// must hold for the file to be well formed (string lengths, nesting, element types).
+    /// must hold for the file to be well formed (string lengths, nested array headers).
     fn skip_array(&mut self, elem_ty: u32, count: u64, key: &str, depth: usize) -> Result<()> {
         match elem_ty {
             8 => {
@@ -230,19 +235,8 @@ impl Cursor<'_> {
                 }
             }
             9 => {
-                if depth >= MAX_DEPTH {
-                    return Err(self.err(format!(
-                        "{key}: arrays nested deeper than {MAX_DEPTH} (nesting depth)"
-                    )));
-                }
                 for _ in 0..count {
-                    let inner_ty = self.u32(key)?;
-                    let inner_count = self.u64(key)?;
-                    if min_value_size(inner_ty).is_none() {
-                        return Err(
-                            self.err(format!("{key}: unknown array element type {inner_ty}"))
-                        );
-                    }
+                    let (inner_ty, inner_count) = self.array_header(key, depth)?;
                     self.skip_array(inner_ty, inner_count, key, depth + 1)?;
                 }
             }
