@@ -41,6 +41,34 @@ def _request(handler: http.server.BaseHTTPRequestHandler) -> tuple[str, str, dic
     return handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()}
 
 
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Quiet; HEAD and GET both go to ``serve``, which each loopback server defines."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self.serve(head=True)
+
+    def do_GET(self) -> None:
+        self.serve(head=False)
+
+    def serve(self, head: bool) -> None:
+        raise NotImplementedError
+
+
+def _start(handler: type[_Handler]) -> http.server.ThreadingHTTPServer:
+    """A loopback server on a free port, serving from a daemon thread."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def _stop(httpd: http.server.ThreadingHTTPServer) -> None:
+    httpd.shutdown()
+    httpd.server_close()
+
+
 class StorageServer:
     """The storage host LFS downloads are redirected to (``cdn-lfs.hf.co`` on the real Hub):
     serves ``/blob/<name>`` from the Hub server's files, and records every request."""
@@ -49,16 +77,7 @@ class StorageServer:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         storage = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.serve(head=True)
-
-            def do_GET(self) -> None:
-                self.serve(head=False)
-
+        class Handler(_Handler):
             def serve(self, head: bool) -> None:
                 storage.requests.append(_request(self))
                 name = self.path.removeprefix("/blob/")
@@ -67,13 +86,11 @@ class StorageServer:
                     return
                 hub_server.send_file(self, name, head)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _start(Handler)
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        _stop(self.httpd)
 
 
 class HubServer:
@@ -100,16 +117,7 @@ class HubServer:
         self.cond = threading.Condition()
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.serve(head=True)
-
-            def do_GET(self) -> None:
-                self.serve(head=False)
-
+        class Handler(_Handler):
             def serve(self, head: bool) -> None:
                 server.requests.append(_request(self))
                 if server.fail is not None and (not server.fail_files_only or "/resolve/" in self.path):
@@ -155,9 +163,8 @@ class HubServer:
                     return
                 server.send_file(self, name, head)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _start(Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def send_file(self, handler: http.server.BaseHTTPRequestHandler, name: str, head: bool) -> None:
         data = self.files[name]
@@ -203,8 +210,7 @@ class HubServer:
         return [p for m, p, _ in self.requests if m == "GET" and "/resolve/" in p]
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        _stop(self.httpd)
 
 
 @pytest.fixture

@@ -325,8 +325,7 @@ mod tests {
 
     #[test]
     fn git_blob_ids_and_sha256_are_checked() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("cortex-hub-verify-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let dir = scratch("verify")?;
         let path = dir.join("f");
         std::fs::write(&path, b"hello\n").map_err(io(&path))?;
         // `git hash-object` and `sha256sum` of "hello\n".
