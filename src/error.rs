@@ -67,9 +67,20 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
-    /// A fault inside the generation machinery (a worker that died, NaN logits...).
+    /// A fault while generating that the input did not cause and cannot fix (NaN logits,
+    /// a worker that stopped, compute threads lost to `fork`).
     #[error("engine: {0}")]
     Engine(String),
+
+    /// A conversion could not be carried out as asked (a recipe the model cannot take, a
+    /// tensor the target format cannot hold, a validation that failed).
+    #[error("conversion: {0}")]
+    Conversion(String),
+
+    /// A broken invariant of Cortex itself (a caught panic, a result that went missing):
+    /// always a bug, never the input's fault.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
 
     /// An I/O error while reading `path`.
     #[error("{}: {source}", path.display())]
@@ -125,6 +136,70 @@ impl Error {
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
-        Error::Engine(format!("internal error (please report): {what}"))
+        Error::Internal(what)
+    }
+
+    /// Prefixes the message with `what`, keeping the kind (and so the Python class). A
+    /// candle error becomes [`Error::Internal`]: a tensor operation that fails on checked
+    /// input is a bug.
+    pub(crate) fn context(self, what: impl std::fmt::Display) -> Self {
+        let prefix = |m: String| format!("{what}: {m}");
+        match self {
+            Error::ModelNotFound { path, message } => Error::ModelNotFound {
+                path,
+                message: prefix(message),
+            },
+            Error::ModelFormat {
+                path,
+                offset,
+                message,
+            } => Error::ModelFormat {
+                path,
+                offset,
+                message: prefix(message),
+            },
+            Error::Config { field, message } => Error::Config {
+                field,
+                message: prefix(message),
+            },
+            Error::InvalidParam { param, message } => Error::InvalidParam {
+                param,
+                message: prefix(message),
+            },
+            Error::Tokenizer(m) => Error::Tokenizer(prefix(m)),
+            Error::Template(m) => Error::Template(prefix(m)),
+            Error::Engine(m) => Error::Engine(prefix(m)),
+            Error::Conversion(m) => Error::Conversion(prefix(m)),
+            Error::Internal(m) => Error::Internal(prefix(m)),
+            Error::Candle(e) => Error::Internal(prefix(e.to_string())),
+            // Their messages are built from their fields; the context would be lost or
+            // misleading, and they already say what is at fault.
+            e @ (Error::UnsupportedArchitecture { .. }
+            | Error::ContextLength { .. }
+            | Error::CacheFull { .. }
+            | Error::Cancelled
+            | Error::Io { .. }) => e,
+        }
     }
 }
+
+/// `.with_context(|| ...)` on any result whose error converts into [`Error`] (see
+/// [`Error::context`]); the message is built only on failure.
+pub(crate) trait Context<T> {
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.map_err(|e| e.into().context(what()))
+    }
+}
+
+/// Returns early with a message variant of [`Error`]:
+/// `bail!(Conversion, "group size {g} does not divide {cols}")`.
+macro_rules! bail {
+    ($variant:ident, $($fmt:tt)+) => {
+        return Err($crate::error::Error::$variant(format!($($fmt)+)))
+    };
+}
+pub(crate) use bail;

@@ -16,9 +16,11 @@ __all__ = [
     "CancelledError",
     "ConfigError",
     "ContextLengthError",
+    "ConversionError",
     "CortexError",
     "CortexWarning",
     "EngineError",
+    "InternalError",
     "ModelFormatError",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -103,6 +105,11 @@ class EngineError(CortexError, RuntimeError):
 
 class CancelledError(EngineError):
     """The work was cancelled."""
+
+
+class InternalError(EngineError):
+    """A broken invariant inside Cortex (a caught panic, a failed tensor operation on
+    checked input): always a bug; please report it with the message."""
 
 
 class ConversionError(CortexError):

@@ -357,7 +357,7 @@ fn output_config(source: &Source, plan: &Plan) -> serde_json::Value {
 }
 
 pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Engine(e.to_string()))?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
 

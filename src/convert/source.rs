@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde_json::json;
 
-use crate::error::{Error, Result};
+use crate::error::{bail, Context, Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::Dtype;
 use crate::model::config::ModelConfig;
@@ -548,12 +548,23 @@ impl Source {
         let q = gguf.tensor(&gname, &Device::Cpu)?;
         let data = match (t.shape.as_slice(), ggml::affine_bits(q.dtype())) {
             ([rows, cols], Some(_)) => {
-                let a = ggml::to_affine(q.dtype(), &q.data()?, *rows, *cols)?;
-                TensorData::Affine(
-                    a.ok_or_else(|| Error::Engine("affine conversion refused".into()))?,
-                )
+                let a = ggml::to_affine(q.dtype(), &q.data()?, *rows, *cols)
+                    .with_context(|| format!("reading '{}'", t.name))?;
+                let Some(a) = a else {
+                    bail!(
+                        Conversion,
+                        "'{}' ({:?}) has no affine form",
+                        t.name,
+                        q.dtype()
+                    );
+                };
+                TensorData::Affine(a)
             }
-            _ => TensorData::Float(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
+            _ => TensorData::Float(
+                q.dequantize(&Device::Cpu)
+                    .and_then(|d| d.flatten_all()?.to_vec1())
+                    .with_context(|| format!("dequantizing '{}'", t.name))?,
+            ),
         };
         Ok(llama_cpp_layout(data, module, &t.shape, &self.model, true))
     }

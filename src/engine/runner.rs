@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{bail, Result};
 use crate::model::attention::{KvStorage, SeqSpan};
 use crate::model::{Batch, Decoder};
 
@@ -39,9 +39,7 @@ pub fn execute(
     let mut running = sched.running.iter_mut();
     for &(id, n) in plan {
         let Some(r) = running.by_ref().find(|r| r.id == id) else {
-            return Err(Error::Engine(format!(
-                "scheduled request {id} is not running"
-            )));
+            bail!(Internal, "scheduled request {id} is not running");
         };
         r.first_scheduled.get_or_insert(now);
         let row = batch.tokens.len();

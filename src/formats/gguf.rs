@@ -649,7 +649,7 @@ pub fn write_gguf(
     for (i, s) in specs.iter().enumerate() {
         let bytes = data(i)?;
         if bytes.len() as u64 != s.nbytes() {
-            return Err(Error::Engine(format!(
+            return Err(Error::Internal(format!(
                 "writing '{}': produced {} bytes, {} expected",
                 s.name,
                 bytes.len(),

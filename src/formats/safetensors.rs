@@ -439,7 +439,7 @@ pub fn write(
     for (i, s) in specs.iter().enumerate() {
         let bytes = data(i)?;
         if bytes.len() as u64 != s.nbytes() {
-            return Err(Error::Engine(format!(
+            return Err(Error::Internal(format!(
                 "writing '{}': produced {} bytes for shape {:?} of {} ({} expected)",
                 s.name,
                 bytes.len(),
@@ -458,7 +458,7 @@ pub fn write(
 }
 
 fn json_err(e: serde_json::Error) -> Error {
-    Error::Engine(format!("serialising a safetensors header: {e}"))
+    Error::Internal(format!("serialising a safetensors header: {e}"))
 }
 
 #[cfg(test)]

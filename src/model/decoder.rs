@@ -176,7 +176,7 @@ impl Decoder {
         ws.positions
             .extend(batch.seqs.iter().flat_map(|s| s.start..s.start + s.len));
         if ws.positions.len() != rows {
-            return Err(Error::Engine(format!(
+            return Err(Error::Internal(format!(
                 "batch of {rows} tokens describes {} positions",
                 ws.positions.len()
             )));

@@ -217,7 +217,7 @@ impl Linear {
             ys.push(Tensor::from_vec(y, out_dims, xs.device())?);
         }
         ys.try_into()
-            .map_err(|_| crate::Error::Engine("one output per layer".into()))
+            .map_err(|_| crate::Error::Internal("one output per layer".into()))
     }
 
     /// Several layers applied to the same input `x: [m, in]`, each into its `outs[i]`
@@ -276,7 +276,7 @@ impl Linear {
             Some(mats) if N > 0 => {
                 let cols = mats[0].cols;
                 if x.len() != m * cols {
-                    return Err(crate::Error::Engine(format!(
+                    return Err(crate::Error::Internal(format!(
                         "linear layer of input size {cols} applied to {} values in {m} rows",
                         x.len()
                     )));

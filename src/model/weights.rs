@@ -179,7 +179,7 @@ impl GgufWeights<'_> {
     fn name(&self, module: &str) -> Result<String> {
         gguf_name(module, self.family)
             .map(|n| format!("{n}.weight"))
-            .ok_or_else(|| Error::Engine(format!("no GGUF name for module '{module}'")))
+            .ok_or_else(|| Error::Internal(format!("no GGUF name for module '{module}'")))
     }
 
     fn get(

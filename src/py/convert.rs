@@ -110,14 +110,14 @@ impl PyConversionJob {
                     } else {
                         convert_mlx(&src, &plan, &out, &p)?
                     };
-                    serde_json::to_string(&report).map_err(|e| Error::Engine(e.to_string()))
+                    serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
                     .unwrap_or_else(|p| Err(Error::from_panic(p)));
                 *d.0.lock() = Some(result);
                 d.1.notify_all();
             })
-            .map_err(|e| Error::Engine(format!("could not start the conversion thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("could not start the conversion thread: {e}")))?;
         Ok(PyConversionJob {
             progress,
             done,
@@ -159,7 +159,7 @@ impl PyConversionJob {
         match self.done.0.lock().as_ref() {
             Some(Ok(report)) => Ok(report.clone()),
             Some(Err(e)) => Err(clone_error(e).into()),
-            None => Err(Error::Engine("conversion ended without a result".into()).into()),
+            None => Err(Error::Internal("conversion ended without a result".into()).into()),
         }
     }
 }
@@ -215,7 +215,9 @@ fn clone_error(e: &Error) -> Error {
             source: std::io::Error::new(source.kind(), source.to_string()),
         },
         Error::Engine(m) => Error::Engine(m.clone()),
-        Error::Candle(c) => Error::Engine(c.to_string()),
+        Error::Conversion(m) => Error::Conversion(m.clone()),
+        Error::Internal(m) => Error::Internal(m.clone()),
+        Error::Candle(c) => Error::Internal(c.to_string()),
     }
 }
 

@@ -388,7 +388,7 @@ impl PyEngine {
         let mut results = collect(py, &self.engine, &mut rx, &[request_id])?;
         results
             .pop()
-            .ok_or_else(|| Error::Engine("no result".into()).into())
+            .ok_or_else(|| Error::Internal("no result".into()).into())
     }
 
     /// Runs every prompt to completion with the GIL released; results in input order.

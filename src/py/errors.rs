@@ -53,7 +53,9 @@ fn classify(py: Python<'_>, err: &Error) -> PyResult<(&'static str, Vec<Attr>)> 
         Error::ContextLength { .. } => ("ContextLengthError", vec![("param", s("prompt")?)]),
         Error::CacheFull { .. } => ("CacheFullError", vec![("param", s("prompt")?)]),
         Error::Cancelled => ("CancelledError", vec![]),
-        Error::Engine(_) | Error::Candle(_) => ("EngineError", vec![]),
+        Error::Engine(_) => ("EngineError", vec![]),
+        Error::Conversion(_) => ("ConversionError", vec![]),
+        Error::Internal(_) | Error::Candle(_) => ("InternalError", vec![]),
         Error::Io { path, .. } => (
             "ModelLoadError",
             vec![("path", s(&path.display().to_string())?)],
@@ -71,6 +73,78 @@ impl From<Error> for PyErr {
             }
         })
     }
+}
+
+/// One error of every variant, in declaration order: `test_errors.py` checks that each
+/// becomes an instance of an existing `cortex.exceptions` class. The match makes a new
+/// variant fail to compile until it has an index here; `test_errors.py` makes it fail
+/// until it has a sample.
+fn samples() -> Vec<Error> {
+    let io = || std::io::Error::other("sample");
+    vec![
+        Error::ModelNotFound {
+            path: "m".into(),
+            message: "sample".into(),
+        },
+        Error::format("m.gguf", Some(4), "sample"),
+        Error::UnsupportedArchitecture {
+            architecture: "sample".into(),
+            supported: vec!["llama".into()],
+        },
+        Error::config("hidden_size", "sample"),
+        Error::Tokenizer("sample".into()),
+        Error::Template("sample".into()),
+        Error::param("temperature", "sample"),
+        Error::ContextLength {
+            prompt_tokens: 2,
+            context_length: 1,
+        },
+        Error::CacheFull {
+            needed: 2,
+            capacity: 1,
+        },
+        Error::Cancelled,
+        Error::Engine("sample".into()),
+        Error::Conversion("sample".into()),
+        Error::Internal("sample".into()),
+        Error::io("m", io()),
+        Error::Candle(candle_core::Error::Msg("sample".into())),
+    ]
+}
+
+/// Position of `err`'s variant in the declaration order of [`Error`].
+fn variant_index(err: &Error) -> usize {
+    match err {
+        Error::ModelNotFound { .. } => 0,
+        Error::ModelFormat { .. } => 1,
+        Error::UnsupportedArchitecture { .. } => 2,
+        Error::Config { .. } => 3,
+        Error::Tokenizer(_) => 4,
+        Error::Template(_) => 5,
+        Error::InvalidParam { .. } => 6,
+        Error::ContextLength { .. } => 7,
+        Error::CacheFull { .. } => 8,
+        Error::Cancelled => 9,
+        Error::Engine(_) => 10,
+        Error::Conversion(_) => 11,
+        Error::Internal(_) => 12,
+        Error::Io { .. } => 13,
+        Error::Candle(_) => 14,
+    }
+}
+
+/// How many variants [`Error`] has: one past the highest index of [`variant_index`].
+const VARIANTS: usize = 15;
+
+/// `(number of variants, [(variant index, exception)])` for one error of every variant
+/// (see [`samples`]).
+#[pyfunction]
+pub(crate) fn _error_samples(py: Python<'_>) -> (usize, Vec<(usize, Py<PyAny>)>) {
+    let samples = samples()
+        .into_iter()
+        .map(|e| (variant_index(&e), PyErr::from(e).into_value(py).into_any()))
+        .collect();
+    (VARIANTS, samples)
 }
 
 /// Runs `work` with the GIL released, turning a panic into `EngineError` (a panic is a bug,

@@ -36,5 +36,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert::affine_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(hub::hub_snapshot_download, m)?)?;
     m.add_function(wrap_pyfunction!(hub::hub_cache_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::_error_samples, m)?)?;
     Ok(())
 }

@@ -144,7 +144,7 @@ impl PyModel {
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let json = serde_json::to_string(&self.inner.config)
-            .map_err(|e| crate::Error::Engine(e.to_string()))?;
+            .map_err(|e| crate::Error::Internal(e.to_string()))?;
         py.import("json")?.call_method1("loads", (json,))
     }
 

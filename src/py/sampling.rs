@@ -79,7 +79,7 @@ impl PySamplingParams {
             let category = py.import("cortex.exceptions")?.getattr("CortexWarning")?;
             for message in resolved.warnings {
                 let message =
-                    CString::new(message).map_err(|e| crate::Error::Engine(e.to_string()))?;
+                    CString::new(message).map_err(|e| crate::Error::Internal(e.to_string()))?;
                 // Level 1: the Python line that built these settings.
                 PyErr::warn(py, &category, &message, 1)?;
             }
