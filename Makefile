@@ -16,19 +16,28 @@ model: install ## Fetch the default model (SmolLM2-135M-Instruct GGUF) into the 
 	$(PYTHON) -c "import cortex; print(cortex.default_model_path())"
 
 .PHONY: test
-test: model ## Build, then run every test: Rust (unit, oracle) and Python
+test: model stubtest ## Build, then run every test: stub check, Rust (unit, oracle) and Python
 	cargo test --release
 	$(PYTHON) -m pytest
 
+.PHONY: deps
+deps: ## Install Cortex's dependencies and dev tools, as pyproject.toml lists them, without building it
+	$(PYTHON) -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  sys.stdout.write('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" \
+	  | $(PYTHON) -m pip install --disable-pip-version-check -q -r /dev/stdin
+
+.PHONY: stubtest
+stubtest: install ## Check python/cortex/_core.pyi against the built extension
+	$(PYTHON) -m mypy.stubtest cortex._core
+
 .PHONY: lint
-lint: install ## rustfmt, clippy (-D warnings), ruff, mypy, stub check
+lint: deps ## rustfmt, clippy (-D warnings, pedantic with the allow-list in Cargo.toml), ruff, mypy: no release build
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --lib --features python -- -D warnings
 	$(PYTHON) -m ruff check python tests examples
 	$(PYTHON) -m ruff format --check python tests examples
 	$(PYTHON) -m mypy python/cortex
-	$(PYTHON) -m mypy.stubtest cortex._core
 
 .PHONY: fmt
 fmt: ## Format Rust and Python sources

@@ -679,3 +679,154 @@ impl Write for CountingWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh scratch file path for one test.
+    fn scratch(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("cortex-gguf-{name}-{}.gguf", std::process::id()))
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// Two F32 tensors (`a: [2, 3]`, `b: [5]`, so `b` starts after padding) and metadata of
+    /// every kind the reader treats differently.
+    fn write_sample(path: &Path, names: [&str; 2]) -> Result<()> {
+        let metadata = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
+            ("llama.block_count".to_string(), Value::U32(2)),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
+            ),
+            // Not a tokenizer array: checked, skipped, kept empty.
+            (
+                "general.tags".to_string(),
+                Value::Array(vec![Value::String("x".into()); 3]),
+            ),
+            // A tokenizer array of 1-byte elements: skipped too.
+            (
+                "tokenizer.ggml.flags".to_string(),
+                Value::Array(vec![Value::U8(1); 4]),
+            ),
+        ];
+        let specs = [
+            GgufTensorSpec {
+                name: names[0].into(),
+                dims: vec![2, 3],
+                dtype: GgmlDType::F32,
+            },
+            GgufTensorSpec {
+                name: names[1].into(),
+                dims: vec![5],
+                dtype: GgmlDType::F32,
+            },
+        ];
+        write_gguf(path, &metadata, &specs, |i| {
+            Ok(f32_bytes(
+                &(0..specs[i].dims.iter().product::<usize>())
+                    .map(|v| (10 * i + v) as f32)
+                    .collect::<Vec<_>>(),
+            ))
+        })
+    }
+
+    fn format_error(result: Result<GgufFile>) -> String {
+        match result {
+            Err(Error::ModelFormat { message, .. }) => message,
+            other => panic!("expected a ModelFormat error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn written_files_read_back() -> Result<()> {
+        let path = scratch("roundtrip");
+        write_sample(&path, ["a", "b"])?;
+        let g = GgufFile::open(&path)?;
+        assert_eq!(g.version, 3);
+        assert_eq!(g.tensor_names, ["a", "b"]);
+        assert!(matches!(g.get("llama.block_count"), Some(Value::U32(2))));
+        match g.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(tokens)) => assert_eq!(tokens.len(), 2),
+            other => panic!("tokens: {other:?}"),
+        }
+        for skipped in ["general.tags", "tokenizer.ggml.flags"] {
+            assert!(
+                matches!(g.get(skipped), Some(Value::Array(v)) if v.is_empty()),
+                "{skipped} should be kept as an empty array"
+            );
+        }
+        let b = g.tensor("b", &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        assert_eq!(b.to_vec1::<f32>()?, [10.0, 11.0, 12.0, 13.0, 14.0]);
+        let a = g.tensor("a", &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        assert_eq!(a.dims(), [2, 3]);
+        assert!(matches!(
+            g.tensor("c", &Device::Cpu),
+            Err(Error::ModelFormat { .. })
+        ));
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))
+    }
+
+    #[test]
+    fn bytes_after_the_last_tensor_are_refused() -> Result<()> {
+        let path = scratch("trailing");
+        write_sample(&path, ["a", "b"])?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        f.write_all(&[0; 64]).map_err(|e| Error::io(&path, e))?;
+        let message = format_error(GgufFile::open(&path));
+        assert!(message.contains("follow the last tensor"), "{message}");
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))
+    }
+
+    #[test]
+    fn a_truncated_tensor_is_refused() -> Result<()> {
+        let path = scratch("truncated");
+        write_sample(&path, ["a", "b"])?;
+        let len = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        f.set_len(len - 4).map_err(|e| Error::io(&path, e))?;
+        let message = format_error(GgufFile::open(&path));
+        assert!(
+            message.contains("'b'") && message.contains("past the end"),
+            "{message}"
+        );
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))
+    }
+
+    #[test]
+    fn duplicate_names_and_bad_magic_are_refused() -> Result<()> {
+        let path = scratch("duplicate");
+        write_sample(&path, ["a", "a"])?;
+        let message = format_error(GgufFile::open(&path));
+        assert!(message.contains("duplicate tensor name 'a'"), "{message}");
+
+        let mut bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        bytes[..4].copy_from_slice(b"GGUX");
+        std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
+        assert!(matches!(
+            GgufFile::open(&path),
+            Err(Error::ModelFormat {
+                offset: Some(0),
+                ..
+            })
+        ));
+        std::fs::write(&path, b"GGUF").map_err(|e| Error::io(&path, e))?;
+        format_error(GgufFile::open(&path));
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))
+    }
+}
