@@ -398,3 +398,111 @@ pub fn check_token_ids(ids: &[i64], vocab_size: usize, field: &str) -> Result<Ve
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A word-level `tokenizer.json` of four tokens, `</s>` declared as an added token.
+    const TOKENIZER_JSON: &str = r#"{"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 3, "content": "</s>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"hello": 0, "world": 1, "[UNK]": 2, "</s>": 3},
+            "unk_token": "[UNK]"}}"#;
+
+    /// A tokenizer folder holding `files` (name, contents) beside [`TOKENIZER_JSON`].
+    fn folder(name: &str, files: &[(&str, &str)]) -> Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("cortex-tok-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for (file, text) in [("tokenizer.json", TOKENIZER_JSON)].iter().chain(files) {
+            let path = dir.join(file);
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(dir)
+    }
+
+    fn config_field(result: Result<Tokenizer>) -> String {
+        match result {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a Config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_folder_gives_ids_special_tokens_and_template() -> Result<()> {
+        let dir = folder(
+            "ok",
+            &[
+                (
+                    "tokenizer_config.json",
+                    r#"{"eos_token": "</s>", "chat_template":
+                        "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"}"#,
+                ),
+                ("generation_config.json", r#"{"eos_token_id": [3]}"#),
+            ],
+        )?;
+        let tok = Tokenizer::from_dir(&dir)?;
+        assert_eq!(tok.vocab_size(), 4);
+        assert_eq!(tok.encode("hello world </s>", true)?, [0, 1, 3]);
+        assert_eq!(tok.encode("goodbye", false)?, [2]);
+        assert_eq!(tok.eos_token_ids, [3], "eos named twice counts once");
+        assert_eq!(tok.bos_token_id, None);
+        assert_eq!(tok.token_to_id("world"), Some(1));
+        assert!(tok.decode(&[0, 1, 3], true)?.starts_with("hello"));
+        let messages = serde_json::json!([{"role": "user", "content": "hello"}]);
+        assert_eq!(
+            tok.apply_chat_template(&messages, false, &serde_json::Map::new())?,
+            "hello</s>"
+        );
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn special_tokens_outside_the_vocabulary_are_refused() -> Result<()> {
+        let cases = [
+            (
+                "tokenizer_config.json",
+                r#"{"bos_token": "<s>"}"#,
+                "bos_token",
+            ),
+            (
+                "generation_config.json",
+                r#"{"eos_token_id": 4}"#,
+                "eos_token_id",
+            ),
+            (
+                "generation_config.json",
+                r#"{"eos_token_id": "x"}"#,
+                "eos_token_id",
+            ),
+        ];
+        for (i, (file, text, key)) in cases.into_iter().enumerate() {
+            let dir = folder(&format!("bad{i}"), &[(file, text)])?;
+            assert_eq!(
+                config_field(Tokenizer::from_dir(&dir)),
+                format!("{file}: {key}")
+            );
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn user_token_ids_are_range_checked() {
+        assert_eq!(check_token_ids(&[0, 3], 4, "prompt").ok(), Some(vec![0, 3]));
+        for bad in [-1, 4, i64::MAX] {
+            match check_token_ids(&[0, bad], 4, "prompt") {
+                Err(Error::InvalidParam { param, message }) => {
+                    assert_eq!(param, "prompt");
+                    assert!(message.contains(&bad.to_string()), "{message}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+}
