@@ -6,9 +6,10 @@
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
+use crate::engine::kv::KvStorage;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
-use crate::model::attention::{KvStorage, SeqSpan};
+use crate::model::attention::SeqSpan;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::decoder::{Attention, Batch, Block, Decoder};
 use crate::model::layers::{
@@ -92,7 +93,7 @@ impl Model {
             let more = need - cache.blocks.len();
             cache
                 .blocks
-                .extend((0..more).map(|i| (cache.storage.num_blocks + i) as u32));
+                .extend((0..more).map(|i| (cache.storage.num_blocks() + i) as u32));
             cache.storage.grow(more);
         }
         let first = if all_positions {

@@ -10,8 +10,8 @@ use pyo3::types::PySlice;
 
 use super::run_detached;
 use super::tokenizer::PyTokenizer;
+use crate::engine::kv::KvDType;
 use crate::engine::{Engine, EngineConfig};
-use crate::model::attention::KvDType;
 use crate::model::Model;
 use crate::tokenizer::check_token_ids;
 
