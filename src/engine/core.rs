@@ -52,9 +52,10 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Token budget of one step (prompt chunks and decode tokens together).
     pub max_num_batched_tokens: usize,
-    /// Most positions one sequence may cache (`kv_cache_size`); by default the context.
-    pub max_seq_len: Option<usize>,
-    /// Past `max_seq_len`, keep the first tokens and a sliding window instead of stopping.
+    /// Most positions one sequence may cache (mlx-lm's `max_kv_size`); by default the
+    /// context.
+    pub kv_cache_size: Option<usize>,
+    /// Past `kv_cache_size`, keep the first tokens and a sliding window instead of stopping.
     pub rotating: bool,
 }
 
@@ -66,7 +67,7 @@ impl Default for EngineConfig {
             memory_fraction: None,
             block_size: DEFAULT_BLOCK_SIZE,
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
-            max_seq_len: None,
+            kv_cache_size: None,
             rotating: false,
         }
     }
@@ -127,7 +128,7 @@ enum Command {
 /// What every submitted request is checked against.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
-    /// Longest prompt accepted (the context, or `max_seq_len`); none with rotation.
+    /// Longest prompt accepted (the context, or `kv_cache_size`); none with rotation.
     max_prompt: Option<usize>,
     /// Positions the pool holds.
     capacity: usize,
@@ -206,7 +207,7 @@ impl Engine {
                 format!("{tokens} positions make no block of {}", c.block_size),
             ));
         }
-        let seq_len = c.max_seq_len.unwrap_or(context);
+        let seq_len = c.kv_cache_size.unwrap_or(context);
         if seq_len == 0 {
             return Err(Error::param("kv_cache_size", "must be at least 1"));
         }
@@ -217,7 +218,7 @@ impl Engine {
                     "a model with learned positions (gpt2) cannot go past its context",
                 ));
             }
-            if c.max_seq_len.is_none() || seq_len <= ROTATING_KEEP {
+            if c.kv_cache_size.is_none() || seq_len <= ROTATING_KEEP {
                 return Err(Error::param(
                     "kv_cache_size",
                     format!("a rotating cache needs kv_cache_size above {ROTATING_KEEP}"),

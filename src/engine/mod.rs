@@ -6,6 +6,7 @@
 //! Every generation — one streamed prompt or a thousand concurrent requests — runs through
 //! [`Engine`].
 
+pub mod client;
 pub mod core;
 pub mod kv;
 pub mod request;
@@ -16,6 +17,7 @@ pub mod stats;
 #[cfg(test)]
 pub mod testing;
 
+pub use self::client::{Client, Completion, Generation, Next, SharedEngine, Stream};
 pub use self::core::{Engine, EngineConfig};
 pub use request::{Event, FinishReason, Output, Request, RequestId, RequestState, StepOutput};
 pub use sampling::{ResolvedSampling, Sampler, SamplingArgs, SamplingParams, TokenLogprobs};

@@ -70,6 +70,16 @@ pub enum Event {
     Failed(Error),
 }
 
+impl Event {
+    /// Whether nothing follows this event for its request.
+    pub fn is_last(&self) -> bool {
+        match self {
+            Event::Token(s) => s.finish_reason.is_some(),
+            Event::Aborted | Event::Failed(_) => true,
+        }
+    }
+}
+
 /// An event of request `id`, as its caller receives it.
 #[derive(Debug)]
 pub struct Output {

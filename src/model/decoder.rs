@@ -399,7 +399,7 @@ mod tests {
             let vocab = model.config.vocab_size;
             let a: Vec<u32> = (0..13).map(|i| (i * 7 + 3) % vocab as u32).collect();
             let b: Vec<u32> = (0..5).map(|i| (i * 11 + 1) % vocab as u32).collect();
-            let (whole, rows) = model.logits(&a, true)?;
+            let (whole, rows) = model.forward(&a, true)?;
             assert_eq!(rows, a.len());
             // Prefill 4 tokens, then one token per step.
             let mut cache = model.new_cache()?;
@@ -421,9 +421,9 @@ mod tests {
                 "{variant}: steps differ from one pass"
             );
             // Batched with `b`: `a`'s rows first, then `b`'s.
-            let (batched, rows) = model.logits_batch(&[&a, &b], true)?;
+            let (batched, rows) = model.forward_batch(&[&a, &b], true)?;
             assert_eq!(rows, a.len() + b.len());
-            let (alone_b, _) = model.logits(&b, true)?;
+            let (alone_b, _) = model.forward(&b, true)?;
             let (ba, bb) = batched.split_at(a.len() * vocab);
             assert!(close(ba, &whole, 1e-4), "{variant}: batching changed a");
             assert!(close(bb, &alone_b, 1e-4), "{variant}: batching changed b");
