@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _core
 from ._core import Completion, Model, SamplingParams, Tokenizer
-from .generation import Prompt, _params_or_keywords, _encode_prompt
+from .generation import Prompt, _encode_prompt, _params_or_keywords
 
 __all__ = ["Engine", "RequestOutput", "StreamEvent"]
 

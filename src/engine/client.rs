@@ -346,3 +346,110 @@ impl SharedEngine {
         Ok(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{tiny_model, word_tokenizer};
+
+    fn client(max_batch_size: usize) -> Result<Client> {
+        let model = tiny_model("q4g32")?;
+        let vocab = model.config.vocab_size;
+        let config = EngineConfig {
+            max_batch_size,
+            kv_cache_tokens: Some(256),
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::new(model, config)?);
+        Ok(Client::new(engine, word_tokenizer(vocab)))
+    }
+
+    fn greedy(max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Waits (up to 10 s) for the engine thread to have handled what it was sent.
+    fn settled(client: &Client, done: impl Fn(&crate::engine::Stats) -> bool) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !done(&client.engine().stats()) {
+            if Instant::now() > until {
+                return Err(Error::Internal(format!(
+                    "engine never settled: {:?}",
+                    client.engine().stats()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Completions come back in prompt order, each with its own settings, and a greedy
+    /// request draws the same tokens alone and batched with others.
+    #[test]
+    fn generate_batches_without_changing_results() -> Result<()> {
+        let client = client(4)?;
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![9, 8], vec![7; 11]];
+        let alone = client.generate(vec![prompts[0].clone()], &[greedy(6)])?;
+        let params = [greedy(6), greedy(3), greedy(9)];
+        let batch = client.generate(prompts.clone(), &params)?;
+        assert_eq!(batch.len(), 3);
+        for ((c, p), prompt) in batch.iter().zip(&params).zip(&prompts) {
+            assert!(
+                matches!(c.finish, Ok(FinishReason::Length)),
+                "{:?}",
+                c.finish
+            );
+            assert_eq!(c.generation_tokens(), p.max_tokens);
+            assert_eq!(c.prompt_tokens, prompt.len());
+        }
+        assert_eq!(batch[0].token_ids, alone[0].token_ids);
+        assert_eq!(batch[0].text, alone[0].text);
+        Ok(())
+    }
+
+    /// A bad prompt after good ones fails the whole submission and leaves nothing queued.
+    #[test]
+    fn a_failed_submission_rolls_back() -> Result<()> {
+        let client = client(2)?;
+        let vocab = client.engine().model().config.vocab_size as u32;
+        let prompts = vec![vec![1, 2, 3], vec![4, vocab]];
+        let err = client
+            .stream(prompts, &[greedy(200)])
+            .err()
+            .ok_or_else(|| Error::Internal("an out-of-vocabulary prompt was accepted".into()))?;
+        assert!(matches!(err, Error::InvalidParam { .. }), "{err:?}");
+        settled(&client, |s| s.aborted == 1 && s.waiting + s.running == 0)?;
+        let mismatched = client.stream(vec![vec![1], vec![2], vec![3]], &[greedy(1), greedy(1)]);
+        assert!(mismatched.is_err(), "2 settings for 3 prompts accepted");
+        Ok(())
+    }
+
+    /// A stream yields every token then a last event; dropping one early aborts it.
+    #[test]
+    fn streams_end_and_abort_on_drop() -> Result<()> {
+        let client = client(2)?;
+        let stream = client.stream(vec![vec![3, 1, 4]], &[greedy(5)])?;
+        let id = stream.ids()[0];
+        let events = stream.collect::<Result<Vec<_>>>()?;
+        assert_eq!(events.len(), 5);
+        assert!(events.iter().all(|o| o.id == id));
+        assert!(events[..4].iter().all(|o| !o.event.is_last()));
+        assert!(events[4].event.is_last());
+
+        let mut stream = client.stream(vec![vec![2, 7]], &[greedy(10_000)])?;
+        let first = stream.next().transpose()?;
+        assert!(matches!(first.map(|o| o.event), Some(Event::Token(_))));
+        drop(stream);
+        settled(&client, |s| s.aborted == 1 && s.running == 0)?;
+
+        let id = client.submit(vec![5, 5], greedy(2))?;
+        let done = client.take(id)?.wait()?;
+        assert_eq!(done[0].generation_tokens(), 2);
+        assert!(client.take(id).is_err(), "a request was collected twice");
+        Ok(())
+    }
+}

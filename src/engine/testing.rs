@@ -12,7 +12,9 @@ use crate::tokenizer::Tokenizer;
 /// A word-level tokenizer of `vocab` words `w0 w1 ...` (`w0` doubles as unknown), written
 /// to a scratch folder once per size and process.
 pub fn word_tokenizer(vocab: usize) -> Arc<Tokenizer> {
-    static BUILT: OnceLock<parking_lot::Mutex<Vec<(usize, Arc<Tokenizer>)>>> = OnceLock::new();
+    /// The tokenizers built so far, by vocabulary size.
+    type Built = parking_lot::Mutex<Vec<(usize, Arc<Tokenizer>)>>;
+    static BUILT: OnceLock<Built> = OnceLock::new();
     let mut built = BUILT.get_or_init(Default::default).lock();
     if let Some((_, t)) = built.iter().find(|(v, _)| *v == vocab) {
         return t.clone();

@@ -404,13 +404,13 @@ mod tests {
             // Prefill 4 tokens, then one token per step.
             let mut cache = model.new_cache()?;
             let mut stepped = model
-                .forward(&a[..4], &mut cache, true)?
+                .forward_with_cache(&a[..4], &mut cache, true)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             for &t in &a[4..] {
                 stepped.extend(
                     model
-                        .forward(&[t], &mut cache, false)?
+                        .forward_with_cache(&[t], &mut cache, false)?
                         .flatten_all()?
                         .to_vec1::<f32>()?,
                 );

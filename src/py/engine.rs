@@ -339,7 +339,7 @@ pub fn stream(
     let client = Client::new(model.engine()?, tokenizer.inner.clone());
     let prompts = prompts(client.engine(), &[prompt])?;
     Ok(PyEngineStream {
-        stream: client.stream(prompts, &[params.inner.clone()])?,
+        stream: client.stream(prompts, std::slice::from_ref(&params.inner))?,
         raise_errors: true,
     })
 }
