@@ -32,6 +32,9 @@ impl FinishReason {
     }
 }
 
+/// Where a request is in its life. The order is the only order a request moves in —
+/// Waiting → Prefilling → Decoding → Finished | Failed — except that a preemption sends a
+/// Prefilling or Decoding request back to Waiting, to be recomputed. The last two are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestState {
     /// Queued; holds no cache blocks (also after a preemption).

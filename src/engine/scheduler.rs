@@ -415,6 +415,64 @@ mod tests {
         assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
     }
 
+    /// Two requests on a pool of 3 blocks of 2 positions: both are admitted in order; when
+    /// both need a second block, the newest is preempted (its block freed, back to the
+    /// front of the queue) and recomputed once the oldest has finished; both end whole.
+    #[test]
+    fn the_newest_is_preempted_and_recomputed() -> Result<()> {
+        let tok = word_tokenizer(VOCAB);
+        let (tx, _rx) = mpsc::channel();
+        let stats = Mutex::new(Stats::default());
+        let mut s = Scheduler::new(BlockPool::new(3, 2), None, 4, 24);
+        for id in 0..2 {
+            let params = SamplingParams {
+                max_tokens: 3,
+                ..SamplingParams::default()
+            };
+            s.add(Request::new(
+                id,
+                vec![1, 2],
+                params,
+                6,
+                tok.clone(),
+                tx.clone(),
+            ));
+        }
+        let mut logits = vec![0f32; VOCAB];
+        logits[3] = 1.0;
+        let ids = |out: &SchedulerOutput| out.seqs.iter().map(|q| q.id).collect::<Vec<_>>();
+
+        let out = s.schedule(Instant::now());
+        assert_eq!((ids(&out), out.prompt_tokens), (vec![0, 1], 4));
+        s.update_from_output(&out, &vec![logits.clone(); 2], &stats)?;
+        // Each now needs a second block and one is free: the oldest takes it, the newest gives
+        // its first one back and waits for two.
+        let out = s.schedule(Instant::now());
+        assert_eq!(ids(&out), [0]);
+        assert_eq!(
+            (s.preemptions(), s.num_waiting(), s.num_free_blocks()),
+            (1, 1, 1)
+        );
+        let rows = |out: &SchedulerOutput| vec![logits.clone(); out.num_sampled()];
+        let (mut out, mut ended) = (out, Vec::new());
+        for _ in 0..20 {
+            ended.extend(s.update_from_output(&out, &rows(&out), &stats)?);
+            if s.is_idle() {
+                break;
+            }
+            out = s.schedule(Instant::now());
+            s.pool.check();
+        }
+        assert!(s.is_idle(), "requests left after 20 steps");
+        assert_eq!(ended.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 1]);
+        for r in &ended {
+            assert_eq!(r.generated(), 3);
+            assert_eq!(r.state, RequestState::Finished(FinishReason::Length));
+        }
+        assert_eq!(s.num_free_blocks(), 3);
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 

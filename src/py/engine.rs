@@ -118,13 +118,14 @@ impl PyCompletion {
     }
 }
 
-/// Prompts from Python as token ids, each checked against the vocabulary.
-fn prompts(engine: &Engine, prompts: &[Vec<i64>]) -> PyResult<Vec<Vec<u32>>> {
-    let vocab = engine.model().config.vocab_size;
-    Ok(prompts
-        .iter()
-        .map(|p| check_token_ids(p, vocab, "prompt"))
-        .collect::<crate::Result<_>>()?)
+/// A prompt from Python as token ids, checked against the vocabulary.
+fn prompt(engine: &Engine, prompt: &[i64]) -> crate::Result<Vec<u32>> {
+    check_token_ids(prompt, engine.model().config.vocab_size, "prompt")
+}
+
+/// [`prompt`] for each of `prompts`.
+fn prompts(engine: &Engine, prompts: &[Vec<i64>]) -> crate::Result<Vec<Vec<u32>>> {
+    prompts.iter().map(|p| prompt(engine, p)).collect()
 }
 
 fn sampling(params: &[PyRef<'_, PySamplingParams>]) -> Vec<SamplingParams> {
@@ -250,9 +251,7 @@ impl PyEngine {
 
     /// Queues one request and returns its id; `wait(id)` collects its result.
     fn submit(&self, prompt: Vec<i64>, params: &PySamplingParams) -> PyResult<RequestId> {
-        let [prompt]: [Vec<u32>; 1] = prompts(self.client.engine(), &[prompt])?
-            .try_into()
-            .map_err(|_| crate::Error::Internal("one prompt became several".into()))?;
+        let prompt = self::prompt(self.client.engine(), &prompt)?;
         Ok(self.client.submit(prompt, params.inner.clone())?)
     }
 
@@ -337,9 +336,9 @@ pub fn stream(
     params: &PySamplingParams,
 ) -> PyResult<PyEngineStream> {
     let client = Client::new(model.engine()?, tokenizer.inner.clone());
-    let prompts = prompts(client.engine(), &[prompt])?;
+    let prompt = self::prompt(client.engine(), &prompt)?;
     Ok(PyEngineStream {
-        stream: client.stream(prompts, std::slice::from_ref(&params.inner))?,
+        stream: client.stream(vec![prompt], std::slice::from_ref(&params.inner))?,
         raise_errors: true,
     })
 }
