@@ -207,8 +207,8 @@ impl Engine {
                 format!("{tokens} positions make no block of {}", c.block_size),
             ));
         }
-        let seq_len = c.kv_cache_size.unwrap_or(context);
-        if seq_len == 0 {
+        let per_seq = c.kv_cache_size.unwrap_or(context);
+        if per_seq == 0 {
             return Err(Error::param("kv_cache_size", "must be at least 1"));
         }
         let ring = if c.rotating {
@@ -218,30 +218,30 @@ impl Engine {
                     "a model with learned positions (gpt2) cannot go past its context",
                 ));
             }
-            if c.kv_cache_size.is_none() || seq_len <= ROTATING_KEEP {
+            if c.kv_cache_size.is_none() || per_seq <= ROTATING_KEEP {
                 return Err(Error::param(
                     "kv_cache_size",
                     format!("a rotating cache needs kv_cache_size above {ROTATING_KEEP}"),
                 ));
             }
-            if seq_len > num_blocks * c.block_size {
+            if per_seq > num_blocks * c.block_size {
                 return Err(Error::param(
                     "kv_cache_size",
                     format!(
-                        "{seq_len} positions per sequence exceed the cache's {}",
+                        "{per_seq} positions per sequence exceed the cache's {}",
                         num_blocks * c.block_size
                     ),
                 ));
             }
             Some(Ring {
                 keep: ROTATING_KEEP,
-                window: seq_len - ROTATING_KEEP,
+                window: per_seq - ROTATING_KEEP,
             })
         } else {
             None
         };
         let limits = Limits {
-            max_prompt: ring.is_none().then(|| seq_len.min(context)),
+            max_prompt: ring.is_none().then(|| per_seq.min(context)),
             capacity: num_blocks * c.block_size,
             ring,
         };
