@@ -8,8 +8,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::engine::kv::{KvDType, KvLayout, KvStorage};
 use crate::error::{Error, Result};
-use crate::model::attention::{attend, KvDType, KvStorage, SeqSpan};
+use crate::model::attention::{attend, SeqSpan};
 use crate::quant::kernels::QuantizedRows;
 use crate::quant::{AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
@@ -129,7 +130,13 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
                 return Err(bad_shape("(seq_len, heads, head_dim)"));
             };
             let blocks: Vec<u32> = (0..t.div_ceil(16) as u32).collect();
-            let kv = KvStorage::new(KvDType::F16, 1, blocks.len(), 16, heads, hd, None)?;
+            let layout = KvLayout {
+                block_size: 16,
+                kv_heads: heads,
+                head_dim: hd,
+                ring: None,
+            };
+            let kv = KvStorage::new(KvDType::F16, 1, blocks.len(), layout)?;
             let (q, k, v) = (
                 values(t * heads * hd, 3),
                 values(t * heads * hd, 4),

@@ -70,7 +70,7 @@ fn compare(path: &Path, dequantized: bool) -> TestResult<(f32, f32, bool)> {
     let theirs = theirs.flatten_all()?.to_vec1::<f32>()?;
     let mut cache = model.new_cache()?;
     let ours = model
-        .forward(&prompt, &mut cache, false)?
+        .forward_with_cache(&prompt, &mut cache, false)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let same_top1 = argmax(&ours) == argmax(&theirs);
@@ -85,7 +85,7 @@ fn compare(path: &Path, dequantized: bool) -> TestResult<(f32, f32, bool)> {
         )?;
         let theirs = theirs.flatten_all()?.to_vec1::<f32>()?;
         let ours = model
-            .forward(&[next], &mut cache, false)?
+            .forward_with_cache(&[next], &mut cache, false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         decode = decode.max(max_diff(&ours, &theirs));

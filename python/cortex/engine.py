@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core
-from ._core import Model, SamplingParams, Tokenizer
-from .generation import Prompt, _params_or_keywords, _prompt_ids
+from ._core import Completion, Model, SamplingParams, Tokenizer
+from .generation import Prompt, _encode_prompt, _params_or_keywords
 
 __all__ = ["Engine", "RequestOutput", "StreamEvent"]
 
@@ -31,6 +31,10 @@ class RequestOutput:
     generation_tokens: int
     #: The exception of a failed request (``finish_reason == "error"``), else ``None``.
     error: BaseException | None = None
+
+    @classmethod
+    def _from_core(cls, c: Completion) -> RequestOutput:
+        return cls(c.text, c.token_ids, c.finish_reason, c.prompt_tokens, c.generation_tokens, c.error)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Engine:
     Args:
         model, tokenizer: from :func:`cortex.load`.
         max_batch_size: most requests running at once; the rest wait in order (default:
-            ``CANDLE_NUM_PARALLEL`` when set, else 32).
+            ``CANDLE_NUM_PARALLEL`` when set, else ``_core.DEFAULT_MAX_BATCH_SIZE``, 32).
         kv_cache_tokens: positions the KV cache holds, shared by all requests...
         memory_fraction: ...or the fraction of available memory to give it (not both;
             by default the model's context, at most 32768 positions). The memory is
@@ -79,8 +83,8 @@ class Engine:
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         memory_fraction: float | None = None,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 256,
+        block_size: int = _core.DEFAULT_BLOCK_SIZE,
+        max_num_batched_tokens: int = _core.DEFAULT_MAX_NUM_BATCHED_TOKENS,
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
     ) -> None:
@@ -110,12 +114,12 @@ class Engine:
         """Queue one request (text, chat messages or token ids); returns its id, for
         :meth:`result` and :meth:`abort`."""
         (p,) = self._params(params, sampling)
-        return self._core.submit(_prompt_ids(self._tokenizer, prompt), p)
+        return self._core.submit(_encode_prompt(self._tokenizer, prompt), p)
 
     def result(self, request_id: int) -> RequestOutput:
         """Wait for a request from :meth:`submit` to finish (GIL released; Ctrl-C aborts
         it). Each id can be collected once."""
-        return RequestOutput(*self._core.wait(request_id))
+        return RequestOutput._from_core(self._core.wait(request_id))
 
     def generate_batch(
         self,
@@ -126,8 +130,9 @@ class Engine:
         """Run every prompt to completion; results in input order. ``params`` is one
         setting for all or one per prompt. The GIL is released for the whole batch; Ctrl-C
         aborts these requests (and only these)."""
-        ids = [_prompt_ids(self._tokenizer, p) for p in prompts]
-        return [RequestOutput(*r) for r in self._core.generate_batch(ids, self._params(params, sampling))]
+        token_ids = [_encode_prompt(self._tokenizer, p) for p in prompts]
+        completions = self._core.generate_batch(token_ids, self._params(params, sampling))
+        return [RequestOutput._from_core(c) for c in completions]
 
     def stream(
         self,
@@ -137,11 +142,11 @@ class Engine:
     ) -> Iterator[StreamEvent]:
         """Submit every prompt and yield their events as the engine produces them,
         interleaved across requests. Leaving the loop early aborts what is still running."""
-        ids = [_prompt_ids(self._tokenizer, p) for p in prompts]
-        stream = self._core.stream(ids, self._params(params, sampling))
+        token_ids = [_encode_prompt(self._tokenizer, p) for p in prompts]
+        stream = self._core.stream(token_ids, self._params(params, sampling))
         try:
-            for rid, text, token, _, finish, _, _, _, _, error in stream:
-                yield StreamEvent(rid, text, finish, token, error)
+            for e in stream:
+                yield StreamEvent(e.request_id, e.text, e.finish_reason, e.token, e.error)
         finally:
             stream.cancel()
 

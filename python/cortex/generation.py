@@ -121,7 +121,9 @@ def _peak_memory_gb() -> float:
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+def _encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """The token ids of ``prompt``: text encoded, chat messages through the chat template,
+    token ids as they are."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     items: list[Any] = list(prompt)
@@ -165,20 +167,20 @@ def stream_generate(
     aborts it too.
     """
     params = _params_or_keywords(params, sampling)
-    stream = _core.stream(model, tokenizer, _prompt_ids(tokenizer, prompt), params)
+    stream = _core.stream(model, tokenizer, _encode_prompt(tokenizer, prompt), params)
     try:
-        for _, text, token, logprobs, finish, n_prompt, n_gen, prompt_tps, gen_tps, _ in stream:
-            if token is None:  # aborted (errors are raised, not yielded, for one request)
+        for e in stream:
+            if e.token is None:  # aborted (errors are raised, not yielded, for one request)
                 return
             yield GenerationResponse(
-                text=text,
-                token=token,
-                logprobs=logprobs,
-                finish_reason=finish,
-                prompt_tokens=n_prompt,
-                generation_tokens=n_gen,
-                prompt_tps=prompt_tps,
-                generation_tps=gen_tps,
+                text=e.text,
+                token=e.token,
+                logprobs=e.logprobs,
+                finish_reason=e.finish_reason,
+                prompt_tokens=e.prompt_tokens,
+                generation_tokens=e.generation_tokens,
+                prompt_tps=e.prompt_tps,
+                generation_tps=e.generation_tps,
                 peak_memory=_peak_memory_gb(),
             )
     finally:

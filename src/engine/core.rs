@@ -1,7 +1,10 @@
-//! The engine: requests come in through a channel, and a background thread repeats
-//! `step()` = schedule → execute (one forward pass over every scheduled sequence) →
-//! update (sample, detokenize, stop checks, stream each request's event to its caller).
-//! A single streamed prompt is the engine with one request.
+//! The engine (vLLM's `EngineCore`): requests come in through a channel, and a background
+//! thread repeats `step()` = [`Scheduler::schedule`] → [`Runner::execute`] (one forward
+//! pass over every scheduled sequence) → [`Scheduler::update_from_output`] (sample,
+//! detokenize, stop checks, stream each request's event to its caller). The scheduler and
+//! the runner meet only through the step's [`super::scheduler::SchedulerOutput`] and its
+//! logits. A single streamed prompt is the engine with one request; [`super::client`]
+//! collects and streams results for callers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,16 +13,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::attention::{KvStorage, Ring};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
-use super::kv_cache::BlockPool;
-use super::request::{Event, FinishReason, Output, Request, RequestId, RequestState};
-use super::runner::{self, Executed};
+use super::kv::{BlockPool, Ring};
+use super::request::{Event, Output, Request, RequestId, RequestState};
+use super::runner::Runner;
 use super::sampling::SamplingParams;
 use super::scheduler::Scheduler;
 use super::stats::Stats;
@@ -31,6 +32,13 @@ pub const ROTATING_KEEP: usize = 4;
 /// Most positions the cache gets when neither `kv_cache_tokens` nor `memory_fraction`
 /// is given (a model's whole context when it is shorter).
 pub const DEFAULT_KV_CACHE_TOKENS: usize = 32_768;
+
+/// Default [`EngineConfig::max_batch_size`].
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 32;
+/// Default [`EngineConfig::block_size`] (vLLM's too).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+/// Default [`EngineConfig::max_num_batched_tokens`].
+pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -44,21 +52,22 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Token budget of one step (prompt chunks and decode tokens together).
     pub max_num_batched_tokens: usize,
-    /// Most positions one sequence may cache (`kv_cache_size`); by default the context.
-    pub max_seq_len: Option<usize>,
-    /// Past `max_seq_len`, keep the first tokens and a sliding window instead of stopping.
+    /// Most positions one sequence may cache (mlx-lm's `max_kv_size`); by default the
+    /// context.
+    pub kv_cache_size: Option<usize>,
+    /// Past `kv_cache_size`, keep the first tokens and a sliding window instead of stopping.
     pub rotating: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_batch_size: 32,
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             kv_cache_tokens: None,
             memory_fraction: None,
-            block_size: 16,
-            max_num_batched_tokens: 256,
-            max_seq_len: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            kv_cache_size: None,
             rotating: false,
         }
     }
@@ -119,7 +128,7 @@ enum Command {
 /// What every submitted request is checked against.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
-    /// Longest prompt accepted (the context, or `max_seq_len`); none with rotation.
+    /// Longest prompt accepted (the context, or `kv_cache_size`); none with rotation.
     max_prompt: Option<usize>,
     /// Positions the pool holds.
     capacity: usize,
@@ -198,8 +207,8 @@ impl Engine {
                 format!("{tokens} positions make no block of {}", c.block_size),
             ));
         }
-        let seq_len = c.max_seq_len.unwrap_or(context);
-        if seq_len == 0 {
+        let per_seq = c.kv_cache_size.unwrap_or(context);
+        if per_seq == 0 {
             return Err(Error::param("kv_cache_size", "must be at least 1"));
         }
         let ring = if c.rotating {
@@ -209,30 +218,30 @@ impl Engine {
                     "a model with learned positions (gpt2) cannot go past its context",
                 ));
             }
-            if c.max_seq_len.is_none() || seq_len <= ROTATING_KEEP {
+            if c.kv_cache_size.is_none() || per_seq <= ROTATING_KEEP {
                 return Err(Error::param(
                     "kv_cache_size",
                     format!("a rotating cache needs kv_cache_size above {ROTATING_KEEP}"),
                 ));
             }
-            if seq_len > num_blocks * c.block_size {
+            if per_seq > num_blocks * c.block_size {
                 return Err(Error::param(
                     "kv_cache_size",
                     format!(
-                        "{seq_len} positions per sequence exceed the cache's {}",
+                        "{per_seq} positions per sequence exceed the cache's {}",
                         num_blocks * c.block_size
                     ),
                 ));
             }
             Some(Ring {
                 keep: ROTATING_KEEP,
-                window: seq_len - ROTATING_KEEP,
+                window: per_seq - ROTATING_KEEP,
             })
         } else {
             None
         };
         let limits = Limits {
-            max_prompt: ring.is_none().then(|| seq_len.min(context)),
+            max_prompt: ring.is_none().then(|| per_seq.min(context)),
             capacity: num_blocks * c.block_size,
             ring,
         };
@@ -249,8 +258,7 @@ impl Engine {
         let scheduler = Scheduler::new(pool, ring, c.max_batch_size, c.max_num_batched_tokens);
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
-            model: model.clone(),
-            storage,
+            runner: Runner::new(model.clone(), storage),
             scheduler,
             stats: stats.clone(),
         };
@@ -352,8 +360,7 @@ impl Drop for Engine {
 
 /// The engine thread's state.
 struct Worker {
-    model: Arc<Model>,
-    storage: KvStorage,
+    runner: Runner,
     scheduler: Scheduler,
     stats: Arc<Mutex<Stats>>,
 }
@@ -401,9 +408,7 @@ impl Worker {
         match command {
             Command::Submit(request) => self.scheduler.add(*request),
             Command::Abort(id) => {
-                if let Some(mut request) = self.scheduler.remove(id) {
-                    request.state = RequestState::Finished(FinishReason::Abort);
-                    request.emit(Event::Aborted);
+                if self.scheduler.abort(id) {
                     self.stats.lock().aborted += 1;
                 }
             }
@@ -429,94 +434,24 @@ impl Worker {
 
     fn publish(&self) {
         let mut stats = self.stats.lock();
-        stats.waiting = self.scheduler.waiting.len();
-        stats.running = self.scheduler.running.len();
-        stats.kv_blocks_free = self.scheduler.pool.num_free();
-        stats.preemptions = self.scheduler.preemptions;
+        stats.waiting = self.scheduler.num_waiting();
+        stats.running = self.scheduler.num_running();
+        stats.kv_blocks_free = self.scheduler.num_free_blocks();
+        stats.preemptions = self.scheduler.preemptions();
     }
 
+    /// One step: schedule → execute → update from output.
     fn step(&mut self) -> Result<()> {
-        let plan = self.scheduler.schedule();
-        if plan.is_empty() {
-            return self.fail_unschedulable();
-        }
-        let now = Instant::now();
-        let Executed {
-            sampled,
-            rows,
-            prompt_tokens,
-        } = runner::execute(
-            self.model.decoder(),
-            &mut self.storage,
-            &mut self.scheduler,
-            &plan,
-            now,
-        )?;
-        let sched = &mut self.scheduler;
-
-        // Sample every request in parallel; each has its own RNG, so the order of work
-        // does not change what any request draws.
-        let mut chosen: Vec<&mut Request> = Vec::with_capacity(sampled.len());
-        let mut ids = sampled.iter().peekable();
-        for r in sched.running.iter_mut() {
-            if ids.peek() == Some(&&r.id) {
-                ids.next();
-                chosen.push(r);
+        let output = self.scheduler.schedule(Instant::now());
+        if output.is_empty() {
+            if self.scheduler.fail_unschedulable() {
+                self.stats.lock().failed += 1;
             }
-        }
-        let previous: Vec<_> = chosen.iter().map(|r| r.last_token).collect();
-        let results: Vec<Result<_>> = chosen
-            .par_iter_mut()
-            .zip(rows.par_iter())
-            .map(|(r, row)| r.sample(row))
-            .collect();
-        let mut stats = self.stats.lock();
-        stats.prompt_tokens += prompt_tokens as u64;
-        for ((r, result), previous) in chosen.into_iter().zip(results).zip(previous) {
-            match result {
-                Ok(step) => {
-                    stats.generation_tokens += 1;
-                    match (previous, r.last_token, r.first_token) {
-                        (Some(before), Some(last), _) => stats.itl.push(last - before),
-                        (None, _, Some(first)) => stats.ttft.push(first - r.arrived),
-                        _ => {}
-                    }
-                    let finished = step.finish_reason.is_some();
-                    if !r.emit(Event::Token(step)) && !finished {
-                        // Nobody listens any more: stop spending work on it.
-                        r.state = RequestState::Finished(FinishReason::Abort);
-                        stats.aborted += 1;
-                    } else if finished {
-                        stats.finished += 1;
-                    }
-                }
-                Err(e) => {
-                    r.state = RequestState::Failed;
-                    r.emit(Event::Failed(e));
-                    stats.failed += 1;
-                }
-            }
-        }
-        drop(stats);
-        self.scheduler.retire();
-        Ok(())
-    }
-
-    /// Nothing could be scheduled: the request at the head can never get its blocks.
-    fn fail_unschedulable(&mut self) -> Result<()> {
-        let s = &self.scheduler;
-        let Some(id) = s.running.first().or(s.waiting.front()).map(|r| r.id) else {
             return Ok(());
-        };
-        let capacity = self.scheduler.pool.capacity_tokens();
-        if let Some(mut r) = self.scheduler.remove(id) {
-            r.state = RequestState::Failed;
-            r.emit(Event::Failed(Error::CacheFull {
-                needed: r.tokens.len(),
-                capacity,
-            }));
-            self.stats.lock().failed += 1;
         }
+        let logits = self.runner.execute(&output)?;
+        self.scheduler
+            .update_from_output(&output, &logits, &self.stats)?;
         Ok(())
     }
 }

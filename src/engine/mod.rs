@@ -1,17 +1,23 @@
 //! The inference engine, split as in vLLM: `request` (state machine, per-request sampling),
-//! `kv_cache` (block pool and block tables), `scheduler` (FIFO admission, token budget,
-//! preemption), `runner` (builds the batch, runs the decoder), `core` (the engine thread:
-//! schedule → execute → update), `stats` and `sampling`. Every generation — one streamed
-//! prompt or a thousand concurrent requests — runs through [`Engine`].
+//! `kv` (block pool and the cache's memory), `scheduler` (FIFO admission, token budget,
+//! preemption, and taking back each step's logits), `runner` (builds the batch, runs the
+//! decoder), `core` (the engine thread: schedule → execute → update from output),
+//! `client` (submitting, collecting and streaming for callers), `stats` and `sampling`.
+//! Every generation — one streamed prompt or a thousand concurrent requests — runs through
+//! [`Engine`].
 
+pub mod client;
 pub mod core;
-pub mod kv_cache;
+pub mod kv;
 pub mod request;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
 pub mod stats;
+#[cfg(test)]
+pub mod testing;
 
+pub use self::client::{Client, Completion, Generation, Next, SharedEngine, Stream};
 pub use self::core::{Engine, EngineConfig};
 pub use request::{Event, FinishReason, Output, Request, RequestId, RequestState, StepOutput};
 pub use sampling::{ResolvedSampling, Sampler, SamplingArgs, SamplingParams, TokenLogprobs};

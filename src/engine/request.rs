@@ -32,6 +32,9 @@ impl FinishReason {
     }
 }
 
+/// Where a request is in its life. The order is the only order a request moves in —
+/// Waiting → Prefilling → Decoding → Finished | Failed — except that a preemption sends a
+/// Prefilling or Decoding request back to Waiting, to be recomputed. The last two are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestState {
     /// Queued; holds no cache blocks (also after a preemption).
@@ -68,6 +71,16 @@ pub enum Event {
     Aborted,
     /// The request failed; nothing more follows.
     Failed(Error),
+}
+
+impl Event {
+    /// Whether nothing follows this event for its request.
+    pub fn is_last(&self) -> bool {
+        match self {
+            Event::Token(s) => s.finish_reason.is_some(),
+            Event::Aborted | Event::Failed(_) => true,
+        }
+    }
 }
 
 /// An event of request `id`, as its caller receives it.

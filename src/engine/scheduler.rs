@@ -1,4 +1,5 @@
-//! The scheduler: FIFO admission, a token budget per step, and preemption.
+//! The scheduler: FIFO admission, a token budget per step, and preemption; the first and
+//! last thirds of a step (vLLM's `Scheduler.schedule` and `update_from_output`).
 //!
 //! Each step, running requests (oldest first) get the tokens they still need — one for a
 //! decode, a chunk of the prompt while prefilling — within the step's token budget; then
@@ -9,28 +10,69 @@
 //! (vLLM's recompute preemption). The oldest request can therefore always proceed, and as
 //! no request may hold more positions than the pool (see `Request::max_len`), nothing
 //! waits forever.
+//!
+//! The scheduler decides and never touches tensors: [`Scheduler::schedule`] hands the
+//! runner a [`SchedulerOutput`] (plain token spans and block tables), and
+//! [`Scheduler::update_from_output`] takes back one row of logits per sampled sequence.
+//! Cost per step: O(running + admitted) plus the blocks reserved (O(1) each).
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
-use crate::model::attention::Ring;
+use parking_lot::Mutex;
+use rayon::prelude::*;
 
-use super::kv_cache::BlockPool;
-use super::request::{Request, RequestId, RequestState};
+use crate::error::{bail, Error, Result};
+
+use super::kv::{BlockPool, Ring};
+use super::request::{Event, FinishReason, Request, RequestId, RequestState};
+use super::stats::Stats;
 
 #[derive(Debug)]
 pub struct Scheduler {
-    pub waiting: VecDeque<Request>,
+    /// Submitted or preempted requests, in admission order; they hold no blocks.
+    waiting: VecDeque<Request>,
     /// Admitted requests, oldest first.
-    pub running: Vec<Request>,
-    pub pool: BlockPool,
+    running: Vec<Request>,
+    pool: BlockPool,
     ring: Option<Ring>,
     max_batch_size: usize,
     token_budget: usize,
-    pub preemptions: u64,
+    preemptions: u64,
 }
 
-/// Work for one step: `(request id, tokens to compute)`, in `running` order.
-pub type Plan = Vec<(RequestId, usize)>;
+/// One sequence's share of a step, all the runner needs to run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: RequestId,
+    /// Positions `start..start + tokens.len()` of the sequence, to run now.
+    pub tokens: Vec<u32>,
+    /// Positions before `start` are already cached.
+    pub start: usize,
+    /// The sequence's block table, covering every slot of the span.
+    pub blocks: Vec<u32>,
+    /// The span ends at the newest token: its logits are sampled.
+    pub sample: bool,
+}
+
+/// What one step runs (vLLM's `SchedulerOutput`): the scheduled spans, in `running` order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SchedulerOutput {
+    pub seqs: Vec<ScheduledSeq>,
+    /// Prompt tokens (or recomputed ones) in the step, for the statistics.
+    pub prompt_tokens: usize,
+}
+
+impl SchedulerOutput {
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// How many sequences are sampled: the rows of logits the step must produce.
+    pub fn num_sampled(&self) -> usize {
+        self.seqs.iter().filter(|s| s.sample).count()
+    }
+}
 
 impl Scheduler {
     pub fn new(
@@ -54,27 +96,48 @@ impl Scheduler {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.pool.num_free()
+    }
+
+    /// Requests preempted (and later recomputed) so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// Queues a request behind every waiting one (called when it is submitted).
     pub fn add(&mut self, request: Request) {
         self.waiting.push_back(request);
     }
 
-    /// Decides the next step; the caller then runs it and reports back with
-    /// [`Scheduler::computed`].
-    pub fn schedule(&mut self) -> Plan {
+    /// Decides the next step, at its start (`now`): reserves the blocks every scheduled span
+    /// needs and describes the spans. The caller runs them, then reports back with
+    /// [`Scheduler::update_from_output`] before scheduling again. Empty when nothing can
+    /// run (see [`Scheduler::fail_unschedulable`]).
+    pub fn schedule(&mut self, now: Instant) -> SchedulerOutput {
         let mut budget = self.token_budget;
-        let mut plan = Plan::new();
+        let mut out = SchedulerOutput::default();
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let request = &self.running[i];
             let n = request.pending().min(budget);
             let slots = Ring::slots(self.ring, request.computed + n);
             if self.pool.reserve(request.id, slots) {
-                plan.push((request.id, n));
                 budget -= n;
+                self.push_span(&mut out, i, n, now);
                 i += 1;
                 continue;
             }
-            // Out of blocks: preempt the newest request (perhaps this one) and retry.
+            // Out of blocks: preempt the newest request (perhaps this one, never one
+            // already scheduled, which are older) and retry.
             let victim = self.running.len() - 1;
             if victim == 0 {
                 // Alone and still too big: only possible if a request outgrew the pool,
@@ -96,11 +159,28 @@ impl Scheduler {
                 break;
             };
             request.state = RequestState::Prefilling;
-            plan.push((request.id, n));
             budget -= n;
             self.running.push(request);
+            self.push_span(&mut out, self.running.len() - 1, n, now);
         }
-        plan
+        out
+    }
+
+    /// Adds the next `n` tokens of `running[index]` (whose blocks are reserved) to `out`.
+    fn push_span(&mut self, out: &mut SchedulerOutput, index: usize, n: usize, now: Instant) {
+        let r = &mut self.running[index];
+        r.first_scheduled.get_or_insert(now);
+        let end = r.computed + n;
+        if n > 1 || r.state == RequestState::Prefilling {
+            out.prompt_tokens += n;
+        }
+        out.seqs.push(ScheduledSeq {
+            id: r.id,
+            tokens: r.tokens[r.computed..end].to_vec(),
+            start: r.computed,
+            blocks: self.pool.table(r.id).to_vec(),
+            sample: end == r.tokens.len(),
+        });
     }
 
     fn preempt(&mut self, index: usize) {
@@ -112,17 +192,77 @@ impl Scheduler {
         self.waiting.push_front(request);
     }
 
-    /// Records that the plan ran: each request's tokens are now cached.
-    pub fn computed(&mut self, plan: &Plan) {
-        for &(id, n) in plan {
-            if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
-                r.computed += n;
+    /// Takes back what the runner computed for `output` (the last third of a step): every
+    /// span is now cached; each sampled sequence draws its next token from its row of
+    /// `logits` (`[output.num_sampled()][vocab]`, in `output` order), and its caller gets
+    /// the event. Returns the requests that ended, whose blocks are free again.
+    pub fn update_from_output(
+        &mut self,
+        output: &SchedulerOutput,
+        logits: &[Vec<f32>],
+        stats: &Mutex<Stats>,
+    ) -> Result<Vec<Request>> {
+        if logits.len() != output.num_sampled() {
+            bail!(
+                Internal,
+                "{} rows of logits for {} sampled sequences",
+                logits.len(),
+                output.num_sampled()
+            );
+        }
+        // Spans follow `running` order, so one pass pairs them with their requests.
+        let mut chosen: Vec<&mut Request> = Vec::with_capacity(logits.len());
+        let mut running = self.running.iter_mut();
+        for seq in &output.seqs {
+            let Some(r) = running.by_ref().find(|r| r.id == seq.id) else {
+                bail!(Internal, "scheduled request {} is not running", seq.id);
+            };
+            r.computed += seq.tokens.len();
+            if seq.sample {
+                chosen.push(r);
             }
         }
+        // Sample every request in parallel; each has its own RNG, so the order of work
+        // does not change what any request draws.
+        let previous: Vec<_> = chosen.iter().map(|r| r.last_token).collect();
+        let results: Vec<Result<_>> = chosen
+            .par_iter_mut()
+            .zip(logits.par_iter())
+            .map(|(r, row)| r.sample(row))
+            .collect();
+        let mut stats = stats.lock();
+        stats.prompt_tokens += output.prompt_tokens as u64;
+        for ((r, result), previous) in chosen.into_iter().zip(results).zip(previous) {
+            match result {
+                Ok(step) => {
+                    stats.generation_tokens += 1;
+                    match (previous, r.last_token, r.first_token) {
+                        (Some(before), Some(last), _) => stats.itl.push(last - before),
+                        (None, _, Some(first)) => stats.ttft.push(first - r.arrived),
+                        _ => {}
+                    }
+                    let finished = step.finish_reason.is_some();
+                    if !r.emit(Event::Token(step)) && !finished {
+                        // Nobody listens any more: stop spending work on it.
+                        r.state = RequestState::Finished(FinishReason::Abort);
+                        stats.aborted += 1;
+                    } else if finished {
+                        stats.finished += 1;
+                    }
+                }
+                Err(e) => {
+                    r.state = RequestState::Failed;
+                    r.emit(Event::Failed(e));
+                    stats.failed += 1;
+                }
+            }
+        }
+        drop(stats);
+        Ok(self.retire())
     }
 
     /// Removes finished and failed requests from the batch and frees their blocks.
-    pub fn retire(&mut self) -> Vec<Request> {
+    fn retire(&mut self) -> Vec<Request> {
         let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(Request::is_finished);
@@ -133,16 +273,49 @@ impl Scheduler {
         done
     }
 
-    /// Takes request `id` out wherever it is, freeing its blocks.
-    pub fn remove(&mut self, id: RequestId) -> Option<Request> {
+    /// Ends request `id` wherever it is, freeing its blocks; it receives `Event::Aborted`.
+    /// False when no such request is queued or running.
+    pub fn abort(&mut self, id: RequestId) -> bool {
         let request = if let Some(i) = self.running.iter().position(|r| r.id == id) {
             Some(self.running.remove(i))
         } else {
-            let i = self.waiting.iter().position(|r| r.id == id)?;
-            self.waiting.remove(i)
+            self.waiting
+                .iter()
+                .position(|r| r.id == id)
+                .and_then(|i| self.waiting.remove(i))
         };
         self.pool.release(id);
-        request
+        let Some(mut request) = request else {
+            return false;
+        };
+        request.state = RequestState::Finished(FinishReason::Abort);
+        request.emit(Event::Aborted);
+        true
+    }
+
+    /// Called when [`Scheduler::schedule`] found nothing to run although requests wait: the
+    /// one at the head can never get its blocks. Fails it with `CacheFull`; false when
+    /// there is none.
+    pub fn fail_unschedulable(&mut self) -> bool {
+        let mut request = if self.running.is_empty() {
+            let Some(request) = self.waiting.pop_front() else {
+                return false;
+            };
+            request
+        } else {
+            self.running.remove(0)
+        };
+        self.pool.release(request.id);
+        self.fail(&mut request);
+        true
+    }
+
+    fn fail(&self, request: &mut Request) {
+        request.state = RequestState::Failed;
+        request.emit(Event::Failed(Error::CacheFull {
+            needed: request.tokens.len(),
+            capacity: self.pool.capacity_tokens(),
+        }));
     }
 
     /// Takes every request out and frees all blocks (shutdown, or recovery after a fault).
@@ -159,36 +332,15 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
-    use std::sync::Arc;
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::engine::request::FinishReason;
     use crate::engine::sampling::SamplingParams;
-    use crate::tokenizer::Tokenizer;
+    use crate::engine::testing::word_tokenizer;
 
     const VOCAB: usize = 8;
-
-    /// A word-level tokenizer of `VOCAB` words, built once for every test of the module.
-    fn tokenizer() -> Arc<Tokenizer> {
-        static TOKENIZER: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
-        TOKENIZER.get_or_init(build_tokenizer).clone()
-    }
-
-    fn build_tokenizer() -> Arc<Tokenizer> {
-        let vocab: Vec<String> = (0..VOCAB).map(|i| format!("\"w{i}\": {i}")).collect();
-        let json = format!(
-            r#"{{"version": "1.0", "added_tokens": [], "normalizer": null,
-            "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null, "decoder": null,
-            "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "w0"}}}}"#,
-            vocab.join(", ")
-        );
-        let dir = std::env::temp_dir().join(format!("cortex-sched-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("tokenizer.json"), json).unwrap();
-        Arc::new(Tokenizer::from_dir(&dir).unwrap())
-    }
 
     /// One simulated workload: `(prompt length, max_tokens, step at which it is aborted)`.
     fn run(
@@ -197,7 +349,7 @@ mod tests {
         block_size: usize,
         ring: Option<Ring>,
     ) {
-        let tok = tokenizer();
+        let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let capacity = num_blocks * block_size;
         let mut s = Scheduler::new(BlockPool::new(num_blocks, block_size), ring, 4, 24);
@@ -226,31 +378,29 @@ mod tests {
         }
         let mut logits = vec![0f32; VOCAB];
         logits[3] = 1.0;
+        let stats = Mutex::new(Stats::default());
         let mut done = 0;
         for step in 0..10_000 {
             for &(_, id) in aborts.iter().filter(|(at, _)| *at == step) {
-                if s.remove(id).is_some() {
+                if s.abort(id) {
                     done += 1;
                 }
             }
             if s.is_idle() {
                 break;
             }
-            let plan = s.schedule();
-            assert!(!plan.is_empty(), "nothing scheduled: deadlock");
+            let out = s.schedule(Instant::now());
+            assert!(!out.is_empty(), "nothing scheduled: deadlock");
             s.pool.check();
-            let total: usize = plan.iter().map(|&(_, n)| n).sum();
-            assert!(total <= 24 && plan.len() <= 4);
-            for &(id, n) in &plan {
-                let r = s.running.iter().find(|r| r.id == id).unwrap();
-                let need = Ring::slots(ring, r.computed + n).div_ceil(block_size);
-                assert!(s.pool.table(id).len() >= need, "table of {id} too short");
+            let total: usize = out.seqs.iter().map(|q| q.tokens.len()).sum();
+            assert!(total <= 24 && out.seqs.len() <= 4);
+            for q in &out.seqs {
+                let need = Ring::slots(ring, q.start + q.tokens.len()).div_ceil(block_size);
+                assert!(q.blocks.len() >= need, "table of {} too short", q.id);
+                assert_eq!(q.blocks, s.pool.table(q.id), "stale table of {}", q.id);
             }
-            s.computed(&plan);
-            for r in s.running.iter_mut().filter(|r| r.pending() == 0) {
-                r.sample(&logits).unwrap();
-            }
-            for r in s.retire() {
+            let rows = vec![logits.clone(); out.num_sampled()];
+            for r in s.update_from_output(&out, &rows, &stats).unwrap() {
                 assert!(matches!(
                     r.state,
                     RequestState::Finished(FinishReason::Length)
@@ -263,6 +413,64 @@ mod tests {
         assert!(s.is_idle(), "requests left after the step limit");
         assert_eq!(done, requests.len());
         assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
+    }
+
+    /// Two requests on a pool of 3 blocks of 2 positions: both are admitted in order; when
+    /// both need a second block, the newest is preempted (its block freed, back to the
+    /// front of the queue) and recomputed once the oldest has finished; both end whole.
+    #[test]
+    fn the_newest_is_preempted_and_recomputed() -> Result<()> {
+        let tok = word_tokenizer(VOCAB);
+        let (tx, _rx) = mpsc::channel();
+        let stats = Mutex::new(Stats::default());
+        let mut s = Scheduler::new(BlockPool::new(3, 2), None, 4, 24);
+        for id in 0..2 {
+            let params = SamplingParams {
+                max_tokens: 3,
+                ..SamplingParams::default()
+            };
+            s.add(Request::new(
+                id,
+                vec![1, 2],
+                params,
+                6,
+                tok.clone(),
+                tx.clone(),
+            ));
+        }
+        let mut logits = vec![0f32; VOCAB];
+        logits[3] = 1.0;
+        let ids = |out: &SchedulerOutput| out.seqs.iter().map(|q| q.id).collect::<Vec<_>>();
+
+        let out = s.schedule(Instant::now());
+        assert_eq!((ids(&out), out.prompt_tokens), (vec![0, 1], 4));
+        s.update_from_output(&out, &vec![logits.clone(); 2], &stats)?;
+        // Each now needs a second block and one is free: the oldest takes it, the newest gives
+        // its first one back and waits for two.
+        let out = s.schedule(Instant::now());
+        assert_eq!(ids(&out), [0]);
+        assert_eq!(
+            (s.preemptions(), s.num_waiting(), s.num_free_blocks()),
+            (1, 1, 1)
+        );
+        let rows = |out: &SchedulerOutput| vec![logits.clone(); out.num_sampled()];
+        let (mut out, mut ended) = (out, Vec::new());
+        for _ in 0..20 {
+            ended.extend(s.update_from_output(&out, &rows(&out), &stats)?);
+            if s.is_idle() {
+                break;
+            }
+            out = s.schedule(Instant::now());
+            s.pool.check();
+        }
+        assert!(s.is_idle(), "requests left after 20 steps");
+        assert_eq!(ended.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 1]);
+        for r in &ended {
+            assert_eq!(r.generated(), 3);
+            assert_eq!(r.state, RequestState::Finished(FinishReason::Length));
+        }
+        assert_eq!(s.num_free_blocks(), 3);
+        Ok(())
     }
 
     proptest! {

@@ -6,55 +6,19 @@
 //! its sequence plus the fresh keys of its own chunk up to itself; the fresh keys are
 //! written into the cache afterwards, so a ring (the rotating cache) can never overwrite a
 //! key that a query of the same chunk still needs.
+//!
+//! This file is the math; the memory is [`KvStorage`] (`engine/kv/storage.rs`), read and
+//! written only through its layout and its per-layer arrays.
+//!
+//! Cost per layer: O(rows · visible keys · heads · head_dim), split into tasks of at most
+//! `KEYS_PER_TASK` keys (flash-decoding) so that a single long sequence uses every thread.
 
 use std::ops::Range;
 
-use crate::error::{Error, Result};
+use crate::engine::kv::storage::KEY_PAD;
+use crate::engine::kv::{KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
 use crate::quant::Isa;
 use half::f16;
-
-/// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
-/// stay, and the rest share `window` slots in a ring, so a sequence holds at most
-/// `keep + window` positions and sees its first tokens and the most recent ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ring {
-    pub keep: usize,
-    pub window: usize,
-}
-
-impl Ring {
-    /// Cache slots a sequence of `len` positions occupies.
-    pub fn slots(ring: Option<Ring>, len: usize) -> usize {
-        ring.map_or(len, |r| len.min(r.keep + r.window))
-    }
-
-    /// The slot of position `p` within its sequence.
-    fn slot(ring: Option<Ring>, p: usize) -> usize {
-        match ring {
-            Some(r) if p >= r.keep => r.keep + (p - r.keep) % r.window,
-            _ => p,
-        }
-    }
-}
-
-/// How the cache stores keys and values: f16 halves the memory a position takes and the
-/// bytes each decoded token reads (llama.cpp's default too); f32 keeps a float model's
-/// reference computation exact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvDType {
-    F32,
-    F16,
-}
-
-impl KvDType {
-    /// Bytes of one element.
-    pub fn size(self) -> usize {
-        match self {
-            KvDType::F32 => 4,
-            KvDType::F16 => 2,
-        }
-    }
-}
 
 /// An element type of the cache.
 pub trait Elem: Copy + Default + Send + Sync + 'static {
@@ -108,99 +72,6 @@ impl Elem for f16 {
             return out;
         }
         x.map(f16::to_f32)
-    }
-}
-
-/// Each layer's keys and values, in one element type.
-#[derive(Debug)]
-enum Layers {
-    F32(Vec<(Vec<f32>, Vec<f32>)>),
-    F16(Vec<(Vec<f16>, Vec<f16>)>),
-}
-
-/// Keys and values of every layer. Keys are `[num_blocks, kv_heads, head_dim,
-/// block_size]` (transposed within a block: one dimension of a block's keys is contiguous,
-/// so a query scores a whole run of keys with vector multiply-adds and no horizontal sums);
-/// values are `[num_blocks, kv_heads, block_size, head_dim]` (a key's value is contiguous,
-/// to be added to the output with its weight).
-/// Buffers are zero-initialised allocations, which the OS maps lazily: memory is resident
-/// only for blocks that have been written, though the whole pool is reserved up front.
-#[derive(Debug)]
-pub struct KvStorage {
-    layers: Layers,
-    pub block_size: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub num_blocks: usize,
-    pub ring: Option<Ring>,
-}
-
-impl KvStorage {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        dtype: KvDType,
-        num_layers: usize,
-        num_blocks: usize,
-        block_size: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        ring: Option<Ring>,
-    ) -> Result<Self> {
-        let len = num_blocks
-            .checked_mul(block_size * kv_heads * head_dim)
-            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
-        fn zeros<T: Elem>(layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
-            (0..layers)
-                .map(|_| (vec![T::default(); len + PAD], vec![T::default(); len]))
-                .collect()
-        }
-        Ok(KvStorage {
-            layers: match dtype {
-                KvDType::F32 => Layers::F32(zeros(num_layers, len)),
-                KvDType::F16 => Layers::F16(zeros(num_layers, len)),
-            },
-            block_size,
-            kv_heads,
-            head_dim,
-            num_blocks,
-            ring,
-        })
-    }
-
-    /// Bytes of K and V per cached token, over all layers.
-    pub fn bytes_per_token(
-        dtype: KvDType,
-        num_layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> usize {
-        2 * num_layers * kv_heads * head_dim * dtype.size()
-    }
-
-    /// Adds `more` blocks (a single sequence's cache growing).
-    pub fn grow(&mut self, more: usize) {
-        fn resize<T: Elem>(layers: &mut [(Vec<T>, Vec<T>)], len: usize) {
-            for (k, v) in layers {
-                k.resize(len + PAD, T::default());
-                v.resize(len, T::default());
-            }
-        }
-        self.num_blocks += more;
-        let len = self.num_blocks * self.block_size * self.kv_heads * self.head_dim;
-        match &mut self.layers {
-            Layers::F32(l) => resize(l, len),
-            Layers::F16(l) => resize(l, len),
-        }
-    }
-
-    /// Where the keys of `kv_head` in slot `slot` of a sequence with block table `blocks`
-    /// start: `(block's first key element, index within the block)`. Dimension `d` of the
-    /// key is at `first + d * block_size + index`, its value at
-    /// `first + index * head_dim..` (both arrays share the block's base).
-    fn place(&self, blocks: &[u32], slot: usize, kv_head: usize) -> (usize, usize) {
-        let block = blocks[slot / self.block_size] as usize;
-        let base = (block * self.kv_heads + kv_head) * self.block_size * self.head_dim;
-        (base, slot % self.block_size)
     }
 }
 
@@ -278,9 +149,14 @@ fn attend_on(
     scale: f32,
     window: Option<usize>,
 ) -> Vec<f32> {
-    match &kv.layers {
-        Layers::F32(l) => attend_in(isa, kv, &l[layer], seqs, q, k, v, heads, scale, window),
-        Layers::F16(l) => attend_in(isa, kv, &l[layer], seqs, q, k, v, heads, scale, window),
+    let layout = kv.layout();
+    match kv.layer(layer) {
+        LayerKv::F32(ck, cv) => {
+            attend_in(isa, layout, (ck, cv), seqs, q, k, v, heads, scale, window)
+        }
+        LayerKv::F16(ck, cv) => {
+            attend_in(isa, layout, (ck, cv), seqs, q, k, v, heads, scale, window)
+        }
     }
 }
 
@@ -288,8 +164,8 @@ fn attend_on(
 #[allow(clippy::too_many_arguments)]
 fn attend_in<T: Elem>(
     isa: Isa,
-    kv: &KvStorage,
-    (cache_k, cache_v): &(Vec<T>, Vec<T>),
+    kv: KvLayout,
+    (cache_k, cache_v): (&[T], &[T]),
     seqs: &[SeqSpan<'_>],
     q: &[f32],
     k: &[f32],
@@ -428,7 +304,7 @@ fn attend_in<T: Elem>(
 /// rows (keys transposed to `[kv_heads, head_dim, rows]`, values `[rows, kv_heads,
 /// head_dim]`).
 struct Sources<'a, T> {
-    kv: &'a KvStorage,
+    kv: KvLayout,
     cache: (&'a [T], &'a [T]),
     fresh: (&'a [T], &'a [T]),
     rows: usize,
@@ -484,9 +360,13 @@ impl<'a, T> Sources<'a, T> {
 
 /// Keys scored at once (one AVX-512 register, two AVX2 ones).
 const LANES: usize = 16;
-/// Elements after the keys of a layer's cache and of the fresh keys, so that scoring the
-/// last `LANES` keys of a run never reads out of bounds.
+/// Elements after the fresh keys, so that scoring the last `LANES` keys of a run never
+/// reads out of bounds (the cache pads its keys by as many).
 const PAD: usize = LANES;
+const _: () = assert!(
+    LANES <= KEY_PAD,
+    "the cache's keys must be padded for a full lane"
+);
 
 /// Keys per attention task (while there are at most `MAX_SPLITS` tasks per row and KV head).
 const KEYS_PER_TASK: usize = 32;
@@ -690,8 +570,8 @@ fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// Stores the batch's fresh keys and values (`[rows, kv_heads, head_dim]`) in their slots.
 pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], v: &[f32]) {
     fn store_in<T: Elem>(
-        kv: &KvStorage,
-        (ck, cv): &mut (Vec<T>, Vec<T>),
+        kv: KvLayout,
+        (ck, cv): (&mut [T], &mut [T]),
         seqs: &[SeqSpan<'_>],
         k: &[f32],
         v: &[f32],
@@ -716,13 +596,11 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
             }
         }
     }
-    // The layers leave `kv` for the call, so that its shape can be read meanwhile.
-    let mut layers = std::mem::replace(&mut kv.layers, Layers::F32(Vec::new()));
-    match &mut layers {
-        Layers::F32(l) => store_in(kv, &mut l[layer], seqs, k, v),
-        Layers::F16(l) => store_in(kv, &mut l[layer], seqs, k, v),
+    let layout = kv.layout();
+    match kv.layer_mut(layer) {
+        LayerKvMut::F32(ck, cv) => store_in(layout, (ck, cv), seqs, k, v),
+        LayerKvMut::F16(ck, cv) => store_in(layout, (ck, cv), seqs, k, v),
     }
-    kv.layers = layers;
 }
 
 /// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
@@ -749,6 +627,16 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kv::KvDType;
+
+    fn layout(block_size: usize, kv_heads: usize, head_dim: usize, ring: Option<Ring>) -> KvLayout {
+        KvLayout {
+            block_size,
+            kv_heads,
+            head_dim,
+            ring,
+        }
+    }
 
     /// Plain causal attention over one sequence, `[t, heads, hd]` → `[t, heads * hd]`.
     fn naive(
@@ -817,7 +705,8 @@ mod tests {
         let (q, k) = (vec![-4.0f32; t * heads * hd], vec![3.0f32; t * heads * hd]);
         let v = data(t * heads * hd, 7);
         let want = naive(&q, &k, &v, t, heads, heads, hd);
-        let kv = KvStorage::new(KvDType::F32, 1, t.div_ceil(16), 16, heads, hd, None).unwrap();
+        let kv =
+            KvStorage::new(KvDType::F32, 1, t.div_ceil(16), layout(16, heads, hd, None)).unwrap();
         let blocks: Vec<u32> = (0..t.div_ceil(16) as u32).collect();
         let seq = SeqSpan {
             row: 0,
@@ -901,7 +790,7 @@ mod tests {
                 i - j < window && (j < keep || i - j < ring_window)
             });
             for &isa in Isa::available() {
-                let mut kv = KvStorage::new(dtype, 1, 4, bs, nkv, hd, Some(ring)).unwrap();
+                let mut kv = KvStorage::new(dtype, 1, 4, layout(bs, nkv, hd, Some(ring))).unwrap();
                 let blocks = [2u32, 0, 3];
                 let mut got = vec![];
                 for (start, len) in [
@@ -957,7 +846,7 @@ mod tests {
             data(t * nkv * hd, 3),
         );
         let want = naive(&q, &k, &v, t, heads, nkv, hd);
-        let mut kv = KvStorage::new(KvDType::F32, 1, 6, bs, nkv, hd, None).unwrap();
+        let mut kv = KvStorage::new(KvDType::F32, 1, 6, layout(bs, nkv, hd, None)).unwrap();
         let blocks = [5u32, 0, 3];
         let mut got = vec![];
         for (start, len) in [(0, 5), (5, 1), (6, 4), (10, 1)] {

@@ -6,9 +6,10 @@
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
+use crate::engine::kv::KvStorage;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
-use crate::model::attention::{KvStorage, SeqSpan};
+use crate::model::attention::SeqSpan;
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::decoder::{Attention, Batch, Block, Decoder};
 use crate::model::layers::{
@@ -73,7 +74,7 @@ impl Model {
 
     /// Runs `tokens` at positions `cache.len()..` as a batch of one sequence, extending
     /// `cache`. Logits are `[t, vocab]` when `all_positions`, else `[1, vocab]`.
-    pub fn forward(
+    pub fn forward_with_cache(
         &self,
         tokens: &[u32],
         cache: &mut SequenceCache,
@@ -92,7 +93,7 @@ impl Model {
             let more = need - cache.blocks.len();
             cache
                 .blocks
-                .extend((0..more).map(|i| (cache.storage.num_blocks + i) as u32));
+                .extend((0..more).map(|i| (cache.storage.num_blocks() + i) as u32));
             cache.storage.grow(more);
         }
         let first = if all_positions {
@@ -117,14 +118,14 @@ impl Model {
 
     /// Logits for `tokens` from an empty cache, as `(values, rows)` with
     /// `values.len() == rows * vocab_size`.
-    pub fn logits(&self, tokens: &[u32], all_positions: bool) -> Result<(Vec<f32>, usize)> {
-        self.logits_batch(&[tokens], all_positions)
+    pub fn forward(&self, tokens: &[u32], all_positions: bool) -> Result<(Vec<f32>, usize)> {
+        self.forward_batch(&[tokens], all_positions)
     }
 
     /// Logits for several independent sequences run side by side in one forward pass (as
     /// the engine batches them): rows for every position of each sequence in turn, or for
     /// the last position of each.
-    pub fn logits_batch(&self, seqs: &[&[u32]], all_positions: bool) -> Result<(Vec<f32>, usize)> {
+    pub fn forward_batch(&self, seqs: &[&[u32]], all_positions: bool) -> Result<(Vec<f32>, usize)> {
         let context_length = self.config.max_position_embeddings;
         if let Some(long) = seqs.iter().find(|s| s.len() > context_length) {
             return Err(Error::ContextLength {

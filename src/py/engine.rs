@@ -1,174 +1,164 @@
-//! `Engine` and its event stream. The engine runs on its own Rust thread; Python callers
-//! wait for events in short slices with the GIL released, checking for signals between
-//! slices, so Ctrl-C lands within ~50 ms: the caller's requests are aborted and the engine
-//! goes on serving everyone else.
+//! `Engine`, its event stream and the one-prompt `stream` over a model's own engine:
+//! argument and result conversion around [`crate::engine::client`]. Waits run with the GIL
+//! released in slices of `POLL`, with a signal check between slices, so Ctrl-C lands
+//! within ~50 ms: the caller's requests are aborted and the engine goes on serving
+//! everyone else.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::model::PyModel;
 use super::sampling::PySamplingParams;
 use super::tokenizer::PyTokenizer;
-use crate::engine::{Engine, EngineConfig, Event, Output, RequestId, SamplingParams};
-use crate::error::Error;
-use crate::tokenizer::{check_token_ids, Tokenizer};
+use crate::engine::core::{
+    DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS,
+};
+use crate::engine::{
+    Client, Completion, Engine, EngineConfig, Event, Generation, Next, Output, RequestId,
+    SamplingParams, Stream,
+};
+use crate::tokenizer::check_token_ids;
 
 /// How long one wait for events holds off signal checks.
 const POLL: Duration = Duration::from_millis(50);
 
-/// One event as a tuple: (request_id, text, token, logprobs, finish_reason,
-/// prompt_tokens, generation_tokens, prompt_tps, generation_tps, error). `token` is None
-/// for an abort or a failure; `logprobs` is None or (logprob, [(token, logprob), ...]);
-/// `error` is the exception of a failed request (its finish_reason is "error").
-type EventTuple = (
-    RequestId,
-    String,
-    Option<u32>,
-    Option<(f32, Vec<(u32, f32)>)>,
-    Option<&'static str>,
-    usize,
-    usize,
-    f64,
-    f64,
-    Option<Py<PyAny>>,
-);
+/// One event of a request: new text and the token that produced it, or its end.
+#[pyclass(name = "Event", module = "cortex._core", frozen, get_all)]
+pub struct PyEvent {
+    request_id: RequestId,
+    /// Text completed by this event (may be empty).
+    text: String,
+    /// The sampled token; `None` for an abort or a failure.
+    token: Option<u32>,
+    /// `(logprob, [(token, logprob), ...])` when logprobs were asked for.
+    logprobs: Option<(f32, Vec<(u32, f32)>)>,
+    /// `None` until the request's last event, then "stop", "length", "abort" or "error".
+    finish_reason: Option<&'static str>,
+    prompt_tokens: usize,
+    generation_tokens: usize,
+    prompt_tps: f64,
+    generation_tps: f64,
+    /// The exception of a failed request (`finish_reason == "error"`).
+    error: Option<Py<PyAny>>,
+}
 
-fn event_tuple(py: Python<'_>, out: Output) -> EventTuple {
-    let id = out.id;
-    match out.event {
-        Event::Token(s) => (
-            id,
-            s.text,
-            Some(s.token),
-            s.logprobs.map(|l| (l.logprob, l.top)),
-            s.finish_reason.map(|f| f.as_str()),
-            s.prompt_tokens,
-            s.generation_tokens,
-            s.prompt_tps,
-            s.generation_tps,
-            None,
-        ),
-        Event::Aborted => (
-            id,
-            String::new(),
-            None,
-            None,
-            Some("abort"),
-            0,
-            0,
-            0.0,
-            0.0,
-            None,
-        ),
-        Event::Failed(e) => {
-            let err = PyErr::from(e).into_value(py).into_any();
-            (
-                id,
-                String::new(),
-                None,
-                None,
-                Some("error"),
-                0,
-                0,
-                0.0,
-                0.0,
-                Some(err),
-            )
+impl PyEvent {
+    fn new(py: Python<'_>, out: Output) -> Self {
+        let ended = |finish_reason, error| PyEvent {
+            request_id: out.id,
+            text: String::new(),
+            token: None,
+            logprobs: None,
+            finish_reason: Some(finish_reason),
+            prompt_tokens: 0,
+            generation_tokens: 0,
+            prompt_tps: 0.0,
+            generation_tps: 0.0,
+            error,
+        };
+        match out.event {
+            Event::Token(s) => PyEvent {
+                request_id: out.id,
+                text: s.text,
+                token: Some(s.token),
+                logprobs: s.logprobs.map(|l| (l.logprob, l.top)),
+                finish_reason: s.finish_reason.map(|f| f.as_str()),
+                prompt_tokens: s.prompt_tokens,
+                generation_tokens: s.generation_tokens,
+                prompt_tps: s.prompt_tps,
+                generation_tps: s.generation_tps,
+                error: None,
+            },
+            Event::Aborted => ended("abort", None),
+            Event::Failed(e) => ended("error", Some(PyErr::from(e).into_value(py).into_any())),
         }
     }
 }
 
-/// Whether this event is the request's last.
-fn is_last(out: &Output) -> bool {
-    match &out.event {
-        Event::Token(s) => s.finish_reason.is_some(),
-        Event::Aborted | Event::Failed(_) => true,
-    }
-}
-
-/// Submits every prompt with its parameters (one for all, or one each), all reporting to
-/// one channel; on a bad request, the ones already submitted are aborted and the error
-/// raised. Every Python entry point submits through here.
-fn submit_all(
-    engine: &Engine,
-    tokenizer: &Arc<Tokenizer>,
-    prompts: Vec<Vec<i64>>,
-    params: &[SamplingParams],
-) -> PyResult<(Vec<RequestId>, Receiver<Output>)> {
-    if params.len() != prompts.len() && params.len() != 1 {
-        return Err(Error::param(
-            "params",
-            format!(
-                "{} sampling settings for {} prompts",
-                params.len(),
-                prompts.len()
-            ),
+#[pymethods]
+impl PyEvent {
+    fn __repr__(&self) -> String {
+        format!(
+            "Event(request_id={}, text={:?}, token={:?}, finish_reason={:?})",
+            self.request_id, self.text, self.token, self.finish_reason
         )
-        .into());
     }
-    let vocab = engine.model().config.vocab_size;
-    let (tx, rx) = mpsc::channel();
-    let mut ids = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        let p = &params[if params.len() == 1 { 0 } else { i }];
-        let submitted = check_token_ids(prompt, vocab, "prompt")
-            .and_then(|prompt| engine.submit(prompt, p.clone(), tokenizer.clone(), tx.clone()));
-        match submitted {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                ids.iter().for_each(|&id| engine.abort(id));
-                return Err(e.into());
-            }
+}
+
+/// What a finished request produced.
+#[pyclass(name = "Completion", module = "cortex._core", frozen, get_all)]
+pub struct PyCompletion {
+    text: String,
+    token_ids: Vec<u32>,
+    /// "stop", "length", "abort" or "error".
+    finish_reason: &'static str,
+    prompt_tokens: usize,
+    generation_tokens: usize,
+    /// The exception of a failed request (`finish_reason == "error"`).
+    error: Option<Py<PyAny>>,
+}
+
+impl PyCompletion {
+    fn new(py: Python<'_>, c: Completion) -> Self {
+        let generation_tokens = c.generation_tokens();
+        let (finish_reason, error) = match c.finish {
+            Ok(reason) => (reason.as_str(), None),
+            Err(e) => ("error", Some(PyErr::from(e).into_value(py).into_any())),
+        };
+        PyCompletion {
+            text: c.text,
+            token_ids: c.token_ids,
+            finish_reason,
+            prompt_tokens: c.prompt_tokens,
+            generation_tokens,
+            error,
         }
     }
-    Ok((ids, rx))
+}
+
+/// A prompt from Python as token ids, checked against the vocabulary.
+fn prompt(engine: &Engine, prompt: &[i64]) -> crate::Result<Vec<u32>> {
+    check_token_ids(prompt, engine.model().config.vocab_size, "prompt")
+}
+
+/// [`prompt`] for each of `prompts`.
+fn prompts(engine: &Engine, prompts: &[Vec<i64>]) -> crate::Result<Vec<Vec<u32>>> {
+    prompts.iter().map(|p| prompt(engine, p)).collect()
+}
+
+fn sampling(params: &[PyRef<'_, PySamplingParams>]) -> Vec<SamplingParams> {
+    params.iter().map(|p| p.inner.clone()).collect()
+}
+
+/// Waits for every request of `generation` with the GIL released, a signal check between
+/// slices (Ctrl-C aborts them all), and returns their completions in prompt order.
+fn wait(py: Python<'_>, mut generation: Generation) -> PyResult<Vec<PyCompletion>> {
+    loop {
+        let g = &mut generation;
+        if py.detach(move || g.wait_within(POLL))? {
+            break;
+        }
+        if let Err(interrupt) = py.check_signals() {
+            generation.abort();
+            return Err(interrupt);
+        }
+    }
+    Ok(generation
+        .into_completions()
+        .into_iter()
+        .map(|c| PyCompletion::new(py, c))
+        .collect())
 }
 
 /// Iterator over the events of a set of requests, in the order the engine produces them.
 /// Dropping it (or `cancel()`) aborts the requests still running.
 #[pyclass(name = "EngineStream", module = "cortex._core", frozen)]
 pub struct PyEngineStream {
-    engine: Arc<Engine>,
-    rx: Mutex<Receiver<Output>>,
-    open: Mutex<HashSet<RequestId>>,
-    ids: Vec<RequestId>,
+    stream: Stream,
     /// A single-request stream raises its request's error instead of yielding it.
     raise_errors: bool,
-}
-
-impl PyEngineStream {
-    fn new(
-        engine: Arc<Engine>,
-        ids: Vec<RequestId>,
-        rx: Receiver<Output>,
-        raise_errors: bool,
-    ) -> Self {
-        PyEngineStream {
-            engine,
-            rx: Mutex::new(rx),
-            open: Mutex::new(ids.iter().copied().collect()),
-            ids,
-            raise_errors,
-        }
-    }
-
-    fn abort_open(&self) {
-        for id in self.open.lock().drain() {
-            self.engine.abort(id);
-        }
-    }
-}
-
-impl Drop for PyEngineStream {
-    fn drop(&mut self) {
-        self.abort_open();
-    }
 }
 
 #[pymethods]
@@ -177,41 +167,23 @@ impl PyEngineStream {
         slf
     }
 
-    fn __next__(&self, py: Python<'_>) -> PyResult<Option<EventTuple>> {
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyEvent>> {
         // In a child forked after the engine started, no engine thread will ever answer.
         crate::threads::check_not_forked()?;
-        // Another thread may be waiting on this stream with the GIL released: wait for it
-        // without holding the GIL, or it could never take the GIL back.
-        let mut guard = loop {
-            if let Some(guard) = self.rx.try_lock() {
-                break guard;
-            }
-            py.detach(|| std::thread::sleep(Duration::from_millis(1)));
-        };
         loop {
-            if self.open.lock().is_empty() {
-                return Ok(None);
-            }
-            let rx: &mut Receiver<Output> = &mut guard;
-            match py.detach(move || rx.recv_timeout(POLL)) {
-                Ok(out) => {
-                    if is_last(&out) {
-                        self.open.lock().remove(&out.id);
-                    }
-                    if let (true, Event::Failed(_)) = (self.raise_errors, &out.event) {
-                        if let Event::Failed(e) = out.event {
-                            return Err(e.into());
-                        }
-                    }
-                    return Ok(Some(event_tuple(py, out)));
+            // Another thread may be waiting on this stream: wait for it without the GIL.
+            let stream = &self.stream;
+            match py.detach(move || stream.next_within(POLL))? {
+                Next::Event(out) => {
+                    return match out.event {
+                        Event::Failed(e) if self.raise_errors => Err(e.into()),
+                        _ => Ok(Some(PyEvent::new(py, out))),
+                    };
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.open.lock().clear();
-                    return Err(Error::Engine("the engine stopped".into()).into());
-                }
-                Err(RecvTimeoutError::Timeout) => {
+                Next::End => return Ok(None),
+                Next::Pending => {
                     if let Err(interrupt) = py.check_signals() {
-                        self.abort_open();
+                        self.stream.abort();
                         return Err(interrupt);
                     }
                 }
@@ -221,119 +193,28 @@ impl PyEngineStream {
 
     /// Aborts the requests still running; iteration then ends with their abort events.
     fn cancel(&self) {
-        self.abort_open();
+        self.stream.abort();
     }
 
     /// Ids of the stream's requests, in the order they were given.
     #[getter]
     fn request_ids(&self) -> Vec<RequestId> {
-        self.ids.clone()
+        self.stream.ids().to_vec()
     }
-}
-
-/// What a finished request produced: (text, token_ids, finish_reason, prompt_tokens,
-/// generation_tokens, error).
-type ResultTuple = (
-    String,
-    Vec<u32>,
-    &'static str,
-    usize,
-    usize,
-    Option<Py<PyAny>>,
-);
-
-#[derive(Default)]
-struct Collected {
-    text: String,
-    tokens: Vec<u32>,
-    finish: Option<&'static str>,
-    prompt_tokens: usize,
-    error: Option<Error>,
-}
-
-/// Waits until every request in `ids` has finished, with the GIL released except for a
-/// signal check every `POLL`; Ctrl-C aborts them all.
-fn collect(
-    py: Python<'_>,
-    engine: &Engine,
-    rx: &mut Receiver<Output>,
-    ids: &[RequestId],
-) -> PyResult<Vec<ResultTuple>> {
-    let index: HashMap<RequestId, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-    let mut results: Vec<Collected> = ids.iter().map(|_| Collected::default()).collect();
-    let mut open = ids.len();
-    while open > 0 {
-        // `Receiver` is not `Sync`: move mutable borrows in, which are `Send`.
-        let (rx, open, results, index) = (&mut *rx, &mut open, &mut results, &index);
-        let slice = py.detach(move || -> Result<(), RecvTimeoutError> {
-            let until = Instant::now() + POLL;
-            while *open > 0 {
-                let out = rx.recv_timeout(until.saturating_duration_since(Instant::now()))?;
-                let Some(&i) = index.get(&out.id) else {
-                    continue;
-                };
-                let r = &mut results[i];
-                if is_last(&out) {
-                    *open -= 1;
-                }
-                match out.event {
-                    Event::Token(s) => {
-                        r.text.push_str(&s.text);
-                        r.tokens.push(s.token);
-                        r.prompt_tokens = s.prompt_tokens;
-                        r.finish = s.finish_reason.map(|f| f.as_str());
-                    }
-                    Event::Aborted => r.finish = Some("abort"),
-                    Event::Failed(e) => {
-                        r.finish = Some("error");
-                        r.error = Some(e);
-                    }
-                }
-            }
-            Ok(())
-        });
-        match slice {
-            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(Error::Engine("the engine stopped".into()).into())
-            }
-        }
-        if let Err(interrupt) = py.check_signals() {
-            ids.iter().for_each(|&id| engine.abort(id));
-            return Err(interrupt);
-        }
-    }
-    Ok(results
-        .into_iter()
-        .map(|r| {
-            let n = r.tokens.len();
-            let err = r.error.map(|e| PyErr::from(e).into_value(py).into_any());
-            (
-                r.text,
-                r.tokens,
-                r.finish.unwrap_or("error"),
-                r.prompt_tokens,
-                n,
-                err,
-            )
-        })
-        .collect())
 }
 
 /// A continuous-batching engine over one model (see `cortex.Engine`, which wraps it).
 #[pyclass(name = "Engine", module = "cortex._core", frozen)]
 pub struct PyEngine {
-    engine: Arc<Engine>,
-    tokenizer: Arc<Tokenizer>,
-    /// Channels of requests from `submit`, until `wait` claims them.
-    pending: Mutex<HashMap<RequestId, Receiver<Output>>>,
+    client: Client,
 }
 
 #[pymethods]
 impl PyEngine {
     #[new]
     #[pyo3(signature = (model, tokenizer, *, max_batch_size = None, kv_cache_tokens = None,
-        memory_fraction = None, block_size = 16, max_num_batched_tokens = 256, kv_cache_size = None,
+        memory_fraction = None, block_size = DEFAULT_BLOCK_SIZE,
+        max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS, kv_cache_size = None,
         rotating_kv_cache = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -359,36 +240,27 @@ impl PyEngine {
             memory_fraction,
             block_size,
             max_num_batched_tokens,
-            max_seq_len: kv_cache_size,
+            kv_cache_size,
             rotating: rotating_kv_cache,
         };
+        let engine = Engine::new(model.inner.clone(), config)?;
         Ok(PyEngine {
-            engine: Arc::new(Engine::new(model.inner.clone(), config)?),
-            tokenizer: tokenizer.inner.clone(),
-            pending: Mutex::new(HashMap::new()),
+            client: Client::new(engine.into(), tokenizer.inner.clone()),
         })
     }
 
     /// Queues one request and returns its id; `wait(id)` collects its result.
-    fn submit(&self, prompt_ids: Vec<i64>, params: &PySamplingParams) -> PyResult<RequestId> {
-        let params = [params.inner.clone()];
-        let (ids, rx) = submit_all(&self.engine, &self.tokenizer, vec![prompt_ids], &params)?;
-        self.pending.lock().insert(ids[0], rx);
-        Ok(ids[0])
+    fn submit(&self, prompt: Vec<i64>, params: &PySamplingParams) -> PyResult<RequestId> {
+        let prompt = self::prompt(self.client.engine(), &prompt)?;
+        Ok(self.client.submit(prompt, params.inner.clone())?)
     }
 
     /// Waits for a request from `submit` to finish and returns its result.
-    fn wait(&self, py: Python<'_>, request_id: RequestId) -> PyResult<ResultTuple> {
-        let mut rx = self.pending.lock().remove(&request_id).ok_or_else(|| {
-            Error::param(
-                "request_id",
-                format!("{request_id} is not a submitted request waiting to be collected"),
-            )
-        })?;
-        let mut results = collect(py, &self.engine, &mut rx, &[request_id])?;
-        results
+    fn wait(&self, py: Python<'_>, request_id: RequestId) -> PyResult<PyCompletion> {
+        let generation = self.client.take(request_id)?;
+        wait(py, generation)?
             .pop()
-            .ok_or_else(|| Error::Internal("no result".into()).into())
+            .ok_or_else(|| crate::Error::Internal("no result".into()).into())
     }
 
     /// Runs every prompt to completion with the GIL released; results in input order.
@@ -397,10 +269,10 @@ impl PyEngine {
         py: Python<'_>,
         prompts: Vec<Vec<i64>>,
         params: Vec<PyRef<'_, PySamplingParams>>,
-    ) -> PyResult<Vec<ResultTuple>> {
-        let params: Vec<SamplingParams> = params.iter().map(|p| p.inner.clone()).collect();
-        let (ids, mut rx) = submit_all(&self.engine, &self.tokenizer, prompts, &params)?;
-        collect(py, &self.engine, &mut rx, &ids)
+    ) -> PyResult<Vec<PyCompletion>> {
+        let prompts = self::prompts(self.client.engine(), &prompts)?;
+        let generation = self.client.start(prompts, &sampling(&params))?;
+        wait(py, generation)
     }
 
     /// Submits every prompt and returns the stream of their events.
@@ -409,19 +281,21 @@ impl PyEngine {
         prompts: Vec<Vec<i64>>,
         params: Vec<PyRef<'_, PySamplingParams>>,
     ) -> PyResult<PyEngineStream> {
-        let params: Vec<SamplingParams> = params.iter().map(|p| p.inner.clone()).collect();
-        let (ids, rx) = submit_all(&self.engine, &self.tokenizer, prompts, &params)?;
-        Ok(PyEngineStream::new(self.engine.clone(), ids, rx, false))
+        let prompts = self::prompts(self.client.engine(), &prompts)?;
+        Ok(PyEngineStream {
+            stream: self.client.stream(prompts, &sampling(&params))?,
+            raise_errors: false,
+        })
     }
 
     /// Aborts a request and frees its cache blocks at once; unknown or finished ids are
     /// ignored.
     fn abort(&self, request_id: RequestId) {
-        self.engine.abort(request_id);
+        self.client.abort(request_id);
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        stats_dict(py, &self.engine)
+        stats_dict(py, self.client.engine())
     }
 }
 
@@ -458,17 +332,31 @@ fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Bound<'py, PyDi
 pub fn stream(
     model: &PyModel,
     tokenizer: &PyTokenizer,
-    prompt_ids: Vec<i64>,
+    prompt: Vec<i64>,
     params: &PySamplingParams,
 ) -> PyResult<PyEngineStream> {
-    let engine = model.engine()?;
-    let params = [params.inner.clone()];
-    let (ids, rx) = submit_all(&engine, &tokenizer.inner, vec![prompt_ids], &params)?;
-    Ok(PyEngineStream::new(engine, ids, rx, true))
+    let client = Client::new(model.engine()?, tokenizer.inner.clone());
+    let prompt = self::prompt(client.engine(), &prompt)?;
+    Ok(PyEngineStream {
+        stream: client.stream(vec![prompt], std::slice::from_ref(&params.inner))?,
+        raise_errors: true,
+    })
 }
 
 /// Statistics of the model's own engine (the one `stream` uses).
 #[pyfunction]
 pub fn engine_stats<'py>(py: Python<'py>, model: &PyModel) -> PyResult<Bound<'py, PyDict>> {
     stats_dict(py, model.engine()?.as_ref())
+}
+
+/// The engine's defaults, exported as `cortex._core.DEFAULT_*` so that Python never
+/// repeats them.
+pub fn add_defaults(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("DEFAULT_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE)?;
+    m.add("DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
+    m.add(
+        "DEFAULT_MAX_NUM_BATCHED_TOKENS",
+        DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    )?;
+    Ok(())
 }

@@ -24,6 +24,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampling::PySamplingParams>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyEngineStream>()?;
+    m.add_class::<engine::PyEvent>()?;
+    m.add_class::<engine::PyCompletion>()?;
+    engine::add_defaults(m)?;
     m.add_function(wrap_pyfunction!(model::load, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;

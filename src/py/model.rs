@@ -4,14 +4,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use numpy::{PyArray1, PyArrayMethods};
-use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PySlice;
 
 use super::run_detached;
 use super::tokenizer::PyTokenizer;
-use crate::engine::{Engine, EngineConfig};
-use crate::model::attention::KvDType;
+use crate::engine::kv::KvDType;
+use crate::engine::{Engine, SharedEngine};
 use crate::model::Model;
 use crate::tokenizer::check_token_ids;
 
@@ -21,25 +20,20 @@ pub struct PyModel {
     pub(crate) inner: Arc<Model>,
     /// The engine `cortex.generate` and `cortex.stream_generate` share, started on first
     /// use, so threads generating with one model interleave in one batch.
-    engine: Mutex<Option<Arc<Engine>>>,
+    engine: SharedEngine,
 }
 
 impl PyModel {
     pub(crate) fn new(model: Model) -> Self {
+        let inner = Arc::new(model);
         PyModel {
-            inner: Arc::new(model),
-            engine: Mutex::new(None),
+            engine: SharedEngine::new(inner.clone()),
+            inner,
         }
     }
 
     pub(crate) fn engine(&self) -> crate::Result<Arc<Engine>> {
-        let mut engine = self.engine.lock();
-        if let Some(e) = engine.as_ref() {
-            return Ok(e.clone());
-        }
-        let e = Arc::new(Engine::new(self.inner.clone(), EngineConfig::from_env()?)?);
-        *engine = Some(e.clone());
-        Ok(e)
+        self.engine.get()
     }
 }
 
@@ -73,31 +67,35 @@ impl PyModel {
     /// Logits for several sequences run side by side in one batched forward pass, each
     /// from an empty context (what the engine does with concurrent requests).
     ///
+    /// Args:
+    ///     token_ids: the input tokens of each sequence.
+    ///     all_positions: return logits for every position, not only the last.
+    ///
     /// Returns:
-    ///     list[numpy.ndarray]: per sequence, float32 `[len(ids), vocab]` with
+    ///     list[numpy.ndarray]: per sequence, float32 `[len(token_ids[i]), vocab]` with
     ///     `all_positions`, else `[vocab]`.
-    #[pyo3(signature = (sequences, *, all_positions = false))]
+    #[pyo3(signature = (token_ids, *, all_positions = false))]
     fn forward_batch<'py>(
         &self,
         py: Python<'py>,
-        sequences: Vec<Vec<i64>>,
+        token_ids: Vec<Vec<i64>>,
         all_positions: bool,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let vocab = self.inner.config.vocab_size;
-        let seqs = sequences
+        let seqs = token_ids
             .iter()
-            .map(|ids| check_token_ids(ids, vocab, "sequences"))
+            .map(|ids| check_token_ids(ids, vocab, "token_ids"))
             .collect::<Result<Vec<_>, _>>()?;
         let model = self.inner.clone();
         let (values, _) = run_detached(py, move || {
             let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-            model.logits_batch(&refs, all_positions)
+            model.forward_batch(&refs, all_positions)
         })?;
         // One array owns the logits; each sequence gets a view of its rows.
         let total = values.len() / vocab;
         let all = PyArray1::from_vec(py, values).reshape([total, vocab])?;
         let mut at = 0;
-        sequences
+        token_ids
             .iter()
             .map(|ids| {
                 let rows = if all_positions { ids.len() } else { 1 };
@@ -130,7 +128,7 @@ impl PyModel {
         let vocab = self.inner.config.vocab_size;
         let ids = check_token_ids(&token_ids, vocab, "token_ids")?;
         let model = self.inner.clone();
-        let (values, rows) = run_detached(py, move || model.logits(&ids, all_positions))?;
+        let (values, rows) = run_detached(py, move || model.forward(&ids, all_positions))?;
         // The array takes the Vec as its buffer: no copy on the way to Python.
         let array = PyArray1::from_vec(py, values);
         Ok(if all_positions {

@@ -1,11 +1,12 @@
-//! The KV cache's bookkeeping: a pool of fixed-size blocks and a block table per sequence.
-//! The memory itself is [`crate::model::attention::KvStorage`]; this side decides which
-//! blocks each sequence owns. Allocation and release are O(1) per block (a free stack, so
-//! recently freed blocks — whose memory is already resident — are reused first).
+//! The KV cache's bookkeeping, following vLLM's `BlockPool`: a pool of fixed-size blocks
+//! and a block table per sequence. The memory itself is [`super::KvStorage`]; this side
+//! decides which blocks each sequence owns. Allocation and release are O(1) per block (a
+//! free stack, so recently freed blocks — whose memory is already resident — are reused
+//! first); a table lookup is O(1) (a hash map by request id).
 
 use std::collections::HashMap;
 
-use super::request::RequestId;
+use crate::engine::request::RequestId;
 
 #[derive(Debug)]
 pub struct BlockPool {
@@ -81,5 +82,44 @@ impl BlockPool {
             seen[b as usize] = true;
         }
         assert!(seen.iter().all(|&s| s), "a block leaked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Error, Result};
+
+    #[test]
+    fn reserve_is_all_or_nothing_and_release_returns_every_block() -> Result<()> {
+        let mut pool = BlockPool::new(4, 16);
+        assert_eq!(pool.capacity_tokens(), 64);
+        assert!(pool.reserve(1, 17)); // two blocks
+        let mut table = pool.table(1).to_vec();
+        table.sort_unstable();
+        assert_eq!(table, [0, 1]);
+        assert!(pool.reserve(1, 32)); // still two: nothing more taken
+        assert_eq!(pool.num_free(), 2);
+        assert!(!pool.reserve(2, 48), "three blocks granted from two");
+        assert_eq!((pool.num_free(), pool.table(2)), (2, &[][..]));
+        assert!(pool.reserve(2, 1));
+        pool.check();
+        pool.release(1);
+        pool.release(1); // a second release is a no-op
+        assert_eq!(pool.num_free(), 3);
+        pool.check();
+        // Freed blocks come back first (their memory is resident).
+        assert!(pool.reserve(3, 16));
+        let reused = pool.table(3)[0];
+        if reused > 1 {
+            return Err(Error::Internal(format!(
+                "block {reused} handed out before 0 or 1"
+            )));
+        }
+        pool.release(2);
+        pool.release(3);
+        assert_eq!(pool.num_free(), pool.num_blocks());
+        pool.check();
+        Ok(())
     }
 }

@@ -1,0 +1,455 @@
+//! The engine's caller side (vLLM's `LLMEngine` / `AsyncLLM` over `EngineCore`): submits
+//! prompts, and streams or collects their events, for Rust callers and the Python bindings
+//! alike. A [`Client`] pairs an [`Engine`] with a tokenizer; [`Client::stream`] returns a
+//! [`Stream`] of events, [`Client::generate`] waits for whole [`Completion`]s. Several
+//! prompts are submitted together or not at all: a bad one aborts those already queued.
+//! Dropping a `Stream` (or a [`Generation`]) aborts its requests still running.
+//!
+//! Every wait comes in a bounded form (`*_within`), so a caller that must stay responsive
+//! (Python checks for Ctrl-C between waits) never blocks for long; the plain forms block.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+use super::core::{Engine, EngineConfig};
+use super::request::{Event, FinishReason, Output, RequestId};
+use super::sampling::SamplingParams;
+
+/// What a finished request produced.
+#[derive(Debug)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    /// How it ended: a finish reason, or the error that failed it.
+    pub finish: std::result::Result<FinishReason, Error>,
+    pub prompt_tokens: usize,
+}
+
+impl Completion {
+    pub fn generation_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// One bounded wait's outcome on a [`Stream`].
+#[derive(Debug)]
+pub enum Next {
+    /// An event of one of the stream's requests.
+    Event(Output),
+    /// Nothing arrived in time; the requests are still running.
+    Pending,
+    /// Every request has ended.
+    End,
+}
+
+/// The events of a set of requests, in the order the engine produces them. Usable from
+/// several threads at once (each event goes to one of them).
+pub struct Stream {
+    engine: Arc<Engine>,
+    ids: Vec<RequestId>,
+    rx: Mutex<Receiver<Output>>,
+    /// Requests whose last event has not arrived yet.
+    open: Mutex<HashSet<RequestId>>,
+}
+
+impl Stream {
+    /// Ids of the stream's requests, in the order their prompts were given.
+    pub fn ids(&self) -> &[RequestId] {
+        &self.ids
+    }
+
+    /// Waits up to `timeout` for the next event.
+    pub fn next_within(&self, timeout: Duration) -> Result<Next> {
+        // Another thread may hold the receiver for at most its own `timeout`; whether
+        // anything is left to wait for is known only once it is ours (that thread may
+        // have taken the last event, after which the channel is closed).
+        let rx = self.rx.lock();
+        if self.open.lock().is_empty() {
+            return Ok(Next::End);
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(out) => {
+                if out.event.is_last() {
+                    self.open.lock().remove(&out.id);
+                }
+                Ok(Next::Event(out))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(Next::Pending),
+            Err(RecvTimeoutError::Disconnected) => {
+                self.open.lock().clear();
+                Err(Error::Engine("the engine stopped".into()))
+            }
+        }
+    }
+
+    /// Aborts the requests still running; the stream then ends with their abort events.
+    pub fn abort(&self) {
+        for id in self.open.lock().drain() {
+            self.engine.abort(id);
+        }
+    }
+}
+
+impl Iterator for Stream {
+    type Item = Result<Output>;
+
+    /// Blocks until the next event; `None` once every request has ended.
+    fn next(&mut self) -> Option<Result<Output>> {
+        loop {
+            match self.next_within(Duration::MAX) {
+                Ok(Next::Event(out)) => return Some(Ok(out)),
+                Ok(Next::Pending) => {}
+                Ok(Next::End) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// A request's result as its events arrive.
+#[derive(Debug, Default)]
+struct Partial {
+    text: String,
+    token_ids: Vec<u32>,
+    prompt_tokens: usize,
+    finish: Option<std::result::Result<FinishReason, Error>>,
+}
+
+/// Requests being collected into [`Completion`]s.
+pub struct Generation {
+    stream: Stream,
+    index: HashMap<RequestId, usize>,
+    results: Vec<Partial>,
+}
+
+impl Generation {
+    fn new(stream: Stream) -> Self {
+        let index = stream
+            .ids()
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i))
+            .collect();
+        let results = stream.ids().iter().map(|_| Partial::default()).collect();
+        Generation {
+            stream,
+            index,
+            results,
+        }
+    }
+
+    pub fn ids(&self) -> &[RequestId] {
+        self.stream.ids()
+    }
+
+    /// Collects events for up to `timeout`; true once every request has ended.
+    pub fn wait_within(&mut self, timeout: Duration) -> Result<bool> {
+        // `None`: no deadline (`Duration::MAX` overflows an `Instant`).
+        let until = Instant::now().checked_add(timeout);
+        loop {
+            let left = until.map_or(Duration::MAX, |u| {
+                u.saturating_duration_since(Instant::now())
+            });
+            match self.stream.next_within(left)? {
+                Next::Event(out) => self.add(out),
+                Next::Pending => return Ok(false),
+                Next::End => return Ok(true),
+            }
+        }
+    }
+
+    fn add(&mut self, out: Output) {
+        let Some(&i) = self.index.get(&out.id) else {
+            return;
+        };
+        let r = &mut self.results[i];
+        match out.event {
+            Event::Token(s) => {
+                r.text.push_str(&s.text);
+                r.token_ids.push(s.token);
+                r.prompt_tokens = s.prompt_tokens;
+                r.finish = s.finish_reason.map(Ok);
+            }
+            Event::Aborted => r.finish = Some(Ok(FinishReason::Abort)),
+            Event::Failed(e) => r.finish = Some(Err(e)),
+        }
+    }
+
+    /// Blocks until every request has ended; results in prompt order.
+    pub fn wait(mut self) -> Result<Vec<Completion>> {
+        while !self.wait_within(Duration::MAX)? {}
+        Ok(self.into_completions())
+    }
+
+    /// The results so far, in prompt order (complete once `wait_within` returned true); a
+    /// request still running is aborted and reports an `Engine` error.
+    pub fn into_completions(self) -> Vec<Completion> {
+        self.stream.abort();
+        self.results
+            .into_iter()
+            .map(|r| Completion {
+                text: r.text,
+                token_ids: r.token_ids,
+                finish: r.finish.unwrap_or_else(|| {
+                    Err(Error::Engine(
+                        "the request was abandoned before its end".into(),
+                    ))
+                }),
+                prompt_tokens: r.prompt_tokens,
+            })
+            .collect()
+    }
+
+    /// Aborts the requests still running.
+    pub fn abort(&self) {
+        self.stream.abort();
+    }
+}
+
+/// An engine and the tokenizer its requests detokenize with: the API callers generate
+/// through.
+pub struct Client {
+    engine: Arc<Engine>,
+    tokenizer: Arc<Tokenizer>,
+    /// Requests from [`Client::submit`], until [`Client::take`] claims them.
+    pending: Mutex<HashMap<RequestId, Generation>>,
+}
+
+impl Client {
+    pub fn new(engine: Arc<Engine>, tokenizer: Arc<Tokenizer>) -> Self {
+        Client {
+            engine,
+            tokenizer,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Submits every prompt with its sampling settings (`params`: one for all, or one per
+    /// prompt) and returns their stream of events. All or nothing: on a bad request the
+    /// ones already queued are aborted and its error returned.
+    pub fn stream(&self, prompts: Vec<Vec<u32>>, params: &[SamplingParams]) -> Result<Stream> {
+        if params.len() != prompts.len() && params.len() != 1 {
+            return Err(Error::param(
+                "params",
+                format!(
+                    "{} sampling settings for {} prompts",
+                    params.len(),
+                    prompts.len()
+                ),
+            ));
+        }
+        let (tx, rx) = mpsc::channel();
+        let mut ids = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.into_iter().enumerate() {
+            let p = &params[if params.len() == 1 { 0 } else { i }];
+            match self
+                .engine
+                .submit(prompt, p.clone(), self.tokenizer.clone(), tx.clone())
+            {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    ids.iter().for_each(|&id| self.engine.abort(id));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Stream {
+            engine: self.engine.clone(),
+            open: Mutex::new(ids.iter().copied().collect()),
+            ids,
+            rx: Mutex::new(rx),
+        })
+    }
+
+    /// [`Client::stream`], collected into completions as the events arrive.
+    pub fn start(&self, prompts: Vec<Vec<u32>>, params: &[SamplingParams]) -> Result<Generation> {
+        Ok(Generation::new(self.stream(prompts, params)?))
+    }
+
+    /// Runs every prompt to completion (blocking); results in prompt order.
+    pub fn generate(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        params: &[SamplingParams],
+    ) -> Result<Vec<Completion>> {
+        self.start(prompts, params)?.wait()
+    }
+
+    /// Queues one request, to be claimed later by [`Client::take`].
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId> {
+        let generation = self.start(vec![prompt], &[params])?;
+        let id = generation.ids()[0];
+        self.pending.lock().insert(id, generation);
+        Ok(id)
+    }
+
+    /// Claims request `id` from [`Client::submit`], to wait for its completion; each id
+    /// once.
+    pub fn take(&self, id: RequestId) -> Result<Generation> {
+        self.pending.lock().remove(&id).ok_or_else(|| {
+            Error::param(
+                "request_id",
+                format!("{id} is not a submitted request waiting to be collected"),
+            )
+        })
+    }
+
+    /// Ends request `id` now and frees its cache blocks; unknown or finished ids are
+    /// ignored.
+    pub fn abort(&self, id: RequestId) {
+        self.engine.abort(id);
+    }
+}
+
+/// A model's own engine, started on first use with the default configuration (and
+/// `CANDLE_NUM_PARALLEL`): the one every single-prompt generation on the model shares, so
+/// threads generating with one model interleave in one batch.
+pub struct SharedEngine {
+    model: Arc<Model>,
+    engine: Mutex<Option<Arc<Engine>>>,
+}
+
+impl SharedEngine {
+    pub fn new(model: Arc<Model>) -> Self {
+        SharedEngine {
+            model,
+            engine: Mutex::new(None),
+        }
+    }
+
+    /// The engine, started now if it is not yet.
+    pub fn get(&self) -> Result<Arc<Engine>> {
+        let mut engine = self.engine.lock();
+        if let Some(e) = engine.as_ref() {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(Engine::new(self.model.clone(), EngineConfig::from_env()?)?);
+        *engine = Some(e.clone());
+        Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{tiny_model, word_tokenizer};
+
+    fn client(max_batch_size: usize) -> Result<Client> {
+        let model = tiny_model("q4g32")?;
+        let vocab = model.config.vocab_size;
+        let config = EngineConfig {
+            max_batch_size,
+            kv_cache_tokens: Some(256),
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::new(model, config)?);
+        Ok(Client::new(engine, word_tokenizer(vocab)))
+    }
+
+    fn greedy(max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Waits (up to 10 s) for the engine thread to have handled what it was sent.
+    fn settled(client: &Client, done: impl Fn(&crate::engine::Stats) -> bool) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !done(&client.engine().stats()) {
+            if Instant::now() > until {
+                return Err(Error::Internal(format!(
+                    "engine never settled: {:?}",
+                    client.engine().stats()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Completions come back in prompt order, each with its own settings, and a greedy
+    /// request draws the same tokens alone and batched with others.
+    #[test]
+    fn generate_batches_without_changing_results() -> Result<()> {
+        let client = client(4)?;
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![9, 8], vec![7; 11]];
+        let alone = client.generate(vec![prompts[0].clone()], &[greedy(6)])?;
+        let params = [greedy(6), greedy(3), greedy(9)];
+        let batch = client.generate(prompts.clone(), &params)?;
+        assert_eq!(batch.len(), 3);
+        for ((c, p), prompt) in batch.iter().zip(&params).zip(&prompts) {
+            assert!(
+                matches!(c.finish, Ok(FinishReason::Length)),
+                "{:?}",
+                c.finish
+            );
+            assert_eq!(c.generation_tokens(), p.max_tokens);
+            assert_eq!(c.prompt_tokens, prompt.len());
+        }
+        assert_eq!(batch[0].token_ids, alone[0].token_ids);
+        assert_eq!(batch[0].text, alone[0].text);
+        Ok(())
+    }
+
+    /// A bad prompt after good ones fails the whole submission and leaves nothing queued.
+    #[test]
+    fn a_failed_submission_rolls_back() -> Result<()> {
+        let client = client(2)?;
+        let vocab = client.engine().model().config.vocab_size as u32;
+        let prompts = vec![vec![1, 2, 3], vec![4, vocab]];
+        let err = client
+            .stream(prompts, &[greedy(200)])
+            .err()
+            .ok_or_else(|| Error::Internal("an out-of-vocabulary prompt was accepted".into()))?;
+        assert!(matches!(err, Error::InvalidParam { .. }), "{err:?}");
+        settled(&client, |s| s.aborted == 1 && s.waiting + s.running == 0)?;
+        let mismatched = client.stream(vec![vec![1], vec![2], vec![3]], &[greedy(1), greedy(1)]);
+        assert!(mismatched.is_err(), "2 settings for 3 prompts accepted");
+        Ok(())
+    }
+
+    /// A stream yields every token then a last event; dropping one early aborts it.
+    #[test]
+    fn streams_end_and_abort_on_drop() -> Result<()> {
+        let client = client(2)?;
+        let stream = client.stream(vec![vec![3, 1, 4]], &[greedy(5)])?;
+        let id = stream.ids()[0];
+        let events = stream.collect::<Result<Vec<_>>>()?;
+        assert_eq!(events.len(), 5);
+        assert!(events.iter().all(|o| o.id == id));
+        assert!(events[..4].iter().all(|o| !o.event.is_last()));
+        assert!(events[4].event.is_last());
+
+        let mut stream = client.stream(vec![vec![2, 7]], &[greedy(10_000)])?;
+        let first = stream.next().transpose()?;
+        assert!(matches!(first.map(|o| o.event), Some(Event::Token(_))));
+        drop(stream);
+        settled(&client, |s| s.aborted == 1 && s.running == 0)?;
+
+        let id = client.submit(vec![5, 5], greedy(2))?;
+        let done = client.take(id)?.wait()?;
+        assert_eq!(done[0].generation_tokens(), 2);
+        assert!(client.take(id).is_err(), "a request was collected twice");
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The KV cache's memory on the CPU: every layer's keys and values, in fixed-size blocks
+//! (vLLM's PagedAttention layout, Kwon et al. 2023). Which sequence owns which block is
+//! [`super::BlockPool`]'s business; this side only says where a slot lives
+//! ([`KvLayout::place`]) and lends each layer's arrays to the attention kernels, which read
+//! and write them through [`KvStorage::layer`] and [`KvStorage::layer_mut`] alone. A GPU
+//! backend provides its own storage behind the same three calls.
+//!
+//! Memory: `2 · layers · num_blocks · block_size · kv_heads · head_dim` elements, reserved
+//! up front as zeroed allocations that the OS maps lazily, so only written blocks are
+//! resident.
+
+use half::f16;
+
+use crate::error::{Error, Result};
+
+/// Elements after each layer's keys, so that a kernel reading 16 keys at a time past the
+/// end of a run (and dropping the extra lanes) never reads out of bounds.
+pub const KEY_PAD: usize = 16;
+
+/// The rotating cache's shape (mlx-lm's `RotatingKVCache`): the first `keep` positions
+/// stay, and the rest share `window` slots in a ring, so a sequence holds at most
+/// `keep + window` positions and sees its first tokens and the most recent ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ring {
+    pub keep: usize,
+    pub window: usize,
+}
+
+impl Ring {
+    /// Cache slots a sequence of `len` positions occupies.
+    pub fn slots(ring: Option<Ring>, len: usize) -> usize {
+        ring.map_or(len, |r| len.min(r.keep + r.window))
+    }
+
+    /// The slot of position `p` within its sequence.
+    pub fn slot(ring: Option<Ring>, p: usize) -> usize {
+        match ring {
+            Some(r) if p >= r.keep => r.keep + (p - r.keep) % r.window,
+            _ => p,
+        }
+    }
+}
+
+/// How the cache stores keys and values: f16 halves the memory a position takes and the
+/// bytes each decoded token reads (llama.cpp's default too); f32 keeps a float model's
+/// reference computation exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+}
+
+impl KvDType {
+    /// Bytes of one element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+}
+
+/// The shape of the cache, shared by every layer: what a kernel needs to find a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Positions per block.
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Past `keep + window` positions a sequence's slots wrap around (rotating cache).
+    pub ring: Option<Ring>,
+}
+
+impl KvLayout {
+    /// Where the keys of `kv_head` in slot `slot` of a sequence with block table `blocks`
+    /// start: `(block's first key element, index within the block)`. Keys are `[num_blocks,
+    /// kv_heads, head_dim, block_size]` (transposed within a block: one dimension of a
+    /// block's keys is contiguous, so a query scores a whole run of keys with vector
+    /// multiply-adds and no horizontal sums): dimension `d` of the key is at
+    /// `first + d * block_size + index`. Values are `[num_blocks, kv_heads, block_size,
+    /// head_dim]` (a key's value is contiguous): at `first + index * head_dim..`.
+    pub fn place(&self, blocks: &[u32], slot: usize, kv_head: usize) -> (usize, usize) {
+        let block = blocks[slot / self.block_size] as usize;
+        let base = (block * self.kv_heads + kv_head) * self.block_size * self.head_dim;
+        (base, slot % self.block_size)
+    }
+
+    /// Elements of keys (or of values) per block and layer.
+    fn block_len(&self) -> usize {
+        self.block_size * self.kv_heads * self.head_dim
+    }
+}
+
+/// One layer's `(keys, values)` as [`KvLayout::place`] lays them out; keys carry
+/// [`KEY_PAD`] elements more.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerKv<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+}
+
+/// [`LayerKv`], writable.
+#[derive(Debug)]
+pub enum LayerKvMut<'a> {
+    F32(&'a mut [f32], &'a mut [f32]),
+    F16(&'a mut [f16], &'a mut [f16]),
+}
+
+/// Each layer's keys and values, in one element type.
+#[derive(Debug)]
+enum Layers {
+    F32(Vec<(Vec<f32>, Vec<f32>)>),
+    F16(Vec<(Vec<f16>, Vec<f16>)>),
+}
+
+/// Keys and values of every layer, `num_blocks` blocks each.
+#[derive(Debug)]
+pub struct KvStorage {
+    layers: Layers,
+    layout: KvLayout,
+    num_blocks: usize,
+}
+
+impl KvStorage {
+    pub fn new(
+        dtype: KvDType,
+        num_layers: usize,
+        num_blocks: usize,
+        layout: KvLayout,
+    ) -> Result<Self> {
+        let len = num_blocks
+            .checked_mul(layout.block_len())
+            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
+        fn zeros<T: Copy + Default>(layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
+            (0..layers)
+                .map(|_| (vec![T::default(); len + KEY_PAD], vec![T::default(); len]))
+                .collect()
+        }
+        Ok(KvStorage {
+            layers: match dtype {
+                KvDType::F32 => Layers::F32(zeros(num_layers, len)),
+                KvDType::F16 => Layers::F16(zeros(num_layers, len)),
+            },
+            layout,
+            num_blocks,
+        })
+    }
+
+    /// Bytes of K and V per cached token, over all layers.
+    pub fn bytes_per_token(
+        dtype: KvDType,
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        2 * num_layers * kv_heads * head_dim * dtype.size()
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Adds `more` blocks (a single sequence's cache growing); their ids follow the
+    /// existing ones. O(size) when the arrays move.
+    pub fn grow(&mut self, more: usize) {
+        fn resize<T: Copy + Default>(layers: &mut [(Vec<T>, Vec<T>)], len: usize) {
+            for (k, v) in layers {
+                k.resize(len + KEY_PAD, T::default());
+                v.resize(len, T::default());
+            }
+        }
+        self.num_blocks += more;
+        let len = self.num_blocks * self.layout.block_len();
+        match &mut self.layers {
+            Layers::F32(l) => resize(l, len),
+            Layers::F16(l) => resize(l, len),
+        }
+    }
+
+    /// Layer `layer`'s keys and values, to read.
+    pub fn layer(&self, layer: usize) -> LayerKv<'_> {
+        match &self.layers {
+            Layers::F32(l) => LayerKv::F32(&l[layer].0, &l[layer].1),
+            Layers::F16(l) => LayerKv::F16(&l[layer].0, &l[layer].1),
+        }
+    }
+
+    /// Layer `layer`'s keys and values, to write.
+    pub fn layer_mut(&mut self, layer: usize) -> LayerKvMut<'_> {
+        match &mut self.layers {
+            Layers::F32(l) => {
+                let (k, v) = &mut l[layer];
+                LayerKvMut::F32(k, v)
+            }
+            Layers::F16(l) => {
+                let (k, v) = &mut l[layer];
+                LayerKvMut::F16(k, v)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slots of one sequence map to distinct elements inside its own blocks, and the ring
+    /// wraps past `keep + window`.
+    #[test]
+    fn places_are_distinct_and_inside_the_table() -> Result<()> {
+        let layout = KvLayout {
+            block_size: 4,
+            kv_heads: 2,
+            head_dim: 3,
+            ring: None,
+        };
+        let storage = KvStorage::new(KvDType::F16, 2, 5, layout)?;
+        let LayerKv::F16(keys, values) = storage.layer(1) else {
+            return Err(Error::Internal("an f16 cache lent f32 arrays".into()));
+        };
+        assert_eq!(values.len(), 5 * 4 * 2 * 3);
+        assert_eq!(keys.len(), values.len() + KEY_PAD);
+        let blocks = [3u32, 0, 4];
+        let mut seen = std::collections::HashSet::new();
+        for slot in 0..12 {
+            for h in 0..2 {
+                let (base, index) = layout.place(&blocks, slot, h);
+                let block = base / layout.block_len();
+                assert_eq!(block as u32, blocks[slot / 4]);
+                assert!(base + index * 3 + 3 <= values.len());
+                assert!(
+                    seen.insert((base, index)),
+                    "slot {slot} head {h} placed twice"
+                );
+            }
+        }
+        let ring = Some(Ring { keep: 2, window: 5 });
+        assert_eq!(Ring::slots(ring, 100), 7);
+        assert_eq!(Ring::slot(ring, 1), 1);
+        assert_eq!(Ring::slot(ring, 7), 2);
+        assert_eq!(Ring::slot(ring, 8), 3);
+        Ok(())
+    }
+
+    #[test]
+    fn grow_adds_blocks_after_the_existing_ones() -> Result<()> {
+        let layout = KvLayout {
+            block_size: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            ring: None,
+        };
+        let mut storage = KvStorage::new(KvDType::F32, 1, 0, layout)?;
+        storage.grow(3);
+        assert_eq!(storage.num_blocks(), 3);
+        let LayerKvMut::F32(keys, values) = storage.layer_mut(0) else {
+            return Err(Error::Internal("an f32 cache lent f16 arrays".into()));
+        };
+        assert_eq!((keys.len(), values.len()), (12 + KEY_PAD, 12));
+        Ok(())
+    }
+}
