@@ -506,7 +506,7 @@ fn model_from_gguf(gguf: &GgufFile, device: &Device, progress: &Progress) -> Res
     let cfg = ModelConfig::from_gguf(gguf)?;
     let src = GgufWeights {
         gguf,
-        family: &cfg.model_type,
+        family: cfg.model_type,
         device,
     };
     let rope_factors = match cfg.rope_scaling {
@@ -556,8 +556,9 @@ pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
 fn model_from_folder(dir: &Path, device: &Device, progress: &Progress) -> Result<Model> {
     let json = read_config_json(dir)?;
     let cfg = ModelConfig::from_hf(&json)?;
-    let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
-    let src = FolderWeights::open(dir, &json, norm_offset)?;
+    // llama.cpp's files hold the norm weights as applied; HF checkpoints may not (Gemma).
+    let norm_offset = cfg.model_type.traits().norm_offset;
+    let src = FolderWeights::open(dir, &json, cfg.model_type, norm_offset)?;
     let num_parameters = src.num_parameters();
     let rope_factors = cfg
         .rope_scaling

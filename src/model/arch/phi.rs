@@ -1,0 +1,47 @@
+//! Phi (phi-1, phi-1.5, phi-2; llama.cpp's `phi2`): LayerNorm with biases, attention and a
+//! plain GELU MLP side by side on one normalised input, biases everywhere, a biased head,
+//! RoPE over the leading `partial_rotary_factor` of each head in HF's row order.
+
+use super::{Adapter, GgufNames, Rotary, Traits, ATTENTION, PLAIN_MLP};
+use crate::model::config::Activation;
+
+pub struct Phi;
+
+static TRAITS: Traits = Traits {
+    name: "phi",
+    hf_model_type: "phi",
+    hf_architecture: "PhiForCausalLM",
+    gguf_arch: "phi2",
+    hidden_act: Activation::GeluPytorchTanh,
+    hf_act_field: "hidden_act",
+    rotary: Rotary::Partial { hf_default: 0.5 },
+    use_qk_norm: false,
+    qkv_bias: true,
+    o_bias: true,
+    fused_projections: false,
+    phi_block: true,
+    layer_norm: true,
+    plain_mlp: true,
+    learned_positions: false,
+    sandwich_norms: false,
+    scale_embeddings: false,
+    gguf_permuted_qk: false,
+    norm_offset: 0.0,
+    hf_max_position_embeddings: 2048,
+    hf_rope_theta: 10_000.0,
+    hf_tie_word_embeddings: false,
+    gguf_names: GgufNames {
+        top: &[
+            ("model.embed_tokens", "token_embd"),
+            ("model.final_layernorm", "output_norm"),
+            ("lm_head", "output"),
+        ],
+        layer: &[ATTENTION, &[("self_attn.dense", "attn_output")], PLAIN_MLP],
+    },
+};
+
+impl Adapter for Phi {
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
+    }
+}
