@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::error::{bail, Context, Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::Dtype;
-use crate::model::arch::{self, Family};
+use crate::model::arch;
 use crate::model::config::ModelConfig;
 use crate::model::loader::read_config_json;
 use crate::model::resolve_model_path;
@@ -245,17 +245,8 @@ impl Source {
     fn gguf(path: &Path) -> Result<Self> {
         let gguf = GgufFile::open(path)?;
         let model = ModelConfig::from_gguf(&gguf)?;
-        let family = model.model_type;
-        if matches!(family, Family::Phi | Family::Gpt2 | Family::Qwen3Moe) {
-            // Their HF configs (and GPT-2's Conv1D layout) are not generated yet.
-            return Err(Error::config(
-                "general.architecture",
-                format!(
-                    "converting a GGUF {family} is not supported yet; convert its Hugging Face checkpoint"
-                ),
-            ));
-        }
         let tok = Tokenizer::from_gguf(&gguf).ok();
+        let family = model.model_type;
         // mlx-lm's names where they differ from the decoder's (GPT-2's `model.h.0...`).
         let mlx = family.adapter().mlx_layout();
         let mut tensors = Vec::new();

@@ -8,7 +8,7 @@
 use super::{Adapter, GgufNames, JsonMap, Renamed, Rotary, StoredLayout, Traits, PLAIN_MLP};
 use crate::error::{Error, Result};
 use crate::model::arch::Family;
-use crate::model::config::{Activation, HfFields, MAX_HIDDEN};
+use crate::model::config::{Activation, HfFields, ModelConfig, MAX_HIDDEN};
 
 pub struct Gpt2;
 
@@ -117,6 +117,19 @@ impl Adapter for Gpt2 {
         Ok(Some(out))
     }
 
+    fn hf_config(&self, cfg: &ModelConfig, m: &mut JsonMap) {
+        for (theirs, ours) in FIELDS {
+            if let Some(v) = m.remove(*ours) {
+                m.insert(theirs.to_string(), v);
+            }
+        }
+        for unused in ["num_key_value_heads", "head_dim", "rope_theta"] {
+            m.remove(unused);
+        }
+        m.insert("n_ctx".into(), cfg.max_position_embeddings.into());
+        m.insert("activation_function".into(), "gelu_new".into());
+    }
+
     fn stored_layout(&self, has: &dyn Fn(&str) -> bool) -> Option<StoredLayout> {
         ["transformer.", "", "model."]
             .into_iter()
@@ -126,6 +139,14 @@ impl Adapter for Gpt2 {
                 prefix,
                 transposed: prefix != "model.",
             })
+    }
+
+    fn mlx_layout(&self) -> Option<StoredLayout> {
+        Some(StoredLayout {
+            family: Family::Gpt2,
+            prefix: "model.",
+            transposed: false,
+        })
     }
 
     fn stored_name(&self, layout: &StoredLayout, module: &str) -> Option<(String, bool)> {

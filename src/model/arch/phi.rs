@@ -2,8 +2,8 @@
 //! plain GELU MLP side by side on one normalised input, biases everywhere, a biased head,
 //! RoPE over the leading `partial_rotary_factor` of each head in HF's row order.
 
-use super::{Adapter, GgufNames, Rotary, Traits, ATTENTION, PLAIN_MLP};
-use crate::model::config::Activation;
+use super::{Adapter, GgufNames, JsonMap, Rotary, Traits, ATTENTION, PLAIN_MLP};
+use crate::model::config::{Activation, ModelConfig};
 
 pub struct Phi;
 
@@ -43,5 +43,10 @@ static TRAITS: Traits = Traits {
 impl Adapter for Phi {
     fn traits(&self) -> &'static Traits {
         &TRAITS
+    }
+
+    fn hf_config(&self, cfg: &ModelConfig, m: &mut JsonMap) {
+        let factor = cfg.rotary_dim as f64 / cfg.head_dim as f64;
+        m.insert("partial_rotary_factor".into(), factor.into());
     }
 }

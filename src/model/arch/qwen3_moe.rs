@@ -4,7 +4,8 @@
 //! tensors are stacked by the converter.
 
 use super::{
-    Adapter, GgufNames, Rotary, Traits, ATTENTION, EMBEDDING, FFN_NORM, GATED_MLP, O_PROJ, QK_NORM,
+    Adapter, GgufNames, JsonMap, Rotary, Traits, ATTENTION, EMBEDDING, FFN_NORM, GATED_MLP, O_PROJ,
+    QK_NORM,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
@@ -108,5 +109,19 @@ impl Adapter for Qwen3Moe {
             mlp_only_layers,
         });
         Ok(())
+    }
+
+    fn hf_config(&self, cfg: &ModelConfig, m: &mut JsonMap) {
+        let Some(moe) = &cfg.moe else { return };
+        for (k, v) in [
+            ("num_experts", serde_json::json!(moe.num_experts)),
+            ("num_experts_per_tok", moe.num_experts_per_tok.into()),
+            ("moe_intermediate_size", moe.moe_intermediate_size.into()),
+            ("norm_topk_prob", moe.norm_topk_prob.into()),
+            ("decoder_sparse_step", moe.decoder_sparse_step.into()),
+            ("mlp_only_layers", moe.mlp_only_layers.clone().into()),
+        ] {
+            m.insert(k.into(), v);
+        }
     }
 }
