@@ -667,3 +667,112 @@ fn has_tokenizer_files(dir: &Path) -> bool {
         && (dir.join("tokenizer.json").is_file()
             || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file()))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::Value;
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+    use crate::formats::gguf::{write_gguf, GgufTensorSpec};
+    use crate::model::arch::Family;
+
+    /// A scratch folder for one test.
+    fn scratch(name: &str) -> Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("cortex-loader-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir)
+    }
+
+    /// A one-layer llama-family GGUF (hidden 8, 2 heads of 4, 1 KV head, MLP 16, 16 tokens)
+    /// with small f32 weights, `general.architecture` = `arch`, without the tensors `skip`.
+    fn tiny_gguf(path: &Path, arch: &str, skip: &str) -> Result<()> {
+        let k = |s: &str| format!("{arch}.{s}");
+        let metadata = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String(arch.into()),
+            ),
+            (k("block_count"), Value::U32(1)),
+            (k("context_length"), Value::U32(32)),
+            (k("embedding_length"), Value::U32(8)),
+            (k("feed_forward_length"), Value::U32(16)),
+            (k("attention.head_count"), Value::U32(2)),
+            (k("attention.head_count_kv"), Value::U32(1)),
+            (k("vocab_size"), Value::U32(16)),
+        ];
+        let specs: Vec<GgufTensorSpec> = [
+            ("token_embd.weight", vec![16, 8]),
+            ("blk.0.attn_norm.weight", vec![8]),
+            ("blk.0.attn_q.weight", vec![8, 8]),
+            ("blk.0.attn_k.weight", vec![4, 8]),
+            ("blk.0.attn_v.weight", vec![4, 8]),
+            ("blk.0.attn_output.weight", vec![8, 8]),
+            ("blk.0.ffn_norm.weight", vec![8]),
+            ("blk.0.ffn_gate.weight", vec![16, 8]),
+            ("blk.0.ffn_up.weight", vec![16, 8]),
+            ("blk.0.ffn_down.weight", vec![8, 16]),
+            ("output_norm.weight", vec![8]),
+        ]
+        .into_iter()
+        .filter(|(name, _)| *name != skip)
+        .map(|(name, dims)| GgufTensorSpec {
+            name: name.into(),
+            dims,
+            dtype: GgmlDType::F32,
+        })
+        .collect();
+        let data = |i: usize| {
+            let n: usize = specs[i].dims.iter().product();
+            Ok((0..n)
+                .flat_map(|x| ((x % 7) as f32 * 0.1 - 0.3).to_le_bytes())
+                .collect())
+        };
+        write_gguf(path, &metadata, &specs, data)
+    }
+
+    #[test]
+    fn a_gguf_alias_loads_as_its_family() -> Result<()> {
+        let dir = scratch("alias")?;
+        let path = dir.join("m.gguf");
+        tiny_gguf(&path, "mistral", "")?;
+        // A folder holding one GGUF resolves to it.
+        let model = load_model(&dir)?;
+        assert_eq!(model.config.model_type, Family::Llama);
+        // Embedding, q and o, k and v, the MLP, three norms.
+        let parameters = 16 * 8 + 2 * 8 * 8 + 2 * 4 * 8 + 3 * 16 * 8 + 3 * 8;
+        assert_eq!(model.num_parameters, parameters);
+        let (logits, rows) = model.logits(&[1, 2, 3], true)?;
+        assert_eq!((logits.len(), rows), (3 * 16, 3));
+        assert!(logits.iter().all(|x| x.is_finite()));
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named_at_load() -> Result<()> {
+        let dir = scratch("missing")?;
+        let path = dir.join("m.gguf");
+        tiny_gguf(&path, "llama", "blk.0.ffn_down.weight")?;
+        let message = load_model(&path).err().map(|e| e.to_string());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("'blk.0.ffn_down.weight' is missing")),
+            "{message:?}"
+        );
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn safetensors_without_config_json_are_refused() -> Result<()> {
+        let dir = scratch("no-config")?;
+        std::fs::write(dir.join("model.safetensors"), b"").map_err(|e| Error::io(&dir, e))?;
+        match load_model(&dir) {
+            Err(Error::ModelNotFound { message, .. }) => {
+                assert!(message.contains("no config.json"), "{message}");
+            }
+            other => panic!("expected ModelNotFound, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+}

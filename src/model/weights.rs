@@ -552,3 +552,151 @@ impl WeightSource for FolderWeights {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::formats::gguf::{write_gguf, GgufTensorSpec};
+    use crate::formats::safetensors::{write, TensorSpec};
+    use candle_core::quantized::GgmlDType;
+
+    /// A scratch folder for one test.
+    fn scratch(name: &str) -> Result<PathBuf> {
+        let dir =
+            std::env::temp_dir().join(format!("cortex-weights-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir)
+    }
+
+    /// f32 tensors `(name, shape)` holding `0, 1, 2...` in row-major order.
+    fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>)]) -> Result<()> {
+        let specs: Vec<TensorSpec> = tensors
+            .iter()
+            .map(|(name, shape)| TensorSpec {
+                name: name.to_string(),
+                dtype: Dtype::F32,
+                shape: shape.clone(),
+            })
+            .collect();
+        write(path, &specs, &BTreeMap::new(), |i| {
+            let n: usize = tensors[i].1.iter().product();
+            Ok((0..n).flat_map(|x| (x as f32).to_le_bytes()).collect())
+        })
+    }
+
+    fn values(w: &Weight) -> Result<Vec<f32>> {
+        match w {
+            Weight::Dense(t) => Ok(t.flatten_all()?.to_vec1()?),
+            other => Err(Error::Internal(format!("expected dense, got {other:?}"))),
+        }
+    }
+
+    #[test]
+    fn gguf_param_names_per_family() {
+        let q_bias = "model.layers.0.self_attn.q_proj.bias";
+        assert_eq!(
+            gguf_param(q_bias, Family::Qwen2).as_deref(),
+            Some("blk.0.attn_q.bias")
+        );
+        assert_eq!(
+            hf_param("blk.0.attn_q.bias", Family::Qwen2, 1).as_deref(),
+            Some(q_bias)
+        );
+        assert_eq!(
+            hf_param("output.bias", Family::Phi, 2).as_deref(),
+            Some("lm_head.bias")
+        );
+        assert_eq!(
+            hf_param("blk.1.attn_qkv.weight", Family::Gpt2, 2).as_deref(),
+            Some("model.layers.1.self_attn.qkv_proj.weight")
+        );
+        // Not a parameter, or past the last layer.
+        assert_eq!(hf_param("rope_freqs", Family::Llama, 2), None);
+        assert_eq!(hf_param("blk.2.attn_q.weight", Family::Llama, 2), None);
+    }
+
+    #[test]
+    fn gguf_weights_by_hf_name() -> Result<()> {
+        let dir = scratch("gguf")?;
+        let path = dir.join("m.gguf");
+        let specs = [GgufTensorSpec {
+            name: "blk.0.post_attention_norm.weight".into(),
+            dims: vec![4],
+            dtype: GgmlDType::F32,
+        }];
+        write_gguf(&path, &[], &specs, |_| {
+            Ok([1.0f32, 2.0, 3.0, 4.0]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect())
+        })?;
+        let gguf = GgufFile::open(&path)?;
+        let device = Device::Cpu;
+        let src = GgufWeights {
+            gguf: &gguf,
+            family: Family::Gemma3,
+            device: &device,
+        };
+        let module = "model.layers.0.post_attention_layernorm";
+        assert!(src.has(module));
+        // llama.cpp already holds Gemma's `1 + w`: read as stored.
+        assert_eq!(
+            src.vector(module, 4)?.to_vec1::<f32>()?,
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        let wrong = src.vector(module, 5).err().map(|e| e.to_string());
+        assert!(wrong.is_some_and(|m| m.contains("expected [5]")));
+        // The llama family names that module `ffn_norm`, which this file lacks.
+        let llama = GgufWeights {
+            family: Family::Llama,
+            ..src
+        };
+        assert!(!llama.has(module));
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn gpt2_checkpoint_layouts() -> Result<()> {
+        let (d, out) = (2, 6);
+        for (prefix, transposed) in [("transformer.", true), ("model.", false)] {
+            let dir = scratch(&format!("gpt2-{}", prefix.trim_end_matches('.')))?;
+            let qkv = format!("{prefix}h.0.attn.c_attn.weight");
+            let shape = if transposed {
+                vec![d, out]
+            } else {
+                vec![out, d]
+            };
+            let wte = format!("{prefix}wte.weight");
+            write_f32(
+                &dir.join("model.safetensors"),
+                &[(&wte, vec![3, d]), (&qkv, shape)],
+            )?;
+            let src = FolderWeights::open(&dir, &serde_json::json!({}), Family::Gpt2, 0.0)?;
+            assert!(src.has("model.embed_tokens"));
+            let w = src.matrix("model.layers.0.self_attn.qkv_proj", out, d)?;
+            // Stored `[in, out]` (Conv1D), the value at [o, i] is `i * out + o`.
+            let want: Vec<f32> = (0..out)
+                .flat_map(|o| (0..d).map(move |i| if transposed { i * out + o } else { o * d + i }))
+                .map(|x| x as f32)
+                .collect();
+            assert_eq!(values(&w)?, want, "{prefix}");
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn folder_norm_offset_and_missing_tensor() -> Result<()> {
+        let dir = scratch("gemma")?;
+        let norm = "model.layers.0.input_layernorm.weight";
+        write_f32(&dir.join("model.safetensors"), &[(norm, vec![3])])?;
+        let src = FolderWeights::open(&dir, &serde_json::json!({}), Family::Gemma3, 1.0)?;
+        let v = src.vector("model.layers.0.input_layernorm", 3)?;
+        assert_eq!(v.to_vec1::<f32>()?, [1.0, 2.0, 3.0]);
+        let missing = src.vector("model.norm", 3).err().map(|e| e.to_string());
+        assert!(missing.is_some_and(|m| m.contains("'model.norm.weight' is missing")));
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+}

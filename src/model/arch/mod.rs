@@ -359,3 +359,141 @@ pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
     cfg.model_type.adapter().hf_config(cfg, &mut m);
     serde_json::Value::Object(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Family; 8] = [
+        Family::Llama,
+        Family::Gemma3,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Qwen3Moe,
+        Family::Phi3,
+        Family::Phi,
+        Family::Gpt2,
+    ];
+
+    #[test]
+    fn every_name_of_a_family_resolves_to_it() -> Result<()> {
+        for f in ALL {
+            let t = f.traits();
+            assert_eq!(t.name, f.name());
+            for name in [t.name, t.hf_model_type, t.gguf_arch] {
+                assert_eq!(Family::from_name(name)?, f, "{name}");
+            }
+        }
+        assert_eq!(Family::from_name("mistral")?, Family::Llama);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_name_lists_the_registry() {
+        match Family::from_name("transmogrifier") {
+            Err(Error::UnsupportedArchitecture {
+                architecture,
+                supported,
+            }) => {
+                assert_eq!(architecture, "transmogrifier");
+                let names: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+                assert_eq!(supported, names);
+            }
+            other => panic!("expected UnsupportedArchitecture, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gguf_names_invert_for_every_family() {
+        for f in ALL {
+            let t = f.traits();
+            for &(hf, g) in t.gguf_names.top {
+                assert_eq!(t.gguf_name(hf).as_deref(), Some(g), "{f} {hf}");
+                assert_eq!(t.hf_module(g, 2).as_deref(), Some(hf), "{f} {g}");
+            }
+            for &(leaf, g) in t.gguf_names.layer.iter().copied().flatten() {
+                let hf = format!("model.layers.1.{leaf}");
+                let gguf = format!("blk.1.{g}");
+                assert_eq!(t.gguf_name(&hf), Some(gguf.clone()), "{f} {hf}");
+                assert_eq!(t.hf_module(&gguf, 2), Some(hf), "{f} {gguf}");
+                // Past the last layer, no module.
+                assert_eq!(t.hf_module(&gguf, 1), None, "{f} {gguf}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_that_differ_between_families() {
+        let name = |f: Family, m: &str| f.traits().gguf_name(m);
+        let post = "model.layers.0.post_attention_layernorm";
+        assert_eq!(name(Family::Llama, post).as_deref(), Some("blk.0.ffn_norm"));
+        assert_eq!(
+            name(Family::Gemma3, post).as_deref(),
+            Some("blk.0.post_attention_norm")
+        );
+        let out = "model.layers.0.self_attn.dense";
+        assert_eq!(name(Family::Phi, out).as_deref(), Some("blk.0.attn_output"));
+        assert_eq!(name(Family::Llama, out), None);
+        assert_eq!(
+            name(Family::Phi, "model.final_layernorm").as_deref(),
+            Some("output_norm")
+        );
+        assert_eq!(
+            name(Family::Phi3, "model.layers.2.mlp.gate_up_proj").as_deref(),
+            Some("blk.2.ffn_up")
+        );
+        assert_eq!(
+            name(Family::Qwen3Moe, "model.layers.0.mlp.switch_mlp.up_proj").as_deref(),
+            Some("blk.0.ffn_up_exps")
+        );
+        assert_eq!(
+            name(Family::Gpt2, "model.embed_positions").as_deref(),
+            Some("position_embd")
+        );
+    }
+
+    #[test]
+    fn gpt2_layouts_and_sanitize() {
+        let hf = [
+            "transformer.wte.weight",
+            "transformer.h.0.attn.c_attn.weight",
+        ];
+        let a = Family::Gpt2.adapter();
+        let layout = a.stored_layout(&|n| hf.contains(&n));
+        let qkv = "model.layers.0.self_attn.qkv_proj";
+        // `GPT2LMHeadModel`: Conv1D weights stored `[in, out]`.
+        assert_eq!(
+            layout.and_then(|l| l.stored(qkv)),
+            Some(("transformer.h.0.attn.c_attn".to_string(), true))
+        );
+        let norm = layout.and_then(|l| l.stored("model.layers.0.input_layernorm"));
+        assert_eq!(norm, Some(("transformer.h.0.ln_1".to_string(), false)));
+        // mlx-lm's: under `model.`, already `[out, in]`.
+        let mlx = a.mlx_layout().and_then(|l| l.stored(qkv));
+        assert_eq!(mlx, Some(("model.h.0.attn.c_attn".to_string(), false)));
+        assert_eq!(Family::Llama.adapter().stored_layout(&|_| true), None);
+
+        let names = [
+            "transformer.wte.weight",
+            "transformer.h.0.attn.bias",
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.0.attn.c_attn.bias",
+            "lm_head.weight",
+        ];
+        let renamed = a.sanitize(&names, true).unwrap_or_default();
+        let got: Vec<(&str, bool)> = renamed
+            .iter()
+            .map(|r| (r.name.as_str(), r.transposed))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("model.wte.weight", false),
+                ("model.h.0.attn.c_attn.weight", true),
+                ("model.h.0.attn.c_attn.bias", false),
+            ]
+        );
+        // Already mlx-lm's layout: nothing to rename.
+        assert_eq!(a.sanitize(&["model.wte.weight"], true), None);
+    }
+}

@@ -429,3 +429,6 @@ struct Shared {
     hidden_act: Activation,
     rotary_dim: usize,
 }
+
+#[cfg(test)]
+mod tests;
