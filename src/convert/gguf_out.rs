@@ -1,4 +1,5 @@
-//! GGUF output: one file that llama.cpp and the `gguf` Python package read, with the
+//! GGUF output: one file that llama.cpp and the `gguf` Python package read (architecture
+//! name, hyper-parameter keys and tensor names from the family's adapter), with the
 //! tokenizer and chat template in its metadata.
 //!
 //! Bits → GGML block type (all with a per-block scale, llama.cpp's own quantizers for the

@@ -1,7 +1,10 @@
-//! Loading a model (and its tokenizer) from a reference: a `.gguf` file, or a directory
-//! holding exactly one. Every tensor's shape is checked against the configuration before
-//! its data is read, so a mismatched file fails at load with the tensor's name rather than
-//! as an index error in the first forward pass.
+//! Loading a model (and its tokenizer) from a reference: a `.gguf` file, a directory
+//! holding exactly one, or a directory with `config.json` and safetensors in HF or MLX
+//! layout. The configuration comes from the source's metadata through the family's adapter
+//! (`model::arch`), the weights through a [`WeightSource`] addressed by HF module paths, and
+//! one builder assembles the decoder from either. Every tensor's shape is checked against
+//! the configuration before its data is read, so a mismatched file fails at load with the
+//! tensor's name rather than as an index error in the first forward pass.
 
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};

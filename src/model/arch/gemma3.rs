@@ -3,7 +3,7 @@
 //! of six with their own RoPE base, and scores scaled by `query_pre_attn_scalar`.
 
 use super::{
-    Adapter, GgufNames, JsonMap, Rotary, Traits, ATTENTION, EMBEDDING, GATED_MLP, O_PROJ, QK_NORM,
+    Adapter, GgufNames, JsonMap, Traits, ATTENTION, EMBEDDING, GATED_MLP, O_PROJ, QK_NORM,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
@@ -21,15 +21,7 @@ static TRAITS: Traits = Traits {
     gguf_arch: "gemma3",
     hidden_act: Activation::GeluPytorchTanh,
     hf_act_field: "hidden_activation",
-    rotary: Rotary::Full,
     use_qk_norm: true,
-    qkv_bias: false,
-    o_bias: false,
-    fused_projections: false,
-    phi_block: false,
-    layer_norm: false,
-    plain_mlp: false,
-    learned_positions: false,
     sandwich_norms: true,
     scale_embeddings: true,
     gguf_permuted_qk: false,
@@ -53,6 +45,7 @@ static TRAITS: Traits = Traits {
             GATED_MLP,
         ],
     },
+    ..super::llama::TRAITS
 };
 
 impl Adapter for Gemma3 {

@@ -18,22 +18,15 @@ static TRAITS: Traits = Traits {
     hf_architecture: "GPT2LMHeadModel",
     gguf_arch: "gpt2",
     hidden_act: Activation::GeluPytorchTanh,
-    hf_act_field: "hidden_act",
     rotary: Rotary::None,
-    use_qk_norm: false,
     qkv_bias: true,
     o_bias: true,
     fused_projections: true,
-    phi_block: false,
     layer_norm: true,
     plain_mlp: true,
     learned_positions: true,
-    sandwich_norms: false,
-    scale_embeddings: false,
     gguf_permuted_qk: false,
-    norm_offset: 0.0,
     hf_max_position_embeddings: 1024,
-    hf_rope_theta: 10_000.0,
     hf_tie_word_embeddings: true,
     gguf_names: GgufNames {
         top: &[
@@ -52,6 +45,7 @@ static TRAITS: Traits = Traits {
             PLAIN_MLP,
         ],
     },
+    ..super::llama::TRAITS
 };
 
 /// `GPT2Config`'s names for the fields the other families share.

@@ -9,7 +9,8 @@ use crate::model::config::Activation;
 
 pub struct Llama;
 
-static TRAITS: Traits = Traits {
+/// The base the other families' traits are written as differences from.
+pub(super) const TRAITS: Traits = Traits {
     name: "llama",
     hf_model_type: "llama",
     hf_architecture: "LlamaForCausalLM",

@@ -133,6 +133,8 @@ pub struct GgufNames {
 }
 
 /// What a family fixes, and the defaults its `config.json` class gives absent fields.
+/// Each family writes its own as differences from llama's (`..llama::TRAITS`), as the
+/// model cards describe them ("the llama block with q/k/v biases").
 pub struct Traits {
     /// The family's one name ([`Family::name`]).
     pub name: &'static str,

@@ -13,23 +13,13 @@ static TRAITS: Traits = Traits {
     hf_architecture: "PhiForCausalLM",
     gguf_arch: "phi2",
     hidden_act: Activation::GeluPytorchTanh,
-    hf_act_field: "hidden_act",
     rotary: Rotary::Partial { hf_default: 0.5 },
-    use_qk_norm: false,
     qkv_bias: true,
     o_bias: true,
-    fused_projections: false,
     phi_block: true,
     layer_norm: true,
     plain_mlp: true,
-    learned_positions: false,
-    sandwich_norms: false,
-    scale_embeddings: false,
     gguf_permuted_qk: false,
-    norm_offset: 0.0,
-    hf_max_position_embeddings: 2048,
-    hf_rope_theta: 10_000.0,
-    hf_tie_word_embeddings: false,
     gguf_names: GgufNames {
         top: &[
             ("model.embed_tokens", "token_embd"),
@@ -38,6 +28,7 @@ static TRAITS: Traits = Traits {
         ],
         layer: &[ATTENTION, &[("self_attn.dense", "attn_output")], PLAIN_MLP],
     },
+    ..super::llama::TRAITS
 };
 
 impl Adapter for Phi {

@@ -1,11 +1,9 @@
 //! Qwen 2: the llama block with q/k/v biases, HF row order for RoPE, and a sliding window
 //! that only `use_sliding_window` turns on (per layer, which the decoder does not run).
 
-use super::{
-    Adapter, GgufNames, Rotary, Traits, ATTENTION, EMBEDDING, FFN_NORM, GATED_MLP, O_PROJ,
-};
+use super::{Adapter, Traits};
 use crate::error::Result;
-use crate::model::config::{Activation, HfFields, ModelConfig};
+use crate::model::config::{HfFields, ModelConfig};
 
 pub struct Qwen2;
 
@@ -14,28 +12,9 @@ static TRAITS: Traits = Traits {
     hf_model_type: "qwen2",
     hf_architecture: "Qwen2ForCausalLM",
     gguf_arch: "qwen2",
-    hidden_act: Activation::Silu,
-    hf_act_field: "hidden_act",
-    rotary: Rotary::Full,
-    use_qk_norm: false,
     qkv_bias: true,
-    o_bias: false,
-    fused_projections: false,
-    phi_block: false,
-    layer_norm: false,
-    plain_mlp: false,
-    learned_positions: false,
-    sandwich_norms: false,
-    scale_embeddings: false,
     gguf_permuted_qk: false,
-    norm_offset: 0.0,
-    hf_max_position_embeddings: 2048,
-    hf_rope_theta: 10_000.0,
-    hf_tie_word_embeddings: false,
-    gguf_names: GgufNames {
-        top: EMBEDDING,
-        layer: &[ATTENTION, O_PROJ, FFN_NORM, GATED_MLP],
-    },
+    ..super::llama::TRAITS
 };
 
 /// Qwen configs carry a `sliding_window` that applies only with `use_sliding_window`,

@@ -4,13 +4,12 @@
 //! tensors are stacked by the converter.
 
 use super::{
-    Adapter, GgufNames, JsonMap, Rotary, Traits, ATTENTION, EMBEDDING, FFN_NORM, GATED_MLP, O_PROJ,
-    QK_NORM,
+    Adapter, GgufNames, JsonMap, Traits, ATTENTION, EMBEDDING, FFN_NORM, GATED_MLP, O_PROJ, QK_NORM,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::model::config::{
-    check_range, required, Activation, HfFields, ModelConfig, MoeConfig, MAX_HIDDEN, MAX_LAYERS,
+    check_range, required, HfFields, ModelConfig, MoeConfig, MAX_HIDDEN, MAX_LAYERS,
 };
 
 pub struct Qwen3Moe;
@@ -20,24 +19,8 @@ static TRAITS: Traits = Traits {
     hf_model_type: "qwen3_moe",
     hf_architecture: "Qwen3MoeForCausalLM",
     gguf_arch: "qwen3moe",
-    hidden_act: Activation::Silu,
-    hf_act_field: "hidden_act",
-    rotary: Rotary::Full,
     use_qk_norm: true,
-    qkv_bias: false,
-    o_bias: false,
-    fused_projections: false,
-    phi_block: false,
-    layer_norm: false,
-    plain_mlp: false,
-    learned_positions: false,
-    sandwich_norms: false,
-    scale_embeddings: false,
     gguf_permuted_qk: false,
-    norm_offset: 0.0,
-    hf_max_position_embeddings: 2048,
-    hf_rope_theta: 10_000.0,
-    hf_tie_word_embeddings: false,
     gguf_names: GgufNames {
         top: EMBEDDING,
         layer: &[
@@ -56,6 +39,7 @@ static TRAITS: Traits = Traits {
             ],
         ],
     },
+    ..super::llama::TRAITS
 };
 
 impl Adapter for Qwen3Moe {
