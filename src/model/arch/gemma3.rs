@@ -53,6 +53,18 @@ impl Adapter for Gemma3 {
         &TRAITS
     }
 
+    /// `gemma3` in config.json is the multimodal model (`Gemma3ForConditionalGeneration`),
+    /// whose decoder settings sit in `text_config` and weights under `language_model.`.
+    fn hf_fields(&self, map: &JsonMap) -> Result<Option<JsonMap>> {
+        if map.contains_key("text_config") {
+            return Err(Error::config(
+                "text_config",
+                "multimodal Gemma 3 checkpoints are not supported (supported: gemma3_text)",
+            ));
+        }
+        Ok(None)
+    }
+
     fn finish_gguf(&self, g: &GgufFile, cfg: &mut ModelConfig) -> Result<()> {
         let key = "gemma3.attention.sliding_window";
         cfg.sliding_window = Some(check_range(key, required(g, key)?, MAX_CONTEXT)?);

@@ -134,6 +134,11 @@ fn hf_family_fields() -> Result<()> {
     assert_eq!(gemma.query_pre_attn_scalar, 256.0);
     assert_eq!(gemma.rope_theta, 1e6);
 
+    // The multimodal model's config is refused by name, not as missing fields.
+    let j = json!({"model_type": "gemma3", "text_config": llama_json()});
+    let e = ModelConfig::from_hf(&j).err();
+    assert_eq!(e.map(field_of).as_deref(), Some("text_config"));
+
     let mut j = llama_json();
     j["model_type"] = json!("qwen2");
     j["sliding_window"] = json!(4);
