@@ -6,9 +6,10 @@
 //! a model converted from GGUF), its weight names in llama.cpp's layout, and its
 //! checkpoint quirks (mlx-lm's `sanitize`).
 //!
-//! The shared parsers (`config.rs`), the loader, the weight sources and the converter
+//! The shared parsers (`model::config`), the loader, the weight sources and the converter
 //! ask the adapter; no family name is written anywhere else. Adding a family is one file
-//! here and one line in [`REGISTRY`].
+//! here, its variant of [`Family`] with its arm in [`Family::adapter`], and its names in
+//! [`REGISTRY`].
 
 mod gemma3;
 mod gpt2;
@@ -251,7 +252,7 @@ pub trait Adapter: Sync {
     }
 }
 
-/// `(HF, llama.cpp)` names every family shares.
+/// `(HF, llama.cpp)` name tables the families compose theirs from.
 pub(crate) const EMBEDDING: &[(&str, &str)] = &[
     ("model.embed_tokens", "token_embd"),
     ("model.norm", "output_norm"),
@@ -297,7 +298,7 @@ impl Traits {
     }
 
     /// The HF module path of a llama.cpp module name (`blk.0.attn_q`), the inverse of
-    /// [`Traits::gguf_name`]; `None` past the last layer.
+    /// [`Traits::gguf_name`]; `None` for a name the family lacks or past the last layer.
     pub fn hf_module(&self, gguf: &str, num_layers: usize) -> Option<String> {
         let names = &self.gguf_names;
         if let Some(&(hf, _)) = names.top.iter().find(|(_, g)| *g == gguf) {
