@@ -212,15 +212,18 @@ def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path: Path) -> None:
         assert got.decode(got.encode(text)) == text
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gpt2", "qwen3_moe"])
-def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
-    """GGUF files of llama.cpp's `phi2`, `gpt2` and `qwen3moe` architectures, written here
-    from the reference's weights as llama.cpp stores them (GPT-2's q/k/v fused into
-    `attn_qkv`; each Qwen 3 MoE projection of all experts stacked in `ffn_*_exps`), match
-    the numpy reference."""
-    from gguf_writer import F32, STRING, U32, Gguf, Tensor
+def _llama_cpp_gguf(
+    folder: Path, model_type: str, tokenizer: bool = False
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """A GGUF of llama.cpp's `phi2`, `gpt2` or `qwen3moe` architecture, written from the
+    reference's weights of a tiny HF model as llama.cpp stores them (GPT-2's q/k/v fused into
+    `attn_qkv`; each Qwen 3 MoE projection of all experts stacked in `ffn_*_exps`); with
+    `tokenizer`, test_tokenizer.py's byte-level BPE in its metadata. Returns the file and
+    the reference's weights."""
+    from gguf_writer import ARRAY, F32, I32, STRING, U32, Gguf, Tensor
+    from test_tokenizer import MERGES, TOKENS, TYPES
 
-    weights = write_tiny_hf(tmp_path / "m", model_type=model_type)
+    weights = write_tiny_hf(folder / "hf", model_type=model_type)
     arch = {"phi": "phi2", "gpt2": "gpt2", "qwen3_moe": "qwen3moe"}[model_type]
     arrays = dict(weights)
     for n in range(2):
@@ -245,6 +248,7 @@ def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
         (f"{arch}.feed_forward_length", U32, 128),
         (f"{arch}.attention.head_count", U32, heads),
         (f"{arch}.rope.freq_base", F32, 10000.0),
+        (f"{arch}.vocab_size", U32, 96),
     ]
     if arch == "qwen3moe":
         kvs += [
@@ -258,12 +262,63 @@ def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
         kvs += [(f"{arch}.attention.layer_norm_epsilon", F32, 1e-5)]
     if arch == "phi2":
         kvs += [(f"{arch}.rope.dimension_count", U32, d // heads // 2)]
-    Gguf(kvs=kvs, tensors=tensors).write(tmp_path / "m.gguf")
-    model = cortex.load_model(tmp_path / "m.gguf")
-    assert model.config["model_type"] == arch
+    if tokenizer:
+        kvs += [
+            ("tokenizer.ggml.model", STRING, "gpt2"),
+            ("tokenizer.ggml.tokens", ARRAY, (STRING, TOKENS)),
+            ("tokenizer.ggml.merges", ARRAY, (STRING, MERGES)),
+            ("tokenizer.ggml.token_type", ARRAY, (I32, TYPES)),
+        ]
+    path = folder / f"{arch}.gguf"
+    Gguf(kvs=kvs, tensors=tensors).write(path)
+    return path, weights
+
+
+@pytest.mark.parametrize("model_type", ["phi", "gpt2", "qwen3_moe"])
+def test_gguf_phi2_gpt2_and_qwen3moe(tmp_path: Path, model_type: str) -> None:
+    """GGUF files of llama.cpp's `phi2`, `gpt2` and `qwen3moe` architectures match the numpy
+    reference, and report the family's one name."""
+    path, weights = _llama_cpp_gguf(tmp_path, model_type)
+    model = cortex.load_model(path)
+    assert model.config["model_type"] == model_type  # one name whatever the source
     got = model.forward(IDS, all_positions=True)
     want = forward(weights, family(model_type), IDS)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("model_type", ["phi", "gpt2", "qwen3_moe"])
+def test_gguf_phi2_gpt2_and_qwen3moe_convert_to_mlx(tmp_path: Path, model_type: str) -> None:
+    """GGUF sources of those three convert to MLX folders in mlx-lm's layout (GPT-2's
+    `model.h.*` names, stacked `switch_mlp` experts) with the config.json of the family's
+    transformers class. Float output is f16 (a GGUF source's float type): it matches the
+    numpy reference on the weights rounded to f16 as closely as the GGUF itself matches it
+    on f32 ones (the rounding alone moves logits by up to 6% where it flips a MoE route);
+    8-bit output stays within the KL bound of the HF conversions."""
+    import json
+
+    path, weights = _llama_cpp_gguf(tmp_path, model_type, tokenizer=True)
+    want = forward(weights, family(model_type), IDS)
+    converter = MLXConverter(tmp_path / "cache")
+    config = ConversionConfig(quantization=QuantizationRecipe.NONE, validate_conversion=False)
+    ok, message, out = converter.convert_model(str(path), "float", config)
+    assert ok, message
+    hf_config = json.loads((Path(out) / "config.json").read_text())
+    assert hf_config["model_type"] == model_type
+    names = json.loads((Path(out) / "model.safetensors.index.json").read_text())["weight_map"]
+    layer0 = {
+        "phi": "model.layers.0.self_attn.dense.weight",
+        "gpt2": "model.h.0.attn.c_attn.weight",
+        "qwen3_moe": "model.layers.0.mlp.switch_mlp.gate_proj.weight",
+    }[model_type]
+    assert layer0 in names
+    rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
+    want_f16 = forward(rounded, family(model_type), IDS)
+    got = cortex.load_model(out).forward(IDS, all_positions=True)
+    np.testing.assert_allclose(got, want_f16, rtol=1e-4, atol=1e-5 * np.abs(want_f16).max())
+    config = ConversionConfig(quantization=QuantizationRecipe.QUALITY_8BIT, validate_conversion=False)
+    ok, message, out = converter.convert_model(str(path), "q8", config)
+    assert ok, message
+    assert mean_kl(want, cortex.load_model(out).forward(IDS, all_positions=True)) < 0.02
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

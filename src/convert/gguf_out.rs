@@ -1,4 +1,5 @@
-//! GGUF output: one file that llama.cpp and the `gguf` Python package read, with the
+//! GGUF output: one file that llama.cpp and the `gguf` Python package read (architecture
+//! name, hyper-parameter keys and tensor names from the family's adapter), with the
 //! tokenizer and chat template in its metadata.
 //!
 //! Bits → GGML block type (all with a per-block scale, llama.cpp's own quantizers for the
@@ -28,7 +29,7 @@ use super::{check_plan, relative_rmse, Plan, Progress, Report, TensorReport};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{write_gguf, GgufTensorSpec};
 use crate::formats::safetensors::Dtype;
-use crate::model::weights::{gguf_param, split_param};
+use crate::model::weights::split_param;
 use crate::quant::ggml;
 
 /// The block type for `bits` on rows of `cols` values.
@@ -52,12 +53,13 @@ fn u32s(v: impl IntoIterator<Item = u32>) -> Value {
 /// Model hyper-parameters under llama.cpp's `{arch}.*` keys.
 fn model_metadata(source: &Source, name: &str) -> Vec<(String, Value)> {
     let c = &source.model;
-    let arch = c.model_type.clone();
+    let traits = c.model_type.traits();
+    let arch = traits.gguf_arch;
     let k = |s: &str| format!("{arch}.{s}");
     let mut m = vec![
         (
             "general.architecture".to_string(),
-            Value::String(arch.clone()),
+            Value::String(arch.to_string()),
         ),
         ("general.name".into(), Value::String(name.to_string())),
         ("general.quantization_version".into(), Value::U32(2)),
@@ -82,14 +84,22 @@ fn model_metadata(source: &Source, name: &str) -> Vec<(String, Value)> {
         (k("attention.key_length"), Value::U32(c.head_dim as u32)),
         (k("attention.value_length"), Value::U32(c.head_dim as u32)),
         (
-            k("attention.layer_norm_rms_epsilon"),
+            k(if traits.layer_norm {
+                "attention.layer_norm_epsilon"
+            } else {
+                "attention.layer_norm_rms_epsilon"
+            }),
             Value::F32(c.rms_norm_eps as f32),
         ),
         (k("rope.freq_base"), Value::F32(c.rope_theta)),
-        (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(c.rotary_dim as u32)),
         (k("vocab_size"), Value::U32(c.vocab_size as u32)),
     ];
-    if let Some(w) = c.sliding_window.filter(|_| arch == "gemma3") {
+    // llama.cpp reads a window only where its graph has one.
+    if let Some(w) = c
+        .sliding_window
+        .filter(|_| c.sliding_window_pattern.is_some())
+    {
         m.push((k("attention.sliding_window"), Value::U32(w as u32)));
     }
     if let Some(crate::model::config::RopeScaling::Linear { factor }) = c.rope_scaling {
@@ -233,11 +243,11 @@ pub fn convert_gguf(
             "GGUF output of llama 3 and YaRN rope scaling is not supported yet; use MLX output",
         ));
     }
-    let family = source.model.model_type.as_str();
+    let family = source.model.model_type;
     let mut specs = Vec::new();
     for t in &source.tensors {
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-        let name = gguf_param(&t.name, family).ok_or_else(|| {
+        let name = source.gguf_name(t).ok_or_else(|| {
             Error::format(
                 &source.path,
                 None,

@@ -12,10 +12,11 @@ use serde_json::json;
 use crate::error::{bail, Context, Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::Dtype;
+use crate::model::arch;
 use crate::model::config::ModelConfig;
 use crate::model::loader::read_config_json;
 use crate::model::resolve_model_path;
-use crate::model::weights::{gguf_param, hf_param, split_param, FolderWeights, Gpt2Layout};
+use crate::model::weights::{gguf_param, hf_param, split_param, FolderWeights};
 use crate::quant::affine::transpose;
 use crate::quant::{ggml, AffineMatrix};
 use crate::tokenizer::Tokenizer;
@@ -101,6 +102,8 @@ pub struct Source {
     /// Tensors presented under another name: the stored tensor, and whether it is read
     /// transposed (GPT-2's Conv1D weights).
     renamed: HashMap<String, (SourceTensor, bool)>,
+    /// A GGUF source's tensor names, by the name presented.
+    gguf_names: HashMap<String, String>,
     kind: Kind,
 }
 
@@ -121,98 +124,46 @@ pub fn torch_dtype_name(d: Dtype) -> &'static str {
     }
 }
 
-/// HF `config.json` for a model read from GGUF metadata.
-fn hf_config(cfg: &ModelConfig, tok: Option<&Tokenizer>) -> serde_json::Value {
-    let gemma = cfg.model_type == "gemma3";
-    let mut c = json!({
-        "architectures": [if gemma { "Gemma3ForCausalLM" } else { "LlamaForCausalLM" }],
-        "model_type": if gemma { "gemma3_text" } else { "llama" },
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "torch_dtype": "float16",
-    });
-    let m = c.as_object_mut().expect("literal object");
-    if gemma {
-        m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
-        m.insert(
-            "query_pre_attn_scalar".into(),
-            json!(cfg.query_pre_attn_scalar),
-        );
-        m.insert("sliding_window".into(), json!(cfg.sliding_window));
-        m.insert(
-            "sliding_window_pattern".into(),
-            json!(cfg.sliding_window_pattern),
-        );
-        m.insert(
-            "rope_local_base_freq".into(),
-            json!(cfg.rope_local_base_freq),
-        );
-    } else {
-        m.insert("hidden_act".into(), json!("silu"));
-    }
-    if let Some(crate::model::config::RopeScaling::Linear { factor }) = cfg.rope_scaling {
-        m.insert(
-            "rope_scaling".into(),
-            json!({"rope_type": "linear", "factor": factor}),
-        );
-    }
-    if let Some(t) = tok {
-        m.insert("bos_token_id".into(), json!(t.bos_token_id));
-        m.insert("eos_token_id".into(), json!(t.eos_token_ids));
-    }
-    c
-}
-
 impl Source {
     /// Opens `path`: a `.gguf` file (or a folder holding one), a folder with `config.json`
     /// and safetensors (HF or MLX layout), or with `pytorch_model.bin` (read by candle's
     /// pickle reader, which interprets only the tensor records and never runs code).
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self::open_stored(path)?.stack_experts().gpt2_mlx_layout())
+        Ok(Self::open_stored(path)?.stack_experts().sanitize())
     }
 
-    /// GPT-2 goes out in mlx-lm's layout: every name under `model.` (`model.h.0.attn.c_attn`),
-    /// Conv1D weights `[out, in]`, no causal-mask buffers and no copy of the tied head. A
-    /// source in HF layout is presented that way, its tensors read (and transposed) on
-    /// demand.
-    fn gpt2_mlx_layout(mut self) -> Self {
-        if self.model.model_type != "gpt2" {
-            return self;
-        }
-        let layout = Gpt2Layout::detect(|n| self.tensors.iter().any(|t| t.name == n));
-        let Some(layout) = layout.filter(|l| l.conv1d) else {
+    /// The output has mlx-lm's layout: where the family's adapter renames a checkpoint's
+    /// tensors (GPT-2: every name under `model.`, Conv1D weights `[out, in]`, no
+    /// causal-mask buffers, no copy of the tied head), the source is presented renamed,
+    /// its tensors read (and transposed) on demand.
+    fn sanitize(mut self) -> Self {
+        let names: Vec<&str> = self.tensors.iter().map(|t| t.name.as_str()).collect();
+        let adapter = self.model.model_type.adapter();
+        let Some(renamed) = adapter.sanitize(&names, self.model.tie_word_embeddings) else {
             return self; // already mlx-lm's layout
         };
-        let tied = self.model.tie_word_embeddings;
-        let mut tensors = Vec::with_capacity(self.tensors.len());
-        for t in std::mem::take(&mut self.tensors) {
-            if Gpt2Layout::is_buffer(&t.name) || (tied && t.name == "lm_head.weight") {
+        let by_name: HashMap<String, SourceTensor> = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let mut tensors = Vec::with_capacity(renamed.len());
+        for r in renamed {
+            let Some(t) = by_name.get(&r.stored) else {
                 continue;
-            }
-            let rest = t.name.strip_prefix(layout.prefix).unwrap_or(&t.name);
-            let name = format!("model.{rest}");
-            let transposed = Gpt2Layout::is_conv1d_weight(&t.name) && t.shape.len() == 2;
+            };
+            let transposed = r.transposed && t.shape.len() == 2;
             let shape = if transposed {
                 vec![t.shape[1], t.shape[0]]
             } else {
                 t.shape.clone()
             };
             tensors.push(SourceTensor {
-                name: name.clone(),
+                name: r.name.clone(),
                 shape,
                 stored: t.stored.clone(),
                 parts: vec![],
             });
-            self.renamed.insert(name, (t, transposed));
+            self.renamed.insert(r.name, (t.clone(), transposed));
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         self.tensors = tensors;
@@ -294,50 +245,57 @@ impl Source {
     fn gguf(path: &Path) -> Result<Self> {
         let gguf = GgufFile::open(path)?;
         let model = ModelConfig::from_gguf(&gguf)?;
-        if matches!(model.model_type.as_str(), "phi2" | "gpt2" | "qwen3moe") {
-            // Their HF configs (and GPT-2's Conv1D layout) are not generated yet.
-            return Err(Error::config(
-                "general.architecture",
-                format!(
-                    "converting a GGUF {} is not supported yet; convert its Hugging Face checkpoint",
-                    model.model_type
-                ),
-            ));
-        }
         let tok = Tokenizer::from_gguf(&gguf).ok();
+        let family = model.model_type;
+        // mlx-lm's names where they differ from the decoder's (GPT-2's `model.h.0...`).
+        let mlx = family.adapter().mlx_layout();
         let mut tensors = Vec::new();
+        let mut gguf_names = HashMap::new();
         for name in &gguf.tensor_names {
             let info = &gguf.tensors[name];
-            let hf = hf_param(name, &model.model_type, model.num_hidden_layers).ok_or_else(|| {
+            let hf = hf_param(name, family, model.num_hidden_layers).ok_or_else(|| {
                 Error::format(path, None, format!(
-                    "tensor '{name}' has no Hugging Face counterpart for {} (llama 3 rope_freqs and similar are not convertible yet)",
-                    model.model_type
+                    "tensor '{name}' has no Hugging Face counterpart for {family} (llama 3 rope_freqs and similar are not convertible yet)",
                 ))
             })?;
+            let out = match (mlx, split_param(&hf)) {
+                (Some(layout), Some((module, suffix))) => layout
+                    .stored(module)
+                    .map_or(hf.clone(), |(m, _)| format!("{m}.{suffix}")),
+                _ => hf,
+            };
+            gguf_names.insert(out.clone(), name.clone());
             tensors.push(SourceTensor {
                 parts: vec![],
-                name: hf,
+                name: out,
                 shape: info.shape.dims().to_vec(),
                 stored: format!("{:?}", info.ggml_dtype),
             });
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut config = arch::hf_config(&model);
+        if let (Some(t), Some(m)) = (&tok, config.as_object_mut()) {
+            m.insert("bos_token_id".into(), json!(t.bos_token_id));
+            m.insert("eos_token_id".into(), json!(t.eos_token_ids));
+        }
         Ok(Source {
             path: path.to_path_buf(),
             format: "gguf",
-            config: hf_config(&model, tok.as_ref()),
+            config,
             model,
             tensors,
             // GGML scales are f16: keeping f16 makes Q4/Q5/Q8 transfers exact.
             float_dtype: Dtype::F16,
             tensors_by_parts: HashMap::new(),
             renamed: HashMap::new(),
+            gguf_names,
             kind: Kind::Gguf(gguf),
         })
     }
 
     fn folder(path: &Path, config: serde_json::Value, model: ModelConfig) -> Result<Self> {
-        let folder = FolderWeights::open(path, &config, 0.0)?;
+        // Norm weights are copied as stored.
+        let folder = FolderWeights::open(path, &config, model.model_type, 0.0)?;
         let mut tensors = Vec::new();
         let mut float_dtype = None;
         for name in folder.tensor_names() {
@@ -413,6 +371,7 @@ impl Source {
             tensors,
             tensors_by_parts: HashMap::new(),
             renamed: HashMap::new(),
+            gguf_names: HashMap::new(),
             kind: Kind::Folder(folder),
         })
     }
@@ -488,6 +447,7 @@ impl Source {
             tensors,
             tensors_by_parts: HashMap::new(),
             renamed: HashMap::new(),
+            gguf_names: HashMap::new(),
             kind: Kind::Pytorch(readers, index),
         })
     }
@@ -543,8 +503,7 @@ impl Source {
 
     fn read_gguf(&self, gguf: &GgufFile, t: &SourceTensor) -> Result<TensorData> {
         let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
-        let family = self.model.model_type.as_str();
-        let gname = gguf_param(&t.name, family).unwrap_or_default();
+        let gname = self.gguf_name(t).unwrap_or_default();
         let q = gguf.tensor(&gname, &Device::Cpu)?;
         let data = match (t.shape.as_slice(), ggml::affine_bits(q.dtype())) {
             ([rows, cols], Some(_)) => {
@@ -582,9 +541,17 @@ impl Source {
         let Some(g) = self.gguf_file() else {
             return Ok(None);
         };
-        match gguf_param(&t.name, &self.model.model_type) {
+        match self.gguf_name(t) {
             Some(name) => Ok(Some(g.tensor(&name, &Device::Cpu)?)),
             None => Ok(None),
+        }
+    }
+
+    /// llama.cpp's name for `t`: the stored name for a GGUF source, else the family's.
+    pub fn gguf_name(&self, t: &SourceTensor) -> Option<String> {
+        match self.gguf_names.get(&t.name) {
+            Some(name) => Some(name.clone()),
+            None => gguf_param(&t.name, self.model.model_type),
         }
     }
 
@@ -635,10 +602,10 @@ impl Source {
 }
 
 /// Converts one tensor between llama.cpp's layout and HF's (`to_hf` picks the direction),
-/// the only two places they differ:
-/// * llama-family q/k rows (and biases) are permuted so that RoPE rotates adjacent pairs;
-///   HF rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF matrix is row
-///   `h·d + 2i + j` of the GGUF one.
+/// the only two places they differ, as the family's traits say:
+/// * the llama family's q/k rows (and biases) are permuted so that RoPE rotates adjacent
+///   pairs; HF rotates the two halves of each head. Row `h·d + j·d/2 + i` of the HF matrix
+///   is row `h·d + 2i + j` of the GGUF one.
 /// * Gemma's norm weights are stored as `1 + w`; HF stores `w`.
 pub(crate) fn llama_cpp_layout(
     data: TensorData,
@@ -647,9 +614,9 @@ pub(crate) fn llama_cpp_layout(
     model: &ModelConfig,
     to_hf: bool,
 ) -> TensorData {
-    let family = model.model_type.as_str();
+    let traits = model.model_type.traits();
     let mut data = data;
-    if matches!(family, "llama" | "mistral")
+    if traits.gguf_permuted_qk
         && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"))
     {
         let hd = model.head_dim;
@@ -667,9 +634,13 @@ pub(crate) fn llama_cpp_layout(
             .collect();
         data = permute_rows(data, &perm, shape.get(1).copied().unwrap_or(1));
     }
-    if family == "gemma3" && shape.len() == 1 && module.contains("norm") {
+    if traits.norm_offset != 0.0 && shape.len() == 1 && module.contains("norm") {
         if let TensorData::Float(v) = &mut data {
-            let offset = if to_hf { -1.0 } else { 1.0 };
+            let offset = if to_hf {
+                -traits.norm_offset
+            } else {
+                traits.norm_offset
+            };
             v.iter_mut().for_each(|x| *x += offset);
         }
     }

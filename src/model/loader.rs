@@ -1,7 +1,10 @@
-//! Loading a model (and its tokenizer) from a reference: a `.gguf` file, or a directory
-//! holding exactly one. Every tensor's shape is checked against the configuration before
-//! its data is read, so a mismatched file fails at load with the tensor's name rather than
-//! as an index error in the first forward pass.
+//! Loading a model (and its tokenizer) from a reference: a `.gguf` file, a directory
+//! holding exactly one, or a directory with `config.json` and safetensors in HF or MLX
+//! layout. The configuration comes from the source's metadata through the family's adapter
+//! (`model::arch`), the weights through a [`WeightSource`] addressed by HF module paths, and
+//! one builder assembles the decoder from either. Every tensor's shape is checked against
+//! the configuration before its data is read, so a mismatched file fails at load with the
+//! tensor's name rather than as an index error in the first forward pass.
 
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -507,7 +510,7 @@ fn model_from_gguf(gguf: &GgufFile, device: &Device, progress: &Progress) -> Res
     let cfg = ModelConfig::from_gguf(gguf)?;
     let src = GgufWeights {
         gguf,
-        family: &cfg.model_type,
+        family: cfg.model_type,
         device,
     };
     let rope_factors = match cfg.rope_scaling {
@@ -557,8 +560,9 @@ pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
 fn model_from_folder(dir: &Path, device: &Device, progress: &Progress) -> Result<Model> {
     let json = read_config_json(dir)?;
     let cfg = ModelConfig::from_hf(&json)?;
-    let norm_offset = if cfg.model_type == "gemma3" { 1.0 } else { 0.0 };
-    let src = FolderWeights::open(dir, &json, norm_offset)?;
+    // llama.cpp's files hold the norm weights as applied; HF checkpoints may not (Gemma).
+    let norm_offset = cfg.model_type.traits().norm_offset;
+    let src = FolderWeights::open(dir, &json, cfg.model_type, norm_offset)?;
     let num_parameters = src.num_parameters();
     let rope_factors = cfg
         .rope_scaling
@@ -666,4 +670,113 @@ fn has_tokenizer_files(dir: &Path) -> bool {
     dir.is_dir()
         && (dir.join("tokenizer.json").is_file()
             || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::Value;
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+    use crate::formats::gguf::{write_gguf, GgufTensorSpec};
+    use crate::model::arch::Family;
+
+    /// A scratch folder for one test.
+    fn scratch(name: &str) -> Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("cortex-loader-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir)
+    }
+
+    /// A one-layer llama-family GGUF (hidden 8, 2 heads of 4, 1 KV head, MLP 16, 16 tokens)
+    /// with small f32 weights, `general.architecture` = `arch`, without the tensors `skip`.
+    fn tiny_gguf(path: &Path, arch: &str, skip: &str) -> Result<()> {
+        let k = |s: &str| format!("{arch}.{s}");
+        let metadata = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String(arch.into()),
+            ),
+            (k("block_count"), Value::U32(1)),
+            (k("context_length"), Value::U32(32)),
+            (k("embedding_length"), Value::U32(8)),
+            (k("feed_forward_length"), Value::U32(16)),
+            (k("attention.head_count"), Value::U32(2)),
+            (k("attention.head_count_kv"), Value::U32(1)),
+            (k("vocab_size"), Value::U32(16)),
+        ];
+        let specs: Vec<GgufTensorSpec> = [
+            ("token_embd.weight", vec![16, 8]),
+            ("blk.0.attn_norm.weight", vec![8]),
+            ("blk.0.attn_q.weight", vec![8, 8]),
+            ("blk.0.attn_k.weight", vec![4, 8]),
+            ("blk.0.attn_v.weight", vec![4, 8]),
+            ("blk.0.attn_output.weight", vec![8, 8]),
+            ("blk.0.ffn_norm.weight", vec![8]),
+            ("blk.0.ffn_gate.weight", vec![16, 8]),
+            ("blk.0.ffn_up.weight", vec![16, 8]),
+            ("blk.0.ffn_down.weight", vec![8, 16]),
+            ("output_norm.weight", vec![8]),
+        ]
+        .into_iter()
+        .filter(|(name, _)| *name != skip)
+        .map(|(name, dims)| GgufTensorSpec {
+            name: name.into(),
+            dims,
+            dtype: GgmlDType::F32,
+        })
+        .collect();
+        let data = |i: usize| {
+            let n: usize = specs[i].dims.iter().product();
+            Ok((0..n)
+                .flat_map(|x| ((x % 7) as f32 * 0.1 - 0.3).to_le_bytes())
+                .collect())
+        };
+        write_gguf(path, &metadata, &specs, data)
+    }
+
+    #[test]
+    fn a_gguf_alias_loads_as_its_family() -> Result<()> {
+        let dir = scratch("alias")?;
+        let path = dir.join("m.gguf");
+        tiny_gguf(&path, "mistral", "")?;
+        // A folder holding one GGUF resolves to it.
+        let model = load_model(&dir)?;
+        assert_eq!(model.config.model_type, Family::Llama);
+        // Embedding, q and o, k and v, the MLP, three norms.
+        let parameters = 16 * 8 + 2 * 8 * 8 + 2 * 4 * 8 + 3 * 16 * 8 + 3 * 8;
+        assert_eq!(model.num_parameters, parameters);
+        let (logits, rows) = model.logits(&[1, 2, 3], true)?;
+        assert_eq!((logits.len(), rows), (3 * 16, 3));
+        assert!(logits.iter().all(|x| x.is_finite()));
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named_at_load() -> Result<()> {
+        let dir = scratch("missing")?;
+        let path = dir.join("m.gguf");
+        tiny_gguf(&path, "llama", "blk.0.ffn_down.weight")?;
+        let message = load_model(&path).err().map(|e| e.to_string());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("'blk.0.ffn_down.weight' is missing")),
+            "{message:?}"
+        );
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn safetensors_without_config_json_are_refused() -> Result<()> {
+        let dir = scratch("no-config")?;
+        std::fs::write(dir.join("model.safetensors"), b"").map_err(|e| Error::io(&dir, e))?;
+        match load_model(&dir) {
+            Err(Error::ModelNotFound { message, .. }) => {
+                assert!(message.contains("no config.json"), "{message}");
+            }
+            other => panic!("expected ModelNotFound, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
 }

@@ -1,5 +1,7 @@
-//! Models: configuration, layers, the one decoder, and loading from files.
+//! Models: the families and their adapters, configuration, layers, the one decoder, and
+//! loading from GGUF files and safetensors folders (HF or MLX layout).
 
+pub mod arch;
 pub mod attention;
 pub mod config;
 pub mod decoder;

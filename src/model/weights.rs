@@ -1,13 +1,14 @@
 //! Where a model's weights come from, addressed by Hugging Face module paths
 //! (`model.layers.0.self_attn.q_proj`) whatever the file format:
 //!
-//! * [`GgufWeights`]: a GGUF file; names map onto llama.cpp's (`blk.0.attn_q`), GGML blocks
-//!   stay as they are.
+//! * [`GgufWeights`]: a GGUF file; names map onto llama.cpp's (`blk.0.attn_q`) through the
+//!   family's table (`model::arch`), GGML blocks stay as they are.
 //! * [`FolderWeights`]: a folder of safetensors (one file, or shards with
 //!   `model.safetensors.index.json`) in HF layout — dense f32/f16/bf16 — or in MLX layout,
 //!   where a quantized module `P` stores `P.weight` (packed uint32), `P.scales` and
 //!   `P.biases`, with bits and group size from `config.json`'s `quantization` (per-module
-//!   overrides keyed by module path).
+//!   overrides keyed by module path). A family whose checkpoints name modules their own way
+//!   (GPT-2) says where each module is stored.
 //!
 //! Every tensor's shape is checked against what the configuration expects before its data
 //! is read.
@@ -21,59 +22,10 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::{Dtype, SafetensorsFile};
+use crate::model::arch::{Family, StoredLayout};
 use crate::model::layers::{dense, Weight};
 use crate::quant::affine::{transpose, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
 use crate::quant::{AffineMatrix, ScaleDType};
-
-/// llama.cpp's tensor name for an HF module path (without `.weight`), `None` when the
-/// module has no GGUF counterpart. `family` decides the one name that differs: the
-/// llama family's pre-MLP norm is HF `post_attention_layernorm`, Gemma's is
-/// `pre_feedforward_layernorm` and its `post_attention_layernorm` is a sandwich norm.
-pub fn gguf_name(module: &str, family: &str) -> Option<String> {
-    // phi-2 and GPT-2 have plain MLPs (`fc1`, `fc2`) where the others have gated ones.
-    let plain = matches!(family, "phi2" | "gpt2");
-    match module {
-        "model.embed_tokens" => return Some("token_embd".into()),
-        "model.embed_positions" if family == "gpt2" => return Some("position_embd".into()),
-        "model.norm" if family != "phi2" => return Some("output_norm".into()),
-        "model.final_layernorm" if family == "phi2" => return Some("output_norm".into()),
-        "lm_head" => return Some("output".into()),
-        _ => {}
-    }
-    let rest = module.strip_prefix("model.layers.")?;
-    let (layer, leaf) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let gemma = family == "gemma3";
-    let name = match leaf {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" if family != "phi2" => "attn_output",
-        "self_attn.dense" if family == "phi2" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        // Phi 3's fused projections (llama.cpp keeps gate and up fused under `ffn_up`).
-        "self_attn.qkv_proj" => "attn_qkv",
-        "mlp.gate_up_proj" if family == "phi3" => "ffn_up",
-        "post_attention_layernorm" if gemma => "post_attention_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "pre_feedforward_layernorm" if gemma => "ffn_norm",
-        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
-        "mlp.gate_proj" if !plain => "ffn_gate",
-        "mlp.up_proj" if !plain => "ffn_up",
-        "mlp.down_proj" if !plain => "ffn_down",
-        // Qwen 3 MoE: the router, and every expert's projection stacked in one tensor.
-        "mlp.gate" => "ffn_gate_inp",
-        "mlp.switch_mlp.gate_proj" => "ffn_gate_exps",
-        "mlp.switch_mlp.up_proj" => "ffn_up_exps",
-        "mlp.switch_mlp.down_proj" => "ffn_down_exps",
-        "mlp.fc1" if plain => "ffn_up",
-        "mlp.fc2" if plain => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{name}"))
-}
 
 /// Splits a parameter name into its module path and `weight` / `bias`.
 pub fn split_param(name: &str) -> Option<(&str, &str)> {
@@ -82,63 +34,20 @@ pub fn split_param(name: &str) -> Option<(&str, &str)> {
         .or_else(|| name.strip_suffix(".bias").map(|m| (m, "bias")))
 }
 
-/// llama.cpp's name for an HF parameter (`model.layers.0.self_attn.q_proj.bias` →
-/// `blk.0.attn_q.bias`).
-pub fn gguf_param(name: &str, family: &str) -> Option<String> {
+/// llama.cpp's name for an HF parameter of `family` (`model.layers.0.self_attn.q_proj.bias`
+/// → `blk.0.attn_q.bias`).
+pub fn gguf_param(name: &str, family: Family) -> Option<String> {
     let (module, suffix) = split_param(name)?;
-    Some(format!("{}.{suffix}", gguf_name(module, family)?))
+    Some(format!("{}.{suffix}", family.traits().gguf_name(module)?))
 }
 
 /// The HF name of a GGUF parameter (the inverse of [`gguf_param`]).
-pub fn hf_param(gguf_tensor: &str, family: &str, num_layers: usize) -> Option<String> {
+pub fn hf_param(gguf_tensor: &str, family: Family, num_layers: usize) -> Option<String> {
     let (base, suffix) = split_param(gguf_tensor)?;
-    Some(format!("{}.{suffix}", hf_module(base, family, num_layers)?))
-}
-
-/// The HF module path of a llama.cpp module name (`blk.0.attn_q`), the inverse of
-/// [`gguf_name`].
-pub fn hf_module(base: &str, family: &str, num_layers: usize) -> Option<String> {
-    let candidates = [
-        "model.embed_tokens".to_string(),
-        "model.embed_positions".into(),
-        "model.norm".into(),
-        "model.final_layernorm".into(),
-        "lm_head".into(),
-    ];
-    if let Some(c) = candidates
-        .iter()
-        .find(|c| gguf_name(c, family).as_deref() == Some(base))
-    {
-        return Some(c.clone());
-    }
-    let layer: usize = base.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
-    if layer >= num_layers {
-        return None;
-    }
-    const LEAVES: &[&str] = &[
-        "input_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "self_attn.q_norm",
-        "self_attn.k_norm",
-        "self_attn.qkv_proj",
-        "mlp.gate_up_proj",
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-        "self_attn.dense",
-        "mlp.fc1",
-        "mlp.fc2",
-    ];
-    LEAVES
-        .iter()
-        .map(|leaf| format!("model.layers.{layer}.{leaf}"))
-        .find(|m| gguf_name(m, family).as_deref() == Some(base))
+    Some(format!(
+        "{}.{suffix}",
+        family.traits().hf_module(base, num_layers)?
+    ))
 }
 
 /// A source of weights addressed by HF module paths.
@@ -171,13 +80,15 @@ fn shape_error(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Error 
 
 pub struct GgufWeights<'a> {
     pub gguf: &'a GgufFile,
-    pub family: &'a str,
+    pub family: Family,
     pub device: &'a Device,
 }
 
 impl GgufWeights<'_> {
     fn name(&self, module: &str) -> Result<String> {
-        gguf_name(module, self.family)
+        self.family
+            .traits()
+            .gguf_name(module)
             .map(|n| format!("{n}.weight"))
             .ok_or_else(|| Error::Internal(format!("no GGUF name for module '{module}'")))
     }
@@ -343,75 +254,10 @@ pub struct FolderWeights {
     pub quant: QuantConfig,
     /// Added to every norm weight: HF Gemma stores `w` and multiplies by `1 + w`.
     pub norm_offset: f32,
-    /// GPT-2's own module names, when the folder holds GPT-2.
-    pub gpt2: Option<Gpt2Layout>,
+    /// The checkpoint's own module names, when its family names modules otherwise than
+    /// the decoder (GPT-2).
+    pub layout: Option<StoredLayout>,
     pub device: Device,
-}
-
-/// GPT-2 checkpoints keep the original code's module names (`h.0.attn.c_attn`) and store
-/// Conv1D weights `[in, out]`. `GPT2LMHeadModel` prefixes them with `transformer.`,
-/// `GPT2Model` with nothing, and mlx-lm with `model.` (having transposed the Conv1D
-/// weights to `[out, in]`, as it does on load).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Gpt2Layout {
-    pub prefix: &'static str,
-    /// Conv1D weights are stored `[in, out]`.
-    pub conv1d: bool,
-}
-
-/// A GPT-2 layer's modules: the decoder's name, GPT-2's, and whether it is a Conv1D.
-const GPT2_LAYER_MODULES: &[(&str, &str, bool)] = &[
-    ("input_layernorm", "ln_1", false),
-    ("post_attention_layernorm", "ln_2", false),
-    ("self_attn.qkv_proj", "attn.c_attn", true),
-    ("self_attn.o_proj", "attn.c_proj", true),
-    ("mlp.fc1", "mlp.c_fc", true),
-    ("mlp.fc2", "mlp.c_proj", true),
-];
-
-impl Gpt2Layout {
-    /// Recognises the layout from the tensor names.
-    pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
-        ["transformer.", "", "model."]
-            .into_iter()
-            .find(|p| has(&format!("{p}wte.weight")))
-            .map(|prefix| Gpt2Layout {
-                prefix,
-                conv1d: prefix != "model.",
-            })
-    }
-
-    /// The stored module behind one of the decoder's module names, and whether it is a
-    /// Conv1D whose weight is stored transposed.
-    pub fn stored(&self, module: &str) -> Option<(String, bool)> {
-        let p = self.prefix;
-        let top = match module {
-            "model.embed_tokens" => Some("wte"),
-            "model.embed_positions" => Some("wpe"),
-            "model.norm" => Some("ln_f"),
-            _ => None,
-        };
-        if let Some(top) = top {
-            return Some((format!("{p}{top}"), false));
-        }
-        let (layer, leaf) = module.strip_prefix("model.layers.")?.split_once('.')?;
-        let &(_, name, conv) = GPT2_LAYER_MODULES.iter().find(|(ours, ..)| *ours == leaf)?;
-        Some((format!("{p}h.{layer}.{name}"), conv && self.conv1d))
-    }
-
-    /// Whether a stored parameter is one of the Conv1D weights.
-    pub fn is_conv1d_weight(name: &str) -> bool {
-        GPT2_LAYER_MODULES.iter().any(|&(_, theirs, conv)| {
-            conv && name
-                .strip_suffix(".weight")
-                .is_some_and(|m| m.ends_with(theirs))
-        })
-    }
-
-    /// Buffers some checkpoints carry that are not parameters (the causal mask).
-    pub fn is_buffer(name: &str) -> bool {
-        name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
-    }
 }
 
 /// Checks that a shard name from an index stays inside the model folder (RELIABILITY A19).
@@ -447,9 +293,15 @@ pub(crate) fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<Pa
 }
 
 impl FolderWeights {
-    /// Opens every weight file of `dir` (validating each header) and the quantization
-    /// settings of `config`.
-    pub fn open(dir: &Path, config: &serde_json::Value, norm_offset: f32) -> Result<Self> {
+    /// Opens every weight file of `dir` (validating each header), holding a model of
+    /// `family`, and the quantization settings of `config`; `norm_offset` is added to
+    /// every norm weight read.
+    pub fn open(
+        dir: &Path,
+        config: &serde_json::Value,
+        family: Family,
+        norm_offset: f32,
+    ) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -528,13 +380,11 @@ impl FolderWeights {
                 files.push(f);
             }
         }
-        let gpt2 = (config.get("model_type").and_then(|t| t.as_str()) == Some("gpt2"))
-            .then(|| Gpt2Layout::detect(|n| index.contains_key(n)))
-            .flatten();
+        let layout = family.adapter().stored_layout(&|n| index.contains_key(n));
         Ok(FolderWeights {
             dir: dir.to_path_buf(),
             files,
-            gpt2,
+            layout,
             quant: QuantConfig::from_config_json(config)?,
             index,
             norm_offset,
@@ -542,10 +392,10 @@ impl FolderWeights {
         })
     }
 
-    /// The stored module behind a decoder module name, and whether its weight is a
-    /// transposed Conv1D (GPT-2); other families store modules under their own names.
+    /// The stored module behind a decoder module name, and whether its weight is stored
+    /// transposed (GPT-2's Conv1D); other families store modules under the decoder's names.
     fn stored(&self, module: &str) -> (String, bool) {
-        self.gpt2
+        self.layout
             .as_ref()
             .and_then(|g| g.stored(module))
             .unwrap_or_else(|| (module.to_string(), false))
@@ -700,5 +550,153 @@ impl WeightSource for FolderWeights {
                 }
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::formats::gguf::{write_gguf, GgufTensorSpec};
+    use crate::formats::safetensors::{write, TensorSpec};
+    use candle_core::quantized::GgmlDType;
+
+    /// A scratch folder for one test.
+    fn scratch(name: &str) -> Result<PathBuf> {
+        let dir =
+            std::env::temp_dir().join(format!("cortex-weights-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir)
+    }
+
+    /// f32 tensors `(name, shape)` holding `0, 1, 2...` in row-major order.
+    fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>)]) -> Result<()> {
+        let specs: Vec<TensorSpec> = tensors
+            .iter()
+            .map(|(name, shape)| TensorSpec {
+                name: name.to_string(),
+                dtype: Dtype::F32,
+                shape: shape.clone(),
+            })
+            .collect();
+        write(path, &specs, &BTreeMap::new(), |i| {
+            let n: usize = tensors[i].1.iter().product();
+            Ok((0..n).flat_map(|x| (x as f32).to_le_bytes()).collect())
+        })
+    }
+
+    fn values(w: &Weight) -> Result<Vec<f32>> {
+        match w {
+            Weight::Dense(t) => Ok(t.flatten_all()?.to_vec1()?),
+            other => Err(Error::Internal(format!("expected dense, got {other:?}"))),
+        }
+    }
+
+    #[test]
+    fn gguf_param_names_per_family() {
+        let q_bias = "model.layers.0.self_attn.q_proj.bias";
+        assert_eq!(
+            gguf_param(q_bias, Family::Qwen2).as_deref(),
+            Some("blk.0.attn_q.bias")
+        );
+        assert_eq!(
+            hf_param("blk.0.attn_q.bias", Family::Qwen2, 1).as_deref(),
+            Some(q_bias)
+        );
+        assert_eq!(
+            hf_param("output.bias", Family::Phi, 2).as_deref(),
+            Some("lm_head.bias")
+        );
+        assert_eq!(
+            hf_param("blk.1.attn_qkv.weight", Family::Gpt2, 2).as_deref(),
+            Some("model.layers.1.self_attn.qkv_proj.weight")
+        );
+        // Not a parameter, or past the last layer.
+        assert_eq!(hf_param("rope_freqs", Family::Llama, 2), None);
+        assert_eq!(hf_param("blk.2.attn_q.weight", Family::Llama, 2), None);
+    }
+
+    #[test]
+    fn gguf_weights_by_hf_name() -> Result<()> {
+        let dir = scratch("gguf")?;
+        let path = dir.join("m.gguf");
+        let specs = [GgufTensorSpec {
+            name: "blk.0.post_attention_norm.weight".into(),
+            dims: vec![4],
+            dtype: GgmlDType::F32,
+        }];
+        write_gguf(&path, &[], &specs, |_| {
+            Ok([1.0f32, 2.0, 3.0, 4.0]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect())
+        })?;
+        let gguf = GgufFile::open(&path)?;
+        let device = Device::Cpu;
+        let src = GgufWeights {
+            gguf: &gguf,
+            family: Family::Gemma3,
+            device: &device,
+        };
+        let module = "model.layers.0.post_attention_layernorm";
+        assert!(src.has(module));
+        // llama.cpp already holds Gemma's `1 + w`: read as stored.
+        assert_eq!(
+            src.vector(module, 4)?.to_vec1::<f32>()?,
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        let wrong = src.vector(module, 5).err().map(|e| e.to_string());
+        assert!(wrong.is_some_and(|m| m.contains("expected [5]")));
+        // The llama family names that module `ffn_norm`, which this file lacks.
+        let llama = GgufWeights {
+            family: Family::Llama,
+            ..src
+        };
+        assert!(!llama.has(module));
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    #[test]
+    fn gpt2_checkpoint_layouts() -> Result<()> {
+        let (d, out) = (2, 6);
+        for (prefix, transposed) in [("transformer.", true), ("model.", false)] {
+            let dir = scratch(&format!("gpt2-{}", prefix.trim_end_matches('.')))?;
+            let qkv = format!("{prefix}h.0.attn.c_attn.weight");
+            let shape = if transposed {
+                vec![d, out]
+            } else {
+                vec![out, d]
+            };
+            let wte = format!("{prefix}wte.weight");
+            write_f32(
+                &dir.join("model.safetensors"),
+                &[(&wte, vec![3, d]), (&qkv, shape)],
+            )?;
+            let src = FolderWeights::open(&dir, &serde_json::json!({}), Family::Gpt2, 0.0)?;
+            assert!(src.has("model.embed_tokens"));
+            let w = src.matrix("model.layers.0.self_attn.qkv_proj", out, d)?;
+            // Stored `[in, out]` (Conv1D), the value at [o, i] is `i * out + o`.
+            let want: Vec<f32> = (0..out)
+                .flat_map(|o| (0..d).map(move |i| if transposed { i * out + o } else { o * d + i }))
+                .map(|x| x as f32)
+                .collect();
+            assert_eq!(values(&w)?, want, "{prefix}");
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn folder_norm_offset_and_missing_tensor() -> Result<()> {
+        let dir = scratch("gemma")?;
+        let norm = "model.layers.0.input_layernorm.weight";
+        write_f32(&dir.join("model.safetensors"), &[(norm, vec![3])])?;
+        let src = FolderWeights::open(&dir, &serde_json::json!({}), Family::Gemma3, 1.0)?;
+        let v = src.vector("model.layers.0.input_layernorm", 3)?;
+        assert_eq!(v.to_vec1::<f32>()?, [1.0, 2.0, 3.0]);
+        let missing = src.vector("model.norm", 3).err().map(|e| e.to_string());
+        assert!(missing.is_some_and(|m| m.contains("'model.norm.weight' is missing")));
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
     }
 }

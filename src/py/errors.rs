@@ -89,7 +89,7 @@ fn samples() -> Vec<Error> {
         Error::format("m.gguf", Some(4), "sample"),
         Error::UnsupportedArchitecture {
             architecture: "sample".into(),
-            supported: vec!["llama".into()],
+            supported: vec!["sample".into()],
         },
         Error::config("hidden_size", "sample"),
         Error::Tokenizer("sample".into()),
