@@ -746,7 +746,7 @@ mod tests {
         // Embedding, q and o, k and v, the MLP, three norms.
         let parameters = 16 * 8 + 2 * 8 * 8 + 2 * 4 * 8 + 3 * 16 * 8 + 3 * 8;
         assert_eq!(model.num_parameters, parameters);
-        let (logits, rows) = model.logits(&[1, 2, 3], true)?;
+        let (logits, rows) = model.forward(&[1, 2, 3], true)?;
         assert_eq!((logits.len(), rows), (3 * 16, 3));
         assert!(logits.iter().all(|x| x.is_finite()));
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
