@@ -24,7 +24,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::source::{llama_cpp_layout, Source, TensorData};
-use super::{check_plan, relative_rmse, Plan, Progress, Report, TensorReport};
+use super::{relative_rmse, Plan, Progress, Report, TensorReport};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{write_gguf, GgufTensorSpec};
 use crate::formats::safetensors::Dtype;
@@ -222,7 +222,6 @@ pub fn convert_gguf(
     out: &Path,
     progress: &Progress,
 ) -> Result<Report> {
-    check_plan(source, plan)?;
     use crate::model::config::RopeScaling;
     if matches!(
         source.model.rope_scaling,
@@ -245,7 +244,7 @@ pub fn convert_gguf(
             )
         })?;
         let dtype = match (plan.modules.get(module), t.shape.len()) {
-            (Some(&(bits, _)), 2) => ggml_type_for(bits, t.shape[1]),
+            (Some(spec), 2) => ggml_type_for(spec.bits, t.shape[1]),
             (_, 1) => GgmlDType::F32,
             _ if plan.float_dtype == Dtype::F32 => GgmlDType::F32,
             _ => GgmlDType::F16,
@@ -275,8 +274,8 @@ pub fn convert_gguf(
             name: t.name.clone(),
             shape: t.shape.clone(),
             source: t.stored.clone(),
-            bits: planned.map(|p| p.0),
-            group_size: planned.map(|p| p.1),
+            bits: planned.map(|p| p.bits),
+            group_size: planned.map(|p| p.group_size),
             lossless: false,
             relative_rmse: None,
         };
