@@ -9,12 +9,12 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
     "Engine",
     "EngineStream",
     "Model",
     "Progress",
-    "SUPPORTED_BITS",
-    "SUPPORTED_GROUP_SIZES",
     "SamplingParams",
     "Tokenizer",
     "__version__",

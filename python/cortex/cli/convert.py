@@ -40,9 +40,8 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         "projections, none=float (default: speed)",
     )
     p.add_argument("--q-bits", type=int, choices=_core.SUPPORTED_BITS, help="bits for every quantized matrix")
-    p.add_argument(
-        "--q-group-size", type=int, choices=_core.SUPPORTED_GROUP_SIZES, default=64, help="default: %(default)s"
-    )
+    groups = _core.SUPPORTED_GROUP_SIZES
+    p.add_argument("--q-group-size", type=int, choices=groups, default=64, help="default: %(default)s")
     p.add_argument("--format", choices=("mlx", "gguf"), default="mlx", help="default: %(default)s")
     p.add_argument("--no-validate", action="store_true", help="skip loading and measuring the result")
 
