@@ -18,6 +18,7 @@ __all__ = [
     "SamplingParams",
     "Tokenizer",
     "__version__",
+    "_error_samples",
     "affine_quantize",
     "convert",
     "engine_stats",
@@ -203,7 +204,7 @@ def convert(
     bits_override: int | None = None,
     output_format: str = "mlx",
     source_format: str = "huggingface",
-    max_shard_bytes: int = 5368709120,
+    max_shard_bytes: int | None = None,
     validate: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]: ...

@@ -17,7 +17,6 @@
 //! F32). A GGUF source keeps its blocks where the target type is the stored type.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -261,7 +260,7 @@ pub fn convert_gguf(
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
     let mut metadata = model_metadata(source, &name);
     metadata.extend(tokenizer_metadata(source)?);
-    progress.total.store(specs.len(), Ordering::Relaxed);
+    progress.start(specs.len());
     let mut reports = Vec::new();
     write_gguf(out, &metadata, &specs, |i| {
         if progress.is_cancelled() {
@@ -283,7 +282,7 @@ pub fn convert_gguf(
         if let Some(q) = source.gguf_tensor(t)?.filter(|q| q.dtype() == spec.dtype) {
             report.lossless = true;
             reports.push(report);
-            progress.done.fetch_add(1, Ordering::Relaxed);
+            progress.advance()?;
             return Ok(q.data()?.into_owned());
         }
         let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
@@ -321,7 +320,7 @@ pub fn convert_gguf(
             }
         };
         reports.push(report);
-        progress.done.fetch_add(1, Ordering::Relaxed);
+        progress.advance()?;
         Ok(bytes)
     })?;
     let total_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();

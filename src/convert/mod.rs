@@ -16,7 +16,6 @@ pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
@@ -55,10 +54,8 @@ impl OutputFormat {
 pub struct ConvertOptions {
     pub policy: Policy,
     pub output_format: OutputFormat,
-    /// The format the caller expects the source to be in (`ConversionFormat` by value):
-    /// `huggingface` accepts any, `safetensors` an HF or MLX folder, `gguf` and `pytorch`
-    /// only themselves.
-    pub source_format: String,
+    /// The format the caller expects the source to be in.
+    pub source_format: ExpectedFormat,
     pub max_shard_bytes: u64,
     /// Load the output and measure it against the source ([`validate::validate`]).
     pub validate: bool,
@@ -92,7 +89,7 @@ pub fn convert(
 ) -> Result<Conversion> {
     crate::threads::init_thread_pool();
     let src = Source::open(source)?;
-    check_source_format(&options.source_format, &src)?;
+    check_source_format(options.source_format, &src)?;
     let plan = make_plan(
         &src.tensors,
         src.format,
@@ -129,30 +126,58 @@ pub fn convert(
     })
 }
 
-/// Refuses a source whose detected format is not the one the caller named.
-fn check_source_format(expected: &str, src: &Source) -> Result<()> {
-    let accepted: &[&str] = match expected {
-        "huggingface" => return Ok(()),
-        "safetensors" => &["safetensors", "mlx"],
-        "gguf" => &["gguf"],
-        "pytorch" => &["pytorch"],
-        other => {
-            return Err(Error::param(
-                "source_format",
-                format!("'{other}' is not one of huggingface, safetensors, pytorch, gguf"),
-            ))
-        }
-    };
-    if !accepted.contains(&src.format) {
-        crate::error::bail!(
-            Conversion,
-            "source_format is {} but {} holds a {} model",
-            expected.to_uppercase(),
-            src.path.display(),
-            src.format
-        );
+/// The source format a caller asks for (`ConversionFormat` in Python, by value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedFormat {
+    /// `huggingface`: whatever the files are (the format is detected).
+    Any,
+    /// An HF or MLX safetensors folder.
+    Safetensors,
+    Pytorch,
+    Gguf,
+}
+
+impl ExpectedFormat {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "huggingface" => ExpectedFormat::Any,
+            "safetensors" => ExpectedFormat::Safetensors,
+            "pytorch" => ExpectedFormat::Pytorch,
+            "gguf" => ExpectedFormat::Gguf,
+            other => {
+                return Err(Error::param(
+                    "source_format",
+                    format!("'{other}' is not one of huggingface, safetensors, pytorch, gguf"),
+                ))
+            }
+        })
     }
-    Ok(())
+
+    /// The detected formats ([`Source::format`]) it accepts; None: any.
+    fn accepted(self) -> Option<&'static [&'static str]> {
+        match self {
+            ExpectedFormat::Any => None,
+            ExpectedFormat::Safetensors => Some(&["safetensors", "mlx"]),
+            ExpectedFormat::Pytorch => Some(&["pytorch"]),
+            ExpectedFormat::Gguf => Some(&["gguf"]),
+        }
+    }
+}
+
+/// Refuses a source whose detected format is not the one the caller named.
+fn check_source_format(expected: ExpectedFormat, src: &Source) -> Result<()> {
+    match expected.accepted() {
+        Some(accepted) if !accepted.contains(&src.format) => {
+            crate::error::bail!(
+                Conversion,
+                "source_format is {} but {} holds a {} model",
+                format!("{expected:?}").to_uppercase(),
+                src.path.display(),
+                src.format
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 /// What was written for one tensor, for `conversion.json`.
@@ -336,10 +361,7 @@ pub fn convert_mlx(
             }
         })
         .collect();
-    progress
-        .total
-        .store(source.tensors.len(), Ordering::Relaxed);
-    progress.done.store(0, Ordering::Relaxed);
+    progress.start(source.tensors.len());
 
     let mut reports: Vec<TensorReport> = Vec::new();
     let mut pending: HashMap<usize, AffineMatrix> = HashMap::new();
@@ -370,7 +392,7 @@ pub fn convert_mlx(
                         lossless,
                         relative_rmse: None,
                     });
-                    progress.done.fetch_add(1, Ordering::Relaxed);
+                    progress.advance()?;
                     Ok(encode_float(&values, plan.float_dtype))
                 }
                 Some(&spec) => {
@@ -395,7 +417,7 @@ pub fn convert_mlx(
                     } else {
                         let bytes = a.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
                         pending.remove(i);
-                        progress.done.fetch_add(1, Ordering::Relaxed);
+                        progress.advance()?;
                         bytes
                     };
                     Ok(bytes)

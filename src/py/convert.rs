@@ -12,7 +12,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyTuple};
 use super::model::PyProgress;
 use super::run_detached;
 use crate::convert::{
-    ConvertOptions, MixedPrecision, OutputFormat, Policy, Predicate, Recipe, Verdict,
+    ConvertOptions, ExpectedFormat, MixedPrecision, OutputFormat, Policy, Predicate, Recipe,
+    Verdict,
 };
 use crate::error::Error;
 use crate::formats::safetensors::Dtype;
@@ -133,6 +134,7 @@ pub fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
 ///         per candidate matrix.
 ///     bits_override: bits for every quantized matrix (one of `SUPPORTED_BITS`).
 ///     source_format: a `ConversionFormat` value the source must be in.
+///     max_shard_bytes: the largest safetensors shard (default 5 GiB, as mlx-lm).
 ///     validate: load the output and measure it against the source.
 ///     progress: reports tensors written; `cancel()` stops the conversion.
 ///
@@ -145,7 +147,7 @@ pub fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     source, out, *, quantization = "4bit", group_size = 64, critical_layers = None,
     critical_bits = None, standard_bits = None, predicate = None, bits_override = None,
     output_format = "mlx", source_format = "huggingface",
-    max_shard_bytes = crate::convert::MAX_SHARD_BYTES, validate = true, progress = None
+    max_shard_bytes = None, validate = true, progress = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn convert<'py>(
@@ -161,7 +163,7 @@ pub fn convert<'py>(
     bits_override: Option<u32>,
     output_format: &str,
     source_format: &str,
-    max_shard_bytes: u64,
+    max_shard_bytes: Option<u64>,
     validate: bool,
     progress: Option<&PyProgress>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -186,8 +188,8 @@ pub fn convert<'py>(
             predicate,
         )?,
         output_format: OutputFormat::parse(output_format)?,
-        source_format: source_format.to_string(),
-        max_shard_bytes,
+        source_format: ExpectedFormat::parse(source_format)?,
+        max_shard_bytes: max_shard_bytes.unwrap_or(crate::convert::MAX_SHARD_BYTES),
         validate,
     };
     let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
