@@ -201,7 +201,7 @@ class MLXConverter:
                 **wanted,
                 "use_amx": config.use_amx,
                 "compile_model": config.compile_model,
-                **{k: v for k, v in done.items() if k != "files"},
+                **done,
                 "quality": done["quality"] or {},
                 "cortex_version": _core.__version__,
                 "duration_s": round(time.monotonic() - start, 3),

@@ -73,8 +73,9 @@ pub struct Conversion {
     pub bits_per_weight: f64,
     pub num_parameters: usize,
     pub per_tensor: BTreeMap<String, TensorReport>,
+    /// Files written, relative to the output folder.
     pub files: Vec<String>,
-    /// Empty when validation was not asked for.
+    /// None when validation was not asked for.
     pub quality: Option<Quality>,
 }
 
@@ -103,6 +104,7 @@ pub fn convert(
         OutputFormat::Gguf => gguf_out::convert_gguf(&src, &plan, out, progress)?,
     };
     let source_format = src.format;
+    // Validation loads the source as a model of its own: release this reader's maps first.
     drop(src);
     let quality = if options.validate {
         Some(validate::validate(out, source, progress)?)
@@ -183,9 +185,10 @@ fn check_source_format(expected: ExpectedFormat, src: &Source) -> Result<()> {
 /// What was written for one tensor, for `conversion.json`.
 #[derive(Debug, Serialize)]
 pub struct TensorReport {
+    /// The key of `per_tensor`.
     #[serde(skip)]
     pub name: String,
-    #[serde(skip)]
+    /// Logical shape (before packing).
     pub shape: Vec<usize>,
     /// How the source stored it (`Q4_1`, `BF16`, `affine4g64`...).
     pub source: String,

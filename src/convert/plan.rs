@@ -10,7 +10,8 @@
 //! From a GGUF source a recipe never lowers a tensor below the precision it is stored at
 //! (a Q8_0 embedding in a Q4_1 file stays 8-bit under `4bit`): llama.cpp's own recipes
 //! keep those tensors wide on purpose. Only an explicit choice lowers one: `bits_override`
-//! (`cortex convert --q-bits`) or a predicate that names `bits`.
+//! (`cortex convert --q-bits`) or a predicate that names `bits`. For the same reason a GGML
+//! block kept float is written as f32, which holds its values exactly (f16 does not).
 
 use std::collections::BTreeMap;
 
@@ -271,8 +272,8 @@ fn ggml_bits(stored: &str) -> Option<u32> {
 }
 
 /// Applies `policy` to `tensors` (of a source in `format`, whose `config.json` is
-/// `config`, passed to the predicate). `float_dtype` and `max_shard_bytes` are copied
-/// into the plan.
+/// `config`, passed to the predicate). `float_dtype` is the source's (f32 instead when
+/// GGML blocks stay float); `max_shard_bytes` is copied into the plan.
 pub fn make_plan(
     tensors: &[SourceTensor],
     format: &str,
@@ -317,6 +318,22 @@ pub fn make_plan(
             modules.insert(module.to_string(), spec);
         }
     }
+    // f16 cannot hold a GGML block's values exactly (a Q8_0 scale times a code up to 127
+    // has 18 significant bits): a quantized tensor kept float goes out as f32, so a float
+    // export of a quantized GGUF is lossless too.
+    let kept_float_block = tensors.iter().any(|t| {
+        format == "gguf"
+            && ggml_bits(&t.stored).is_some()
+            && !t
+                .name
+                .strip_suffix(".weight")
+                .is_some_and(|m| modules.contains_key(m))
+    });
+    let float_dtype = if kept_float_block {
+        Dtype::F32
+    } else {
+        float_dtype
+    };
     let default = if policy.quantizes_by_default() {
         Some(policy.spec)
     } else {
@@ -434,6 +451,19 @@ mod tests {
         assert_eq!(bits(&p, "model.embed_tokens"), Some(4));
         let forced = Policy::new(Recipe::Bits4, 32, MixedPrecision::default(), Some(3), None)?;
         assert_eq!(bits(&plan("gguf", &forced)?, "model.embed_tokens"), Some(3));
+        // A float export keeps the blocks' values exactly: f32, not the source's f16.
+        assert_eq!(
+            plan("gguf", &policy(Recipe::Bits4, 32)?)?.float_dtype,
+            Dtype::F16
+        );
+        assert_eq!(
+            plan("gguf", &policy(Recipe::None, 32)?)?.float_dtype,
+            Dtype::F32
+        );
+        assert_eq!(
+            plan("mlx", &policy(Recipe::None, 32)?)?.float_dtype,
+            Dtype::F16
+        );
         // Raising is always allowed.
         assert_eq!(
             bits(
