@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from . import _core, hub
@@ -93,7 +94,7 @@ class _Module:
     ``to_quantized`` marker, enough for the predicates mlx-lm users write."""
 
     def __init__(self, path: str, shape: tuple[int, ...]):
-        self.path, self.weight = path, type("Weight", (), {"shape": shape})()
+        self.path, self.weight = path, SimpleNamespace(shape=shape)
 
     def to_quantized(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - marker
         """Present so that ``hasattr(module, "to_quantized")`` holds."""

@@ -495,3 +495,32 @@ fn encode_float(values: &[f32], dtype: Dtype) -> Vec<u8> {
         _ => ScaleDType::F32.encode(values),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_parsed_where_they_enter() -> Result<()> {
+        assert_eq!(OutputFormat::parse("gguf")?, OutputFormat::Gguf);
+        assert!(
+            matches!(OutputFormat::parse("onnx"), Err(Error::InvalidParam { param, .. }) if param == "output_format")
+        );
+        assert_eq!(ExpectedFormat::parse("huggingface")?.accepted(), None);
+        let safetensors = ExpectedFormat::parse("safetensors")?.accepted();
+        assert_eq!(safetensors, Some(&["safetensors", "mlx"][..]));
+        assert!(
+            matches!(ExpectedFormat::parse("onnx"), Err(Error::InvalidParam { param, .. }) if param == "source_format")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn relative_rmse_is_relative() {
+        assert_eq!(relative_rmse(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+        // Error (0, 5) against a norm of 5: 1.
+        assert!((relative_rmse(&[3.0, 4.0], &[3.0, -1.0]) - 1.0).abs() < 1e-12);
+        // All-zero reference: the absolute error.
+        assert!((relative_rmse(&[0.0, 0.0], &[3.0, 4.0]) - 5.0).abs() < 1e-12);
+    }
+}

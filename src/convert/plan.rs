@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::formats::safetensors::Dtype;
 use crate::quant::affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
 
@@ -283,8 +283,13 @@ pub fn make_plan(
     max_shard_bytes: u64,
 ) -> Result<Plan> {
     let mut modules = BTreeMap::new();
-    let planned = policy.quantizes_by_default() || policy.predicate.is_some();
-    for t in tensors.iter().filter(|_| planned) {
+    // A float recipe without a predicate offers no candidates.
+    let candidates = if policy.quantizes_by_default() || policy.predicate.is_some() {
+        tensors
+    } else {
+        &[]
+    };
+    for t in candidates {
         let (Some(module), [.., cols]) = (t.name.strip_suffix(".weight"), t.shape.as_slice())
         else {
             continue;
@@ -300,11 +305,12 @@ pub fn make_plan(
                 Verdict::Quantize => chosen.or(Some(policy.spec)),
                 Verdict::With { bits, group_size } => {
                     asked |= bits.is_some();
-                    Some(QuantSpec::new(
+                    let spec = QuantSpec::new(
                         bits.unwrap_or(policy.spec.bits),
                         group_size.unwrap_or(policy.spec.group_size),
                         "mixed_precision_config['predicate']",
-                    )?)
+                    );
+                    Some(spec.with_context(|| format!("the predicate's verdict for '{module}'"))?)
                 }
             };
         }

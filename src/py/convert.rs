@@ -63,6 +63,7 @@ impl Predicate for PyPredicate {
         .map_err(|e: PyErr| Error::param(PREDICATE, format!("for '{module}': {e}")))
     }
 }
+
 /// `True`/`False` (any truthy value), or a dict with optional `bits` and `group_size`.
 fn verdict_from(v: &Bound<'_, PyAny>) -> PyResult<Verdict> {
     if let Ok(d) = v.cast::<PyDict>() {
