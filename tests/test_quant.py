@@ -9,12 +9,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cortex.converter import quantize_affine
+from cortex import _core
 
 FIXTURES = np.load(Path(__file__).parent / "fixtures" / "mlx_affine.npz")
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def quantize_affine(
+    w: np.ndarray, bits: int = 4, group_size: int = 64, dtype: str = "float32"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_core.affine_quantize`` of a 2-D float matrix as arrays: ``(packed uint32 [rows,
+    cols*bits/32], scales, biases [rows, cols/group])``, scales and biases in ``dtype``
+    (bfloat16 as its uint16 bit patterns, since numpy has no bf16)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    packed, scales, biases = _core.affine_quantize(w.tobytes(), rows, cols, bits, group_size, dtype)
+    sdt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype]
+    groups = cols // group_size
+    return (
+        np.frombuffer(packed, dtype="<u4").reshape(rows, cols * bits // 32),
+        np.frombuffer(scales, dtype=sdt).reshape(rows, groups),
+        np.frombuffer(biases, dtype=sdt).reshape(rows, groups),
+    )
+
+
+def test_fixtures_cover_every_supported_setting() -> None:
+    """The settings Rust exports are the ones the MLX reference vectors cover."""
+    assert (_core.SUPPORTED_BITS, _core.SUPPORTED_GROUP_SIZES) == (BITS, GROUPS)
 
 
 def _as_f32(w: np.ndarray, dtype: str) -> np.ndarray:

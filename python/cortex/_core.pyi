@@ -1,6 +1,6 @@
 """Type stubs for the native module ``cortex._core`` (built from ``src/py/``)."""
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, final
@@ -12,8 +12,9 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_NUM_BATCHED_TOKENS",
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
     "Completion",
-    "ConversionJob",
     "Engine",
     "EngineStream",
     "Event",
@@ -24,10 +25,10 @@ __all__ = [
     "__version__",
     "_error_samples",
     "affine_quantize",
+    "convert",
     "engine_stats",
     "hub_cache_dir",
     "hub_snapshot_download",
-    "inspect_source",
     "kernel_isa",
     "load",
     "load_model",
@@ -230,25 +231,26 @@ def engine_stats(model: Model) -> dict[str, float]: ...
 def kernel_isa() -> str: ...
 def time_operation(operation: str, shape: Sequence[int], iterations: int) -> tuple[float, float, float]: ...
 
-@final
-class ConversionJob:
-    def __new__(
-        cls,
-        source: str | PathLike[str],
-        out: str | PathLike[str],
-        *,
-        default: tuple[int, int] | None,
-        modules: Mapping[str, tuple[int, int]],
-        float_dtype: str,
-        max_shard_bytes: int,
-        format: str = "mlx",
-    ) -> ConversionJob: ...
-    def wait(self, timeout: float) -> bool: ...
-    def progress(self) -> tuple[int, int]: ...
-    def cancel(self) -> None: ...
-    def result(self) -> str: ...
+SUPPORTED_BITS: tuple[int, ...]
+SUPPORTED_GROUP_SIZES: tuple[int, ...]
 
-def inspect_source(path: str | PathLike[str]) -> str: ...
+def convert(
+    source: str | PathLike[str],
+    out: str | PathLike[str],
+    *,
+    quantization: str = "4bit",
+    group_size: int = 64,
+    critical_layers: Sequence[str] | None = None,
+    critical_bits: int | None = None,
+    standard_bits: int | None = None,
+    predicate: Callable[[str, tuple[int, ...], dict[str, Any]], Any] | None = None,
+    bits_override: int | None = None,
+    output_format: str = "mlx",
+    source_format: str = "huggingface",
+    max_shard_bytes: int | None = None,
+    validate: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]: ...
 def affine_quantize(
     data: bytes, rows: int, cols: int, bits: int, group_size: int, dtype: str
 ) -> tuple[bytes, bytes, bytes]: ...

@@ -18,14 +18,13 @@
 //! F32). A GGUF source keeps its blocks where the target type is the stored type.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::source::{llama_cpp_layout, Source, TensorData};
-use super::{check_plan, relative_rmse, Plan, Progress, Report, TensorReport};
+use super::{relative_rmse, Plan, Progress, Report, TensorReport};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{write_gguf, GgufTensorSpec};
 use crate::formats::safetensors::Dtype;
@@ -232,7 +231,6 @@ pub fn convert_gguf(
     out: &Path,
     progress: &Progress,
 ) -> Result<Report> {
-    check_plan(source, plan)?;
     use crate::model::config::RopeScaling;
     if matches!(
         source.model.rope_scaling,
@@ -255,7 +253,7 @@ pub fn convert_gguf(
             )
         })?;
         let dtype = match (plan.modules.get(module), t.shape.len()) {
-            (Some(&(bits, _)), 2) => ggml_type_for(bits, t.shape[1]),
+            (Some(spec), 2) => ggml_type_for(spec.bits, t.shape[1]),
             (_, 1) => GgmlDType::F32,
             _ if plan.float_dtype == Dtype::F32 => GgmlDType::F32,
             _ => GgmlDType::F16,
@@ -272,7 +270,7 @@ pub fn convert_gguf(
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
     let mut metadata = model_metadata(source, &name);
     metadata.extend(tokenizer_metadata(source)?);
-    progress.total.store(specs.len(), Ordering::Relaxed);
+    progress.start(specs.len());
     let mut reports = Vec::new();
     write_gguf(out, &metadata, &specs, |i| {
         if progress.is_cancelled() {
@@ -285,8 +283,8 @@ pub fn convert_gguf(
             name: t.name.clone(),
             shape: t.shape.clone(),
             source: t.stored.clone(),
-            bits: planned.map(|p| p.0),
-            group_size: planned.map(|p| p.1),
+            bits: planned.map(|p| p.bits),
+            group_size: planned.map(|p| p.group_size),
             lossless: false,
             relative_rmse: None,
         };
@@ -294,7 +292,7 @@ pub fn convert_gguf(
         if let Some(q) = source.gguf_tensor(t)?.filter(|q| q.dtype() == spec.dtype) {
             report.lossless = true;
             reports.push(report);
-            progress.done.fetch_add(1, Ordering::Relaxed);
+            progress.advance()?;
             return Ok(q.data()?.into_owned());
         }
         let module = split_param(&t.name).map_or(t.name.as_str(), |(m, _)| m);
@@ -332,7 +330,7 @@ pub fn convert_gguf(
             }
         };
         reports.push(report);
-        progress.done.fetch_add(1, Ordering::Relaxed);
+        progress.advance()?;
         Ok(bytes)
     })?;
     let total_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();

@@ -1,45 +1,196 @@
-//! The conversion pipeline: source → per-tensor plan → quantize → write → (validate, in
-//! Python). [`convert_mlx`] writes the layout mlx-lm writes: `config.json` with
-//! `quantization` (and its mirror `quantization_config`, plus per-module overrides),
-//! safetensors shards with metadata `{"format": "mlx"}` named `model.safetensors` or
+//! The conversion pipeline, one call from Python ([`convert`]): open the source once →
+//! plan every tensor ([`plan`]: recipe, mixed precision, the user's predicate, the GGUF
+//! precision floor) → quantize → write → validate ([`validate`]).
+//!
+//! [`convert_mlx`] writes the layout mlx-lm writes: `config.json` with `quantization` (and
+//! its mirror `quantization_config`, plus per-module overrides), safetensors shards with
+//! metadata `{"format": "mlx"}` named `model.safetensors` or
 //! `model-00001-of-0000N.safetensors`, `model.safetensors.index.json`, tokenizer files.
 //! [`gguf_out::convert_gguf`] writes one GGUF file instead. Both write where they are told;
 //! making that atomic (a temporary sibling renamed at the end) is the caller's job.
 
 pub mod gguf_out;
+pub mod plan;
 pub mod source;
+pub mod validate;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self, Dtype, TensorSpec};
 pub use crate::progress::Progress;
-use crate::quant::affine::check_params;
 use crate::quant::{AffineMatrix, ScaleDType};
+pub use plan::{make_plan, MixedPrecision, Plan, Policy, Predicate, QuantSpec, Recipe, Verdict};
 pub use source::{Source, SourceTensor, TensorData};
+pub use validate::Quality;
 
-/// What to do with each tensor.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// The model-wide setting written as `quantization` (None: a float model).
-    pub default: Option<(u32, usize)>,
-    /// Modules (HF paths without `.weight`) to quantize, with their bits and group size;
-    /// every other tensor is written as `float_dtype`.
-    pub modules: BTreeMap<String, (u32, usize)>,
-    pub float_dtype: Dtype,
-    /// Largest shard (mlx-lm: 5 GiB).
-    pub max_shard_bytes: u64,
+/// mlx-lm's largest shard.
+pub const MAX_SHARD_BYTES: u64 = 5 << 30;
+
+/// The file format written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Mlx,
+    Gguf,
 }
 
-/// What was written, for `conversion.json`.
+impl OutputFormat {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "mlx" => Ok(OutputFormat::Mlx),
+            "gguf" => Ok(OutputFormat::Gguf),
+            other => Err(Error::param(
+                "output_format",
+                format!("'{other}' is not one of mlx, gguf"),
+            )),
+        }
+    }
+}
+
+/// Everything one conversion is asked to do besides where from and where to.
+pub struct ConvertOptions {
+    pub policy: Policy,
+    pub output_format: OutputFormat,
+    /// The format the caller expects the source to be in.
+    pub source_format: ExpectedFormat,
+    pub max_shard_bytes: u64,
+    /// Load the output and measure it against the source ([`validate::validate`]).
+    pub validate: bool,
+}
+
+/// What a conversion did, for `conversion.json`.
+#[derive(Debug, Serialize)]
+pub struct Conversion {
+    /// `gguf`, `safetensors`, `mlx` or `pytorch`.
+    pub source_format: &'static str,
+    /// The model-wide bits (None: a float model).
+    pub bits: Option<u32>,
+    /// The distinct bits of the quantized modules, ascending.
+    pub bits_used: Vec<u32>,
+    pub bits_per_weight: f64,
+    pub num_parameters: usize,
+    pub per_tensor: BTreeMap<String, TensorReport>,
+    /// Files written, relative to the output folder.
+    pub files: Vec<String>,
+    /// None when validation was not asked for.
+    pub quality: Option<Quality>,
+}
+
+/// Converts the model at `source` into `out`: an existing empty directory for MLX output, a
+/// file path for GGUF output. Progress counts tensors written; cancelling stops at the next
+/// tensor (or validation step) with `Error::Cancelled`.
+pub fn convert(
+    source: &Path,
+    out: &Path,
+    options: &ConvertOptions,
+    progress: &Progress,
+) -> Result<Conversion> {
+    crate::threads::init_thread_pool();
+    let src = Source::open(source)?;
+    check_source_format(options.source_format, &src)?;
+    let plan = make_plan(
+        &src.tensors,
+        src.format,
+        &src.config,
+        &options.policy,
+        src.float_dtype,
+        options.max_shard_bytes,
+    )?;
+    let report = match options.output_format {
+        OutputFormat::Mlx => convert_mlx(&src, &plan, out, progress)?,
+        OutputFormat::Gguf => gguf_out::convert_gguf(&src, &plan, out, progress)?,
+    };
+    let source_format = src.format;
+    // Validation loads the source as a model of its own: release this reader's maps first.
+    drop(src);
+    let quality = if options.validate {
+        Some(validate::validate(out, source, progress)?)
+    } else {
+        None
+    };
+    let bits_used: BTreeSet<u32> = plan.modules.values().map(|s| s.bits).collect();
+    Ok(Conversion {
+        source_format,
+        bits: plan.default.map(|s| s.bits),
+        bits_used: bits_used.into_iter().collect(),
+        bits_per_weight: report.bits_per_weight,
+        num_parameters: report.num_parameters,
+        per_tensor: report
+            .tensors
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect(),
+        files: report.files,
+        quality,
+    })
+}
+
+/// The source format a caller asks for (`ConversionFormat` in Python, by value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedFormat {
+    /// `huggingface`: whatever the files are (the format is detected).
+    Any,
+    /// An HF or MLX safetensors folder.
+    Safetensors,
+    Pytorch,
+    Gguf,
+}
+
+impl ExpectedFormat {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "huggingface" => ExpectedFormat::Any,
+            "safetensors" => ExpectedFormat::Safetensors,
+            "pytorch" => ExpectedFormat::Pytorch,
+            "gguf" => ExpectedFormat::Gguf,
+            other => {
+                return Err(Error::param(
+                    "source_format",
+                    format!("'{other}' is not one of huggingface, safetensors, pytorch, gguf"),
+                ))
+            }
+        })
+    }
+
+    /// The detected formats ([`Source::format`]) it accepts; None: any.
+    fn accepted(self) -> Option<&'static [&'static str]> {
+        match self {
+            ExpectedFormat::Any => None,
+            ExpectedFormat::Safetensors => Some(&["safetensors", "mlx"]),
+            ExpectedFormat::Pytorch => Some(&["pytorch"]),
+            ExpectedFormat::Gguf => Some(&["gguf"]),
+        }
+    }
+}
+
+/// Refuses a source whose detected format is not the one the caller named.
+fn check_source_format(expected: ExpectedFormat, src: &Source) -> Result<()> {
+    match expected.accepted() {
+        Some(accepted) if !accepted.contains(&src.format) => {
+            crate::error::bail!(
+                Conversion,
+                "source_format is {} but {} holds a {} model",
+                format!("{expected:?}").to_uppercase(),
+                src.path.display(),
+                src.format
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What was written for one tensor, for `conversion.json`.
 #[derive(Debug, Serialize)]
 pub struct TensorReport {
+    /// The key of `per_tensor`.
+    #[serde(skip)]
     pub name: String,
+    /// Logical shape (before packing).
     pub shape: Vec<usize>,
+    /// How the source stored it (`Q4_1`, `BF16`, `affine4g64`...).
     pub source: String,
     /// None: kept float.
     pub bits: Option<u32>,
@@ -50,7 +201,8 @@ pub struct TensorReport {
     pub relative_rmse: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+/// What a writer wrote.
+#[derive(Debug)]
 pub struct Report {
     pub tensors: Vec<TensorReport>,
     pub files: Vec<String>,
@@ -66,38 +218,6 @@ fn scale_dtype(d: Dtype) -> ScaleDType {
         Dtype::BF16 => ScaleDType::BF16,
         _ => ScaleDType::F32,
     }
-}
-
-/// Checks the plan against the source: every planned module exists, is a matrix, and its
-/// rows split into whole groups.
-pub fn check_plan(source: &Source, plan: &Plan) -> Result<()> {
-    let by_name: HashMap<&str, &SourceTensor> = source
-        .tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    for (module, &(bits, group)) in &plan.modules {
-        let t = by_name
-            .get(format!("{module}.weight").as_str())
-            .ok_or_else(|| {
-                Error::param(
-                    "mixed_precision_config",
-                    format!("module '{module}' is not in the model"),
-                )
-            })?;
-        if t.shape.len() < 2 {
-            return Err(Error::param(
-                "mixed_precision_config",
-                format!(
-                    "'{module}' has shape {:?}; only matrices are quantized",
-                    t.shape
-                ),
-            ));
-        }
-        check_params(bits, group, t.shape[t.shape.len() - 1])
-            .map_err(|e| Error::param("mixed_precision_config", format!("'{module}': {e}")))?;
-    }
-    Ok(())
 }
 
 /// Root-mean-square error of `approx` against `exact`, relative to `exact`'s RMS (absolute
@@ -125,11 +245,14 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
 fn quantize(
     data: TensorData,
     t: &SourceTensor,
-    bits: u32,
-    group: usize,
+    spec: QuantSpec,
     dtype: ScaleDType,
 ) -> Result<(AffineMatrix, bool, f64)> {
     let (rows, cols) = rows_cols(&t.shape);
+    let QuantSpec {
+        bits,
+        group_size: group,
+    } = spec;
     match data {
         // Same bits and group, scales representable in the output dtype: a transfer.
         TensorData::Affine(a)
@@ -163,7 +286,6 @@ pub fn convert_mlx(
     out: &Path,
     progress: &Progress,
 ) -> Result<Report> {
-    check_plan(source, plan)?;
     let dtype = scale_dtype(plan.float_dtype);
     // Output tensors in name order; a quantized module contributes `.biases`, `.scales`
     // and `.weight`, which sort together in that order.
@@ -171,7 +293,13 @@ pub fn convert_mlx(
     for (i, t) in source.tensors.iter().enumerate() {
         let module = t.name.strip_suffix(".weight");
         match module.and_then(|m| plan.modules.get(m).map(|p| (m, *p))) {
-            Some((m, (bits, group))) => {
+            Some((
+                m,
+                QuantSpec {
+                    bits,
+                    group_size: group,
+                },
+            )) => {
                 // Leading dims stay (stacked experts are `[experts, out, in]`); the last
                 // one is packed.
                 let (lead, cols) = (&t.shape[..t.shape.len() - 1], t.shape[t.shape.len() - 1]);
@@ -236,10 +364,7 @@ pub fn convert_mlx(
             }
         })
         .collect();
-    progress
-        .total
-        .store(source.tensors.len(), Ordering::Relaxed);
-    progress.done.store(0, Ordering::Relaxed);
+    progress.start(source.tensors.len());
 
     let mut reports: Vec<TensorReport> = Vec::new();
     let mut pending: HashMap<usize, AffineMatrix> = HashMap::new();
@@ -254,7 +379,7 @@ pub fn convert_mlx(
             if progress.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let (spec, i) = &specs[shard[j]];
+            let (out_spec, i) = &specs[shard[j]];
             let t = &source.tensors[*i];
             let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
             match plan.modules.get(module) {
@@ -270,32 +395,32 @@ pub fn convert_mlx(
                         lossless,
                         relative_rmse: None,
                     });
-                    progress.done.fetch_add(1, Ordering::Relaxed);
+                    progress.advance()?;
                     Ok(encode_float(&values, plan.float_dtype))
                 }
-                Some(&(bits, group)) => {
+                Some(&spec) => {
                     if !pending.contains_key(i) {
-                        let (a, lossless, rel) = quantize(source.read(t)?, t, bits, group, dtype)?;
+                        let (a, lossless, rel) = quantize(source.read(t)?, t, spec, dtype)?;
                         reports.push(TensorReport {
                             name: t.name.clone(),
                             shape: t.shape.clone(),
                             source: t.stored.clone(),
-                            bits: Some(bits),
-                            group_size: Some(group),
+                            bits: Some(spec.bits),
+                            group_size: Some(spec.group_size),
                             lossless,
                             relative_rmse: Some(rel),
                         });
                         pending.insert(*i, a);
                     }
                     let a = &pending[i];
-                    let bytes = if spec.name.ends_with(".biases") {
+                    let bytes = if out_spec.name.ends_with(".biases") {
                         dtype.encode(&a.biases)
-                    } else if spec.name.ends_with(".scales") {
+                    } else if out_spec.name.ends_with(".scales") {
                         dtype.encode(&a.scales)
                     } else {
                         let bytes = a.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
                         pending.remove(i);
-                        progress.done.fetch_add(1, Ordering::Relaxed);
+                        progress.advance()?;
                         bytes
                     };
                     Ok(bytes)
@@ -343,11 +468,13 @@ fn output_config(source: &Source, plan: &Plan) -> serde_json::Value {
         "torch_dtype".into(),
         source::torch_dtype_name(plan.float_dtype).into(),
     );
-    if let Some((bits, group)) = plan.default {
-        let mut q = serde_json::json!({"group_size": group, "bits": bits, "mode": "affine"});
-        for (module, &(b, g)) in &plan.modules {
-            if (b, g) != (bits, group) {
-                q[module] = serde_json::json!({"group_size": g, "bits": b});
+    if let Some(default) = plan.default {
+        let mut q = serde_json::json!({
+            "group_size": default.group_size, "bits": default.bits, "mode": "affine"
+        });
+        for (module, &spec) in &plan.modules {
+            if spec != default {
+                q[module] = serde_json::json!({"group_size": spec.group_size, "bits": spec.bits});
             }
         }
         map.insert("quantization".into(), q.clone());
@@ -366,5 +493,34 @@ fn encode_float(values: &[f32], dtype: Dtype) -> Vec<u8> {
         Dtype::F16 => ScaleDType::F16.encode(values),
         Dtype::BF16 => ScaleDType::BF16.encode(values),
         _ => ScaleDType::F32.encode(values),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_parsed_where_they_enter() -> Result<()> {
+        assert_eq!(OutputFormat::parse("gguf")?, OutputFormat::Gguf);
+        assert!(
+            matches!(OutputFormat::parse("onnx"), Err(Error::InvalidParam { param, .. }) if param == "output_format")
+        );
+        assert_eq!(ExpectedFormat::parse("huggingface")?.accepted(), None);
+        let safetensors = ExpectedFormat::parse("safetensors")?.accepted();
+        assert_eq!(safetensors, Some(&["safetensors", "mlx"][..]));
+        assert!(
+            matches!(ExpectedFormat::parse("onnx"), Err(Error::InvalidParam { param, .. }) if param == "source_format")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn relative_rmse_is_relative() {
+        assert_eq!(relative_rmse(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+        // Error (0, 5) against a norm of 5: 1.
+        assert!((relative_rmse(&[3.0, 4.0], &[3.0, -1.0]) - 1.0).abs() < 1e-12);
+        // All-zero reference: the absolute error.
+        assert!((relative_rmse(&[0.0, 0.0], &[3.0, 4.0]) - 5.0).abs() < 1e-12);
     }
 }

@@ -1,20 +1,20 @@
-//! The converter's bindings: source inspection (the Python side decides the per-tensor
-//! plan, since recipes may carry Python predicates), a conversion job that runs on a Rust
-//! thread and is polled with the GIL released, and the raw affine quantizer.
+//! The converter's bindings: one call per conversion ([`convert`], the core's
+//! [`crate::convert::convert`] with the GIL released, reporting to the same `Progress` a
+//! load reports to), the user's predicate called back into Python from the Rust plan, the
+//! supported bits and group sizes, and the raw affine quantizer.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::OnceLock;
 
-use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyTuple};
 
+use super::model::PyProgress;
 use super::run_detached;
-use crate::convert::gguf_out::convert_gguf;
-use crate::convert::{convert_mlx, Plan, Progress, Source};
+use crate::convert::{
+    ConvertOptions, ExpectedFormat, MixedPrecision, OutputFormat, Policy, Predicate, Recipe,
+    Verdict,
+};
 use crate::error::Error;
 use crate::formats::safetensors::Dtype;
 use crate::quant::{AffineMatrix, ScaleDType};
@@ -31,194 +31,174 @@ fn dtype_from(name: &str) -> Result<Dtype, Error> {
     }
 }
 
-/// Describes a conversion source: `{"format", "config", "float_dtype", "tensors": [(name,
-/// shape, stored)]}` (JSON text).
-#[pyfunction]
-pub fn inspect_source(py: Python<'_>, path: PathBuf) -> PyResult<String> {
-    run_detached(py, move || {
-        let s = Source::open(&path)?;
-        let tensors: Vec<_> = s
-            .tensors
-            .iter()
-            .map(|t| (&t.name, &t.shape, &t.stored))
-            .collect();
-        Ok(serde_json::json!({
-            "format": s.format,
-            "config": s.config,
-            "model_type": s.model.model_type,
-            "float_dtype": crate::convert::source::torch_dtype_name(s.float_dtype),
-            "tensors": tensors,
+/// A Python callable `(path, shape, config) -> bool | dict` as the plan's [`Predicate`].
+struct PyPredicate {
+    func: Py<PyAny>,
+    /// The source's `config.json` as a Python dict, built on the first call.
+    config: OnceLock<Py<PyAny>>,
+}
+
+/// The parameter a failing predicate is reported under.
+const PREDICATE: &str = "mixed_precision_config['predicate']";
+
+impl Predicate for PyPredicate {
+    fn decide(
+        &self,
+        module: &str,
+        shape: &[usize],
+        config: &serde_json::Value,
+    ) -> crate::Result<Verdict> {
+        Python::attach(|py| {
+            let config = match self.config.get() {
+                Some(c) => c.clone_ref(py),
+                None => {
+                    let c = json_to_py(py, config)?.unbind();
+                    self.config.get_or_init(|| c).clone_ref(py)
+                }
+            };
+            let shape = PyTuple::new(py, shape)?;
+            let verdict = self.func.call1(py, (module, shape, config))?;
+            verdict_from(verdict.bind(py))
         })
-        .to_string())
+        .map_err(|e: PyErr| Error::param(PREDICATE, format!("for '{module}': {e}")))
+    }
+}
+
+/// `True`/`False` (any truthy value), or a dict with optional `bits` and `group_size`.
+fn verdict_from(v: &Bound<'_, PyAny>) -> PyResult<Verdict> {
+    if let Ok(d) = v.cast::<PyDict>() {
+        let get = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> { d.get_item(key) };
+        return Ok(Verdict::With {
+            bits: get("bits")?.map(|b| b.extract()).transpose()?,
+            group_size: get("group_size")?.map(|g| g.extract()).transpose()?,
+        });
+    }
+    Ok(if v.is_truthy()? {
+        Verdict::Quantize
+    } else {
+        Verdict::Skip
     })
 }
 
-type Outcome = Option<Result<String, Error>>;
-
-/// A conversion running on its own thread.
-#[pyclass(name = "ConversionJob", module = "cortex._core", frozen)]
-pub struct PyConversionJob {
-    progress: Arc<Progress>,
-    done: Arc<(Mutex<Outcome>, Condvar)>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+/// A JSON value as the Python object `json.loads` would give.
+fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any(),
+            (None, Some(u)) => u.into_pyobject(py)?.into_any(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => s.into_pyobject(py)?.into_any(),
+        Value::Array(items) => {
+            let items = items
+                .iter()
+                .map(|x| json_to_py(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any()
+        }
+        Value::Object(map) => {
+            let d = PyDict::new(py);
+            for (k, x) in map {
+                d.set_item(k, json_to_py(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
 }
 
-#[pymethods]
-impl PyConversionJob {
-    /// Starts converting `source`: with `format="mlx"` into the existing empty directory
-    /// `out`, with `format="gguf"` into the file `out`. `modules` maps module paths to
-    /// `(bits, group_size)`; other tensors stay `float_dtype`.
-    #[new]
-    #[pyo3(signature = (source, out, *, default, modules, float_dtype, max_shard_bytes, format = "mlx"))]
-    fn new(
-        source: PathBuf,
-        out: PathBuf,
-        default: Option<(u32, usize)>,
-        modules: BTreeMap<String, (u32, usize)>,
-        float_dtype: &str,
-        max_shard_bytes: u64,
-        format: &str,
-    ) -> PyResult<Self> {
-        let gguf = match format {
-            "mlx" => false,
-            "gguf" => true,
-            other => {
-                return Err(Error::param(
-                    "output_format",
-                    format!("'{other}' is not one of mlx, gguf"),
-                )
-                .into())
-            }
-        };
-        let plan = Plan {
-            default,
-            modules,
-            float_dtype: dtype_from(float_dtype)?,
-            max_shard_bytes,
-        };
-        let progress = Arc::new(Progress::default());
-        let done: Arc<(Mutex<Outcome>, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
-        let (p, d) = (progress.clone(), done.clone());
-        let thread = std::thread::Builder::new()
-            .name("cortex-convert".into())
-            .spawn(move || {
-                let work = || -> crate::Result<String> {
-                    crate::threads::init_thread_pool();
-                    let src = Source::open(&source)?;
-                    let report = if gguf {
-                        convert_gguf(&src, &plan, &out, &p)?
-                    } else {
-                        convert_mlx(&src, &plan, &out, &p)?
-                    };
-                    serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))
-                };
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-                    .unwrap_or_else(|p| Err(Error::from_panic(p)));
-                *d.0.lock() = Some(result);
-                d.1.notify_all();
-            })
-            .map_err(|e| Error::Internal(format!("could not start the conversion thread: {e}")))?;
-        Ok(PyConversionJob {
-            progress,
-            done,
-            thread: Mutex::new(Some(thread)),
-        })
-    }
-
-    /// Waits up to `timeout` seconds (GIL released); True once the job has ended.
-    fn wait(&self, py: Python<'_>, timeout: f64) -> bool {
-        let done = self.done.clone();
-        py.detach(move || {
-            let mut g = done.0.lock();
-            if g.is_none() {
-                done.1
-                    .wait_for(&mut g, Duration::from_secs_f64(timeout.max(0.0)));
-            }
-            g.is_some()
-        })
-    }
-
-    /// `(tensors done, tensors in all)`.
-    fn progress(&self) -> (usize, usize) {
-        self.progress.get()
-    }
-
-    /// Asks the job to stop at the next tensor; it then ends with `CancelledError`.
-    fn cancel(&self) {
-        self.progress.cancel();
-    }
-
-    /// The report (JSON text) of a finished job, or its error. Waits for the job.
-    fn result(&self, py: Python<'_>) -> PyResult<String> {
-        while !self.wait(py, 0.05) {
-            py.check_signals()?;
-        }
-        if let Some(t) = self.thread.lock().take() {
-            py.detach(|| t.join()).ok();
-        }
-        match self.done.0.lock().as_ref() {
-            Some(Ok(report)) => Ok(report.clone()),
-            Some(Err(e)) => Err(clone_error(e).into()),
-            None => Err(Error::Internal("conversion ended without a result".into()).into()),
-        }
-    }
+/// Adds `SUPPORTED_BITS` and `SUPPORTED_GROUP_SIZES` (tuples of the affine settings the
+/// converter and the loader accept) to the module.
+pub fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    use crate::quant::affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
+    m.add("SUPPORTED_BITS", PyTuple::new(m.py(), SUPPORTED_BITS)?)?;
+    m.add(
+        "SUPPORTED_GROUP_SIZES",
+        PyTuple::new(m.py(), SUPPORTED_GROUP_SIZES)?,
+    )
 }
 
-/// Errors are not `Clone` (they may hold `io::Error`s); rebuild one with the same class
-/// and message.
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::ModelNotFound { path, message } => Error::ModelNotFound {
-            path: path.clone(),
-            message: message.clone(),
-        },
-        Error::ModelFormat {
-            path,
-            offset,
-            message,
-        } => Error::ModelFormat {
-            path: path.clone(),
-            offset: *offset,
-            message: message.clone(),
-        },
-        Error::UnsupportedArchitecture {
-            architecture,
-            supported,
-        } => Error::UnsupportedArchitecture {
-            architecture: architecture.clone(),
-            supported: supported.clone(),
-        },
-        Error::Config { field, message } => Error::Config {
-            field: field.clone(),
-            message: message.clone(),
-        },
-        Error::Tokenizer(m) => Error::Tokenizer(m.clone()),
-        Error::Template(m) => Error::Template(m.clone()),
-        Error::InvalidParam { param, message } => Error::InvalidParam {
-            param: param.clone(),
-            message: message.clone(),
-        },
-        Error::ContextLength {
-            prompt_tokens,
-            context_length,
-        } => Error::ContextLength {
-            prompt_tokens: *prompt_tokens,
-            context_length: *context_length,
-        },
-        Error::CacheFull { needed, capacity } => Error::CacheFull {
-            needed: *needed,
-            capacity: *capacity,
-        },
-        Error::Cancelled => Error::Cancelled,
-        Error::Io { path, source } => Error::Io {
-            path: path.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::Engine(m) => Error::Engine(m.clone()),
-        Error::Conversion(m) => Error::Conversion(m.clone()),
-        Error::Internal(m) => Error::Internal(m.clone()),
-        Error::Candle(c) => Error::Internal(c.to_string()),
-    }
+/// Converts a model in one call, on the calling thread with the GIL released (the
+/// predicate takes it back while it runs).
+///
+/// Args:
+///     source: a model folder (HF, MLX, PyTorch) or a `.gguf` file.
+///     out: an existing empty directory (`output_format="mlx"`) or the file to write
+///         (`"gguf"`).
+///     quantization: a `QuantizationRecipe` value: `4bit`, `5bit`, `8bit`, `mixed`, `none`.
+///     group_size: one of `SUPPORTED_GROUP_SIZES`.
+///     critical_layers, critical_bits, standard_bits: the mixed recipe's rule (defaults:
+///         lm_head/embed_tokens/wte/wpe, 6, 4).
+///     predicate: `(path, shape, config) -> bool | {"bits", "group_size"}`, called once
+///         per candidate matrix.
+///     bits_override: bits for every quantized matrix (one of `SUPPORTED_BITS`).
+///     source_format: a `ConversionFormat` value the source must be in.
+///     max_shard_bytes: the largest safetensors shard (default 5 GiB, as mlx-lm).
+///     validate: load the output and measure it against the source.
+///     progress: reports tensors written; `cancel()` stops the conversion.
+///
+/// Returns:
+///     dict: `source_format`, `bits`, `bits_used`, `bits_per_weight`, `num_parameters`,
+///     `per_tensor` (name → `source`, `bits`, `group_size`, `lossless`, `relative_rmse`),
+///     `files` and `quality` (None without validation).
+#[pyfunction]
+#[pyo3(signature = (
+    source, out, *, quantization = "4bit", group_size = 64, critical_layers = None,
+    critical_bits = None, standard_bits = None, predicate = None, bits_override = None,
+    output_format = "mlx", source_format = "huggingface",
+    max_shard_bytes = None, validate = true, progress = None
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn convert<'py>(
+    py: Python<'py>,
+    source: PathBuf,
+    out: PathBuf,
+    quantization: &str,
+    group_size: usize,
+    critical_layers: Option<Vec<String>>,
+    critical_bits: Option<u32>,
+    standard_bits: Option<u32>,
+    predicate: Option<Py<PyAny>>,
+    bits_override: Option<u32>,
+    output_format: &str,
+    source_format: &str,
+    max_shard_bytes: Option<u64>,
+    validate: bool,
+    progress: Option<&PyProgress>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let defaults = MixedPrecision::default();
+    let mixed = MixedPrecision {
+        critical_layers: critical_layers.unwrap_or(defaults.critical_layers),
+        critical_bits: critical_bits.unwrap_or(defaults.critical_bits),
+        standard_bits: standard_bits.unwrap_or(defaults.standard_bits),
+    };
+    let predicate = predicate.map(|func| -> Box<dyn Predicate> {
+        Box::new(PyPredicate {
+            func,
+            config: OnceLock::new(),
+        })
+    });
+    let options = ConvertOptions {
+        policy: Policy::new(
+            Recipe::parse(quantization)?,
+            group_size,
+            mixed,
+            bits_override,
+            predicate,
+        )?,
+        output_format: OutputFormat::parse(output_format)?,
+        source_format: ExpectedFormat::parse(source_format)?,
+        max_shard_bytes: max_shard_bytes.unwrap_or(crate::convert::MAX_SHARD_BYTES),
+        validate,
+    };
+    let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
+    let done = run_detached(py, move || {
+        crate::convert::convert(&source, &out, &options, &progress)
+    })?;
+    let json = serde_json::to_value(&done).map_err(|e| Error::Internal(e.to_string()))?;
+    json_to_py(py, &json)
 }
 
 /// MLX affine quantization of a row-major f32 matrix given as little-endian bytes:

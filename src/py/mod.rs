@@ -34,8 +34,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(engine::stream, m)?)?;
     m.add_function(wrap_pyfunction!(engine::engine_stats, m)?)?;
-    m.add_class::<convert::PyConversionJob>()?;
-    m.add_function(wrap_pyfunction!(convert::inspect_source, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
+    convert::add_constants(m)?;
     m.add_function(wrap_pyfunction!(convert::affine_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(hub::hub_snapshot_download, m)?)?;
     m.add_function(wrap_pyfunction!(hub::hub_cache_dir, m)?)?;

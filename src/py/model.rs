@@ -206,8 +206,9 @@ impl PyModel {
     }
 }
 
-/// How far a load has got (layers built, layers in all), shared with the loading thread,
-/// which stops with `CancelledError` at the next layer once `cancel` is called.
+/// How far a long step has got, shared with the thread running it: `load` counts layers
+/// built, `convert` tensors written. The step stops with `CancelledError` at its next unit
+/// once `cancel` is called.
 #[pyclass(name = "Progress", module = "cortex._core", frozen)]
 pub struct PyProgress {
     pub(crate) inner: Arc<crate::progress::Progress>,

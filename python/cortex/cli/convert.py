@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import _core
 from ..converter import ConversionConfig, MLXConverter, QuantizationRecipe, default_output_name
 
 RECIPES = {
@@ -38,8 +39,9 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         help="speed=4-bit, balanced=5-bit, quality=8-bit, mixed=6-bit embeddings/head + 4-bit "
         "projections, none=float (default: speed)",
     )
-    p.add_argument("--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), help="bits for every quantized matrix")
-    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="default: %(default)s")
+    p.add_argument("--q-bits", type=int, choices=_core.SUPPORTED_BITS, help="bits for every quantized matrix")
+    groups = _core.SUPPORTED_GROUP_SIZES
+    p.add_argument("--q-group-size", type=int, choices=groups, default=64, help="default: %(default)s")
     p.add_argument("--format", choices=("mlx", "gguf"), default="mlx", help="default: %(default)s")
     p.add_argument("--no-validate", action="store_true", help="skip loading and measuring the result")
 
