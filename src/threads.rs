@@ -87,7 +87,9 @@ pub fn num_threads() -> usize {
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            })
     })
 }
 
@@ -130,14 +132,14 @@ pub fn parallel_for(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         .store(Claim::pack(generation, tasks, 0), Ordering::Release);
     shared
         .job
-        .store(&job as *const Job as *mut Job, Ordering::Release);
+        .store((&raw const job).cast_mut(), Ordering::Release);
     shared.generation.store(generation, Ordering::Release);
     if shared.sleepers.load(Ordering::Acquire) > 0 {
         let _lock = shared.sleep_lock.lock();
         shared.wake.notify_all();
     }
     IN_TASK.set(true);
-    shared.run(generation, &job);
+    shared.run(generation, &raw const job);
     IN_TASK.set(false);
     while shared.pending.load(Ordering::Acquire) > 0 {
         std::hint::spin_loop();
@@ -191,7 +193,8 @@ thread_local! {
 /// The task function with its lifetime erased (see `parallel_for`'s safety note).
 type TaskFn = *const (dyn Fn(usize) + Sync + 'static);
 
-#[allow(unsafe_code)]
+// A pointer cast cannot change a trait object's lifetime bound; a transmute can.
+#[allow(unsafe_code, clippy::transmute_ptr_to_ptr)]
 fn unsafe_erase(f: &(dyn Fn(usize) + Sync)) -> TaskFn {
     // SAFETY: a fat-pointer cast that only widens the lifetime; see `parallel_for`.
     unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), TaskFn>(f) }
@@ -281,12 +284,12 @@ impl Shared {
     }
 
     fn helper(&self) {
-        IN_TASK.set(true);
         // Rounds of waiting for the next operation: first spinning (the gaps between a
         // step's operations are microseconds), then yielding the core to any other thread
         // that wants it (the engine's caller, say), then sleeping.
         const SPINS: u32 = 1 << 10;
         const YIELDS: u32 = 1 << 12;
+        IN_TASK.set(true);
         let mut seen = self.generation.load(Ordering::Acquire);
         loop {
             let mut spins = 0;
@@ -393,7 +396,7 @@ mod tests {
         }
         let mut data = vec![0usize; 1001];
         parallel_chunks_mut(&mut data, 10, &|i, chunk| {
-            chunk.iter_mut().for_each(|x| *x += i)
+            chunk.iter_mut().for_each(|x| *x += i);
         });
         assert!(data.iter().enumerate().all(|(j, &x)| x == j / 10));
     }
@@ -403,11 +406,9 @@ mod tests {
         let done = AtomicU32::new(0);
         let result = catch_unwind(AssertUnwindSafe(|| {
             parallel_for(64, &|t| {
-                if t == 5 {
-                    panic!("task five");
-                }
+                assert!(t != 5, "task five");
                 done.fetch_add(1, Ordering::Relaxed);
-            })
+            });
         }));
         assert!(result.is_err());
         assert_eq!(done.load(Ordering::Relaxed), 63);

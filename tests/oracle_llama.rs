@@ -28,11 +28,10 @@ fn model_path() -> PathBuf {
     if let Ok(p) = std::env::var("CORTEX_TEST_MODEL") {
         return PathBuf::from(p);
     }
-    let home = std::env::var("CORTEX_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cortex")
-        });
+    let home = std::env::var("CORTEX_HOME").map_or_else(
+        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cortex"),
+        PathBuf::from,
+    );
     home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
@@ -48,8 +47,7 @@ fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap_or(0)
+        .map_or(0, |(i, _)| i)
 }
 
 /// Max logit difference after the prompt and over 4 greedy decode steps, and whether

@@ -35,9 +35,8 @@ use crate::quant::ggml;
 pub fn ggml_type_for(bits: u32, cols: usize) -> GgmlDType {
     let k_ok = cols.is_multiple_of(256);
     match bits {
-        8 => GgmlDType::Q8_0,
         6 if k_ok => GgmlDType::Q6K,
-        6 => GgmlDType::Q8_0,
+        6 | 8 => GgmlDType::Q8_0,
         5 => GgmlDType::Q5_1,
         3 if k_ok => GgmlDType::Q3K,
         2 if k_ok => GgmlDType::Q2K,
@@ -309,25 +308,24 @@ pub fn convert_gguf(
             }
             _ => None,
         };
-        let bytes = match bytes {
-            Some(b) => b,
-            None => {
-                let values = data.to_f32();
-                let tensor = Tensor::from_vec(values.clone(), spec.dims.clone(), &Device::Cpu)?;
-                let q = QTensor::quantize(&tensor, spec.dtype)?;
-                if spec.dtype != GgmlDType::F32 {
-                    let back = q
-                        .dequantize(&Device::Cpu)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?;
-                    let rel = relative_rmse(&values, &back);
-                    report.relative_rmse = Some(rel);
-                    report.lossless = rel == 0.0;
-                } else {
-                    report.lossless = true;
-                }
-                q.data()?.into_owned()
+        let bytes = if let Some(b) = bytes {
+            b
+        } else {
+            let values = data.to_f32();
+            let tensor = Tensor::from_vec(values.clone(), spec.dims.clone(), &Device::Cpu)?;
+            let q = QTensor::quantize(&tensor, spec.dtype)?;
+            if spec.dtype == GgmlDType::F32 {
+                report.lossless = true;
+            } else {
+                let back = q
+                    .dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let rel = relative_rmse(&values, &back);
+                report.relative_rmse = Some(rel);
+                report.lossless = rel == 0.0;
             }
+            q.data()?.into_owned()
         };
         reports.push(report);
         progress.advance()?;

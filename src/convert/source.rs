@@ -53,7 +53,7 @@ impl TensorData {
             _ => false,
         };
         if !same_affine {
-            return TensorData::Float(parts.iter().flat_map(|p| p.to_f32()).collect());
+            return TensorData::Float(parts.iter().flat_map(TensorData::to_f32).collect());
         }
         let mut it = parts.into_iter().map(|p| match p {
             TensorData::Affine(a) => a,
@@ -226,7 +226,7 @@ impl Source {
             let model = ModelConfig::from_hf(&config)?;
             let st = std::fs::read_dir(path)
                 .map_err(|e| Error::io(path, e))?
-                .filter_map(|e| e.ok())
+                .filter_map(std::result::Result::ok)
                 .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
             if st || path.join("model.safetensors.index.json").is_file() {
                 return Self::folder(path, config, model);

@@ -269,7 +269,7 @@ mod tests {
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let mut m = StopMatcher {
-            stops: stops.iter().map(|s| s.to_string()).collect(),
+            stops: stops.iter().map(std::string::ToString::to_string).collect(),
             held: String::new(),
         };
         let mut out = String::new();

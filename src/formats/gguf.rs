@@ -395,7 +395,7 @@ impl GgufFile {
                     if d == 0 || d > i64::MAX as u64 {
                         None
                     } else {
-                        acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
+                        acc.checked_mul(d).filter(|&n| i64::try_from(n).is_ok())
                     }
                 })
                 .ok_or_else(|| {

@@ -14,6 +14,7 @@
 //! hf-hub's own file, so all three exclude each other. `flock` locks die with their process,
 //! so a crashed download leaves no stale lock, only an `.incomplete` to resume.
 
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -176,6 +177,7 @@ impl RepoCache {
 
     /// True when `target` already stands for the blob: the same relative symlink (or, where
     /// links are copies, a file of the blob's size).
+    #[cfg_attr(unix, allow(clippy::unused_self))] // `self` is needed where links are copies
     fn linked(&self, target: &Path, relative: &Path, etag: &str) -> bool {
         #[cfg(unix)]
         {
@@ -218,8 +220,7 @@ impl RepoCache {
     pub fn cached_snapshot(&self, revision: &str, filename: Option<&str>) -> Result<PathBuf> {
         let ref_path = self.dir().join("refs").join(revision);
         let commit = std::fs::read_to_string(&ref_path)
-            .map(|c| c.trim().to_string())
-            .unwrap_or_else(|_| revision.to_string());
+            .map_or_else(|_| revision.to_string(), |c| c.trim().to_string());
         let snapshot = self.snapshot(&commit);
         if !snapshot.is_dir() {
             return Err(Error::NotCached(format!(
@@ -297,7 +298,13 @@ pub fn safe_name(name: &str) -> Result<&str> {
 pub fn verify(path: &Path, etag: &str, size: u64) -> Result<bool> {
     let mut file = File::open(path).map_err(io(path))?;
     let mut buf = vec![0u8; 1 << 20];
-    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let hex = |d: &[u8]| {
+        d.iter()
+            .fold(String::with_capacity(2 * d.len()), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            })
+    };
     let mut feed = |update: &mut dyn FnMut(&[u8])| -> Result<()> {
         loop {
             let n = file.read(&mut buf).map_err(io(path))?;
@@ -404,7 +411,7 @@ mod tests {
         assert_eq!(failures.load(Ordering::Relaxed), 0);
         let leftovers: Vec<_> = std::fs::read_dir(repo.snapshot(&commits[0]).join("sub"))
             .map_err(io(&dir))?
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty());

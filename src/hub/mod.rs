@@ -258,9 +258,7 @@ fn token() -> Option<String> {
     if let Some(t) = set("HF_TOKEN") {
         return Some(t.trim().to_string());
     }
-    let path = set("HF_TOKEN_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| hf_home().join("token"));
+    let path = set("HF_TOKEN_PATH").map_or_else(|| hf_home().join("token"), PathBuf::from);
     std::fs::read_to_string(path)
         .ok()
         .map(|t| t.trim().to_string())
@@ -331,7 +329,7 @@ fn status_error(
         Some("RepoNotFound") => Error::NotFound {
             what: format!("the repo {repo_id}{hint}"),
         },
-        Some("RevisionNotFound") | Some("EntryNotFound") => Error::NotFound {
+        Some("RevisionNotFound" | "EntryNotFound") => Error::NotFound {
             what: format!("{what}{hint}"),
         },
         Some("GatedRepo") => Error::Gated {
@@ -600,7 +598,9 @@ impl Session {
                 });
             }
         });
-        let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut errors = errors
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         errors.sort_by_key(|(i, _)| *i);
         // A cancellation seen by one worker makes the others fail too; report it as such.
         if errors.iter().any(|(_, e)| matches!(e, Error::Cancelled)) {

@@ -112,7 +112,7 @@ pub fn select(
         let mut out: BTreeSet<String> = listed
             .iter()
             .filter(|n| patterns.allowed(n))
-            .map(|n| n.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
         out.extend(filename.map(str::to_string));
         if out.is_empty() {
@@ -130,7 +130,7 @@ pub fn select(
     let mut out: Vec<String> = SIDE_FILES
         .iter()
         .filter(|n| listed.contains(*n))
-        .map(|n| n.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     out.extend(index.map(str::to_string));
     out.extend(weights);
@@ -158,7 +158,7 @@ fn weights(
     let model: Vec<String> = st
         .iter()
         .filter(|n| n.starts_with("model"))
-        .map(|n| n.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     if !model.is_empty() {
         return Ok((None, model));
@@ -168,14 +168,18 @@ fn weights(
     let other: Vec<String> = st
         .iter()
         .filter(|n| !n.starts_with("adapter") && !n.starts_with("consolidated"))
-        .map(|n| n.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     if !other.is_empty() {
         return Ok((None, other));
     }
     let gguf: Vec<&str> = listed
         .iter()
-        .filter(|n| n.ends_with(".gguf"))
+        // Case-sensitive, as the loader's own test for a GGUF file is.
+        .filter(|n| {
+            #[allow(clippy::case_sensitive_file_extension_comparisons)]
+            n.ends_with(".gguf")
+        })
         .copied()
         .collect();
     match gguf.as_slice() {
@@ -197,7 +201,7 @@ fn weights(
     let pt: Vec<String> = listed
         .iter()
         .filter(|n| is_pytorch_checkpoint(n))
-        .map(|n| n.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     if pt.is_empty() {
         return Err(Error::Hub(
@@ -245,7 +249,7 @@ mod tests {
     use super::*;
 
     fn names(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+        list.iter().map(std::string::ToString::to_string).collect()
     }
 
     fn no_index(name: &str) -> Result<Vec<String>> {

@@ -396,7 +396,7 @@ fn weigh_on<T: Elem>(
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scores, out)
+        weigh::<T, HD, true>(hd, queries, runs, n, scores, out);
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
@@ -409,7 +409,7 @@ fn weigh_on<T: Elem>(
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scores, out)
+        weigh::<T, HD, true>(hd, queries, runs, n, scores, out);
     }
     macro_rules! on {
         ($hd:literal) => {
@@ -547,7 +547,7 @@ fn prefetch<T>(data: &[T], at: usize, stride: usize, rows: usize, len: usize) {
                 // for an address outside `data`.
                 #[allow(unsafe_code)]
                 unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>())
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
                 }
             }
         }

@@ -313,10 +313,10 @@ impl Embedding {
     pub fn forward_into(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
         match &self.0 {
             Weight::Ggml(q) => {
-                out.copy_from_slice(&values(&q.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
+                out.copy_from_slice(&values(&q.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?);
             }
             Weight::Dense(t) => {
-                out.copy_from_slice(&values(&t.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?)
+                out.copy_from_slice(&values(&t.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?);
             }
             Weight::Packed(p) => {
                 for (row, &id) in out.chunks_mut(p.cols).zip(ids) {
@@ -420,6 +420,7 @@ impl Rope {
         }
     }
 
+    #[must_use]
     pub fn with_attention_factor(mut self, scale: f32) -> Self {
         self.scale = scale;
         self

@@ -478,7 +478,7 @@ fn build_decoder(
     .with_attention_factor(
         cfg.rope_scaling
             .as_ref()
-            .map_or(1.0, |r| r.attention_factor()),
+            .map_or(1.0, super::config::RopeScaling::attention_factor),
     );
     let local_rope = match (cfg.rope_local_base_freq, cfg.sliding_window) {
         (Some(base), _) => Some(Rope::new(
@@ -501,7 +501,7 @@ fn build_decoder(
         local_rope,
         config: cfg,
         device: device.clone(),
-        workspace: Default::default(),
+        workspace: parking_lot::Mutex::default(),
     };
     Ok((decoder, bytes.get()))
 }
@@ -601,7 +601,7 @@ fn has_safetensors(dir: &Path) -> bool {
     dir.join("model.safetensors.index.json").is_file()
         || std::fs::read_dir(dir).is_ok_and(|entries| {
             entries
-                .filter_map(|e| e.ok())
+                .filter_map(std::result::Result::ok)
                 .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
         })
 }

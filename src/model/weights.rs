@@ -191,19 +191,16 @@ impl QuantConfig {
             .ok_or_else(|| Error::config("quantization", "expected an object"))?;
         let pair =
             |field: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(u32, usize)> {
-                let bits = v.get("bits").and_then(|b| b.as_u64());
-                let group = v.get("group_size").and_then(|g| g.as_u64());
-                let (b, g) = match (
+                let bits = v.get("bits").and_then(serde_json::Value::as_u64);
+                let group = v.get("group_size").and_then(serde_json::Value::as_u64);
+                let (Some(b), Some(g)) = (
                     bits.and_then(|b| u32::try_from(b).ok()),
                     group.and_then(|g| usize::try_from(g).ok()),
-                ) {
-                    (Some(b), Some(g)) => (b, g),
-                    _ => {
-                        return Err(Error::config(
-                            field,
-                            "needs integer 'bits' and 'group_size'",
-                        ))
-                    }
+                ) else {
+                    return Err(Error::config(
+                        field,
+                        "needs integer 'bits' and 'group_size'",
+                    ));
                 };
                 // Checked here, not only where a matrix is read: both divide sizes (packed
                 // widths, parameter counts, the converter's plan) before any matrix is.
@@ -542,7 +539,10 @@ impl WeightSource for FolderWeights {
                 let module = &n[..n.len() - ".weight".len()];
                 let numel = self
                     .file_of(n)
-                    .and_then(|f| f.get(n).map(|t| t.numel()))
+                    .and_then(|f| {
+                        f.get(n)
+                            .map(super::super::formats::safetensors::TensorEntry::numel)
+                    })
                     .unwrap_or(0);
                 match (self.is_quantized(module), self.quant.for_module(module)) {
                     (true, Some((bits, _))) => numel * 32 / bits as usize,

@@ -49,12 +49,11 @@ impl Predicate for PyPredicate {
         config: &serde_json::Value,
     ) -> crate::Result<Verdict> {
         Python::attach(|py| {
-            let config = match self.config.get() {
-                Some(c) => c.clone_ref(py),
-                None => {
-                    let c = json_to_py(py, config)?.unbind();
-                    self.config.get_or_init(|| c).clone_ref(py)
-                }
+            let config = if let Some(c) = self.config.get() {
+                c.clone_ref(py)
+            } else {
+                let c = json_to_py(py, config)?.unbind();
+                self.config.get_or_init(|| c).clone_ref(py)
             };
             let shape = PyTuple::new(py, shape)?;
             let verdict = self.func.call1(py, (module, shape, config))?;

@@ -64,7 +64,9 @@ impl PyEvent {
                 text: s.text,
                 token: Some(s.token),
                 logprobs: s.logprobs.map(|l| (l.logprob, l.top)),
-                finish_reason: s.finish_reason.map(|f| f.as_str()),
+                finish_reason: s
+                    .finish_reason
+                    .map(super::super::engine::request::FinishReason::as_str),
                 prompt_tokens: s.prompt_tokens,
                 generation_tokens: s.generation_tokens,
                 prompt_tps: s.prompt_tps,

@@ -181,12 +181,15 @@ impl PyModel {
         }
     }
 
+    // Python properties: methods of the instance even where the value is fixed today.
+    #[allow(clippy::unused_self)]
     #[getter]
     fn device(&self) -> &'static str {
         "cpu"
     }
 
     /// Activation dtype; weights keep their stored (quantized) types.
+    #[allow(clippy::unused_self)]
     #[getter]
     fn dtype(&self) -> &'static str {
         "float32"
@@ -201,7 +204,7 @@ impl PyModel {
         let c = &self.inner.config;
         format!(
             "Model(model_type={:?}, layers={}, hidden_size={}, vocab_size={}, parameters={}, path={:?})",
-            c.model_type, c.num_hidden_layers, c.hidden_size, c.vocab_size, self.inner.num_parameters, self.inner.path
+            c.model_type.name(), c.num_hidden_layers, c.hidden_size, c.vocab_size, self.inner.num_parameters, self.inner.path.display().to_string()
         )
     }
 }

@@ -72,7 +72,7 @@ fn decode_block(dtype: GgmlDType, b: &[u8], codes: &mut [u8]) -> (f32, f32) {
         }
         GgmlDType::Q8_0 => {
             for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
-                *c = (q as i8 as i16 + 128) as u8;
+                *c = (i16::from(q as i8) + 128) as u8;
             }
             (d, -128.0 * d)
         }

@@ -419,7 +419,7 @@ impl PackedMatrix {
     /// without concatenating the weights.
     pub fn matmul_t_all(mats: &[&PackedMatrix], isa: Isa, x: &QuantizedRows) -> Vec<Vec<f32>> {
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; x.m * w.rows]).collect();
-        let mut sinks: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        let mut sinks: Vec<&mut [f32]> = outs.iter_mut().map(std::vec::Vec::as_mut_slice).collect();
         PackedMatrix::matmul_t_all_slices(mats, isa, x, &mut sinks);
         outs
     }
@@ -486,7 +486,7 @@ impl PackedMatrix {
                 // `rows`); the ISA was checked above.
                 #[allow(unsafe_code)]
                 unsafe {
-                    mats[i].tile_into(isa, x, tile, sinks[i].get())
+                    mats[i].tile_into(isa, x, tile, sinks[i].get());
                 }
             }
         });
@@ -617,6 +617,7 @@ mod x86 {
     //! The SIMD kernels: a tile of 8 weight rows against up to 4 activation rows at a time,
     //! each expanded weight register serving every activation row (prefill tiles).
 
+    #[allow(clippy::wildcard_imports)] // the intrinsics, by the dozen
     use std::arch::x86_64::*;
 
     use super::{
@@ -630,7 +631,7 @@ mod x86 {
         tile: usize,
         out: *mut f32,
     ) {
-        by_bits::<false>(w, x, tile, out)
+        by_bits::<false>(w, x, tile, out);
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
@@ -640,7 +641,7 @@ mod x86 {
         tile: usize,
         out: *mut f32,
     ) {
-        by_bits::<true>(w, x, tile, out)
+        by_bits::<true>(w, x, tile, out);
     }
 
     #[inline(always)]
@@ -718,13 +719,15 @@ mod x86 {
                 let xq = |t: usize, value: usize| -> __m256i {
                     // The activation row's 4 values from `value` on, in every lane.
                     _mm256_set1_epi32(
-                        (qs.add(t * k + blk * BLOCK + value) as *const i32).read_unaligned(),
+                        qs.add(t * k + blk * BLOCK + value)
+                            .cast::<i32>()
+                            .read_unaligned(),
                     )
                 };
                 let mut isum = [_mm256_setzero_si256(); M];
                 if (4..=6).contains(&BITS) {
                     for r in 0..REGS / 2 {
-                        let v = _mm256_loadu_si256(p.add(r * BLOCK) as *const __m256i);
+                        let v = _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>());
                         let mask = _mm256_set1_epi8(15);
                         let mut lo = _mm256_and_si256(v, mask);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
@@ -755,7 +758,7 @@ mod x86 {
                                 crumbs(p.add(8 * r)),
                                 _mm256_slli_epi16(plane(p.add(64 + 4 * r)), 2),
                             ),
-                            _ => _mm256_loadu_si256(p.add(r * BLOCK) as *const __m256i),
+                            _ => _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
                         };
                         for (t, isum) in isum.iter_mut().enumerate() {
                             *isum = if BITS == 8 {
@@ -793,11 +796,11 @@ mod x86 {
     unsafe fn load8(params: &Params, at: usize) -> __m256 {
         let p = params.bytes.as_ptr().add(at * params.dtype.size());
         match params.dtype {
-            ScaleDType::F32 => _mm256_loadu_ps(p as *const f32),
-            ScaleDType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            ScaleDType::F32 => _mm256_loadu_ps(p.cast::<f32>()),
+            ScaleDType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())),
             // bf16 is the top half of an f32.
             ScaleDType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<__m128i>())),
                 16,
             )),
         }
@@ -819,7 +822,7 @@ mod x86 {
     /// shifts pull the next byte's bits into the top of each byte; the mask drops them.)
     #[inline(always)]
     unsafe fn crumbs(p: *const u8) -> __m256i {
-        let v = _mm_loadl_epi64(p as *const __m128i);
+        let v = _mm_loadl_epi64(p.cast::<__m128i>());
         let a = _mm_unpacklo_epi64(v, _mm_srli_epi16(v, 2));
         let b = _mm_unpacklo_epi64(_mm_srli_epi16(v, 4), _mm_srli_epi16(v, 6));
         _mm256_and_si256(_mm256_set_m128i(b, a), _mm256_set1_epi8(3))
@@ -828,7 +831,7 @@ mod x86 {
     /// A 32-bit plane → byte `v` = bit `v` (0 or 1).
     #[inline(always)]
     unsafe fn plane(p: *const u8) -> __m256i {
-        let bits = _mm256_set1_epi32((p as *const i32).read_unaligned());
+        let bits = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
         // Byte v takes source byte v / 8 (both 128-bit lanes hold all four bytes).
         let spread = _mm256_shuffle_epi8(
             bits,

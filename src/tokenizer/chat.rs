@@ -106,25 +106,28 @@ impl Budget {
     }
 
     fn emit(n: usize) -> std::result::Result<(), minijinja::Error> {
-        match Self::add(|b| &b.emitted, n, MAX_EMITTED_BYTES) {
-            true => Ok(()),
-            false => Err(emitted_too_large()),
+        if Self::add(|b| &b.emitted, n, MAX_EMITTED_BYTES) {
+            Ok(())
+        } else {
+            Err(emitted_too_large())
         }
     }
 
     fn build(n: usize) -> std::result::Result<(), minijinja::Error> {
-        match Self::add(|b| &b.built, n, MAX_BUILT_BYTES) {
-            true => Ok(()),
-            false => Err(too_large(format!(
+        if Self::add(|b| &b.built, n, MAX_BUILT_BYTES) {
+            Ok(())
+        } else {
+            Err(too_large(format!(
                 "strings built by the template exceed {MAX_BUILT_BYTES} bytes"
-            ))),
+            )))
         }
     }
 
     fn visit(n: usize) -> std::result::Result<(), minijinja::Error> {
-        match Self::add(|b| &b.visits, n, MAX_VISITS) {
-            true => Ok(()),
-            false => Err(minijinja::Error::from(ErrorKind::OutOfFuel)),
+        if Self::add(|b| &b.visits, n, MAX_VISITS) {
+            Ok(())
+        } else {
+            Err(minijinja::Error::from(ErrorKind::OutOfFuel))
         }
     }
 }
@@ -192,7 +195,7 @@ fn display_len(value: &Value, limit: usize) -> Option<usize> {
         len: 0,
         limit,
     };
-    write!(w, "{value}").ok().map(|_| w.len)
+    write!(w, "{value}").ok().map(|()| w.len)
 }
 
 /// The deep size of `value`: the bytes of its strings plus [`ITEM_BYTES`] per item, a part
@@ -317,7 +320,7 @@ fn replaced_len(s: &str, old: &str, new: &str, count: Option<usize>) -> usize {
 
 /// Bytes a `format` (printf `%` or Python `{}` style) may produce: each placeholder can
 /// print the largest argument padded to any width written in the format.
-fn formatted_len(fmt: &str, args: &[Value]) -> std::result::Result<usize, minijinja::Error> {
+fn formatted_len(fmt: &str, args: &[Value]) -> usize {
     let widths: usize = fmt
         .split(|c: char| !c.is_ascii_digit())
         .filter(|d| !d.is_empty())
@@ -328,9 +331,8 @@ fn formatted_len(fmt: &str, args: &[Value]) -> std::result::Result<usize, miniji
         largest = largest.max(display_len(a, MAX_VALUE_BYTES).unwrap_or(usize::MAX));
     }
     let slots = fmt.matches(['{', '%']).count();
-    Ok(fmt
-        .len()
-        .saturating_add(slots.saturating_mul(largest.saturating_add(widths))))
+    fmt.len()
+        .saturating_add(slots.saturating_mul(largest.saturating_add(widths)))
 }
 
 /// `sep.join(items)` printed into a bounded buffer (minijinja's `join` and pycompat's).
@@ -386,7 +388,7 @@ fn precheck_filter(name: &str, args: &[Value]) -> std::result::Result<(), miniji
             _ => Ok(()),
         },
         "format" => check_size(
-            formatted_len(value.as_str().unwrap_or(""), &args[1.min(args.len())..])?,
+            formatted_len(value.as_str().unwrap_or(""), &args[1.min(args.len())..]),
             "the result of `format`",
         ),
         _ => Ok(()),
@@ -439,7 +441,7 @@ fn guarded_method(
             "replace" => {
                 let count = args
                     .get(2)
-                    .and_then(|c| c.as_i64())
+                    .and_then(minijinja::Value::as_i64)
                     .and_then(|c| usize::try_from(c).ok());
                 check_size(
                     replaced_len(s, arg_str(args, 0), arg_str(args, 1), count),
@@ -447,7 +449,7 @@ fn guarded_method(
                 )?;
             }
             "join" => return bounded_join(args.first().unwrap_or(&Value::UNDEFINED), s),
-            "format" => check_size(formatted_len(s, args)?, "the result of `format`")?,
+            "format" => check_size(formatted_len(s, args), "the result of `format`")?,
             _ => {}
         }
     }

@@ -436,7 +436,10 @@ pub(crate) fn from_gguf(g: &GgufFile) -> Result<GgufVocab> {
     }
     Ok(GgufVocab {
         tokenizer,
-        tokens: tokens.iter().map(|s| s.to_string()).collect(),
+        tokens: tokens
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
         bos_token_id,
         eos_token_ids,
         add_bos_token,

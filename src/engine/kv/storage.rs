@@ -128,14 +128,14 @@ impl KvStorage {
         num_blocks: usize,
         layout: KvLayout,
     ) -> Result<Self> {
-        let len = num_blocks
-            .checked_mul(layout.block_len())
-            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
         fn zeros<T: Copy + Default>(layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
             (0..layers)
                 .map(|_| (vec![T::default(); len + KEY_PAD], vec![T::default(); len]))
                 .collect()
         }
+        let len = num_blocks
+            .checked_mul(layout.block_len())
+            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
         Ok(KvStorage {
             layers: match dtype {
                 KvDType::F32 => Layers::F32(zeros(num_layers, len)),

@@ -104,7 +104,10 @@ impl Adapter for Gpt2 {
             }
         }
         // `n_inner: null` means four times the width.
-        if out.get("intermediate_size").is_none_or(|v| v.is_null()) {
+        if out
+            .get("intermediate_size")
+            .is_none_or(serde_json::Value::is_null)
+        {
             let d = f.usize("n_embd", MAX_HIDDEN)?;
             out.insert("intermediate_size".into(), (4 * d).into());
         }

@@ -298,17 +298,16 @@ impl ModelConfig {
                 format!("{num_key_value_heads} KV heads do not divide {num_attention_heads} attention heads"),
             ));
         }
-        let head_dim = match meta_usize(g, &k("attention.key_length"))? {
-            Some(d) => d,
-            None => {
-                if hidden_size % num_attention_heads != 0 {
-                    return Err(Error::config(
-                        k("attention.head_count"),
-                        format!("embedding_length {hidden_size} is not divisible by {num_attention_heads} heads"),
-                    ));
-                }
-                hidden_size / num_attention_heads
+        let head_dim = if let Some(d) = meta_usize(g, &k("attention.key_length"))? {
+            d
+        } else {
+            if hidden_size % num_attention_heads != 0 {
+                return Err(Error::config(
+                    k("attention.head_count"),
+                    format!("embedding_length {hidden_size} is not divisible by {num_attention_heads} heads"),
+                ));
             }
+            hidden_size / num_attention_heads
         };
         if head_dim == 0 || head_dim % 2 != 0 || head_dim > 1024 {
             return Err(Error::config(

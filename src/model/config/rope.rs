@@ -62,10 +62,10 @@ impl RopeScaling {
             .or_else(|| v.get("type"))
             .and_then(|t| t.as_str())
             .unwrap_or("");
-        let factor = v.get("factor").and_then(|x| x.as_f64());
+        let factor = v.get("factor").and_then(serde_json::Value::as_f64);
         let num = |k: &str| {
             v.get(k)
-                .and_then(|x| x.as_f64())
+                .and_then(serde_json::Value::as_f64)
                 .filter(|x| *x > 0.0 && x.is_finite())
         };
         match (ty, factor) {
@@ -125,11 +125,11 @@ impl RopeScaling {
         max_position_embeddings: usize,
         top_level_original: Option<&serde_json::Value>,
     ) -> Result<RopeScaling> {
-        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
         let original = v
             .get("original_max_position_embeddings")
             .or(top_level_original)
-            .and_then(|x| x.as_u64())
+            .and_then(serde_json::Value::as_u64)
             .map_or(max_position_embeddings, |x| x as usize);
         let factor = factor.unwrap_or(max_position_embeddings as f64 / original as f64);
         let positive = |x: f64| x > 0.0 && x.is_finite();
@@ -174,7 +174,10 @@ impl RopeScaling {
             beta_fast: beta_fast as f32,
             beta_slow: beta_slow as f32,
             attention_factor: attention_factor as f32,
-            truncate: v.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+            truncate: v
+                .get("truncate")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true),
         })
     }
 }
