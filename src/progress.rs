@@ -21,10 +21,16 @@ impl Progress {
 
     /// One more unit done, or `Error::Cancelled` if the step was asked to stop.
     pub fn advance(&self) -> Result<()> {
+        self.check_cancelled()?;
+        self.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `Error::Cancelled` once the step was asked to stop (checked before a unit's work).
+    pub fn check_cancelled(&self) -> Result<()> {
         if self.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        self.done.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -272,9 +272,7 @@ pub fn convert_gguf(
     progress.start(specs.len());
     let mut reports = Vec::new();
     write_gguf(out, &metadata, &specs, |i| {
-        if progress.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
+        progress.check_cancelled()?;
         let (t, spec) = (&source.tensors[i], &specs[i]);
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
         let planned = plan.modules.get(module).copied();

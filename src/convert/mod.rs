@@ -376,9 +376,7 @@ pub fn convert_mlx(
             weight_map.insert(s.name.clone(), serde_json::Value::String(file.clone()));
         }
         safetensors::write(&out.join(file), &shard_specs, &metadata, |j| {
-            if progress.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
+            progress.check_cancelled()?;
             let (out_spec, i) = &specs[shard[j]];
             let t = &source.tensors[*i];
             let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::engine::sampling::argmax;
 use crate::error::{bail, Error, Result};
 use crate::model::{load_model, load_tokenizer, Model};
 use crate::progress::Progress;
@@ -74,19 +75,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
     let log_sum = sum.ln();
     row.iter().map(|&x| f64::from(x) - max - log_sum).collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 {
-                (i, x)
-            } else {
-                best
-            }
-        })
-        .0
 }
 
 /// KL(reference ‖ got) per position and top-1 agreement of two `[positions, vocab]`
@@ -168,10 +156,10 @@ pub fn validate(output: &Path, source: &Path, progress: &Progress) -> Result<Qua
         );
     }
     drop(native);
-    check_cancelled(progress)?;
+    progress.check_cancelled()?;
     let got = f32_logits(&converted, &ids)?;
     drop(converted);
-    check_cancelled(progress)?;
+    progress.check_cancelled()?;
     let reference = match load_model(source).and_then(|m| f32_logits(&m, &ids)) {
         Ok(r) => r,
         Err(e @ Error::Cancelled) => return Err(e),
@@ -185,13 +173,6 @@ pub fn validate(output: &Path, source: &Path, progress: &Progress) -> Result<Qua
     quality.max_kl = Some(a.max_kl);
     quality.top1_agreement = Some(a.top1);
     Ok(quality)
-}
-
-fn check_cancelled(progress: &Progress) -> Result<()> {
-    if progress.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -488,7 +488,8 @@ impl Sampler {
     }
 }
 
-fn argmax(logits: &[f32]) -> u32 {
+/// Index of the largest logit, the first of equals.
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {
@@ -578,6 +579,20 @@ mod tests {
             .collect()
     }
 
+    /// The first of `draws` samples that [`allowed`] excludes, with the allowed set.
+    fn sampled_outside_allowed(
+        logits: &[f32],
+        p: SamplingParams,
+        draws: usize,
+    ) -> Option<(u32, Vec<u32>)> {
+        let ok = allowed(logits, &p);
+        let mut sampler = Sampler::new(p);
+        (0..draws)
+            .map(|_| sampler.sample(logits, &[], 0).unwrap().0)
+            .find(|t| !ok.contains(t))
+            .map(|t| (t, ok))
+    }
+
     proptest! {
         #[test]
         fn never_samples_an_excluded_token(
@@ -590,12 +605,8 @@ mod tests {
         ) {
             let mut p = params(temperature, top_k, top_p, min_p);
             p.seed = Some(seed);
-            let ok = allowed(&logits, &p);
-            let mut sampler = Sampler::new(p);
-            for _ in 0..16 {
-                let (t, _) = sampler.sample(&logits, &[], 0).unwrap();
-                prop_assert!(ok.contains(&t), "sampled {} outside {:?}", t, ok);
-            }
+            let outside = sampled_outside_allowed(&logits, p, 16);
+            prop_assert!(outside.is_none(), "sampled (token, allowed) {:?}", outside);
         }
 
         #[test]
@@ -618,12 +629,8 @@ mod tests {
         ];
         let mut p = params(0.6942769, 7, 0.9034171, 0.0);
         p.seed = Some(2084870319995941157);
-        let ok = allowed(&logits, &p);
-        let mut sampler = Sampler::new(p);
-        for _ in 0..64 {
-            let (t, _) = sampler.sample(&logits, &[], 0).unwrap();
-            assert!(ok.contains(&t), "sampled {t} outside {ok:?}");
-        }
+        let outside = sampled_outside_allowed(&logits, p, 64);
+        assert!(outside.is_none(), "sampled (token, allowed) {outside:?}");
     }
 
     #[test]
