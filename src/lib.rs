@@ -17,6 +17,7 @@ pub mod hub;
 pub mod model;
 pub mod progress;
 pub mod quant;
+pub mod server;
 pub mod threads;
 pub mod tokenizer;
 

@@ -31,6 +31,7 @@ from .exceptions import (
 from .generation import GenerationResponse, generate, load, load_model, load_tokenizer, stream_generate
 from .hub import CacheError, EntryNotFoundError, HubError, LocalEntryNotFoundError
 from .models import cortex_home, default_model_path
+from .server import Server, serve
 
 __all__ = [
     "CacheError",
@@ -61,6 +62,7 @@ __all__ = [
     "RequestOutput",
     "RequestValidationError",
     "SamplingParams",
+    "Server",
     "StreamEvent",
     "TemplateError",
     "Tokenizer",
@@ -73,5 +75,6 @@ __all__ = [
     "load",
     "load_model",
     "load_tokenizer",
+    "serve",
     "stream_generate",
 ]

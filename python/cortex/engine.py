@@ -155,6 +155,11 @@ class Engine:
         ignored."""
         self._core.abort(request_id)
 
+    @property
+    def max_batch_size(self) -> int:
+        """Most requests running at once."""
+        return self._core.max_batch_size
+
     def stats(self) -> dict[str, float]:
         """Throughput, latency percentiles (``ttft_p50_s``, ``itl_p99_s`` ...), queue and
         batch sizes, and KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``)."""

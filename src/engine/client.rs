@@ -20,7 +20,7 @@ use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 use super::core::{Engine, EngineConfig};
-use super::request::{Event, FinishReason, Output, RequestId};
+use super::request::{Event, FinishReason, Output, RequestId, Sink};
 use super::sampling::SamplingParams;
 
 /// What a finished request produced.
@@ -242,6 +242,10 @@ impl Client {
         &self.engine
     }
 
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
     /// Submits every prompt with its sampling settings (`params`: one for all, or one per
     /// prompt) and returns their stream of events. All or nothing: on a bad request the
     /// ones already queued are aborted and its error returned.
@@ -260,10 +264,12 @@ impl Client {
         let mut ids = Vec::with_capacity(prompts.len());
         for (i, prompt) in prompts.into_iter().enumerate() {
             let p = &params[if params.len() == 1 { 0 } else { i }];
-            match self
-                .engine
-                .submit(prompt, p.clone(), self.tokenizer.clone(), tx.clone())
-            {
+            match self.engine.submit(
+                prompt,
+                p.clone(),
+                self.tokenizer.clone(),
+                Sink::Blocking(tx.clone()),
+            ) {
                 Ok(id) => ids.push(id),
                 Err(e) => {
                     ids.iter().for_each(|&id| self.engine.abort(id));

@@ -19,7 +19,7 @@ use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 use super::kv::{BlockPool, Ring};
-use super::request::{Event, Output, Request, RequestId, RequestState};
+use super::request::{Event, Request, RequestId, RequestState, Sink};
 use super::runner::Runner;
 use super::sampling::SamplingParams;
 use super::scheduler::Scheduler;
@@ -292,7 +292,7 @@ impl Engine {
         prompt: Vec<u32>,
         params: SamplingParams,
         tokenizer: Arc<Tokenizer>,
-        sink: Sender<Output>,
+        sink: Sink,
     ) -> Result<RequestId> {
         // In a forked child the engine thread is gone: the request would never run.
         crate::threads::check_not_forked()?;

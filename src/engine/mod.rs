@@ -19,6 +19,8 @@ pub mod testing;
 
 pub use self::client::{Client, Completion, Generation, Next, SharedEngine, Stream};
 pub use self::core::{Engine, EngineConfig};
-pub use request::{Event, FinishReason, Output, Request, RequestId, RequestState, StepOutput};
+pub use request::{
+    Event, FinishReason, Output, Request, RequestId, RequestState, Sink, StepOutput,
+};
 pub use sampling::{ResolvedSampling, Sampler, SamplingArgs, SamplingParams, TokenLogprobs};
 pub use stats::Stats;

@@ -1,7 +1,7 @@
 //! One request's life: its tokens, its state (Waiting → Prefilling → Decoding →
 //! Finished | Failed), its own sampler and RNG, and the text it has streamed so far.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -90,6 +90,24 @@ pub struct Output {
     pub event: Event,
 }
 
+/// Where a request's events go: a blocking channel (the [`super::Client`] callers wait
+/// on) or an async one (the server's tasks await it).
+#[derive(Debug, Clone)]
+pub enum Sink {
+    Blocking(mpsc::Sender<Output>),
+    Async(tokio::sync::mpsc::UnboundedSender<Output>),
+}
+
+impl Sink {
+    /// False when the receiving side has gone away.
+    fn send(&self, out: Output) -> bool {
+        match self {
+            Sink::Blocking(tx) => tx.send(out).is_ok(),
+            Sink::Async(tx) => tx.send(out).is_ok(),
+        }
+    }
+}
+
 /// Holds back generated text that could be the start of a stop string, and cuts the text
 /// at the first stop string found (which may span several tokens).
 #[derive(Debug)]
@@ -153,7 +171,7 @@ pub struct Request {
     tokenizer: Arc<Tokenizer>,
     detok: StreamDecoder,
     stops: StopMatcher,
-    sink: Sender<Output>,
+    sink: Sink,
     pub arrived: Instant,
     pub first_scheduled: Option<Instant>,
     pub first_token: Option<Instant>,
@@ -167,7 +185,7 @@ impl Request {
         params: SamplingParams,
         max_len: usize,
         tokenizer: Arc<Tokenizer>,
-        sink: Sender<Output>,
+        sink: Sink,
     ) -> Self {
         Request {
             id,
@@ -259,7 +277,7 @@ impl Request {
 
     /// Sends an event to the caller; false when the caller has gone away.
     pub fn emit(&self, event: Event) -> bool {
-        self.sink.send(Output { id: self.id, event }).is_ok()
+        self.sink.send(Output { id: self.id, event })
     }
 }
 

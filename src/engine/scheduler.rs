@@ -336,7 +336,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::engine::request::FinishReason;
+    use crate::engine::request::{FinishReason, Sink};
     use crate::engine::sampling::SamplingParams;
     use crate::engine::testing::word_tokenizer;
 
@@ -370,7 +370,7 @@ mod tests {
                 params,
                 max_len,
                 tok.clone(),
-                tx.clone(),
+                Sink::Blocking(tx.clone()),
             ));
             if let Some(step) = abort {
                 aborts.push((step, id as u64));
@@ -435,7 +435,7 @@ mod tests {
                 params,
                 6,
                 tok.clone(),
-                tx.clone(),
+                Sink::Blocking(tx.clone()),
             ));
         }
         let mut logits = vec![0f32; VOCAB];

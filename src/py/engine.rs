@@ -208,7 +208,7 @@ impl PyEngineStream {
 /// A continuous-batching engine over one model (see `cortex.Engine`, which wraps it).
 #[pyclass(name = "Engine", module = "cortex._core", frozen)]
 pub struct PyEngine {
-    client: Client,
+    pub(crate) client: Client,
 }
 
 #[pymethods]
@@ -299,9 +299,15 @@ impl PyEngine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         stats_dict(py, self.client.engine())
     }
+
+    /// Most requests running at once.
+    #[getter]
+    fn max_batch_size(&self) -> usize {
+        self.client.engine().config().max_batch_size
+    }
 }
 
-fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Bound<'py, PyDict>> {
     let s = engine.stats();
     let d = PyDict::new(py);
     d.set_item("requests_waiting", s.waiting)?;

@@ -7,6 +7,7 @@ mod errors;
 mod hub;
 mod model;
 mod sampling;
+mod server;
 mod tokenizer;
 
 use pyo3::prelude::*;
@@ -27,6 +28,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEvent>()?;
     m.add_class::<engine::PyCompletion>()?;
     engine::add_defaults(m)?;
+    m.add_class::<server::PyServer>()?;
+    server::add_defaults(m)?;
     m.add_function(wrap_pyfunction!(model::load, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;

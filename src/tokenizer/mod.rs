@@ -367,6 +367,17 @@ impl Tokenizer {
         self.chat_template.is_some()
     }
 
+    /// Compiles `source` as a chat template for this tokenizer (its BOS and first EOS
+    /// token as `bos_token` / `eos_token`): a template given in place of the model's own.
+    pub fn chat_template_from(&self, source: &str) -> Result<ChatTemplate> {
+        let text = |id: Option<u32>| id.and_then(|i| self.id_to_token(i)).unwrap_or_default();
+        ChatTemplate::new(
+            source,
+            &text(self.bos_token_id),
+            &text(self.eos_token_ids.first().copied()),
+        )
+    }
+
     /// Renders `messages` with the model's chat template.
     pub fn apply_chat_template(
         &self,

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from ..exceptions import CortexError
-from . import bench, chat, convert, generate
+from . import bench, chat, convert, generate, serve
 
 __all__ = ["main"]
 
-_VERBS = {"generate": generate, "chat": chat, "convert": convert, "bench": bench}
+_VERBS = {"generate": generate, "chat": chat, "convert": convert, "serve": serve, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

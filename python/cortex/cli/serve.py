@@ -1,0 +1,78 @@
+"""``cortex serve``: serve a model over OpenAI's HTTP API.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus). Any OpenAI client works against http://HOST:PORT/v1. SIGTERM or
+Ctrl-C stops gracefully: no new requests, running ones get --shutdown-timeout seconds to
+finish, then the rest are aborted and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .._core import DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT
+from ..server import serve
+from ._common import description
+
+
+def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
+    p = verbs.add_parser(
+        name,
+        help="serve a model over OpenAI's HTTP API",
+        description=description(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        metavar="REF",
+        default=None,
+        help="a .gguf file, a model folder or a Hub repo id (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $CORTEX_API_KEY, else none)",
+    )
+    p.add_argument("--served-model-name", metavar="NAME", default=None, help="the model's name in the API")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-batch-size", type=int, default=None, help="most requests running at once")
+    cache = engine.add_mutually_exclusive_group()
+    cache.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in positions")
+    cache.add_argument(
+        "--memory-fraction", type=float, default=None, help="KV cache size as a fraction of free memory"
+    )
+    engine.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="sequences that may wait beyond the batch; more get HTTP 429 (default: %(default)s)",
+    )
+    p.add_argument("--chat-template", metavar="FILE", default=None, help="a Jinja chat template to use")
+    p.add_argument(
+        "--shutdown-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="time running requests get to finish on SIGTERM (default: %(default)s)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no access log")
+
+
+def run(args: argparse.Namespace) -> int:
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_batch_size=args.max_batch_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        memory_fraction=args.memory_fraction,
+        max_queue=args.max_queue,
+        chat_template=args.chat_template,
+        shutdown_timeout=args.shutdown_timeout,
+        access_log=not args.quiet,
+    )
+    return 0
