@@ -3,16 +3,20 @@
 time-to-first-token that HTTP adds to one request, and llama.cpp's server beside it.
 
     python benches/server_load.py [--model PATH] [--gen-tokens 64]
-        [--llama-python /opt/benchvenv/bin/python] [--ttft-samples 20]
+        [--llama-python /work/benchvenv/bin/python] [--ttft-samples 20]
 
 The server runs in this process (``cortex.serve(..., block=False, port=0)``) on loopback;
 the clients are ``openai.AsyncOpenAI`` streams, each with its own chat prompt, greedy,
 ignoring end-of-sequence. "Aggregate tok/s" is the same for every row: generated tokens
 over the wall time from the first submit to the last token. The engine rows run the same
-prompts and settings through ``cortex.Engine.stream`` with the server's batch size and
+prompts and settings through ``cortex.Engine.generate_batch`` with the server's batch size and
 cache size, so the ratio is what the HTTP layer (and the Python client sharing the CPU
 with the server) costs. TTFT is measured to the first streamed text, sequentially, as
-the median of ``--ttft-samples`` requests each way.
+the median of ``--ttft-samples`` requests each way. Every HTTP figure is taken twice: with
+the official ``openai`` SDK, and with a bare asyncio HTTP/1.1 client that only splits the
+event stream; on a small machine the SDK's own Python (request building, one pydantic model
+per chunk) competes with the engine for the same cores, and the difference shows what is
+the client's and what is the server's.
 
 llama.cpp runs as ``python -m llama_cpp.server`` (llama-cpp-python's OpenAI-compatible
 server, which lives in a separate benchmark venv, never in CI) with the interpreter given
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -130,6 +135,59 @@ async def _http_ttft(base_url: str, model: str, samples: int, extra: dict[str, A
     return out[1:]
 
 
+async def _raw_stream(
+    port: int, model: str, messages: Any, n_gen: int, first_only: bool = False
+) -> tuple[int, float]:
+    """The same request as `_one_stream` over a bare HTTP/1.1 connection (asyncio streams, no
+    SDK): what the server costs without the Python client's own parsing. Returns (content
+    chunks, time of the last one, or of the first with `first_only`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps(
+        {"model": model, "messages": messages, "max_tokens": n_gen, "temperature": 0, "stream": True,
+         "ignore_eos": True}
+    ).encode()  # fmt: skip
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    chunks, last = 0, time.perf_counter()
+    try:
+        while line := await reader.readline():
+            if line.startswith(b"data: [DONE]"):
+                break
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if event["choices"] and event["choices"][0]["delta"].get("content"):
+                    chunks += 1
+                    last = time.perf_counter()
+                    if first_only:
+                        break
+    finally:
+        writer.close()
+    return chunks, last
+
+
+async def _raw_load(port: int, model: str, clients: int, n_gen: int) -> Load:
+    prompts = _messages(clients)
+    await _raw_stream(port, model, prompts[0], 4)  # warm-up
+    start = time.perf_counter()
+    jobs = [_raw_stream(port, model, m, n_gen) for m in prompts]
+    results = await asyncio.wait_for(asyncio.gather(*jobs), timeout=_TIMEOUT)
+    return Load(clients, sum(n for n, _ in results), max(t for _, t in results) - start)
+
+
+async def _raw_ttft(port: int, model: str, samples: int) -> list[float]:
+    messages: Any = _messages(1)[0]
+    out = []
+    for _ in range(samples + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        _, first = await _raw_stream(port, model, messages, 8, first_only=True)
+        out.append(first - start)
+    return out[1:]
+
+
 # ----------------------------------------------------------------------------- engine side
 
 
@@ -137,12 +195,8 @@ def _engine_load(engine: cortex.Engine, clients: int, n_gen: int) -> Load:
     prompts = _messages(clients)
     engine.generate_batch(prompts[:1], max_tokens=4, temperature=0.0)  # warm-up
     start = time.perf_counter()
-    tokens, last = 0, start
-    for event in engine.stream(prompts, max_tokens=n_gen, temperature=0.0, ignore_eos=True):
-        if event.token is not None:
-            tokens += 1
-            last = time.perf_counter()
-    return Load(clients, tokens, last - start)
+    done = engine.generate_batch(prompts, max_tokens=n_gen, temperature=0.0, ignore_eos=True)
+    return Load(clients, sum(r.generation_tokens for r in done), time.perf_counter() - start)
 
 
 def _engine_ttft(engine: cortex.Engine, samples: int) -> list[float]:
@@ -222,7 +276,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="a .gguf file (default model if omitted)")
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--ttft-samples", type=int, default=20)
+    p.add_argument("--ttft-samples", type=int, default=40)
     p.add_argument("--llama-python", default=None, help="interpreter with llama-cpp-python[server] installed")
     p.add_argument("--llama-clients", type=int, default=16)
     args = p.parse_args()
@@ -241,16 +295,22 @@ def main() -> int:
 
     engine = cortex.Engine(model, tok, max_batch_size=batch, kv_cache_tokens=kv_tokens)
     ignore_eos = {"extra_body": {"ignore_eos": True}}
-    rows: list[tuple[Load, Load]] = []
+    rows: list[tuple[Load, Load, Load]] = []
     with cortex.serve(
-        model, tok, port=0, block=False, max_batch_size=batch, kv_cache_tokens=kv_tokens
+        model, tok, port=0, block=False, max_batch_size=batch, kv_cache_tokens=kv_tokens, access_log=False
     ) as srv:
         for clients in args.concurrency:
             direct = _engine_load(engine, clients, args.gen_tokens)
             http = asyncio.run(_http_load(srv.base_url, srv.model_name, clients, args.gen_tokens, ignore_eos))
-            rows.append((http, direct))
-        ttft_http = asyncio.run(_http_ttft(srv.base_url, srv.model_name, args.ttft_samples, {}))
-    ttft_engine = _engine_ttft(engine, args.ttft_samples)
+            raw = asyncio.run(_raw_load(srv.port, srv.model_name, clients, args.gen_tokens))
+            rows.append((http, raw, direct))
+        # Interleaved in rounds of a few samples each way, so that the machine's drift
+        # touches all three alike.
+        ttft_engine, ttft_http, ttft_raw = [], [], []
+        for _ in range(max(1, args.ttft_samples // 5)):
+            ttft_engine += _engine_ttft(engine, 5)
+            ttft_http += asyncio.run(_http_ttft(srv.base_url, srv.model_name, 5, {}))
+            ttft_raw += asyncio.run(_raw_ttft(srv.port, srv.model_name, 5))
 
     llama: Load | str = "skipped (pass --llama-python with llama-cpp-python[server] installed)"
     if args.llama_python:
@@ -258,15 +318,20 @@ def main() -> int:
             args.llama_python, path, threads, args.llama_clients, args.gen_tokens, tok.eos_token_ids
         )
 
-    print(f"{'clients':>7} {'HTTP tok/s':>11} {'engine tok/s':>13} {'HTTP/engine':>12} {'tokens':>7}")
-    for http, direct in rows:
-        print(f"{http.clients:>7} {http.tps:>11.1f} {direct.tps:>13.1f} {http.tps / direct.tps:>11.2f}x "
-              f"{http.tokens:>7}")  # fmt: skip
-    h, e = statistics.median(ttft_http), statistics.median(ttft_engine)
-    print(f"\nTTFT median over {args.ttft_samples}: HTTP {h * 1000:.1f} ms, engine {e * 1000:.1f} ms, "
-          f"HTTP adds {(h - e) * 1000:+.1f} ms")  # fmt: skip
+    print(
+        "aggregate tok/s: engine (generate_batch), through HTTP with the openai SDK, and with a bare client"
+    )
+    print(f"{'clients':>7} {'engine':>8} {'openai':>8} {'ratio':>6} {'bare':>8} {'ratio':>6} {'tokens':>7}")
+    for http, raw, direct in rows:
+        print(f"{http.clients:>7} {direct.tps:>8.1f} {http.tps:>8.1f} {http.tps / direct.tps:>5.2f}x "
+              f"{raw.tps:>8.1f} {raw.tps / direct.tps:>5.2f}x {http.tokens:>7}")  # fmt: skip
+    e = statistics.median(ttft_engine)
+    print(f"\nTTFT median over {len(ttft_engine)}: engine {e * 1000:.1f} ms")
+    for name, samples in (("openai SDK", ttft_http), ("bare client", ttft_raw)):
+        h = statistics.median(samples)
+        print(f"  HTTP, {name}: {h * 1000:.1f} ms, adds {(h - e) * 1000:+.1f} ms")
     if isinstance(llama, Load):
-        same = next((http for http, _ in rows if http.clients == llama.clients), None)
+        same = next((http for http, _, _ in rows if http.clients == llama.clients), None)
         ratio = f"{same.tps / llama.tps:.2f}x" if same else "-"
         print(f"\nllama.cpp server, {llama.clients} clients: {llama.tps:.1f} tok/s ({llama.tokens} tokens); "
               f"Cortex/llama.cpp: {ratio}")  # fmt: skip

@@ -29,6 +29,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use parking_lot::Mutex;
 use serde_json::{json, Value as Json};
@@ -822,6 +823,11 @@ impl Server {
         let mut graceful = stop.subscribe();
         let serving = stopped_tx.clone();
         runtime.spawn(async move {
+            // Without TCP_NODELAY, Nagle's algorithm holds each small stream chunk until
+            // the previous one is acknowledged (up to the peer's 40 ms delayed ACK).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
                     let _ = graceful.wait_for(|&s| s).await;
