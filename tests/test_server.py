@@ -600,6 +600,35 @@ def test_disconnecting_clients_free_their_cache(server, engine):
 # ----------------------------------------------------------------------------- errors
 
 
+def test_a_waiting_non_streamed_client_that_leaves_is_aborted(server):
+    """A client waiting for a whole (non-streamed) response closes its connection: the
+    server notices without writing anything, aborts the request within a second and logs it
+    as 499, while a request beside it finishes."""
+    baseline = _idle_stats(server)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True, "temperature": 0}).encode()
+    parts = urlsplit(server.url)
+    assert parts.hostname is not None and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        s.sendall(head.encode() + body)
+        _wait_until(lambda: server.stats()["requests_running"] >= 1, 10.0, "the request to start")
+    # 4000 tokens would take minutes; the abort comes within an engine step of the close.
+    _wait_until(
+        lambda: server.stats()["requests_aborted"] > baseline["requests_aborted"],
+        2.0,
+        "the abandoned request to be aborted",
+    )
+    _wait_until(
+        lambda: server.stats()["kv_blocks_free"] == baseline["kv_blocks_free"],
+        5.0,
+        "its KV blocks to come back",
+    )
+    status, _, _ = _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    assert status == 200
+    samples = _metrics(server.url)["samples"]
+    assert samples[("cortex_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))] >= 1
+
+
 def test_malformed_json_is_400(server):
     for path in ("/v1/chat/completions", "/v1/completions"):
         status, _, body = _raw(server.url, "POST", path, b'{"messages": [{"role": "user", "content": "hi"}')

@@ -1,5 +1,5 @@
 //! OpenAI's request and response schema for `/v1/chat/completions` and `/v1/completions`:
-//! a request body becomes a [`Plan`] (prompts as token ids, one [`SamplingParams`] per
+//! a request body becomes a [`Job`] (prompts as token ids, one [`SamplingParams`] per
 //! choice), and each choice's events become response JSON, whole or as stream chunks.
 //!
 //! Parsing follows OpenAI's server: unknown fields are ignored, a wrong type names the
@@ -107,6 +107,13 @@ pub struct ParseError {
 
 impl Body {
     pub fn parse(bytes: &[u8]) -> std::result::Result<Body, ParseError> {
+        // serde would also read a struct from a JSON array, field by position.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ParseError {
+                param: None,
+                message: "the body must be a JSON object".into(),
+            });
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let body: Body = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -144,7 +151,7 @@ pub struct Input {
 
 /// A request as the engine runs it.
 #[derive(Debug)]
-pub struct Plan {
+pub struct Job {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub include_usage: bool,
@@ -157,7 +164,7 @@ pub struct Plan {
     pub logprobs: Option<usize>,
 }
 
-impl Plan {
+impl Job {
     pub fn num_choices(&self) -> usize {
         self.params.len()
     }
@@ -177,10 +184,12 @@ fn count(v: i64, field: &str, range: std::ops::RangeInclusive<usize>) -> Result<
         .ok()
         .filter(|c| range.contains(c))
         .ok_or_else(|| {
-            Error::param(
-                field,
-                format!("{v} is not in [{}, {}]", range.start(), range.end()),
-            )
+            let want = if *range.end() == usize::MAX {
+                format!("at least {}", range.start())
+            } else {
+                format!("in [{}, {}]", range.start(), range.end())
+            };
+            Error::param(field, format!("{v} is not {want}"))
         })
 }
 
@@ -366,13 +375,13 @@ fn refuse_unsupported(b: &Body, n: usize) -> Result<()> {
 
 /// What a request body asks for, checked and tokenized. `template` is the chat template
 /// in use (the model's or the server's `--chat-template`); `context` the model's context.
-pub fn plan(
+pub fn job(
     endpoint: Endpoint,
     b: &Body,
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
     context: usize,
-) -> Result<Plan> {
+) -> Result<Job> {
     let n = count(b.n.unwrap_or(1), "n", 1..=MAX_CHOICES)?;
     refuse_unsupported(b, n)?;
     let logprobs = match (endpoint, &b.logprobs) {
@@ -498,7 +507,7 @@ pub fn plan(
         })
         .collect();
     let stream = b.wants_stream();
-    Ok(Plan {
+    Ok(Job {
         endpoint,
         stream,
         include_usage: stream
@@ -604,7 +613,7 @@ pub struct Header {
 
 /// The whole (non-streamed) response.
 pub fn response(
-    plan: &Plan,
+    job: &Job,
     h: &Header,
     choices: &[Choice],
     usage: Usage,
@@ -615,19 +624,19 @@ pub fn response(
         .enumerate()
         .map(|(index, c)| {
             let finish = c.finish.unwrap_or("abort");
-            match plan.endpoint {
+            match job.endpoint {
                 Endpoint::Chat => json!({
                     "index": index,
                     "message": {"role": "assistant", "content": c.text},
-                    "logprobs": plan.logprobs.map(|_| chat_logprobs(tokenizer, &c.tokens)),
+                    "logprobs": job.logprobs.map(|_| chat_logprobs(tokenizer, &c.tokens)),
                     "finish_reason": finish,
                 }),
                 Endpoint::Completions => {
-                    let echo = plan.inputs[index / plan.n].echo.as_deref().unwrap_or("");
+                    let echo = job.inputs[index / job.n].echo.as_deref().unwrap_or("");
                     json!({
                         "index": index,
                         "text": format!("{echo}{}", c.text),
-                        "logprobs": plan.logprobs.map(|_| completion_logprobs(tokenizer, &c.tokens, echo.len())),
+                        "logprobs": job.logprobs.map(|_| completion_logprobs(tokenizer, &c.tokens, echo.len())),
                         "finish_reason": finish,
                     })
                 }
@@ -636,7 +645,7 @@ pub fn response(
         .collect();
     json!({
         "id": h.id,
-        "object": plan.endpoint.object(false),
+        "object": job.endpoint.object(false),
         "created": h.created,
         "model": h.model,
         "choices": choices,
@@ -655,8 +664,8 @@ pub struct Delta<'a> {
     pub first: bool,
 }
 
-pub fn chunk(plan: &Plan, h: &Header, d: &Delta<'_>, tokenizer: &Tokenizer) -> Json {
-    let choice = match plan.endpoint {
+pub fn chunk(job: &Job, h: &Header, d: &Delta<'_>, tokenizer: &Tokenizer) -> Json {
+    let choice = match job.endpoint {
         Endpoint::Chat => {
             let delta = if d.first {
                 json!({"role": "assistant", "content": d.text})
@@ -668,35 +677,35 @@ pub fn chunk(plan: &Plan, h: &Header, d: &Delta<'_>, tokenizer: &Tokenizer) -> J
             json!({
                 "index": d.index,
                 "delta": delta,
-                "logprobs": plan.logprobs.map(|_| chat_logprobs(tokenizer, d.tokens)),
+                "logprobs": job.logprobs.map(|_| chat_logprobs(tokenizer, d.tokens)),
                 "finish_reason": d.finish,
             })
         }
         Endpoint::Completions => json!({
             "index": d.index,
             "text": d.text,
-            "logprobs": plan.logprobs.map(|_| completion_logprobs(tokenizer, d.tokens, 0)),
+            "logprobs": job.logprobs.map(|_| completion_logprobs(tokenizer, d.tokens, 0)),
             "finish_reason": d.finish,
         }),
     };
     let mut out = json!({
         "id": h.id,
-        "object": plan.endpoint.object(true),
+        "object": job.endpoint.object(true),
         "created": h.created,
         "model": h.model,
         "choices": [choice],
     });
-    if plan.include_usage {
+    if job.include_usage {
         out["usage"] = Json::Null;
     }
     out
 }
 
 /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.
-pub fn usage_chunk(plan: &Plan, h: &Header, usage: Usage) -> Json {
+pub fn usage_chunk(job: &Job, h: &Header, usage: Usage) -> Json {
     json!({
         "id": h.id,
-        "object": plan.endpoint.object(true),
+        "object": job.endpoint.object(true),
         "created": h.created,
         "model": h.model,
         "choices": [],
@@ -720,7 +729,7 @@ mod tests {
 
     #[test]
     fn malformed_json_names_no_field() {
-        for body in [&b"{"[..], b"{\"n\": 1,}", b"{} trailing", b"", b"[1, 2"] {
+        for body in [&b"{"[..], b"{\"n\": 1,}", b"{} trailing", b"", b"[1, 2]", b"  7"] {
             let e = Body::parse(body).unwrap_err();
             assert_eq!(e.param, None, "{:?}", std::str::from_utf8(body));
         }

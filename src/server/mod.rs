@@ -1,7 +1,7 @@
 //! `cortex serve`: an OpenAI-compatible HTTP server on the continuous-batching engine.
 //!
 //! axum on a small tokio runtime of its own, in the same process as the engine thread: a
-//! request is parsed and tokenized here ([`api::plan`]), each choice is submitted to the
+//! request is parsed and tokenized here into a [`Job`] ([`api::job`]), each choice is submitted to the
 //! [`Engine`] with an async [`Sink`], and the engine's events are turned into JSON, whole
 //! or as server-sent events, without a Python hop per token. Every open HTTP request is a
 //! [`Flight`]: it holds its admission slots and its engine requests, and when it ends —
@@ -39,7 +39,7 @@ use crate::engine::{Engine, Event, Output, RequestId, Sink};
 use crate::error::{Error, Result};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 
-use api::{Choice, Delta, Endpoint, Header, Plan, Usage};
+use api::{Choice, Delta, Endpoint, Header, Job, Usage};
 use metrics::Metrics;
 
 /// Largest request body read.
@@ -292,11 +292,11 @@ impl Flight {
         })
     }
 
-    /// Submits every choice of `plan`, its events to `tx`; all or none.
-    fn submit(&mut self, plan: &Plan, tx: &mpsc::UnboundedSender<Output>) -> Result<()> {
-        self.usage.prompt_tokens = plan.prompt_tokens();
-        for (k, params) in plan.params.iter().enumerate() {
-            let tokens = plan.inputs[k / plan.n].tokens.clone();
+    /// Submits every choice of `job`, its events to `tx`; all or none.
+    fn submit(&mut self, job: &Job, tx: &mpsc::UnboundedSender<Output>) -> Result<()> {
+        self.usage.prompt_tokens = job.prompt_tokens();
+        for (k, params) in job.params.iter().enumerate() {
+            let tokens = job.inputs[k / job.n].tokens.clone();
             // On an error, dropping the flight aborts the choices already submitted.
             let id = self.app.engine.submit(
                 tokens,
@@ -486,22 +486,22 @@ async fn run(
         }
     }
     // Templates and tokenizers take real CPU time on long inputs: off the async workers.
-    let planner = app.clone();
-    let plan = tokio::task::spawn_blocking(move || {
-        let context = planner.engine.model().config.max_position_embeddings;
-        api::plan(
+    let tokenizing = app.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let context = tokenizing.engine.model().config.max_position_embeddings;
+        api::job(
             endpoint,
             &body,
-            &planner.tokenizer,
-            planner.template.as_ref(),
+            &tokenizing.tokenizer,
+            tokenizing.template.as_ref(),
             context,
         )
     })
     .await
     .map_err(|e| ApiError::from(Error::Internal(format!("request planning failed: {e}"))))??;
-    let mut flight = Flight::admit(&app, line, plan.num_choices())?;
+    let mut flight = Flight::admit(&app, line, job.num_choices())?;
     let (tx, rx) = mpsc::unbounded_channel();
-    if let Err(e) = flight.submit(&plan, &tx) {
+    if let Err(e) = flight.submit(&job, &tx) {
         let e = ApiError::from(e);
         flight.status = e.status.as_u16();
         let mut r = e.into_response();
@@ -511,10 +511,10 @@ async fn run(
     // Only the engine's requests hold senders now: the channel closes when they end.
     drop(tx);
     let header = app.header(endpoint);
-    let mut response = if plan.stream {
-        sse(SseState::new(app, plan, header, flight, rx))
+    let mut response = if job.stream {
+        sse(SseState::new(app, job, header, flight, rx))
     } else {
-        collect(&app, &plan, &header, flight, rx).await
+        collect(&app, &job, &header, flight, rx).await
     };
     response.extensions_mut().insert(Logged);
     Ok(response)
@@ -523,12 +523,12 @@ async fn run(
 /// Waits for every choice and answers with the whole response.
 async fn collect(
     app: &App,
-    plan: &Plan,
+    job: &Job,
     header: &Header,
     mut flight: Flight,
     mut rx: mpsc::UnboundedReceiver<Output>,
 ) -> Response {
-    let mut choices: Vec<Choice> = (0..plan.num_choices()).map(|_| Choice::default()).collect();
+    let mut choices: Vec<Choice> = (0..job.num_choices()).map(|_| Choice::default()).collect();
     while !flight.is_done() {
         let Some(out) = rx.recv().await else { break };
         let Some(k) = flight.observe(&out) else {
@@ -552,7 +552,7 @@ async fn collect(
         flight.status = e.status.as_u16();
         return e.into_response();
     }
-    let body = api::response(plan, header, &choices, flight.usage, &app.tokenizer);
+    let body = api::response(job, header, &choices, flight.usage, &app.tokenizer);
     flight.completed = true;
     json_response(StatusCode::OK, &body)
 }
@@ -560,7 +560,7 @@ async fn collect(
 /// A streamed response's state between chunks.
 struct SseState {
     app: Arc<App>,
-    plan: Plan,
+    job: Job,
     header: Header,
     flight: Flight,
     rx: mpsc::UnboundedReceiver<Output>,
@@ -576,15 +576,15 @@ fn frame(v: &Json) -> Bytes {
 impl SseState {
     fn new(
         app: Arc<App>,
-        plan: Plan,
+        job: Job,
         header: Header,
         flight: Flight,
         rx: mpsc::UnboundedReceiver<Output>,
     ) -> Self {
         let mut ready = std::collections::VecDeque::new();
         // Chat streams open every choice with the assistant's role, as OpenAI's do.
-        if plan.endpoint == Endpoint::Chat {
-            for index in 0..plan.num_choices() {
+        if job.endpoint == Endpoint::Chat {
+            for index in 0..job.num_choices() {
                 let d = Delta {
                     index,
                     text: "",
@@ -592,12 +592,12 @@ impl SseState {
                     finish: None,
                     first: true,
                 };
-                ready.push_back(frame(&api::chunk(&plan, &header, &d, &app.tokenizer)));
+                ready.push_back(frame(&api::chunk(&job, &header, &d, &app.tokenizer)));
             }
         }
         SseState {
             app,
-            plan,
+            job,
             header,
             flight,
             rx,
@@ -626,7 +626,7 @@ impl SseState {
             }
         };
         // Text held back (an incomplete character or stop string) makes no chunk.
-        if text.is_empty() && finish.is_none() && self.plan.logprobs.is_none() {
+        if text.is_empty() && finish.is_none() && self.job.logprobs.is_none() {
             return;
         }
         let d = Delta {
@@ -636,7 +636,7 @@ impl SseState {
             finish,
             first: false,
         };
-        let chunk = api::chunk(&self.plan, &self.header, &d, &self.app.tokenizer);
+        let chunk = api::chunk(&self.job, &self.header, &d, &self.app.tokenizer);
         self.ready.push_back(frame(&chunk));
     }
 
@@ -651,8 +651,8 @@ impl SseState {
                 return None;
             }
             if self.flight.is_done() {
-                if self.plan.include_usage {
-                    let u = api::usage_chunk(&self.plan, &self.header, self.flight.usage);
+                if self.job.include_usage {
+                    let u = api::usage_chunk(&self.job, &self.header, self.flight.usage);
                     self.ready.push_back(frame(&u));
                 }
                 self.ready
