@@ -729,7 +729,14 @@ mod tests {
 
     #[test]
     fn malformed_json_names_no_field() {
-        for body in [&b"{"[..], b"{\"n\": 1,}", b"{} trailing", b"", b"[1, 2]", b"  7"] {
+        for body in [
+            &b"{"[..],
+            b"{\"n\": 1,}",
+            b"{} trailing",
+            b"",
+            b"[1, 2]",
+            b"  7",
+        ] {
             let e = Body::parse(body).unwrap_err();
             assert_eq!(e.param, None, "{:?}", std::str::from_utf8(body));
         }
