@@ -11,9 +11,10 @@ use parking_lot::Mutex;
 
 use crate::engine::kv::{KvDType, KvLayout, KvStorage, Ring};
 use crate::error::{Error, Result};
-use crate::model::attention::{self, SeqSpan};
+use crate::model::attention::SeqSpan;
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope, Scratch};
+use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope};
+use crate::model::ops::{Cpu, Ops};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -65,29 +66,34 @@ pub struct Decoder {
     pub config: ModelConfig,
     pub device: Device,
     /// Buffers of the forward pass, kept between passes.
-    pub workspace: Mutex<Workspace>,
+    pub workspace: Mutex<Workspace<Cpu>>,
 }
 
 /// The buffers a forward pass computes in, kept from one pass to the next: once they have
-/// grown to the batch's size, decoding allocates nothing per token for them.
+/// grown to the batch's size, decoding allocates nothing per token for them. Each is an
+/// [`Ops::Buf`] of the backend the pass runs on.
 #[derive(Debug, Default)]
-pub struct Workspace {
+pub struct Workspace<O: Ops> {
     positions: Vec<usize>,
     /// `[rows, d]`: the residual stream.
-    x: Vec<f32>,
+    x: O::Buf,
     /// `[rows, d]`: its normalised copy, a sublayer's input.
-    normed: Vec<f32>,
+    normed: O::Buf,
     /// `[rows, heads, head_dim]` and `[rows, kv_heads, head_dim]`.
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    q: O::Buf,
+    k: O::Buf,
+    v: O::Buf,
     /// `[rows, heads * head_dim]`: the attention's output.
-    attn: Vec<f32>,
+    attn: O::Buf,
     /// `[rows, d]`: a sublayer's output.
-    h: Vec<f32>,
+    h: O::Buf,
     /// `[rows, d]`: the MLP's output in a parallel block (Phi).
-    mlp: Vec<f32>,
-    layers: Scratch,
+    mlp: O::Buf,
+    /// `[rows, intermediate]`: the gate's projection, then the gated activations.
+    gate: O::Buf,
+    /// `[rows, intermediate]`.
+    up: O::Buf,
+    scratch: O::Scratch,
 }
 
 /// One forward pass over several sequences: their tokens side by side, as `seqs`
@@ -102,9 +108,10 @@ pub struct Batch<'a> {
 impl Attention {
     /// `ws.normed: [rows, d]` → `ws.h: [rows, d]`; `positions[r]` is row `r`'s position;
     /// `rope` and `window` are the layer's (global or local).
-    fn forward(
+    fn forward<O: Ops>(
         &self,
-        ws: &mut Workspace,
+        o: &O,
+        ws: &mut Workspace<O>,
         layer: usize,
         batch: &Batch<'_>,
         (rope, window): (&Rope, Option<usize>),
@@ -120,37 +127,81 @@ impl Attention {
             v,
             attn,
             h,
-            layers,
+            scratch,
             ..
         } = ws;
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
-        Linear::forward_rows(
-            projections,
-            normed,
-            rows,
-            [&mut *q, &mut *k, &mut *v],
-            &mut layers.quantized,
-        )?;
+        o.linear(projections, normed, rows, [&mut *q, &mut *k, &mut *v], scratch)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            qn.apply(q);
-            kn.apply(k);
+            o.norm(qn, q);
+            o.norm(kn, k);
         }
-        rope.rotate(q, nh, hd, positions);
-        rope.rotate(k, nkv, hd, positions);
-        *attn = attention::attend(
+        o.rope(rope, q, nh, hd, positions);
+        o.rope(rope, k, nkv, hd, positions);
+        o.attention(
             kv,
             layer,
             &batch.seqs,
-            q,
-            k,
-            v,
+            [q, k, v],
             nh,
             self.scale as f32,
             window,
-        );
-        attention::store(kv, layer, &batch.seqs, k, v);
-        Linear::forward_rows([&self.o_proj], attn, rows, [h], &mut layers.quantized)
+            attn,
+        )?;
+        o.linear([&self.o_proj], attn, rows, [h], scratch)
     }
+}
+
+impl FeedForward {
+    /// `ws.normed: [rows, d]` → `out: [rows, d]`.
+    fn forward<O: Ops>(
+        &self,
+        o: &O,
+        ws: &mut Workspace<O>,
+        rows: usize,
+        out: Ffn,
+    ) -> Result<()> {
+        let Workspace {
+            normed,
+            h,
+            mlp,
+            gate,
+            up,
+            scratch,
+            ..
+        } = ws;
+        let out = match out {
+            Ffn::H => h,
+            Ffn::Mlp => mlp,
+        };
+        match self {
+            FeedForward::Dense(m) => {
+                o.linear(
+                    [&m.gate_proj, &m.up_proj],
+                    normed,
+                    rows,
+                    [&mut *gate, &mut *up],
+                    scratch,
+                )?;
+                o.gated(m.act, gate, up);
+                o.linear([&m.down_proj], gate, rows, [out], scratch)
+            }
+            FeedForward::Plain { fc1, fc2, act } => {
+                o.linear([fc1], normed, rows, [&mut *gate], scratch)?;
+                o.activation(*act, gate);
+                o.linear([fc2], gate, rows, [out], scratch)
+            }
+            FeedForward::Moe(moe) => o.moe(moe, normed, rows, out),
+        }
+    }
+}
+
+/// Which workspace buffer a feed-forward writes: `h` (after the attention's residual), or
+/// `mlp` (a parallel block, whose `h` still holds the attention's output).
+#[derive(Debug, Clone, Copy)]
+enum Ffn {
+    H,
+    Mlp,
 }
 
 impl Decoder {
@@ -158,6 +209,21 @@ impl Decoder {
     /// block tables must cover every position of the batch). Returns logits
     /// `[logits_rows.len(), vocab]`.
     pub fn forward(&self, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Tensor> {
+        // Another pass on this decoder (another engine) holds the buffers: use fresh ones.
+        let mut held = self.workspace.try_lock();
+        let mut fresh = Workspace::default();
+        let ws = held.as_deref_mut().unwrap_or(&mut fresh);
+        self.run(&Cpu, ws, batch, kv)
+    }
+
+    /// The forward pass, on backend `o`.
+    fn run<O: Ops>(
+        &self,
+        o: &O,
+        ws: &mut Workspace<O>,
+        batch: &Batch<'_>,
+        kv: &mut KvStorage,
+    ) -> Result<Tensor> {
         let rows = batch.tokens.len();
         if rows == 0 {
             return Err(Error::param("token_ids", "at least one token is required"));
@@ -169,10 +235,6 @@ impl Decoder {
                 format!("token id {bad} is out of vocabulary (size {vocab})"),
             ));
         }
-        // Another pass on this decoder (another engine) holds the buffers: use fresh ones.
-        let mut held = self.workspace.try_lock();
-        let mut fresh = Workspace::default();
-        let ws = held.as_deref_mut().unwrap_or(&mut fresh);
         ws.positions.clear();
         ws.positions
             .extend(batch.seqs.iter().flat_map(|s| s.start..s.start + s.len));
@@ -183,8 +245,7 @@ impl Decoder {
             )));
         }
         let d = self.config.hidden_size;
-        ws.x.resize(rows * d, 0.0);
-        self.embed_tokens.forward_into(&batch.tokens, &mut ws.x)?;
+        o.embed(&self.embed_tokens, &batch.tokens, d, &mut ws.x)?;
         if let Some(table) = &self.embed_positions {
             let context_length = self.config.max_position_embeddings;
             if let Some(&p) = ws.positions.iter().find(|&&p| p >= context_length) {
@@ -194,14 +255,12 @@ impl Decoder {
                 });
             }
             let ids: Vec<u32> = ws.positions.iter().map(|&p| p as u32).collect();
-            ws.h.resize(rows * d, 0.0);
-            table.forward_into(&ids, &mut ws.h)?;
-            ws.x.iter_mut().zip(&ws.h).for_each(|(x, p)| *x += p);
+            o.embed(table, &ids, d, &mut ws.h)?;
+            o.add(&mut ws.x, &ws.h, None);
         }
         if self.config.scale_embeddings {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
-            let scale = (d as f32).sqrt();
-            ws.x.iter_mut().for_each(|x| *x *= scale);
+            o.scale(&mut ws.x, (d as f32).sqrt());
         }
         for (i, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
@@ -211,32 +270,26 @@ impl Decoder {
             } else {
                 (&self.rope, None)
             };
-            ws.normed.clone_from(&ws.x);
-            block.input_layernorm.apply(&mut ws.normed);
-            attn.forward(ws, i, batch, (rope, window), kv)?;
+            o.copy(&mut ws.normed, &ws.x);
+            o.norm(&block.input_layernorm, &mut ws.normed);
+            attn.forward(o, ws, i, batch, (rope, window), kv)?;
             if let Some(norm) = &block.post_attention_layernorm {
-                norm.apply(&mut ws.h);
+                o.norm(norm, &mut ws.h);
             }
             let Some(pre_mlp) = &block.pre_feedforward_layernorm else {
                 // Parallel block: the MLP reads the attention's input too.
-                block
-                    .mlp
-                    .forward_rows(&ws.normed, rows, &mut ws.mlp, &mut ws.layers)?;
-                for ((x, h), m) in ws.x.iter_mut().zip(&ws.h).zip(&ws.mlp) {
-                    *x += h + m;
-                }
+                block.mlp.forward(o, ws, rows, Ffn::Mlp)?;
+                o.add(&mut ws.x, &ws.h, Some(&ws.mlp));
                 continue;
             };
-            ws.x.iter_mut().zip(&ws.h).for_each(|(x, h)| *x += h);
-            ws.normed.clone_from(&ws.x);
-            pre_mlp.apply(&mut ws.normed);
-            block
-                .mlp
-                .forward_rows(&ws.normed, rows, &mut ws.h, &mut ws.layers)?;
+            o.add(&mut ws.x, &ws.h, None);
+            o.copy(&mut ws.normed, &ws.x);
+            o.norm(pre_mlp, &mut ws.normed);
+            block.mlp.forward(o, ws, rows, Ffn::H)?;
             if let Some(norm) = &block.post_feedforward_layernorm {
-                norm.apply(&mut ws.h);
+                o.norm(norm, &mut ws.h);
             }
-            ws.x.iter_mut().zip(&ws.h).for_each(|(x, h)| *x += h);
+            o.add(&mut ws.x, &ws.h, None);
         }
         if batch.logits_rows.is_empty() {
             // A step of prompt chunks only: the cache is filled, no logits are wanted.
@@ -247,21 +300,12 @@ impl Decoder {
             )?);
         }
         // The wanted rows, normalised, through the head.
-        ws.normed.clear();
-        for &r in &batch.logits_rows {
-            ws.normed.extend_from_slice(&ws.x[r as usize * d..][..d]);
-        }
-        self.norm.apply(&mut ws.normed);
+        o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed);
+        o.norm(&self.norm, &mut ws.normed);
         let n = batch.logits_rows.len();
-        let mut logits = Vec::new();
-        Linear::forward_rows(
-            [&self.lm_head],
-            &ws.normed,
-            n,
-            [&mut logits],
-            &mut ws.layers.quantized,
-        )?;
-        Ok(Tensor::from_vec(logits, (n, vocab), &self.device)?)
+        let mut logits = O::Buf::default();
+        o.linear([&self.lm_head], &ws.normed, n, [&mut logits], &mut ws.scratch)?;
+        o.to_host(logits, n, vocab)
     }
 
     /// A copy whose linear layers are requantized to MLX affine groups: `bits` for every

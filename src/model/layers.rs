@@ -481,49 +481,19 @@ impl Mlp {
         })
     }
 
-    /// `[1, t, d]` → `[1, t, d]` (for the mixture of experts' tensors).
+    /// `[1, t, d]` → `[1, t, d]` (the mixture of experts' experts, on tensors; the
+    /// decoder composes its dense MLPs from the same operations over its own buffers).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (_, t, d) = xs.dims3()?;
-        let mut out = Vec::new();
-        self.forward_rows(&values(xs)?, t, &mut out, &mut Scratch::default())?;
+        let x = values(xs)?;
+        let (mut gate, mut up, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        let mut quantized = QuantizedRows::default();
+        let projections = [&self.gate_proj, &self.up_proj];
+        Linear::forward_rows(projections, &x, t, [&mut gate, &mut up], &mut quantized)?;
+        self.act.gated(&mut gate, &up);
+        Linear::forward_rows([&self.down_proj], &gate, t, [&mut out], &mut quantized)?;
         Ok(Tensor::from_vec(out, (1, t, d), xs.device())?)
     }
-
-    /// `x: [m, d]` → `out: [m, d]`, computing in `scratch`.
-    pub fn forward_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-        out: &mut Vec<f32>,
-        scratch: &mut Scratch,
-    ) -> Result<()> {
-        let Scratch {
-            gate,
-            up,
-            quantized,
-        } = scratch;
-        Linear::forward_rows(
-            [&self.gate_proj, &self.up_proj],
-            x,
-            m,
-            [gate, up],
-            quantized,
-        )?;
-        self.act.gated(gate, up);
-        Linear::forward_rows([&self.down_proj], gate, m, [out], quantized)
-    }
-}
-
-/// Buffers the layers compute in, kept from one forward pass to the next (so that decoding
-/// allocates nothing per token once they have grown to the batch's size).
-#[derive(Debug, Default)]
-pub struct Scratch {
-    /// `[rows, intermediate]`: the gate's projection, then the gated activations.
-    pub gate: Vec<f32>,
-    /// `[rows, intermediate]`.
-    pub up: Vec<f32>,
-    /// The activations of the last product, rounded to int8 for the kernels.
-    pub quantized: QuantizedRows,
 }
 
 /// The feed-forward part of a layer: one gated MLP, a plain two-layer MLP
@@ -560,33 +530,6 @@ impl FeedForward {
                 norm_topk_prob: moe.norm_topk_prob,
             }),
         })
-    }
-
-    /// `x: [m, d]` → `out: [m, d]`, computing in `scratch`.
-    pub fn forward_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-        out: &mut Vec<f32>,
-        scratch: &mut Scratch,
-    ) -> Result<()> {
-        match self {
-            FeedForward::Dense(mlp) => mlp.forward_rows(x, m, out, scratch),
-            FeedForward::Plain { fc1, fc2, act } => {
-                let Scratch {
-                    gate, quantized, ..
-                } = scratch;
-                Linear::forward_rows([fc1], x, m, [&mut *gate], quantized)?;
-                act.apply(gate);
-                Linear::forward_rows([fc2], gate, m, [out], quantized)
-            }
-            FeedForward::Moe(moe) => {
-                let xs = Tensor::from_slice(x, (1, m, x.len() / m.max(1)), &Device::Cpu)?;
-                out.clear();
-                out.extend(values(&moe.forward(&xs)?)?);
-                Ok(())
-            }
-        }
     }
 }
 

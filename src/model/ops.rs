@@ -1,0 +1,180 @@
+//! The decoder's device seam: every operation its forward pass performs, over activation
+//! buffers the backend owns. [`crate::model::decoder`] writes the pass once against
+//! [`Ops`]; [`Cpu`] runs it on host `Vec<f32>`s with Cortex's own kernels (the quantized
+//! products, the paged attention) and candle's CPU ones. A GPU backend implements the same
+//! operations over device buffers, so the model, the engine and the API stay one.
+//!
+//! Buffers are row-major f32, `[rows, width]`; an operation that writes a buffer sizes it.
+
+use candle_core::{Device, Tensor};
+
+use crate::engine::kv::KvStorage;
+use crate::error::Result;
+use crate::model::attention::{self, SeqSpan};
+use crate::model::config::Activation;
+use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
+use crate::quant::kernels::QuantizedRows;
+
+pub trait Ops {
+    /// `[rows, width]` f32 activations.
+    type Buf: Default + Send;
+    /// What the linear layers compute in besides their inputs and outputs.
+    type Scratch: Default + Send;
+
+    /// `out: [ids, width]` ← the embedding rows of `ids`.
+    fn embed(&self, table: &Embedding, ids: &[u32], width: usize, out: &mut Self::Buf)
+        -> Result<()>;
+    /// `dst` ← `src`.
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// `x += a`, or `x += a + b` (a parallel block's two branches).
+    fn add(&self, x: &mut Self::Buf, a: &Self::Buf, b: Option<&Self::Buf>);
+    fn scale(&self, x: &mut Self::Buf, factor: f32);
+    /// Each `[.., d]` row of `x` normalised in place.
+    fn norm(&self, norm: &Norm, x: &mut Self::Buf);
+    /// `x: [rows, in]` through each layer into its `outs[i]: [rows, out_i]`: the
+    /// projections of one input (q/k/v, gate/up) go together.
+    fn linear<const N: usize>(
+        &self,
+        layers: [&Linear; N],
+        x: &Self::Buf,
+        rows: usize,
+        outs: [&mut Self::Buf; N],
+        scratch: &mut Self::Scratch,
+    ) -> Result<()>;
+    /// RoPE on `x: [rows, heads, head_dim]`; `positions[r]` is row `r`'s position.
+    fn rope(
+        &self,
+        rope: &Rope,
+        x: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+    );
+    /// `out: [rows, heads * head_dim]` ← attention of the rows' queries `q` over each
+    /// sequence's cached keys and values and the rows' own `k`, `v`; then `k`, `v` are
+    /// written into the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        kv: &mut KvStorage,
+        layer: usize,
+        seqs: &[SeqSpan<'_>],
+        qkv: [&Self::Buf; 3],
+        heads: usize,
+        scale: f32,
+        window: Option<usize>,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `gate ← act(gate) · up`.
+    fn gated(&self, act: Activation, gate: &mut Self::Buf, up: &Self::Buf);
+    /// `x ← act(x)`.
+    fn activation(&self, act: Activation, x: &mut Self::Buf);
+    /// A mixture of experts, `x: [rows, d]` → `out: [rows, d]`.
+    fn moe(&self, moe: &MoeMlp, x: &Self::Buf, rows: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `out: [rows.len(), width]` ← the listed rows of `x`.
+    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], width: usize, out: &mut Self::Buf);
+    /// `x: [rows, width]` as a host tensor (the logits the sampler reads).
+    fn to_host(&self, x: Self::Buf, rows: usize, width: usize) -> Result<Tensor>;
+}
+
+/// The CPU: host buffers, Cortex's kernels.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+impl Ops for Cpu {
+    type Buf = Vec<f32>;
+    /// The activations of the last product, rounded to int8 for the quantized kernels.
+    type Scratch = QuantizedRows;
+
+    fn embed(&self, table: &Embedding, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.resize(ids.len() * width, 0.0);
+        table.forward_into(ids, out)
+    }
+
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.clone_from(src);
+    }
+
+    fn add(&self, x: &mut Vec<f32>, a: &Vec<f32>, b: Option<&Vec<f32>>) {
+        match b {
+            None => x.iter_mut().zip(a).for_each(|(x, a)| *x += a),
+            Some(b) => {
+                for ((x, a), b) in x.iter_mut().zip(a).zip(b) {
+                    *x += a + b;
+                }
+            }
+        }
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, factor: f32) {
+        x.iter_mut().for_each(|x| *x *= factor);
+    }
+
+    fn norm(&self, norm: &Norm, x: &mut Vec<f32>) {
+        norm.apply(x);
+    }
+
+    fn linear<const N: usize>(
+        &self,
+        layers: [&Linear; N],
+        x: &Vec<f32>,
+        rows: usize,
+        outs: [&mut Vec<f32>; N],
+        scratch: &mut QuantizedRows,
+    ) -> Result<()> {
+        Linear::forward_rows(layers, x, rows, outs, scratch)
+    }
+
+    fn rope(
+        &self,
+        rope: &Rope,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+    ) {
+        rope.rotate(x, heads, head_dim, positions);
+    }
+
+    fn attention(
+        &self,
+        kv: &mut KvStorage,
+        layer: usize,
+        seqs: &[SeqSpan<'_>],
+        [q, k, v]: [&Vec<f32>; 3],
+        heads: usize,
+        scale: f32,
+        window: Option<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
+        attention::store(kv, layer, seqs, k, v);
+        Ok(())
+    }
+
+    fn gated(&self, act: Activation, gate: &mut Vec<f32>, up: &Vec<f32>) {
+        act.gated(gate, up);
+    }
+
+    fn activation(&self, act: Activation, x: &mut Vec<f32>) {
+        act.apply(x);
+    }
+
+    fn moe(&self, moe: &MoeMlp, x: &Vec<f32>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let xs = Tensor::from_slice(x, (1, rows, x.len() / rows.max(1)), &Device::Cpu)?;
+        let y = moe.forward(&xs)?;
+        *out = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) {
+        out.clear();
+        for &r in rows {
+            out.extend_from_slice(&x[r as usize * width..][..width]);
+        }
+    }
+
+    fn to_host(&self, x: Vec<f32>, rows: usize, width: usize) -> Result<Tensor> {
+        Ok(Tensor::from_vec(x, (rows, width), &Device::Cpu)?)
+    }
+}
