@@ -3,10 +3,11 @@
 //! The crate is plain Rust; the Python bindings live in [`py`] behind the `python` feature.
 //! `formats` reads and writes model files (validating what it reads first), `hub` fetches
 //! them from the Hugging Face Hub, `model` holds the family adapters (`model::arch`) and
-//! the one decoder, `quant` the quantized weight formats and their kernels, `tokenizer`
-//! turns text into ids and back, `engine` schedules, runs and samples in the one
-//! generation loop (`engine::client` is its API), and `convert` turns a model into MLX or
-//! GGUF files at the precision a recipe asks for. `docs/glossary.md` names the concepts.
+//! the one decoder (written against the device seam `model::ops`), `quant` the quantized
+//! weight formats and their kernels, `tokenizer` turns text into ids and back, `engine`
+//! schedules, runs and samples in the one generation loop (`engine::client` is its API),
+//! `server` serves the engine over OpenAI's HTTP API, and `convert` turns a model into MLX
+//! or GGUF files at the precision a recipe asks for. `docs/glossary.md` names the concepts.
 
 pub mod bench;
 pub mod convert;

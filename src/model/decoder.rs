@@ -131,7 +131,13 @@ impl Attention {
             ..
         } = ws;
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
-        o.linear(projections, normed, rows, [&mut *q, &mut *k, &mut *v], scratch)?;
+        o.linear(
+            projections,
+            normed,
+            rows,
+            [&mut *q, &mut *k, &mut *v],
+            scratch,
+        )?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             o.norm(qn, q);
             o.norm(kn, k);
@@ -154,13 +160,7 @@ impl Attention {
 
 impl FeedForward {
     /// `ws.normed: [rows, d]` → `out: [rows, d]`.
-    fn forward<O: Ops>(
-        &self,
-        o: &O,
-        ws: &mut Workspace<O>,
-        rows: usize,
-        out: Ffn,
-    ) -> Result<()> {
+    fn forward<O: Ops>(&self, o: &O, ws: &mut Workspace<O>, rows: usize, out: Ffn) -> Result<()> {
         let Workspace {
             normed,
             h,
@@ -304,7 +304,13 @@ impl Decoder {
         o.norm(&self.norm, &mut ws.normed);
         let n = batch.logits_rows.len();
         let mut logits = O::Buf::default();
-        o.linear([&self.lm_head], &ws.normed, n, [&mut logits], &mut ws.scratch)?;
+        o.linear(
+            [&self.lm_head],
+            &ws.normed,
+            n,
+            [&mut logits],
+            &mut ws.scratch,
+        )?;
         o.to_host(logits, n, vocab)
     }
 

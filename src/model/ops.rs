@@ -22,8 +22,13 @@ pub trait Ops {
     type Scratch: Default + Send;
 
     /// `out: [ids, width]` ← the embedding rows of `ids`.
-    fn embed(&self, table: &Embedding, ids: &[u32], width: usize, out: &mut Self::Buf)
-        -> Result<()>;
+    fn embed(
+        &self,
+        table: &Embedding,
+        ids: &[u32],
+        width: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `dst` ← `src`.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// `x += a`, or `x += a + b` (a parallel block's two branches).
@@ -86,7 +91,13 @@ impl Ops for Cpu {
     /// The activations of the last product, rounded to int8 for the quantized kernels.
     type Scratch = QuantizedRows;
 
-    fn embed(&self, table: &Embedding, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn embed(
+        &self,
+        table: &Embedding,
+        ids: &[u32],
+        width: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         out.resize(ids.len() * width, 0.0);
         table.forward_into(ids, out)
     }
