@@ -789,10 +789,35 @@ def test_api_key_and_a_model_given_by_path(model_path):
             )
         assert _raw(srv.url, "GET", "/health")[0] == 200
         assert _raw(srv.url, "GET", "/metrics")[0] == 200
+        # Other spellings of a protected path, and unknown paths, need the key too.
+        for path in ("//v1/models", "/v1//models", "/v1/%6Dodels", "/nowhere"):
+            assert _raw(srv.url, "GET", path)[0] == 401, path
         url = srv.url
     # Leaving the with-block shut the server down.
     with pytest.raises(OSError):
         _raw(url, "GET", "/health", timeout=5)
+
+
+def test_a_reachable_address_needs_a_key_or_insecure(smollm):
+    """Listening beyond loopback without an API key is refused, naming the setting, unless
+    asked for with insecure=True; loopback needs nothing."""
+    model, tok = smollm
+    with pytest.raises(cortex.RequestValidationError) as info:
+        cortex.serve(model, tok, host="0.0.0.0", port=0, block=False, access_log=False)
+    assert info.value.param == "api_key" and "--insecure" in str(info.value)
+    for kwargs in ({"insecure": True}, {"api_key": "k"}):
+        with cortex.serve(model, tok, host="0.0.0.0", port=0, block=False, access_log=False, **kwargs) as srv:
+            assert _raw(f"http://127.0.0.1:{srv.port}", "GET", "/health")[0] == 200
+
+
+def test_a_body_declared_as_another_type_is_415(server):
+    status, _, raw = _raw(
+        server.url, "POST", "/v1/completions", "prompt=hi", headers={"Content-Type": "text/plain"}
+    )
+    assert status == 415 and "application/json" in _error(status, raw)["message"]
+    body = {"prompt": PROMPT, "max_tokens": 1}
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    assert _raw(server.url, "POST", "/v1/completions", body, headers=headers)[0] == 200
 
 
 def _hold(url: str, n: int = 1) -> http.client.HTTPConnection:

@@ -243,6 +243,7 @@ class Server:
         chat_template: str | None = None,
         shutdown_timeout: float = ...,
         access_log: bool = True,
+        insecure: bool = False,
     ) -> Server: ...
     @property
     def host(self) -> str: ...

@@ -149,6 +149,7 @@ def serve(
     chat_template: PathLike | None = None,
     shutdown_timeout: float = _core.DEFAULT_SHUTDOWN_TIMEOUT,
     access_log: bool = True,
+    insecure: bool = False,
     block: bool = True,
 ) -> Server | None:
     """Serve a model over OpenAI's HTTP API (``/v1/chat/completions``, ``/v1/completions``,
@@ -158,8 +159,9 @@ def serve(
         model: a model reference as :func:`cortex.load` takes (``None``: the default
             model), or a loaded :class:`cortex.Model` (then ``tokenizer`` too).
         host, port: where to listen; port 0 picks a free one (see :attr:`Server.port`).
-        api_key: when set (or ``CORTEX_API_KEY`` is), ``/v1/*`` requests need
+        api_key: when set (or ``CORTEX_API_KEY`` is), requests need
             ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open.
+            Listening on an address other than loopback needs a key, or ``insecure``.
         served_model_name: the name clients give as ``model`` (default: the Hub repo id,
             the file's stem or the folder's name).
         max_batch_size, kv_cache_tokens, memory_fraction: the engine's (see
@@ -170,11 +172,14 @@ def serve(
         shutdown_timeout: seconds running requests get to finish once shutdown begins;
             then they are aborted.
         access_log: one line per request on stderr (method, path, status, tokens, time).
+        insecure: serve on a non-loopback address without an API key (behind a gateway
+            that authenticates, for instance).
         block: serve until Ctrl-C or SIGTERM (a graceful stop), then return ``None``;
             ``False`` returns the running :class:`Server` at once.
 
     Raises:
-        RequestValidationError: a bad setting, or the port cannot be bound.
+        RequestValidationError: a bad setting, the port cannot be bound, or a non-loopback
+            address without an API key or ``insecure``.
         TemplateError: ``chat_template`` does not compile.
     """
     if isinstance(model, _core.Model):
@@ -204,6 +209,7 @@ def serve(
         chat_template=None if chat_template is None else _template_source(chat_template),
         shutdown_timeout=shutdown_timeout,
         access_log=access_log,
+        insecure=insecure,
     )
     server = Server(core, name, shutdown_timeout)
     if access_log:

@@ -21,7 +21,8 @@ impl PyServer {
     #[new]
     #[pyo3(signature = (engine, *, served_model_name, host = "127.0.0.1".to_string(), port = 8000,
         api_key = None, max_queue = DEFAULT_MAX_QUEUE, chat_template = None,
-        shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(), access_log = true))]
+        shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(), access_log = true,
+        insecure = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine: &PyEngine,
@@ -33,6 +34,7 @@ impl PyServer {
         chat_template: Option<String>,
         shutdown_timeout: f64,
         access_log: bool,
+        insecure: bool,
     ) -> PyResult<Self> {
         let shutdown_timeout = Duration::try_from_secs_f64(shutdown_timeout).map_err(|_| {
             crate::Error::param(
@@ -52,6 +54,7 @@ impl PyServer {
             chat_template,
             shutdown_timeout,
             access_log,
+            insecure,
         };
         let client = &engine.client;
         let inner = Server::start(client.engine().clone(), client.tokenizer().clone(), config)?;

@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// One line per request on stderr.
     pub access_log: bool,
+    /// Serve on an address other than loopback without an API key.
+    pub insecure: bool,
 }
 
 /// An error response, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -396,23 +398,51 @@ fn authorized(headers: &HeaderMap, key: &str) -> bool {
         .is_some_and(|given| same_key(given.trim().as_bytes(), key.as_bytes()))
 }
 
-/// Authentication for `/v1/*`, the access log and request counter for every response a
-/// [`Flight`] does not log itself.
+/// A body declared as anything but JSON is refused (415); a request without a content
+/// type is read as JSON, as OpenAI's clients and `curl --json` send it.
+fn json_content_type(headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let media = v
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    if media.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!("the body must be application/json, not '{media}'"),
+        ))
+    }
+}
+
+/// Authentication (every path but `/health` and `/metrics`), a POST body's content type,
+/// and the access log and request counter for every response a [`Flight`] does not log
+/// itself.
 async fn access(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let line = line_of(&req);
     req.extensions_mut().insert(line.clone());
-    let key = app.config.api_key.as_deref();
-    let response = match key {
-        Some(key) if line.path.starts_with("/v1/") && !authorized(req.headers(), key) => {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "a valid API key is required (Authorization: Bearer <key>)",
-            )
-            .code("invalid_api_key")
-            .into_response()
-        }
-        _ => next.run(req).await,
+    // Every path but the two probes needs the key: an allow-list, so that no spelling of
+    // a protected path (`//v1/...`, `%2F`) slips past a prefix check.
+    let open = matches!(line.endpoint, "/health" | "/metrics");
+    let response = match app.config.api_key.as_deref() {
+        Some(key) if !open && !authorized(req.headers(), key) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "a valid API key is required (Authorization: Bearer <key>)",
+        )
+        .code("invalid_api_key")
+        .into_response(),
+        _ => match json_content_type(req.headers()) {
+            Err(e) if req.method() == axum::http::Method::POST => e.into_response(),
+            _ => next.run(req).await,
+        },
     };
     if response.extensions().get::<Logged>().is_none() {
         app.log(&line, response.status().as_u16(), None, "");
@@ -782,6 +812,19 @@ impl Server {
                     format!("cannot listen on {}:{}: {e}", config.host, config.port),
                 )
             })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::Engine(format!("cannot listen: {e}")))?;
+        if !bound.ip().is_loopback() && config.api_key.is_none() && !config.insecure {
+            return Err(Error::param(
+                "api_key",
+                format!(
+                    "{} is reachable from other machines: set an API key (--api-key or \
+                     CORTEX_API_KEY), or pass --insecure to serve without one",
+                    bound.ip()
+                ),
+            ));
+        }
         let listener = {
             let _inside = runtime.enter();
             tokio::net::TcpListener::from_std(listener)

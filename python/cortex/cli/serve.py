@@ -35,6 +35,11 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $CORTEX_API_KEY, else none)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key (e.g. behind an authenticating gateway)",
+    )
     p.add_argument("--served-model-name", metavar="NAME", default=None, help="the model's name in the API")
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-batch-size", type=int, default=None, help="most requests running at once")
@@ -74,5 +79,6 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,
         access_log=not args.quiet,
+        insecure=args.insecure,
     )
     return 0
