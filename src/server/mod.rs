@@ -29,11 +29,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
+use futures::future::{select, Either};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use serde_json::{json, Value as Json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::engine::{Engine, Event, Output, RequestId, Sink};
 use crate::error::{Error, Result};
@@ -53,6 +55,10 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the shutdown deadline has aborted what was running, how long connections get
 /// to close before the server stops regardless.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Most connections served at once; past it, new ones wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 4096;
+/// A request's headers must arrive within this time (a slowloris client is cut off).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a 429 asks the client to wait, in seconds.
 const RETRY_AFTER_S: u64 = 1;
 
@@ -866,16 +872,7 @@ impl Server {
         let mut graceful = stop.subscribe();
         let serving = stopped_tx.clone();
         runtime.spawn(async move {
-            // Without TCP_NODELAY, Nagle's algorithm holds each small stream chunk until
-            // the previous one is acknowledged (up to the peer's 40 ms delayed ACK).
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = graceful.wait_for(|&s| s).await;
-                })
-                .await;
+            accept_loop(listener, router, &mut graceful).await;
             let _ = serving.send(());
         });
         // The deadline: once shutdown begins, what still runs after `shutdown_timeout` is
@@ -927,6 +924,63 @@ impl Server {
         }
         stopped
     }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await (it is not `Send`).
+    let _ = stop.wait_for(|&s| s).await.map(|_| ());
+}
+
+/// Accepts connections until `stop` turns true, each served on its own task, at most
+/// `MAX_CONNECTIONS` at once; then lets every open connection finish its response (idle
+/// ones close at once) and returns when all have closed.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let next = {
+            let accept = async {
+                let slot = slots.clone().acquire_owned().await;
+                (slot, listener.accept().await)
+            };
+            let stopping = stopped(stop);
+            futures::pin_mut!(accept, stopping);
+            match select(accept, stopping).await {
+                Either::Left((next, _)) => next,
+                Either::Right(_) => break,
+            }
+        };
+        let (Ok(slot), Ok((tcp, _))) = next else {
+            // Out of file descriptors, or a connection reset before it was accepted:
+            // pause rather than spin, then go on.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // Without TCP_NODELAY, Nagle's algorithm holds each small stream chunk until the
+        // previous one is acknowledged (up to the peer's 40 ms delayed ACK).
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
+            let stopping = stopped(&mut stop);
+            futures::pin_mut!(conn, stopping);
+            if let Either::Right(_) = select(conn.as_mut(), stopping).await {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        });
+    }
+    // Every slot back: every connection has closed.
+    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
 }
 
 /// Aborts every engine request of every open HTTP request.
