@@ -810,6 +810,41 @@ def test_a_reachable_address_needs_a_key_or_insecure(smollm):
             assert _raw(f"http://127.0.0.1:{srv.port}", "GET", "/health")[0] == 200
 
 
+def test_bodies_in_flight_have_a_memory_budget(server):
+    """32 clients each declaring an 8 MiB body and sending none of it take the server's
+    256 MiB body budget: a 33rd gets 429 at once (memory stays bounded), and once they
+    leave, requests are served again."""
+    parts = urlsplit(server.url)
+    assert parts.hostname is not None and parts.port is not None
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {8 << 20}\r\n\r\n{{"
+    holders = []
+    try:
+        for _ in range(32):
+            s = socket.create_connection((parts.hostname, parts.port), timeout=10)
+            s.sendall(head.encode())
+            holders.append(s)
+        # The holders are reading their bodies once a small request can no longer get in.
+        _wait_until(
+            lambda: (
+                _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 429
+            ),
+            10.0,
+            "the body budget to be taken",
+        )
+        status, headers, raw = _raw(
+            server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}
+        )
+        assert status == 429 and "retry-after" in headers and "MiB" in _error(status, raw)["message"]
+    finally:
+        for s in holders:
+            s.close()
+    _wait_until(
+        lambda: _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 200,
+        10.0,
+        "the budget to come back",
+    )
+
+
 def test_a_body_declared_as_another_type_is_415(server):
     status, _, raw = _raw(
         server.url, "POST", "/v1/completions", "prompt=hi", headers={"Content-Type": "text/plain"}

@@ -50,6 +50,9 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_QUEUE: usize = 256;
 /// Default time running requests get to finish once shutdown begins.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request bodies being read or prepared at once may hold this many MiB together (a body
+/// counts its Content-Length, or the most a body may be without one); past it, 429.
+const BODY_BUDGET_MIB: usize = 256;
 /// A body must arrive within this time.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the shutdown deadline has aborted what was running, how long connections get
@@ -186,6 +189,8 @@ struct App {
     in_flight: AtomicUsize,
     /// ...and the most admitted at once: the engine's batch plus `max_queue`.
     capacity: usize,
+    /// MiB of request bodies being read or prepared (see [`BODY_BUDGET_MIB`]).
+    bodies: Arc<Semaphore>,
     /// Engine requests of every open HTTP request: what the shutdown deadline aborts.
     running: Mutex<HashSet<RequestId>>,
     draining: AtomicBool,
@@ -490,6 +495,29 @@ async fn read_body(body: Body) -> std::result::Result<Bytes, ApiError> {
     }
 }
 
+/// Reserves the body's share of [`BODY_BUDGET_MIB`], or refuses with 429.
+fn body_budget(
+    app: &App,
+    headers: &HeaderMap,
+) -> std::result::Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(MAX_BODY_BYTES)
+        .min(MAX_BODY_BYTES);
+    let mib = declared.div_ceil(1 << 20).max(1) as u32;
+    app.bodies.clone().try_acquire_many_owned(mib).map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "the server is reading {BODY_BUDGET_MIB} MiB of request bodies already; retry later"
+            ),
+        )
+        .code("rate_limit_exceeded")
+    })
+}
+
 async fn run(
     app: Arc<App>,
     endpoint: Endpoint,
@@ -503,8 +531,12 @@ async fn run(
         .get::<Line>()
         .cloned()
         .unwrap_or_else(|| line_of(&req));
+    // Held until the request is tokenized: many large bodies at once must not exhaust
+    // memory.
+    let budget = body_budget(&app, req.headers())?;
     let bytes = read_body(req.into_body()).await?;
     let body = api::Body::parse(&bytes).map_err(|e| ApiError::invalid(e.message, e.param))?;
+    drop(bytes);
     if let Some(model) = body.model() {
         if model != app.config.served_model_name {
             return Err(ApiError {
@@ -534,7 +566,12 @@ async fn run(
         )
     })
     .await
-    .map_err(|e| ApiError::from(Error::Internal(format!("request planning failed: {e}"))))??;
+    .map_err(|e| {
+        ApiError::from(Error::Internal(format!(
+            "preparing the request failed: {e}"
+        )))
+    })??;
+    drop(budget);
     let mut flight = Flight::admit(&app, line, job.num_choices())?;
     let (tx, rx) = mpsc::unbounded_channel();
     if let Err(e) = flight.submit(&job, &tx) {
@@ -853,6 +890,7 @@ impl Server {
             metrics: Metrics::default(),
             in_flight: AtomicUsize::new(0),
             capacity,
+            bodies: Arc::new(Semaphore::new(BODY_BUDGET_MIB)),
             running: Mutex::new(HashSet::new()),
             draining: AtomicBool::new(false),
             config,
