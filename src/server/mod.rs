@@ -1,16 +1,19 @@
 //! `cortex serve`: an OpenAI-compatible HTTP server on the continuous-batching engine.
 //!
-//! axum on a small tokio runtime of its own, in the same process as the engine thread: a
-//! request is parsed and tokenized here into a [`Job`] ([`api::job`]), each choice is submitted to the
-//! [`Engine`] with an async [`Sink`], and the engine's events are turned into JSON, whole
-//! or as server-sent events, without a Python hop per token. Every open HTTP request is a
-//! [`Flight`]: it holds its admission slots and its engine requests, and when it ends —
-//! finished, failed, or dropped because the client went away — it aborts what still runs,
-//! frees its slots and writes the access-log line and metrics.
+//! axum routes on a small tokio runtime of its own, in the same process as the engine
+//! thread: a request is parsed and tokenized here into a [`Job`] ([`api::job`]), each
+//! choice is submitted to the [`Engine`] with an async [`Sink`], and the engine's events
+//! are turned into JSON, whole or as server-sent events, without a Python hop per token.
+//! Every open HTTP request is a [`Flight`]: it holds its admission slots and its engine
+//! requests, and when it ends — finished, failed, or dropped because the client went
+//! away — it aborts what still runs, frees its slots and writes the access-log line and
+//! metrics.
 //!
-//! Overload and shutdown: at most `max_batch_size + max_queue` sequences are admitted
-//! (429 beyond); [`Server::shutdown`] stops accepting connections, lets running requests
-//! finish for `shutdown_timeout`, then aborts the rest.
+//! What input may cost is bounded: connections (`MAX_CONNECTIONS`, headers within
+//! `HEADER_TIMEOUT`, in our own accept loop), bodies (`MAX_BODY_BYTES` each, arriving
+//! within `BODY_TIMEOUT`, `BODY_BUDGET_MIB` together), sequences (`max_batch_size +
+//! max_queue` admitted, 429 beyond). [`Server::shutdown`] stops accepting connections, lets
+//! running requests finish for `shutdown_timeout`, then aborts the rest.
 
 mod api;
 mod metrics;
