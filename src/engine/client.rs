@@ -370,6 +370,23 @@ mod tests {
         Ok(Client::new(engine, word_tokenizer(vocab)))
     }
 
+    /// A client whose requests never end on their own (a rotating cache, no token
+    /// limit with `greedy(usize::MAX)`): what a test of aborts needs, since a finite
+    /// request may finish on the tiny model before its abort arrives.
+    fn endless_client() -> Result<Client> {
+        let model = tiny_model("q4g32")?;
+        let vocab = model.config.vocab_size;
+        let config = EngineConfig {
+            max_batch_size: 2,
+            kv_cache_tokens: Some(256),
+            kv_cache_size: Some(64),
+            rotating: true,
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::new(model, config)?);
+        Ok(Client::new(engine, word_tokenizer(vocab)))
+    }
+
     fn greedy(max_tokens: usize) -> SamplingParams {
         SamplingParams {
             max_tokens,
@@ -420,11 +437,12 @@ mod tests {
     /// A bad prompt after good ones fails the whole submission and leaves nothing queued.
     #[test]
     fn a_failed_submission_rolls_back() -> Result<()> {
-        let client = client(2)?;
+        // The first request can only end by the rollback's abort.
+        let client = endless_client()?;
         let vocab = client.engine().model().config.vocab_size as u32;
         let prompts = vec![vec![1, 2, 3], vec![4, vocab]];
         let err = client
-            .stream(prompts, &[greedy(200)])
+            .stream(prompts, &[greedy(usize::MAX)])
             .err()
             .ok_or_else(|| Error::Internal("an out-of-vocabulary prompt was accepted".into()))?;
         assert!(matches!(err, Error::InvalidParam { .. }), "{err:?}");
@@ -446,11 +464,12 @@ mod tests {
         assert!(events[..4].iter().all(|o| !o.event.is_last()));
         assert!(events[4].event.is_last());
 
-        let mut stream = client.stream(vec![vec![2, 7]], &[greedy(10_000)])?;
+        let endless = endless_client()?;
+        let mut stream = endless.stream(vec![vec![2, 7]], &[greedy(usize::MAX)])?;
         let first = stream.next().transpose()?;
         assert!(matches!(first.map(|o| o.event), Some(Event::Token(_))));
         drop(stream);
-        settled(&client, |s| s.aborted == 1 && s.running == 0)?;
+        settled(&endless, |s| s.aborted == 1 && s.running == 0)?;
 
         let id = client.submit(vec![5, 5], greedy(2))?;
         let done = client.take(id)?.wait()?;
