@@ -36,11 +36,23 @@ _TOPICS = [
 ]
 
 
+def _messages(n: int) -> list[list[dict[str, str]]]:
+    """One chat prompt per request, each on its own topic (server_load.py sends the same)."""
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"Request {i}: write a short, clear explanation of "
+                f"{_TOPICS[i % len(_TOPICS)]} for a curious reader.",
+            }
+        ]
+        for i in range(n)
+    ]
+
+
 def _prompts(tok: cortex.Tokenizer, n: int) -> list[list[int]]:
     out = []
-    for i in range(n):
-        text = f"Request {i}: write a short, clear explanation of {_TOPICS[i % len(_TOPICS)]} for a curious reader."
-        messages = [{"role": "user", "content": text}]
+    for messages in _messages(n):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         assert isinstance(ids, list)
         out.append(ids)

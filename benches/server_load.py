@@ -41,35 +41,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+from engine_throughput import _messages  # the same prompts as the engine benchmark
 
 import cortex
 
-_TOPICS = [
-    "the history of the printing press",
-    "how rivers shape valleys over millions of years",
-    "why the sky appears blue during the day",
-    "the rules of chess for a complete beginner",
-    "what makes sourdough bread rise",
-    "how compilers turn source code into machine code",
-    "the life cycle of a star like the Sun",
-    "how vaccines train the immune system",
-]
-
 _TIMEOUT = 600.0  # seconds; every phase is bounded by it
-
-
-def _messages(n: int) -> list[list[dict[str, str]]]:
-    """One chat prompt per client (as benches/engine_throughput.py builds them)."""
-    return [
-        [
-            {
-                "role": "user",
-                "content": f"Request {i}: write a short, clear explanation of "
-                f"{_TOPICS[i % len(_TOPICS)]} for a curious reader.",
-            }
-        ]
-        for i in range(n)
-    ]
 
 
 @dataclass
