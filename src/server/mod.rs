@@ -266,7 +266,6 @@ struct Flight {
     open: HashSet<RequestId>,
     /// Per choice, when its latest token arrived.
     last_token: Vec<Option<Instant>>,
-    first_token_seen: bool,
     slots: usize,
     usage: Usage,
     status: u16,
@@ -300,7 +299,6 @@ impl Flight {
             choice: HashMap::new(),
             open: HashSet::new(),
             last_token: vec![None; choices],
-            first_token_seen: false,
             slots: choices,
             usage: Usage::default(),
             status: 200,
@@ -336,8 +334,7 @@ impl Flight {
         let &k = self.choice.get(&out.id)?;
         if let Event::Token(_) = out.event {
             let now = Instant::now();
-            if !self.first_token_seen {
-                self.first_token_seen = true;
+            if self.usage.completion_tokens == 0 {
                 self.app.metrics.first_token(now - self.line.arrived);
             }
             if let Some(prev) = self.last_token[k].replace(now) {
