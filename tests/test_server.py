@@ -817,20 +817,36 @@ def test_bodies_in_flight_have_a_memory_budget(server):
     parts = urlsplit(server.url)
     assert parts.hostname is not None and parts.port is not None
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {8 << 20}\r\n\r\n{{"
-    holders = []
+
+    def hold() -> socket.socket:
+        s = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        s.sendall(head.encode())
+        return s
+
+    def answered(s: socket.socket) -> bool:
+        """Whether the server has replied (or closed): a holder that arrived while a probe
+        held its 1 MiB share was refused, and must take its place again."""
+        s.setblocking(False)
+        try:
+            s.recv(1, socket.MSG_PEEK)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            s.settimeout(10)
+
+    def budget_taken() -> bool:
+        for i, s in enumerate(holders):
+            if answered(s):
+                s.close()
+                holders[i] = hold()
+        return _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 429
+
+    holders: list[socket.socket] = []
     try:
-        for _ in range(32):
-            s = socket.create_connection((parts.hostname, parts.port), timeout=10)
-            s.sendall(head.encode())
-            holders.append(s)
+        holders.extend(hold() for _ in range(32))
         # The holders are reading their bodies once a small request can no longer get in.
-        _wait_until(
-            lambda: (
-                _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 429
-            ),
-            10.0,
-            "the body budget to be taken",
-        )
+        _wait_until(budget_taken, 10.0, "the body budget to be taken", interval=0.1)
         status, headers, raw = _raw(
             server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}
         )
