@@ -39,6 +39,16 @@ lint: deps ## rustfmt, clippy (-D warnings, pedantic with the allow-list in Carg
 	$(PYTHON) -m ruff format --check python tests examples
 	$(PYTHON) -m mypy python/cortex
 
+.PHONY: lint-cuda
+lint-cuda: ## Compile and lint the CUDA backend without a GPU or toolkit (our kernels compile for real)
+	scripts/cuda_env.sh --check cargo clippy --lib --features cuda -- -D warnings
+	scripts/cuda_env.sh --check cargo clippy --lib --features cuda,python -- -D warnings
+
+.PHONY: wheel-cuda
+wheel-cuda: ## Build the GPU wheel into target/wheels (CUDA 13 from PyPI; CUDA_COMPUTE_CAP=90 for H100/H200)
+	$(PYTHON) -m pip install --disable-pip-version-check -q "maturin>=1.7,<2"
+	scripts/cuda_env.sh $(PYTHON) -m maturin build --release --features cuda,python --auditwheel skip
+
 .PHONY: fmt
 fmt: ## Format Rust and Python sources
 	cargo fmt

@@ -77,6 +77,11 @@ pub enum Error {
     #[error("conversion: {0}")]
     Conversion(String),
 
+    /// The GPU failed or ran out of memory (a driver call, an allocation, a kernel): not
+    /// the input's fault, though a smaller cache or model may avoid it.
+    #[error("GPU: {0}")]
+    Device(String),
+
     /// A broken invariant of Cortex itself (a caught panic, a result that went missing):
     /// always a bug, never the input's fault.
     #[error("internal error (please report): {0}")]
@@ -174,6 +179,7 @@ impl Error {
             Error::Template(m) => Error::Template(prefix(m)),
             Error::Engine(m) => Error::Engine(prefix(m)),
             Error::Conversion(m) => Error::Conversion(prefix(m)),
+            Error::Device(m) => Error::Device(prefix(m)),
             Error::Internal(m) => Error::Internal(prefix(m)),
             Error::Candle(e) => Error::Internal(prefix(e.to_string())),
             // Their messages are built from their fields; the context would be lost or

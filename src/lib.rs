@@ -11,6 +11,8 @@
 
 pub mod bench;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod formats;

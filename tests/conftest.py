@@ -76,3 +76,15 @@ def gemma_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_golden() -> dict:
     return _golden("gemma3-270m-q4_k_m.json")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where this build has CUDA and the machine a GPU."""
+    from cortex import _core
+
+    if _core.cuda_device_count() > 0:
+        return
+    why = "no CUDA GPU" if _core.cuda_compiled() else "this build of Cortex has no CUDA"
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))

@@ -6,6 +6,7 @@
 ...     print(r.text, end="", flush=True)
 """
 
+from . import _native  # noqa: F401  (first: loads the Rust core, with CUDA's libraries in a GPU build)
 from ._core import Model, SamplingParams, Tokenizer, __version__
 from .accelerator import MLXAccelerator, MLXConfig
 from .converter import ConversionConfig, ConversionFormat, MLXConverter, QuantizationRecipe
@@ -18,6 +19,7 @@ from .exceptions import (
     ConversionError,
     CortexError,
     CortexWarning,
+    DeviceError,
     EngineError,
     InternalError,
     ModelFormatError,
@@ -44,6 +46,7 @@ __all__ = [
     "ConversionFormat",
     "CortexError",
     "CortexWarning",
+    "DeviceError",
     "Engine",
     "EngineError",
     "EntryNotFoundError",

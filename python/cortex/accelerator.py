@@ -34,13 +34,12 @@ from . import _core
 from ._core import Model, SamplingParams, Tokenizer
 from .engine import Engine
 from .exceptions import CortexError, CortexWarning, TokenizerError
-from .generation import Prompt, load_tokenizer
+from .generation import Prompt, _placement, load_tokenizer
 
 __all__ = ["OPTIMIZATION_PRESETS", "MLXAccelerator", "MLXConfig", "Pipeline"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
-_DEVICE = "cpu"
-#: What activations compute in on the CPU, whatever ``MLXConfig.dtype`` asks for.
+#: What activations compute in (CPU and GPU), whatever ``MLXConfig.dtype`` asks for.
 _ACTIVATION_DTYPE = "float32"
 _BITS = (2, 3, 4, 5, 6, 8)
 
@@ -294,8 +293,10 @@ class MLXAccelerator:
 
     def __init__(self, config: MLXConfig | None = None) -> None:
         self.config = config or MLXConfig()
-        self.device = _DEVICE
-        #: CPU activations are float32 whatever ``config.dtype`` asks for.
+        #: Where ``cortex.load(..., device="auto")`` puts models: the first GPU of a CUDA
+        #: build on a machine with one, else the CPU. Models run where they were loaded.
+        self.device = _placement("auto", None)
+        #: Activations are float32 whatever ``config.dtype`` asks for.
         self.dtype = _ACTIVATION_DTYPE
         self._engines: dict[int, tuple[Model, Tokenizer, Engine]] = {}
         self._lock = threading.Lock()
@@ -640,7 +641,7 @@ class MLXAccelerator:
                 return lambda: accelerator._device_info(
                     accelerator.config, accelerator.device, accelerator.dtype
                 )
-            return lambda: owner._device_info(MLXConfig(), _DEVICE, _ACTIVATION_DTYPE)
+            return lambda: owner._device_info(MLXConfig(), _placement("auto", None), _ACTIVATION_DTYPE)
 
     get_device_info = _DeviceInfo()
 
@@ -682,16 +683,31 @@ class MLXAccelerator:
         settings["dtype"] = {
             "value": c.dtype,
             "applied": c.dtype == "float32",
-            "reason": "CPU activations are float32; weights keep their stored precision",
+            "reason": "activations are float32 (CPU and GPU); weights keep their stored precision",
         }
         settings["use_amx"] = {
             "value": c.use_amx,
             "applied": False,
             "reason": "AMX is not used: the CPU may list it, but no kernel here has proven it safe",
         }
+        gpu: dict[str, Any] | None = None
+        if device.startswith("cuda"):
+            ordinal = int(device.partition(":")[2] or 0)
+            info = _core.cuda_info(ordinal)
+            major, minor = info["compute_capability"]
+            driver_major, driver_minor = info["driver_version"]
+            gpu = {
+                "index": ordinal,
+                "name": info["name"],
+                "memory_total": info["total_memory"],
+                "memory_free": info["free_memory"],
+                "compute_capability": f"{major}.{minor}",
+                "driver_cuda_version": f"{driver_major}.{driver_minor}",
+            }
         return {
             "device": device,
-            "is_gpu": False,
+            "is_gpu": gpu is not None,
+            "gpu": gpu,
             "dtype": dtype,
             # The original's key: the dtype arrays are created in (here, activations').
             "default_dtype": dtype,

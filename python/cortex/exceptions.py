@@ -19,6 +19,7 @@ __all__ = [
     "ConversionError",
     "CortexError",
     "CortexWarning",
+    "DeviceError",
     "EngineError",
     "InternalError",
     "ModelFormatError",
@@ -101,6 +102,10 @@ class CacheFullError(ContextLengthError):
 
 class EngineError(CortexError, RuntimeError):
     """A fault inside generation (a crashed worker, NaN logits ...)."""
+
+
+class DeviceError(EngineError):
+    """The GPU failed or ran out of memory (a smaller KV cache or model may avoid it)."""
 
 
 class CancelledError(EngineError):

@@ -34,11 +34,19 @@ Prompt = Union[str, Sequence[Mapping[str, Any]], Sequence[int]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _check_placement(device: str, dtype: str | None) -> None:
-    if device not in ("auto", "cpu"):
-        raise ValueError(f"device={device!r}: this build of Cortex runs on 'cpu' (or 'auto')")
+def _placement(device: str, dtype: str | None) -> str:
+    """The device a load goes to: ``"auto"`` is the first GPU when this build has CUDA and
+    the machine a GPU, else the CPU (a CUDA build without a GPU says so once)."""
     if dtype not in (None, "float32"):
-        raise ValueError(f"dtype={dtype!r}: CPU activations are 'float32'")
+        raise ValueError(f"dtype={dtype!r}: activations are 'float32' on every device")
+    if device != "auto":
+        return device
+    if _core.cuda_device_count() > 0:
+        return "cuda:0"
+    if _core.cuda_compiled():
+        message = "this build of Cortex has CUDA, but no GPU is visible: running on the CPU"
+        _env.warn_once("no-gpu", message, stacklevel=3)
+    return "cpu"
 
 
 def _resolve(ref: PathLike | None, revision: str = "main") -> str:
@@ -57,8 +65,9 @@ def load(
         ref: a ``.gguf`` file, a model folder (Hugging Face or MLX layout, or one holding a
             ``.gguf``), or a Hub repo id (``org/name``, fetched into the Hugging Face cache;
             see :mod:`cortex.hub`). ``None`` loads the default model, SmolLM2-135M-Instruct.
-        device: ``"auto"`` or ``"cpu"``.
-        dtype: activation dtype; ``None`` or ``"float32"`` on CPU.
+        device: ``"auto"`` (the first GPU when this build has CUDA and one is present, else
+            the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        dtype: activation dtype; ``None`` or ``"float32"`` (on every device).
         revision: branch, tag or commit of a Hub repo id.
 
     Returns:
@@ -72,18 +81,18 @@ def load(
     A progress bar shows a load that takes over half a second; Ctrl-C stops it at the next
     layer (``KeyboardInterrupt``).
     """
-    _check_placement(device, dtype)
+    placed = _placement(device, dtype)
     path = _resolve(ref, revision)
-    model, tokenizer = with_progress("loading", "layer", lambda progress: _core.load(path, progress))
+    model, tokenizer = with_progress("loading", "layer", lambda progress: _core.load(path, progress, placed))
     _env.note_force_f32(model.quantized)
     return model, tokenizer
 
 
 def load_model(ref: PathLike | None = None, *, device: str = "auto", dtype: str | None = None) -> Model:
     """Load only a model's weights (see :func:`load`)."""
-    _check_placement(device, dtype)
+    placed = _placement(device, dtype)
     path = _resolve(ref)
-    model = with_progress("loading", "layer", lambda progress: _core.load_model(path, progress))
+    model = with_progress("loading", "layer", lambda progress: _core.load_model(path, progress, placed))
     _env.note_force_f32(model.quantized)
     return model
 

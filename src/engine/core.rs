@@ -29,6 +29,32 @@ use super::stats::Stats;
 /// `RotatingKVCache(keep=4)`: the first tokens act as attention sinks).
 pub const ROTATING_KEEP: usize = 4;
 
+/// Bytes of memory where the KV cache goes: the GPU's for a model on one, else the host's.
+struct Memory {
+    available: usize,
+    total: usize,
+}
+
+fn memory(model: &Model) -> Result<Memory> {
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = model.decoder().gpu() {
+        let info = gpu.info()?;
+        return Ok(Memory {
+            available: info.free_memory,
+            total: info.total_memory,
+        });
+    }
+    let _ = model;
+    let read = |key| {
+        meminfo(key)
+            .ok_or_else(|| Error::param("memory_fraction", format!("no {key} in /proc/meminfo")))
+    };
+    Ok(Memory {
+        available: read("MemAvailable")?,
+        total: read("MemTotal")?,
+    })
+}
+
 /// Most positions the cache gets when neither `kv_cache_tokens` nor `memory_fraction`
 /// is given (a model's whole context when it is shorter).
 pub const DEFAULT_KV_CACHE_TOKENS: usize = 32_768;
@@ -179,23 +205,26 @@ impl Engine {
                         format!("{f} is not in (0, 1]"),
                     ));
                 }
-                let available = meminfo("MemAvailable").ok_or_else(|| {
-                    Error::param("memory_fraction", "no MemAvailable in /proc/meminfo")
-                })?;
+                let available = memory(&model)?.available;
                 (available as f64 * f) as usize / per_token
             }
             (None, None) => context.min(DEFAULT_KV_CACHE_TOKENS),
         };
-        // The cache is reserved up front and only touched as used, but a reservation past
-        // the machine's memory could still fail, and a failed allocation aborts the process:
-        // refuse it here instead (RELIABILITY G10).
+        // The cache is reserved up front (on the CPU only touched as used), but a
+        // reservation past the device's memory could still fail, and a failed host
+        // allocation aborts the process: refuse it here instead (RELIABILITY G10).
         let bytes = tokens.saturating_mul(per_token);
-        if let Some(total) = meminfo("MemTotal").filter(|&t| bytes > t) {
+        if let Some(total) = memory(&model).ok().map(|m| m.total).filter(|&t| bytes > t) {
             return Err(Error::param(
                 "kv_cache_tokens",
                 format!(
-                    "{tokens} positions need {:.1} GB of KV cache; this machine has {:.1} GB",
+                    "{tokens} positions need {:.1} GB of KV cache; this {} has {:.1} GB",
                     bytes as f64 / 1e9,
+                    if model.decoder().on_gpu() {
+                        "GPU"
+                    } else {
+                        "machine"
+                    },
                     total as f64 / 1e9
                 ),
             ));

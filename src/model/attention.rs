@@ -784,6 +784,7 @@ mod tests {
                 match dtype {
                     KvDType::F32 => x.to_vec(),
                     KvDType::F16 => x.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+                    KvDType::BF16 => unreachable!("not a CPU cache type"),
                 }
             };
             let want = masked(&q, &stored(&k), &stored(&v), t, heads, nkv, hd, |i, j| {

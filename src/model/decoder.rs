@@ -6,6 +6,9 @@
 //! `llm_build_llama` / `llm_build_gemma3`; candle-transformers' `quantized_llama.rs` serves
 //! as an independent oracle in `tests/oracle_llama.rs`.
 
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 use parking_lot::Mutex;
 
@@ -15,6 +18,7 @@ use crate::model::attention::SeqSpan;
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, FeedForward, Linear, Norm, Rope};
 use crate::model::ops::{Cpu, Ops};
+use crate::quant::kernels::QuantizedRows;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -64,36 +68,58 @@ pub struct Decoder {
     pub rope: Rope,
     pub local_rope: Option<Rope>,
     pub config: ModelConfig,
-    pub device: Device,
-    /// Buffers of the forward pass, kept between passes.
-    pub workspace: Mutex<Workspace<Cpu>>,
+    /// Where the weights live and the passes run.
+    pub backend: Backend,
+}
+
+/// Where a decoder runs, with the buffers its forward pass keeps between passes.
+#[derive(Debug)]
+pub enum Backend {
+    Cpu(Box<Mutex<Workspace<Vec<f32>, QuantizedRows>>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<OnGpu>),
+}
+
+impl Backend {
+    pub fn cpu() -> Backend {
+        Backend::Cpu(Box::default())
+    }
+}
+
+/// A decoder's GPU state: the GPU, the uploads of its small parameters, its buffers.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct OnGpu {
+    pub gpu: Arc<crate::cuda::Gpu>,
+    params: crate::cuda::Params,
+    workspace: Mutex<Workspace<crate::cuda::GpuBuf, crate::cuda::Scratch>>,
 }
 
 /// The buffers a forward pass computes in, kept from one pass to the next: once they have
-/// grown to the batch's size, decoding allocates nothing per token for them. Each is an
-/// [`Ops::Buf`] of the backend the pass runs on.
+/// grown to the batch's size, decoding allocates nothing per token for them. `B` is the
+/// backend's [`Ops::Buf`], `S` its [`Ops::Scratch`].
 #[derive(Debug, Default)]
-pub struct Workspace<O: Ops> {
+pub struct Workspace<B, S> {
     positions: Vec<usize>,
     /// `[rows, d]`: the residual stream.
-    x: O::Buf,
+    x: B,
     /// `[rows, d]`: its normalised copy, a sublayer's input.
-    normed: O::Buf,
+    normed: B,
     /// `[rows, heads, head_dim]` and `[rows, kv_heads, head_dim]`.
-    q: O::Buf,
-    k: O::Buf,
-    v: O::Buf,
+    q: B,
+    k: B,
+    v: B,
     /// `[rows, heads * head_dim]`: the attention's output.
-    attn: O::Buf,
+    attn: B,
     /// `[rows, d]`: a sublayer's output.
-    h: O::Buf,
+    h: B,
     /// `[rows, d]`: the MLP's output in a parallel block (Phi).
-    mlp: O::Buf,
+    mlp: B,
     /// `[rows, intermediate]`: the gate's projection, then the gated activations.
-    gate: O::Buf,
+    gate: B,
     /// `[rows, intermediate]`.
-    up: O::Buf,
-    scratch: O::Scratch,
+    up: B,
+    scratch: S,
 }
 
 /// One forward pass over several sequences: their tokens side by side, as `seqs`
@@ -111,7 +137,7 @@ impl Attention {
     fn forward<O: Ops>(
         &self,
         o: &O,
-        ws: &mut Workspace<O>,
+        ws: &mut Workspace<O::Buf, O::Scratch>,
         layer: usize,
         batch: &Batch<'_>,
         (rope, window): (&Rope, Option<usize>),
@@ -139,11 +165,11 @@ impl Attention {
             scratch,
         )?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            o.norm(qn, q);
-            o.norm(kn, k);
+            o.norm(qn, q)?;
+            o.norm(kn, k)?;
         }
-        o.rope(rope, q, nh, hd, positions);
-        o.rope(rope, k, nkv, hd, positions);
+        o.rope(rope, q, nh, hd, positions)?;
+        o.rope(rope, k, nkv, hd, positions)?;
         o.attention(
             kv,
             layer,
@@ -160,7 +186,13 @@ impl Attention {
 
 impl FeedForward {
     /// `ws.normed: [rows, d]` → `out: [rows, d]`.
-    fn forward<O: Ops>(&self, o: &O, ws: &mut Workspace<O>, rows: usize, out: Ffn) -> Result<()> {
+    fn forward<O: Ops>(
+        &self,
+        o: &O,
+        ws: &mut Workspace<O::Buf, O::Scratch>,
+        rows: usize,
+        out: Ffn,
+    ) -> Result<()> {
         let Workspace {
             normed,
             h,
@@ -183,12 +215,12 @@ impl FeedForward {
                     [&mut *gate, &mut *up],
                     scratch,
                 )?;
-                o.gated(m.act, gate, up);
+                o.gated(m.act, gate, up)?;
                 o.linear([&m.down_proj], gate, rows, [out], scratch)
             }
             FeedForward::Plain { fc1, fc2, act } => {
                 o.linear([fc1], normed, rows, [&mut *gate], scratch)?;
-                o.activation(*act, gate);
+                o.activation(*act, gate)?;
                 o.linear([fc2], gate, rows, [out], scratch)
             }
             FeedForward::Moe(moe) => o.moe(moe, normed, rows, out),
@@ -209,18 +241,101 @@ impl Decoder {
     /// block tables must cover every position of the batch). Returns logits
     /// `[logits_rows.len(), vocab]`.
     pub fn forward(&self, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Tensor> {
-        // Another pass on this decoder (another engine) holds the buffers: use fresh ones.
-        let mut held = self.workspace.try_lock();
-        let mut fresh = Workspace::default();
-        let ws = held.as_deref_mut().unwrap_or(&mut fresh);
-        self.run(&Cpu, ws, batch, kv)
+        match &self.backend {
+            Backend::Cpu(workspace) => {
+                // Another pass on this decoder (another engine) holds the buffers: use
+                // fresh ones.
+                let mut held = workspace.try_lock();
+                let mut fresh = Workspace::default();
+                let ws = held.as_deref_mut().unwrap_or(&mut fresh);
+                self.run(&Cpu, ws, batch, kv)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(g) => {
+                let pass = crate::cuda::Pass::new(&g.gpu, &g.params, batch, kv)?;
+                // GPU passes of one decoder take turns (one stream runs them in order
+                // anyway); the buffers are kept.
+                let mut ws = g.workspace.lock();
+                self.run(&pass, &mut ws, batch, kv)
+            }
+        }
+    }
+
+    /// The GPU this decoder runs on, if any.
+    #[cfg(feature = "cuda")]
+    pub fn gpu(&self) -> Option<&Arc<crate::cuda::Gpu>> {
+        match &self.backend {
+            Backend::Cuda(g) => Some(&g.gpu),
+            Backend::Cpu(_) => None,
+        }
+    }
+
+    /// Whether the decoder runs on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        !matches!(self.backend, Backend::Cpu(_))
+    }
+
+    /// This decoder with its linear layers uploaded to `gpu` (their host copies are
+    /// dropped as each layer goes up); embeddings stay on the host, norms and RoPE
+    /// frequencies go up on first use.
+    #[cfg(feature = "cuda")]
+    pub fn to_gpu(self, gpu: Arc<crate::cuda::Gpu>) -> Result<(Decoder, isize)> {
+        gpu.bind()?;
+        let mut delta = 0isize;
+        let mut up = |l: &mut Linear| -> Result<()> {
+            let g = l.to_gpu(&gpu)?;
+            delta += g.nbytes() as isize - l.nbytes() as isize;
+            *l = g;
+            Ok(())
+        };
+        let Decoder {
+            embed_tokens,
+            embed_positions,
+            mut layers,
+            norm,
+            mut lm_head,
+            rope,
+            local_rope,
+            config,
+            backend: _,
+        } = self;
+        for block in &mut layers {
+            let a = &mut block.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                up(l)?;
+            }
+            block.mlp = block.mlp.map(&mut |l| {
+                let mut l = l.clone();
+                up(&mut l)?;
+                Ok(l)
+            })?;
+        }
+        up(&mut lm_head)?;
+        Ok((
+            Decoder {
+                embed_tokens,
+                embed_positions,
+                layers,
+                norm,
+                lm_head,
+                rope,
+                local_rope,
+                config,
+                backend: Backend::Cuda(Box::new(OnGpu {
+                    gpu,
+                    params: crate::cuda::Params::default(),
+                    workspace: Mutex::default(),
+                })),
+            },
+            delta,
+        ))
     }
 
     /// The forward pass, on backend `o`.
     fn run<O: Ops>(
         &self,
         o: &O,
-        ws: &mut Workspace<O>,
+        ws: &mut Workspace<O::Buf, O::Scratch>,
         batch: &Batch<'_>,
         kv: &mut KvStorage,
     ) -> Result<Tensor> {
@@ -256,11 +371,11 @@ impl Decoder {
             }
             let ids: Vec<u32> = ws.positions.iter().map(|&p| p as u32).collect();
             o.embed(table, &ids, d, &mut ws.h)?;
-            o.add(&mut ws.x, &ws.h, None);
+            o.add(&mut ws.x, &ws.h, None)?;
         }
         if self.config.scale_embeddings {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
-            o.scale(&mut ws.x, (d as f32).sqrt());
+            o.scale(&mut ws.x, (d as f32).sqrt())?;
         }
         for (i, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
@@ -270,38 +385,38 @@ impl Decoder {
             } else {
                 (&self.rope, None)
             };
-            o.copy(&mut ws.normed, &ws.x);
-            o.norm(&block.input_layernorm, &mut ws.normed);
+            o.copy(&mut ws.normed, &ws.x)?;
+            o.norm(&block.input_layernorm, &mut ws.normed)?;
             attn.forward(o, ws, i, batch, (rope, window), kv)?;
             if let Some(norm) = &block.post_attention_layernorm {
-                o.norm(norm, &mut ws.h);
+                o.norm(norm, &mut ws.h)?;
             }
             let Some(pre_mlp) = &block.pre_feedforward_layernorm else {
                 // Parallel block: the MLP reads the attention's input too.
                 block.mlp.forward(o, ws, rows, Ffn::Mlp)?;
-                o.add(&mut ws.x, &ws.h, Some(&ws.mlp));
+                o.add(&mut ws.x, &ws.h, Some(&ws.mlp))?;
                 continue;
             };
-            o.add(&mut ws.x, &ws.h, None);
-            o.copy(&mut ws.normed, &ws.x);
-            o.norm(pre_mlp, &mut ws.normed);
+            o.add(&mut ws.x, &ws.h, None)?;
+            o.copy(&mut ws.normed, &ws.x)?;
+            o.norm(pre_mlp, &mut ws.normed)?;
             block.mlp.forward(o, ws, rows, Ffn::H)?;
             if let Some(norm) = &block.post_feedforward_layernorm {
-                o.norm(norm, &mut ws.h);
+                o.norm(norm, &mut ws.h)?;
             }
-            o.add(&mut ws.x, &ws.h, None);
+            o.add(&mut ws.x, &ws.h, None)?;
         }
         if batch.logits_rows.is_empty() {
             // A step of prompt chunks only: the cache is filled, no logits are wanted.
             return Ok(Tensor::zeros(
                 (0, vocab),
                 candle_core::DType::F32,
-                &self.device,
+                &Device::Cpu,
             )?);
         }
         // The wanted rows, normalised, through the head.
-        o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed);
-        o.norm(&self.norm, &mut ws.normed);
+        o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed)?;
+        o.norm(&self.norm, &mut ws.normed)?;
         let n = batch.logits_rows.len();
         let mut logits = O::Buf::default();
         o.linear(
@@ -339,6 +454,13 @@ impl Decoder {
         &self,
         mut f: impl FnMut(&Linear, bool) -> Result<Linear>,
     ) -> Result<(Decoder, isize)> {
+        if self.on_gpu() {
+            // Requantizing reads host weights; a GPU decoder has none left.
+            return Err(Error::param(
+                "device",
+                "a model on the GPU cannot be requantized or dequantized; load it on the CPU",
+            ));
+        }
         let mut delta = 0isize;
         let mut f = |l: &Linear, head: bool| -> Result<Linear> {
             let new = f(l, head)?;
@@ -373,8 +495,7 @@ impl Decoder {
             rope: self.rope.clone(),
             local_rope: self.local_rope.clone(),
             config: self.config.clone(),
-            device: self.device.clone(),
-            workspace: Mutex::default(),
+            backend: Backend::cpu(),
         };
         Ok((decoder, delta))
     }
@@ -394,6 +515,15 @@ impl Decoder {
     /// and half the bytes each decoded token reads), f32 for float weights (whose
     /// computation is the exact reference for the quantized ones).
     pub fn kv_dtype(&self) -> KvDType {
+        #[cfg(feature = "cuda")]
+        if self.on_gpu() {
+            // On the GPU: bf16 for bf16 checkpoints (their range), f16 otherwise.
+            let bf16 = self
+                .layers
+                .first()
+                .is_some_and(|b| b.self_attn.q_proj.is_bf16());
+            return if bf16 { KvDType::BF16 } else { KvDType::F16 };
+        }
         if self.quantized() {
             KvDType::F16
         } else {
@@ -426,6 +556,16 @@ impl Decoder {
             head_dim: a.head_dim,
             ring,
         };
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(g) = &self.backend {
+            return KvStorage::on_gpu(
+                g.gpu.clone(),
+                self.kv_dtype(),
+                self.layers.len(),
+                num_blocks,
+                layout,
+            );
+        }
         KvStorage::new(self.kv_dtype(), self.layers.len(), num_blocks, layout)
     }
 }

@@ -100,6 +100,9 @@ enum LinearWeight {
     Candle(QMatMul),
     /// Affine groups, through our kernels (`quant::kernels`).
     Packed(Arc<PackedMatrix>),
+    /// On a GPU, in the form its kernels read (`crate::cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::cuda::GpuLinear>),
 }
 
 impl Linear {
@@ -117,21 +120,59 @@ impl Linear {
         Ok(Linear { bias, ..self })
     }
 
+    /// The same layer uploaded to `gpu` (bias included).
+    #[cfg(feature = "cuda")]
+    pub fn to_gpu(&self, gpu: &crate::cuda::Gpu) -> Result<Linear> {
+        use crate::cuda::GpuLinear;
+        let on_gpu = match &self.weight {
+            LinearWeight::Packed(p) => GpuLinear::packed(gpu, p)?,
+            LinearWeight::Candle(QMatMul::QTensor(q)) => GpuLinear::ggml(gpu, q)?,
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                let (rows, cols) = t.dims2()?;
+                GpuLinear::dense(gpu, &values(t)?, rows, cols)?
+            }
+            LinearWeight::Cuda(_) => return Ok(self.clone()),
+        };
+        Ok(Linear {
+            weight: LinearWeight::Cuda(Arc::new(on_gpu.with_bias(gpu, self.bias.as_deref())?)),
+            bias: self.bias.clone(),
+        })
+    }
+
+    /// Whether the weight is a bf16 matrix on a GPU.
+    #[cfg(feature = "cuda")]
+    pub fn is_bf16(&self) -> bool {
+        self.gpu().is_some_and(crate::cuda::GpuLinear::is_bf16)
+    }
+
+    /// The layer's GPU form, when it has been uploaded.
+    #[cfg(feature = "cuda")]
+    pub fn gpu(&self) -> Option<&crate::cuda::GpuLinear> {
+        match &self.weight {
+            LinearWeight::Cuda(g) => Some(g),
+            _ => None,
+        }
+    }
+
     /// Output size.
     pub fn out_features(&self) -> usize {
         match &self.weight {
             LinearWeight::Packed(p) => p.rows,
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.shape().dims()[0],
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
+            #[cfg(feature = "cuda")]
+            LinearWeight::Cuda(g) => g.out_features(),
         }
     }
 
     /// Whether the weight holds float values (not quantized blocks).
     pub fn is_float(&self) -> bool {
-        matches!(
-            &self.weight,
-            LinearWeight::Candle(QMatMul::Tensor(_) | QMatMul::TensorF16(_))
-        )
+        match &self.weight {
+            LinearWeight::Candle(w) => matches!(w, QMatMul::Tensor(_) | QMatMul::TensorF16(_)),
+            LinearWeight::Packed(_) => false,
+            #[cfg(feature = "cuda")]
+            LinearWeight::Cuda(g) => g.is_float(),
+        }
     }
 
     /// Bytes of the weight in memory.
@@ -142,6 +183,8 @@ impl Linear {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
             LinearWeight::Packed(p) => p.nbytes(),
+            #[cfg(feature = "cuda")]
+            LinearWeight::Cuda(g) => g.nbytes(),
         }
     }
 
@@ -184,6 +227,8 @@ impl Linear {
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.to_dtype(DType::F32)?
             }
+            #[cfg(feature = "cuda")]
+            LinearWeight::Cuda(_) => return Err(on_gpu()),
         })
     }
 
@@ -265,6 +310,8 @@ impl Linear {
             .map(|l| match &l.weight {
                 LinearWeight::Packed(p) => Some(p.as_ref()),
                 LinearWeight::Candle(_) => None,
+                #[cfg(feature = "cuda")]
+                LinearWeight::Cuda(_) => None,
             })
             .collect::<Option<Vec<_>>>()
             .and_then(|v| v.try_into().ok())
@@ -296,12 +343,20 @@ impl Linear {
                         LinearWeight::Packed(_) => {
                             Linear::products([l], x, m, [&mut **out], quantized)?;
                         }
+                        #[cfg(feature = "cuda")]
+                        LinearWeight::Cuda(_) => return Err(on_gpu()),
                     }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// A host computation handed a layer that lives on a GPU.
+#[cfg(feature = "cuda")]
+fn on_gpu() -> crate::Error {
+    crate::Error::Internal("a GPU layer in a CPU computation".into())
 }
 
 /// Token embeddings `[vocab, d]` in any [`Weight`] form; rows are dequantized on lookup.
@@ -356,6 +411,11 @@ impl Norm {
             bias: Some(values(&bias)?),
             eps: eps as f32,
         })
+    }
+
+    /// `(weight, bias, eps)`: what a GPU kernel needs.
+    pub fn parts(&self) -> (&[f32], Option<&[f32]>, f32) {
+        (&self.weight, self.bias.as_deref(), self.eps)
     }
 
     /// Normalises each row of `xs: [.., d]` in place, as candle's `rms_norm` and
@@ -418,6 +478,11 @@ impl Rope {
             interleaved,
             scale: 1.0,
         }
+    }
+
+    /// `(inv_freq, interleaved, scale)`: what a GPU kernel needs.
+    pub fn parts(&self) -> (&[f32], bool, f32) {
+        (&self.inv_freq, self.interleaved, self.scale)
     }
 
     #[must_use]
@@ -547,19 +612,11 @@ pub struct MoeMlp {
 }
 
 impl MoeMlp {
-    /// `[1, t, d]` → `[1, t, d]`. Routing is decided on the CPU; each chosen expert then
-    /// runs once over all the tokens routed to it.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (_, t, d) = xs.dims3()?;
-        let x = xs.reshape((t, d))?;
-        let logits = self
-            .gate
-            .forward(&x)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?; // [t, E]
-                                // Per expert: the tokens routed to it and their weights.
+    /// The routing of `t` tokens from the router's `logits: [t, num_experts]`: per expert,
+    /// the tokens routed to it and their weights.
+    pub fn route(&self, logits: &[f32], t: usize) -> Vec<(Vec<u32>, Vec<f32>)> {
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); self.experts.len()];
-        for (token, row) in logits.iter().enumerate() {
+        for (token, row) in logits.chunks_exact(self.experts.len()).take(t).enumerate() {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let exp: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
             let sum: f32 = exp.iter().sum();
@@ -576,6 +633,21 @@ impl MoeMlp {
                     .push(if self.norm_topk_prob { p / total } else { p });
             }
         }
+        routed
+    }
+
+    /// `[1, t, d]` → `[1, t, d]`. Routing is decided on the CPU; each chosen expert then
+    /// runs once over all the tokens routed to it.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, t, d) = xs.dims3()?;
+        let x = xs.reshape((t, d))?;
+        let logits = self
+            .gate
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let routed = self.route(&logits, t);
         let mut out = Tensor::zeros((t, d), DType::F32, xs.device())?;
         for (expert, (tokens, weights)) in self.experts.iter().zip(routed) {
             if tokens.is_empty() {

@@ -35,8 +35,61 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn device(&self) -> &Device {
-        &self.decoder.device
+    /// This model on `device`: `"cpu"`, or `"cuda"` / `"cuda:N"` in a build with the `cuda`
+    /// feature (where `"cuda"` is GPU 0).
+    pub fn to_device(self, device: &str) -> Result<Model> {
+        match device {
+            "cpu" => Ok(self),
+            #[cfg(feature = "cuda")]
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = match d.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(n) => n.parse().map_err(|_| {
+                        Error::param("device", format!("{d:?} is not 'cuda:<GPU number>'"))
+                    })?,
+                };
+                self.to_gpu(crate::cuda::Gpu::open(ordinal)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            d if d == "cuda" || d.starts_with("cuda:") => Err(Error::param(
+                "device",
+                format!("{d:?}: this build of Cortex has no CUDA support (see README, GPU build)"),
+            )),
+            d => Err(Error::param(
+                "device",
+                format!("{d:?} is not 'cpu', 'cuda' or 'cuda:<GPU number>'"),
+            )),
+        }
+    }
+
+    /// The device the model runs on: `"cpu"` or `"cuda:N"`.
+    pub fn device(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.decoder.gpu() {
+            return format!("cuda:{}", gpu.ordinal());
+        }
+        "cpu".into()
+    }
+
+    /// This model on `gpu`: its linear layers uploaded (and their host copies dropped),
+    /// the KV caches it makes in GPU memory.
+    #[cfg(feature = "cuda")]
+    pub fn to_gpu(self, gpu: std::sync::Arc<crate::cuda::Gpu>) -> Result<Model> {
+        let Model {
+            config,
+            path,
+            num_parameters,
+            weight_bytes,
+            decoder,
+        } = self;
+        let (decoder, delta) = decoder.to_gpu(gpu)?;
+        Ok(Model {
+            config,
+            path,
+            num_parameters,
+            weight_bytes: (weight_bytes as isize + delta).max(0) as usize,
+            decoder,
+        })
     }
 
     /// A copy with every linear layer requantized to MLX affine groups (see
@@ -97,7 +150,7 @@ impl Model {
             cache
                 .blocks
                 .extend((0..more).map(|i| (cache.storage.num_blocks() + i) as u32));
-            cache.storage.grow(more);
+            cache.storage.grow(more)?;
         }
         let first = if all_positions {
             0
@@ -256,7 +309,6 @@ fn build_decoder(
     cfg: ModelConfig,
     src: &dyn WeightSource,
     rope_factors: Option<&[f32]>,
-    device: &Device,
     progress: &Progress,
 ) -> Result<(Decoder, usize)> {
     progress.start(cfg.num_hidden_layers);
@@ -500,8 +552,7 @@ fn build_decoder(
         rope,
         local_rope,
         config: cfg,
-        device: device.clone(),
-        workspace: parking_lot::Mutex::default(),
+        backend: super::decoder::Backend::cpu(),
     };
     Ok((decoder, bytes.get()))
 }
@@ -533,7 +584,7 @@ fn model_from_gguf(gguf: &GgufFile, device: &Device, progress: &Progress) -> Res
     };
     let num_parameters = src.num_parameters();
     let (decoder, weight_bytes) =
-        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device, progress)?;
+        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), progress)?;
     Ok(Model {
         config: cfg,
         path: gguf.path.clone(),
@@ -557,7 +608,7 @@ pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
         .map_err(|e| Error::config("config.json", format!("invalid JSON: {e}")))
 }
 
-fn model_from_folder(dir: &Path, device: &Device, progress: &Progress) -> Result<Model> {
+fn model_from_folder(dir: &Path, progress: &Progress) -> Result<Model> {
     let json = read_config_json(dir)?;
     let cfg = ModelConfig::from_hf(&json)?;
     // llama.cpp's files hold the norm weights as applied; HF checkpoints may not (Gemma).
@@ -569,7 +620,7 @@ fn model_from_folder(dir: &Path, device: &Device, progress: &Progress) -> Result
         .as_ref()
         .and_then(|r| r.frequency_factors(cfg.rotary_dim, cfg.rope_theta));
     let (decoder, weight_bytes) =
-        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), device, progress)?;
+        build_decoder(cfg.clone(), &src, rope_factors.as_deref(), progress)?;
     Ok(Model {
         config: cfg,
         path: dir.to_path_buf(),
@@ -609,7 +660,7 @@ fn has_safetensors(dir: &Path) -> bool {
 fn model_from(files: &ModelFiles, progress: &Progress) -> Result<Model> {
     match files {
         ModelFiles::Gguf(path) => model_from_gguf(&GgufFile::open(path)?, &Device::Cpu, progress),
-        ModelFiles::Folder(dir) => model_from_folder(dir, &Device::Cpu, progress),
+        ModelFiles::Folder(dir) => model_from_folder(dir, progress),
     }
 }
 

@@ -2,7 +2,8 @@
 //! buffers the backend owns. [`crate::model::decoder`] writes the pass once against
 //! [`Ops`]; [`Cpu`] runs it on host `Vec<f32>`s with Cortex's own kernels (the quantized
 //! products, the paged attention) and candle's CPU ones. A GPU backend implements the same
-//! operations over device buffers, so the model, the engine and the API stay one.
+//! operations over device buffers (`crate::cuda::Pass`), so the model, the engine and the
+//! API stay one.
 //!
 //! Buffers are row-major f32, `[rows, width]`; an operation that writes a buffer sizes it.
 
@@ -30,12 +31,12 @@ pub trait Ops {
         out: &mut Self::Buf,
     ) -> Result<()>;
     /// `dst` ← `src`.
-    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// `x += a`, or `x += a + b` (a parallel block's two branches).
-    fn add(&self, x: &mut Self::Buf, a: &Self::Buf, b: Option<&Self::Buf>);
-    fn scale(&self, x: &mut Self::Buf, factor: f32);
+    fn add(&self, x: &mut Self::Buf, a: &Self::Buf, b: Option<&Self::Buf>) -> Result<()>;
+    fn scale(&self, x: &mut Self::Buf, factor: f32) -> Result<()>;
     /// Each `[.., d]` row of `x` normalised in place.
-    fn norm(&self, norm: &Norm, x: &mut Self::Buf);
+    fn norm(&self, norm: &Norm, x: &mut Self::Buf) -> Result<()>;
     /// `x: [rows, in]` through each layer into its `outs[i]: [rows, out_i]`: the
     /// projections of one input (q/k/v, gate/up) go together.
     fn linear<const N: usize>(
@@ -54,7 +55,7 @@ pub trait Ops {
         heads: usize,
         head_dim: usize,
         positions: &[usize],
-    );
+    ) -> Result<()>;
     /// `out: [rows, heads * head_dim]` ← attention of the rows' queries `q` over each
     /// sequence's cached keys and values and the rows' own `k`, `v`; then `k`, `v` are
     /// written into the cache.
@@ -71,13 +72,19 @@ pub trait Ops {
         out: &mut Self::Buf,
     ) -> Result<()>;
     /// `gate ← act(gate) · up`.
-    fn gated(&self, act: Activation, gate: &mut Self::Buf, up: &Self::Buf);
+    fn gated(&self, act: Activation, gate: &mut Self::Buf, up: &Self::Buf) -> Result<()>;
     /// `x ← act(x)`.
-    fn activation(&self, act: Activation, x: &mut Self::Buf);
+    fn activation(&self, act: Activation, x: &mut Self::Buf) -> Result<()>;
     /// A mixture of experts, `x: [rows, d]` → `out: [rows, d]`.
     fn moe(&self, moe: &MoeMlp, x: &Self::Buf, rows: usize, out: &mut Self::Buf) -> Result<()>;
     /// `out: [rows.len(), width]` ← the listed rows of `x`.
-    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], width: usize, out: &mut Self::Buf);
+    fn gather_rows(
+        &self,
+        x: &Self::Buf,
+        rows: &[u32],
+        width: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `x: [rows, width]` as a host tensor (the logits the sampler reads).
     fn to_host(&self, x: Self::Buf, rows: usize, width: usize) -> Result<Tensor>;
 }
@@ -102,11 +109,12 @@ impl Ops for Cpu {
         table.forward_into(ids, out)
     }
 
-    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
         dst.clone_from(src);
+        Ok(())
     }
 
-    fn add(&self, x: &mut Vec<f32>, a: &Vec<f32>, b: Option<&Vec<f32>>) {
+    fn add(&self, x: &mut Vec<f32>, a: &Vec<f32>, b: Option<&Vec<f32>>) -> Result<()> {
         match b {
             None => x.iter_mut().zip(a).for_each(|(x, a)| *x += a),
             Some(b) => {
@@ -115,14 +123,17 @@ impl Ops for Cpu {
                 }
             }
         }
+        Ok(())
     }
 
-    fn scale(&self, x: &mut Vec<f32>, factor: f32) {
+    fn scale(&self, x: &mut Vec<f32>, factor: f32) -> Result<()> {
         x.iter_mut().for_each(|x| *x *= factor);
+        Ok(())
     }
 
-    fn norm(&self, norm: &Norm, x: &mut Vec<f32>) {
+    fn norm(&self, norm: &Norm, x: &mut Vec<f32>) -> Result<()> {
         norm.apply(x);
+        Ok(())
     }
 
     fn linear<const N: usize>(
@@ -143,8 +154,9 @@ impl Ops for Cpu {
         heads: usize,
         head_dim: usize,
         positions: &[usize],
-    ) {
+    ) -> Result<()> {
         rope.rotate(x, heads, head_dim, positions);
+        Ok(())
     }
 
     fn attention(
@@ -158,17 +170,24 @@ impl Ops for Cpu {
         window: Option<usize>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if kv.is_on_gpu() {
+            return Err(crate::Error::Internal(
+                "a GPU KV cache in a CPU forward pass".into(),
+            ));
+        }
         *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
         attention::store(kv, layer, seqs, k, v);
         Ok(())
     }
 
-    fn gated(&self, act: Activation, gate: &mut Vec<f32>, up: &Vec<f32>) {
+    fn gated(&self, act: Activation, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<()> {
         act.gated(gate, up);
+        Ok(())
     }
 
-    fn activation(&self, act: Activation, x: &mut Vec<f32>) {
+    fn activation(&self, act: Activation, x: &mut Vec<f32>) -> Result<()> {
         act.apply(x);
+        Ok(())
     }
 
     fn moe(&self, moe: &MoeMlp, x: &Vec<f32>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
@@ -178,11 +197,18 @@ impl Ops for Cpu {
         Ok(())
     }
 
-    fn gather_rows(&self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) {
+    fn gather_rows(
+        &self,
+        x: &Vec<f32>,
+        rows: &[u32],
+        width: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         out.clear();
         for &r in rows {
             out.extend_from_slice(&x[r as usize * width..][..width]);
         }
+        Ok(())
     }
 
     fn to_host(&self, x: Vec<f32>, rows: usize, width: usize) -> Result<Tensor> {

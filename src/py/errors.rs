@@ -55,6 +55,7 @@ fn classify(py: Python<'_>, err: &Error) -> PyResult<(&'static str, Vec<Attr>)> 
         Error::Cancelled => ("CancelledError", vec![]),
         Error::Engine(_) => ("EngineError", vec![]),
         Error::Conversion(_) => ("ConversionError", vec![]),
+        Error::Device(_) => ("DeviceError", vec![]),
         Error::Internal(_) | Error::Candle(_) => ("InternalError", vec![]),
         Error::Io { path, .. } => (
             "ModelLoadError",
@@ -106,6 +107,7 @@ fn samples() -> Vec<Error> {
         Error::Cancelled,
         Error::Engine("sample".into()),
         Error::Conversion("sample".into()),
+        Error::Device("sample".into()),
         Error::Internal("sample".into()),
         Error::io("m", io()),
         Error::Candle(candle_core::Error::Msg("sample".into())),
@@ -127,14 +129,15 @@ fn variant_index(err: &Error) -> usize {
         Error::Cancelled => 9,
         Error::Engine(_) => 10,
         Error::Conversion(_) => 11,
-        Error::Internal(_) => 12,
-        Error::Io { .. } => 13,
-        Error::Candle(_) => 14,
+        Error::Device(_) => 12,
+        Error::Internal(_) => 13,
+        Error::Io { .. } => 14,
+        Error::Candle(_) => 15,
     }
 }
 
 /// How many variants [`Error`] has: one past the highest index of [`variant_index`].
-const VARIANTS: usize = 15;
+const VARIANTS: usize = 16;
 
 /// `(number of variants, [(variant index, exception)])` for one error of every variant
 /// (see [`samples`]).

@@ -35,6 +35,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(model::time_operation, m)?)?;
     m.add_function(wrap_pyfunction!(model::kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(model::cuda_compiled, m)?)?;
+    m.add_function(wrap_pyfunction!(model::cuda_device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(model::cuda_info, m)?)?;
+    m.add_function(wrap_pyfunction!(model::gpu_profile, m)?)?;
     m.add_function(wrap_pyfunction!(engine::stream, m)?)?;
     m.add_function(wrap_pyfunction!(engine::engine_stats, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;

@@ -177,16 +177,18 @@ impl PyModel {
     fn kv_dtype(&self) -> &'static str {
         match self.inner.decoder().kv_dtype() {
             KvDType::F16 => "float16",
+            KvDType::BF16 => "bfloat16",
             KvDType::F32 => "float32",
         }
     }
 
-    // Python properties: methods of the instance even where the value is fixed today.
-    #[allow(clippy::unused_self)]
+    /// `"cpu"` or `"cuda:N"`.
     #[getter]
-    fn device(&self) -> &'static str {
-        "cpu"
+    fn device(&self) -> String {
+        self.inner.device()
     }
+
+    // Python properties: methods of the instance even where the value is fixed today.
 
     /// Activation dtype; weights keep their stored (quantized) types.
     #[allow(clippy::unused_self)]
@@ -238,14 +240,18 @@ impl PyProgress {
 
 /// Loads model and tokenizer from a `.gguf` file or a directory holding one.
 #[pyfunction]
-#[pyo3(signature = (path, progress = None))]
+#[pyo3(signature = (path, progress = None, device = "cpu".to_owned()))]
 pub fn load(
     py: Python<'_>,
     path: PathBuf,
     progress: Option<&PyProgress>,
+    device: String,
 ) -> PyResult<(PyModel, PyTokenizer)> {
     let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
-    let (model, tokenizer) = run_detached(py, move || crate::model::load_with(&path, &progress))?;
+    let (model, tokenizer) = run_detached(py, move || {
+        let (model, tokenizer) = crate::model::load_with(&path, &progress)?;
+        Ok((model.to_device(&device)?, tokenizer))
+    })?;
     Ok((
         PyModel::new(model),
         PyTokenizer {
@@ -256,14 +262,17 @@ pub fn load(
 
 /// Loads only the model weights.
 #[pyfunction]
-#[pyo3(signature = (path, progress = None))]
+#[pyo3(signature = (path, progress = None, device = "cpu".to_owned()))]
 pub fn load_model(
     py: Python<'_>,
     path: PathBuf,
     progress: Option<&PyProgress>,
+    device: String,
 ) -> PyResult<PyModel> {
     let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
-    let model = run_detached(py, move || crate::model::load_model_with(&path, &progress))?;
+    let model = run_detached(py, move || {
+        crate::model::load_model_with(&path, &progress)?.to_device(&device)
+    })?;
     Ok(PyModel::new(model))
 }
 
@@ -274,6 +283,58 @@ pub fn load_tokenizer(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
     Ok(PyTokenizer {
         inner: Arc::new(tokenizer),
     })
+}
+
+/// Whether this build has the CUDA backend.
+#[pyfunction]
+pub fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// CUDA GPUs this process can use (0 without the CUDA backend, a driver or a GPU).
+#[pyfunction]
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::device_count();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// GPU `ordinal`'s name, total and free memory (bytes), compute capability and driver
+/// CUDA version, as a dict.
+#[pyfunction]
+pub fn cuda_info(py: Python<'_>, ordinal: usize) -> PyResult<Py<pyo3::types::PyDict>> {
+    #[cfg(feature = "cuda")]
+    {
+        let info = crate::cuda::Gpu::open(ordinal)?.info()?;
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("name", info.name)?;
+        d.set_item("total_memory", info.total_memory)?;
+        d.set_item("free_memory", info.free_memory)?;
+        d.set_item("compute_capability", info.compute_capability)?;
+        d.set_item("driver_version", info.driver_version)?;
+        Ok(d.unbind())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (py, ordinal);
+        Err(crate::Error::param("device", "this build of Cortex has no CUDA support").into())
+    }
+}
+
+/// Where the GPU's time went per operation, `[(operation, calls, seconds)]`, when the
+/// process runs with `CORTEX_GPU_PROFILE=1` (each operation then waits for the GPU, so
+/// passes are slower); empty otherwise. `reset` starts a fresh profile.
+#[pyfunction]
+#[pyo3(signature = (reset = false))]
+pub fn gpu_profile(reset: bool) -> Vec<(&'static str, u64, f64)> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::profile(reset);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = reset;
+        Vec::new()
+    }
 }
 
 /// The instruction set the quantized kernels run with: `avx512vnni`, `avx2` or `scalar`.

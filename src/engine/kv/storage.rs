@@ -48,6 +48,8 @@ impl Ring {
 pub enum KvDType {
     F32,
     F16,
+    /// GPU caches of bf16 models.
+    BF16,
 }
 
 impl KvDType {
@@ -55,7 +57,7 @@ impl KvDType {
     pub fn size(self) -> usize {
         match self {
             KvDType::F32 => 4,
-            KvDType::F16 => 2,
+            KvDType::F16 | KvDType::BF16 => 2,
         }
     }
 }
@@ -111,6 +113,26 @@ pub enum LayerKvMut<'a> {
 enum Layers {
     F32(Vec<(Vec<f32>, Vec<f32>)>),
     F16(Vec<(Vec<f16>, Vec<f16>)>),
+    /// In GPU memory, f16 or bf16 bits, keys and values both `[num_blocks, kv_heads,
+    /// block_size, head_dim]` (one key contiguous, for coalesced reads).
+    #[cfg(feature = "cuda")]
+    Cuda(GpuLayers),
+}
+
+#[cfg(feature = "cuda")]
+struct GpuLayers {
+    gpu: std::sync::Arc<crate::cuda::Gpu>,
+    layers: Vec<(GpuSlice, GpuSlice)>,
+}
+
+#[cfg(feature = "cuda")]
+type GpuSlice = candle_core::cuda_backend::cudarc::driver::CudaSlice<u16>;
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for GpuLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuLayers({:?}, {} layers)", self.gpu, self.layers.len())
+    }
 }
 
 /// Keys and values of every layer, `num_blocks` blocks each.
@@ -119,6 +141,7 @@ pub struct KvStorage {
     layers: Layers,
     layout: KvLayout,
     num_blocks: usize,
+    dtype: KvDType,
 }
 
 impl KvStorage {
@@ -140,10 +163,63 @@ impl KvStorage {
             layers: match dtype {
                 KvDType::F32 => Layers::F32(zeros(num_layers, len)),
                 KvDType::F16 => Layers::F16(zeros(num_layers, len)),
+                KvDType::BF16 => {
+                    return Err(Error::Internal("a bf16 KV cache on the CPU".into()));
+                }
             },
             layout,
             num_blocks,
+            dtype,
         })
+    }
+
+    /// A cache in `gpu`'s memory, `dtype` F16 or BF16.
+    #[cfg(feature = "cuda")]
+    pub fn on_gpu(
+        gpu: std::sync::Arc<crate::cuda::Gpu>,
+        dtype: KvDType,
+        num_layers: usize,
+        num_blocks: usize,
+        layout: KvLayout,
+    ) -> Result<Self> {
+        if dtype == KvDType::F32 {
+            return Err(Error::Internal("an f32 KV cache on the GPU".into()));
+        }
+        gpu.bind()?;
+        let len = num_blocks
+            .checked_mul(layout.block_len())
+            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
+        let layers = (0..num_layers)
+            .map(|_| Ok((gpu.zeros(len)?, gpu.zeros(len)?)))
+            .collect::<Result<_>>()?;
+        Ok(KvStorage {
+            layers: Layers::Cuda(GpuLayers { gpu, layers }),
+            layout,
+            num_blocks,
+            dtype,
+        })
+    }
+
+    pub fn dtype(&self) -> KvDType {
+        self.dtype
+    }
+
+    /// Whether the layers live in GPU memory.
+    pub fn is_on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Layers::Cuda(_) = self.layers {
+            return true;
+        }
+        false
+    }
+
+    /// Layer `layer`'s `(keys, values)` in GPU memory, when the cache is there.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_layer(&mut self, layer: usize) -> Option<(&GpuSlice, &GpuSlice)> {
+        match &self.layers {
+            Layers::Cuda(g) => g.layers.get(layer).map(|(k, v)| (k, v)),
+            _ => None,
+        }
     }
 
     /// Bytes of K and V per cached token, over all layers.
@@ -166,7 +242,7 @@ impl KvStorage {
 
     /// Adds `more` blocks (a single sequence's cache growing); their ids follow the
     /// existing ones. O(size) when the arrays move.
-    pub fn grow(&mut self, more: usize) {
+    pub fn grow(&mut self, more: usize) -> Result<()> {
         fn resize<T: Copy + Default>(layers: &mut [(Vec<T>, Vec<T>)], len: usize) {
             for (k, v) in layers {
                 k.resize(len + KEY_PAD, T::default());
@@ -178,14 +254,32 @@ impl KvStorage {
         match &mut self.layers {
             Layers::F32(l) => resize(l, len),
             Layers::F16(l) => resize(l, len),
+            #[cfg(feature = "cuda")]
+            Layers::Cuda(g) => {
+                for (k, v) in &mut g.layers {
+                    for old in [k, v] {
+                        let mut new = g.gpu.zeros::<u16>(len)?;
+                        let mut to = new.slice_mut(..old.len());
+                        g.gpu
+                            .stream()
+                            .memcpy_dtod(&*old, &mut to)
+                            .map_err(|e| crate::cuda::device_error("growing the KV cache", e))?;
+                        *old = new;
+                    }
+                }
+            }
         }
+        Ok(())
     }
 
     /// Layer `layer`'s keys and values, to read.
+    /// Host caches only: the CPU backend refuses a GPU cache before it reads one.
     pub fn layer(&self, layer: usize) -> LayerKv<'_> {
         match &self.layers {
             Layers::F32(l) => LayerKv::F32(&l[layer].0, &l[layer].1),
             Layers::F16(l) => LayerKv::F16(&l[layer].0, &l[layer].1),
+            #[cfg(feature = "cuda")]
+            Layers::Cuda(_) => unreachable!("a GPU KV cache read on the host"),
         }
     }
 
@@ -200,6 +294,8 @@ impl KvStorage {
                 let (k, v) = &mut l[layer];
                 LayerKvMut::F16(k, v)
             }
+            #[cfg(feature = "cuda")]
+            Layers::Cuda(_) => unreachable!("a GPU KV cache written on the host"),
         }
     }
 }
@@ -255,7 +351,7 @@ mod tests {
             ring: None,
         };
         let mut storage = KvStorage::new(KvDType::F32, 1, 0, layout)?;
-        storage.grow(3);
+        storage.grow(3)?;
         assert_eq!(storage.num_blocks(), 3);
         let LayerKvMut::F32(keys, values) = storage.layer_mut(0) else {
             return Err(Error::Internal("an f32 cache lent f16 arrays".into()));

@@ -1,0 +1,349 @@
+//! The CUDA backend: the decoder's operations ([`crate::model::ops::Ops`]) on an NVIDIA
+//! GPU. Built only with the `cuda` feature.
+//!
+//! - [`Gpu`]: one device, one stream that every thread of the process uses (a model is
+//!   loaded on one thread and run on the engine's worker), our kernels
+//!   (`kernels.cu`, compiled to PTX by build.rs) and cuBLAS.
+//! - `weights.rs`: linear layers uploaded once at load, repacked for the GPU kernels.
+//! - `ops.rs`: one forward pass's operations; the KV cache is [`crate::engine::kv::KvStorage`]
+//!   with its layers in GPU memory.
+//!
+//! Activations stay f32 on the GPU (more exact than the CPU's int8-rounded quantized
+//! path); the CPU's f32 computation is the reference the GPU tests compare against.
+
+mod ops;
+mod weights;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    self, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::Device;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+
+pub use ops::{profile, Params, Pass};
+pub use weights::{GpuLinear, Scratch};
+
+/// The kernels of `kernels.cu`, as PTX.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+
+/// A GPU error (a driver call that failed, memory that ran out) as a Cortex error.
+pub(crate) fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device(format!("{what}: {e}"))
+}
+
+/// What `get_device_info()` reports about a GPU.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub total_memory: usize,
+    pub free_memory: usize,
+    /// `(major, minor)`.
+    pub compute_capability: (i32, i32),
+    /// The driver's CUDA version, e.g. `(13, 0)`.
+    pub driver_version: (i32, i32),
+}
+
+/// How many CUDA GPUs this process can use: 0 without a driver or a GPU.
+pub fn device_count() -> usize {
+    driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// One GPU and the stream Cortex runs everything on.
+pub struct Gpu {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu(cuda:{})", self.ordinal)
+    }
+}
+
+impl Gpu {
+    /// GPU `ordinal`, shared by every model on it (one context, one stream).
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let mut open = OPEN.get_or_init(Mutex::default).lock();
+        if let Some(gpu) = open.get(&ordinal) {
+            return Ok(gpu.clone());
+        }
+        let count = device_count();
+        if ordinal >= count {
+            return Err(Error::param(
+                "device",
+                format!("cuda:{ordinal} does not exist: this machine has {count} CUDA GPU(s)"),
+            ));
+        }
+        let device = CudaDevice::new_with_stream(ordinal)?;
+        // SAFETY: everything runs on this one stream, in order, so no buffer is used on
+        // another stream and cudarc's per-buffer events would only cost time.
+        #[allow(unsafe_code)]
+        unsafe {
+            device.disable_event_tracking();
+        }
+        let gpu = Arc::new(Gpu {
+            stream: device.cuda_stream(),
+            device,
+            ordinal,
+            functions: Mutex::default(),
+        });
+        open.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The candle device on this GPU (for candle's quantized kernels).
+    pub fn candle_device(&self) -> Device {
+        Device::Cuda(self.device.clone())
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn cublas(&self) -> Arc<candle_core::cuda_backend::cudarc::cublas::CudaBlas> {
+        self.device.cublas_handle()
+    }
+
+    /// Makes this GPU's context current on the calling thread (each thread that launches
+    /// work must).
+    pub fn bind(&self) -> Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| device_error("binding the CUDA context", e))
+    }
+
+    pub fn info(&self) -> Result<GpuInfo> {
+        self.bind()?;
+        let ctx = self.stream.context();
+        let err = |e| device_error("querying the GPU", e);
+        let (free_memory, total_memory) = ctx.mem_get_info().map_err(err)?;
+        let mut version = 0;
+        // SAFETY: cuDriverGetVersion writes one int.
+        #[allow(unsafe_code)]
+        unsafe {
+            driver::sys::cuDriverGetVersion(&raw mut version)
+                .result()
+                .map_err(err)?;
+        }
+        Ok(GpuInfo {
+            ordinal: self.ordinal,
+            name: ctx.name().map_err(err)?,
+            total_memory,
+            free_memory,
+            compute_capability: ctx.compute_capability().map_err(err)?,
+            driver_version: (version / 1000, version % 1000 / 10),
+        })
+    }
+
+    /// Bytes of GPU memory free now.
+    pub fn free_memory(&self) -> Result<usize> {
+        self.bind()?;
+        Ok(self
+            .stream
+            .context()
+            .mem_get_info()
+            .map_err(|e| device_error("querying GPU memory", e))?
+            .0)
+    }
+
+    /// `len` zeroed elements on the GPU.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| oom(len * std::mem::size_of::<T>(), e))
+    }
+
+    /// A copy of `values` on the GPU.
+    pub fn upload<T: DeviceRepr>(&self, values: &[T]) -> Result<CudaSlice<T>> {
+        if values.is_empty() {
+            return self.zeros_raw(1);
+        }
+        self.stream
+            .clone_htod(values)
+            .map_err(|e| oom(std::mem::size_of_val(values), e))
+    }
+
+    fn zeros_raw<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: a placeholder of one element that no kernel reads.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.stream
+                .alloc::<T>(len)
+                .map_err(|e| oom(len * std::mem::size_of::<T>(), e))
+        }
+    }
+
+    /// `dst[..src.len()]` ← `src`, host to GPU.
+    pub fn copy_to<T: DeviceRepr>(&self, src: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(..src.len());
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .map_err(|e| device_error("copying to the GPU", e))
+    }
+
+    /// The first `len` elements of `src`, GPU to host (waits for the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); len];
+        if len > 0 {
+            self.stream
+                .memcpy_dtoh(&src.slice(..len), &mut out)
+                .map_err(|e| device_error("copying from the GPU", e))?;
+        }
+        Ok(out)
+    }
+
+    /// Waits until every launched kernel has finished (and reports a fault one raised).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| device_error("running on the GPU", e))
+    }
+
+    /// Launches kernel `name` of `kernels.cu` over `grid` blocks of `block` threads.
+    pub(crate) fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let func = {
+            let mut functions = self.functions.lock();
+            if let Some(f) = functions.get(name) {
+                f.clone()
+            } else {
+                let f = self
+                    .device
+                    .get_or_load_custom_func(name, "cortex", PTX)?
+                    .into_cuda_function();
+                functions.insert(name.to_owned(), f.clone());
+                f
+            }
+        };
+        let mut builder = self.stream.launch_builder(&func);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => builder.arg(p),
+                Arg::I32(i) => builder.arg(i),
+                Arg::I64(i) => builder.arg(i),
+                Arg::F32(f) => builder.arg(f),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each kernel's arguments are built by its one caller in ops.rs to match
+        // its signature in kernels.cu, with buffers sized for the launch.
+        #[allow(unsafe_code)]
+        unsafe {
+            builder
+                .launch(cfg)
+                .map_err(|e| device_error(&format!("launching {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Grid size for a grid-stride loop over `n` elements with 256 threads per block.
+    pub(crate) fn grid_for(n: usize) -> (u32, u32) {
+        (n.div_ceil(256).clamp(1, 65_535) as u32, 1)
+    }
+}
+
+/// A failed allocation of `bytes`.
+fn oom(bytes: usize, e: impl std::fmt::Display) -> Error {
+    Error::Device(format!(
+        "allocating {:.1} MB on the GPU failed ({e}); lower kv_cache_tokens or memory_fraction, \
+         or use a smaller model",
+        bytes as f64 / 1e6
+    ))
+}
+
+/// A kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device address (0 for a null pointer).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// The device address of `s` (event tracking is off, so the guard does nothing).
+pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> Arg {
+    Arg::Ptr(s.device_ptr(stream).0)
+}
+
+/// f32 activations on the GPU: `[rows, width]`, `len` elements in use, grown (never
+/// shrunk) as a batch needs, so decoding allocates nothing per token.
+#[derive(Default)]
+pub struct GpuBuf {
+    data: Option<CudaSlice<f32>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for GpuBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBuf({})", self.len)
+    }
+}
+
+impl GpuBuf {
+    /// Makes room for `len` elements (the contents are undefined after growing).
+    pub fn resize(&mut self, gpu: &Gpu, len: usize) -> Result<()> {
+        if self.data.as_ref().is_none_or(|d| d.len() < len) {
+            self.data = None; // free the old one first
+            self.data = Some(gpu.zeros(len.next_power_of_two().max(256))?);
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn slice(&self) -> Result<&CudaSlice<f32>> {
+        self.data
+            .as_ref()
+            .ok_or_else(|| Error::Internal("a GPU buffer read before it was written".into()))
+    }
+
+    pub(crate) fn slice_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
+        self.data
+            .as_mut()
+            .ok_or_else(|| Error::Internal("a GPU buffer written before it was sized".into()))
+    }
+
+    pub(crate) fn arg(&self, gpu: &Gpu) -> Result<Arg> {
+        Ok(ptr(self.slice()?, gpu.stream()))
+    }
+}

@@ -1,0 +1,484 @@
+//! One forward pass on the GPU: [`Ops`] over [`GpuBuf`]s. The batch's positions, block
+//! tables and cache slots are uploaded once when the pass begins ([`Pass::new`]); each
+//! operation is then one or a few kernel launches on the GPU's stream, and nothing waits
+//! for the GPU until the logits come back ([`Ops::to_host`]).
+
+use std::collections::HashMap;
+
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::{Device, Tensor};
+use parking_lot::Mutex;
+
+use super::weights::Scratch;
+use super::{ptr, Arg, Gpu, GpuBuf};
+use crate::engine::kv::{KvDType, KvStorage, Ring};
+use crate::error::{Error, Result};
+use crate::model::attention::SeqSpan;
+use crate::model::config::Activation;
+use crate::model::decoder::Batch;
+use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
+use crate::model::ops::Ops;
+
+/// The decoder's small host parameters (norm weights and biases, RoPE frequencies) on the
+/// GPU, uploaded on first use and keyed by their host address: the decoder owns them and
+/// never changes them, so an address names one parameter for the decoder's life.
+pub type Params = Mutex<HashMap<usize, CudaSlice<f32>>>;
+
+/// Where the GPU's time goes, per operation, when `CORTEX_GPU_PROFILE=1`: each operation
+/// then waits for the GPU before and after it (which slows the pass down, but charges
+/// every kernel to the operation that launched it). `(calls, seconds)` by operation.
+static PROFILE: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
+
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CORTEX_GPU_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// The profile so far (see [`PROFILE`]), and optionally a fresh start.
+pub fn profile(reset: bool) -> Vec<(&'static str, u64, f64)> {
+    let mut p = PROFILE.lock();
+    let out = p.clone();
+    if reset {
+        p.clear();
+    }
+    out
+}
+
+/// One forward pass's view of the GPU, with the batch's layout uploaded.
+pub struct Pass<'a> {
+    gpu: &'a Gpu,
+    params: &'a Params,
+    /// `[rows]`: each row's position (RoPE).
+    positions: CudaSlice<i32>,
+    /// `[rows, 4]`: position, sequence start, sequence's first row, block-table offset
+    /// (`RowMeta` in kernels.cu).
+    rows: CudaSlice<i32>,
+    /// Every sequence's block table, one after another.
+    tables: CudaSlice<u32>,
+    /// `[rows]`: the cache slot (block · block_size + index) each row's key goes to, or -1
+    /// where a later row of the pass takes the same slot (a ring that wraps in one chunk).
+    slots: CudaSlice<i64>,
+    num_rows: usize,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(
+        gpu: &'a Gpu,
+        params: &'a Params,
+        batch: &Batch<'_>,
+        kv: &KvStorage,
+    ) -> Result<Self> {
+        gpu.bind()?;
+        let layout = kv.layout();
+        let (mut positions, mut rows, mut tables, mut slots) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for s in &batch.seqs {
+            let offset = tables.len() as i32;
+            tables.extend_from_slice(s.blocks);
+            for i in 0..s.len {
+                let p = s.start + i;
+                positions.push(p as i32);
+                rows.extend([p as i32, s.start as i32, s.row as i32, offset]);
+                let slot = Ring::slot(layout.ring, p);
+                let block = s.blocks.get(slot / layout.block_size).ok_or_else(|| {
+                    Error::Internal(format!("position {p} is past its sequence's block table"))
+                })?;
+                slots.push(
+                    i64::from(*block) * layout.block_size as i64
+                        + (slot % layout.block_size) as i64,
+                );
+            }
+        }
+        // A slot written twice in one pass keeps the later row's key, as the CPU's
+        // in-order store does.
+        let mut last = HashMap::new();
+        for (row, &slot) in slots.iter().enumerate() {
+            last.insert(slot, row);
+        }
+        for (row, slot) in slots.iter_mut().enumerate() {
+            if last[slot] != row {
+                *slot = -1;
+            }
+        }
+        Ok(Pass {
+            gpu,
+            params,
+            positions: gpu.upload(&positions)?,
+            rows: gpu.upload(&rows)?,
+            tables: gpu.upload(&tables)?,
+            slots: gpu.upload(&slots)?,
+            num_rows: positions.len(),
+        })
+    }
+
+    /// The GPU copy of host parameter `values`.
+    fn param(&self, values: &[f32]) -> Result<Arg> {
+        let mut params = self.params.lock();
+        let slice = match params.entry(values.as_ptr() as usize) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.gpu.upload(values)?),
+        };
+        Ok(ptr(slice, self.gpu.stream()))
+    }
+
+    /// Runs `f`, charged to `op` in the profile when profiling.
+    fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !profiling() {
+            return f();
+        }
+        self.gpu.synchronize()?;
+        let start = std::time::Instant::now();
+        let out = f()?;
+        self.gpu.synchronize()?;
+        let secs = start.elapsed().as_secs_f64();
+        let mut p = PROFILE.lock();
+        match p.iter_mut().find(|e| e.0 == op) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += secs;
+            }
+            None => p.push((op, 1, secs)),
+        }
+        Ok(out)
+    }
+
+    fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        self.gpu.launch(name, Gpu::grid_for(n), 256, args)
+    }
+}
+
+fn on_gpu(l: &Linear) -> Result<&super::GpuLinear> {
+    l.gpu()
+        .ok_or_else(|| Error::Internal("a CPU layer in a GPU forward pass".into()))
+}
+
+impl Ops for Pass<'_> {
+    type Buf = GpuBuf;
+    type Scratch = Scratch;
+
+    fn embed(&self, table: &Embedding, ids: &[u32], width: usize, out: &mut GpuBuf) -> Result<()> {
+        self.timed("embedding", || {
+            // The table stays on the host: a step's rows are `ids.len() · d` values to upload.
+            let mut rows = vec![0f32; ids.len() * width];
+            table.forward_into(ids, &mut rows)?;
+            out.resize(self.gpu, rows.len())?;
+            self.gpu.copy_to(&rows, out.slice_mut()?)
+        })
+    }
+
+    fn copy(&self, dst: &mut GpuBuf, src: &GpuBuf) -> Result<()> {
+        self.timed("elementwise", || {
+            dst.resize(self.gpu, src.len())?;
+            if src.is_empty() {
+                return Ok(());
+            }
+            let from = src.slice()?.slice(..src.len());
+            let mut to = dst.slice_mut()?.slice_mut(..src.len());
+            self.gpu
+                .stream()
+                .memcpy_dtod(&from, &mut to)
+                .map_err(|e| super::device_error("copying on the GPU", e))
+        })
+    }
+
+    fn add(&self, x: &mut GpuBuf, a: &GpuBuf, b: Option<&GpuBuf>) -> Result<()> {
+        self.timed("elementwise", || {
+            let b = b.map_or(Ok(Arg::Ptr(0)), |b| b.arg(self.gpu))?;
+            self.elementwise(
+                "add_f32",
+                x.len(),
+                &[
+                    x.arg(self.gpu)?,
+                    a.arg(self.gpu)?,
+                    b,
+                    Arg::I64(x.len() as i64),
+                ],
+            )
+        })
+    }
+
+    fn scale(&self, x: &mut GpuBuf, factor: f32) -> Result<()> {
+        self.timed("elementwise", || {
+            self.elementwise(
+                "scale_f32",
+                x.len(),
+                &[x.arg(self.gpu)?, Arg::F32(factor), Arg::I64(x.len() as i64)],
+            )
+        })
+    }
+
+    fn norm(&self, norm: &Norm, x: &mut GpuBuf) -> Result<()> {
+        self.timed("norm", || {
+            let (weight, bias, eps) = norm.parts();
+            let d = weight.len();
+            let rows = (x.len() / d) as u32;
+            let w = self.param(weight)?;
+            match bias {
+                None => self.gpu.launch(
+                    "rms_norm_f32",
+                    (rows, 1),
+                    256,
+                    &[x.arg(self.gpu)?, w, Arg::F32(eps), Arg::I32(d as i32)],
+                ),
+                Some(b) => {
+                    let b = self.param(b)?;
+                    self.gpu.launch(
+                        "layer_norm_f32",
+                        (rows, 1),
+                        256,
+                        &[x.arg(self.gpu)?, w, b, Arg::F32(eps), Arg::I32(d as i32)],
+                    )
+                }
+            }
+        })
+    }
+
+    fn linear<const N: usize>(
+        &self,
+        layers: [&Linear; N],
+        x: &GpuBuf,
+        rows: usize,
+        outs: [&mut GpuBuf; N],
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        self.timed("linear", || {
+            for (l, out) in layers.into_iter().zip(outs) {
+                on_gpu(l)?.forward(self.gpu, x, rows, out, scratch)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn rope(
+        &self,
+        rope: &Rope,
+        x: &mut GpuBuf,
+        heads: usize,
+        head_dim: usize,
+        _positions: &[usize],
+    ) -> Result<()> {
+        self.timed("rope", || {
+            let (inv_freq, interleaved, scale) = rope.parts();
+            let half = inv_freq.len();
+            let f = self.param(inv_freq)?;
+            self.elementwise(
+                "rope_f32",
+                self.num_rows * heads * half,
+                &[
+                    x.arg(self.gpu)?,
+                    ptr(&self.positions, self.gpu.stream()),
+                    f,
+                    Arg::I32(half as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(head_dim as i32),
+                    Arg::I32(i32::from(interleaved)),
+                    Arg::F32(scale),
+                    Arg::I32(self.num_rows as i32),
+                ],
+            )
+        })
+    }
+
+    fn attention(
+        &self,
+        kv: &mut KvStorage,
+        layer: usize,
+        _seqs: &[SeqSpan<'_>],
+        [q, k, v]: [&GpuBuf; 3],
+        heads: usize,
+        scale: f32,
+        window: Option<usize>,
+        out: &mut GpuBuf,
+    ) -> Result<()> {
+        self.timed("attention", || {
+            let layout = kv.layout();
+            let (hd, kvh) = (layout.head_dim, layout.kv_heads);
+            if hd > 256 {
+                return Err(Error::Internal(format!(
+                    "head_dim {hd} is past the GPU attention kernel's 256"
+                )));
+            }
+            let dtype = kv.dtype();
+            let (ck, cv) = kv
+                .cuda_layer(layer)
+                .ok_or_else(|| Error::Internal("a CPU KV cache in a GPU forward pass".into()))?;
+            let (ck, cv) = (ptr(ck, self.gpu.stream()), ptr(cv, self.gpu.stream()));
+            let suffix = if dtype == KvDType::BF16 {
+                "bf16"
+            } else {
+                "f16"
+            };
+            out.resize(self.gpu, self.num_rows * heads * hd)?;
+            let (ring_keep, ring_window) = layout.ring.map_or((0, 0), |r| (r.keep, r.window));
+            self.gpu.launch(
+                &format!("attention_{suffix}"),
+                (self.num_rows as u32, heads as u32),
+                128,
+                &[
+                    q.arg(self.gpu)?,
+                    k.arg(self.gpu)?,
+                    v.arg(self.gpu)?,
+                    ck,
+                    cv,
+                    ptr(&self.tables, self.gpu.stream()),
+                    ptr(&self.rows, self.gpu.stream()),
+                    out.arg(self.gpu)?,
+                    Arg::I32(heads as i32),
+                    Arg::I32(kvh as i32),
+                    Arg::I32(hd as i32),
+                    Arg::I32(layout.block_size as i32),
+                    Arg::F32(scale),
+                    Arg::I32(window.unwrap_or(0) as i32),
+                    Arg::I32(ring_keep as i32),
+                    Arg::I32(ring_window as i32),
+                ],
+            )?;
+            // Then the fresh keys and values into the cache (after attention, as on the CPU:
+            // a ring's chunk must not overwrite keys its own queries still read).
+            self.elementwise(
+                &format!("kv_store_{suffix}"),
+                self.num_rows * kvh * hd,
+                &[
+                    k.arg(self.gpu)?,
+                    v.arg(self.gpu)?,
+                    ck,
+                    cv,
+                    ptr(&self.slots, self.gpu.stream()),
+                    Arg::I32(self.num_rows as i32),
+                    Arg::I32(kvh as i32),
+                    Arg::I32(hd as i32),
+                    Arg::I32(layout.block_size as i32),
+                ],
+            )
+        })
+    }
+
+    fn gated(&self, act: Activation, gate: &mut GpuBuf, up: &GpuBuf) -> Result<()> {
+        self.timed("activation", || {
+            self.elementwise(
+                "activation_f32",
+                gate.len(),
+                &[
+                    gate.arg(self.gpu)?,
+                    up.arg(self.gpu)?,
+                    Arg::I32(act_kind(act)),
+                    Arg::I64(gate.len() as i64),
+                ],
+            )
+        })
+    }
+
+    fn activation(&self, act: Activation, x: &mut GpuBuf) -> Result<()> {
+        self.timed("activation", || {
+            self.elementwise(
+                "activation_f32",
+                x.len(),
+                &[
+                    x.arg(self.gpu)?,
+                    Arg::Ptr(0),
+                    Arg::I32(act_kind(act)),
+                    Arg::I64(x.len() as i64),
+                ],
+            )
+        })
+    }
+
+    fn moe(&self, moe: &MoeMlp, x: &GpuBuf, rows: usize, out: &mut GpuBuf) -> Result<()> {
+        self.timed("moe routing and experts", || {
+            // The router's logits come to the host, where the routing is decided exactly as
+            // on the CPU; each chosen expert then runs on the GPU over its tokens.
+            let d = x.len() / rows.max(1);
+            let mut logits = GpuBuf::default();
+            let mut scratch = Scratch::default();
+            on_gpu(&moe.gate)?.forward(self.gpu, x, rows, &mut logits, &mut scratch)?;
+            let experts = moe.experts.len();
+            let host = self.gpu.download(logits.slice()?, rows * experts)?;
+            let routed = moe.route(&host, rows);
+            out.resize(self.gpu, rows * d)?;
+            self.gpu
+                .stream()
+                .memset_zeros(&mut out.slice_mut()?.slice_mut(..rows * d))
+                .map_err(|e| super::device_error("clearing a GPU buffer", e))?;
+            let (mut xs, mut gate, mut up, mut y) = (
+                GpuBuf::default(),
+                GpuBuf::default(),
+                GpuBuf::default(),
+                GpuBuf::default(),
+            );
+            for (expert, (tokens, weights)) in moe.experts.iter().zip(routed) {
+                if tokens.is_empty() {
+                    continue;
+                }
+                let n = tokens.len();
+                let idx = self.gpu.upload(&tokens)?;
+                let w = self.gpu.upload(&weights)?;
+                xs.resize(self.gpu, n * d)?;
+                self.elementwise(
+                    "gather_rows_f32",
+                    n * d,
+                    &[
+                        x.arg(self.gpu)?,
+                        ptr(&idx, self.gpu.stream()),
+                        Arg::I32(d as i32),
+                        xs.arg(self.gpu)?,
+                        Arg::I32(n as i32),
+                    ],
+                )?;
+                self.linear(
+                    [&expert.gate_proj, &expert.up_proj],
+                    &xs,
+                    n,
+                    [&mut gate, &mut up],
+                    &mut scratch,
+                )?;
+                self.gated(expert.act, &mut gate, &up)?;
+                self.linear([&expert.down_proj], &gate, n, [&mut y], &mut scratch)?;
+                self.elementwise(
+                    "scatter_add_rows_f32",
+                    n * d,
+                    &[
+                        out.arg(self.gpu)?,
+                        y.arg(self.gpu)?,
+                        ptr(&idx, self.gpu.stream()),
+                        ptr(&w, self.gpu.stream()),
+                        Arg::I32(d as i32),
+                        Arg::I32(n as i32),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn gather_rows(&self, x: &GpuBuf, rows: &[u32], width: usize, out: &mut GpuBuf) -> Result<()> {
+        self.timed("elementwise", || {
+            let idx = self.gpu.upload(rows)?;
+            out.resize(self.gpu, rows.len() * width)?;
+            self.elementwise(
+                "gather_rows_f32",
+                rows.len() * width,
+                &[
+                    x.arg(self.gpu)?,
+                    ptr(&idx, self.gpu.stream()),
+                    Arg::I32(width as i32),
+                    out.arg(self.gpu)?,
+                    Arg::I32(rows.len() as i32),
+                ],
+            )
+        })
+    }
+
+    fn to_host(&self, x: GpuBuf, rows: usize, width: usize) -> Result<Tensor> {
+        self.timed("logits to host", || {
+            let values = self.gpu.download(x.slice()?, rows * width)?;
+            Ok(Tensor::from_vec(values, (rows, width), &Device::Cpu)?)
+        })
+    }
+}
+
+fn act_kind(act: Activation) -> i32 {
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluPytorchTanh => 1,
+    }
+}

@@ -1,0 +1,452 @@
+//! Linear layers on the GPU, uploaded once at load in the form their kernels read:
+//!
+//! - float matrices in the narrowest float type that holds every value exactly (bf16
+//!   checkpoints come back to bf16, which the host keeps widened to f32), through cuBLAS;
+//! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
+//!   affine groups) in MLX's layout, through our kernels: a GEMV for up to
+//!   [`GEMV_MAX_ROWS`] rows (decoding), dequantize-then-GEMM above;
+//! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
+
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::op::BackpropOp;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
+use candle_core::{Storage, Tensor};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+use super::{device_error, ptr, Arg, Gpu, GpuBuf};
+use crate::error::{Error, Result};
+use crate::quant::{AffineMatrix, PackedMatrix, ScaleDType};
+
+/// Rows of input up to which affine layers run the GEMV kernel (it keeps 8 accumulators
+/// per lane); above, the matrix is expanded and multiplied by cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Float values in one of the types the kernels and cuBLAS read.
+enum Floats {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<u16>),
+    BF16(CudaSlice<u16>),
+}
+
+impl Floats {
+    /// `values` in the narrowest type that holds each of them exactly.
+    fn exact(gpu: &Gpu, values: &[f32]) -> Result<Floats> {
+        if values.iter().all(|x| x.to_bits().trailing_zeros() >= 16) {
+            let v: Vec<u16> = values
+                .iter()
+                .map(|&x| bf16::from_f32(x).to_bits())
+                .collect();
+            Ok(Floats::BF16(gpu.upload(&v)?))
+        } else if values.iter().all(|&x| f16::from_f32(x).to_f32() == x) {
+            let v: Vec<u16> = values.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+            Ok(Floats::F16(gpu.upload(&v)?))
+        } else {
+            Ok(Floats::F32(gpu.upload(values)?))
+        }
+    }
+
+    /// `values` (scales or biases) in the type they are stored in.
+    fn stored(gpu: &Gpu, values: &[f32], dtype: ScaleDType) -> Result<Floats> {
+        Ok(match dtype {
+            ScaleDType::F32 => Floats::F32(gpu.upload(values)?),
+            ScaleDType::F16 => Floats::F16(
+                gpu.upload(
+                    &values
+                        .iter()
+                        .map(|&x| f16::from_f32(x).to_bits())
+                        .collect::<Vec<_>>(),
+                )?,
+            ),
+            ScaleDType::BF16 => Floats::BF16(
+                gpu.upload(
+                    &values
+                        .iter()
+                        .map(|&x| bf16::from_f32(x).to_bits())
+                        .collect::<Vec<_>>(),
+                )?,
+            ),
+        })
+    }
+
+    fn arg(&self, gpu: &Gpu) -> Arg {
+        match self {
+            Floats::F32(s) => ptr(s, gpu.stream()),
+            Floats::F16(s) | Floats::BF16(s) => ptr(s, gpu.stream()),
+        }
+    }
+
+    /// The kernels' name for the type.
+    fn suffix(&self) -> &'static str {
+        match self {
+            Floats::F32(_) => "f32",
+            Floats::F16(_) => "f16",
+            Floats::BF16(_) => "bf16",
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        match self {
+            Floats::F32(s) => s.len() * 4,
+            Floats::F16(s) | Floats::BF16(s) => s.len() * 2,
+        }
+    }
+}
+
+enum Form {
+    Dense(Floats),
+    Affine {
+        packed: CudaSlice<u32>,
+        scales: Floats,
+        biases: Floats,
+        bits: u32,
+        group_size: usize,
+    },
+    /// GGML blocks on candle's CUDA device.
+    Ggml(QMatMul),
+}
+
+/// A linear layer `[.., cols]` → `[.., rows]` on the GPU.
+pub struct GpuLinear {
+    form: Form,
+    rows: usize,
+    cols: usize,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl std::fmt::Debug for GpuLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let form = match &self.form {
+            Form::Dense(w) => format!("dense {}", w.suffix()),
+            Form::Affine {
+                bits, group_size, ..
+            } => format!("affine {bits}-bit g{group_size}"),
+            Form::Ggml(_) => "ggml".into(),
+        };
+        write!(f, "GpuLinear({}x{}, {form})", self.rows, self.cols)
+    }
+}
+
+/// What a linear layer computes in besides its input and output: the input cast for
+/// cuBLAS, and a matrix expanded from affine groups.
+#[derive(Default)]
+pub struct Scratch {
+    half: Option<CudaSlice<u16>>,
+    dense: Option<CudaSlice<f32>>,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scratch")
+    }
+}
+
+/// `slot` holding at least `len` elements (grown, never shrunk).
+fn grown<
+    'a,
+    T: candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+>(
+    gpu: &Gpu,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = None;
+        *slot = Some(gpu.zeros(len)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| Error::Internal("scratch buffer missing".into()))
+}
+
+impl GpuLinear {
+    /// A float matrix `[rows, cols]` of f32 values.
+    pub fn dense(gpu: &Gpu, values: &[f32], rows: usize, cols: usize) -> Result<GpuLinear> {
+        Ok(GpuLinear {
+            form: Form::Dense(Floats::exact(gpu, values)?),
+            rows,
+            cols,
+            bias: None,
+        })
+    }
+
+    /// Affine groups in our CPU kernels' layout, back in MLX's for the GPU's.
+    pub fn packed(gpu: &Gpu, p: &PackedMatrix) -> Result<GpuLinear> {
+        GpuLinear::affine(gpu, &p.to_affine()?)
+    }
+
+    pub fn affine(gpu: &Gpu, a: &AffineMatrix) -> Result<GpuLinear> {
+        Ok(GpuLinear {
+            form: Form::Affine {
+                packed: gpu.upload(&a.packed)?,
+                scales: Floats::stored(gpu, &a.scales, a.scale_dtype)?,
+                biases: Floats::stored(gpu, &a.biases, a.scale_dtype)?,
+                bits: a.bits,
+                group_size: a.group_size,
+            },
+            rows: a.rows,
+            cols: a.cols,
+            bias: None,
+        })
+    }
+
+    /// GGML blocks: float types become dense matrices, the others stay blocks for
+    /// candle's kernels.
+    pub fn ggml(gpu: &Gpu, q: &QTensor) -> Result<GpuLinear> {
+        let (rows, cols) = q.shape().dims2()?;
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let values = q
+                .dequantize(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            return GpuLinear::dense(gpu, &values, rows, cols);
+        }
+        let on_gpu = qtensor_from_ggml(
+            q.dtype(),
+            &q.data()?,
+            vec![rows, cols],
+            &gpu.candle_device(),
+        )?;
+        Ok(GpuLinear {
+            form: Form::Ggml(QMatMul::from_arc(Arc::new(on_gpu))?),
+            rows,
+            cols,
+            bias: None,
+        })
+    }
+
+    pub fn with_bias(mut self, gpu: &Gpu, bias: Option<&[f32]>) -> Result<GpuLinear> {
+        self.bias = bias.map(|b| gpu.upload(b)).transpose()?;
+        Ok(self)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    pub fn is_float(&self) -> bool {
+        matches!(self.form, Form::Dense(_))
+    }
+
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.form, Form::Dense(Floats::BF16(_)))
+    }
+
+    pub fn nbytes(&self) -> usize {
+        match &self.form {
+            Form::Dense(w) => w.nbytes(),
+            Form::Affine {
+                packed,
+                scales,
+                biases,
+                ..
+            } => packed.len() * 4 + scales.nbytes() + biases.nbytes(),
+            Form::Ggml(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Form::Ggml(_) => 0,
+        }
+    }
+
+    /// `out: [m, rows]` ← `x: [m, cols]` · Wᵀ (+ bias).
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuf,
+        m: usize,
+        out: &mut GpuBuf,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let (n, k) = (self.rows, self.cols);
+        if x.len() != m * k {
+            return Err(Error::Internal(format!(
+                "linear layer of input size {k} applied to {} values in {m} rows",
+                x.len()
+            )));
+        }
+        out.resize(gpu, m * n)?;
+        if m == 0 {
+            return Ok(());
+        }
+        match &self.form {
+            Form::Dense(w) => {
+                let precision = match w {
+                    Floats::F32(_) => Precision::F32,
+                    Floats::F16(_) => Precision::F16,
+                    Floats::BF16(_) => Precision::BF16,
+                };
+                gemm(gpu, (w.arg(gpu), precision), x, m, (n, k), out, scratch)?;
+            }
+            Form::Affine {
+                packed,
+                scales,
+                biases,
+                bits,
+                group_size,
+            } => {
+                let args = [ptr(packed, gpu.stream()), scales.arg(gpu), biases.arg(gpu)];
+                let stype = scales.suffix();
+                if m <= GEMV_MAX_ROWS {
+                    let name = format!("affine_gemv_{bits}_{stype}");
+                    gpu.launch(
+                        &name,
+                        ((n.div_ceil(8)) as u32, 1),
+                        256,
+                        &[
+                            args[0],
+                            args[1],
+                            args[2],
+                            x.arg(gpu)?,
+                            out.arg(gpu)?,
+                            Arg::I32(n as i32),
+                            Arg::I32(k as i32),
+                            Arg::I32(*group_size as i32),
+                            Arg::I32(m as i32),
+                        ],
+                    )?;
+                } else {
+                    let dense = grown(gpu, &mut scratch.dense, n * k)?;
+                    let name = format!("affine_dequant_{bits}_{stype}");
+                    gpu.launch(
+                        &name,
+                        Gpu::grid_for(n * k / 32),
+                        256,
+                        &[
+                            args[0],
+                            args[1],
+                            args[2],
+                            ptr(dense, gpu.stream()),
+                            Arg::I32(n as i32),
+                            Arg::I32(k as i32),
+                            Arg::I32(*group_size as i32),
+                        ],
+                    )?;
+                    let dense = ptr(dense, gpu.stream());
+                    gemm(gpu, (dense, Precision::Tf32), x, m, (n, k), out, scratch)?;
+                }
+            }
+            Form::Ggml(q) => {
+                let device = gpu.candle_device();
+                let candle_core::Device::Cuda(cuda) = &device else {
+                    return Err(Error::Internal("a GPU without a CUDA device".into()));
+                };
+                let xs = gpu
+                    .stream()
+                    .clone_dtod(&x.slice()?.slice(..m * k))
+                    .map_err(|e| device_error("copying on the GPU", e))?;
+                let xs = Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, cuda.clone())),
+                    (m, k),
+                    BackpropOp::none(),
+                    false,
+                );
+                let y = candle_core::Module::forward(q, &xs)?.contiguous()?;
+                let (storage, layout) = y.storage_and_layout();
+                let Storage::Cuda(s) = &*storage else {
+                    return Err(Error::Internal("candle's GPU product left the GPU".into()));
+                };
+                let src = s.as_cuda_slice::<f32>()?;
+                let src = src.slice(layout.start_offset()..layout.start_offset() + m * n);
+                let mut dst = out.slice_mut()?.slice_mut(..m * n);
+                gpu.stream()
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(|e| device_error("copying on the GPU", e))?;
+            }
+        }
+        if let Some(b) = &self.bias {
+            gpu.launch(
+                "add_bias_f32",
+                Gpu::grid_for(m * n),
+                256,
+                &[
+                    out.arg(gpu)?,
+                    ptr(b, gpu.stream()),
+                    Arg::I64(m as i64),
+                    Arg::I32(n as i32),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// How a cuBLAS product reads its operands: the weight's element type, and for f32
+/// weights whether the tensor cores may round them to TF32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precision {
+    /// f32 products (float checkpoints stored as f32: the reference models).
+    F32,
+    /// f32 operands on TF32 tensor cores (matrices expanded from affine groups).
+    Tf32,
+    /// The input is cast to the weight's half type; products accumulate in f32.
+    F16,
+    BF16,
+}
+
+/// `out: [m, n]` ← `x: [m, k]` · `w: [n, k]`ᵀ by cuBLAS, accumulating in f32. In cuBLAS's
+/// column-major terms: `outᵀ [n, m] = w · xᵀ`, with `w` read transposed.
+fn gemm(
+    gpu: &Gpu,
+    (w, precision): (Arg, Precision),
+    x: &GpuBuf,
+    m: usize,
+    (n, k): (usize, usize),
+    out: &mut GpuBuf,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    use cublas_sys::cublasComputeType_t as C;
+    use cublas_sys::cudaDataType_t as T;
+    let (x, dtype, compute) = match precision {
+        Precision::F32 => (x.arg(gpu)?, T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F),
+        Precision::Tf32 => (x.arg(gpu)?, T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32),
+        Precision::F16 | Precision::BF16 => {
+            let bf = precision == Precision::BF16;
+            let half = ptr(grown(gpu, &mut scratch.half, m * k)?, gpu.stream());
+            gpu.launch(
+                if bf { "cast_f32_bf16" } else { "cast_f32_f16" },
+                Gpu::grid_for(m * k),
+                256,
+                &[x.arg(gpu)?, half, Arg::I64((m * k) as i64)],
+            )?;
+            let dtype = if bf { T::CUDA_R_16BF } else { T::CUDA_R_16F };
+            (half, dtype, C::CUBLAS_COMPUTE_32F)
+        }
+    };
+    let (Arg::Ptr(xp), Arg::Ptr(wp), Arg::Ptr(yp)) = (x, w, out.arg(gpu)?) else {
+        return Err(Error::Internal("a GPU buffer without an address".into()));
+    };
+    let (alpha, beta) = (1f32, 0f32);
+    let blas = gpu.cublas();
+    // SAFETY: the three pointers are live buffers of at least n·k, m·k and m·n elements of
+    // the stated types, on the stream cuBLAS runs on.
+    #[allow(unsafe_code)]
+    unsafe {
+        cublas::gemm_ex(
+            *blas.handle(),
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&raw const alpha).cast(),
+            wp as *const std::ffi::c_void,
+            dtype,
+            k as i32,
+            xp as *const std::ffi::c_void,
+            dtype,
+            k as i32,
+            (&raw const beta).cast(),
+            yp as *mut std::ffi::c_void,
+            T::CUDA_R_32F,
+            n as i32,
+            compute,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| device_error("cuBLAS GEMM", e))?;
+    }
+    Ok(())
+}
