@@ -166,11 +166,11 @@ extern "C" __global__ void rope_f32(float* x, const int* positions, const float*
 // from `start` on from the pass's fresh k/v rows, rounded to the cache type as the CPU
 // rounds them.
 //
-// Grid (rows, heads), 128 threads: 4 warps take every 4th key, lane l holds dimensions
+// Grid (rows, heads), 512 threads: 16 warps take every 16th key, lane l holds dimensions
 // l, l + 32, ... of the query and the accumulated value; an online softmax per warp, then
 // the warps merge through shared memory.
 
-#define ATT_WARPS 4
+#define ATT_WARPS 16
 #define MAX_HD_PER_LANE 8  // head_dim <= 256
 
 struct RowMeta {
@@ -204,7 +204,8 @@ __device__ void attention(const float* q, const float* k, const float* v, const 
   }
   const int kept_end = max(min(keep, m.qpos + 1), first);
   const int recent_start = max(max(first, keep), recent);
-  const int n_kept = kept_end - first, n = n_kept + (m.qpos + 1 - recent_start);
+  // Either range may be empty (a position before the ring's `keep` has no recent range).
+  const int n_kept = kept_end - first, n = n_kept + max(m.qpos + 1 - recent_start, 0);
 
   float mx = -INFINITY, sum = 0.f;
   for (int j = warp; j < n; j += ATT_WARPS) {
@@ -339,54 +340,145 @@ __device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS
 
 // Code j (0..31) of a chunk; BITS and j are compile-time after unrolling.
 template <int BITS>
-__device__ __forceinline__ float code(const uint32_t (&w)[BITS], int j) {
+__device__ __forceinline__ uint32_t code_bits(const uint32_t (&w)[BITS], int j) {
   const int bit = j * BITS, word = bit / 32, shift = bit % 32;
   uint32_t q = w[word] >> shift;
   if (shift + BITS > 32) q |= w[word + 1] << (32 - shift);
-  return (float)(q & ((1u << BITS) - 1));
+  return q & ((1u << BITS) - 1);
 }
 
-// Decode GEMV, y[m, :] = x[m, :] · Wᵀ for m < M <= 8: one warp per output row, lane l
-// takes chunks l, l + 32, ...; per chunk and row of x, Σ q·x and Σ x give
-// scale·Σq·x + bias·Σx. A row's arithmetic does not depend on M (batch-invariant).
-#define GEMV_WARPS 8
+template <int BITS>
+__device__ __forceinline__ float code(const uint32_t (&w)[BITS], int j) {
+  return (float)code_bits<BITS>(w, j);
+}
+
+// 1 + q / 2^BITS as a float, built in the mantissa's top bits: a shift and a mask-or, no
+// int-to-float conversion (a quarter-rate instruction). Σ (1 + q/2^B)·x = Σx + Σq·x / 2^B.
+template <int BITS>
+__device__ __forceinline__ float one_plus_code(const uint32_t (&w)[BITS], int j) {
+  return __uint_as_float((code_bits<BITS>(w, j) << (23 - BITS)) | 0x3F800000u);
+}
+
+// Decode GEMV, y[m, :] = x[m, :] · Wᵀ for m < M <= 8: each warp takes GEMV_ROWS
+// consecutive output rows (so each chunk of x it reads serves that many rows of W), lane l
+// chunks l, l + 32, ...; per chunk, row and row of x, Σ q·x and Σ x give
+// scale·Σq·x + bias·Σx (Σq·x from one_plus_code). A row's arithmetic does not depend on M
+// (batch-invariant). 4 warps per block: a block covers GEMV_WARPS · GEMV_ROWS = 8 output rows.
+#define GEMV_WARPS 4
+#define GEMV_ROWS 2
 template <int BITS, typename S>
 __device__ void affine_gemv(const uint32_t* w, const S* scales, const S* biases, const float* x,
                             float* y, int n, int k, int group, int M) {
   const int lane = threadIdx.x % WARP;
-  const int r = blockIdx.x * GEMV_WARPS + threadIdx.x / WARP;
-  if (r >= n) return;
+  const int r0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / WARP) * GEMV_ROWS;
+  if (r0 >= n) return;
   const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
-  const uint32_t* row = w + (long)r * chunks * BITS;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int c = lane; c < chunks; c += WARP) {
-    uint32_t words[BITS];
-    load_chunk<BITS>(row + (long)c * BITS, words);
-    const int g = c / chunks_per_group;
-    const float s = to_f32(scales[(long)r * groups + g]), b = to_f32(biases[(long)r * groups + g]);
-    float q[32];
+  float acc[GEMV_ROWS][8];
 #pragma unroll
-    for (int j = 0; j < 32; j++) q[j] = code<BITS>(words, j);
+  for (int rr = 0; rr < GEMV_ROWS; rr++)
+#pragma unroll
+    for (int mm = 0; mm < 8; mm++) acc[rr][mm] = 0.f;
+#pragma unroll 2
+  for (int c = lane; c < chunks; c += WARP) {
+    // Both rows' codes first (loads in flight together), then the products.
+    float q[GEMV_ROWS][32], s[GEMV_ROWS], b[GEMV_ROWS];
+    const int g = c / chunks_per_group;
+#pragma unroll
+    for (int rr = 0; rr < GEMV_ROWS; rr++) {
+      const int r = min(r0 + rr, n - 1);  // a missing last row repeats the one before, unwritten
+      uint32_t words[BITS];
+      load_chunk<BITS>(w + ((long)r * chunks + c) * BITS, words);
+      s[rr] = to_f32(scales[(long)r * groups + g]);
+      b[rr] = to_f32(biases[(long)r * groups + g]);
+#pragma unroll
+      for (int j = 0; j < 32; j++) q[rr][j] = one_plus_code<BITS>(words, j);
+    }
 #pragma unroll
     for (int mm = 0; mm < 8; mm++) {
       if (mm >= M) break;
       const float4* xp = reinterpret_cast<const float4*>(x + (long)mm * k + c * 32);
-      float dot = 0.f, xs = 0.f;
+      float dot[GEMV_ROWS] = {0.f}, xs = 0.f;
 #pragma unroll
       for (int j = 0; j < 8; j++) {
         const float4 xv = xp[j];
-        dot += q[4 * j] * xv.x + q[4 * j + 1] * xv.y + q[4 * j + 2] * xv.z + q[4 * j + 3] * xv.w;
         xs += xv.x + xv.y + xv.z + xv.w;
+#pragma unroll
+        for (int rr = 0; rr < GEMV_ROWS; rr++)
+          dot[rr] += q[rr][4 * j] * xv.x + q[rr][4 * j + 1] * xv.y + q[rr][4 * j + 2] * xv.z +
+                     q[rr][4 * j + 3] * xv.w;
       }
-      acc[mm] += s * dot + b * xs;
+      // dot = Σx + Σq·x / 2^BITS.
+#pragma unroll
+      for (int rr = 0; rr < GEMV_ROWS; rr++)
+        acc[rr][mm] += s[rr] * ((dot[rr] - xs) * (float)(1 << BITS)) + b[rr] * xs;
     }
   }
 #pragma unroll
-  for (int mm = 0; mm < 8; mm++) {
-    if (mm >= M) break;
-    const float t = warp_sum(acc[mm]);
-    if (lane == 0) y[(long)mm * n + r] = t;
+  for (int rr = 0; rr < GEMV_ROWS; rr++) {
+#pragma unroll
+    for (int mm = 0; mm < 8; mm++) {
+      if (mm >= M) break;
+      const float t = warp_sum(acc[rr][mm]);
+      if (lane == 0 && r0 + rr < n) y[(long)mm * n + r0 + rr] = t;
+    }
   }
+}
+
+// Decode GEMV over a float matrix (bf16 or f16 weights, f32 activations, f32 sums), the
+// same shape of work as the affine one: 2 rows per warp, lane l takes 8 values at a time
+// (one 16-byte load per row). k is a multiple of 8.
+template <typename W>
+__device__ void dense_gemv(const W* w, const float* x, float* y, int n, int k, int M) {
+  const int lane = threadIdx.x % WARP;
+  const int r0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / WARP) * GEMV_ROWS;
+  if (r0 >= n) return;
+  float acc[GEMV_ROWS][8];
+#pragma unroll
+  for (int rr = 0; rr < GEMV_ROWS; rr++)
+#pragma unroll
+    for (int mm = 0; mm < 8; mm++) acc[rr][mm] = 0.f;
+  const int octets = k / 8;
+#pragma unroll 2
+  for (int c = lane; c < octets; c += WARP) {
+    float wv[GEMV_ROWS][8];
+#pragma unroll
+    for (int rr = 0; rr < GEMV_ROWS; rr++) {
+      const int r = min(r0 + rr, n - 1);
+      const uint4 raw = *reinterpret_cast<const uint4*>(w + (long)r * k + c * 8);
+      const W* v = reinterpret_cast<const W*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 8; j++) wv[rr][j] = to_f32(v[j]);
+    }
+#pragma unroll
+    for (int mm = 0; mm < 8; mm++) {
+      if (mm >= M) break;
+      const float4* xp = reinterpret_cast<const float4*>(x + (long)mm * k + c * 8);
+      const float4 a = xp[0], b = xp[1];
+#pragma unroll
+      for (int rr = 0; rr < GEMV_ROWS; rr++)
+        acc[rr][mm] += wv[rr][0] * a.x + wv[rr][1] * a.y + wv[rr][2] * a.z + wv[rr][3] * a.w +
+                       wv[rr][4] * b.x + wv[rr][5] * b.y + wv[rr][6] * b.z + wv[rr][7] * b.w;
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < GEMV_ROWS; rr++) {
+#pragma unroll
+    for (int mm = 0; mm < 8; mm++) {
+      if (mm >= M) break;
+      const float t = warp_sum(acc[rr][mm]);
+      if (lane == 0 && r0 + rr < n) y[(long)mm * n + r0 + rr] = t;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)
+    dense_gemv_bf16(const __nv_bfloat16* w, const float* x, float* y, int n, int k, int M) {
+  dense_gemv(w, x, y, n, k, M);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)
+    dense_gemv_f16(const __half* w, const float* x, float* y, int n, int k, int M) {
+  dense_gemv(w, x, y, n, k, M);
 }
 
 // Prefill: W expanded to f32 [n, k] (then a cuBLAS GEMM). One thread per chunk.

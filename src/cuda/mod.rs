@@ -11,10 +11,12 @@
 //! Activations stay f32 on the GPU (more exact than the CPU's int8-rounded quantized
 //! path); the CPU's f32 computation is the reference the GPU tests compare against.
 
+pub mod graph;
 mod ops;
 mod weights;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -27,8 +29,8 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
-pub use ops::{profile, Params, Pass};
-pub use weights::{GpuLinear, Scratch};
+pub use ops::{profile, profiling, Meta, Params, Pass};
+pub use weights::{GpuLinear, Scratch, GEMV_MAX_ROWS};
 
 /// The kernels of `kernels.cu`, as PTX.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -62,6 +64,9 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     ordinal: usize,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Counts reallocations of the buffers a forward pass computes in (workspaces, scratch,
+    /// KV caches): a captured graph holds their addresses, and is stale once this moves.
+    epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -97,6 +102,7 @@ impl Gpu {
             device,
             ordinal,
             functions: Mutex::default(),
+            epoch: AtomicU64::new(0),
         });
         open.insert(ordinal, gpu.clone());
         Ok(gpu)
@@ -160,6 +166,16 @@ impl Gpu {
             .mem_get_info()
             .map_err(|e| device_error("querying GPU memory", e))?
             .0)
+    }
+
+    /// See [`Gpu::epoch`]'s field: moves when a pass's buffers move.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Records that a buffer a pass computes in has moved (captured graphs are stale).
+    pub(crate) fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// `len` zeroed elements on the GPU.
@@ -317,10 +333,20 @@ impl GpuBuf {
     pub fn resize(&mut self, gpu: &Gpu, len: usize) -> Result<()> {
         if self.data.as_ref().is_none_or(|d| d.len() < len) {
             self.data = None; // free the old one first
+            gpu.bump_epoch();
             self.data = Some(gpu.zeros(len.next_power_of_two().max(256))?);
         }
         self.len = len;
         Ok(())
+    }
+
+    /// A buffer of `len` elements of its own (a captured graph's output: growing it would
+    /// make no other graph stale).
+    pub fn with_len(gpu: &Gpu, len: usize) -> Result<GpuBuf> {
+        Ok(GpuBuf {
+            data: Some(gpu.zeros(len.max(1))?),
+            len,
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -1,5 +1,5 @@
 //! One forward pass on the GPU: [`Ops`] over [`GpuBuf`]s. The batch's positions, block
-//! tables and cache slots are uploaded once when the pass begins ([`Pass::new`]); each
+//! tables and cache slots are uploaded once when the pass begins ([`Meta`]); each
 //! operation is then one or a few kernel launches on the GPU's stream, and nothing waits
 //! for the GPU until the logits come back ([`Ops::to_host`]).
 
@@ -29,7 +29,7 @@ pub type Params = Mutex<HashMap<usize, CudaSlice<f32>>>;
 /// every kernel to the operation that launched it). `(calls, seconds)` by operation.
 static PROFILE: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
 
-fn profiling() -> bool {
+pub fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("CORTEX_GPU_PROFILE").is_ok_and(|v| v == "1"))
 }
@@ -44,46 +44,52 @@ pub fn profile(reset: bool) -> Vec<(&'static str, u64, f64)> {
     out
 }
 
-/// One forward pass's view of the GPU, with the batch's layout uploaded.
-pub struct Pass<'a> {
-    gpu: &'a Gpu,
-    params: &'a Params,
+/// A batch's layout on the GPU, what the attention, RoPE and cache kernels read.
+pub struct Meta {
     /// `[rows]`: each row's position (RoPE).
     positions: CudaSlice<i32>,
     /// `[rows, 4]`: position, sequence start, sequence's first row, block-table offset
     /// (`RowMeta` in kernels.cu).
     rows: CudaSlice<i32>,
-    /// Every sequence's block table, one after another.
+    /// Each sequence's block table at `table_stride` elements from the last.
     tables: CudaSlice<u32>,
     /// `[rows]`: the cache slot (block · block_size + index) each row's key goes to, or -1
     /// where a later row of the pass takes the same slot (a ring that wraps in one chunk).
     slots: CudaSlice<i64>,
     num_rows: usize,
+    table_stride: usize,
 }
 
-impl<'a> Pass<'a> {
-    pub fn new(
-        gpu: &'a Gpu,
-        params: &'a Params,
-        batch: &Batch<'_>,
-        kv: &KvStorage,
-    ) -> Result<Self> {
-        gpu.bind()?;
+/// [`Meta`]'s host side for `batch`, with tables `table_stride` apart.
+struct HostMeta {
+    positions: Vec<i32>,
+    rows: Vec<i32>,
+    tables: Vec<u32>,
+    slots: Vec<i64>,
+}
+
+impl HostMeta {
+    fn new(batch: &Batch<'_>, kv: &KvStorage, table_stride: usize) -> Result<HostMeta> {
         let layout = kv.layout();
-        let (mut positions, mut rows, mut tables, mut slots) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for s in &batch.seqs {
-            let offset = tables.len() as i32;
-            tables.extend_from_slice(s.blocks);
-            for i in 0..s.len {
-                let p = s.start + i;
-                positions.push(p as i32);
-                rows.extend([p as i32, s.start as i32, s.row as i32, offset]);
+        let mut m = HostMeta {
+            positions: Vec::new(),
+            rows: Vec::new(),
+            tables: vec![0; batch.seqs.len() * table_stride],
+            slots: Vec::new(),
+        };
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let offset = i * table_stride;
+            m.tables[offset..offset + s.blocks.len()].copy_from_slice(s.blocks);
+            for j in 0..s.len {
+                let p = s.start + j;
+                m.positions.push(p as i32);
+                m.rows
+                    .extend([p as i32, s.start as i32, s.row as i32, offset as i32]);
                 let slot = Ring::slot(layout.ring, p);
                 let block = s.blocks.get(slot / layout.block_size).ok_or_else(|| {
                     Error::Internal(format!("position {p} is past its sequence's block table"))
                 })?;
-                slots.push(
+                m.slots.push(
                     i64::from(*block) * layout.block_size as i64
                         + (slot % layout.block_size) as i64,
                 );
@@ -92,23 +98,82 @@ impl<'a> Pass<'a> {
         // A slot written twice in one pass keeps the later row's key, as the CPU's
         // in-order store does.
         let mut last = HashMap::new();
-        for (row, &slot) in slots.iter().enumerate() {
+        for (row, &slot) in m.slots.iter().enumerate() {
             last.insert(slot, row);
         }
-        for (row, slot) in slots.iter_mut().enumerate() {
+        for (row, slot) in m.slots.iter_mut().enumerate() {
             if last[slot] != row {
                 *slot = -1;
             }
         }
-        Ok(Pass {
+        Ok(m)
+    }
+}
+
+impl Meta {
+    /// The longest block table of `batch`.
+    pub fn longest_table(batch: &Batch<'_>) -> usize {
+        batch.seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(0)
+    }
+
+    /// `batch`'s layout, uploaded into fresh buffers.
+    pub fn new(gpu: &Gpu, batch: &Batch<'_>, kv: &KvStorage) -> Result<Meta> {
+        let stride = Meta::longest_table(batch);
+        let h = HostMeta::new(batch, kv, stride)?;
+        Ok(Meta {
+            positions: gpu.upload(&h.positions)?,
+            rows: gpu.upload(&h.rows)?,
+            tables: gpu.upload(&h.tables)?,
+            slots: gpu.upload(&h.slots)?,
+            num_rows: h.positions.len(),
+            table_stride: stride,
+        })
+    }
+
+    /// Buffers for batches of `rows` rows, one sequence each, with tables up to
+    /// `table_stride` blocks (a decode step's, for a captured graph).
+    pub fn with_capacity(gpu: &Gpu, rows: usize, table_stride: usize) -> Result<Meta> {
+        Ok(Meta {
+            positions: gpu.zeros(rows)?,
+            rows: gpu.zeros(rows * 4)?,
+            tables: gpu.zeros(rows * table_stride)?,
+            slots: gpu.zeros(rows)?,
+            num_rows: rows,
+            table_stride,
+        })
+    }
+
+    /// Overwrites the buffers with `batch`'s layout (its rows and tables must fit).
+    pub fn update(&mut self, gpu: &Gpu, batch: &Batch<'_>, kv: &KvStorage) -> Result<()> {
+        let h = HostMeta::new(batch, kv, self.table_stride)?;
+        if h.positions.len() != self.num_rows || Meta::longest_table(batch) > self.table_stride {
+            return Err(Error::Internal(
+                "a batch that does not fit its graph".into(),
+            ));
+        }
+        gpu.copy_to(&h.positions, &mut self.positions)?;
+        gpu.copy_to(&h.rows, &mut self.rows)?;
+        gpu.copy_to(&h.tables, &mut self.tables)?;
+        gpu.copy_to(&h.slots, &mut self.slots)
+    }
+}
+
+/// One forward pass's view of the GPU: the batch's layout, the decoder's parameters.
+pub struct Pass<'a> {
+    gpu: &'a Gpu,
+    params: &'a Params,
+    meta: &'a Meta,
+    num_rows: usize,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(gpu: &'a Gpu, params: &'a Params, meta: &'a Meta) -> Self {
+        Pass {
             gpu,
             params,
-            positions: gpu.upload(&positions)?,
-            rows: gpu.upload(&rows)?,
-            tables: gpu.upload(&tables)?,
-            slots: gpu.upload(&slots)?,
-            num_rows: positions.len(),
-        })
+            meta,
+            num_rows: meta.num_rows,
+        }
     }
 
     /// The GPU copy of host parameter `values`.
@@ -266,7 +331,7 @@ impl Ops for Pass<'_> {
                 self.num_rows * heads * half,
                 &[
                     x.arg(self.gpu)?,
-                    ptr(&self.positions, self.gpu.stream()),
+                    ptr(&self.meta.positions, self.gpu.stream()),
                     f,
                     Arg::I32(half as i32),
                     Arg::I32(heads as i32),
@@ -298,30 +363,29 @@ impl Ops for Pass<'_> {
                     "head_dim {hd} is past the GPU attention kernel's 256"
                 )));
             }
-            let dtype = kv.dtype();
+            let bf16 = kv.dtype() == KvDType::BF16;
             let (ck, cv) = kv
                 .cuda_layer(layer)
                 .ok_or_else(|| Error::Internal("a CPU KV cache in a GPU forward pass".into()))?;
             let (ck, cv) = (ptr(ck, self.gpu.stream()), ptr(cv, self.gpu.stream()));
-            let suffix = if dtype == KvDType::BF16 {
-                "bf16"
-            } else {
-                "f16"
-            };
             out.resize(self.gpu, self.num_rows * heads * hd)?;
             let (ring_keep, ring_window) = layout.ring.map_or((0, 0), |r| (r.keep, r.window));
             self.gpu.launch(
-                &format!("attention_{suffix}"),
+                if bf16 {
+                    "attention_bf16"
+                } else {
+                    "attention_f16"
+                },
                 (self.num_rows as u32, heads as u32),
-                128,
+                512, // 16 warps (kernels.cu, ATT_WARPS)
                 &[
                     q.arg(self.gpu)?,
                     k.arg(self.gpu)?,
                     v.arg(self.gpu)?,
                     ck,
                     cv,
-                    ptr(&self.tables, self.gpu.stream()),
-                    ptr(&self.rows, self.gpu.stream()),
+                    ptr(&self.meta.tables, self.gpu.stream()),
+                    ptr(&self.meta.rows, self.gpu.stream()),
                     out.arg(self.gpu)?,
                     Arg::I32(heads as i32),
                     Arg::I32(kvh as i32),
@@ -336,14 +400,18 @@ impl Ops for Pass<'_> {
             // Then the fresh keys and values into the cache (after attention, as on the CPU:
             // a ring's chunk must not overwrite keys its own queries still read).
             self.elementwise(
-                &format!("kv_store_{suffix}"),
+                if bf16 {
+                    "kv_store_bf16"
+                } else {
+                    "kv_store_f16"
+                },
                 self.num_rows * kvh * hd,
                 &[
                     k.arg(self.gpu)?,
                     v.arg(self.gpu)?,
                     ck,
                     cv,
-                    ptr(&self.slots, self.gpu.stream()),
+                    ptr(&self.meta.slots, self.gpu.stream()),
                     Arg::I32(self.num_rows as i32),
                     Arg::I32(kvh as i32),
                     Arg::I32(hd as i32),

@@ -1,7 +1,8 @@
 //! Linear layers on the GPU, uploaded once at load in the form their kernels read:
 //!
 //! - float matrices in the narrowest float type that holds every value exactly (bf16
-//!   checkpoints come back to bf16, which the host keeps widened to f32), through cuBLAS;
+//!   checkpoints come back to bf16, which the host keeps widened to f32): half types
+//!   through our GEMV for up to [`GEMV_MAX_ROWS`] rows, cuBLAS otherwise and for f32;
 //! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
 //!   affine groups) in MLX's layout, through our kernels: a GEMV for up to
 //!   [`GEMV_MAX_ROWS`] rows (decoding), dequantize-then-GEMM above;
@@ -103,6 +104,9 @@ enum Form {
         biases: Floats,
         bits: u32,
         group_size: usize,
+        /// The kernels for these bits and scale type (named once, not per call).
+        gemv: String,
+        dequant: String,
     },
     /// GGML blocks on candle's CUDA device.
     Ggml(QMatMul),
@@ -155,6 +159,7 @@ fn grown<
 ) -> Result<&'a mut CudaSlice<T>> {
     if slot.as_ref().is_none_or(|s| s.len() < len) {
         *slot = None;
+        gpu.bump_epoch();
         *slot = Some(gpu.zeros(len)?);
     }
     slot.as_mut()
@@ -178,13 +183,17 @@ impl GpuLinear {
     }
 
     pub fn affine(gpu: &Gpu, a: &AffineMatrix) -> Result<GpuLinear> {
+        let scales = Floats::stored(gpu, &a.scales, a.scale_dtype)?;
+        let (bits, stype) = (a.bits, scales.suffix());
         Ok(GpuLinear {
             form: Form::Affine {
                 packed: gpu.upload(&a.packed)?,
-                scales: Floats::stored(gpu, &a.scales, a.scale_dtype)?,
                 biases: Floats::stored(gpu, &a.biases, a.scale_dtype)?,
-                bits: a.bits,
+                scales,
+                bits,
                 group_size: a.group_size,
+                gemv: format!("affine_gemv_{bits}_{stype}"),
+                dequant: format!("affine_dequant_{bits}_{stype}"),
             },
             rows: a.rows,
             cols: a.cols,
@@ -234,6 +243,16 @@ impl GpuLinear {
         matches!(self.form, Form::Dense(_))
     }
 
+    /// Whether a decode step through this layer can be captured in a CUDA graph: our own
+    /// kernels only (cuBLAS and candle may allocate while they run).
+    pub fn graphable(&self) -> bool {
+        match &self.form {
+            Form::Affine { .. } => true,
+            Form::Dense(Floats::F16(_) | Floats::BF16(_)) => self.cols.is_multiple_of(8),
+            Form::Dense(Floats::F32(_)) | Form::Ggml(_) => false,
+        }
+    }
+
     pub fn is_bf16(&self) -> bool {
         matches!(self.form, Form::Dense(Floats::BF16(_)))
     }
@@ -273,6 +292,30 @@ impl GpuLinear {
             return Ok(());
         }
         match &self.form {
+            Form::Dense(w @ (Floats::F16(_) | Floats::BF16(_)))
+                if m <= GEMV_MAX_ROWS && k.is_multiple_of(8) =>
+            {
+                // Decoding: our GEMV reads the half weights with f32 activations (as the
+                // affine one does: 4 warps of 2 rows per block).
+                let name = if matches!(w, Floats::BF16(_)) {
+                    "dense_gemv_bf16"
+                } else {
+                    "dense_gemv_f16"
+                };
+                gpu.launch(
+                    name,
+                    ((n.div_ceil(8)) as u32, 1),
+                    128,
+                    &[
+                        w.arg(gpu),
+                        x.arg(gpu)?,
+                        out.arg(gpu)?,
+                        Arg::I32(n as i32),
+                        Arg::I32(k as i32),
+                        Arg::I32(m as i32),
+                    ],
+                )?;
+            }
             Form::Dense(w) => {
                 let precision = match w {
                     Floats::F32(_) => Precision::F32,
@@ -285,17 +328,18 @@ impl GpuLinear {
                 packed,
                 scales,
                 biases,
-                bits,
                 group_size,
+                gemv,
+                dequant,
+                ..
             } => {
                 let args = [ptr(packed, gpu.stream()), scales.arg(gpu), biases.arg(gpu)];
-                let stype = scales.suffix();
                 if m <= GEMV_MAX_ROWS {
-                    let name = format!("affine_gemv_{bits}_{stype}");
+                    // 4 warps of 2 rows each per block (kernels.cu, GEMV_WARPS, GEMV_ROWS).
                     gpu.launch(
-                        &name,
+                        gemv,
                         ((n.div_ceil(8)) as u32, 1),
-                        256,
+                        128,
                         &[
                             args[0],
                             args[1],
@@ -310,9 +354,8 @@ impl GpuLinear {
                     )?;
                 } else {
                     let dense = grown(gpu, &mut scratch.dense, n * k)?;
-                    let name = format!("affine_dequant_{bits}_{stype}");
                     gpu.launch(
-                        &name,
+                        dequant,
                         Gpu::grid_for(n * k / 32),
                         256,
                         &[

@@ -93,6 +93,8 @@ pub struct OnGpu {
     pub gpu: Arc<crate::cuda::Gpu>,
     params: crate::cuda::Params,
     workspace: Mutex<Workspace<crate::cuda::GpuBuf, crate::cuda::Scratch>>,
+    /// Decode steps captured as CUDA graphs, when every layer allows it.
+    graphs: Option<crate::cuda::graph::Graphs>,
 }
 
 /// The buffers a forward pass computes in, kept from one pass to the next: once they have
@@ -251,14 +253,49 @@ impl Decoder {
                 self.run(&Cpu, ws, batch, kv)
             }
             #[cfg(feature = "cuda")]
-            Backend::Cuda(g) => {
-                let pass = crate::cuda::Pass::new(&g.gpu, &g.params, batch, kv)?;
-                // GPU passes of one decoder take turns (one stream runs them in order
-                // anyway); the buffers are kept.
-                let mut ws = g.workspace.lock();
-                self.run(&pass, &mut ws, batch, kv)
+            Backend::Cuda(g) => self.forward_gpu(g, batch, kv),
+        }
+    }
+
+    /// [`Decoder::forward`] on the GPU: decode steps through CUDA graphs where the layers
+    /// allow (see `cuda::graph`), every other pass launched op by op.
+    #[cfg(feature = "cuda")]
+    fn forward_gpu(&self, g: &OnGpu, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Tensor> {
+        use crate::cuda::graph::Key;
+        use crate::cuda::{Meta, Pass, GEMV_MAX_ROWS};
+        let gpu = &*g.gpu;
+        gpu.bind()?;
+        // GPU passes of one decoder take turns (one stream runs them in order anyway); the
+        // buffers are kept.
+        let mut ws = g.workspace.lock();
+        let graphs = g.graphs.as_ref().filter(|_| !crate::cuda::profiling());
+        let key = graphs.and_then(|graphs| {
+            Key::of(gpu, batch, kv, GEMV_MAX_ROWS).filter(|&k| graphs.seen_before(k))
+        });
+        let (Some(graphs), Some(key)) = (graphs, key) else {
+            let meta = Meta::new(gpu, batch, kv)?;
+            return self.run(&Pass::new(gpu, &g.params, &meta), &mut ws, batch, kv);
+        };
+        let vocab = self.config.vocab_size;
+        let mut step = graphs.take(gpu, key, vocab)?;
+        step.meta.update(gpu, batch, kv)?;
+        self.embed(&Pass::new(gpu, &g.params, &step.meta), &mut ws, batch)?;
+        if !step.is_captured() {
+            let captured = step.capture(gpu, |step| {
+                let pass = Pass::new(gpu, &g.params, &step.meta);
+                self.layers_and_head(&pass, &mut ws, batch, kv, &mut step.logits)
+            });
+            if let Err(e) = captured {
+                // Nothing ran while capturing: the step runs op by op instead.
+                graphs.fail(&e);
+                let meta = Meta::new(gpu, batch, kv)?;
+                return self.run(&Pass::new(gpu, &g.params, &meta), &mut ws, batch, kv);
             }
         }
+        step.launch()?;
+        let logits = gpu.download(step.logits.slice()?, key.rows * vocab);
+        graphs.put(key, step);
+        Ok(Tensor::from_vec(logits?, (key.rows, vocab), &Device::Cpu)?)
     }
 
     /// The GPU this decoder runs on, if any.
@@ -311,6 +348,23 @@ impl Decoder {
             })?;
         }
         up(&mut lm_head)?;
+        let graphable = !layers.iter().any(|b| matches!(b.mlp, FeedForward::Moe(_)))
+            && layers
+                .iter()
+                .flat_map(|b| {
+                    let a = &b.self_attn;
+                    let mut all = vec![&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
+                    match &b.mlp {
+                        FeedForward::Dense(m) => {
+                            all.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+                        }
+                        FeedForward::Plain { fc1, fc2, .. } => all.extend([fc1, fc2]),
+                        FeedForward::Moe(_) => {}
+                    }
+                    all
+                })
+                .chain([&lm_head])
+                .all(|l| l.gpu().is_some_and(crate::cuda::GpuLinear::graphable));
         Ok((
             Decoder {
                 embed_tokens,
@@ -325,6 +379,7 @@ impl Decoder {
                     gpu,
                     params: crate::cuda::Params::default(),
                     workspace: Mutex::default(),
+                    graphs: graphable.then(crate::cuda::graph::Graphs::default),
                 })),
             },
             delta,
@@ -339,6 +394,29 @@ impl Decoder {
         batch: &Batch<'_>,
         kv: &mut KvStorage,
     ) -> Result<Tensor> {
+        self.embed(o, ws, batch)?;
+        if batch.logits_rows.is_empty() {
+            self.layers(o, ws, batch, kv)?;
+            // A step of prompt chunks only: the cache is filled, no logits are wanted.
+            let vocab = self.config.vocab_size;
+            return Ok(Tensor::zeros(
+                (0, vocab),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?);
+        }
+        let mut logits = O::Buf::default();
+        self.layers_and_head(o, ws, batch, kv, &mut logits)?;
+        o.to_host(logits, batch.logits_rows.len(), self.config.vocab_size)
+    }
+
+    /// The batch's tokens checked and embedded into `ws.x`.
+    fn embed<O: Ops>(
+        &self,
+        o: &O,
+        ws: &mut Workspace<O::Buf, O::Scratch>,
+        batch: &Batch<'_>,
+    ) -> Result<()> {
         let rows = batch.tokens.len();
         if rows == 0 {
             return Err(Error::param("token_ids", "at least one token is required"));
@@ -377,6 +455,48 @@ impl Decoder {
             // Gemma: HF computes the factor in the activation dtype, f32 here.
             o.scale(&mut ws.x, (d as f32).sqrt())?;
         }
+        Ok(())
+    }
+
+    /// The layers over the embedded batch, then the output head on the wanted rows into
+    /// `logits: [logits_rows, vocab]`.
+    fn layers_and_head<O: Ops>(
+        &self,
+        o: &O,
+        ws: &mut Workspace<O::Buf, O::Scratch>,
+        batch: &Batch<'_>,
+        kv: &mut KvStorage,
+        logits: &mut O::Buf,
+    ) -> Result<()> {
+        self.layers(o, ws, batch, kv)?;
+        // The wanted rows, normalised, through the head.
+        let rows = batch.tokens.len();
+        let all = batch.logits_rows.len() == rows
+            && batch
+                .logits_rows
+                .iter()
+                .enumerate()
+                .all(|(i, &r)| r as usize == i);
+        if all {
+            o.copy(&mut ws.normed, &ws.x)?;
+        } else {
+            let d = self.config.hidden_size;
+            o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed)?;
+        }
+        o.norm(&self.norm, &mut ws.normed)?;
+        let n = batch.logits_rows.len();
+        o.linear([&self.lm_head], &ws.normed, n, [logits], &mut ws.scratch)
+    }
+
+    /// The layers over the embedded batch in `ws.x`.
+    fn layers<O: Ops>(
+        &self,
+        o: &O,
+        ws: &mut Workspace<O::Buf, O::Scratch>,
+        batch: &Batch<'_>,
+        kv: &mut KvStorage,
+    ) -> Result<()> {
+        let rows = batch.tokens.len();
         for (i, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
             let (rope, window) = if attn.local {
@@ -406,27 +526,7 @@ impl Decoder {
             }
             o.add(&mut ws.x, &ws.h, None)?;
         }
-        if batch.logits_rows.is_empty() {
-            // A step of prompt chunks only: the cache is filled, no logits are wanted.
-            return Ok(Tensor::zeros(
-                (0, vocab),
-                candle_core::DType::F32,
-                &Device::Cpu,
-            )?);
-        }
-        // The wanted rows, normalised, through the head.
-        o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed)?;
-        o.norm(&self.norm, &mut ws.normed)?;
-        let n = batch.logits_rows.len();
-        let mut logits = O::Buf::default();
-        o.linear(
-            [&self.lm_head],
-            &ws.normed,
-            n,
-            [&mut logits],
-            &mut ws.scratch,
-        )?;
-        o.to_host(logits, n, vocab)
+        Ok(())
     }
 
     /// A copy whose linear layers are requantized to MLX affine groups: `bits` for every

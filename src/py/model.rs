@@ -240,14 +240,15 @@ impl PyProgress {
 
 /// Loads model and tokenizer from a `.gguf` file or a directory holding one.
 #[pyfunction]
-#[pyo3(signature = (path, progress = None, device = "cpu".to_owned()))]
+#[pyo3(signature = (path, progress = None, device = "cpu"))]
 pub fn load(
     py: Python<'_>,
     path: PathBuf,
     progress: Option<&PyProgress>,
-    device: String,
+    device: &str,
 ) -> PyResult<(PyModel, PyTokenizer)> {
     let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
+    let device = device.to_owned();
     let (model, tokenizer) = run_detached(py, move || {
         let (model, tokenizer) = crate::model::load_with(&path, &progress)?;
         Ok((model.to_device(&device)?, tokenizer))
@@ -262,14 +263,15 @@ pub fn load(
 
 /// Loads only the model weights.
 #[pyfunction]
-#[pyo3(signature = (path, progress = None, device = "cpu".to_owned()))]
+#[pyo3(signature = (path, progress = None, device = "cpu"))]
 pub fn load_model(
     py: Python<'_>,
     path: PathBuf,
     progress: Option<&PyProgress>,
-    device: String,
+    device: &str,
 ) -> PyResult<PyModel> {
     let progress = progress.map_or_else(Default::default, |p| p.inner.clone());
+    let device = device.to_owned();
     let model = run_detached(py, move || {
         crate::model::load_model_with(&path, &progress)?.to_device(&device)
     })?;

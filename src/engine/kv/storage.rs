@@ -186,6 +186,9 @@ impl KvStorage {
             return Err(Error::Internal("an f32 KV cache on the GPU".into()));
         }
         gpu.bind()?;
+        // A new cache may reuse a dropped one's addresses: graphs captured over that one
+        // must not replay over this one.
+        gpu.bump_epoch();
         let len = num_blocks
             .checked_mul(layout.block_len())
             .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
@@ -256,6 +259,7 @@ impl KvStorage {
             Layers::F16(l) => resize(l, len),
             #[cfg(feature = "cuda")]
             Layers::Cuda(g) => {
+                g.gpu.bump_epoch();
                 for (k, v) in &mut g.layers {
                     for old in [k, v] {
                         let mut new = g.gpu.zeros::<u16>(len)?;
