@@ -15,6 +15,10 @@ import pytest
 
 import cortex
 
+# The suite's tests compare against the CPU: on a machine with a GPU and the GPU build,
+# `device="auto"` would put their models on it. tests/test_gpu.py asks for "cuda" itself.
+os.environ.setdefault("CORTEX_DEVICE", "cpu")
+
 GOLDEN_DIR = Path(os.environ.get("CORTEX_GOLDEN_DIR", Path(__file__).parents[2] / "shared" / "golden"))
 
 

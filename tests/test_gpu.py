@@ -405,7 +405,9 @@ def smollm_cpu_f32(model_path: Path) -> cortex.Model:
 # ── 1. Device info and placement ─────────────────────────────────────────────────────────────
 
 
-def test_device_info_and_placement(tmp_path: Path) -> None:
+def test_device_info_and_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The suite pins "auto" to the CPU (conftest); here "auto" is the user's default.
+    monkeypatch.delenv("CORTEX_DEVICE")
     assert _core.cuda_compiled() and _core.cuda_device_count() >= 1
     info = cortex.MLXAccelerator().get_device_info()
     assert info["device"] == DEVICE and info["is_gpu"] is True
@@ -428,6 +430,8 @@ def test_device_info_and_placement(tmp_path: Path) -> None:
     with pytest.raises(cortex.RequestValidationError) as missing:
         cortex.load_model(tmp_path / "m", device="cuda:99")
     assert missing.value.param == "device" and "cuda:99" in str(missing.value)
+    monkeypatch.setenv("CORTEX_DEVICE", "cpu")
+    assert cortex.load_model(tmp_path / "m").device == "cpu"
     # Building a CPU reference takes a load on the CPU: the GPU copy has no host weights.
     with pytest.raises(cortex.RequestValidationError) as on_gpu:
         model.dequantize()

@@ -35,10 +35,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _placement(device: str, dtype: str | None) -> str:
-    """The device a load goes to: ``"auto"`` is the first GPU when this build has CUDA and
-    the machine a GPU, else the CPU (a CUDA build without a GPU says so once)."""
+    """The device a load goes to: ``"auto"`` is ``$CORTEX_DEVICE`` when set, else the first
+    GPU when this build has CUDA and the machine a GPU, else the CPU (a CUDA build without
+    a GPU says so once)."""
     if dtype not in (None, "float32"):
         raise ValueError(f"dtype={dtype!r}: activations are 'float32' on every device")
+    if device == "auto":
+        device = os.environ.get("CORTEX_DEVICE", "").strip() or "auto"
     if device != "auto":
         return device
     if _core.cuda_device_count() > 0:
@@ -65,8 +68,8 @@ def load(
         ref: a ``.gguf`` file, a model folder (Hugging Face or MLX layout, or one holding a
             ``.gguf``), or a Hub repo id (``org/name``, fetched into the Hugging Face cache;
             see :mod:`cortex.hub`). ``None`` loads the default model, SmolLM2-135M-Instruct.
-        device: ``"auto"`` (the first GPU when this build has CUDA and one is present, else
-            the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        device: ``"auto"`` (``$CORTEX_DEVICE`` if set, else the first GPU when this build
+            has CUDA and one is present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         dtype: activation dtype; ``None`` or ``"float32"`` (on every device).
         revision: branch, tag or commit of a Hub repo id.
 

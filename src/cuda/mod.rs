@@ -7,6 +7,7 @@
 //! - `weights.rs`: linear layers uploaded once at load, repacked for the GPU kernels.
 //! - `ops.rs`: one forward pass's operations; the KV cache is [`crate::engine::kv::KvStorage`]
 //!   with its layers in GPU memory.
+//! - `graph.rs`: decode steps captured as CUDA graphs and replayed.
 //!
 //! Activations stay f32 on the GPU (more exact than the CPU's int8-rounded quantized
 //! path); the CPU's f32 computation is the reference the GPU tests compare against.
@@ -157,18 +158,7 @@ impl Gpu {
         })
     }
 
-    /// Bytes of GPU memory free now.
-    pub fn free_memory(&self) -> Result<usize> {
-        self.bind()?;
-        Ok(self
-            .stream
-            .context()
-            .mem_get_info()
-            .map_err(|e| device_error("querying GPU memory", e))?
-            .0)
-    }
-
-    /// See [`Gpu::epoch`]'s field: moves when a pass's buffers move.
+    /// Moves when a buffer a pass computes in moves (see the field).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }

@@ -29,6 +29,7 @@ pub type Params = Mutex<HashMap<usize, CudaSlice<f32>>>;
 /// every kernel to the operation that launched it). `(calls, seconds)` by operation.
 static PROFILE: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
 
+/// Whether this process profiles GPU operations (`CORTEX_GPU_PROFILE=1`, read once).
 pub fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("CORTEX_GPU_PROFILE").is_ok_and(|v| v == "1"))

@@ -1,13 +1,14 @@
-//! The KV cache's memory on the CPU: every layer's keys and values, in fixed-size blocks
-//! (vLLM's PagedAttention layout, Kwon et al. 2023). Which sequence owns which block is
+//! The KV cache's memory: every layer's keys and values, in fixed-size blocks (vLLM's
+//! PagedAttention layout, Kwon et al. 2023). Which sequence owns which block is
 //! [`super::BlockPool`]'s business; this side only says where a slot lives
 //! ([`KvLayout::place`]) and lends each layer's arrays to the attention kernels, which read
-//! and write them through [`KvStorage::layer`] and [`KvStorage::layer_mut`] alone. A GPU
-//! backend provides its own storage behind the same three calls.
+//! and write them through [`KvStorage::layer`] and [`KvStorage::layer_mut`] alone on the
+//! CPU, [`KvStorage::cuda_layer`] on a GPU (the `cuda` feature: f16 or bf16, keys laid out
+//! like values so that one key is contiguous).
 //!
 //! Memory: `2 · layers · num_blocks · block_size · kv_heads · head_dim` elements, reserved
-//! up front as zeroed allocations that the OS maps lazily, so only written blocks are
-//! resident.
+//! up front: on the CPU as zeroed allocations that the OS maps lazily, so only written
+//! blocks are resident; on a GPU all at once.
 
 use half::f16;
 
