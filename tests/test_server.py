@@ -629,6 +629,53 @@ def test_a_waiting_non_streamed_client_that_leaves_is_aborted(server):
     assert samples[("cortex_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))] >= 1
 
 
+def test_a_client_that_stops_reading_is_dropped(smollm):
+    """A streaming client that reads nothing (RELIABILITY F6): once the server's writes
+    have waited `write_timeout`, its connection is closed and its request aborted, so it
+    cannot hold a place in the batch; a request beside it is served meanwhile."""
+    model, tok = smollm
+    server = cortex.serve(model, tok, port=0, block=False, write_timeout=1.0, access_log=False)
+    assert server is not None
+    try:
+        baseline = _idle_stats(server)
+        # Large chunks (20 alternatives per token) fill the socket buffers within seconds.
+        body = json.dumps(
+            {
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": 4000,
+                "ignore_eos": True,
+                "stream": True,
+                "logprobs": True,
+                "top_logprobs": 20,
+            }
+        ).encode()
+        parts = urlsplit(server.url)
+        assert parts.hostname is not None and parts.port is not None
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: writes stall
+        with s:
+            s.connect((parts.hostname, parts.port))
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            s.sendall(head.encode() + body)
+            _wait_until(lambda: server.stats()["requests_running"] >= 1, 10.0, "the request to start")
+            status, _, _ = _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+            assert status == 200
+            # 4000 tokens would take minutes: the abort comes once the socket has been full
+            # for a second.
+            _wait_until(
+                lambda: server.stats()["requests_aborted"] > baseline["requests_aborted"],
+                60.0,
+                "the stalled reader's request to be aborted",
+            )
+        _wait_until(
+            lambda: server.stats()["kv_blocks_free"] == baseline["kv_blocks_free"],
+            5.0,
+            "its KV blocks to come back",
+        )
+    finally:
+        server.shutdown()
+
+
 def test_malformed_json_is_400(server):
     for path in ("/v1/chat/completions", "/v1/completions"):
         status, _, body = _raw(server.url, "POST", path, b'{"messages": [{"role": "user", "content": "hi"}')

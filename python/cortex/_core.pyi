@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MAX_NUM_BATCHED_TOKENS",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_SHUTDOWN_TIMEOUT",
+    "DEFAULT_WRITE_TIMEOUT",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
     "Completion",
@@ -232,6 +233,7 @@ class Engine:
 
 DEFAULT_MAX_QUEUE: int
 DEFAULT_SHUTDOWN_TIMEOUT: float
+DEFAULT_WRITE_TIMEOUT: float
 
 @final
 class Server:
@@ -246,6 +248,7 @@ class Server:
         max_queue: int = ...,
         chat_template: str | None = None,
         shutdown_timeout: float = ...,
+        write_timeout: float = ...,
         access_log: bool = True,
         insecure: bool = False,
     ) -> Server: ...

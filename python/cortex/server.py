@@ -148,6 +148,7 @@ def serve(
     max_queue: int = _core.DEFAULT_MAX_QUEUE,
     chat_template: PathLike | None = None,
     shutdown_timeout: float = _core.DEFAULT_SHUTDOWN_TIMEOUT,
+    write_timeout: float = _core.DEFAULT_WRITE_TIMEOUT,
     access_log: bool = True,
     insecure: bool = False,
     block: bool = True,
@@ -171,6 +172,9 @@ def serve(
             model's.
         shutdown_timeout: seconds running requests get to finish once shutdown begins;
             then they are aborted.
+        write_timeout: seconds a response may wait for a client that reads nothing; then
+            the connection is closed and its request aborted (a stalled reader cannot hold
+            a place in the batch).
         access_log: one line per request on stderr (method, path, status, tokens, time).
         insecure: serve on a non-loopback address without an API key (behind a gateway
             that authenticates, for instance).
@@ -208,6 +212,7 @@ def serve(
         max_queue=max_queue,
         chat_template=None if chat_template is None else _template_source(chat_template),
         shutdown_timeout=shutdown_timeout,
+        write_timeout=write_timeout,
         access_log=access_log,
         insecure=insecure,
     )

@@ -7,7 +7,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::engine::{stats_dict, PyEngine};
-use crate::server::{Server, ServerConfig, DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT};
+use crate::server::{
+    Server, ServerConfig, DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+};
 
 #[pyclass(name = "Server", module = "cortex._core", frozen)]
 pub struct PyServer {
@@ -21,7 +23,8 @@ impl PyServer {
     #[new]
     #[pyo3(signature = (engine, *, served_model_name, host = "127.0.0.1".to_string(), port = 8000,
         api_key = None, max_queue = DEFAULT_MAX_QUEUE, chat_template = None,
-        shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(), access_log = true,
+        shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(),
+        write_timeout = DEFAULT_WRITE_TIMEOUT.as_secs_f64(), access_log = true,
         insecure = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -33,15 +36,20 @@ impl PyServer {
         max_queue: usize,
         chat_template: Option<String>,
         shutdown_timeout: f64,
+        write_timeout: f64,
         access_log: bool,
         insecure: bool,
     ) -> PyResult<Self> {
-        let shutdown_timeout = Duration::try_from_secs_f64(shutdown_timeout).map_err(|_| {
-            crate::Error::param(
-                "shutdown_timeout",
-                format!("{shutdown_timeout} is not a number of seconds from 0 up"),
-            )
-        })?;
+        let seconds = |name: &str, s: f64| {
+            Duration::try_from_secs_f64(s).map_err(|_| {
+                crate::Error::param(name, format!("{s} is not a number of seconds from 0 up"))
+            })
+        };
+        let shutdown_timeout = seconds("shutdown_timeout", shutdown_timeout)?;
+        let write_timeout = seconds("write_timeout", write_timeout)?;
+        if write_timeout.is_zero() {
+            return Err(crate::Error::param("write_timeout", "must be above 0 seconds").into());
+        }
         if api_key.as_deref() == Some("") {
             return Err(crate::Error::param("api_key", "must not be empty").into());
         }
@@ -53,6 +61,7 @@ impl PyServer {
             max_queue,
             chat_template,
             shutdown_timeout,
+            write_timeout,
             access_log,
             insecure,
         };
@@ -89,13 +98,14 @@ impl PyServer {
     }
 }
 
-/// The server's defaults, as `cortex._core.DEFAULT_MAX_QUEUE` and
-/// `DEFAULT_SHUTDOWN_TIMEOUT` (seconds).
+/// The server's defaults, as `cortex._core.DEFAULT_MAX_QUEUE`, `DEFAULT_SHUTDOWN_TIMEOUT`
+/// and `DEFAULT_WRITE_TIMEOUT` (seconds).
 pub fn add_defaults(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_QUEUE", DEFAULT_MAX_QUEUE)?;
     m.add(
         "DEFAULT_SHUTDOWN_TIMEOUT",
         DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(),
     )?;
+    m.add("DEFAULT_WRITE_TIMEOUT", DEFAULT_WRITE_TIMEOUT.as_secs_f64())?;
     Ok(())
 }

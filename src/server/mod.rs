@@ -12,10 +12,12 @@
 //! What input may cost is bounded: connections (`MAX_CONNECTIONS`, headers within
 //! `HEADER_TIMEOUT`, in our own accept loop), bodies (`MAX_BODY_BYTES` each, arriving
 //! within `BODY_TIMEOUT`, `BODY_BUDGET_MIB` together), sequences (`max_batch_size +
-//! max_queue` admitted, 429 beyond). [`Server::shutdown`] stops accepting connections, lets
+//! max_queue` admitted, 429 beyond), and a client that stops reading (its connection is
+//! closed, and its request aborted, once a write has waited `write_timeout`). [`Server::shutdown`] stops accepting connections, lets
 //! running requests finish for `shutdown_timeout`, then aborts the rest.
 
 mod api;
+mod deadline;
 mod metrics;
 
 use std::collections::{HashMap, HashSet};
@@ -53,6 +55,10 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_QUEUE: usize = 256;
 /// Default time running requests get to finish once shutdown begins.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a response's write may wait for a client that reads nothing (see
+/// `deadline.rs`).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Request bodies being read or prepared at once may hold this many MiB together (a body
 /// counts its Content-Length, or the most a body may be without one); past it, 429.
 const BODY_BUDGET_MIB: usize = 256;
@@ -82,6 +88,9 @@ pub struct ServerConfig {
     /// A chat template's source, used instead of the model's.
     pub chat_template: Option<String>,
     pub shutdown_timeout: Duration,
+    /// A client whose socket takes nothing for this long loses its connection and its
+    /// request.
+    pub write_timeout: Duration,
     /// One line per request on stderr.
     pub access_log: bool,
     /// Serve on an address other than loopback without an API key.
@@ -909,8 +918,9 @@ impl Server {
         let (stopped_tx, stopped) = std::sync::mpsc::channel();
         let mut graceful = stop.subscribe();
         let serving = stopped_tx.clone();
+        let write_timeout = app.config.write_timeout;
         runtime.spawn(async move {
-            accept_loop(listener, router, &mut graceful).await;
+            accept_loop(listener, router, write_timeout, &mut graceful).await;
             let _ = serving.send(());
         });
         // The deadline: once shutdown begins, what still runs after `shutdown_timeout` is
@@ -976,6 +986,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     router: Router,
+    write_timeout: Duration,
     stop: &mut watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -1008,7 +1019,10 @@ async fn accept_loop(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service);
+                .serve_connection(
+                    TokioIo::new(deadline::WriteDeadline::new(tcp, write_timeout)),
+                    service,
+                );
             let stopping = stopped(&mut stop);
             futures::pin_mut!(conn, stopping);
             if let Either::Right(_) = select(conn.as_mut(), stopping).await {

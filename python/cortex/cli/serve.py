@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .._core import DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT
+from .._core import DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 from ..server import serve
 from ._common import description
 
@@ -62,6 +62,13 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         default=DEFAULT_SHUTDOWN_TIMEOUT,
         help="time running requests get to finish on SIGTERM (default: %(default)s)",
     )
+    p.add_argument(
+        "--write-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_WRITE_TIMEOUT,
+        help="time a response waits for a client that reads nothing, then drops it (default: %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no access log")
 
 
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,
+        write_timeout=args.write_timeout,
         access_log=not args.quiet,
         insecure=args.insecure,
     )
