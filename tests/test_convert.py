@@ -359,6 +359,16 @@ def test_bad_group_size_is_rejected_once_naming_the_parameter(tmp_path: Path) ->
     assert not list((tmp_path / "cache").iterdir())
 
 
+def test_mlx_output_needs_an_existing_directory(tmp_path: Path) -> None:
+    """MLX output goes into a directory the caller made: a missing one is a parameter error
+    naming it, said before the source is read (not a missing shard after)."""
+    write_tiny_hf(tmp_path / "tiny")
+    with pytest.raises(cortex.RequestValidationError) as err:
+        cortex._core.convert(tmp_path / "tiny", tmp_path / "missing", validate=False)
+    assert err.value.param == "out" and "missing" in str(err.value)
+    assert not (tmp_path / "missing").exists()
+
+
 def test_cancelled_conversion_stops_with_cancelled_error(tmp_path: Path) -> None:
     """Conversion reports to the same `Progress` a load does, and stops with
     `CancelledError` once it is cancelled."""

@@ -89,6 +89,16 @@ pub fn convert(
     progress: &Progress,
 ) -> Result<Conversion> {
     crate::threads::init_thread_pool();
+    if options.output_format == OutputFormat::Mlx && !out.is_dir() {
+        // Said before the source is read, not as a missing shard after it was.
+        return Err(Error::param(
+            "out",
+            format!(
+                "MLX output goes into an existing directory; {} is not one",
+                out.display()
+            ),
+        ));
+    }
     let src = Source::open(source)?;
     check_source_format(options.source_format, &src)?;
     let plan = make_plan(
