@@ -361,7 +361,7 @@ def test_bad_group_size_is_rejected_once_naming_the_parameter(tmp_path: Path) ->
 
 def test_mlx_output_needs_an_existing_directory(tmp_path: Path) -> None:
     """MLX output goes into a directory the caller made: a missing one is a parameter error
-    naming it, said before the source is read (not a missing shard after)."""
+    naming it, said before anything is converted (not as a missing shard after)."""
     write_tiny_hf(tmp_path / "tiny")
     with pytest.raises(cortex.RequestValidationError) as err:
         cortex._core.convert(tmp_path / "tiny", tmp_path / "missing", validate=False)

@@ -89,16 +89,6 @@ pub fn convert(
     progress: &Progress,
 ) -> Result<Conversion> {
     crate::threads::init_thread_pool();
-    if options.output_format == OutputFormat::Mlx && !out.is_dir() {
-        // Said before the source is read, not as a missing shard after it was.
-        return Err(Error::param(
-            "out",
-            format!(
-                "MLX output goes into an existing directory; {} is not one",
-                out.display()
-            ),
-        ));
-    }
     let src = Source::open(source)?;
     check_source_format(options.source_format, &src)?;
     let plan = make_plan(
@@ -109,6 +99,17 @@ pub fn convert(
         src.float_dtype,
         options.max_shard_bytes,
     )?;
+    if options.output_format == OutputFormat::Mlx && !out.is_dir() {
+        // Said once the source and the plan are known good, before anything is converted
+        // (not as a missing shard after every tensor was).
+        return Err(Error::param(
+            "out",
+            format!(
+                "MLX output goes into an existing directory; {} is not one",
+                out.display()
+            ),
+        ));
+    }
     let report = match options.output_format {
         OutputFormat::Mlx => convert_mlx(&src, &plan, out, progress)?,
         OutputFormat::Gguf => gguf_out::convert_gguf(&src, &plan, out, progress)?,
