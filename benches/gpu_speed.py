@@ -10,7 +10,7 @@ llama.cpp's ``<shape>-Q4_0.gguf`` from ``--gguf``), the model is loaded on ``cud
 timed with greedy decoding that ignores end-of-sequence:
 
 - decode at batch 1: ``--gen-tokens`` tokens after a 128-token prompt, the tokens after the
-  first over the time they took (best of 2, after a warm-up);
+  first over the time they took (``cpu_speed.bench_cortex``: best of 2, after a warm-up);
 - aggregate decode at 8 and 32 sequences (one engine, 128-token prompts): ``B · (N - 1)``
   over the time of ``N`` tokens minus the time of one (the peers' method);
 - prefill of 512 tokens: prompt tokens over the time to the first token (best of 3);
@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from cpu_speed import bench_cortex
+
 import cortex
 from cortex import ConversionConfig, MLXConverter, QuantizationRecipe, _core
 
@@ -42,20 +44,6 @@ FORMS = {"bf16": "bf16", "4bit": "MLX 4-bit g64", "8bit": "MLX 8-bit g64", "q4_0
 def prompts(vocab: int, n: int, length: int) -> list[list[int]]:
     # Token ids as mlx_bench.py's prompts take them (100, 101, ...), shifted per sequence.
     return [[(100 + 7 * s + i) % vocab for i in range(length)] for s in range(n)]
-
-
-def decode_b1(model: cortex.Model, tok: cortex.Tokenizer, ids: list[int], n_gen: int) -> float:
-    best = 0.0
-    for rep in range(3):  # a warm-up, then two measured
-        start = time.perf_counter()
-        first = last = 0.0
-        for r in cortex.stream_generate(model, tok, ids, max_tokens=n_gen, ignore_eos=True):
-            last = time.perf_counter() - start
-            if r.generation_tokens == 1:
-                first = last
-        if rep > 0:
-            best = max(best, (n_gen - 1) / (last - first))
-    return best
 
 
 def prefill(model: cortex.Model, tok: cortex.Tokenizer, ids: list[int]) -> float:
@@ -104,7 +92,7 @@ def bench(path: Path, n_gen: int) -> dict[str, float]:
     load_s = time.perf_counter() - start
     vocab = int(model.config["vocab_size"])
     r: dict[str, float] = {"load_s": load_s}
-    r["decode_b1"] = decode_b1(model, tok, prompts(vocab, 1, 128)[0], n_gen)
+    r["decode_b1"] = bench_cortex(model, tok, prompts(vocab, 1, 128)[0], n_gen, repeats=2)["decode_tps"]
     r["prefill_512"] = prefill(model, tok, prompts(vocab, 1, 512)[0])
     engine = cortex.Engine(model, tok, max_batch_size=32, kv_cache_tokens=32 * 512)
     for b in (8, 32):

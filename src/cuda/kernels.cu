@@ -366,6 +366,20 @@ __device__ __forceinline__ float one_plus_code(const uint32_t (&w)[BITS], int j)
 // (batch-invariant). 4 warps per block: a block covers GEMV_WARPS · GEMV_ROWS = 8 output rows.
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
+
+// A GEMV warp's sums, lane by lane, into y[m, r0 + rr] (rows past n are not written).
+__device__ __forceinline__ void gemv_store(float (&acc)[GEMV_ROWS][8], float* y, int n, int r0, int M,
+                                           int lane) {
+#pragma unroll
+  for (int rr = 0; rr < GEMV_ROWS; rr++) {
+#pragma unroll
+    for (int mm = 0; mm < 8; mm++) {
+      if (mm >= M) break;
+      const float t = warp_sum(acc[rr][mm]);
+      if (lane == 0 && r0 + rr < n) y[(long)mm * n + r0 + rr] = t;
+    }
+  }
+}
 template <int BITS, typename S>
 __device__ void affine_gemv(const uint32_t* w, const S* scales, const S* biases, const float* x,
                             float* y, int n, int k, int group, int M) {
@@ -373,11 +387,7 @@ __device__ void affine_gemv(const uint32_t* w, const S* scales, const S* biases,
   const int r0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / WARP) * GEMV_ROWS;
   if (r0 >= n) return;
   const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
-  float acc[GEMV_ROWS][8];
-#pragma unroll
-  for (int rr = 0; rr < GEMV_ROWS; rr++)
-#pragma unroll
-    for (int mm = 0; mm < 8; mm++) acc[rr][mm] = 0.f;
+  float acc[GEMV_ROWS][8] = {};
 #pragma unroll 2
   for (int c = lane; c < chunks; c += WARP) {
     // Both rows' codes first (loads in flight together), then the products.
@@ -413,15 +423,7 @@ __device__ void affine_gemv(const uint32_t* w, const S* scales, const S* biases,
         acc[rr][mm] += s[rr] * ((dot[rr] - xs) * (float)(1 << BITS)) + b[rr] * xs;
     }
   }
-#pragma unroll
-  for (int rr = 0; rr < GEMV_ROWS; rr++) {
-#pragma unroll
-    for (int mm = 0; mm < 8; mm++) {
-      if (mm >= M) break;
-      const float t = warp_sum(acc[rr][mm]);
-      if (lane == 0 && r0 + rr < n) y[(long)mm * n + r0 + rr] = t;
-    }
-  }
+  gemv_store(acc, y, n, r0, M, lane);
 }
 
 // Decode GEMV over a float matrix (bf16 or f16 weights, f32 activations, f32 sums), the
@@ -432,11 +434,7 @@ __device__ void dense_gemv(const W* w, const float* x, float* y, int n, int k, i
   const int lane = threadIdx.x % WARP;
   const int r0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / WARP) * GEMV_ROWS;
   if (r0 >= n) return;
-  float acc[GEMV_ROWS][8];
-#pragma unroll
-  for (int rr = 0; rr < GEMV_ROWS; rr++)
-#pragma unroll
-    for (int mm = 0; mm < 8; mm++) acc[rr][mm] = 0.f;
+  float acc[GEMV_ROWS][8] = {};
   const int octets = k / 8;
 #pragma unroll 2
   for (int c = lane; c < octets; c += WARP) {
@@ -460,15 +458,7 @@ __device__ void dense_gemv(const W* w, const float* x, float* y, int n, int k, i
                        wv[rr][4] * b.x + wv[rr][5] * b.y + wv[rr][6] * b.z + wv[rr][7] * b.w;
     }
   }
-#pragma unroll
-  for (int rr = 0; rr < GEMV_ROWS; rr++) {
-#pragma unroll
-    for (int mm = 0; mm < 8; mm++) {
-      if (mm >= M) break;
-      const float t = warp_sum(acc[rr][mm]);
-      if (lane == 0 && r0 + rr < n) y[(long)mm * n + r0 + rr] = t;
-    }
-  }
+  gemv_store(acc, y, n, r0, M, lane);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)

@@ -35,40 +35,29 @@ enum Floats {
 impl Floats {
     /// `values` in the narrowest type that holds each of them exactly.
     fn exact(gpu: &Gpu, values: &[f32]) -> Result<Floats> {
-        if values.iter().all(|x| x.to_bits().trailing_zeros() >= 16) {
-            let v: Vec<u16> = values
-                .iter()
-                .map(|&x| bf16::from_f32(x).to_bits())
-                .collect();
-            Ok(Floats::BF16(gpu.upload(&v)?))
-        } else if values.iter().all(|&x| f16::from_f32(x).to_f32() == x) {
-            let v: Vec<u16> = values.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
-            Ok(Floats::F16(gpu.upload(&v)?))
+        use rayon::prelude::*;
+        // Every value of an 8B checkpoint is looked at: on every core.
+        let dtype = if values
+            .par_iter()
+            .all(|x| x.to_bits().trailing_zeros() >= 16)
+        {
+            ScaleDType::BF16
+        } else if values.par_iter().all(|&x| f16::from_f32(x).to_f32() == x) {
+            ScaleDType::F16
         } else {
-            Ok(Floats::F32(gpu.upload(values)?))
-        }
+            ScaleDType::F32
+        };
+        Floats::stored(gpu, values, dtype)
     }
 
-    /// `values` (scales or biases) in the type they are stored in.
+    /// `values` (scales or biases, or a matrix) in `dtype`, rounded to nearest.
     fn stored(gpu: &Gpu, values: &[f32], dtype: ScaleDType) -> Result<Floats> {
+        use rayon::prelude::*;
+        let halves = |half: fn(f32) -> u16| values.par_iter().map(|&x| half(x)).collect::<Vec<_>>();
         Ok(match dtype {
             ScaleDType::F32 => Floats::F32(gpu.upload(values)?),
-            ScaleDType::F16 => Floats::F16(
-                gpu.upload(
-                    &values
-                        .iter()
-                        .map(|&x| f16::from_f32(x).to_bits())
-                        .collect::<Vec<_>>(),
-                )?,
-            ),
-            ScaleDType::BF16 => Floats::BF16(
-                gpu.upload(
-                    &values
-                        .iter()
-                        .map(|&x| bf16::from_f32(x).to_bits())
-                        .collect::<Vec<_>>(),
-                )?,
-            ),
+            ScaleDType::F16 => Floats::F16(gpu.upload(&halves(|x| f16::from_f32(x).to_bits()))?),
+            ScaleDType::BF16 => Floats::BF16(gpu.upload(&halves(|x| bf16::from_f32(x).to_bits()))?),
         })
     }
 

@@ -312,78 +312,30 @@ impl Decoder {
         !matches!(self.backend, Backend::Cpu(_))
     }
 
-    /// This decoder with its linear layers uploaded to `gpu` (their host copies are
-    /// dropped as each layer goes up); embeddings stay on the host, norms and RoPE
-    /// frequencies go up on first use.
+    /// This decoder with its linear layers uploaded to `gpu` (their host copies go with
+    /// `self`); embeddings stay on the host, norms and RoPE frequencies go up on first use.
+    /// Returns it and the change in weight bytes.
     #[cfg(feature = "cuda")]
     pub fn to_gpu(self, gpu: Arc<crate::cuda::Gpu>) -> Result<(Decoder, isize)> {
         gpu.bind()?;
-        let mut delta = 0isize;
-        let mut up = |l: &mut Linear| -> Result<()> {
-            let g = l.to_gpu(&gpu)?;
-            delta += g.nbytes() as isize - l.nbytes() as isize;
-            *l = g;
-            Ok(())
-        };
-        let Decoder {
-            embed_tokens,
-            embed_positions,
-            mut layers,
-            norm,
-            mut lm_head,
-            rope,
-            local_rope,
-            config,
-            backend: _,
-        } = self;
-        for block in &mut layers {
-            let a = &mut block.self_attn;
-            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                up(l)?;
-            }
-            block.mlp = block.mlp.map(&mut |l| {
-                let mut l = l.clone();
-                up(&mut l)?;
-                Ok(l)
-            })?;
-        }
-        up(&mut lm_head)?;
-        let graphable = !layers.iter().any(|b| matches!(b.mlp, FeedForward::Moe(_)))
-            && layers
-                .iter()
-                .flat_map(|b| {
-                    let a = &b.self_attn;
-                    let mut all = vec![&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
-                    match &b.mlp {
-                        FeedForward::Dense(m) => {
-                            all.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
-                        }
-                        FeedForward::Plain { fc1, fc2, .. } => all.extend([fc1, fc2]),
-                        FeedForward::Moe(_) => {}
-                    }
-                    all
-                })
-                .chain([&lm_head])
-                .all(|l| l.gpu().is_some_and(crate::cuda::GpuLinear::graphable));
-        Ok((
-            Decoder {
-                embed_tokens,
-                embed_positions,
-                layers,
-                norm,
-                lm_head,
-                rope,
-                local_rope,
-                config,
-                backend: Backend::Cuda(Box::new(OnGpu {
-                    gpu,
-                    params: crate::cuda::Params::default(),
-                    workspace: Mutex::default(),
-                    graphs: graphable.then(crate::cuda::graph::Graphs::default),
-                })),
-            },
-            delta,
-        ))
+        // Decode steps go through CUDA graphs when every layer runs our own kernels and
+        // no layer routes on the host (a mixture of experts).
+        let mut graphable = !self
+            .layers
+            .iter()
+            .any(|b| matches!(b.mlp, FeedForward::Moe(_)));
+        let (mut decoder, delta) = self.map_linears(|l, _| {
+            let up = l.to_gpu(&gpu)?;
+            graphable &= up.gpu().is_some_and(crate::cuda::GpuLinear::graphable);
+            Ok(up)
+        })?;
+        decoder.backend = Backend::Cuda(Box::new(OnGpu {
+            gpu,
+            params: crate::cuda::Params::default(),
+            workspace: Mutex::default(),
+            graphs: graphable.then(crate::cuda::graph::Graphs::default),
+        }));
+        Ok((decoder, delta))
     }
 
     /// The forward pass, on backend `o`.
