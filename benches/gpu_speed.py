@@ -2,7 +2,7 @@
 same sitting (``../shared/gpu/peers/README.md`` builds the models and times the peers).
 
     python benches/gpu_speed.py --models /tmp/hfm [--gguf /tmp/g] [--work /tmp/cortex-bench]
-        [--shapes 1B,8B] [--forms bf16,4bit,8bit,q4_0] [--peers DIR] [--gen-tokens 128]
+        [--shapes 1B,8B] [--forms bf16,4bit,8bit,q4_0] [--peers DIR] [--gen-tokens 128] [--profile]
 
 For each shape (an HF bf16 folder ``--models/<shape>``) and weight form (the folder itself in
 bf16; Cortex's own MLX conversions at 4 and 8 bits, group 64, made once into ``--work``;
@@ -18,9 +18,10 @@ timed with greedy decoding that ignores end-of-sequence:
 
 With ``--peers DIR`` (the folder the peers' calls wrote: hf.json, mlx.json, llama-bench.md,
 batched.md) each row also prints the matching peer figure and the ratio (> 1: Cortex is
-faster). With ``CORTEX_GPU_PROFILE=1`` in the environment, each model's batch-1 decode runs
-once more with every operation synchronized and timed, and the time per operation is
-printed: where a decoded token's time goes.
+faster). With ``--profile``, each model's batch-1 decode runs once more op by op (no CUDA
+graphs), every operation synchronized and timed, and the time per operation is printed:
+where a decoded token's time goes, launch and synchronization costs included. (Do not set
+``CORTEX_GPU_PROFILE=1`` for a benchmark: it turns graphs off for every figure.)
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def convert(src: Path, work: Path, bits: int) -> Path:
     return Path(path)
 
 
-def bench(path: Path, n_gen: int) -> dict[str, float]:
+def bench(path: Path, n_gen: int, profile: bool) -> dict[str, float]:
     start = time.perf_counter()
     model, tok = cortex.load(str(path), device="cuda")
     load_s = time.perf_counter() - start
@@ -102,12 +103,13 @@ def bench(path: Path, n_gen: int) -> dict[str, float]:
     stats = engine.stats()
     kv = stats["kv_blocks_total"] * stats["kv_block_size"] * model.kv_bytes_per_token
     r["gpu_gb"] = (model.weight_bytes + kv) / 1e9
-    if _core.gpu_profile(reset=True):
-        # CORTEX_GPU_PROFILE=1: one more batch-1 decode, charged per operation.
+    if profile:
+        # One more batch-1 decode, op by op, each operation charged its time.
+        _core.gpu_profile(reset=True, enable=True)
         ids = prompts(vocab, 1, 128)[0]
         for _ in cortex.stream_generate(model, tok, ids, max_tokens=n_gen, ignore_eos=True):
             pass
-        rows = _core.gpu_profile(reset=True)
+        rows = _core.gpu_profile(reset=True, enable=False)
         total = sum(s for _, _, s in rows)
         print(f"  where the time goes ({n_gen} tokens after a 128-token prompt, each op synchronized):")
         for op, calls, secs in sorted(rows, key=lambda r: -r[2]):
@@ -184,6 +186,7 @@ def main() -> int:
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--peers", type=Path, default=None, help="the peers' result folder")
     p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--profile", action="store_true", help="also time one batch-1 decode op by op")
     args = p.parse_args()
     if _core.cuda_device_count() == 0:
         raise SystemExit("no CUDA GPU: this benchmark needs the GPU build of Cortex on a machine with a GPU")
@@ -209,7 +212,7 @@ def main() -> int:
                 if not path.is_file():
                     print(f"{shape} {FORMS[form]}: skipped ({path} is missing)")
                     continue
-            r = bench(path, args.gen_tokens)
+            r = bench(path, args.gen_tokens, args.profile)
             results.append((shape, form, r))
             print(shape, FORMS[form], json.dumps({k: round(v, 2) for k, v in r.items()}), flush=True)
 

@@ -111,42 +111,53 @@ extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) {
 
 // ---------------------------------------------------------------------------------------
 // Norms: one block per row of `d` (layers.rs `Norm::apply`: x / sqrt(mean(x²) + eps) · w,
-// or LayerNorm with a bias).
+// or LayerNorm when `bias` is given): out = norm(x), after x += a (+ b) when `a` is given
+// (a residual add and the norm that reads it, in one pass). `out` may be `x`. Each thread
+// reads back only the elements it wrote.
 
-extern "C" __global__ void rms_norm_f32(float* x, const float* w, float eps, int d) {
-  float* row = x + (long)blockIdx.x * d;
-  float s = 0.f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) s += row[i] * row[i];
-  const float m = sqrtf(block_sum(s) / d + eps);
-  for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = row[i] / m * w[i];
-}
-
-extern "C" __global__ void layer_norm_f32(float* x, const float* w, const float* b, float eps, int d) {
-  float* row = x + (long)blockIdx.x * d;
+extern "C" __global__ void norm_f32(float* x, const float* a, const float* b, float* out, const float* w,
+                                    const float* bias, float eps, int d) {
+  const long off = (long)blockIdx.x * d;
+  float* row = x + off;
+  float* o = out + off;
+  if (a)
+    for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] += b ? a[off + i] + b[off + i] : a[off + i];
+  if (!bias) {
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += row[i] * row[i];
+    const float m = sqrtf(block_sum(s) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = row[i] / m * w[i];
+    return;
+  }
   float s = 0.f;
   for (int i = threadIdx.x; i < d; i += blockDim.x) s += row[i];
   const float mean = block_sum(s) / d;
   float v = 0.f;
   for (int i = threadIdx.x; i < d; i += blockDim.x) v += (row[i] - mean) * (row[i] - mean);
   const float std = sqrtf(block_sum(v) / d + eps);
-  for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = (row[i] - mean) / std * w[i] + b[i];
+  for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = (row[i] - mean) / std * w[i] + bias[i];
 }
 
 // ---------------------------------------------------------------------------------------
-// RoPE (layers.rs `Rope::rotate`) on x: [rows, heads, head_dim], row r at positions[r];
-// one thread per (row, head, frequency i < half). The angle is taken in double, as on the
+// RoPE (layers.rs `Rope::rotate`) on the queries q: [rows, heads, head_dim] and the keys
+// k: [rows, kv_heads, head_dim], row r at positions[r]; one thread per (row, head,
+// frequency i < half), the queries' heads first. The angle is taken in double, as on the
 // CPU, so long contexts stay accurate.
-extern "C" __global__ void rope_f32(float* x, const int* positions, const float* inv_freq, int half_,
-                                    int heads, int head_dim, int interleaved, float scale, int rows) {
-  const long n = (long)rows * heads * half_;
+extern "C" __global__ void rope_f32(float* q, float* k, const int* positions, const float* inv_freq,
+                                    int half_, int heads, int kv_heads, int head_dim, int interleaved,
+                                    float scale, int rows) {
+  const long nq = (long)rows * heads * half_, n = nq + (long)rows * kv_heads * half_;
   for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)gridDim.x * blockDim.x) {
-    const int i = t % half_;
-    const long rh = t / half_;
-    const int row = rh / heads;
+    const bool is_q = t < nq;
+    const long e = is_q ? t : t - nq;  // the element within q or k
+    const int h = is_q ? heads : kv_heads;
+    const int i = e % half_;
+    const long rh = e / half_;
+    const int row = rh / h;
     double s, c;
     sincos((double)positions[row] * (double)inv_freq[i], &s, &c);
     const float cs = (float)c * scale, sn = (float)s * scale;
-    float* head = x + rh * head_dim;
+    float* head = (is_q ? q : k) + rh * head_dim;
     const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half_;
     const float u = head[a], v = head[b];
     head[a] = u * cs - v * sn;
@@ -166,18 +177,21 @@ extern "C" __global__ void rope_f32(float* x, const int* positions, const float*
 // from `start` on from the pass's fresh k/v rows, rounded to the cache type as the CPU
 // rounds them.
 //
-// Grid (rows, heads), 512 threads: 16 warps take every 16th key, lane l holds dimensions
-// l, l + 32, ... of the query and the accumulated value; an online softmax per warp, then
-// the warps merge through shared memory.
+// Grid (rows, heads), 512 threads: warp w takes keys 4w..4w+3, then the next 64 on, lane l
+// holds dimensions l, l + 32, ... of the query and the accumulated value; an online softmax
+// per warp, then the warps merge through shared memory.
 
 #define ATT_WARPS 16
-#define MAX_HD_PER_LANE 8  // head_dim <= 256
+// Keys a warp scores together: their loads are in flight at once and the online softmax is
+// rescaled once per batch (one key at a time left the warps waiting on each load in turn).
+#define ATT_KEYS 4
 
 struct RowMeta {
   int qpos, start, seq_row, table_offset;
 };
 
-template <typename T>
+// PL: dimensions per lane, head_dim <= 32·PL (2, 4 or 8: head_dim up to 64, 128, 256).
+template <typename T, int PL>
 __device__ void attention(const float* q, const float* k, const float* v, const T* cache_k,
                           const T* cache_v, const unsigned* tables, const RowMeta* meta, float* out,
                           int heads, int kv_heads, int head_dim, int block_size, float scale,
@@ -186,13 +200,12 @@ __device__ void attention(const float* q, const float* k, const float* v, const 
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
   const int kvh = head / (heads / kv_heads);
   const RowMeta m = meta[row];
-  const int per_lane = (head_dim + WARP - 1) / WARP;
 
-  float qv[MAX_HD_PER_LANE], acc[MAX_HD_PER_LANE];
+  float qv[PL], acc[PL];
 #pragma unroll
-  for (int i = 0; i < MAX_HD_PER_LANE; i++) {
+  for (int i = 0; i < PL; i++) {
     const int d = lane + i * WARP;
-    qv[i] = (i < per_lane && d < head_dim) ? q[((long)row * heads + head) * head_dim + d] * scale : 0.f;
+    qv[i] = d < head_dim ? q[((long)row * heads + head) * head_dim + d] * scale : 0.f;
     acc[i] = 0.f;
   }
   // The visible positions: [first, kept_end) then [recent_start, qpos].
@@ -208,81 +221,106 @@ __device__ void attention(const float* q, const float* k, const float* v, const 
   const int n_kept = kept_end - first, n = n_kept + max(m.qpos + 1 - recent_start, 0);
 
   float mx = -INFINITY, sum = 0.f;
-  for (int j = warp; j < n; j += ATT_WARPS) {
-    const int p = j < n_kept ? first + j : recent_start + (j - n_kept);
-    float kd[MAX_HD_PER_LANE], vd[MAX_HD_PER_LANE];
-    if (p >= m.start) {
-      const long base = ((long)(m.seq_row + p - m.start) * kv_heads + kvh) * head_dim;
+  for (int j0 = warp * ATT_KEYS; j0 < n; j0 += ATT_WARPS * ATT_KEYS) {
+    float kd[ATT_KEYS][PL], vd[ATT_KEYS][PL];
 #pragma unroll
-      for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-        const int d = lane + i * WARP;
-        const bool ok = i < per_lane && d < head_dim;
-        kd[i] = ok ? to_f32(from_f32<T>(k[base + d])) : 0.f;
-        vd[i] = ok ? to_f32(from_f32<T>(v[base + d])) : 0.f;
-      }
-    } else {
-      const int slot = (ring_window > 0 && p >= ring_keep) ? ring_keep + (p - ring_keep) % ring_window : p;
-      const long block = tables[m.table_offset + slot / block_size];
-      const long base = ((block * kv_heads + kvh) * block_size + slot % block_size) * head_dim;
+    for (int kb = 0; kb < ATT_KEYS; kb++) {
+      const int j = min(j0 + kb, n - 1);  // a key past the end repeats the last, unweighted
+      const int p = j < n_kept ? first + j : recent_start + (j - n_kept);
+      if (p >= m.start) {
+        const long base = ((long)(m.seq_row + p - m.start) * kv_heads + kvh) * head_dim;
 #pragma unroll
-      for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-        const int d = lane + i * WARP;
-        const bool ok = i < per_lane && d < head_dim;
-        kd[i] = ok ? to_f32(cache_k[base + d]) : 0.f;
-        vd[i] = ok ? to_f32(cache_v[base + d]) : 0.f;
+        for (int i = 0; i < PL; i++) {
+          const int d = lane + i * WARP;
+          kd[kb][i] = d < head_dim ? to_f32(from_f32<T>(k[base + d])) : 0.f;
+          vd[kb][i] = d < head_dim ? to_f32(from_f32<T>(v[base + d])) : 0.f;
+        }
+      } else {
+        const int slot = (ring_window > 0 && p >= ring_keep) ? ring_keep + (p - ring_keep) % ring_window : p;
+        const long block = tables[m.table_offset + slot / block_size];
+        const long base = ((block * kv_heads + kvh) * block_size + slot % block_size) * head_dim;
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+          const int d = lane + i * WARP;
+          kd[kb][i] = d < head_dim ? to_f32(cache_k[base + d]) : 0.f;
+          vd[kb][i] = d < head_dim ? to_f32(cache_v[base + d]) : 0.f;
+        }
       }
     }
-    float s = 0.f;
+    float s[ATT_KEYS];
 #pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) s += qv[i] * kd[i];
-    s = warp_sum(s);
-    const float new_mx = fmaxf(mx, s);
-    const float correction = expf(mx - new_mx), w = expf(s - new_mx);
-    sum = sum * correction + w;
+    for (int kb = 0; kb < ATT_KEYS; kb++) {
+      s[kb] = 0.f;
 #pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) acc[i] = acc[i] * correction + w * vd[i];
+      for (int i = 0; i < PL; i++) s[kb] += qv[i] * kd[kb][i];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int kb = 0; kb < ATT_KEYS; kb++) s[kb] += __shfl_xor_sync(0xffffffff, s[kb], o);
+    float new_mx = mx;
+#pragma unroll
+    for (int kb = 0; kb < ATT_KEYS; kb++) {
+      if (j0 + kb >= n) s[kb] = -INFINITY;
+      new_mx = fmaxf(new_mx, s[kb]);
+    }
+    const float correction = expf(mx - new_mx);
+    sum *= correction;
+#pragma unroll
+    for (int i = 0; i < PL; i++) acc[i] *= correction;
+#pragma unroll
+    for (int kb = 0; kb < ATT_KEYS; kb++) {
+      const float w = expf(s[kb] - new_mx);
+      sum += w;
+#pragma unroll
+      for (int i = 0; i < PL; i++) acc[i] += w * vd[kb][i];
+    }
     mx = new_mx;
   }
   // Merge the warps' partial softmaxes (a warp without keys has sum 0 and takes no part).
   __shared__ float s_mx[ATT_WARPS], s_sum[ATT_WARPS];
-  __shared__ float s_acc[ATT_WARPS][MAX_HD_PER_LANE * WARP];
+  __shared__ float s_acc[ATT_WARPS][PL * WARP];
   if (lane == 0) {
     s_mx[warp] = mx;
     s_sum[warp] = sum;
   }
 #pragma unroll
-  for (int i = 0; i < MAX_HD_PER_LANE; i++) s_acc[warp][lane + i * WARP] = acc[i];
+  for (int i = 0; i < PL; i++) s_acc[warp][lane + i * WARP] = acc[i];
   __syncthreads();
   if (warp == 0) {
     float gmx = -INFINITY;
     for (int w = 0; w < ATT_WARPS; w++)
       if (s_sum[w] > 0.f) gmx = fmaxf(gmx, s_mx[w]);
-    float total = 0.f, o[MAX_HD_PER_LANE] = {0.f};
+    float total = 0.f, o[PL] = {0.f};
     for (int w = 0; w < ATT_WARPS; w++) {
       if (s_sum[w] <= 0.f) continue;
       const float f = expf(s_mx[w] - gmx);
       total += f * s_sum[w];
 #pragma unroll
-      for (int i = 0; i < MAX_HD_PER_LANE; i++) o[i] += f * s_acc[w][lane + i * WARP];
+      for (int i = 0; i < PL; i++) o[i] += f * s_acc[w][lane + i * WARP];
     }
 #pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) {
+    for (int i = 0; i < PL; i++) {
       const int d = lane + i * WARP;
-      if (i < per_lane && d < head_dim) out[((long)row * heads + head) * head_dim + d] = o[i] / total;
+      if (d < head_dim) out[((long)row * heads + head) * head_dim + d] = o[i] / total;
     }
   }
 }
 
-#define ATTENTION(NAME, T)                                                                          \
+#define ATTENTION(NAME, T, PL)                                                                      \
   extern "C" __global__ void __launch_bounds__(ATT_WARPS* WARP)                                     \
       NAME(const float* q, const float* k, const float* v, const T* cache_k, const T* cache_v,      \
            const unsigned* tables, const RowMeta* meta, float* out, int heads, int kv_heads,        \
            int head_dim, int block_size, float scale, int window, int ring_keep, int ring_window) { \
-    attention<T>(q, k, v, cache_k, cache_v, tables, meta, out, heads, kv_heads, head_dim,           \
-                 block_size, scale, window, ring_keep, ring_window);                                \
+    attention<T, PL>(q, k, v, cache_k, cache_v, tables, meta, out, heads, kv_heads, head_dim,       \
+                     block_size, scale, window, ring_keep, ring_window);                            \
   }
-ATTENTION(attention_f16, __half)
-ATTENTION(attention_bf16, __nv_bfloat16)
+ATTENTION(attention_f16_64, __half, 2)
+ATTENTION(attention_f16_128, __half, 4)
+ATTENTION(attention_f16_256, __half, 8)
+ATTENTION(attention_bf16_64, __nv_bfloat16, 2)
+ATTENTION(attention_bf16_128, __nv_bfloat16, 4)
+ATTENTION(attention_bf16_256, __nv_bfloat16, 8)
 
 // The rows' fresh keys and values into the cache: element (row, h, d) of k/v goes to the
 // slot `slots[row]` (its block · block_size + index in the block), or nowhere when the
@@ -426,53 +464,208 @@ __device__ void affine_gemv(const uint32_t* w, const S* scales, const S* biases,
   gemv_store(acc, y, n, r0, M, lane);
 }
 
-// Decode GEMV over a float matrix (bf16 or f16 weights, f32 activations, f32 sums), the
-// same shape of work as the affine one: 2 rows per warp, lane l takes 8 values at a time
-// (one 16-byte load per row). k is a multiple of 8.
-template <typename W>
-__device__ void dense_gemv(const W* w, const float* x, float* y, int n, int k, int M) {
-  const int lane = threadIdx.x % WARP;
-  const int r0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / WARP) * GEMV_ROWS;
-  if (r0 >= n) return;
-  float acc[GEMV_ROWS][8] = {};
-  const int octets = k / 8;
-#pragma unroll 2
-  for (int c = lane; c < octets; c += WARP) {
-    float wv[GEMV_ROWS][8];
+// ---------------------------------------------------------------------------------------
+// Block GEMVs: y[m, :] = x[m, :] · Wᵀ for m < M <= 8, a block of BG_THREADS threads per
+// BG_ROWS output rows. Thread t takes units t, t + BG_THREADS, ... of the rows (a unit is
+// 16 or 32 bytes of each row: every load is wide, the BG_ROWS rows' loads are in flight
+// together, and one unit of x serves all the rows); then the block sums each thread's
+// partial sums, warps first, in a fixed order. A row's arithmetic does not depend on M
+// (batch-invariant). One launch serves up to three matrices of one input (q/k/v,
+// gate/up): block b belongs to matrix 0 for b < ceil(n0 / BG_ROWS), and so on.
+#define BG_THREADS 128
+#define BG_ROWS 4
+
+// The block's sums into y[m, r0 + rr] (rows past n are not written).
+template <int MM>
+__device__ __forceinline__ void block_gemv_store(float (&acc)[BG_ROWS][MM], float* y, int n, int r0,
+                                                 int M) {
+  __shared__ float partial[BG_THREADS / WARP][BG_ROWS][MM];
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
 #pragma unroll
-    for (int rr = 0; rr < GEMV_ROWS; rr++) {
-      const int r = min(r0 + rr, n - 1);
-      const uint4 raw = *reinterpret_cast<const uint4*>(w + (long)r * k + c * 8);
-      const W* v = reinterpret_cast<const W*>(&raw);
+  for (int rr = 0; rr < BG_ROWS; rr++) {
 #pragma unroll
-      for (int j = 0; j < 8; j++) wv[rr][j] = to_f32(v[j]);
+    for (int mm = 0; mm < MM; mm++) {
+      if (mm >= M) break;
+      const float t = warp_sum(acc[rr][mm]);
+      if (lane == 0) partial[warp][rr][mm] = t;
     }
+  }
+  __syncthreads();
+  if (threadIdx.x < BG_ROWS * M) {
+    const int rr = threadIdx.x / M, mm = threadIdx.x % M;
+    float t = 0.f;
 #pragma unroll
-    for (int mm = 0; mm < 8; mm++) {
+    for (int w = 0; w < BG_THREADS / WARP; w++) t += partial[w][rr][mm];
+    if (r0 + rr < n) y[(long)mm * n + r0 + rr] = t;
+  }
+}
+
+// Which of up to three matrices block `b` works on, and its first row there.
+__device__ __forceinline__ int block_matrix(int n0, int n1, int* r0) {
+  const int b0 = (n0 + BG_ROWS - 1) / BG_ROWS, b1 = (n1 + BG_ROWS - 1) / BG_ROWS;
+  const int b = blockIdx.x;
+  const int which = b < b0 ? 0 : b < b0 + b1 ? 1 : 2;
+  *r0 = (b - (which > 0 ? b0 : 0) - (which > 1 ? b1 : 0)) * BG_ROWS;
+  return which;
+}
+
+// Float weights (bf16 or f16) with f32 activations and sums; a unit is 8 values (16 bytes)
+// of a row. k is a multiple of 8.
+template <int MM, typename W>
+__device__ void dense_gemv(const W* w, const float* x, float* y, int n, int r0, int k, int M) {
+  float acc[BG_ROWS][MM] = {};
+  const int units = k / 8;
+#pragma unroll 2
+  for (int c = threadIdx.x; c < units; c += BG_THREADS) {
+    uint4 raw[BG_ROWS];
+#pragma unroll
+    for (int rr = 0; rr < BG_ROWS; rr++)
+      raw[rr] = *reinterpret_cast<const uint4*>(w + (long)min(r0 + rr, n - 1) * k + c * 8);
+#pragma unroll
+    for (int mm = 0; mm < MM; mm++) {
       if (mm >= M) break;
       const float4* xp = reinterpret_cast<const float4*>(x + (long)mm * k + c * 8);
       const float4 a = xp[0], b = xp[1];
 #pragma unroll
-      for (int rr = 0; rr < GEMV_ROWS; rr++)
-        acc[rr][mm] += wv[rr][0] * a.x + wv[rr][1] * a.y + wv[rr][2] * a.z + wv[rr][3] * a.w +
-                       wv[rr][4] * b.x + wv[rr][5] * b.y + wv[rr][6] * b.z + wv[rr][7] * b.w;
+      for (int rr = 0; rr < BG_ROWS; rr++) {
+        const W* v = reinterpret_cast<const W*>(&raw[rr]);
+        acc[rr][mm] += to_f32(v[0]) * a.x + to_f32(v[1]) * a.y + to_f32(v[2]) * a.z + to_f32(v[3]) * a.w +
+                       to_f32(v[4]) * b.x + to_f32(v[5]) * b.y + to_f32(v[6]) * b.z + to_f32(v[7]) * b.w;
+      }
     }
   }
-  gemv_store(acc, y, n, r0, M, lane);
+  block_gemv_store(acc, y, n, r0, M);
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)
-    dense_gemv_bf16(const __nv_bfloat16* w, const float* x, float* y, int n, int k, int M) {
-  dense_gemv(w, x, y, n, k, M);
+// Kernels come in buckets of MM = 1, 2, 4, 8 rows of x (name suffix _mMM; M <= MM): the
+// sums live in registers, and a bucket's loops unroll to exactly its rows.
+#define DENSE_GEMV(NAME, W, MM)                                                                     \
+  extern "C" __global__ void __launch_bounds__(BG_THREADS)                                          \
+      NAME##_m##MM(const W* w0, float* y0, int n0, const W* w1, float* y1, int n1, const W* w2,     \
+                   float* y2, int n2, const float* x, int k, int M) {                               \
+    int r0;                                                                                         \
+    const int which = block_matrix(n0, n1, &r0);                                                    \
+    if (which == 0) dense_gemv<MM>(w0, x, y0, n0, r0, k, M);                                        \
+    else if (which == 1) dense_gemv<MM>(w1, x, y1, n1, r0, k, M);                                   \
+    else dense_gemv<MM>(w2, x, y2, n2, r0, k, M);                                                   \
+  }
+#define DENSE_GEMV_ALL(MM) DENSE_GEMV(dense_gemv_bf16, __nv_bfloat16, MM) DENSE_GEMV(dense_gemv_f16, __half, MM)
+DENSE_GEMV_ALL(1)
+DENSE_GEMV_ALL(2)
+DENSE_GEMV_ALL(4)
+DENSE_GEMV_ALL(8)
+
+// Activations rounded to int8 per block of 32 ("q8", as llama.cpp's q8_1 and the CPU's
+// quantized path do): xq = round(x / d) with d = max|x| / 127, and the sum of the rounded
+// values d·Σxq for the affine bias term. (That sum, not the exact Σx: then every product is
+// w·(d·xq) with w = scale·q + bias, whose error is w·δx; with the exact sum it would be
+// scale·q·δx, several times larger where a group's bias is large.) One warp per block.
+extern "C" __global__ void quantize_q8(const float* x, int8_t* xq, float* dx, float* sx, long blocks) {
+  const long b = (blockIdx.x * (long)blockDim.x + threadIdx.x) / WARP;
+  if (b >= blocks) return;  // a whole warp leaves together
+  const int lane = threadIdx.x % WARP;
+  const float v = x[b * 32 + lane];
+  const float d = warp_max(fabsf(v)) / 127.f;
+  const int q = d > 0.f ? __float2int_rn(v / d) : 0;
+  const float s = d * warp_sum((float)q);  // an exact integer sum
+  xq[b * 32 + lane] = (int8_t)q;
+  if (lane == 0) {
+    dx[b] = d;
+    sx[b] = s;
+  }
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)
-    dense_gemv_f16(const __half* w, const float* x, float* y, int n, int k, int M) {
-  dense_gemv(w, x, y, n, k, M);
+// Σ of four u8 × s8 products plus c (dp4a with unsigned codes: 8-bit codes reach 255).
+__device__ __forceinline__ int dp4a_us(uint32_t a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
-// Prefill: W expanded to f32 [n, k] (then a cuBLAS GEMM). One thread per chunk.
-template <int BITS, typename S>
+// Σ q·xq over a chunk of 32 codes in the integer layout (see `int_code_bit`): byte i of
+// (word >> BITS·s) & mask holds one code, so each dp4a takes four codes against one word
+// of xq.
+template <int BITS>
+__device__ __forceinline__ int chunk_dot(const uint32_t (&w)[BITS], const int (&xw)[8]) {
+  int t = 0;
+  if constexpr (BITS == 8) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) t = dp4a_us(w[i], xw[i], t);
+  } else {
+    constexpr uint32_t mask = BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
+    constexpr int per_word = 32 / BITS;  // codes per word: 8 or 16
+#pragma unroll
+    for (int i = 0; i < BITS; i++)
+#pragma unroll
+      for (int sft = 0; sft < per_word / 4; sft++)
+        t = __dp4a((int)((w[i] >> (BITS * sft)) & mask), xw[i * (per_word / 4) + sft], t);
+  }
+  return t;
+}
+
+// Affine weights in the integer layout (2, 4 or 8 bits) against q8 activations: per chunk
+// of 32 codes, row and row of x, y += scale·d·Σq·xq + bias·d·Σxq.
+template <int BITS, int MM, typename S>
+__device__ void q8_gemv(const uint32_t* w, const S* scales, const S* biases, float* y, int n, int r0,
+                        const int8_t* xq, const float* dx, const float* sx, int k, int group, int M) {
+  const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
+  float acc[BG_ROWS][MM] = {};
+  for (int c = threadIdx.x; c < chunks; c += BG_THREADS) {
+    uint32_t words[BG_ROWS][BITS];
+    float s[BG_ROWS], b[BG_ROWS];
+    const int g = c / chunks_per_group;
+#pragma unroll
+    for (int rr = 0; rr < BG_ROWS; rr++) {
+      const int r = min(r0 + rr, n - 1);  // a missing last row repeats the one before, unwritten
+      load_chunk<BITS>(w + ((long)r * chunks + c) * BITS, words[rr]);
+      s[rr] = to_f32(scales[(long)r * groups + g]);
+      b[rr] = to_f32(biases[(long)r * groups + g]);
+    }
+#pragma unroll
+    for (int mm = 0; mm < MM; mm++) {
+      if (mm >= M) break;
+      const int4* xp = reinterpret_cast<const int4*>(xq + (long)mm * k + c * 32);
+      const int4 lo = xp[0], hi = xp[1];
+      const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      const float d = dx[(long)mm * chunks + c], xs = sx[(long)mm * chunks + c];
+#pragma unroll
+      for (int rr = 0; rr < BG_ROWS; rr++)
+        acc[rr][mm] += s[rr] * (d * (float)chunk_dot<BITS>(words[rr], xw)) + b[rr] * xs;
+    }
+  }
+  block_gemv_store(acc, y, n, r0, M);
+}
+
+#define Q8_GEMV(BITS, SNAME, S, MM)                                                                 \
+  extern "C" __global__ void __launch_bounds__(BG_THREADS) q8_gemv_##BITS##_##SNAME##_m##MM(        \
+      const uint32_t* w0, const S* s0, const S* b0, float* y0, int n0, const uint32_t* w1,          \
+      const S* s1, const S* b1, float* y1, int n1, const uint32_t* w2, const S* s2, const S* b2,    \
+      float* y2, int n2, const int8_t* xq, const float* dx, const float* sx, int k, int group,      \
+      int M) {                                                                                      \
+    int r0;                                                                                         \
+    const int which = block_matrix(n0, n1, &r0);                                                    \
+    if (which == 0) q8_gemv<BITS, MM, S>(w0, s0, b0, y0, n0, r0, xq, dx, sx, k, group, M);          \
+    else if (which == 1) q8_gemv<BITS, MM, S>(w1, s1, b1, y1, n1, r0, xq, dx, sx, k, group, M);     \
+    else q8_gemv<BITS, MM, S>(w2, s2, b2, y2, n2, r0, xq, dx, sx, k, group, M);                     \
+  }
+#define Q8_GEMV_S(BITS, MM) \
+  Q8_GEMV(BITS, f32, float, MM) Q8_GEMV(BITS, f16, __half, MM) Q8_GEMV(BITS, bf16, __nv_bfloat16, MM)
+#define Q8_GEMV_ALL(BITS) Q8_GEMV_S(BITS, 1) Q8_GEMV_S(BITS, 2) Q8_GEMV_S(BITS, 4) Q8_GEMV_S(BITS, 8)
+Q8_GEMV_ALL(2)
+Q8_GEMV_ALL(4)
+Q8_GEMV_ALL(8)
+
+// Where code i of a word sits in the integer layout the 2/4/8-bit weights are repacked
+// into at upload (weights.rs `int_layout`): byte i % 4, bits BITS·(i / 4) up, so that
+// (word >> BITS·s) & mask puts codes 4s..4s+3 in bytes 0..3, ready for dp4a.
+template <int BITS>
+__device__ __forceinline__ int int_code_bit(int i) {
+  return 8 * (i % 4) + BITS * (i / 4);
+}
+
+// Prefill: W expanded to f32 [n, k] (then a cuBLAS GEMM). One thread per chunk. INT: the
+// codes are in the integer layout (else MLX's).
+template <int BITS, bool INT, typename S>
 __device__ void affine_dequant(const uint32_t* w, const S* scales, const S* biases, float* out, int n,
                                int k, int group) {
   const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
@@ -486,10 +679,20 @@ __device__ void affine_dequant(const uint32_t* w, const S* scales, const S* bias
     const float s = to_f32(scales[r * groups + g]), b = to_f32(biases[r * groups + g]);
     float* o = out + r * k + c * 32;
 #pragma unroll
-    for (int j = 0; j < 32; j++) o[j] = s * code<BITS>(words, j) + b;
+    for (int j = 0; j < 32; j++) {
+      if constexpr (INT) {
+        constexpr int per_word = 32 / BITS;
+        const uint32_t q = (words[j / per_word] >> int_code_bit<BITS>(j % per_word)) & ((1u << BITS) - 1);
+        o[j] = s * (float)q + b;
+      } else {
+        o[j] = s * code<BITS>(words, j) + b;
+      }
+    }
   }
 }
 
+// MLX's layout: the f32 GEMV (3, 5 and 6 bits, whose codes straddle words) and the
+// dequantizer; the integer layout (2, 4 and 8 bits): its dequantizer.
 #define AFFINE(BITS, SNAME, S)                                                                       \
   extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)                                     \
       affine_gemv_##BITS##_##SNAME(const uint32_t* w, const S* sc, const S* bi, const float* x,       \
@@ -499,13 +702,22 @@ __device__ void affine_dequant(const uint32_t* w, const S* scales, const S* bias
   extern "C" __global__ void affine_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc,         \
                                                              const S* bi, float* out, int n, int k, \
                                                              int group) {                            \
-    affine_dequant<BITS, S>(w, sc, bi, out, n, k, group);                                            \
+    affine_dequant<BITS, false, S>(w, sc, bi, out, n, k, group);                                     \
   }
 #define AFFINE_ALL(BITS) \
   AFFINE(BITS, f32, float) AFFINE(BITS, f16, __half) AFFINE(BITS, bf16, __nv_bfloat16)
-AFFINE_ALL(2)
 AFFINE_ALL(3)
-AFFINE_ALL(4)
 AFFINE_ALL(5)
 AFFINE_ALL(6)
-AFFINE_ALL(8)
+
+#define INT_DEQUANT(BITS, SNAME, S)                                                                  \
+  extern "C" __global__ void int_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc,            \
+                                                          const S* bi, float* out, int n, int k,    \
+                                                          int group) {                               \
+    affine_dequant<BITS, true, S>(w, sc, bi, out, n, k, group);                                      \
+  }
+#define INT_DEQUANT_ALL(BITS) \
+  INT_DEQUANT(BITS, f32, float) INT_DEQUANT(BITS, f16, __half) INT_DEQUANT(BITS, bf16, __nv_bfloat16)
+INT_DEQUANT_ALL(2)
+INT_DEQUANT_ALL(4)
+INT_DEQUANT_ALL(8)

@@ -24,15 +24,30 @@ use crate::model::ops::Ops;
 /// never changes them, so an address names one parameter for the decoder's life.
 pub type Params = Mutex<HashMap<usize, CudaSlice<f32>>>;
 
-/// Where the GPU's time goes, per operation, when `CORTEX_GPU_PROFILE=1`: each operation
-/// then waits for the GPU before and after it (which slows the pass down, but charges
-/// every kernel to the operation that launched it). `(calls, seconds)` by operation.
+/// Where the GPU's time goes, per operation, while profiling is on: each operation then
+/// waits for the GPU before and after it, and decode steps run op by op rather than as
+/// CUDA graphs (which slows the pass down, but charges every kernel to the operation that
+/// launched it). `(calls, seconds)` by operation.
 static PROFILE: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
 
-/// Whether this process profiles GPU operations (`CORTEX_GPU_PROFILE=1`, read once).
+/// Profiling's switch: on from the start with `CORTEX_GPU_PROFILE=1`, else by
+/// [`set_profiling`].
+fn profiling_switch() -> &'static std::sync::atomic::AtomicBool {
+    static ON: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
+    ON.get_or_init(|| {
+        let on = std::env::var("CORTEX_GPU_PROFILE").is_ok_and(|v| v == "1");
+        std::sync::atomic::AtomicBool::new(on)
+    })
+}
+
+/// Whether GPU operations are being profiled.
 pub fn profiling() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CORTEX_GPU_PROFILE").is_ok_and(|v| v == "1"))
+    profiling_switch().load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Turns profiling on or off for the passes that start from now on.
+pub fn set_profiling(on: bool) {
+    profiling_switch().store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The profile so far (see [`PROFILE`]), and optionally a fresh start.
@@ -211,6 +226,33 @@ impl<'a> Pass<'a> {
     fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         self.gpu.launch(name, Gpu::grid_for(n), 256, args)
     }
+
+    /// `out ← norm(x)` row by row, after `x += a (+ b)` when `add` is given (kernels.cu
+    /// `norm_f32`; `out` may be `x`); `x` holds `len` values.
+    fn norm_kernel(
+        &self,
+        norm: &Norm,
+        (x, len): (Arg, usize),
+        add: Option<(Arg, Arg)>,
+        out: Arg,
+    ) -> Result<()> {
+        let (weight, bias, eps) = norm.parts();
+        let d = weight.len();
+        let rows = (len / d) as u32;
+        let (a, b) = add.unwrap_or((Arg::Ptr(0), Arg::Ptr(0)));
+        let bias = bias.map_or(Ok(Arg::Ptr(0)), |b| self.param(b))?;
+        let args = [
+            x,
+            a,
+            b,
+            out,
+            self.param(weight)?,
+            bias,
+            Arg::F32(eps),
+            Arg::I32(d as i32),
+        ];
+        self.gpu.launch("norm_f32", (rows, 1), 256, &args)
+    }
 }
 
 fn on_gpu(l: &Linear) -> Result<&super::GpuLinear> {
@@ -275,27 +317,30 @@ impl Ops for Pass<'_> {
 
     fn norm(&self, norm: &Norm, x: &mut GpuBuf) -> Result<()> {
         self.timed("norm", || {
-            let (weight, bias, eps) = norm.parts();
-            let d = weight.len();
-            let rows = (x.len() / d) as u32;
-            let w = self.param(weight)?;
-            match bias {
-                None => self.gpu.launch(
-                    "rms_norm_f32",
-                    (rows, 1),
-                    256,
-                    &[x.arg(self.gpu)?, w, Arg::F32(eps), Arg::I32(d as i32)],
-                ),
-                Some(b) => {
-                    let b = self.param(b)?;
-                    self.gpu.launch(
-                        "layer_norm_f32",
-                        (rows, 1),
-                        256,
-                        &[x.arg(self.gpu)?, w, b, Arg::F32(eps), Arg::I32(d as i32)],
-                    )
-                }
-            }
+            let (len, x) = (x.len(), x.arg(self.gpu)?);
+            self.norm_kernel(norm, (x, len), None, x)
+        })
+    }
+
+    fn norm_into(&self, norm: &Norm, x: &GpuBuf, out: &mut GpuBuf) -> Result<()> {
+        self.timed("norm", || {
+            out.resize(self.gpu, x.len())?;
+            self.norm_kernel(norm, (x.arg(self.gpu)?, x.len()), None, out.arg(self.gpu)?)
+        })
+    }
+
+    fn add_norm(
+        &self,
+        x: &mut GpuBuf,
+        (a, b): (&GpuBuf, Option<&GpuBuf>),
+        norm: &Norm,
+        out: &mut GpuBuf,
+    ) -> Result<()> {
+        self.timed("norm", || {
+            out.resize(self.gpu, x.len())?;
+            let b = b.map_or(Ok(Arg::Ptr(0)), |b| b.arg(self.gpu))?;
+            let add = Some((a.arg(self.gpu)?, b));
+            self.norm_kernel(norm, (x.arg(self.gpu)?, x.len()), add, out.arg(self.gpu)?)
         })
     }
 
@@ -308,18 +353,17 @@ impl Ops for Pass<'_> {
         scratch: &mut Scratch,
     ) -> Result<()> {
         self.timed("linear", || {
-            for (l, out) in layers.into_iter().zip(outs) {
-                on_gpu(l)?.forward(self.gpu, x, rows, out, scratch)?;
-            }
-            Ok(())
+            let layers = layers.into_iter().map(on_gpu).collect::<Result<Vec<_>>>()?;
+            let mut outs = outs;
+            super::GpuLinear::forward_all(self.gpu, &layers, x, rows, &mut outs, scratch)
         })
     }
 
     fn rope(
         &self,
         rope: &Rope,
-        x: &mut GpuBuf,
-        heads: usize,
+        [q, k]: [&mut GpuBuf; 2],
+        [heads, kv_heads]: [usize; 2],
         head_dim: usize,
         _positions: &[usize],
     ) -> Result<()> {
@@ -329,13 +373,15 @@ impl Ops for Pass<'_> {
             let f = self.param(inv_freq)?;
             self.elementwise(
                 "rope_f32",
-                self.num_rows * heads * half,
+                self.num_rows * (heads + kv_heads) * half,
                 &[
-                    x.arg(self.gpu)?,
+                    q.arg(self.gpu)?,
+                    k.arg(self.gpu)?,
                     ptr(&self.meta.positions, self.gpu.stream()),
                     f,
                     Arg::I32(half as i32),
                     Arg::I32(heads as i32),
+                    Arg::I32(kv_heads as i32),
                     Arg::I32(head_dim as i32),
                     Arg::I32(i32::from(interleaved)),
                     Arg::F32(scale),
@@ -371,12 +417,16 @@ impl Ops for Pass<'_> {
             let (ck, cv) = (ptr(ck, self.gpu.stream()), ptr(cv, self.gpu.stream()));
             out.resize(self.gpu, self.num_rows * heads * hd)?;
             let (ring_keep, ring_window) = layout.ring.map_or((0, 0), |r| (r.keep, r.window));
+            // The kernel for the cache type and the head size's lane share (2, 4 or 8
+            // dimensions a lane).
+            let width = match hd {
+                ..=64 => 64,
+                65..=128 => 128,
+                _ => 256,
+            };
+            let name = format!("attention_{}_{width}", if bf16 { "bf16" } else { "f16" });
             self.gpu.launch(
-                if bf16 {
-                    "attention_bf16"
-                } else {
-                    "attention_f16"
-                },
+                &name,
                 (self.num_rows as u32, heads as u32),
                 512, // 16 warps (kernels.cu, ATT_WARPS)
                 &[

@@ -4,8 +4,11 @@
 //!   checkpoints come back to bf16, which the host keeps widened to f32): half types
 //!   through our GEMV for up to [`GEMV_MAX_ROWS`] rows, cuBLAS otherwise and for f32;
 //! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
-//!   affine groups) in MLX's layout, through our kernels: a GEMV for up to
-//!   [`GEMV_MAX_ROWS`] rows (decoding), dequantize-then-GEMM above;
+//!   affine groups), through our kernels: a GEMV for up to [`GEMV_MAX_ROWS`] rows
+//!   (decoding), dequantize-then-GEMM above. 2, 4 and 8-bit codes are repacked into the
+//!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded to int8 per
+//!   block of 32 (dp4a, as llama.cpp's MMVQ and Cortex's CPU kernels do); 3, 5 and 6-bit
+//!   codes straddle words and stay in MLX's layout, with f32 activations;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -19,11 +22,18 @@ use std::sync::Arc;
 
 use super::{device_error, ptr, Arg, Gpu, GpuBuf};
 use crate::error::{Error, Result};
+use crate::quant::affine::int_layout;
 use crate::quant::{AffineMatrix, PackedMatrix, ScaleDType};
 
-/// Rows of input up to which affine layers run the GEMV kernel (it keeps 8 accumulators
-/// per lane); above, the matrix is expanded and multiplied by cuBLAS.
+/// Rows of input up to which affine and half layers run the GEMV kernels (they keep a sum
+/// per row of input in registers); above, cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Output rows per block of the block GEMVs (kernels.cu `BG_ROWS`), threads per block
+/// (`BG_THREADS`), and the most matrices one launch takes.
+const BG_ROWS: usize = 4;
+const BG_THREADS: u32 = 128;
+const GEMV_MATRICES: usize = 3;
 
 /// Float values in one of the types the kernels and cuBLAS read.
 enum Floats {
@@ -93,7 +103,10 @@ enum Form {
         biases: Floats,
         bits: u32,
         group_size: usize,
-        /// The kernels for these bits and scale type (named once, not per call).
+        /// Codes in the integer layout (2, 4, 8 bits: the q8 GEMV), else in MLX's.
+        int: bool,
+        /// The kernels for these bits and scale type (named once, not per call): the GEMV
+        /// (for the integer layout, without its `_m{rows}` suffix) and the dequantizer.
         gemv: String,
         dequant: String,
     },
@@ -128,6 +141,11 @@ impl std::fmt::Debug for GpuLinear {
 pub struct Scratch {
     half: Option<CudaSlice<u16>>,
     dense: Option<CudaSlice<f32>>,
+    /// The input rounded to int8 for the q8 GEMV: codes `[m, k]`, and per block of 32
+    /// the scale and the sum of the rounded values (kernels.cu `quantize_q8`).
+    q8: Option<CudaSlice<i8>>,
+    q8_scales: Option<CudaSlice<f32>>,
+    q8_sums: Option<CudaSlice<f32>>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -174,15 +192,30 @@ impl GpuLinear {
     pub fn affine(gpu: &Gpu, a: &AffineMatrix) -> Result<GpuLinear> {
         let scales = Floats::stored(gpu, &a.scales, a.scale_dtype)?;
         let (bits, stype) = (a.bits, scales.suffix());
+        let int = matches!(bits, 2 | 4 | 8);
+        let (packed, gemv, dequant) = if int {
+            (
+                gpu.upload(&int_layout(&a.packed, bits))?,
+                format!("q8_gemv_{bits}_{stype}"),
+                format!("int_dequant_{bits}_{stype}"),
+            )
+        } else {
+            (
+                gpu.upload(&a.packed)?,
+                format!("affine_gemv_{bits}_{stype}"),
+                format!("affine_dequant_{bits}_{stype}"),
+            )
+        };
         Ok(GpuLinear {
             form: Form::Affine {
-                packed: gpu.upload(&a.packed)?,
+                packed,
                 biases: Floats::stored(gpu, &a.biases, a.scale_dtype)?,
                 scales,
                 bits,
                 group_size: a.group_size,
-                gemv: format!("affine_gemv_{bits}_{stype}"),
-                dequant: format!("affine_dequant_{bits}_{stype}"),
+                int,
+                gemv,
+                dequant,
             },
             rows: a.rows,
             cols: a.cols,
@@ -281,29 +314,8 @@ impl GpuLinear {
             return Ok(());
         }
         match &self.form {
-            Form::Dense(w @ (Floats::F16(_) | Floats::BF16(_)))
-                if m <= GEMV_MAX_ROWS && k.is_multiple_of(8) =>
-            {
-                // Decoding: our GEMV reads the half weights with f32 activations (as the
-                // affine one does: 4 warps of 2 rows per block).
-                let name = if matches!(w, Floats::BF16(_)) {
-                    "dense_gemv_bf16"
-                } else {
-                    "dense_gemv_f16"
-                };
-                gpu.launch(
-                    name,
-                    ((n.div_ceil(8)) as u32, 1),
-                    128,
-                    &[
-                        w.arg(gpu),
-                        x.arg(gpu)?,
-                        out.arg(gpu)?,
-                        Arg::I32(n as i32),
-                        Arg::I32(k as i32),
-                        Arg::I32(m as i32),
-                    ],
-                )?;
+            _ if m <= GEMV_MAX_ROWS && self.block_gemv().is_some() => {
+                return GpuLinear::forward_all(gpu, &[self], x, m, &mut [out], scratch);
             }
             Form::Dense(w) => {
                 let precision = match w {
@@ -324,7 +336,8 @@ impl GpuLinear {
             } => {
                 let args = [ptr(packed, gpu.stream()), scales.arg(gpu), biases.arg(gpu)];
                 if m <= GEMV_MAX_ROWS {
-                    // 4 warps of 2 rows each per block (kernels.cu, GEMV_WARPS, GEMV_ROWS).
+                    // MLX's layout: 4 warps of 2 rows each per block (kernels.cu,
+                    // GEMV_WARPS, GEMV_ROWS).
                     gpu.launch(
                         gemv,
                         ((n.div_ceil(8)) as u32, 1),
@@ -389,18 +402,147 @@ impl GpuLinear {
                     .map_err(|e| device_error("copying on the GPU", e))?;
             }
         }
-        if let Some(b) = &self.bias {
+        self.add_bias(gpu, m, out)
+    }
+
+    /// `out += bias`, row by row of `m`.
+    fn add_bias(&self, gpu: &Gpu, m: usize, out: &mut GpuBuf) -> Result<()> {
+        let Some(b) = &self.bias else {
+            return Ok(());
+        };
+        gpu.launch(
+            "add_bias_f32",
+            Gpu::grid_for(m * self.rows),
+            256,
+            &[
+                out.arg(gpu)?,
+                ptr(b, gpu.stream()),
+                Arg::I64(m as i64),
+                Arg::I32(self.rows as i32),
+            ],
+        )
+    }
+
+    /// The block GEMV this layer runs for up to [`GEMV_MAX_ROWS`] rows, if it has one
+    /// (half matrices, and affine codes in the integer layout): its kernel's name without
+    /// the `_m{rows}` suffix, and whether it reads the input rounded to q8.
+    fn block_gemv(&self) -> Option<(&str, bool)> {
+        match &self.form {
+            Form::Dense(Floats::BF16(_)) if self.cols.is_multiple_of(8) => {
+                Some(("dense_gemv_bf16", false))
+            }
+            Form::Dense(Floats::F16(_)) if self.cols.is_multiple_of(8) => {
+                Some(("dense_gemv_f16", false))
+            }
+            Form::Affine {
+                int: true, gemv, ..
+            } => Some((gemv.as_str(), true)),
+            _ => None,
+        }
+    }
+
+    /// Whether one block-GEMV launch can serve `self` and `other` together: the same
+    /// kernel, input width and group size.
+    fn fuses_with(&self, other: &GpuLinear) -> bool {
+        let group = |l: &GpuLinear| match &l.form {
+            Form::Affine { group_size, .. } => *group_size,
+            _ => 0,
+        };
+        self.block_gemv().is_some()
+            && self.block_gemv() == other.block_gemv()
+            && self.cols == other.cols
+            && group(self) == group(other)
+    }
+
+    /// `outs[i]: [m, rows_i]` ← `x: [m, cols]` · W_iᵀ (+ bias_i) for layers of one input
+    /// (q/k/v, gate/up). Up to [`GEMV_MAX_ROWS`] rows, layers that share a block GEMV go
+    /// through it together, up to three a launch (the input rounded to q8 once for all);
+    /// otherwise each layer goes alone.
+    pub fn forward_all(
+        gpu: &Gpu,
+        layers: &[&GpuLinear],
+        x: &GpuBuf,
+        m: usize,
+        outs: &mut [&mut GpuBuf],
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let Some(first) = layers.first() else {
+            return Ok(());
+        };
+        let together = m > 0
+            && m <= GEMV_MAX_ROWS
+            && layers.len() <= GEMV_MATRICES
+            && layers.iter().all(|l| first.fuses_with(l));
+        if !together {
+            for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                l.forward(gpu, x, m, out, scratch)?;
+            }
+            return Ok(());
+        }
+        let k = first.cols;
+        if x.len() != m * k {
+            return Err(Error::Internal(format!(
+                "linear layer of input size {k} applied to {} values in {m} rows",
+                x.len()
+            )));
+        }
+        let Some((kernel, q8)) = first.block_gemv() else {
+            return Err(Error::Internal("a block GEMV without its kernel".into()));
+        };
+        // Each matrix's arguments, then null ones up to three.
+        let mut args = Vec::with_capacity(24);
+        let mut blocks = 0;
+        for (l, out) in layers.iter().zip(outs.iter_mut()) {
+            out.resize(gpu, m * l.rows)?;
+            blocks += l.rows.div_ceil(BG_ROWS);
+            match &l.form {
+                Form::Dense(w) => args.push(w.arg(gpu)),
+                Form::Affine {
+                    packed,
+                    scales,
+                    biases,
+                    ..
+                } => args.extend([ptr(packed, gpu.stream()), scales.arg(gpu), biases.arg(gpu)]),
+                Form::Ggml(_) => return Err(Error::Internal("a GGML block GEMV".into())),
+            }
+            args.extend([out.arg(gpu)?, Arg::I32(l.rows as i32)]);
+        }
+        let per_matrix = if q8 { 5 } else { 3 };
+        for _ in layers.len()..GEMV_MATRICES {
+            args.extend(std::iter::repeat_n(Arg::Ptr(0), per_matrix - 1));
+            args.push(Arg::I32(0));
+        }
+        if q8 {
+            let blocks32 = m * k / 32;
+            let codes = ptr(grown(gpu, &mut scratch.q8, m * k)?, gpu.stream());
+            let scales = ptr(grown(gpu, &mut scratch.q8_scales, blocks32)?, gpu.stream());
+            let sums = ptr(grown(gpu, &mut scratch.q8_sums, blocks32)?, gpu.stream());
+            // One warp per block of 32 values.
             gpu.launch(
-                "add_bias_f32",
-                Gpu::grid_for(m * n),
+                "quantize_q8",
+                (blocks32.div_ceil(8) as u32, 1),
                 256,
-                &[
-                    out.arg(gpu)?,
-                    ptr(b, gpu.stream()),
-                    Arg::I64(m as i64),
-                    Arg::I32(n as i32),
-                ],
+                &[x.arg(gpu)?, codes, scales, sums, Arg::I64(blocks32 as i64)],
             )?;
+            let group = match &first.form {
+                Form::Affine { group_size, .. } => *group_size,
+                _ => 0,
+            };
+            args.extend([
+                codes,
+                scales,
+                sums,
+                Arg::I32(k as i32),
+                Arg::I32(group as i32),
+            ]);
+        } else {
+            args.extend([x.arg(gpu)?, Arg::I32(k as i32)]);
+        }
+        args.push(Arg::I32(m as i32));
+        let name = format!("{kernel}_m{}", m.next_power_of_two());
+        gpu.launch(&name, (blocks as u32, 1), BG_THREADS, &args)?;
+        for (l, out) in layers.iter().zip(outs.iter_mut()) {
+            l.add_bias(gpu, m, out)?;
         }
         Ok(())
     }

@@ -170,8 +170,7 @@ impl Attention {
             o.norm(qn, q)?;
             o.norm(kn, k)?;
         }
-        o.rope(rope, q, nh, hd, positions)?;
-        o.rope(rope, k, nkv, hd, positions)?;
+        o.rope(rope, [&mut *q, &mut *k], [nh, nkv], hd, positions)?;
         o.attention(
             kv,
             layer,
@@ -430,12 +429,12 @@ impl Decoder {
                 .enumerate()
                 .all(|(i, &r)| r as usize == i);
         if all {
-            o.copy(&mut ws.normed, &ws.x)?;
+            o.norm_into(&self.norm, &ws.x, &mut ws.normed)?;
         } else {
             let d = self.config.hidden_size;
             o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed)?;
+            o.norm(&self.norm, &mut ws.normed)?;
         }
-        o.norm(&self.norm, &mut ws.normed)?;
         let n = batch.logits_rows.len();
         o.linear([&self.lm_head], &ws.normed, n, [logits], &mut ws.scratch)
     }
@@ -449,6 +448,9 @@ impl Decoder {
         kv: &mut KvStorage,
     ) -> Result<()> {
         let rows = batch.tokens.len();
+        // A layer's residual branches (`ws.h`, and `ws.mlp` in a parallel block) are added
+        // into `ws.x` together with the next layer's input norm.
+        let mut pending: Option<bool> = None;
         for (i, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
             let (rope, window) = if attn.local {
@@ -457,8 +459,14 @@ impl Decoder {
             } else {
                 (&self.rope, None)
             };
-            o.copy(&mut ws.normed, &ws.x)?;
-            o.norm(&block.input_layernorm, &mut ws.normed)?;
+            let ln = &block.input_layernorm;
+            match pending.take() {
+                None => o.norm_into(ln, &ws.x, &mut ws.normed)?,
+                Some(parallel) => {
+                    let branches = (&ws.h, parallel.then_some(&ws.mlp));
+                    o.add_norm(&mut ws.x, branches, ln, &mut ws.normed)?;
+                }
+            }
             attn.forward(o, ws, i, batch, (rope, window), kv)?;
             if let Some(norm) = &block.post_attention_layernorm {
                 o.norm(norm, &mut ws.h)?;
@@ -466,17 +474,18 @@ impl Decoder {
             let Some(pre_mlp) = &block.pre_feedforward_layernorm else {
                 // Parallel block: the MLP reads the attention's input too.
                 block.mlp.forward(o, ws, rows, Ffn::Mlp)?;
-                o.add(&mut ws.x, &ws.h, Some(&ws.mlp))?;
+                pending = Some(true);
                 continue;
             };
-            o.add(&mut ws.x, &ws.h, None)?;
-            o.copy(&mut ws.normed, &ws.x)?;
-            o.norm(pre_mlp, &mut ws.normed)?;
+            o.add_norm(&mut ws.x, (&ws.h, None), pre_mlp, &mut ws.normed)?;
             block.mlp.forward(o, ws, rows, Ffn::H)?;
             if let Some(norm) = &block.post_feedforward_layernorm {
                 o.norm(norm, &mut ws.h)?;
             }
-            o.add(&mut ws.x, &ws.h, None)?;
+            pending = Some(false);
+        }
+        if let Some(parallel) = pending {
+            o.add(&mut ws.x, &ws.h, parallel.then_some(&ws.mlp))?;
         }
         Ok(())
     }

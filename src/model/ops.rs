@@ -37,6 +37,23 @@ pub trait Ops {
     fn scale(&self, x: &mut Self::Buf, factor: f32) -> Result<()>;
     /// Each `[.., d]` row of `x` normalised in place.
     fn norm(&self, norm: &Norm, x: &mut Self::Buf) -> Result<()>;
+    /// `out ← norm(x)`, `x` unchanged (a layer's input norm).
+    fn norm_into(&self, norm: &Norm, x: &Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        self.copy(out, x)?;
+        self.norm(norm, out)
+    }
+    /// `x += a (+ b)`, then `out ← norm(x)`: a residual add and the norm that reads it
+    /// (one kernel on the GPU).
+    fn add_norm(
+        &self,
+        x: &mut Self::Buf,
+        (a, b): (&Self::Buf, Option<&Self::Buf>),
+        norm: &Norm,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.add(x, a, b)?;
+        self.norm_into(norm, x, out)
+    }
     /// `x: [rows, in]` through each layer into its `outs[i]: [rows, out_i]`: the
     /// projections of one input (q/k/v, gate/up) go together.
     fn linear<const N: usize>(
@@ -47,12 +64,13 @@ pub trait Ops {
         outs: [&mut Self::Buf; N],
         scratch: &mut Self::Scratch,
     ) -> Result<()>;
-    /// RoPE on `x: [rows, heads, head_dim]`; `positions[r]` is row `r`'s position.
+    /// RoPE on the queries `q: [rows, heads, head_dim]` and the keys
+    /// `k: [rows, kv_heads, head_dim]`; `positions[r]` is row `r`'s position.
     fn rope(
         &self,
         rope: &Rope,
-        x: &mut Self::Buf,
-        heads: usize,
+        qk: [&mut Self::Buf; 2],
+        heads: [usize; 2],
         head_dim: usize,
         positions: &[usize],
     ) -> Result<()>;
@@ -150,12 +168,13 @@ impl Ops for Cpu {
     fn rope(
         &self,
         rope: &Rope,
-        x: &mut Vec<f32>,
-        heads: usize,
+        [q, k]: [&mut Vec<f32>; 2],
+        [heads, kv_heads]: [usize; 2],
         head_dim: usize,
         positions: &[usize],
     ) -> Result<()> {
-        rope.rotate(x, heads, head_dim, positions);
+        rope.rotate(q, heads, head_dim, positions);
+        rope.rotate(k, kv_heads, head_dim, positions);
         Ok(())
     }
 

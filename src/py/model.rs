@@ -324,17 +324,25 @@ pub fn cuda_info(py: Python<'_>, ordinal: usize) -> PyResult<Py<pyo3::types::PyD
     }
 }
 
-/// Where the GPU's time went per operation, `[(operation, calls, seconds)]`, when the
-/// process runs with `CORTEX_GPU_PROFILE=1` (each operation then waits for the GPU, so
-/// passes are slower); empty otherwise. `reset` starts a fresh profile.
+/// Where the GPU's time went per operation while profiling was on, `[(operation, calls,
+/// seconds)]` (each operation then waits for the GPU and decode steps run op by op, not
+/// as CUDA graphs, so passes are slower); empty otherwise. `reset` starts a fresh profile;
+/// `enable` turns profiling on or off from then on (`CORTEX_GPU_PROFILE=1` turns it on
+/// from the start).
 #[pyfunction]
-#[pyo3(signature = (reset = false))]
-pub fn gpu_profile(reset: bool) -> Vec<(&'static str, u64, f64)> {
+#[pyo3(signature = (reset = false, enable = None))]
+pub fn gpu_profile(reset: bool, enable: Option<bool>) -> Vec<(&'static str, u64, f64)> {
     #[cfg(feature = "cuda")]
-    return crate::cuda::profile(reset);
+    {
+        let rows = crate::cuda::profile(reset);
+        if let Some(on) = enable {
+            crate::cuda::set_profiling(on);
+        }
+        rows
+    }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = reset;
+        let _ = (reset, enable);
         Vec::new()
     }
 }

@@ -335,12 +335,48 @@ pub fn unpack_row(packed: &[u32], bits: u32, codes: &mut [u8]) {
     unpack_into(packed, bits, codes, |c| c as u8);
 }
 
+/// MLX's 2, 4 or 8-bit codes rearranged for dp4a (the GPU's q8 GEMV, kernels.cu
+/// `int_code_bit`): within each u32 word, code `i` moves from bit `bits·i` to bit
+/// `8·(i % 4) + bits·(i / 4)`, so that `(word >> bits·s) & mask` holds codes `4s..4s+3`,
+/// one per byte.
+pub fn int_layout(packed: &[u32], bits: u32) -> Vec<u32> {
+    use rayon::prelude::*;
+    let per_word = 32 / bits;
+    let mask = (1u32 << bits) - 1;
+    packed
+        .par_iter()
+        .map(|&w| {
+            (0..per_word).fold(0u32, |out, i| {
+                out | ((w >> (bits * i)) & mask) << (8 * (i % 4) + bits * (i / 4))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     proptest! {
+        /// Each byte of `(word >> bits·s) & mask` is the next code, as the GPU reads them.
+        #[test]
+        fn int_layout_puts_four_codes_a_shift(bits_i in 0usize..3, seed in any::<u64>()) {
+            let bits = [2u32, 4, 8][bits_i];
+            let mut s = seed;
+            let codes: Vec<u8> = (0..64).map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as u8) & ((1u16 << bits) - 1) as u8
+            }).collect();
+            let mut packed = vec![0u32; 64 * bits as usize / 32];
+            pack_row(&codes, bits, &mut packed);
+            let mask = u32::from_ne_bytes([((1u16 << bits) - 1) as u8; 4]);
+            let read: Vec<u8> = int_layout(&packed, bits)
+                .iter()
+                .flat_map(|&w| (0..8 / bits).flat_map(move |s| ((w >> (bits * s)) & mask).to_le_bytes()))
+                .collect();
+            prop_assert_eq!(read, codes);
+        }
         #[test]
         fn pack_unpack_round_trip(bits_i in 0usize..6, groups in 1usize..4, seed in any::<u64>()) {
             let bits = SUPPORTED_BITS[bits_i];
