@@ -397,7 +397,9 @@ __device__ __forceinline__ float one_plus_code(const uint32_t (&w)[BITS], int j)
   return __uint_as_float((code_bits<BITS>(w, j) << (23 - BITS)) | 0x3F800000u);
 }
 
-// Decode GEMV, y[m, :] = x[m, :] · Wᵀ for m < M <= 8: each warp takes GEMV_ROWS
+// Decode GEMV for codes in MLX's layout (3, 5 and 6 bits, which straddle words; 2, 4 and
+// 8-bit codes take the q8 GEMV below), f32 activations, y[m, :] = x[m, :] · Wᵀ for
+// m < M <= 8: each warp takes GEMV_ROWS
 // consecutive output rows (so each chunk of x it reads serves that many rows of W), lane l
 // chunks l, l + 32, ...; per chunk, row and row of x, Σ q·x and Σ x give
 // scale·Σq·x + bias·Σx (Σq·x from one_plus_code). A row's arithmetic does not depend on M

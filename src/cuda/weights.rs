@@ -6,9 +6,9 @@
 //! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
 //!   affine groups), through our kernels: a GEMV for up to [`GEMV_MAX_ROWS`] rows
 //!   (decoding), dequantize-then-GEMM above. 2, 4 and 8-bit codes are repacked into the
-//!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded to int8 per
-//!   block of 32 (dp4a, as llama.cpp's MMVQ and Cortex's CPU kernels do); 3, 5 and 6-bit
-//!   codes straddle words and stay in MLX's layout, with f32 activations;
+//!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded
+//!   to int8 per block of 32 (dp4a, as llama.cpp's MMVQ and Cortex's CPU kernels do); 3, 5
+//!   and 6-bit codes straddle words and stay in MLX's layout, with f32 activations;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -441,17 +441,21 @@ impl GpuLinear {
         }
     }
 
+    /// Values per affine group (0 for other forms).
+    fn group_size(&self) -> usize {
+        match &self.form {
+            Form::Affine { group_size, .. } => *group_size,
+            _ => 0,
+        }
+    }
+
     /// Whether one block-GEMV launch can serve `self` and `other` together: the same
     /// kernel, input width and group size.
     fn fuses_with(&self, other: &GpuLinear) -> bool {
-        let group = |l: &GpuLinear| match &l.form {
-            Form::Affine { group_size, .. } => *group_size,
-            _ => 0,
-        };
         self.block_gemv().is_some()
             && self.block_gemv() == other.block_gemv()
             && self.cols == other.cols
-            && group(self) == group(other)
+            && self.group_size() == other.group_size()
     }
 
     /// `outs[i]: [m, rows_i]` ← `x: [m, cols]` · W_iᵀ (+ bias_i) for layers of one input
@@ -524,17 +528,8 @@ impl GpuLinear {
                 256,
                 &[x.arg(gpu)?, codes, scales, sums, Arg::I64(blocks32 as i64)],
             )?;
-            let group = match &first.form {
-                Form::Affine { group_size, .. } => *group_size,
-                _ => 0,
-            };
-            args.extend([
-                codes,
-                scales,
-                sums,
-                Arg::I32(k as i32),
-                Arg::I32(group as i32),
-            ]);
+            let group = first.group_size() as i32;
+            args.extend([codes, scales, sums, Arg::I32(k as i32), Arg::I32(group)]);
         } else {
             args.extend([x.arg(gpu)?, Arg::I32(k as i32)]);
         }
