@@ -347,8 +347,13 @@ def test_ctrl_c_stops_promptly_and_the_next_call_resumes(served, tmp_path: Path)
     interrupted_at: list[float] = []
 
     def press_ctrl_c() -> None:
+        # Once both files' first halves are on disk (a file exists before its first bytes
+        # arrive: pressing then would leave one with nothing to resume).
         deadline = time.monotonic() + 10
-        while len(list(blobs.glob("*.incomplete"))) < 2 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            sizes = [f.stat().st_size for f in blobs.glob("*.incomplete") if f.exists()]
+            if sum(1 for n in sizes if n > 0) == 2:
+                break
             time.sleep(0.02)
         interrupted_at.append(time.monotonic())
         _thread.interrupt_main()
