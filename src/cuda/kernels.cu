@@ -693,33 +693,34 @@ __device__ void affine_dequant(const uint32_t* w, const S* scales, const S* bias
   }
 }
 
-// MLX's layout: the f32 GEMV (3, 5 and 6 bits, whose codes straddle words) and the
-// dequantizer; the integer layout (2, 4 and 8 bits): its dequantizer.
-#define AFFINE(BITS, SNAME, S)                                                                       \
-  extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)                                     \
-      affine_gemv_##BITS##_##SNAME(const uint32_t* w, const S* sc, const S* bi, const float* x,       \
-                                   float* y, int n, int k, int group, int M) {                       \
-    affine_gemv<BITS, S>(w, sc, bi, x, y, n, k, group, M);                                           \
-  }                                                                                                  \
-  extern "C" __global__ void affine_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc,         \
-                                                             const S* bi, float* out, int n, int k, \
-                                                             int group) {                            \
-    affine_dequant<BITS, false, S>(w, sc, bi, out, n, k, group);                                     \
+// The dequantizers, for codes in MLX's layout (`affine_dequant_*`: 3, 5 and 6 bits) and in
+// the integer layout (`int_dequant_*`: 2, 4 and 8 bits).
+#define DEQUANT(LAYOUT, INT, BITS, SNAME, S)                                                        \
+  extern "C" __global__ void LAYOUT##_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc,      \
+                                                               const S* bi, float* out, int n,      \
+                                                               int k, int group) {                  \
+    affine_dequant<BITS, INT, S>(w, sc, bi, out, n, k, group);                                      \
   }
+
+// MLX's layout: the f32 GEMV (3, 5 and 6 bits, whose codes straddle words) and the
+// dequantizer.
+#define AFFINE(BITS, SNAME, S)                                                                      \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)                                    \
+      affine_gemv_##BITS##_##SNAME(const uint32_t* w, const S* sc, const S* bi, const float* x,      \
+                                   float* y, int n, int k, int group, int M) {                      \
+    affine_gemv<BITS, S>(w, sc, bi, x, y, n, k, group, M);                                          \
+  }                                                                                                 \
+  DEQUANT(affine, false, BITS, SNAME, S)
 #define AFFINE_ALL(BITS) \
   AFFINE(BITS, f32, float) AFFINE(BITS, f16, __half) AFFINE(BITS, bf16, __nv_bfloat16)
 AFFINE_ALL(3)
 AFFINE_ALL(5)
 AFFINE_ALL(6)
 
-#define INT_DEQUANT(BITS, SNAME, S)                                                                  \
-  extern "C" __global__ void int_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc,            \
-                                                          const S* bi, float* out, int n, int k,    \
-                                                          int group) {                               \
-    affine_dequant<BITS, true, S>(w, sc, bi, out, n, k, group);                                      \
-  }
-#define INT_DEQUANT_ALL(BITS) \
-  INT_DEQUANT(BITS, f32, float) INT_DEQUANT(BITS, f16, __half) INT_DEQUANT(BITS, bf16, __nv_bfloat16)
+// The integer layout: its dequantizer (the GEMV is q8_gemv above).
+#define INT_DEQUANT_ALL(BITS)                                                                       \
+  DEQUANT(int, true, BITS, f32, float)                                                              \
+  DEQUANT(int, true, BITS, f16, __half) DEQUANT(int, true, BITS, bf16, __nv_bfloat16)
 INT_DEQUANT_ALL(2)
 INT_DEQUANT_ALL(4)
 INT_DEQUANT_ALL(8)
