@@ -274,21 +274,6 @@ impl Ops for Pass<'_> {
         })
     }
 
-    fn copy(&self, dst: &mut GpuBuf, src: &GpuBuf) -> Result<()> {
-        self.timed("elementwise", || {
-            dst.resize(self.gpu, src.len())?;
-            if src.is_empty() {
-                return Ok(());
-            }
-            let from = src.slice()?.slice(..src.len());
-            let mut to = dst.slice_mut()?.slice_mut(..src.len());
-            self.gpu
-                .stream()
-                .memcpy_dtod(&from, &mut to)
-                .map_err(|e| super::device_error("copying on the GPU", e))
-        })
-    }
-
     fn add(&self, x: &mut GpuBuf, a: &GpuBuf, b: Option<&GpuBuf>) -> Result<()> {
         self.timed("elementwise", || {
             let b = b.map_or(Ok(Arg::Ptr(0)), |b| b.arg(self.gpu))?;

@@ -30,18 +30,13 @@ pub trait Ops {
         width: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// `dst` ← `src`.
-    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// `x += a`, or `x += a + b` (a parallel block's two branches).
     fn add(&self, x: &mut Self::Buf, a: &Self::Buf, b: Option<&Self::Buf>) -> Result<()>;
     fn scale(&self, x: &mut Self::Buf, factor: f32) -> Result<()>;
     /// Each `[.., d]` row of `x` normalised in place.
     fn norm(&self, norm: &Norm, x: &mut Self::Buf) -> Result<()>;
     /// `out ← norm(x)`, `x` unchanged (a layer's input norm).
-    fn norm_into(&self, norm: &Norm, x: &Self::Buf, out: &mut Self::Buf) -> Result<()> {
-        self.copy(out, x)?;
-        self.norm(norm, out)
-    }
+    fn norm_into(&self, norm: &Norm, x: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
     /// `x += a (+ b)`, then `out ← norm(x)`: a residual add and the norm that reads it
     /// (one kernel on the GPU).
     fn add_norm(
@@ -127,8 +122,9 @@ impl Ops for Cpu {
         table.forward_into(ids, out)
     }
 
-    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
-        dst.clone_from(src);
+    fn norm_into(&self, norm: &Norm, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        out.clone_from(x);
+        norm.apply(out);
         Ok(())
     }
 
