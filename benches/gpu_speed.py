@@ -104,16 +104,18 @@ def bench(path: Path, n_gen: int, profile: bool) -> dict[str, float]:
     kv = stats["kv_blocks_total"] * stats["kv_block_size"] * model.kv_bytes_per_token
     r["gpu_gb"] = (model.weight_bytes + kv) / 1e9
     if profile:
-        # One more batch-1 decode, op by op, each operation charged its time.
-        _core.gpu_profile(reset=True, enable=True)
-        ids = prompts(vocab, 1, 128)[0]
-        for _ in cortex.stream_generate(model, tok, ids, max_tokens=n_gen, ignore_eos=True):
-            pass
-        rows = _core.gpu_profile(reset=True, enable=False)
-        total = sum(s for _, _, s in rows)
-        print(f"  where the time goes ({n_gen} tokens after a 128-token prompt, each op synchronized):")
-        for op, calls, secs in sorted(rows, key=lambda r: -r[2]):
-            print(f"  {op:<24} {calls:>7} calls {secs * 1e3:>9.1f} ms {secs / total:>6.1%}")
+        # One more batch-1 decode and one more prefill, op by op, each operation charged its
+        # time.
+        for what, length, n in (("decode", 128, n_gen), ("prefill", 512, 1)):
+            _core.gpu_profile(reset=True, enable=True)
+            ids = prompts(vocab, 1, length)[0]
+            for _ in cortex.stream_generate(model, tok, ids, max_tokens=n, ignore_eos=True):
+                pass
+            rows = _core.gpu_profile(reset=True, enable=False)
+            total = sum(s for _, _, s in rows)
+            print(f"  where {what} time goes ({n} tokens after {length}, each op synchronized):")
+            for op, calls, secs in sorted(rows, key=lambda r: -r[2]):
+                print(f"  {op:<24} {calls:>7} calls {secs * 1e3:>9.1f} ms {secs / total:>6.1%}")
     del engine, model, tok
     gc.collect()
     return r

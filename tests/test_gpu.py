@@ -9,24 +9,26 @@ the CPU and computed there in f32: float checkpoints as they are, quantized ones
 2. each family's tiny model, logits at all 24 positions of a prompt;
 3. each weight form: MLX affine 2/3/4/5/6/8 bits x groups 32/64/128, GGUF Q4_0, Q4_1,
    Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q6_K, mlx-lm's own 4-bit output and its bf16 checkpoint;
-   prompts of 1 to 8 tokens (the affine GEMV) and of 17 (dequantize, then cuBLAS GEMM);
+   prompts of 1 to 8 tokens (the GEMVs), and of 17 and 77 (the quantized GEMM on tensor
+   cores for 2, 4 and 8-bit codes; dequantize, then cuBLAS GEMM for the others);
 4. the SmolLM2 and Gemma 3 goldens: test_golden.py's quantized-path checks, its tolerances;
 5. on the GPU alone: one pass, a prefill then one token per step, and a batch agree
    (decoder.rs's ``one_pass_steps_and_batches_agree``);
 6. a batch of 8 greedy requests generates what each request generates alone;
 7. the rotating KV cache with chunked prefill generates on the GPU what it does on the CPU;
 8. 100 concurrent requests with 10 aborted give back every cache block and the GPU memory;
-9. SmolLM2 converted to MLX 4-bit g64: the GPU's top-1 over 512 positions;
+9. SmolLM2 converted to MLX 4-bit g64, 512 positions in one pass (the quantized GEMM);
 10. one chat completion through the HTTP server.
 
 Tolerances. The GPU computes what the CPU reference computes except for these roundings:
 
 * the KV cache is f16 (bf16 for a bf16 checkpoint); the f32 reference's cache is f32;
-* affine layers (MLX, and GGUF Q4_0 to Q8_0) run our GEMVs for up to 8 rows: 2, 4 and 8-bit
-  codes against activations rounded to int8 per block of 32 (q8, as llama.cpp's q8_1 and
-  Cortex's CPU kernels do), 3, 5 and 6-bit codes against f32 activations; above 8 rows the
-  matrix is expanded to f32 and multiplied by cuBLAS on TF32 tensor cores, which round both
-  operands to 11 significant bits;
+* affine layers (MLX, and GGUF Q4_0 to Q8_0) with 2, 4 and 8-bit codes multiply them by
+  activations rounded to int8 per block of 32 (q8, as llama.cpp's q8_1 and Cortex's CPU
+  kernels do): a GEMV (dp4a) for up to 8 rows, the int8 tensor cores above, both exact
+  integer sums per block scaled in f32; 3, 5 and 6-bit codes run a GEMV on f32 activations
+  for up to 8 rows, and above are expanded to f32 and multiplied by cuBLAS on TF32 tensor
+  cores, which round both operands to 11 significant bits;
 * GGML k-quants run candle's kernels, which round activations to 8 bits per block of 32
   (q8_1), as llama.cpp's do;
 * bf16 checkpoints: cuBLAS multiplies the bf16 weights by activations cast to bf16.
@@ -42,9 +44,9 @@ below ``tie``; two logits each off by up to d can only swap when their gap is be
 arithmetic                                         rel              tie
 =================================================  ===============  ==============
 f32 with an f16 cache (float models, GEMV)         5e-3 [6.6e-4]    0.05 [d 0.023]
-TF32 GEMM with an f16 cache (affine, > 8 rows)     1e-2 [2.5e-3]    0.3  [d 0.12]
+TF32 GEMM with an f16 cache (3/5/6 bits, > 8 rows)  1e-2 [2.5e-3]    0.3  [d 0.12]
 k-quants, q8_1 activations                         0.1  [0.031]     mean KL 0.05 [0.011]
-affine 2/4/8 bits, q8 activations (<= 8 rows)      0.08 [0.026]     mean KL 0.025 [0.0077]
+affine 2/4/8 bits, q8 activations                  0.08 [0.026]     mean KL 0.025 [0.0077]
 bf16 checkpoint (bf16 products, bf16 cache)        3e-2 [1.0e-2]    0.6  [d 0.26]
 =================================================  ===============  ==============
 
@@ -52,14 +54,19 @@ The affine rows were emulated on the wide model's own converted weights (every M
 prompts of 1 to 8 tokens), with the GPU's arithmetic: x rounded to int8 per block of 32 and
 every product w·(d·xq).
 
-Where both sides run the same arithmetic (tests 5 and 6 with steps of at most 8 rows),
-logits agree to 1e-3 and greedy runs may part only after a step whose top-2 gap was below
-1e-3. Where they do not, the tie bound follows SmolLM2 (512 positions): in the emulation, TF32
-products move logits by up to 0.18 (bound 0.5) and 99.8 % of top-1 tokens survive (bound 99 %,
-test 9). SmolLM2's Q4_1/Q8_0 layers through the q8 GEMV (tests 6 and 7) round its
-activations as the CPU's own int8 kernels do, and that path, against the CPU in f32 over
-64 prompts of 8 tokens, moves logits by up to 2.8 and changes the top-1 token at 6 % of
-positions, all with a top-2 gap of at most 0.50 (the GPU measured 3.3, 6 %, 0.50): bound 1.0.
+Where both sides run the same arithmetic (test 5, and test 6 with steps of at most 8 rows:
+the GEMV's arithmetic for a row does not depend on the batch), logits agree to 1e-3 and
+greedy runs may part only after a step whose top-2 gap was below 1e-3. The q8 GEMV and GEMM
+compute the same exact integer sums per block but add up their scaled values in different
+orders (the GEMM also in a number of parts that depends on the batch): one f32 rounding
+apart, which the f16 cache turns into a whole f16 step of a key now and then, and greedy
+runs amplify: on SmolLM2 batched and alone runs with default steps parted after a top-2
+gap of 0.061 (measured on the H200), more than the f16 cache's bound. They are held to the
+bound of q8 activations against f32 instead, which no two q8 runs can need more than.
+SmolLM2's Q4_1/Q8_0 layers (tests 6, 7 and 9) round its activations as the CPU's own int8
+kernels do, and that path, against the CPU in f32 over 64 prompts of 8 tokens, moves logits
+by up to 2.8 and changes the top-1 token at 6 % of positions, all with a top-2 gap of at
+most 0.50 (the GPU measured 3.3, 6 %, 0.50): bound 1.0.
 """
 
 from __future__ import annotations
@@ -114,12 +121,9 @@ BF16 = Bound(rel=3e-2, tie=0.6)
 #: Same arithmetic on both sides: logits (and logprobs), and greedy near-ties.
 SAME_ATOL = 1e-3
 SAME_TIE = 1e-3
-#: SmolLM2 greedy runs batched against alone with default steps (TF32 products in one, the
-#: GEMV in the other), and on the GPU against the CPU in f32.
-TF32_TIE = 0.5
-#: SmolLM2's Q4_1/Q8_0 layers through the q8 GEMV against the CPU in f32 (tests 6 and 7).
+#: SmolLM2 through q8 activations (the GEMV and the GEMM) against f32, or GEMV against GEMM
+#: (tests 6, 7 and 9).
 Q8_TIE = 1.0
-TOP1_AGREEMENT = 0.99
 
 
 def _check_placed(model: cortex.Model, kv_dtype: str = "float16") -> None:
@@ -382,9 +386,9 @@ def _bound(kind: str, rows: int) -> Bound:
         return K_QUANTS
     if kind == "bf16":
         return BF16
-    if rows > GEMV_MAX_ROWS:
-        return TF32_GEMM
-    return Q8_ACTIVATIONS if kind == "affine-q8" else F16_CACHE
+    if kind == "affine-q8":
+        return Q8_ACTIVATIONS
+    return TF32_GEMM if rows > GEMV_MAX_ROWS else F16_CACHE
 
 
 # ── Fixtures ─────────────────────────────────────────────────────────────────────────────────
@@ -477,18 +481,19 @@ def test_family_matches_cpu_f32(tmp_path: Path, model_type: str) -> None:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_weight_form_matches_cpu_dequantized(wide: Path, tmp_path: Path, form: str) -> None:
-    """Prompts of 1 to 8 tokens and of 17, every position, against the same file on the CPU
-    in f32. Row p of the 17-token reference is the prediction after the first p + 1 tokens
-    (causal masking), so one CPU pass is the reference for every prompt length."""
+    """Prompts of 1 to 8 tokens and of 17 and 77 (two blocks of the quantized GEMM's 64
+    rows), every position, against the same file on the CPU in f32. Row p of the 77-token
+    reference is the prediction after the first p + 1 tokens (causal masking), so one CPU
+    pass is the reference for every prompt length."""
     path, kind = _weight_form(form, wide, tmp_path)
     gpu = cortex.load_model(path, device=DEVICE)
     _check_placed(gpu, "bfloat16" if kind == "bf16" else "float16")
     cpu = cortex.load_model(path, device="cpu")
     reference = cpu.dequantize() if cpu.quantized else cpu
     vocab = cpu.config["vocab_size"]
-    ids = [(i * 37 + 11) % vocab for i in range(17)]
+    ids = [(i * 37 + 11) % vocab for i in range(77)]
     want = reference.forward(ids, all_positions=True)
-    for rows in [*range(1, GEMV_MAX_ROWS + 1), 17]:
+    for rows in [*range(1, GEMV_MAX_ROWS + 1), 17, 77]:
         got = gpu.forward(ids[:rows], all_positions=True)
         _assert_matches(got, want[:rows], _bound(kind, rows), f"{form}, {rows} rows")
 
@@ -560,16 +565,17 @@ def test_one_pass_steps_and_batches_agree(tiny_llama: dict[str, Path], variant: 
 @pytest.mark.parametrize("step_tokens", [GEMV_MAX_ROWS, None], ids=["steps-of-8-tokens", "default-steps"])
 def test_batch_generates_what_each_prompt_generates_alone(smollm_gpu, step_tokens: int | None) -> None:
     """8 prompts, 32 greedy tokens each, one at a time and all in one engine. With steps of
-    at most 8 tokens every row of every step runs the GEMV, whose arithmetic per row does not
-    depend on the batch: runs may part only after a near-tie of 1e-3. With default steps a
-    prompt's prefill runs TF32 products when batched and the q8 GEMV alone for prompts of
-    at most 8 tokens, so the near-tie bound is the larger of theirs (module docstring)."""
+    at most 8 tokens every row of every step runs the q8 GEMV, whose arithmetic for a row
+    does not depend on the batch: runs may part only after a near-tie of 1e-3. With default
+    steps a batched prefill runs the q8 GEMM, and a prompt alone the GEMV or the GEMM: the
+    same integer sums added in other orders, so runs may part only after a near-tie of the
+    q8 bound (module docstring)."""
     model, tok = smollm_gpu
     kw = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}
     prompts = [tok.encode(p) for p in PROMPTS]
     alone = _greedy_steps(_core.Engine(model, tok, max_batch_size=1, **kw), prompts, 32)
     batched = _greedy_steps(_core.Engine(model, tok, max_batch_size=8, **kw), prompts, 32)
-    tie = SAME_TIE if step_tokens else max(TF32_TIE, Q8_TIE)
+    tie = SAME_TIE if step_tokens else Q8_TIE
     for i, (got, want) in enumerate(zip(batched, alone)):
         _assert_same_greedy(got, want, tie, f"prompt {i} ({PROMPTS[i]!r})")
 
@@ -652,8 +658,9 @@ def test_100_requests_with_10_aborted_give_back_blocks_and_gpu_memory(smollm_gpu
 
 def test_smollm_mlx_4bit_top1_over_512_positions(model_path: Path, tmp_path: Path) -> None:
     """SmolLM2 converted to MLX 4-bit g64 (the tied Q8_0 embedding stays 8-bit), 512 tokens of
-    this repository's README in one pass: top-1 agreement with the CPU in f32 at least 99 %,
-    and the logits within the TF32 bound (emulated: 99.8 %, relative error 1.2e-3)."""
+    this repository's README in one pass (the quantized GEMM on 512 rows), against the CPU
+    in f32: the q8 bound, and the top-1 token the same wherever the top-2 gap is at least
+    the q8 tie bound (module docstring)."""
     out = tmp_path / "smollm-4bit-g64"
     out.mkdir()
     report = _core.convert(model_path, out, group_size=64, validate=False)
@@ -664,10 +671,7 @@ def test_smollm_mlx_4bit_top1_over_512_positions(model_path: Path, tmp_path: Pat
     assert len(ids) == 512
     want = cortex.load_model(out, device="cpu").dequantize().forward(ids, all_positions=True)
     got = gpu.forward(ids, all_positions=True)
-    agreement = float((got.argmax(-1) == want.argmax(-1)).mean())
-    err = _rel_l2(got, want)
-    assert agreement >= TOP1_AGREEMENT, f"top-1 agreement {agreement:.1%}, relative L2 error {err:.2e}"
-    assert err <= TF32_GEMM.rel, f"relative L2 error {err:.2e}"
+    _assert_matches(got, want, Bound(rel=Q8_ACTIVATIONS.rel, tie=Q8_TIE), "SmolLM2 4-bit g64")
 
 
 # ── 10. Server ───────────────────────────────────────────────────────────────────────────────

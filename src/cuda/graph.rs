@@ -25,6 +25,10 @@ use crate::model::decoder::Batch;
 /// that grows makes new ones); past it, all are dropped and captured again as needed.
 const MAX_GRAPHS: usize = 16;
 
+/// Most rows a captured step takes (the engine's default batch): each graph keeps its own
+/// logits, `rows × vocab` f32.
+const MAX_GRAPH_ROWS: usize = 32;
+
 /// What a graph is specific to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -143,8 +147,9 @@ impl Captured {
 }
 
 /// A decoder's graphs, by step shape.
-#[derive(Default)]
 pub struct Graphs {
+    /// Most rows of a captured step.
+    max_rows: usize,
     inner: Mutex<Inner>,
     /// Set when a capture failed: this decoder's steps then all run op by op.
     failed: std::sync::atomic::AtomicBool,
@@ -163,6 +168,19 @@ impl std::fmt::Debug for Graphs {
 }
 
 impl Graphs {
+    /// Graphs for decode steps of up to `max_rows` rows (at most [`MAX_GRAPH_ROWS`]).
+    pub fn new(max_rows: usize) -> Graphs {
+        Graphs {
+            max_rows: max_rows.min(MAX_GRAPH_ROWS),
+            inner: Mutex::default(),
+            failed: std::sync::atomic::AtomicBool::default(),
+        }
+    }
+
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
     /// Whether a step of `key`'s shape ran before (and so may be captured now); records
     /// that it has.
     pub fn seen_before(&self, key: Key) -> bool {

@@ -64,6 +64,8 @@ pub struct Gpu {
     device: CudaDevice,
     stream: Arc<CudaStream>,
     ordinal: usize,
+    /// Streaming multiprocessors: how many blocks it takes to keep the GPU busy.
+    sms: usize,
     functions: Mutex<HashMap<String, CudaFunction>>,
     /// Counts reallocations of the buffers a forward pass computes in (workspaces, scratch,
     /// KV caches): a captured graph holds their addresses, and is stale once this moves.
@@ -98,10 +100,18 @@ impl Gpu {
         unsafe {
             device.disable_event_tracking();
         }
+        let sms = device
+            .cuda_stream()
+            .context()
+            .attribute(
+                driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| device_error("querying the GPU", e))?;
         let gpu = Arc::new(Gpu {
             stream: device.cuda_stream(),
             device,
             ordinal,
+            sms: sms.max(1) as usize,
             functions: Mutex::default(),
             epoch: AtomicU64::new(0),
         });
@@ -111,6 +121,10 @@ impl Gpu {
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    pub fn sms(&self) -> usize {
+        self.sms
     }
 
     /// The candle device on this GPU (for candle's quantized kernels).
@@ -232,10 +246,11 @@ impl Gpu {
     pub(crate) fn launch(
         &self,
         name: &str,
-        grid: (u32, u32),
+        grid: impl Into<Grid>,
         block: u32,
         args: &[Arg],
     ) -> Result<()> {
+        let Grid(x, y, z) = grid.into();
         let func = {
             let mut functions = self.functions.lock();
             if let Some(f) = functions.get(name) {
@@ -259,7 +274,7 @@ impl Gpu {
             };
         }
         let cfg = LaunchConfig {
-            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+            grid_dim: (x.max(1), y.max(1), z.max(1)),
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -277,6 +292,21 @@ impl Gpu {
     /// Grid size for a grid-stride loop over `n` elements with 256 threads per block.
     pub(crate) fn grid_for(n: usize) -> (u32, u32) {
         (n.div_ceil(256).clamp(1, 65_535) as u32, 1)
+    }
+}
+
+/// A launch's grid of blocks: `(x, y)`, or `(x, y, z)`.
+pub(crate) struct Grid(u32, u32, u32);
+
+impl From<(u32, u32)> for Grid {
+    fn from((x, y): (u32, u32)) -> Grid {
+        Grid(x, y, 1)
+    }
+}
+
+impl From<(u32, u32, u32)> for Grid {
+    fn from((x, y, z): (u32, u32, u32)) -> Grid {
+        Grid(x, y, z)
     }
 }
 

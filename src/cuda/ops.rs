@@ -19,6 +19,9 @@ use crate::model::decoder::Batch;
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::model::ops::Ops;
 
+/// Values one thread of the norm kernel keeps (kernels.cu `NORM_PER`).
+const NORM_PER: usize = 16;
+
 /// The decoder's small host parameters (norm weights and biases, RoPE frequencies) on the
 /// GPU, uploaded on first use and keyed by their host address: the decoder owns them and
 /// never changes them, so an address names one parameter for the decoder's life.
@@ -239,6 +242,14 @@ impl<'a> Pass<'a> {
         let (weight, bias, eps) = norm.parts();
         let d = weight.len();
         let rows = (len / d) as u32;
+        // Threads enough for 4 values each, at most NORM_PER (kernels.cu) with 1024.
+        if d > NORM_PER * 1024 {
+            return Err(Error::Internal(format!(
+                "a norm over {d} values is past the GPU kernel's {}",
+                NORM_PER * 1024
+            )));
+        }
+        let threads = d.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
         let (a, b) = add.unwrap_or((Arg::Ptr(0), Arg::Ptr(0)));
         let bias = bias.map_or(Ok(Arg::Ptr(0)), |b| self.param(b))?;
         let args = [
@@ -251,7 +262,8 @@ impl<'a> Pass<'a> {
             Arg::F32(eps),
             Arg::I32(d as i32),
         ];
-        self.gpu.launch("norm_f32", (rows, 1), 256, &args)
+        self.gpu
+            .launch("norm_f32", (rows, 1), threads as u32, &args)
     }
 }
 

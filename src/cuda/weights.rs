@@ -4,11 +4,12 @@
 //!   checkpoints come back to bf16, which the host keeps widened to f32): half types
 //!   through our GEMV for up to [`GEMV_MAX_ROWS`] rows, cuBLAS otherwise and for f32;
 //! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
-//!   affine groups), through our kernels: a GEMV for up to [`GEMV_MAX_ROWS`] rows
-//!   (decoding), dequantize-then-GEMM above. 2, 4 and 8-bit codes are repacked into the
+//!   affine groups), through our kernels. 2, 4 and 8-bit codes are repacked into the
 //!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded
-//!   to int8 per block of 32 (dp4a, as llama.cpp's MMVQ and Cortex's CPU kernels do); 3, 5
-//!   and 6-bit codes straddle words and stay in MLX's layout, with f32 activations;
+//!   to int8 per block of 32, as llama.cpp's MMVQ/MMQ and Cortex's CPU kernels do: by a
+//!   GEMV (dp4a) for up to [`GEMV_MAX_ROWS`] rows, by a GEMM on the int8 tensor cores
+//!   above. 3, 5 and 6-bit codes straddle words and stay in MLX's layout, with f32
+//!   activations: a GEMV for up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -34,6 +35,13 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const BG_ROWS: usize = 4;
 const BG_THREADS: u32 = 128;
 const GEMV_MATRICES: usize = 3;
+
+/// The quantized GEMM's blocks (kernels.cu `MMQ_*`): most rows of input, weight rows,
+/// threads, and the chunks of 32 codes staged at a time.
+const MMQ_M: usize = 64;
+const MMQ_ROWS: usize = 64;
+const MMQ_THREADS: u32 = 128;
+const MMQ_SLICE: usize = 4;
 
 /// Float values in one of the types the kernels and cuBLAS read.
 enum Floats {
@@ -103,12 +111,13 @@ enum Form {
         biases: Floats,
         bits: u32,
         group_size: usize,
-        /// Codes in the integer layout (2, 4, 8 bits: the q8 GEMV), else in MLX's.
+        /// Codes in the integer layout (2, 4, 8 bits: q8 activations), else in MLX's.
         int: bool,
         /// The kernels for these bits and scale type (named once, not per call): the GEMV
-        /// (for the integer layout, without its `_m{rows}` suffix) and the dequantizer.
+        /// (for the integer layout, without its `_m{rows}` suffix), and for more rows the
+        /// quantized GEMM (integer layout) or the dequantizer (MLX's).
         gemv: String,
-        dequant: String,
+        gemm: String,
     },
     /// GGML blocks on candle's CUDA device.
     Ggml(QMatMul),
@@ -141,11 +150,13 @@ impl std::fmt::Debug for GpuLinear {
 pub struct Scratch {
     half: Option<CudaSlice<u16>>,
     dense: Option<CudaSlice<f32>>,
-    /// The input rounded to int8 for the q8 GEMV: codes `[m, k]`, and per block of 32
-    /// the scale and the sum of the rounded values (kernels.cu `quantize_q8`).
+    /// The input rounded to int8 for the q8 GEMV and GEMM: codes `[m, k]`, and per block
+    /// of 32 the scale and the sum of the rounded values, in pairs (kernels.cu
+    /// `quantize_q8`); `m` rounded up to whole tiles of the GEMM.
     q8: Option<CudaSlice<i8>>,
-    q8_scales: Option<CudaSlice<f32>>,
-    q8_sums: Option<CudaSlice<f32>>,
+    q8_ds: Option<CudaSlice<f32>>,
+    /// The quantized GEMM's partial sums, `[parts, m, rows]`, when it splits the chunks.
+    parts: Option<CudaSlice<f32>>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -193,11 +204,11 @@ impl GpuLinear {
         let scales = Floats::stored(gpu, &a.scales, a.scale_dtype)?;
         let (bits, stype) = (a.bits, scales.suffix());
         let int = matches!(bits, 2 | 4 | 8);
-        let (packed, gemv, dequant) = if int {
+        let (packed, gemv, gemm) = if int {
             (
                 gpu.upload(&int_layout(&a.packed, bits))?,
                 format!("q8_gemv_{bits}_{stype}"),
-                format!("int_dequant_{bits}_{stype}"),
+                format!("mmq_{bits}_{stype}"),
             )
         } else {
             (
@@ -215,7 +226,7 @@ impl GpuLinear {
                 group_size: a.group_size,
                 int,
                 gemv,
-                dequant,
+                gemm,
             },
             rows: a.rows,
             cols: a.cols,
@@ -265,13 +276,17 @@ impl GpuLinear {
         matches!(self.form, Form::Dense(_))
     }
 
-    /// Whether a decode step through this layer can be captured in a CUDA graph: our own
-    /// kernels only (cuBLAS and candle may allocate while they run).
-    pub fn graphable(&self) -> bool {
+    /// Up to how many rows a decode step through this layer can be captured in a CUDA
+    /// graph: where it runs our own kernels only (cuBLAS and candle may allocate while they
+    /// run). `usize::MAX`: at any number.
+    pub fn graph_rows(&self) -> usize {
         match &self.form {
-            Form::Affine { .. } => true,
-            Form::Dense(Floats::F16(_) | Floats::BF16(_)) => self.cols.is_multiple_of(8),
-            Form::Dense(Floats::F32(_)) | Form::Ggml(_) => false,
+            Form::Affine { int: true, .. } => usize::MAX,
+            Form::Affine { int: false, .. } => GEMV_MAX_ROWS,
+            Form::Dense(Floats::F16(_) | Floats::BF16(_)) if self.cols.is_multiple_of(8) => {
+                GEMV_MAX_ROWS
+            }
+            Form::Dense(_) | Form::Ggml(_) => 0,
         }
     }
 
@@ -325,13 +340,17 @@ impl GpuLinear {
                 };
                 gemm(gpu, (w.arg(gpu), precision), x, m, (n, k), out, scratch)?;
             }
+            Form::Affine { int: true, .. } => {
+                let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
+                self.mmq(gpu, q8, m, out, scratch)?;
+            }
             Form::Affine {
                 packed,
                 scales,
                 biases,
                 group_size,
                 gemv,
-                dequant,
+                gemm: dequant,
                 ..
             } => {
                 let args = [ptr(packed, gpu.stream()), scales.arg(gpu), biases.arg(gpu)];
@@ -405,6 +424,95 @@ impl GpuLinear {
         self.add_bias(gpu, m, out)
     }
 
+    /// `out: [m, rows]` ← the quantized GEMM of `q8`, the input rounded by [`quantize_q8`]
+    /// (codes in the integer layout only; no bias).
+    fn mmq(
+        &self,
+        gpu: &Gpu,
+        q8: [Arg; 2],
+        m: usize,
+        out: &mut GpuBuf,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let Form::Affine {
+            packed,
+            scales,
+            biases,
+            group_size,
+            int: true,
+            gemm,
+            ..
+        } = &self.form
+        else {
+            return Err(Error::Internal(format!(
+                "{self:?} through the quantized GEMM"
+            )));
+        };
+        let (n, chunks) = (self.rows, self.cols / 32);
+        out.resize(gpu, m * n)?;
+        let [codes, pairs] = q8;
+        // Input rows a block: tiles of 8, as few as cover a small batch (kernels.cu `mmq`).
+        let tiles = match m {
+            ..=16 => 2,
+            17..=32 => 4,
+            _ => MMQ_M / 8,
+        };
+        // Where the blocks are too few to fill the GPU (small batches, narrow matrices), the
+        // chunks are split into parts (of at least two slices), written apart and added up.
+        let blocks = m.div_ceil(8 * tiles) * n.div_ceil(MMQ_ROWS);
+        let parts = (4 * gpu.sms())
+            .div_ceil(blocks)
+            .clamp(1, (chunks / (2 * MMQ_SLICE)).max(1));
+        let split = chunks.div_ceil(parts).next_multiple_of(MMQ_SLICE);
+        let parts = chunks.div_ceil(split);
+        let y = if parts == 1 {
+            out.arg(gpu)?
+        } else {
+            ptr(grown(gpu, &mut scratch.parts, parts * m * n)?, gpu.stream())
+        };
+        gpu.launch(
+            &format!("{gemm}_t{tiles}"),
+            (
+                m.div_ceil(8 * tiles) as u32,
+                n.div_ceil(MMQ_ROWS) as u32,
+                parts as u32,
+            ),
+            MMQ_THREADS,
+            &[
+                ptr(packed, gpu.stream()),
+                scales.arg(gpu),
+                biases.arg(gpu),
+                y,
+                Arg::I32(n as i32),
+                codes,
+                pairs,
+                Arg::I32(self.cols as i32),
+                Arg::I32(*group_size as i32),
+                Arg::I32(m as i32),
+                Arg::I32(split as i32),
+            ],
+        )?;
+        if parts > 1 {
+            gpu.launch(
+                "mmq_sum",
+                Gpu::grid_for(m * n),
+                256,
+                &[
+                    y,
+                    out.arg(gpu)?,
+                    Arg::I64((m * n) as i64),
+                    Arg::I32(parts as i32),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Whether this layer runs the quantized GEMM above [`GEMV_MAX_ROWS`] rows.
+    fn is_int(&self) -> bool {
+        matches!(self.form, Form::Affine { int: true, .. })
+    }
+
     /// `out += bias`, row by row of `m`.
     fn add_bias(&self, gpu: &Gpu, m: usize, out: &mut GpuBuf) -> Result<()> {
         let Some(b) = &self.bias else {
@@ -473,6 +581,16 @@ impl GpuLinear {
         let Some(first) = layers.first() else {
             return Ok(());
         };
+        let k = first.cols;
+        if m > GEMV_MAX_ROWS && layers.iter().all(|l| l.is_int() && l.cols == k) {
+            // The quantized GEMM, the input rounded to q8 once for all.
+            let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
+            for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                l.mmq(gpu, q8, m, out, scratch)?;
+                l.add_bias(gpu, m, out)?;
+            }
+            return Ok(());
+        }
         let together = m > 0
             && m <= GEMV_MAX_ROWS
             && layers.len() <= GEMV_MATRICES
@@ -483,7 +601,6 @@ impl GpuLinear {
             }
             return Ok(());
         }
-        let k = first.cols;
         if x.len() != m * k {
             return Err(Error::Internal(format!(
                 "linear layer of input size {k} applied to {} values in {m} rows",
@@ -517,19 +634,9 @@ impl GpuLinear {
             args.push(Arg::I32(0));
         }
         if q8 {
-            let blocks32 = m * k / 32;
-            let codes = ptr(grown(gpu, &mut scratch.q8, m * k)?, gpu.stream());
-            let scales = ptr(grown(gpu, &mut scratch.q8_scales, blocks32)?, gpu.stream());
-            let sums = ptr(grown(gpu, &mut scratch.q8_sums, blocks32)?, gpu.stream());
-            // One warp per block of 32 values.
-            gpu.launch(
-                "quantize_q8",
-                (blocks32.div_ceil(8) as u32, 1),
-                256,
-                &[x.arg(gpu)?, codes, scales, sums, Arg::I64(blocks32 as i64)],
-            )?;
             let group = first.group_size() as i32;
-            args.extend([codes, scales, sums, Arg::I32(k as i32), Arg::I32(group)]);
+            args.extend(quantize_q8(gpu, x, (m, k), scratch)?);
+            args.extend([Arg::I32(k as i32), Arg::I32(group)]);
         } else {
             args.extend([x.arg(gpu)?, Arg::I32(k as i32)]);
         }
@@ -541,6 +648,28 @@ impl GpuLinear {
         }
         Ok(())
     }
+}
+
+/// `x: [m, k]` rounded to int8 per block of 32 into `scratch` (kernels.cu `quantize_q8`):
+/// the codes, and per block its scale and sum. The buffers hold whole tiles of the GEMM's
+/// input rows, which it reads (rows past `m` keep what they held, finite values).
+fn quantize_q8(
+    gpu: &Gpu,
+    x: &GpuBuf,
+    (m, k): (usize, usize),
+    scratch: &mut Scratch,
+) -> Result<[Arg; 2]> {
+    let (blocks, padded) = (m * k / 32, m.next_multiple_of(MMQ_M) * k);
+    let codes = ptr(grown(gpu, &mut scratch.q8, padded)?, gpu.stream());
+    let pairs = ptr(grown(gpu, &mut scratch.q8_ds, padded / 16)?, gpu.stream());
+    // One warp per block of 32 values.
+    gpu.launch(
+        "quantize_q8",
+        (blocks.div_ceil(8) as u32, 1),
+        256,
+        &[x.arg(gpu)?, codes, pairs, Arg::I64(blocks as i64)],
+    )?;
+    Ok([codes, pairs])
 }
 
 /// How a cuBLAS product reads its operands: the weight's element type, and for f32

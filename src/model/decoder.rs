@@ -261,7 +261,7 @@ impl Decoder {
     #[cfg(feature = "cuda")]
     fn forward_gpu(&self, g: &OnGpu, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Tensor> {
         use crate::cuda::graph::Key;
-        use crate::cuda::{Meta, Pass, GEMV_MAX_ROWS};
+        use crate::cuda::{Meta, Pass};
         let gpu = &*g.gpu;
         gpu.bind()?;
         // GPU passes of one decoder take turns (one stream runs them in order anyway); the
@@ -269,7 +269,7 @@ impl Decoder {
         let mut ws = g.workspace.lock();
         let graphs = g.graphs.as_ref().filter(|_| !crate::cuda::profiling());
         let key = graphs.and_then(|graphs| {
-            Key::of(gpu, batch, kv, GEMV_MAX_ROWS).filter(|&k| graphs.seen_before(k))
+            Key::of(gpu, batch, kv, graphs.max_rows()).filter(|&k| graphs.seen_before(k))
         });
         let (Some(graphs), Some(key)) = (graphs, key) else {
             let meta = Meta::new(gpu, batch, kv)?;
@@ -317,22 +317,23 @@ impl Decoder {
     #[cfg(feature = "cuda")]
     pub fn to_gpu(self, gpu: Arc<crate::cuda::Gpu>) -> Result<(Decoder, isize)> {
         gpu.bind()?;
-        // Decode steps go through CUDA graphs when every layer runs our own kernels and
-        // no layer routes on the host (a mixture of experts).
-        let mut graphable = !self
+        // Decode steps go through CUDA graphs up to the rows at which every layer runs our
+        // own kernels, when no layer routes on the host (a mixture of experts).
+        let moe = self
             .layers
             .iter()
             .any(|b| matches!(b.mlp, FeedForward::Moe(_)));
+        let mut graph_rows = if moe { 0 } else { usize::MAX };
         let (mut decoder, delta) = self.map_linears(|l, _| {
             let up = l.to_gpu(&gpu)?;
-            graphable &= up.gpu().is_some_and(crate::cuda::GpuLinear::graphable);
+            graph_rows = graph_rows.min(up.gpu().map_or(0, crate::cuda::GpuLinear::graph_rows));
             Ok(up)
         })?;
         decoder.backend = Backend::Cuda(Box::new(OnGpu {
             gpu,
             params: crate::cuda::Params::default(),
             workspace: Mutex::default(),
-            graphs: graphable.then(crate::cuda::graph::Graphs::default),
+            graphs: (graph_rows > 0).then(|| crate::cuda::graph::Graphs::new(graph_rows)),
         }));
         Ok((decoder, delta))
     }

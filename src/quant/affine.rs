@@ -335,8 +335,8 @@ pub fn unpack_row(packed: &[u32], bits: u32, codes: &mut [u8]) {
     unpack_into(packed, bits, codes, |c| c as u8);
 }
 
-/// MLX's 2, 4 or 8-bit codes rearranged for dp4a (the GPU's q8 GEMV, kernels.cu
-/// `int_code_bit`): within each u32 word, code `i` moves from bit `bits·i` to bit
+/// MLX's 2, 4 or 8-bit codes rearranged for dp4a (the GPU's q8 GEMV and GEMM, kernels.cu
+/// `chunk_dot`): within each u32 word, code `i` moves from bit `bits·i` to bit
 /// `8·(i % 4) + bits·(i / 4)`, so that `(word >> bits·s) & mask` holds codes `4s..4s+3`,
 /// one per byte.
 pub fn int_layout(packed: &[u32], bits: u32) -> Vec<u32> {
