@@ -1,0 +1,210 @@
+"""The q8 GEMM (`mmq_*`) and GEMV (`q8_gemv_*`) of src/cuda/kernels.cu on random data, without
+the rest of Cortex: exactness against a float64 evaluation of the same integer sums, then the
+time per shape (replayed from a CUDA graph, so no launch overhead), in TB/s of weights and
+int8 TOPS. Needs CuPy and the kernels compiled for the GPU at hand:
+
+    nvcc -cubin -arch=sm_90 src/cuda/kernels.cu -o /tmp/k.cubin
+    python benches/gpu_kernels.py /tmp/k.cubin 4      # 2, 4 or 8-bit codes, bf16 scales
+"""
+
+import math
+import sys
+
+import cupy as cp
+import numpy as np
+
+mod = cp.RawModule(path=sys.argv[1])
+BITS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+rng = np.random.default_rng(0)
+SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def make(n, k, group):
+    words = rng.integers(0, 2**32, size=(n, k * BITS // 32), dtype=np.uint64).astype(np.uint32)
+    scales = (rng.standard_normal((n, k // group)) * 0.01).astype(np.float32)
+    biases = (rng.standard_normal((n, k // group)) * 0.05).astype(np.float32)
+    return words, _bf16(scales), _bf16(biases)
+
+
+def _bf16(a):
+    return (a.view(np.uint32) >> 16).astype(np.uint16)  # truncated: then exact in bf16
+
+
+def codes(words, k):
+    n = words.shape[0]
+    per_word = 32 // BITS
+    w = words.reshape(n, k // per_word).astype(np.int64)
+    out = np.zeros((n, k // per_word, per_word), np.int64)
+    for s in range(per_word // 4):
+        for j in range(4):
+            out[:, :, 4 * s + j] = (w >> (BITS * s + 8 * j)) & ((1 << BITS) - 1)
+    return out.reshape(n, k)
+
+
+def launch(name, grid, block, args):
+    mod.get_function(name)(grid, block, args)
+
+
+def quantize(x):
+    m, k = x.shape
+    pad = -(-m // 64) * 64
+    xq = cp.zeros((pad, k), cp.int8)
+    ds = cp.zeros((pad, k // 32, 2), cp.float32)
+    blocks = m * k // 32
+    launch("quantize_q8", (-(-blocks // 8),), (256,), (x, xq, ds, np.int64(blocks)))
+    return xq, ds
+
+
+def mmq_launcher(w, s, b, xq, ds, m, n, k, group, parts):
+    """A function launching the GEMM (and the sum of its parts) into buffers of its own."""
+    chunks = k // 32
+    split = math.ceil(math.ceil(chunks / parts) / 4) * 4  # whole slices of 4 chunks
+    parts = math.ceil(chunks / split)
+    tiles = 2 if m <= 16 else 4 if m <= 32 else 8
+    y = cp.zeros((parts, m, n), cp.float32)
+    out = y[0] if parts == 1 else cp.empty((m, n), cp.float32)
+    f = mod.get_function(f"mmq_{BITS}_bf16_t{tiles}")
+    g = mod.get_function("mmq_sum")
+    args = (w, s, b, y, np.int32(n), xq, ds, np.int32(k), np.int32(group), np.int32(m), np.int32(split))
+    sargs = (y, out, np.int64(m * n), np.int32(parts))
+
+    def run():
+        f((-(-m // (8 * tiles)), -(-n // 64), parts), (128,), args)
+        if parts > 1:
+            g((min(-(-m * n // 256), 4096),), (256,), sargs)
+        return out
+
+    return run
+
+
+def mmq(w, s, b, xq, ds, m, n, k, group, parts):
+    return mmq_launcher(w, s, b, xq, ds, m, n, k, group, parts)()
+
+
+def gemv_launcher(w, s, b, xq, ds, m, n, k, group):
+    y = cp.zeros((m, n), cp.float32)
+    z = np.uint64(0)
+    mm = 1 << (m - 1).bit_length()
+    f = mod.get_function(f"q8_gemv_{BITS}_bf16_m{mm}")
+    args = (
+        w,
+        s,
+        b,
+        y,
+        np.int32(n),
+        z,
+        z,
+        z,
+        z,
+        np.int32(0),
+        z,
+        z,
+        z,
+        z,
+        np.int32(0),
+        xq,
+        ds,
+        np.int32(k),
+        np.int32(group),
+        np.int32(m),
+    )
+
+    def run():
+        f((-(-n // 4),), (128,), args)
+        return y
+
+    return run
+
+
+def gemv(w, s, b, xq, ds, m, n, k, group):
+    return gemv_launcher(w, s, b, xq, ds, m, n, k, group)()
+
+
+def reference(words, s16, b16, xq, ds, m, n, k, group):
+    q = codes(words, k).reshape(n, k // 32, 32).astype(np.float64)
+    x = cp.asnumpy(xq[:m]).reshape(m, k // 32, 32).astype(np.float64)
+    d = cp.asnumpy(ds[:m]).astype(np.float64)
+    sc = _f64(s16).repeat(group // 32, 1)  # [n, chunks]
+    bi = _f64(b16).repeat(group // 32, 1)
+    dots = np.einsum("rci,mci->mrc", q, x)
+    return np.einsum("mrc,rc,mc->mr", dots, sc, d[:, :, 0]) + np.einsum("rc,mc->mr", bi, d[:, :, 1])
+
+
+def _f64(h):
+    return (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def check():
+    for n, k, group, m in [
+        (192, 576, 64, 77),
+        (200, 576, 32, 9),
+        (1536, 576, 64, 130),
+        (576, 1536, 128, 64),
+        (96, 256, 64, 5),
+    ]:
+        words, s, b = make(n, k, group)
+        x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+        xq, ds = quantize(x)
+        want = reference(words, s, b, xq, ds, m, n, k, group)
+        dw, dsc, dbi = cp.asarray(words), cp.asarray(s), cp.asarray(b)
+        for parts in (1, 3):
+            got = cp.asnumpy(mmq(dw, dsc, dbi, xq, ds, m, n, k, group, parts))
+            err = np.abs(got - want).max() / np.abs(want).max()
+            print(
+                f"mmq  n={n} k={k} g={group} m={m} parts={parts}: max err {err:.2e}",
+                "OK" if err < 1e-5 else "BAD",
+            )
+        if m <= 8:
+            got = cp.asnumpy(gemv(dw, dsc, dbi, xq, ds, m, n, k, group))
+            err = np.abs(got - want).max() / np.abs(want).max()
+            print(f"gemv n={n} k={k} m={m}: max err {err:.2e}", "OK" if err < 1e-5 else "BAD")
+
+
+def timeit(f, reps=50):
+    """µs per call, replayed from a CUDA graph (no launch overhead)."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        f()
+        stream.begin_capture()
+        for _ in range(reps):
+            f()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / reps * 1e3
+
+
+def bench():
+    print(f"{SMS} SMs")
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
+        words, s, b = make(n, k, 64)
+        dw, dsc, dbi = cp.asarray(words), cp.asarray(s), cp.asarray(b)
+        wbytes = words.nbytes + s.nbytes + b.nbytes
+        for m in (1, 8, 16, 32, 64, 256):
+            if m == 1 and n == 1024:
+                continue
+            x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+            xq, ds = quantize(x)
+            line = f"n={n:>5} k={k:>5} m={m:>3}:"
+            if m <= 8:
+                us = timeit(gemv_launcher(dw, dsc, dbi, xq, ds, m, n, k, 64))
+                line += f" gemv {us:7.1f} us {wbytes / us / 1e6:5.2f} TB/s |"
+            blocks = -(-m // 64) * -(-n // 64)
+            for parts in sorted({1, 2, 4, max(1, math.ceil(2 * SMS / blocks))}):
+                if m == 1:
+                    break
+                if parts > k // 32 // 8:
+                    continue
+                us = timeit(mmq_launcher(dw, dsc, dbi, xq, ds, m, n, k, 64, parts))
+                tops = 2 * m * n * k / us / 1e6
+                line += f" p{parts} {us:7.1f} us {wbytes / us / 1e6:5.2f} TB/s {tops:6.1f} TOPS |"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    check()
+    bench()
