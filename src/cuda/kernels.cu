@@ -604,6 +604,12 @@ __device__ __forceinline__ int dp4a_us(uint32_t a, int b, int c) {
   return d;
 }
 
+// The mask that keeps one code a byte of (word >> BITS·s) in the integer layout (below).
+template <int BITS>
+__device__ __forceinline__ constexpr uint32_t byte_codes() {
+  return BITS == 8 ? 0xFFFFFFFFu : BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
+}
+
 // Σ q·xq over a chunk of 32 codes in the integer layout the 2/4/8-bit weights are repacked
 // into at upload (weights.rs `int_layout`): code i of a word sits in byte i % 4, BITS·(i / 4)
 // bits up, so that byte j of (word >> BITS·s) & mask holds code 4s + j, and each dp4a takes
@@ -615,7 +621,7 @@ __device__ __forceinline__ int chunk_dot(const uint32_t (&w)[BITS], const int (&
 #pragma unroll
     for (int i = 0; i < 8; i++) t = dp4a_us(w[i], xw[i], t);
   } else {
-    constexpr uint32_t mask = BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
+    constexpr uint32_t mask = byte_codes<BITS>();
     constexpr int per_word = 32 / BITS;  // codes per word: 8 or 16
 #pragma unroll
     for (int i = 0; i < BITS; i++)
@@ -737,6 +743,7 @@ __device__ void mmq(const uint32_t* w, const S* scales, const S* biases, float* 
                     const int8_t* xq, const float2* ds, int k, int group, int M, int split) {
   constexpr int WSTRIDE = MMQ_SLICE * BITS + 4;  // words per staged weight row
   constexpr int MT = 8 * TILES;                  // input rows a block
+  static_assert(MT <= MMQ_M && MMQ_M % MT == 0, "weights.rs pads the input to whole MMQ_M rows");
   __shared__ __align__(16) uint32_t wsh[2][MMQ_ROWS * WSTRIDE];
   __shared__ __align__(16) int xsh[2][MT * MMQ_XSTRIDE];
   // The pairs by chunk, then input row: a lane's two rows' pairs are one 16-byte read.
@@ -774,7 +781,7 @@ __device__ void mmq(const uint32_t* w, const S* scales, const S* biases, float* 
   // where in a chunk its codes 8tid..8tid+3 and 8tid+4..8tid+7 sit (`chunk_dot`).
   const int ra = min(r0 + 16 * warp + gid, n - 1), rb = min(r0 + 16 * warp + gid + 8, n - 1);
   constexpr int per_word = 32 / BITS;
-  constexpr uint32_t mask = BITS == 8 ? 0xFFFFFFFFu : BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
+  constexpr uint32_t mask = byte_codes<BITS>();
   const int word_lo = 8 * tid / per_word, word_hi = (8 * tid + 4) / per_word;
   const int shift_lo = BITS * (8 * tid % per_word / 4), shift_hi = BITS * ((8 * tid + 4) % per_word / 4);
   float acc[TILES][4] = {};

@@ -318,18 +318,14 @@ impl GpuLinear {
         scratch: &mut Scratch,
     ) -> Result<()> {
         let (n, k) = (self.rows, self.cols);
-        if x.len() != m * k {
-            return Err(Error::Internal(format!(
-                "linear layer of input size {k} applied to {} values in {m} rows",
-                x.len()
-            )));
-        }
+        check_input(x, m, k)?;
         out.resize(gpu, m * n)?;
         if m == 0 {
             return Ok(());
         }
         match &self.form {
-            _ if m <= GEMV_MAX_ROWS && self.block_gemv().is_some() => {
+            // The block GEMVs, and the quantized GEMM: one path with q/k/v and gate/up.
+            _ if self.is_int() || (m <= GEMV_MAX_ROWS && self.block_gemv().is_some()) => {
                 return GpuLinear::forward_all(gpu, &[self], x, m, &mut [out], scratch);
             }
             Form::Dense(w) => {
@@ -339,10 +335,6 @@ impl GpuLinear {
                     Floats::BF16(_) => Precision::BF16,
                 };
                 gemm(gpu, (w.arg(gpu), precision), x, m, (n, k), out, scratch)?;
-            }
-            Form::Affine { int: true, .. } => {
-                let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
-                self.mmq(gpu, q8, m, out, scratch)?;
             }
             Form::Affine {
                 packed,
@@ -582,6 +574,7 @@ impl GpuLinear {
             return Ok(());
         };
         let k = first.cols;
+        check_input(x, m, k)?;
         if m > GEMV_MAX_ROWS && layers.iter().all(|l| l.is_int() && l.cols == k) {
             // The quantized GEMM, the input rounded to q8 once for all.
             let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
@@ -600,12 +593,6 @@ impl GpuLinear {
                 l.forward(gpu, x, m, out, scratch)?;
             }
             return Ok(());
-        }
-        if x.len() != m * k {
-            return Err(Error::Internal(format!(
-                "linear layer of input size {k} applied to {} values in {m} rows",
-                x.len()
-            )));
         }
         let Some((kernel, q8)) = first.block_gemv() else {
             return Err(Error::Internal("a block GEMV without its kernel".into()));
@@ -648,6 +635,17 @@ impl GpuLinear {
         }
         Ok(())
     }
+}
+
+/// That `x` holds `m` rows of a layer's `k` inputs.
+fn check_input(x: &GpuBuf, m: usize, k: usize) -> Result<()> {
+    if x.len() == m * k {
+        return Ok(());
+    }
+    Err(Error::Internal(format!(
+        "linear layer of input size {k} applied to {} values in {m} rows",
+        x.len()
+    )))
 }
 
 /// `x: [m, k]` rounded to int8 per block of 32 into `scratch` (kernels.cu `quantize_q8`):
