@@ -215,10 +215,12 @@ _HF_NAMES = {
 }  # fmt: skip
 
 
-def _wide_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    """Random weights under GGUF's names (numpy order, ``[out, in]``), with a tied head."""
+def _wide_weights(seed: int = 0, heads: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+    """Random weights under GGUF's names (numpy order, ``[out, in]``), with a tied head;
+    `heads`: (query heads, KV heads, head size) other than WIDE's."""
     rng = np.random.default_rng(seed)
-    d, inter, hd = WIDE["hidden"], WIDE["inter"], WIDE["hidden"] // WIDE["heads"]
+    d, inter = WIDE["hidden"], WIDE["inter"]
+    nh, nkv, hd = heads or (WIDE["heads"], WIDE["kv"], WIDE["hidden"] // WIDE["heads"])
 
     def t(*shape: int, scale: float, offset: float = 0.0) -> np.ndarray:
         return (rng.standard_normal(shape) * scale + offset).astype(np.float32)
@@ -227,10 +229,10 @@ def _wide_weights(seed: int = 0) -> dict[str, np.ndarray]:
     for n in range(WIDE["layers"]):
         p = f"blk.{n}."
         w[p + "attn_norm.weight"] = t(d, scale=0.1, offset=1.0)
-        w[p + "attn_q.weight"] = t(WIDE["heads"] * hd, d, scale=0.1)
-        w[p + "attn_k.weight"] = t(WIDE["kv"] * hd, d, scale=0.1)
-        w[p + "attn_v.weight"] = t(WIDE["kv"] * hd, d, scale=0.1)
-        w[p + "attn_output.weight"] = t(d, WIDE["heads"] * hd, scale=0.1)
+        w[p + "attn_q.weight"] = t(nh * hd, d, scale=0.1)
+        w[p + "attn_k.weight"] = t(nkv * hd, d, scale=0.1)
+        w[p + "attn_v.weight"] = t(nkv * hd, d, scale=0.1)
+        w[p + "attn_output.weight"] = t(d, nh * hd, scale=0.1)
         w[p + "ffn_norm.weight"] = t(d, scale=0.1, offset=1.0)
         w[p + "ffn_gate.weight"] = t(inter, d, scale=0.1)
         w[p + "ffn_up.weight"] = t(inter, d, scale=0.1)
@@ -238,9 +240,10 @@ def _wide_weights(seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
-def _write_wide_hf(folder: Path, w: dict[str, np.ndarray]) -> None:
+def _write_wide_hf(folder: Path, w: dict[str, np.ndarray], heads: tuple[int, int, int] | None = None) -> None:
     """The weights as a Hugging Face llama folder (f32 safetensors, byte-level BPE tokenizer,
-    which GGUF output needs)."""
+    which GGUF output needs); `heads` as `_wide_weights` takes it."""
+    nh, nkv, hd = heads or (WIDE["heads"], WIDE["kv"], WIDE["hidden"] // WIDE["heads"])
     folder.mkdir(parents=True)
     hf = {"model.embed_tokens.weight": w["token_embd.weight"], "model.norm.weight": w["output_norm.weight"]}
     for name, a in w.items():
@@ -251,7 +254,7 @@ def _write_wide_hf(folder: Path, w: dict[str, np.ndarray]) -> None:
     config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": WIDE["hidden"],
         "intermediate_size": WIDE["inter"], "num_hidden_layers": WIDE["layers"],
-        "num_attention_heads": WIDE["heads"], "num_key_value_heads": WIDE["kv"],
+        "num_attention_heads": nh, "num_key_value_heads": nkv, "head_dim": hd,
         "vocab_size": WIDE["vocab"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": True, "torch_dtype": "float32", "max_position_embeddings": 512,
         "hidden_act": "silu",
@@ -474,6 +477,24 @@ def test_family_matches_cpu_f32(tmp_path: Path, model_type: str) -> None:
     _check_placed(gpu)
     want = cortex.load_model(tmp_path / "m", device="cpu").forward(IDS24, all_positions=True)
     _assert_matches(gpu.forward(IDS24, all_positions=True), want, F16_CACHE, model_type)
+
+
+#: Attention shapes that take the GPU kernel apart (kernels.cu `attention`): more query heads
+#: a KV head than a block serves (8: two blocks), a group that is no multiple of 4 (3), its
+#: builds for head sizes 128 and 256, and a head of 80 (lanes past it idle).
+HEAD_SHAPES = {"8q-1kv-128": (8, 1, 128), "3q-1kv-256": (3, 1, 256), "4q-2kv-80": (4, 2, 80)}
+#: 100 positions: each row's keys are split across blocks from 33 on, two splits merged.
+IDS100 = [(i * 37 + 11) % WIDE["vocab"] for i in range(100)]
+
+
+@pytest.mark.parametrize("shape", HEAD_SHAPES)
+def test_attention_head_shapes_match_cpu_f32(tmp_path: Path, shape: str) -> None:
+    """Float weights, f16 cache against the CPU's f32, all 100 positions of a prompt."""
+    heads = HEAD_SHAPES[shape]
+    _write_wide_hf(tmp_path / "m", _wide_weights(heads=heads), heads)
+    gpu = cortex.load_model(tmp_path / "m", device=DEVICE)
+    want = cortex.load_model(tmp_path / "m", device="cpu").forward(IDS100, all_positions=True)
+    _assert_matches(gpu.forward(IDS100, all_positions=True), want, F16_CACHE, shape)
 
 
 # ── 3. Weight forms ──────────────────────────────────────────────────────────────────────────

@@ -77,11 +77,48 @@ __device__ __forceinline__ float act(int kind, float x) {
   return 0.5f * x * (1.f + tanhf(k * x * (1.f + 0.044715f * x * x)));
 }
 
-// gate = act(gate) * up (up == NULL: gate = act(gate)).
-extern "C" __global__ void activation_f32(float* gate, const float* up, int kind, long n) {
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-    const float a = act(kind, gate[i]);
-    gate[i] = up ? a * up[i] : a;
+// A block of 32 values that 8 consecutive lanes hold, 4 each (lane % 8 their place in it),
+// rounded to q8 exactly as `quantize_q8` (below) rounds them: each lane's 4 codes to `xq`,
+// the block's (d, d·Σxq) to `ds` from its first lane. Every lane of the warp calls it;
+// `store` says whether this lane's values are real.
+__device__ __forceinline__ void q8_block4(float4 v, char4* xq, float2* ds, bool store) {
+  float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+  for (int o = 4; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  const float d = mx / 127.f;
+  const int a = d > 0.f ? __float2int_rn(v.x / d) : 0, b = d > 0.f ? __float2int_rn(v.y / d) : 0;
+  const int c = d > 0.f ? __float2int_rn(v.z / d) : 0, e = d > 0.f ? __float2int_rn(v.w / d) : 0;
+  int sum = a + b + c + e;
+#pragma unroll
+  for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  if (!store) return;
+  *xq = make_char4(a, b, c, e);
+  if (threadIdx.x % 8 == 0) *ds = make_float2(d, d * (float)sum);
+}
+
+// gate = act(gate) * up (up == NULL: gate = act(gate)), thread t taking elements 4t..4t+3;
+// with `xq`, the result is also rounded to q8 there and in `ds` (`n` a multiple of 32): the
+// next projection's input, without a launch of `quantize_q8`.
+extern "C" __global__ void activation_f32(float* gate, const float* up, int kind, long n, int8_t* xq,
+                                          float2* ds) {
+  const long n4 = (n + 3) / 4;
+  // The bound is the block's, so a warp's lanes go round together (q8_block4 shuffles).
+  for (long first = blockIdx.x * (long)blockDim.x; first < n4; first += (long)gridDim.x * blockDim.x) {
+    const long t = first + threadIdx.x;
+    float r[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const long i = 4 * t + e;
+      r[e] = 0.f;
+      if (i < n) {
+        const float a = act(kind, gate[i]);
+        r[e] = up ? a * up[i] : a;
+        gate[i] = r[e];
+      }
+    }
+    if (xq)
+      q8_block4(make_float4(r[0], r[1], r[2], r[3]), reinterpret_cast<char4*>(xq) + t, ds + t / 8,
+                t < n4);
   }
 }
 
@@ -112,83 +149,140 @@ extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) {
 // ---------------------------------------------------------------------------------------
 // Norms: one block per row of `d` (layers.rs `Norm::apply`: x / sqrt(mean(x²) + eps) · w,
 // or LayerNorm when `bias` is given): out = norm(x), after x += a (+ b) when `a` is given
-// (a residual add and the norm that reads it, in one pass). `out` may be `x`. Thread t keeps
-// elements t, t + blockDim, ... (at most NORM_PER of them, ops.rs sizes the block) in
-// registers: the row is read once and written once (a decode step's norms are single rows,
-// where each pass over memory would cost a full round trip).
-#define NORM_PER 16
+// (a residual add and the norm that reads it, in one pass). `out` may be `x`. `d` is a
+// multiple of 4 (ops.rs); thread t keeps the float4s t, t + blockDim, ... (at most NORM_PER
+// of them, ops.rs sizes the block) in registers with their weights, loaded before the
+// reduction (a LayerNorm's bias after it): the row is read once and written once, and no load waits on the sum (a
+// decode step's norms are single rows, where every round trip to memory shows). With `xq`,
+// the output is also rounded to q8 there and in `ds` (`d` a multiple of 32), as
+// `quantize_q8` would: the next projections' input, without a launch of their own.
+#define NORM_PER 4
+
+__device__ __forceinline__ float4 add4(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
 
 extern "C" __global__ void __launch_bounds__(1024) norm_f32(float* x, const float* a, const float* b,
                                                             float* out, const float* w,
-                                                            const float* bias, float eps, int d) {
+                                                            const float* bias, float eps, int d,
+                                                            int8_t* xq, float2* ds) {
   const long off = (long)blockIdx.x * d;
-  float v[NORM_PER];
+  float4* x4 = reinterpret_cast<float4*>(x + off);
+  const int n4 = d / 4;
+  float4 v[NORM_PER], wv[NORM_PER];
   float s = 0.f;
 #pragma unroll
   for (int j = 0; j < NORM_PER; j++) {
     const int i = threadIdx.x + j * blockDim.x;
-    v[j] = 0.f;
-    if (i < d) {
-      float t = x[off + i];
+    v[j] = wv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < n4) {
+      float4 t = x4[i];
+      wv[j] = reinterpret_cast<const float4*>(w)[i];
       if (a) {
-        t += b ? a[off + i] + b[off + i] : a[off + i];
-        x[off + i] = t;
+        t = add4(t, reinterpret_cast<const float4*>(a + off)[i]);
+        if (b) t = add4(t, reinterpret_cast<const float4*>(b + off)[i]);
+        x4[i] = t;
       }
       v[j] = t;
-      s += bias ? t : t * t;
+      s += bias ? t.x + t.y + t.z + t.w : t.x * t.x + t.y * t.y + t.z * t.z + t.w * t.w;
     }
   }
+  // As the CPU rounds: (x - mean) / std · w + bias, with mean 0 and bias 0 for RMSNorm.
+  float mean = 0.f, std;
   if (!bias) {
-    const float m = sqrtf(block_sum(s) / d + eps);
+    std = sqrtf(block_sum(s) / d + eps);
+  } else {
+    mean = block_sum(s) / d;
+    float var = 0.f;
 #pragma unroll
-    for (int j = 0; j < NORM_PER; j++) {
-      const int i = threadIdx.x + j * blockDim.x;
-      if (i < d) out[off + i] = v[j] / m * w[i];
-    }
-    return;
+    for (int j = 0; j < NORM_PER; j++)
+      if (threadIdx.x + j * blockDim.x < n4) {
+        const float4 t = v[j];
+        var += (t.x - mean) * (t.x - mean) + (t.y - mean) * (t.y - mean) + (t.z - mean) * (t.z - mean) +
+               (t.w - mean) * (t.w - mean);
+      }
+    std = sqrtf(block_sum(var) / d + eps);
   }
-  const float mean = block_sum(s) / d;
-  float var = 0.f;
-#pragma unroll
-  for (int j = 0; j < NORM_PER; j++)
-    if (threadIdx.x + j * blockDim.x < d) var += (v[j] - mean) * (v[j] - mean);
-  const float std = sqrtf(block_sum(var) / d + eps);
+  float4* o4 = reinterpret_cast<float4*>(out + off);
 #pragma unroll
   for (int j = 0; j < NORM_PER; j++) {
     const int i = threadIdx.x + j * blockDim.x;
-    if (i < d) out[off + i] = (v[j] - mean) / std * w[i] + bias[i];
+    if (i < n4) {
+      const float4 t = v[j], g = wv[j];
+      const float4 c = bias ? reinterpret_cast<const float4*>(bias)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+      v[j] = make_float4((t.x - mean) / std * g.x + c.x, (t.y - mean) / std * g.y + c.y,
+                         (t.z - mean) / std * g.z + c.z, (t.w - mean) / std * g.w + c.w);
+      o4[i] = v[j];
+    }
+    if (xq) {
+      const long f = (long)blockIdx.x * n4 + i;  // the float4's index in [rows, d]
+      q8_block4(v[j], reinterpret_cast<char4*>(xq) + f, ds + f / 8, i < n4);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // RoPE (layers.rs `Rope::rotate`) on the queries q: [rows, heads, head_dim] and the keys
-// k: [rows, kv_heads, head_dim], row r at positions[r]; one thread per (row, head,
-// frequency i < half), the queries' heads first. The angle is taken in double, as on the
-// CPU, so long contexts stay accurate.
-extern "C" __global__ void rope_f32(float* q, float* k, const int* positions, const float* inv_freq,
-                                    int half_, int heads, int kv_heads, int head_dim, int interleaved,
-                                    float scale, int rows) {
-  const long nq = (long)rows * heads * half_, n = nq + (long)rows * kv_heads * half_;
+// k: [rows, kv_heads, head_dim], row r at positions[r]. One thread per (row, head, pair of
+// dimensions), the queries' heads first: a query's rotated pairs (i < half), a key's
+// head_dim / 2 pairs, those past the rotated ones (partial rotary) left as they are. The
+// angle is taken in double, as on the CPU, so long contexts stay accurate.
+//
+// With `cache_k`, each key thread also writes its two dimensions of the rotated key and of
+// the value v: [rows, kv_heads, head_dim] into the cache at `slots[row]` (as `kv_store`,
+// below): the store costs no launch of its own. ops.rs asks for it only where no row of the
+// pass reads a slot another row overwrites (a ring that wraps within a chunk of a prompt).
+template <typename T>
+__device__ void rope(float* q, float* k, const int* positions, const float* inv_freq, int half_,
+                     int heads, int kv_heads, int head_dim, int interleaved, float scale, int rows,
+                     const float* v, T* cache_k, T* cache_v, const long* slots, int block_size) {
+  const int pairs = head_dim / 2;
+  const long nq = (long)rows * heads * half_, n = nq + (long)rows * kv_heads * pairs;
   for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)gridDim.x * blockDim.x) {
     const bool is_q = t < nq;
-    const long e = is_q ? t : t - nq;  // the element within q or k
-    const int h = is_q ? heads : kv_heads;
-    const int i = e % half_;
-    const long rh = e / half_;
-    const int row = rh / h;
-    double s, c;
-    sincos((double)positions[row] * (double)inv_freq[i], &s, &c);
-    const float cs = (float)c * scale, sn = (float)s * scale;
+    const long e = is_q ? t : t - nq;  // the pair within q or k
+    const int per = is_q ? half_ : pairs;
+    const int i = e % per;
+    const long rh = e / per;
+    const int row = rh / (is_q ? heads : kv_heads);
     float* head = (is_q ? q : k) + rh * head_dim;
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half_;
-    const float u = head[a], v = head[b];
-    head[a] = u * cs - v * sn;
-    head[b] = u * sn + v * cs;
+    int a, b;
+    if (i < half_) {
+      double s, c;
+      sincos((double)positions[row] * (double)inv_freq[i], &s, &c);
+      const float cs = (float)c * scale, sn = (float)s * scale;
+      a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half_;
+      const float u = head[a], w = head[b];
+      head[a] = u * cs - w * sn;
+      head[b] = u * sn + w * cs;
+    } else {
+      a = 2 * i, b = 2 * i + 1;  // past the rotated dimensions (2·half of them)
+    }
+    if (is_q || !cache_k) continue;
+    const long slot = slots[row];
+    if (slot < 0) continue;
+    const long dst = (((slot / block_size) * kv_heads + rh % kv_heads) * block_size + slot % block_size) * head_dim;
+    const float* vh = v + rh * head_dim;
+    cache_k[dst + a] = from_f32<T>(head[a]);
+    cache_k[dst + b] = from_f32<T>(head[b]);
+    cache_v[dst + a] = from_f32<T>(vh[a]);
+    cache_v[dst + b] = from_f32<T>(vh[b]);
   }
 }
 
+#define ROPE(NAME, T)                                                                              \
+  extern "C" __global__ void NAME(float* q, float* k, const int* positions, const float* inv_freq, \
+                                  int half_, int heads, int kv_heads, int head_dim, int interleaved, \
+                                  float scale, int rows, const float* v, T* cache_k, T* cache_v,   \
+                                  const long* slots, int block_size) {                             \
+    rope<T>(q, k, positions, inv_freq, half_, heads, kv_heads, head_dim, interleaved, scale, rows, \
+            v, cache_k, cache_v, slots, block_size);                                               \
+  }
+ROPE(rope_f16, __half)
+ROPE(rope_bf16, __nv_bfloat16)
+
 // ---------------------------------------------------------------------------------------
-// Paged attention.
+// Paged attention, flash-decoding style.
 //
 // Per row of the batch, `meta[row] = {qpos, start, seq_row, table_offset}`: the row's
 // position, its sequence's first position in this pass, the sequence's first row, and
@@ -199,36 +293,89 @@ extern "C" __global__ void rope_f32(float* q, float* k, const int* positions, co
 // from `start` on from the pass's fresh k/v rows, rounded to the cache type as the CPU
 // rounds them.
 //
-// Grid (rows, heads), 512 threads: warp w takes keys 4w..4w+3, then the next 64 on, lane l
-// holds dimensions l, l + 32, ... of the query and the accumulated value; an online softmax
-// per warp, then the warps merge through shared memory.
+// Grid (rows, kv_heads · chunks, splits), ATT_WARPS warps. A block serves one row, one KV
+// head and up to ATT_GH of the query heads that share it (GQA: a chunk of them), so each
+// key and value is read once for all of those heads; the visible keys are split into
+// `splits` ranges, one a block (flash-decoding: a single decoded row still spreads over
+// the GPU). A key of head_dim ≤ D is read by D/8 lanes, 8 dimensions (16 bytes) each; the
+// other lanes of the warp read the next keys at once. Each such group of lanes is a
+// "worker" with its own online softmax over keys worker, worker + workers, ...; the block
+// merges its workers through shared memory, and with more than one split, writes its
+// partial result `(max, sum, acc[head_dim])` to `parts`; the last block of the row and
+// chunk to finish (a ticket from `counts`, which it resets) merges the splits.
 
-#define ATT_WARPS 16
-// Keys a warp scores together: their loads are in flight at once and the online softmax is
-// rescaled once per batch (one key at a time left the warps waiting on each load in turn).
-#define ATT_KEYS 4
+#define ATT_WARPS 4
+// Query heads a block serves.
+#define ATT_GH 4
+// Keys a worker has in flight at once (their loads overlap; the softmax rescales once per
+// batch of them).
+#define ATT_U 4
+// Fewest keys a split takes (fewer would leave its block's workers idle), and most splits
+// (ops.rs `ATT_MAX_SPLITS`).
+#define ATT_MIN_SPLIT 32
+#define ATT_MAX_SPLITS 32
 
 struct RowMeta {
   int qpos, start, seq_row, table_offset;
 };
 
-// PL: dimensions per lane, head_dim <= 32·PL (2, 4 or 8: head_dim up to 64, 128, 256).
-template <typename T, int PL>
+// 8 values of type T packed in 16 bytes, to f32.
+__device__ __forceinline__ void unpack8(uint4 u, __half, float* f) {
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const float2 t = __half22float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+__device__ __forceinline__ void unpack8(uint4 u, __nv_bfloat16, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+// 8 f32 values rounded to T and packed (a fresh key, as the cache will hold it).
+template <typename T> __device__ __forceinline__ uint4 pack8(const float* x) {
+  const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
+  uint4 u;
+  T* t = reinterpret_cast<T*>(&u);
+  t[0] = from_f32<T>(a.x), t[1] = from_f32<T>(a.y), t[2] = from_f32<T>(a.z), t[3] = from_f32<T>(a.w);
+  t[4] = from_f32<T>(b.x), t[5] = from_f32<T>(b.y), t[6] = from_f32<T>(b.z), t[7] = from_f32<T>(b.w);
+  return u;
+}
+
+// D: the kernel's head size (64, 128 or 256), head_dim ≤ D and a multiple of 8 (ops.rs).
+template <typename T, int D>
 __device__ void attention(const float* q, const float* k, const float* v, const T* cache_k,
                           const T* cache_v, const unsigned* tables, const RowMeta* meta, float* out,
-                          int heads, int kv_heads, int head_dim, int block_size, float scale,
-                          int window, int ring_keep, int ring_window) {
-  const int row = blockIdx.x, head = blockIdx.y;
-  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-  const int kvh = head / (heads / kv_heads);
+                          float* parts, unsigned* counts, int heads, int kv_heads, int head_dim,
+                          int block_size, float scale, int window, int ring_keep, int ring_window) {
+  constexpr int LPK = D / 8;                       // lanes per key
+  constexpr int WORKERS = ATT_WARPS * (WARP / LPK);  // key readers in the block
+  const int row = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+  const int group = heads / kv_heads, chunks = (group + ATT_GH - 1) / ATT_GH;
+  const int kvh = blockIdx.y / chunks, head0 = kvh * group + (blockIdx.y % chunks) * ATT_GH;
+  const int gh = min(ATT_GH, kvh * group + group - head0);  // heads of this block
+  const int lane = threadIdx.x % WARP, sub = lane % LPK;
+  const int worker = threadIdx.x / LPK, dim = 8 * sub;  // this lane's 8 dimensions
+  const bool live = dim < head_dim;
   const RowMeta m = meta[row];
 
-  float qv[PL], acc[PL];
+  float qv[ATT_GH][8], acc[ATT_GH][8], mx[ATT_GH], sum[ATT_GH];
 #pragma unroll
-  for (int i = 0; i < PL; i++) {
-    const int d = lane + i * WARP;
-    qv[i] = d < head_dim ? q[((long)row * heads + head) * head_dim + d] * scale : 0.f;
-    acc[i] = 0.f;
+  for (int g = 0; g < ATT_GH; g++) {
+    const float* qg = q + ((long)row * heads + head0 + g) * head_dim + dim;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      qv[g][i] = g < gh && live ? qg[i] * scale : 0.f;
+      acc[g][i] = 0.f;
+    }
+    mx[g] = -INFINITY;
+    sum[g] = 0.f;
   }
   // The visible positions: [first, kept_end) then [recent_start, qpos].
   const int first = window > 0 ? max(m.qpos + 1 - window, 0) : 0;
@@ -241,108 +388,182 @@ __device__ void attention(const float* q, const float* k, const float* v, const 
   const int recent_start = max(max(first, keep), recent);
   // Either range may be empty (a position before the ring's `keep` has no recent range).
   const int n_kept = kept_end - first, n = n_kept + max(m.qpos + 1 - recent_start, 0);
+  // This split's keys; splits past the keys (short rows) have nothing to add and leave.
+  const int per = max((n + splits - 1) / splits, ATT_MIN_SPLIT);
+  const int active = (n + per - 1) / per;  // the splits that hold keys
+  if (split >= active) return;
+  const int j_begin = split * per, j_end = min(n, j_begin + per);
 
-  float mx = -INFINITY, sum = 0.f;
-  for (int j0 = warp * ATT_KEYS; j0 < n; j0 += ATT_WARPS * ATT_KEYS) {
-    float kd[ATT_KEYS][PL], vd[ATT_KEYS][PL];
+  // The bound is the block's, so a warp's lanes go round together (they shuffle).
+  for (int base = j_begin; base < j_end; base += WORKERS * ATT_U) {
+    const int j0 = base + worker;
+    uint4 kr[ATT_U], vr[ATT_U];
 #pragma unroll
-    for (int kb = 0; kb < ATT_KEYS; kb++) {
-      const int j = min(j0 + kb, n - 1);  // a key past the end repeats the last, unweighted
+    for (int u = 0; u < ATT_U; u++) {
+      const int j = min(j0 + u * WORKERS, j_end - 1);  // past the end: the last, unweighted
       const int p = j < n_kept ? first + j : recent_start + (j - n_kept);
+      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+      if (!live) continue;
       if (p >= m.start) {
-        const long base = ((long)(m.seq_row + p - m.start) * kv_heads + kvh) * head_dim;
-#pragma unroll
-        for (int i = 0; i < PL; i++) {
-          const int d = lane + i * WARP;
-          kd[kb][i] = d < head_dim ? to_f32(from_f32<T>(k[base + d])) : 0.f;
-          vd[kb][i] = d < head_dim ? to_f32(from_f32<T>(v[base + d])) : 0.f;
-        }
+        const long base = ((long)(m.seq_row + p - m.start) * kv_heads + kvh) * head_dim + dim;
+        kr[u] = pack8<T>(k + base);
+        vr[u] = pack8<T>(v + base);
       } else {
         const int slot = (ring_window > 0 && p >= ring_keep) ? ring_keep + (p - ring_keep) % ring_window : p;
         const long block = tables[m.table_offset + slot / block_size];
-        const long base = ((block * kv_heads + kvh) * block_size + slot % block_size) * head_dim;
-#pragma unroll
-        for (int i = 0; i < PL; i++) {
-          const int d = lane + i * WARP;
-          kd[kb][i] = d < head_dim ? to_f32(cache_k[base + d]) : 0.f;
-          vd[kb][i] = d < head_dim ? to_f32(cache_v[base + d]) : 0.f;
-        }
+        const long base = ((block * kv_heads + kvh) * block_size + slot % block_size) * head_dim + dim;
+        kr[u] = *reinterpret_cast<const uint4*>(cache_k + base);
+        vr[u] = *reinterpret_cast<const uint4*>(cache_v + base);
       }
     }
-    float s[ATT_KEYS];
+    // Scores: each lane's 8 products, summed over the key's LPK lanes.
+    float s[ATT_U][ATT_GH];
 #pragma unroll
-    for (int kb = 0; kb < ATT_KEYS; kb++) {
-      s[kb] = 0.f;
+    for (int u = 0; u < ATT_U; u++) {
+      float kf[8];
+      unpack8(kr[u], T(), kf);
 #pragma unroll
-      for (int i = 0; i < PL; i++) s[kb] += qv[i] * kd[kb][i];
+      for (int g = 0; g < ATT_GH; g++) {
+        s[u][g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) s[u][g] += qv[g][i] * kf[i];
+      }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
+    for (int o = LPK / 2; o > 0; o >>= 1)
 #pragma unroll
-      for (int kb = 0; kb < ATT_KEYS; kb++) s[kb] += __shfl_xor_sync(0xffffffff, s[kb], o);
-    float new_mx = mx;
+      for (int u = 0; u < ATT_U; u++)
 #pragma unroll
-    for (int kb = 0; kb < ATT_KEYS; kb++) {
-      if (j0 + kb >= n) s[kb] = -INFINITY;
-      new_mx = fmaxf(new_mx, s[kb]);
+        for (int g = 0; g < ATT_GH; g++) s[u][g] += __shfl_xor_sync(0xffffffff, s[u][g], o);
+#pragma unroll
+    for (int g = 0; g < ATT_GH; g++) {
+      float new_mx = mx[g];
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        if (j0 + u * WORKERS >= j_end) s[u][g] = -INFINITY;
+        new_mx = fmaxf(new_mx, s[u][g]);
+      }
+      if (new_mx == -INFINITY) continue;  // no key of this worker yet
+      const float correction = expf(mx[g] - new_mx);  // 0 on the first batch (mx = -inf)
+      sum[g] *= correction;
+#pragma unroll
+      for (int i = 0; i < 8; i++) acc[g][i] *= correction;
+      mx[g] = new_mx;
     }
-    const float correction = expf(mx - new_mx);
-    sum *= correction;
 #pragma unroll
-    for (int i = 0; i < PL; i++) acc[i] *= correction;
+    for (int u = 0; u < ATT_U; u++) {
+      float vf[8];
+      unpack8(vr[u], T(), vf);
 #pragma unroll
-    for (int kb = 0; kb < ATT_KEYS; kb++) {
-      const float w = expf(s[kb] - new_mx);
-      sum += w;
+      for (int g = 0; g < ATT_GH; g++) {
+        const float w = s[u][g] == -INFINITY ? 0.f : expf(s[u][g] - mx[g]);
+        sum[g] += w;
 #pragma unroll
-      for (int i = 0; i < PL; i++) acc[i] += w * vd[kb][i];
+        for (int i = 0; i < 8; i++) acc[g][i] += w * vf[i];
+      }
     }
-    mx = new_mx;
   }
-  // Merge the warps' partial softmaxes (a warp without keys has sum 0 and takes no part).
-  __shared__ float s_mx[ATT_WARPS], s_sum[ATT_WARPS];
-  __shared__ float s_acc[ATT_WARPS][PL * WARP];
-  if (lane == 0) {
-    s_mx[warp] = mx;
-    s_sum[warp] = sum;
-  }
+
+  // Merge the workers (a worker without keys has sum 0 and takes no part): thread t
+  // takes outputs (head g, dimension d) t, t + blockDim, ...
+  __shared__ float s_mx[WORKERS][ATT_GH], s_sum[WORKERS][ATT_GH];
+  __shared__ float s_acc[WORKERS][ATT_GH][D];
+  __shared__ bool s_last;
 #pragma unroll
-  for (int i = 0; i < PL; i++) s_acc[warp][lane + i * WARP] = acc[i];
+  for (int g = 0; g < ATT_GH; g++) {
+    if (sub == 0) {
+      s_mx[worker][g] = mx[g];
+      s_sum[worker][g] = sum[g];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) s_acc[worker][g][dim + i] = acc[g][i];
+  }
   __syncthreads();
-  if (warp == 0) {
+  for (int t = threadIdx.x; t < gh * head_dim; t += blockDim.x) {
+    const int g = t / head_dim, d = t % head_dim;
     float gmx = -INFINITY;
-    for (int w = 0; w < ATT_WARPS; w++)
-      if (s_sum[w] > 0.f) gmx = fmaxf(gmx, s_mx[w]);
-    float total = 0.f, o[PL] = {0.f};
-    for (int w = 0; w < ATT_WARPS; w++) {
-      if (s_sum[w] <= 0.f) continue;
-      const float f = expf(s_mx[w] - gmx);
-      total += f * s_sum[w];
-#pragma unroll
-      for (int i = 0; i < PL; i++) o[i] += f * s_acc[w][lane + i * WARP];
+    for (int w = 0; w < WORKERS; w++)
+      if (s_sum[w][g] > 0.f) gmx = fmaxf(gmx, s_mx[w][g]);
+    float total = 0.f, o = 0.f;
+    for (int w = 0; w < WORKERS; w++) {
+      if (s_sum[w][g] <= 0.f) continue;
+      const float f = expf(s_mx[w][g] - gmx);
+      total += f * s_sum[w][g];
+      o += f * s_acc[w][g][d];
     }
-#pragma unroll
-    for (int i = 0; i < PL; i++) {
-      const int d = lane + i * WARP;
-      if (d < head_dim) out[((long)row * heads + head) * head_dim + d] = o[i] / total;
+    const long rh = (long)row * heads + head0 + g;
+    if (active == 1) {
+      out[rh * head_dim + d] = o / total;
+    } else {
+      // parts: [rows·heads, splits, head_dim + 2], the split's (acc, max, sum).
+      float* part = parts + (rh * splits + split) * (head_dim + 2);
+      part[d] = o;
+      if (d == 0) {
+        part[head_dim] = gmx;
+        part[head_dim + 1] = total;
+      }
     }
+  }
+  if (active == 1) return;
+  // The last block of the row and chunk to finish merges the splits. Every load of a
+  // round is independent of the others (a merge is a few round trips to L2, not one a
+  // split): each split's (max, sum), then its weight exp(max - global max) in shared
+  // memory, then Σ weight · acc over the splits for each output.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* count = counts + (long)row * gridDim.y + blockIdx.y;
+    s_last = atomicAdd(count, 1u) == (unsigned)active - 1;
+    if (s_last) *count = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  __shared__ float s_zmx[ATT_GH][ATT_MAX_SPLITS], s_zsum[ATT_GH][ATT_MAX_SPLITS], s_total[ATT_GH];
+  const long rh0 = (long)row * heads + head0;
+  const int stride = head_dim + 2;
+  for (int t = threadIdx.x; t < gh * active; t += blockDim.x) {
+    const float* pz = parts + ((rh0 + t / active) * splits + t % active) * stride;
+    s_zmx[t / active][t % active] = __ldcg(pz + head_dim);
+    s_zsum[t / active][t % active] = __ldcg(pz + head_dim + 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < gh) {
+    const int g = threadIdx.x;
+    float gmx = -INFINITY, total = 0.f;
+    for (int z = 0; z < active; z++) gmx = fmaxf(gmx, s_zmx[g][z]);  // every split has keys
+    for (int z = 0; z < active; z++) {
+      s_zmx[g][z] = expf(s_zmx[g][z] - gmx);  // now the split's weight
+      total += s_zmx[g][z] * s_zsum[g][z];
+    }
+    s_total[g] = total;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < gh * head_dim; t += blockDim.x) {
+    const int g = t / head_dim, d = t % head_dim;
+    const float* part = parts + (rh0 + g) * splits * stride + d;
+    float o = 0.f;
+#pragma unroll 8
+    for (int z = 0; z < active; z++) o += s_zmx[g][z] * __ldcg(part + z * stride);
+    out[(rh0 + g) * head_dim + d] = o / s_total[g];
   }
 }
 
-#define ATTENTION(NAME, T, PL)                                                                      \
-  extern "C" __global__ void __launch_bounds__(ATT_WARPS* WARP)                                     \
+#define ATTENTION(NAME, T, D)                                                                      \
+  extern "C" __global__ void __launch_bounds__(ATT_WARPS* WARP, 1)                                  \
       NAME(const float* q, const float* k, const float* v, const T* cache_k, const T* cache_v,      \
-           const unsigned* tables, const RowMeta* meta, float* out, int heads, int kv_heads,        \
-           int head_dim, int block_size, float scale, int window, int ring_keep, int ring_window) { \
-    attention<T, PL>(q, k, v, cache_k, cache_v, tables, meta, out, heads, kv_heads, head_dim,       \
-                     block_size, scale, window, ring_keep, ring_window);                            \
+           const unsigned* tables, const RowMeta* meta, float* out, float* parts, unsigned* counts, \
+           int heads, int kv_heads, int head_dim, int block_size, float scale, int window,          \
+           int ring_keep, int ring_window) {                                                        \
+    attention<T, D>(q, k, v, cache_k, cache_v, tables, meta, out, parts, counts, heads, kv_heads,  \
+                    head_dim, block_size, scale, window, ring_keep, ring_window);                   \
   }
-ATTENTION(attention_f16_64, __half, 2)
-ATTENTION(attention_f16_128, __half, 4)
-ATTENTION(attention_f16_256, __half, 8)
-ATTENTION(attention_bf16_64, __nv_bfloat16, 2)
-ATTENTION(attention_bf16_128, __nv_bfloat16, 4)
-ATTENTION(attention_bf16_256, __nv_bfloat16, 8)
+ATTENTION(attention_f16_64, __half, 64)
+ATTENTION(attention_f16_128, __half, 128)
+ATTENTION(attention_f16_256, __half, 256)
+ATTENTION(attention_bf16_64, __nv_bfloat16, 64)
+ATTENTION(attention_bf16_128, __nv_bfloat16, 128)
+ATTENTION(attention_bf16_256, __nv_bfloat16, 256)
 
 // The rows' fresh keys and values into the cache: element (row, h, d) of k/v goes to the
 // slot `slots[row]` (its block · block_size + index in the block), or nowhere when the
@@ -891,3 +1112,56 @@ __device__ void affine_dequant(const uint32_t* w, const S* scales, const S* bias
 AFFINE_ALL(3)
 AFFINE_ALL(5)
 AFFINE_ALL(6)
+
+// ---------------------------------------------------------------------------------------
+// Embeddings: out[r, :] = row ids[r] of a table [vocab, k], dequantized to f32. One thread
+// per (row, chunk of 32 values). Affine codes in MLX's layout (weights.rs `GpuEmbedding`),
+// computed as the CPU computes them (scale · code, rounded, + bias, rounded: no fused
+// multiply-add), so the GPU's embeddings are the CPU's exactly.
+template <int BITS, typename S>
+__device__ void embed_affine(const uint32_t* w, const S* scales, const S* biases, const unsigned* ids,
+                             float* out, int n, int k, int group) {
+  const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < (long)n * chunks;
+       t += (long)gridDim.x * blockDim.x) {
+    const long r = t / chunks, id = ids[r];
+    const int c = t % chunks, g = c / chunks_per_group;
+    uint32_t words[BITS];
+    load_chunk<BITS>(w + (id * chunks + c) * BITS, words);
+    const float s = to_f32(scales[id * groups + g]), b = to_f32(biases[id * groups + g]);
+    float* o = out + r * k + c * 32;
+#pragma unroll
+    for (int j = 0; j < 32; j++) o[j] = __fadd_rn(__fmul_rn(s, code<BITS>(words, j)), b);
+  }
+}
+
+#define EMBED_AFFINE(BITS, SNAME, S)                                                                 \
+  extern "C" __global__ void embed_affine_##BITS##_##SNAME(const uint32_t* w, const S* sc,          \
+                                                           const S* bi, const unsigned* ids,        \
+                                                           float* out, int n, int k, int group) {   \
+    embed_affine<BITS, S>(w, sc, bi, ids, out, n, k, group);                                         \
+  }
+#define EMBED_AFFINE_ALL(BITS)                                                                     \
+  EMBED_AFFINE(BITS, f32, float) EMBED_AFFINE(BITS, f16, __half) EMBED_AFFINE(BITS, bf16, __nv_bfloat16)
+EMBED_AFFINE_ALL(2)
+EMBED_AFFINE_ALL(3)
+EMBED_AFFINE_ALL(4)
+EMBED_AFFINE_ALL(5)
+EMBED_AFFINE_ALL(6)
+EMBED_AFFINE_ALL(8)
+
+// A table of floats: one thread per value.
+template <typename T>
+__device__ void embed_dense(const T* w, const unsigned* ids, float* out, int n, int k) {
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < (long)n * k; t += (long)gridDim.x * blockDim.x)
+    out[t] = to_f32(w[(long)ids[t / k] * k + t % k]);
+}
+
+#define EMBED_DENSE(SNAME, T)                                                                        \
+  extern "C" __global__ void embed_dense_##SNAME(const T* w, const unsigned* ids, float* out, int n, \
+                                                 int k) {                                           \
+    embed_dense<T>(w, ids, out, n, k);                                                               \
+  }
+EMBED_DENSE(f32, float)
+EMBED_DENSE(f16, __half)
+EMBED_DENSE(bf16, __nv_bfloat16)

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 
 pub use ops::{profile, profiling, set_profiling, Meta, Params, Pass};
-pub use weights::{GpuLinear, Scratch, GEMV_MAX_ROWS};
+pub use weights::{GpuEmbedding, GpuLinear, Scratch, GEMV_MAX_ROWS};
 
 /// The kernels of `kernels.cu`, as PTX.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -70,6 +70,9 @@ pub struct Gpu {
     /// Counts reallocations of the buffers a forward pass computes in (workspaces, scratch,
     /// KV caches): a captured graph holds their addresses, and is stale once this moves.
     epoch: AtomicU64,
+    /// Kernels launched (through [`Gpu::launch`]): a kernel's output is still what the
+    /// next one reads when none came between (`weights::Scratch::q8_written`).
+    launches: AtomicU64,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -114,6 +117,7 @@ impl Gpu {
             sms: sms.max(1) as usize,
             functions: Mutex::default(),
             epoch: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
         });
         open.insert(ordinal, gpu.clone());
         Ok(gpu)
@@ -178,6 +182,11 @@ impl Gpu {
     }
 
     /// Records that a buffer a pass computes in has moved (captured graphs are stale).
+    /// How many kernels have been launched so far.
+    pub(crate) fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Acquire)
+    }
+
     pub(crate) fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
@@ -251,6 +260,7 @@ impl Gpu {
         args: &[Arg],
     ) -> Result<()> {
         let Grid(x, y, z) = grid.into();
+        self.launches.fetch_add(1, Ordering::AcqRel);
         let func = {
             let mut functions = self.functions.lock();
             if let Some(f) = functions.get(name) {

@@ -19,8 +19,13 @@ use crate::model::decoder::Batch;
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::model::ops::Ops;
 
+/// Query heads one attention block serves, and most splits of a row's keys (kernels.cu
+/// `ATT_GH`; the split count is ops.rs's own).
+const ATT_GH: usize = 4;
+const ATT_MAX_SPLITS: usize = 32;
+
 /// Values one thread of the norm kernel keeps (kernels.cu `NORM_PER`).
-const NORM_PER: usize = 16;
+const NORM_PER: usize = 4;
 
 /// The decoder's small host parameters (norm weights and biases, RoPE frequencies) on the
 /// GPU, uploaded on first use and keyed by their host address: the decoder owns them and
@@ -238,18 +243,26 @@ impl<'a> Pass<'a> {
         (x, len): (Arg, usize),
         add: Option<(Arg, Arg)>,
         out: Arg,
+        scratch: Option<&mut Scratch>,
     ) -> Result<()> {
         let (weight, bias, eps) = norm.parts();
         let d = weight.len();
         let rows = (len / d) as u32;
-        // Threads enough for 4 values each, at most NORM_PER (kernels.cu) with 1024.
-        if d > NORM_PER * 1024 {
-            return Err(Error::Internal(format!(
-                "a norm over {d} values is past the GPU kernel's {}",
-                NORM_PER * 1024
-            )));
+        // float4s: a thread keeps at most NORM_PER of them (kernels.cu), in blocks of at
+        // most 1024 threads.
+        if d % 4 != 0 || d > NORM_PER * 4 * 1024 {
+            return Err(Error::config(
+                "hidden_size",
+                format!(
+                    "a norm over {d} values on the GPU, which takes multiples of 4 up to {}",
+                    NORM_PER * 4 * 1024
+                ),
+            ));
         }
-        let threads = d.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+        let threads = (d / 4)
+            .div_ceil(NORM_PER)
+            .next_multiple_of(32)
+            .clamp(32, 1024);
         let (a, b) = add.unwrap_or((Arg::Ptr(0), Arg::Ptr(0)));
         let bias = bias.map_or(Ok(Arg::Ptr(0)), |b| self.param(b))?;
         let args = [
@@ -262,8 +275,19 @@ impl<'a> Pass<'a> {
             Arg::F32(eps),
             Arg::I32(d as i32),
         ];
-        self.gpu
-            .launch("norm_f32", (rows, 1), threads as u32, &args)
+        // The output rounded to q8 too, for the projections that read it.
+        let q8 = scratch.and_then(|s| Some((s.q8_target(self.gpu, len)?, s)));
+        let [xq, ds] = q8.as_ref().map_or([Arg::Ptr(0); 2], |(t, _)| *t);
+        self.gpu.launch(
+            "norm_f32",
+            (rows, 1),
+            threads as u32,
+            &[&args[..], &[xq, ds]].concat(),
+        )?;
+        if let Some((_, s)) = q8 {
+            s.q8_written(self.gpu, out, len);
+        }
+        Ok(())
     }
 }
 
@@ -278,7 +302,10 @@ impl Ops for Pass<'_> {
 
     fn embed(&self, table: &Embedding, ids: &[u32], width: usize, out: &mut GpuBuf) -> Result<()> {
         self.timed("embedding", || {
-            // The table stays on the host: a step's rows are `ids.len() · d` values to upload.
+            if let Some(table) = table.gpu() {
+                return table.gather(self.gpu, ids, width, out);
+            }
+            // GGML blocks stay on the host: a step's rows are `ids.len() · d` values to upload.
             let mut rows = vec![0f32; ids.len() * width];
             table.forward_into(ids, &mut rows)?;
             out.resize(self.gpu, rows.len())?;
@@ -315,14 +342,21 @@ impl Ops for Pass<'_> {
     fn norm(&self, norm: &Norm, x: &mut GpuBuf) -> Result<()> {
         self.timed("norm", || {
             let (len, x) = (x.len(), x.arg(self.gpu)?);
-            self.norm_kernel(norm, (x, len), None, x)
+            self.norm_kernel(norm, (x, len), None, x, None)
         })
     }
 
-    fn norm_into(&self, norm: &Norm, x: &GpuBuf, out: &mut GpuBuf) -> Result<()> {
+    fn norm_into(
+        &self,
+        norm: &Norm,
+        x: &GpuBuf,
+        out: &mut GpuBuf,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
         self.timed("norm", || {
             out.resize(self.gpu, x.len())?;
-            self.norm_kernel(norm, (x.arg(self.gpu)?, x.len()), None, out.arg(self.gpu)?)
+            let x = (x.arg(self.gpu)?, x.len());
+            self.norm_kernel(norm, x, None, out.arg(self.gpu)?, Some(scratch))
         })
     }
 
@@ -332,12 +366,14 @@ impl Ops for Pass<'_> {
         (a, b): (&GpuBuf, Option<&GpuBuf>),
         norm: &Norm,
         out: &mut GpuBuf,
+        scratch: &mut Scratch,
     ) -> Result<()> {
         self.timed("norm", || {
             out.resize(self.gpu, x.len())?;
             let b = b.map_or(Ok(Arg::Ptr(0)), |b| b.arg(self.gpu))?;
             let add = Some((a.arg(self.gpu)?, b));
-            self.norm_kernel(norm, (x.arg(self.gpu)?, x.len()), add, out.arg(self.gpu)?)
+            let x = (x.arg(self.gpu)?, x.len());
+            self.norm_kernel(norm, x, add, out.arg(self.gpu)?, Some(scratch))
         })
     }
 
@@ -356,56 +392,27 @@ impl Ops for Pass<'_> {
         })
     }
 
-    fn rope(
-        &self,
-        rope: &Rope,
-        [q, k]: [&mut GpuBuf; 2],
-        [heads, kv_heads]: [usize; 2],
-        head_dim: usize,
-        _positions: &[usize],
-    ) -> Result<()> {
-        self.timed("rope", || {
-            let (inv_freq, interleaved, scale) = rope.parts();
-            let half = inv_freq.len();
-            let f = self.param(inv_freq)?;
-            self.elementwise(
-                "rope_f32",
-                self.num_rows * (heads + kv_heads) * half,
-                &[
-                    q.arg(self.gpu)?,
-                    k.arg(self.gpu)?,
-                    ptr(&self.meta.positions, self.gpu.stream()),
-                    f,
-                    Arg::I32(half as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(kv_heads as i32),
-                    Arg::I32(head_dim as i32),
-                    Arg::I32(i32::from(interleaved)),
-                    Arg::F32(scale),
-                    Arg::I32(self.num_rows as i32),
-                ],
-            )
-        })
-    }
-
     fn attention(
         &self,
         kv: &mut KvStorage,
         layer: usize,
-        _seqs: &[SeqSpan<'_>],
-        [q, k, v]: [&GpuBuf; 3],
+        seqs: &[SeqSpan<'_>],
+        (rope, _positions): (&Rope, &[usize]),
+        (q, k, v): (&mut GpuBuf, &mut GpuBuf, &GpuBuf),
         heads: usize,
         scale: f32,
         window: Option<usize>,
         out: &mut GpuBuf,
+        scratch: &mut Scratch,
     ) -> Result<()> {
         self.timed("attention", || {
             let layout = kv.layout();
             let (hd, kvh) = (layout.head_dim, layout.kv_heads);
-            if hd > 256 {
-                return Err(Error::Internal(format!(
-                    "head_dim {hd} is past the GPU attention kernel's 256"
-                )));
+            if hd > 256 || hd % 8 != 0 {
+                return Err(Error::config(
+                    "head_dim",
+                    format!("{hd} on the GPU, whose attention takes multiples of 8 up to 256"),
+                ));
             }
             let bf16 = kv.dtype() == KvDType::BF16;
             let (ck, cv) = kv
@@ -414,18 +421,70 @@ impl Ops for Pass<'_> {
             let (ck, cv) = (ptr(ck, self.gpu.stream()), ptr(cv, self.gpu.stream()));
             out.resize(self.gpu, self.num_rows * heads * hd)?;
             let (ring_keep, ring_window) = layout.ring.map_or((0, 0), |r| (r.keep, r.window));
-            // The kernel for the cache type and the head size's lane share (2, 4 or 8
-            // dimensions a lane).
+            let cache = if bf16 { "bf16" } else { "f16" };
+            // The keys and values go into the cache with RoPE, before the attention reads
+            // it, unless a row would then read a slot a later row of its pass overwrote (a
+            // ring that wraps within a prompt's chunk): there the cache is written after.
+            let store_first = seqs.iter().all(|s| {
+                s.len == 1
+                    || layout
+                        .ring
+                        .is_none_or(|r| s.start + s.len <= r.keep + r.window)
+            });
+            let slots = ptr(&self.meta.slots, self.gpu.stream());
+            let (inv_freq, interleaved, rope_scale) = rope.parts();
+            let half = inv_freq.len();
+            let store = if store_first {
+                [v.arg(self.gpu)?, ck, cv]
+            } else {
+                [Arg::Ptr(0); 3]
+            };
+            let rope_args = [
+                q.arg(self.gpu)?,
+                k.arg(self.gpu)?,
+                ptr(&self.meta.positions, self.gpu.stream()),
+                self.param(inv_freq)?,
+                Arg::I32(half as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(kvh as i32),
+                Arg::I32(hd as i32),
+                Arg::I32(i32::from(interleaved)),
+                Arg::F32(rope_scale),
+                Arg::I32(self.num_rows as i32),
+            ];
+            self.elementwise(
+                &format!("rope_{cache}"),
+                self.num_rows * (heads * half + kvh * hd / 2),
+                &[
+                    &rope_args[..],
+                    &store,
+                    &[slots, Arg::I32(layout.block_size as i32)],
+                ]
+                .concat(),
+            )?;
+            // The kernel for the cache type and the head size it is built for.
             let width = match hd {
                 ..=64 => 64,
                 65..=128 => 128,
                 _ => 256,
             };
-            let name = format!("attention_{}_{width}", if bf16 { "bf16" } else { "f16" });
+            let name = format!("attention_{cache}_{width}");
+            // Blocks: one per row and chunk of ATT_GH query heads sharing a KV head, each
+            // row's keys split until there are two blocks per SM (a single decoded row
+            // reaches the whole GPU; a prefill's rows already do). The split count depends
+            // on the shape only, so a captured step's scratch never grows.
+            let chunks = kvh * (heads / kvh).div_ceil(ATT_GH);
+            let blocks = self.num_rows * chunks;
+            let splits = (2 * self.gpu.sms()).div_ceil(blocks).min(ATT_MAX_SPLITS);
+            let (parts, counts) = if splits > 1 {
+                scratch.attention(self.gpu, self.num_rows * heads * splits * (hd + 2), blocks)?
+            } else {
+                (Arg::Ptr(0), Arg::Ptr(0))
+            };
             self.gpu.launch(
                 &name,
-                (self.num_rows as u32, heads as u32),
-                512, // 16 warps (kernels.cu, ATT_WARPS)
+                (self.num_rows as u32, chunks as u32, splits as u32),
+                128, // kernels.cu, ATT_WARPS
                 &[
                     q.arg(self.gpu)?,
                     k.arg(self.gpu)?,
@@ -435,6 +494,8 @@ impl Ops for Pass<'_> {
                     ptr(&self.meta.tables, self.gpu.stream()),
                     ptr(&self.meta.rows, self.gpu.stream()),
                     out.arg(self.gpu)?,
+                    parts,
+                    counts,
                     Arg::I32(heads as i32),
                     Arg::I32(kvh as i32),
                     Arg::I32(hd as i32),
@@ -445,21 +506,20 @@ impl Ops for Pass<'_> {
                     Arg::I32(ring_window as i32),
                 ],
             )?;
-            // Then the fresh keys and values into the cache (after attention, as on the CPU:
-            // a ring's chunk must not overwrite keys its own queries still read).
+            if store_first {
+                return Ok(());
+            }
+            // The fresh keys and values into the cache after the attention (as on the CPU:
+            // the chunk must not overwrite keys its own queries still read).
             self.elementwise(
-                if bf16 {
-                    "kv_store_bf16"
-                } else {
-                    "kv_store_f16"
-                },
+                &format!("kv_store_{cache}"),
                 self.num_rows * kvh * hd,
                 &[
                     k.arg(self.gpu)?,
                     v.arg(self.gpu)?,
                     ck,
                     cv,
-                    ptr(&self.meta.slots, self.gpu.stream()),
+                    slots,
                     Arg::I32(self.num_rows as i32),
                     Arg::I32(kvh as i32),
                     Arg::I32(hd as i32),
@@ -469,18 +529,34 @@ impl Ops for Pass<'_> {
         })
     }
 
-    fn gated(&self, act: Activation, gate: &mut GpuBuf, up: &GpuBuf) -> Result<()> {
+    fn gated(
+        &self,
+        act: Activation,
+        gate: &mut GpuBuf,
+        up: &GpuBuf,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
         self.timed("activation", || {
+            // The product rounded to q8 too, for the down projection.
+            let (n, g) = (gate.len(), gate.arg(self.gpu)?);
+            let q8 = scratch.q8_target(self.gpu, n);
+            let [xq, ds] = q8.unwrap_or([Arg::Ptr(0); 2]);
             self.elementwise(
                 "activation_f32",
-                gate.len(),
+                n.div_ceil(4),
                 &[
-                    gate.arg(self.gpu)?,
+                    g,
                     up.arg(self.gpu)?,
                     Arg::I32(act_kind(act)),
-                    Arg::I64(gate.len() as i64),
+                    Arg::I64(n as i64),
+                    xq,
+                    ds,
                 ],
-            )
+            )?;
+            if q8.is_some() {
+                scratch.q8_written(self.gpu, g, n);
+            }
+            Ok(())
         })
     }
 
@@ -488,12 +564,14 @@ impl Ops for Pass<'_> {
         self.timed("activation", || {
             self.elementwise(
                 "activation_f32",
-                x.len(),
+                x.len().div_ceil(4),
                 &[
                     x.arg(self.gpu)?,
                     Arg::Ptr(0),
                     Arg::I32(act_kind(act)),
                     Arg::I64(x.len() as i64),
+                    Arg::Ptr(0),
+                    Arg::Ptr(0),
                 ],
             )
         })
@@ -547,7 +625,7 @@ impl Ops for Pass<'_> {
                     [&mut gate, &mut up],
                     &mut scratch,
                 )?;
-                self.gated(expert.act, &mut gate, &up)?;
+                self.gated(expert.act, &mut gate, &up, &mut scratch)?;
                 self.linear([&expert.down_proj], &gate, n, [&mut y], &mut scratch)?;
                 self.elementwise(
                     "scatter_add_rows_f32",

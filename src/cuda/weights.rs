@@ -157,6 +157,48 @@ pub struct Scratch {
     q8_ds: Option<CudaSlice<f32>>,
     /// The quantized GEMM's partial sums, `[parts, m, rows]`, when it splits the chunks.
     parts: Option<CudaSlice<f32>>,
+    /// The attention's partial results when it splits a row's keys, and a ticket counter
+    /// per block column (kernels.cu `attention`; zero between launches).
+    attn_parts: Option<CudaSlice<f32>>,
+    attn_counts: Option<CudaSlice<u32>>,
+    /// Which buffer `q8` holds the rounding of, written by the kernel that computed it
+    /// (a norm, a gated activation): `(Gpu::launches after that kernel, its address,
+    /// values, the address of the codes)`. The next linear layers skip `quantize_q8` when no kernel came between.
+    q8_of: Option<(u64, u64, usize, u64)>,
+}
+
+impl Scratch {
+    /// Where a kernel that computes `len` values (a linear layer's input) may round them
+    /// to q8 as well (blocks of 32 in order, as `quantize_q8` lays them out), for the
+    /// layer to skip `quantize_q8`: the codes and pairs, when earlier passes have already
+    /// grown them to hold that many (so models without q8 layers never pay for it, and
+    /// nothing grows during a graph's capture); else None.
+    pub(crate) fn q8_target(&self, gpu: &Gpu, len: usize) -> Option<[Arg; 2]> {
+        let (codes, pairs) = (self.q8.as_ref()?, self.q8_ds.as_ref()?);
+        (len.is_multiple_of(32) && codes.len() >= len && pairs.len() >= len / 16)
+            .then(|| [ptr(codes, gpu.stream()), ptr(pairs, gpu.stream())])
+    }
+
+    /// The kernel just launched rounded buffer `x` of `len` values into
+    /// [`Scratch::q8_target`].
+    pub(crate) fn q8_written(&mut self, gpu: &Gpu, x: Arg, len: usize) {
+        self.q8_of = match (x, self.q8.as_ref().map(|c| ptr(c, gpu.stream()))) {
+            (Arg::Ptr(p), Some(Arg::Ptr(codes))) => Some((gpu.launches(), p, len, codes)),
+            _ => None,
+        };
+    }
+
+    /// The attention's split buffers: `parts` values and `counts` counters.
+    pub(crate) fn attention(
+        &mut self,
+        gpu: &Gpu,
+        parts: usize,
+        counts: usize,
+    ) -> Result<(Arg, Arg)> {
+        let p = ptr(grown(gpu, &mut self.attn_parts, parts)?, gpu.stream());
+        let c = ptr(grown(gpu, &mut self.attn_counts, counts)?, gpu.stream());
+        Ok((p, c))
+    }
 }
 
 impl std::fmt::Debug for Scratch {
@@ -637,6 +679,120 @@ impl GpuLinear {
     }
 }
 
+/// A token (or position) embedding table `[rows, cols]` on the GPU: a step gathers its rows
+/// there (kernels.cu `embed_*`) instead of dequantizing them on the host and copying them up.
+pub struct GpuEmbedding {
+    form: EmbeddingForm,
+    rows: usize,
+    cols: usize,
+}
+
+enum EmbeddingForm {
+    Dense(Floats),
+    /// Affine groups in MLX's layout (any width: the gather reads each row once).
+    Affine {
+        bits: u32,
+        group_size: usize,
+        packed: CudaSlice<u32>,
+        scales: Floats,
+        biases: Floats,
+    },
+}
+
+impl std::fmt::Debug for GpuEmbedding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuEmbedding({}x{})", self.rows, self.cols)
+    }
+}
+
+impl GpuEmbedding {
+    /// A float table `[rows, cols]`, in the narrowest type that holds its values exactly.
+    pub fn dense(gpu: &Gpu, values: &[f32], rows: usize, cols: usize) -> Result<GpuEmbedding> {
+        Ok(GpuEmbedding {
+            form: EmbeddingForm::Dense(Floats::exact(gpu, values)?),
+            rows,
+            cols,
+        })
+    }
+
+    /// A table of affine groups in our CPU kernels' layout, in MLX's for the GPU's.
+    pub fn packed(gpu: &Gpu, p: &PackedMatrix) -> Result<GpuEmbedding> {
+        let a = p.to_affine()?;
+        Ok(GpuEmbedding {
+            form: EmbeddingForm::Affine {
+                bits: a.bits,
+                group_size: a.group_size,
+                packed: gpu.upload(&a.packed)?,
+                scales: Floats::stored(gpu, &a.scales, a.scale_dtype)?,
+                biases: Floats::stored(gpu, &a.biases, a.scale_dtype)?,
+            },
+            rows: a.rows,
+            cols: a.cols,
+        })
+    }
+
+    pub fn nbytes(&self) -> usize {
+        match &self.form {
+            EmbeddingForm::Dense(w) => w.nbytes(),
+            EmbeddingForm::Affine {
+                packed,
+                scales,
+                biases,
+                ..
+            } => packed.len() * 4 + scales.nbytes() + biases.nbytes(),
+        }
+    }
+
+    /// `out: [ids.len(), width]` ← the rows `ids` (each below `rows`: the decoder checks).
+    pub fn gather(&self, gpu: &Gpu, ids: &[u32], width: usize, out: &mut GpuBuf) -> Result<()> {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            return Err(Error::Internal(format!(
+                "row {bad} of a {}-row embedding",
+                self.rows
+            )));
+        }
+        if width != self.cols {
+            return Err(Error::Internal(format!(
+                "{width} values a row from an embedding of {}",
+                self.cols
+            )));
+        }
+        let (n, k) = (ids.len(), self.cols);
+        out.resize(gpu, n * k)?;
+        let idx = gpu.upload(ids)?;
+        let (idx, o) = (ptr(&idx, gpu.stream()), out.arg(gpu)?);
+        match &self.form {
+            EmbeddingForm::Dense(w) => gpu.launch(
+                &format!("embed_dense_{}", w.suffix()),
+                Gpu::grid_for(n * k),
+                256,
+                &[w.arg(gpu), idx, o, Arg::I32(n as i32), Arg::I32(k as i32)],
+            ),
+            EmbeddingForm::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+            } => gpu.launch(
+                &format!("embed_affine_{bits}_{}", scales.suffix()),
+                Gpu::grid_for(n * k / 32),
+                256,
+                &[
+                    ptr(packed, gpu.stream()),
+                    scales.arg(gpu),
+                    biases.arg(gpu),
+                    idx,
+                    o,
+                    Arg::I32(n as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(*group_size as i32),
+                ],
+            ),
+        }
+    }
+}
+
 /// That `x` holds `m` rows of a layer's `k` inputs.
 fn check_input(x: &GpuBuf, m: usize, k: usize) -> Result<()> {
     if x.len() == m * k {
@@ -658,8 +814,15 @@ fn quantize_q8(
     scratch: &mut Scratch,
 ) -> Result<[Arg; 2]> {
     let (blocks, padded) = (m * k / 32, m.next_multiple_of(MMQ_M) * k);
+    let written = scratch.q8_of.take();
     let codes = ptr(grown(gpu, &mut scratch.q8, padded)?, gpu.stream());
     let pairs = ptr(grown(gpu, &mut scratch.q8_ds, padded / 16)?, gpu.stream());
+    if let (Some((launch, p, len, at)), Arg::Ptr(xp), Arg::Ptr(now)) = (written, x.arg(gpu)?, codes)
+    {
+        if launch == gpu.launches() && p == xp && len == m * k && at == now {
+            return Ok([codes, pairs]); // the kernel that computed `x` rounded it too
+        }
+    }
     // One warp per block of 32 values.
     gpu.launch(
         "quantize_q8",

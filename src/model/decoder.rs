@@ -146,7 +146,6 @@ impl Attention {
         kv: &mut KvStorage,
     ) -> Result<()> {
         let rows = ws.positions.len();
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let Workspace {
             positions,
             normed,
@@ -170,16 +169,17 @@ impl Attention {
             o.norm(qn, q)?;
             o.norm(kn, k)?;
         }
-        o.rope(rope, [&mut *q, &mut *k], [nh, nkv], hd, positions)?;
         o.attention(
             kv,
             layer,
             &batch.seqs,
-            [q, k, v],
-            nh,
+            (rope, positions),
+            (q, k, v),
+            self.num_heads,
             self.scale as f32,
             window,
             attn,
+            scratch,
         )?;
         o.linear([&self.o_proj], attn, rows, [h], scratch)
     }
@@ -216,7 +216,7 @@ impl FeedForward {
                     [&mut *gate, &mut *up],
                     scratch,
                 )?;
-                o.gated(m.act, gate, up)?;
+                o.gated(m.act, gate, up, scratch)?;
                 o.linear([&m.down_proj], gate, rows, [out], scratch)
             }
             FeedForward::Plain { fc1, fc2, act } => {
@@ -312,8 +312,8 @@ impl Decoder {
     }
 
     /// This decoder with its linear layers uploaded to `gpu` (their host copies go with
-    /// `self`); embeddings stay on the host, norms and RoPE frequencies go up on first use.
-    /// Returns it and the change in weight bytes.
+    /// `self`) and its embeddings copied there (the host keeps them too); norms and RoPE
+    /// frequencies go up on first use. Returns it and the change in weight bytes.
     #[cfg(feature = "cuda")]
     pub fn to_gpu(self, gpu: Arc<crate::cuda::Gpu>) -> Result<(Decoder, isize)> {
         gpu.bind()?;
@@ -324,11 +324,19 @@ impl Decoder {
             .iter()
             .any(|b| matches!(b.mlp, FeedForward::Moe(_)));
         let mut graph_rows = if moe { 0 } else { usize::MAX };
-        let (mut decoder, delta) = self.map_linears(|l, _| {
+        let (mut decoder, mut delta) = self.map_linears(|l, _| {
             let up = l.to_gpu(&gpu)?;
             graph_rows = graph_rows.min(up.gpu().map_or(0, crate::cuda::GpuLinear::graph_rows));
             Ok(up)
         })?;
+        let (embed_tokens, bytes) = decoder.embed_tokens.to_gpu(&gpu)?;
+        decoder.embed_tokens = embed_tokens;
+        delta += bytes as isize;
+        if let Some(table) = &decoder.embed_positions {
+            let (table, bytes) = table.to_gpu(&gpu)?;
+            decoder.embed_positions = Some(table);
+            delta += bytes as isize;
+        }
         decoder.backend = Backend::Cuda(Box::new(OnGpu {
             gpu,
             params: crate::cuda::Params::default(),
@@ -430,7 +438,7 @@ impl Decoder {
                 .enumerate()
                 .all(|(i, &r)| r as usize == i);
         if all {
-            o.norm_into(&self.norm, &ws.x, &mut ws.normed)?;
+            o.norm_into(&self.norm, &ws.x, &mut ws.normed, &mut ws.scratch)?;
         } else {
             let d = self.config.hidden_size;
             o.gather_rows(&ws.x, &batch.logits_rows, d, &mut ws.normed)?;
@@ -462,10 +470,10 @@ impl Decoder {
             };
             let ln = &block.input_layernorm;
             match pending.take() {
-                None => o.norm_into(ln, &ws.x, &mut ws.normed)?,
+                None => o.norm_into(ln, &ws.x, &mut ws.normed, &mut ws.scratch)?,
                 Some(parallel) => {
                     let branches = (&ws.h, parallel.then_some(&ws.mlp));
-                    o.add_norm(&mut ws.x, branches, ln, &mut ws.normed)?;
+                    o.add_norm(&mut ws.x, branches, ln, &mut ws.normed, &mut ws.scratch)?;
                 }
             }
             attn.forward(o, ws, i, batch, (rope, window), kv)?;
@@ -478,7 +486,13 @@ impl Decoder {
                 pending = Some(true);
                 continue;
             };
-            o.add_norm(&mut ws.x, (&ws.h, None), pre_mlp, &mut ws.normed)?;
+            o.add_norm(
+                &mut ws.x,
+                (&ws.h, None),
+                pre_mlp,
+                &mut ws.normed,
+                &mut ws.scratch,
+            )?;
             block.mlp.forward(o, ws, rows, Ffn::H)?;
             if let Some(norm) = &block.post_feedforward_layernorm {
                 o.norm(norm, &mut ws.h)?;

@@ -361,12 +361,55 @@ fn on_gpu() -> crate::Error {
 
 /// Token embeddings `[vocab, d]` in any [`Weight`] form; rows are dequantized on lookup.
 #[derive(Debug, Clone)]
-pub struct Embedding(pub Weight);
+pub struct Embedding {
+    pub weight: Weight,
+    /// A copy on the GPU the decoder runs on, which gathers there (not for GGML blocks:
+    /// those stay on the host).
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<crate::cuda::GpuEmbedding>>,
+}
 
 impl Embedding {
+    pub fn new(weight: Weight) -> Embedding {
+        Embedding {
+            weight,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
+
+    /// The same table with a copy on `gpu` where its form allows (the host copy stays:
+    /// it is what the CPU reads, and GGML blocks are looked up there); the copy's bytes.
+    #[cfg(feature = "cuda")]
+    pub fn to_gpu(&self, gpu: &crate::cuda::Gpu) -> Result<(Embedding, usize)> {
+        use crate::cuda::GpuEmbedding;
+        let on_gpu = match &self.weight {
+            Weight::Packed(p) => Some(GpuEmbedding::packed(gpu, p)?),
+            Weight::Dense(t) => {
+                let (rows, cols) = t.dims2()?;
+                Some(GpuEmbedding::dense(gpu, &values(t)?, rows, cols)?)
+            }
+            Weight::Ggml(_) => None,
+        };
+        let bytes = on_gpu.as_ref().map_or(0, GpuEmbedding::nbytes);
+        Ok((
+            Embedding {
+                weight: self.weight.clone(),
+                gpu: on_gpu.map(Arc::new),
+            },
+            bytes,
+        ))
+    }
+
+    /// The table's GPU copy, when it has one.
+    #[cfg(feature = "cuda")]
+    pub fn gpu(&self) -> Option<&crate::cuda::GpuEmbedding> {
+        self.gpu.as_deref()
+    }
+
     /// `ids: [t]` → `out: [t, d]` f32.
     pub fn forward_into(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
-        match &self.0 {
+        match &self.weight {
             Weight::Ggml(q) => {
                 out.copy_from_slice(&values(&q.embedding(&Tensor::new(ids, &Device::Cpu)?)?)?);
             }

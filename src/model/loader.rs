@@ -347,7 +347,7 @@ fn build_decoder(
         .learned_positions
         .then(|| matrix("model.embed_positions", cfg.max_position_embeddings, d))
         .transpose()?
-        .map(Embedding);
+        .map(Embedding::new);
     let lm_head = if src.has("lm_head") {
         biased("lm_head", cfg.vocab_size, d, cfg.phi_block)?
     } else if cfg.tie_word_embeddings {
@@ -544,7 +544,7 @@ fn build_decoder(
         (None, None) => None,
     };
     let decoder = Decoder {
-        embed_tokens: Embedding(embed_tokens),
+        embed_tokens: Embedding::new(embed_tokens),
         embed_positions,
         layers,
         norm: final_norm,

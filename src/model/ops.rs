@@ -35,19 +35,28 @@ pub trait Ops {
     fn scale(&self, x: &mut Self::Buf, factor: f32) -> Result<()>;
     /// Each `[.., d]` row of `x` normalised in place.
     fn norm(&self, norm: &Norm, x: &mut Self::Buf) -> Result<()>;
-    /// `out ← norm(x)`, `x` unchanged (a layer's input norm).
-    fn norm_into(&self, norm: &Norm, x: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// `out ← norm(x)`, `x` unchanged (a layer's input norm). `out` is the next linear
+    /// layers' input: the backend may prepare it for them in `scratch` (the GPU rounds it
+    /// to q8 in the same kernel).
+    fn norm_into(
+        &self,
+        norm: &Norm,
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+        scratch: &mut Self::Scratch,
+    ) -> Result<()>;
     /// `x += a (+ b)`, then `out ← norm(x)`: a residual add and the norm that reads it
-    /// (one kernel on the GPU).
+    /// (one kernel on the GPU); `out` as in [`Ops::norm_into`].
     fn add_norm(
         &self,
         x: &mut Self::Buf,
         (a, b): (&Self::Buf, Option<&Self::Buf>),
         norm: &Norm,
         out: &mut Self::Buf,
+        scratch: &mut Self::Scratch,
     ) -> Result<()> {
         self.add(x, a, b)?;
-        self.norm_into(norm, x, out)
+        self.norm_into(norm, x, out, scratch)
     }
     /// `x: [rows, in]` through each layer into its `outs[i]: [rows, out_i]`: the
     /// projections of one input (q/k/v, gate/up) go together.
@@ -60,32 +69,35 @@ pub trait Ops {
         scratch: &mut Self::Scratch,
     ) -> Result<()>;
     /// RoPE on the queries `q: [rows, heads, head_dim]` and the keys
-    /// `k: [rows, kv_heads, head_dim]`; `positions[r]` is row `r`'s position.
-    fn rope(
-        &self,
-        rope: &Rope,
-        qk: [&mut Self::Buf; 2],
-        heads: [usize; 2],
-        head_dim: usize,
-        positions: &[usize],
-    ) -> Result<()>;
-    /// `out: [rows, heads * head_dim]` ← attention of the rows' queries `q` over each
-    /// sequence's cached keys and values and the rows' own `k`, `v`; then `k`, `v` are
-    /// written into the cache.
+    /// `k: [rows, kv_heads, head_dim]` (`positions[r]` is row `r`'s position), then
+    /// `out: [rows, heads * head_dim]` ← attention of the rows' queries over each
+    /// sequence's cached keys and values and the rows' own `k`, `v`; `k`, `v` are written
+    /// into the cache (on the GPU by the RoPE kernel, where that is safe). `scratch` holds
+    /// what the backend computes in besides (the GPU's partial results when it splits long
+    /// rows).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         kv: &mut KvStorage,
         layer: usize,
         seqs: &[SeqSpan<'_>],
-        qkv: [&Self::Buf; 3],
+        rope: (&Rope, &[usize]),
+        qkv: (&mut Self::Buf, &mut Self::Buf, &Self::Buf),
         heads: usize,
         scale: f32,
         window: Option<usize>,
         out: &mut Self::Buf,
+        scratch: &mut Self::Scratch,
     ) -> Result<()>;
-    /// `gate ← act(gate) · up`.
-    fn gated(&self, act: Activation, gate: &mut Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// `gate ← act(gate) · up`, the down projection's input (prepared in `scratch` as
+    /// [`Ops::norm_into`] prepares its output).
+    fn gated(
+        &self,
+        act: Activation,
+        gate: &mut Self::Buf,
+        up: &Self::Buf,
+        scratch: &mut Self::Scratch,
+    ) -> Result<()>;
     /// `x ← act(x)`.
     fn activation(&self, act: Activation, x: &mut Self::Buf) -> Result<()>;
     /// A mixture of experts, `x: [rows, d]` → `out: [rows, d]`.
@@ -122,7 +134,13 @@ impl Ops for Cpu {
         table.forward_into(ids, out)
     }
 
-    fn norm_into(&self, norm: &Norm, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+    fn norm_into(
+        &self,
+        norm: &Norm,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        _scratch: &mut QuantizedRows,
+    ) -> Result<()> {
         out.clone_from(x);
         norm.apply(out);
         Ok(())
@@ -161,41 +179,39 @@ impl Ops for Cpu {
         Linear::forward_rows(layers, x, rows, outs, scratch)
     }
 
-    fn rope(
-        &self,
-        rope: &Rope,
-        [q, k]: [&mut Vec<f32>; 2],
-        [heads, kv_heads]: [usize; 2],
-        head_dim: usize,
-        positions: &[usize],
-    ) -> Result<()> {
-        rope.rotate(q, heads, head_dim, positions);
-        rope.rotate(k, kv_heads, head_dim, positions);
-        Ok(())
-    }
-
     fn attention(
         &self,
         kv: &mut KvStorage,
         layer: usize,
         seqs: &[SeqSpan<'_>],
-        [q, k, v]: [&Vec<f32>; 3],
+        (rope, positions): (&Rope, &[usize]),
+        (q, k, v): (&mut Vec<f32>, &mut Vec<f32>, &Vec<f32>),
         heads: usize,
         scale: f32,
         window: Option<usize>,
         out: &mut Vec<f32>,
+        _scratch: &mut QuantizedRows,
     ) -> Result<()> {
         if kv.is_on_gpu() {
             return Err(crate::Error::Internal(
                 "a GPU KV cache in a CPU forward pass".into(),
             ));
         }
+        let (kv_heads, head_dim) = (kv.layout().kv_heads, kv.layout().head_dim);
+        rope.rotate(q, heads, head_dim, positions);
+        rope.rotate(k, kv_heads, head_dim, positions);
         *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
         attention::store(kv, layer, seqs, k, v);
         Ok(())
     }
 
-    fn gated(&self, act: Activation, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<()> {
+    fn gated(
+        &self,
+        act: Activation,
+        gate: &mut Vec<f32>,
+        up: &Vec<f32>,
+        _scratch: &mut QuantizedRows,
+    ) -> Result<()> {
         act.gated(gate, up);
         Ok(())
     }
