@@ -31,8 +31,8 @@ use crate::quant::{AffineMatrix, PackedMatrix, ScaleDType};
 pub const GEMV_MAX_ROWS: usize = 8;
 
 /// Output rows per block of the block GEMVs (kernels.cu `BG_ROWS`), threads per block
-/// (`BG_THREADS`), and the most matrices one launch takes.
-const BG_ROWS: usize = 4;
+/// (`BG_WARPS` warps), and the most matrices one launch takes.
+const BG_ROWS: usize = 8;
 const BG_THREADS: u32 = 128;
 const GEMV_MATRICES: usize = 3;
 
