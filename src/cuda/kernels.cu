@@ -14,6 +14,23 @@
 
 #define WARP 32
 
+// Programmatic dependent launch (sm_90 and later; mod.rs launches every kernel with it where
+// the GPU has it, from the PTX built for compute_90): a kernel may be scheduled while the one
+// before it still runs. PDL_WAIT holds it until that kernel has finished and its writes are
+// visible, so a kernel calls it before it reads anything another kernel wrote (the GEMVs
+// start loading their weights first); PDL_NEXT lets the next kernel be scheduled, to wait in
+// turn. Elsewhere both are no-ops and launches are ordered as usual.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_NEXT() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_NEXT()
+#endif
+#define PDL_ENTER() \
+  PDL_WAIT();       \
+  PDL_NEXT()
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
@@ -55,17 +72,20 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 
 // x += a (+ b), n elements.
 extern "C" __global__ void add_f32(float* x, const float* a, const float* b, long n) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
     x[i] += b ? a[i] + b[i] : a[i];
 }
 
 extern "C" __global__ void scale_f32(float* x, float s, long n) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
     x[i] *= s;
 }
 
 // y[r, c] += bias[c] over `rows` rows of `cols`.
 extern "C" __global__ void add_bias_f32(float* y, const float* bias, long rows, int cols) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * cols; i += (long)gridDim.x * blockDim.x)
     y[i] += bias[i % cols];
 }
@@ -101,6 +121,7 @@ __device__ __forceinline__ void q8_block4(float4 v, char4* xq, float2* ds, bool 
 // next projection's input, without a launch of `quantize_q8`.
 extern "C" __global__ void activation_f32(float* gate, const float* up, int kind, long n, int8_t* xq,
                                           float2* ds) {
+  PDL_ENTER();
   const long n4 = (n + 3) / 4;
   // The bound is the block's, so a warp's lanes go round together (q8_block4 shuffles).
   for (long first = blockIdx.x * (long)blockDim.x; first < n4; first += (long)gridDim.x * blockDim.x) {
@@ -125,6 +146,7 @@ extern "C" __global__ void activation_f32(float* gate, const float* up, int kind
 // out[i, :] = x[rows[i], :].
 extern "C" __global__ void gather_rows_f32(const float* x, const unsigned* rows, int width, float* out,
                                            int n) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (long)n * width; i += (long)gridDim.x * blockDim.x)
     out[i] = x[(long)rows[i / width] * width + i % width];
 }
@@ -132,16 +154,19 @@ extern "C" __global__ void gather_rows_f32(const float* x, const unsigned* rows,
 // out[rows[i], :] += weights[i] * y[i, :] (the rows are distinct: one expert's tokens).
 extern "C" __global__ void scatter_add_rows_f32(float* out, const float* y, const unsigned* rows,
                                                 const float* weights, int width, int n) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (long)n * width; i += (long)gridDim.x * blockDim.x)
     out[(long)rows[i / width] * width + i % width] += weights[i / width] * y[i];
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* x, __nv_bfloat16* y, long n) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
     y[i] = __float2bfloat16_rn(x[i]);
 }
 
 extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
     y[i] = __float2half_rn(x[i]);
 }
@@ -166,6 +191,7 @@ extern "C" __global__ void __launch_bounds__(1024) norm_f32(float* x, const floa
                                                             float* out, const float* w,
                                                             const float* bias, float eps, int d,
                                                             int8_t* xq, float2* ds) {
+  PDL_ENTER();
   const long off = (long)blockIdx.x * d;
   float4* x4 = reinterpret_cast<float4*>(x + off);
   const int n4 = d / 4;
@@ -275,6 +301,7 @@ __device__ void rope(float* q, float* k, const int* positions, const float* inv_
                                   int half_, int heads, int kv_heads, int head_dim, int interleaved, \
                                   float scale, int rows, const float* v, T* cache_k, T* cache_v,   \
                                   const long* slots, int block_size) {                             \
+    PDL_ENTER();                                                                                   \
     rope<T>(q, k, positions, inv_freq, half_, heads, kv_heads, head_dim, interleaved, scale, rows, \
             v, cache_k, cache_v, slots, block_size);                                               \
   }
@@ -555,6 +582,7 @@ __device__ void attention(const float* q, const float* k, const float* v, const 
            const unsigned* tables, const RowMeta* meta, float* out, float* parts, unsigned* counts, \
            int heads, int kv_heads, int head_dim, int block_size, float scale, int window,          \
            int ring_keep, int ring_window) {                                                        \
+    PDL_ENTER();                                                                                    \
     attention<T, D>(q, k, v, cache_k, cache_v, tables, meta, out, parts, counts, heads, kv_heads,  \
                     head_dim, block_size, scale, window, ring_keep, ring_window);                   \
   }
@@ -587,12 +615,14 @@ __device__ void kv_store(const float* k, const float* v, T* cache_k, T* cache_v,
 extern "C" __global__ void kv_store_f16(const float* k, const float* v, __half* ck, __half* cv,
                                         const long* slots, int rows, int kv_heads, int head_dim,
                                         int block_size) {
+  PDL_ENTER();
   kv_store(k, v, ck, cv, slots, rows, kv_heads, head_dim, block_size);
 }
 
 extern "C" __global__ void kv_store_bf16(const float* k, const float* v, __nv_bfloat16* ck,
                                          __nv_bfloat16* cv, const long* slots, int rows, int kv_heads,
                                          int head_dim, int block_size) {
+  PDL_ENTER();
   kv_store(k, v, ck, cv, slots, rows, kv_heads, head_dim, block_size);
 }
 
@@ -763,6 +793,7 @@ __device__ __forceinline__ int block_matrix(int n0, int n1, int* r0) {
 // of a row. k is a multiple of 8.
 template <int MM, typename W>
 __device__ void dense_gemv(const W* w, const float* x, float* y, int n, int r0, int k, int M) {
+  PDL_NEXT();
   if (r0 >= n) return;
   const int lane = threadIdx.x % WARP, units = k / 8;
   float acc[BG_WARP_ROWS][MM] = {};
@@ -773,6 +804,7 @@ __device__ void dense_gemv(const W* w, const float* x, float* y, int n, int r0, 
 #pragma unroll
       for (int rr = 0; rr < BG_WARP_ROWS; rr++)  // past the end: the last unit, unused
         raw[u][rr] = load_stream(w + (long)min(r0 + rr, n - 1) * k + min(c0 + lane + WARP * u, units - 1) * 8);
+    if (c0 == 0) PDL_WAIT();  // the weights are in flight; x is the previous kernel's
 #pragma unroll
     for (int u = 0; u < BG_UNITS; u++) {
       const int c = c0 + lane + WARP * u;
@@ -819,6 +851,7 @@ DENSE_GEMV_ALL(8)
 // scale·q·δx, several times larger where a group's bias is large.) Per block, `ds` holds the
 // pair (d, d·Σxq). One warp per block.
 extern "C" __global__ void quantize_q8(const float* x, int8_t* xq, float2* ds, long blocks) {
+  PDL_ENTER();
   const long b = (blockIdx.x * (long)blockDim.x + threadIdx.x) / WARP;
   if (b >= blocks) return;  // a whole warp leaves together
   const int lane = threadIdx.x % WARP;
@@ -870,6 +903,7 @@ __device__ __forceinline__ int chunk_dot(const uint32_t (&w)[BITS], const int (&
 template <int BITS, int MM, typename S>
 __device__ void q8_gemv(const uint32_t* w, const S* scales, const S* biases, float* y, int n, int r0,
                         const int8_t* xq, const float2* ds, int k, int group, int M) {
+  PDL_NEXT();
   if (r0 >= n) return;
   const int lane = threadIdx.x % WARP;
   const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
@@ -898,6 +932,7 @@ __device__ void q8_gemv(const uint32_t* w, const S* scales, const S* biases, flo
         b[u][rr] = to_f32(biases[(long)r * groups + c / chunks_per_group]);
       }
     }
+    if (c0 == 0) PDL_WAIT();  // the weights are in flight; xq and ds are the previous kernel's
 #pragma unroll
     for (int u = 0; u < BG_UNITS; u++) {
       const int c = c0 + lane + WARP * u;
@@ -1089,6 +1124,7 @@ __device__ void mmq(const uint32_t* w, const S* scales, const S* biases, float* 
       mmq_##BITS##_##SNAME##_t##TILES(const uint32_t* w, const S* sc, const S* bi, float* y, int n, \
                                       const int8_t* xq, const float2* ds, int k, int group, int M,  \
                                       int split) {                                                  \
+    PDL_ENTER();                                                                                    \
     mmq<BITS, TILES, S>(w, sc, bi, y, n, xq, ds, k, group, M, split);                               \
   }
 #define MMQ_T(BITS, SNAME, S) MMQ(BITS, SNAME, S, 2) MMQ(BITS, SNAME, S, 4) MMQ(BITS, SNAME, S, 8)
@@ -1099,6 +1135,7 @@ MMQ_ALL(8)
 
 // y[i] = Σ_z parts[z][i], z in order, over `len` values and `count` parts.
 extern "C" __global__ void mmq_sum(const float* parts, float* y, long len, int count) {
+  PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x) {
     float t = 0.f;
     for (int z = 0; z < count; z++) t += parts[z * len + i];
@@ -1132,11 +1169,13 @@ __device__ void affine_dequant(const uint32_t* w, const S* scales, const S* bias
   extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)                                    \
       affine_gemv_##BITS##_##SNAME(const uint32_t* w, const S* sc, const S* bi, const float* x,      \
                                    float* y, int n, int k, int group, int M) {                      \
+    PDL_ENTER();                                                                                    \
     affine_gemv<BITS, S>(w, sc, bi, x, y, n, k, group, M);                                          \
   }                                                                                                 \
   extern "C" __global__ void affine_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc,        \
                                                              const S* bi, float* out, int n, int k, \
                                                              int group) {                           \
+    PDL_ENTER();                                                                                    \
     affine_dequant<BITS, S>(w, sc, bi, out, n, k, group);                                           \
   }
 #define AFFINE_ALL(BITS) \
@@ -1171,6 +1210,7 @@ __device__ void embed_affine(const uint32_t* w, const S* scales, const S* biases
   extern "C" __global__ void embed_affine_##BITS##_##SNAME(const uint32_t* w, const S* sc,          \
                                                            const S* bi, const unsigned* ids,        \
                                                            float* out, int n, int k, int group) {   \
+    PDL_ENTER();                                                                                    \
     embed_affine<BITS, S>(w, sc, bi, ids, out, n, k, group);                                         \
   }
 #define EMBED_AFFINE_ALL(BITS)                                                                     \
@@ -1192,6 +1232,7 @@ __device__ void embed_dense(const T* w, const unsigned* ids, float* out, int n, 
 #define EMBED_DENSE(SNAME, T)                                                                        \
   extern "C" __global__ void embed_dense_##SNAME(const T* w, const unsigned* ids, float* out, int n, \
                                                  int k) {                                           \
+    PDL_ENTER();                                                                                    \
     embed_dense<T>(w, ids, out, n, k);                                                               \
   }
 EMBED_DENSE(f32, float)

@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    self, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    self, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::Device;
@@ -33,8 +32,10 @@ use crate::error::{Error, Result};
 pub use ops::{profile, profiling, set_profiling, Meta, Params, Pass};
 pub use weights::{GpuEmbedding, GpuLinear, Scratch, GEMV_MAX_ROWS};
 
-/// The kernels of `kernels.cu`, as PTX.
+/// The kernels of `kernels.cu`, as PTX for every GPU from Ampere on, and for Hopper and later
+/// (programmatic dependent launch, `PDL_WAIT` in kernels.cu).
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90.ptx"));
 
 /// A GPU error (a driver call that failed, memory that ran out) as a Cortex error.
 pub(crate) fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -66,6 +67,9 @@ pub struct Gpu {
     ordinal: usize,
     /// Streaming multiprocessors: how many blocks it takes to keep the GPU busy.
     sms: usize,
+    /// Compute capability 9.0 or later: kernels come from `PTX_SM90` and each may be
+    /// scheduled while the one before it finishes (programmatic dependent launch).
+    pdl: bool,
     functions: Mutex<HashMap<String, CudaFunction>>,
     /// Counts reallocations of the buffers a forward pass computes in (workspaces, scratch,
     /// KV caches): a captured graph holds their addresses, and is stale once this moves.
@@ -110,11 +114,19 @@ impl Gpu {
                 driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| device_error("querying the GPU", e))?;
+        let major = device
+            .cuda_stream()
+            .context()
+            .attribute(
+                driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .map_err(|e| device_error("querying the GPU", e))?;
         let gpu = Arc::new(Gpu {
             stream: device.cuda_stream(),
             device,
             ordinal,
             sms: sms.max(1) as usize,
+            pdl: major >= 9,
             functions: Mutex::default(),
             epoch: AtomicU64::new(0),
             launches: AtomicU64::new(0),
@@ -266,35 +278,66 @@ impl Gpu {
             if let Some(f) = functions.get(name) {
                 f.clone()
             } else {
+                let (module, ptx) = if self.pdl {
+                    ("cortex_sm90", PTX_SM90)
+                } else {
+                    ("cortex", PTX)
+                };
                 let f = self
                     .device
-                    .get_or_load_custom_func(name, "cortex", PTX)?
+                    .get_or_load_custom_func(name, module, ptx)?
                     .into_cuda_function();
                 functions.insert(name.to_owned(), f.clone());
                 f
             }
         };
-        let mut builder = self.stream.launch_builder(&func);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => builder.arg(p),
-                Arg::I32(i) => builder.arg(i),
-                Arg::I64(i) => builder.arg(i),
-                Arg::F32(f) => builder.arg(f),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (x.max(1), y.max(1), z.max(1)),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+        // Each argument's bytes in a slot of its own (the driver reads as many as the
+        // kernel's parameter takes, from the slot's start).
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) => p,
+                Arg::I32(i) => u64::from(i.cast_unsigned()),
+                Arg::I64(i) => i.cast_unsigned(),
+                Arg::F32(f) => u64::from(f.to_bits()),
+            })
+            .collect();
+        let mut params: Vec<*mut std::ffi::c_void> = slots
+            .iter_mut()
+            .map(|s| std::ptr::from_mut(s).cast())
+            .collect();
+        // SAFETY: a zeroed attribute is valid (id IGNORE); the value written is the one the
+        // id names.
+        #[allow(unsafe_code)]
+        let mut attr: driver::sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            driver::sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = driver::sys::CUlaunchConfig {
+            gridDimX: x.max(1),
+            gridDimY: y.max(1),
+            gridDimZ: z.max(1),
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &raw mut attr,
+            numAttrs: u32::from(self.pdl),
         };
         // SAFETY: each kernel's arguments are built by its one caller in ops.rs to match
-        // its signature in kernels.cu, with buffers sized for the launch.
+        // its signature in kernels.cu, with buffers sized for the launch; `params` points at
+        // `slots`, alive until the call returns (the driver copies them).
         #[allow(unsafe_code)]
         unsafe {
-            builder
-                .launch(cfg)
-                .map_err(|e| device_error(&format!("launching {name}"), e))?;
+            driver::sys::cuLaunchKernelEx(
+                &raw const config,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+            .map_err(|e| device_error(&format!("launching {name}"), e))?;
         }
         Ok(())
     }
