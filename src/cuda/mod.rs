@@ -37,6 +37,12 @@ pub use weights::{GpuEmbedding, GpuLinear, Scratch, GEMV_MAX_ROWS};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90.ptx"));
 
+/// Whether the GPU attention kernels take heads of `head_dim` (kernels.cu `attention`:
+/// 16-byte loads of 8 dimensions, builds for up to 256).
+pub fn attention_takes(head_dim: usize) -> bool {
+    head_dim <= 256 && head_dim.is_multiple_of(8)
+}
+
 /// A GPU error (a driver call that failed, memory that ran out) as a Cortex error.
 pub(crate) fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Device(format!("{what}: {e}"))

@@ -20,7 +20,7 @@ use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::model::ops::Ops;
 
 /// Query heads one attention block serves, and most splits of a row's keys (kernels.cu
-/// `ATT_GH`; the split count is ops.rs's own).
+/// `ATT_GH`, `ATT_MAX_SPLITS`).
 const ATT_GH: usize = 4;
 const ATT_MAX_SPLITS: usize = 32;
 
@@ -408,11 +408,10 @@ impl Ops for Pass<'_> {
         self.timed("attention", || {
             let layout = kv.layout();
             let (hd, kvh) = (layout.head_dim, layout.kv_heads);
-            if hd > 256 || hd % 8 != 0 {
-                return Err(Error::config(
-                    "head_dim",
-                    format!("{hd} on the GPU, whose attention takes multiples of 8 up to 256"),
-                ));
+            if !super::attention_takes(hd) {
+                return Err(Error::Internal(format!(
+                    "head_dim {hd} in the GPU attention (Decoder::to_gpu checks it)"
+                )));
             }
             let bf16 = kv.dtype() == KvDType::BF16;
             let (ck, cv) = kv

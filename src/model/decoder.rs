@@ -316,6 +316,20 @@ impl Decoder {
     /// frequencies go up on first use. Returns it and the change in weight bytes.
     #[cfg(feature = "cuda")]
     pub fn to_gpu(self, gpu: Arc<crate::cuda::Gpu>) -> Result<(Decoder, isize)> {
+        if let Some(a) = self
+            .layers
+            .iter()
+            .map(|b| &b.self_attn)
+            .find(|a| !crate::cuda::attention_takes(a.head_dim))
+        {
+            return Err(Error::config(
+                "head_dim",
+                format!(
+                    "{} on the GPU, whose attention takes multiples of 8 up to 256",
+                    a.head_dim
+                ),
+            ));
+        }
         gpu.bind()?;
         // Decode steps go through CUDA graphs up to the rows at which every layer runs our
         // own kernels, when no layer routes on the host (a mixture of experts).
