@@ -1124,7 +1124,7 @@ __device__ void mmq(const uint32_t* w, const S* scales, const S* biases, float* 
       mmq_##BITS##_##SNAME##_t##TILES(const uint32_t* w, const S* sc, const S* bi, float* y, int n, \
                                       const int8_t* xq, const float2* ds, int k, int group, int M,  \
                                       int split) {                                                  \
-    PDL_WAIT();                                                                                     \
+    PDL_ENTER();                                                                                    \
     mmq<BITS, TILES, S>(w, sc, bi, y, n, xq, ds, k, group, M, split);                               \
   }
 #define MMQ_T(BITS, SNAME, S) MMQ(BITS, SNAME, S, 2) MMQ(BITS, SNAME, S, 4) MMQ(BITS, SNAME, S, 8)
