@@ -199,12 +199,12 @@ impl Gpu {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Records that a buffer a pass computes in has moved (captured graphs are stale).
     /// How many kernels have been launched so far.
     pub(crate) fn launches(&self) -> u64 {
         self.launches.load(Ordering::Acquire)
     }
 
+    /// Records that a buffer a pass computes in has moved (captured graphs are stale).
     pub(crate) fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }

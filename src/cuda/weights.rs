@@ -163,7 +163,8 @@ pub struct Scratch {
     attn_counts: Option<CudaSlice<u32>>,
     /// Which buffer `q8` holds the rounding of, written by the kernel that computed it
     /// (a norm, a gated activation): `(Gpu::launches after that kernel, its address,
-    /// values, the address of the codes)`. The next linear layers skip `quantize_q8` when no kernel came between.
+    /// values, the address of the codes)`. The next linear layers skip `quantize_q8` when
+    /// no kernel came between.
     q8_of: Option<(u64, u64, usize, u64)>,
 }
 
@@ -731,6 +732,7 @@ impl GpuEmbedding {
         })
     }
 
+    /// Bytes the table takes on the GPU.
     pub fn nbytes(&self) -> usize {
         match &self.form {
             EmbeddingForm::Dense(w) => w.nbytes(),
