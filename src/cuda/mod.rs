@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute_enum as Attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     self, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits,
 };
@@ -113,20 +114,15 @@ impl Gpu {
         unsafe {
             device.disable_event_tracking();
         }
-        let sms = device
-            .cuda_stream()
-            .context()
-            .attribute(
-                driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|e| device_error("querying the GPU", e))?;
-        let major = device
-            .cuda_stream()
-            .context()
-            .attribute(
-                driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-            )
-            .map_err(|e| device_error("querying the GPU", e))?;
+        let attribute = |a| {
+            device
+                .cuda_stream()
+                .context()
+                .attribute(a)
+                .map_err(|e| device_error("querying the GPU", e))
+        };
+        let sms = attribute(Attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let major = attribute(Attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let gpu = Arc::new(Gpu {
             stream: device.cuda_stream(),
             device,
