@@ -143,13 +143,22 @@ extern "C" __global__ void activation_f32(float* gate, const float* up, int kind
   }
 }
 
-// out[i, :] = x[rows[i], :].
-extern "C" __global__ void gather_rows_f32(const float* x, const unsigned* rows, int width, float* out,
-                                           int n) {
-  PDL_ENTER();
+// out[i, :] = x[rows[i], :] as f32 (activations, or an embedding table of floats).
+template <typename T>
+__device__ void gather_rows(const T* x, const unsigned* rows, int width, float* out, int n) {
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (long)n * width; i += (long)gridDim.x * blockDim.x)
-    out[i] = x[(long)rows[i / width] * width + i % width];
+    out[i] = to_f32(x[(long)rows[i / width] * width + i % width]);
 }
+
+#define GATHER_ROWS(SNAME, T)                                                                       \
+  extern "C" __global__ void gather_rows_##SNAME(const T* x, const unsigned* rows, int width,       \
+                                                 float* out, int n) {                               \
+    PDL_ENTER();                                                                                    \
+    gather_rows<T>(x, rows, width, out, n);                                                         \
+  }
+GATHER_ROWS(f32, float)
+GATHER_ROWS(f16, __half)
+GATHER_ROWS(bf16, __nv_bfloat16)
 
 // out[rows[i], :] += weights[i] * y[i, :] (the rows are distinct: one expert's tokens).
 extern "C" __global__ void scatter_add_rows_f32(float* out, const float* y, const unsigned* rows,
@@ -248,6 +257,15 @@ extern "C" __global__ void __launch_bounds__(1024) norm_f32(float* x, const floa
 }
 
 // ---------------------------------------------------------------------------------------
+// The paged KV cache: where head h of the key in `slot` (its block · block_size + index in
+// the block) starts, in a layer's [num_blocks, kv_heads, block_size, head_dim] (`block` is
+// the table's entry for the slot).
+__device__ __forceinline__ long cache_at(long block, long slot, int h, int kv_heads, int block_size,
+                                         int head_dim) {
+  return ((block * kv_heads + h) * block_size + slot % block_size) * head_dim;
+}
+
+// ---------------------------------------------------------------------------------------
 // RoPE (layers.rs `Rope::rotate`) on the queries q: [rows, heads, head_dim] and the keys
 // k: [rows, kv_heads, head_dim], row r at positions[r]. One thread per (row, head, pair of
 // dimensions), the queries' heads first: a query's rotated pairs (i < half), a key's
@@ -287,7 +305,7 @@ __device__ void rope(float* q, float* k, const int* positions, const float* inv_
     if (is_q || !cache_k) continue;
     const long slot = slots[row];
     if (slot < 0) continue;
-    const long dst = (((slot / block_size) * kv_heads + rh % kv_heads) * block_size + slot % block_size) * head_dim;
+    const long dst = cache_at(slot / block_size, slot, rh % kv_heads, kv_heads, block_size, head_dim);
     const float* vh = v + rh * head_dim;
     cache_k[dst + a] = from_f32<T>(head[a]);
     cache_k[dst + b] = from_f32<T>(head[b]);
@@ -438,7 +456,7 @@ __device__ void attention(const float* q, const float* k, const float* v, const 
       } else {
         const int slot = (ring_window > 0 && p >= ring_keep) ? ring_keep + (p - ring_keep) % ring_window : p;
         const long block = tables[m.table_offset + slot / block_size];
-        const long base = ((block * kv_heads + kvh) * block_size + slot % block_size) * head_dim + dim;
+        const long base = cache_at(block, slot, kvh, kv_heads, block_size, head_dim) + dim;
         kr[u] = *reinterpret_cast<const uint4*>(cache_k + base);
         vr[u] = *reinterpret_cast<const uint4*>(cache_v + base);
       }
@@ -606,7 +624,7 @@ __device__ void kv_store(const float* k, const float* v, T* cache_k, T* cache_v,
     const int h = rh % kv_heads, row = rh / kv_heads;
     const long slot = slots[row];
     if (slot < 0) continue;
-    const long dst = (((slot / block_size) * kv_heads + h) * block_size + slot % block_size) * head_dim + d;
+    const long dst = cache_at(slot / block_size, slot, h, kv_heads, block_size, head_dim) + d;
     cache_k[dst] = from_f32<T>(k[i]);
     cache_v[dst] = from_f32<T>(v[i]);
   }
@@ -1185,8 +1203,8 @@ AFFINE_ALL(5)
 AFFINE_ALL(6)
 
 // ---------------------------------------------------------------------------------------
-// Embeddings: out[r, :] = row ids[r] of a table [vocab, k], dequantized to f32. One thread
-// per (row, chunk of 32 values). Affine codes in MLX's layout (weights.rs `GpuEmbedding`),
+// Embeddings: out[r, :] = row ids[r] of a table [vocab, k], dequantized to f32 (a table of
+// floats takes `gather_rows`). One thread per (row, chunk of 32 values). Affine codes in MLX's layout (weights.rs `GpuEmbedding`),
 // computed as the CPU computes them (scale · code, rounded, + bias, rounded: no fused
 // multiply-add), so the GPU's embeddings are the CPU's exactly.
 template <int BITS, typename S>
@@ -1222,19 +1240,3 @@ EMBED_AFFINE_ALL(5)
 EMBED_AFFINE_ALL(6)
 EMBED_AFFINE_ALL(8)
 
-// A table of floats: one thread per value.
-template <typename T>
-__device__ void embed_dense(const T* w, const unsigned* ids, float* out, int n, int k) {
-  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < (long)n * k; t += (long)gridDim.x * blockDim.x)
-    out[t] = to_f32(w[(long)ids[t / k] * k + t % k]);
-}
-
-#define EMBED_DENSE(SNAME, T)                                                                        \
-  extern "C" __global__ void embed_dense_##SNAME(const T* w, const unsigned* ids, float* out, int n, \
-                                                 int k) {                                           \
-    PDL_ENTER();                                                                                    \
-    embed_dense<T>(w, ids, out, n, k);                                                               \
-  }
-EMBED_DENSE(f32, float)
-EMBED_DENSE(f16, __half)
-EMBED_DENSE(bf16, __nv_bfloat16)

@@ -681,7 +681,8 @@ impl GpuLinear {
 }
 
 /// A token (or position) embedding table `[rows, cols]` on the GPU: a step gathers its rows
-/// there (kernels.cu `embed_*`) instead of dequantizing them on the host and copying them up.
+/// there (kernels.cu `embed_affine_*`, `gather_rows_*` for floats) instead of dequantizing
+/// them on the host and copying them up.
 pub struct GpuEmbedding {
     form: EmbeddingForm,
     rows: usize,
@@ -765,10 +766,10 @@ impl GpuEmbedding {
         let (idx, o) = (ptr(&idx, gpu.stream()), out.arg(gpu)?);
         match &self.form {
             EmbeddingForm::Dense(w) => gpu.launch(
-                &format!("embed_dense_{}", w.suffix()),
+                &format!("gather_rows_{}", w.suffix()),
                 Gpu::grid_for(n * k),
                 256,
-                &[w.arg(gpu), idx, o, Arg::I32(n as i32), Arg::I32(k as i32)],
+                &[w.arg(gpu), idx, Arg::I32(k as i32), o, Arg::I32(n as i32)],
             ),
             EmbeddingForm::Affine {
                 bits,
