@@ -1,5 +1,7 @@
 """The q8 GEMM (`mmq_*`) and GEMV (`q8_gemv_*`) of src/cuda/kernels.cu on random data, without
-the rest of Cortex: exactness against a float64 evaluation of the same integer sums, then the
+the rest of Cortex, and the long prompts' path (`int_dequant_*` a slice of rows at a time, then
+cuBLAS in bf16): exactness against a float64 evaluation of the same integer sums (the bf16
+path: against the float64 product, within bf16's rounding), then the
 time per shape (replayed from a CUDA graph, so no launch overhead, cycling through copies of
 the weights so that they come from memory), in TB/s of weights and int8 TOPS. Needs CuPy and
 the kernels compiled for the GPU at hand:
@@ -13,6 +15,7 @@ import sys
 
 import cupy as cp
 import numpy as np
+from cupy_backends.cuda.libs import cublas
 
 mod = cp.RawModule(path=sys.argv[1])
 BITS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -121,6 +124,47 @@ def gemv(w, s, b, xq, ds, m, n, k, group):
     return gemv_launcher(w, s, b, xq, ds, m, n, k, group)()
 
 
+#: cuBLAS's enums: CUDA_R_32F, CUDA_R_16BF, CUBLAS_COMPUTE_32F; weights.rs DEQUANT_SLICE_BYTES.
+R_32F, R_16BF, COMPUTE_32F = 0, 14, 68
+SLICE_BYTES = 16 << 20
+
+
+def dequant_launcher(w, s, b, x, m, n, k, group, slice_bytes=SLICE_BYTES):
+    """weights.rs `dequant_gemm`: the input cast to bf16, the weights dequantized to bf16 a
+    slice of rows at a time, each slice's product by cuBLAS into its columns of y."""
+    xh = cp.empty((m, k), cp.uint16)
+    launch("cast_f32_bf16", (-(-m * k // 256),), (256,), (x, xh, np.int64(m * k)))
+    rows_at = min(n, slice_bytes // (2 * k))
+    wide = cp.empty((rows_at, k), cp.uint16)
+    y = cp.empty((m, n), cp.float32)
+    handle = cp.cuda.device.get_cublas_handle()
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    def run():
+        cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+        for r0 in range(0, n, rows_at):
+            rows = min(rows_at, n - r0)
+            launch(
+                f"int_dequant_{BITS}_bf16",
+                (min(-(-rows * k // 32 // 256), 65535),),
+                (256,),
+                (w, s, b, wide, np.int32(r0), np.int32(rows), np.int32(k), np.int32(group)),
+            )
+            cublas.gemmEx(
+                handle, 1, 0, rows, m, k, one.ctypes.data, wide.data.ptr, R_16BF, k,
+                xh.data.ptr, R_16BF, k, zero.ctypes.data, y.data.ptr + 4 * r0, R_32F, n,
+                COMPUTE_32F, -1,
+            )  # fmt: skip
+        return y
+
+    return run
+
+
+def float_reference(words, s16, b16, x, n, k, group):
+    w = codes(words, k).astype(np.float64) * _f64(s16).repeat(group, 1) + _f64(b16).repeat(group, 1)
+    return cp.asnumpy(x).astype(np.float64) @ w.T
+
+
 def reference(words, s16, b16, xq, ds, m, n, k, group):
     q = codes(words, k).reshape(n, k // 32, 32).astype(np.float64)
     x = cp.asnumpy(xq[:m]).reshape(m, k // 32, 32).astype(np.float64)
@@ -155,6 +199,12 @@ def check():
                 f"mmq  n={n} k={k} g={group} m={m} parts={parts}: max err {err:.2e}",
                 "OK" if err < 1e-5 else "BAD",
             )
+        if m >= 64:
+            # Slices of 100 rows, the last one short.
+            got = cp.asnumpy(dequant_launcher(dw, dsc, dbi, x, m, n, k, group, 200 * k)())
+            fwant = float_reference(words, s, b, x, n, k, group)
+            err = np.abs(got - fwant).max() / np.abs(fwant).max()
+            print(f"bf16 n={n} k={k} g={group} m={m}: max err {err:.2e}", "OK" if err < 1e-2 else "BAD")
         if m <= 8:
             got = cp.asnumpy(gemv(dw, dsc, dbi, xq, ds, m, n, k, group))
             err = np.abs(got - want).max() / np.abs(want).max()
@@ -183,6 +233,20 @@ def timeit(fs, reps=10):
     return cp.cuda.get_elapsed_time(start, end) / (reps * len(fs)) * 1e3
 
 
+def timeit_eager(fs, reps=10):
+    """As `timeit`, launched one by one (cuBLAS is not captured): µs per call."""
+    for f in fs:
+        f()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(reps):
+        for f in fs:
+            f()
+    end.record()
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / (reps * len(fs)) * 1e3
+
+
 #: Copies of each matrix the timings cycle through (8 of 28 MB are past an H200's 50 MB L2).
 COPIES = 8
 
@@ -192,7 +256,7 @@ def bench():
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
         copies = [tuple(cp.asarray(a) for a in make(n, k, 64)) for _ in range(COPIES)]
         wbytes = sum(a.nbytes for a in copies[0])
-        for m in (1, 8, 16, 32, 64, 256):
+        for m in (1, 8, 16, 32, 64, 128, 256, 512):
             if m == 1 and n == 1024:
                 continue
             x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
@@ -210,6 +274,9 @@ def bench():
                 us = timeit([mmq_launcher(*c, xq, ds, m, n, k, 64, parts) for c in copies])
                 tops = 2 * m * n * k / us / 1e6
                 line += f" p{parts} {us:7.1f} us {wbytes / us / 1e6:5.2f} TB/s {tops:6.1f} TOPS |"
+            if m >= 64:
+                us = timeit_eager([dequant_launcher(*c, x, m, n, k, 64) for c in copies])
+                line += f" bf16 {us:7.1f} us {2 * m * n * k / us / 1e6:6.1f} TFLOPS |"
             print(line, flush=True)
 
 

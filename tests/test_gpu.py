@@ -26,7 +26,9 @@ Tolerances. The GPU computes what the CPU reference computes except for these ro
 * affine layers (MLX, and GGUF Q4_0 to Q8_0) with 2, 4 and 8-bit codes multiply them by
   activations rounded to int8 per block of 32 (q8, as llama.cpp's q8_1 and Cortex's CPU
   kernels do): a GEMV (dp4a) for up to 8 rows, the int8 tensor cores above, both exact
-  integer sums per block scaled in f32; 3, 5 and 6-bit codes run a GEMV on f32 activations
+  integer sums per block scaled in f32; from 128 rows the codes are dequantized to bf16 and
+  multiplied by activations cast to bf16 (held to the bf16 checkpoint's bound: the same
+  roundings, with the f16 cache's finer one); 3, 5 and 6-bit codes run a GEMV on f32 activations
   for up to 8 rows, and above are expanded to f32 and multiplied by cuBLAS on TF32 tensor
   cores, which round both operands to 11 significant bits;
 * GGML k-quants run candle's kernels, which round activations to 8 bits per block of 32
@@ -98,6 +100,8 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda:0"
 #: Rows up to which affine layers run the GEMV kernel (``GEMV_MAX_ROWS``, src/cuda/weights.rs).
 GEMV_MAX_ROWS = 8
+#: Rows from which 2/4/8-bit layers multiply in bf16, their weights dequantized (weights.rs).
+DEQUANT_MIN_ROWS = 128
 MLX_LM = Path(__file__).parent / "fixtures" / "mlx_lm"
 README = Path(__file__).parents[1] / "README.md"
 QUESTION = [{"role": "user", "content": "Name three rivers in Europe."}]
@@ -390,7 +394,7 @@ def _bound(kind: str, rows: int) -> Bound:
     if kind == "bf16":
         return BF16
     if kind == "affine-q8":
-        return Q8_ACTIVATIONS
+        return BF16 if rows >= DEQUANT_MIN_ROWS else Q8_ACTIVATIONS
     return TF32_GEMM if rows > GEMV_MAX_ROWS else F16_CACHE
 
 
@@ -502,19 +506,20 @@ def test_attention_head_shapes_match_cpu_f32(tmp_path: Path, shape: str) -> None
 
 @pytest.mark.parametrize("form", FORMS)
 def test_weight_form_matches_cpu_dequantized(wide: Path, tmp_path: Path, form: str) -> None:
-    """Prompts of 1 to 8 tokens and of 17 and 77 (two blocks of the quantized GEMM's 64
-    rows), every position, against the same file on the CPU in f32. Row p of the 77-token
-    reference is the prediction after the first p + 1 tokens (causal masking), so one CPU
-    pass is the reference for every prompt length."""
+    """Prompts of 1 to 8 tokens, of 17 and 77 (two blocks of the quantized GEMM's 64
+    rows) and of 160 (2/4/8-bit codes: dequantized to bf16), every position, against the
+    same file on the CPU in f32. Row p of the 160-token reference is the prediction after
+    the first p + 1 tokens (causal masking), so one CPU pass is the reference for every
+    prompt length."""
     path, kind = _weight_form(form, wide, tmp_path)
     gpu = cortex.load_model(path, device=DEVICE)
     _check_placed(gpu, "bfloat16" if kind == "bf16" else "float16")
     cpu = cortex.load_model(path, device="cpu")
     reference = cpu.dequantize() if cpu.quantized else cpu
     vocab = cpu.config["vocab_size"]
-    ids = [(i * 37 + 11) % vocab for i in range(77)]
+    ids = [(i * 37 + 11) % vocab for i in range(160)]
     want = reference.forward(ids, all_positions=True)
-    for rows in [*range(1, GEMV_MAX_ROWS + 1), 17, 77]:
+    for rows in [*range(1, GEMV_MAX_ROWS + 1), 17, 77, 160]:
         got = gpu.forward(ids[:rows], all_positions=True)
         _assert_matches(got, want[:rows], _bound(kind, rows), f"{form}, {rows} rows")
 

@@ -1161,6 +1161,54 @@ extern "C" __global__ void mmq_sum(const float* parts, float* y, long len, int c
   }
 }
 
+// Long prompts (weights.rs `DEQUANT_MIN_ROWS` rows of input and more): rows [r0, r0 + rows)
+// of weights in the integer layout, dequantized to bf16 for cuBLAS's tensor-core GEMM:
+// out[r - r0, :] = bf16(scale·q + bias). A slice at a time, small enough to stay in L2 for
+// the GEMM that reads it. One thread per chunk of 32 codes, written as four 16-byte stores.
+template <int BITS, typename S>
+__device__ void int_dequant(const uint32_t* w, const S* scales, const S* biases, __nv_bfloat16* out,
+                            int r0, int rows, int k, int group) {
+  const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
+  constexpr int per_word = 32 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < (long)rows * chunks;
+       t += (long)gridDim.x * blockDim.x) {
+    const long r = r0 + t / chunks;
+    const int c = t % chunks, g = c / chunks_per_group;
+    uint32_t words[BITS];
+    load_chunk<BITS>(w + (r * chunks + c) * BITS, words);
+    const float s = to_f32(scales[r * groups + g]), b = to_f32(biases[r * groups + g]);
+    // Code i·per_word + 4·sft + j is byte j of word i shifted down by BITS·sft (`chunk_dot`).
+    float v[32];
+#pragma unroll
+    for (int i = 0; i < BITS; i++)
+#pragma unroll
+      for (int sft = 0; sft < per_word / 4; sft++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+          v[i * per_word + 4 * sft + j] = s * (float)((words[i] >> (BITS * sft + 8 * j)) & mask) + b;
+    __align__(16) __nv_bfloat162 pairs[16];
+#pragma unroll
+    for (int p = 0; p < 16; p++) pairs[p] = __floats2bfloat162_rn(v[2 * p], v[2 * p + 1]);
+    uint4* o = reinterpret_cast<uint4*>(out + t * 32);  // row r - r0, chunk c
+#pragma unroll
+    for (int q = 0; q < 4; q++) o[q] = reinterpret_cast<const uint4*>(pairs)[q];
+  }
+}
+
+#define INT_DEQUANT(BITS, SNAME, S)                                                                 \
+  extern "C" __global__ void int_dequant_##BITS##_##SNAME(const uint32_t* w, const S* sc, const S* bi, \
+                                                          __nv_bfloat16* out, int r0, int rows, int k, \
+                                                          int group) {                              \
+    PDL_ENTER();                                                                                    \
+    int_dequant<BITS, S>(w, sc, bi, out, r0, rows, k, group);                                       \
+  }
+#define INT_DEQUANT_ALL(BITS) \
+  INT_DEQUANT(BITS, f32, float) INT_DEQUANT(BITS, f16, __half) INT_DEQUANT(BITS, bf16, __nv_bfloat16)
+INT_DEQUANT_ALL(2)
+INT_DEQUANT_ALL(4)
+INT_DEQUANT_ALL(8)
+
 // More than 8 rows of input, codes in MLX's layout: W expanded to f32 [n, k] (then a cuBLAS
 // GEMM). One thread per chunk.
 template <int BITS, typename S>

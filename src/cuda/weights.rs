@@ -8,7 +8,8 @@
 //!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded
 //!   to int8 per block of 32, as llama.cpp's MMVQ/MMQ and Cortex's CPU kernels do: by a
 //!   GEMV (dp4a) for up to [`GEMV_MAX_ROWS`] rows, by a GEMM on the int8 tensor cores
-//!   above. 3, 5 and 6-bit codes straddle words and stay in MLX's layout, with f32
+//!   above; from [`DEQUANT_MIN_ROWS`] rows (long prompts) the weights are dequantized to
+//!   bf16 a slice at a time for cuBLAS's GEMM instead. 3, 5 and 6-bit codes straddle words and stay in MLX's layout, with f32
 //!   activations: a GEMV for up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
@@ -42,6 +43,16 @@ const MMQ_M: usize = 64;
 const MMQ_ROWS: usize = 64;
 const MMQ_THREADS: u32 = 128;
 const MMQ_SLICE: usize = 4;
+
+/// Rows of input from which 2/4/8-bit layers multiply on bf16 tensor cores, their weights
+/// dequantized a slice at a time (kernels.cu `int_dequant`) for cuBLAS, rather than by the
+/// int8 GEMM: writing and reading back bf16 weights costs about what the int8 GEMM's
+/// per-block scaling does at 64 rows, and cuBLAS runs several times the int8 GEMM's
+/// rate (`benches/gpu_kernels.py` times both). Above a graph's rows (`graph.rs`).
+pub const DEQUANT_MIN_ROWS: usize = 128;
+
+/// Bytes of weights dequantized at a time: a slice the GEMM reads back from L2.
+const DEQUANT_SLICE_BYTES: usize = 16 << 20;
 
 /// Float values in one of the types the kernels and cuBLAS read.
 enum Floats {
@@ -150,6 +161,8 @@ impl std::fmt::Debug for GpuLinear {
 pub struct Scratch {
     half: Option<CudaSlice<u16>>,
     dense: Option<CudaSlice<f32>>,
+    /// A slice of 2/4/8-bit weight rows dequantized to bf16 (kernels.cu `int_dequant`).
+    wide: Option<CudaSlice<u16>>,
     /// The input rounded to int8 for the q8 GEMV and GEMM: codes `[m, k]`, and per block
     /// of 32 the scale and the sum of the rounded values, in pairs (kernels.cu
     /// `quantize_q8`); `m` rounded up to whole tiles of the GEMM.
@@ -324,7 +337,7 @@ impl GpuLinear {
     /// run). `usize::MAX`: at any number.
     pub fn graph_rows(&self) -> usize {
         match &self.form {
-            Form::Affine { int: true, .. } => usize::MAX,
+            Form::Affine { int: true, .. } => DEQUANT_MIN_ROWS - 1,
             Form::Affine { int: false, .. } => GEMV_MAX_ROWS,
             Form::Dense(Floats::F16(_) | Floats::BF16(_)) if self.cols.is_multiple_of(8) => {
                 GEMV_MAX_ROWS
@@ -543,6 +556,69 @@ impl GpuLinear {
         Ok(())
     }
 
+    /// `out: [m, rows]` ← `xh`, the input cast to bf16, times the weights dequantized to
+    /// bf16 a slice of rows at a time, each slice's product by cuBLAS (codes in the integer
+    /// layout only; no bias).
+    fn dequant_gemm(
+        &self,
+        gpu: &Gpu,
+        xh: Arg,
+        m: usize,
+        out: &mut GpuBuf,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        use cublas_sys::cublasComputeType_t as C;
+        use cublas_sys::cudaDataType_t as T;
+        let Form::Affine {
+            packed,
+            scales,
+            biases,
+            group_size,
+            bits,
+            int: true,
+            ..
+        } = &self.form
+        else {
+            return Err(Error::Internal(format!("{self:?} dequantized to bf16")));
+        };
+        let (n, k) = (self.rows, self.cols);
+        out.resize(gpu, m * n)?;
+        let Arg::Ptr(y) = out.arg(gpu)? else {
+            return Err(Error::Internal("a GPU buffer without an address".into()));
+        };
+        let slice = (DEQUANT_SLICE_BYTES / (2 * k)).clamp(1, n);
+        let wide = ptr(grown(gpu, &mut scratch.wide, slice * k)?, gpu.stream());
+        let kernel = format!("int_dequant_{bits}_{}", scales.suffix());
+        for r0 in (0..n).step_by(slice) {
+            let rows = slice.min(n - r0);
+            gpu.launch(
+                &kernel,
+                Gpu::grid_for(rows * k / 32),
+                256,
+                &[
+                    ptr(packed, gpu.stream()),
+                    scales.arg(gpu),
+                    biases.arg(gpu),
+                    wide,
+                    Arg::I32(r0 as i32),
+                    Arg::I32(rows as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(*group_size as i32),
+                ],
+            )?;
+            // Columns r0.. of every output row: ldc = n, 4 bytes a value.
+            let y = Arg::Ptr(y + 4 * r0 as u64);
+            blas_gemm(
+                gpu,
+                (wide, xh, y),
+                (T::CUDA_R_16BF, C::CUBLAS_COMPUTE_32F),
+                (rows, m, k),
+                n,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Whether this layer runs the quantized GEMM above [`GEMV_MAX_ROWS`] rows.
     fn is_int(&self) -> bool {
         matches!(self.form, Form::Affine { int: true, .. })
@@ -618,6 +694,15 @@ impl GpuLinear {
         };
         let k = first.cols;
         check_input(x, m, k)?;
+        if m >= DEQUANT_MIN_ROWS && layers.iter().all(|l| l.is_int() && l.cols == k) {
+            // bf16 tensor cores, the input cast once for all.
+            let xh = to_half(gpu, x, m * k, Precision::BF16, scratch)?;
+            for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                l.dequant_gemm(gpu, xh, m, out, scratch)?;
+                l.add_bias(gpu, m, out)?;
+            }
+            return Ok(());
+        }
         if m > GEMV_MAX_ROWS && layers.iter().all(|l| l.is_int() && l.cols == k) {
             // The quantized GEMM, the input rounded to q8 once for all.
             let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
@@ -849,8 +934,7 @@ enum Precision {
     BF16,
 }
 
-/// `out: [m, n]` ← `x: [m, k]` · `w: [n, k]`ᵀ by cuBLAS, accumulating in f32. In cuBLAS's
-/// column-major terms: `outᵀ [n, m] = w · xᵀ`, with `w` read transposed.
+/// `out: [m, n]` ← `x: [m, k]` · `w: [n, k]`ᵀ by cuBLAS, accumulating in f32.
 fn gemm(
     gpu: &Gpu,
     (w, precision): (Arg, Precision),
@@ -862,29 +946,64 @@ fn gemm(
 ) -> Result<()> {
     use cublas_sys::cublasComputeType_t as C;
     use cublas_sys::cudaDataType_t as T;
-    let (x, dtype, compute) = match precision {
-        Precision::F32 => (x.arg(gpu)?, T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F),
-        Precision::Tf32 => (x.arg(gpu)?, T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32),
-        Precision::F16 | Precision::BF16 => {
-            let bf = precision == Precision::BF16;
-            let half = ptr(grown(gpu, &mut scratch.half, m * k)?, gpu.stream());
-            gpu.launch(
-                if bf { "cast_f32_bf16" } else { "cast_f32_f16" },
-                Gpu::grid_for(m * k),
-                256,
-                &[x.arg(gpu)?, half, Arg::I64((m * k) as i64)],
-            )?;
-            let dtype = if bf { T::CUDA_R_16BF } else { T::CUDA_R_16F };
-            (half, dtype, C::CUBLAS_COMPUTE_32F)
-        }
+    let (x, types) = match precision {
+        Precision::F32 => (x.arg(gpu)?, (T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F)),
+        Precision::Tf32 => (
+            x.arg(gpu)?,
+            (T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32),
+        ),
+        Precision::F16 => (
+            to_half(gpu, x, m * k, precision, scratch)?,
+            (T::CUDA_R_16F, C::CUBLAS_COMPUTE_32F),
+        ),
+        Precision::BF16 => (
+            to_half(gpu, x, m * k, precision, scratch)?,
+            (T::CUDA_R_16BF, C::CUBLAS_COMPUTE_32F),
+        ),
     };
-    let (Arg::Ptr(xp), Arg::Ptr(wp), Arg::Ptr(yp)) = (x, w, out.arg(gpu)?) else {
+    blas_gemm(gpu, (w, x, out.arg(gpu)?), types, (n, m, k), n)
+}
+
+/// The first `len` values of `x` cast to f16 or bf16 (`precision`), in `scratch.half`.
+fn to_half(
+    gpu: &Gpu,
+    x: &GpuBuf,
+    len: usize,
+    precision: Precision,
+    scratch: &mut Scratch,
+) -> Result<Arg> {
+    let half = ptr(grown(gpu, &mut scratch.half, len)?, gpu.stream());
+    let kernel = if precision == Precision::BF16 {
+        "cast_f32_bf16"
+    } else {
+        "cast_f32_f16"
+    };
+    gpu.launch(
+        kernel,
+        Gpu::grid_for(len),
+        256,
+        &[x.arg(gpu)?, half, Arg::I64(len as i64)],
+    )?;
+    Ok(half)
+}
+
+/// `y: [m, ldc]`, its first `n` columns ← `x: [m, k]` · `w: [n, k]`ᵀ by cuBLAS, operands of
+/// `dtype`, f32 out. In cuBLAS's column-major terms: `yᵀ [n, m] = w · xᵀ`, `w` read
+/// transposed.
+fn blas_gemm(
+    gpu: &Gpu,
+    (w, x, y): (Arg, Arg, Arg),
+    (dtype, compute): (cublas_sys::cudaDataType_t, cublas_sys::cublasComputeType_t),
+    (n, m, k): (usize, usize, usize),
+    ldc: usize,
+) -> Result<()> {
+    let (Arg::Ptr(xp), Arg::Ptr(wp), Arg::Ptr(yp)) = (x, w, y) else {
         return Err(Error::Internal("a GPU buffer without an address".into()));
     };
     let (alpha, beta) = (1f32, 0f32);
     let blas = gpu.cublas();
-    // SAFETY: the three pointers are live buffers of at least n·k, m·k and m·n elements of
-    // the stated types, on the stream cuBLAS runs on.
+    // SAFETY: the three pointers are live buffers of at least n·k and m·k elements of
+    // `dtype` and m·ldc f32 values, on the stream cuBLAS runs on.
     #[allow(unsafe_code)]
     unsafe {
         cublas::gemm_ex(
@@ -903,8 +1022,8 @@ fn gemm(
             k as i32,
             (&raw const beta).cast(),
             yp as *mut std::ffi::c_void,
-            T::CUDA_R_32F,
-            n as i32,
+            cublas_sys::cudaDataType_t::CUDA_R_32F,
+            ldc as i32,
             compute,
             cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
