@@ -126,7 +126,7 @@ def gemv(w, s, b, xq, ds, m, n, k, group):
 
 #: cuBLAS's enums: CUDA_R_32F, CUDA_R_16BF, CUBLAS_COMPUTE_32F; weights.rs DEQUANT_SLICE_BYTES.
 R_32F, R_16BF, COMPUTE_32F = 0, 14, 68
-SLICE_BYTES = 16 << 20
+SLICE_BYTES = 256 << 20
 
 
 def dequant_launcher(w, s, b, x, m, n, k, group, slice_bytes=SLICE_BYTES):

@@ -17,7 +17,7 @@ the CPU and computed there in f32: float checkpoints as they are, quantized ones
 6. a batch of 8 greedy requests generates what each request generates alone;
 7. the rotating KV cache with chunked prefill generates on the GPU what it does on the CPU;
 8. 100 concurrent requests with 10 aborted give back every cache block and the GPU memory;
-9. SmolLM2 converted to MLX 4-bit g64, 512 positions in one pass (the quantized GEMM);
+9. SmolLM2 converted to MLX 4-bit g64, 512 positions in one pass (dequantized to bf16);
 10. one chat completion through the HTTP server.
 
 Tolerances. The GPU computes what the CPU reference computes except for these roundings:
@@ -684,7 +684,7 @@ def test_100_requests_with_10_aborted_give_back_blocks_and_gpu_memory(smollm_gpu
 
 def test_smollm_mlx_4bit_top1_over_512_positions(model_path: Path, tmp_path: Path) -> None:
     """SmolLM2 converted to MLX 4-bit g64 (the tied Q8_0 embedding stays 8-bit), 512 tokens of
-    this repository's README in one pass (the quantized GEMM on 512 rows), against the CPU
+    this repository's README in one pass (bf16 products on 512 rows), against the CPU
     in f32: the q8 bound, and the top-1 token the same wherever the top-2 gap is at least
     the q8 tie bound (module docstring)."""
     out = tmp_path / "smollm-4bit-g64"

@@ -51,8 +51,9 @@ const MMQ_SLICE: usize = 4;
 /// rate (`benches/gpu_kernels.py` times both). Above a graph's rows (`graph.rs`).
 pub const DEQUANT_MIN_ROWS: usize = 128;
 
-/// Bytes of weights dequantized at a time: a slice the GEMM reads back from L2.
-const DEQUANT_SLICE_BYTES: usize = 16 << 20;
+/// Most bytes of weights dequantized at a time: an 8B model's largest matrix whole. Slices
+/// small enough for L2 (16 MiB) made GEMMs of too few tiles to fill the GPU.
+const DEQUANT_SLICE_BYTES: usize = 256 << 20;
 
 /// Float values in one of the types the kernels and cuBLAS read.
 enum Floats {
