@@ -1163,8 +1163,8 @@ extern "C" __global__ void mmq_sum(const float* parts, float* y, long len, int c
 
 // Long prompts (weights.rs `DEQUANT_MIN_ROWS` rows of input and more): rows [r0, r0 + rows)
 // of weights in the integer layout, dequantized to bf16 for cuBLAS's tensor-core GEMM:
-// out[r - r0, :] = bf16(scale·q + bias). A slice at a time, small enough to stay in L2 for
-// the GEMM that reads it. One thread per chunk of 32 codes, written as four 16-byte stores.
+// out[r - r0, :] = bf16(scale·q + bias), a slice of rows at a time (weights.rs
+// `DEQUANT_SLICE_BYTES`). One thread per chunk of 32 codes, written as four 16-byte stores.
 template <int BITS, typename S>
 __device__ void int_dequant(const uint32_t* w, const S* scales, const S* biases, __nv_bfloat16* out,
                             int r0, int rows, int k, int group) {

@@ -9,8 +9,8 @@
 //!   to int8 per block of 32, as llama.cpp's MMVQ/MMQ and Cortex's CPU kernels do: by a
 //!   GEMV (dp4a) for up to [`GEMV_MAX_ROWS`] rows, by a GEMM on the int8 tensor cores
 //!   above; from [`DEQUANT_MIN_ROWS`] rows (long prompts) the weights are dequantized to
-//!   bf16 a slice at a time for cuBLAS's GEMM instead. 3, 5 and 6-bit codes straddle words and stay in MLX's layout, with f32
-//!   activations: a GEMV for up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
+//!   bf16 for cuBLAS's GEMM instead. 3, 5 and 6-bit codes straddle words and stay in
+//!   MLX's layout, with f32 activations: a GEMV for up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -45,10 +45,10 @@ const MMQ_THREADS: u32 = 128;
 const MMQ_SLICE: usize = 4;
 
 /// Rows of input from which 2/4/8-bit layers multiply on bf16 tensor cores, their weights
-/// dequantized a slice at a time (kernels.cu `int_dequant`) for cuBLAS, rather than by the
-/// int8 GEMM: writing and reading back bf16 weights costs about what the int8 GEMM's
-/// per-block scaling does at 64 rows, and cuBLAS runs several times the int8 GEMM's
-/// rate (`benches/gpu_kernels.py` times both). Above a graph's rows (`graph.rs`).
+/// dequantized (kernels.cu `int_dequant`) for cuBLAS, rather than by the int8 GEMM: writing
+/// and reading back bf16 weights is a fixed cost, which cuBLAS's rate (230–370 TFLOPS at
+/// 256–512 rows against the int8 GEMM's 120 TOPS) repays from about 128 rows on the H200
+/// (`benches/gpu_kernels.py` times both). Above a graph's rows (`graph.rs`).
 pub const DEQUANT_MIN_ROWS: usize = 128;
 
 /// Most bytes of weights dequantized at a time: an 8B model's largest matrix whole. Slices
@@ -335,7 +335,7 @@ impl GpuLinear {
 
     /// Up to how many rows a decode step through this layer can be captured in a CUDA
     /// graph: where it runs our own kernels only (cuBLAS and candle may allocate while they
-    /// run). `usize::MAX`: at any number.
+    /// run).
     pub fn graph_rows(&self) -> usize {
         match &self.form {
             Form::Affine { int: true, .. } => DEQUANT_MIN_ROWS - 1,
