@@ -695,21 +695,21 @@ impl GpuLinear {
         };
         let k = first.cols;
         check_input(x, m, k)?;
-        if m >= DEQUANT_MIN_ROWS && layers.iter().all(|l| l.is_int() && l.cols == k) {
-            // bf16 tensor cores, the input cast once for all.
-            let xh = to_half(gpu, x, m * k, Precision::BF16, scratch)?;
-            for (l, out) in layers.iter().zip(outs.iter_mut()) {
-                l.dequant_gemm(gpu, xh, m, out, scratch)?;
-                l.add_bias(gpu, m, out)?;
-            }
-            return Ok(());
-        }
         if m > GEMV_MAX_ROWS && layers.iter().all(|l| l.is_int() && l.cols == k) {
-            // The quantized GEMM, the input rounded to q8 once for all.
-            let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
-            for (l, out) in layers.iter().zip(outs.iter_mut()) {
-                l.mmq(gpu, q8, m, out, scratch)?;
-                l.add_bias(gpu, m, out)?;
+            if m >= DEQUANT_MIN_ROWS {
+                // bf16 tensor cores, the input cast once for all.
+                let xh = to_half(gpu, x, m * k, Precision::BF16, scratch)?;
+                for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                    l.dequant_gemm(gpu, xh, m, out, scratch)?;
+                    l.add_bias(gpu, m, out)?;
+                }
+            } else {
+                // The quantized GEMM, the input rounded to q8 once for all.
+                let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
+                for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                    l.mmq(gpu, q8, m, out, scratch)?;
+                    l.add_bias(gpu, m, out)?;
+                }
             }
             return Ok(());
         }
