@@ -69,8 +69,7 @@ fn compare(path: &Path, dequantized: bool) -> TestResult<(f32, f32, bool)> {
     let mut cache = model.new_cache()?;
     let ours = model
         .forward_with_cache(&prompt, &mut cache, false)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+        .into_values();
     let same_top1 = argmax(&ours) == argmax(&theirs);
     let prefill = max_diff(&ours, &theirs);
 
@@ -84,8 +83,7 @@ fn compare(path: &Path, dequantized: bool) -> TestResult<(f32, f32, bool)> {
         let theirs = theirs.flatten_all()?.to_vec1::<f32>()?;
         let ours = model
             .forward_with_cache(&[next], &mut cache, false)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+            .into_values();
         decode = decode.max(max_diff(&ours, &theirs));
         next = argmax(&ours) as u32;
     }

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-use candle_core::{Device, Tensor};
 use parking_lot::Mutex;
 
 use super::weights::Scratch;
@@ -15,7 +14,7 @@ use crate::engine::kv::{KvDType, KvStorage, Ring};
 use crate::error::{Error, Result};
 use crate::model::attention::SeqSpan;
 use crate::model::config::Activation;
-use crate::model::decoder::Batch;
+use crate::model::decoder::{Batch, Logits};
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::model::ops::Ops;
 
@@ -661,10 +660,9 @@ impl Ops for Pass<'_> {
         })
     }
 
-    fn to_host(&self, x: GpuBuf, rows: usize, width: usize) -> Result<Tensor> {
+    fn to_host(&self, x: GpuBuf, rows: usize, width: usize) -> Result<Logits> {
         self.timed("logits to host", || {
-            let values = self.gpu.download(x.slice()?, rows * width)?;
-            Ok(Tensor::from_vec(values, (rows, width), &Device::Cpu)?)
+            Logits::new(self.gpu.download(x.slice()?, rows * width)?, rows, width)
         })
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::model::attention::SeqSpan;
-use crate::model::{Batch, Model};
+use crate::model::{Batch, Logits, Model};
 
 use super::kv::KvStorage;
 use super::scheduler::SchedulerOutput;
@@ -26,7 +26,7 @@ impl Runner {
     /// Runs one step's spans (the middle third of a step), writing their keys and values
     /// into their blocks. Returns logits `[output.num_sampled()][vocab]`, in `output`
     /// order.
-    pub fn execute(&mut self, output: &SchedulerOutput) -> Result<Vec<Vec<f32>>> {
+    pub fn execute(&mut self, output: &SchedulerOutput) -> Result<Logits> {
         let mut batch = Batch {
             tokens: Vec::new(),
             seqs: Vec::with_capacity(output.seqs.len()),
@@ -46,7 +46,6 @@ impl Runner {
                 batch.logits_rows.push((row + len - 1) as u32);
             }
         }
-        let logits = self.model.decoder().forward(&batch, &mut self.storage)?;
-        Ok(logits.to_vec2::<f32>()?)
+        self.model.decoder().forward(&batch, &mut self.storage)
     }
 }

@@ -6,6 +6,7 @@
 //! distribution. Each request samples from its own seeded RNG, so a seed reproduces the
 //! same text whatever else runs.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
@@ -389,8 +390,16 @@ impl Sampler {
             return Err(Error::Engine("the model produced NaN logits".into()));
         }
         let raw_logprobs = self.params.logprobs.map(|n| (n, log_softmax(logits)));
-        let mut logits = logits.to_vec();
-        self.apply_penalties(&mut logits, context, prompt_len);
+        let p = &self.params;
+        let penalized =
+            p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let logits = if penalized {
+            let mut logits = logits.to_vec();
+            self.apply_penalties(&mut logits, context, prompt_len);
+            Cow::Owned(logits)
+        } else {
+            Cow::Borrowed(logits)
+        };
         let token = if self.params.temperature == 0.0 {
             argmax(&logits)
         } else {

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use crate::error::{bail, Error, Result};
+use crate::model::Logits;
 
 use super::kv::{BlockPool, Ring};
 use super::request::{Event, FinishReason, Request, RequestId, RequestState};
@@ -199,19 +200,19 @@ impl Scheduler {
     pub fn update_from_output(
         &mut self,
         output: &SchedulerOutput,
-        logits: &[Vec<f32>],
+        logits: &Logits,
         stats: &Mutex<Stats>,
     ) -> Result<Vec<Request>> {
-        if logits.len() != output.num_sampled() {
+        if logits.rows() != output.num_sampled() {
             bail!(
                 Internal,
                 "{} rows of logits for {} sampled sequences",
-                logits.len(),
+                logits.rows(),
                 output.num_sampled()
             );
         }
         // Spans follow `running` order, so one pass pairs them with their requests.
-        let mut chosen: Vec<&mut Request> = Vec::with_capacity(logits.len());
+        let mut chosen: Vec<&mut Request> = Vec::with_capacity(logits.rows());
         let mut running = self.running.iter_mut();
         for seq in &output.seqs {
             let Some(r) = running.by_ref().find(|r| r.id == seq.id) else {
@@ -227,7 +228,7 @@ impl Scheduler {
         let previous: Vec<_> = chosen.iter().map(|r| r.last_token).collect();
         let results: Vec<Result<_>> = chosen
             .par_iter_mut()
-            .zip(logits.par_iter())
+            .zip(logits.values().par_chunks_exact(logits.vocab()))
             .map(|(r, row)| r.sample(row))
             .collect();
         let mut stats = stats.lock();
@@ -376,7 +377,7 @@ mod tests {
                 aborts.push((step, id as u64));
             }
         }
-        let mut logits = vec![0f32; VOCAB];
+        let mut logits = [0f32; VOCAB];
         logits[3] = 1.0;
         let stats = Mutex::new(Stats::default());
         let mut done = 0;
@@ -399,7 +400,8 @@ mod tests {
                 assert!(q.blocks.len() >= need, "table of {} too short", q.id);
                 assert_eq!(q.blocks, s.pool.table(q.id), "stale table of {}", q.id);
             }
-            let rows = vec![logits.clone(); out.num_sampled()];
+            let rows = Logits::new(logits.repeat(out.num_sampled()), out.num_sampled(), VOCAB);
+            let rows = rows.unwrap();
             for r in s.update_from_output(&out, &rows, &stats).unwrap() {
                 assert!(matches!(
                     r.state,
@@ -438,13 +440,13 @@ mod tests {
                 Sink::Blocking(tx.clone()),
             ));
         }
-        let mut logits = vec![0f32; VOCAB];
+        let mut logits = [0f32; VOCAB];
         logits[3] = 1.0;
         let ids = |out: &SchedulerOutput| out.seqs.iter().map(|q| q.id).collect::<Vec<_>>();
 
         let out = s.schedule(Instant::now());
         assert_eq!((ids(&out), out.prompt_tokens), (vec![0, 1], 4));
-        s.update_from_output(&out, &vec![logits.clone(); 2], &stats)?;
+        s.update_from_output(&out, &Logits::new(logits.repeat(2), 2, VOCAB)?, &stats)?;
         // Each now needs a second block and one is free: the oldest takes it, the newest gives
         // its first one back and waits for two.
         let out = s.schedule(Instant::now());
@@ -453,10 +455,12 @@ mod tests {
             (s.preemptions(), s.num_waiting(), s.num_free_blocks()),
             (1, 1, 1)
         );
-        let rows = |out: &SchedulerOutput| vec![logits.clone(); out.num_sampled()];
+        let rows = |out: &SchedulerOutput| {
+            Logits::new(logits.repeat(out.num_sampled()), out.num_sampled(), VOCAB)
+        };
         let (mut out, mut ended) = (out, Vec::new());
         for _ in 0..20 {
-            ended.extend(s.update_from_output(&out, &rows(&out), &stats)?);
+            ended.extend(s.update_from_output(&out, &rows(&out)?, &stats)?);
             if s.is_idle() {
                 break;
             }

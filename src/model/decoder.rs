@@ -9,7 +9,6 @@
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use parking_lot::Mutex;
 
 use crate::engine::kv::{KvDType, KvLayout, KvStorage, Ring};
@@ -133,6 +132,49 @@ pub struct Batch<'a> {
     pub logits_rows: Vec<u32>,
 }
 
+/// What a forward pass returns: the logits of `Batch::logits_rows`, on the host,
+/// `[rows][vocab]` row-major in one allocation (the sampler reads rows in place).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    values: Vec<f32>,
+    vocab: usize,
+}
+
+impl Logits {
+    /// `values: [rows][vocab]`.
+    pub fn new(values: Vec<f32>, rows: usize, vocab: usize) -> Result<Logits> {
+        if vocab == 0 || values.len() != rows * vocab {
+            return Err(Error::Internal(format!(
+                "{} logits for {rows} rows of a vocabulary of {vocab}",
+                values.len()
+            )));
+        }
+        Ok(Logits { values, vocab })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.vocab
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Row `i`, `[vocab]`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.vocab..][..self.vocab]
+    }
+
+    /// Every value, row after row.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    pub fn into_values(self) -> Vec<f32> {
+        self.values
+    }
+}
+
 impl Attention {
     /// `ws.normed: [rows, d]` → `ws.h: [rows, d]`; `positions[r]` is row `r`'s position;
     /// `rope` and `window` are the layer's (global or local).
@@ -240,8 +282,8 @@ enum Ffn {
 impl Decoder {
     /// Runs a batch, reading and extending each sequence's keys and values in `kv` (whose
     /// block tables must cover every position of the batch). Returns logits
-    /// `[logits_rows.len(), vocab]`.
-    pub fn forward(&self, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Tensor> {
+    /// `[logits_rows.len()][vocab]`.
+    pub fn forward(&self, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Logits> {
         match &self.backend {
             Backend::Cpu(workspace) => {
                 // Another pass on this decoder (another engine) holds the buffers: use
@@ -259,7 +301,7 @@ impl Decoder {
     /// [`Decoder::forward`] on the GPU: decode steps through CUDA graphs where the layers
     /// allow (see `cuda::graph`), every other pass launched op by op.
     #[cfg(feature = "cuda")]
-    fn forward_gpu(&self, g: &OnGpu, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Tensor> {
+    fn forward_gpu(&self, g: &OnGpu, batch: &Batch<'_>, kv: &mut KvStorage) -> Result<Logits> {
         use crate::cuda::graph::Key;
         use crate::cuda::{Meta, Pass};
         let gpu = &*g.gpu;
@@ -294,7 +336,7 @@ impl Decoder {
         step.launch()?;
         let logits = gpu.download(step.logits.slice()?, key.rows * vocab);
         graphs.put(key, step);
-        Ok(Tensor::from_vec(logits?, (key.rows, vocab), &Device::Cpu)?)
+        Logits::new(logits?, key.rows, vocab)
     }
 
     /// The GPU this decoder runs on, if any.
@@ -367,17 +409,12 @@ impl Decoder {
         ws: &mut Workspace<O::Buf, O::Scratch>,
         batch: &Batch<'_>,
         kv: &mut KvStorage,
-    ) -> Result<Tensor> {
+    ) -> Result<Logits> {
         self.embed(o, ws, batch)?;
         if batch.logits_rows.is_empty() {
             self.layers(o, ws, batch, kv)?;
             // A step of prompt chunks only: the cache is filled, no logits are wanted.
-            let vocab = self.config.vocab_size;
-            return Ok(Tensor::zeros(
-                (0, vocab),
-                candle_core::DType::F32,
-                &Device::Cpu,
-            )?);
+            return Logits::new(Vec::new(), 0, self.config.vocab_size);
         }
         let mut logits = O::Buf::default();
         self.layers_and_head(o, ws, batch, kv, &mut logits)?;
@@ -685,14 +722,12 @@ mod tests {
             let mut cache = model.new_cache()?;
             let mut stepped = model
                 .forward_with_cache(&a[..4], &mut cache, true)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+                .into_values();
             for &t in &a[4..] {
                 stepped.extend(
                     model
                         .forward_with_cache(&[t], &mut cache, false)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?,
+                        .into_values(),
                 );
             }
             assert_eq!(cache.len(), a.len());

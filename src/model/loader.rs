@@ -6,7 +6,7 @@
 //! the configuration before its data is read, so a mismatched file fails at load with the
 //! tensor's name rather than as an index error in the first forward pass.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 use crate::engine::kv::KvStorage;
@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::model::attention::SeqSpan;
 use crate::model::config::{ModelConfig, RopeScaling};
-use crate::model::decoder::{Attention, Batch, Block, Decoder};
+use crate::model::decoder::{Attention, Batch, Block, Decoder, Logits};
 use crate::model::layers::{
     dense, Embedding, FeedForward, Linear, Mlp, MoeMlp, Norm, Rope, Weight,
 };
@@ -135,7 +135,7 @@ impl Model {
         tokens: &[u32],
         cache: &mut SequenceCache,
         all_positions: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<Logits> {
         let (start, t) = (cache.len, tokens.len());
         let context_length = self.config.max_position_embeddings;
         if start + t > context_length {
@@ -232,8 +232,8 @@ impl Model {
                 .extend(first as u32..(row + tokens.len()) as u32);
         }
         let logits = self.decoder.forward(&batch, &mut storage)?;
-        let rows = logits.dims()[0];
-        Ok((logits.flatten_all()?.to_vec1::<f32>()?, rows))
+        let rows = logits.rows();
+        Ok((logits.into_values(), rows))
     }
 }
 

@@ -13,6 +13,7 @@ use crate::engine::kv::KvStorage;
 use crate::error::Result;
 use crate::model::attention::{self, SeqSpan};
 use crate::model::config::Activation;
+use crate::model::decoder::Logits;
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::quant::kernels::QuantizedRows;
 
@@ -110,8 +111,8 @@ pub trait Ops {
         width: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// `x: [rows, width]` as a host tensor (the logits the sampler reads).
-    fn to_host(&self, x: Self::Buf, rows: usize, width: usize) -> Result<Tensor>;
+    /// `x: [rows, width]` on the host (the logits the sampler reads).
+    fn to_host(&self, x: Self::Buf, rows: usize, width: usize) -> Result<Logits>;
 }
 
 /// The CPU: host buffers, Cortex's kernels.
@@ -242,7 +243,7 @@ impl Ops for Cpu {
         Ok(())
     }
 
-    fn to_host(&self, x: Vec<f32>, rows: usize, width: usize) -> Result<Tensor> {
-        Ok(Tensor::from_vec(x, (rows, width), &Device::Cpu)?)
+    fn to_host(&self, x: Vec<f32>, rows: usize, width: usize) -> Result<Logits> {
+        Logits::new(x, rows, width)
     }
 }
