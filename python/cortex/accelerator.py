@@ -344,17 +344,27 @@ class MLXAccelerator:
         repetition_penalty: float = 1.1,
         stream: bool = True,
         stop_sequences: str | Sequence[str] | None = None,
+        *,
+        json_schema: dict[str, Any] | bool | str | None = None,
+        json_object: bool = False,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> Iterator[str]:
         """Yield the generated text: chunks as they come (``stream=True``) or the whole text
         at once. ``prompt`` may be text, chat messages (through the chat template) or token
         ids; generation stops before the first of ``stop_sequences`` (of any length; one
-        string or several)."""
+        string or several). At most one of ``json_schema``, ``json_object``, ``regex`` and
+        ``grammar`` (Lark) constrains the output, which then ends once it is complete."""
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             repetition_penalty=repetition_penalty,
             stop=stop_sequences or [],
+            json_schema=json_schema,
+            json_object=json_object,
+            regex=regex,
+            grammar=grammar,
         )
         events = self.engine(model, tokenizer).stream([prompt], params)
         if stream:

@@ -356,7 +356,8 @@ impl SharedEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{tiny_model, word_tokenizer};
+    use crate::engine::grammar::Constraint;
+    use crate::engine::testing::{char_tokenizer, tiny_model, word_tokenizer};
 
     fn client(max_batch_size: usize) -> Result<Client> {
         let model = tiny_model("q4g32")?;
@@ -475,6 +476,115 @@ mod tests {
         let done = client.take(id)?.wait()?;
         assert_eq!(done[0].generation_tokens(), 2);
         assert!(client.take(id).is_err(), "a request was collected twice");
+        Ok(())
+    }
+
+    fn constrained(constraint: Constraint, max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens,
+            constraint: Some(constraint),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// A tiny-model client whose tokenizer a grammar can constrain.
+    fn char_client() -> Result<Client> {
+        let config = EngineConfig {
+            max_batch_size: 4,
+            kv_cache_tokens: Some(2048),
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::new(tiny_model("q4g32")?, config)?);
+        Ok(Client::new(engine, char_tokenizer()))
+    }
+
+    /// `[a-z]{2,5}-[0-9]{3}`, by hand.
+    fn is_code(s: &str) -> bool {
+        let Some((word, digits)) = s.split_once('-') else {
+            return false;
+        };
+        (2..=5).contains(&word.len())
+            && word.bytes().all(|b| b.is_ascii_lowercase())
+            && digits.len() == 3
+            && digits.bytes().all(|b| b.is_ascii_digit())
+    }
+
+    /// The tiny random model, held to a JSON schema and a regex, greedy and seeded, in one
+    /// batch with a free request: every constrained output matches and ends with "stop",
+    /// and each request generates what it generates alone.
+    #[test]
+    fn constrained_outputs_match_their_grammar_in_a_mixed_batch() -> Result<()> {
+        let client = char_client()?;
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer", "minimum": 0, "maximum": 999},
+                "tag": {"enum": ["ab", "cd"]}
+            },
+            "required": ["n", "tag"],
+            "additionalProperties": false
+        });
+        let schema = Constraint::JsonSchema(Arc::new(schema));
+        let seeded = SamplingParams {
+            temperature: 0.9,
+            seed: Some(11),
+            ..constrained(schema.clone(), 400)
+        };
+        let params = [
+            constrained(schema, 400),
+            constrained(Constraint::Regex("[a-z]{2,5}-[0-9]{3}".into()), 400),
+            SamplingParams {
+                max_tokens: 12,
+                ..SamplingParams::default()
+            },
+            seeded,
+        ];
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9], vec![10]];
+        let batch = client.generate(prompts.clone(), &params)?;
+        for (i, c) in batch.iter().enumerate() {
+            let alone = client.generate(vec![prompts[i].clone()], &[params[i].clone()])?;
+            assert_eq!(alone[0].token_ids, c.token_ids, "request {i}");
+        }
+        for i in [0, 3] {
+            let c = &batch[i];
+            assert!(matches!(c.finish, Ok(FinishReason::Stop)), "{:?}", c.finish);
+            let v: serde_json::Value = serde_json::from_str(&c.text)
+                .unwrap_or_else(|e| panic!("{:?} is not JSON: {e}", c.text));
+            let n = v["n"].as_u64().unwrap_or(u64::MAX);
+            assert!(n <= 999 && (v["tag"] == "ab" || v["tag"] == "cd"), "{v}");
+            assert_eq!(v.as_object().map(serde_json::Map::len), Some(2), "{v}");
+        }
+        assert!(matches!(batch[1].finish, Ok(FinishReason::Stop)));
+        assert!(is_code(&batch[1].text), "{:?}", batch[1].text);
+        Ok(())
+    }
+
+    /// With `ignore_eos` a constrained request runs until its grammar is complete; a bad
+    /// grammar, or a tokenizer no grammar can work with, fails the submission by name.
+    #[test]
+    fn constraints_end_runs_and_bad_ones_fail_at_submission() -> Result<()> {
+        let chars = char_client()?;
+        let digits = SamplingParams {
+            ignore_eos: true,
+            ..constrained(Constraint::Regex("[0-9]{4}".into()), 50)
+        };
+        let out = chars.generate(vec![vec![1, 2]], std::slice::from_ref(&digits))?;
+        assert!(matches!(out[0].finish, Ok(FinishReason::Stop)));
+        assert_eq!(out[0].text.len(), 4, "{:?}", out[0].text);
+        assert!(out[0].text.bytes().all(|b| b.is_ascii_digit()));
+        match chars.generate(
+            vec![vec![1]],
+            &[constrained(Constraint::Regex("(".into()), 5)],
+        ) {
+            Err(Error::InvalidParam { param, .. }) => assert_eq!(param, "regex"),
+            other => panic!("{other:?}"),
+        }
+        let words = client(1)?;
+        let e = words.generate(vec![vec![1]], &[digits]).unwrap_err();
+        assert!(
+            e.to_string().contains("byte-level BPE or SentencePiece"),
+            "{e}"
+        );
         Ok(())
     }
 }

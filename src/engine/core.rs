@@ -357,7 +357,15 @@ impl Engine {
         }
         let max_len = max_prompt.map_or(usize::MAX, |m| m.min(capacity));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let request = Request::new(id, prompt, params, max_len, tokenizer, sink);
+        // The grammar compiles here, in the caller's thread: a bad one fails at once.
+        let grammar = match &params.constraint {
+            Some(c) => Some(tokenizer.grammars()?.compile(c)?),
+            None => None,
+        };
+        let mut request = Request::new(id, prompt, params, max_len, tokenizer, sink);
+        if let Some(g) = grammar {
+            request = request.with_grammar(g);
+        }
         self.send(Command::Submit(Box::new(request)))?;
         Ok(id)
     }

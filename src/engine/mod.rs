@@ -2,12 +2,14 @@
 //! `kv` (block pool and the cache's memory), `scheduler` (FIFO admission, token budget,
 //! preemption, and taking back each step's logits), `runner` (builds the batch, runs the
 //! decoder), `core` (the engine thread: schedule → execute → update from output),
-//! `client` (submitting, collecting and streaming for callers), `stats` and `sampling`.
+//! `client` (submitting, collecting and streaming for callers), `stats`, `sampling` and
+//! `grammar` (constrained decoding).
 //! Every generation — one streamed prompt or a thousand concurrent requests — runs through
 //! [`Engine`].
 
 pub mod client;
 pub mod core;
+pub mod grammar;
 pub mod kv;
 pub mod request;
 pub mod runner;

@@ -5,6 +5,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use llguidance::toktrie::SimpleVob;
+use llguidance::Matcher;
+
 use crate::error::{Error, Result};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -155,6 +158,44 @@ impl StopMatcher {
     }
 }
 
+/// A request's grammar state (llguidance's `Matcher`, which has no `Debug`).
+struct Grammar(Matcher);
+
+impl std::fmt::Debug for Grammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Grammar")
+    }
+}
+
+impl Grammar {
+    /// The tokens that may come next; end-of-sequence ids only where the output may end,
+    /// and never under `ignore_eos` (generation then runs to completion or `max_tokens`).
+    fn mask(&mut self, ignore_eos: bool, eos: &[u32], p: &SamplingParams) -> Result<SimpleVob> {
+        let mut mask = self.0.compute_mask().map_err(|e| failed(p, &e))?;
+        if ignore_eos {
+            for &t in eos {
+                if (t as usize) < mask.len() {
+                    mask.disallow_token(t);
+                }
+            }
+        }
+        Ok(mask)
+    }
+
+    /// Advances past `token`; true once the output is complete.
+    fn consume(&mut self, token: u32, p: &SamplingParams) -> Result<bool> {
+        self.0.consume_token(token).map_err(|e| failed(p, &e))?;
+        Ok(self.0.is_stopped())
+    }
+}
+
+/// A grammar that failed mid-output (out of its per-token budget, say): this request's
+/// fault, named by its parameter.
+fn failed(p: &SamplingParams, e: &dyn std::fmt::Display) -> Error {
+    let param = p.constraint.as_ref().map_or("constraint", |c| c.param());
+    Error::param(param, format!("the grammar failed while generating: {e}"))
+}
+
 #[derive(Debug)]
 pub struct Request {
     pub id: RequestId,
@@ -168,6 +209,8 @@ pub struct Request {
     /// the most the cache holds for one sequence); `usize::MAX` with a rotating cache.
     pub max_len: usize,
     sampler: Sampler,
+    /// Where the output is constrained: the grammar's state after the tokens generated.
+    grammar: Option<Grammar>,
     tokenizer: Arc<Tokenizer>,
     detok: StreamDecoder,
     stops: StopMatcher,
@@ -199,6 +242,7 @@ impl Request {
                 held: String::new(),
             },
             sampler: Sampler::new(params),
+            grammar: None,
             tokenizer,
             detok: StreamDecoder::new(),
             sink,
@@ -207,6 +251,14 @@ impl Request {
             first_token: None,
             last_token: None,
         }
+    }
+
+    /// This request with its output held to `matcher` (compiled from its
+    /// `SamplingParams::constraint`).
+    #[must_use]
+    pub fn with_grammar(mut self, matcher: Matcher) -> Self {
+        self.grammar = Some(Grammar(matcher));
+        self
     }
 
     /// Tokens still to run through the model before the next token can be sampled.
@@ -229,14 +281,31 @@ impl Request {
     /// Samples the next token from `logits` (`[vocab]`, the row of the newest token),
     /// detokenizes it and checks the stop conditions.
     pub fn sample(&mut self, logits: &[f32]) -> Result<StepOutput> {
-        let (token, logprobs) = self.sampler.sample(logits, &self.tokens, self.prompt_len)?;
+        let ignore_eos = self.sampler.params().ignore_eos;
+        let mask = match &mut self.grammar {
+            Some(g) => Some(g.mask(
+                ignore_eos,
+                &self.tokenizer.eos_token_ids,
+                self.sampler.params(),
+            )?),
+            None => None,
+        };
+        let (token, logprobs) =
+            self.sampler
+                .sample(logits, &self.tokens, self.prompt_len, mask.as_ref())?;
+        let eos = !ignore_eos && self.tokenizer.eos_token_ids.contains(&token);
+        // Complete: the grammar allows nothing more (EOS, which it allowed only here, ends
+        // the output as well).
+        let complete = match &mut self.grammar {
+            Some(g) if !eos => g.consume(token, self.sampler.params())?,
+            _ => false,
+        };
         self.tokens.push(token);
         let now = Instant::now();
         let first_token = *self.first_token.get_or_insert(now);
         self.last_token = Some(now);
         let params = self.sampler.params();
         let n = self.generated();
-        let eos = !params.ignore_eos && self.tokenizer.eos_token_ids.contains(&token);
         let mut text = String::new();
         let mut finish = None;
         if !eos {
@@ -246,13 +315,13 @@ impl Request {
         }
         // The newest token needs no cache slot: the sequence is full once every slot is.
         let length = n >= params.max_tokens || self.tokens.len() > self.max_len;
-        if finish.is_none() && (eos || length) {
+        if finish.is_none() && (eos || complete || length) {
             let (safe, hit) = self.stops.push(&self.detok.flush(&self.tokenizer)?);
             text.push_str(&safe);
             if !hit {
                 text.push_str(&self.stops.release());
             }
-            finish = Some(if eos || hit {
+            finish = Some(if eos || complete || hit {
                 FinishReason::Stop
             } else {
                 FinishReason::Length

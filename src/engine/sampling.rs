@@ -9,6 +9,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use llguidance::toktrie::SimpleVob;
+
+use super::grammar::{self, Constraint};
 use crate::error::{Error, Result};
 
 /// Most stop strings per request, and the longest one, in bytes.
@@ -45,6 +48,9 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens (benchmarks, load tests).
     pub ignore_eos: bool,
+    /// What the output must match (a JSON schema, a regex, a Lark grammar): tokens that
+    /// would break it are never sampled, and generation stops once it is complete.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -62,6 +68,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -133,7 +140,9 @@ impl SamplingParams {
                 ));
             }
         }
-        Ok(())
+        self.constraint
+            .as_ref()
+            .map_or(Ok(()), Constraint::validate)
     }
 
     /// Maps a user seed: -1 (or none) draws a fresh one; other negatives and values past
@@ -174,6 +183,7 @@ pub struct SamplingArgs {
     pub seed: Option<i128>,
     pub logprobs: Option<i64>,
     pub ignore_eos: bool,
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingArgs {
@@ -195,6 +205,7 @@ impl Default for SamplingArgs {
             seed: None,
             logprobs: None,
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -306,6 +317,7 @@ impl SamplingArgs {
             seed: SamplingParams::seed_from(self.seed)?,
             logprobs: self.logprobs.map(|n| count("logprobs", n)).transpose()?,
             ignore_eos: self.ignore_eos,
+            constraint: self.constraint,
         };
         params.validate().map_err(|err| match err {
             // A temperature given as `temp` is reported as `temp`.
@@ -377,14 +389,16 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from `logits: [vocab]`. `context` is the prompt followed by the
-    /// tokens generated so far; `prompt_len` splits the two. Fails on NaN logits, which
-    /// only a broken model produces.
+    /// Picks the next token from `logits: [vocab]`, among the tokens `allowed` (a grammar's
+    /// mask) when given. `context` is the prompt followed by the tokens generated so far;
+    /// `prompt_len` splits the two. Fails on NaN logits, which only a broken model produces.
+    /// Log-probabilities are the model's own, before penalties and the mask.
     pub fn sample(
         &mut self,
         logits: &[f32],
         context: &[u32],
         prompt_len: usize,
+        allowed: Option<&SimpleVob>,
     ) -> Result<(u32, Option<TokenLogprobs>)> {
         if logits.iter().any(|x| x.is_nan()) {
             return Err(Error::Engine("the model produced NaN logits".into()));
@@ -393,8 +407,21 @@ impl Sampler {
         let p = &self.params;
         let penalized =
             p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        let logits = if penalized {
+        let logits = if penalized || allowed.is_some() {
             let mut logits = logits.to_vec();
+            if let Some(mask) = allowed {
+                grammar::apply_mask(mask, &mut logits);
+                if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
+                    let param = p
+                        .constraint
+                        .as_ref()
+                        .map_or("constraint", Constraint::param);
+                    return Err(Error::param(
+                        param,
+                        "no token the model can produce continues the output validly",
+                    ));
+                }
+            }
             self.apply_penalties(&mut logits, context, prompt_len);
             Cow::Owned(logits)
         } else {
@@ -466,6 +493,9 @@ impl Sampler {
             .iter()
             .map(|&i| (i, f64::from((logits[i as usize] - max) / temperature).exp()))
             .collect();
+        // Tokens a grammar forbade (logit −∞) have probability 0: never candidates, not
+        // even as the fallback below.
+        cands.retain(|c| c.1 > 0.0);
         let total: f64 = cands.iter().map(|c| c.1).sum();
         cands.iter_mut().for_each(|c| c.1 /= total);
         // top-p: the smallest prefix (most likely first) whose mass reaches top_p.
@@ -597,7 +627,7 @@ mod tests {
         let ok = allowed(logits, &p);
         let mut sampler = Sampler::new(p);
         (0..draws)
-            .map(|_| sampler.sample(logits, &[], 0).unwrap().0)
+            .map(|_| sampler.sample(logits, &[], 0, None).unwrap().0)
             .find(|t| !ok.contains(t))
             .map(|t| (t, ok))
     }
@@ -624,7 +654,7 @@ mod tests {
             p.seed = Some(seed);
             let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
             for _ in 0..8 {
-                prop_assert_eq!(a.sample(&logits, &[], 0).unwrap().0, b.sample(&logits, &[], 0).unwrap().0);
+                prop_assert_eq!(a.sample(&logits, &[], 0, None).unwrap().0, b.sample(&logits, &[], 0, None).unwrap().0);
             }
         }
     }
@@ -645,7 +675,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[], 0).unwrap().0, 1);
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[], 0, None).unwrap().0, 1);
     }
 
     #[test]
@@ -654,7 +684,7 @@ mod tests {
         let logits = [0.0, 3f32.ln()];
         let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0));
         let ones = (0..4000)
-            .filter(|_| s.sample(&logits, &[], 0).unwrap().0 == 1)
+            .filter(|_| s.sample(&logits, &[], 0, None).unwrap().0 == 1)
             .count();
         assert!((2800..3200).contains(&ones), "{ones} of 4000");
     }
@@ -678,7 +708,7 @@ mod tests {
     fn nan_logits_fail_the_request() {
         let mut s = Sampler::new(SamplingParams::default());
         assert!(matches!(
-            s.sample(&[0.0, f32::NAN], &[], 0),
+            s.sample(&[0.0, f32::NAN], &[], 0, None),
             Err(Error::Engine(_))
         ));
     }

@@ -1,6 +1,6 @@
-//! Fixtures of the engine's unit tests: a word-level tokenizer and the tiny random-weight
-//! llama of `tests/fixtures/mlx_lm` (2 layers, hidden size 64, vocabulary 64), float and
-//! 4-bit.
+//! Fixtures of the engine's unit tests: a word-level tokenizer, a byte-level one of 64
+//! single characters (for constrained output), and the tiny random-weight llama of
+//! `tests/fixtures/mlx_lm` (2 layers, hidden size 64, vocabulary 64), float and 4-bit.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -32,6 +32,46 @@ pub fn word_tokenizer(vocab: usize) -> Arc<Tokenizer> {
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir).expect("the test tokenizer loads"));
     built.push((vocab, tokenizer.clone()));
     tokenizer
+}
+
+/// The characters of [`char_tokenizer`], token `i` being `CHARS[i]`; id 63 is `<eos>`.
+pub const CHARS: &str = " {}[]\":,.-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ";
+
+/// A byte-level BPE tokenizer with one token per char of [`CHARS`] (63 of them, JSON's
+/// punctuation, digits and letters) and `<eos>` (id 63, special, the end-of-sequence
+/// token): the tiny llama's vocabulary of 64, in a form a grammar can constrain.
+pub fn char_tokenizer() -> Arc<Tokenizer> {
+    static BUILT: OnceLock<Arc<Tokenizer>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // GPT-2's byte-level table maps the space to 'Ġ'; the other chars are themselves.
+            let vocab: Vec<String> = CHARS
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    let piece = if c == ' ' { 'Ġ' } else { c };
+                    format!("{}: {i}", serde_json::to_string(&piece.to_string()).unwrap())
+                })
+                .collect();
+            let json = format!(
+                r#"{{"version": "1.0", "normalizer": null, "post_processor": null,
+                "pre_tokenizer": {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}},
+                "decoder": {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}},
+                "added_tokens": [{{"id": 63, "content": "<eos>", "single_word": false, "lstrip": false,
+                  "rstrip": false, "normalized": false, "special": true}}],
+                "model": {{"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": {{{}}}, "merges": []}}}}"#,
+                vocab.join(", ")
+            );
+            let dir = std::env::temp_dir().join(format!("cortex-chars-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a scratch folder for the test tokenizer");
+            std::fs::write(dir.join("tokenizer.json"), json).expect("the tokenizer written");
+            std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<eos>"}"#)
+                .expect("its config written");
+            Arc::new(Tokenizer::from_dir(&dir).expect("the test tokenizer loads"))
+        })
+        .clone()
 }
 
 /// The tiny llama: `"source"` (bf16 weights, computed in f32, f32 cache) or `"q4g32"` (MLX

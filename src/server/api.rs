@@ -497,6 +497,7 @@ pub fn job(
         seed,
         logprobs,
         ignore_eos: b.ignore_eos == Some(true),
+        constraint: None,
     };
     base.validate()?;
     // Sample j of every prompt draws with seed + j: reproducible, yet the choices differ.

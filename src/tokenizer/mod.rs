@@ -1,12 +1,14 @@
 //! Tokenizers: `tokenizers::Tokenizer` built from `tokenizer.json` or from GGUF metadata,
 //! the model's chat template, and an incremental, UTF-8-safe detokenizer for streaming.
 
+mod bytes;
 pub mod chat;
 pub mod detok;
 mod gguf;
 mod normalize;
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
@@ -15,6 +17,7 @@ pub use chat::ChatTemplate;
 pub use detok::StreamDecoder;
 use normalize::NormalizerGuard;
 
+use crate::engine::grammar::Grammars;
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 
@@ -32,6 +35,9 @@ pub struct Tokenizer {
     vocab_size: usize,
     /// Refuses texts the normalizer would blow up (a hostile `tokenizer.json`).
     normalizer_guard: NormalizerGuard,
+    /// The grammar compiler for constrained output, built on first use (0.2 s for 49,152
+    /// tokens); a tokenizer it cannot serve keeps the reason.
+    grammars: OnceLock<std::result::Result<Arc<Grammars>, String>>,
 }
 
 fn read_json(path: &Path) -> Result<Option<Json>> {
@@ -152,6 +158,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             vocab_size: vocab.tokenizer.get_vocab_size(true),
             normalizer_guard: NormalizerGuard::new(vocab.tokenizer.get_normalizer())?,
+            grammars: OnceLock::new(),
             inner: vocab.tokenizer,
             add_bos: vocab.add_bos_token,
             bos_token_id: vocab.bos_token_id,
@@ -250,6 +257,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             vocab_size,
             normalizer_guard: NormalizerGuard::new(inner.get_normalizer())?,
+            grammars: OnceLock::new(),
             inner,
             add_bos: false,
             bos_token_id,
@@ -300,6 +308,20 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// The grammar compiler for this tokenizer's vocabulary (built once, on first use).
+    pub fn grammars(&self) -> Result<Arc<Grammars>> {
+        self.grammars
+            .get_or_init(|| Grammars::new(self).map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Error::Tokenizer)
+    }
+
+    /// Every id's bytes as generated text has them, special tokens marked with a leading
+    /// 0xFF (`bytes.rs`): what a grammar engine matches tokens by.
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        bytes::token_bytes(&self.inner)
     }
 
     /// Hugging Face tokenizer files for this tokenizer: `tokenizer.json` (BOS added by a

@@ -1,0 +1,198 @@
+"""Structured output on the default model (SmolLM2-135M-Instruct): JSON schemas, JSON
+objects, regexes and Lark grammars constrain decoding, greedy and seeded; every output must
+parse and validate (with the `jsonschema` package, an implementation we did not write), end
+with "stop", and come out the same in a batch as alone. Bad constraints are typed errors
+naming their parameter, raised before any decoding."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jsonschema
+import pytest
+
+import cortex
+
+# Schemas a user would send: flat and nested objects, arrays with bounds, enums, `anyOf`,
+# bounded numbers, string patterns and lengths, optional fields. Strings and numbers are
+# bounded: the grammar guarantees the syntax, not an end, and a 135M model left an unbounded
+# integer writes digits until `max_tokens`.
+SCHEMAS: list[dict[str, Any]] = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        },
+        "required": ["name", "age"],
+    },
+    {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}, "bright": {"type": "boolean"}},
+        "required": ["color", "bright"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 8},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "number", "minimum": -100, "maximum": 100},
+                    "y": {"type": "number", "minimum": -100, "maximum": 100},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            },
+            "label": {"type": "string", "maxLength": 12},
+        },
+        "required": ["point"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["score"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "id": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": 9999},
+                    {"type": "string", "pattern": "^[a-z]{3}$"},
+                ]
+            }
+        },
+        "required": ["id"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+        "required": ["zip"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 100},
+        "minItems": 2,
+        "maxItems": 4,
+    },
+]
+
+PROMPT = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+def run(model: cortex.Model, tok: cortex.Tokenizer, prompt: Any, **kwargs: Any) -> tuple[str, str | None]:
+    """The whole text and the finish reason of one streamed generation."""
+    text, finish = "", None
+    for r in cortex.stream_generate(model, tok, prompt, **kwargs):
+        text += r.text
+        finish = r.finish_reason
+    return text, finish
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1])
+@pytest.mark.parametrize("index", range(len(SCHEMAS)))
+def test_schema_outputs_parse_and_validate(
+    smollm: tuple[cortex.Model, cortex.Tokenizer], index: int, seed: int | None
+) -> None:
+    model, tok = smollm
+    schema = SCHEMAS[index]
+    sampling: dict[str, Any] = {"temperature": 0.0} if seed is None else {"temperature": 0.8, "seed": seed}
+    text, finish = run(model, tok, PROMPT, max_tokens=200, json_schema=schema, **sampling)
+    assert finish == "stop", (finish, text)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_schema_as_a_string_and_json_object(smollm: tuple[cortex.Model, cortex.Tokenizer]) -> None:
+    model, tok = smollm
+    as_text = cortex.generate(model, tok, PROMPT, max_tokens=200, json_schema=json.dumps(SCHEMAS[1]))
+    as_dict = cortex.generate(model, tok, PROMPT, max_tokens=200, json_schema=SCHEMAS[1])
+    assert as_text == as_dict
+    text, finish = run(model, tok, PROMPT, max_tokens=300, json_object=True)
+    assert finish == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+def test_regex_and_lark(smollm: tuple[cortex.Model, cortex.Tokenizer]) -> None:
+    model, tok = smollm
+    date = r"20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9])"
+    text, finish = run(model, tok, "Today's date is", max_tokens=30, regex=date)
+    assert finish == "stop"
+    assert re.fullmatch(date, text), text
+    lark = 'start: expr\nexpr: NUM (OP NUM){1,3}\nNUM: /[0-9]{1,3}/\nOP: " + " | " * "\n'
+    text, finish = run(
+        model, tok, "An arithmetic expression:", max_tokens=40, grammar=lark, seed=3, temperature=0.7
+    )
+    assert finish == "stop"
+    assert re.fullmatch(r"[0-9]{1,3}( [+*] [0-9]{1,3}){1,3}", text), text
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gives_alone(
+    smollm: tuple[cortex.Model, cortex.Tokenizer],
+) -> None:
+    model, tok = smollm
+    engine = cortex.Engine(model, tok, max_batch_size=4)
+    prompts = [PROMPT] * 4
+    params = [
+        cortex.SamplingParams(max_tokens=120, json_schema=SCHEMAS[0]),
+        cortex.SamplingParams(max_tokens=24),
+        cortex.SamplingParams(max_tokens=120, json_schema=SCHEMAS[4], temperature=0.9, seed=5),
+        cortex.SamplingParams(max_tokens=30, regex="[a-z]{4,8}"),
+    ]
+    batch = engine.generate_batch(prompts, params)
+    for prompt, p, got in zip(prompts, params, batch, strict=True):
+        alone = engine.generate_batch([prompt], p)[0]
+        assert got.error is None and alone.error is None
+        assert got.token_ids == alone.token_ids
+    jsonschema.validate(json.loads(batch[0].text), SCHEMAS[0])
+    jsonschema.validate(json.loads(batch[2].text), SCHEMAS[4])
+    assert re.fullmatch("[a-z]{4,8}", batch[3].text)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"json_schema": {"type": "frob"}}, "json_schema"),
+        ({"json_schema": "{not json"}, "json_schema"),
+        ({"json_schema": [1, 2]}, "json_schema"),
+        ({"regex": "("}, "regex"),
+        ({"grammar": "start: undefined_rule"}, "grammar"),
+        ({"regex": "a" * (256 * 1024 + 1)}, "regex"),
+        ({"json_object": True, "regex": "[0-9]+"}, "regex"),
+    ],
+)
+def test_bad_constraints_are_errors_naming_their_parameter(
+    smollm: tuple[cortex.Model, cortex.Tokenizer], kwargs: dict[str, Any], param: str
+) -> None:
+    model, tok = smollm
+    with pytest.raises(cortex.RequestValidationError) as e:
+        cortex.generate(model, tok, "Hi", max_tokens=5, **kwargs)
+    assert e.value.param == param, e.value
+
+
+def test_settings_round_trip() -> None:
+    p = cortex.SamplingParams(json_schema={"type": "object"})
+    assert p.json_schema is not None and json.loads(p.json_schema) == {"type": "object"}
+    assert (p.json_object, p.regex, p.grammar) == (False, None, None)
+    assert "json_schema=" in repr(p)
+    assert cortex.SamplingParams(regex="[0-9]+").regex == "[0-9]+"
+    assert cortex.SamplingParams(json_object=True).json_object
