@@ -145,6 +145,13 @@ impl SamplingParams {
             .map_or(Ok(()), Constraint::validate)
     }
 
+    /// The parameter that carries the constraint, for errors about it.
+    pub(crate) fn constraint_param(&self) -> &'static str {
+        self.constraint
+            .as_ref()
+            .map_or("constraint", Constraint::param)
+    }
+
     /// Maps a user seed: -1 (or none) draws a fresh one; other negatives and values past
     /// u64 are rejected.
     pub fn seed_from(seed: Option<i128>) -> Result<Option<u64>> {
@@ -412,12 +419,8 @@ impl Sampler {
             if let Some(mask) = allowed {
                 grammar::apply_mask(mask, &mut logits);
                 if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
-                    let param = p
-                        .constraint
-                        .as_ref()
-                        .map_or("constraint", Constraint::param);
                     return Err(Error::param(
-                        param,
+                        p.constraint_param(),
                         "no token the model can produce continues the output validly",
                     ));
                 }

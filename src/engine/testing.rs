@@ -45,33 +45,62 @@ pub fn char_tokenizer() -> Arc<Tokenizer> {
     BUILT
         .get_or_init(|| {
             // GPT-2's byte-level table maps the space to 'Ġ'; the other chars are themselves.
-            let vocab: Vec<String> = CHARS
+            let vocab: Vec<(String, u32)> = CHARS
                 .chars()
-                .enumerate()
-                .map(|(i, c)| {
-                    let piece = if c == ' ' { 'Ġ' } else { c };
-                    format!("{}: {i}", serde_json::to_string(&piece.to_string()).unwrap())
-                })
+                .zip(0..)
+                .map(|(c, i)| (if c == ' ' { 'Ġ' } else { c }.to_string(), i))
                 .collect();
-            let json = format!(
-                r#"{{"version": "1.0", "normalizer": null, "post_processor": null,
-                "pre_tokenizer": {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}},
-                "decoder": {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}},
-                "added_tokens": [{{"id": 63, "content": "<eos>", "single_word": false, "lstrip": false,
-                  "rstrip": false, "normalized": false, "special": true}}],
-                "model": {{"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": {{{}}}, "merges": []}}}}"#,
-                vocab.join(", ")
+            let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                "trim_offsets": true, "use_regex": false});
+            let json = bpe_json(
+                &vocab,
+                &[(63, "<eos>", true)],
+                &byte_level,
+                &byte_level,
+                false,
             );
             let dir = std::env::temp_dir().join(format!("cortex-chars-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("a scratch folder for the test tokenizer");
             std::fs::write(dir.join("tokenizer.json"), json).expect("the tokenizer written");
-            std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<eos>"}"#)
-                .expect("its config written");
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                r#"{"eos_token": "<eos>"}"#,
+            )
+            .expect("its config written");
             Arc::new(Tokenizer::from_dir(&dir).expect("the test tokenizer loads"))
         })
         .clone()
+}
+
+/// A `tokenizer.json` of a BPE model without merges: `vocab` (piece, id), `added` tokens
+/// (id, content, special), a pre-tokenizer and a decoder (as `tokenizer.json` writes them),
+/// byte fallback on or off.
+pub fn bpe_json(
+    vocab: &[(String, u32)],
+    added: &[(u32, &str, bool)],
+    pre_tokenizer: &serde_json::Value,
+    decoder: &serde_json::Value,
+    byte_fallback: bool,
+) -> String {
+    let added: Vec<serde_json::Value> = added
+        .iter()
+        .map(|&(id, content, special)| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+        })
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .map(|(p, i)| (p.clone(), (*i).into()))
+        .collect();
+    serde_json::json!({
+        "version": "1.0", "normalizer": null, "post_processor": null,
+        "pre_tokenizer": pre_tokenizer, "decoder": decoder, "added_tokens": added,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": byte_fallback, "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+    .to_string()
 }
 
 /// The tiny llama: `"source"` (bf16 weights, computed in f32, f32 cache) or `"q4g32"` (MLX

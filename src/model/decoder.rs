@@ -160,11 +160,6 @@ impl Logits {
         self.vocab
     }
 
-    /// Row `i`, `[vocab]`.
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.values[i * self.vocab..][..self.vocab]
-    }
-
     /// Every value, row after row.
     pub fn values(&self) -> &[f32] {
         &self.values

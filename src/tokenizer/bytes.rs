@@ -155,6 +155,15 @@ pub(crate) fn token_bytes(tokenizer: &tokenizers::Tokenizer) -> Result<Vec<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::testing::bpe_json;
+
+    /// `(piece, id)` for pieces numbered in order.
+    fn pieces(p: &[&str]) -> Vec<(String, u32)> {
+        p.iter()
+            .zip(0..)
+            .map(|(p, i)| ((*p).to_string(), i))
+            .collect()
+    }
 
     /// A tokenizer from `tokenizer.json` text.
     fn from_json(json: &str) -> tokenizers::Tokenizer {
@@ -178,17 +187,15 @@ mod tests {
 
     #[test]
     fn byte_level_entries_specials_and_unmappable_chars() {
-        let tok = from_json(
-            r#"{"version": "1.0", "normalizer": null, "pre_tokenizer": null,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-            "added_tokens": [
-              {"id": 4, "content": "<|end|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-              {"id": 5, "content": "<tool>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}],
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-              "vocab": {"Ġhi": 0, "Ċ": 1, "é": 2, "世": 3}, "merges": []}}"#,
-        );
+        let decoder = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let tok = from_json(&bpe_json(
+            &pieces(&["Ġhi", "Ċ", "é", "世"]),
+            &[(4, "<|end|>", true), (5, "<tool>", false)],
+            &Json::Null,
+            &decoder,
+            false,
+        ));
         let bytes = token_bytes(&tok).unwrap();
         assert_eq!(bytes.len(), 6);
         assert_eq!(bytes[0], b" hi");
@@ -203,18 +210,12 @@ mod tests {
 
     #[test]
     fn sentencepiece_entries() {
-        let tok = from_json(
-            r#"{"version": "1.0", "normalizer": null, "pre_tokenizer": null,
-            "post_processor": null,
-            "decoder": {"type": "Sequence", "decoders": [
-              {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-              {"type": "ByteFallback"}, {"type": "Fuse"},
-              {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-            "added_tokens": [],
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
-              "vocab": {"<0x0A>": 0, "▁hello": 1, "wörld": 2, "<0xZZ>": 3, "<0x4142>": 4}, "merges": []}}"#,
-        );
+        let decoder = serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
+        let vocab = pieces(&["<0x0A>", "▁hello", "wörld", "<0xZZ>", "<0x4142>"]);
+        let tok = from_json(&bpe_json(&vocab, &[], &Json::Null, &decoder, true));
         let bytes = token_bytes(&tok).unwrap();
         assert_eq!(bytes[0], b"\n");
         assert_eq!(bytes[1], b" hello");
