@@ -47,6 +47,12 @@ pub enum Error {
     #[error("invalid value for '{param}': {message}")]
     InvalidParam { param: String, message: String },
 
+    /// A request's JSON schema, regex or grammar could not be compiled, or its output can
+    /// no longer satisfy it; `param` names the parameter that carried it (`json_schema`,
+    /// `regex`, `response_format`...).
+    #[error("invalid value for '{param}': {message}")]
+    Grammar { param: String, message: String },
+
     /// The prompt (plus the tokens asked for) does not fit in the model's context.
     #[error(
         "prompt of {prompt_tokens} tokens does not fit in the context of {context_length} tokens"
@@ -172,6 +178,10 @@ impl Error {
                 message: prefix(message),
             },
             Error::InvalidParam { param, message } => Error::InvalidParam {
+                param,
+                message: prefix(message),
+            },
+            Error::Grammar { param, message } => Error::Grammar {
                 param,
                 message: prefix(message),
             },

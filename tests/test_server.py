@@ -698,10 +698,18 @@ CHAT_BAD = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": "hello"}, "messages"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 1}}}},
+        "response_format.json_schema.schema",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True},
+        "logprobs",
+    ),
     ({"modalities": ["text", "audio"]}, "modalities"),
 ]
 
@@ -722,6 +730,7 @@ COMPLETIONS_BAD = [
     ({"best_of": 3}, ("best_of",)),
     ({"echo": True, "logprobs": 1}, ("echo", "logprobs")),
     ({"logit_bias": {"1": 5}}, ("logit_bias",)),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ("tools",)),
 ]
 
 

@@ -169,24 +169,27 @@ def test_a_mixed_batch_gives_each_request_what_it_gives_alone(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "param"),
+    ("kwargs", "param", "compiles"),
     [
-        ({"json_schema": {"type": "frob"}}, "json_schema"),
-        ({"json_schema": "{not json"}, "json_schema"),
-        ({"json_schema": [1, 2]}, "json_schema"),
-        ({"regex": "("}, "regex"),
-        ({"grammar": "start: undefined_rule"}, "grammar"),
-        ({"regex": "a" * (256 * 1024 + 1)}, "regex"),
-        ({"json_object": True, "regex": "[0-9]+"}, "regex"),
+        ({"json_schema": {"type": "frob"}}, "json_schema", True),
+        ({"json_schema": "{not json"}, "json_schema", False),
+        ({"json_schema": [1, 2]}, "json_schema", False),
+        ({"regex": "("}, "regex", True),
+        ({"grammar": "start: undefined_rule"}, "grammar", True),
+        ({"regex": "a" * (256 * 1024 + 1)}, "regex", False),
+        ({"json_object": True, "regex": "[0-9]+"}, "regex", False),
     ],
 )
 def test_bad_constraints_are_errors_naming_their_parameter(
-    smollm: tuple[cortex.Model, cortex.Tokenizer], kwargs: dict[str, Any], param: str
+    smollm: tuple[cortex.Model, cortex.Tokenizer], kwargs: dict[str, Any], param: str, compiles: bool
 ) -> None:
+    """What the compiler refuses is a `GrammarError`; what is refused before compiling (not
+    JSON, too large, two constraints) a plain `RequestValidationError`."""
     model, tok = smollm
     with pytest.raises(cortex.RequestValidationError) as e:
         cortex.generate(model, tok, "Hi", max_tokens=5, **kwargs)
     assert e.value.param == param, e.value
+    assert isinstance(e.value, cortex.GrammarError) == compiles, type(e.value)
 
 
 def test_settings_round_trip() -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "CortexWarning",
     "DeviceError",
     "EngineError",
+    "GrammarError",
     "InternalError",
     "ModelFormatError",
     "ModelLoadError",
@@ -88,6 +89,11 @@ class RequestValidationError(CortexError, ValueError):
     """A request parameter is invalid; ``param`` names it."""
 
     param: str | None = None
+
+
+class GrammarError(RequestValidationError):
+    """A request's ``json_schema``, ``regex`` or ``grammar`` does not compile, or its output
+    could not be continued validly; ``param`` names the parameter that carried it."""
 
 
 class ContextLengthError(RequestValidationError):

@@ -576,7 +576,7 @@ mod tests {
             vec![vec![1]],
             &[constrained(Constraint::Regex("(".into()), 5)],
         ) {
-            Err(Error::InvalidParam { param, .. }) => assert_eq!(param, "regex"),
+            Err(Error::Grammar { param, .. }) => assert_eq!(param, "regex"),
             other => panic!("{other:?}"),
         }
         let words = client(1)?;

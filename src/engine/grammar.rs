@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
@@ -22,7 +24,7 @@ pub const MAX_GRAMMAR_BYTES: usize = 256 << 10;
 /// Whitespace JSON may have between its tokens unless the schema says otherwise (in
 /// `x-guidance`): llguidance's default is unbounded, where a small model can spend its
 /// whole budget on spaces.
-const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{0,32}";
+pub(crate) const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{0,32}";
 
 /// What a request's output must match.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +77,17 @@ impl Constraint {
         }
     }
 
+    /// Identifies the compiled grammar: the kind and the source as written (a schema's keys
+    /// keep their order, which the output follows).
+    fn cache_key(&self) -> String {
+        match self {
+            Constraint::JsonSchema(s) => format!("json_schema {s}"),
+            Constraint::JsonObject => "json_object".into(),
+            Constraint::Regex(s) => format!("regex {s}"),
+            Constraint::Lark(s) => format!("grammar {s}"),
+        }
+    }
+
     fn top_level(&self) -> TopLevelGrammar {
         match self {
             Constraint::JsonSchema(schema) => {
@@ -104,9 +117,18 @@ fn with_defaults(schema: &Json) -> Json {
     }
 }
 
-/// A tokenizer's grammar compiler: llguidance's token trie and parser factory.
+/// Compiled constraints kept per tokenizer: a server sees the same few schemas again and
+/// again, and a clone of a compiled matcher costs a microsecond against a millisecond or
+/// more to compile.
+const CACHED_GRAMMARS: usize = 64;
+
+/// A tokenizer's grammar compiler: llguidance's token trie and parser factory, and the
+/// most recently compiled constraints.
 pub struct Grammars {
     factory: ParserFactory,
+    /// `(key, fresh matcher)`, the most recently used last; the key is the constraint's
+    /// kind and source (`Constraint::cache_key`).
+    cache: Mutex<Vec<(String, Matcher)>>,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -134,18 +156,40 @@ impl Grammars {
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| Error::Tokenizer(format!("building the grammar compiler: {e}")))?;
         factory.quiet();
-        Ok(Grammars { factory })
+        Ok(Grammars {
+            factory,
+            cache: Mutex::new(Vec::with_capacity(CACHED_GRAMMARS)),
+        })
     }
 
-    /// A fresh matcher for `constraint`; an invalid schema or grammar is an error naming
-    /// its parameter.
+    /// A fresh matcher for `constraint` (from the cache when it was compiled lately); a
+    /// schema or grammar that does not compile is [`Error::Grammar`] naming its parameter.
     pub fn compile(&self, constraint: &Constraint) -> Result<Matcher> {
+        let key = constraint.cache_key();
+        {
+            let mut cache = self.cache.lock();
+            if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
+                let entry = cache.remove(i);
+                let matcher = entry.1.clone();
+                cache.push(entry);
+                return Ok(matcher);
+            }
+        }
         constraint.validate()?;
         let parser = self
             .factory
             .create_parser(constraint.top_level())
-            .map_err(|e| Error::param(constraint.param(), short(&e.to_string())))?;
-        Ok(Matcher::new(Ok(parser)))
+            .map_err(|e| Error::Grammar {
+                param: constraint.param().into(),
+                message: short(&e.to_string()),
+            })?;
+        let matcher = Matcher::new(Ok(parser));
+        let mut cache = self.cache.lock();
+        if cache.len() == CACHED_GRAMMARS {
+            cache.remove(0);
+        }
+        cache.push((key, matcher.clone()));
+        Ok(matcher)
     }
 
     /// The vocabulary the masks cover (the tokenizer's, plus a placeholder EOS).
@@ -292,7 +336,12 @@ mod tests {
             ),
         ] {
             match g.compile(&c) {
-                Err(Error::InvalidParam { param: p, message }) => {
+                // Compile errors are grammar errors; what fails before compiling (size,
+                // shape) is a plain invalid value.
+                Err(
+                    Error::Grammar { param: p, message }
+                    | Error::InvalidParam { param: p, message },
+                ) => {
                     assert_eq!(p, param, "{message}");
                     assert!(message.len() <= 1100, "{}", message.len());
                 }

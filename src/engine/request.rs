@@ -192,10 +192,10 @@ impl Grammar {
 /// A grammar that failed mid-output (out of its per-token budget, say): this request's
 /// fault, named by its parameter.
 fn failed(p: &SamplingParams, e: &dyn std::fmt::Display) -> Error {
-    Error::param(
-        p.constraint_param(),
-        format!("the grammar failed while generating: {e}"),
-    )
+    Error::Grammar {
+        param: p.constraint_param().into(),
+        message: format!("the grammar failed while generating: {e}"),
+    }
 }
 
 #[derive(Debug)]

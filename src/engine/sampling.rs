@@ -419,10 +419,11 @@ impl Sampler {
             if let Some(mask) = allowed {
                 grammar::apply_mask(mask, &mut logits);
                 if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
-                    return Err(Error::param(
-                        p.constraint_param(),
-                        "no token the model can produce continues the output validly",
-                    ));
+                    return Err(Error::Grammar {
+                        param: p.constraint_param().into(),
+                        message: "no token the model can produce continues the output validly"
+                            .into(),
+                    });
                 }
             }
             self.apply_penalties(&mut logits, context, prompt_len);

@@ -50,6 +50,7 @@ fn classify(py: Python<'_>, err: &Error) -> PyResult<(&'static str, Vec<Attr>)> 
         Error::Tokenizer(_) => ("TokenizerError", vec![]),
         Error::Template(_) => ("TemplateError", vec![]),
         Error::InvalidParam { param, .. } => ("RequestValidationError", vec![("param", s(param)?)]),
+        Error::Grammar { param, .. } => ("GrammarError", vec![("param", s(param)?)]),
         Error::ContextLength { .. } => ("ContextLengthError", vec![("param", s("prompt")?)]),
         Error::CacheFull { .. } => ("CacheFullError", vec![("param", s("prompt")?)]),
         Error::Cancelled => ("CancelledError", vec![]),
@@ -96,6 +97,10 @@ fn samples() -> Vec<Error> {
         Error::Tokenizer("sample".into()),
         Error::Template("sample".into()),
         Error::param("temperature", "sample"),
+        Error::Grammar {
+            param: "regex".into(),
+            message: "sample".into(),
+        },
         Error::ContextLength {
             prompt_tokens: 2,
             context_length: 1,
@@ -124,20 +129,21 @@ fn variant_index(err: &Error) -> usize {
         Error::Tokenizer(_) => 4,
         Error::Template(_) => 5,
         Error::InvalidParam { .. } => 6,
-        Error::ContextLength { .. } => 7,
-        Error::CacheFull { .. } => 8,
-        Error::Cancelled => 9,
-        Error::Engine(_) => 10,
-        Error::Conversion(_) => 11,
-        Error::Device(_) => 12,
-        Error::Internal(_) => 13,
-        Error::Io { .. } => 14,
-        Error::Candle(_) => 15,
+        Error::Grammar { .. } => 7,
+        Error::ContextLength { .. } => 8,
+        Error::CacheFull { .. } => 9,
+        Error::Cancelled => 10,
+        Error::Engine(_) => 11,
+        Error::Conversion(_) => 12,
+        Error::Device(_) => 13,
+        Error::Internal(_) => 14,
+        Error::Io { .. } => 15,
+        Error::Candle(_) => 16,
     }
 }
 
 /// How many variants [`Error`] has: one past the highest index of [`variant_index`].
-const VARIANTS: usize = 16;
+const VARIANTS: usize = 17;
 
 /// `(number of variants, [(variant index, exception)])` for one error of every variant
 /// (see [`samples`]).

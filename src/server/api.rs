@@ -4,11 +4,15 @@
 //!
 //! Parsing follows OpenAI's server: unknown fields are ignored, a wrong type names the
 //! field's path (`messages[0].content`), and fields whose meaning Cortex cannot honour
-//! (tools, logit bias, response formats...) are refused by name instead of dropped.
+//! (logit bias, audio, suffixes...) are refused by name instead of dropped.
+//! `response_format` and `tools` constrain the output through the engine's grammars
+//! (`engine::grammar`, `server::tools`).
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
+use super::tools::{self, CallParser, Piece, ToolCall, Tools};
+use crate::engine::grammar::Constraint;
 use crate::engine::sampling::MAX_LOGPROBS;
 use crate::engine::{SamplingParams, StepOutput, TokenLogprobs};
 use crate::error::{Error, Result};
@@ -84,13 +88,15 @@ pub struct Body {
     echo: Option<bool>,
     /// Extra chat template variables (vLLM's name), e.g. `{"enable_thinking": false}`.
     chat_template_kwargs: Option<Map<String, Json>>,
-    // OpenAI fields Cortex cannot honour: refused by name when they ask for anything.
-    logit_bias: Option<Map<String, Json>>,
+    /// `text`, `json_object` or `json_schema` (constrained decoding).
+    response_format: Option<Json>,
     tools: Option<Json>,
     tool_choice: Option<Json>,
+    parallel_tool_calls: Option<bool>,
+    // OpenAI fields Cortex cannot honour: refused by name when they ask for anything.
+    logit_bias: Option<Map<String, Json>>,
     functions: Option<Json>,
     function_call: Option<Json>,
-    response_format: Option<Json>,
     suffix: Option<String>,
     best_of: Option<i64>,
     audio: Option<Json>,
@@ -162,6 +168,9 @@ pub struct Job {
     pub params: Vec<SamplingParams>,
     /// Alternatives per token when logprobs were asked for.
     pub logprobs: Option<usize>,
+    /// The tools a chat request offers (not with `tool_choice: none`): its output is
+    /// parsed into calls.
+    pub tools: Option<Tools>,
 }
 
 impl Job {
@@ -171,6 +180,11 @@ impl Job {
 
     pub fn prompt_tokens(&self) -> usize {
         self.inputs.iter().map(|i| i.tokens.len()).sum()
+    }
+
+    /// A parser of one choice's output into text and tool calls, when tools are offered.
+    pub fn call_parser(&self) -> Option<CallParser> {
+        self.tools.as_ref().map(Tools::parser)
     }
 }
 
@@ -194,8 +208,11 @@ fn count(v: i64, field: &str, range: std::ops::RangeInclusive<usize>) -> Result<
 }
 
 /// The chat message list as the template takes it: roles checked, content flattened to a
-/// string (text parts joined with newlines, as vLLM does).
-fn chat_messages(messages: &[Json]) -> Result<Json> {
+/// string (text parts joined with newlines, as vLLM does), each earlier tool call's
+/// `arguments` parsed to an object (templates write it with `tojson`). Where the template
+/// knows no tools (`knows_tools` false), calls and tool results become text in the Hermes
+/// form that Cortex's own tool prompt asks for.
+fn chat_messages(messages: &[Json], knows_tools: bool) -> Result<Vec<Json>> {
     if messages.is_empty() {
         return Err(Error::param("messages", "must hold at least one message"));
     }
@@ -213,29 +230,39 @@ fn chat_messages(messages: &[Json]) -> Result<Json> {
             _ => return Err(Error::param(format!("{field}.role"), "must be a string")),
         };
         let role = match role {
-            "system" | "user" | "assistant" => role,
+            "system" | "user" | "assistant" | "tool" => role,
             // OpenAI's newer name for the system message.
             "developer" => "system",
-            "tool" | "function" => {
+            "function" => {
                 return Err(unsupported(
                     &format!("{field}.role"),
-                    "tool messages need tool calling",
+                    "'function' messages are deprecated; send 'tool' messages",
                 ))
             }
             other => {
                 return Err(Error::param(
                     format!("{field}.role"),
-                    format!("'{other}' is not one of system, user, assistant, developer"),
+                    format!("'{other}' is not one of system, user, assistant, tool, developer"),
                 ))
             }
         };
-        if obj.contains_key("tool_calls") {
-            return Err(unsupported(
-                &format!("{field}.tool_calls"),
-                "tool calling is not available",
-            ));
-        }
-        let content = match obj.get("content") {
+        let calls = match (role, obj.get("tool_calls")) {
+            (_, None | Some(Json::Null)) => Vec::new(),
+            ("assistant", Some(Json::Array(calls))) => tool_calls(calls, &field)?,
+            ("assistant", Some(_)) => {
+                return Err(Error::param(
+                    format!("{field}.tool_calls"),
+                    "must be a list",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(Error::param(
+                    format!("{field}.tool_calls"),
+                    "only assistant messages carry tool calls",
+                ))
+            }
+        };
+        let mut content = match obj.get("content") {
             Some(Json::String(s)) => s.clone(),
             None | Some(Json::Null) if role == "assistant" => String::new(),
             Some(Json::Array(parts)) => {
@@ -268,11 +295,68 @@ fn chat_messages(messages: &[Json]) -> Result<Json> {
             }
         };
         let mut msg = obj.clone();
+        let mut role = role;
+        if knows_tools {
+            if !calls.is_empty() {
+                msg.insert("tool_calls".into(), Json::Array(calls));
+            }
+        } else {
+            msg.remove("tool_calls");
+            for call in &calls {
+                let f = &call["function"];
+                let call = json!({"name": f["name"], "arguments": f["arguments"]});
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str("<tool_call>\n");
+                content.push_str(&call.to_string());
+                content.push_str("\n</tool_call>");
+            }
+            if role == "tool" {
+                role = "user";
+                content = format!("<tool_response>\n{content}\n</tool_response>");
+            }
+        }
         msg.insert("role".into(), role.into());
         msg.insert("content".into(), content.into());
         out.push(Json::Object(msg));
     }
-    Ok(Json::Array(out))
+    Ok(out)
+}
+
+/// An assistant message's earlier `tool_calls`, with each call's `arguments` (a JSON
+/// string, as OpenAI sends it) parsed to a value.
+fn tool_calls(calls: &[Json], field: &str) -> Result<Vec<Json>> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, call)| {
+            let cf = format!("{field}.tool_calls[{j}].function");
+            let f = call
+                .get("function")
+                .and_then(Json::as_object)
+                .ok_or_else(|| Error::param(cf.clone(), "must be an object"))?;
+            let name = f
+                .get("name")
+                .and_then(Json::as_str)
+                .ok_or_else(|| Error::param(format!("{cf}.name"), "must be a string"))?;
+            let arguments = match f.get("arguments") {
+                Some(Json::String(a)) => serde_json::from_str::<Json>(a).map_err(|e| {
+                    Error::param(format!("{cf}.arguments"), format!("is not JSON: {e}"))
+                })?,
+                Some(a @ Json::Object(_)) => a.clone(),
+                _ => {
+                    return Err(Error::param(
+                        format!("{cf}.arguments"),
+                        "must be a JSON string",
+                    ))
+                }
+            };
+            let mut call = call.clone();
+            call["function"] = json!({"name": name, "arguments": arguments});
+            Ok(call)
+        })
+        .collect()
 }
 
 /// `prompt` of a completion: a string, a list of strings, a list of token ids, or a list
@@ -332,29 +416,18 @@ fn refuse_unsupported(b: &Body, n: usize) -> Result<()> {
         return Err(unsupported("logit_bias", "biasing logits is not available"));
     }
     for (name, v) in [
-        ("tools", &b.tools),
         ("functions", &b.functions),
         ("function_call", &b.function_call),
         ("audio", &b.audio),
         ("prediction", &b.prediction),
     ] {
         if v.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported(name, "the server generates text only"));
-        }
-    }
-    match &b.tool_choice {
-        None | Some(Json::Null) => {}
-        Some(Json::String(s)) if s == "none" => {}
-        Some(_) => return Err(unsupported("tool_choice", "tool calling is not available")),
-    }
-    match &b.response_format {
-        None | Some(Json::Null) => {}
-        Some(f) if f.get("type").and_then(Json::as_str) == Some("text") => {}
-        Some(_) => {
-            return Err(unsupported(
-                "response_format",
-                "only {\"type\": \"text\"}; structured output is not available",
-            ))
+            let why = if name.starts_with("function") {
+                "deprecated by OpenAI; send tools and tool_choice"
+            } else {
+                "the server generates text only"
+            };
+            return Err(unsupported(name, why));
         }
     }
     if b.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -407,22 +480,38 @@ pub fn job(
         }
     };
     let echo = b.echo == Some(true);
+    let mut tools = None;
     let inputs = match endpoint {
         Endpoint::Chat => {
             let messages = b
                 .messages
                 .as_deref()
                 .ok_or_else(|| Error::param("messages", "is required"))?;
-            let messages = chat_messages(messages)?;
-            let extra = b.chat_template_kwargs.clone().unwrap_or_default();
-            let text = match template {
-                Some(t) => t.render(&messages, true, &extra),
-                None => tokenizer.apply_chat_template(&messages, true, &extra),
+            let template = template
+                .or(tokenizer.chat_template())
+                .ok_or_else(|| Error::Template("this model has no chat template".into()))?;
+            tools = Tools::parse(
+                b.tools.as_ref(),
+                b.tool_choice.as_ref(),
+                b.parallel_tool_calls,
+                template.source(),
+                tokenizer,
+            )?;
+            if tools.is_some() && logprobs.is_some() {
+                return Err(unsupported("logprobs", "not together with tools"));
             }
-            .map_err(|e| match e {
-                Error::Template(m) => Error::param("messages", format!("chat template: {m}")),
-                e => e,
-            })?;
+            let knows_tools = tools::Format::of_template(template.source()).1;
+            let mut messages = chat_messages(messages, knows_tools)?;
+            let mut extra = b.chat_template_kwargs.clone().unwrap_or_default();
+            if let Some(t) = &tools {
+                t.prompt(&mut messages, &mut extra);
+            }
+            let text = template
+                .render(&Json::Array(messages), true, &extra)
+                .map_err(|e| match e {
+                    Error::Template(m) => Error::param("messages", format!("chat template: {m}")),
+                    e => e,
+                })?;
             // The template writes any BOS the model wants.
             vec![Input {
                 tokens: tokenizer.encode(&text, false)?,
@@ -430,6 +519,14 @@ pub fn job(
             }]
         }
         Endpoint::Completions => {
+            for (name, v) in [("tools", &b.tools), ("tool_choice", &b.tool_choice)] {
+                if v.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(unsupported(
+                        name,
+                        "tools are offered on /v1/chat/completions",
+                    ));
+                }
+            }
             if echo && logprobs.is_some() {
                 return Err(unsupported(
                     "echo",
@@ -497,9 +594,32 @@ pub fn job(
         seed,
         logprobs,
         ignore_eos: b.ignore_eos == Some(true),
-        constraint: None,
+        constraint: output_constraint(b, tools.as_ref())?,
     };
-    base.validate()?;
+    // A constraint's errors name the field the request spelled it in.
+    let field = match &base.constraint {
+        Some(Constraint::JsonSchema(_)) => "response_format.json_schema.schema",
+        Some(Constraint::Regex(_) | Constraint::Lark(_)) => "tools",
+        _ => "response_format",
+    };
+    let rename = |e: Error| match e {
+        Error::Grammar { message, .. } => Error::Grammar {
+            param: field.into(),
+            message,
+        },
+        Error::InvalidParam { param, message }
+            if ["json_schema", "json_object", "regex", "grammar"].contains(&param.as_str()) =>
+        {
+            Error::param(field, message)
+        }
+        e => e,
+    };
+    base.validate().map_err(rename)?;
+    if let Some(c) = &base.constraint {
+        // Compiled now, so a bad schema is a 400 before any engine work (the engine's
+        // compile then finds it in the cache).
+        tokenizer.grammars()?.compile(c).map_err(rename)?;
+    }
     // Sample j of every prompt draws with seed + j: reproducible, yet the choices differ.
     let params = (0..inputs.len() * n)
         .map(|k| SamplingParams {
@@ -520,7 +640,75 @@ pub fn job(
         n,
         params,
         logprobs,
+        tools,
     })
+}
+
+/// What `response_format` and the tools make of the output: any JSON object, JSON valid
+/// against a schema, or a valid tool call (`tool_choice` `required` or a named function).
+fn output_constraint(b: &Body, tools: Option<&Tools>) -> Result<Option<Constraint>> {
+    let format = match &b.response_format {
+        None | Some(Json::Null) => None,
+        Some(f) => response_format(f)?,
+    };
+    match (format, tools.and_then(Tools::constraint)) {
+        (Some(_), Some(_)) => Err(Error::param(
+            "response_format",
+            "cannot hold the output while tool_choice requires a tool call",
+        )),
+        (format, call) => Ok(format.or(call)),
+    }
+}
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}`, or `{"type":
+/// "json_schema", "json_schema": {"name", "schema", "strict"?, "description"?}}`. The schema
+/// is always enforced, `strict` or not.
+fn response_format(f: &Json) -> Result<Option<Constraint>> {
+    let kind = f
+        .get("type")
+        .and_then(Json::as_str)
+        .ok_or_else(|| Error::param("response_format.type", "must be a string"))?;
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Constraint::JsonObject)),
+        "json_schema" => {
+            let spec = f
+                .get("json_schema")
+                .and_then(Json::as_object)
+                .ok_or_else(|| Error::param("response_format.json_schema", "must be an object"))?;
+            let name = spec.get("name").and_then(Json::as_str).unwrap_or_default();
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(Error::param(
+                    "response_format.json_schema.name",
+                    "must be 1 to 64 letters, digits, underscores or dashes",
+                ));
+            }
+            if !matches!(spec.get("strict"), None | Some(Json::Null | Json::Bool(_))) {
+                return Err(Error::param(
+                    "response_format.json_schema.strict",
+                    "must be a boolean",
+                ));
+            }
+            match spec.get("schema") {
+                Some(schema @ (Json::Object(_) | Json::Bool(true))) => Ok(Some(
+                    Constraint::JsonSchema(std::sync::Arc::new(schema.clone())),
+                )),
+                _ => Err(Error::param(
+                    "response_format.json_schema.schema",
+                    "must be a JSON Schema object",
+                )),
+            }
+        }
+        other => Err(Error::param(
+            "response_format.type",
+            format!("'{other}' is not one of text, json_object, json_schema"),
+        )),
+    }
 }
 
 /// One choice's output so far.
@@ -626,12 +814,27 @@ pub fn response(
         .map(|(index, c)| {
             let finish = c.finish.unwrap_or("abort");
             match job.endpoint {
-                Endpoint::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": job.logprobs.map(|_| chat_logprobs(tokenizer, &c.tokens)),
-                    "finish_reason": finish,
-                }),
+                Endpoint::Chat => {
+                    let mut message = json!({"role": "assistant", "content": c.text});
+                    let mut finish = finish;
+                    if let Some(mut parser) = job.call_parser() {
+                        let mut pieces = parser.push(&c.text);
+                        pieces.extend(parser.finish());
+                        let (text, calls) = split_pieces(pieces);
+                        if !calls.is_empty() {
+                            let calls: Vec<Json> = calls.iter().map(ToolCall::json).collect();
+                            message["content"] = if text.is_empty() { Json::Null } else { text.into() };
+                            message["tool_calls"] = calls.into();
+                            finish = call_finish(finish);
+                        }
+                    }
+                    json!({
+                        "index": index,
+                        "message": message,
+                        "logprobs": job.logprobs.map(|_| chat_logprobs(tokenizer, &c.tokens)),
+                        "finish_reason": finish,
+                    })
+                }
                 Endpoint::Completions => {
                     let echo = job.inputs[index / job.n].echo.as_deref().unwrap_or("");
                     json!({
@@ -652,6 +855,58 @@ pub fn response(
         "choices": choices,
         "usage": usage.json(),
     })
+}
+
+/// The text and the calls among `pieces`.
+fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ToolCall>) {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Call(c) => calls.push(c),
+        }
+    }
+    (text, calls)
+}
+
+/// The finish reason of a choice that made tool calls: `tool_calls` where the model
+/// stopped by itself.
+pub fn call_finish(finish: &'static str) -> &'static str {
+    if finish == "stop" {
+        "tool_calls"
+    } else {
+        finish
+    }
+}
+
+/// A stream chunk for choice `index` that carries tool calls: `(k, call)`, the call's
+/// position among the choice's calls and the call, whole.
+pub fn call_chunk(job: &Job, h: &Header, index: usize, calls: &[(usize, ToolCall)]) -> Json {
+    let calls: Vec<Json> = calls
+        .iter()
+        .map(|(k, c)| {
+            let mut v = c.json();
+            v["index"] = (*k).into();
+            v
+        })
+        .collect();
+    let mut out = json!({
+        "id": h.id,
+        "object": job.endpoint.object(true),
+        "created": h.created,
+        "model": h.model,
+        "choices": [{
+            "index": index,
+            "delta": {"tool_calls": calls},
+            "logprobs": null,
+            "finish_reason": null,
+        }],
+    });
+    if job.include_usage {
+        out["usage"] = Json::Null;
+    }
+    out
 }
 
 /// One stream chunk for choice `index`: `text` (a delta), the tokens it came from (for
@@ -749,12 +1004,7 @@ mod tests {
         assert!(refuse_unsupported(&b, 1).is_ok());
         for (body, field) in [
             (&br#"{"logit_bias": {"1": 5}}"#[..], "logit_bias"),
-            (br#"{"tools": [{"type": "function"}]}"#, "tools"),
-            (br#"{"tool_choice": "required"}"#, "tool_choice"),
-            (
-                br#"{"response_format": {"type": "json_object"}}"#,
-                "response_format",
-            ),
+            (br#"{"functions": [{"name": "f"}]}"#, "functions"),
             (br#"{"suffix": "end"}"#, "suffix"),
             (br#"{"best_of": 3}"#, "best_of"),
             (br#"{"modalities": ["text", "audio"]}"#, "modalities"),
@@ -782,7 +1032,7 @@ mod tests {
             json!({"role": "developer", "content": "be brief"}),
             json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
             json!({"role": "assistant", "content": null}),
-        ])
+        ], true)
         .unwrap();
         assert_eq!(ok[0]["role"], "system");
         assert_eq!(ok[1]["content"], "a\nb");
@@ -806,7 +1056,94 @@ mod tests {
             (vec![json!("hello")], "messages[0]"),
             (vec![], "messages"),
         ] {
-            match chat_messages(&msgs) {
+            match chat_messages(&msgs, true) {
+                Err(Error::InvalidParam { param, .. }) => assert_eq!(param, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn earlier_tool_calls_reach_the_template_or_become_hermes_text() {
+        let msgs = [
+            json!({"role": "user", "content": "weather?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}),
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "sunny"}),
+        ];
+        let native = chat_messages(&msgs, true).unwrap();
+        assert_eq!(
+            native[1]["tool_calls"][0]["function"]["arguments"]["city"],
+            "Paris"
+        );
+        assert_eq!(native[2]["role"], "tool");
+        let text = chat_messages(&msgs, false).unwrap();
+        assert_eq!(
+            text[1]["content"],
+            "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>"
+        );
+        assert!(text[1].get("tool_calls").is_none());
+        assert_eq!(text[2]["role"], "user");
+        assert_eq!(
+            text[2]["content"],
+            "<tool_response>\nsunny\n</tool_response>"
+        );
+        for (msg, field) in [
+            (
+                json!({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                json!({"role": "user", "content": "x", "tool_calls": []}),
+                "messages[0].tool_calls",
+            ),
+            (
+                json!({"role": "function", "content": "x"}),
+                "messages[0].role",
+            ),
+        ] {
+            match chat_messages(&[msg], true) {
+                Err(Error::InvalidParam { param, .. }) => assert_eq!(param, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn response_formats_become_constraints() {
+        let parse = |v: Json| response_format(&v);
+        assert_eq!(parse(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(
+            parse(json!({"type": "json_object"})).unwrap(),
+            Some(Constraint::JsonObject)
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            parse(json!({"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": true}}))
+                .unwrap(),
+            Some(Constraint::JsonSchema(std::sync::Arc::new(schema)))
+        );
+        for (v, field) in [
+            (json!({"type": "yaml"}), "response_format.type"),
+            (json!({}), "response_format.type"),
+            (
+                json!({"type": "json_schema"}),
+                "response_format.json_schema",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+                "response_format.json_schema.name",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}),
+                "response_format.json_schema.strict",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
+                "response_format.json_schema.schema",
+            ),
+        ] {
+            match parse(v) {
                 Err(Error::InvalidParam { param, .. }) => assert_eq!(param, field),
                 other => panic!("{field}: {other:?}"),
             }

@@ -19,6 +19,7 @@
 mod api;
 mod deadline;
 mod metrics;
+mod tools;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -144,7 +145,9 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let message = e.to_string();
         match e {
-            Error::InvalidParam { param, .. } => ApiError::invalid(message, Some(param)),
+            Error::InvalidParam { param, .. } | Error::Grammar { param, .. } => {
+                ApiError::invalid(message, Some(param))
+            }
             Error::ContextLength { .. } | Error::CacheFull { .. } => {
                 ApiError::invalid(message, None).code("context_length_exceeded")
             }
@@ -649,6 +652,8 @@ struct SseState {
     /// Frames ready to send.
     ready: std::collections::VecDeque<Bytes>,
     ended: bool,
+    /// One per choice when the request offers tools: its output split into text and calls.
+    parsers: Vec<tools::CallParser>,
 }
 
 fn frame(v: &Json) -> Bytes {
@@ -677,6 +682,9 @@ impl SseState {
                 ready.push_back(frame(&api::chunk(&job, &header, &d, &app.tokenizer)));
             }
         }
+        let parsers = (0..job.num_choices())
+            .map_while(|_| job.call_parser())
+            .collect();
         SseState {
             app,
             job,
@@ -685,6 +693,7 @@ impl SseState {
             rx,
             ready,
             ended: false,
+            parsers,
         }
     }
 
@@ -707,6 +716,47 @@ impl SseState {
                 return;
             }
         };
+        if let Some(parser) = self.parsers.get_mut(index) {
+            // Tools on (and so no logprobs): text and calls as the parser splits them.
+            let before = parser.calls();
+            let mut pieces = parser.push(&text);
+            if finish.is_some() {
+                pieces.extend(parser.finish());
+            }
+            let made_calls = parser.calls() > 0;
+            let mut k = before;
+            for piece in pieces {
+                let chunk = match piece {
+                    tools::Piece::Text(text) => {
+                        let d = Delta {
+                            index,
+                            text: &text,
+                            tokens: &[],
+                            finish: None,
+                            first: false,
+                        };
+                        api::chunk(&self.job, &self.header, &d, &self.app.tokenizer)
+                    }
+                    tools::Piece::Call(call) => {
+                        k += 1;
+                        api::call_chunk(&self.job, &self.header, index, &[(k - 1, call)])
+                    }
+                };
+                self.ready.push_back(frame(&chunk));
+            }
+            if let Some(f) = finish {
+                let d = Delta {
+                    index,
+                    text: "",
+                    tokens: &[],
+                    finish: Some(if made_calls { api::call_finish(f) } else { f }),
+                    first: false,
+                };
+                let chunk = api::chunk(&self.job, &self.header, &d, &self.app.tokenizer);
+                self.ready.push_back(frame(&chunk));
+            }
+            return;
+        }
         // Text held back (an incomplete character or stop string) makes no chunk.
         if text.is_empty() && finish.is_none() && self.job.logprobs.is_none() {
             return;

@@ -641,6 +641,11 @@ impl ChatTemplate {
         Ok(template)
     }
 
+    /// The template's source, as given.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The guarded program: parsed and compiled as minijinja compiles a template with
     /// `trim_blocks` and `lstrip_blocks`, then rewritten by [`guard`]. Compiling costs tens
     /// of microseconds, so it is done per render rather than kept beside its source.

@@ -400,6 +400,11 @@ impl Tokenizer {
         )
     }
 
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
     /// Renders `messages` with the model's chat template.
     pub fn apply_chat_template(
         &self,

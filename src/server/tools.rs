@@ -1,0 +1,784 @@
+//! Tool calls on the chat endpoint: OpenAI's `tools` and `tool_choice` checked, offered to
+//! the model through its chat template (or, where the template knows no tools, through a
+//! system message in the Hermes form), the output held to a valid call when one is
+//! required, and the model's text parsed back into `tool_calls`, whole or as stream deltas.
+//!
+//! Three output formats cover the templates in use (docs/design/structured_output.md §6):
+//! - Hermes (Qwen 2.5 and 3, and our injected prompt): `<tool_call>\n{"name": ..,
+//!   "arguments": {..}}\n</tool_call>`, one block per call;
+//! - Llama 3.1+: the whole output is `{"name": .., "parameters": {..}}`, after an optional
+//!   `<|python_tag|>`;
+//! - Mistral: `[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]`.
+
+use std::hash::{BuildHasher, Hasher};
+
+use serde_json::{json, Map, Value as Json};
+
+use crate::engine::grammar::{Constraint, JSON_WHITESPACE};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Most tools one request may offer (OpenAI's limit).
+const MAX_TOOLS: usize = 128;
+
+const HERMES_OPEN: &str = "<tool_call>";
+const HERMES_CLOSE: &str = "</tool_call>";
+const LLAMA_TAG: &str = "<|python_tag|>";
+const MISTRAL_MARK: &str = "[TOOL_CALLS]";
+
+/// How a model writes its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Hermes,
+    Llama,
+    Mistral,
+}
+
+impl Format {
+    /// The format a chat template's source asks for, and whether the template renders
+    /// `tools` itself (if not, Cortex describes them in a system message, Hermes style).
+    pub fn of_template(source: &str) -> (Format, bool) {
+        let knows_tools = source.contains("tools");
+        let format = if source.contains(MISTRAL_MARK) {
+            Format::Mistral
+        } else if source.contains(LLAMA_TAG)
+            || (source.contains("<|start_header_id|>") && source.contains("parameters"))
+        {
+            Format::Llama
+        } else {
+            Format::Hermes
+        };
+        (
+            format,
+            knows_tools && (format != Format::Hermes || source.contains(HERMES_OPEN)),
+        )
+    }
+
+    /// The key a call's arguments go under.
+    fn arguments_key(self) -> &'static str {
+        match self {
+            Format::Llama => "parameters",
+            Format::Hermes | Format::Mistral => "arguments",
+        }
+    }
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Choice {
+    Auto,
+    Required,
+    /// The index of the named function.
+    Named(usize),
+}
+
+/// One function the request offers.
+#[derive(Debug, Clone)]
+struct Function {
+    name: String,
+    /// Its arguments' JSON schema (an object schema; `{"type": "object"}` when not given).
+    parameters: Json,
+}
+
+/// The tools of one chat request, as they shape its prompt, its constraint and the parsing
+/// of its output.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    format: Format,
+    /// Whether the template renders `tools` (otherwise a system message describes them).
+    in_template: bool,
+    /// The tools as the request gave them, for the template or the system message.
+    specs: Vec<Json>,
+    functions: Vec<Function>,
+    choice: Choice,
+    parallel: bool,
+    /// Mistral's `[TOOL_CALLS]` token, which the grammar must produce as that token.
+    mistral_token: Option<u32>,
+}
+
+impl Tools {
+    /// The tools of a request, or `None` when it offers none or `tool_choice` is `none`.
+    /// `template` is the chat template's source.
+    pub fn parse(
+        tools: Option<&Json>,
+        tool_choice: Option<&Json>,
+        parallel: Option<bool>,
+        template: &str,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<Tools>> {
+        let specs = match tools {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(list)) => list.clone(),
+            Some(_) => return Err(Error::param("tools", "must be a list of tools")),
+        };
+        if specs.len() > MAX_TOOLS {
+            return Err(Error::param(
+                "tools",
+                format!("{} tools; at most {MAX_TOOLS} are accepted", specs.len()),
+            ));
+        }
+        let functions = specs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| function(t, i))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, f) in functions.iter().enumerate() {
+            if functions[..i].iter().any(|g| g.name == f.name) {
+                return Err(Error::param(
+                    format!("tools[{i}].function.name"),
+                    format!("'{}' is offered twice", f.name),
+                ));
+            }
+        }
+        let choice = match tool_choice {
+            None | Some(Json::Null) => Choice::Auto,
+            Some(Json::String(s)) => match s.as_str() {
+                "none" => return Ok(None),
+                "auto" => Choice::Auto,
+                "required" => Choice::Required,
+                other => {
+                    return Err(Error::param(
+                        "tool_choice",
+                        format!("'{other}' is not one of none, auto, required, or a named function"),
+                    ))
+                }
+            },
+            Some(Json::Object(o)) => {
+                let name = o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| {
+                        Error::param("tool_choice.function.name", "must be a string")
+                    })?;
+                let k = functions.iter().position(|f| f.name == name).ok_or_else(|| {
+                    Error::param(
+                        "tool_choice.function.name",
+                        format!("'{name}' is not one of the tools offered"),
+                    )
+                })?;
+                Choice::Named(k)
+            }
+            Some(_) => {
+                return Err(Error::param(
+                    "tool_choice",
+                    "must be none, auto, required, or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ))
+            }
+        };
+        if functions.is_empty() {
+            return match choice {
+                Choice::Auto => Ok(None),
+                _ => Err(Error::param("tool_choice", "needs tools to choose from")),
+            };
+        }
+        let (format, in_template) = Format::of_template(template);
+        let mistral_token = match format {
+            Format::Mistral => Some(tokenizer.token_to_id(MISTRAL_MARK).ok_or_else(|| {
+                Error::Template(format!(
+                    "the template writes Mistral tool calls, but the tokenizer has no {MISTRAL_MARK} token"
+                ))
+            })?),
+            _ => None,
+        };
+        Ok(Some(Tools {
+            format,
+            in_template,
+            specs,
+            functions,
+            choice,
+            parallel: parallel.unwrap_or(true),
+            mistral_token,
+        }))
+    }
+
+    /// Offers the tools to the model: as the template's `tools` variable, or as a system
+    /// message (merged into the first one, if any) where the template knows no tools.
+    pub fn prompt(&self, messages: &mut Vec<Json>, extra: &mut Map<String, Json>) {
+        if self.in_template {
+            extra.insert("tools".into(), Json::Array(self.specs.clone()));
+            return;
+        }
+        let listing: Vec<String> = self.specs.iter().map(Json::to_string).collect();
+        let text = format!(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n\
+             <tools>\n{}\n</tools>\n\n\
+             For each function call, return a JSON object with the function name and arguments \
+             within <tool_call></tool_call> XML tags:\n\
+             <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>",
+            listing.join("\n")
+        );
+        match messages.first_mut() {
+            Some(Json::Object(m)) if m.get("role").and_then(Json::as_str) == Some("system") => {
+                let before = m.get("content").and_then(Json::as_str).unwrap_or_default();
+                let merged = if before.is_empty() {
+                    text
+                } else {
+                    format!("{before}\n\n{text}")
+                };
+                m.insert("content".into(), merged.into());
+            }
+            _ => messages.insert(0, json!({"role": "system", "content": text})),
+        }
+    }
+
+    /// The constraint that makes the output a valid call: with `tool_choice` `required`
+    /// (one call or more, of any tool; exactly one without `parallel_tool_calls`) or a
+    /// named function (one call to it). `None` under `auto`.
+    pub fn constraint(&self) -> Option<Constraint> {
+        let candidates: Vec<&Function> = match self.choice {
+            Choice::Auto => return None,
+            Choice::Required => self.functions.iter().collect(),
+            Choice::Named(k) => vec![&self.functions[k]],
+        };
+        let key = self.format.arguments_key();
+        // The name first: llguidance writes properties in schema order, so the name is
+        // forced text and the arguments come last.
+        let calls: Vec<Json> = candidates
+            .iter()
+            .map(|f| {
+                let mut properties = Map::new();
+                properties.insert("name".into(), json!({"const": f.name}));
+                properties.insert(key.into(), f.parameters.clone());
+                json!({
+                    "type": "object",
+                    "properties": properties,
+                    "required": ["name", key],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let many = self.parallel && matches!(self.choice, Choice::Required);
+        let guidance = json!({"whitespace_pattern": JSON_WHITESPACE});
+        let call = json!({"anyOf": calls, "x-guidance": guidance});
+        let grammar = match self.format {
+            Format::Hermes => {
+                let repeat = if many { " (\"\\n\" call)*" } else { "" };
+                format!("start: call{repeat}\ncall: \"{HERMES_OPEN}\\n\" %json {call} \"\\n{HERMES_CLOSE}\"\n")
+            }
+            Format::Llama => format!("start: %json {call}\n"),
+            Format::Mistral => {
+                let mut array = json!({"type": "array", "items": {"anyOf": calls}, "minItems": 1, "x-guidance": guidance});
+                if !many {
+                    array["maxItems"] = 1.into();
+                }
+                let id = self.mistral_token.unwrap_or_default();
+                format!("start: <[{id}]> %json {array}\n")
+            }
+        };
+        Some(Constraint::Lark(grammar))
+    }
+
+    /// A parser for one choice's output.
+    pub fn parser(&self) -> CallParser {
+        CallParser {
+            format: self.format,
+            names: self.functions.iter().map(|f| f.name.clone()).collect(),
+            buf: String::new(),
+            in_call: false,
+            plain: false,
+            blank: String::new(),
+            calls: 0,
+        }
+    }
+}
+
+/// `tools[i]`: `{"type": "function", "function": {"name", "description"?, "parameters"?}}`.
+fn function(tool: &Json, i: usize) -> Result<Function> {
+    let field = format!("tools[{i}]");
+    if tool.get("type").and_then(Json::as_str) != Some("function") {
+        return Err(Error::param(
+            format!("{field}.type"),
+            "must be \"function\" (the only kind of tool)",
+        ));
+    }
+    let f = tool
+        .get("function")
+        .and_then(Json::as_object)
+        .ok_or_else(|| Error::param(format!("{field}.function"), "must be an object"))?;
+    let name = f.get("name").and_then(Json::as_str).unwrap_or_default();
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(Error::param(
+            format!("{field}.function.name"),
+            "must be 1 to 64 letters, digits, underscores or dashes",
+        ));
+    }
+    let parameters = match f.get("parameters") {
+        None | Some(Json::Null) => json!({"type": "object"}),
+        Some(p @ Json::Object(_)) => p.clone(),
+        Some(_) => {
+            return Err(Error::param(
+                format!("{field}.function.parameters"),
+                "must be a JSON Schema object",
+            ))
+        }
+    };
+    Ok(Function {
+        name: name.to_string(),
+        parameters,
+    })
+}
+
+/// A call the model made, as OpenAI returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as a JSON string.
+    pub arguments: String,
+}
+
+impl ToolCall {
+    pub fn json(&self) -> Json {
+        json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        })
+    }
+}
+
+/// What a stretch of output turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    Call(ToolCall),
+}
+
+/// Splits one choice's output, as it streams, into text and calls. Text that may open a
+/// call is held until it does or cannot; a call comes out once whole. Output that looks
+/// like a call but does not parse as one of the offered functions is given back as text.
+#[derive(Debug)]
+pub struct CallParser {
+    format: Format,
+    names: Vec<String>,
+    /// Output not yet given out.
+    buf: String,
+    /// Inside a call (after its opening marker).
+    in_call: bool,
+    /// Llama output that did not open with a call: text to the end.
+    plain: bool,
+    /// Whitespace held: given out only if more text follows, so the blank lines around
+    /// calls (and at the end) do not become content.
+    blank: String,
+    /// Calls given out so far.
+    calls: usize,
+}
+
+impl CallParser {
+    /// Calls given out so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// Takes the next stretch of output.
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        loop {
+            match self.format {
+                Format::Hermes | Format::Mistral => {
+                    let mark = if self.format == Format::Hermes {
+                        HERMES_OPEN
+                    } else {
+                        MISTRAL_MARK
+                    };
+                    if !self.in_call {
+                        if let Some(p) = self.buf.find(mark) {
+                            let before: String = self.buf.drain(..p + mark.len()).collect();
+                            self.text(&before[..p], &mut out);
+                            self.in_call = true;
+                            continue;
+                        }
+                        let keep = partial_suffix(&self.buf, mark);
+                        let free: String = self.buf.drain(..self.buf.len() - keep).collect();
+                        self.text(&free, &mut out);
+                        break;
+                    }
+                    // Mistral's array runs to the end of the output.
+                    if self.format == Format::Mistral {
+                        break;
+                    }
+                    let Some(end) = self.buf.find(HERMES_CLOSE) else {
+                        break;
+                    };
+                    let body: String = self.buf.drain(..end + HERMES_CLOSE.len()).collect();
+                    self.in_call = false;
+                    self.calls_or_text(&body[..end], &format!("{HERMES_OPEN}{body}"), &mut out);
+                }
+                Format::Llama => {
+                    if !self.in_call {
+                        let start = self.buf.trim_start();
+                        if start.is_empty() || LLAMA_TAG.starts_with(start) {
+                            break;
+                        }
+                        // A call is the whole output: it starts with the tag or a brace.
+                        if start.starts_with(LLAMA_TAG) || start.starts_with('{') {
+                            self.in_call = true;
+                        } else {
+                            // Plain text from here on: no call can follow.
+                            self.plain = true;
+                        }
+                    }
+                    if self.plain {
+                        let free = std::mem::take(&mut self.buf);
+                        self.text(&free, &mut out);
+                    }
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// The output has ended: what is still held.
+    pub fn finish(&mut self) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let rest = std::mem::take(&mut self.buf);
+        if self.in_call {
+            let whole = match self.format {
+                Format::Hermes => format!("{HERMES_OPEN}{rest}"),
+                Format::Mistral => format!("{MISTRAL_MARK}{rest}"),
+                Format::Llama => rest.clone(),
+            };
+            self.calls_or_text(&rest, &whole, &mut out);
+        } else {
+            self.text(&rest, &mut out);
+        }
+        self.in_call = false;
+        out
+    }
+
+    /// Gives out `text`, holding its trailing whitespace until more text follows (however
+    /// the output is cut into stretches, the same text comes out).
+    fn text(&mut self, text: &str, out: &mut Vec<Piece>) {
+        let body = text.trim_end();
+        if !body.is_empty() {
+            let mut t = std::mem::take(&mut self.blank);
+            t.push_str(body);
+            out.push(Piece::Text(t));
+        }
+        self.blank.push_str(&text[body.len()..]);
+    }
+
+    /// The calls in `body` (a call's text without its markers), or `whole` as text.
+    fn calls_or_text(&mut self, body: &str, whole: &str, out: &mut Vec<Piece>) {
+        match self.parse_calls(body) {
+            Some(calls) => {
+                self.blank.clear();
+                for (name, arguments) in calls {
+                    self.calls += 1;
+                    out.push(Piece::Call(ToolCall {
+                        id: call_id(self.format),
+                        name,
+                        arguments,
+                    }));
+                }
+            }
+            None => self.text(whole, out),
+        }
+    }
+
+    /// `(name, arguments as JSON text)` of each call in `body`, or `None` unless every one
+    /// is a well-formed call of an offered function.
+    fn parse_calls(&self, body: &str) -> Option<Vec<(String, String)>> {
+        let body = body.trim();
+        let values: Vec<Json> = match self.format {
+            Format::Hermes => vec![serde_json::from_str(body).ok()?],
+            Format::Mistral => match serde_json::from_str(body).ok()? {
+                Json::Array(v) => v,
+                v => vec![v],
+            },
+            Format::Llama => {
+                let body = body.strip_prefix(LLAMA_TAG).unwrap_or(body).trim();
+                match serde_json::from_str(body) {
+                    Ok(v) => vec![v],
+                    // Several calls are written separated by semicolons.
+                    Err(_) => body
+                        .split(';')
+                        .map(|s| serde_json::from_str(s.trim()).ok())
+                        .collect::<Option<Vec<Json>>>()?,
+                }
+            }
+        };
+        if values.is_empty() {
+            return None;
+        }
+        values
+            .into_iter()
+            .map(|v| {
+                let name = v.get("name")?.as_str()?;
+                if !self.names.iter().any(|n| n == name) {
+                    return None;
+                }
+                let args = v.get("arguments").or_else(|| v.get("parameters"))?;
+                let arguments = match args {
+                    Json::String(s) => s.clone(),
+                    Json::Object(_) => args.to_string(),
+                    _ => return None,
+                };
+                Some((name.to_string(), arguments))
+            })
+            .collect()
+    }
+}
+
+/// The length of the longest end of `text` that begins `mark` (held: it may open a call).
+fn partial_suffix(text: &str, mark: &str) -> usize {
+    (1..mark.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && mark.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
+}
+
+/// A fresh call id: `call_` and 24 letters and digits, or 9 for Mistral, whose template
+/// checks the length.
+fn call_id(format: Format) -> String {
+    const ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let (prefix, len) = match format {
+        Format::Mistral => ("", 9),
+        _ => ("call_", 24),
+    };
+    // `RandomState` is seeded from the OS per instance: random enough for ids.
+    let mut bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let mut id = String::from(prefix);
+    for i in 0..len {
+        if i % 10 == 0 && i > 0 {
+            bits = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+        }
+        id.push(ALNUM[(bits % ALNUM.len() as u64) as usize] as char);
+        bits /= ALNUM.len() as u64;
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parser(format: Format, names: &[&str]) -> CallParser {
+        CallParser {
+            format,
+            names: names.iter().map(|n| (*n).to_string()).collect(),
+            buf: String::new(),
+            in_call: false,
+            plain: false,
+            blank: String::new(),
+            calls: 0,
+        }
+    }
+
+    /// The pieces of `text` fed `step` bytes (on char boundaries) at a time, with
+    /// neighbouring text pieces joined and ids dropped.
+    fn split(format: Format, text: &str, step: usize) -> Vec<(bool, String)> {
+        let mut p = parser(format, &["get_weather", "add"]);
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = (start + step).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            pieces.extend(p.push(&text[start..end]));
+            start = end;
+        }
+        pieces.extend(p.finish());
+        let mut out: Vec<(bool, String)> = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => match out.last_mut() {
+                    Some((false, prev)) => prev.push_str(&t),
+                    _ => out.push((false, t)),
+                },
+                Piece::Call(c) => {
+                    assert!(c.id.len() == 29 || c.id.len() == 9, "{}", c.id);
+                    out.push((true, format!("{} {}", c.name, c.arguments)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every chunking gives the same pieces as the whole text at once.
+    fn check(format: Format, text: &str, want: &[(bool, &str)]) {
+        let want: Vec<(bool, String)> = want.iter().map(|(c, s)| (*c, (*s).to_string())).collect();
+        for step in [1, 2, 3, 7, text.len().max(1)] {
+            assert_eq!(
+                split(format, text, step),
+                want,
+                "{format:?} step {step}: {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hermes_calls_are_parsed_and_text_around_them_kept() {
+        check(
+            Format::Hermes,
+            "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n</tool_call>",
+            &[
+                (false, "Let me look."),
+                (true, "get_weather {\"city\":\"Paris\"}"),
+                (true, "add {\"a\":1}"),
+            ],
+        );
+        // A call cut off at the end still parses when its JSON is whole.
+        check(
+            Format::Hermes,
+            "<tool_call>{\"name\": \"add\", \"arguments\": \"{}\"}",
+            &[(true, "add {}")],
+        );
+        // Unknown functions, broken JSON and near-markers stay text.
+        for text in [
+            "<tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>",
+            "<tool_call>{\"name\": \"add\"</tool_call>",
+            "a <tool_cal> b <tool_call",
+            "plain text, ünïcode ✓",
+            "two\n\nparagraphs",
+        ] {
+            check(Format::Hermes, text, &[(false, text)]);
+        }
+    }
+
+    #[test]
+    fn llama_and_mistral_calls_are_parsed() {
+        check(
+            Format::Llama,
+            "<|python_tag|>{\"name\": \"add\", \"parameters\": {\"a\": 2}}",
+            &[(true, "add {\"a\":2}")],
+        );
+        check(
+            Format::Llama,
+            " {\"name\": \"add\", \"parameters\": {\"a\": 2}}; {\"name\": \"get_weather\", \"parameters\": {}}",
+            &[(true, "add {\"a\":2}"), (true, "get_weather {}")],
+        );
+        check(Format::Llama, "It is sunny.", &[(false, "It is sunny.")]);
+        check(Format::Llama, "{not a call", &[(false, "{not a call")]);
+        check(
+            Format::Mistral,
+            "Sure.[TOOL_CALLS][{\"name\": \"add\", \"arguments\": {\"a\": 3}}, {\"name\": \"get_weather\", \"arguments\": {}}]",
+            &[
+                (false, "Sure."),
+                (true, "add {\"a\":3}"),
+                (true, "get_weather {}"),
+            ],
+        );
+    }
+
+    #[test]
+    fn templates_tell_the_format() {
+        let hermes = "{% if tools %}<tools>{% endif %}{{ '<tool_call>' }}";
+        assert_eq!(Format::of_template(hermes), (Format::Hermes, true));
+        let llama = "<|start_header_id|>{% if tools %}{{ '\"parameters\"' }}{% endif %}";
+        assert_eq!(Format::of_template(llama), (Format::Llama, true));
+        let mistral = "{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]";
+        assert_eq!(Format::of_template(mistral), (Format::Mistral, true));
+        // A template that never mentions tools: Cortex describes them itself.
+        let plain = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}";
+        assert_eq!(Format::of_template(plain), (Format::Hermes, false));
+    }
+
+    #[test]
+    fn requests_are_checked_and_required_calls_compile() {
+        use crate::engine::grammar::Grammars;
+        use crate::engine::testing::char_tokenizer;
+        let tok = char_tokenizer();
+        let tools = json!([
+            {"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+                "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+            {"type": "function", "function": {"name": "now"}},
+        ]);
+        let parse = |choice: Json, template: &str| {
+            Tools::parse(Some(&tools), Some(&choice), None, template, &tok)
+        };
+        let plain = "{% for m in messages %}{{ m.content }}{% endfor %}";
+        assert!(parse(json!("none"), plain).unwrap().is_none());
+        assert!(parse(json!("auto"), plain)
+            .unwrap()
+            .unwrap()
+            .constraint()
+            .is_none());
+        let grammars = Grammars::new(&tok).unwrap();
+        let llama = "<|start_header_id|>{{ tools }}<|python_tag|>";
+        for (choice, template) in [
+            (json!("required"), plain),
+            (
+                json!({"type": "function", "function": {"name": "now"}}),
+                plain,
+            ),
+            (json!("required"), llama),
+        ] {
+            let t = parse(choice.clone(), template).unwrap().unwrap();
+            let c = t.constraint().expect("a call is required");
+            grammars
+                .compile(&c)
+                .unwrap_or_else(|e| panic!("{choice}: {e}"));
+        }
+        for (tools, choice, field) in [
+            (
+                json!([{"type": "retrieval"}]),
+                json!("auto"),
+                "tools[0].type",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "a b"}}]),
+                json!("auto"),
+                "tools[0].function.name",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": 3}}]),
+                json!("auto"),
+                "tools[0].function.parameters",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]),
+                json!("auto"),
+                "tools[1].function.name",
+            ),
+            (json!([]), json!("required"), "tool_choice"),
+            (
+                json!([{"type": "function", "function": {"name": "f"}}]),
+                json!("always"),
+                "tool_choice",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f"}}]),
+                json!({"type": "function", "function": {"name": "g"}}),
+                "tool_choice.function.name",
+            ),
+        ] {
+            match Tools::parse(Some(&tools), Some(&choice), None, plain, &tok) {
+                Err(Error::InvalidParam { param, .. }) => assert_eq!(param, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // A Mistral template needs its [TOOL_CALLS] token.
+        let e = parse(json!("auto"), "{{ tools }}[TOOL_CALLS]").unwrap_err();
+        assert!(e.to_string().contains("[TOOL_CALLS]"), "{e}");
+    }
+
+    #[test]
+    fn ids_are_random_and_shaped() {
+        let a = call_id(Format::Hermes);
+        assert!(a.starts_with("call_") && a.len() == 29, "{a}");
+        assert!(a[5..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(a, call_id(Format::Hermes));
+        let m = call_id(Format::Mistral);
+        assert!(
+            m.len() == 9 && m.bytes().all(|b| b.is_ascii_alphanumeric()),
+            "{m}"
+        );
+    }
+}
