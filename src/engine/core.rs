@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -486,9 +487,33 @@ impl Worker {
             }
             return Ok(());
         }
-        let logits = self.runner.execute(&output)?;
-        self.scheduler
-            .update_from_output(&output, &logits, &self.stats)?;
+        let Worker {
+            runner,
+            scheduler,
+            stats,
+        } = self;
+        // Grammar masks depend only on tokens already sampled: they are computed on the
+        // thread pool while this thread runs the forward pass (tens of microseconds each
+        // against milliseconds; on a GPU the CPU would idle). A panic in a mask resurfaces
+        // at the scope's end, inside the step's `catch_unwind`.
+        let mut constrained = scheduler.constrained(&output);
+        let logits = if constrained.is_empty() {
+            runner.execute(&output)?
+        } else {
+            let mut mask_seconds = 0.0;
+            let logits = rayon::in_place_scope(|s| {
+                s.spawn(|_| {
+                    let start = Instant::now();
+                    constrained.par_iter_mut().for_each(|r| r.prepare_mask());
+                    mask_seconds = start.elapsed().as_secs_f64();
+                });
+                runner.execute(&output)
+            });
+            stats.lock().mask_seconds += mask_seconds;
+            logits?
+        };
+        drop(constrained);
+        scheduler.update_from_output(&output, &logits, stats)?;
         Ok(())
     }
 }

@@ -313,6 +313,16 @@ mod tests {
         assert!(a.fract() == 0.0 && (v["b"] == "x" || v["b"] == "y"), "{v}");
         let (out, _) = decode(&g, &Constraint::JsonObject, "{\"k\": [1, 2]}");
         assert_eq!(serde_json::from_str::<Json>(&out).unwrap()["k"][1], 2);
+        // Recursion through `$ref`: as deep as the output goes, and complete when it closes.
+        let tree = serde_json::json!({"$defs": {"node": {
+            "type": "object",
+            "properties": {"v": {"type": "integer"}, "c": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+            "required": ["v"], "additionalProperties": false
+        }}, "$ref": "#/$defs/node"});
+        let nested = r#"{"v": 1, "c": [{"v": 2, "c": [{"v": 3, "c": []}]}]}"#;
+        let (out, done) = decode(&g, &Constraint::JsonSchema(Arc::new(tree)), nested);
+        assert!(done, "{out:?}");
+        assert_eq!(out, nested);
     }
 
     #[test]

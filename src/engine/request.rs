@@ -158,8 +158,12 @@ impl StopMatcher {
     }
 }
 
-/// A request's grammar state (llguidance's `Matcher`, which has no `Debug`).
-struct Grammar(Matcher);
+/// A request's grammar state: llguidance's `Matcher` (which has no `Debug`), and the mask
+/// for the next token when it was computed ahead, while the forward pass ran.
+struct Grammar {
+    matcher: Matcher,
+    next: Option<Result<SimpleVob>>,
+}
 
 impl std::fmt::Debug for Grammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,7 +175,7 @@ impl Grammar {
     /// The tokens that may come next; end-of-sequence ids only where the output may end,
     /// and never under `ignore_eos` (generation then runs to completion or `max_tokens`).
     fn mask(&mut self, ignore_eos: bool, eos: &[u32], p: &SamplingParams) -> Result<SimpleVob> {
-        let mut mask = self.0.compute_mask().map_err(|e| failed(p, &e))?;
+        let mut mask = self.matcher.compute_mask().map_err(|e| failed(p, &e))?;
         if ignore_eos {
             for &t in eos {
                 if (t as usize) < mask.len() {
@@ -184,8 +188,10 @@ impl Grammar {
 
     /// Advances past `token`; true once the output is complete.
     fn consume(&mut self, token: u32, p: &SamplingParams) -> Result<bool> {
-        self.0.consume_token(token).map_err(|e| failed(p, &e))?;
-        Ok(self.0.is_stopped())
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| failed(p, &e))?;
+        Ok(self.matcher.is_stopped())
     }
 }
 
@@ -259,8 +265,28 @@ impl Request {
     /// `SamplingParams::constraint`).
     #[must_use]
     pub fn with_grammar(mut self, matcher: Matcher) -> Self {
-        self.grammar = Some(Grammar(matcher));
+        self.grammar = Some(Grammar {
+            matcher,
+            next: None,
+        });
         self
+    }
+
+    /// Whether the output is held to a grammar (its mask is worth computing ahead).
+    pub fn is_constrained(&self) -> bool {
+        self.grammar.is_some()
+    }
+
+    /// Computes the mask for the next token now (the engine does it while the forward
+    /// pass runs); [`Request::sample`] takes it. A no-op without a grammar.
+    pub fn prepare_mask(&mut self) {
+        let p = self.sampler.params();
+        if let Some(g) = &mut self.grammar {
+            if g.next.is_none() {
+                let mask = g.mask(p.ignore_eos, &self.tokenizer.eos_token_ids, p);
+                g.next = Some(mask);
+            }
+        }
     }
 
     /// Tokens still to run through the model before the next token can be sampled.
@@ -285,11 +311,14 @@ impl Request {
     pub fn sample(&mut self, logits: &[f32]) -> Result<StepOutput> {
         let ignore_eos = self.sampler.params().ignore_eos;
         let mask = match &mut self.grammar {
-            Some(g) => Some(g.mask(
-                ignore_eos,
-                &self.tokenizer.eos_token_ids,
-                self.sampler.params(),
-            )?),
+            Some(g) => Some(match g.next.take() {
+                Some(ahead) => ahead?,
+                None => g.mask(
+                    ignore_eos,
+                    &self.tokenizer.eos_token_ids,
+                    self.sampler.params(),
+                )?,
+            }),
             None => None,
         };
         let (token, logprobs) =

@@ -197,6 +197,21 @@ impl Scheduler {
     /// span is now cached; each sampled sequence draws its next token from its row of
     /// `logits` (`[output.num_sampled()][vocab]`, in `output` order), and its caller gets
     /// the event. Returns the requests that ended, whose blocks are free again.
+    /// The running requests this step samples whose output is held to a grammar: their
+    /// masks can be computed while the forward pass runs.
+    pub fn constrained(&mut self, output: &SchedulerOutput) -> Vec<&mut Request> {
+        let sampled: Vec<_> = output
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.id)
+            .collect();
+        self.running
+            .iter_mut()
+            .filter(|r| r.is_constrained() && sampled.contains(&r.id))
+            .collect()
+    }
+
     pub fn update_from_output(
         &mut self,
         output: &SchedulerOutput,

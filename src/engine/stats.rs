@@ -44,6 +44,8 @@ pub struct Stats {
     pub generation_tokens: u64,
     /// Seconds spent in forward passes and sampling.
     pub busy_seconds: f64,
+    /// Seconds spent computing grammar masks, on other threads while forward passes ran.
+    pub mask_seconds: f64,
     pub kv_blocks_total: usize,
     pub kv_blocks_free: usize,
     pub kv_block_size: usize,

@@ -322,6 +322,7 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Boun
     d.set_item("prompt_tps", s.prompt_tps())?;
     d.set_item("generation_tps", s.generation_tps())?;
     d.set_item("busy_seconds", s.busy_seconds)?;
+    d.set_item("mask_seconds", s.mask_seconds)?;
     for (name, lat) in [("ttft", &s.ttft), ("itl", &s.itl)] {
         for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
             d.set_item(format!("{name}_{label}_s"), lat.quantile(q))?;
