@@ -894,6 +894,15 @@ impl Server {
         if config.served_model_name.is_empty() {
             return Err(Error::param("served_model_name", "must not be empty"));
         }
+        // The grammar compiler takes a fraction of a second to build for a vocabulary:
+        // built now, in the background, the first response_format or tools request does
+        // not wait for it (a request that comes sooner waits for this build, never
+        // starts another). A tokenizer it cannot serve fails those requests alone.
+        let warming = tokenizer.clone();
+        std::thread::Builder::new()
+            .name("cortex-grammars".into())
+            .spawn(move || drop(warming.grammars()))
+            .map_err(|e| Error::Internal(format!("starting a thread: {e}")))?;
         let template = config
             .chat_template
             .as_deref()
