@@ -225,6 +225,7 @@ def test_streamed_tool_call_deltas_make_the_whole_message(server: Any, client: o
     }
     whole = client.chat.completions.create(**kw).choices[0]
     calls: dict[int, dict[str, str]] = {}
+    fragments: dict[int, int] = {}
     finish = None
     content = ""
     for chunk in client.chat.completions.create(stream=True, **kw):
@@ -233,13 +234,20 @@ def test_streamed_tool_call_deltas_make_the_whole_message(server: Any, client: o
         delta = chunk.choices[0].delta
         content += delta.content or ""
         for d in delta.tool_calls or []:
+            assert d.function is not None
+            # As OpenAI streams them: the id and name open the call, arguments follow.
+            if d.index not in calls:
+                assert d.id and d.function.name and d.function.arguments == "", d
+            else:
+                assert d.id is None and d.function.name is None, d
             c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
             c["id"] += d.id or ""
-            assert d.function is not None
             c["name"] += d.function.name or ""
             c["arguments"] += d.function.arguments or ""
+            fragments[d.index] = fragments.get(d.index, 0) + 1
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and content == ""
+    assert all(n > 3 for n in fragments.values()), fragments
     assert whole.message.tool_calls is not None
     want = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
     assert [(calls[k]["name"], calls[k]["arguments"]) for k in sorted(calls)] == want

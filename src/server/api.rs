@@ -11,7 +11,7 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::tools::{self, CallParser, Piece, ToolCall, Tools};
+use super::tools::{self, CallParser, ToolCall, Tools};
 use crate::engine::grammar::Constraint;
 use crate::engine::sampling::MAX_LOGPROBS;
 use crate::engine::{SamplingParams, StepOutput, TokenLogprobs};
@@ -820,7 +820,7 @@ pub fn response(
                     if let Some(mut parser) = job.call_parser() {
                         let mut pieces = parser.push(&c.text);
                         pieces.extend(parser.finish());
-                        let (text, calls) = split_pieces(pieces);
+                        let (text, calls) = tools::assemble(pieces);
                         if !calls.is_empty() {
                             let calls: Vec<Json> = calls.iter().map(ToolCall::json).collect();
                             message["content"] = if text.is_empty() { Json::Null } else { text.into() };
@@ -857,19 +857,6 @@ pub fn response(
     })
 }
 
-/// The text and the calls among `pieces`.
-fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ToolCall>) {
-    let mut text = String::new();
-    let mut calls = Vec::new();
-    for p in pieces {
-        match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Call(c) => calls.push(c),
-        }
-    }
-    (text, calls)
-}
-
 /// The finish reason of a choice that made tool calls: `tool_calls` where the model
 /// stopped by itself.
 pub fn call_finish(finish: &'static str) -> &'static str {
@@ -880,17 +867,10 @@ pub fn call_finish(finish: &'static str) -> &'static str {
     }
 }
 
-/// A stream chunk for choice `index` that carries tool calls: `(k, call)`, the call's
-/// position among the choice's calls and the call, whole.
-pub fn call_chunk(job: &Job, h: &Header, index: usize, calls: &[(usize, ToolCall)]) -> Json {
-    let calls: Vec<Json> = calls
-        .iter()
-        .map(|(k, c)| {
-            let mut v = c.json();
-            v["index"] = (*k).into();
-            v
-        })
-        .collect();
+/// A stream chunk for choice `index` that carries `call`, one entry of a tool-call delta
+/// (`{"index": k, "id", "type", "function": {"name", "arguments"}}`, or later fragments
+/// `{"index": k, "function": {"arguments"}}`).
+pub fn call_chunk(job: &Job, h: &Header, index: usize, call: Json) -> Json {
     let mut out = json!({
         "id": h.id,
         "object": job.endpoint.object(true),
@@ -898,7 +878,7 @@ pub fn call_chunk(job: &Job, h: &Header, index: usize, calls: &[(usize, ToolCall
         "model": h.model,
         "choices": [{
             "index": index,
-            "delta": {"tool_calls": calls},
+            "delta": {"tool_calls": [call]},
             "logprobs": null,
             "finish_reason": null,
         }],

@@ -724,7 +724,8 @@ impl SseState {
                 pieces.extend(parser.finish());
             }
             let made_calls = parser.calls() > 0;
-            let mut k = before;
+            // The position of the latest call among the choice's calls.
+            let mut k = before.wrapping_sub(1);
             for piece in pieces {
                 let chunk = match piece {
                     tools::Piece::Text(text) => {
@@ -737,9 +738,15 @@ impl SseState {
                         };
                         api::chunk(&self.job, &self.header, &d, &self.app.tokenizer)
                     }
-                    tools::Piece::Call(call) => {
-                        k += 1;
-                        api::call_chunk(&self.job, &self.header, index, &[(k - 1, call)])
+                    tools::Piece::Call { id, name } => {
+                        k = k.wrapping_add(1);
+                        let call = json!({"index": k, "id": id, "type": "function",
+                            "function": {"name": name, "arguments": ""}});
+                        api::call_chunk(&self.job, &self.header, index, call)
+                    }
+                    tools::Piece::Args(args) => {
+                        let call = json!({"index": k, "function": {"arguments": args}});
+                        api::call_chunk(&self.job, &self.header, index, call)
                     }
                 };
                 self.ready.push_back(frame(&chunk));

@@ -11,6 +11,7 @@
 //! - Mistral: `[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]`.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value as Json};
 
@@ -272,15 +273,10 @@ impl Tools {
 
     /// A parser for one choice's output.
     pub fn parser(&self) -> CallParser {
-        CallParser {
-            format: self.format,
-            names: self.functions.iter().map(|f| f.name.clone()).collect(),
-            buf: String::new(),
-            in_call: false,
-            plain: false,
-            blank: String::new(),
-            calls: 0,
-        }
+        CallParser::new(
+            self.format,
+            self.functions.iter().map(|f| f.name.clone()).collect(),
+        )
     }
 }
 
@@ -330,7 +326,7 @@ fn function(tool: &Json, i: usize) -> Result<Function> {
 pub struct ToolCall {
     pub id: String,
     pub name: String,
-    /// The arguments as a JSON string.
+    /// The arguments as JSON text, as the model wrote them.
     pub arguments: String,
 }
 
@@ -348,31 +344,81 @@ impl ToolCall {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
     Text(String),
-    Call(ToolCall),
+    /// A call begins: its id and function; its arguments follow as [`Piece::Args`].
+    Call {
+        id: String,
+        name: String,
+    },
+    /// More of the latest call's arguments (JSON text).
+    Args(String),
 }
 
-/// Splits one choice's output, as it streams, into text and calls. Text that may open a
-/// call is held until it does or cannot; a call comes out once whole. Output that looks
-/// like a call but does not parse as one of the offered functions is given back as text.
+/// The text and the calls among `pieces`, as a whole message has them.
+pub fn assemble(pieces: Vec<Piece>) -> (String, Vec<ToolCall>) {
+    let mut text = String::new();
+    let mut calls: Vec<ToolCall> = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Call { id, name } => calls.push(ToolCall {
+                id,
+                name,
+                arguments: String::new(),
+            }),
+            Piece::Args(a) => {
+                if let Some(c) = calls.last_mut() {
+                    c.arguments.push_str(&a);
+                }
+            }
+        }
+    }
+    (text, calls)
+}
+
+/// Splits one choice's output, as it streams, into text and calls, as OpenAI streams them:
+/// a call's id and name once its arguments open, then the arguments as they come. Text that
+/// may open a call is held until it does or cannot. A call written in the usual shape
+/// (`{"name": .., "arguments": {..}}`, name first) streams; any other shape is held to its
+/// end and parsed whole, and what does not parse as a call of an offered function is given
+/// back as text.
 #[derive(Debug)]
 pub struct CallParser {
     format: Format,
-    names: Vec<String>,
-    /// Output not yet given out.
+    /// The functions offered.
+    names: Arc<[String]>,
+    /// Outside a call: text held (a possible marker). Inside: the call's text since its
+    /// marker, scanned again as it grows.
     buf: String,
-    /// Inside a call (after its opening marker).
+    /// Inside a call (after its opening marker; for Llama, from the start).
     in_call: bool,
     /// Llama output that did not open with a call: text to the end.
     plain: bool,
     /// Whitespace held: given out only if more text follows, so the blank lines around
     /// calls (and at the end) do not become content.
     blank: String,
-    /// Calls given out so far.
+    /// Calls begun so far, in all and in the current block.
     calls: usize,
+    block_calls: usize,
+    /// Bytes of the latest call's arguments given out.
+    args_sent: usize,
 }
 
 impl CallParser {
-    /// Calls given out so far.
+    fn new(format: Format, names: Arc<[String]>) -> CallParser {
+        CallParser {
+            format,
+            names,
+            buf: String::new(),
+            in_call: false,
+            plain: false,
+            blank: String::new(),
+            calls: 0,
+            block_calls: 0,
+            args_sent: 0,
+        }
+    }
+
+    /// Calls begun so far.
     pub fn calls(&self) -> usize {
         self.calls
     }
@@ -381,58 +427,34 @@ impl CallParser {
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.buf.push_str(text);
         let mut out = Vec::new();
-        loop {
-            match self.format {
-                Format::Hermes | Format::Mistral => {
-                    let mark = if self.format == Format::Hermes {
-                        HERMES_OPEN
-                    } else {
-                        MISTRAL_MARK
-                    };
-                    if !self.in_call {
-                        if let Some(p) = self.buf.find(mark) {
-                            let before: String = self.buf.drain(..p + mark.len()).collect();
-                            self.text(&before[..p], &mut out);
-                            self.in_call = true;
-                            continue;
-                        }
-                        let keep = partial_suffix(&self.buf, mark);
-                        let free: String = self.buf.drain(..self.buf.len() - keep).collect();
-                        self.text(&free, &mut out);
-                        break;
-                    }
-                    // Mistral's array runs to the end of the output.
-                    if self.format == Format::Mistral {
-                        break;
-                    }
-                    let Some(end) = self.buf.find(HERMES_CLOSE) else {
-                        break;
-                    };
-                    let body: String = self.buf.drain(..end + HERMES_CLOSE.len()).collect();
-                    self.in_call = false;
-                    self.calls_or_text(&body[..end], &format!("{HERMES_OPEN}{body}"), &mut out);
-                }
-                Format::Llama => {
-                    if !self.in_call {
-                        let start = self.buf.trim_start();
-                        if start.is_empty() || LLAMA_TAG.starts_with(start) {
-                            break;
-                        }
-                        // A call is the whole output: it starts with the tag or a brace.
-                        if start.starts_with(LLAMA_TAG) || start.starts_with('{') {
-                            self.in_call = true;
-                        } else {
-                            // Plain text from here on: no call can follow.
-                            self.plain = true;
-                        }
-                    }
-                    if self.plain {
-                        let free = std::mem::take(&mut self.buf);
-                        self.text(&free, &mut out);
-                    }
-                    break;
-                }
+        if !self.in_call && !self.open(&mut out) {
+            return out;
+        }
+        // Inside a call: what the block holds so far.
+        let mut block = std::mem::take(&mut self.buf);
+        let names = Arc::clone(&self.names);
+        let end = match scan_block(self.format, &block, &names) {
+            Some((calls, end)) => {
+                self.give_out(&calls, &mut out);
+                end
             }
+            // Not the usual shape: a Hermes block is parsed whole once it closes.
+            None => match (self.format, block.find(HERMES_CLOSE)) {
+                (Format::Hermes, Some(close)) => {
+                    let end = close + HERMES_CLOSE.len();
+                    self.whole(&block[..end], &mut out);
+                    Some(end)
+                }
+                _ => None,
+            },
+        };
+        match end {
+            Some(end) => {
+                let rest = block.split_off(end);
+                self.leave();
+                out.extend(self.push(&rest));
+            }
+            None => self.buf = block,
         }
         out
     }
@@ -440,19 +462,68 @@ impl CallParser {
     /// The output has ended: what is still held.
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
-        let rest = std::mem::take(&mut self.buf);
         if self.in_call {
-            let whole = match self.format {
-                Format::Hermes => format!("{HERMES_OPEN}{rest}"),
-                Format::Mistral => format!("{MISTRAL_MARK}{rest}"),
-                Format::Llama => rest.clone(),
-            };
-            self.calls_or_text(&rest, &whole, &mut out);
+            let block = std::mem::take(&mut self.buf);
+            let names = Arc::clone(&self.names);
+            match scan_block(self.format, &block, &names) {
+                // Cut off mid-call (at `max_tokens`): the call as far as it went.
+                Some((calls, _)) if !calls.is_empty() || self.block_calls > 0 => {
+                    self.give_out(&calls, &mut out);
+                }
+                _ => self.whole(&block, &mut out),
+            }
+            self.leave();
         } else {
+            let rest = std::mem::take(&mut self.buf);
             self.text(&rest, &mut out);
         }
-        self.in_call = false;
         out
+    }
+
+    /// Outside a call: gives out the text that cannot open one; true once a call opens
+    /// (its marker consumed).
+    fn open(&mut self, out: &mut Vec<Piece>) -> bool {
+        let mark = match self.format {
+            Format::Hermes => HERMES_OPEN,
+            Format::Mistral => MISTRAL_MARK,
+            Format::Llama => {
+                if !self.plain {
+                    let start = self.buf.trim_start();
+                    if start.is_empty() || LLAMA_TAG.starts_with(start) {
+                        return false;
+                    }
+                    // A call is the whole output: it starts with the tag or a brace.
+                    if start.starts_with(LLAMA_TAG) || start.starts_with('{') {
+                        self.enter();
+                        return true;
+                    }
+                    self.plain = true;
+                }
+                let free = std::mem::take(&mut self.buf);
+                self.text(&free, out);
+                return false;
+            }
+        };
+        if let Some(p) = self.buf.find(mark) {
+            let before: String = self.buf.drain(..p + mark.len()).collect();
+            self.text(&before[..p], out);
+            self.enter();
+            return true;
+        }
+        let keep = partial_suffix(&self.buf, mark);
+        let free: String = self.buf.drain(..self.buf.len() - keep).collect();
+        self.text(&free, out);
+        false
+    }
+
+    fn enter(&mut self) {
+        self.in_call = true;
+        self.block_calls = 0;
+    }
+
+    fn leave(&mut self) {
+        self.in_call = false;
+        self.buf.clear();
     }
 
     /// Gives out `text`, holding its trailing whitespace until more text follows (however
@@ -467,21 +538,53 @@ impl CallParser {
         self.blank.push_str(&text[body.len()..]);
     }
 
-    /// The calls in `body` (a call's text without its markers), or `whole` as text.
-    fn calls_or_text(&mut self, body: &str, whole: &str, out: &mut Vec<Piece>) {
-        match self.parse_calls(body) {
-            Some(calls) => {
-                self.blank.clear();
-                for (name, arguments) in calls {
-                    self.calls += 1;
-                    out.push(Piece::Call(ToolCall {
-                        id: call_id(self.format),
-                        name,
-                        arguments,
-                    }));
-                }
+    /// What is new in `calls` (the block's calls as scanned so far): the rest of the
+    /// latest call's arguments, then each call begun since.
+    fn give_out(&mut self, calls: &[Partial<'_>], out: &mut Vec<Piece>) {
+        for (k, (name, args)) in calls.iter().enumerate() {
+            if k + 1 < self.block_calls {
+                continue;
             }
-            None => self.text(whole, out),
+            if k + 1 > self.block_calls {
+                self.begin(name.clone(), out);
+            }
+            if args.len() > self.args_sent {
+                out.push(Piece::Args(args[self.args_sent..].to_string()));
+                self.args_sent = args.len();
+            }
+        }
+    }
+
+    fn begin(&mut self, name: String, out: &mut Vec<Piece>) {
+        self.blank.clear();
+        self.calls += 1;
+        self.block_calls += 1;
+        self.args_sent = 0;
+        out.push(Piece::Call {
+            id: call_id(self.format),
+            name,
+        });
+    }
+
+    /// A block in another shape (`block`: its text without markers), parsed whole: its
+    /// calls, or, if any part is not a call of an offered function, the block as text.
+    /// Nothing of it has been given out (a block that streamed keeps the usual shape).
+    fn whole(&mut self, block: &str, out: &mut Vec<Piece>) {
+        if self.block_calls > 0 {
+            return;
+        }
+        let Some(calls) = self.parse_calls(block) else {
+            let text = match self.format {
+                Format::Hermes => format!("{HERMES_OPEN}{block}"),
+                Format::Mistral => format!("{MISTRAL_MARK}{block}"),
+                Format::Llama => block.to_string(),
+            };
+            self.text(&text, out);
+            return;
+        };
+        for (name, arguments) in calls {
+            self.begin(name, out);
+            out.push(Piece::Args(arguments));
         }
     }
 
@@ -489,6 +592,7 @@ impl CallParser {
     /// is a well-formed call of an offered function.
     fn parse_calls(&self, body: &str) -> Option<Vec<(String, String)>> {
         let body = body.trim();
+        let body = body.strip_suffix(HERMES_CLOSE).unwrap_or(body);
         let values: Vec<Json> = match self.format {
             Format::Hermes => vec![serde_json::from_str(body).ok()?],
             Format::Mistral => match serde_json::from_str(body).ok()? {
@@ -527,6 +631,197 @@ impl CallParser {
             })
             .collect()
     }
+}
+
+/// A call as scanned so far: its function, and its arguments' text so far.
+type Partial<'a> = (String, &'a str);
+
+/// The calls of a block's text so far (after its marker), and where the block ends once it
+/// has; `None` when the text leaves the usual shape or names a function not offered.
+fn scan_block<'a>(
+    format: Format,
+    text: &'a str,
+    names: &[String],
+) -> Option<(Vec<Partial<'a>>, Option<usize>)> {
+    let mut calls = Vec::new();
+    let mut i = skip_ws(text, 0);
+    match format {
+        Format::Hermes => match scan_call(text, i, names)? {
+            Scanned::Partial(call) => calls.extend(call),
+            Scanned::Whole(call, next) => {
+                calls.push(call);
+                let j = skip_ws(text, next);
+                let rest = &text[j..];
+                if rest.starts_with(HERMES_CLOSE) {
+                    return Some((calls, Some(j + HERMES_CLOSE.len())));
+                }
+                if !HERMES_CLOSE.starts_with(rest) {
+                    return None;
+                }
+            }
+        },
+        Format::Mistral | Format::Llama => {
+            if format == Format::Mistral {
+                match text[i..].chars().next() {
+                    None => return Some((calls, None)),
+                    Some('[') => i = skip_ws(text, i + 1),
+                    Some(_) => return None,
+                }
+            } else {
+                let rest = &text[i..];
+                if rest.len() < LLAMA_TAG.len() && LLAMA_TAG.starts_with(rest) {
+                    return Some((calls, None));
+                }
+                if rest.starts_with(LLAMA_TAG) {
+                    i = skip_ws(text, i + LLAMA_TAG.len());
+                }
+            }
+            // Calls separated by `,` in Mistral's array, by `;` in Llama's output.
+            let (sep, close) = if format == Format::Mistral {
+                (',', Some(']'))
+            } else {
+                (';', None)
+            };
+            loop {
+                match scan_call(text, i, names)? {
+                    Scanned::Partial(call) => {
+                        calls.extend(call);
+                        break;
+                    }
+                    Scanned::Whole(call, next) => {
+                        calls.push(call);
+                        i = skip_ws(text, next);
+                        match text[i..].chars().next() {
+                            None => break,
+                            Some(c) if c == sep => i = skip_ws(text, i + 1),
+                            Some(c) if Some(c) == close => return Some((calls, Some(i + 1))),
+                            Some(_) => return None,
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Some((calls, None))
+}
+
+enum Scanned<'a> {
+    /// The text ends inside the call: the call once its name is whole.
+    Partial(Option<Partial<'a>>),
+    /// A whole call, and where its text ends.
+    Whole(Partial<'a>, usize),
+}
+
+/// One call object at `i`: `{"name": "<offered>", "arguments" | "parameters": {...}}`.
+fn scan_call<'a>(text: &'a str, i: usize, names: &[String]) -> Option<Scanned<'a>> {
+    // Up to the name: the text may end anywhere (no call yet) but not differ.
+    let mut i = i;
+    for lit in ["{", "\"name\"", ":"] {
+        match expect(text, skip_ws(text, i), &[lit]) {
+            Lit::Found(next) => i = next,
+            Lit::Cut => return Some(Scanned::Partial(None)),
+            Lit::Other => return None,
+        }
+    }
+    let start = skip_ws(text, i);
+    match text[start..].chars().next() {
+        None => return Some(Scanned::Partial(None)),
+        Some('"') => {}
+        Some(_) => return None,
+    }
+    let Some(end) = value_end(text, start) else {
+        return Some(Scanned::Partial(None));
+    };
+    let name: String = serde_json::from_str(&text[start..end]).ok()?;
+    if !names.contains(&name) {
+        return None;
+    }
+    let mut i = end;
+    for lits in [&[","][..], &["\"arguments\"", "\"parameters\""], &[":"]] {
+        match expect(text, skip_ws(text, i), lits) {
+            Lit::Found(next) => i = next,
+            Lit::Cut => return Some(Scanned::Partial(None)),
+            Lit::Other => return None,
+        }
+    }
+    // The call begins with its arguments' brace (arguments in another form, a JSON
+    // string say, are parsed whole at the end).
+    let args = skip_ws(text, i);
+    match text[args..].chars().next() {
+        None => return Some(Scanned::Partial(None)),
+        Some('{') => {}
+        Some(_) => return None,
+    }
+    let Some(end) = value_end(text, args) else {
+        return Some(Scanned::Partial(Some((name, &text[args..]))));
+    };
+    let call = (name, &text[args..end]);
+    match expect(text, skip_ws(text, end), &["}"]) {
+        Lit::Found(next) => Some(Scanned::Whole(call, next)),
+        Lit::Cut => Some(Scanned::Partial(Some(call))),
+        Lit::Other => None,
+    }
+}
+
+/// What the text holds where a literal is expected.
+enum Lit {
+    /// One of the literals, ending here.
+    Found(usize),
+    /// The text ends inside (or before) one.
+    Cut,
+    /// Something else.
+    Other,
+}
+
+fn expect(text: &str, i: usize, lits: &[&str]) -> Lit {
+    let rest = &text[i..];
+    if let Some(lit) = lits.iter().find(|l| rest.starts_with(**l)) {
+        Lit::Found(i + lit.len())
+    } else if lits.iter().any(|l| l.starts_with(rest)) {
+        Lit::Cut
+    } else {
+        Lit::Other
+    }
+}
+
+fn skip_ws(text: &str, i: usize) -> usize {
+    i + text[i..].len() - text[i..].trim_start().len()
+}
+
+/// The end of the JSON string, object or array that starts at `i`, or `None` when the text
+/// ends first.
+fn value_end(text: &str, i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (k, b) in text.bytes().enumerate().skip(i) {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => {
+                    in_string = false;
+                    if depth == 0 {
+                        return Some(k + 1);
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(k + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The length of the longest end of `text` that begins `mark` (held: it may open a call).
@@ -568,22 +863,10 @@ fn call_id(format: Format) -> String {
 mod tests {
     use super::*;
 
-    fn parser(format: Format, names: &[&str]) -> CallParser {
-        CallParser {
-            format,
-            names: names.iter().map(|n| (*n).to_string()).collect(),
-            buf: String::new(),
-            in_call: false,
-            plain: false,
-            blank: String::new(),
-            calls: 0,
-        }
-    }
-
     /// The pieces of `text` fed `step` bytes (on char boundaries) at a time, with
     /// neighbouring text pieces joined and ids dropped.
     fn split(format: Format, text: &str, step: usize) -> Vec<(bool, String)> {
-        let mut p = parser(format, &["get_weather", "add"]);
+        let mut p = CallParser::new(format, ["get_weather".into(), "add".into()].into());
         let mut pieces = Vec::new();
         let mut start = 0;
         while start < text.len() {
@@ -597,15 +880,15 @@ mod tests {
         pieces.extend(p.finish());
         let mut out: Vec<(bool, String)> = Vec::new();
         for piece in pieces {
-            match piece {
-                Piece::Text(t) => match out.last_mut() {
-                    Some((false, prev)) => prev.push_str(&t),
-                    _ => out.push((false, t)),
-                },
-                Piece::Call(c) => {
-                    assert!(c.id.len() == 29 || c.id.len() == 9, "{}", c.id);
-                    out.push((true, format!("{} {}", c.name, c.arguments)));
+            match (piece, out.last_mut()) {
+                (Piece::Text(t), Some((false, prev))) => prev.push_str(&t),
+                (Piece::Text(t), _) => out.push((false, t)),
+                (Piece::Call { id, name }, _) => {
+                    assert!(id.len() == 29 || id.len() == 9, "{id}");
+                    out.push((true, format!("{name} ")));
                 }
+                (Piece::Args(a), Some((true, call))) => call.push_str(&a),
+                (Piece::Args(a), _) => panic!("arguments {a:?} before a call"),
             }
         }
         out
@@ -630,8 +913,8 @@ mod tests {
             "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n</tool_call>",
             &[
                 (false, "Let me look."),
-                (true, "get_weather {\"city\":\"Paris\"}"),
-                (true, "add {\"a\":1}"),
+                (true, "get_weather {\"city\": \"Paris\"}"),
+                (true, "add {\"a\": 1}"),
             ],
         );
         // A call cut off at the end still parses when its JSON is whole.
@@ -653,16 +936,49 @@ mod tests {
     }
 
     #[test]
+    fn arguments_stream_as_they_come_and_a_cut_call_keeps_what_came() {
+        let mut p = CallParser::new(Format::Hermes, ["add".into()].into());
+        let text =
+            "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 12, \"b\": 3}}\n</tool_call>";
+        let pieces: Vec<Piece> = text.chars().flat_map(|c| p.push(&c.to_string())).collect();
+        // The call opens as soon as its arguments do.
+        let open = pieces.iter().position(|p| matches!(p, Piece::Call { .. }));
+        assert_eq!(open, Some(0), "{pieces:?}");
+        let args: Vec<&str> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Args(a) => Some(a.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(args.len() > 10, "{args:?}");
+        assert_eq!(args.concat(), "{\"a\": 12, \"b\": 3}");
+        assert!(p.finish().is_empty());
+        // Cut off at max_tokens mid-arguments.
+        let mut p = CallParser::new(Format::Hermes, ["add".into()].into());
+        let mut pieces = p.push("<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1");
+        pieces.extend(p.finish());
+        let (text, calls) = assemble(pieces);
+        assert_eq!((text.as_str(), calls.len()), ("", 1));
+        assert_eq!(calls[0].arguments, "{\"a\": 1");
+        // A marker and nothing after it stays text.
+        let mut p = CallParser::new(Format::Hermes, ["add".into()].into());
+        let mut pieces = p.push("Hi <tool_call>");
+        pieces.extend(p.finish());
+        assert_eq!(assemble(pieces).0, "Hi <tool_call>");
+    }
+
+    #[test]
     fn llama_and_mistral_calls_are_parsed() {
         check(
             Format::Llama,
             "<|python_tag|>{\"name\": \"add\", \"parameters\": {\"a\": 2}}",
-            &[(true, "add {\"a\":2}")],
+            &[(true, "add {\"a\": 2}")],
         );
         check(
             Format::Llama,
             " {\"name\": \"add\", \"parameters\": {\"a\": 2}}; {\"name\": \"get_weather\", \"parameters\": {}}",
-            &[(true, "add {\"a\":2}"), (true, "get_weather {}")],
+            &[(true, "add {\"a\": 2}"), (true, "get_weather {}")],
         );
         check(Format::Llama, "It is sunny.", &[(false, "It is sunny.")]);
         check(Format::Llama, "{not a call", &[(false, "{not a call")]);
@@ -671,7 +987,7 @@ mod tests {
             "Sure.[TOOL_CALLS][{\"name\": \"add\", \"arguments\": {\"a\": 3}}, {\"name\": \"get_weather\", \"arguments\": {}}]",
             &[
                 (false, "Sure."),
-                (true, "add {\"a\":3}"),
+                (true, "add {\"a\": 3}"),
                 (true, "get_weather {}"),
             ],
         );
