@@ -141,3 +141,28 @@ def test_settings_round_trip() -> None:
     assert "json_schema=" in repr(p)
     assert cortex.SamplingParams(regex="[0-9]+").regex == "[0-9]+"
     assert cortex.SamplingParams(json_object=True).json_object
+
+
+def test_hostile_constraints_end_in_output_or_a_typed_error(
+    smollm: tuple[cortex.Model, cortex.Tokenizer],
+) -> None:
+    """Grammars built to be expensive stay within llguidance's limits: each either
+    constrains the output or fails as a `GrammarError` (each takes under a second here)."""
+    model, tok = smollm
+    enum = {"enum": [f"value{i}" for i in range(10_000)]}
+    text = cortex.generate(model, tok, "Hi", max_tokens=20, temperature=0, json_schema=enum)
+    assert json.loads(text) in enum["enum"]
+    for regex in ["(a|a)*b", "(a{1000}){1000}", "((a+)+)+c"]:
+        text = cortex.generate(model, tok, "Hi", max_tokens=20, temperature=0, regex=regex)
+        # (Python's backtracking `re` would take minutes to check these: characters only.)
+        assert text and set(text) <= set("abc"), text
+    # Nesting past serde_json's depth limit is refused before compiling.
+    deep = json.loads('{"type":"object","properties":{"a":' * 100 + '{"type":"integer"}' + "}}" * 100)
+    with pytest.raises(cortex.RequestValidationError) as e:
+        cortex.generate(model, tok, "Hi", max_tokens=5, json_schema=deep)
+    assert e.value.param == "json_schema"
+    # 20,000 alternatives in one rule exceed the parser's row limit at the first token.
+    huge = "start: " + " | ".join(f'"w{i}"' for i in range(20_000))
+    with pytest.raises(cortex.GrammarError) as g:
+        cortex.generate(model, tok, "Hi", max_tokens=5, grammar=huge)
+    assert g.value.param == "grammar"

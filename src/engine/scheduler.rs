@@ -200,6 +200,9 @@ impl Scheduler {
     /// The running requests this step samples whose output is held to a grammar: their
     /// masks can be computed while the forward pass runs.
     pub fn constrained(&mut self, output: &SchedulerOutput) -> Vec<&mut Request> {
+        if !self.running.iter().any(Request::is_constrained) {
+            return Vec::new();
+        }
         let sampled: Vec<_> = output
             .seqs
             .iter()
