@@ -585,6 +585,25 @@ def test_one_pass_steps_and_batches_agree(tiny_llama: dict[str, Path], variant: 
             assert e.token == int(whole[i].argmax()), (variant, i)
 
 
+def test_greedy_steps_take_the_argmax_computed_on_the_gpu(tiny_llama: dict[str, Path]) -> None:
+    """A plain greedy request copies back only its row's argmax (kernels.cu
+    ``argmax_rows_f32``, the first of equal values); asking for logprobs copies the whole
+    row and the host sampler takes the argmax. Over the same logits (same batch, same
+    kernels) both must pick the same tokens: alone, and mixed in one batch, through the
+    prefill pass and the graph-replayed decode steps."""
+    model, tok = cortex.load(tiny_llama["q4g32"], device=DEVICE)
+    vocab = model.config["vocab_size"]
+    prompts = [[(i * 5 + j * 3 + 1) % vocab for j in range(6)] for i in range(4)]
+    engine = _core.Engine(model, tok, max_batch_size=4)
+    plain = _core.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    host = _core.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    on_gpu = [c.token_ids for c in engine.generate_batch(prompts, [plain] * 4)]
+    on_host = [c.token_ids for c in engine.generate_batch(prompts, [host] * 4)]
+    mixed = [c.token_ids for c in engine.generate_batch(prompts, [plain, host, plain, host])]
+    assert on_gpu == on_host == mixed
+    assert all(len(t) == 12 for t in on_gpu)
+
+
 # ── 6. Batched greedy == alone ───────────────────────────────────────────────────────────────
 
 

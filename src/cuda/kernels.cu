@@ -160,6 +160,60 @@ GATHER_ROWS(f32, float)
 GATHER_ROWS(f16, __half)
 GATHER_ROWS(bf16, __nv_bfloat16)
 
+// out[r] = the index of row r's largest value, the first among equals (as the host sampler's
+// argmax), or 0xFFFFFFFF when the row holds a NaN. One block of 1024 threads per row of
+// `width` values: greedy steps copy back these ids instead of whole rows of logits.
+extern "C" __global__ void __launch_bounds__(1024) argmax_rows_f32(const float* x, int width,
+                                                                    unsigned* out) {
+  PDL_ENTER();
+  __shared__ float s_best[32];
+  __shared__ int s_at[32];
+  __shared__ int s_nan;
+  const float* row = x + (long)blockIdx.x * width;
+  if (threadIdx.x == 0) s_nan = 0;
+  // `at == width`: nothing seen yet, so any value (even -inf) replaces it.
+  float best = -INFINITY;
+  int at = width;
+  bool nan = false;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    float v = row[i];
+    nan |= isnan(v);
+    if (v > best || (v == best && i < at)) {
+      best = v;
+      at = i;
+    }
+  }
+  for (int o = WARP / 2; o > 0; o /= 2) {
+    float ob = __shfl_down_sync(0xffffffff, best, o);
+    int oa = __shfl_down_sync(0xffffffff, at, o);
+    if (ob > best || (ob == best && oa < at)) {
+      best = ob;
+      at = oa;
+    }
+  }
+  __syncthreads();
+  if (__any_sync(0xffffffff, nan) && threadIdx.x % WARP == 0) s_nan = 1;
+  int warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+  if (threadIdx.x % WARP == 0) {
+    s_best[warp] = best;
+    s_at[warp] = at;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = threadIdx.x < warps ? s_best[threadIdx.x] : -INFINITY;
+    at = threadIdx.x < warps ? s_at[threadIdx.x] : width;
+    for (int o = WARP / 2; o > 0; o /= 2) {
+      float ob = __shfl_down_sync(0xffffffff, best, o);
+      int oa = __shfl_down_sync(0xffffffff, at, o);
+      if (ob > best || (ob == best && oa < at)) {
+        best = ob;
+        at = oa;
+      }
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = s_nan ? 0xFFFFFFFFu : (unsigned)at;
+  }
+}
+
 // out[rows[i], :] += weights[i] * y[i, :] (the rows are distinct: one expert's tokens).
 extern "C" __global__ void scatter_add_rows_f32(float* out, const float* y, const unsigned* rows,
                                                 const float* weights, int width, int n) {

@@ -258,6 +258,30 @@ impl Gpu {
         Ok(out)
     }
 
+    /// Each row's argmax in `x: [rows, width]` (kernels.cu `argmax_rows_f32`), on the
+    /// host: `rows` ids instead of `rows * width` values; `u32::MAX` marks a row with a NaN.
+    pub(crate) fn argmax_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<Vec<u32>> {
+        let width = i32::try_from(width)
+            .map_err(|_| Error::Internal(format!("a row of {width} logits")))?;
+        let out: CudaSlice<u32> = self.zeros(rows)?;
+        self.launch(
+            "argmax_rows_f32",
+            (rows as u32, 1),
+            1024,
+            &[
+                ptr(x, &self.stream),
+                Arg::I32(width),
+                ptr(&out, &self.stream),
+            ],
+        )?;
+        self.download(&out, rows)
+    }
+
     /// Waits until every launched kernel has finished (and reports a fault one raised).
     pub fn synchronize(&self) -> Result<()> {
         self.stream

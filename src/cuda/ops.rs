@@ -660,8 +660,12 @@ impl Ops for Pass<'_> {
         })
     }
 
-    fn to_host(&self, x: GpuBuf, rows: usize, width: usize) -> Result<Logits> {
+    fn to_host(&self, x: GpuBuf, rows: usize, width: usize, argmax_only: bool) -> Result<Logits> {
         self.timed("logits to host", || {
+            if argmax_only {
+                let ids = self.gpu.argmax_rows(x.slice()?, rows, width)?;
+                return Ok(Logits::argmax_only(ids, width));
+            }
             Logits::new(self.gpu.download(x.slice()?, rows * width)?, rows, width)
         })
     }

@@ -494,8 +494,9 @@ impl Worker {
         } = self;
         // Grammar masks depend only on tokens already sampled: they are computed on the
         // thread pool while this thread runs the forward pass (tens of microseconds each
-        // against milliseconds; on a GPU the CPU would idle). A panic in a mask resurfaces
-        // at the scope's end, inside the step's `catch_unwind`.
+        // against milliseconds). On a GPU the CPU would idle; on the CPU they take cores
+        // from the pass's own helpers, which costs about as much as they take. A panic in
+        // a mask resurfaces at the scope's end, inside the step's `catch_unwind`.
         let mut constrained = scheduler.constrained(&output);
         let logits = if constrained.is_empty() {
             runner.execute(&output)?

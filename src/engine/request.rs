@@ -8,7 +8,7 @@ use std::time::Instant;
 use llguidance::toktrie::SimpleVob;
 use llguidance::Matcher;
 
-use crate::error::{Error, Result};
+use crate::error::{bail, Error, Result};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 use super::sampling::{Sampler, SamplingParams, TokenLogprobs};
@@ -156,6 +156,16 @@ impl StopMatcher {
     fn release(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
+}
+
+/// What a request samples from.
+#[derive(Debug, Clone, Copy)]
+pub enum Row<'a> {
+    /// The newest token's logits, `[vocab]`.
+    Logits(&'a [f32]),
+    /// Their argmax, taken where they were computed (`u32::MAX`: they held a NaN), for a
+    /// request that takes nothing else (`SamplingParams::is_plain_greedy`).
+    Argmax(u32),
 }
 
 /// A request's grammar state: llguidance's `Matcher` (which has no `Debug`), and the mask
@@ -306,24 +316,36 @@ impl Request {
         matches!(self.state, RequestState::Finished(_) | RequestState::Failed)
     }
 
-    /// Samples the next token from `logits` (`[vocab]`, the row of the newest token),
-    /// detokenizes it and checks the stop conditions.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<StepOutput> {
+    /// Samples the next token from `row` (the newest token's logits, or the argmax the
+    /// forward pass took), detokenizes it and checks the stop conditions.
+    pub fn sample(&mut self, row: Row<'_>) -> Result<StepOutput> {
         let ignore_eos = self.sampler.params().ignore_eos;
-        let mask = match &mut self.grammar {
-            Some(g) => Some(match g.next.take() {
-                Some(ahead) => ahead?,
-                None => g.mask(
-                    ignore_eos,
-                    &self.tokenizer.eos_token_ids,
-                    self.sampler.params(),
-                )?,
-            }),
-            None => None,
+        let (token, logprobs) = match row {
+            Row::Logits(logits) => {
+                let mask = match &mut self.grammar {
+                    Some(g) => Some(match g.next.take() {
+                        Some(ahead) => ahead?,
+                        None => g.mask(
+                            ignore_eos,
+                            &self.tokenizer.eos_token_ids,
+                            self.sampler.params(),
+                        )?,
+                    }),
+                    None => None,
+                };
+                self.sampler
+                    .sample(logits, &self.tokens, self.prompt_len, mask.as_ref())?
+            }
+            Row::Argmax(_) if self.grammar.is_some() || !self.params().is_plain_greedy() => {
+                bail!(
+                    Internal,
+                    "request {} was given an argmax to sample",
+                    self.id
+                )
+            }
+            Row::Argmax(u32::MAX) => bail!(Engine, "the model produced NaN logits"),
+            Row::Argmax(token) => (token, None),
         };
-        let (token, logprobs) =
-            self.sampler
-                .sample(logits, &self.tokens, self.prompt_len, mask.as_ref())?;
         let eos = !ignore_eos && self.tokenizer.eos_token_ids.contains(&token);
         // Complete: the grammar allows nothing more (EOS, which it allowed only here, ends
         // the output as well).

@@ -31,6 +31,7 @@ impl Runner {
             tokens: Vec::new(),
             seqs: Vec::with_capacity(output.seqs.len()),
             logits_rows: Vec::new(),
+            argmax_only: output.seqs.iter().all(|s| !s.sample || s.argmax_only),
         };
         for seq in &output.seqs {
             let row = batch.tokens.len();

@@ -74,6 +74,17 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Greedy, with nothing that reads the logits but their argmax: no penalty, no
+    /// logprobs, no constraint. Such a request can take the argmax the GPU computed.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.logprobs.is_none()
+            && self.constraint.is_none()
+    }
+
     /// Checks every field; the error names the first field at fault.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;

@@ -26,7 +26,7 @@ use crate::error::{bail, Error, Result};
 use crate::model::Logits;
 
 use super::kv::{BlockPool, Ring};
-use super::request::{Event, FinishReason, Request, RequestId, RequestState};
+use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row};
 use super::stats::Stats;
 
 #[derive(Debug)]
@@ -54,6 +54,8 @@ pub struct ScheduledSeq {
     pub blocks: Vec<u32>,
     /// The span ends at the newest token: its logits are sampled.
     pub sample: bool,
+    /// Sampling it takes the argmax and nothing else (`SamplingParams::is_plain_greedy`).
+    pub argmax_only: bool,
 }
 
 /// What one step runs (vLLM's `SchedulerOutput`): the scheduled spans, in `running` order.
@@ -181,6 +183,7 @@ impl Scheduler {
             start: r.computed,
             blocks: self.pool.table(r.id).to_vec(),
             sample: end == r.tokens.len(),
+            argmax_only: r.params().is_plain_greedy(),
         });
     }
 
@@ -193,10 +196,6 @@ impl Scheduler {
         self.waiting.push_front(request);
     }
 
-    /// Takes back what the runner computed for `output` (the last third of a step): every
-    /// span is now cached; each sampled sequence draws its next token from its row of
-    /// `logits` (`[output.num_sampled()][vocab]`, in `output` order), and its caller gets
-    /// the event. Returns the requests that ended, whose blocks are free again.
     /// The running requests this step samples whose output is held to a grammar: their
     /// masks can be computed while the forward pass runs.
     pub fn constrained(&mut self, output: &SchedulerOutput) -> Vec<&mut Request> {
@@ -215,6 +214,10 @@ impl Scheduler {
             .collect()
     }
 
+    /// Takes back what the runner computed for `output` (the last third of a step): every
+    /// span is now cached; each sampled sequence draws its next token from its row of
+    /// `logits` (`[output.num_sampled()][vocab]`, in `output` order), and its caller gets
+    /// the event. Returns the requests that ended, whose blocks are free again.
     pub fn update_from_output(
         &mut self,
         output: &SchedulerOutput,
@@ -244,11 +247,16 @@ impl Scheduler {
         // Sample every request in parallel; each has its own RNG, so the order of work
         // does not change what any request draws.
         let previous: Vec<_> = chosen.iter().map(|r| r.last_token).collect();
-        let results: Vec<Result<_>> = chosen
-            .par_iter_mut()
-            .zip(logits.values().par_chunks_exact(logits.vocab()))
-            .map(|(r, row)| r.sample(row))
-            .collect();
+        let results: Vec<Result<_>> = match logits.argmax() {
+            // Every row greedy: the pass computed the tokens.
+            Some(ids) => (chosen.par_iter_mut().zip(ids))
+                .map(|(r, &id)| r.sample(Row::Argmax(id)))
+                .collect(),
+            None => (chosen.par_iter_mut())
+                .zip(logits.values().par_chunks_exact(logits.vocab()))
+                .map(|(r, row)| r.sample(Row::Logits(row)))
+                .collect(),
+        };
         let mut stats = stats.lock();
         stats.prompt_tokens += output.prompt_tokens as u64;
         for ((r, result), previous) in chosen.into_iter().zip(results).zip(previous) {
@@ -492,6 +500,65 @@ mod tests {
             assert_eq!(r.state, RequestState::Finished(FinishReason::Length));
         }
         assert_eq!(s.num_free_blocks(), 3);
+        Ok(())
+    }
+
+    /// Plain greedy requests are marked for an argmax-only pass and take the ids it gives
+    /// (a NaN row fails its request alone); a penalty or a temperature needs the logits.
+    #[test]
+    fn plain_greedy_requests_take_the_argmax_of_the_pass() -> Result<()> {
+        let tok = word_tokenizer(VOCAB);
+        let (tx, rx) = mpsc::channel();
+        let stats = Mutex::new(Stats::default());
+        let mut s = Scheduler::new(BlockPool::new(8, 4), None, 4, 24);
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 4,
+            ..SamplingParams::default()
+        };
+        let penalized = SamplingParams {
+            repetition_penalty: 1.3,
+            ..greedy.clone()
+        };
+        let sampled = SamplingParams {
+            temperature: 0.7,
+            ..greedy.clone()
+        };
+        for (id, params) in [greedy.clone(), greedy, penalized, sampled]
+            .into_iter()
+            .enumerate()
+        {
+            s.add(Request::new(
+                id as u64,
+                vec![1, 2],
+                params,
+                16,
+                tok.clone(),
+                Sink::Blocking(tx.clone()),
+            ));
+        }
+        let out = s.schedule(Instant::now());
+        let marks: Vec<bool> = out.seqs.iter().map(|q| q.argmax_only).collect();
+        assert_eq!(marks, [true, true, false, false]);
+        // The first two alone, as a pass would see them.
+        s.abort(2);
+        s.abort(3);
+        let two = SchedulerOutput {
+            seqs: out.seqs.into_iter().take(2).collect(),
+            prompt_tokens: 4,
+        };
+        s.update_from_output(&two, &Logits::argmax_only(vec![7, u32::MAX], VOCAB), &stats)?;
+        let events: Vec<_> = rx.try_iter().collect();
+        let token = |id: u64| {
+            events.iter().find_map(|o| match &o.event {
+                Event::Token(step) if o.id == id => Some(step.token),
+                _ => None,
+            })
+        };
+        assert_eq!(token(0), Some(7));
+        assert!(events
+            .iter()
+            .any(|o| o.id == 1 && matches!(o.event, Event::Failed(Error::Engine(_)))));
         Ok(())
     }
 

@@ -130,14 +130,22 @@ pub struct Batch<'a> {
     pub tokens: Vec<u32>,
     pub seqs: Vec<SeqSpan<'a>>,
     pub logits_rows: Vec<u32>,
+    /// Every sampled row takes its argmax and nothing else (greedy, no penalty, mask or
+    /// logprobs): a GPU pass then returns only the ids ([`Logits::argmax`]).
+    pub argmax_only: bool,
 }
 
 /// What a forward pass returns: the logits of `Batch::logits_rows`, on the host,
-/// `[rows][vocab]` row-major in one allocation (the sampler reads rows in place).
+/// `[rows][vocab]` row-major in one allocation (the sampler reads rows in place), or, for
+/// a GPU pass with `Batch::argmax_only`, only each row's argmax.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logits {
+    /// `[rows][vocab]`; empty when only the argmax came back.
     values: Vec<f32>,
+    rows: usize,
     vocab: usize,
+    /// Each row's argmax, computed where the logits are (`u32::MAX`: the row held a NaN).
+    argmax: Option<Vec<u32>>,
 }
 
 impl Logits {
@@ -149,20 +157,40 @@ impl Logits {
                 values.len()
             )));
         }
-        Ok(Logits { values, vocab })
+        Ok(Logits {
+            values,
+            rows,
+            vocab,
+            argmax: None,
+        })
+    }
+
+    /// Only each row's argmax (`u32::MAX` for a row that held a NaN).
+    pub fn argmax_only(ids: Vec<u32>, vocab: usize) -> Logits {
+        Logits {
+            values: Vec::new(),
+            rows: ids.len(),
+            vocab,
+            argmax: Some(ids),
+        }
     }
 
     pub fn rows(&self) -> usize {
-        self.values.len() / self.vocab
+        self.rows
     }
 
     pub fn vocab(&self) -> usize {
         self.vocab
     }
 
-    /// Every value, row after row.
+    /// Every value, row after row (none when only the argmax came back).
     pub fn values(&self) -> &[f32] {
         &self.values
+    }
+
+    /// Each row's argmax, when that is all the pass returned.
+    pub fn argmax(&self) -> Option<&[u32]> {
+        self.argmax.as_deref()
     }
 
     pub fn into_values(self) -> Vec<f32> {
@@ -329,9 +357,15 @@ impl Decoder {
             }
         }
         step.launch()?;
-        let logits = gpu.download(step.logits.slice()?, key.rows * vocab);
+        let logits = if batch.argmax_only {
+            gpu.argmax_rows(step.logits.slice()?, key.rows, vocab)
+                .map(|ids| Logits::argmax_only(ids, vocab))
+        } else {
+            gpu.download(step.logits.slice()?, key.rows * vocab)
+                .and_then(|values| Logits::new(values, key.rows, vocab))
+        };
         graphs.put(key, step);
-        Logits::new(logits?, key.rows, vocab)
+        logits
     }
 
     /// The GPU this decoder runs on, if any.
@@ -413,7 +447,12 @@ impl Decoder {
         }
         let mut logits = O::Buf::default();
         self.layers_and_head(o, ws, batch, kv, &mut logits)?;
-        o.to_host(logits, batch.logits_rows.len(), self.config.vocab_size)
+        o.to_host(
+            logits,
+            batch.logits_rows.len(),
+            self.config.vocab_size,
+            batch.argmax_only,
+        )
     }
 
     /// The batch's tokens checked and embedded into `ws.x`.

@@ -166,6 +166,7 @@ impl Model {
                 blocks: &cache.blocks,
             }],
             logits_rows: (first as u32..t as u32).collect(),
+            argmax_only: false,
         };
         let logits = self.decoder.forward(&batch, &mut cache.storage)?;
         cache.len = start + t;
@@ -212,6 +213,7 @@ impl Model {
             tokens: Vec::new(),
             seqs: Vec::new(),
             logits_rows: Vec::new(),
+            argmax_only: false,
         };
         for (tokens, blocks) in seqs.iter().zip(&tables) {
             let row = batch.tokens.len();

@@ -111,8 +111,10 @@ pub trait Ops {
         width: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// `x: [rows, width]` on the host (the logits the sampler reads).
-    fn to_host(&self, x: Self::Buf, rows: usize, width: usize) -> Result<Logits>;
+    /// `x: [rows, width]` on the host (the logits the sampler reads); with `argmax_only`, a
+    /// backend whose copies are dear may return each row's argmax alone.
+    fn to_host(&self, x: Self::Buf, rows: usize, width: usize, argmax_only: bool)
+        -> Result<Logits>;
 }
 
 /// The CPU: host buffers, Cortex's kernels.
@@ -243,7 +245,8 @@ impl Ops for Cpu {
         Ok(())
     }
 
-    fn to_host(&self, x: Vec<f32>, rows: usize, width: usize) -> Result<Logits> {
+    /// The logits are on the host already: the sampler takes the argmax.
+    fn to_host(&self, x: Vec<f32>, rows: usize, width: usize, _: bool) -> Result<Logits> {
         Logits::new(x, rows, width)
     }
 }

@@ -171,6 +171,8 @@ pub struct Job {
     /// The tools a chat request offers (not with `tool_choice: none`): its output is
     /// parsed into calls.
     pub tools: Option<Tools>,
+    /// The request field its constraint came from, for errors while it generates.
+    pub constraint_field: Option<&'static str>,
 }
 
 impl Job {
@@ -596,24 +598,8 @@ pub fn job(
         ignore_eos: b.ignore_eos == Some(true),
         constraint: output_constraint(b, tools.as_ref())?,
     };
-    // A constraint's errors name the field the request spelled it in.
-    let field = match &base.constraint {
-        Some(Constraint::JsonSchema(_)) => "response_format.json_schema.schema",
-        Some(Constraint::Regex(_) | Constraint::Lark(_)) => "tools",
-        _ => "response_format",
-    };
-    let rename = |e: Error| match e {
-        Error::Grammar { message, .. } => Error::Grammar {
-            param: field.into(),
-            message,
-        },
-        Error::InvalidParam { param, message }
-            if ["json_schema", "json_object", "regex", "grammar"].contains(&param.as_str()) =>
-        {
-            Error::param(field, message)
-        }
-        e => e,
-    };
+    let constraint_field = base.constraint.as_ref().map(constraint_field);
+    let rename = |e| rename_constraint_error(e, constraint_field);
     base.validate().map_err(rename)?;
     if let Some(c) = &base.constraint {
         // Compiled now, so a bad schema is a 400 before any engine work (the engine's
@@ -641,7 +627,36 @@ pub fn job(
         params,
         logprobs,
         tools,
+        constraint_field,
     })
+}
+
+/// The request field a constraint came from: `response_format`'s schema, or the tools
+/// (whose required call is a Lark grammar).
+fn constraint_field(c: &Constraint) -> &'static str {
+    match c {
+        Constraint::JsonSchema(_) => "response_format.json_schema.schema",
+        Constraint::JsonObject => "response_format",
+        Constraint::Regex(_) | Constraint::Lark(_) => "tools",
+    }
+}
+
+/// `e` naming `field` (the request's spelling) where it names a constraint by its
+/// engine name (`json_schema`, `grammar`...).
+pub fn rename_constraint_error(e: Error, field: Option<&'static str>) -> Error {
+    let Some(field) = field else { return e };
+    match e {
+        Error::Grammar { message, .. } => Error::Grammar {
+            param: field.into(),
+            message,
+        },
+        Error::InvalidParam { param, message }
+            if ["json_schema", "json_object", "regex", "grammar"].contains(&param.as_str()) =>
+        {
+            Error::param(field, message)
+        }
+        e => e,
+    }
 }
 
 /// What `response_format` and the tools make of the output: any JSON object, JSON valid
@@ -871,17 +886,23 @@ pub fn call_finish(finish: &'static str) -> &'static str {
 /// (`{"index": k, "id", "type", "function": {"name", "arguments"}}`, or later fragments
 /// `{"index": k, "function": {"arguments"}}`).
 pub fn call_chunk(job: &Job, h: &Header, index: usize, call: Json) -> Json {
+    let choice = json!({
+        "index": index,
+        "delta": {"tool_calls": [call]},
+        "logprobs": null,
+        "finish_reason": null,
+    });
+    stream_chunk(job, h, choice)
+}
+
+/// A stream chunk around one choice's delta.
+fn stream_chunk(job: &Job, h: &Header, choice: Json) -> Json {
     let mut out = json!({
         "id": h.id,
         "object": job.endpoint.object(true),
         "created": h.created,
         "model": h.model,
-        "choices": [{
-            "index": index,
-            "delta": {"tool_calls": [call]},
-            "logprobs": null,
-            "finish_reason": null,
-        }],
+        "choices": [choice],
     });
     if job.include_usage {
         out["usage"] = Json::Null;
@@ -924,17 +945,7 @@ pub fn chunk(job: &Job, h: &Header, d: &Delta<'_>, tokenizer: &Tokenizer) -> Jso
             "finish_reason": d.finish,
         }),
     };
-    let mut out = json!({
-        "id": h.id,
-        "object": job.endpoint.object(true),
-        "created": h.created,
-        "model": h.model,
-        "choices": [choice],
-    });
-    if job.include_usage {
-        out["usage"] = Json::Null;
-    }
-    out
+    stream_chunk(job, h, choice)
 }
 
 /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.

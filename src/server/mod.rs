@@ -626,7 +626,7 @@ async fn collect(
             }
             Event::Aborted => choices[k].finish = Some("abort"),
             Event::Failed(e) => {
-                let e = ApiError::from(e);
+                let e = ApiError::from(api::rename_constraint_error(e, job.constraint_field));
                 flight.status = e.status.as_u16();
                 return e.into_response();
             }
@@ -710,7 +710,7 @@ impl SseState {
             }
             Event::Aborted => (String::new(), vec![], Some("abort")),
             Event::Failed(e) => {
-                let e = ApiError::from(e);
+                let e = ApiError::from(api::rename_constraint_error(e, self.job.constraint_field));
                 self.flight.status = e.status.as_u16();
                 self.ready.push_back(frame(&e.json()));
                 return;

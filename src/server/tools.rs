@@ -49,9 +49,11 @@ impl Format {
         } else {
             Format::Hermes
         };
+        let in_template = knows_tools && (format != Format::Hermes || source.contains(HERMES_OPEN));
+        // Where the template renders no tools, Cortex's own prompt asks for Hermes calls.
         (
-            format,
-            knows_tools && (format != Format::Hermes || source.contains(HERMES_OPEN)),
+            if in_template { format } else { Format::Hermes },
+            in_template,
         )
     }
 
@@ -93,8 +95,9 @@ pub struct Tools {
     functions: Vec<Function>,
     choice: Choice,
     parallel: bool,
-    /// Mistral's `[TOOL_CALLS]` token, which the grammar must produce as that token.
-    mistral_token: Option<u32>,
+    /// Mistral's `[TOOL_CALLS]` token, which the grammar must produce as that token (read
+    /// for the Mistral format only, where `parse` found it; 0 otherwise).
+    mistral_token: u32,
 }
 
 impl Tools {
@@ -175,12 +178,12 @@ impl Tools {
         }
         let (format, in_template) = Format::of_template(template);
         let mistral_token = match format {
-            Format::Mistral => Some(tokenizer.token_to_id(MISTRAL_MARK).ok_or_else(|| {
+            Format::Mistral => tokenizer.token_to_id(MISTRAL_MARK).ok_or_else(|| {
                 Error::Template(format!(
                     "the template writes Mistral tool calls, but the tokenizer has no {MISTRAL_MARK} token"
                 ))
-            })?),
-            _ => None,
+            })?,
+            _ => 0,
         };
         Ok(Some(Tools {
             format,
@@ -225,7 +228,8 @@ impl Tools {
     }
 
     /// The constraint that makes the output a valid call: with `tool_choice` `required`
-    /// (one call or more, of any tool; exactly one without `parallel_tool_calls`) or a
+    /// (one call or more, of any tool; exactly one without `parallel_tool_calls` and in
+    /// Llama's format, whose template takes one) or a
     /// named function (one call to it). `None` under `auto`.
     pub fn constraint(&self) -> Option<Constraint> {
         let candidates: Vec<&Function> = match self.choice {
@@ -264,8 +268,7 @@ impl Tools {
                 if !many {
                     array["maxItems"] = 1.into();
                 }
-                let id = self.mistral_token.unwrap_or_default();
-                format!("start: <[{id}]> %json {array}\n")
+                format!("start: <[{}]> %json {array}\n", self.mistral_token)
             }
         };
         Some(Constraint::Lark(grammar))
@@ -424,106 +427,100 @@ impl CallParser {
     }
 
     /// Takes the next stretch of output.
-    pub fn push(&mut self, text: &str) -> Vec<Piece> {
-        self.buf.push_str(text);
+    pub fn push(&mut self, chunk: &str) -> Vec<Piece> {
+        let mut text = std::mem::take(&mut self.buf);
+        text.push_str(chunk);
         let mut out = Vec::new();
-        if !self.in_call && !self.open(&mut out) {
-            return out;
-        }
-        // Inside a call: what the block holds so far.
-        let mut block = std::mem::take(&mut self.buf);
-        let names = Arc::clone(&self.names);
-        let end = match scan_block(self.format, &block, &names) {
-            Some((calls, end)) => {
-                self.give_out(&calls, &mut out);
-                end
-            }
-            // Not the usual shape: a Hermes block is parsed whole once it closes.
-            None => match (self.format, block.find(HERMES_CLOSE)) {
-                (Format::Hermes, Some(close)) => {
-                    let end = close + HERMES_CLOSE.len();
-                    self.whole(&block[..end], &mut out);
-                    Some(end)
+        // Where the text not yet settled starts: each turn opens a block or carries the
+        // open one on; a block that ends hands what follows it to the next turn.
+        let mut at = 0;
+        loop {
+            if !self.in_call {
+                let (used, opened) = self.open(&text[at..], &mut out);
+                at += used;
+                if !opened {
+                    break;
                 }
-                _ => None,
-            },
-        };
-        match end {
-            Some(end) => {
-                let rest = block.split_off(end);
-                self.leave();
-                out.extend(self.push(&rest));
+                self.in_call = true;
+                self.block_calls = 0;
             }
-            None => self.buf = block,
+            let block = &text[at..];
+            let (calls, stop) = scan_block(self.format, block, &self.names);
+            self.give_out(&calls, &mut out);
+            let end = match stop {
+                Stop::Open => None,
+                Stop::End(end) => Some(end),
+                // The calls given out stand; what left the shape is text.
+                Stop::Broke(from) if self.block_calls > 0 => Some(from),
+                // Nothing given out: a Hermes block in another shape is parsed whole once
+                // it closes (the others once the output ends).
+                Stop::Broke(_) => match (self.format, block.find(HERMES_CLOSE)) {
+                    (Format::Hermes, Some(close)) => {
+                        let end = close + HERMES_CLOSE.len();
+                        self.whole(&block[..end], &mut out);
+                        Some(end)
+                    }
+                    _ => None,
+                },
+            };
+            let Some(end) = end else { break };
+            at += end;
+            self.in_call = false;
         }
+        self.buf = text[at..].to_string();
         out
     }
 
     /// The output has ended: what is still held.
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
-        if self.in_call {
-            let block = std::mem::take(&mut self.buf);
-            let names = Arc::clone(&self.names);
-            match scan_block(self.format, &block, &names) {
-                // Cut off mid-call (at `max_tokens`): the call as far as it went.
-                Some((calls, _)) if !calls.is_empty() || self.block_calls > 0 => {
-                    self.give_out(&calls, &mut out);
-                }
-                _ => self.whole(&block, &mut out),
-            }
-            self.leave();
-        } else {
-            let rest = std::mem::take(&mut self.buf);
-            self.text(&rest, &mut out);
+        let text = std::mem::take(&mut self.buf);
+        if !self.in_call {
+            self.text(&text, &mut out);
+            return out;
+        }
+        self.in_call = false;
+        let (calls, stop) = scan_block(self.format, &text, &self.names);
+        // Cut off mid-call (at `max_tokens`): the call as far as it went.
+        self.give_out(&calls, &mut out);
+        match stop {
+            _ if self.block_calls == 0 => self.whole(&text, &mut out),
+            Stop::Broke(from) => self.text(&text[from..], &mut out),
+            Stop::Open | Stop::End(_) => {}
         }
         out
     }
 
-    /// Outside a call: gives out the text that cannot open one; true once a call opens
-    /// (its marker consumed).
-    fn open(&mut self, out: &mut Vec<Piece>) -> bool {
+    /// Outside a call, `text` (what follows the settled output): gives out what cannot
+    /// open a call, and says how many bytes it used and whether a call opened (its marker
+    /// used; for Llama, whose call is the whole output, no byte is used).
+    fn open(&mut self, text: &str, out: &mut Vec<Piece>) -> (usize, bool) {
         let mark = match self.format {
             Format::Hermes => HERMES_OPEN,
             Format::Mistral => MISTRAL_MARK,
             Format::Llama => {
                 if !self.plain {
-                    let start = self.buf.trim_start();
+                    let start = text.trim_start();
                     if start.is_empty() || LLAMA_TAG.starts_with(start) {
-                        return false;
+                        return (0, false);
                     }
                     // A call is the whole output: it starts with the tag or a brace.
                     if start.starts_with(LLAMA_TAG) || start.starts_with('{') {
-                        self.enter();
-                        return true;
+                        return (0, true);
                     }
                     self.plain = true;
                 }
-                let free = std::mem::take(&mut self.buf);
-                self.text(&free, out);
-                return false;
+                self.text(text, out);
+                return (text.len(), false);
             }
         };
-        if let Some(p) = self.buf.find(mark) {
-            let before: String = self.buf.drain(..p + mark.len()).collect();
-            self.text(&before[..p], out);
-            self.enter();
-            return true;
+        if let Some(p) = text.find(mark) {
+            self.text(&text[..p], out);
+            return (p + mark.len(), true);
         }
-        let keep = partial_suffix(&self.buf, mark);
-        let free: String = self.buf.drain(..self.buf.len() - keep).collect();
-        self.text(&free, out);
-        false
-    }
-
-    fn enter(&mut self) {
-        self.in_call = true;
-        self.block_calls = 0;
-    }
-
-    fn leave(&mut self) {
-        self.in_call = false;
-        self.buf.clear();
+        let free = text.len() - partial_suffix(text, mark);
+        self.text(&text[..free], out);
+        (free, false)
     }
 
     /// Gives out `text`, holding its trailing whitespace until more text follows (however
@@ -566,13 +563,10 @@ impl CallParser {
         });
     }
 
-    /// A block in another shape (`block`: its text without markers), parsed whole: its
-    /// calls, or, if any part is not a call of an offered function, the block as text.
-    /// Nothing of it has been given out (a block that streamed keeps the usual shape).
+    /// A block in another shape of which nothing was given out (`block`: its text after
+    /// the marker), parsed whole: its calls, or, if any part is not a call of an offered
+    /// function, the block as text.
     fn whole(&mut self, block: &str, out: &mut Vec<Piece>) {
-        if self.block_calls > 0 {
-            return;
-        }
         let Some(calls) = self.parse_calls(block) else {
             let text = match self.format {
                 Format::Hermes => format!("{HERMES_OPEN}{block}"),
@@ -636,130 +630,133 @@ impl CallParser {
 /// A call as scanned so far: its function, and its arguments' text so far.
 type Partial<'a> = (String, &'a str);
 
-/// The calls of a block's text so far (after its marker), and where the block ends once it
-/// has; `None` when the text leaves the usual shape or names a function not offered.
-fn scan_block<'a>(
-    format: Format,
-    text: &'a str,
-    names: &[String],
-) -> Option<(Vec<Partial<'a>>, Option<usize>)> {
+/// Where the scan of a block stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// At the end of the text, still in the usual shape.
+    Open,
+    /// The block ended here (after Hermes's closing tag, Mistral's `]`).
+    End(usize),
+    /// The text leaves the usual shape here: the calls before it stand, the rest is text.
+    Broke(usize),
+}
+
+/// The calls of a block's text so far (after its marker), in the usual shape, and where
+/// the scan stopped. Scanning a longer text never takes back a call a shorter one gave:
+/// whichever way the output is cut into stretches, the same calls come out.
+fn scan_block<'a>(format: Format, text: &'a str, names: &[String]) -> (Vec<Partial<'a>>, Stop) {
     let mut calls = Vec::new();
     let mut i = skip_ws(text, 0);
     match format {
-        Format::Hermes => match scan_call(text, i, names)? {
-            Scanned::Partial(call) => calls.extend(call),
-            Scanned::Whole(call, next) => {
-                calls.push(call);
-                let j = skip_ws(text, next);
-                let rest = &text[j..];
-                if rest.starts_with(HERMES_CLOSE) {
-                    return Some((calls, Some(j + HERMES_CLOSE.len())));
-                }
-                if !HERMES_CLOSE.starts_with(rest) {
-                    return None;
-                }
-            }
+        Format::Hermes => {}
+        Format::Mistral => match text[i..].chars().next() {
+            None => return (calls, Stop::Open),
+            Some('[') => i = skip_ws(text, i + 1),
+            Some(_) => return (calls, Stop::Broke(0)),
         },
-        Format::Mistral | Format::Llama => {
-            if format == Format::Mistral {
-                match text[i..].chars().next() {
-                    None => return Some((calls, None)),
-                    Some('[') => i = skip_ws(text, i + 1),
-                    Some(_) => return None,
-                }
-            } else {
-                let rest = &text[i..];
-                if rest.len() < LLAMA_TAG.len() && LLAMA_TAG.starts_with(rest) {
-                    return Some((calls, None));
-                }
-                if rest.starts_with(LLAMA_TAG) {
-                    i = skip_ws(text, i + LLAMA_TAG.len());
-                }
+        Format::Llama => {
+            let rest = &text[i..];
+            if rest.len() < LLAMA_TAG.len() && LLAMA_TAG.starts_with(rest) {
+                return (calls, Stop::Open);
             }
-            // Calls separated by `,` in Mistral's array, by `;` in Llama's output.
-            let (sep, close) = if format == Format::Mistral {
-                (',', Some(']'))
-            } else {
-                (';', None)
-            };
-            loop {
-                match scan_call(text, i, names)? {
-                    Scanned::Partial(call) => {
-                        calls.extend(call);
-                        break;
-                    }
-                    Scanned::Whole(call, next) => {
-                        calls.push(call);
-                        i = skip_ws(text, next);
-                        match text[i..].chars().next() {
-                            None => break,
-                            Some(c) if c == sep => i = skip_ws(text, i + 1),
-                            Some(c) if Some(c) == close => return Some((calls, Some(i + 1))),
-                            Some(_) => return None,
-                        }
-                    }
-                }
+            if rest.starts_with(LLAMA_TAG) {
+                i = skip_ws(text, i + LLAMA_TAG.len());
             }
         }
     }
-    Some((calls, None))
+    loop {
+        let (call, next) = match scan_call(text, i, names) {
+            Scanned::Partial(call) => {
+                calls.extend(call);
+                return (calls, Stop::Open);
+            }
+            Scanned::Broke(call, from) => {
+                calls.extend(call);
+                return (calls, Stop::Broke(from));
+            }
+            Scanned::Whole(call, next) => (call, next),
+        };
+        calls.push(call);
+        let j = skip_ws(text, next);
+        let rest = &text[j..];
+        // What may follow a call: Hermes's closing tag; another call after `,` in
+        // Mistral's array (or its `]`); another after `;` in Llama's output.
+        let stop = match (format, rest.chars().next()) {
+            (_, None) => Stop::Open,
+            (Format::Hermes, _) if rest.starts_with(HERMES_CLOSE) => {
+                Stop::End(j + HERMES_CLOSE.len())
+            }
+            (Format::Hermes, _) if HERMES_CLOSE.starts_with(rest) => Stop::Open,
+            (Format::Mistral, Some(']')) => Stop::End(j + 1),
+            (Format::Mistral, Some(',')) | (Format::Llama, Some(';')) => {
+                i = skip_ws(text, j + 1);
+                continue;
+            }
+            _ => Stop::Broke(next),
+        };
+        return (calls, stop);
+    }
 }
 
 enum Scanned<'a> {
-    /// The text ends inside the call: the call once its name is whole.
+    /// The text ends inside the call: the call once its arguments have opened.
     Partial(Option<Partial<'a>>),
     /// A whole call, and where its text ends.
     Whole(Partial<'a>, usize),
+    /// The text leaves the shape: the call if its arguments had opened (and closed), and
+    /// where the text that is not a call starts (the object's start, or its arguments'
+    /// end).
+    Broke(Option<Partial<'a>>, usize),
 }
 
-/// One call object at `i`: `{"name": "<offered>", "arguments" | "parameters": {...}}`.
-fn scan_call<'a>(text: &'a str, i: usize, names: &[String]) -> Option<Scanned<'a>> {
-    // Up to the name: the text may end anywhere (no call yet) but not differ.
+/// One call object at `i`: `{"name": "<offered>", "arguments" | "parameters": {...}}`. The
+/// call begins once its arguments' brace is there (arguments in another form, a JSON
+/// string say, are parsed whole at the block's end).
+fn scan_call<'a>(text: &'a str, i: usize, names: &[String]) -> Scanned<'a> {
+    let broke = Scanned::Broke(None, i);
     let mut i = i;
     for lit in ["{", "\"name\"", ":"] {
         match expect(text, skip_ws(text, i), &[lit]) {
             Lit::Found(next) => i = next,
-            Lit::Cut => return Some(Scanned::Partial(None)),
-            Lit::Other => return None,
+            Lit::Cut => return Scanned::Partial(None),
+            Lit::Other => return broke,
         }
     }
     let start = skip_ws(text, i);
     match text[start..].chars().next() {
-        None => return Some(Scanned::Partial(None)),
+        None => return Scanned::Partial(None),
         Some('"') => {}
-        Some(_) => return None,
+        Some(_) => return broke,
     }
     let Some(end) = value_end(text, start) else {
-        return Some(Scanned::Partial(None));
+        return Scanned::Partial(None);
     };
-    let name: String = serde_json::from_str(&text[start..end]).ok()?;
-    if !names.contains(&name) {
-        return None;
-    }
+    let name = match serde_json::from_str::<String>(&text[start..end]) {
+        Ok(name) if names.contains(&name) => name,
+        _ => return broke,
+    };
     let mut i = end;
     for lits in [&[","][..], &["\"arguments\"", "\"parameters\""], &[":"]] {
         match expect(text, skip_ws(text, i), lits) {
             Lit::Found(next) => i = next,
-            Lit::Cut => return Some(Scanned::Partial(None)),
-            Lit::Other => return None,
+            Lit::Cut => return Scanned::Partial(None),
+            Lit::Other => return broke,
         }
     }
-    // The call begins with its arguments' brace (arguments in another form, a JSON
-    // string say, are parsed whole at the end).
     let args = skip_ws(text, i);
     match text[args..].chars().next() {
-        None => return Some(Scanned::Partial(None)),
+        None => return Scanned::Partial(None),
         Some('{') => {}
-        Some(_) => return None,
+        Some(_) => return broke,
     }
     let Some(end) = value_end(text, args) else {
-        return Some(Scanned::Partial(Some((name, &text[args..]))));
+        return Scanned::Partial(Some((name, &text[args..])));
     };
     let call = (name, &text[args..end]);
     match expect(text, skip_ws(text, end), &["}"]) {
-        Lit::Found(next) => Some(Scanned::Whole(call, next)),
-        Lit::Cut => Some(Scanned::Partial(Some(call))),
-        Lit::Other => None,
+        Lit::Found(next) => Scanned::Whole(call, next),
+        Lit::Cut => Scanned::Partial(Some(call)),
+        Lit::Other => Scanned::Broke(Some(call), end),
     }
 }
 
@@ -842,7 +839,8 @@ fn call_id(format: Format) -> String {
         Format::Mistral => ("", 9),
         _ => ("call_", 24),
     };
-    // `RandomState` is seeded from the OS per instance: random enough for ids.
+    // `RandomState`'s keys come from the OS once per thread and step with each instance:
+    // distinct and unpredictable enough for ids.
     let mut bits = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
@@ -933,6 +931,41 @@ mod tests {
         ] {
             check(Format::Hermes, text, &[(false, text)]);
         }
+    }
+
+    #[test]
+    fn calls_stand_and_what_leaves_the_shape_is_text() {
+        check(
+            Format::Hermes,
+            "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}} junk</tool_call>",
+            &[(true, "add {\"a\": 1}"), (false, " junk</tool_call>")],
+        );
+        check(
+            Format::Hermes,
+            "<tool_call>{\"name\": \"add\", \"arguments\": {}} {\"name\": \"add\", \"arguments\": {}}</tool_call>",
+            &[
+                (true, "add {}"),
+                (false, " {\"name\": \"add\", \"arguments\": {}}</tool_call>"),
+            ],
+        );
+        check(
+            Format::Hermes,
+            "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}, \"id\": 3}</tool_call> ok",
+            &[
+                (true, "add {\"a\": 1}"),
+                (false, ", \"id\": 3}</tool_call> ok"),
+            ],
+        );
+        check(
+            Format::Llama,
+            "{\"name\": \"add\", \"parameters\": {\"a\": 2}} and more",
+            &[(true, "add {\"a\": 2}"), (false, " and more")],
+        );
+        check(
+            Format::Mistral,
+            "[TOOL_CALLS][{\"name\": \"add\", \"arguments\": {}}] Done.",
+            &[(true, "add {}"), (false, " Done.")],
+        );
     }
 
     #[test]
