@@ -2,7 +2,8 @@
 //!
 //! - float matrices in the narrowest float type that holds every value exactly (bf16
 //!   checkpoints come back to bf16, which the host keeps widened to f32): half types
-//!   through our GEMV for up to [`GEMV_MAX_ROWS`] rows, cuBLAS otherwise and for f32;
+//!   through our GEMV for up to [`GEMV_MAX_ROWS`] rows (bf16: [`BF16_GEMV_MAX_ROWS`]),
+//!   cuBLAS otherwise and for f32;
 //! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
 //!   affine groups), through our kernels. 2, 4 and 8-bit codes are repacked into the
 //!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded
@@ -30,6 +31,12 @@ use crate::quant::{AffineMatrix, PackedMatrix, ScaleDType};
 /// Rows of input up to which affine and half layers run the GEMV kernels (they keep a sum
 /// per row of input in registers); above, cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Rows up to which bf16 matrices run the block GEMV; above, cuBLAS's GEMM on the tensor
+/// cores. Measured on the H200 (8B bf16, ms a decode step at 1/2/4/8/16 rows): the GEMV up
+/// to 8 rows 4.67/5.69/7.76/13.46, cuBLAS from 3 rows 6.17 at 4 and 6.58 at 8, so at 8 rows
+/// twice as fast even without CUDA graphs (cuBLAS may allocate, so those steps run op by op).
+const BF16_GEMV_MAX_ROWS: usize = 2;
 
 /// Output rows per block of the block GEMVs (kernels.cu `BG_ROWS`), threads per block
 /// (`BG_WARPS` warps), and the most matrices one launch takes.
@@ -341,7 +348,7 @@ impl GpuLinear {
             Form::Affine { int: true, .. } => DEQUANT_MIN_ROWS - 1,
             Form::Affine { int: false, .. } => GEMV_MAX_ROWS,
             Form::Dense(Floats::F16(_) | Floats::BF16(_)) if self.cols.is_multiple_of(8) => {
-                GEMV_MAX_ROWS
+                self.gemv_rows()
             }
             Form::Dense(_) | Form::Ggml(_) => 0,
         }
@@ -382,7 +389,7 @@ impl GpuLinear {
         }
         match &self.form {
             // The block GEMVs, and the quantized GEMM: one path with q/k/v and gate/up.
-            _ if self.is_int() || (m <= GEMV_MAX_ROWS && self.block_gemv().is_some()) => {
+            _ if self.is_int() || (m <= self.gemv_rows() && self.block_gemv().is_some()) => {
                 return GpuLinear::forward_all(gpu, &[self], x, m, &mut [out], scratch);
             }
             Form::Dense(w) => {
@@ -643,7 +650,7 @@ impl GpuLinear {
         )
     }
 
-    /// The block GEMV this layer runs for up to [`GEMV_MAX_ROWS`] rows, if it has one
+    /// The block GEMV this layer runs for up to `gemv_rows()` rows, if it has one
     /// (half matrices, and affine codes in the integer layout): its kernel's name without
     /// the `_m{rows}` suffix, and whether it reads the input rounded to q8.
     fn block_gemv(&self) -> Option<(&str, bool)> {
@@ -658,6 +665,15 @@ impl GpuLinear {
                 int: true, gemv, ..
             } => Some((gemv.as_str(), true)),
             _ => None,
+        }
+    }
+
+    /// Rows up to which this layer runs its block GEMV (if it has one).
+    fn gemv_rows(&self) -> usize {
+        if self.is_bf16() {
+            BF16_GEMV_MAX_ROWS
+        } else {
+            GEMV_MAX_ROWS
         }
     }
 
@@ -679,7 +695,7 @@ impl GpuLinear {
     }
 
     /// `outs[i]: [m, rows_i]` ← `x: [m, cols]` · W_iᵀ (+ bias_i) for layers of one input
-    /// (q/k/v, gate/up). Up to [`GEMV_MAX_ROWS`] rows, layers that share a block GEMV go
+    /// (q/k/v, gate/up). Up to `gemv_rows()` rows, layers that share a block GEMV go
     /// through it together, up to three a launch (the input rounded to q8 once for all);
     /// otherwise each layer goes alone.
     pub fn forward_all(
@@ -714,7 +730,7 @@ impl GpuLinear {
             return Ok(());
         }
         let together = m > 0
-            && m <= GEMV_MAX_ROWS
+            && m <= first.gemv_rows()
             && layers.len() <= GEMV_MATRICES
             && layers.iter().all(|l| first.fuses_with(l));
         if !together {
