@@ -121,22 +121,16 @@ def test_response_format_json_object_and_schema(server: Any, client: openai.Open
         assert r.choices[0].finish_reason == "stop", r
         jsonschema.validate(json.loads(r.choices[0].message.content or ""), PERSON)
     # Streamed greedily, the deltas make the same document; completions take it too.
-    stream = client.chat.completions.create(
-        model=server.model_name,
-        messages=[{"role": "user", "content": "Describe a person as JSON."}],
-        max_tokens=200,
-        temperature=0,
-        response_format=fmt,
-        stream=True,
-    )
+    greedy: dict[str, Any] = {
+        "model": server.model_name,
+        "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "response_format": fmt,
+    }
+    stream = client.chat.completions.create(stream=True, **greedy)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    again = client.chat.completions.create(
-        model=server.model_name,
-        messages=[{"role": "user", "content": "Describe a person as JSON."}],
-        max_tokens=200,
-        temperature=0,
-        response_format=fmt,
-    )
+    again = client.chat.completions.create(**greedy)
     assert streamed == again.choices[0].message.content
     c = client.completions.create(
         model=server.model_name,

@@ -492,18 +492,18 @@ pub fn job(
             let template = template
                 .or(tokenizer.chat_template())
                 .ok_or_else(|| Error::Template("this model has no chat template".into()))?;
+            let format = tools::Format::of_template(template.source());
             tools = Tools::parse(
                 b.tools.as_ref(),
                 b.tool_choice.as_ref(),
                 b.parallel_tool_calls,
-                template.source(),
+                format,
                 tokenizer,
             )?;
             if tools.is_some() && logprobs.is_some() {
                 return Err(unsupported("logprobs", "not together with tools"));
             }
-            let knows_tools = tools::Format::of_template(template.source()).1;
-            let mut messages = chat_messages(messages, knows_tools)?;
+            let mut messages = chat_messages(messages, format.1)?;
             let mut extra = b.chat_template_kwargs.clone().unwrap_or_default();
             if let Some(t) = &tools {
                 t.prompt(&mut messages, &mut extra);
@@ -692,17 +692,7 @@ fn response_format(f: &Json) -> Result<Option<Constraint>> {
                 .and_then(Json::as_object)
                 .ok_or_else(|| Error::param("response_format.json_schema", "must be an object"))?;
             let name = spec.get("name").and_then(Json::as_str).unwrap_or_default();
-            let valid = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if !valid {
-                return Err(Error::param(
-                    "response_format.json_schema.name",
-                    "must be 1 to 64 letters, digits, underscores or dashes",
-                ));
-            }
+            tools::check_name(name, "response_format.json_schema.name")?;
             if !matches!(spec.get("strict"), None | Some(Json::Null | Json::Bool(_))) {
                 return Err(Error::param(
                     "response_format.json_schema.strict",

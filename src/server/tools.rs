@@ -102,12 +102,12 @@ pub struct Tools {
 
 impl Tools {
     /// The tools of a request, or `None` when it offers none or `tool_choice` is `none`.
-    /// `template` is the chat template's source.
+    /// `template` is what [`Format::of_template`] makes of the chat template.
     pub fn parse(
         tools: Option<&Json>,
         tool_choice: Option<&Json>,
         parallel: Option<bool>,
-        template: &str,
+        (format, in_template): (Format, bool),
         tokenizer: &Tokenizer,
     ) -> Result<Option<Tools>> {
         let specs = match tools {
@@ -176,7 +176,6 @@ impl Tools {
                 _ => Err(Error::param("tool_choice", "needs tools to choose from")),
             };
         }
-        let (format, in_template) = Format::of_template(template);
         let mistral_token = match format {
             Format::Mistral => tokenizer.token_to_id(MISTRAL_MARK).ok_or_else(|| {
                 Error::Template(format!(
@@ -297,17 +296,7 @@ fn function(tool: &Json, i: usize) -> Result<Function> {
         .and_then(Json::as_object)
         .ok_or_else(|| Error::param(format!("{field}.function"), "must be an object"))?;
     let name = f.get("name").and_then(Json::as_str).unwrap_or_default();
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !valid {
-        return Err(Error::param(
-            format!("{field}.function.name"),
-            "must be 1 to 64 letters, digits, underscores or dashes",
-        ));
-    }
+    check_name(name, &format!("{field}.function.name"))?;
     let parameters = match f.get("parameters") {
         None | Some(Json::Null) => json!({"type": "object"}),
         Some(p @ Json::Object(_)) => p.clone(),
@@ -322,6 +311,24 @@ fn function(tool: &Json, i: usize) -> Result<Function> {
         name: name.to_string(),
         parameters,
     })
+}
+
+/// A function's or a response format's `name`, as OpenAI takes them: 1 to 64 letters,
+/// digits, underscores or dashes; `field` names it in the error.
+pub fn check_name(name: &str, field: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::param(
+            field,
+            "must be 1 to 64 letters, digits, underscores or dashes",
+        ))
+    }
 }
 
 /// A call the model made, as OpenAI returns it.
@@ -1050,7 +1057,13 @@ mod tests {
             {"type": "function", "function": {"name": "now"}},
         ]);
         let parse = |choice: Json, template: &str| {
-            Tools::parse(Some(&tools), Some(&choice), None, template, &tok)
+            Tools::parse(
+                Some(&tools),
+                Some(&choice),
+                None,
+                Format::of_template(template),
+                &tok,
+            )
         };
         let plain = "{% for m in messages %}{{ m.content }}{% endfor %}";
         assert!(parse(json!("none"), plain).unwrap().is_none());
@@ -1108,7 +1121,13 @@ mod tests {
                 "tool_choice.function.name",
             ),
         ] {
-            match Tools::parse(Some(&tools), Some(&choice), None, plain, &tok) {
+            match Tools::parse(
+                Some(&tools),
+                Some(&choice),
+                None,
+                Format::of_template(plain),
+                &tok,
+            ) {
                 Err(Error::InvalidParam { param, .. }) => assert_eq!(param, field),
                 other => panic!("{field}: {other:?}"),
             }
