@@ -160,6 +160,23 @@ GATHER_ROWS(f32, float)
 GATHER_ROWS(f16, __half)
 GATHER_ROWS(bf16, __nv_bfloat16)
 
+// Whether (v, i) beats (best, at) for an argmax: a larger value, or an equal one earlier.
+__device__ __forceinline__ bool beats(float v, int i, float best, int at) {
+  return v > best || (v == best && i < at);
+}
+
+// The warp's winning (best, at) by `beats`, in lane 0.
+__device__ __forceinline__ void warp_argmax(float& best, int& at) {
+  for (int o = WARP / 2; o > 0; o /= 2) {
+    float ob = __shfl_down_sync(0xffffffff, best, o);
+    int oa = __shfl_down_sync(0xffffffff, at, o);
+    if (beats(ob, oa, best, at)) {
+      best = ob;
+      at = oa;
+    }
+  }
+}
+
 // out[r] = the index of row r's largest value, the first among equals (as the host sampler's
 // argmax), or 0xFFFFFFFF when the row holds a NaN. One block of 1024 threads per row of
 // `width` values: greedy steps copy back these ids instead of whole rows of logits.
@@ -178,19 +195,12 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows_f32(const float* 
   for (int i = threadIdx.x; i < width; i += blockDim.x) {
     float v = row[i];
     nan |= isnan(v);
-    if (v > best || (v == best && i < at)) {
+    if (beats(v, i, best, at)) {
       best = v;
       at = i;
     }
   }
-  for (int o = WARP / 2; o > 0; o /= 2) {
-    float ob = __shfl_down_sync(0xffffffff, best, o);
-    int oa = __shfl_down_sync(0xffffffff, at, o);
-    if (ob > best || (ob == best && oa < at)) {
-      best = ob;
-      at = oa;
-    }
-  }
+  warp_argmax(best, at);
   __syncthreads();
   if (__any_sync(0xffffffff, nan) && threadIdx.x % WARP == 0) s_nan = 1;
   int warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
@@ -202,14 +212,7 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows_f32(const float* 
   if (warp == 0) {
     best = threadIdx.x < warps ? s_best[threadIdx.x] : -INFINITY;
     at = threadIdx.x < warps ? s_at[threadIdx.x] : width;
-    for (int o = WARP / 2; o > 0; o /= 2) {
-      float ob = __shfl_down_sync(0xffffffff, best, o);
-      int oa = __shfl_down_sync(0xffffffff, at, o);
-      if (ob > best || (ob == best && oa < at)) {
-        best = ob;
-        at = oa;
-      }
-    }
+    warp_argmax(best, at);
     if (threadIdx.x == 0) out[blockIdx.x] = s_nan ? 0xFFFFFFFFu : (unsigned)at;
   }
 }
