@@ -69,6 +69,11 @@ class Engine:
         rotating_kv_cache: past ``kv_cache_size``, keep the first 4 positions and a sliding
             window of the most recent ones (mlx-lm's ``RotatingKVCache``) instead of
             stopping; needs ``kv_cache_size``.
+        prefix_caching: share the cached keys and values of full blocks between requests
+            whose tokens begin the same way (a system prompt, earlier chat turns), so that
+            a repeated prefix is not computed again; output is the same either way. Off
+            with ``rotating_kv_cache``. ``stats()`` reports ``prefix_cache_hits`` of
+            ``prefix_cache_queries`` (prompt tokens) and ``prefix_cache_blocks``.
 
     Requests that do not fit the cache wait, or are preempted and recomputed later; a
     request that could never fit raises :class:`cortex.CacheFullError` at submission. The
@@ -87,6 +92,7 @@ class Engine:
         max_num_batched_tokens: int = _core.DEFAULT_MAX_NUM_BATCHED_TOKENS,
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
+        prefix_caching: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
         self._core = _core.Engine(
@@ -99,6 +105,7 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_size=kv_cache_size,
             rotating_kv_cache=rotating_kv_cache,
+            prefix_caching=prefix_caching,
         )
 
     def _params(

@@ -84,6 +84,9 @@ pub struct EngineConfig {
     pub kv_cache_size: Option<usize>,
     /// Past `kv_cache_size`, keep the first tokens and a sliding window instead of stopping.
     pub rotating: bool,
+    /// Share the cached keys and values of common prefixes between requests (vLLM's
+    /// automatic prefix caching; not with a rotating cache, whose blocks are rewritten).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +99,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             kv_cache_size: None,
             rotating: false,
+            prefix_caching: true,
         }
     }
 }
@@ -278,11 +282,12 @@ impl Engine {
         let storage = model
             .decoder()
             .new_storage(num_blocks, c.block_size, ring)?;
-        let pool = BlockPool::new(num_blocks, c.block_size);
+        let pool = BlockPool::new(num_blocks, c.block_size, c.prefix_caching && ring.is_none());
         let stats = Arc::new(Mutex::new(Stats {
             kv_blocks_total: num_blocks,
             kv_blocks_free: num_blocks,
             kv_block_size: c.block_size,
+            prefix_caching: pool.caching(),
             ..Stats::default()
         }));
         let scheduler = Scheduler::new(pool, ring, c.max_batch_size, c.max_num_batched_tokens);
@@ -476,6 +481,8 @@ impl Worker {
         stats.running = self.scheduler.num_running();
         stats.kv_blocks_free = self.scheduler.num_free_blocks();
         stats.preemptions = self.scheduler.preemptions();
+        (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.prefix_cache_blocks) =
+            self.scheduler.prefix_cache();
     }
 
     /// One step: schedule → execute → update from output.

@@ -11,6 +11,7 @@ use llguidance::Matcher;
 use crate::error::{bail, Error, Result};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
+use super::kv::{block_hash, BlockHash};
 use super::sampling::{Sampler, SamplingParams, TokenLogprobs};
 
 pub type RequestId = u64;
@@ -222,6 +223,8 @@ pub struct Request {
     pub prompt_len: usize,
     /// Leading tokens whose keys and values are in the cache.
     pub computed: usize,
+    /// Names of the full blocks of `tokens` hashed so far ([`Request::hash_blocks`]).
+    pub block_hashes: Vec<BlockHash>,
     pub state: RequestState,
     /// The request ends with `length` once this many tokens are cached (the context, or
     /// the most the cache holds for one sequence); `usize::MAX` with a rotating cache.
@@ -253,6 +256,7 @@ impl Request {
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
+            block_hashes: Vec::new(),
             state: RequestState::Waiting,
             max_len,
             stops: StopMatcher {
@@ -297,6 +301,18 @@ impl Request {
                 g.next = Some(mask);
             }
         }
+    }
+
+    /// Names the full blocks of `block_size` positions within the first `upto` tokens
+    /// (each once: tokens never change) and returns how many there are.
+    pub fn hash_blocks(&mut self, block_size: usize, upto: usize) -> usize {
+        let full = upto.min(self.tokens.len()) / block_size;
+        for i in self.block_hashes.len()..full {
+            let parent = self.block_hashes.last().copied();
+            let span = &self.tokens[i * block_size..(i + 1) * block_size];
+            self.block_hashes.push(block_hash(parent, span));
+        }
+        full
     }
 
     /// Tokens still to run through the model before the next token can be sampled.

@@ -40,6 +40,9 @@ pub struct Scheduler {
     max_batch_size: usize,
     token_budget: usize,
     preemptions: u64,
+    /// Tokens of admitted requests looked up in the prefix cache, and those found.
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 /// One sequence's share of a step, all the runner needs to run it.
@@ -92,6 +95,8 @@ impl Scheduler {
             max_batch_size,
             token_budget,
             preemptions: 0,
+            prefix_queries: 0,
+            prefix_hits: 0,
         }
     }
 
@@ -114,6 +119,11 @@ impl Scheduler {
     /// Requests preempted (and later recomputed) so far.
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// `(tokens looked up, tokens found, blocks cached now)` of the prefix cache.
+    pub fn prefix_cache(&self) -> (u64, u64, usize) {
+        (self.prefix_queries, self.prefix_hits, self.pool.num_cached())
     }
 
     /// Queues a request behind every waiting one (called when it is submitted).
@@ -150,17 +160,33 @@ impl Scheduler {
             self.preempt(victim);
         }
         while budget > 0 && self.running.len() < self.max_batch_size {
-            let Some(request) = self.waiting.front() else {
+            let Some(request) = self.waiting.front_mut() else {
                 break;
             };
-            let n = request.pending().min(budget);
-            let slots = Ring::slots(self.ring, request.computed + n);
-            if !self.pool.reserve(request.id, slots) {
+            // Its longest cached prefix of full blocks, short of the last token (whose
+            // logits the step must compute).
+            let cached = if self.pool.caching() {
+                let len = request.tokens.len();
+                let n = request.hash_blocks(self.pool.block_size(), len - 1);
+                self.pool
+                    .cached_prefix(&request.block_hashes[..n], &request.tokens)
+            } else {
+                Vec::new()
+            };
+            let computed = cached.len() * self.pool.block_size();
+            let n = (request.tokens.len() - computed).min(budget);
+            let slots = Ring::slots(self.ring, computed + n);
+            if !self.pool.admit(request.id, &cached, slots) {
                 break; // FIFO: nobody overtakes the head of the queue.
             }
             let Some(mut request) = self.waiting.pop_front() else {
                 break;
             };
+            if self.pool.caching() {
+                self.prefix_queries += request.tokens.len() as u64;
+                self.prefix_hits += computed as u64;
+            }
+            request.computed = computed;
             request.state = RequestState::Prefilling;
             budget -= n;
             self.running.push(request);
@@ -240,6 +266,10 @@ impl Scheduler {
                 bail!(Internal, "scheduled request {} is not running", seq.id);
             };
             r.computed += seq.tokens.len();
+            if self.pool.caching() {
+                let n = r.hash_blocks(self.pool.block_size(), r.computed);
+                (self.pool).name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
+            }
             if seq.sample {
                 chosen.push(r);
             }
@@ -369,19 +399,29 @@ mod tests {
 
     const VOCAB: usize = 8;
 
-    /// One simulated workload: `(prompt length, max_tokens, step at which it is aborted)`.
+    /// One simulated workload: `(prompt length, max_tokens, step at which it is aborted,
+    /// leading prompt tokens shared with the other requests)`. Besides the pool's
+    /// invariants, a stand-in for the cache's memory (each slot holds the position and
+    /// token written there) checks that every position a span attends to holds that
+    /// sequence's token, cached blocks shared between requests included, and that no span
+    /// writes into a block another request holds.
     fn run(
-        requests: Vec<(usize, usize, Option<usize>)>,
+        requests: Vec<(usize, usize, Option<usize>, usize)>,
         num_blocks: usize,
         block_size: usize,
         ring: Option<Ring>,
-    ) {
+    ) -> u64 {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let capacity = num_blocks * block_size;
-        let mut s = Scheduler::new(BlockPool::new(num_blocks, block_size), ring, 4, 24);
+        let mut s = Scheduler::new(
+            BlockPool::new(num_blocks, block_size, ring.is_none()),
+            ring,
+            4,
+            24,
+        );
         let mut aborts = Vec::new();
-        for (id, &(prompt, max_tokens, abort)) in requests.iter().enumerate() {
+        for (id, &(prompt, max_tokens, abort, shared)) in requests.iter().enumerate() {
             let params = SamplingParams {
                 max_tokens,
                 ..SamplingParams::default()
@@ -389,7 +429,7 @@ mod tests {
             // As `Engine::submit` admits them: a prompt must fit the cache.
             let max_len = if ring.is_some() { usize::MAX } else { capacity };
             let prompt = (0..prompt.min(capacity - 1))
-                .map(|t| (t % VOCAB) as u32)
+                .map(|t| if t < shared { t % VOCAB } else { (t + id) % VOCAB } as u32)
                 .collect();
             s.add(Request::new(
                 id as u64,
@@ -406,6 +446,7 @@ mod tests {
         let mut logits = [0f32; VOCAB];
         logits[3] = 1.0;
         let stats = Mutex::new(Stats::default());
+        let mut memory: Vec<Option<(usize, u32)>> = vec![None; capacity];
         let mut done = 0;
         for step in 0..10_000 {
             for &(_, id) in aborts.iter().filter(|(at, _)| *at == step) {
@@ -425,6 +466,26 @@ mod tests {
                 let need = Ring::slots(ring, q.start + q.tokens.len()).div_ceil(block_size);
                 assert!(q.blocks.len() >= need, "table of {} too short", q.id);
                 assert_eq!(q.blocks, s.pool.table(q.id), "stale table of {}", q.id);
+                let Some(r) = s.running.iter().find(|r| r.id == q.id) else {
+                    panic!("{} scheduled but not running", q.id);
+                };
+                let at = |p: usize| {
+                    let slot = Ring::slot(ring, p);
+                    q.blocks[slot / block_size] as usize * block_size + slot % block_size
+                };
+                // Without a ring every earlier position is still in the cache.
+                if ring.is_none() {
+                    for p in 0..q.start {
+                        assert_eq!(memory[at(p)], Some((p, r.tokens[p])), "{}'s {p}", q.id);
+                    }
+                }
+                for (p, &t) in (q.start..).zip(&q.tokens) {
+                    let block = q.blocks[Ring::slot(ring, p) / block_size];
+                    for other in s.running.iter().filter(|o| o.id != q.id) {
+                        assert!(!s.pool.table(other.id).contains(&block), "shared {block}");
+                    }
+                    memory[at(p)] = Some((p, t));
+                }
             }
             let rows = Logits::new(logits.repeat(out.num_sampled()), out.num_sampled(), VOCAB);
             let rows = rows.unwrap();
@@ -441,17 +502,29 @@ mod tests {
         assert!(s.is_idle(), "requests left after the step limit");
         assert_eq!(done, requests.len());
         assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
+        s.prefix_cache().1
+    }
+
+    /// Requests that begin alike take each other's blocks: a 40-token prefix shared by
+    /// six requests (blocks of 4) is found in the cache by all but the first.
+    #[test]
+    fn shared_prefixes_are_found() {
+        let requests = vec![(50, 5, None, 40); 6];
+        let hits = run(requests, 64, 4, None);
+        assert_eq!(hits, 5 * 40);
     }
 
     /// Two requests on a pool of 3 blocks of 2 positions: both are admitted in order; when
     /// both need a second block, the newest is preempted (its block freed, back to the
     /// front of the queue) and recomputed once the oldest has finished; both end whole.
+    /// (Without prefix caching: with it, the newest would come straight back, sharing the
+    /// oldest's first block.)
     #[test]
     fn the_newest_is_preempted_and_recomputed() -> Result<()> {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(3, 2), None, 4, 24);
+        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, 4, 24);
         for id in 0..2 {
             let params = SamplingParams {
                 max_tokens: 3,
@@ -510,7 +583,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(8, 4), None, 4, 24);
+        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, 4, 24);
         let greedy = SamplingParams {
             temperature: 0.0,
             max_tokens: 4,
@@ -565,11 +638,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Random workloads on a small cache: every request ends, the pool's invariant
-        /// holds after each step, and every block comes back.
+        /// Random workloads on a small cache, with prefixes shared, aborts and
+        /// preemptions: every request ends, the pool's invariants hold after each step,
+        /// every position read holds what its sequence wrote, and every block comes back.
         #[test]
         fn block_accounting_holds(
-            requests in prop::collection::vec((1usize..60, 1usize..40, prop::option::of(0usize..80)), 1..12),
+            requests in prop::collection::vec(
+                (1usize..60, 1usize..40, prop::option::of(0usize..80), 0usize..60), 1..12),
             num_blocks in 4usize..24,
             block_size in prop::sample::select(vec![1usize, 4, 16]),
         ) {
@@ -578,7 +653,8 @@ mod tests {
 
         #[test]
         fn block_accounting_holds_with_a_ring(
-            requests in prop::collection::vec((1usize..60, 1usize..40, prop::option::of(0usize..80)), 1..12),
+            requests in prop::collection::vec(
+                (1usize..60, 1usize..40, prop::option::of(0usize..80), 0usize..60), 1..12),
             window in 2usize..20,
         ) {
             let ring = Ring { keep: 4, window };

@@ -49,6 +49,14 @@ pub struct Stats {
     pub kv_blocks_total: usize,
     pub kv_blocks_free: usize,
     pub kv_block_size: usize,
+    /// Whether prefix caching is on.
+    pub prefix_caching: bool,
+    /// Prompt tokens of admitted requests (recomputed ones included) looked up in the
+    /// prefix cache, and those found there (not computed again).
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Blocks holding a cached prefix now (in use or free).
+    pub prefix_cache_blocks: usize,
     pub ttft: Latencies,
     pub itl: Latencies,
 }
@@ -61,6 +69,11 @@ impl Stats {
 
     pub fn prompt_tps(&self) -> f64 {
         self.prompt_tokens as f64 / self.busy_seconds.max(1e-9)
+    }
+
+    /// Fraction of looked-up prompt tokens found in the prefix cache.
+    pub fn prefix_cache_hit_rate(&self) -> f64 {
+        self.prefix_cache_hits as f64 / self.prefix_cache_queries.max(1) as f64
     }
 
     /// Fraction of the KV cache's blocks in use.

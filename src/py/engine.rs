@@ -217,7 +217,7 @@ impl PyEngine {
     #[pyo3(signature = (model, tokenizer, *, max_batch_size = None, kv_cache_tokens = None,
         memory_fraction = None, block_size = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS, kv_cache_size = None,
-        rotating_kv_cache = false))]
+        rotating_kv_cache = false, prefix_caching = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyModel,
@@ -229,6 +229,7 @@ impl PyEngine {
         max_num_batched_tokens: usize,
         kv_cache_size: Option<usize>,
         rotating_kv_cache: bool,
+        prefix_caching: bool,
     ) -> PyResult<Self> {
         // Without a batch size, CANDLE_NUM_PARALLEL's or the default (the env is not read
         // when one is given).
@@ -244,6 +245,7 @@ impl PyEngine {
             max_num_batched_tokens,
             kv_cache_size,
             rotating: rotating_kv_cache,
+            prefix_caching,
         };
         let engine = Engine::new(model.inner.clone(), config)?;
         Ok(PyEngine {
@@ -332,6 +334,11 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Boun
     d.set_item("kv_blocks_free", s.kv_blocks_free)?;
     d.set_item("kv_block_size", s.kv_block_size)?;
     d.set_item("kv_usage", s.kv_usage())?;
+    d.set_item("prefix_caching", s.prefix_caching)?;
+    d.set_item("prefix_cache_queries", s.prefix_cache_queries)?;
+    d.set_item("prefix_cache_hits", s.prefix_cache_hits)?;
+    d.set_item("prefix_cache_hit_rate", s.prefix_cache_hit_rate())?;
+    d.set_item("prefix_cache_blocks", s.prefix_cache_blocks)?;
     Ok(d)
 }
 

@@ -170,6 +170,24 @@ impl Metrics {
             "Requests preempted (their cache freed, recomputed later).",
             engine.preemptions,
         );
+        counter(
+            &mut out,
+            "cortex_prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            engine.prefix_cache_queries,
+        );
+        counter(
+            &mut out,
+            "cortex_prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (not computed again).",
+            engine.prefix_cache_hits,
+        );
+        gauge(
+            &mut out,
+            "cortex_prefix_cache_blocks",
+            "KV cache blocks holding a cached prefix.",
+            engine.prefix_cache_blocks as f64,
+        );
         out
     }
 }

@@ -49,6 +49,12 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         "--memory-fraction", type=float, default=None, help="KV cache size as a fraction of free memory"
     )
     engine.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing cached prefixes",
+    )
+    engine.add_argument(
         "--max-queue",
         type=int,
         default=DEFAULT_MAX_QUEUE,
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         kv_cache_tokens=args.kv_cache_tokens,
         memory_fraction=args.memory_fraction,
+        prefix_caching=args.prefix_caching,
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,

@@ -5,5 +5,5 @@
 pub mod pool;
 pub mod storage;
 
-pub use pool::BlockPool;
+pub use pool::{block_hash, BlockHash, BlockPool};
 pub use storage::{KvDType, KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};

@@ -1,87 +1,360 @@
 //! The KV cache's bookkeeping, following vLLM's `BlockPool`: a pool of fixed-size blocks
 //! and a block table per sequence. The memory itself is [`super::KvStorage`]; this side
-//! decides which blocks each sequence owns. Allocation and release are O(1) per block (a
-//! free stack, so recently freed blocks — whose memory is already resident — are reused
-//! first); a table lookup is O(1) (a hash map by request id).
+//! decides which blocks each sequence owns.
+//!
+//! **Prefix caching** (vLLM's automatic prefix caching): once every position of a block is
+//! computed, the block is named by [`block_hash`] of the previous block's hash and its
+//! tokens. A sequence whose tokens begin the same way takes those blocks instead of
+//! computing them again: blocks are shared, with reference counts, and never written once
+//! full. A block nobody holds any more keeps its keys and values and its name; it is
+//! evicted (the name forgotten, the block reused) only when a block is needed and no free
+//! block without a name is left, least recently freed first.
+//!
+//! Free blocks are therefore of two kinds: `empty` ones (nothing cached; a stack, so that a
+//! recently freed block, whose memory is resident, is reused first) and cached ones (a
+//! doubly linked list in the order they were freed). Allocation, release, a hit and an
+//! eviction are O(1) per block; a table lookup is O(1) (a hash map by request id).
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::engine::request::RequestId;
 
+/// The name of a full block: a hash chained over every block before it.
+pub type BlockHash = u64;
+
+/// Names a full block of `tokens` whose predecessor is named `parent` (`None` for a
+/// sequence's first block), so that equal names mean equal prefixes. Keys and values
+/// depend on nothing else in an engine (one model, one cache layout); a rotating cache,
+/// whose blocks are rewritten as it wraps, does not cache.
+pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+    // SipHash with fixed keys: the same in every run of one build, which is all an
+    // in-memory cache needs (saved prefixes store tokens, not hashes).
+    let mut h = DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// No block (the ends of the free list).
+const NIL: u32 = u32::MAX;
+
+/// What a block holds while it is named: checked in full on every hit, so that a hash
+/// collision can never hand out another prefix's keys and values.
+#[derive(Debug)]
+struct Name {
+    hash: BlockHash,
+    parent: Option<BlockHash>,
+    tokens: Box<[u32]>,
+}
+
+#[derive(Debug)]
+struct Block {
+    /// Tables holding the block.
+    refs: u32,
+    name: Option<Name>,
+    /// Neighbours in the list of free cached blocks (`NIL` outside it).
+    prev: u32,
+    next: u32,
+}
+
+/// One sequence's blocks.
+#[derive(Debug, Default)]
+struct Table {
+    blocks: Vec<u32>,
+    /// Leading blocks already named (taken from the cache or named since).
+    named: usize,
+}
+
 #[derive(Debug)]
 pub struct BlockPool {
-    free: Vec<u32>,
-    num_blocks: usize,
+    blocks: Vec<Block>,
     block_size: usize,
-    tables: HashMap<RequestId, Vec<u32>>,
+    /// Free blocks holding nothing cached.
+    empty: Vec<u32>,
+    /// Free named blocks, least recently freed at `head`; evicted from there.
+    head: u32,
+    tail: u32,
+    num_cached_free: usize,
+    /// Named blocks, in use or free.
+    by_hash: HashMap<BlockHash, u32>,
+    tables: HashMap<RequestId, Table>,
+    caching: bool,
 }
 
 impl BlockPool {
-    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+    /// `caching`: whether full blocks are named and shared (prefix caching).
+    pub fn new(num_blocks: usize, block_size: usize, caching: bool) -> Self {
+        let blocks = (0..num_blocks)
+            .map(|_| Block {
+                refs: 0,
+                name: None,
+                prev: NIL,
+                next: NIL,
+            })
+            .collect();
         BlockPool {
-            // Reversed so that block 0 is handed out first.
-            free: (0..num_blocks as u32).rev().collect(),
-            num_blocks,
+            blocks,
             block_size,
+            // Reversed so that block 0 is handed out first.
+            empty: (0..num_blocks as u32).rev().collect(),
+            head: NIL,
+            tail: NIL,
+            num_cached_free: 0,
+            by_hash: HashMap::new(),
             tables: HashMap::new(),
+            caching,
         }
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.num_blocks
+        self.blocks.len()
     }
 
+    /// Blocks that can be handed out (cached ones included: they are evicted then).
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.empty.len() + self.num_cached_free
+    }
+
+    /// Named blocks, held or free.
+    pub fn num_cached(&self) -> usize {
+        self.by_hash.len()
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    pub fn caching(&self) -> bool {
+        self.caching
+    }
+
     /// Positions the whole pool holds.
     pub fn capacity_tokens(&self) -> usize {
-        self.num_blocks * self.block_size
+        self.blocks.len() * self.block_size
+    }
+
+    /// The cached blocks that begin a sequence whose full blocks are named `hashes` (of
+    /// `tokens`): the longest run found, each block checked against its tokens. Changes
+    /// nothing; [`BlockPool::admit`] takes them.
+    pub fn cached_prefix(&self, hashes: &[BlockHash], tokens: &[u32]) -> Vec<u32> {
+        if !self.caching {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for (i, &hash) in hashes.iter().enumerate() {
+            let Some(&b) = self.by_hash.get(&hash) else {
+                break;
+            };
+            let span = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            let parent = i.checked_sub(1).map(|p| hashes[p]);
+            match &self.blocks[b as usize].name {
+                Some(n) if n.hash == hash && n.parent == parent && *n.tokens == *span => {
+                    found.push(b);
+                }
+                _ => break,
+            }
+        }
+        found
+    }
+
+    /// Gives `id` (which holds no blocks) the cached blocks `cached` (from
+    /// [`BlockPool::cached_prefix`]) and fresh ones up to `slots` positions. All or nothing:
+    /// false, with nothing taken, when too few blocks are free.
+    pub fn admit(&mut self, id: RequestId, cached: &[u32], slots: usize) -> bool {
+        debug_assert!(!self.tables.contains_key(&id), "request {id} admitted twice");
+        let fresh = slots.div_ceil(self.block_size).saturating_sub(cached.len());
+        // Cached blocks nobody holds are counted free: taking them uses up free blocks.
+        let revived = cached
+            .iter()
+            .filter(|&&b| self.blocks[b as usize].refs == 0)
+            .count();
+        if fresh + revived > self.num_free() {
+            return false;
+        }
+        for &b in cached {
+            if self.blocks[b as usize].refs == 0 {
+                self.unlink(b);
+            }
+            self.blocks[b as usize].refs += 1;
+        }
+        let mut blocks = cached.to_vec();
+        blocks.extend((0..fresh).map(|_| self.take()));
+        let named = cached.len();
+        self.tables.insert(id, Table { blocks, named });
+        true
     }
 
     /// Grows `id`'s table to cover `slots` positions. All or nothing: false, with nothing
     /// taken, when too few blocks are free.
     pub fn reserve(&mut self, id: RequestId, slots: usize) -> bool {
-        let have = self.tables.get(&id).map_or(0, Vec::len);
+        let have = self.tables.get(&id).map_or(0, |t| t.blocks.len());
         let need = slots.div_ceil(self.block_size).saturating_sub(have);
-        if need > self.free.len() {
+        if need > self.num_free() {
             return false;
         }
         if need > 0 {
-            let at = self.free.len() - need;
-            self.tables
-                .entry(id)
-                .or_default()
-                .extend(self.free.drain(at..));
+            let fresh: Vec<u32> = (0..need).map(|_| self.take()).collect();
+            self.tables.entry(id).or_default().blocks.extend(fresh);
         }
         true
     }
 
-    /// Returns every block of `id` to the pool (nothing if it holds none).
+    /// Names `id`'s blocks that are now full: the first `computed` positions of `tokens`
+    /// are cached, and `hashes` names (at least) their full blocks. A block whose name
+    /// another block already has stays unnamed (two sequences computed the same prefix at
+    /// once; the other copy serves later hits).
+    pub fn name_full_blocks(
+        &mut self,
+        id: RequestId,
+        hashes: &[BlockHash],
+        tokens: &[u32],
+        computed: usize,
+    ) {
+        if !self.caching {
+            return;
+        }
+        let Some(table) = self.tables.get_mut(&id) else {
+            return;
+        };
+        let full = (computed / self.block_size)
+            .min(table.blocks.len())
+            .min(hashes.len());
+        for i in table.named..full {
+            let b = table.blocks[i];
+            let block = &mut self.blocks[b as usize];
+            if block.name.is_some() || self.by_hash.contains_key(&hashes[i]) {
+                continue;
+            }
+            self.by_hash.insert(hashes[i], b);
+            block.name = Some(Name {
+                hash: hashes[i],
+                parent: i.checked_sub(1).map(|p| hashes[p]),
+                tokens: tokens[i * self.block_size..(i + 1) * self.block_size].into(),
+            });
+        }
+        table.named = table.named.max(full);
+    }
+
+    /// Gives back every block of `id` (nothing if it holds none). Named blocks nobody holds
+    /// stay cached; a sequence's last blocks are freed first, so that they are evicted
+    /// before its first ones (a shared prefix is likelier to be asked for again).
     pub fn release(&mut self, id: RequestId) {
-        if let Some(blocks) = self.tables.remove(&id) {
-            self.free.extend(blocks);
+        let Some(table) = self.tables.remove(&id) else {
+            return;
+        };
+        for &b in table.blocks.iter().rev() {
+            let block = &mut self.blocks[b as usize];
+            block.refs -= 1;
+            if block.refs > 0 {
+                continue;
+            }
+            if block.name.is_some() {
+                self.push_back(b);
+            } else {
+                self.empty.push(b);
+            }
         }
     }
 
     pub fn table(&self, id: RequestId) -> &[u32] {
-        self.tables.get(&id).map_or(&[], Vec::as_slice)
+        self.tables.get(&id).map_or(&[], |t| t.blocks.as_slice())
     }
 
-    /// Checks the pool's invariant: every block is either free or in exactly one table.
+    /// A free block for a table: an empty one, else the least recently freed cached one,
+    /// evicted. The caller has checked that one is free.
+    fn take(&mut self) -> u32 {
+        let b = match self.empty.pop() {
+            Some(b) => b,
+            None => {
+                let b = self.head;
+                assert!(b != NIL, "no free block to take");
+                self.unlink(b);
+                if let Some(name) = self.blocks[b as usize].name.take() {
+                    self.by_hash.remove(&name.hash);
+                }
+                b
+            }
+        };
+        self.blocks[b as usize].refs = 1;
+        b
+    }
+
+    /// Appends free cached block `b` to the list (most recently freed).
+    fn push_back(&mut self, b: u32) {
+        let tail = self.tail;
+        let block = &mut self.blocks[b as usize];
+        (block.prev, block.next) = (tail, NIL);
+        if tail == NIL {
+            self.head = b;
+        } else {
+            self.blocks[tail as usize].next = b;
+        }
+        self.tail = b;
+        self.num_cached_free += 1;
+    }
+
+    /// Takes free cached block `b` out of the list.
+    fn unlink(&mut self, b: u32) {
+        let (prev, next) = {
+            let block = &mut self.blocks[b as usize];
+            let links = (block.prev, block.next);
+            (block.prev, block.next) = (NIL, NIL);
+            links
+        };
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.blocks[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.blocks[next as usize].prev = prev;
+        }
+        self.num_cached_free -= 1;
+    }
+
+    /// Checks the pool's invariants: each block's count is the tables holding it; a block
+    /// nobody holds is free exactly once (empty, or in the list if and only if named); the
+    /// names and the hash map agree; the list runs both ways.
     #[cfg(test)]
     pub fn check(&self) {
-        let mut seen = vec![false; self.num_blocks];
-        for &b in self.free.iter().chain(self.tables.values().flatten()) {
-            assert!(!seen[b as usize], "block {b} is owned twice");
-            seen[b as usize] = true;
+        let mut refs = vec![0u32; self.blocks.len()];
+        for t in self.tables.values() {
+            assert!(t.named <= t.blocks.len());
+            for &b in &t.blocks {
+                refs[b as usize] += 1;
+            }
         }
-        assert!(seen.iter().all(|&s| s), "a block leaked");
+        let mut free = vec![0u32; self.blocks.len()];
+        for &b in &self.empty {
+            assert!(self.blocks[b as usize].name.is_none(), "empty block {b} named");
+            free[b as usize] += 1;
+        }
+        let (mut b, mut prev, mut listed) = (self.head, NIL, 0);
+        while b != NIL {
+            let block = &self.blocks[b as usize];
+            assert_eq!(block.prev, prev, "list broken at {b}");
+            assert!(block.name.is_some(), "unnamed block {b} in the cached list");
+            free[b as usize] += 1;
+            (prev, b, listed) = (b, block.next, listed + 1);
+        }
+        assert_eq!((self.tail, listed), (prev, self.num_cached_free));
+        for (i, block) in self.blocks.iter().enumerate() {
+            assert_eq!(block.refs, refs[i], "block {i}'s count");
+            let want = u32::from(refs[i] == 0);
+            assert_eq!(free[i], want, "block {i} free {} times", free[i]);
+            if let Some(n) = &block.name {
+                assert_eq!(self.by_hash.get(&n.hash), Some(&(i as u32)));
+            }
+        }
+        for (&hash, &b) in &self.by_hash {
+            assert!(self.blocks[b as usize]
+                .name
+                .as_ref()
+                .is_some_and(|n| n.hash == hash));
+        }
     }
 }
 
@@ -92,7 +365,7 @@ mod tests {
 
     #[test]
     fn reserve_is_all_or_nothing_and_release_returns_every_block() -> Result<()> {
-        let mut pool = BlockPool::new(4, 16);
+        let mut pool = BlockPool::new(4, 16, true);
         assert_eq!(pool.capacity_tokens(), 64);
         assert!(pool.reserve(1, 17)); // two blocks
         let mut table = pool.table(1).to_vec();
@@ -121,5 +394,93 @@ mod tests {
         assert_eq!(pool.num_free(), pool.num_blocks());
         pool.check();
         Ok(())
+    }
+
+    /// The chained hashes of `tokens`' full blocks of 4.
+    fn hashes(tokens: &[u32]) -> Vec<BlockHash> {
+        let mut out: Vec<BlockHash> = Vec::new();
+        for chunk in tokens.chunks_exact(4) {
+            out.push(block_hash(out.last().copied(), chunk));
+        }
+        out
+    }
+
+    /// A sequence's full blocks are shared with a later one that begins the same way;
+    /// after both are gone they stay cached until blocks are needed, and then the least
+    /// recently freed (a sequence's tail first) go.
+    #[test]
+    fn full_blocks_are_shared_and_evicted_least_recently_freed_first() {
+        let mut pool = BlockPool::new(6, 4, true);
+        let a: Vec<u32> = (0..10).collect(); // two full blocks and a partial one
+        let ha = hashes(&a);
+        assert!(pool.admit(1, &[], 10));
+        pool.name_full_blocks(1, &ha, &a, 10);
+        assert_eq!(pool.num_cached(), 2);
+        // Same first block, different second one: one block shared.
+        let mut b = a.clone();
+        b[5] = 99;
+        let hb = hashes(&b);
+        let hit = pool.cached_prefix(&hb, &b);
+        assert_eq!(hit, pool.table(1)[..1]);
+        assert!(pool.admit(2, &hit, 10));
+        pool.name_full_blocks(2, &hb, &b, 8);
+        assert_eq!((pool.num_free(), pool.num_cached()), (1, 3));
+        pool.check();
+        // A false name (a collision) is never taken: the tokens are compared too.
+        let mut c = a.clone();
+        c[0] = 7;
+        assert!(pool.cached_prefix(&ha, &c).is_empty());
+        pool.release(1);
+        pool.release(2);
+        assert_eq!((pool.num_free(), pool.num_cached()), (6, 3));
+        pool.check();
+        // Everything comes back from the cache without a fresh block.
+        let hit = pool.cached_prefix(&ha, &a);
+        assert_eq!(hit.len(), 2);
+        assert!(pool.admit(3, &hit, 8));
+        assert_eq!(pool.table(3), hit);
+        pool.release(3);
+        // Six blocks wanted: the three empty ones, then the cached ones evicted in the
+        // order they were freed (request 3's tail before its head).
+        assert!(pool.reserve(4, 24));
+        let order = pool.table(4);
+        let pos = |b: u32| order.iter().position(|&x| x == b).unwrap();
+        assert!(pos(hit[1]) < pos(hit[0]));
+        assert_eq!(pool.num_cached(), 0);
+        pool.check();
+        pool.release(4);
+        pool.check();
+    }
+
+    /// Cached blocks nobody holds count as free, and reviving them uses them up.
+    #[test]
+    fn admitting_counts_revived_blocks_against_the_free_ones() {
+        let mut pool = BlockPool::new(3, 4, true);
+        let a: Vec<u32> = (0..8).collect();
+        let ha = hashes(&a);
+        assert!(pool.admit(1, &[], 8));
+        pool.name_full_blocks(1, &ha, &a, 8);
+        pool.release(1);
+        assert_eq!(pool.num_free(), 3);
+        let hit = pool.cached_prefix(&ha, &a);
+        // Two revived and two fresh: four from three.
+        assert!(!pool.admit(2, &hit, 16));
+        pool.check();
+        assert!(pool.admit(2, &hit, 12));
+        assert_eq!(pool.num_free(), 0);
+        pool.check();
+    }
+
+    #[test]
+    fn without_caching_nothing_is_named() {
+        let mut pool = BlockPool::new(3, 4, false);
+        let a: Vec<u32> = (0..8).collect();
+        let ha = hashes(&a);
+        assert!(pool.admit(1, &[], 8));
+        pool.name_full_blocks(1, &ha, &a, 8);
+        assert_eq!(pool.num_cached(), 0);
+        assert!(pool.cached_prefix(&ha, &a).is_empty());
+        pool.release(1);
+        pool.check();
     }
 }
