@@ -104,6 +104,11 @@ pub enum Error {
     /// An error from a tensor operation in candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A saved prefix (`Engine::save_prefix`) could not be written, or a file given to
+    /// `load_prefix` is malformed or was saved from another model or cache layout.
+    #[error("saved prefix {}: {message}", path.display())]
+    SavedPrefix { path: PathBuf, message: String },
 }
 
 impl Error {
@@ -183,6 +188,10 @@ impl Error {
             },
             Error::Grammar { param, message } => Error::Grammar {
                 param,
+                message: prefix(message),
+            },
+            Error::SavedPrefix { path, message } => Error::SavedPrefix {
+                path,
                 message: prefix(message),
             },
             Error::Tokenizer(m) => Error::Tokenizer(prefix(m)),

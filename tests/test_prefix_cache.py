@@ -4,9 +4,14 @@ exactly what it generates on an engine that computes every prompt in full."""
 
 from __future__ import annotations
 
+import json
+import struct
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+from hf_models import write_tiny_hf
 
 import cortex
 
@@ -131,3 +136,125 @@ def test_a_rotating_cache_does_not_cache_prefixes(smollm):
     stats = _idle(engine)
     assert not stats["prefix_caching"]
     assert stats["prefix_cache_hits"] == stats["prefix_cache_queries"] == 0
+
+
+# ── Saved prefixes ───────────────────────────────────────────────────────────────────────
+
+SYSTEM_ONLY = [{"role": "system", "content": SYSTEM}]
+
+
+@pytest.fixture(scope="module")
+def saved(smollm, tmp_path_factory) -> tuple[Path, int]:
+    """The system prompt saved from one engine: (file, tokens saved)."""
+    model, tok = smollm
+    path = tmp_path_factory.mktemp("saved") / "system.cxkv"
+    engine = cortex.Engine(model, tok)
+    n = engine.save_prefix(SYSTEM_ONLY, path)
+    ids = tok.apply_chat_template(SYSTEM_ONLY, add_generation_prompt=False, tokenize=True)
+    assert n == len(ids) // 16 * 16 > 0
+    # Saving again reads the cached blocks; the file is the same.
+    first = path.read_bytes()
+    assert engine.save_prefix(SYSTEM_ONLY, path) == n and path.read_bytes() == first
+    return path, n
+
+
+def test_a_saved_system_prompt_serves_a_new_engine(smollm, saved, uncached):
+    model, tok = smollm
+    path, n = saved
+    engine = cortex.Engine(model, tok)
+    assert engine.load_prefix(path) == n
+    before = _idle(engine)
+    out = engine.generate_batch([_messages(2)], _params(3)[2:])[0]
+    after = _idle(engine)
+    assert out.token_ids == uncached[2]
+    # The whole saved prefix came from the cache; only the question was computed.
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == n
+    assert after["prompt_tokens"] - before["prompt_tokens"] == out.prompt_tokens - n
+
+
+def _tampered(path: Path, tmp_path: Path, change) -> Path:
+    data = bytearray(path.read_bytes())
+    header_len = struct.unpack_from("<I", data, 12)[0]
+    out = tmp_path / "tampered.cxkv"
+    out.write_bytes(change(data, 16 + header_len))
+    return out
+
+
+def _scaled(data: bytearray, at: int) -> bytes:
+    tokens = json.loads(data[16:at])["tokens"]
+    values = np.frombuffer(bytes(data[at + 4 * tokens :]), dtype="<f2") * 1.5
+    return bytes(data[: at + 4 * tokens]) + values.astype("<f2").tobytes()
+
+
+def _header(data: bytearray, at: int, **fields: object) -> bytes:
+    header = json.loads(data[16:at])
+    header.update(fields)
+    raw = json.dumps(header).encode()
+    return bytes(data[:12]) + struct.pack("<I", len(raw)) + raw + bytes(data[at:])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda d, at: b"NOTCORTX" + bytes(d[8:]), "magic"),
+        (lambda d, at: bytes(d[:-10]), "truncated"),
+        (lambda d, at: bytes(d) + b"\0", "padded"),
+        (lambda d, at: bytes(d[:20]), "truncated in its header"),
+        (lambda d, at: bytes(d[:16]) + b"{" * (at - 16) + bytes(d[at:]), "malformed header"),
+        (lambda d, at: bytes(d[:8]) + struct.pack("<I", 9) + bytes(d[12:]), "version 9"),
+        (lambda d, at: bytes(d[:at]) + struct.pack("<I", 2**31) + bytes(d[at + 4 :]), "vocabulary"),
+        (lambda d, at: _header(d, at, tokens=7), "not a whole number of blocks"),
+        (
+            lambda d, at: _header(d, at, model={**json.loads(d[16:at])["model"], "num_parameters": 7}),
+            "another model",
+        ),
+        (lambda d, at: _header(d, at, dtype="f32"), "f32 cache"),
+        (_scaled, "another model of the same shape"),
+    ],
+)
+def test_a_bad_saved_prefix_is_refused_whole(smollm, saved, uncached, tmp_path, change, match):
+    """Malformed, truncated, foreign or altered files raise SavedPrefixError naming the
+    file and put nothing in the cache; the engine goes on generating exactly."""
+    model, tok = smollm
+    path = _tampered(saved[0], tmp_path, change)
+    engine = cortex.Engine(model, tok)
+    with pytest.raises(cortex.SavedPrefixError, match=match) as e:
+        engine.load_prefix(path)
+    assert e.value.path == str(path)
+    assert isinstance(e.value, ValueError)
+    before = _idle(engine)
+    out = engine.generate_batch([_messages(2)], _params(3)[2:])[0]
+    after = _idle(engine)
+    assert out.token_ids == uncached[2]
+    # At most the first block, which the check computes itself, came from the cache.
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] <= 16
+
+
+def test_saved_prefixes_need_the_same_cache_layout_and_caching(smollm, saved, tmp_path):
+    model, tok = smollm
+    with pytest.raises(cortex.SavedPrefixError, match="blocks of 16"):
+        cortex.Engine(model, tok, block_size=32).load_prefix(saved[0])
+    with pytest.raises(cortex.SavedPrefixError, match="could not be read"):
+        cortex.Engine(model, tok).load_prefix(tmp_path / "missing.cxkv")
+    plain = cortex.Engine(model, tok, prefix_caching=False)
+    with pytest.raises(cortex.RequestValidationError, match="prefix caching"):
+        plain.save_prefix(SYSTEM_ONLY, tmp_path / "x.cxkv")
+    with pytest.raises(cortex.RequestValidationError, match="fills no cache block"):
+        cortex.Engine(model, tok).save_prefix([1, 2, 3], tmp_path / "x.cxkv")
+    with pytest.raises(cortex.SavedPrefixError, match="could not be written"):
+        cortex.Engine(model, tok).save_prefix(SYSTEM_ONLY, tmp_path / "no" / "such" / "dir.cxkv")
+    assert not (tmp_path / "x.cxkv").exists()
+
+
+def test_a_model_of_the_same_shape_with_other_weights_is_caught(tmp_path):
+    """Two tiny models that differ only in their weights have the same identity; the
+    check of the first block tells them apart."""
+    for seed in (0, 1):
+        write_tiny_hf(tmp_path / f"m{seed}", seed=seed, tokenizer="word")
+    (m0, tok), (m1, _) = (cortex.load(tmp_path / f"m{s}") for s in (0, 1))
+    ids = list(range(3, 3 + 12))
+    path = tmp_path / "p.cxkv"
+    assert cortex.Engine(m0, tok, block_size=4).save_prefix(ids, path) == 12
+    assert cortex.Engine(m0, tok, block_size=4).load_prefix(path) == 12
+    with pytest.raises(cortex.SavedPrefixError, match="another model of the same shape"):
+        cortex.Engine(m1, tok, block_size=4).load_prefix(path)

@@ -8,13 +8,26 @@ of them through the model at once (weights are read once per step for the whole 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _core
 from ._core import Completion, Model, SamplingParams, Tokenizer
 from .generation import Prompt, _encode_prompt, _params_or_keywords
+
+
+def _encode_prefix(tokenizer: Tokenizer, prefix: Prompt) -> list[int]:
+    """The token ids of a prefix: as a prompt, except that chat messages get no generation
+    prompt (what follows them is more conversation)."""
+    items: list[Any] = [] if isinstance(prefix, str) else list(prefix)
+    if items and all(isinstance(m, Mapping) for m in items):
+        ids = tokenizer.apply_chat_template(items, add_generation_prompt=False, tokenize=True)
+        assert isinstance(ids, list)
+        return ids
+    return _encode_prompt(tokenizer, prefix)
+
 
 __all__ = ["Engine", "RequestOutput", "StreamEvent"]
 
@@ -169,5 +182,36 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         """Throughput, latency percentiles (``ttft_p50_s``, ``itl_p99_s`` ...), queue and
-        batch sizes, and KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``)."""
+        batch sizes, KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``) and the
+        prefix cache (``prefix_cache_hits`` of ``prefix_cache_queries`` prompt tokens,
+        ``prefix_cache_hit_rate``, ``prefix_cache_blocks``)."""
         return self._core.stats()
+
+    def save_prefix(self, prefix: Prompt, path: str | os.PathLike[str]) -> int:
+        """Save the KV cache of ``prefix`` (text, chat messages or token ids) to ``path``,
+        so that a later engine (after a restart, say) can :meth:`load_prefix` it instead
+        of computing it. Chat messages are rendered without a generation prompt: a
+        system prompt saved this way begins every conversation that starts with it.
+
+        Only full cache blocks are saved (``block_size`` tokens each); returns the number
+        of tokens saved. The prefix is computed first unless it is cached. The file is
+        written whole or not at all.
+
+        Raises:
+            RequestValidationError: the engine has no prefix caching, or the prefix fills
+                no block.
+            SavedPrefixError: the file cannot be written.
+        """
+        return self._core.save_prefix(_encode_prefix(self._tokenizer, prefix), os.fspath(path))
+
+    def load_prefix(self, path: str | os.PathLike[str]) -> int:
+        """Put a prefix saved by :meth:`save_prefix` into the KV cache; requests that begin
+        with it then find it there. Returns the number of tokens loaded. The blocks are
+        cached like any others: evicted, least recently used first, when space runs out.
+
+        Raises:
+            SavedPrefixError: the file is malformed, or was saved from another model
+                (its identity, and this model's own computation of its first block, are
+                checked) or another cache layout (``block_size``, KV cache type).
+        """
+        return self._core.load_prefix(os.fspath(path))

@@ -27,6 +27,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "RequestValidationError",
+    "SavedPrefixError",
     "TemplateError",
     "TokenizerError",
     "UnsupportedArchitectureError",
@@ -104,6 +105,12 @@ class CacheFullError(ContextLengthError):
     """A request needs more KV cache positions than the engine's whole cache holds, so it
     could never run (raise ``kv_cache_tokens``). Requests that merely find the cache busy
     wait instead."""
+
+
+class SavedPrefixError(CortexError, ValueError):
+    """A saved prefix (:meth:`cortex.Engine.save_prefix`) could not be written, or a file
+    given to :meth:`cortex.Engine.load_prefix` is malformed, or was saved from another
+    model or KV cache layout (``path`` names it)."""
 
 
 class EngineError(CortexError, RuntimeError):

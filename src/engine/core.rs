@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
-use super::kv::{BlockPool, Ring};
+use super::kv::{BlockPool, CacheShape, Ring};
 use super::request::{Event, Request, RequestId, RequestState, Sink};
 use super::runner::Runner;
 use super::sampling::SamplingParams;
@@ -153,6 +153,17 @@ fn meminfo(key: &str) -> Option<usize> {
 enum Command {
     Submit(Box<Request>),
     Abort(RequestId),
+    /// The keys and values of every full block of `tokens`, if all are cached.
+    ReadPrefix {
+        tokens: Vec<u32>,
+        reply: Sender<Result<Option<Vec<u8>>>>,
+    },
+    /// Puts the full blocks of `tokens`, with keys and values `data`, in the cache.
+    WritePrefix {
+        tokens: Vec<u32>,
+        data: Vec<u8>,
+        reply: Sender<Result<usize>>,
+    },
     Shutdown,
 }
 
@@ -175,6 +186,7 @@ pub struct Engine {
     limits: Limits,
     next_id: AtomicU64,
     config: EngineConfig,
+    cache: CacheShape,
 }
 
 impl Engine {
@@ -291,6 +303,7 @@ impl Engine {
             ..Stats::default()
         }));
         let scheduler = Scheduler::new(pool, ring, c.max_batch_size, c.max_num_batched_tokens);
+        let cache = storage.shape();
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             runner: Runner::new(model.clone(), storage),
@@ -309,6 +322,7 @@ impl Engine {
             limits,
             next_id: AtomicU64::new(0),
             config,
+            cache,
         })
     }
 
@@ -383,16 +397,49 @@ impl Engine {
         let _ = self.send(Command::Abort(id));
     }
 
+    /// What one block of this engine's cache holds.
+    pub fn cache_shape(&self) -> CacheShape {
+        self.cache
+    }
+
+    /// Whether prefix caching is on (it is off with a rotating cache).
+    pub fn prefix_caching(&self) -> bool {
+        self.config.prefix_caching && self.limits.ring.is_none()
+    }
+
+    /// The keys and values of every full block of `tokens` (in
+    /// [`super::kv::KvStorage::read_blocks`]' form), when all of them are cached; read
+    /// between steps.
+    pub fn read_prefix(&self, tokens: Vec<u32>) -> Result<Option<Vec<u8>>> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::ReadPrefix { tokens, reply })?;
+        answer.recv().map_err(|_| stopped())?
+    }
+
+    /// Puts the full blocks of `tokens`, whose keys and values are `data` (as
+    /// [`Engine::read_prefix`] gives them), in the prefix cache; returns how many blocks
+    /// were not cached already.
+    pub fn write_prefix(&self, tokens: Vec<u32>, data: Vec<u8>) -> Result<usize> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::WritePrefix {
+            tokens,
+            data,
+            reply,
+        })?;
+        answer.recv().map_err(|_| stopped())?
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats.lock().clone()
     }
 
     fn send(&self, command: Command) -> Result<()> {
-        self.commands
-            .lock()
-            .send(command)
-            .map_err(|_| Error::Engine("the engine has stopped".into()))
+        self.commands.lock().send(command).map_err(|_| stopped())
     }
+}
+
+fn stopped() -> Error {
+    Error::Engine("the engine has stopped".into())
 }
 
 impl Drop for Engine {
@@ -455,6 +502,30 @@ impl Worker {
                     self.stats.lock().aborted += 1;
                 }
             }
+            Command::ReadPrefix { tokens, reply } => {
+                let data = match self.scheduler.cached_blocks(&tokens) {
+                    Some(blocks) => self.runner.storage().read_blocks(&blocks).map(Some),
+                    None => Ok(None),
+                };
+                let _ = reply.send(data);
+            }
+            Command::WritePrefix {
+                tokens,
+                data,
+                reply,
+            } => {
+                let Worker {
+                    runner, scheduler, ..
+                } = self;
+                let per_block = runner.storage().shape().block_bytes();
+                let filled = scheduler.adopt(&tokens, |blocks, first| {
+                    let at = first * per_block;
+                    let part = data.get(at..at + blocks.len() * per_block);
+                    let part = part.ok_or_else(|| Error::Internal("a short prefix".into()))?;
+                    runner.storage().write_blocks(blocks, part)
+                });
+                let _ = reply.send(filled);
+            }
             Command::Shutdown => return false,
         }
         true
@@ -481,8 +552,11 @@ impl Worker {
         stats.running = self.scheduler.num_running();
         stats.kv_blocks_free = self.scheduler.num_free_blocks();
         stats.preemptions = self.scheduler.preemptions();
-        (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.prefix_cache_blocks) =
-            self.scheduler.prefix_cache();
+        (
+            stats.prefix_cache_queries,
+            stats.prefix_cache_hits,
+            stats.prefix_cache_blocks,
+        ) = self.scheduler.prefix_cache();
     }
 
     /// One step: schedule → execute → update from output.

@@ -3,7 +3,7 @@
 //! preemption, and taking back each step's logits), `runner` (builds the batch, runs the
 //! decoder), `core` (the engine thread: schedule → execute → update from output),
 //! `client` (submitting, collecting and streaming for callers), `stats`, `sampling` and
-//! `grammar` (constrained decoding).
+//! `grammar` (constrained decoding), `saved` (prefixes saved to files).
 //! Every generation — one streamed prompt or a thousand concurrent requests — runs through
 //! [`Engine`].
 
@@ -14,6 +14,7 @@ pub mod kv;
 pub mod request;
 pub mod runner;
 pub mod sampling;
+pub mod saved;
 pub mod scheduler;
 pub mod stats;
 #[cfg(test)]

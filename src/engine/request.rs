@@ -11,7 +11,7 @@ use llguidance::Matcher;
 use crate::error::{bail, Error, Result};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
-use super::kv::{block_hash, BlockHash};
+use super::kv::{extend_hashes, BlockHash};
 use super::sampling::{Sampler, SamplingParams, TokenLogprobs};
 
 pub type RequestId = u64;
@@ -307,11 +307,7 @@ impl Request {
     /// (each once: tokens never change) and returns how many there are.
     pub fn hash_blocks(&mut self, block_size: usize, upto: usize) -> usize {
         let full = upto.min(self.tokens.len()) / block_size;
-        for i in self.block_hashes.len()..full {
-            let parent = self.block_hashes.last().copied();
-            let span = &self.tokens[i * block_size..(i + 1) * block_size];
-            self.block_hashes.push(block_hash(parent, span));
-        }
+        extend_hashes(&mut self.block_hashes, &self.tokens, block_size, full);
         full
     }
 

@@ -23,6 +23,11 @@ impl Runner {
         Runner { model, storage }
     }
 
+    /// The cache's memory (for saved prefixes, between steps).
+    pub fn storage(&mut self) -> &mut KvStorage {
+        &mut self.storage
+    }
+
     /// Runs one step's spans (the middle third of a step), writing their keys and values
     /// into their blocks. Returns logits `[output.num_sampled()][vocab]`, in `output`
     /// order.

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::error::{bail, Error, Result};
 use crate::model::Logits;
 
-use super::kv::{BlockPool, Ring};
+use super::kv::{extend_hashes, BlockPool, Ring};
 use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row};
 use super::stats::Stats;
 
@@ -123,7 +123,11 @@ impl Scheduler {
 
     /// `(tokens looked up, tokens found, blocks cached now)` of the prefix cache.
     pub fn prefix_cache(&self) -> (u64, u64, usize) {
-        (self.prefix_queries, self.prefix_hits, self.pool.num_cached())
+        (
+            self.prefix_queries,
+            self.prefix_hits,
+            self.pool.num_cached(),
+        )
     }
 
     /// Queues a request behind every waiting one (called when it is submitted).
@@ -220,6 +224,48 @@ impl Scheduler {
         request.state = RequestState::Waiting;
         self.preemptions += 1;
         self.waiting.push_front(request);
+    }
+
+    /// The cached blocks of all of `tokens`' full blocks (a prefix to save), `None` when
+    /// some are not in the cache.
+    pub fn cached_blocks(&self, tokens: &[u32]) -> Option<Vec<u32>> {
+        let size = self.pool.block_size();
+        let mut hashes = Vec::new();
+        extend_hashes(&mut hashes, tokens, size, tokens.len() / size);
+        let found = self.pool.cached_prefix(&hashes, tokens);
+        (found.len() == hashes.len()).then_some(found)
+    }
+
+    /// Puts the full blocks of `tokens` (a saved prefix being loaded) into the cache, as
+    /// free cached blocks like any others: those not cached yet get blocks, which `fill`
+    /// writes (given them and the index of the first) before they are named. Returns how
+    /// many blocks were filled. Fails when running requests hold too many blocks.
+    pub fn adopt(
+        &mut self,
+        tokens: &[u32],
+        fill: impl FnOnce(&[u32], usize) -> Result<()>,
+    ) -> Result<usize> {
+        let size = self.pool.block_size();
+        let mut hashes = Vec::new();
+        extend_hashes(&mut hashes, tokens, size, tokens.len() / size);
+        let found = self.pool.cached_prefix(&hashes, tokens);
+        // Held as one pseudo-request while filled, so that nothing evicts the found part.
+        let id = RequestId::MAX;
+        if !self.pool.admit(id, &found, hashes.len() * size) {
+            bail!(
+                Engine,
+                "the KV cache is busy: the prefix needs {} blocks and {} are free",
+                hashes.len() - found.len(),
+                self.pool.num_free()
+            );
+        }
+        let blocks = self.pool.table(id).to_vec();
+        let filled = fill(&blocks[found.len()..], found.len());
+        if filled.is_ok() {
+            (self.pool).name_full_blocks(id, &hashes, tokens, hashes.len() * size);
+        }
+        self.pool.release(id);
+        filled.map(|()| hashes.len() - found.len())
     }
 
     /// The running requests this step samples whose output is held to a grammar: their

@@ -4,11 +4,13 @@
 //! within ~50 ms: the caller's requests are aborted and the engine goes on serving
 //! everyone else.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use super::errors::run_detached;
 use super::model::PyModel;
 use super::sampling::PySamplingParams;
 use super::tokenizer::PyTokenizer;
@@ -300,6 +302,18 @@ impl PyEngine {
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         stats_dict(py, self.client.engine())
+    }
+
+    /// Saves the cached keys and values of the prompt's full blocks to `path` (computing
+    /// them first if needed); returns the tokens saved.
+    fn save_prefix(&self, py: Python<'_>, prompt: Vec<i64>, path: PathBuf) -> PyResult<usize> {
+        let prompt = self::prompt(self.client.engine(), &prompt)?;
+        run_detached(py, || self.client.save_prefix(&prompt, &path))
+    }
+
+    /// Puts a prefix saved by `save_prefix` into the cache; returns its tokens.
+    fn load_prefix(&self, py: Python<'_>, path: PathBuf) -> PyResult<usize> {
+        run_detached(py, || self.client.load_prefix(&path))
     }
 
     /// Most requests running at once.

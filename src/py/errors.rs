@@ -62,6 +62,10 @@ fn classify(py: Python<'_>, err: &Error) -> PyResult<(&'static str, Vec<Attr>)> 
             "ModelLoadError",
             vec![("path", s(&path.display().to_string())?)],
         ),
+        Error::SavedPrefix { path, .. } => (
+            "SavedPrefixError",
+            vec![("path", s(&path.display().to_string())?)],
+        ),
     })
 }
 
@@ -116,6 +120,10 @@ fn samples() -> Vec<Error> {
         Error::Internal("sample".into()),
         Error::io("m", io()),
         Error::Candle(candle_core::Error::Msg("sample".into())),
+        Error::SavedPrefix {
+            path: "p.cxkv".into(),
+            message: "sample".into(),
+        },
     ]
 }
 
@@ -139,11 +147,12 @@ fn variant_index(err: &Error) -> usize {
         Error::Internal(_) => 14,
         Error::Io { .. } => 15,
         Error::Candle(_) => 16,
+        Error::SavedPrefix { .. } => 17,
     }
 }
 
 /// How many variants [`Error`] has: one past the highest index of [`variant_index`].
-const VARIANTS: usize = 17;
+const VARIANTS: usize = 18;
 
 /// `(number of variants, [(variant index, exception)])` for one error of every variant
 /// (see [`samples`]).

@@ -5,5 +5,5 @@
 pub mod pool;
 pub mod storage;
 
-pub use pool::{block_hash, BlockHash, BlockPool};
-pub use storage::{KvDType, KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
+pub use pool::{extend_hashes, BlockHash, BlockPool};
+pub use storage::{CacheShape, KvDType, KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};

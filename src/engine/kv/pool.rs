@@ -36,6 +36,18 @@ pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
     h.finish()
 }
 
+/// Extends `hashes`, the names of the first blocks of `tokens`, to its first `full`
+/// blocks of `block_size`.
+pub fn extend_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_size: usize, full: usize) {
+    for i in hashes.len()..full {
+        let parent = hashes.last().copied();
+        hashes.push(block_hash(
+            parent,
+            &tokens[i * block_size..(i + 1) * block_size],
+        ));
+    }
+}
+
 /// No block (the ends of the free list).
 const NIL: u32 = u32::MAX;
 
@@ -162,7 +174,10 @@ impl BlockPool {
     /// [`BlockPool::cached_prefix`]) and fresh ones up to `slots` positions. All or nothing:
     /// false, with nothing taken, when too few blocks are free.
     pub fn admit(&mut self, id: RequestId, cached: &[u32], slots: usize) -> bool {
-        debug_assert!(!self.tables.contains_key(&id), "request {id} admitted twice");
+        debug_assert!(
+            !self.tables.contains_key(&id),
+            "request {id} admitted twice"
+        );
         let fresh = slots.div_ceil(self.block_size).saturating_sub(cached.len());
         // Cached blocks nobody holds are counted free: taking them uses up free blocks.
         let revived = cached
@@ -264,17 +279,16 @@ impl BlockPool {
     /// A free block for a table: an empty one, else the least recently freed cached one,
     /// evicted. The caller has checked that one is free.
     fn take(&mut self) -> u32 {
-        let b = match self.empty.pop() {
-            Some(b) => b,
-            None => {
-                let b = self.head;
-                assert!(b != NIL, "no free block to take");
-                self.unlink(b);
-                if let Some(name) = self.blocks[b as usize].name.take() {
-                    self.by_hash.remove(&name.hash);
-                }
-                b
+        let b = if let Some(b) = self.empty.pop() {
+            b
+        } else {
+            let b = self.head;
+            assert!(b != NIL, "no free block to take");
+            self.unlink(b);
+            if let Some(name) = self.blocks[b as usize].name.take() {
+                self.by_hash.remove(&name.hash);
             }
+            b
         };
         self.blocks[b as usize].refs = 1;
         b
@@ -329,7 +343,10 @@ impl BlockPool {
         }
         let mut free = vec![0u32; self.blocks.len()];
         for &b in &self.empty {
-            assert!(self.blocks[b as usize].name.is_none(), "empty block {b} named");
+            assert!(
+                self.blocks[b as usize].name.is_none(),
+                "empty block {b} named"
+            );
             free[b as usize] += 1;
         }
         let (mut b, mut prev, mut listed) = (self.head, NIL, 0);
@@ -398,10 +415,8 @@ mod tests {
 
     /// The chained hashes of `tokens`' full blocks of 4.
     fn hashes(tokens: &[u32]) -> Vec<BlockHash> {
-        let mut out: Vec<BlockHash> = Vec::new();
-        for chunk in tokens.chunks_exact(4) {
-            out.push(block_hash(out.last().copied(), chunk));
-        }
+        let mut out = Vec::new();
+        extend_hashes(&mut out, tokens, 4, tokens.len() / 4);
         out
     }
 

@@ -136,6 +136,22 @@ impl std::fmt::Debug for GpuLayers {
     }
 }
 
+/// What a block of a cache holds, for files that carry blocks from one cache to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub dtype: KvDType,
+    pub layout: KvLayout,
+    pub num_layers: usize,
+}
+
+impl CacheShape {
+    /// Bytes of one block in [`KvStorage::read_blocks`]' form: every layer's keys and
+    /// values.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.num_layers * self.layout.block_len() * self.dtype.size()
+    }
+}
+
 /// Keys and values of every layer, `num_blocks` blocks each.
 #[derive(Debug)]
 pub struct KvStorage {
@@ -270,6 +286,162 @@ impl KvStorage {
                             .memcpy_dtod(&*old, &mut to)
                             .map_err(|e| crate::cuda::device_error("growing the KV cache", e))?;
                         *old = new;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn shape(&self) -> CacheShape {
+        let num_layers = match &self.layers {
+            Layers::F32(l) => l.len(),
+            Layers::F16(l) => l.len(),
+            #[cfg(feature = "cuda")]
+            Layers::Cuda(g) => g.layers.len(),
+        };
+        CacheShape {
+            dtype: self.dtype,
+            layout: self.layout,
+            num_layers,
+        }
+    }
+
+    /// Copies `blocks` out (a saved prefix): block by block, each layer's keys then its
+    /// values, each `[kv_heads, block_size, head_dim]` (keys laid out as values are,
+    /// whatever this cache's own layout) in little-endian bytes of the cache's element
+    /// type, so that a CPU and a GPU cache of one element type read each other's blocks.
+    pub fn read_blocks(&self, blocks: &[u32]) -> Result<Vec<u8>> {
+        let n = self.layout.block_len();
+        let mut out = Vec::with_capacity(blocks.len() * self.shape().block_bytes());
+        for &b in blocks {
+            let first = b as usize * n;
+            match &self.layers {
+                Layers::F32(l) => {
+                    for (k, v) in l {
+                        self.put_keys(&k[first..first + n], &mut out, |x: f32| x.to_le_bytes());
+                        out.extend(v[first..first + n].iter().flat_map(|x| x.to_le_bytes()));
+                    }
+                }
+                Layers::F16(l) => {
+                    for (k, v) in l {
+                        let bytes = |x: f16| x.to_bits().to_le_bytes();
+                        self.put_keys(&k[first..first + n], &mut out, bytes);
+                        out.extend(v[first..first + n].iter().flat_map(|&x| bytes(x)));
+                    }
+                }
+                #[cfg(feature = "cuda")]
+                Layers::Cuda(g) => {
+                    let mut bits = vec![0u16; n];
+                    for (k, v) in &g.layers {
+                        for half in [k, v] {
+                            (g.gpu.stream())
+                                .memcpy_dtoh(&half.slice(first..first + n), &mut bits)
+                                .map_err(|e| crate::cuda::device_error("saving a prefix", e))?;
+                            out.extend(bits.iter().flat_map(|x| x.to_le_bytes()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keys of one block, `[kv_heads, head_dim, block_size]` here, appended in
+    /// [`KvStorage::read_blocks`]' order `[kv_heads, block_size, head_dim]`.
+    fn put_keys<T: Copy, const N: usize>(
+        &self,
+        keys: &[T],
+        out: &mut Vec<u8>,
+        bytes: impl Fn(T) -> [u8; N],
+    ) {
+        let KvLayout {
+            block_size,
+            kv_heads,
+            head_dim,
+            ..
+        } = self.layout;
+        for h in 0..kv_heads {
+            for i in 0..block_size {
+                for d in 0..head_dim {
+                    out.extend(bytes(keys[(h * head_dim + d) * block_size + i]));
+                }
+            }
+        }
+    }
+
+    /// Writes `data` (as [`KvStorage::read_blocks`] gives it) into `blocks`.
+    pub fn write_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
+        let block_bytes = self.shape().block_bytes();
+        if data.len() != blocks.len() * block_bytes {
+            return Err(Error::Internal(format!(
+                "{} bytes for {} blocks of {block_bytes}",
+                data.len(),
+                blocks.len(),
+            )));
+        }
+        let KvLayout {
+            block_size,
+            head_dim,
+            ..
+        } = self.layout;
+        let n = self.layout.block_len();
+        let size = self.dtype.size();
+        // One layer's keys or values of one block at a time, `n` elements.
+        let mut parts = data.chunks_exact(n * size);
+        // Element `(h, d, i)` of a block's keys here is element `(h, i, d)` of the data.
+        let key = |j: usize| {
+            let (h, rest) = (j / (head_dim * block_size), j % (head_dim * block_size));
+            (h * block_size + rest % block_size) * head_dim + rest / block_size
+        };
+        for &b in blocks {
+            let first = b as usize * n;
+            match &mut self.layers {
+                Layers::F32(l) => {
+                    for (k, v) in l.iter_mut() {
+                        let (pk, pv) = (parts.next(), parts.next());
+                        let (Some(pk), Some(pv)) = (pk, pv) else {
+                            return Err(Error::Internal("a block's data ended early".into()));
+                        };
+                        let at = |p: &[u8], j: usize| {
+                            f32::from_le_bytes([p[4 * j], p[4 * j + 1], p[4 * j + 2], p[4 * j + 3]])
+                        };
+                        for j in 0..n {
+                            k[first + j] = at(pk, key(j));
+                            v[first + j] = at(pv, j);
+                        }
+                    }
+                }
+                Layers::F16(l) => {
+                    for (k, v) in l.iter_mut() {
+                        let (pk, pv) = (parts.next(), parts.next());
+                        let (Some(pk), Some(pv)) = (pk, pv) else {
+                            return Err(Error::Internal("a block's data ended early".into()));
+                        };
+                        let at = |p: &[u8], j: usize| {
+                            f16::from_bits(u16::from_le_bytes([p[2 * j], p[2 * j + 1]]))
+                        };
+                        for j in 0..n {
+                            k[first + j] = at(pk, key(j));
+                            v[first + j] = at(pv, j);
+                        }
+                    }
+                }
+                #[cfg(feature = "cuda")]
+                Layers::Cuda(g) => {
+                    for (k, v) in &mut g.layers {
+                        for half in [k, v] {
+                            let Some(p) = parts.next() else {
+                                return Err(Error::Internal("a block's data ended early".into()));
+                            };
+                            let bits: Vec<u16> = p
+                                .chunks_exact(2)
+                                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                                .collect();
+                            (g.gpu.stream())
+                                .memcpy_htod(&bits, &mut half.slice_mut(first..first + n))
+                                .map_err(|e| crate::cuda::device_error("loading a prefix", e))?;
+                        }
                     }
                 }
             }
