@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MAX_NUM_BATCHED_TOKENS",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_SHUTDOWN_TIMEOUT",
+    "DEFAULT_SPECULATIVE_TOKENS",
     "DEFAULT_WRITE_TIMEOUT",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
@@ -49,6 +50,7 @@ __version__: str
 DEFAULT_MAX_BATCH_SIZE: int
 DEFAULT_BLOCK_SIZE: int
 DEFAULT_MAX_NUM_BATCHED_TOKENS: int
+DEFAULT_SPECULATIVE_TOKENS: int
 
 @final
 class Model:
@@ -232,6 +234,8 @@ class Engine:
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
         prefix_caching: bool = True,
+        speculative: str | None = None,
+        num_speculative_tokens: int = ...,
     ) -> Engine: ...
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> int: ...
     def wait(self, request_id: int) -> Completion: ...

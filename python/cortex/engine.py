@@ -87,6 +87,16 @@ class Engine:
             a repeated prefix is not computed again; output is the same either way. Off
             with ``rotating_kv_cache``. ``stats()`` reports ``prefix_cache_hits`` of
             ``prefix_cache_queries`` (prompt tokens) and ``prefix_cache_blocks``.
+        speculative: ``"prompt_lookup"`` (or vLLM's name, ``"ngram"``) for speculative
+            decoding by prompt lookup: each step, a decoding request carries up to
+            ``num_speculative_tokens`` draft tokens (those that followed the latest earlier
+            occurrence of its last 2-4 tokens, in its prompt or output), which one forward
+            pass verifies. Greedy output is exactly that of plain decoding and sampled
+            output follows the same distribution (rejection sampling); seeds reproduce.
+            It pays off where the output repeats its input (rewriting, extraction, code
+            edits). ``stats()`` reports ``speculative_draft_tokens`` and
+            ``speculative_accepted_tokens``. Requests held to a grammar decode plainly.
+        num_speculative_tokens: most draft tokens a request carries in one step (1-16).
 
     Requests that do not fit the cache wait, or are preempted and recomputed later; a
     request that could never fit raises :class:`cortex.CacheFullError` at submission. The
@@ -106,6 +116,8 @@ class Engine:
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
         prefix_caching: bool = True,
+        speculative: str | None = None,
+        num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
     ) -> None:
         self._tokenizer = tokenizer
         self._core = _core.Engine(
@@ -119,6 +131,8 @@ class Engine:
             kv_cache_size=kv_cache_size,
             rotating_kv_cache=rotating_kv_cache,
             prefix_caching=prefix_caching,
+            speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
         )
 
     def _params(
@@ -184,7 +198,9 @@ class Engine:
         """Throughput, latency percentiles (``ttft_p50_s``, ``itl_p99_s`` ...), queue and
         batch sizes, KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``) and the
         prefix cache (``prefix_cache_hits`` of ``prefix_cache_queries`` prompt tokens,
-        ``prefix_cache_hit_rate``, ``prefix_cache_blocks``)."""
+        ``prefix_cache_hit_rate``, ``prefix_cache_blocks``) and speculative decoding
+        (``speculative_accepted_tokens`` of ``speculative_draft_tokens``,
+        ``speculative_acceptance_rate``)."""
         return self._core.stats()
 
     def save_prefix(self, prefix: Prompt, path: str | os.PathLike[str]) -> int:

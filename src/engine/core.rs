@@ -87,6 +87,51 @@ pub struct EngineConfig {
     /// Share the cached keys and values of common prefixes between requests (vLLM's
     /// automatic prefix caching; not with a rotating cache, whose blocks are rewritten).
     pub prefix_caching: bool,
+    /// Speculative decoding: how draft tokens are proposed, if at all.
+    pub speculative: Option<Speculative>,
+}
+
+/// Most draft tokens a request may carry in one step.
+pub const MAX_SPECULATIVE_TOKENS: usize = 16;
+/// Default `num_speculative_tokens`.
+pub const DEFAULT_SPECULATIVE_TOKENS: usize = 4;
+
+/// How speculative decoding proposes draft tokens, which one forward pass of the model
+/// then verifies together: greedy output is what plain decoding gives, sampled output
+/// follows the same distribution (see `Sampler::sample`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speculative {
+    /// Prompt lookup: up to `num_tokens` tokens that followed the latest earlier
+    /// occurrence of the sequence's last few tokens, in its prompt or output (no second
+    /// model; pays off where the output repeats its input: rewriting, extraction, code
+    /// edits).
+    PromptLookup { num_tokens: usize },
+}
+
+impl Speculative {
+    /// The method named `name` (`prompt_lookup`, or vLLM's `ngram`) with `num_tokens`
+    /// draft tokens a step.
+    pub fn parse(name: &str, num_tokens: usize) -> Result<Self> {
+        if !(1..=MAX_SPECULATIVE_TOKENS).contains(&num_tokens) {
+            return Err(Error::param(
+                "num_speculative_tokens",
+                format!("{num_tokens} is not in [1, {MAX_SPECULATIVE_TOKENS}]"),
+            ));
+        }
+        match name {
+            "prompt_lookup" | "ngram" => Ok(Speculative::PromptLookup { num_tokens }),
+            other => Err(Error::param(
+                "speculative",
+                format!("{other:?} is not a speculative decoding method (prompt_lookup)"),
+            )),
+        }
+    }
+
+    pub fn num_tokens(self) -> usize {
+        match self {
+            Speculative::PromptLookup { num_tokens } => num_tokens,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -100,6 +145,7 @@ impl Default for EngineConfig {
             kv_cache_size: None,
             rotating: false,
             prefix_caching: true,
+            speculative: None,
         }
     }
 }
@@ -302,7 +348,14 @@ impl Engine {
             prefix_caching: pool.caching(),
             ..Stats::default()
         }));
-        let scheduler = Scheduler::new(pool, ring, c.max_batch_size, c.max_num_batched_tokens);
+        let speculative_tokens = c.speculative.map_or(0, Speculative::num_tokens);
+        let scheduler = Scheduler::new(
+            pool,
+            ring,
+            c.max_batch_size,
+            c.max_num_batched_tokens,
+            speculative_tokens,
+        );
         let cache = storage.shape();
         let (tx, rx) = mpsc::channel();
         let worker = Worker {

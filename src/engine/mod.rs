@@ -21,7 +21,7 @@ pub mod stats;
 pub mod testing;
 
 pub use self::client::{Client, Completion, Generation, Next, SharedEngine, Stream};
-pub use self::core::{Engine, EngineConfig};
+pub use self::core::{Engine, EngineConfig, Speculative};
 pub use request::{
     Event, FinishReason, Output, Request, RequestId, RequestState, Sink, StepOutput,
 };

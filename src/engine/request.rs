@@ -16,6 +16,10 @@ use super::sampling::{Sampler, SamplingParams, TokenLogprobs};
 
 pub type RequestId = u64;
 
+/// Longest and shortest run of recent tokens that prompt lookup looks for.
+const MAX_NGRAM: usize = 4;
+const MIN_NGRAM: usize = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.
@@ -328,9 +332,52 @@ impl Request {
         matches!(self.state, RequestState::Finished(_) | RequestState::Failed)
     }
 
+    /// Samples from the rows of a span that ended in `drafts` (speculative decoding: one
+    /// row per draft and one more, the last position's): token `i` is drawn from row `i`
+    /// with draft `i` proposed ([`super::Sampler::sample`]), and drawing stops after the
+    /// first token that is not its draft (the correction, or the token after the last
+    /// draft) or that ends the request. Returns each token's output, in order: every one
+    /// but the last is an accepted draft.
+    pub fn sample_span<'a>(
+        &mut self,
+        rows: impl IntoIterator<Item = Row<'a>>,
+        drafts: &[u32],
+    ) -> Result<Vec<StepOutput>> {
+        let mut out = Vec::with_capacity(drafts.len() + 1);
+        for (i, row) in rows.into_iter().enumerate() {
+            let draft = drafts.get(i).copied();
+            let step = self.sample(row, draft)?;
+            let go_on = step.finish_reason.is_none() && draft == Some(step.token);
+            out.push(step);
+            if !go_on {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `k` tokens that may come next, found by prompt lookup (Saxena 2023; vLLM's
+    /// n-gram proposer): the longest of the last `MAX_NGRAM` down to `MIN_NGRAM` tokens
+    /// that occurred before, most recent occurrence first, and the tokens that followed
+    /// it. None when nothing repeats. O(len · MAX_NGRAM).
+    pub fn propose(&self, k: usize) -> Vec<u32> {
+        let t = &self.tokens;
+        let len = t.len();
+        for n in (MIN_NGRAM..=MAX_NGRAM.min(len.saturating_sub(1))).rev() {
+            let pattern = &t[len - n..];
+            // Occurrences ending before the last token, so that one token at least follows.
+            if let Some(start) = (0..len - n).rev().find(|&i| t[i..i + n] == *pattern) {
+                let from = start + n;
+                return t[from..(from + k).min(len)].to_vec();
+            }
+        }
+        Vec::new()
+    }
+
     /// Samples the next token from `row` (the newest token's logits, or the argmax the
-    /// forward pass took), detokenizes it and checks the stop conditions.
-    pub fn sample(&mut self, row: Row<'_>) -> Result<StepOutput> {
+    /// forward pass took), detokenizes it and checks the stop conditions. `draft`: the
+    /// token proposed for it (see [`super::Sampler::sample`]).
+    pub fn sample(&mut self, row: Row<'_>, draft: Option<u32>) -> Result<StepOutput> {
         let ignore_eos = self.sampler.params().ignore_eos;
         let (token, logprobs) = match row {
             Row::Logits(logits) => {
@@ -345,8 +392,8 @@ impl Request {
                     }),
                     None => None,
                 };
-                self.sampler
-                    .sample(logits, &self.tokens, self.prompt_len, mask.as_ref())?
+                let prompt_len = self.prompt_len;
+                (self.sampler).sample(logits, &self.tokens, prompt_len, mask.as_ref(), draft)?
             }
             Row::Argmax(_) if self.grammar.is_some() || !self.params().is_plain_greedy() => {
                 bail!(

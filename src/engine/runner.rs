@@ -29,7 +29,7 @@ impl Runner {
     }
 
     /// Runs one step's spans (the middle third of a step), writing their keys and values
-    /// into their blocks. Returns logits `[output.num_sampled()][vocab]`, in `output`
+    /// into their blocks. Returns logits `[output.num_rows()][vocab]`, in `output`
     /// order.
     pub fn execute(&mut self, output: &SchedulerOutput) -> Result<Logits> {
         let mut batch = Batch {
@@ -49,7 +49,11 @@ impl Runner {
                 blocks: &seq.blocks,
             });
             if seq.sample {
-                batch.logits_rows.push((row + len - 1) as u32);
+                // The newest position's logits, and each draft's before it.
+                let last = row + len - 1;
+                batch
+                    .logits_rows
+                    .extend((last - seq.drafts..=last).map(|r| r as u32));
             }
         }
         self.model.decoder().forward(&batch, &mut self.storage)

@@ -26,7 +26,7 @@ use crate::error::{bail, Error, Result};
 use crate::model::Logits;
 
 use super::kv::{extend_hashes, BlockPool, Ring};
-use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row};
+use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row, StepOutput};
 use super::stats::Stats;
 
 #[derive(Debug)]
@@ -39,6 +39,8 @@ pub struct Scheduler {
     ring: Option<Ring>,
     max_batch_size: usize,
     token_budget: usize,
+    /// Most draft tokens a decoding request carries (prompt lookup); 0: no speculation.
+    speculative_tokens: usize,
     preemptions: u64,
     /// Tokens of admitted requests looked up in the prefix cache, and those found.
     prefix_queries: u64,
@@ -59,6 +61,16 @@ pub struct ScheduledSeq {
     pub sample: bool,
     /// Sampling it takes the argmax and nothing else (`SamplingParams::is_plain_greedy`).
     pub argmax_only: bool,
+    /// The span's last `drafts` tokens are proposed, not yet accepted (speculative
+    /// decoding): logits come back for each of them and for the position before.
+    pub drafts: usize,
+}
+
+impl ScheduledSeq {
+    /// The proposed tokens the span ends in.
+    pub fn draft_tokens(&self) -> &[u32] {
+        &self.tokens[self.tokens.len() - self.drafts..]
+    }
 }
 
 /// What one step runs (vLLM's `SchedulerOutput`): the scheduled spans, in `running` order.
@@ -74,9 +86,14 @@ impl SchedulerOutput {
         self.seqs.is_empty()
     }
 
-    /// How many sequences are sampled: the rows of logits the step must produce.
-    pub fn num_sampled(&self) -> usize {
-        self.seqs.iter().filter(|s| s.sample).count()
+    /// Rows of logits the step must produce: one per sampled sequence, and one more per
+    /// draft token.
+    pub fn num_rows(&self) -> usize {
+        self.seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| 1 + s.drafts)
+            .sum()
     }
 }
 
@@ -86,6 +103,7 @@ impl Scheduler {
         ring: Option<Ring>,
         max_batch_size: usize,
         token_budget: usize,
+        speculative_tokens: usize,
     ) -> Self {
         Scheduler {
             waiting: VecDeque::new(),
@@ -94,6 +112,7 @@ impl Scheduler {
             ring,
             max_batch_size,
             token_budget,
+            speculative_tokens,
             preemptions: 0,
             prefix_queries: 0,
             prefix_hits: 0,
@@ -145,11 +164,23 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let request = &self.running[i];
+            // Drafts ride along only where their blocks are free: never a preemption.
+            let drafts = self.drafts(request, budget);
+            if !drafts.is_empty()
+                && self
+                    .pool
+                    .reserve(request.id, request.tokens.len() + drafts.len())
+            {
+                budget -= 1 + drafts.len();
+                self.push_span(&mut out, i, 1, drafts, now);
+                i += 1;
+                continue;
+            }
             let n = request.pending().min(budget);
             let slots = Ring::slots(self.ring, request.computed + n);
             if self.pool.reserve(request.id, slots) {
                 budget -= n;
-                self.push_span(&mut out, i, n, now);
+                self.push_span(&mut out, i, n, Vec::new(), now);
                 i += 1;
                 continue;
             }
@@ -194,26 +225,70 @@ impl Scheduler {
             request.state = RequestState::Prefilling;
             budget -= n;
             self.running.push(request);
-            self.push_span(&mut out, self.running.len() - 1, n, now);
+            self.push_span(&mut out, self.running.len() - 1, n, Vec::new(), now);
         }
         out
     }
 
-    /// Adds the next `n` tokens of `running[index]` (whose blocks are reserved) to `out`.
-    fn push_span(&mut self, out: &mut SchedulerOutput, index: usize, n: usize, now: Instant) {
+    /// The tokens `request` may carry as drafts this step: prompt lookup's proposal for a
+    /// decoding request, cut to what the budget, `max_tokens` and the sequence's room
+    /// allow. None for a constrained request (its mask covers one position), and none that
+    /// would wrap a rotating cache (a rejected draft would have overwritten a position
+    /// still in the window).
+    fn drafts(&self, request: &Request, budget: usize) -> Vec<u32> {
+        if self.speculative_tokens == 0
+            || request.state != RequestState::Decoding
+            || request.pending() != 1
+            || request.is_constrained()
+        {
+            return Vec::new();
+        }
+        let len = request.tokens.len();
+        let mut room = (self.speculative_tokens)
+            .min(budget - 1)
+            .min(
+                request
+                    .params()
+                    .max_tokens
+                    .saturating_sub(request.generated() + 1),
+            )
+            .min(request.max_len.saturating_sub(len));
+        if let Some(ring) = self.ring {
+            room = room.min((ring.keep + ring.window).saturating_sub(len));
+        }
+        if room == 0 {
+            return Vec::new();
+        }
+        request.propose(room)
+    }
+
+    /// Adds the next `n` tokens of `running[index]`, then `drafts`, to `out` (their blocks
+    /// are reserved).
+    fn push_span(
+        &mut self,
+        out: &mut SchedulerOutput,
+        index: usize,
+        n: usize,
+        drafts: Vec<u32>,
+        now: Instant,
+    ) {
         let r = &mut self.running[index];
         r.first_scheduled.get_or_insert(now);
         let end = r.computed + n;
         if n > 1 || r.state == RequestState::Prefilling {
             out.prompt_tokens += n;
         }
+        let mut tokens = r.tokens[r.computed..end].to_vec();
+        let num_drafts = drafts.len();
+        tokens.extend(drafts);
         out.seqs.push(ScheduledSeq {
             id: r.id,
-            tokens: r.tokens[r.computed..end].to_vec(),
+            tokens,
             start: r.computed,
             blocks: self.pool.table(r.id).to_vec(),
             sample: end == r.tokens.len(),
             argmax_only: r.params().is_plain_greedy(),
+            drafts: num_drafts,
         });
     }
 
@@ -288,75 +363,105 @@ impl Scheduler {
 
     /// Takes back what the runner computed for `output` (the last third of a step): every
     /// span is now cached; each sampled sequence draws its next token from its row of
-    /// `logits` (`[output.num_sampled()][vocab]`, in `output` order), and its caller gets
-    /// the event. Returns the requests that ended, whose blocks are free again.
+    /// `logits` (`[output.num_rows()][vocab]`, in `output` order; a span with drafts has a
+    /// row for each and draws until one is rejected), and its caller gets the events.
+    /// Returns the requests that ended, whose blocks are free again.
     pub fn update_from_output(
         &mut self,
         output: &SchedulerOutput,
         logits: &Logits,
         stats: &Mutex<Stats>,
     ) -> Result<Vec<Request>> {
-        if logits.rows() != output.num_sampled() {
+        if logits.rows() != output.num_rows() {
             bail!(
                 Internal,
-                "{} rows of logits for {} sampled sequences",
+                "{} rows of logits for {} expected",
                 logits.rows(),
-                output.num_sampled()
+                output.num_rows()
             );
         }
         // Spans follow `running` order, so one pass pairs them with their requests.
-        let mut chosen: Vec<&mut Request> = Vec::with_capacity(logits.rows());
+        let mut chosen: Vec<(&mut Request, &ScheduledSeq, usize)> = Vec::new();
+        let mut row = 0;
         let mut running = self.running.iter_mut();
         for seq in &output.seqs {
             let Some(r) = running.by_ref().find(|r| r.id == seq.id) else {
                 bail!(Internal, "scheduled request {} is not running", seq.id);
             };
-            r.computed += seq.tokens.len();
+            // Drafts are cached only once accepted (below).
+            r.computed += seq.tokens.len() - seq.drafts;
             if self.pool.caching() {
                 let n = r.hash_blocks(self.pool.block_size(), r.computed);
                 (self.pool).name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
             }
             if seq.sample {
-                chosen.push(r);
+                chosen.push((r, seq, row));
+                row += 1 + seq.drafts;
             }
         }
         // Sample every request in parallel; each has its own RNG, so the order of work
         // does not change what any request draws.
-        let previous: Vec<_> = chosen.iter().map(|r| r.last_token).collect();
-        let results: Vec<Result<_>> = match logits.argmax() {
-            // Every row greedy: the pass computed the tokens.
-            Some(ids) => (chosen.par_iter_mut().zip(ids))
-                .map(|(r, &id)| r.sample(Row::Argmax(id)))
-                .collect(),
-            None => (chosen.par_iter_mut())
-                .zip(logits.values().par_chunks_exact(logits.vocab()))
-                .map(|(r, row)| r.sample(Row::Logits(row)))
-                .collect(),
-        };
+        let previous: Vec<_> = chosen.iter().map(|(r, ..)| r.last_token).collect();
+        let vocab = logits.vocab();
+        let results: Vec<Result<Vec<StepOutput>>> = (chosen.par_iter_mut())
+            .map(|(r, seq, first)| {
+                let rows = *first..*first + 1 + seq.drafts;
+                match logits.argmax() {
+                    // Every row greedy: the pass computed the tokens.
+                    Some(ids) => r.sample_span(
+                        ids[rows].iter().map(|&id| Row::Argmax(id)),
+                        seq.draft_tokens(),
+                    ),
+                    None => r.sample_span(
+                        rows.map(|i| Row::Logits(&logits.values()[i * vocab..(i + 1) * vocab])),
+                        seq.draft_tokens(),
+                    ),
+                }
+            })
+            .collect();
         let mut stats = stats.lock();
         stats.prompt_tokens += output.prompt_tokens as u64;
-        for ((r, result), previous) in chosen.into_iter().zip(results).zip(previous) {
-            match result {
-                Ok(step) => {
-                    stats.generation_tokens += 1;
-                    match (previous, r.last_token, r.first_token) {
-                        (Some(before), Some(last), _) => stats.itl.push(last - before),
-                        (None, _, Some(first)) => stats.ttft.push(first - r.arrived),
-                        _ => {}
-                    }
-                    let finished = step.finish_reason.is_some();
-                    if !r.emit(Event::Token(step)) && !finished {
-                        // Nobody listens any more: stop spending work on it.
-                        r.state = RequestState::Finished(FinishReason::Abort);
-                        stats.aborted += 1;
-                    } else if finished {
-                        stats.finished += 1;
-                    }
-                }
+        for (((r, seq, _), result), previous) in chosen.into_iter().zip(results).zip(previous) {
+            let steps = match result {
+                Ok(steps) => steps,
                 Err(e) => {
                     r.state = RequestState::Failed;
                     r.emit(Event::Failed(e));
                     stats.failed += 1;
+                    continue;
+                }
+            };
+            let accepted = (steps.iter().zip(seq.draft_tokens()))
+                .take_while(|(step, &draft)| step.token == draft)
+                .count();
+            stats.speculative_draft_tokens += seq.drafts as u64;
+            stats.speculative_accepted_tokens += accepted as u64;
+            if accepted > 0 {
+                r.computed += accepted;
+                if self.pool.caching() {
+                    let n = r.hash_blocks(self.pool.block_size(), r.computed);
+                    (self.pool).name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
+                }
+            }
+            stats.generation_tokens += steps.len() as u64;
+            match (previous, r.last_token, r.first_token) {
+                // Tokens of one step arrive together: each gets its share of the gap.
+                (Some(before), Some(last), _) => {
+                    let gap = (last - before) / steps.len() as u32;
+                    (0..steps.len()).for_each(|_| stats.itl.push(gap));
+                }
+                (None, _, Some(first)) => stats.ttft.push(first - r.arrived),
+                _ => {}
+            }
+            for step in steps {
+                let finished = step.finish_reason.is_some();
+                if !r.emit(Event::Token(step)) && !finished {
+                    // Nobody listens any more: stop spending work on it.
+                    r.state = RequestState::Finished(FinishReason::Abort);
+                    stats.aborted += 1;
+                    break;
+                } else if finished {
+                    stats.finished += 1;
                 }
             }
         }
@@ -465,6 +570,7 @@ mod tests {
             ring,
             4,
             24,
+            0,
         );
         let mut aborts = Vec::new();
         for (id, &(prompt, max_tokens, abort, shared)) in requests.iter().enumerate() {
@@ -533,7 +639,7 @@ mod tests {
                     memory[at(p)] = Some((p, t));
                 }
             }
-            let rows = Logits::new(logits.repeat(out.num_sampled()), out.num_sampled(), VOCAB);
+            let rows = Logits::new(logits.repeat(out.num_rows()), out.num_rows(), VOCAB);
             let rows = rows.unwrap();
             for r in s.update_from_output(&out, &rows, &stats).unwrap() {
                 assert!(matches!(
@@ -570,7 +676,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, 4, 24);
+        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, 4, 24, 0);
         for id in 0..2 {
             let params = SamplingParams {
                 max_tokens: 3,
@@ -601,7 +707,7 @@ mod tests {
             (1, 1, 1)
         );
         let rows = |out: &SchedulerOutput| {
-            Logits::new(logits.repeat(out.num_sampled()), out.num_sampled(), VOCAB)
+            Logits::new(logits.repeat(out.num_rows()), out.num_rows(), VOCAB)
         };
         let (mut out, mut ended) = (out, Vec::new());
         for _ in 0..20 {
@@ -629,7 +735,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, 4, 24);
+        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, 4, 24, 0);
         let greedy = SamplingParams {
             temperature: 0.0,
             max_tokens: 4,

@@ -57,6 +57,9 @@ pub struct Stats {
     pub prefix_cache_hits: u64,
     /// Blocks holding a cached prefix now (in use or free).
     pub prefix_cache_blocks: usize,
+    /// Tokens proposed by speculative decoding, and those the model accepted.
+    pub speculative_draft_tokens: u64,
+    pub speculative_accepted_tokens: u64,
     pub ttft: Latencies,
     pub itl: Latencies,
 }
@@ -74,6 +77,11 @@ impl Stats {
     /// Fraction of looked-up prompt tokens found in the prefix cache.
     pub fn prefix_cache_hit_rate(&self) -> f64 {
         self.prefix_cache_hits as f64 / self.prefix_cache_queries.max(1) as f64
+    }
+
+    /// Fraction of draft tokens accepted.
+    pub fn speculative_acceptance_rate(&self) -> f64 {
+        self.speculative_accepted_tokens as f64 / self.speculative_draft_tokens.max(1) as f64
     }
 
     /// Fraction of the KV cache's blocks in use.

@@ -16,10 +16,11 @@ use super::sampling::PySamplingParams;
 use super::tokenizer::PyTokenizer;
 use crate::engine::core::{
     DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_SPECULATIVE_TOKENS,
 };
 use crate::engine::{
     Client, Completion, Engine, EngineConfig, Event, Generation, Next, Output, RequestId,
-    SamplingParams, Stream,
+    SamplingParams, Speculative, Stream,
 };
 use crate::tokenizer::check_token_ids;
 
@@ -219,7 +220,8 @@ impl PyEngine {
     #[pyo3(signature = (model, tokenizer, *, max_batch_size = None, kv_cache_tokens = None,
         memory_fraction = None, block_size = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS, kv_cache_size = None,
-        rotating_kv_cache = false, prefix_caching = true))]
+        rotating_kv_cache = false, prefix_caching = true, speculative = None,
+        num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyModel,
@@ -232,6 +234,8 @@ impl PyEngine {
         kv_cache_size: Option<usize>,
         rotating_kv_cache: bool,
         prefix_caching: bool,
+        speculative: Option<&str>,
+        num_speculative_tokens: usize,
     ) -> PyResult<Self> {
         // Without a batch size, CANDLE_NUM_PARALLEL's or the default (the env is not read
         // when one is given).
@@ -248,6 +252,9 @@ impl PyEngine {
             kv_cache_size,
             rotating: rotating_kv_cache,
             prefix_caching,
+            speculative: speculative
+                .map(|name| Speculative::parse(name, num_speculative_tokens))
+                .transpose()?,
         };
         let engine = Engine::new(model.inner.clone(), config)?;
         Ok(PyEngine {
@@ -353,6 +360,12 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Boun
     d.set_item("prefix_cache_hits", s.prefix_cache_hits)?;
     d.set_item("prefix_cache_hit_rate", s.prefix_cache_hit_rate())?;
     d.set_item("prefix_cache_blocks", s.prefix_cache_blocks)?;
+    d.set_item("speculative_draft_tokens", s.speculative_draft_tokens)?;
+    d.set_item("speculative_accepted_tokens", s.speculative_accepted_tokens)?;
+    d.set_item(
+        "speculative_acceptance_rate",
+        s.speculative_acceptance_rate(),
+    )?;
     Ok(d)
 }
 
@@ -384,6 +397,7 @@ pub fn engine_stats<'py>(py: Python<'py>, model: &PyModel) -> PyResult<Bound<'py
 pub fn add_defaults(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE)?;
     m.add("DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
+    m.add("DEFAULT_SPECULATIVE_TOKENS", DEFAULT_SPECULATIVE_TOKENS)?;
     m.add(
         "DEFAULT_MAX_NUM_BATCHED_TOKENS",
         DEFAULT_MAX_NUM_BATCHED_TOKENS,

@@ -1,0 +1,117 @@
+"""Speculative decoding by prompt lookup on the real SmolLM2 model: greedy output is exactly
+plain decoding's (and, on the exact f32 path, Hugging Face transformers' own), sampled
+output reproduces with its seed, and requests that speculate share batches with requests
+that cannot. (That a verified draft leaves the sampling distribution exact is checked on
+a small vocabulary in the Rust sampler's tests.)"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import cortex
+
+TEXT = (
+    "The old lighthouse stood at the end of the harbour wall. Every evening the keeper climbed "
+    "its ninety-one steps, trimmed the wick, polished the great lens and lit the lamp, so that "
+    "the fishing boats could find their way home through the fog. In winter the storms threw "
+    "spray over the gallery, and the keeper wrote in his log the speed of the wind, the height "
+    "of the waves and the names of the boats that passed."
+)
+REWRITE = [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{TEXT}"}]
+
+
+def _idle(engine: cortex.Engine, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        if stats["requests_waiting"] + stats["requests_running"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)
+
+
+def test_greedy_is_plain_greedy_on_every_golden_prompt_and_a_rewrite(smollm, golden):
+    model, tok = smollm
+    prompts = [case["input_ids"] for case in golden["greedy"]]
+    prompts.append(tok.apply_chat_template(REWRITE, add_generation_prompt=True, tokenize=True))
+    plain = cortex.Engine(model, tok, max_batch_size=8)
+    spec = cortex.Engine(model, tok, max_batch_size=8, speculative="prompt_lookup")
+    want = [o.token_ids for o in plain.generate_batch(prompts, max_tokens=64, ignore_eos=True)]
+    # Batched together, and each alone.
+    assert [o.token_ids for o in spec.generate_batch(prompts, max_tokens=64, ignore_eos=True)] == want
+    for p, w in zip(prompts, want):
+        assert spec.generate_batch([p], max_tokens=64, ignore_eos=True)[0].token_ids == w
+    stats = _idle(spec)
+    assert stats["speculative_accepted_tokens"] > 50, stats
+    assert 0 < stats["speculative_acceptance_rate"] <= 1
+    # Fewer steps than tokens: drafts were taken in bulk.
+    assert stats["steps"] < stats["generation_tokens"]
+
+
+def test_the_exact_path_with_drafts_matches_transformers(smollm, golden):
+    """Dequantized to f32 (test_golden's exact path), speculative greedy output is the
+    reference's token for token."""
+    model, tok = smollm
+    exact = model.dequantize()
+    spec = cortex.Engine(exact, tok, speculative="prompt_lookup", num_speculative_tokens=6)
+    for case in golden["greedy"]:
+        out = spec.generate_batch([case["input_ids"]], max_tokens=len(case["new_ids"]), ignore_eos=True)[0]
+        ref = case["new_ids"]
+        assert out.token_ids[: len(ref)] == ref, case["prompt"]
+
+
+def test_mixed_batches_of_speculating_sampled_and_constrained_requests(smollm):
+    model, tok = smollm
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    prompts = [REWRITE, "List three colours:", REWRITE, "Answer in JSON: is water wet?"]
+    params = [
+        cortex.SamplingParams(temperature=0.0, max_tokens=40),
+        cortex.SamplingParams(temperature=0.8, seed=3, max_tokens=40),
+        cortex.SamplingParams(temperature=0.7, top_p=0.9, seed=5, max_tokens=40),
+        cortex.SamplingParams(temperature=0.0, max_tokens=40, json_schema=schema),
+    ]
+    spec = cortex.Engine(model, tok, max_batch_size=4, speculative="prompt_lookup")
+    first = spec.generate_batch(prompts, params)
+    assert all(o.error is None for o in first)
+    plain = cortex.Engine(model, tok, max_batch_size=4)
+    assert first[0].token_ids == plain.generate_batch([prompts[0]], params[0])[0].token_ids
+    assert json.loads(first[3].text)["ok"] in (True, False)
+    # Seeded requests draw the same tokens again, in another batch or alone.
+    again = spec.generate_batch(prompts[1:3], params[1:3])
+    assert [o.token_ids for o in again] == [o.token_ids for o in first[1:3]]
+    assert spec.generate_batch([prompts[2]], params[2])[0].token_ids == first[2].token_ids
+
+
+def test_speculation_settings_are_checked(smollm):
+    model, tok = smollm
+    with pytest.raises(cortex.RequestValidationError, match="speculative") as e:
+        cortex.Engine(model, tok, speculative="medusa")
+    assert e.value.param == "speculative"
+    with pytest.raises(cortex.RequestValidationError, match="num_speculative_tokens"):
+        cortex.Engine(model, tok, speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(cortex.RequestValidationError, match="num_speculative_tokens"):
+        cortex.Engine(model, tok, speculative="prompt_lookup", num_speculative_tokens=17)
+
+
+def test_drafts_respect_max_tokens_and_a_rotating_cache(smollm):
+    """Drafts never take a request past ``max_tokens``, and a rotating cache gets none that
+    would wrap it (a rejected one would have overwritten a position still in view)."""
+    model, tok = smollm
+    ids = tok.apply_chat_template(REWRITE, add_generation_prompt=True, tokenize=True)
+    spec = cortex.Engine(model, tok, speculative="prompt_lookup")
+    for n in (1, 2, 3, 7):
+        assert spec.generate_batch([ids], max_tokens=n, ignore_eos=True)[0].generation_tokens == n
+    size = len(ids) + 24
+    plain = cortex.Engine(model, tok, kv_cache_size=size, rotating_kv_cache=True)
+    rolling = cortex.Engine(
+        model, tok, kv_cache_size=size, rotating_kv_cache=True, speculative="prompt_lookup"
+    )
+    want = plain.generate_batch([ids], max_tokens=60, ignore_eos=True)[0].token_ids
+    assert rolling.generate_batch([ids], max_tokens=60, ignore_eos=True)[0].token_ids == want
