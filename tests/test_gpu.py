@@ -747,3 +747,46 @@ def test_server_chat_completion(smollm_gpu) -> None:
     assert usage["completion_tokens"] == want.generation_tokens
     assert usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+# ── 11. Prefix caching, saved prefixes, speculation ──────────────────────────────────────────
+
+
+def test_prefix_cache_saved_prefixes_and_speculation_on_the_gpu(
+    tiny_llama: dict[str, Path], tmp_path: Path
+) -> None:
+    """The engine's prefix cache, saved prefixes and prompt-lookup drafts over a GPU cache.
+    Shared prefixes give what a cache-off engine gives. A prefix saved from the CPU's cache
+    (keys transposed there; f16 on both) loads into the GPU's once the GPU's own first block
+    agrees with it, and one saved from the GPU loads into the CPU's. Speculative greedy
+    equals plain greedy: passes of at most 8 rows run the GEMV, as plain steps do, so the
+    arithmetic of each row is the same."""
+    cpu_model, tok = cortex.load(tiny_llama["q4g32"], device="cpu")
+    model, _ = cortex.load(tiny_llama["q4g32"], device=DEVICE)
+    vocab = model.config["vocab_size"]
+    shared = [(i * 7 + 3) % vocab for i in range(40)]
+    prompts = [shared + [(i * 13 + j) % vocab for j in range(5)] for i in range(6)]
+    kw: dict[str, int] = {"max_batch_size": 1, "max_num_batched_tokens": GEMV_MAX_ROWS, "block_size": 8}
+
+    def tokens(engine: cortex.Engine, ps: list[list[int]]) -> list[list[int]]:
+        return [o.token_ids for o in engine.generate_batch(ps, max_tokens=12, ignore_eos=True)]
+
+    plain = cortex.Engine(model, tok, prefix_caching=False, **kw)
+    want = tokens(plain, prompts)
+    cached = cortex.Engine(model, tok, **kw)
+    assert tokens(cached, prompts) == want
+    assert _idle(cached)["prefix_cache_hits"] == 5 * 40
+
+    path, back = tmp_path / "cpu.cxkv", tmp_path / "gpu.cxkv"
+    assert cortex.Engine(cpu_model, tok, block_size=8).save_prefix(shared, path) == 40
+    gpu = cortex.Engine(model, tok, **kw)
+    assert gpu.load_prefix(path) == 40
+    assert tokens(gpu, prompts[1:2]) == want[1:2]
+    assert _idle(gpu)["prefix_cache_hits"] == 40
+    assert gpu.save_prefix(shared, back) == 40
+    assert cortex.Engine(cpu_model, tok, block_size=8).load_prefix(back) == 40
+
+    repeats = [[(j % period) * 5 + 2 for j in range(30)] for period in (3, 4, 7)]
+    spec = cortex.Engine(model, tok, speculative="prompt_lookup", **kw)
+    assert tokens(spec, prompts + repeats) == want + tokens(plain, repeats)
+    assert _idle(spec)["speculative_accepted_tokens"] > 0

@@ -754,7 +754,7 @@ mod tests {
                     seed: Some(7),
                     ..p.clone()
                 });
-                let n = 40_000;
+                let n = 40_000usize;
                 let mut counts = [0usize; 5];
                 for _ in 0..n {
                     let (t, _) = s.sample(&logits, &[], 0, None, draft).unwrap();

@@ -164,12 +164,14 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let request = &self.running[i];
-            // Drafts ride along only where their blocks are free: never a preemption.
+            // Drafts ride along only while blocks are plentiful (more free than the
+            // requests still to schedule, each of which may need one, and one more), so
+            // that they never cause a preemption.
             let drafts = self.drafts(request, budget);
+            let plentiful = self.pool.num_free() > self.running.len() - i + 1;
             if !drafts.is_empty()
-                && self
-                    .pool
-                    .reserve(request.id, request.tokens.len() + drafts.len())
+                && plentiful
+                && (self.pool).reserve(request.id, request.tokens.len() + drafts.len())
             {
                 budget -= 1 + drafts.len();
                 self.push_span(&mut out, i, 1, drafts, now);
@@ -561,6 +563,7 @@ mod tests {
         num_blocks: usize,
         block_size: usize,
         ring: Option<Ring>,
+        speculative: usize,
     ) -> u64 {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
@@ -570,7 +573,7 @@ mod tests {
             ring,
             4,
             24,
-            0,
+            speculative,
         );
         let mut aborts = Vec::new();
         for (id, &(prompt, max_tokens, abort, shared)) in requests.iter().enumerate() {
@@ -595,8 +598,6 @@ mod tests {
                 aborts.push((step, id as u64));
             }
         }
-        let mut logits = [0f32; VOCAB];
-        logits[3] = 1.0;
         let stats = Mutex::new(Stats::default());
         let mut memory: Vec<Option<(usize, u32)>> = vec![None; capacity];
         let mut done = 0;
@@ -639,6 +640,10 @@ mod tests {
                     memory[at(p)] = Some((p, t));
                 }
             }
+            // Greedy picks 3, 3, 5, 3, 3, 5...: prompt lookup's drafts are sometimes
+            // accepted, sometimes not.
+            let mut logits = [0f32; VOCAB];
+            logits[[3, 3, 5][step % 3]] = 1.0;
             let rows = Logits::new(logits.repeat(out.num_rows()), out.num_rows(), VOCAB);
             let rows = rows.unwrap();
             for r in s.update_from_output(&out, &rows, &stats).unwrap() {
@@ -662,7 +667,7 @@ mod tests {
     #[test]
     fn shared_prefixes_are_found() {
         let requests = vec![(50, 5, None, 40); 6];
-        let hits = run(requests, 64, 4, None);
+        let hits = run(requests, 64, 4, None, 0);
         assert_eq!(hits, 5 * 40);
     }
 
@@ -790,8 +795,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Random workloads on a small cache, with prefixes shared, aborts and
-        /// preemptions: every request ends, the pool's invariants hold after each step,
+        /// Random workloads on a small cache, with prefixes shared, aborts, preemptions
+        /// and drafts accepted and rejected: every request ends, the pool's invariants hold after each step,
         /// every position read holds what its sequence wrote, and every block comes back.
         #[test]
         fn block_accounting_holds(
@@ -799,8 +804,9 @@ mod tests {
                 (1usize..60, 1usize..40, prop::option::of(0usize..80), 0usize..60), 1..12),
             num_blocks in 4usize..24,
             block_size in prop::sample::select(vec![1usize, 4, 16]),
+            speculative in prop::sample::select(vec![0usize, 3]),
         ) {
-            run(requests, num_blocks, block_size, None);
+            run(requests, num_blocks, block_size, None, speculative);
         }
 
         #[test]
@@ -810,7 +816,7 @@ mod tests {
             window in 2usize..20,
         ) {
             let ring = Ring { keep: 4, window };
-            run(requests, 8, 4, Some(ring));
+            run(requests, 8, 4, Some(ring), 3);
         }
     }
 }
