@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 
+import openai
 import pytest
 
 import cortex
@@ -115,3 +117,40 @@ def test_drafts_respect_max_tokens_and_a_rotating_cache(smollm):
     )
     want = plain.generate_batch([ids], max_tokens=60, ignore_eos=True)[0].token_ids
     assert rolling.generate_batch([ids], max_tokens=60, ignore_eos=True)[0].token_ids == want
+
+
+def test_the_server_speculates_with_the_official_client(smollm):
+    """``cortex.serve(speculative=...)`` (``cortex serve --speculative``): a chat request
+    through the openai client gets plain decoding's greedy text, streamed or not, and the
+    engine reports the drafts it accepted; /metrics shows the prefix cache at work."""
+    model, tok = smollm
+    want = cortex.Engine(model, tok).generate_batch([REWRITE], max_tokens=48, temperature=0.0)[0].text
+    srv = cortex.serve(model, tok, port=0, block=False, speculative="prompt_lookup", num_speculative_tokens=5)
+    assert srv is not None
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="unused")
+        resp = client.chat.completions.create(
+            model=srv.model_name,
+            messages=REWRITE,
+            max_tokens=48,
+            temperature=0,
+        )
+        assert resp.choices[0].message.content == want
+        stream = client.chat.completions.create(
+            model=srv.model_name,
+            messages=REWRITE,
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+        client.close()
+        stats = srv.stats()
+        assert stats["speculative_accepted_tokens"] > 0
+        # The second request found the first one's prompt in the cache.
+        assert stats["prefix_cache_hits"] > 0
+        with urllib.request.urlopen(srv.url + "/metrics") as r:
+            metrics = r.read().decode()
+        assert "cortex_prefix_cache_hits_total" in metrics
+    finally:
+        srv.shutdown(timeout=10)

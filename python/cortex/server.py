@@ -146,6 +146,8 @@ def serve(
     kv_cache_tokens: int | None = None,
     memory_fraction: float | None = None,
     prefix_caching: bool = True,
+    speculative: str | None = None,
+    num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
     max_queue: int = _core.DEFAULT_MAX_QUEUE,
     chat_template: PathLike | None = None,
     shutdown_timeout: float = _core.DEFAULT_SHUTDOWN_TIMEOUT,
@@ -166,8 +168,8 @@ def serve(
             Listening on an address other than loopback needs a key, or ``insecure``.
         served_model_name: the name clients give as ``model`` (default: the Hub repo id,
             the file's stem or the folder's name).
-        max_batch_size, kv_cache_tokens, memory_fraction, prefix_caching: the engine's
-            (see :class:`cortex.Engine`).
+        max_batch_size, kv_cache_tokens, memory_fraction, prefix_caching, speculative,
+            num_speculative_tokens: the engine's (see :class:`cortex.Engine`).
         max_queue: sequences that may wait beyond the running batch; more get HTTP 429.
         chat_template: a Jinja chat template (a file, or its text) used instead of the
             model's.
@@ -204,6 +206,8 @@ def serve(
         kv_cache_tokens=kv_cache_tokens,
         memory_fraction=memory_fraction,
         prefix_caching=prefix_caching,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
     )
     core = _core.Server(
         engine._core,

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from .._core import DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WRITE_TIMEOUT
+from .._core import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_SPECULATIVE_TOKENS,
+    DEFAULT_WRITE_TIMEOUT,
+)
 from ..server import serve
 from ._common import description
 
@@ -55,6 +60,18 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         help="compute every prompt in full instead of reusing cached prefixes",
     )
     engine.add_argument(
+        "--speculative",
+        choices=["prompt_lookup", "ngram"],
+        default=None,
+        help="speculative decoding by prompt lookup (ngram: vLLM's name for it)",
+    )
+    engine.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=DEFAULT_SPECULATIVE_TOKENS,
+        help="most draft tokens a request carries in one step (default: %(default)s)",
+    )
+    engine.add_argument(
         "--max-queue",
         type=int,
         default=DEFAULT_MAX_QUEUE,
@@ -89,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         memory_fraction=args.memory_fraction,
         prefix_caching=args.prefix_caching,
+        speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,
