@@ -4,6 +4,7 @@ exactly what it generates on an engine that computes every prompt in full."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import time
@@ -180,17 +181,29 @@ def _tampered(path: Path, tmp_path: Path, change) -> Path:
     return out
 
 
-def _scaled(data: bytearray, at: int) -> bytes:
-    tokens = json.loads(data[16:at])["tokens"]
-    values = np.frombuffer(bytes(data[at + 4 * tokens :]), dtype="<f2") * 1.5
-    return bytes(data[: at + 4 * tokens]) + values.astype("<f2").tobytes()
-
-
-def _header(data: bytearray, at: int, **fields: object) -> bytes:
+def _header(data: bytes | bytearray, at: int, **fields: object) -> bytes:
     header = json.loads(data[16:at])
     header.update(fields)
     raw = json.dumps(header).encode()
     return bytes(data[:12]) + struct.pack("<I", len(raw)) + raw + bytes(data[at:])
+
+
+def _resealed(data: bytes, at: int) -> bytes:
+    """``data`` with its header's checksum made right again (a deliberate forgery)."""
+    return _header(data, at, sha256=hashlib.sha256(data[at:]).hexdigest())
+
+
+def _scaled(data: bytearray, at: int) -> bytes:
+    """Every key and value 1.5 times as large, checksum and all: another model's."""
+    tokens = json.loads(data[16:at])["tokens"]
+    values = np.frombuffer(bytes(data[at + 4 * tokens :]), dtype="<f2") * 1.5
+    return _resealed(bytes(data[: at + 4 * tokens]) + values.astype("<f2").tobytes(), at)
+
+
+def _flipped(data: bytearray, at: int) -> bytes:
+    """One bit of the last block flipped."""
+    data[-3] ^= 0x10
+    return bytes(data)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +215,11 @@ def _header(data: bytearray, at: int, **fields: object) -> bytes:
         (lambda d, at: bytes(d[:20]), "truncated in its header"),
         (lambda d, at: bytes(d[:16]) + b"{" * (at - 16) + bytes(d[at:]), "malformed header"),
         (lambda d, at: bytes(d[:8]) + struct.pack("<I", 9) + bytes(d[12:]), "version 9"),
-        (lambda d, at: bytes(d[:at]) + struct.pack("<I", 2**31) + bytes(d[at + 4 :]), "vocabulary"),
+        (
+            lambda d, at: _resealed(bytes(d[:at]) + struct.pack("<I", 2**31) + bytes(d[at + 4 :]), at),
+            "vocabulary",
+        ),
+        (_flipped, "damaged"),
         (lambda d, at: _header(d, at, tokens=7), "not a whole number of blocks"),
         (
             lambda d, at: _header(d, at, model={**json.loads(d[16:at])["model"], "num_parameters": 7}),

@@ -1,8 +1,7 @@
-"""Speculative decoding by prompt lookup on the real SmolLM2 model: greedy output is exactly
-plain decoding's (and, on the exact f32 path, Hugging Face transformers' own), sampled
-output reproduces with its seed, and requests that speculate share batches with requests
-that cannot. (That a verified draft leaves the sampling distribution exact is checked on
-a small vocabulary in the Rust sampler's tests.)"""
+"""Speculative decoding by prompt lookup on the real SmolLM2 model: greedy and seeded output
+are exactly plain decoding's (and greedy, on the exact f32 path, Hugging Face
+transformers' own), and requests that speculate share batches with requests that
+cannot."""
 
 from __future__ import annotations
 
@@ -85,10 +84,11 @@ def test_mixed_batches_of_speculating_sampled_and_constrained_requests(smollm):
     plain = cortex.Engine(model, tok, max_batch_size=4)
     assert first[0].token_ids == plain.generate_batch([prompts[0]], params[0])[0].token_ids
     assert json.loads(first[3].text)["ok"] in (True, False)
-    # Seeded requests draw the same tokens again, in another batch or alone.
-    again = spec.generate_batch(prompts[1:3], params[1:3])
-    assert [o.token_ids for o in again] == [o.token_ids for o in first[1:3]]
-    assert spec.generate_batch([prompts[2]], params[2])[0].token_ids == first[2].token_ids
+    # Seeded requests draw what plain decoding draws, in another batch or alone.
+    want = [o.token_ids for o in plain.generate_batch(prompts[1:3], params[1:3])]
+    assert [o.token_ids for o in first[1:3]] == want
+    assert spec.generate_batch([prompts[2]], params[2])[0].token_ids == want[1]
+    assert _idle(spec)["speculative_accepted_tokens"] > 0
 
 
 def test_speculation_settings_are_checked(smollm):

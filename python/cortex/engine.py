@@ -91,11 +91,13 @@ class Engine:
             decoding by prompt lookup: each step, a decoding request carries up to
             ``num_speculative_tokens`` draft tokens (those that followed the latest earlier
             occurrence of its last 2-4 tokens, in its prompt or output), which one forward
-            pass verifies. Greedy output is exactly that of plain decoding and sampled
-            output follows the same distribution (rejection sampling); seeds reproduce.
-            It pays off where the output repeats its input (rewriting, extraction, code
-            edits). ``stats()`` reports ``speculative_draft_tokens`` and
-            ``speculative_accepted_tokens``. Requests held to a grammar decode plainly.
+            pass verifies: each position's token is drawn as plain decoding draws it and
+            a draft is kept while it matches, so greedy and seeded output are plain
+            decoding's (where the verifying pass computes the same logits as single
+            steps: on the CPU; on a GPU near-ties may part). It pays off where the
+            output repeats its input (rewriting, extraction, code edits). ``stats()``
+            reports ``speculative_draft_tokens`` and ``speculative_accepted_tokens``.
+            Requests held to a grammar decode plainly.
         num_speculative_tokens: most draft tokens a request carries in one step (1-16).
 
     Requests that do not fit the cache wait, or are preempted and recomputed later; a
@@ -206,8 +208,9 @@ class Engine:
     def save_prefix(self, prefix: Prompt, path: str | os.PathLike[str]) -> int:
         """Save the KV cache of ``prefix`` (text, chat messages or token ids) to ``path``,
         so that a later engine (after a restart, say) can :meth:`load_prefix` it instead
-        of computing it. Chat messages are rendered without a generation prompt: a
-        system prompt saved this way begins every conversation that starts with it.
+        of computing it. Chat messages are rendered without a generation prompt, so a
+        system prompt saved this way is the prefix of conversations that start with it
+        (where the chat template renders it on its own, as most do).
 
         Only full cache blocks are saved (``block_size`` tokens each); returns the number
         of tokens saved. The prefix is computed first unless it is cached. The file is
@@ -223,11 +226,13 @@ class Engine:
     def load_prefix(self, path: str | os.PathLike[str]) -> int:
         """Put a prefix saved by :meth:`save_prefix` into the KV cache; requests that begin
         with it then find it there. Returns the number of tokens loaded. The blocks are
-        cached like any others: evicted, least recently used first, when space runs out.
+        cached like any others: evicted, least recently freed first, when space runs out.
 
         Raises:
-            SavedPrefixError: the file is malformed, or was saved from another model
-                (its identity, and this model's own computation of its first block, are
-                checked) or another cache layout (``block_size``, KV cache type).
+            SavedPrefixError: the file is malformed or damaged (its length and a SHA-256
+                of its contents are checked), or was saved from another model (its
+                identity, and this model's own computation of its first block, are
+                checked) or another cache layout (``block_size``, KV cache type), or
+                holds more blocks than the whole cache.
         """
         return self._core.load_prefix(os.fspath(path))

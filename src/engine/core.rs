@@ -455,6 +455,11 @@ impl Engine {
         self.cache
     }
 
+    /// Positions the whole cache holds.
+    pub fn cache_capacity(&self) -> usize {
+        self.limits.capacity
+    }
+
     /// Whether prefix caching is on (it is off with a rotating cache).
     pub fn prefix_caching(&self) -> bool {
         self.config.prefix_caching && self.limits.ring.is_none()

@@ -334,10 +334,16 @@ impl Request {
 
     /// Samples from the rows of a span that ended in `drafts` (speculative decoding: one
     /// row per draft and one more, the last position's): token `i` is drawn from row `i`
-    /// with draft `i` proposed ([`super::Sampler::sample`]), and drawing stops after the
-    /// first token that is not its draft (the correction, or the token after the last
-    /// draft) or that ends the request. Returns each token's output, in order: every one
-    /// but the last is an accepted draft.
+    /// exactly as plain decoding would draw it, and draft `i` is accepted when it is that
+    /// token; drawing stops after the first token that is not its draft (or that ends the
+    /// request). Returns each token's output, in order: every one but the last is an
+    /// accepted draft.
+    ///
+    /// For a draft proposed with certainty (prompt lookup) this is the rejection sampling
+    /// of Leviathan et al. 2023 and Chen et al. 2023: the draft is accepted with
+    /// probability `p(draft)`, and a rejection leaves a token drawn from `p` without it.
+    /// Drawing first keeps each token's draw what plain decoding's is, so a seeded request
+    /// gives the same tokens with speculation or without, alone or in any batch.
     pub fn sample_span<'a>(
         &mut self,
         rows: impl IntoIterator<Item = Row<'a>>,
@@ -345,9 +351,8 @@ impl Request {
     ) -> Result<Vec<StepOutput>> {
         let mut out = Vec::with_capacity(drafts.len() + 1);
         for (i, row) in rows.into_iter().enumerate() {
-            let draft = drafts.get(i).copied();
-            let step = self.sample(row, draft)?;
-            let go_on = step.finish_reason.is_none() && draft == Some(step.token);
+            let step = self.sample(row)?;
+            let go_on = step.finish_reason.is_none() && drafts.get(i) == Some(&step.token);
             out.push(step);
             if !go_on {
                 break;
@@ -375,9 +380,8 @@ impl Request {
     }
 
     /// Samples the next token from `row` (the newest token's logits, or the argmax the
-    /// forward pass took), detokenizes it and checks the stop conditions. `draft`: the
-    /// token proposed for it (see [`super::Sampler::sample`]).
-    pub fn sample(&mut self, row: Row<'_>, draft: Option<u32>) -> Result<StepOutput> {
+    /// forward pass took), detokenizes it and checks the stop conditions.
+    pub fn sample(&mut self, row: Row<'_>) -> Result<StepOutput> {
         let ignore_eos = self.sampler.params().ignore_eos;
         let (token, logprobs) = match row {
             Row::Logits(logits) => {
@@ -392,8 +396,8 @@ impl Request {
                     }),
                     None => None,
                 };
-                let prompt_len = self.prompt_len;
-                (self.sampler).sample(logits, &self.tokens, prompt_len, mask.as_ref(), draft)?
+                self.sampler
+                    .sample(logits, &self.tokens, self.prompt_len, mask.as_ref())?
             }
             Row::Argmax(_) if self.grammar.is_some() || !self.params().is_plain_greedy() => {
                 bail!(

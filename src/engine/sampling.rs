@@ -412,19 +412,12 @@ impl Sampler {
     /// `prompt_len` splits the two. Fails on NaN logits, which only a broken model produces.
     /// Log-probabilities are the model's own, before penalties and the mask.
     ///
-    /// `draft`: a token proposed for this position with certainty (speculative decoding
-    /// by prompt lookup). Greedy takes it when it is the argmax. Sampling takes it with its
-    /// probability `p(draft)`, else draws from `p` without it, renormalised: each token `x`
-    /// then comes out with probability exactly `p(x)` (Leviathan et al. 2023, Chen et al.
-    /// 2023, with a draft distribution that is a point mass). The token returned equals
-    /// the draft exactly when the draft was accepted.
     pub fn sample(
         &mut self,
         logits: &[f32],
         context: &[u32],
         prompt_len: usize,
         allowed: Option<&SimpleVob>,
-        draft: Option<u32>,
     ) -> Result<(u32, Option<TokenLogprobs>)> {
         if logits.iter().any(|x| x.is_nan()) {
             return Err(Error::Engine("the model produced NaN logits".into()));
@@ -453,7 +446,7 @@ impl Sampler {
         let token = if self.params.temperature == 0.0 {
             argmax(&logits)
         } else {
-            self.draw(&logits, draft)
+            self.draw(&logits)
         };
         let logprobs = raw_logprobs.map(|(n, lp)| TokenLogprobs {
             logprob: lp[token as usize],
@@ -492,9 +485,8 @@ impl Sampler {
         }
     }
 
-    /// Samples from softmax(logits / temperature) restricted by top-k, top-p and min-p,
-    /// verifying `draft` first when there is one (see [`Sampler::sample`]).
-    fn draw(&mut self, logits: &[f32], draft: Option<u32>) -> u32 {
+    /// Samples from softmax(logits / temperature) restricted by top-k, top-p and min-p.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let temperature = p.temperature.max(MIN_TEMPERATURE);
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -539,16 +531,7 @@ impl Sampler {
             let floor = f64::from(p.min_p) / total;
             cands.retain(|c| c.1 >= floor);
         }
-        let mut mass: f64 = cands.iter().map(|c| c.1).sum();
-        if let Some(d) = draft {
-            let p = cands.iter().find(|c| c.0 == d).map_or(0.0, |c| c.1);
-            if self.rng.next_f64() * mass < p {
-                return d;
-            }
-            // Rejected: the rest of the distribution, renormalised (by `mass`).
-            cands.retain(|c| c.0 != d);
-            mass -= p;
-        }
+        let mass: f64 = cands.iter().map(|c| c.1).sum();
         let mut u = self.rng.next_f64() * mass;
         for &(token, q) in &cands {
             if u < q {
@@ -660,7 +643,7 @@ mod tests {
         let ok = allowed(logits, &p);
         let mut sampler = Sampler::new(p);
         (0..draws)
-            .map(|_| sampler.sample(logits, &[], 0, None, None).unwrap().0)
+            .map(|_| sampler.sample(logits, &[], 0, None).unwrap().0)
             .find(|t| !ok.contains(t))
             .map(|t| (t, ok))
     }
@@ -687,7 +670,7 @@ mod tests {
             p.seed = Some(seed);
             let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
             for _ in 0..8 {
-                prop_assert_eq!(a.sample(&logits, &[], 0, None, None).unwrap().0, b.sample(&logits, &[], 0, None, None).unwrap().0);
+                prop_assert_eq!(a.sample(&logits, &[], 0, None).unwrap().0, b.sample(&logits, &[], 0, None).unwrap().0);
             }
         }
     }
@@ -708,12 +691,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(
-            s.sample(&[0.1, 3.0, -1.0, 2.9], &[], 0, None, None)
-                .unwrap()
-                .0,
-            1
-        );
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[], 0, None).unwrap().0, 1);
     }
 
     #[test]
@@ -722,62 +700,9 @@ mod tests {
         let logits = [0.0, 3f32.ln()];
         let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0));
         let ones = (0..4000)
-            .filter(|_| s.sample(&logits, &[], 0, None, None).unwrap().0 == 1)
+            .filter(|_| s.sample(&logits, &[], 0, None).unwrap().0 == 1)
             .count();
         assert!((2800..3200).contains(&ones), "{ones} of 4000");
-    }
-
-    /// Verifying a draft token never changes the distribution: for every possible draft
-    /// (and none), 40,000 draws at temperature 0.8, with and without top-k, pass a
-    /// chi-square test against the exact probabilities (4 degrees of freedom; 23.5 is the
-    /// 1e-4 quantile, so a wrong acceptance rule fails and a right one passes, with fixed
-    /// seeds, every time).
-    #[test]
-    fn a_verified_draft_leaves_the_distribution_exact() {
-        let logits = [1.0f32, 0.2, -0.5, 2.0, 0.7];
-        for top_k in [0, 3] {
-            let p = params(0.8, top_k, 1.0, 0.0);
-            let mut order: Vec<usize> = (0..5).collect();
-            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-            let kept = if top_k == 0 { 5 } else { top_k };
-            let weight = |i: usize| {
-                let rank = order.iter().position(|&o| o == i).unwrap_or(5);
-                if rank < kept {
-                    (f64::from(logits[i]) / 0.8).exp()
-                } else {
-                    0.0
-                }
-            };
-            let total: f64 = (0..5).map(weight).sum();
-            for draft in [None, Some(0), Some(1), Some(2), Some(3), Some(4)] {
-                let mut s = Sampler::new(SamplingParams {
-                    seed: Some(7),
-                    ..p.clone()
-                });
-                let n = 40_000usize;
-                let mut counts = [0usize; 5];
-                for _ in 0..n {
-                    let (t, _) = s.sample(&logits, &[], 0, None, draft).unwrap();
-                    counts[t as usize] += 1;
-                }
-                let chi2: f64 = (0..5)
-                    .filter(|&i| weight(i) > 0.0)
-                    .map(|i| {
-                        let e = n as f64 * weight(i) / total;
-                        (counts[i] as f64 - e).powi(2) / e
-                    })
-                    .sum();
-                let outside: usize = (0..5)
-                    .filter(|&i| weight(i) == 0.0)
-                    .map(|i| counts[i])
-                    .sum();
-                assert!(
-                    chi2 < 23.5,
-                    "top_k {top_k}, draft {draft:?}: chi2 {chi2}, {counts:?}"
-                );
-                assert_eq!(outside, 0, "top_k {top_k}, draft {draft:?}: {counts:?}");
-            }
-        }
     }
 
     #[test]
@@ -799,7 +724,7 @@ mod tests {
     fn nan_logits_fail_the_request() {
         let mut s = Sampler::new(SamplingParams::default());
         assert!(matches!(
-            s.sample(&[0.0, f32::NAN], &[], 0, None, None),
+            s.sample(&[0.0, f32::NAN], &[], 0, None),
             Err(Error::Engine(_))
         ));
     }

@@ -9,12 +9,14 @@
 //! renamed into place, so a file that exists is whole.
 //!
 //! Nothing of a file reaches the cache before all of it is checked: its length against
-//! the header, every token against the vocabulary, the model's identity and the cache's
-//! shape against this engine's, and (two models of one shape can differ in their weights
-//! alone) the keys and values of its first block against this engine's own computation
-//! of that block.
+//! the header (before the rest is read), its contents against the header's SHA-256, every
+//! token against the vocabulary, the model's identity and the cache's shape against this
+//! engine's, and (two models of one shape can differ in their weights alone) the keys and
+//! values of its first block against this engine's own computation of that block.
 
-use std::io::Write;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use half::{bf16, f16};
@@ -80,6 +82,8 @@ struct Header {
     kv_heads: usize,
     head_dim: usize,
     tokens: usize,
+    /// SHA-256 of everything after the header (the tokens and the blocks), in hex.
+    sha256: String,
 }
 
 fn dtype_name(d: KvDType) -> &'static str {
@@ -91,7 +95,8 @@ fn dtype_name(d: KvDType) -> &'static str {
 }
 
 impl Header {
-    fn of(engine: &Engine, tokens: usize) -> Self {
+    /// This engine's header for a file of `tokens` tokens whose contents hash to `sha256`.
+    fn of(engine: &Engine, tokens: usize, sha256: String) -> Self {
         let CacheShape {
             dtype,
             layout,
@@ -105,6 +110,7 @@ impl Header {
             kv_heads: layout.kv_heads,
             head_dim: layout.head_dim,
             tokens,
+            sha256,
         }
     }
 }
@@ -198,16 +204,18 @@ impl Client {
         }
         let tokens = &tokens[..whole];
         let data = self.cached_prefix_data(tokens)?;
-        let header = serde_json::to_vec(&Header::of(self.engine(), whole))
+        let mut body: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        body.extend_from_slice(&data);
+        drop(data);
+        let sha256 = hex(&Sha256::digest(&body));
+        let header = serde_json::to_vec(&Header::of(self.engine(), whole, sha256))
             .map_err(|e| Error::Internal(format!("a prefix header: {e}")))?;
-        let mut out = Vec::with_capacity(PREAMBLE + header.len() + 4 * whole + data.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
-        out.extend_from_slice(&data);
-        write_whole(path, &out)?;
+        let mut head = Vec::with_capacity(PREAMBLE + header.len());
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        head.extend_from_slice(&header);
+        write_whole(path, &[&head, &body])?;
         Ok(whole)
     }
 
@@ -246,16 +254,19 @@ impl Client {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it into place.
-fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `parts` one after the other to a temporary file beside `path`, then renames it
+/// into place.
+fn write_whole(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| bad(path, "the path names no file"))?;
     let mut tmp_name = name.to_os_string();
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
+    let written = File::create(&tmp).and_then(|mut f| {
+        for part in parts {
+            f.write_all(part)?;
+        }
         f.sync_all()
     });
     let result = written.and_then(|()| std::fs::rename(&tmp, path));
@@ -268,16 +279,28 @@ fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads `path` and checks everything but the probe: `(tokens, blocks)`.
 fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
-    let bytes = std::fs::read(path).map_err(|e| bad(path, format!("could not be read: {e}")))?;
-    let u32_at = |at: usize| {
-        bytes
-            .get(at..at + 4)
+    let unreadable = |e: std::io::Error| bad(path, format!("could not be read: {e}"));
+    let mut file = File::open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    // A device or a pipe could be endless, or never end.
+    if !meta.is_file() {
+        return Err(bad(path, "not a regular file"));
+    }
+    let file_len = meta.len();
+    // The preamble and the header, however long the file says the header is.
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take((PREAMBLE + MAX_HEADER) as u64)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    let u32_at = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
     };
     if bytes.get(..8) != Some(&MAGIC[..]) {
         return Err(bad(path, "not a saved prefix (no CXPREFIX magic)"));
     }
-    let (Some(version), Some(header_len)) = (u32_at(8), u32_at(12)) else {
+    let (Some(version), Some(header_len)) = (u32_at(&bytes, 8), u32_at(&bytes, 12)) else {
         return Err(bad(path, "truncated in its preamble"));
     };
     if version != VERSION as usize {
@@ -294,7 +317,7 @@ fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
     };
     let header: Header =
         serde_json::from_slice(raw).map_err(|e| bad(path, format!("a malformed header: {e}")))?;
-    let ours = Header::of(engine, header.tokens);
+    let ours = Header::of(engine, header.tokens, header.sha256.clone());
     if header.model != ours.model {
         return Err(bad(
             path,
@@ -341,21 +364,38 @@ fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
             ),
         ));
     }
-    let at = PREAMBLE + header_len;
-    let expected = at + 4 * header.tokens + header.tokens / size * shape.block_bytes();
-    if bytes.len() != expected {
+    let blocks = header.tokens / size;
+    let capacity = engine.cache_capacity() / size;
+    if blocks > capacity {
         return Err(bad(
             path,
-            format!(
-                "{} bytes where its header calls for {expected}: truncated or padded",
-                bytes.len()
-            ),
+            format!("its {blocks} blocks are more than this engine's whole cache of {capacity}"),
+        ));
+    }
+    let at = PREAMBLE + header_len;
+    let expected = at + 4 * header.tokens + blocks * shape.block_bytes();
+    if file_len != expected as u64 {
+        return Err(bad(
+            path,
+            format!("{file_len} bytes where its header calls for {expected}: truncated or padded"),
+        ));
+    }
+    // Tokens and blocks: the length is checked, and bounded by the context.
+    let mut rest = vec![0u8; expected - at];
+    file.seek(SeekFrom::Start(at as u64))
+        .and_then(|_| file.read_exact(&mut rest))
+        .map_err(unreadable)?;
+    let digest = hex(&Sha256::digest(&rest));
+    if digest != header.sha256 {
+        return Err(bad(
+            path,
+            "its tokens or keys and values do not match its checksum: the file is damaged",
         ));
     }
     let vocab = engine.model().config.vocab_size;
     let mut tokens = Vec::with_capacity(header.tokens);
     for i in 0..header.tokens {
-        match u32_at(at + 4 * i) {
+        match u32_at(&rest, 4 * i) {
             Some(t) if t < vocab => tokens.push(t as u32),
             _ => {
                 return Err(bad(
@@ -365,8 +405,18 @@ fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
             }
         }
     }
-    let data = bytes[at + 4 * header.tokens..].to_vec();
+    let data = rest.split_off(4 * header.tokens);
     Ok((tokens, data))
+}
+
+/// `bytes` in lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]

@@ -161,16 +161,22 @@ impl Scheduler {
     pub fn schedule(&mut self, now: Instant) -> SchedulerOutput {
         let mut budget = self.token_budget;
         let mut out = SchedulerOutput::default();
+        let prefilling =
+            self.speculative_tokens > 0 && self.running.iter().any(|r| r.pending() > 1);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let request = &self.running[i];
-            // Drafts ride along only while blocks are plentiful (more free than the
-            // requests still to schedule, each of which may need one, and one more), so
-            // that they never cause a preemption.
-            let drafts = self.drafts(request, budget);
-            let plentiful = self.pool.num_free() > self.running.len() - i + 1;
+            // Drafts ride along only while blocks are plentiful: no running request
+            // prefills (a chunk may need many), and more are free than the decoding
+            // requests still to schedule (one each at most), so that drafts never cause a
+            // preemption.
+            let plentiful = !prefilling && self.pool.num_free() > self.running.len() - i + 1;
+            let drafts = if plentiful {
+                self.drafts(request, budget)
+            } else {
+                Vec::new()
+            };
             if !drafts.is_empty()
-                && plentiful
                 && (self.pool).reserve(request.id, request.tokens.len() + drafts.len())
             {
                 budget -= 1 + drafts.len();
@@ -392,10 +398,7 @@ impl Scheduler {
             };
             // Drafts are cached only once accepted (below).
             r.computed += seq.tokens.len() - seq.drafts;
-            if self.pool.caching() {
-                let n = r.hash_blocks(self.pool.block_size(), r.computed);
-                (self.pool).name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
-            }
+            name_full_blocks(&mut self.pool, r);
             if seq.sample {
                 chosen.push((r, seq, row));
                 row += 1 + seq.drafts;
@@ -440,10 +443,7 @@ impl Scheduler {
             stats.speculative_accepted_tokens += accepted as u64;
             if accepted > 0 {
                 r.computed += accepted;
-                if self.pool.caching() {
-                    let n = r.hash_blocks(self.pool.block_size(), r.computed);
-                    (self.pool).name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
-                }
+                name_full_blocks(&mut self.pool, r);
             }
             stats.generation_tokens += steps.len() as u64;
             match (previous, r.last_token, r.first_token) {
@@ -536,6 +536,14 @@ impl Scheduler {
             self.pool.release(r.id);
         }
         all
+    }
+}
+
+/// Names `r`'s blocks that its computed positions now fill (prefix caching).
+fn name_full_blocks(pool: &mut BlockPool, r: &mut Request) {
+    if pool.caching() {
+        let n = r.hash_blocks(pool.block_size(), r.computed);
+        pool.name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
     }
 }
 

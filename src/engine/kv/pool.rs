@@ -51,8 +51,9 @@ pub fn extend_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_size: us
 /// No block (the ends of the free list).
 const NIL: u32 = u32::MAX;
 
-/// What a block holds while it is named: checked in full on every hit, so that a hash
-/// collision can never hand out another prefix's keys and values.
+/// What a block holds while it is named: its tokens and its parent's name are checked on
+/// every hit, so that handing out another prefix's keys and values takes two 64-bit
+/// names colliding along with equal tokens.
 #[derive(Debug)]
 struct Name {
     hash: BlockHash,
