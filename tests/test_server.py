@@ -642,7 +642,9 @@ def test_a_client_that_stops_reading_is_dropped(smollm):
         body = json.dumps(
             {
                 "messages": [{"role": "user", "content": PROMPT}],
-                "max_tokens": 4000,
+                # More bytes than any socket buffers hold (about 2.4 KB a token), so the
+                # request cannot finish before its writes stall.
+                "max_tokens": 7000,
                 "ignore_eos": True,
                 "stream": True,
                 "logprobs": True,
@@ -660,11 +662,11 @@ def test_a_client_that_stops_reading_is_dropped(smollm):
             _wait_until(lambda: server.stats()["requests_running"] >= 1, 10.0, "the request to start")
             status, _, _ = _raw(server.url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
             assert status == 200
-            # 4000 tokens would take minutes: the abort comes once the socket has been full
-            # for a second.
+            # 7000 tokens would take minutes: the abort comes once the socket has been full
+            # for a second (filling it takes tens of seconds on a loaded 2-core machine).
             _wait_until(
                 lambda: server.stats()["requests_aborted"] > baseline["requests_aborted"],
-                60.0,
+                150.0,
                 "the stalled reader's request to be aborted",
             )
         _wait_until(
