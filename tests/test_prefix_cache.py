@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hf_models import write_tiny_hf
+from test_engine import _idle
 
 import cortex
 
@@ -43,15 +43,6 @@ def _messages(i: int) -> list[dict[str, str]]:
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (question {i})"},
     ]
-
-
-def _idle(engine: cortex.Engine, timeout: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.stats()
-        if stats["requests_waiting"] + stats["requests_running"] == 0 or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.01)
 
 
 def _params(n: int) -> list[cortex.SamplingParams]:

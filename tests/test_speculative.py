@@ -6,11 +6,11 @@ cannot."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import openai
 import pytest
+from test_engine import _idle
 
 import cortex
 
@@ -22,15 +22,6 @@ TEXT = (
     "of the waves and the names of the boats that passed."
 )
 REWRITE = [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{TEXT}"}]
-
-
-def _idle(engine: cortex.Engine, timeout: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.stats()
-        if stats["requests_waiting"] + stats["requests_running"] == 0 or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.01)
 
 
 def test_greedy_is_plain_greedy_on_every_golden_prompt_and_a_rewrite(smollm, golden):

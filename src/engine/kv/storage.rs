@@ -152,6 +152,86 @@ impl CacheShape {
     }
 }
 
+/// An element of a host cache, as saved prefixes store it: little-endian bytes.
+trait LeBytes: Copy {
+    const SIZE: usize;
+    fn put(self, out: &mut Vec<u8>);
+    /// From the first `SIZE` bytes of `b`.
+    fn get(b: &[u8]) -> Self;
+}
+
+impl LeBytes for f32 {
+    const SIZE: usize = 4;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl LeBytes for f16 {
+    const SIZE: usize = 2;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_bits().to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+    }
+}
+
+/// Where element `c` of a block's keys in [`KvStorage::read_blocks`]' order `[kv_heads,
+/// block_size, head_dim]` lives in a host block, whose keys are `[kv_heads, head_dim,
+/// block_size]`.
+fn host_key(layout: KvLayout, c: usize) -> usize {
+    let KvLayout {
+        block_size,
+        head_dim,
+        ..
+    } = layout;
+    let (h, i, d) = (
+        c / (block_size * head_dim),
+        c / head_dim % block_size,
+        c % head_dim,
+    );
+    (h * head_dim + d) * block_size + i
+}
+
+/// Appends the block at element `first` of every host layer to `out`, keys then values.
+fn read_host<T: LeBytes>(
+    layers: &[(Vec<T>, Vec<T>)],
+    layout: KvLayout,
+    first: usize,
+    out: &mut Vec<u8>,
+) {
+    let n = layout.block_len();
+    for (k, v) in layers {
+        (0..n).for_each(|c| k[first + host_key(layout, c)].put(out));
+        v[first..first + n].iter().for_each(|x| x.put(out));
+    }
+}
+
+/// Writes the block at element `first` of every host layer from `parts` (each layer's
+/// keys, then its values, as [`read_host`] appends them).
+fn write_host<'a, T: LeBytes>(
+    layers: &mut [(Vec<T>, Vec<T>)],
+    layout: KvLayout,
+    first: usize,
+    parts: &mut impl Iterator<Item = &'a [u8]>,
+) -> Result<()> {
+    let n = layout.block_len();
+    for (k, v) in layers {
+        let (Some(pk), Some(pv)) = (parts.next(), parts.next()) else {
+            return Err(Error::Internal("a block's data ended early".into()));
+        };
+        for c in 0..n {
+            k[first + host_key(layout, c)] = T::get(&pk[c * T::SIZE..]);
+            v[first + c] = T::get(&pv[c * T::SIZE..]);
+        }
+    }
+    Ok(())
+}
+
 /// Keys and values of every layer, `num_blocks` blocks each.
 #[derive(Debug)]
 pub struct KvStorage {
@@ -317,19 +397,8 @@ impl KvStorage {
         for &b in blocks {
             let first = b as usize * n;
             match &self.layers {
-                Layers::F32(l) => {
-                    for (k, v) in l {
-                        self.put_keys(&k[first..first + n], &mut out, |x: f32| x.to_le_bytes());
-                        out.extend(v[first..first + n].iter().flat_map(|x| x.to_le_bytes()));
-                    }
-                }
-                Layers::F16(l) => {
-                    for (k, v) in l {
-                        let bytes = |x: f16| x.to_bits().to_le_bytes();
-                        self.put_keys(&k[first..first + n], &mut out, bytes);
-                        out.extend(v[first..first + n].iter().flat_map(|&x| bytes(x)));
-                    }
-                }
+                Layers::F32(l) => read_host(l, self.layout, first, &mut out),
+                Layers::F16(l) => read_host(l, self.layout, first, &mut out),
                 #[cfg(feature = "cuda")]
                 Layers::Cuda(g) => {
                     let mut bits = vec![0u16; n];
@@ -347,29 +416,6 @@ impl KvStorage {
         Ok(out)
     }
 
-    /// Keys of one block, `[kv_heads, head_dim, block_size]` here, appended in
-    /// [`KvStorage::read_blocks`]' order `[kv_heads, block_size, head_dim]`.
-    fn put_keys<T: Copy, const N: usize>(
-        &self,
-        keys: &[T],
-        out: &mut Vec<u8>,
-        bytes: impl Fn(T) -> [u8; N],
-    ) {
-        let KvLayout {
-            block_size,
-            kv_heads,
-            head_dim,
-            ..
-        } = self.layout;
-        for h in 0..kv_heads {
-            for i in 0..block_size {
-                for d in 0..head_dim {
-                    out.extend(bytes(keys[(h * head_dim + d) * block_size + i]));
-                }
-            }
-        }
-    }
-
     /// Writes `data` (as [`KvStorage::read_blocks`] gives it) into `blocks`.
     pub fn write_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
         let block_bytes = self.shape().block_bytes();
@@ -380,53 +426,14 @@ impl KvStorage {
                 blocks.len(),
             )));
         }
-        let KvLayout {
-            block_size,
-            head_dim,
-            ..
-        } = self.layout;
         let n = self.layout.block_len();
-        let size = self.dtype.size();
         // One layer's keys or values of one block at a time, `n` elements.
-        let mut parts = data.chunks_exact(n * size);
-        // Element `(h, d, i)` of a block's keys here is element `(h, i, d)` of the data.
-        let key = |j: usize| {
-            let (h, rest) = (j / (head_dim * block_size), j % (head_dim * block_size));
-            (h * block_size + rest % block_size) * head_dim + rest / block_size
-        };
+        let mut parts = data.chunks_exact(n * self.dtype.size());
         for &b in blocks {
             let first = b as usize * n;
             match &mut self.layers {
-                Layers::F32(l) => {
-                    for (k, v) in l.iter_mut() {
-                        let (pk, pv) = (parts.next(), parts.next());
-                        let (Some(pk), Some(pv)) = (pk, pv) else {
-                            return Err(Error::Internal("a block's data ended early".into()));
-                        };
-                        let at = |p: &[u8], j: usize| {
-                            f32::from_le_bytes([p[4 * j], p[4 * j + 1], p[4 * j + 2], p[4 * j + 3]])
-                        };
-                        for j in 0..n {
-                            k[first + j] = at(pk, key(j));
-                            v[first + j] = at(pv, j);
-                        }
-                    }
-                }
-                Layers::F16(l) => {
-                    for (k, v) in l.iter_mut() {
-                        let (pk, pv) = (parts.next(), parts.next());
-                        let (Some(pk), Some(pv)) = (pk, pv) else {
-                            return Err(Error::Internal("a block's data ended early".into()));
-                        };
-                        let at = |p: &[u8], j: usize| {
-                            f16::from_bits(u16::from_le_bytes([p[2 * j], p[2 * j + 1]]))
-                        };
-                        for j in 0..n {
-                            k[first + j] = at(pk, key(j));
-                            v[first + j] = at(pv, j);
-                        }
-                    }
-                }
+                Layers::F32(l) => write_host(l, self.layout, first, &mut parts)?,
+                Layers::F16(l) => write_host(l, self.layout, first, &mut parts)?,
                 #[cfg(feature = "cuda")]
                 Layers::Cuda(g) => {
                     for (k, v) in &mut g.layers {
