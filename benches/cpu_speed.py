@@ -76,10 +76,13 @@ def bench_cortex(
     for _ in cortex.stream_generate(model, tok, ids[:16], max_tokens=2, ignore_eos=True):
         pass  # warm-up: first-touch page faults and thread start-up
     best = {"prefill_tps": 0.0, "decode_tps": 0.0}
-    for _ in range(repeats):
+    for rep in range(repeats):
+        # A new first token each time: no run finds the last one's blocks in the prefix cache
+        # (as llama.cpp's side resets its cache).
+        fresh = [(ids[0] + 1 + rep) % model.config["vocab_size"], *ids[1:]]
         start = time.perf_counter()
         first = last = 0.0
-        for r in cortex.stream_generate(model, tok, ids, max_tokens=n_gen, ignore_eos=True):
+        for r in cortex.stream_generate(model, tok, fresh, max_tokens=n_gen, ignore_eos=True):
             last = time.perf_counter() - start
             if r.generation_tokens == 1:
                 first = last
