@@ -98,6 +98,19 @@ class Engine:
             output repeats its input (rewriting, extraction, code edits). ``stats()``
             reports ``speculative_draft_tokens`` and ``speculative_accepted_tokens``.
             Requests held to a grammar decode plainly.
+
+            Or a draft model: a smaller :class:`Model` with the same tokenizer (a
+            smaller model of the family, or a lower-bit conversion of this one), which
+            proposes ``num_speculative_tokens`` tokens a step, one pass of it each, into a
+            KV cache of its own that shares this engine's blocks (prefix caching and
+            preemption included). A greedy request keeps a draft while it is the token
+            plain decoding takes, so its output is plain decoding's; a sampled one keeps
+            a draft ``x`` drawn from the draft model's distribution ``q`` with probability
+            ``min(1, p(x) / q(x))`` and otherwise draws from ``max(0, p - q)`` (Leviathan
+            et al. 2023), so its tokens follow the model's distribution ``p`` exactly and a
+            seed still reproduces them (not plain decoding's draws, though: the draft's
+            draw comes first). The draft model must have this model's vocabulary and be
+            on the same device; the cache's memory covers both models.
         num_speculative_tokens: most draft tokens a request carries in one step (1-16).
 
     Requests that do not fit the cache wait, or are preempted and recomputed later; a
@@ -118,7 +131,7 @@ class Engine:
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
         prefix_caching: bool = True,
-        speculative: str | None = None,
+        speculative: str | Model | None = None,
         num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
     ) -> None:
         self._tokenizer = tokenizer

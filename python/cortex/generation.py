@@ -162,6 +162,9 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt: Prompt,
     params: SamplingParams | None = None,
+    *,
+    speculative: str | Model | None = None,
+    num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
     **sampling: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text, yielding a :class:`GenerationResponse` per token.
@@ -171,6 +174,10 @@ def stream_generate(
         prompt: text, chat messages, or token ids.
         params: sampling settings; or pass their fields as keyword arguments
             (``max_tokens=64, temperature=0.7, ...``).
+        speculative, num_speculative_tokens: speculative decoding, as
+            :class:`cortex.Engine` takes them (``"prompt_lookup"``, or a draft
+            :class:`Model`). Each setting runs on an engine of its own, shared by every
+            caller with that setting.
 
     The prompt runs as one request on the model's own engine (a background thread shared
     by every caller of this model, so concurrent calls from several threads are batched
@@ -179,7 +186,14 @@ def stream_generate(
     aborts it too.
     """
     params = _params_or_keywords(params, sampling)
-    stream = _core.stream(model, tokenizer, _encode_prompt(tokenizer, prompt), params)
+    stream = _core.stream(
+        model,
+        tokenizer,
+        _encode_prompt(tokenizer, prompt),
+        params,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
+    )
     try:
         for e in stream:
             if e.token is None:  # aborted (errors are raised, not yielded, for one request)
@@ -204,7 +218,19 @@ def generate(
     tokenizer: Tokenizer,
     prompt: Prompt,
     params: SamplingParams | None = None,
+    *,
+    speculative: str | Model | None = None,
+    num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
     **sampling: Any,
 ) -> str:
     """Generate and return the whole text (see :func:`stream_generate`)."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, params, **sampling))
+    responses = stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        params,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
+        **sampling,
+    )
+    return "".join(r.text for r in responses)

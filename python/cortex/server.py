@@ -146,7 +146,7 @@ def serve(
     kv_cache_tokens: int | None = None,
     memory_fraction: float | None = None,
     prefix_caching: bool = True,
-    speculative: str | None = None,
+    speculative: str | _core.Model | None = None,
     num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
     max_queue: int = _core.DEFAULT_MAX_QUEUE,
     chat_template: PathLike | None = None,

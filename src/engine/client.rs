@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
-use super::core::{Engine, EngineConfig};
+use super::core::{Engine, EngineConfig, Speculative};
 use super::request::{Event, FinishReason, Output, RequestId, Sink};
 use super::sampling::SamplingParams;
 
@@ -325,30 +325,39 @@ impl Client {
     }
 }
 
-/// A model's own engine, started on first use with the default configuration (and
-/// `CANDLE_NUM_PARALLEL`): the one every single-prompt generation on the model shares, so
-/// threads generating with one model interleave in one batch.
+/// A model's own engines, each started on first use with the default configuration (and
+/// `CANDLE_NUM_PARALLEL`) and a speculative decoding setting: every single-prompt
+/// generation on the model with one setting shares one, so threads generating with one
+/// model interleave in one batch. Each setting used gets an engine (and a KV cache) of its
+/// own.
 pub struct SharedEngine {
     model: Arc<Model>,
-    engine: Mutex<Option<Arc<Engine>>>,
+    engines: Mutex<Vec<Arc<Engine>>>,
 }
 
 impl SharedEngine {
     pub fn new(model: Arc<Model>) -> Self {
         SharedEngine {
             model,
-            engine: Mutex::new(None),
+            engines: Mutex::new(Vec::new()),
         }
     }
 
-    /// The engine, started now if it is not yet.
-    pub fn get(&self) -> Result<Arc<Engine>> {
-        let mut engine = self.engine.lock();
-        if let Some(e) = engine.as_ref() {
+    /// The engine with `speculative` decoding, started now if it is not yet.
+    pub fn get(&self, speculative: Option<Speculative>) -> Result<Arc<Engine>> {
+        let mut engines = self.engines.lock();
+        if let Some(e) = engines
+            .iter()
+            .find(|e| e.config().speculative == speculative)
+        {
             return Ok(e.clone());
         }
-        let e = Arc::new(Engine::new(self.model.clone(), EngineConfig::from_env()?)?);
-        *engine = Some(e.clone());
+        let config = EngineConfig {
+            speculative,
+            ..EngineConfig::from_env()?
+        };
+        let e = Arc::new(Engine::new(self.model.clone(), config)?);
+        engines.push(e.clone());
         Ok(e)
     }
 }

@@ -98,40 +98,89 @@ pub const DEFAULT_SPECULATIVE_TOKENS: usize = 4;
 
 /// How speculative decoding proposes draft tokens, which one forward pass of the model
 /// then verifies together: greedy output is what plain decoding gives, sampled output
-/// follows the same distribution (see `Sampler::sample`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// follows the same distribution (see `Request::sample_span`).
+#[derive(Debug, Clone)]
 pub enum Speculative {
     /// Prompt lookup: up to `num_tokens` tokens that followed the latest earlier
     /// occurrence of the sequence's last few tokens, in its prompt or output (no second
     /// model; pays off where the output repeats its input: rewriting, extraction, code
     /// edits).
     PromptLookup { num_tokens: usize },
+    /// A smaller model with the same vocabulary proposes `num_tokens` tokens, one pass of
+    /// it each, into a KV cache of its own that shares the target's block tables.
+    DraftModel {
+        model: Arc<Model>,
+        num_tokens: usize,
+    },
+}
+
+impl PartialEq for Speculative {
+    /// Draft models compare by identity (the same loaded model).
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::PromptLookup { num_tokens: a }, Self::PromptLookup { num_tokens: b }) => a == b,
+            (
+                Self::DraftModel {
+                    model: m,
+                    num_tokens: a,
+                },
+                Self::DraftModel {
+                    model: n,
+                    num_tokens: b,
+                },
+            ) => Arc::ptr_eq(m, n) && a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Speculative {
     /// The method named `name` (`prompt_lookup`, or vLLM's `ngram`) with `num_tokens`
     /// draft tokens a step.
     pub fn parse(name: &str, num_tokens: usize) -> Result<Self> {
-        if !(1..=MAX_SPECULATIVE_TOKENS).contains(&num_tokens) {
-            return Err(Error::param(
-                "num_speculative_tokens",
-                format!("{num_tokens} is not in [1, {MAX_SPECULATIVE_TOKENS}]"),
-            ));
-        }
+        check_num_tokens(num_tokens)?;
         match name {
             "prompt_lookup" | "ngram" => Ok(Speculative::PromptLookup { num_tokens }),
             other => Err(Error::param(
                 "speculative",
-                format!("{other:?} is not a speculative decoding method (prompt_lookup)"),
+                format!(
+                    "{other:?} is not a speculative decoding method (prompt_lookup, or a \
+                     draft model)"
+                ),
             )),
         }
     }
 
-    pub fn num_tokens(self) -> usize {
-        match self {
-            Speculative::PromptLookup { num_tokens } => num_tokens,
+    /// Drafting by `model`, `num_tokens` draft tokens a step.
+    pub fn draft_model(model: Arc<Model>, num_tokens: usize) -> Result<Self> {
+        check_num_tokens(num_tokens)?;
+        Ok(Speculative::DraftModel { model, num_tokens })
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        match *self {
+            Speculative::PromptLookup { num_tokens }
+            | Speculative::DraftModel { num_tokens, .. } => num_tokens,
         }
     }
+
+    /// The draft model, when drafts come from one.
+    pub fn model(&self) -> Option<&Arc<Model>> {
+        match self {
+            Speculative::DraftModel { model, .. } => Some(model),
+            Speculative::PromptLookup { .. } => None,
+        }
+    }
+}
+
+fn check_num_tokens(num_tokens: usize) -> Result<()> {
+    if !(1..=MAX_SPECULATIVE_TOKENS).contains(&num_tokens) {
+        return Err(Error::param(
+            "num_speculative_tokens",
+            format!("{num_tokens} is not in [1, {MAX_SPECULATIVE_TOKENS}]"),
+        ));
+    }
+    Ok(())
 }
 
 impl Default for EngineConfig {
@@ -184,6 +233,30 @@ impl EngineConfig {
             ..default
         })
     }
+}
+
+/// A draft model must share the target's vocabulary (its token ids are the target's) and
+/// context, and run where the target runs.
+fn check_draft_model(target: &Model, draft: &Model) -> Result<()> {
+    let bad = |message: String| Err(Error::param("speculative", message));
+    let (t, d) = (&target.config, &draft.config);
+    if t.vocab_size != d.vocab_size {
+        return bad(format!(
+            "the draft model's vocabulary has {} tokens, the model's {}: they must share \
+             one tokenizer",
+            d.vocab_size, t.vocab_size
+        ));
+    }
+    if d.max_position_embeddings < t.max_position_embeddings {
+        return bad(format!(
+            "the draft model's context ({}) is shorter than the model's ({})",
+            d.max_position_embeddings, t.max_position_embeddings
+        ));
+    }
+    if target.decoder().on_gpu() != draft.decoder().on_gpu() {
+        return bad("the draft model and the model must be on the same device".into());
+    }
+    Ok(())
 }
 
 /// A `/proc/meminfo` figure in bytes (`MemAvailable`, `MemTotal`), where Linux gives one.
@@ -252,7 +325,13 @@ impl Engine {
         }
         let cfg = &model.config;
         let context = cfg.max_position_embeddings;
-        let per_token = model.decoder().kv_bytes_per_token();
+        let draft = c.speculative.as_ref().and_then(Speculative::model);
+        if let Some(d) = draft {
+            check_draft_model(&model, d)?;
+        }
+        // A draft model's cache holds the same positions as the target's.
+        let per_token = model.decoder().kv_bytes_per_token()
+            + draft.map_or(0, |d| d.decoder().kv_bytes_per_token());
         let tokens = match (c.kv_cache_tokens, c.memory_fraction) {
             (Some(_), Some(_)) => {
                 return Err(Error::param(
@@ -340,6 +419,13 @@ impl Engine {
         let storage = model
             .decoder()
             .new_storage(num_blocks, c.block_size, ring)?;
+        let draft = match draft {
+            Some(d) => {
+                let storage = d.decoder().new_storage(num_blocks, c.block_size, ring)?;
+                Some((d.clone(), storage))
+            }
+            None => None,
+        };
         let pool = BlockPool::new(num_blocks, c.block_size, c.prefix_caching && ring.is_none());
         let stats = Arc::new(Mutex::new(Stats {
             kv_blocks_total: num_blocks,
@@ -348,18 +434,19 @@ impl Engine {
             prefix_caching: pool.caching(),
             ..Stats::default()
         }));
-        let speculative_tokens = c.speculative.map_or(0, Speculative::num_tokens);
+        let speculative_tokens = c.speculative.as_ref().map_or(0, Speculative::num_tokens);
         let scheduler = Scheduler::new(
             pool,
             ring,
             c.max_batch_size,
             c.max_num_batched_tokens,
             speculative_tokens,
+            draft.is_some(),
         );
         let cache = storage.shape();
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
-            runner: Runner::new(model.clone(), storage),
+            runner: Runner::new(model.clone(), storage, draft),
             scheduler,
             stats: stats.clone(),
         };
@@ -576,11 +663,15 @@ impl Worker {
                     runner, scheduler, ..
                 } = self;
                 let per_block = runner.storage().shape().block_bytes();
-                let filled = scheduler.adopt(&tokens, |blocks, first| {
+                let filled = scheduler.adopt(&tokens, |table, first, size| {
+                    let blocks = &table[first..];
                     let at = first * per_block;
                     let part = data.get(at..at + blocks.len() * per_block);
                     let part = part.ok_or_else(|| Error::Internal("a short prefix".into()))?;
-                    runner.storage().write_blocks(blocks, part)
+                    runner.storage().write_blocks(blocks, part)?;
+                    // A saved prefix holds the target's keys and values only: a draft
+                    // model computes its own.
+                    runner.fill_draft(&tokens[..table.len() * size], first * size, table)
                 });
                 let _ = reply.send(filled);
             }
@@ -619,7 +710,7 @@ impl Worker {
 
     /// One step: schedule → execute → update from output.
     fn step(&mut self) -> Result<()> {
-        let output = self.scheduler.schedule(Instant::now());
+        let mut output = self.scheduler.schedule(Instant::now());
         if output.is_empty() {
             if self.scheduler.fail_unschedulable() {
                 self.stats.lock().failed += 1;
@@ -631,6 +722,9 @@ impl Worker {
             scheduler,
             stats,
         } = self;
+        if runner.has_draft() {
+            scheduler.draft(&mut output, |spans| runner.execute_draft(spans))?;
+        }
         // Grammar masks depend only on tokens already sampled: they are computed on the
         // thread pool while this thread runs the forward pass (tens of microseconds each
         // against milliseconds). On a GPU the CPU would idle; on the CPU they take cores

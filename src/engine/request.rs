@@ -12,7 +12,7 @@ use crate::error::{bail, Error, Result};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 use super::kv::{extend_hashes, BlockHash};
-use super::sampling::{Sampler, SamplingParams, TokenLogprobs};
+use super::sampling::{Distribution, Sampler, SamplingParams, TokenLogprobs};
 
 pub type RequestId = u64;
 
@@ -227,6 +227,13 @@ pub struct Request {
     pub prompt_len: usize,
     /// Leading tokens whose keys and values are in the cache.
     pub computed: usize,
+    /// Leading tokens whose keys and values are in the draft model's cache (speculative
+    /// decoding with a draft model; it catches up with `computed` each step).
+    pub draft_computed: usize,
+    /// This step's proposals from a draft model, one per position from the newest
+    /// token's on: each token with the distribution it was drawn from (`None`: greedy,
+    /// the draft model's argmax). A sampled request has one more than it carries drafts.
+    proposals: Vec<(u32, Option<Distribution>)>,
     /// Names of the full blocks of `tokens` hashed so far ([`Request::hash_blocks`]).
     pub block_hashes: Vec<BlockHash>,
     pub state: RequestState,
@@ -260,6 +267,8 @@ impl Request {
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
+            draft_computed: 0,
+            proposals: Vec::new(),
             block_hashes: Vec::new(),
             state: RequestState::Waiting,
             max_len,
@@ -333,25 +342,38 @@ impl Request {
     }
 
     /// Samples from the rows of a span that ended in `drafts` (speculative decoding: one
-    /// row per draft and one more, the last position's): token `i` is drawn from row `i`
-    /// exactly as plain decoding would draw it, and draft `i` is accepted when it is that
-    /// token; drawing stops after the first token that is not its draft (or that ends the
-    /// request). Returns each token's output, in order: every one but the last is an
+    /// row per draft and one more, the last position's) until a draft is rejected or the
+    /// request ends. Returns each token's output, in order: every one but the last is an
     /// accepted draft.
     ///
-    /// For a draft proposed with certainty (prompt lookup) this is the rejection sampling
-    /// of Leviathan et al. 2023 and Chen et al. 2023: the draft is accepted with
-    /// probability `p(draft)`, and a rejection leaves a token drawn from `p` without it.
-    /// Drawing first keeps each token's draw what plain decoding's is, so a seeded request
-    /// gives the same tokens with speculation or without, alone or in any batch.
+    /// A draft proposed with certainty (prompt lookup, or a greedy draft model) is kept
+    /// when token `i`, drawn from row `i` exactly as plain decoding draws it, is that draft:
+    /// for a certain proposal this is the rejection sampling of Leviathan et al. 2023 and
+    /// Chen et al. 2023 (kept with probability `p(draft)`; a rejection leaves a token drawn
+    /// from `p` without it), and it keeps each draw what plain decoding's is, so a seeded
+    /// request gives the same tokens with speculation or without, alone or in any batch. A
+    /// draft a draft model sampled from `q` goes through [`Sampler::verify`].
     pub fn sample_span<'a>(
         &mut self,
         rows: impl IntoIterator<Item = Row<'a>>,
         drafts: &[u32],
     ) -> Result<Vec<StepOutput>> {
+        let proposals = std::mem::take(&mut self.proposals);
         let mut out = Vec::with_capacity(drafts.len() + 1);
         for (i, row) in rows.into_iter().enumerate() {
-            let step = self.sample(row)?;
+            let step = match (row, proposals.get(i)) {
+                (Row::Logits(logits), Some(&(draft, Some(ref q)))) => {
+                    let (token, logprobs) = self.sampler.verify(
+                        logits,
+                        &self.tokens,
+                        self.prompt_len,
+                        self.tokens.len(),
+                        (draft, q),
+                    )?;
+                    self.push(token, logprobs)?
+                }
+                _ => self.sample(row)?,
+            };
             let go_on = step.finish_reason.is_none() && drafts.get(i) == Some(&step.token);
             out.push(step);
             if !go_on {
@@ -359,6 +381,39 @@ impl Request {
             }
         }
         Ok(out)
+    }
+
+    /// Whether each token this request samples is drawn by verifying a draft model's
+    /// proposal, drafted or not (with a draft model): a sampled request without a grammar.
+    /// Its token at a position then depends only on the seed and the two models'
+    /// distributions there, not on how many drafts the batch left room for, so a seed
+    /// reproduces its output in any batch. Greedy requests keep a draft when it is the
+    /// argmax, and constrained ones decode plainly.
+    pub fn draws_by_verifying(&self) -> bool {
+        self.params().temperature > 0.0 && self.grammar.is_none()
+    }
+
+    /// Takes the draft model's next proposal from `row` (its logits after this request's
+    /// tokens and the proposals so far) and returns it.
+    pub fn propose_draft(&mut self, row: Row<'_>) -> Result<u32> {
+        let proposal = match row {
+            Row::Argmax(u32::MAX) => bail!(Engine, "the draft model produced NaN logits"),
+            Row::Argmax(token) => (token, None),
+            Row::Logits(logits) => {
+                let mut context = self.tokens.clone();
+                context.extend(self.proposals.iter().map(|p| p.0));
+                let position = context.len();
+                (self.sampler).propose(logits, &context, self.prompt_len, position)?
+            }
+        };
+        let token = proposal.0;
+        self.proposals.push(proposal);
+        Ok(token)
+    }
+
+    /// This step's draft-model proposals, in order.
+    pub fn proposed(&self) -> Vec<u32> {
+        self.proposals.iter().map(|p| p.0).collect()
     }
 
     /// Up to `k` tokens that may come next, found by prompt lookup (Saxena 2023; vLLM's
@@ -383,7 +438,7 @@ impl Request {
     /// forward pass took), detokenizes it and checks the stop conditions.
     pub fn sample(&mut self, row: Row<'_>) -> Result<StepOutput> {
         let ignore_eos = self.sampler.params().ignore_eos;
-        let (token, logprobs) = match row {
+        let (token, logprobs): (u32, Option<TokenLogprobs>) = match row {
             Row::Logits(logits) => {
                 let mask = match &mut self.grammar {
                     Some(g) => Some(match g.next.take() {
@@ -409,6 +464,13 @@ impl Request {
             Row::Argmax(u32::MAX) => bail!(Engine, "the model produced NaN logits"),
             Row::Argmax(token) => (token, None),
         };
+        self.push(token, logprobs)
+    }
+
+    /// Appends the chosen `token`: advances the grammar, detokenizes, checks the stop
+    /// conditions and says what the step produced.
+    fn push(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Result<StepOutput> {
+        let ignore_eos = self.sampler.params().ignore_eos;
         let eos = !ignore_eos && self.tokenizer.eos_token_ids.contains(&token);
         // Complete: the grammar allows nothing more (EOS, which it allowed only here, ends
         // the output as well).

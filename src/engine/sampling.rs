@@ -353,9 +353,18 @@ impl SamplingArgs {
 #[derive(Debug, Clone)]
 struct Rng(u64);
 
+/// SplitMix64's increment.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl Rng {
+    /// The stream that starts at draw `index` of the one seeded with `seed` (SplitMix64
+    /// can jump: its state is the seed plus a multiple of `GAMMA`).
+    fn at(seed: u64, index: u64) -> Self {
+        Rng(seed.wrapping_add(index.wrapping_mul(GAMMA)))
+    }
+
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -392,7 +401,20 @@ pub struct TokenLogprobs {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// The seed, for the draws speculative decoding with a draft model makes: each is
+    /// addressed by what it is for and the position of the token it decides, never by
+    /// how many came before, so that a token is the same whatever the drafts around it.
+    seed: u64,
 }
+
+/// A distribution over the vocabulary, sparse: `(token, probability)` of every token that
+/// may be drawn, probabilities summing to 1.
+pub type Distribution = Vec<(u32, f64)>;
+
+/// The purposes of a draft-model speculative draw (xored into the seed).
+const DRAFT_DRAW: u64 = 0xD1B5_4A32_D192_ED03;
+const ACCEPT_DRAW: u64 = 0x8CB9_2BA7_2F3D_8DD7;
+const RESIDUAL_DRAW: u64 = 0xAF25_1AF3_B0F0_25B5;
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
@@ -400,6 +422,7 @@ impl Sampler {
         Sampler {
             params,
             rng: Rng(seed),
+            seed,
         }
     }
 
@@ -411,7 +434,6 @@ impl Sampler {
     /// mask) when given. `context` is the prompt followed by the tokens generated so far;
     /// `prompt_len` splits the two. Fails on NaN logits, which only a broken model produces.
     /// Log-probabilities are the model's own, before penalties and the mask.
-    ///
     pub fn sample(
         &mut self,
         logits: &[f32],
@@ -419,40 +441,131 @@ impl Sampler {
         prompt_len: usize,
         allowed: Option<&SimpleVob>,
     ) -> Result<(u32, Option<TokenLogprobs>)> {
+        let adjusted = self.adjusted(logits, context, prompt_len, allowed)?;
+        let token = if self.params.temperature == 0.0 {
+            argmax(&adjusted)
+        } else {
+            let (cands, mass) = self.candidates(&adjusted);
+            pick(&cands, self.rng.next_f64() * mass)
+        };
+        Ok((token, self.logprobs(logits, token)))
+    }
+
+    /// Uniform in [0, 1): the draw for `purpose` at token `position`.
+    fn uniform(&self, purpose: u64, position: usize) -> f64 {
+        Rng::at(self.seed ^ purpose, position as u64).next_f64()
+    }
+
+    /// A draft model's proposal for the token at `position` from its `logits`
+    /// (speculative decoding): the token `sample` would take from them, and the
+    /// distribution it was drawn from (`None` when greedy: the argmax, with certainty).
+    pub fn propose(
+        &self,
+        logits: &[f32],
+        context: &[u32],
+        prompt_len: usize,
+        position: usize,
+    ) -> Result<(u32, Option<Distribution>)> {
+        let adjusted = self.adjusted(logits, context, prompt_len, None)?;
+        if self.params.temperature == 0.0 {
+            return Ok((argmax(&adjusted), None));
+        }
+        let (mut cands, mass) = self.candidates(&adjusted);
+        let token = pick(&cands, self.uniform(DRAFT_DRAW, position) * mass);
+        cands.iter_mut().for_each(|c| c.1 /= mass);
+        Ok((token, Some(cands)))
+    }
+
+    /// The token at `position` from the target model's `logits`, given a draft model's
+    /// proposal `draft` drawn from `q` (Leviathan et al. 2023, Chen et al. 2023): the
+    /// draft is kept with probability `min(1, p(draft) / q(draft))`, where `p` is the
+    /// distribution `sample` draws from; otherwise a token is drawn from `max(0, p - q)`,
+    /// normalised. Either way the token follows `p` exactly. Every draw is addressed by
+    /// `position`, so the token depends on the two models' distributions there and the
+    /// seed only. Sampled requests only (greedy ones keep a draft when it is the argmax).
+    pub fn verify(
+        &self,
+        logits: &[f32],
+        context: &[u32],
+        prompt_len: usize,
+        position: usize,
+        (draft, q): (u32, &[(u32, f64)]),
+    ) -> Result<(u32, Option<TokenLogprobs>)> {
+        let adjusted = self.adjusted(logits, context, prompt_len, None)?;
+        let (mut p, mass) = self.candidates(&adjusted);
+        p.iter_mut().for_each(|c| c.1 /= mass);
+        // `q` dense, for lookups by token.
+        let mut dense_q = vec![0.0f64; logits.len()];
+        for &(t, prob) in q {
+            if let Some(slot) = dense_q.get_mut(t as usize) {
+                *slot = prob;
+            }
+        }
+        let q_draft = dense_q.get(draft as usize).copied().unwrap_or(0.0);
+        let p_draft = p.iter().find(|c| c.0 == draft).map_or(0.0, |c| c.1);
+        let u = self.uniform(ACCEPT_DRAW, position);
+        let token = if q_draft > 0.0 && u * q_draft < p_draft {
+            draft
+        } else {
+            let residual: Distribution = p
+                .iter()
+                .map(|&(t, prob)| (t, (prob - dense_q[t as usize]).max(0.0)))
+                .filter(|c| c.1 > 0.0)
+                .collect();
+            let total: f64 = residual.iter().map(|c| c.1).sum();
+            // A rejection leaves mass wherever p exceeds q; none left (p == q up to
+            // rounding) makes a rejection impossible in exact arithmetic: draw from p.
+            let u = self.uniform(RESIDUAL_DRAW, position);
+            if total > 0.0 {
+                pick(&residual, u * total)
+            } else {
+                pick(&p, u)
+            }
+        };
+        Ok((token, self.logprobs(logits, token)))
+    }
+
+    /// The logits after the mask and the penalties (what is drawn from), checked for NaN.
+    fn adjusted<'a>(
+        &self,
+        logits: &'a [f32],
+        context: &[u32],
+        prompt_len: usize,
+        allowed: Option<&SimpleVob>,
+    ) -> Result<Cow<'a, [f32]>> {
         if logits.iter().any(|x| x.is_nan()) {
             return Err(Error::Engine("the model produced NaN logits".into()));
         }
-        let raw_logprobs = self.params.logprobs.map(|n| (n, log_softmax(logits)));
         let p = &self.params;
         let penalized =
             p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        let logits = if penalized || allowed.is_some() {
-            let mut logits = logits.to_vec();
-            if let Some(mask) = allowed {
-                grammar::apply_mask(mask, &mut logits);
-                if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
-                    return Err(Error::Grammar {
-                        param: p.constraint_param().into(),
-                        message: "no token the model can produce continues the output validly"
-                            .into(),
-                    });
-                }
+        if !penalized && allowed.is_none() {
+            return Ok(Cow::Borrowed(logits));
+        }
+        let mut logits = logits.to_vec();
+        if let Some(mask) = allowed {
+            grammar::apply_mask(mask, &mut logits);
+            if logits.iter().all(|l| *l == f32::NEG_INFINITY) {
+                return Err(Error::Grammar {
+                    param: p.constraint_param().into(),
+                    message: "no token the model can produce continues the output validly".into(),
+                });
             }
-            self.apply_penalties(&mut logits, context, prompt_len);
-            Cow::Owned(logits)
-        } else {
-            Cow::Borrowed(logits)
-        };
-        let token = if self.params.temperature == 0.0 {
-            argmax(&logits)
-        } else {
-            self.draw(&logits)
-        };
-        let logprobs = raw_logprobs.map(|(n, lp)| TokenLogprobs {
-            logprob: lp[token as usize],
-            top: top_n(&lp, n),
-        });
-        Ok((token, logprobs))
+        }
+        self.apply_penalties(&mut logits, context, prompt_len);
+        Ok(Cow::Owned(logits))
+    }
+
+    /// `token`'s log-probability and the top alternatives', from the raw `logits`, when
+    /// the request asks for them.
+    fn logprobs(&self, logits: &[f32], token: u32) -> Option<TokenLogprobs> {
+        self.params.logprobs.map(|n| {
+            let lp = log_softmax(logits);
+            TokenLogprobs {
+                logprob: lp[token as usize],
+                top: top_n(&lp, n),
+            }
+        })
     }
 
     fn apply_penalties(&self, logits: &mut [f32], context: &[u32], prompt_len: usize) {
@@ -485,8 +598,9 @@ impl Sampler {
         }
     }
 
-    /// Samples from softmax(logits / temperature) restricted by top-k, top-p and min-p.
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    /// The candidates of softmax(logits / temperature) that top-k, top-p and min-p keep,
+    /// as `(token, probability)`, and their total probability (below 1 after min-p).
+    fn candidates(&self, logits: &[f32]) -> (Distribution, f64) {
         let p = &self.params;
         let temperature = p.temperature.max(MIN_TEMPERATURE);
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -532,15 +646,20 @@ impl Sampler {
             cands.retain(|c| c.1 >= floor);
         }
         let mass: f64 = cands.iter().map(|c| c.1).sum();
-        let mut u = self.rng.next_f64() * mass;
-        for &(token, q) in &cands {
-            if u < q {
-                return token;
-            }
-            u -= q;
-        }
-        cands.last().map_or(0, |c| c.0)
+        (cands, mass)
     }
+}
+
+/// The token at `u` in the cumulative distribution of `cands` (`u` in [0, their total
+/// probability)); the last one when rounding leaves `u` past the end.
+fn pick(cands: &[(u32, f64)], mut u: f64) -> u32 {
+    for &(token, q) in cands {
+        if u < q {
+            return token;
+        }
+        u -= q;
+    }
+    cands.last().map_or(0, |c| c.0)
 }
 
 /// Index of the largest logit, the first of equals.
@@ -703,6 +822,51 @@ mod tests {
             .filter(|_| s.sample(&logits, &[], 0, None).unwrap().0 == 1)
             .count();
         assert!((2800..3200).contains(&ones), "{ones} of 4000");
+    }
+
+    /// Speculative sampling with a draft model (draft drawn from `q`, kept with
+    /// probability min(1, p/q), else a draw from the residual) gives tokens distributed as
+    /// plain sampling's `p`, and keeps drafts at the rate sum_x min(p(x), q(x)): a
+    /// chi-square test over a small vocabulary, with top-k cutting `p` and `q` differently.
+    #[test]
+    fn speculative_sampling_follows_the_target_distribution() {
+        let target = [2.0f32, 1.0, 0.5, 0.0, -1.0, 1.5];
+        let draft = [0.0f32, 2.0, 0.5, 1.0, 0.5, -2.0];
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 5,
+            seed: Some(11),
+            ..SamplingParams::default()
+        };
+        let s = Sampler::new(p.clone());
+        let n = 40_000;
+        let (mut counts, mut kept) = ([0usize; 6], 0);
+        for position in 0..n {
+            let (x, q) = s.propose(&draft, &[], 0, position).unwrap();
+            let (token, _) = s
+                .verify(&target, &[], 0, position, (x, &q.unwrap()))
+                .unwrap();
+            counts[token as usize] += 1;
+            kept += usize::from(token == x);
+        }
+        let dist = |logits: &[f32]| {
+            let (c, mass) = s.candidates(logits);
+            let mut d = [0.0f64; 6];
+            c.iter().for_each(|&(t, pr)| d[t as usize] = pr / mass);
+            d
+        };
+        let (pd, qd) = (dist(&target), dist(&draft));
+        // Chi-square over the tokens p allows (5 degrees of freedom at most; 0.1 % level:
+        // 20.5).
+        let chi2: f64 = (0..6)
+            .filter(|&t| pd[t] > 0.0)
+            .map(|t| (counts[t] as f64 - n as f64 * pd[t]).powi(2) / (n as f64 * pd[t]))
+            .sum();
+        assert!(chi2 < 20.5, "chi-square {chi2}: {counts:?} against {pd:?}");
+        assert_eq!(counts[4], 0, "top-k cut token 4 from p, and it was drawn");
+        let rate: f64 = (0..6).map(|t| pd[t].min(qd[t])).sum();
+        let seen = kept as f64 / n as f64;
+        assert!((seen - rate).abs() < 0.015, "kept {seen}, expected {rate}");
     }
 
     #[test]

@@ -39,8 +39,10 @@ pub struct Scheduler {
     ring: Option<Ring>,
     max_batch_size: usize,
     token_budget: usize,
-    /// Most draft tokens a decoding request carries (prompt lookup); 0: no speculation.
+    /// Most draft tokens a decoding request carries; 0: no speculation.
     speculative_tokens: usize,
+    /// Drafts come from a draft model ([`Scheduler::draft`]), not prompt lookup.
+    draft_model: bool,
     preemptions: u64,
     /// Tokens of admitted requests looked up in the prefix cache, and those found.
     prefix_queries: u64,
@@ -64,6 +66,9 @@ pub struct ScheduledSeq {
     /// The span's last `drafts` tokens are proposed, not yet accepted (speculative
     /// decoding): logits come back for each of them and for the position before.
     pub drafts: usize,
+    /// Draft tokens a draft model is to propose for the span before it runs (their slots
+    /// are reserved): [`Scheduler::draft`] appends them to `tokens` as drafts.
+    pub propose: usize,
 }
 
 impl ScheduledSeq {
@@ -104,6 +109,7 @@ impl Scheduler {
         max_batch_size: usize,
         token_budget: usize,
         speculative_tokens: usize,
+        draft_model: bool,
     ) -> Self {
         Scheduler {
             waiting: VecDeque::new(),
@@ -113,6 +119,7 @@ impl Scheduler {
             max_batch_size,
             token_budget,
             speculative_tokens,
+            draft_model,
             preemptions: 0,
             prefix_queries: 0,
             prefix_hits: 0,
@@ -171,16 +178,21 @@ impl Scheduler {
             // requests still to schedule (one each at most), so that drafts never cause a
             // preemption.
             let plentiful = !prefilling && self.pool.num_free() > self.running.len() - i + 1;
-            let drafts = if plentiful {
-                self.drafts(request, budget)
+            let room = if plentiful {
+                self.draft_room(request, budget)
             } else {
-                Vec::new()
+                0
             };
-            if !drafts.is_empty()
-                && (self.pool).reserve(request.id, request.tokens.len() + drafts.len())
-            {
-                budget -= 1 + drafts.len();
-                self.push_span(&mut out, i, 1, drafts, now);
+            // Prompt lookup proposes now; a draft model once the step is decided.
+            let (drafts, propose) = match room {
+                0 => (Vec::new(), 0),
+                _ if self.draft_model => (Vec::new(), room),
+                _ => (request.propose(room), 0),
+            };
+            let extra = drafts.len() + propose;
+            if extra > 0 && (self.pool).reserve(request.id, request.tokens.len() + extra) {
+                budget -= 1 + extra;
+                self.push_span(&mut out, i, 1, (drafts, propose), now);
                 i += 1;
                 continue;
             }
@@ -188,7 +200,7 @@ impl Scheduler {
             let slots = Ring::slots(self.ring, request.computed + n);
             if self.pool.reserve(request.id, slots) {
                 budget -= n;
-                self.push_span(&mut out, i, n, Vec::new(), now);
+                self.push_span(&mut out, i, n, (Vec::new(), 0), now);
                 i += 1;
                 continue;
             }
@@ -230,26 +242,27 @@ impl Scheduler {
                 self.prefix_hits += computed as u64;
             }
             request.computed = computed;
+            // Cached blocks hold the draft model's keys and values too (see `draft`).
+            request.draft_computed = computed;
             request.state = RequestState::Prefilling;
             budget -= n;
             self.running.push(request);
-            self.push_span(&mut out, self.running.len() - 1, n, Vec::new(), now);
+            self.push_span(&mut out, self.running.len() - 1, n, (Vec::new(), 0), now);
         }
         out
     }
 
-    /// The tokens `request` may carry as drafts this step: prompt lookup's proposal for a
-    /// decoding request, cut to what the budget, `max_tokens` and the sequence's room
-    /// allow. None for a constrained request (its mask covers one position), and none that
-    /// would wrap a rotating cache (a rejected draft would have overwritten a position
-    /// still in the window).
-    fn drafts(&self, request: &Request, budget: usize) -> Vec<u32> {
+    /// How many draft tokens a decoding `request` may carry this step: what the budget,
+    /// `max_tokens` and the sequence's room allow. None for a constrained request (its
+    /// mask covers one position), and none that would wrap a rotating cache (a rejected
+    /// draft would have overwritten a position still in the window).
+    fn draft_room(&self, request: &Request, budget: usize) -> usize {
         if self.speculative_tokens == 0
             || request.state != RequestState::Decoding
             || request.pending() != 1
             || request.is_constrained()
         {
-            return Vec::new();
+            return 0;
         }
         let len = request.tokens.len();
         let mut room = (self.speculative_tokens)
@@ -264,20 +277,17 @@ impl Scheduler {
         if let Some(ring) = self.ring {
             room = room.min((ring.keep + ring.window).saturating_sub(len));
         }
-        if room == 0 {
-            return Vec::new();
-        }
-        request.propose(room)
+        room
     }
 
-    /// Adds the next `n` tokens of `running[index]`, then `drafts`, to `out` (their blocks
-    /// are reserved).
+    /// Adds the next `n` tokens of `running[index]`, then `drafts`, to `out`, with
+    /// `propose` more drafts to come from the draft model (their blocks are reserved).
     fn push_span(
         &mut self,
         out: &mut SchedulerOutput,
         index: usize,
         n: usize,
-        drafts: Vec<u32>,
+        (drafts, propose): (Vec<u32>, usize),
         now: Instant,
     ) {
         let r = &mut self.running[index];
@@ -297,13 +307,110 @@ impl Scheduler {
             sample: end == r.tokens.len(),
             argmax_only: r.params().is_plain_greedy(),
             drafts: num_drafts,
+            propose,
         });
+    }
+
+    /// Runs the draft model over a decided step (speculative decoding with a draft model):
+    /// `run` executes spans on it and returns their sampled rows' logits. The first pass
+    /// catches the draft model's cache up with every span (what the target model has
+    /// cached and the span's new tokens: its whole prefill, and after a decode step the
+    /// accepted tokens), and proposes each span's first draft; each further pass feeds
+    /// the latest draft and proposes the next. The drafts are then appended to their
+    /// spans. A sampled request also takes the draft model's distribution for every token
+    /// it samples (see [`Request::draws_by_verifying`]): at the end of a plain decode
+    /// step, and one past its last draft. The draft model writes its keys and values into
+    /// the same blocks as the target (its own cache, the same block tables), so
+    /// prefix-cache hits and preemptions keep both in step.
+    pub fn draft(
+        &mut self,
+        output: &mut SchedulerOutput,
+        mut run: impl FnMut(&SchedulerOutput) -> Result<Logits>,
+    ) -> Result<()> {
+        // Spans follow `running` order: one pass finds each span's request. With it, the
+        // passes after the first that the span takes part in.
+        let mut at = Vec::with_capacity(output.seqs.len());
+        let mut next = 0;
+        for seq in &output.seqs {
+            let Some(i) = (next..self.running.len()).find(|&i| self.running[i].id == seq.id) else {
+                bail!(Internal, "scheduled request {} is not running", seq.id);
+            };
+            let r = &self.running[i];
+            if r.draft_computed > seq.start {
+                bail!(Internal, "the draft model is ahead of request {}", seq.id);
+            }
+            let passes = match seq.propose {
+                0 => 0,
+                k if r.draws_by_verifying() => k,
+                k => k - 1,
+            };
+            at.push((i, passes));
+            next = i + 1;
+        }
+        let most = at.iter().map(|a| a.1).max().unwrap_or(0);
+        for pass in 0..=most {
+            let mut spans = SchedulerOutput::default();
+            // The requests of `spans`, and of those that propose (sample) in this pass.
+            let (mut members, mut proposing) = (Vec::new(), Vec::new());
+            for (seq, &(i, passes)) in output.seqs.iter().zip(&at) {
+                let r = &self.running[i];
+                let (tokens, sample) = if pass == 0 {
+                    // The tokens the target runs this step (`drafts` is 0: no proposal
+                    // yet), and any it ran before that the draft model did not.
+                    let tokens = r.tokens[r.draft_computed..seq.start + seq.tokens.len()].to_vec();
+                    let sample = seq.propose > 0 || (seq.sample && r.draws_by_verifying());
+                    (tokens, sample)
+                } else if passes >= pass {
+                    (r.proposed().last().copied().into_iter().collect(), true)
+                } else {
+                    continue;
+                };
+                if sample {
+                    proposing.push(i);
+                }
+                members.push(i);
+                spans.seqs.push(ScheduledSeq {
+                    id: seq.id,
+                    tokens,
+                    start: r.draft_computed,
+                    blocks: seq.blocks.clone(),
+                    sample,
+                    argmax_only: seq.argmax_only,
+                    drafts: 0,
+                    propose: 0,
+                });
+            }
+            let logits = run(&spans)?;
+            for (span, &i) in spans.seqs.iter().zip(&members) {
+                self.running[i].draft_computed += span.tokens.len();
+            }
+            let vocab = logits.vocab();
+            for (row, &i) in proposing.iter().enumerate() {
+                let r = &mut self.running[i];
+                match logits.argmax() {
+                    Some(ids) => r.propose_draft(Row::Argmax(ids[row]))?,
+                    None => r.propose_draft(Row::Logits(
+                        &logits.values()[row * vocab..(row + 1) * vocab],
+                    ))?,
+                };
+            }
+        }
+        for (seq, &(i, _)) in output.seqs.iter_mut().zip(&at) {
+            if seq.propose > 0 {
+                let proposed = self.running[i].proposed();
+                seq.tokens.extend(&proposed[..seq.propose]);
+                seq.drafts = seq.propose;
+                seq.propose = 0;
+            }
+        }
+        Ok(())
     }
 
     fn preempt(&mut self, index: usize) {
         let mut request = self.running.remove(index);
         self.pool.release(request.id);
         request.computed = 0;
+        request.draft_computed = 0;
         request.state = RequestState::Waiting;
         self.preemptions += 1;
         self.waiting.push_front(request);
@@ -321,12 +428,13 @@ impl Scheduler {
 
     /// Puts the full blocks of `tokens` (a saved prefix being loaded) into the cache, as
     /// free cached blocks like any others: those not cached yet get blocks, which `fill`
-    /// writes (given them and the index of the first) before they are named. Returns how
-    /// many blocks were filled. Fails when running requests hold too many blocks.
+    /// writes (given the whole block table, the index of the first block to fill and the
+    /// block size) before they are named. Returns how many blocks were filled. Fails when
+    /// running requests hold too many blocks.
     pub fn adopt(
         &mut self,
         tokens: &[u32],
-        fill: impl FnOnce(&[u32], usize) -> Result<()>,
+        fill: impl FnOnce(&[u32], usize, usize) -> Result<()>,
     ) -> Result<usize> {
         let size = self.pool.block_size();
         let mut hashes = Vec::new();
@@ -343,7 +451,7 @@ impl Scheduler {
             );
         }
         let blocks = self.pool.table(id).to_vec();
-        let filled = fill(&blocks[found.len()..], found.len());
+        let filled = fill(&blocks, found.len(), size);
         if filled.is_ok() {
             (self.pool).name_full_blocks(id, &hashes, tokens, hashes.len() * size);
         }
@@ -398,7 +506,7 @@ impl Scheduler {
             };
             // Drafts are cached only once accepted (below).
             r.computed += seq.tokens.len() - seq.drafts;
-            name_full_blocks(&mut self.pool, r);
+            name_full_blocks(&mut self.pool, r, self.draft_model);
             if seq.sample {
                 chosen.push((r, seq, row));
                 row += 1 + seq.drafts;
@@ -441,9 +549,12 @@ impl Scheduler {
                 .count();
             stats.speculative_draft_tokens += seq.drafts as u64;
             stats.speculative_accepted_tokens += accepted as u64;
+            // The draft model's cache keeps what was accepted; the rest is rolled back
+            // (its slots are overwritten later).
+            r.computed += accepted;
+            r.draft_computed = r.draft_computed.min(r.computed);
             if accepted > 0 {
-                r.computed += accepted;
-                name_full_blocks(&mut self.pool, r);
+                name_full_blocks(&mut self.pool, r, self.draft_model);
             }
             stats.generation_tokens += steps.len() as u64;
             match (previous, r.last_token, r.first_token) {
@@ -539,11 +650,17 @@ impl Scheduler {
     }
 }
 
-/// Names `r`'s blocks that its computed positions now fill (prefix caching).
-fn name_full_blocks(pool: &mut BlockPool, r: &mut Request) {
+/// Names `r`'s blocks that its computed positions now fill (prefix caching); with a
+/// draft model, only those its cache holds as well, so that a hit finds both.
+fn name_full_blocks(pool: &mut BlockPool, r: &mut Request, draft_model: bool) {
     if pool.caching() {
-        let n = r.hash_blocks(pool.block_size(), r.computed);
-        pool.name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, r.computed);
+        let upto = if draft_model {
+            r.computed.min(r.draft_computed)
+        } else {
+            r.computed
+        };
+        let n = r.hash_blocks(pool.block_size(), upto);
+        pool.name_full_blocks(r.id, &r.block_hashes[..n], &r.tokens, upto);
     }
 }
 
@@ -565,14 +682,15 @@ mod tests {
     /// invariants, a stand-in for the cache's memory (each slot holds the position and
     /// token written there) checks that every position a span attends to holds that
     /// sequence's token, cached blocks shared between requests included, and that no span
-    /// writes into a block another request holds.
+    /// writes into a block another request holds; with `draft_model`, a second stand-in
+    /// checks the same of the draft model's passes.
     fn run(
         requests: Vec<(usize, usize, Option<usize>, usize)>,
         num_blocks: usize,
         block_size: usize,
         ring: Option<Ring>,
-        speculative: usize,
-    ) -> u64 {
+        (speculative, draft_model): (usize, bool),
+    ) -> (u64, Stats) {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let capacity = num_blocks * block_size;
@@ -582,6 +700,7 @@ mod tests {
             4,
             24,
             speculative,
+            draft_model,
         );
         let mut aborts = Vec::new();
         for (id, &(prompt, max_tokens, abort, shared)) in requests.iter().enumerate() {
@@ -608,6 +727,7 @@ mod tests {
         }
         let stats = Mutex::new(Stats::default());
         let mut memory: Vec<Option<(usize, u32)>> = vec![None; capacity];
+        let mut draft_memory = memory.clone();
         let mut done = 0;
         for step in 0..10_000 {
             for &(_, id) in aborts.iter().filter(|(at, _)| *at == step) {
@@ -618,35 +738,39 @@ mod tests {
             if s.is_idle() {
                 break;
             }
-            let out = s.schedule(Instant::now());
+            let mut out = s.schedule(Instant::now());
             assert!(!out.is_empty(), "nothing scheduled: deadlock");
             s.pool.check();
+            if draft_model {
+                // What the draft passes may read: each sequence's tokens so far.
+                let known: Vec<(u64, Vec<u32>)> =
+                    s.running.iter().map(|r| (r.id, r.tokens.clone())).collect();
+                let tables: Vec<(u64, Vec<u32>)> = (s.running.iter())
+                    .map(|r| (r.id, s.pool.table(r.id).to_vec()))
+                    .collect();
+                s.draft(&mut out, |spans| {
+                    for q in &spans.seqs {
+                        let tokens = &known.iter().find(|k| k.0 == q.id).unwrap().1;
+                        check_span(q, tokens, &tables, &mut draft_memory, ring, block_size);
+                    }
+                    // The draft model always proposes 3: sometimes the target agrees.
+                    let mut logits = [0f32; VOCAB];
+                    logits[3] = 1.0;
+                    Logits::new(logits.repeat(spans.num_rows()), spans.num_rows(), VOCAB)
+                })
+                .unwrap();
+                assert!(out.seqs.iter().all(|q| q.propose == 0));
+            }
             let total: usize = out.seqs.iter().map(|q| q.tokens.len()).sum();
             assert!(total <= 24 && out.seqs.len() <= 4);
+            let tables: Vec<(u64, Vec<u32>)> = (s.running.iter())
+                .map(|r| (r.id, s.pool.table(r.id).to_vec()))
+                .collect();
             for q in &out.seqs {
-                let need = Ring::slots(ring, q.start + q.tokens.len()).div_ceil(block_size);
-                assert!(q.blocks.len() >= need, "table of {} too short", q.id);
-                assert_eq!(q.blocks, s.pool.table(q.id), "stale table of {}", q.id);
                 let Some(r) = s.running.iter().find(|r| r.id == q.id) else {
                     panic!("{} scheduled but not running", q.id);
                 };
-                let at = |p: usize| {
-                    let slot = Ring::slot(ring, p);
-                    q.blocks[slot / block_size] as usize * block_size + slot % block_size
-                };
-                // Without a ring every earlier position is still in the cache.
-                if ring.is_none() {
-                    for p in 0..q.start {
-                        assert_eq!(memory[at(p)], Some((p, r.tokens[p])), "{}'s {p}", q.id);
-                    }
-                }
-                for (p, &t) in (q.start..).zip(&q.tokens) {
-                    let block = q.blocks[Ring::slot(ring, p) / block_size];
-                    for other in s.running.iter().filter(|o| o.id != q.id) {
-                        assert!(!s.pool.table(other.id).contains(&block), "shared {block}");
-                    }
-                    memory[at(p)] = Some((p, t));
-                }
+                check_span(q, &r.tokens, &tables, &mut memory, ring, block_size);
             }
             // Greedy picks 3, 3, 5, 3, 3, 5...: prompt lookup's drafts are sometimes
             // accepted, sometimes not.
@@ -667,7 +791,42 @@ mod tests {
         assert!(s.is_idle(), "requests left after the step limit");
         assert_eq!(done, requests.len());
         assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
-        s.prefix_cache().1
+        (s.prefix_cache().1, stats.into_inner())
+    }
+
+    /// Checks span `q` of a sequence whose tokens so far are `tokens` against the cache's
+    /// stand-in `memory` (each slot: the position and token written there), then writes
+    /// it: its table covers it and is the pool's (`tables`: every running request's),
+    /// every earlier position holds the sequence's token (without a ring, where all are
+    /// kept), and it writes into no block another request holds.
+    fn check_span(
+        q: &ScheduledSeq,
+        tokens: &[u32],
+        tables: &[(u64, Vec<u32>)],
+        memory: &mut [Option<(usize, u32)>],
+        ring: Option<Ring>,
+        block_size: usize,
+    ) {
+        let need = Ring::slots(ring, q.start + q.tokens.len()).div_ceil(block_size);
+        assert!(q.blocks.len() >= need, "table of {} too short", q.id);
+        let table = &tables.iter().find(|t| t.0 == q.id).unwrap().1;
+        assert_eq!(&q.blocks, table, "stale table of {}", q.id);
+        let at = |p: usize| {
+            let slot = Ring::slot(ring, p);
+            q.blocks[slot / block_size] as usize * block_size + slot % block_size
+        };
+        if ring.is_none() {
+            for p in 0..q.start.min(tokens.len()) {
+                assert_eq!(memory[at(p)], Some((p, tokens[p])), "{}'s {p}", q.id);
+            }
+        }
+        for (p, &t) in (q.start..).zip(&q.tokens) {
+            let block = q.blocks[Ring::slot(ring, p) / block_size];
+            for (id, other) in tables.iter().filter(|t| t.0 != q.id) {
+                assert!(!other.contains(&block), "{} writes {id}'s {block}", q.id);
+            }
+            memory[at(p)] = Some((p, t));
+        }
     }
 
     /// Requests that begin alike take each other's blocks: a 40-token prefix shared by
@@ -675,8 +834,19 @@ mod tests {
     #[test]
     fn shared_prefixes_are_found() {
         let requests = vec![(50, 5, None, 40); 6];
-        let hits = run(requests, 64, 4, None, 0);
+        let (hits, _) = run(requests, 64, 4, None, (0, false));
         assert_eq!(hits, 5 * 40);
+    }
+
+    /// A draft model's passes keep its cache in step with the target's (checked by
+    /// `run`'s second stand-in), through shared prefixes, and some drafts are accepted.
+    #[test]
+    fn draft_model_passes_keep_their_cache_in_step() {
+        let requests = vec![(30, 30, None, 20); 3];
+        let (hits, stats) = run(requests, 64, 4, None, (3, true));
+        assert_eq!(hits, 2 * 20);
+        assert!(stats.speculative_accepted_tokens > 0, "{stats:?}");
+        assert!(stats.speculative_draft_tokens > stats.speculative_accepted_tokens);
     }
 
     /// Two requests on a pool of 3 blocks of 2 positions: both are admitted in order; when
@@ -689,7 +859,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, 4, 24, 0);
+        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, 4, 24, 0, false);
         for id in 0..2 {
             let params = SamplingParams {
                 max_tokens: 3,
@@ -748,7 +918,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, 4, 24, 0);
+        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, 4, 24, 0, false);
         let greedy = SamplingParams {
             temperature: 0.0,
             max_tokens: 4,
@@ -813,8 +983,9 @@ mod tests {
             num_blocks in 4usize..24,
             block_size in prop::sample::select(vec![1usize, 4, 16]),
             speculative in prop::sample::select(vec![0usize, 3]),
+            draft_model in any::<bool>(),
         ) {
-            run(requests, num_blocks, block_size, None, speculative);
+            run(requests, num_blocks, block_size, None, (speculative, draft_model && speculative > 0));
         }
 
         #[test]
@@ -822,9 +993,10 @@ mod tests {
             requests in prop::collection::vec(
                 (1usize..60, 1usize..40, prop::option::of(0usize..80), 0usize..60), 1..12),
             window in 2usize..20,
+            draft_model in any::<bool>(),
         ) {
             let ring = Ring { keep: 4, window };
-            run(requests, 8, 4, Some(ring), 3);
+            run(requests, 8, 4, Some(ring), (3, draft_model));
         }
     }
 }

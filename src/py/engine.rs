@@ -234,7 +234,7 @@ impl PyEngine {
         kv_cache_size: Option<usize>,
         rotating_kv_cache: bool,
         prefix_caching: bool,
-        speculative: Option<&str>,
+        speculative: Option<&Bound<'_, PyAny>>,
         num_speculative_tokens: usize,
     ) -> PyResult<Self> {
         // Without a batch size, CANDLE_NUM_PARALLEL's or the default (the env is not read
@@ -252,9 +252,7 @@ impl PyEngine {
             kv_cache_size,
             rotating: rotating_kv_cache,
             prefix_caching,
-            speculative: speculative
-                .map(|name| Speculative::parse(name, num_speculative_tokens))
-                .transpose()?,
+            speculative: self::speculative(speculative, num_speculative_tokens)?,
         };
         let engine = Engine::new(model.inner.clone(), config)?;
         Ok(PyEngine {
@@ -369,16 +367,48 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Boun
     Ok(d)
 }
 
-/// Streams one prompt on the model's own engine (started on first use): what
-/// `cortex.stream_generate` runs on. Its failure is raised by the iterator.
+/// The speculative decoding setting `speculative` (a method's name, or a draft `Model`)
+/// names, with `num_tokens` draft tokens a step.
+fn speculative(
+    speculative: Option<&Bound<'_, PyAny>>,
+    num_tokens: usize,
+) -> PyResult<Option<Speculative>> {
+    let Some(s) = speculative else {
+        return Ok(None);
+    };
+    if let Ok(draft) = s.cast::<PyModel>() {
+        let model = draft.get().inner.clone();
+        return Ok(Some(Speculative::draft_model(model, num_tokens)?));
+    }
+    match s.extract::<String>() {
+        Ok(name) => Ok(Some(Speculative::parse(&name, num_tokens)?)),
+        Err(_) => Err(crate::Error::param(
+            "speculative",
+            format!(
+                "expected a method's name (\"prompt_lookup\") or a draft Model, got {}",
+                s.get_type().name()?
+            ),
+        )
+        .into()),
+    }
+}
+
+/// Streams one prompt on the model's own engine for the `speculative` setting (started on
+/// first use): what `cortex.stream_generate` runs on. Its failure is raised by the
+/// iterator.
 #[pyfunction]
+#[pyo3(signature = (model, tokenizer, prompt, params, *, speculative = None,
+    num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS))]
 pub fn stream(
     model: &PyModel,
     tokenizer: &PyTokenizer,
     prompt: Vec<i64>,
     params: &PySamplingParams,
+    speculative: Option<&Bound<'_, PyAny>>,
+    num_speculative_tokens: usize,
 ) -> PyResult<PyEngineStream> {
-    let client = Client::new(model.engine()?, tokenizer.inner.clone());
+    let speculative = self::speculative(speculative, num_speculative_tokens)?;
+    let client = Client::new(model.engine(speculative)?, tokenizer.inner.clone());
     let prompt = self::prompt(client.engine(), &prompt)?;
     Ok(PyEngineStream {
         stream: client.stream(vec![prompt], std::slice::from_ref(&params.inner))?,
@@ -386,10 +416,19 @@ pub fn stream(
     })
 }
 
-/// Statistics of the model's own engine (the one `stream` uses).
+/// Statistics of the model's own engine for the `speculative` setting (the one `stream`
+/// uses with it).
 #[pyfunction]
-pub fn engine_stats<'py>(py: Python<'py>, model: &PyModel) -> PyResult<Bound<'py, PyDict>> {
-    stats_dict(py, model.engine()?.as_ref())
+#[pyo3(signature = (model, *, speculative = None,
+    num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS))]
+pub fn engine_stats<'py>(
+    py: Python<'py>,
+    model: &PyModel,
+    speculative: Option<&Bound<'_, PyAny>>,
+    num_speculative_tokens: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let speculative = self::speculative(speculative, num_speculative_tokens)?;
+    stats_dict(py, model.engine(speculative)?.as_ref())
 }
 
 /// The engine's defaults, exported as `cortex._core.DEFAULT_*` so that Python never

@@ -10,7 +10,7 @@ use pyo3::types::PySlice;
 use super::run_detached;
 use super::tokenizer::PyTokenizer;
 use crate::engine::kv::KvDType;
-use crate::engine::{Engine, SharedEngine};
+use crate::engine::{Engine, SharedEngine, Speculative};
 use crate::model::Model;
 use crate::tokenizer::check_token_ids;
 
@@ -32,8 +32,9 @@ impl PyModel {
         }
     }
 
-    pub(crate) fn engine(&self) -> crate::Result<Arc<Engine>> {
-        self.engine.get()
+    /// The model's own engine with `speculative` decoding (see [`SharedEngine`]).
+    pub(crate) fn engine(&self, speculative: Option<Speculative>) -> crate::Result<Arc<Engine>> {
+        self.engine.get(speculative)
     }
 }
 

@@ -15,7 +15,9 @@ from .._core import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_SPECULATIVE_TOKENS,
     DEFAULT_WRITE_TIMEOUT,
+    Model,
 )
+from ..generation import load_model
 from ..server import serve
 from ._common import description
 
@@ -59,17 +61,25 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         action="store_false",
         help="compute every prompt in full instead of reusing cached prefixes",
     )
-    engine.add_argument(
+    drafts = engine.add_mutually_exclusive_group()
+    drafts.add_argument(
         "--speculative",
         choices=["prompt_lookup", "ngram"],
         default=None,
         help="speculative decoding by prompt lookup (ngram: vLLM's name for it)",
     )
+    drafts.add_argument(
+        "--draft-model",
+        metavar="MODEL",
+        default=None,
+        help="speculative decoding with drafts from this smaller model of the same tokenizer "
+        "(a Hub repo id, a folder or a file)",
+    )
     engine.add_argument(
         "--num-speculative-tokens",
         type=int,
-        default=DEFAULT_SPECULATIVE_TOKENS,
-        help="most draft tokens a request carries in one step (default: %(default)s)",
+        default=None,
+        help=f"most draft tokens a request carries in one step (default: {DEFAULT_SPECULATIVE_TOKENS})",
     )
     engine.add_argument(
         "--max-queue",
@@ -96,6 +106,14 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
 
 
 def run(args: argparse.Namespace) -> int:
+    speculative: str | Model | None = args.speculative
+    if args.draft_model is not None:
+        speculative = load_model(args.draft_model)
+    num_speculative_tokens = args.num_speculative_tokens
+    if num_speculative_tokens is None:
+        num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
+    elif speculative is None:
+        raise ValueError("--num-speculative-tokens needs --speculative or --draft-model")
     serve(
         args.model,
         host=args.host,
@@ -106,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         memory_fraction=args.memory_fraction,
         prefix_caching=args.prefix_caching,
-        speculative=args.speculative,
-        num_speculative_tokens=args.num_speculative_tokens,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,
