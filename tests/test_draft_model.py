@@ -73,7 +73,8 @@ def test_sampled_output_follows_plain_sampling(smollm, draft):
     )
     n = 600
     params = [
-        cortex.SamplingParams(temperature=1.0, top_k=8, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)
+        cortex.SamplingParams(temperature=1.0, top_k=8, max_tokens=3, seed=i, ignore_eos=True)
+        for i in range(n)
     ]
     plain = cortex.Engine(model, tok, max_batch_size=64)
     spec = cortex.Engine(model, tok, max_batch_size=64, speculative=draft, num_speculative_tokens=2)

@@ -755,7 +755,8 @@ def test_server_chat_completion(smollm_gpu) -> None:
 def test_prefix_cache_saved_prefixes_and_speculation_on_the_gpu(
     tiny_llama: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The engine's prefix cache, saved prefixes and prompt-lookup drafts over a GPU cache.
+    """The engine's prefix cache, saved prefixes and speculation (prompt lookup and a draft
+    model) over a GPU cache.
     Shared prefixes give what a cache-off engine gives. A prefix saved from the CPU's cache
     (keys transposed there; f16 on both) loads into the GPU's once the GPU's own first block
     agrees with it, and one saved from the GPU loads into the CPU's. Speculative greedy
@@ -790,3 +791,19 @@ def test_prefix_cache_saved_prefixes_and_speculation_on_the_gpu(
     spec = cortex.Engine(model, tok, speculative="prompt_lookup", **kw)
     assert tokens(spec, prompts + repeats) == want + tokens(plain, repeats)
     assert _idle(spec)["speculative_accepted_tokens"] > 0
+
+    # A draft model on the GPU: the 4-bit conversion drafts for the float model. Greedy
+    # output is plain decoding's, seeded sampled output reproduces in another batch, and a
+    # draft model on another device is refused.
+    target, _ = cortex.load(tiny_llama["float"], device=DEVICE)
+    drafting = cortex.Engine(target, tok, speculative=model, **kw)
+    plain_target = cortex.Engine(target, tok, **kw)
+    assert tokens(drafting, prompts + repeats) == tokens(plain_target, prompts + repeats)
+    assert _idle(drafting)["speculative_accepted_tokens"] > 0
+    seeded = [cortex.SamplingParams(temperature=0.9, seed=s, max_tokens=12, ignore_eos=True) for s in (1, 2)]
+    # Both in one batch (passes of at most 8 rows still, so the same kernels), then alone.
+    wide = cortex.Engine(target, tok, speculative=model, **{**kw, "max_batch_size": 2})
+    first = [o.token_ids for o in wide.generate_batch(repeats[:2], seeded)]
+    assert [o.token_ids for o in drafting.generate_batch(repeats[:2], seeded)] == first
+    with pytest.raises(cortex.RequestValidationError, match="same device"):
+        cortex.Engine(target, tok, speculative=cpu_model)
