@@ -59,9 +59,7 @@ def _prompts(tok: cortex.Tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def bench_cortex(
-    model: cortex.Model, tok: cortex.Tokenizer, concurrency: int, n_gen: int
-) -> dict[str, float]:
+def bench_cortex(model: cortex.Model, tok: cortex.Tokenizer, concurrency: int, n_gen: int) -> dict[str, float]:
     prompts = _prompts(tok, concurrency)
     need = sum(len(p) + n_gen for p in prompts)
     engine = cortex.Engine(model, tok, max_batch_size=concurrency, kv_cache_tokens=need + 16 * concurrency)
@@ -116,9 +114,7 @@ def main() -> int:
             f"{int(r['preemptions']):>7}"
         )
     if llama:
-        print(
-            f"{'llama.cpp':>8} {llama['decode_tps']:>13.1f}   (one sequence at a time; same aggregate at any load)"
-        )
+        print(f"{'llama.cpp':>8} {llama['decode_tps']:>13.1f}   (one sequence at a time; same aggregate at any load)")
     else:
         print("llama.cpp: skipped (pass --llama-python with llama-cpp-python installed)")
     return 0

@@ -103,14 +103,11 @@ def main() -> None:
         f"temperature {args.temperature}\n"
     )
     for batch in (int(b) for b in args.batches.split(",")):
-        plain = cortex.Engine(model, tok, max_batch_size=batch)
-        spec = cortex.Engine(
-            model,
-            tok,
-            max_batch_size=batch,
-            speculative=speculative,
-            num_speculative_tokens=args.draft,
-        )
+        # A cache that holds every request whole (the default, the model's 8,192-token
+        # context, holds 7 of these): all `batch` run together, none waits or is preempted.
+        size = {"max_batch_size": batch, "kv_cache_tokens": batch * (n + args.tokens + 64)}
+        plain = cortex.Engine(model, tok, **size)
+        spec = cortex.Engine(model, tok, **size, speculative=speculative, num_speculative_tokens=args.draft)
         base = run(plain, batch, args.tokens, args.repeats, args.temperature)
         fast = run(spec, batch, args.tokens, args.repeats, args.temperature)
         s = spec.stats()

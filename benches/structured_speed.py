@@ -82,10 +82,8 @@ def main() -> None:
 
     start = time.perf_counter()
     first = ttft_ms(engine, lambda i: endless(), runs=1)[0]
-    print(
-        f"first constrained request (builds the grammar compiler): {first:.1f} ms, "
-        f"{(time.perf_counter() - start) * 1e3:.0f} ms wall"
-    )
+    print(f"first constrained request (builds the grammar compiler): {first:.1f} ms, "
+          f"{(time.perf_counter() - start) * 1e3:.0f} ms wall")
 
     print(f"\ndecode, {args.tokens} tokens, greedy, ignore_eos (ms a step; tok/s aggregate)")
     for batch in (1, 16):
@@ -96,10 +94,8 @@ def main() -> None:
             distinct = [endless(900 + i) for i in range(batch)]
             rows.append((f"{batch} schemas", step_ms(engine, batch, args.tokens, args.repeats, distinct)))
         for name, ms in rows:
-            print(
-                f"  batch {batch:2d} {name:12s} {ms:7.2f} ms  {batch * 1e3 / ms:8.1f} tok/s  "
-                f"{ms / free:5.3f}x free"
-            )
+            print(f"  batch {batch:2d} {name:12s} {ms:7.2f} ms  {batch * 1e3 / ms:8.1f} tok/s  "
+                  f"{ms / free:5.3f}x free")
 
     print("\ntime to first token, one request (submit to first token)")
     free = ttft_ms(engine, lambda i: None)

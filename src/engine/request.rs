@@ -438,7 +438,7 @@ impl Request {
     /// forward pass took), detokenizes it and checks the stop conditions.
     pub fn sample(&mut self, row: Row<'_>) -> Result<StepOutput> {
         let ignore_eos = self.sampler.params().ignore_eos;
-        let (token, logprobs): (u32, Option<TokenLogprobs>) = match row {
+        let (token, logprobs) = match row {
             Row::Logits(logits) => {
                 let mask = match &mut self.grammar {
                     Some(g) => Some(match g.next.take() {
