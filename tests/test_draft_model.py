@@ -6,6 +6,7 @@ requests share batches with every other kind, and the same keywords reach
 
 from __future__ import annotations
 
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -64,8 +65,9 @@ def _chi_square_critical(df: int) -> float:
 
 
 def test_sampled_output_follows_plain_sampling(smollm, draft):
-    """600 seeded requests, three tokens each at temperature 1 within the top 8: the
-    second and third tokens (drawn by verifying drafts) are distributed as plain
+    """600 seeded requests, three tokens each at temperature 1 within the top 8: every
+    token is drawn by verifying the draft model's proposal, and the second and third
+    (which depend on the first, so that they test the chain) are distributed as plain
     sampling's (two-sample chi-square, 0.1 % level)."""
     model, tok = smollm
     prompt = tok.apply_chat_template(
@@ -153,6 +155,10 @@ def test_draft_model_settings_are_checked(smollm, tmp_path: Path):
         cortex.Engine(model, tok, speculative=3)  # type: ignore[arg-type]
     with pytest.raises(cortex.RequestValidationError, match="num_speculative_tokens"):
         cortex.Engine(model, tok, speculative=model, num_speculative_tokens=0)
+    with pytest.raises(cortex.RequestValidationError, match="needs speculative"):
+        cortex.Engine(model, tok, num_speculative_tokens=3)
+    with pytest.raises(cortex.RequestValidationError, match="needs speculative"):
+        cortex.generate(model, tok, "Hi", num_speculative_tokens=3)
 
 
 def test_generate_and_stream_generate_take_the_keywords(smollm, draft):
@@ -188,6 +194,10 @@ def test_the_server_drafts_with_a_draft_model(smollm, draft):
         )
         assert resp.choices[0].message.content == want
         client.close()
-        assert srv.stats()["speculative_accepted_tokens"] > 0
+        accepted = srv.stats()["speculative_accepted_tokens"]
+        assert accepted > 0
+        with urllib.request.urlopen(srv.url + "/metrics") as r:
+            metrics = r.read().decode()
+        assert f"cortex_speculative_accepted_tokens_total {accepted:.0f}" in metrics
     finally:
         srv.shutdown(timeout=10)

@@ -9,25 +9,13 @@ of them through the model at once (weights are read once per step for the whole 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _core
 from ._core import Completion, Model, SamplingParams, Tokenizer
 from .generation import Prompt, _encode_prompt, _params_or_keywords
-
-
-def _encode_prefix(tokenizer: Tokenizer, prefix: Prompt) -> list[int]:
-    """The token ids of a prefix: as a prompt, except that chat messages get no generation
-    prompt (what follows them is more conversation)."""
-    items: list[Any] = [] if isinstance(prefix, str) else list(prefix)
-    if items and all(isinstance(m, Mapping) for m in items):
-        ids = tokenizer.apply_chat_template(items, add_generation_prompt=False, tokenize=True)
-        assert isinstance(ids, list)
-        return ids
-    return _encode_prompt(tokenizer, prefix)
-
 
 __all__ = ["Engine", "RequestOutput", "StreamEvent"]
 
@@ -111,7 +99,8 @@ class Engine:
             seed still reproduces them (not plain decoding's draws, though: the draft's
             draw comes first). The draft model must have this model's vocabulary and be
             on the same device; the cache's memory covers both models.
-        num_speculative_tokens: most draft tokens a request carries in one step (1-16).
+        num_speculative_tokens: most draft tokens a request carries in one step (1-16;
+            default 4); only with ``speculative``.
 
     Requests that do not fit the cache wait, or are preempted and recomputed later; a
     request that could never fit raises :class:`cortex.CacheFullError` at submission. The
@@ -132,7 +121,7 @@ class Engine:
         rotating_kv_cache: bool = False,
         prefix_caching: bool = True,
         speculative: str | Model | None = None,
-        num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
+        num_speculative_tokens: int | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._core = _core.Engine(
@@ -234,7 +223,9 @@ class Engine:
                 no block.
             SavedPrefixError: the file cannot be written.
         """
-        return self._core.save_prefix(_encode_prefix(self._tokenizer, prefix), os.fspath(path))
+        return self._core.save_prefix(
+            _encode_prompt(self._tokenizer, prefix, add_generation_prompt=False), os.fspath(path)
+        )
 
     def load_prefix(self, path: str | os.PathLike[str]) -> int:
         """Put a prefix saved by :meth:`save_prefix` into the KV cache; requests that begin

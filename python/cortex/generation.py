@@ -133,14 +133,15 @@ def _peak_memory_gb() -> float:
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
-def _encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-    """The token ids of ``prompt``: text encoded, chat messages through the chat template,
-    token ids as they are."""
+def _encode_prompt(tokenizer: Tokenizer, prompt: Prompt, *, add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of ``prompt``: text encoded, chat messages through the chat template
+    (ending in the assistant's turn, unless ``add_generation_prompt`` is false: a prefix of
+    more conversation), token ids as they are."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     items: list[Any] = list(prompt)
     if items and all(isinstance(m, Mapping) for m in items):
-        ids = tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(items, add_generation_prompt=add_generation_prompt, tokenize=True)
         assert isinstance(ids, list)
         return ids
     if all(isinstance(t, int) for t in items):
@@ -164,7 +165,7 @@ def stream_generate(
     params: SamplingParams | None = None,
     *,
     speculative: str | Model | None = None,
-    num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
+    num_speculative_tokens: int | None = None,
     **sampling: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text, yielding a :class:`GenerationResponse` per token.
@@ -220,7 +221,7 @@ def generate(
     params: SamplingParams | None = None,
     *,
     speculative: str | Model | None = None,
-    num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
+    num_speculative_tokens: int | None = None,
     **sampling: Any,
 ) -> str:
     """Generate and return the whole text (see :func:`stream_generate`)."""

@@ -147,7 +147,7 @@ def serve(
     memory_fraction: float | None = None,
     prefix_caching: bool = True,
     speculative: str | _core.Model | None = None,
-    num_speculative_tokens: int = _core.DEFAULT_SPECULATIVE_TOKENS,
+    num_speculative_tokens: int | None = None,
     max_queue: int = _core.DEFAULT_MAX_QUEUE,
     chat_template: PathLike | None = None,
     shutdown_timeout: float = _core.DEFAULT_SHUTDOWN_TIMEOUT,

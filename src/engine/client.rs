@@ -325,11 +325,15 @@ impl Client {
     }
 }
 
+/// Most engines a model keeps for single-prompt generation (one per speculative setting).
+const MAX_SHARED_ENGINES: usize = 4;
+
 /// A model's own engines, each started on first use with the default configuration (and
 /// `CANDLE_NUM_PARALLEL`) and a speculative decoding setting: every single-prompt
 /// generation on the model with one setting shares one, so threads generating with one
 /// model interleave in one batch. Each setting used gets an engine (and a KV cache) of its
-/// own.
+/// own; past `MAX_SHARED_ENGINES` the oldest is let go (it stops once its last caller is
+/// done), so that a new draft model per call cannot pile engines up.
 pub struct SharedEngine {
     model: Arc<Model>,
     engines: Mutex<Vec<Arc<Engine>>>,
@@ -357,6 +361,9 @@ impl SharedEngine {
             ..EngineConfig::from_env()?
         };
         let e = Arc::new(Engine::new(self.model.clone(), config)?);
+        if engines.len() == MAX_SHARED_ENGINES {
+            engines.remove(0);
+        }
         engines.push(e.clone());
         Ok(e)
     }

@@ -235,25 +235,43 @@ impl EngineConfig {
     }
 }
 
-/// A draft model must share the target's vocabulary (its token ids are the target's) and
-/// context, and run where the target runs.
-fn check_draft_model(target: &Model, draft: &Model) -> Result<()> {
+/// A draft model must share the target's vocabulary (its token ids are the target's),
+/// reach every position a sequence may (`positions`; `None`: unbounded, a rotating
+/// cache), and run where the target runs.
+fn check_draft_model(target: &Model, draft: &Model, positions: Option<usize>) -> Result<()> {
     let bad = |message: String| Err(Error::param("speculative", message));
-    let (t, d) = (&target.config, &draft.config);
-    if t.vocab_size != d.vocab_size {
+    let d = &draft.config;
+    if target.config.vocab_size != d.vocab_size {
         return bad(format!(
             "the draft model's vocabulary has {} tokens, the model's {}: they must share \
              one tokenizer",
-            d.vocab_size, t.vocab_size
+            d.vocab_size, target.config.vocab_size
         ));
     }
-    if d.max_position_embeddings < t.max_position_embeddings {
-        return bad(format!(
-            "the draft model's context ({}) is shorter than the model's ({})",
-            d.max_position_embeddings, t.max_position_embeddings
-        ));
+    match positions {
+        Some(n) if d.max_position_embeddings < n => {
+            return bad(format!(
+                "the draft model's context ({}) is shorter than a sequence may grow ({n})",
+                d.max_position_embeddings
+            ))
+        }
+        None if d.learned_positions => {
+            return bad(
+                "a draft model with learned positions (gpt2) cannot go past its context, as \
+                 a rotating cache does"
+                    .into(),
+            )
+        }
+        _ => {}
     }
-    if target.decoder().on_gpu() != draft.decoder().on_gpu() {
+    #[cfg(feature = "cuda")]
+    let same_device = match (target.decoder().gpu(), draft.decoder().gpu()) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let same_device = true;
+    if !same_device {
         return bad("the draft model and the model must be on the same device".into());
     }
     Ok(())
@@ -326,9 +344,6 @@ impl Engine {
         let cfg = &model.config;
         let context = cfg.max_position_embeddings;
         let draft = c.speculative.as_ref().and_then(Speculative::model);
-        if let Some(d) = draft {
-            check_draft_model(&model, d)?;
-        }
         // A draft model's cache holds the same positions as the target's.
         let per_token = model.decoder().kv_bytes_per_token()
             + draft.map_or(0, |d| d.decoder().kv_bytes_per_token());
@@ -416,6 +431,10 @@ impl Engine {
             capacity: num_blocks * c.block_size,
             ring,
         };
+        if let Some(d) = draft {
+            let positions = (limits.max_prompt).map(|m| m.min(limits.capacity));
+            check_draft_model(&model, d, positions)?;
+        }
         let storage = model
             .decoder()
             .new_storage(num_blocks, c.block_size, ring)?;

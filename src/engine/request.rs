@@ -1,6 +1,7 @@
 //! One request's life: its tokens, its state (Waiting → Prefilling → Decoding →
 //! Finished | Failed), its own sampler and RNG, and the text it has streamed so far.
 
+use std::borrow::Cow;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -394,26 +395,37 @@ impl Request {
     }
 
     /// Takes the draft model's next proposal from `row` (its logits after this request's
-    /// tokens and the proposals so far) and returns it.
-    pub fn propose_draft(&mut self, row: Row<'_>) -> Result<u32> {
+    /// tokens and the proposals so far).
+    pub fn propose_draft(&mut self, row: Row<'_>) -> Result<()> {
+        let nan = || Error::Engine("the draft model produced NaN logits".into());
         let proposal = match row {
-            Row::Argmax(u32::MAX) => bail!(Engine, "the draft model produced NaN logits"),
+            Row::Argmax(u32::MAX) => return Err(nan()),
             Row::Argmax(token) => (token, None),
+            Row::Logits(logits) if logits.iter().any(|x| x.is_nan()) => return Err(nan()),
             Row::Logits(logits) => {
-                let mut context = self.tokens.clone();
-                context.extend(self.proposals.iter().map(|p| p.0));
-                let position = context.len();
+                let position = self.tokens.len() + self.proposals.len();
+                // Penalties count the proposals so far as generated tokens.
+                let mut context = Cow::Borrowed(&self.tokens[..]);
+                if self.params().is_penalized() && !self.proposals.is_empty() {
+                    let proposed = self.proposals.iter().map(|p| p.0);
+                    context.to_mut().extend(proposed);
+                }
                 (self.sampler).propose(logits, &context, self.prompt_len, position)?
             }
         };
-        let token = proposal.0;
         self.proposals.push(proposal);
-        Ok(token)
+        Ok(())
     }
 
     /// This step's draft-model proposals, in order.
-    pub fn proposed(&self) -> Vec<u32> {
-        self.proposals.iter().map(|p| p.0).collect()
+    pub fn proposed(&self) -> impl Iterator<Item = u32> + '_ {
+        self.proposals.iter().map(|p| p.0)
+    }
+
+    /// Forgets this step's proposals (the draft model failed on them): the step samples
+    /// plainly.
+    pub fn drop_proposals(&mut self) {
+        self.proposals.clear();
     }
 
     /// Up to `k` tokens that may come next, found by prompt lookup (Saxena 2023; vLLM's

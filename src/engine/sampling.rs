@@ -78,11 +78,16 @@ impl SamplingParams {
     /// logprobs, no constraint. Such a request can take the argmax the GPU computed.
     pub fn is_plain_greedy(&self) -> bool {
         self.temperature == 0.0
-            && self.repetition_penalty == 1.0
-            && self.presence_penalty == 0.0
-            && self.frequency_penalty == 0.0
+            && !self.is_penalized()
             && self.logprobs.is_none()
             && self.constraint.is_none()
+    }
+
+    /// Whether a penalty changes the logits (they then depend on the tokens so far).
+    pub fn is_penalized(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 
     /// Checks every field; the error names the first field at fault.
@@ -407,9 +412,8 @@ pub struct Sampler {
     seed: u64,
 }
 
-/// A distribution over the vocabulary, sparse: `(token, probability)` of every token that
-/// may be drawn, probabilities summing to 1.
-pub type Distribution = Vec<(u32, f64)>;
+/// A distribution over the vocabulary, dense: each token's probability, summing to 1.
+pub type Distribution = Vec<f32>;
 
 /// The purposes of a draft-model speculative draw (xored into the seed).
 const DRAFT_DRAW: u64 = 0xD1B5_4A32_D192_ED03;
@@ -457,8 +461,9 @@ impl Sampler {
     }
 
     /// A draft model's proposal for the token at `position` from its `logits`
-    /// (speculative decoding): the token `sample` would take from them, and the
-    /// distribution it was drawn from (`None` when greedy: the argmax, with certainty).
+    /// (speculative decoding): greedy, their argmax (`None`: a certain proposal); else a
+    /// token drawn from the distribution `sample` draws from, with the draw for that
+    /// position, and that distribution.
     pub fn propose(
         &self,
         logits: &[f32],
@@ -470,10 +475,13 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return Ok((argmax(&adjusted), None));
         }
-        let (mut cands, mass) = self.candidates(&adjusted);
+        let (cands, mass) = self.candidates(&adjusted);
         let token = pick(&cands, self.uniform(DRAFT_DRAW, position) * mass);
-        cands.iter_mut().for_each(|c| c.1 /= mass);
-        Ok((token, Some(cands)))
+        let mut q = vec![0.0f32; logits.len()];
+        for (t, prob) in cands {
+            q[t as usize] = (prob / mass) as f32;
+        }
+        Ok((token, Some(q)))
     }
 
     /// The token at `position` from the target model's `logits`, given a draft model's
@@ -489,27 +497,21 @@ impl Sampler {
         context: &[u32],
         prompt_len: usize,
         position: usize,
-        (draft, q): (u32, &[(u32, f64)]),
+        (draft, q): (u32, &[f32]),
     ) -> Result<(u32, Option<TokenLogprobs>)> {
         let adjusted = self.adjusted(logits, context, prompt_len, None)?;
         let (mut p, mass) = self.candidates(&adjusted);
         p.iter_mut().for_each(|c| c.1 /= mass);
-        // `q` dense, for lookups by token.
-        let mut dense_q = vec![0.0f64; logits.len()];
-        for &(t, prob) in q {
-            if let Some(slot) = dense_q.get_mut(t as usize) {
-                *slot = prob;
-            }
-        }
-        let q_draft = dense_q.get(draft as usize).copied().unwrap_or(0.0);
+        let q_of = |t: u32| q.get(t as usize).map_or(0.0, |&x| f64::from(x));
+        let q_draft = q_of(draft);
         let p_draft = p.iter().find(|c| c.0 == draft).map_or(0.0, |c| c.1);
         let u = self.uniform(ACCEPT_DRAW, position);
         let token = if q_draft > 0.0 && u * q_draft < p_draft {
             draft
         } else {
-            let residual: Distribution = p
+            let residual: Vec<(u32, f64)> = p
                 .iter()
-                .map(|&(t, prob)| (t, (prob - dense_q[t as usize]).max(0.0)))
+                .map(|&(t, prob)| (t, (prob - q_of(t)).max(0.0)))
                 .filter(|c| c.1 > 0.0)
                 .collect();
             let total: f64 = residual.iter().map(|c| c.1).sum();
@@ -537,9 +539,7 @@ impl Sampler {
             return Err(Error::Engine("the model produced NaN logits".into()));
         }
         let p = &self.params;
-        let penalized =
-            p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        if !penalized && allowed.is_none() {
+        if !p.is_penalized() && allowed.is_none() {
             return Ok(Cow::Borrowed(logits));
         }
         let mut logits = logits.to_vec();
@@ -600,7 +600,7 @@ impl Sampler {
 
     /// The candidates of softmax(logits / temperature) that top-k, top-p and min-p keep,
     /// as `(token, probability)`, and their total probability (below 1 after min-p).
-    fn candidates(&self, logits: &[f32]) -> (Distribution, f64) {
+    fn candidates(&self, logits: &[f32]) -> (Vec<(u32, f64)>, f64) {
         let p = &self.params;
         let temperature = p.temperature.max(MIN_TEMPERATURE);
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();

@@ -350,9 +350,10 @@ impl Scheduler {
         let most = at.iter().map(|a| a.1).max().unwrap_or(0);
         for pass in 0..=most {
             let mut spans = SchedulerOutput::default();
-            // The requests of `spans`, and of those that propose (sample) in this pass.
+            // The requests of `spans`, and (with their span's index in `output`) those
+            // that propose (sample) in this pass.
             let (mut members, mut proposing) = (Vec::new(), Vec::new());
-            for (seq, &(i, passes)) in output.seqs.iter().zip(&at) {
+            for (k, (seq, &(i, passes))) in output.seqs.iter().zip(&at).enumerate() {
                 let r = &self.running[i];
                 let (tokens, sample) = if pass == 0 {
                     // The tokens the target runs this step (`drafts` is 0: no proposal
@@ -361,12 +362,12 @@ impl Scheduler {
                     let sample = seq.propose > 0 || (seq.sample && r.draws_by_verifying());
                     (tokens, sample)
                 } else if passes >= pass {
-                    (r.proposed().last().copied().into_iter().collect(), true)
+                    (r.proposed().last().into_iter().collect(), true)
                 } else {
                     continue;
                 };
                 if sample {
-                    proposing.push(i);
+                    proposing.push((k, i));
                 }
                 members.push(i);
                 spans.seqs.push(ScheduledSeq {
@@ -381,24 +382,31 @@ impl Scheduler {
                 });
             }
             let logits = run(&spans)?;
+            if logits.rows() != proposing.len() {
+                bail!(
+                    Internal,
+                    "{} rows of draft logits for {} expected",
+                    logits.rows(),
+                    proposing.len()
+                );
+            }
             for (span, &i) in spans.seqs.iter().zip(&members) {
                 self.running[i].draft_computed += span.tokens.len();
             }
-            let vocab = logits.vocab();
-            for (row, &i) in proposing.iter().enumerate() {
-                let r = &mut self.running[i];
-                match logits.argmax() {
-                    Some(ids) => r.propose_draft(Row::Argmax(ids[row]))?,
-                    None => r.propose_draft(Row::Logits(
-                        &logits.values()[row * vocab..(row + 1) * vocab],
-                    ))?,
-                };
+            for (row, &(k, i)) in proposing.iter().enumerate() {
+                if self.running[i].propose_draft(row_of(&logits, row)).is_err() {
+                    // The draft model failed on this request alone (NaN logits): it
+                    // decodes plainly this step, and the model judges its own logits.
+                    self.running[i].drop_proposals();
+                    at[k].1 = 0;
+                    output.seqs[k].propose = 0;
+                }
             }
         }
         for (seq, &(i, _)) in output.seqs.iter_mut().zip(&at) {
             if seq.propose > 0 {
-                let proposed = self.running[i].proposed();
-                seq.tokens.extend(&proposed[..seq.propose]);
+                seq.tokens
+                    .extend(self.running[i].proposed().take(seq.propose));
                 seq.drafts = seq.propose;
                 seq.propose = 0;
             }
@@ -515,21 +523,10 @@ impl Scheduler {
         // Sample every request in parallel; each has its own RNG, so the order of work
         // does not change what any request draws.
         let previous: Vec<_> = chosen.iter().map(|(r, ..)| r.last_token).collect();
-        let vocab = logits.vocab();
         let results: Vec<Result<Vec<StepOutput>>> = (chosen.par_iter_mut())
             .map(|(r, seq, first)| {
                 let rows = *first..*first + 1 + seq.drafts;
-                match logits.argmax() {
-                    // Every row greedy: the pass computed the tokens.
-                    Some(ids) => r.sample_span(
-                        ids[rows].iter().map(|&id| Row::Argmax(id)),
-                        seq.draft_tokens(),
-                    ),
-                    None => r.sample_span(
-                        rows.map(|i| Row::Logits(&logits.values()[i * vocab..(i + 1) * vocab])),
-                        seq.draft_tokens(),
-                    ),
-                }
+                r.sample_span(rows.map(|i| row_of(logits, i)), seq.draft_tokens())
             })
             .collect();
         let mut stats = stats.lock();
@@ -650,6 +647,15 @@ impl Scheduler {
     }
 }
 
+/// Row `i` of `logits` as a request samples it: its argmax where the pass computed only
+/// that (every row greedy), else its logits.
+fn row_of(logits: &Logits, i: usize) -> Row<'_> {
+    match logits.argmax() {
+        Some(ids) => Row::Argmax(ids[i]),
+        None => Row::Logits(&logits.values()[i * logits.vocab()..(i + 1) * logits.vocab()]),
+    }
+}
+
 /// Names `r`'s blocks that its computed positions now fill (prefix caching); with a
 /// draft model, only those its cache holds as well, so that a hit finds both.
 fn name_full_blocks(pool: &mut BlockPool, r: &mut Request, draft_model: bool) {
@@ -704,8 +710,11 @@ mod tests {
         );
         let mut aborts = Vec::new();
         for (id, &(prompt, max_tokens, abort, shared)) in requests.iter().enumerate() {
+            // Odd requests sample (seeded): with a draft model they verify every token.
             let params = SamplingParams {
                 max_tokens,
+                temperature: if id % 2 == 1 { 0.9 } else { 0.0 },
+                seed: Some(id as u64),
                 ..SamplingParams::default()
             };
             // As `Engine::submit` admits them: a prompt must fit the cache.
@@ -749,17 +758,29 @@ mod tests {
                     .map(|r| (r.id, s.pool.table(r.id).to_vec()))
                     .collect();
                 s.draft(&mut out, |spans| {
+                    let mut rows = Vec::new();
                     for q in &spans.seqs {
                         let tokens = &known.iter().find(|k| k.0 == q.id).unwrap().1;
                         check_span(q, tokens, &tables, &mut draft_memory, ring, block_size);
+                        if q.sample {
+                            rows.extend(draft_row(q.id, q.start + q.tokens.len() - 1));
+                        }
                     }
-                    // The draft model always proposes 3: sometimes the target agrees.
-                    let mut logits = [0f32; VOCAB];
-                    logits[3] = 1.0;
-                    Logits::new(logits.repeat(spans.num_rows()), spans.num_rows(), VOCAB)
+                    Logits::new(rows, spans.num_rows(), VOCAB)
                 })
                 .unwrap();
-                assert!(out.seqs.iter().all(|q| q.propose == 0));
+                for q in &out.seqs {
+                    assert_eq!(q.propose, 0);
+                    let r = s.running.iter().find(|r| r.id == q.id).unwrap();
+                    // A greedy request's drafts: the stand-in's argmax at each position
+                    // from its newest token's on, in order.
+                    if !r.draws_by_verifying() {
+                        let want: Vec<u32> = (0..q.drafts)
+                            .map(|j| draft_argmax(q.id, r.tokens.len() - 1 + j))
+                            .collect();
+                        assert_eq!(q.draft_tokens(), want, "{}'s drafts", q.id);
+                    }
+                }
             }
             let total: usize = out.seqs.iter().map(|q| q.tokens.len()).sum();
             assert!(total <= 24 && out.seqs.len() <= 4);
@@ -778,7 +799,13 @@ mod tests {
             logits[[3, 3, 5][step % 3]] = 1.0;
             let rows = Logits::new(logits.repeat(out.num_rows()), out.num_rows(), VOCAB);
             let rows = rows.unwrap();
-            for r in s.update_from_output(&out, &rows, &stats).unwrap() {
+            let ended = s.update_from_output(&out, &rows, &stats).unwrap();
+            if draft_model {
+                for r in &s.running {
+                    assert!(r.draft_computed <= r.computed, "{}'s draft is ahead", r.id);
+                }
+            }
+            for r in ended {
                 assert!(matches!(
                     r.state,
                     RequestState::Finished(FinishReason::Length)
@@ -792,6 +819,20 @@ mod tests {
         assert_eq!(done, requests.len());
         assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
         (s.prefix_cache().1, stats.into_inner())
+    }
+
+    /// The draft model stand-in's choice for sequence `id` after the token at `position`:
+    /// different for each sequence and position, so that a row given to the wrong
+    /// request or position shows.
+    fn draft_argmax(id: u64, position: usize) -> u32 {
+        ((id as usize + position) % VOCAB) as u32
+    }
+
+    /// The stand-in's logits row for that choice.
+    fn draft_row(id: u64, position: usize) -> [f32; VOCAB] {
+        let mut row = [0f32; VOCAB];
+        row[draft_argmax(id, position) as usize] = 2.0;
+        row
     }
 
     /// Checks span `q` of a sequence whose tokens so far are `tokens` against the cache's

@@ -221,7 +221,7 @@ impl PyEngine {
         memory_fraction = None, block_size = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS, kv_cache_size = None,
         rotating_kv_cache = false, prefix_caching = true, speculative = None,
-        num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS))]
+        num_speculative_tokens = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyModel,
@@ -235,7 +235,7 @@ impl PyEngine {
         rotating_kv_cache: bool,
         prefix_caching: bool,
         speculative: Option<&Bound<'_, PyAny>>,
-        num_speculative_tokens: usize,
+        num_speculative_tokens: Option<usize>,
     ) -> PyResult<Self> {
         // Without a batch size, CANDLE_NUM_PARALLEL's or the default (the env is not read
         // when one is given).
@@ -368,14 +368,19 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Boun
 }
 
 /// The speculative decoding setting `speculative` (a method's name, or a draft `Model`)
-/// names, with `num_tokens` draft tokens a step.
+/// names, with `num_tokens` draft tokens a step (by default `DEFAULT_SPECULATIVE_TOKENS`).
 fn speculative(
     speculative: Option<&Bound<'_, PyAny>>,
-    num_tokens: usize,
+    num_tokens: Option<usize>,
 ) -> PyResult<Option<Speculative>> {
     let Some(s) = speculative else {
+        if num_tokens.is_some() {
+            let e = crate::Error::param("num_speculative_tokens", "needs speculative");
+            return Err(e.into());
+        }
         return Ok(None);
     };
+    let num_tokens = num_tokens.unwrap_or(DEFAULT_SPECULATIVE_TOKENS);
     if let Ok(draft) = s.cast::<PyModel>() {
         let model = draft.get().inner.clone();
         return Ok(Some(Speculative::draft_model(model, num_tokens)?));
@@ -398,14 +403,14 @@ fn speculative(
 /// iterator.
 #[pyfunction]
 #[pyo3(signature = (model, tokenizer, prompt, params, *, speculative = None,
-    num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS))]
+    num_speculative_tokens = None))]
 pub fn stream(
     model: &PyModel,
     tokenizer: &PyTokenizer,
     prompt: Vec<i64>,
     params: &PySamplingParams,
     speculative: Option<&Bound<'_, PyAny>>,
-    num_speculative_tokens: usize,
+    num_speculative_tokens: Option<usize>,
 ) -> PyResult<PyEngineStream> {
     let speculative = self::speculative(speculative, num_speculative_tokens)?;
     let client = Client::new(model.engine(speculative)?, tokenizer.inner.clone());
@@ -419,13 +424,12 @@ pub fn stream(
 /// Statistics of the model's own engine for the `speculative` setting (the one `stream`
 /// uses with it).
 #[pyfunction]
-#[pyo3(signature = (model, *, speculative = None,
-    num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS))]
+#[pyo3(signature = (model, *, speculative = None, num_speculative_tokens = None))]
 pub fn engine_stats<'py>(
     py: Python<'py>,
     model: &PyModel,
     speculative: Option<&Bound<'_, PyAny>>,
-    num_speculative_tokens: usize,
+    num_speculative_tokens: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let speculative = self::speculative(speculative, num_speculative_tokens)?;
     stats_dict(py, model.engine(speculative)?.as_ref())

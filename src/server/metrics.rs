@@ -188,6 +188,18 @@ impl Metrics {
             "KV cache blocks holding a cached prefix.",
             engine.prefix_cache_blocks as f64,
         );
+        counter(
+            &mut out,
+            "cortex_speculative_draft_tokens_total",
+            "Draft tokens proposed by speculative decoding.",
+            engine.speculative_draft_tokens,
+        );
+        counter(
+            &mut out,
+            "cortex_speculative_accepted_tokens_total",
+            "Draft tokens the model accepted.",
+            engine.speculative_accepted_tokens,
+        );
         out
     }
 }

@@ -109,10 +109,7 @@ def run(args: argparse.Namespace) -> int:
     speculative: str | Model | None = args.speculative
     if args.draft_model is not None:
         speculative = load_model(args.draft_model)
-    num_speculative_tokens = args.num_speculative_tokens
-    if num_speculative_tokens is None:
-        num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
-    elif speculative is None:
+    if args.num_speculative_tokens is not None and speculative is None:
         raise ValueError("--num-speculative-tokens needs --speculative or --draft-model")
     serve(
         args.model,
@@ -125,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         memory_fraction=args.memory_fraction,
         prefix_caching=args.prefix_caching,
         speculative=speculative,
-        num_speculative_tokens=num_speculative_tokens,
+        num_speculative_tokens=args.num_speculative_tokens,
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,
