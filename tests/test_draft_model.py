@@ -6,6 +6,10 @@ requests share batches with every other kind, and the same keywords reach
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -14,6 +18,7 @@ import openai
 import pytest
 from hf_models import write_tiny_hf
 from test_engine import _idle
+from test_server import _Cli
 from test_speculative import REWRITE
 
 import cortex
@@ -201,3 +206,42 @@ def test_the_server_drafts_with_a_draft_model(smollm, draft):
         assert f"cortex_speculative_accepted_tokens_total {accepted:.0f}" in metrics
     finally:
         srv.shutdown(timeout=10)
+
+
+def test_cortex_serve_draft_model_flag(model_path: Path):
+    """``cortex serve --draft-model REF``: drafts are taken (``/metrics``) and SIGTERM still
+    stops it cleanly; ``--num-speculative-tokens`` alone is refused."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cortex",
+            "serve",
+            "--model",
+            str(model_path),
+            "--num-speculative-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 1 and "needs --speculative or --draft-model" in proc.stderr, proc.stderr
+    cli = _Cli("--model", str(model_path), "--draft-model", str(model_path), "--port", "0")
+    try:
+        name, url = cli.wait_serving()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        out = client.completions.create(
+            model=name, prompt="One, two, three, four,", max_tokens=24, temperature=0
+        )
+        assert out.choices[0].text
+        client.close()
+        with urllib.request.urlopen(url + "/metrics") as r:
+            metrics = r.read().decode()
+        drafted = re.search(r"^cortex_speculative_accepted_tokens_total (\d+)$", metrics, re.M)
+        assert drafted and int(drafted[1]) > 0, metrics
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.wait(60) == 0
+    finally:
+        cli.close()
