@@ -106,11 +106,11 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_speculative_tokens is not None and args.speculative is None and args.draft_model is None:
+        raise ValueError("--num-speculative-tokens needs --speculative or --draft-model")
     speculative: str | Model | None = args.speculative
     if args.draft_model is not None:
         speculative = load_model(args.draft_model)
-    if args.num_speculative_tokens is not None and speculative is None:
-        raise ValueError("--num-speculative-tokens needs --speculative or --draft-model")
     serve(
         args.model,
         host=args.host,
