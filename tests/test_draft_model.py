@@ -19,7 +19,7 @@ import pytest
 from hf_models import write_tiny_hf
 from test_engine import _idle
 from test_server import _Cli
-from test_speculative import REWRITE
+from test_speculative import REWRITE, greedy_matches_plain
 
 import cortex
 
@@ -33,17 +33,7 @@ def draft(smollm):
 
 
 def test_greedy_is_plain_greedy_on_every_golden_prompt(smollm, golden, draft):
-    model, tok = smollm
-    prompts = [case["input_ids"] for case in golden["greedy"]]
-    prompts.append(tok.apply_chat_template(REWRITE, add_generation_prompt=True, tokenize=True))
-    plain = cortex.Engine(model, tok, max_batch_size=8)
-    spec = cortex.Engine(model, tok, max_batch_size=8, speculative=draft, num_speculative_tokens=4)
-    want = [o.token_ids for o in plain.generate_batch(prompts, max_tokens=48, ignore_eos=True)]
-    # Batched together, and each alone.
-    assert [o.token_ids for o in spec.generate_batch(prompts, max_tokens=48, ignore_eos=True)] == want
-    for p, w in zip(prompts, want):
-        assert spec.generate_batch([p], max_tokens=48, ignore_eos=True)[0].token_ids == w
-    stats = _idle(spec)
+    stats = greedy_matches_plain(smollm, golden, 48, speculative=draft, num_speculative_tokens=4)
     # A 4-bit copy of the model agrees with it most of the time.
     assert stats["speculative_acceptance_rate"] > 0.5, stats
     assert stats["steps"] < stats["generation_tokens"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from typing import Any
 
 import openai
 import pytest
@@ -24,18 +25,24 @@ TEXT = (
 REWRITE = [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{TEXT}"}]
 
 
-def test_greedy_is_plain_greedy_on_every_golden_prompt_and_a_rewrite(smollm, golden):
+def greedy_matches_plain(smollm, golden, max_tokens: int, **speculation: Any) -> dict[str, float]:
+    """Speculative greedy output against plain decoding's on every golden prompt and a
+    rewrite, batched together and each alone; returns the speculating engine's stats."""
     model, tok = smollm
     prompts = [case["input_ids"] for case in golden["greedy"]]
     prompts.append(tok.apply_chat_template(REWRITE, add_generation_prompt=True, tokenize=True))
     plain = cortex.Engine(model, tok, max_batch_size=8)
-    spec = cortex.Engine(model, tok, max_batch_size=8, speculative="prompt_lookup")
-    want = [o.token_ids for o in plain.generate_batch(prompts, max_tokens=64, ignore_eos=True)]
+    spec = cortex.Engine(model, tok, max_batch_size=8, **speculation)
+    want = [o.token_ids for o in plain.generate_batch(prompts, max_tokens=max_tokens, ignore_eos=True)]
     # Batched together, and each alone.
-    assert [o.token_ids for o in spec.generate_batch(prompts, max_tokens=64, ignore_eos=True)] == want
+    assert [o.token_ids for o in spec.generate_batch(prompts, max_tokens=max_tokens, ignore_eos=True)] == want
     for p, w in zip(prompts, want):
-        assert spec.generate_batch([p], max_tokens=64, ignore_eos=True)[0].token_ids == w
-    stats = _idle(spec)
+        assert spec.generate_batch([p], max_tokens=max_tokens, ignore_eos=True)[0].token_ids == w
+    return _idle(spec)
+
+
+def test_greedy_is_plain_greedy_on_every_golden_prompt_and_a_rewrite(smollm, golden):
+    stats = greedy_matches_plain(smollm, golden, 64, speculative="prompt_lookup")
     assert stats["speculative_accepted_tokens"] > 50, stats
     assert 0 < stats["speculative_acceptance_rate"] <= 1
     # Fewer steps than tokens: drafts were taken in bulk.

@@ -397,11 +397,10 @@ impl Request {
     /// Takes the draft model's next proposal from `row` (its logits after this request's
     /// tokens and the proposals so far).
     pub fn propose_draft(&mut self, row: Row<'_>) -> Result<()> {
-        let nan = || Error::Engine("the draft model produced NaN logits".into());
         let proposal = match row {
-            Row::Argmax(u32::MAX) => return Err(nan()),
+            Row::Argmax(u32::MAX) => bail!(Engine, "the draft model produced NaN logits"),
             Row::Argmax(token) => (token, None),
-            Row::Logits(logits) if logits.iter().any(|x| x.is_nan()) => return Err(nan()),
+            // NaN logits fail in the sampler, as the model's own do.
             Row::Logits(logits) => {
                 let position = self.tokens.len() + self.proposals.len();
                 // Penalties count the proposals so far as generated tokens.
