@@ -1,16 +1,16 @@
-"""The q8 GEMM (`mmq_*`) and GEMV (`q8_gemv_*`) of src/cuda/kernels.cu on random data, without
-the rest of Cortex, and the long prompts' path (`int_dequant_*` a slice of rows at a time, then
-cuBLAS in bf16): exactness against a float64 evaluation of the same integer sums (the bf16
-path: against the float64 product, within bf16's rounding), then the
-time per shape (replayed from a CUDA graph, so no launch overhead, cycling through copies of
-the weights so that they come from memory), in TB/s of weights and int8 TOPS. Needs CuPy and
-the kernels compiled for the GPU at hand:
+"""The quantized GEMM (`affine_mma_*`) and GEMV (`q8_gemv_*`) of src/cuda/kernels.cu on random
+data, without the rest of Cortex, and the long prompts' path (`int_dequant_*` a slice of rows at
+a time, then cuBLAS in bf16): exactness against float64 evaluations of what each computes (the
+GEMV: the same integer sums; the GEMM: bf16 weights and inputs; the long prompts' path: the
+float64 product, within bf16's rounding), then the time per shape (replayed from a CUDA graph,
+so no launch overhead, cycling through copies of the weights so that they come from memory), in
+TB/s of weights and TFLOPS. Needs CuPy and the kernels compiled for the GPU at hand:
 
     nvcc -cubin -arch=sm_90 src/cuda/kernels.cu -o /tmp/k.cubin
     python benches/gpu_kernels.py /tmp/k.cubin 4      # 2, 4 or 8-bit codes, bf16 scales
+    python benches/gpu_kernels.py /tmp/k.cubin 4 16,32  # timings at these rows of input only
 """
 
-import math
 import sys
 
 import cupy as cp
@@ -19,6 +19,7 @@ from cupy_backends.cuda.libs import cublas
 
 mod = cp.RawModule(path=sys.argv[1])
 BITS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+ROWS = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else [1, 8, 16, 32, 64, 128, 256, 512]
 rng = np.random.default_rng(0)
 SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
 
@@ -51,38 +52,47 @@ def launch(name, grid, block, args):
 
 def quantize(x):
     m, k = x.shape
-    pad = -(-m // 64) * 64
-    xq = cp.zeros((pad, k), cp.int8)
-    ds = cp.zeros((pad, k // 32, 2), cp.float32)
+    xq = cp.zeros((m, k), cp.int8)
+    ds = cp.zeros((m, k // 32, 2), cp.float32)
     blocks = m * k // 32
     launch("quantize_q8", (-(-blocks // 8),), (256,), (x, xq, ds, np.int64(blocks)))
     return xq, ds
 
 
-def mmq_launcher(w, s, b, xq, ds, m, n, k, group, parts):
-    """A function launching the GEMM (and the sum of its parts) into buffers of its own."""
-    chunks = k // 32
-    split = math.ceil(math.ceil(chunks / parts) / 4) * 4  # whole slices of 4 chunks
-    parts = math.ceil(chunks / split)
-    tiles = 2 if m <= 16 else 4 if m <= 32 else 8
+def cast_quads(x):
+    """weights.rs `to_quads`: x in bf16, each quad [x0, x1, x2, x3] as [x0, x2, x1, x3], rows
+    padded to whole blocks of 64."""
+    m, k = x.shape
+    xh = cp.zeros((-(-m // 64) * 64, k), cp.uint16)
+    launch("cast_f32_bf16_quads", (-(-m * k // 4 // 256),), (256,), (x, xh, np.int64(m * k // 4)))
+    return xh
+
+
+def mma_launcher(w, s, b, xh, m, n, k, group, parts=None):
+    """A function launching the GEMM (and the sum of its parts) into buffers of its own; parts
+    as weights.rs `affine_mma` chooses them unless given."""
+    spans = -(-k // 32 // 4)
+    tiles = 1 if m <= 16 else 2 if m <= 32 else 4
+    blocks = -(-m // (16 * tiles)) * -(-n // 128)
+    if parts is None:
+        parts = 1 if blocks >= SMS else max(1, min(-(-2 * SMS // blocks), max(1, spans // 2)))
+    split = -(-spans // parts)
+    parts = -(-spans // split)
     y = cp.zeros((parts, m, n), cp.float32)
     out = y[0] if parts == 1 else cp.empty((m, n), cp.float32)
-    f = mod.get_function(f"mmq_{BITS}_bf16_t{tiles}")
-    g = mod.get_function("mmq_sum")
-    args = (w, s, b, y, np.int32(n), xq, ds, np.int32(k), np.int32(group), np.int32(m), np.int32(split))
+    f = mod.get_function(f"affine_mma_{BITS}_bf16_t{tiles}")
+    g = mod.get_function("sum_parts")
+    args = (w, s, b, y, np.int32(n), xh, np.int32(k), np.int32(group), np.int32(m), np.int32(split))
     sargs = (y, out, np.int64(m * n), np.int32(parts))
 
     def run():
-        f((-(-m // (8 * tiles)), -(-n // 64), parts), (128,), args)
+        f((-(-m // (16 * tiles)), -(-n // 128), parts), (128,), args)
         if parts > 1:
             g((min(-(-m * n // 256), 4096),), (256,), sargs)
         return out
 
+    run.parts = parts
     return run
-
-
-def mmq(w, s, b, xq, ds, m, n, k, group, parts):
-    return mmq_launcher(w, s, b, xq, ds, m, n, k, group, parts)()
 
 
 def gemv_launcher(w, s, b, xq, ds, m, n, k, group):
@@ -179,26 +189,41 @@ def _f64(h):
     return (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+def bf16(a):
+    """float64 values rounded to bf16 (to nearest even), as float64."""
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def bf16_reference(words, s16, b16, x, n, k, group):
+    """The GEMM's product: weights bf16(scale·q + bias), inputs bf16, summed in float64."""
+    w = bf16(codes(words, k) * _f64(s16).repeat(group, 1) + _f64(b16).repeat(group, 1))
+    return bf16(cp.asnumpy(x).astype(np.float64)) @ w.T
+
+
 def check():
     for n, k, group, m in [
         (192, 576, 64, 77),
         (200, 576, 32, 9),
-        (1536, 576, 64, 130),
+        (1536, 576, 64, 100),
         (576, 1536, 128, 64),
         (96, 256, 64, 5),
+        (301, 4096, 64, 40),
     ]:
         words, s, b = make(n, k, group)
         x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
-        xq, ds = quantize(x)
-        want = reference(words, s, b, xq, ds, m, n, k, group)
         dw, dsc, dbi = cp.asarray(words), cp.asarray(s), cp.asarray(b)
-        for parts in (1, 3):
-            got = cp.asnumpy(mmq(dw, dsc, dbi, xq, ds, m, n, k, group, parts))
-            err = np.abs(got - want).max() / np.abs(want).max()
-            print(
-                f"mmq  n={n} k={k} g={group} m={m} parts={parts}: max err {err:.2e}",
-                "OK" if err < 1e-5 else "BAD",
-            )
+        if m > 8:
+            want = bf16_reference(words, s, b, x, n, k, group)
+            xh = cast_quads(x)
+            for parts in (1, 3):
+                got = cp.asnumpy(mma_launcher(dw, dsc, dbi, xh, m, n, k, group, parts)())
+                err = np.abs(got - want).max() / np.abs(want).max()
+                print(
+                    f"mma  n={n} k={k} g={group} m={m} parts={parts}: max err {err:.2e}",
+                    "OK" if err < 1e-5 else "BAD",
+                )
         if m >= 64:
             # Slices of 100 rows, the last one short.
             got = cp.asnumpy(dequant_launcher(dw, dsc, dbi, x, m, n, k, group, 200 * k)())
@@ -206,6 +231,8 @@ def check():
             err = np.abs(got - fwant).max() / np.abs(fwant).max()
             print(f"bf16 n={n} k={k} g={group} m={m}: max err {err:.2e}", "OK" if err < 1e-2 else "BAD")
         if m <= 8:
+            xq, ds = quantize(x)
+            want = reference(words, s, b, xq, ds, m, n, k, group)
             got = cp.asnumpy(gemv(dw, dsc, dbi, xq, ds, m, n, k, group))
             err = np.abs(got - want).max() / np.abs(want).max()
             print(f"gemv n={n} k={k} m={m}: max err {err:.2e}", "OK" if err < 1e-5 else "BAD")
@@ -253,27 +280,24 @@ COPIES = 8
 
 def bench():
     print(f"{SMS} SMs")
-    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
+    for n, k in [(4096, 4096), (6144, 4096), (14336, 4096), (28672, 4096), (4096, 14336), (1024, 4096)]:
         copies = [tuple(cp.asarray(a) for a in make(n, k, 64)) for _ in range(COPIES)]
         wbytes = sum(a.nbytes for a in copies[0])
-        for m in (1, 8, 16, 32, 64, 128, 256, 512):
+        for m in ROWS:
             if m == 1 and n == 1024:
                 continue
             x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
-            xq, ds = quantize(x)
             line = f"n={n:>5} k={k:>5} m={m:>3}:"
             if m <= 8:
+                xq, ds = quantize(x)
                 us = timeit([gemv_launcher(*c, xq, ds, m, n, k, 64) for c in copies])
                 line += f" gemv {us:7.1f} us {wbytes / us / 1e6:5.2f} TB/s |"
-            blocks = -(-m // 64) * -(-n // 64)
-            for parts in sorted({1, 2, 4, max(1, math.ceil(2 * SMS / blocks))}):
-                if m == 1:
-                    break
-                if parts > k // 32 // 8:
-                    continue
-                us = timeit([mmq_launcher(*c, xq, ds, m, n, k, 64, parts) for c in copies])
-                tops = 2 * m * n * k / us / 1e6
-                line += f" p{parts} {us:7.1f} us {wbytes / us / 1e6:5.2f} TB/s {tops:6.1f} TOPS |"
+            else:
+                xh = cast_quads(x)
+                fs = [mma_launcher(*c, xh, m, n, k, 64) for c in copies]
+                us = timeit(fs)
+                tf = 2 * m * n * k / us / 1e6
+                line += f" mma ({fs[0].parts}p) {us:7.1f} us {wbytes / us / 1e6:5.2f} TB/s {tf:6.1f} TFLOPS |"
             if m >= 64:
                 us = timeit_eager([dequant_launcher(*c, x, m, n, k, 64) for c in copies])
                 line += f" bf16 {us:7.1f} us {2 * m * n * k / us / 1e6:6.1f} TFLOPS |"

@@ -1047,174 +1047,250 @@ Q8_GEMV_ALL(4)
 Q8_GEMV_ALL(8)
 
 // ---------------------------------------------------------------------------------------
-// Quantized GEMM for more than 8 rows of input (batched decoding, prefill): the q8 GEMV's
-// arithmetic on the int8 tensor cores. One mma.m16n8k32 multiplies 16 weight rows by 8 input
-// rows over one chunk of 32 codes, giving the exact integer sums Σq·xq the GEMV takes from
-// dp4a; each is scaled as there: y += scale·d·Σq·xq + bias·d·Σxq.
+// Quantized GEMM for batched decoding and short prompts (more than 8 and fewer than
+// weights.rs `DEQUANT_MIN_ROWS` rows of input; 2, 4 and 8-bit codes in the integer layout)
+// on the bf16 tensor cores: each warp dequantizes its weights in registers to bf16(scale·q +
+// bias), as `int_dequant` does for long prompts, and multiplies them by the input in bf16,
+// summing in f32 (mma.m16n8k16). Measured against the int8 GEMM
+// it replaced (int8 products of q8 inputs, scaled in f32 chunk by chunk, which was most of
+// its instructions) on an H200, 4-bit g64, weights cold in L2, µs at 16 / 32 / 64 rows:
+// 4096×4096 14.5 → 11.4, 19.1 → 14.3, 25.7 → 20.3; 14336×4096 39.6 → 25.7, 54.3 → 36.6,
+// 86.3 → 60.3; 4096×14336 33.7 → 23.6, 48.8 → 37.3, 72.2 → 56.2.
 //
-// A block takes MMQ_ROWS weight rows (16 a warp) by 8·TILES input rows (at most MMQ_M), over
-// the chunks [z·split, (z + 1)·split) for grid z: where the matrix gives too few blocks to
-// fill the GPU (decoding, narrow matrices), the chunks are split and a second kernel
-// (`mmq_sum`) adds the parts up, in order. Codes, inputs and their (d, d·Σxq) pairs go
-// through shared memory MMQ_SLICE chunks at a time, copied asynchronously for the next slice
-// while the tensor cores work on this one (two buffers, one barrier a slice). Measured on an
-// H200 (14336×4096, 4-bit g64): 46 µs for 32 rows, 251 µs (120 int8 TOPS) for 256; the
-// epilogue's f32 scaling of each block's sum, not the tensor cores, sets the pace.
-#define MMQ_WARPS 4
-#define MMQ_M 64
-#define MMQ_ROWS (16 * MMQ_WARPS)
-#define MMQ_SLICE 4
-// Words per staged input row: 8 of padding put the rows one fragment reads (8 bytes a lane)
-// on different banks.
-#define MMQ_XSTRIDE (MMQ_SLICE * 8 + 8)
+// Input rows are the A operand (16 a tile, MT tiles a block), weight rows the B operand (8 a
+// tile, AM_NT tiles a warp, AM_RW warps a block: AM_ROWS rows). A span is 4 chunks of 32
+// codes: lane 4·gid + tid takes chunk 4·span + tid of weight row gid of each of its tiles,
+// BITS words in one 16-byte load, the next span's in flight while this one multiplies. The
+// block's warps read the same input rows, from L1 after the first. Where the blocks are too
+// few to fill the GPU, grid z splits the spans into parts, added up by `sum_parts`.
+//
+// The order of the k products within an mma is free, so each takes one quad (4 consecutive
+// codes) of each lane's chunk: in the integer layout (weights.rs `int_layout`), (word >>
+// BITS·s) masked at bits 0 and 16 holds codes (4s, 4s + 2) in its halves and (word >> BITS·s
+// + 8) codes (4s + 1, 4s + 3); OR'd with 0x4300 a half is the bf16 128 + q, exact. The input
+// is cast to bf16 in that order, [x0, x2, x1, x3] a quad (`cast_f32_bf16_quads`), so that one
+// 16-byte load of an input row gives its A fragments for two quads. With bf16 scales (MLX's
+// from bf16 checkpoints) the dequantization is bf16 arithmetic; otherwise f32 (`am_wide`).
+#define AM_RW 4
+#define AM_NT 4
+#define AM_ROWS (8 * AM_NT * AM_RW)
+#define AM_MAGIC 0x43004300u  // bf16x2 (128, 128), codes in the low mantissa bits
 
-// mma.m16n8k32 fragments (PTX ISA), lane = 4·gid + tid: A (16×32, row-major) a0 = A[gid][4tid..],
-// a1 = A[gid+8][4tid..], a2 = A[gid][16+4tid..], a3 = A[gid+8][16+4tid..]; B (32×8, column-major)
-// b0 = B[4tid..][gid], b1 = B[16+4tid..][gid]; C (16×8) c0 = C[gid][2tid], c1 = C[gid][2tid+1],
-// c2 = C[gid+8][2tid], c3 = C[gid+8][2tid+1]. Unsigned codes (8-bit ones reach 255), signed x.
-// The order of the 32 products within a sum is free: lane tid puts codes and inputs
-// 8tid..8tid+3 where the PTX has 4tid..4tid+3, and 8tid+4..8tid+7 where it has 16+4tid.., so
-// that its share of a chunk is one word of 4-bit codes and two neighbouring words of x.
-// The sums start from the bits of 1.5·2^23, so each comes back as the float 1.5·2^23 + Σ
-// (exact: |Σ| <= 32·255·127 < 2^22), and one subtraction replaces a slow int-to-float.
-#define MMQ_BIAS 0x4B400000
-#define MMQ_BIAS_F 12582912.f
-__device__ __forceinline__ void mma_u8s8(float (&c)[4], const uint32_t (&a)[4], int b0, int b1) {
-  int r[4];
-  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};"
-      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(MMQ_BIAS));
-#pragma unroll
-  for (int i = 0; i < 4; i++) c[i] = __int_as_float(r[i]) - MMQ_BIAS_F;
+__device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
-// Asynchronous copies into shared memory (sm_80+): BYTES of 4, 8 or 16, aligned so.
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src) {
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  if constexpr (BYTES == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src));
-  else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(BYTES));
+__device__ __forceinline__ uint32_t bf16x2_of(float lo, float hi) {
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
 }
-__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
-// TILES: tiles of 8 input rows a block (MMQ_M / 8 for prefill; fewer for small batches, so
-// that no tile is skipped at run time and the compiler interleaves the tiles' work).
-template <int BITS, int TILES, typename S>
-__device__ void mmq(const uint32_t* w, const S* scales, const S* biases, float* y, int n,
-                    const int8_t* xq, const float2* ds, int k, int group, int M, int split) {
-  constexpr int WSTRIDE = MMQ_SLICE * BITS + 4;  // words per staged weight row
-  constexpr int MT = 8 * TILES;                  // input rows a block
-  static_assert(MT <= MMQ_M && MMQ_M % MT == 0, "weights.rs pads the input to whole MMQ_M rows");
-  __shared__ __align__(16) uint32_t wsh[2][MMQ_ROWS * WSTRIDE];
-  __shared__ __align__(16) int xsh[2][MT * MMQ_XSTRIDE];
-  // The pairs by chunk, then input row: a lane's two rows' pairs are one 16-byte read.
-  __shared__ __align__(16) float2 esh[2][MMQ_SLICE][MT];
-  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, gid = lane / 4, tid = lane % 4;
-  const int m0 = blockIdx.x * MT, r0 = blockIdx.y * MMQ_ROWS;
-  const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
-  const int c_begin = blockIdx.z * split, c_end = min(chunks, c_begin + split);
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
-  // Staging a slice: thread t copies chunks t, t + 128, ... of the weight rows (MMQ_ROWS ×
-  // MMQ_SLICE), 16-byte pieces of the input rows (MT × 2·MMQ_SLICE) and pairs (MT ×
-  // MMQ_SLICE), skipping chunks past the block's. Missing weight rows repeat the last; input
-  // rows past M are read (weights.rs pads the input to whole tiles of MMQ_M) and not written.
-  auto fetch = [&](int c0, int buf) {
-    constexpr int THREADS = MMQ_WARPS * WARP, WORDS = BITS == 2 ? 2 : 4;  // words a copy
-    for (int i = threadIdx.x; i < MMQ_ROWS * MMQ_SLICE * (BITS / WORDS); i += THREADS) {
-      const int row = i / (MMQ_SLICE * BITS / WORDS), word = i % (MMQ_SLICE * BITS / WORDS) * WORDS;
-      if (c0 + word / BITS < c_end)
-        copy_async<WORDS * 4>(&wsh[buf][row * WSTRIDE + word],
-                              w + ((long)min(r0 + row, n - 1) * chunks + c0) * BITS + word);
-    }
-    for (int i = threadIdx.x; i < MT * MMQ_SLICE * 2; i += THREADS) {
-      const int row = i / (2 * MMQ_SLICE), part = i % (2 * MMQ_SLICE);
-      if (c0 + part / 2 < c_end)
-        copy_async<16>(&xsh[buf][row * MMQ_XSTRIDE + part * 4], xq + (long)(m0 + row) * k + c0 * 32 + part * 16);
-    }
-    for (int i = threadIdx.x; i < MT * MMQ_SLICE; i += THREADS) {
-      const int row = i / MMQ_SLICE, c = i % MMQ_SLICE;
-      if (c0 + c < c_end) copy_async<8>(&esh[buf][c][row], ds + (long)(m0 + row) * chunks + c0 + c);
-    }
-    copies_commit();
-  };
+// Whether a GEMM over scales of type S (and BITS-bit codes) dequantizes in f32: bf16 scales
+// and biases with 2 or 4-bit codes take bf16 arithmetic, exact up to its one rounding;
+// others would lose bits to it (f16 and f32 scales, the bias's error then the same across a
+// group, so not averaging out), and 8-bit codes reach 255, past bf16's exact integers.
+template <int BITS, typename S> constexpr bool am_wide = true;
+template <> constexpr bool am_wide<2, __nv_bfloat16> = false;
+template <> constexpr bool am_wide<4, __nv_bfloat16> = false;
 
-  // This lane's weight rows (a missing last row repeats the one before, unwritten), and
-  // where in a chunk its codes 8tid..8tid+3 and 8tid+4..8tid+7 sit (`chunk_dot`).
-  const int ra = min(r0 + 16 * warp + gid, n - 1), rb = min(r0 + 16 * warp + gid + 8, n - 1);
-  constexpr int per_word = 32 / BITS;
-  constexpr uint32_t mask = byte_codes<BITS>();
-  const int word_lo = 8 * tid / per_word, word_hi = (8 * tid + 4) / per_word;
-  const int shift_lo = BITS * (8 * tid % per_word / 4), shift_hi = BITS * ((8 * tid + 4) % per_word / 4);
-  float acc[TILES][4] = {};
-  fetch(c_begin, 0);
-  int buf = 0;
-  for (int c0 = c_begin; c0 < c_end; c0 += MMQ_SLICE, buf ^= 1) {
-    copies_wait();
-    __syncthreads();  // this slice is in; every warp is done with the other buffer
-    if (c0 + MMQ_SLICE < c_end) fetch(c0 + MMQ_SLICE, buf ^ 1);  // in flight meanwhile
+// Codes (4s, 4s + 2) and (4s + 1, 4s + 3) of a word (quad s), dequantized to bf16x2 pairs:
+// w = scale·q + bias, either in bf16 (`s2`, `b2`: scale and bias as bf16x2 pairs) and rounded
+// once, or (WIDE) in f32 (`sf`, `bf`) and then rounded, as `int_dequant` computes it.
+template <int BITS, bool WIDE>
+__device__ __forceinline__ void dequant_quad(uint32_t word, int s, uint32_t s2, uint32_t b2, float sf, float bf,
+                                             uint32_t& lo, uint32_t& hi) {
+  constexpr uint32_t code = (1u << BITS) - 1;
+  if constexpr (WIDE) {
+    // Bytes 0 and 2, then 1 and 3, shifted down by BITS·s, as exact floats (2^23 + q − 2^23).
+    const auto f = [&](int shift) {
+      return fmaf(sf, __uint_as_float(0x4B000000u | (word >> shift & code)) - 8388608.f, bf);
+    };
+    lo = bf16x2_of(f(BITS * s), f(BITS * s + 16));
+    hi = bf16x2_of(f(BITS * s + 8), f(BITS * s + 24));
+  } else {
+    constexpr uint32_t mask = code | code << 16;
+    constexpr uint32_t one = 0x3F803F80u, minus128 = 0xC300C300u;  // bf16x2 (1, 1), (−128, −128)
+    const uint32_t plo = (word >> (BITS * s)) & mask | AM_MAGIC, phi = (word >> (BITS * s + 8)) & mask | AM_MAGIC;
+    lo = bf16x2_fma(bf16x2_fma(plo, one, minus128), s2, b2);
+    hi = bf16x2_fma(bf16x2_fma(phi, one, minus128), s2, b2);
+  }
+}
+
+__device__ __forceinline__ uint32_t bf16x2_splat(__nv_bfloat16 v) {
+  const uint32_t h = __bfloat16_as_ushort(v);
+  return h | h << 16;
+}
+
+// One span of a lane's weights: its chunk of each of its weight rows, and their scales and
+// biases (bf16x2 pairs; for 8-bit codes f32), zero where the chunk is past k (a short last
+// span, whose input is then zeros too).
+template <int BITS>
+struct AmSpan {
+  uint32_t words[AM_NT][BITS];
+  uint32_t s2[AM_NT], b2[AM_NT];
+  float sf[AM_NT], bf[AM_NT];
+  int chunk;
+  bool real;
+};
+
+template <int BITS, typename S>
+__device__ __forceinline__ void am_load(AmSpan<BITS>& t, const uint32_t* w, const S* scales, const S* biases,
+                                        const int (&rows)[AM_NT], int sp, int chunks, int groups,
+                                        int chunks_per_group) {
+  const int c = 4 * sp + threadIdx.x % 4;
+  t.real = c < chunks;
+  t.chunk = t.real ? c : chunks - 1;
 #pragma unroll
-    for (int cc = 0; cc < MMQ_SLICE; cc++) {
-      const int c = c0 + cc;
-      if (c >= c_end) break;  // the whole block
-      const int g = c / chunks_per_group;
-      const float sa = to_f32(scales[(long)ra * groups + g]), ba = to_f32(biases[(long)ra * groups + g]);
-      const float sb = to_f32(scales[(long)rb * groups + g]), bb = to_f32(biases[(long)rb * groups + g]);
-      const uint32_t* wa = &wsh[buf][(16 * warp + gid) * WSTRIDE + cc * BITS];
-      const uint32_t* wb = wa + 8 * WSTRIDE;
-      const uint32_t a[4] = {(wa[word_lo] >> shift_lo) & mask, (wb[word_lo] >> shift_lo) & mask,
-                             (wa[word_hi] >> shift_hi) & mask, (wb[word_hi] >> shift_hi) & mask};
+  for (int nt = 0; nt < AM_NT; nt++) {
+    const uint32_t* p = w + ((long)rows[nt] * chunks + t.chunk) * BITS;
+    if constexpr (BITS == 2) {
+      asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];"
+                   : "=r"(t.words[nt][0]), "=r"(t.words[nt][1])
+                   : "l"(p));
+    } else {
 #pragma unroll
-      for (int j = 0; j < TILES; j++) {
-        const int2 xv = *reinterpret_cast<const int2*>(&xsh[buf][(8 * j + gid) * MMQ_XSTRIDE + cc * 8 + 2 * tid]);
-        float dot[4];
-        mma_u8s8(dot, a, xv.x, xv.y);
-        // dot[0], dot[2]: input row 8j + 2tid (pair e.x, e.y); dot[1], dot[3]: the next (e.z, e.w).
-        const float4 e = *reinterpret_cast<const float4*>(&esh[buf][cc][8 * j + 2 * tid]);
-        acc[j][0] += sa * (e.x * dot[0]) + ba * e.y;
-        acc[j][1] += sa * (e.z * dot[1]) + ba * e.w;
-        acc[j][2] += sb * (e.x * dot[2]) + bb * e.y;
-        acc[j][3] += sb * (e.z * dot[3]) + bb * e.w;
+      for (int h = 0; h < BITS / 4; h++) {
+        const uint4 a = load_stream(p + 4 * h);
+        t.words[nt][4 * h] = a.x, t.words[nt][4 * h + 1] = a.y, t.words[nt][4 * h + 2] = a.z;
+        t.words[nt][4 * h + 3] = a.w;
       }
     }
-  }
-  // acc[j][q]: weight row r0 + 16·warp + gid + 8·(q / 2), input row m0 + 8j + 2tid + q % 2;
-  // with a split, part z of y goes to y + z·M·n.
-  float* out = y + (long)blockIdx.z * M * n;
-#pragma unroll
-  for (int j = 0; j < TILES; j++)
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-      const int row = r0 + 16 * warp + gid + 8 * (q / 2), in = m0 + 8 * j + 2 * tid + q % 2;
-      if (row < n && in < M) out[(long)in * n + row] = acc[j][q];
+    const long g = (long)rows[nt] * groups + t.chunk / chunks_per_group;
+    if constexpr (am_wide<BITS, S>) {
+      t.sf[nt] = t.real ? to_f32(scales[g]) : 0.f, t.bf[nt] = t.real ? to_f32(biases[g]) : 0.f;
+    } else {
+      t.s2[nt] = t.real ? bf16x2_splat(scales[g]) : 0u, t.b2[nt] = t.real ? bf16x2_splat(biases[g]) : 0u;
     }
+  }
 }
 
-// Launched on a grid of (ceil(M / (8·TILES)), ceil(n / MMQ_ROWS), parts) blocks of MMQ_WARPS
-// warps: the blocks that share weight rows run next to each other, so those rows come from
-// memory once.
-#define MMQ(BITS, SNAME, S, TILES)                                                                  \
-  extern "C" __global__ void __launch_bounds__(MMQ_WARPS* WARP)                                     \
-      mmq_##BITS##_##SNAME##_t##TILES(const uint32_t* w, const S* sc, const S* bi, float* y, int n, \
-                                      const int8_t* xq, const float2* ds, int k, int group, int M,  \
-                                      int split) {                                                  \
-    PDL_ENTER();                                                                                    \
-    mmq<BITS, TILES, S>(w, sc, bi, y, n, xq, ds, k, group, M, split);                               \
+// acc += a span's products: word by word of the lane's chunk, each word's quads one mma step
+// (4-bit: 2 a word, 2-bit: 4, 8-bit: 1). The input comes from global memory: the block's
+// warps read the same rows of it, so all but the first find it in L1.
+template <int BITS, bool WIDE, int MT>
+__device__ __forceinline__ void am_multiply(float (&acc)[MT][AM_NT][4], const AmSpan<BITS>& t,
+                                            const __nv_bfloat16* x, int m0, int k) {
+  constexpr int QUADS = BITS == 8 ? 1 : 8 / BITS;
+  const int gid = threadIdx.x % WARP / 4;
+#pragma unroll
+  for (int i = 0; i < BITS; i++) {
+    // The input's A fragments for these quads: rows gid and gid + 8 of each tile, a bf16
+    // pair (x[4s], x[4s+2]) and (x[4s+1], x[4s+3]) a quad.
+    uint32_t xa[MT][2][2 * QUADS];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const __nv_bfloat16* xp = x + (long)(m0 + 16 * mt + gid + 8 * h) * k + t.chunk * 32 + i * 4 * QUADS;
+        if constexpr (QUADS == 1) {
+          const uint2 v = *reinterpret_cast<const uint2*>(xp);
+          xa[mt][h][0] = t.real ? v.x : 0u, xa[mt][h][1] = t.real ? v.y : 0u;
+        } else {
+#pragma unroll
+          for (int j = 0; j < QUADS / 2; j++) {
+            const uint4 v = reinterpret_cast<const uint4*>(xp)[j];
+            xa[mt][h][4 * j] = t.real ? v.x : 0u, xa[mt][h][4 * j + 1] = t.real ? v.y : 0u;
+            xa[mt][h][4 * j + 2] = t.real ? v.z : 0u, xa[mt][h][4 * j + 3] = t.real ? v.w : 0u;
+          }
+        }
+      }
+#pragma unroll
+    for (int s = 0; s < QUADS; s++)
+#pragma unroll
+      for (int nt = 0; nt < AM_NT; nt++) {
+        uint32_t lo, hi;
+        dequant_quad<BITS, WIDE>(t.words[nt][i], s, t.s2[nt], t.b2[nt], t.sf[nt], t.bf[nt], lo, hi);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          const uint32_t a[4] = {xa[mt][0][2 * s], xa[mt][1][2 * s], xa[mt][0][2 * s + 1], xa[mt][1][2 * s + 1]};
+          mma_bf16(acc[mt][nt], a, lo, hi);
+        }
+      }
   }
-#define MMQ_T(BITS, SNAME, S) MMQ(BITS, SNAME, S, 2) MMQ(BITS, SNAME, S, 4) MMQ(BITS, SNAME, S, 8)
-#define MMQ_ALL(BITS) MMQ_T(BITS, f32, float) MMQ_T(BITS, f16, __half) MMQ_T(BITS, bf16, __nv_bfloat16)
-MMQ_ALL(2)
-MMQ_ALL(4)
-MMQ_ALL(8)
+}
 
-// y[i] = Σ_z parts[z][i], z in order, over `len` values and `count` parts.
-extern "C" __global__ void mmq_sum(const float* parts, float* y, long len, int count) {
+// MT: tiles of 16 input rows a block. x: bf16 [rows, k] in quad order, rows padded to whole
+// blocks (weights.rs); k a multiple of 32. Warp w takes weight rows r0 + 8·AM_NT·w.. and
+// every span of the block's part of k (grid z: spans [z·span_split, (z + 1)·span_split)).
+template <int BITS, int MT, typename S>
+__device__ void affine_mma(const uint32_t* w, const S* scales, const S* biases, float* y, int n,
+                           const __nv_bfloat16* x, int k, int group, int M, int span_split) {
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, gid = lane / 4, tid = lane % 4;
+  const int m0 = blockIdx.x * 16 * MT, r0 = blockIdx.y * AM_ROWS + warp * 8 * AM_NT;
+  const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
+  const int spans = (chunks + 3) / 4;
+  const int sp_begin = blockIdx.z * span_split, sp_end = min(spans, sp_begin + span_split);
+  // This lane's weight rows (a missing last row repeats the one before, unwritten).
+  int rows[AM_NT];
+#pragma unroll
+  for (int nt = 0; nt < AM_NT; nt++) rows[nt] = min(r0 + 8 * nt + gid, n - 1);
+
+  float acc[MT][AM_NT][4] = {};
+  AmSpan<BITS> cur, next;  // the next span's weights load while this one's multiply
+  if (sp_begin < sp_end) am_load<BITS>(cur, w, scales, biases, rows, sp_begin, chunks, groups, chunks_per_group);
+  PDL_WAIT();  // the weights are in flight; x is the previous kernel's
+  for (int sp = sp_begin; sp < sp_end; sp++) {
+    if (sp + 1 < sp_end) am_load<BITS>(next, w, scales, biases, rows, sp + 1, chunks, groups, chunks_per_group);
+    am_multiply<BITS, am_wide<BITS, S>, MT>(acc, cur, x, m0, k);
+    cur = next;
+  }
+  // acc[mt][nt][q]: input row m0 + 16·mt + gid + 8·(q / 2), weight row r0 + 8·nt + 2·tid + q % 2.
+  float* out = y + (long)blockIdx.z * M * n;
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++)
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const int in = m0 + 16 * mt + gid + 8 * (q / 2), row = r0 + 8 * nt + 2 * tid + q % 2;
+        if (in < M && row < n) out[(long)in * n + row] = acc[mt][nt][q];
+      }
+}
+
+// Grid (ceil(M / (16·MT)), ceil(n / AM_ROWS), parts), AM_RW warps a block.
+#define AFFINE_MMA(BITS, SNAME, S, MT)                                                                 \
+  extern "C" __global__ void __launch_bounds__(AM_RW* WARP)                                         \
+      affine_mma_##BITS##_##SNAME##_t##MT(const uint32_t* w, const S* sc, const S* bi, float* y, int n, \
+                                          const __nv_bfloat16* x, int k, int group, int M,             \
+                                          int span_split) {                                            \
+    affine_mma<BITS, MT, S>(w, sc, bi, y, n, x, k, group, M, span_split);                             \
+  }
+// Tiles of 16 input rows a block: 1, 2 or 4.
+#define AFFINE_MMA_T(BITS, SNAME, S) AFFINE_MMA(BITS, SNAME, S, 1) AFFINE_MMA(BITS, SNAME, S, 2) AFFINE_MMA(BITS, SNAME, S, 4)
+#define AFFINE_MMA_ALL(BITS) \
+  AFFINE_MMA_T(BITS, f32, float) AFFINE_MMA_T(BITS, f16, __half) AFFINE_MMA_T(BITS, bf16, __nv_bfloat16)
+AFFINE_MMA_ALL(2)
+AFFINE_MMA_ALL(4)
+AFFINE_MMA_ALL(8)
+
+// y[i] = Σ_z parts[z][i], z in order, over `len` values and `count` parts (a GEMM's sums
+// over parts of k).
+extern "C" __global__ void sum_parts(const float* parts, float* y, long len, int count) {
   PDL_ENTER();
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x) {
     float t = 0.f;
     for (int z = 0; z < count; z++) t += parts[z * len + i];
     y[i] = t;
+  }
+}
+
+// The input of `affine_mma`: y = bf16(x), each quad [x0, x1, x2, x3] stored as [x0, x2, x1,
+// x3].
+extern "C" __global__ void cast_f32_bf16_quads(const float4* x, uint2* y, long quads) {
+  PDL_ENTER();
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < quads; i += (long)gridDim.x * blockDim.x) {
+    const float4 v = x[i];
+    y[i] = make_uint2(bf16x2_of(v.x, v.z), bf16x2_of(v.y, v.w));
   }
 }
 

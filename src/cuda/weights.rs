@@ -6,11 +6,11 @@
 //!   cuBLAS otherwise and for f32;
 //! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
 //!   affine groups), through our kernels. 2, 4 and 8-bit codes are repacked into the
-//!   integer layout (`quant::affine::int_layout`) and multiplied by activations rounded
-//!   to int8 per block of 32, as llama.cpp's MMVQ/MMQ and Cortex's CPU kernels do: by a
-//!   GEMV (dp4a) for up to [`GEMV_MAX_ROWS`] rows, by a GEMM on the int8 tensor cores
-//!   above; from [`DEQUANT_MIN_ROWS`] rows (long prompts) the weights are dequantized to
-//!   bf16 for cuBLAS's GEMM instead. 3, 5 and 6-bit codes straddle words and stay in
+//!   integer layout (`quant::affine::int_layout`): up to [`GEMV_MAX_ROWS`] rows, a GEMV
+//!   (dp4a) multiplies them by activations rounded to int8 per block of 32, as llama.cpp's
+//!   MMVQ and Cortex's CPU kernels do; above, a GEMM on the bf16 tensor cores dequantizes
+//!   them in registers (kernels.cu `affine_mma`); from [`DEQUANT_MIN_ROWS`] rows (long
+//!   prompts) they are dequantized to bf16 in memory for cuBLAS's GEMM instead. 3, 5 and 6-bit codes straddle words and stay in
 //!   MLX's layout, with f32 activations: a GEMV for up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
@@ -44,18 +44,19 @@ const BG_ROWS: usize = 8;
 const BG_THREADS: u32 = 128;
 const GEMV_MATRICES: usize = 3;
 
-/// The quantized GEMM's blocks (kernels.cu `MMQ_*`): most rows of input, weight rows,
-/// threads, and the chunks of 32 codes staged at a time.
-const MMQ_M: usize = 64;
-const MMQ_ROWS: usize = 64;
-const MMQ_THREADS: u32 = 128;
-const MMQ_SLICE: usize = 4;
+/// The quantized GEMM's blocks (kernels.cu `affine_mma`, `AM_*`): weight rows and threads
+/// a block, most rows of input a block (4 tiles of 16), and chunks of 32 codes a span.
+const AM_ROWS: usize = 128;
+const AM_THREADS: u32 = 128;
+const AM_M: usize = 64;
+const AM_SPAN: usize = 4;
 
-/// Rows of input from which 2/4/8-bit layers multiply on bf16 tensor cores, their weights
-/// dequantized (kernels.cu `int_dequant`) for cuBLAS, rather than by the int8 GEMM: writing
-/// and reading back bf16 weights is a fixed cost, which cuBLAS's rate (230–370 TFLOPS at
-/// 256–512 rows against the int8 GEMM's 120 TOPS) repays from about 128 rows on the H200
-/// (`benches/gpu_kernels.py` times both). Above a graph's rows (`graph.rs`).
+/// Rows of input from which 2/4/8-bit layers multiply on cuBLAS's bf16 tensor cores, their
+/// weights dequantized to bf16 in memory (kernels.cu `int_dequant`), rather than by the
+/// quantized GEMM: writing and reading back bf16 weights is a fixed cost, which cuBLAS's
+/// rate (230–370 TFLOPS at 256–512 rows) repays from about 128 rows on the H200 (at 128,
+/// 14336×4096: 119.6 µs against the quantized GEMM's 101.4; `benches/gpu_kernels.py` times
+/// both). Above a graph's rows (`graph.rs`).
 pub const DEQUANT_MIN_ROWS: usize = 128;
 
 /// Most bytes of weights dequantized at a time: an 8B model's largest matrix whole. Slices
@@ -134,7 +135,8 @@ enum Form {
         int: bool,
         /// The kernels for these bits and scale type (named once, not per call): the GEMV
         /// (for the integer layout, without its `_m{rows}` suffix), and for more rows the
-        /// quantized GEMM (integer layout) or the dequantizer (MLX's).
+        /// quantized GEMM (integer layout, without its `_t{tiles}` suffix) or the
+        /// dequantizer (MLX's).
         gemv: String,
         gemm: String,
     },
@@ -171,12 +173,14 @@ pub struct Scratch {
     dense: Option<CudaSlice<f32>>,
     /// A slice of 2/4/8-bit weight rows dequantized to bf16 (kernels.cu `int_dequant`).
     wide: Option<CudaSlice<u16>>,
-    /// The input rounded to int8 for the q8 GEMV and GEMM: codes `[m, k]`, and per block
-    /// of 32 the scale and the sum of the rounded values, in pairs (kernels.cu
-    /// `quantize_q8`); `m` rounded up to whole tiles of the GEMM.
+    /// The input rounded to int8 for the q8 GEMV: codes `[m, k]`, and per block of 32 the
+    /// scale and the sum of the rounded values, in pairs (kernels.cu `quantize_q8`).
     q8: Option<CudaSlice<i8>>,
     q8_ds: Option<CudaSlice<f32>>,
-    /// The quantized GEMM's partial sums, `[parts, m, rows]`, when it splits the chunks.
+    /// The input of the quantized GEMM in bf16, quads reordered (kernels.cu
+    /// `cast_f32_bf16_quads`), `m` rounded up to whole blocks of [`AM_M`] rows.
+    quads: Option<CudaSlice<u16>>,
+    /// The quantized GEMM's partial sums, `[parts, m, rows]`, when it splits k.
     parts: Option<CudaSlice<f32>>,
     /// The attention's partial results when it splits a row's keys, and a ticket counter
     /// per block column (kernels.cu `attention`; zero between launches).
@@ -272,7 +276,7 @@ impl GpuLinear {
             (
                 gpu.upload(&int_layout(&a.packed, bits))?,
                 format!("q8_gemv_{bits}_{stype}"),
-                format!("mmq_{bits}_{stype}"),
+                format!("affine_mma_{bits}_{stype}"),
             )
         } else {
             (
@@ -480,12 +484,12 @@ impl GpuLinear {
         self.add_bias(gpu, m, out)
     }
 
-    /// `out: [m, rows]` ← the quantized GEMM of `q8`, the input rounded by [`quantize_q8`]
+    /// `out: [m, rows]` ← the quantized GEMM of `xq`, the input cast by [`to_quads`]
     /// (codes in the integer layout only; no bias).
-    fn mmq(
+    fn affine_mma(
         &self,
         gpu: &Gpu,
-        q8: [Arg; 2],
+        xq: Arg,
         m: usize,
         out: &mut GpuBuf,
         scratch: &mut Scratch,
@@ -504,23 +508,27 @@ impl GpuLinear {
                 "{self:?} through the quantized GEMM"
             )));
         };
-        let (n, chunks) = (self.rows, self.cols / 32);
+        let (n, spans) = (self.rows, (self.cols / 32).div_ceil(AM_SPAN));
         out.resize(gpu, m * n)?;
-        let [codes, pairs] = q8;
-        // Input rows a block: tiles of 8, as few as cover a small batch (kernels.cu `mmq`).
+        // Input rows a block: tiles of 16, as few as cover a small batch.
         let tiles = match m {
-            ..=16 => 2,
-            17..=32 => 4,
-            _ => MMQ_M / 8,
+            ..=16 => 1,
+            17..=32 => 2,
+            _ => AM_M / 16,
         };
-        // Where the blocks are too few to fill the GPU (small batches, narrow matrices), the
-        // chunks are split into parts (of at least two slices), written apart and added up.
-        let blocks = m.div_ceil(8 * tiles) * n.div_ceil(MMQ_ROWS);
-        let parts = (4 * gpu.sms())
-            .div_ceil(blocks)
-            .clamp(1, (chunks / (2 * MMQ_SLICE)).max(1));
-        let split = chunks.div_ceil(parts).next_multiple_of(MMQ_SLICE);
-        let parts = chunks.div_ceil(split);
+        // Where the blocks are fewer than the GPU's multiprocessors (narrow matrices), k is
+        // split into parts for about two blocks each (of at least two spans), written apart
+        // and added up: measured best on the H200 (`benches/gpu_kernels.py`).
+        let blocks = m.div_ceil(16 * tiles) * n.div_ceil(AM_ROWS);
+        let parts = if blocks >= gpu.sms() {
+            1
+        } else {
+            (2 * gpu.sms())
+                .div_ceil(blocks)
+                .clamp(1, (spans / 2).max(1))
+        };
+        let split = spans.div_ceil(parts);
+        let parts = spans.div_ceil(split);
         let y = if parts == 1 {
             out.arg(gpu)?
         } else {
@@ -529,19 +537,18 @@ impl GpuLinear {
         gpu.launch(
             &format!("{gemm}_t{tiles}"),
             (
-                m.div_ceil(8 * tiles) as u32,
-                n.div_ceil(MMQ_ROWS) as u32,
+                m.div_ceil(16 * tiles) as u32,
+                n.div_ceil(AM_ROWS) as u32,
                 parts as u32,
             ),
-            MMQ_THREADS,
+            AM_THREADS,
             &[
                 ptr(packed, gpu.stream()),
                 scales.arg(gpu),
                 biases.arg(gpu),
                 y,
                 Arg::I32(n as i32),
-                codes,
-                pairs,
+                xq,
                 Arg::I32(self.cols as i32),
                 Arg::I32(*group_size as i32),
                 Arg::I32(m as i32),
@@ -550,7 +557,7 @@ impl GpuLinear {
         )?;
         if parts > 1 {
             gpu.launch(
-                "mmq_sum",
+                "sum_parts",
                 Gpu::grid_for(m * n),
                 256,
                 &[
@@ -720,10 +727,10 @@ impl GpuLinear {
                     l.add_bias(gpu, m, out)?;
                 }
             } else {
-                // The quantized GEMM, the input rounded to q8 once for all.
-                let q8 = quantize_q8(gpu, x, (m, k), scratch)?;
+                // The quantized GEMM, the input cast once for all.
+                let xq = to_quads(gpu, x, (m, k), scratch)?;
                 for (l, out) in layers.iter().zip(outs.iter_mut()) {
-                    l.mmq(gpu, q8, m, out, scratch)?;
+                    l.affine_mma(gpu, xq, m, out, scratch)?;
                     l.add_bias(gpu, m, out)?;
                 }
             }
@@ -910,18 +917,17 @@ fn check_input(x: &GpuBuf, m: usize, k: usize) -> Result<()> {
 }
 
 /// `x: [m, k]` rounded to int8 per block of 32 into `scratch` (kernels.cu `quantize_q8`):
-/// the codes, and per block its scale and sum. The buffers hold whole tiles of the GEMM's
-/// input rows, which it reads (rows past `m` keep what they held, finite values).
+/// the codes, and per block its scale and sum.
 fn quantize_q8(
     gpu: &Gpu,
     x: &GpuBuf,
     (m, k): (usize, usize),
     scratch: &mut Scratch,
 ) -> Result<[Arg; 2]> {
-    let (blocks, padded) = (m * k / 32, m.next_multiple_of(MMQ_M) * k);
+    let (blocks, len) = (m * k / 32, m * k);
     let written = scratch.q8_of.take();
-    let codes = ptr(grown(gpu, &mut scratch.q8, padded)?, gpu.stream());
-    let pairs = ptr(grown(gpu, &mut scratch.q8_ds, padded / 16)?, gpu.stream());
+    let codes = ptr(grown(gpu, &mut scratch.q8, len)?, gpu.stream());
+    let pairs = ptr(grown(gpu, &mut scratch.q8_ds, len / 16)?, gpu.stream());
     if let (Some((launch, p, len, at)), Arg::Ptr(xp), Arg::Ptr(now)) = (written, x.arg(gpu)?, codes)
     {
         if launch == gpu.launches() && p == xp && len == m * k && at == now {
@@ -936,6 +942,23 @@ fn quantize_q8(
         &[x.arg(gpu)?, codes, pairs, Arg::I64(blocks as i64)],
     )?;
     Ok([codes, pairs])
+}
+
+/// `x: [m, k]` cast to bf16 for the quantized GEMM, each quad of values reordered (kernels.cu
+/// `cast_f32_bf16_quads`), into `scratch`. The buffer holds whole blocks of the GEMM's input
+/// rows, which it reads (the products of rows past `m` are not written).
+fn to_quads(gpu: &Gpu, x: &GpuBuf, (m, k): (usize, usize), scratch: &mut Scratch) -> Result<Arg> {
+    let quads = ptr(
+        grown(gpu, &mut scratch.quads, m.next_multiple_of(AM_M) * k)?,
+        gpu.stream(),
+    );
+    gpu.launch(
+        "cast_f32_bf16_quads",
+        Gpu::grid_for(m * k / 4),
+        256,
+        &[x.arg(gpu)?, quads, Arg::I64((m * k / 4) as i64)],
+    )?;
+    Ok(quads)
 }
 
 /// How a cuBLAS product reads its operands: the weight's element type, and for f32
