@@ -1051,18 +1051,19 @@ Q8_GEMV_ALL(8)
 // weights.rs `DEQUANT_MIN_ROWS` rows of input; 2, 4 and 8-bit codes in the integer layout)
 // on the bf16 tensor cores: each warp dequantizes its weights in registers to bf16(scale·q +
 // bias), as `int_dequant` does for long prompts, and multiplies them by the input in bf16,
-// summing in f32 (mma.m16n8k16). Measured against the int8 GEMM
-// it replaced (int8 products of q8 inputs, scaled in f32 chunk by chunk, which was most of
-// its instructions) on an H200, 4-bit g64, weights cold in L2, µs at 16 / 32 / 64 rows:
-// 4096×4096 14.5 → 11.4, 19.1 → 14.3, 25.7 → 20.3; 14336×4096 39.6 → 25.7, 54.3 → 36.6,
-// 86.3 → 60.3; 4096×14336 33.7 → 23.6, 48.8 → 37.3, 72.2 → 56.2.
+// summing in f32 (mma.m16n8k16). Measured against the int8 GEMM it replaced (int8 products
+// of q8 inputs, each chunk's sum scaled in f32, which was most of its instructions) on an
+// H200, 4-bit g64, weights cold in L2, µs at 16 / 32 / 64 / 128 rows: 4096×4096 14.5 → 12.0,
+// 19.1 → 15.8, 25.7 → 23.4, 42.5 → 43.1; 14336×4096 39.6 → 28.6, 54.3 → 38.7, 86.3 → 75.9,
+// 137.6 → 103.2; 4096×14336 33.7 → 30.9, 48.8 → 39.8, 72.2 → 71.0, 124.4 → 126.9.
 //
 // Input rows are the A operand (16 a tile, MT tiles a block), weight rows the B operand (8 a
 // tile, AM_NT tiles a warp, AM_RW warps a block: AM_ROWS rows). A span is 4 chunks of 32
-// codes: lane 4·gid + tid takes chunk 4·span + tid of weight row gid of each of its tiles,
-// BITS words in one 16-byte load, the next span's in flight while this one multiplies. The
-// block's warps read the same input rows, from L1 after the first. Where the blocks are too
-// few to fill the GPU, grid z splits the spans into parts, added up by `sum_parts`.
+// codes: lane 4·gid + tid takes chunk 4·span + tid of weight row gid of each of its tiles
+// (BITS words: one 16-byte load for 4-bit codes), the next span's in flight while this one
+// multiplies. The block's warps read the same input rows, from L1 after the first. Where
+// the blocks are too few to fill the GPU, grid z splits the spans into parts, added up by
+// `sum_parts`.
 //
 // The order of the k products within an mma is free, so each takes one quad (4 consecutive
 // codes) of each lane's chunk: in the integer layout (weights.rs `int_layout`), (word >>

@@ -10,8 +10,9 @@
 //!   (dp4a) multiplies them by activations rounded to int8 per block of 32, as llama.cpp's
 //!   MMVQ and Cortex's CPU kernels do; above, a GEMM on the bf16 tensor cores dequantizes
 //!   them in registers (kernels.cu `affine_mma`); from [`DEQUANT_MIN_ROWS`] rows (long
-//!   prompts) they are dequantized to bf16 in memory for cuBLAS's GEMM instead. 3, 5 and 6-bit codes straddle words and stay in
-//!   MLX's layout, with f32 activations: a GEMV for up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
+//!   prompts) they are dequantized to bf16 in memory for cuBLAS's GEMM instead. 3, 5 and
+//!   6-bit codes straddle words and stay in MLX's layout, with f32 activations: a GEMV for
+//!   up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
 //! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
 
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -924,13 +925,13 @@ fn quantize_q8(
     (m, k): (usize, usize),
     scratch: &mut Scratch,
 ) -> Result<[Arg; 2]> {
-    let (blocks, len) = (m * k / 32, m * k);
+    let (blocks, values) = (m * k / 32, m * k);
     let written = scratch.q8_of.take();
-    let codes = ptr(grown(gpu, &mut scratch.q8, len)?, gpu.stream());
-    let pairs = ptr(grown(gpu, &mut scratch.q8_ds, len / 16)?, gpu.stream());
+    let codes = ptr(grown(gpu, &mut scratch.q8, values)?, gpu.stream());
+    let pairs = ptr(grown(gpu, &mut scratch.q8_ds, values / 16)?, gpu.stream());
     if let (Some((launch, p, len, at)), Arg::Ptr(xp), Arg::Ptr(now)) = (written, x.arg(gpu)?, codes)
     {
-        if launch == gpu.launches() && p == xp && len == m * k && at == now {
+        if launch == gpu.launches() && p == xp && len == values && at == now {
             return Ok([codes, pairs]); // the kernel that computed `x` rounded it too
         }
     }
