@@ -8,29 +8,43 @@
 //! | Q5_0 | f16 d, u32 high bits, 16 × two nibbles | bits 5, scale d, bias −16d |
 //! | Q5_1 | f16 d, f16 m, u32 high bits, 16 × two nibbles | bits 5, scale d, bias m |
 //! | Q8_0 | f16 d, 32 × i8 | bits 8, scale d, bias −128d (code = q + 128) |
+//! | Q4_K | 256 values: f16 d, f16 dmin, 8 × (6-bit sc, 6-bit m), 128 × two nibbles | bits 4, scale d·sc, bias −dmin·m, per 32 |
+//! | Q5_K | as Q4_K, plus 32 bytes of fifth bits | bits 5, scale d·sc, bias −dmin·m, per 32 |
 //!
 //! Within a block, byte `j` of the nibbles holds value `j` (low nibble) and value `j + 16`
 //! (high nibble); bit `j` of the high-bit word is bit 4 of value `j`. The biases −8d, −16d
 //! and −128d are exact in f16 and `d·q + bias` equals GGML's `d·(q − offset)` exactly in
 //! f32, so dequantized weights are bit-identical both ways. Scales and biases are f16.
+//!
+//! A K-quant super-block of 256 values is eight groups of 32 (llama.cpp's `get_scale_min_k4`
+//! unpacks each group's 6-bit scale and min): byte `l` of the nibbles of 64 values holds
+//! value `l` of the even group (low nibble) and of the odd group (high nibble); for Q5_K, bit
+//! `g` of byte `l` of the fifth bits is bit 4 of value `l` of group `g`. GGML computes `d1 =
+//! d·sc` and `m1 = dmin·m` in f32, exactly (an f16 times a 6-bit integer), and then `d1·q −
+//! m1`: the affine scale `d1` and bias `−m1` give the same values. They are not exact in f16,
+//! so these scales and biases are f32 (6 bits a weight, against the blocks' 4.5 and 5.5).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
 use super::affine::{pack_row, unpack_row, AffineMatrix, ScaleDType};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const BLOCK: usize = 32;
 
 /// Affine bits of a GGML type that converts losslessly, `None` for the others.
 pub fn affine_bits(dtype: GgmlDType) -> Option<u32> {
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 => Some(4),
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 => Some(5),
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Some(4),
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Some(5),
         GgmlDType::Q8_0 => Some(8),
         _ => None,
     }
+}
+
+fn is_k_quant(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K)
 }
 
 fn half_at(b: &[u8], at: usize) -> f32 {
@@ -80,8 +94,48 @@ fn decode_block(dtype: GgmlDType, b: &[u8], codes: &mut [u8]) -> (f32, f32) {
     }
 }
 
+/// Group `g`'s (scale, min) of a K-quant super-block's 12 bytes of 6-bit pairs (llama.cpp's
+/// `get_scale_min_k4`): groups 0–3 in the low 6 bits of bytes 0–3 and 4–7, groups 4–7 in
+/// the nibbles of bytes 8–11 with their top 2 bits in the spare bits of bytes 0–7.
+fn scale_min_k4(g: usize, q: &[u8]) -> (u8, u8) {
+    if g < 4 {
+        (q[g] & 63, q[g + 4] & 63)
+    } else {
+        (
+            (q[g + 4] & 0xF) | ((q[g - 4] >> 6) << 4),
+            (q[g + 4] >> 4) | ((q[g] >> 6) << 4),
+        )
+    }
+}
+
+/// Decodes one Q4_K / Q5_K super-block into 256 codes and 8 scales and biases.
+fn decode_super(
+    dtype: GgmlDType,
+    b: &[u8],
+    codes: &mut [u8],
+    scales: &mut [f32],
+    biases: &mut [f32],
+) {
+    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+    let pairs = &b[4..16];
+    let (high, nibbles) = match dtype {
+        GgmlDType::Q5K => (Some(&b[16..48]), &b[48..176]),
+        _ => (None, &b[16..144]),
+    };
+    for g in 0..8 {
+        let (sc, m) = scale_min_k4(g, pairs);
+        scales[g] = d * f32::from(sc);
+        biases[g] = -(dmin * f32::from(m));
+        let shift = 4 * (g % 2);
+        for (l, &byte) in nibbles[32 * (g / 2)..32 * (g / 2) + 32].iter().enumerate() {
+            let fifth = high.map_or(0, |h| (h[l] >> g & 1) << 4);
+            codes[BLOCK * g + l] = (byte >> shift & 0xF) | fifth;
+        }
+    }
+}
+
 /// Rewrites a `[rows, cols]` tensor of GGML blocks as an affine matrix with group 32, or
-/// `None` when the type is not one of the five above.
+/// `None` when the type is not one of those above.
 pub fn to_affine(
     dtype: GgmlDType,
     data: &[u8],
@@ -91,39 +145,56 @@ pub fn to_affine(
     let Some(bits) = affine_bits(dtype) else {
         return Ok(None);
     };
-    let block_bytes = dtype.type_size();
-    let blocks = cols / BLOCK;
+    let (block_bytes, block_values) = (dtype.type_size(), dtype.block_size());
+    if !cols.is_multiple_of(block_values) || data.len() != rows * cols / block_values * block_bytes
+    {
+        return Err(Error::param(
+            "weights",
+            format!(
+                "{} bytes of {dtype:?} blocks do not fit [{rows}, {cols}]",
+                data.len()
+            ),
+        ));
+    }
+    let groups = cols / BLOCK;
     let words = cols * bits as usize / 32;
     let mut packed = vec![0u32; rows * words];
-    let mut scales = vec![0f32; rows * blocks];
-    let mut biases = vec![0f32; rows * blocks];
+    let mut scales = vec![0f32; rows * groups];
+    let mut biases = vec![0f32; rows * groups];
     packed
         .par_chunks_mut(words)
-        .zip(scales.par_chunks_mut(blocks))
-        .zip(biases.par_chunks_mut(blocks))
-        .zip(data.par_chunks(blocks * block_bytes))
+        .zip(scales.par_chunks_mut(groups))
+        .zip(biases.par_chunks_mut(groups))
+        .zip(data.par_chunks(cols / block_values * block_bytes))
         .for_each_init(
             || vec![0u8; cols],
             |codes, (((packed, scales), biases), row)| {
-                for (g, b) in row.chunks(block_bytes).enumerate() {
-                    let (s, bias) = decode_block(dtype, b, &mut codes[g * BLOCK..(g + 1) * BLOCK]);
-                    scales[g] = s;
-                    biases[g] = bias;
+                for (i, b) in row.chunks(block_bytes).enumerate() {
+                    let values = i * block_values..(i + 1) * block_values;
+                    if is_k_quant(dtype) {
+                        let g = values.start / BLOCK..values.end / BLOCK;
+                        decode_super(
+                            dtype,
+                            b,
+                            &mut codes[values],
+                            &mut scales[g.clone()],
+                            &mut biases[g],
+                        );
+                    } else {
+                        let (s, bias) = decode_block(dtype, b, &mut codes[values]);
+                        scales[i] = s;
+                        biases[i] = bias;
+                    }
                 }
                 pack_row(codes, bits, packed);
             },
         );
-    AffineMatrix::from_parts(
-        rows,
-        cols,
-        bits,
-        BLOCK,
-        packed,
-        scales,
-        biases,
-        ScaleDType::F16,
-    )
-    .map(Some)
+    let scale_dtype = if is_k_quant(dtype) {
+        ScaleDType::F32
+    } else {
+        ScaleDType::F16
+    };
+    AffineMatrix::from_parts(rows, cols, bits, BLOCK, packed, scales, biases, scale_dtype).map(Some)
 }
 
 /// Writes an affine matrix as GGML blocks when that loses nothing: group 32, 4 or 5 bits
@@ -204,5 +275,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Q4_K and Q5_K super-blocks of random bytes (finite d and dmin of any sign and
+    /// exponent, every 6-bit scale and min pattern, every code): candle's dequantizer is the
+    /// reference, bit for bit, and a wrong block count is an error.
+    #[test]
+    fn k_quant_super_blocks_are_affine_groups() {
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config::with_cases(64));
+        let case = (
+            prop_oneof![Just(GgmlDType::Q4K), Just(GgmlDType::Q5K)],
+            1usize..3,
+            1usize..3,
+            any::<u64>(),
+        );
+        runner
+            .run(&case, |(dtype, rows, blocks, seed)| {
+                let cols = blocks * 256;
+                let size = dtype.type_size();
+                // SplitMix64 bytes; d and dmin re-drawn until finite.
+                let mut s = seed;
+                let mut next = || {
+                    s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = s;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^ (z >> 31)
+                };
+                let mut bytes: Vec<u8> = (0..rows * blocks * size).map(|_| next() as u8).collect();
+                for b in bytes.chunks_mut(size) {
+                    for at in [0, 2] {
+                        while !f16::from_le_bytes([b[at], b[at + 1]]).is_finite() {
+                            b[at + 1] = next() as u8;
+                        }
+                    }
+                }
+                let q = qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &Device::Cpu).unwrap();
+                let want: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let a = to_affine(dtype, &bytes, rows, cols).unwrap().unwrap();
+                assert_eq!(a.scale_dtype, ScaleDType::F32);
+                let got = a.dequantize();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "{:?} value {}", dtype, i);
+                }
+                prop_assert!(to_affine(dtype, &bytes[1..], rows, cols).is_err());
+                Ok(())
+            })
+            .unwrap();
     }
 }
