@@ -5,9 +5,14 @@ bytes per decoded token against the machine's measured memory bandwidth (the roo
 
     python benches/cpu_speed.py [--llama-python /opt/benchvenv/bin/python]
         [--prompt-tokens 512] [--gen-tokens 128] [--repeats 3] [--gemma PATH]
+        [--gguf PATH ...] [--only-gguf] [--threads 1,2,8,16]
 
-Both engines get the same prompt ids, the same thread count (``CORTEX_NUM_THREADS`` or
-the core count) and greedy decoding that ignores end-of-sequence; each figure is the best
+``--gguf`` adds any GGUF file (repeatable), ``--only-gguf`` measures those alone, and
+``--threads`` runs the whole measurement once per thread count, each in a process of its own
+(Cortex reads ``CORTEX_NUM_THREADS`` once), printing a table each and, at the end, one line
+per model and thread count. Both engines get the same prompt ids, the same thread count
+(``--threads``, else ``CORTEX_NUM_THREADS`` or the core count) and greedy decoding that
+ignores end-of-sequence; each figure is the best
 of ``--repeats`` runs (the machine's noise only ever slows a run down). Prefill is prompt
 tokens over the time to the first token, decode is the tokens after the first over the time
 they took. llama.cpp (``llama-cpp-python``, which lives in a separate benchmark venv, never
@@ -130,7 +135,15 @@ def main() -> int:
     p.add_argument(
         "--gemma", default=None, help="Gemma 3 270M GGUF (default: the test suite's copy, if fetched)"
     )
+    p.add_argument("--gguf", action="append", default=[], help="another GGUF file to measure (repeatable)")
+    p.add_argument("--only-gguf", action="store_true", help="measure the --gguf files alone")
+    p.add_argument("--threads", default=None, help="thread counts, comma-separated: one run each")
+    p.add_argument("--summary", default=None, help=argparse.SUPPRESS)  # a sweep's child writes here
     args = p.parse_args()
+    if args.threads and "," in args.threads:
+        return sweep(args)
+    if args.threads:
+        os.environ["CORTEX_NUM_THREADS"] = args.threads  # before Cortex's pool starts
     threads = int(os.environ.get("CORTEX_NUM_THREADS") or os.cpu_count() or 1)
     acc = MLXAccelerator()
     bandwidth = acc.benchmark_operation("bandwidth", (1024,), num_iterations=5)["gbytes_per_s"]
@@ -141,20 +154,23 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        models: list[tuple[str, str, str]] = [("SmolLM2 Q4_1 GGUF", q4_1, q4_1)]
-        for recipe, label in [
-            (QuantizationRecipe.SPEED_4BIT, "4-bit g64"),
-            (QuantizationRecipe.QUALITY_8BIT, "8-bit g64"),
-        ]:
-            config = ConversionConfig(quantization=recipe, group_size=64, cache_converted=False)
-            ok, message, out = MLXConverter(tmp).convert_model(q4_1, label.replace(" ", "-"), config)
-            if not ok or out is None:
-                raise SystemExit(f"conversion to {label} failed: {message}")
-            models.append((f"SmolLM2 MLX {label}", str(out), q4_1))
-        if gemma.is_file():
-            models.append(("Gemma 3 270M Q4_K_M", str(gemma), str(gemma)))
-        else:
-            print(f"Gemma 3 270M: skipped ({gemma} is missing; the test suite fetches it)")
+        models: list[tuple[str, str, str]] = []
+        if not args.only_gguf:
+            models.append(("SmolLM2 Q4_1 GGUF", q4_1, q4_1))
+            for recipe, label in [
+                (QuantizationRecipe.SPEED_4BIT, "4-bit g64"),
+                (QuantizationRecipe.QUALITY_8BIT, "8-bit g64"),
+            ]:
+                config = ConversionConfig(quantization=recipe, group_size=64, cache_converted=False)
+                ok, message, out = MLXConverter(tmp).convert_model(q4_1, label.replace(" ", "-"), config)
+                if not ok or out is None:
+                    raise SystemExit(f"conversion to {label} failed: {message}")
+                models.append((f"SmolLM2 MLX {label}", str(out), q4_1))
+            if gemma.is_file():
+                models.append(("Gemma 3 270M Q4_K_M", str(gemma), str(gemma)))
+            else:
+                print(f"Gemma 3 270M: skipped ({gemma} is missing; the test suite fetches it)")
+        models += [(Path(g).name[:22], g, g) for g in args.gguf]
         config = {}
         for name, path, llama_path in models:
             model, tok = cortex.load(path)
@@ -175,24 +191,50 @@ def main() -> int:
           f" {'MB/token':>9} {'roofline':>9} {'of it':>6}")  # fmt: skip
     for name, ours, theirs, per_token in rows:
         roof = bandwidth * 1e9 / per_token
-        lp = (
-            f"{theirs['prefill_tps']:>10.1f} {ours['prefill_tps'] / theirs['prefill_tps']:>6.2f}x"
-            if theirs
-            else f"{'-':>10} {'-':>7}"
-        )
-        ld = (
-            f"{theirs['decode_tps']:>10.1f} {ours['decode_tps'] / theirs['decode_tps']:>6.2f}x"
-            if theirs
-            else f"{'-':>10} {'-':>7}"
-        )
+        lp, ld = _vs(ours, theirs, "prefill_tps"), _vs(ours, theirs, "decode_tps")
         print(
             f"{name:<22} {ours['prefill_tps']:>9.1f} {lp} {ours['decode_tps']:>8.1f} {ld} "
             f"{per_token / 1e6:>9.1f} {roof:>9.1f} {ours['decode_tps'] / roof:>5.0%}"
         )
     print("(tok/s; ratio > 1: Cortex is faster. MB/token: weights plus the KV cache (f16) read per decoded token at\n"
           " the mean context; roofline: the decode speed that memory bandwidth allows)")  # fmt: skip
-    if config:
+    if args.summary:
+        Path(args.summary).write_text(json.dumps([[name, ours, theirs] for name, ours, theirs, _ in rows]))
+    elif config:
         kernel_table(acc, config)
+    return 0
+
+
+def _vs(ours: dict[str, float], theirs: dict[str, float] | None, key: str) -> str:
+    """llama.cpp's figure and Cortex's ratio to it, or dashes without llama.cpp."""
+    if not theirs:
+        return f"{'-':>10} {'-':>7}"
+    return f"{theirs[key]:>10.1f} {ours[key] / theirs[key]:>6.2f}x"
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """The measurement once per thread count, each in a child process, then one line per
+    model and thread count."""
+    argv = sys.argv[1:]
+    at = argv.index("--threads")
+    del argv[at : at + 2]
+    lines = []
+    for t in [int(x) for x in args.threads.split(",")]:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            print(f"\n=== {t} thread(s) ===", flush=True)
+            env = {**os.environ, "CORTEX_NUM_THREADS": str(t)}
+            subprocess.run(
+                [sys.executable, __file__, *argv, "--threads", str(t), "--summary", f.name],
+                env=env,
+                check=True,
+            )
+            for name, ours, theirs in json.loads(Path(f.name).read_text()):
+                lines.append((t, name, ours, theirs))
+    print(f"\n{'threads':>7} {'model':<22} {'prefill':>9} {'llama.cpp':>10} {'ratio':>7} {'decode':>8}"
+          f" {'llama.cpp':>10} {'ratio':>7}")  # fmt: skip
+    for t, name, ours, theirs in lines:
+        rp, rd = _vs(ours, theirs, "prefill_tps"), _vs(ours, theirs, "decode_tps")
+        print(f"{t:>7} {name:<22} {ours['prefill_tps']:>9.1f} {rp} {ours['decode_tps']:>8.1f} {rd}")
     return 0
 
 
