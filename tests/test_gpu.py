@@ -8,7 +8,7 @@ the CPU and computed there in f32: float checkpoints as they are, quantized ones
 1. device info and placement (``get_device_info``, ``device="auto"``, a missing GPU);
 2. each family's tiny model, logits at all 24 positions of a prompt;
 3. each weight form: MLX affine 2/3/4/5/6/8 bits x groups 32/64/128, GGUF Q4_0, Q4_1,
-   Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q6_K, mlx-lm's own 4-bit output and its bf16 checkpoint;
+   Q5_0, Q5_1, Q8_0, Q4_K, Q2_K, Q3_K, Q6_K, mlx-lm's own 4-bit output and its bf16 checkpoint;
    prompts of 1 to 8 tokens (the GEMVs), of 17 and 77 (the quantized GEMM on bf16 tensor
    cores for 2, 4 and 8-bit codes; dequantize, then cuBLAS GEMM for the others) and of 160
    (2, 4 and 8-bit codes dequantized to bf16 for cuBLAS);
@@ -24,9 +24,10 @@ the CPU and computed there in f32: float checkpoints as they are, quantized ones
 Tolerances. The GPU computes what the CPU reference computes except for these roundings:
 
 * the KV cache is f16 (bf16 for a bf16 checkpoint); the f32 reference's cache is f32;
-* affine layers (MLX, and GGUF Q4_0 to Q8_0) with 2, 4 and 8-bit codes: for up to 8 rows a
-  GEMV (dp4a) multiplies them by activations rounded to int8 per block of 32 (q8, as
-  llama.cpp's q8_1 and Cortex's CPU kernels do), exact integer sums per block scaled in f32;
+* affine layers (MLX, and GGUF Q4_0 to Q8_0, Q4_K and Q5_K) with 2, 4 and 8-bit codes: for
+  up to 8 rows a GEMV (dp4a) multiplies them by activations rounded to int8 per block of 32
+  (q8, as llama.cpp's q8_1 and Cortex's CPU kernels do), exact integer sums per block scaled
+  in f32;
   above, the weights are dequantized to bf16 (in registers by the quantized GEMM, in memory
   for cuBLAS from 128 rows) and multiplied by activations cast to bf16 (held to the bf16
   checkpoint's bound: the same roundings, with the f16 cache's finer one; the GEMM also
@@ -290,14 +291,43 @@ def _q5_0(a: np.ndarray) -> bytes:
     return np.concatenate([d[:, None].view(np.uint8), high[:, None].view(np.uint8), nibbles], 1).tobytes()
 
 
+def _q4_k(a: np.ndarray) -> bytes:
+    """Super-blocks of 144 bytes (llama.cpp's block_q4_K) of 8 groups of 32: f16 d and dmin,
+    12 bytes of 6-bit (scale, min) pairs as get_scale_min_k4 unpacks them, then 32 bytes of
+    nibbles per pair of groups (value l of the even group low, of the odd group high). A
+    group's range [lo, hi] (lo at most 0) gives scale (hi - lo) / 15 and min -lo, each a 6-bit
+    multiple of d = (largest scale) / 63, dmin = (largest min) / 63."""
+    g = a.reshape(-1, 8, 32).astype(np.float32)
+    lo = np.minimum(g.min(2), 0)
+    scale, low = (g.max(2) - lo) / 15, -lo
+    d, dmin = (scale.max(1) / 63).astype(np.float16), (low.max(1) / 63).astype(np.float16)
+
+    def steps(x: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        u = np.broadcast_to(unit, x.shape)
+        return np.divide(x, u, out=np.zeros_like(x), where=u > 0)
+
+    sc = np.clip(np.round(steps(scale, d.astype(np.float32)[:, None])), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(steps(low, dmin.astype(np.float32)[:, None])), 0, 63).astype(np.uint8)
+    step = (d.astype(np.float32)[:, None] * sc)[..., None]
+    offset = (dmin.astype(np.float32)[:, None] * m)[..., None]
+    q = np.clip(np.round(steps(g + offset, step)), 0, 15).astype(np.uint8)
+    pairs = np.zeros((len(g), 12), np.uint8)
+    pairs[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
+    pairs[:, 4:8] = m[:, :4] | (m[:, 4:] >> 4) << 6
+    pairs[:, 8:12] = (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4
+    nibbles = (q[:, 0::2] | q[:, 1::2] << 4).reshape(len(g), 128)
+    halves = [d[:, None].view(np.uint8), dmin[:, None].view(np.uint8)]
+    return np.concatenate([*halves, pairs, nibbles], 1).tobytes()
+
+
 #: GGML type ids (ggml.h) of the blocks this file writes or checks.
 GGML_TYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-              "Q2_K": 10, "Q3_K": 11, "Q6_K": 14}  # fmt: skip
-_ENCODERS = {"Q4_0": _q4_0, "Q5_0": _q5_0}
+              "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q6_K": 14}  # fmt: skip
+_ENCODERS = {"Q4_0": _q4_0, "Q5_0": _q5_0, "Q4_K": _q4_k}
 
 
 def _write_wide_gguf(path: Path, w: dict[str, np.ndarray], block: str) -> None:
-    """A llama GGUF of the weights, every matrix in `block` (Q4_0 or Q5_0), norms in f32."""
+    """A llama GGUF of the weights, every matrix in `block` (Q4_0, Q5_0 or Q4_K), norms in f32."""
     tensors = []
     for name, a in sorted(w.items()):
         if a.ndim == 2:
@@ -352,7 +382,7 @@ MLX_FORMS = [f"mlx-{bits}bit-g{group}" for bits in (2, 3, 4, 5, 6, 8) for group 
 CONVERTED_GGUF = {"Q8_0": 8, "Q6_K": 6, "Q5_1": 5, "Q4_1": 4, "Q3_K": 3, "Q2_K": 2}
 FORMS = [
     *MLX_FORMS,
-    *(f"gguf-{b}" for b in ("Q4_0", "Q5_0", *CONVERTED_GGUF)),
+    *(f"gguf-{b}" for b in ("Q4_0", "Q5_0", "Q4_K", *CONVERTED_GGUF)),
     "mlx_lm-q4g32",
     "mlx_lm-bf16",
 ]
@@ -380,9 +410,9 @@ def _weight_form(form: str, wide: Path, tmp: Path) -> tuple[Path, str]:
         bits = CONVERTED_GGUF[spec]
         _core.convert(wide, path, group_size=32, bits_override=bits, output_format="gguf", validate=False)
     assert _gguf_tensor_types(path) == {spec, "F32"}
-    if spec.endswith("_K"):
+    if spec.endswith("_K") and spec != "Q4_K":  # Q4_K loads as affine groups of 32
         return path, "k-quant"
-    return path, "affine-q8" if spec in ("Q4_0", "Q4_1", "Q8_0") else "affine"
+    return path, "affine-q8" if spec in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") else "affine"
 
 
 def _bound(kind: str, rows: int) -> Bound:
