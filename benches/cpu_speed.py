@@ -215,11 +215,13 @@ def _vs(ours: dict[str, float], theirs: dict[str, float] | None, key: str) -> st
 def sweep(args: argparse.Namespace) -> int:
     """The measurement once per thread count, each in a child process, then one line per
     model and thread count."""
-    argv = sys.argv[1:]
-    at = argv.index("--threads")
-    del argv[at : at + 2]
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # every argument but --threads (either spelling) and its value
+        if not skip and not a.startswith("--threads"):
+            argv.append(a)
+        skip = a == "--threads"
     lines = []
-    for t in [int(x) for x in args.threads.split(",")]:
+    for t in [int(x) for x in args.threads.split(",") if x.strip()]:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             print(f"\n=== {t} thread(s) ===", flush=True)
             env = {**os.environ, "CORTEX_NUM_THREADS": str(t)}

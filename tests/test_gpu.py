@@ -27,14 +27,13 @@ Tolerances. The GPU computes what the CPU reference computes except for these ro
 * affine layers (MLX, and GGUF Q4_0 to Q8_0, Q4_K and Q5_K) with 2, 4 and 8-bit codes: for
   up to 8 rows a GEMV (dp4a) multiplies them by activations rounded to int8 per block of 32
   (q8, as llama.cpp's q8_1 and Cortex's CPU kernels do), exact integer sums per block scaled
-  in f32;
-  above, the weights are dequantized to bf16 (in registers by the quantized GEMM, in memory
-  for cuBLAS from 128 rows) and multiplied by activations cast to bf16 (held to the bf16
-  checkpoint's bound: the same roundings, with the f16 cache's finer one; the GEMM also
-  rounds f16 and f32 scales to bf16 first); 3, 5 and 6-bit codes run a GEMV on f32 activations
-  for up to 8 rows, and above are expanded to f32 and multiplied by cuBLAS on TF32 tensor
-  cores, which round both operands to 11 significant bits;
-* GGML k-quants run candle's kernels, which round activations to 8 bits per block of 32
+  in f32; above, the weights are dequantized to bf16 (in registers by the quantized GEMM, in
+  memory for cuBLAS from 128 rows) and multiplied by activations cast to bf16 (held to the
+  bf16 checkpoint's bound: the same roundings, with the f16 cache's finer one); 3, 5 and
+  6-bit codes run a GEMV on f32 activations for up to 8 rows, and above are expanded to f32
+  and multiplied by cuBLAS on TF32 tensor cores, which round both operands to 11
+  significant bits;
+* the other GGML k-quants run candle's kernels, which round activations to 8 bits per block of 32
   (q8_1), as llama.cpp's do;
 * bf16 checkpoints: cuBLAS multiplies the bf16 weights by activations cast to bf16.
 

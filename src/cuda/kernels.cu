@@ -1050,8 +1050,9 @@ Q8_GEMV_ALL(8)
 // Quantized GEMM for batched decoding and short prompts (more than 8 and fewer than
 // weights.rs `DEQUANT_MIN_ROWS` rows of input; 2, 4 and 8-bit codes in the integer layout)
 // on the bf16 tensor cores: each warp dequantizes its weights in registers to bf16(scale·q +
-// bias), as `int_dequant` does for long prompts, and multiplies them by the input in bf16,
-// summing in f32 (mma.m16n8k16). Measured against the int8 GEMM it replaced (int8 products
+// bias), as `int_dequant` does for long prompts (which rounds through f32 first: the two
+// can differ by a bf16 step in rare ties), and multiplies them by the input in bf16, summing
+// in f32 (mma.m16n8k16). Measured against the int8 GEMM it replaced (int8 products
 // of q8 inputs, each chunk's sum scaled in f32, which was most of its instructions) on an
 // H200, 4-bit g64, weights cold in L2, µs at 16 / 32 / 64 / 128 rows: 4096×4096 14.5 → 12.0,
 // 19.1 → 15.8, 25.7 → 23.4, 42.5 → 43.1; 14336×4096 39.6 → 28.6, 54.3 → 38.7, 86.3 → 75.9,
@@ -1072,6 +1073,7 @@ Q8_GEMV_ALL(8)
 // is cast to bf16 in that order, [x0, x2, x1, x3] a quad (`cast_f32_bf16_quads`), so that one
 // 16-byte load of an input row gives its A fragments for two quads. With bf16 scales (MLX's
 // from bf16 checkpoints) the dequantization is bf16 arithmetic; otherwise f32 (`am_wide`).
+#define AM_SPAN 4  // chunks a span: one a lane of a group of 4 (tid)
 #define AM_RW 4
 #define AM_NT 4
 #define AM_ROWS (8 * AM_NT * AM_RW)
@@ -1099,7 +1101,8 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 // Whether a GEMM over scales of type S (and BITS-bit codes) dequantizes in f32: bf16 scales
 // and biases with 2 or 4-bit codes take bf16 arithmetic, exact up to its one rounding;
 // others would lose bits to it (f16 and f32 scales, the bias's error then the same across a
-// group, so not averaging out), and 8-bit codes reach 255, past bf16's exact integers.
+// group, so not averaging out), and 8-bit codes reach 255, where 128 + q, the magic-number
+// conversion below, is past bf16's exact integers.
 template <int BITS, typename S> constexpr bool am_wide = true;
 template <> constexpr bool am_wide<2, __nv_bfloat16> = false;
 template <> constexpr bool am_wide<4, __nv_bfloat16> = false;
@@ -1133,7 +1136,7 @@ __device__ __forceinline__ uint32_t bf16x2_splat(__nv_bfloat16 v) {
 }
 
 // One span of a lane's weights: its chunk of each of its weight rows, and their scales and
-// biases (bf16x2 pairs; for 8-bit codes f32), zero where the chunk is past k (a short last
+// biases (bf16x2 pairs, or f32 where `am_wide`), zero where the chunk is past k (a short last
 // span, whose input is then zeros too).
 template <int BITS>
 struct AmSpan {
@@ -1148,7 +1151,7 @@ template <int BITS, typename S>
 __device__ __forceinline__ void am_load(AmSpan<BITS>& t, const uint32_t* w, const S* scales, const S* biases,
                                         const int (&rows)[AM_NT], int sp, int chunks, int groups,
                                         int chunks_per_group) {
-  const int c = 4 * sp + threadIdx.x % 4;
+  const int c = AM_SPAN * sp + threadIdx.x % 4;
   t.real = c < chunks;
   t.chunk = t.real ? c : chunks - 1;
 #pragma unroll
@@ -1229,7 +1232,7 @@ __device__ void affine_mma(const uint32_t* w, const S* scales, const S* biases, 
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, gid = lane / 4, tid = lane % 4;
   const int m0 = blockIdx.x * 16 * MT, r0 = blockIdx.y * AM_ROWS + warp * 8 * AM_NT;
   const int chunks = k / 32, groups = k / group, chunks_per_group = group / 32;
-  const int spans = (chunks + 3) / 4;
+  const int spans = (chunks + AM_SPAN - 1) / AM_SPAN;
   const int sp_begin = blockIdx.z * span_split, sp_end = min(spans, sp_begin + span_split);
   // This lane's weight rows (a missing last row repeats the one before, unwritten).
   int rows[AM_NT];
@@ -1239,7 +1242,9 @@ __device__ void affine_mma(const uint32_t* w, const S* scales, const S* biases, 
   float acc[MT][AM_NT][4] = {};
   AmSpan<BITS> cur, next;  // the next span's weights load while this one's multiply
   if (sp_begin < sp_end) am_load<BITS>(cur, w, scales, biases, rows, sp_begin, chunks, groups, chunks_per_group);
-  PDL_WAIT();  // the weights are in flight; x is the previous kernel's
+  // The weights are in flight; x is the previous kernel's. (No PDL_NEXT: letting the next
+  // kernel in early cost the int8 GEMM this replaced 10 % at 32 rows.)
+  PDL_WAIT();
   for (int sp = sp_begin; sp < sp_end; sp++) {
     if (sp + 1 < sp_end) am_load<BITS>(next, w, scales, biases, rows, sp + 1, chunks, groups, chunks_per_group);
     am_multiply<BITS, am_wide<BITS, S>, MT>(acc, cur, x, m0, k);

@@ -4,8 +4,8 @@
 //!   checkpoints come back to bf16, which the host keeps widened to f32): half types
 //!   through our GEMV for up to [`GEMV_MAX_ROWS`] rows (bf16: [`BF16_GEMV_MAX_ROWS`]),
 //!   cuBLAS otherwise and for f32;
-//! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, which the loader already turned into
-//!   affine groups), through our kernels. 2, 4 and 8-bit codes are repacked into the
+//! - affine groups (MLX 2–8 bit, and GGUF Q4_0–Q8_0, Q4_K and Q5_K, which the loader already
+//!   turned into affine groups), through our kernels. 2, 4 and 8-bit codes are repacked into the
 //!   integer layout (`quant::affine::int_layout`): up to [`GEMV_MAX_ROWS`] rows, a GEMV
 //!   (dp4a) multiplies them by activations rounded to int8 per block of 32, as llama.cpp's
 //!   MMVQ and Cortex's CPU kernels do; above, a GEMM on the bf16 tensor cores dequantizes
@@ -13,7 +13,8 @@
 //!   prompts) they are dequantized to bf16 in memory for cuBLAS's GEMM instead. 3, 5 and
 //!   6-bit codes straddle words and stay in MLX's layout, with f32 activations: a GEMV for
 //!   up to [`GEMV_MAX_ROWS`] rows, dequantize-then-GEMM above;
-//! - other GGML blocks (k-quants) through candle's CUDA kernels (llama.cpp's MMVQ/MMQ).
+//! - other GGML blocks (the other k-quants) through candle's CUDA kernels (llama.cpp's
+//!   MMVQ/MMQ).
 
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
@@ -55,9 +56,10 @@ const AM_SPAN: usize = 4;
 /// Rows of input from which 2/4/8-bit layers multiply on cuBLAS's bf16 tensor cores, their
 /// weights dequantized to bf16 in memory (kernels.cu `int_dequant`), rather than by the
 /// quantized GEMM: writing and reading back bf16 weights is a fixed cost, which cuBLAS's
-/// rate (230–370 TFLOPS at 256–512 rows) repays from about 128 rows on the H200 (at 128,
-/// 14336×4096: 119.6 µs against the quantized GEMM's 101.4; `benches/gpu_kernels.py` times
-/// both). Above a graph's rows (`graph.rs`).
+/// rate (230–370 TFLOPS at 256–512 rows) repays from about 128 rows on the H200. At 128 the
+/// two are about even (`benches/gpu_kernels.py`, µs, quantized GEMM against dequantize +
+/// cuBLAS: 4096×4096 43.1 / 42.4, 14336×4096 103.2 / 119.2, 4096×14336 126.9 / 121.6).
+/// Above a graph's rows (`graph.rs`).
 pub const DEQUANT_MIN_ROWS: usize = 128;
 
 /// Most bytes of weights dequantized at a time: an 8B model's largest matrix whole. Slices
@@ -518,8 +520,8 @@ impl GpuLinear {
             _ => AM_M / 16,
         };
         // Where the blocks are fewer than the GPU's multiprocessors (narrow matrices), k is
-        // split into parts for about two blocks each (of at least two spans), written apart
-        // and added up: measured best on the H200 (`benches/gpu_kernels.py`).
+        // split into parts (of at least two spans) for about two blocks a multiprocessor,
+        // written apart and added up: measured best on the H200 (`benches/gpu_kernels.py`).
         let blocks = m.div_ceil(16 * tiles) * n.div_ceil(AM_ROWS);
         let parts = if blocks >= gpu.sms() {
             1

@@ -14,7 +14,7 @@
 //! Within a block, byte `j` of the nibbles holds value `j` (low nibble) and value `j + 16`
 //! (high nibble); bit `j` of the high-bit word is bit 4 of value `j`. The biases −8d, −16d
 //! and −128d are exact in f16 and `d·q + bias` equals GGML's `d·(q − offset)` exactly in
-//! f32, so dequantized weights are bit-identical both ways. Scales and biases are f16.
+//! f32, so dequantized weights are bit-identical both ways. Their scales and biases are f16.
 //!
 //! A K-quant super-block of 256 values is eight groups of 32 (llama.cpp's `get_scale_min_k4`
 //! unpacks each group's 6-bit scale and min): byte `l` of the nibbles of 64 values holds
@@ -22,7 +22,7 @@
 //! `g` of byte `l` of the fifth bits is bit 4 of value `l` of group `g`. GGML computes `d1 =
 //! d·sc` and `m1 = dmin·m` in f32, exactly (an f16 times a 6-bit integer), and then `d1·q −
 //! m1`: the affine scale `d1` and bias `−m1` give the same values. They are not exact in f16,
-//! so these scales and biases are f32 (6 bits a weight, against the blocks' 4.5 and 5.5):
+//! so these scales and biases are f32 (6 and 7 bits a weight, against the blocks' 4.5 and 5.5):
 //! even so, one row of input through an 8192×8192 Q4_K matrix took 2.24 ms on our kernels
 //! against 4.06 ms on candle's (2-core AMD EPYC VM; 2.0 ms for the same matrix as Q4_1).
 
@@ -324,7 +324,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let a = to_affine(dtype, &bytes, rows, cols).unwrap().unwrap();
-                assert_eq!(a.scale_dtype, ScaleDType::F32);
+                prop_assert_eq!(a.scale_dtype, ScaleDType::F32);
                 let got = a.dequantize();
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     prop_assert_eq!(g.to_bits(), w.to_bits(), "{:?} value {}", dtype, i);
