@@ -106,6 +106,10 @@ pub fn init_thread_pool() {
     });
 }
 
+/// Elements of simple arithmetic (a norm, an activation, a rounding) below which a piece of
+/// work costs less than handing it to another thread.
+pub const MIN_PER_TASK: usize = 8192;
+
 /// Runs `f(task)` for every task in `0..tasks` on the compute threads (the caller among
 /// them) and returns when all are done. A panic in a task is re-raised here once every
 /// task has finished. Called from inside a task, it runs the tasks in place.

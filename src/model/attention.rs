@@ -17,6 +17,7 @@ use std::ops::Range;
 
 use crate::engine::kv::storage::KEY_PAD;
 use crate::engine::kv::{KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
+use crate::model::math::exp;
 use crate::quant::Isa;
 use half::f16;
 
@@ -241,7 +242,7 @@ fn attend_in<T: Elem>(
         &mut partial,
         per_task * groups * part,
         &|task, partials| {
-            let (mut runs, mut scores) = (Vec::new(), Vec::new());
+            let (mut runs, mut scores, mut wide) = (Vec::new(), Vec::new(), Vec::new());
             for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
                 let (unit, split) = (
                     (task * per_task + i) / splits,
@@ -270,7 +271,15 @@ fn attend_in<T: Elem>(
                 }
                 // The query heads that share this KV head: `[groups, head_dim]`.
                 let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
-                weigh_on(isa, hd, queries, &runs, hi - lo, &mut scores, partial);
+                weigh_on(
+                    isa,
+                    hd,
+                    queries,
+                    &runs,
+                    hi - lo,
+                    (&mut scores, &mut wide),
+                    partial,
+                );
             }
         },
     );
@@ -382,7 +391,7 @@ fn weigh_on<T: Elem>(
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    scores: &mut Vec<f32>,
+    scratch: (&mut Vec<f32>, &mut Vec<f32>),
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -393,10 +402,10 @@ fn weigh_on<T: Elem>(
         queries: &[f32],
         runs: &[Run<'_, T>],
         n: usize,
-        scores: &mut Vec<f32>,
+        scratch: (&mut Vec<f32>, &mut Vec<f32>),
         out: &mut [f32],
     ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scores, out);
+        weigh::<T, HD, true>(hd, queries, runs, n, scratch, out);
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
@@ -406,10 +415,10 @@ fn weigh_on<T: Elem>(
         queries: &[f32],
         runs: &[Run<'_, T>],
         n: usize,
-        scores: &mut Vec<f32>,
+        scratch: (&mut Vec<f32>, &mut Vec<f32>),
         out: &mut [f32],
     ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scores, out);
+        weigh::<T, HD, true>(hd, queries, runs, n, scratch, out);
     }
     macro_rules! on {
         ($hd:literal) => {
@@ -417,11 +426,11 @@ fn weigh_on<T: Elem>(
                 // SAFETY: `isa` is one `Isa::available` found on this CPU.
                 #[cfg(target_arch = "x86_64")]
                 #[allow(unsafe_code)]
-                Isa::Avx2 => unsafe { avx2::<T, $hd>(hd, queries, runs, n, scores, out) },
+                Isa::Avx2 => unsafe { avx2::<T, $hd>(hd, queries, runs, n, scratch, out) },
                 #[cfg(target_arch = "x86_64")]
                 #[allow(unsafe_code)]
-                Isa::Avx512Vnni => unsafe { avx512::<T, $hd>(hd, queries, runs, n, scores, out) },
-                _ => weigh::<T, $hd, false>(hd, queries, runs, n, scores, out),
+                Isa::Avx512Vnni => unsafe { avx512::<T, $hd>(hd, queries, runs, n, scratch, out) },
+                _ => weigh::<T, $hd, false>(hd, queries, runs, n, scratch, out),
             }
         };
     }
@@ -434,7 +443,8 @@ fn weigh_on<T: Elem>(
 
 /// The partial attention of the query heads `queries: [groups, head_dim]` over the `n`
 /// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
-/// with `w = exp(q·k − max)` (the queries come scaled). `HD` is the head size when it is known at compile
+/// with `w = exp(q·k − max)` (the queries come scaled). `scratch`: the scores and the
+/// widened keys or values. `HD` is the head size when it is known at compile
 /// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
 /// the values stream past. `HD`
 /// is a multiple of 16 (values are widened 16 at a time).
@@ -444,16 +454,18 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    scores: &mut Vec<f32>,
+    (scores, wide): (&mut Vec<f32>, &mut Vec<f32>),
     out: &mut [f32],
 ) {
     let hd = if HD == 0 { hd } else { HD };
     // Scores `[groups, n]`, for `LANES` keys at a time: over the dimensions, a query's
-    // component times one row of the transposed keys (contiguous), into four sums in
-    // registers (independent chains of multiply-adds). A run's last group of keys reads
-    // past it into storage that `PAD` keeps in bounds; those lanes are dropped.
+    // component times one row of the transposed keys, into four sums in registers
+    // (independent chains of multiply-adds). Each group of keys is widened to f32 once, into
+    // `wide: [hd, LANES]`, for all the query heads that share it. A run's last group of keys
+    // reads past it into storage that `PAD` keeps in bounds; those lanes are dropped.
     scores.clear();
     scores.resize(queries.len() / hd * n, 0.0);
+    wide.resize(hd * LANES, 0.0);
     let quads = hd / 4 * 4;
     let mut at = 0;
     // Runs are small (a block's keys are 2–4 KB) and scattered, too short for the hardware
@@ -468,23 +480,26 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
         }
         prefetch(run.values, run.v_at, run.v_stride, run.n, hd);
         for j in (0..run.n).step_by(LANES) {
-            let keys = |d: usize| -> [f32; LANES] {
+            for (d, wide) in wide.chunks_exact_mut(LANES).enumerate() {
                 let at = run.k_at + d * run.k_stride + j;
-                T::widen16::<FMA>(run.keys[at..at + LANES].try_into().expect("LANES keys"))
+                let keys = run.keys[at..at + LANES].try_into().expect("LANES keys");
+                wide.copy_from_slice(&T::widen16::<FMA>(keys));
+            }
+            let keys = |d: usize| -> &[f32; LANES] {
+                wide[d * LANES..][..LANES].try_into().expect("LANES keys")
             };
             for (query, scores) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
                 let mut acc = [[0f32; LANES]; 4];
                 for d in (0..quads).step_by(4) {
                     for (c, acc) in acc.iter_mut().enumerate() {
                         let (qd, k) = (query[d + c], keys(d + c));
-                        for (a, k) in acc.iter_mut().zip(k) {
+                        for (a, &k) in acc.iter_mut().zip(k) {
                             *a = fma::<FMA>(qd, k, *a);
                         }
                     }
                 }
                 for (d, &qd) in query.iter().enumerate().skip(quads) {
-                    let k = keys(d);
-                    for (a, k) in acc[0].iter_mut().zip(k) {
+                    for (a, &k) in acc[0].iter_mut().zip(keys(d)) {
                         *a = fma::<FMA>(qd, k, *a);
                     }
                 }
@@ -500,35 +515,53 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     for (scores, out) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(2 + hd)) {
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         scores.iter_mut().for_each(|s| *s = exp(*s - max));
-        let (head, acc_out) = out.split_at_mut(2);
-        head[0] = max;
-        head[1] = scores.iter().sum();
-        let mut weights = scores.iter();
-        if HD == 0 {
-            acc_out.fill(0.0);
-            for run in runs {
-                for (j, &p) in (0..run.n).zip(&mut weights) {
-                    let value = &run.values[run.v_at + j * run.v_stride..][..hd];
-                    for (o, &x) in acc_out.iter_mut().zip(value) {
-                        *o = fma::<FMA>(p, x.to_f32(), *o);
+        out[0] = max;
+        out[1] = scores.iter().sum();
+        out[2..].fill(0.0);
+    }
+    // `Σ w·v` per query head, `LANES` values at a time: widened once into `wide: [LANES,
+    // hd]`, then weighed for each head in registers (fixed `HD`). Each head's sum runs key
+    // by key in order, through the registers and back, so it is the same however the keys
+    // fall into runs (cached or fresh): a row's result does not depend on its batch.
+    let mut at = 0;
+    for run in runs {
+        for j in (0..run.n).step_by(LANES) {
+            let count = (run.n - j).min(LANES);
+            for (i, wide) in wide.chunks_exact_mut(hd).take(count).enumerate() {
+                let value = &run.values[run.v_at + (j + i) * run.v_stride..][..hd];
+                if hd.is_multiple_of(16) {
+                    for (wide, value) in wide.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
+                        let value = value.try_into().expect("16 values");
+                        wide.copy_from_slice(&T::widen16::<FMA>(value));
                     }
+                } else {
+                    wide.iter_mut()
+                        .zip(value)
+                        .for_each(|(w, v)| *w = v.to_f32());
                 }
             }
-        } else {
-            let mut acc = [0f32; HD];
-            for run in runs {
-                for (j, &p) in (0..run.n).zip(&mut weights) {
-                    let value = &run.values[run.v_at + j * run.v_stride..][..HD];
-                    for (acc, value) in acc.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
-                        let value = T::widen16::<FMA>(value.try_into().expect("16 values"));
-                        for (a, x) in acc.iter_mut().zip(value) {
+            let values = wide.chunks_exact(hd).take(count);
+            for (weights, out) in scores.chunks_exact(n).zip(out.chunks_exact_mut(2 + hd)) {
+                let weights = &weights[at + j..at + j + count];
+                if HD == 0 {
+                    for (&p, value) in weights.iter().zip(values.clone()) {
+                        for (o, &x) in out[2..].iter_mut().zip(value) {
+                            *o = fma::<FMA>(p, x, *o);
+                        }
+                    }
+                } else {
+                    let sums: &mut [f32; HD] = (&mut out[2..]).try_into().expect("HD sums");
+                    let mut acc = *sums;
+                    for (&p, value) in weights.iter().zip(values.clone()) {
+                        for (a, &x) in acc.iter_mut().zip(value) {
                             *a = fma::<FMA>(p, x, *a);
                         }
                     }
+                    *sums = acc;
                 }
             }
-            acc_out.copy_from_slice(&acc);
         }
+        at += run.n;
     }
 }
 
@@ -603,27 +636,6 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
     }
 }
 
-/// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
-/// arithmetic so that a loop over scores vectorises (libm's `expf` is a call per score):
-/// `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its Taylor series to `r⁷` (truncation
-/// below 2e-7 relative), times `2^n` built in the exponent bits.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // ln of the smallest normal f32: below it 2^n would not be a normal number.
-    let x = x.max(-87.336_55);
-    // Round to nearest by adding 1.5·2^23 (exact for |x·log2 e| < 2^22).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,23 +690,6 @@ mod tests {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
-    }
-
-    #[test]
-    fn exp_matches_the_standard_library() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -90.0 * i as f32 / 200_000.0;
-            let (ours, std) = (exp(x), x.exp());
-            if std > f32::MIN_POSITIVE {
-                worst = worst.max(((ours - std) / std).abs());
-            } else {
-                assert!(ours < 1e-37, "{x}: {ours}");
-            }
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(f32::NEG_INFINITY), exp(-87.336_55));
     }
 
     /// Every score far below zero (e^score underflows f32): the partial softmaxes of a

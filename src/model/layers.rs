@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::config::Activation;
+use crate::model::math;
 use crate::quant::kernels::QuantizedRows;
 use crate::quant::{ggml, AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
@@ -462,29 +463,45 @@ impl Norm {
     }
 
     /// Normalises each row of `xs: [.., d]` in place, as candle's `rms_norm` and
-    /// `layer_norm` do (f32 sums; `x / sqrt(mean + eps)`).
+    /// `layer_norm` do (f32 sums; `x / sqrt(mean + eps)`); a batch's rows are split over
+    /// the compute threads.
     pub fn apply(&self, xs: &mut [f32]) {
         let d = self.weight.len();
-        for row in xs.chunks_exact_mut(d) {
-            match &self.bias {
-                None => {
-                    let sum2: f32 = row.iter().map(|x| x * x).sum();
-                    let m = (sum2 / d as f32 + self.eps).sqrt();
-                    for (x, w) in row.iter_mut().zip(&self.weight) {
-                        *x = *x / m * w;
-                    }
+        let rows_per_task = crate::threads::MIN_PER_TASK.div_ceil(d).max(1);
+        crate::threads::parallel_chunks_mut(xs, rows_per_task * d, &|_, rows| {
+            rows.chunks_exact_mut(d).for_each(|row| self.apply_row(row));
+        });
+    }
+
+    fn apply_row(&self, row: &mut [f32]) {
+        let d = self.weight.len() as f32;
+        match &self.bias {
+            None => {
+                let m = (sum(row.iter().map(|x| x * x)) / d + self.eps).sqrt();
+                for (x, w) in row.iter_mut().zip(&self.weight) {
+                    *x = *x / m * w;
                 }
-                Some(bias) => {
-                    let mean = row.iter().sum::<f32>() / d as f32;
-                    let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d as f32;
-                    let std = (var + self.eps).sqrt();
-                    for ((x, w), b) in row.iter_mut().zip(&self.weight).zip(bias) {
-                        *x = (*x - mean) / std * w + b;
-                    }
+            }
+            Some(bias) => {
+                let mean = sum(row.iter().copied()) / d;
+                let var = sum(row.iter().map(|x| (x - mean) * (x - mean))) / d;
+                let std = (var + self.eps).sqrt();
+                for ((x, w), b) in row.iter_mut().zip(&self.weight).zip(bias) {
+                    *x = (*x - mean) / std * w + b;
                 }
             }
         }
     }
+}
+
+/// A sum in 8 interleaved partial sums (which the compiler keeps in one vector register;
+/// a single running sum must be added in order, one element at a time).
+fn sum(xs: impl Iterator<Item = f32>) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (i, x) in xs.enumerate() {
+        lanes[i % 8] += x;
+    }
+    lanes.iter().sum()
 }
 
 /// Rotary position embeddings (Su et al., 2021), either on adjacent pairs (the layout
@@ -536,32 +553,43 @@ impl Rope {
 
     /// Rotates `xs: [rows, heads, head_dim]` in place, row `r` by `positions[r]`. When the
     /// rotary dimension is smaller than the head (Phi's partial rotary embeddings), only the
-    /// first dimensions of each head turn and the rest pass through.
+    /// first dimensions of each head turn and the rest pass through. A batch's rows are
+    /// split over the compute threads.
     pub fn rotate(&self, xs: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
+        let width = heads * head_dim;
+        let rows_per_task = crate::threads::MIN_PER_TASK.div_ceil(width).max(1);
+        crate::threads::parallel_chunks_mut(xs, rows_per_task * width, &|task, rows| {
+            let positions = &positions[task * rows_per_task..];
+            for (row, &p) in rows.chunks_mut(width).zip(positions) {
+                self.rotate_row(row, head_dim, p);
+            }
+        });
+    }
+
+    /// One row `[heads, head_dim]` at position `p`.
+    fn rotate_row(&self, row: &mut [f32], head_dim: usize, p: usize) {
         /// Frequencies whose rotation is computed at once (on the stack), for all heads.
         const CHUNK: usize = 64;
         let half = self.inv_freq.len();
         let mut cos_sin = [(0f32, 0f32); CHUNK];
-        for (row, &p) in xs.chunks_mut(heads * head_dim).zip(positions) {
-            for first in (0..half).step_by(CHUNK) {
-                let freqs = &self.inv_freq[first..(first + CHUNK).min(half)];
-                for (cs, &f) in cos_sin.iter_mut().zip(freqs) {
-                    // f64 keeps large positions (long contexts) accurate.
-                    let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
-                    *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
-                }
-                for head in row.chunks_mut(head_dim) {
-                    for (i, &(cos, sin)) in (first..).zip(&cos_sin[..freqs.len()]) {
-                        // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
-                        let (a, b) = if self.interleaved {
-                            (2 * i, 2 * i + 1)
-                        } else {
-                            (i, i + half)
-                        };
-                        let (x, y) = (head[a], head[b]);
-                        head[a] = x * cos - y * sin;
-                        head[b] = x * sin + y * cos;
-                    }
+        for first in (0..half).step_by(CHUNK) {
+            let freqs = &self.inv_freq[first..(first + CHUNK).min(half)];
+            for (cs, &f) in cos_sin.iter_mut().zip(freqs) {
+                // f64 keeps large positions (long contexts) accurate.
+                let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
+                *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
+            }
+            for head in row.chunks_mut(head_dim) {
+                for (i, &(cos, sin)) in (first..).zip(&cos_sin[..freqs.len()]) {
+                    // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
+                    let (a, b) = if self.interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + half)
+                    };
+                    let (x, y) = (head[a], head[b]);
+                    head[a] = x * cos - y * sin;
+                    head[b] = x * sin + y * cos;
                 }
             }
         }
@@ -709,28 +737,21 @@ impl MoeMlp {
 }
 
 impl Activation {
-    /// The activation of one value, as candle computes it in f32.
-    #[inline(always)]
-    fn of(self, x: f32) -> f32 {
-        match self {
-            Activation::Silu => x / (1.0 + (-x).exp()),
-            // The tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`; candle's `gelu`).
-            Activation::GeluPytorchTanh => {
-                const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-                0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
-            }
-        }
-    }
-
     /// In place.
     pub fn apply(self, xs: &mut [f32]) {
-        xs.iter_mut().for_each(|x| *x = self.of(*x));
+        match self {
+            Activation::Silu => math::zip_in_place(xs, None, |x, _| math::silu(x)),
+            Activation::GeluPytorchTanh => math::zip_in_place(xs, None, |x, _| math::gelu_tanh(x)),
+        }
     }
 
     /// `gate ← act(gate) · up`, in place (the gated MLP's product).
     pub fn gated(self, gate: &mut [f32], up: &[f32]) {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = self.of(*g) * u;
+        match self {
+            Activation::Silu => math::zip_in_place(gate, Some(up), |g, u| math::silu(g) * u),
+            Activation::GeluPytorchTanh => {
+                math::zip_in_place(gate, Some(up), |g, u| math::gelu_tanh(g) * u);
+            }
         }
     }
 }

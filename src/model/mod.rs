@@ -7,6 +7,7 @@ pub mod config;
 pub mod decoder;
 pub mod layers;
 pub mod loader;
+pub mod math;
 pub mod ops;
 pub mod weights;
 
