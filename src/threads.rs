@@ -108,7 +108,15 @@ pub fn init_thread_pool() {
 
 /// Elements of simple arithmetic (a norm, an activation, a rounding) below which a piece of
 /// work costs less than handing it to another thread.
-pub const MIN_PER_TASK: usize = 8192;
+const MIN_PER_TASK: usize = 8192;
+
+/// How many of `rows` rows of `width` elements of simple arithmetic each task takes: one
+/// task per [`MIN_PER_TASK`] elements, at most one per thread, the rows shared evenly (a
+/// last task with a remainder would keep the others waiting).
+pub fn rows_per_task(rows: usize, width: usize) -> usize {
+    let tasks = (rows * width / MIN_PER_TASK).clamp(1, num_threads());
+    rows.div_ceil(tasks).max(1)
+}
 
 /// Runs `f(task)` for every task in `0..tasks` on the compute threads (the caller among
 /// them) and returns when all are done. A panic in a task is re-raised here once every

@@ -467,7 +467,7 @@ impl Norm {
     /// the compute threads.
     pub fn apply(&self, xs: &mut [f32]) {
         let d = self.weight.len();
-        let rows_per_task = crate::threads::MIN_PER_TASK.div_ceil(d).max(1);
+        let rows_per_task = crate::threads::rows_per_task(xs.len() / d.max(1), d);
         crate::threads::parallel_chunks_mut(xs, rows_per_task * d, &|_, rows| {
             rows.chunks_exact_mut(d).for_each(|row| self.apply_row(row));
         });
@@ -551,23 +551,36 @@ impl Rope {
         self
     }
 
-    /// Rotates `xs: [rows, heads, head_dim]` in place, row `r` by `positions[r]`. When the
-    /// rotary dimension is smaller than the head (Phi's partial rotary embeddings), only the
-    /// first dimensions of each head turn and the rest pass through. A batch's rows are
-    /// split over the compute threads.
-    pub fn rotate(&self, xs: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
-        let width = heads * head_dim;
-        let rows_per_task = crate::threads::MIN_PER_TASK.div_ceil(width).max(1);
-        crate::threads::parallel_chunks_mut(xs, rows_per_task * width, &|task, rows| {
-            let positions = &positions[task * rows_per_task..];
-            for (row, &p) in rows.chunks_mut(width).zip(positions) {
-                self.rotate_row(row, head_dim, p);
+    /// Rotates the queries `q: [rows, heads, head_dim]` and keys `k: [rows, kv_heads,
+    /// head_dim]` in place, row `r` by `positions[r]` (one cos/sin per frequency and row for
+    /// both). When the rotary dimension is smaller than the head (Phi's partial rotary
+    /// embeddings), only the first dimensions of each head turn and the rest pass through.
+    /// A batch's rows are split over the compute threads.
+    pub fn rotate(&self, (q, k): (&mut [f32], &mut [f32]), head_dim: usize, positions: &[usize]) {
+        let rows = positions.len();
+        let (q_width, k_width) = (q.len() / rows.max(1), k.len() / rows.max(1));
+        let rows_per_task = crate::threads::rows_per_task(rows, q_width + k_width);
+        let k_base = crate::threads::SendPtr(k.as_mut_ptr());
+        crate::threads::parallel_chunks_mut(q, rows_per_task * q_width, &|task, q| {
+            let first = task * rows_per_task;
+            // SAFETY: tasks take disjoint rows of `k` (the same rows as of `q`), which stays
+            // mutably borrowed until every task has finished.
+            #[allow(unsafe_code)]
+            let k = unsafe {
+                std::slice::from_raw_parts_mut(
+                    k_base.get().add(first * k_width),
+                    q.len() / q_width * k_width,
+                )
+            };
+            let rows = q.chunks_mut(q_width).zip(k.chunks_mut(k_width));
+            for ((q, k), &p) in rows.zip(&positions[first..]) {
+                self.rotate_row([q, k], head_dim, p);
             }
         });
     }
 
-    /// One row `[heads, head_dim]` at position `p`.
-    fn rotate_row(&self, row: &mut [f32], head_dim: usize, p: usize) {
+    /// One row of each of `xs` (`[heads, head_dim]` each) at position `p`.
+    fn rotate_row(&self, mut xs: [&mut [f32]; 2], head_dim: usize, p: usize) {
         /// Frequencies whose rotation is computed at once (on the stack), for all heads.
         const CHUNK: usize = 64;
         let half = self.inv_freq.len();
@@ -579,7 +592,7 @@ impl Rope {
                 let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
                 *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
             }
-            for head in row.chunks_mut(head_dim) {
+            for head in xs.iter_mut().flat_map(|x| x.chunks_mut(head_dim)) {
                 for (i, &(cos, sin)) in (first..).zip(&cos_sin[..freqs.len()]) {
                     // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
                     let (a, b) = if self.interleaved {

@@ -4,7 +4,6 @@
 //! the compute threads, each piece compiled for the CPU's vector width.
 
 use crate::quant::Isa;
-use crate::threads::MIN_PER_TASK as PER_TASK;
 
 /// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
 /// arithmetic so that a loop over scores vectorises (libm's `expf` is a call per score):
@@ -47,16 +46,17 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh)
 }
 
-/// `xs[i] ← f(xs[i], ys[i])` (`ys`: zeros when `None`), over the compute threads in pieces
-/// of [`PER_TASK`] elements.
+/// `xs[i] ← f(xs[i], ys[i])` (`ys`: zeros when `None`), over the compute threads in even
+/// pieces ([`crate::threads::rows_per_task`] of single elements).
 pub fn zip_in_place<F: Fn(f32, f32) -> f32 + Sync>(xs: &mut [f32], ys: Option<&[f32]>, f: F) {
     assert!(
         ys.is_none_or(|ys| ys.len() == xs.len()),
         "operands of one length"
     );
     let isa = Isa::active();
-    crate::threads::parallel_chunks_mut(xs, PER_TASK, &|i, xs| {
-        let ys = ys.map(|ys| &ys[i * PER_TASK..][..xs.len()]);
+    let piece = crate::threads::rows_per_task(xs.len(), 1);
+    crate::threads::parallel_chunks_mut(xs, piece, &|i, xs| {
+        let ys = ys.map(|ys| &ys[i * piece..][..xs.len()]);
         zip_on(isa, xs, ys, &f);
     });
 }
@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn zip_in_place_covers_every_piece() {
-        let n = 3 * PER_TASK + 17;
+        let n = 3 * 8192 + 17;
         let mut xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let ys: Vec<f32> = (0..n).map(|i| (2 * i) as f32).collect();
         zip_in_place(&mut xs, Some(&ys), |x, y| x + y);

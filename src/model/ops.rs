@@ -200,9 +200,7 @@ impl Ops for Cpu {
                 "a GPU KV cache in a CPU forward pass".into(),
             ));
         }
-        let (kv_heads, head_dim) = (kv.layout().kv_heads, kv.layout().head_dim);
-        rope.rotate(q, heads, head_dim, positions);
-        rope.rotate(k, kv_heads, head_dim, positions);
+        rope.rotate((q, k), kv.layout().head_dim, positions);
         *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
         attention::store(kv, layer, seqs, k, v);
         Ok(())

@@ -588,7 +588,7 @@ impl QuantizedRows {
         self.group_sums.resize(m * groups, 0.0);
         (self.m, self.k, self.group_size) = (m, k, group_size);
         let isa = Isa::active();
-        let rows_per_task = crate::threads::MIN_PER_TASK.div_ceil(k).max(1);
+        let rows_per_task = crate::threads::rows_per_task(m, k);
         let (qs, d, block_sums, group_sums) = (
             SendPtr(self.qs.as_mut_ptr()),
             SendPtr(self.d.as_mut_ptr()),
