@@ -437,6 +437,8 @@ fn weigh_on<T: Elem>(
     match hd {
         64 => on!(64),
         128 => on!(128),
+        // Gemma 3.
+        256 => on!(256),
         _ => on!(0),
     }
 }
@@ -835,40 +837,43 @@ mod tests {
     /// Prefill in uneven chunks through scattered blocks equals one causal pass.
     #[test]
     fn chunked_paged_attention_matches_causal_attention() {
-        let (t, heads, nkv, hd, bs) = (11, 4, 2, 8, 4);
-        let (q, k, v) = (
-            data(t * heads * hd, 1),
-            data(t * nkv * hd, 2),
-            data(t * nkv * hd, 3),
-        );
-        let want = naive(&q, &k, &v, t, heads, nkv, hd);
-        let mut kv = KvStorage::new(KvDType::F32, 1, 6, layout(bs, nkv, hd, None)).unwrap();
-        let blocks = [5u32, 0, 3];
-        let mut got = vec![];
-        for (start, len) in [(0, 5), (5, 1), (6, 4), (10, 1)] {
-            let seq = SeqSpan {
-                row: 0,
-                len,
-                start,
-                blocks: &blocks,
-            };
-            let rows = |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
-            let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
-            got.extend(attend(
-                &kv,
-                0,
-                &[seq],
-                &rows(&q, heads),
-                &kk,
-                &vv,
-                heads,
-                1.0,
-                None,
-            ));
-            store(&mut kv, 0, &[seq], &kk, &vv);
-        }
-        for (a, b) in got.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        // Every head size the kernels specialise for, and one they do not.
+        for hd in [8, 64, 128, 256] {
+            let (t, heads, nkv, bs) = (11, 4, 2, 4);
+            let (q, k, v) = (
+                data(t * heads * hd, 1),
+                data(t * nkv * hd, 2),
+                data(t * nkv * hd, 3),
+            );
+            let want = naive(&q, &k, &v, t, heads, nkv, hd);
+            let mut kv = KvStorage::new(KvDType::F32, 1, 6, layout(bs, nkv, hd, None)).unwrap();
+            let blocks = [5u32, 0, 3];
+            let mut got = vec![];
+            for (start, len) in [(0, 5), (5, 1), (6, 4), (10, 1)] {
+                let seq = SeqSpan {
+                    row: 0,
+                    len,
+                    start,
+                    blocks: &blocks,
+                };
+                let rows = |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
+                let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
+                got.extend(attend(
+                    &kv,
+                    0,
+                    &[seq],
+                    &rows(&q, heads),
+                    &kk,
+                    &vv,
+                    heads,
+                    1.0,
+                    None,
+                ));
+                store(&mut kv, 0, &[seq], &kk, &vv);
+            }
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "head size {hd}: {a} vs {b}");
+            }
         }
     }
 }
