@@ -1,7 +1,7 @@
 //! Threads for compute.
 //!
-//! * Rayon's global pool runs the coarse work (loading, repacking, conversion, candle's own
-//!   kernels). It is built once, before the first model loads, so that its size follows
+//! * Rayon's global pool runs the coarse work (loading, repacking, conversion, some of
+//!   candle's kernels; its k-quant products run on candle's barrier pool, sized the same). It is built once, before the first model loads, so that its size follows
 //!   `CORTEX_NUM_THREADS` (default: one thread per core) and its threads carry a name of
 //!   their own.
 //! * [`parallel_for`] runs the forward pass's fine-grained work (each quantized matmul,
@@ -93,23 +93,27 @@ pub fn num_threads() -> usize {
     })
 }
 
-/// Builds rayon's global pool if nobody has yet, and sizes candle's own (its k-quant
-/// kernels, e.g. GGUF Q6_K, run on a pool of their own); later calls do nothing.
+/// Builds rayon's global pool if nobody has yet, and sizes candle's barrier pool (its
+/// k-quant kernels, e.g. GGUF Q6_K, run there); later calls do nothing.
 pub fn init_thread_pool() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        // Candle's pool reads these when its first kernel runs, which is after this. Unset,
-        // it takes every core whatever `CORTEX_NUM_THREADS` says, and each worker spins
-        // 25,000 rounds (about a millisecond) after every kernel: between our operations
-        // that takes a core from our own threads (Gemma 3 270M Q4_K_M decoded 25 % faster
-        // on 2 cores with 2,000). A user's own setting wins. (Set before any thread of
-        // ours starts; the variables are read nowhere else.)
-        for (name, value) in [
-            ("CANDLE_NUM_THREADS", num_threads().to_string()),
-            ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000".to_string()),
-        ] {
-            if std::env::var_os(name).is_none() {
-                std::env::set_var(name, value);
+        // Candle's barrier pool (its k-quant kernels) reads these when its first kernel
+        // runs, which is after this. Unset, it takes every core whatever
+        // `CORTEX_NUM_THREADS` says, and each worker spins 25,000 rounds (about a
+        // millisecond) after every kernel: between our operations that takes a core from
+        // our own threads (Gemma 3 270M Q4_K_M decoded 25 % faster on 2 cores with 2,000).
+        // A user's own setting wins. Only while no thread of ours runs (another thread
+        // reading the environment while it changes is undefined in C); a child process
+        // inherits them, as it would the user's.
+        if !THREADS_STARTED.load(Ordering::SeqCst) {
+            for (name, value) in [
+                ("CANDLE_NUM_THREADS", num_threads().to_string()),
+                ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000".to_string()),
+            ] {
+                if std::env::var_os(name).is_none() {
+                    std::env::set_var(name, value);
+                }
             }
         }
         note_threads_started();

@@ -128,7 +128,11 @@ def _pipeline(ns: dict[str, Any], out: str) -> None:
     assert isinstance(output, list) and len(output) == 4 and all(isinstance(t, str) for t in output)
     engines = ns["pipeline"].engines
     assert len(engines) == 3
-    assert [e.stats()["requests_finished"] for e in engines] == [4, 4, 4]
+    # Every stage takes the texts the one before it gave, except empty ones (a model that
+    # ended at once: nothing to continue; that prompt's result is "").
+    finished = [e.stats()["requests_finished"] for e in engines]
+    assert finished[0] == 4 and finished == sorted(finished, reverse=True), finished
+    assert sum(1 for t in output if t) <= finished[-1]
 
 
 def _streams(ns: dict[str, Any], out: str) -> None:

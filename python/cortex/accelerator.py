@@ -273,16 +273,21 @@ class Pipeline:
     def __call__(self, prompts: str | Sequence[Prompt], **sampling: Any) -> str | list[str]:
         """Run ``prompts`` through every stage; returns the last stage's texts, in order
         (one prompt given as a string: one text). ``sampling``: :class:`cortex.SamplingParams`
-        fields, for every stage."""
+        fields, for every stage. A stage that answers a prompt with nothing (the model ended
+        at once) ends that prompt's chain: the empty text is its result, since the next
+        stage has nothing to continue."""
         if isinstance(prompts, str):
             return self([prompts], **sampling)[0]
-        texts: Sequence[Prompt] = list(prompts)
+        texts: list[Prompt] = list(prompts)
+        live = list(range(len(texts)))
         for engine in self.engines:
-            outs = engine.generate_batch(texts, **sampling)
+            outs = engine.generate_batch([texts[i] for i in live], **sampling)
             for out in outs:
                 if out.error is not None:
                     raise out.error
-            texts = [out.text for out in outs]
+            for i, out in zip(live, outs, strict=True):
+                texts[i] = out.text
+            live = [i for i in live if texts[i]]
         return [str(t) for t in texts]
 
 

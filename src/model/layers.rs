@@ -462,9 +462,9 @@ impl Norm {
         (&self.weight, self.bias.as_deref(), self.eps)
     }
 
-    /// Normalises each row of `xs: [.., d]` in place, as candle's `rms_norm` and
-    /// `layer_norm` do (f32 sums; `x / sqrt(mean + eps)`); a batch's rows are split over
-    /// the compute threads.
+    /// Normalises each row of `xs: [.., d]` in place, with candle's `rms_norm` and
+    /// `layer_norm` formulas (f32 sums, in 8 interleaved partial sums; `x / sqrt(mean +
+    /// eps)`); a batch's rows are split over the compute threads.
     pub fn apply(&self, xs: &mut [f32]) {
         let d = self.weight.len();
         let rows_per_task = crate::threads::rows_per_task(xs.len() / d.max(1), d);
@@ -494,8 +494,8 @@ impl Norm {
     }
 }
 
-/// A sum in 8 interleaved partial sums (which the compiler keeps in one vector register;
-/// a single running sum must be added in order, one element at a time).
+/// A sum in 8 interleaved partial sums: 8 independent chains of additions, which the
+/// compiler may run as one vector (a single running sum must add one element at a time).
 fn sum(xs: impl Iterator<Item = f32>) -> f32 {
     let mut lanes = [0f32; 8];
     for (i, x) in xs.enumerate() {
@@ -559,6 +559,12 @@ impl Rope {
     pub fn rotate(&self, (q, k): (&mut [f32], &mut [f32]), head_dim: usize, positions: &[usize]) {
         let rows = positions.len();
         let (q_width, k_width) = (q.len() / rows.max(1), k.len() / rows.max(1));
+        assert!(
+            q.len() == rows * q_width
+                && k.len() == rows * k_width
+                && (rows == 0 || (q_width > 0 && k_width > 0)),
+            "queries and keys of {rows} rows"
+        );
         let rows_per_task = crate::threads::rows_per_task(rows, q_width + k_width);
         let k_base = crate::threads::SendPtr(k.as_mut_ptr());
         crate::threads::parallel_chunks_mut(q, rows_per_task * q_width, &|task, q| {

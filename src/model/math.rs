@@ -13,6 +13,7 @@ use crate::quant::Isa;
 pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
+    debug_assert!(x <= 0.0 || x.is_nan(), "exp takes x <= 0, not {x}");
     // ln of the smallest normal f32: below it 2^n would not be a normal number.
     let x = x.max(-87.336_55);
     // Round to nearest by adding 1.5·2^23 (exact for |x·log2 e| < 2^22).
@@ -31,7 +32,7 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
     let e = exp(-x.abs());
-    let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    let sigmoid = (if x >= 0.0 { 1.0 } else { e }) / (1.0 + e);
     x * sigmoid
 }
 

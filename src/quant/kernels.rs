@@ -613,7 +613,7 @@ impl QuantizedRows {
                         ),
                     }
                 };
-                quantize_row_on(isa, &x[r * k..(r + 1) * k], row);
+                quantize_row_on(isa, &x[r * k..(r + 1) * k], group_size / BLOCK, row);
             }
         });
     }
@@ -629,47 +629,47 @@ struct Row<'a> {
 
 /// [`quantize_row`] compiled for `isa` (one of `Isa::available()`): with AVX2 or AVX-512
 /// enabled its fixed-size block loops run as vector instructions.
-fn quantize_row_on(isa: Isa, x: &[f32], row: Row<'_>) {
+fn quantize_row_on(isa: Isa, x: &[f32], per_group: usize, row: Row<'_>) {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(unsafe_code)]
-    unsafe fn avx2(x: &[f32], row: Row<'_>) {
-        quantize_row(x, row);
+    unsafe fn avx2(x: &[f32], per_group: usize, row: Row<'_>) {
+        quantize_row(x, per_group, row);
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
     #[allow(unsafe_code)]
-    unsafe fn avx512(x: &[f32], row: Row<'_>) {
-        quantize_row(x, row);
+    unsafe fn avx512(x: &[f32], per_group: usize, row: Row<'_>) {
+        quantize_row(x, per_group, row);
     }
     match isa {
         // SAFETY: `isa` is one `Isa::available` found on this CPU.
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe { avx2(x, row) },
+        Isa::Avx2 => unsafe { avx2(x, per_group, row) },
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Avx512Vnni => unsafe { avx512(x, row) },
-        _ => quantize_row(x, row),
+        Isa::Avx512Vnni => unsafe { avx512(x, per_group, row) },
+        _ => quantize_row(x, per_group, row),
     }
 }
 
-/// One row: per block of 32, `d = max|x| / 127`, `q = round(x / d)` and `Σ q`; per group,
-/// the sum of the rounded values `d · q`.
+/// One row: per block of 32, `d = max|x| / 127`, `q = x · 127 / max|x|` rounded to the
+/// nearest integer (ties to even) and `Σ q`; per group of `per_group` blocks, the sum of
+/// the rounded values `d · q`.
 ///
 /// Sums of the rounded values, not of `x`: then the product is exactly `Σ w · x̂`, whose
 /// rounding error is weighted by the weights themselves (centred on 0), not by their codes
 /// (all ≥ 0, so the errors would add up instead of cancelling: measured 1.6x the error on
 /// GGUF Q4_1 with outlier activations).
 #[inline(always)]
-fn quantize_row(x: &[f32], row: Row<'_>) {
+fn quantize_row(x: &[f32], per_group: usize, row: Row<'_>) {
     let Row {
         q,
         d,
         block_sums,
         group_sums,
     } = row;
-    let per_group = d.len() / group_sums.len();
     let (xs, _) = x.as_chunks::<BLOCK>();
     let (qs, _) = q.as_chunks_mut::<BLOCK>();
     for (g, sum) in group_sums.iter_mut().enumerate() {
@@ -690,8 +690,11 @@ fn quantize_row(x: &[f32], row: Row<'_>) {
             for (q, v) in qb.iter_mut().zip(xb) {
                 // Round to nearest (ties to even), by adding 1.5·2^23: the integer lands in
                 // the low mantissa bits. Unlike `round() as i8`, whose saturating cast
-                // stays one element at a time, this vectorises. |v · inv| ≤ 127.
-                let bits = (v * inv + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+                // stays one element at a time, this vectorises. The clamp only acts on
+                // NaN (to −127) and on a block so small that `inv` overflowed.
+                #[allow(clippy::manual_clamp)] // `clamp` keeps NaN
+                let v = (v * inv).max(-127.0).min(127.0);
+                let bits = (v + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
                 *q = bits as i8;
                 isum += i32::from(*q);
             }
@@ -872,8 +875,8 @@ mod x86 {
                     if BITS == 8 && VNNI {
                         // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as integers): the
                         // float sums stay as small as the signed codes make them.
-                        let offset = 128 * *block_sums.add(t * blocks + blk);
-                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset));
+                        let shift = 128 * *block_sums.add(t * blocks + blk);
+                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
                     }
                     let sd = _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
                     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
@@ -1012,6 +1015,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every instruction set rounds activations to the same int8 values as the plain
+    /// definition (ties to even: `round_ties_even`), row by row or split over threads.
+    #[test]
+    fn activation_rounding_is_the_same_everywhere() {
+        let (m, k, gs) = (64, 4096, 64);
+        let mut x = random(m * k, 7);
+        // Exact ties: a block whose largest value is 127 has `inv = 1`.
+        for (i, v) in x[..BLOCK].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        x[BLOCK] = f32::NAN; // a NaN rounds to a defined code
+        let all = QuantizedRows::new(&x, m, k, gs);
+        for (r, row) in x.chunks(k).enumerate() {
+            let mut want = Vec::new();
+            for block in row.chunks(BLOCK) {
+                let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                want.extend(block.iter().map(|v| {
+                    let q = (v * inv).round_ties_even();
+                    if q.is_nan() {
+                        -127
+                    } else {
+                        q as i8
+                    }
+                }));
+            }
+            assert_eq!(&all.qs[r * k..(r + 1) * k], &want[..], "row {r}");
+            for &isa in Isa::available() {
+                let (mut q, mut d) = (vec![0i8; k], vec![0f32; k / BLOCK]);
+                let (mut bs, mut gsum) = (vec![0i32; k / BLOCK], vec![0f32; k / gs]);
+                let out = Row {
+                    q: &mut q,
+                    d: &mut d,
+                    block_sums: &mut bs,
+                    group_sums: &mut gsum,
+                };
+                quantize_row_on(isa, row, gs / BLOCK, out);
+                assert_eq!(q, want, "{isa:?}, row {r}");
+                assert_eq!(&all.d[r * k / BLOCK..(r + 1) * k / BLOCK], &d[..]);
+                assert_eq!(&all.block_sums[r * k / BLOCK..(r + 1) * k / BLOCK], &bs[..]);
+                assert_eq!(&all.group_sums[r * k / gs..(r + 1) * k / gs], &gsum[..]);
+            }
+        }
+        assert_eq!(all.qs[..4], [127, -14, -14, -12]); // −14.5 and −13.5 to −14, −12.5 to −12
     }
 
     #[test]
