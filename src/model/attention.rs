@@ -18,6 +18,7 @@ use std::ops::Range;
 use crate::engine::kv::storage::KEY_PAD;
 use crate::engine::kv::{KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
 use crate::model::math::exp;
+use crate::quant::kernels::{on_isa, IsaKernel};
 use crate::quant::Isa;
 use half::f16;
 
@@ -381,9 +382,9 @@ const _: () = assert!(
 const KEYS_PER_TASK: usize = 32;
 const MAX_SPLITS: usize = 8;
 
-/// [`weigh`] compiled for the instruction set `isa` (the loops are plain Rust; compiled
-/// with AVX2 or AVX-512 enabled they run 8 or 16 lanes wide with fused multiply-adds) and
-/// specialised for the common head sizes.
+/// [`weigh`] compiled for the instruction set `isa` ([`on_isa`]: the loops are plain Rust;
+/// compiled with AVX2 or AVX-512 enabled they run 8 or 16 lanes wide with fused
+/// multiply-adds) and specialised for the common head sizes.
 #[allow(clippy::too_many_arguments)]
 fn weigh_on<T: Elem>(
     isa: Isa,
@@ -394,44 +395,44 @@ fn weigh_on<T: Elem>(
     scratch: (&mut Vec<f32>, &mut Vec<f32>),
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(unsafe_code, clippy::too_many_arguments)]
-    unsafe fn avx2<T: Elem, const HD: usize>(
+    /// One call of [`weigh`] for head size `HD`.
+    struct Weigh<'a, 'r, T, const HD: usize> {
         hd: usize,
-        queries: &[f32],
-        runs: &[Run<'_, T>],
+        queries: &'a [f32],
+        runs: &'a [Run<'r, T>],
         n: usize,
-        scratch: (&mut Vec<f32>, &mut Vec<f32>),
-        out: &mut [f32],
-    ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scratch, out);
+        scratch: (&'a mut Vec<f32>, &'a mut Vec<f32>),
+        out: &'a mut [f32],
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    #[allow(unsafe_code, clippy::too_many_arguments)]
-    unsafe fn avx512<T: Elem, const HD: usize>(
-        hd: usize,
-        queries: &[f32],
-        runs: &[Run<'_, T>],
-        n: usize,
-        scratch: (&mut Vec<f32>, &mut Vec<f32>),
-        out: &mut [f32],
-    ) {
-        weigh::<T, HD, true>(hd, queries, runs, n, scratch, out);
+    impl<T: Elem, const HD: usize> IsaKernel for Weigh<'_, '_, T, HD> {
+        type Out = ();
+
+        #[inline(always)]
+        fn run<const SIMD: bool>(self) {
+            let Weigh {
+                hd,
+                queries,
+                runs,
+                n,
+                scratch,
+                out,
+            } = self;
+            weigh::<T, HD, SIMD>(hd, queries, runs, n, scratch, out);
+        }
     }
     macro_rules! on {
         ($hd:literal) => {
-            match isa {
-                // SAFETY: `isa` is one `Isa::available` found on this CPU.
-                #[cfg(target_arch = "x86_64")]
-                #[allow(unsafe_code)]
-                Isa::Avx2 => unsafe { avx2::<T, $hd>(hd, queries, runs, n, scratch, out) },
-                #[cfg(target_arch = "x86_64")]
-                #[allow(unsafe_code)]
-                Isa::Avx512Vnni => unsafe { avx512::<T, $hd>(hd, queries, runs, n, scratch, out) },
-                _ => weigh::<T, $hd, false>(hd, queries, runs, n, scratch, out),
-            }
+            on_isa(
+                isa,
+                Weigh::<T, $hd> {
+                    hd,
+                    queries,
+                    runs,
+                    n,
+                    scratch,
+                    out,
+                },
+            )
         };
     }
     match hd {

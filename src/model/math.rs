@@ -1,8 +1,9 @@
 //! Elementwise arithmetic of the CPU forward pass, written so that it vectorises: libm's
 //! `expf` and `tanhf` are a call per element, and a batch's activations are tens of
 //! thousands of elements a layer. [`zip_in_place`] runs such a function over a buffer on
-//! the compute threads, each piece compiled for the CPU's vector width.
+//! the compute threads, each piece compiled for the CPU's vector width ([`on_isa`]).
 
+use crate::quant::kernels::{on_isa, IsaKernel};
 use crate::quant::Isa;
 
 /// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
@@ -58,40 +59,27 @@ pub fn zip_in_place<F: Fn(f32, f32) -> f32 + Sync>(xs: &mut [f32], ys: Option<&[
     let piece = crate::threads::rows_per_task(xs.len(), 1);
     crate::threads::parallel_chunks_mut(xs, piece, &|i, xs| {
         let ys = ys.map(|ys| &ys[i * piece..][..xs.len()]);
-        zip_on(isa, xs, ys, &f);
+        on_isa(isa, Zip { xs, ys, f: &f });
     });
 }
 
-/// The loop of [`zip_in_place`] compiled for `isa` (one of `Isa::available()`).
-fn zip_on<F: Fn(f32, f32) -> f32>(isa: Isa, xs: &mut [f32], ys: Option<&[f32]>, f: &F) {
+/// The loop of [`zip_in_place`] over one piece, for [`on_isa`].
+struct Zip<'a, F> {
+    xs: &'a mut [f32],
+    ys: Option<&'a [f32]>,
+    f: &'a F,
+}
+
+impl<F: Fn(f32, f32) -> f32> IsaKernel for Zip<'_, F> {
+    type Out = ();
+
     #[inline(always)]
-    fn run<F: Fn(f32, f32) -> f32>(xs: &mut [f32], ys: Option<&[f32]>, f: &F) {
+    fn run<const SIMD: bool>(self) {
+        let Zip { xs, ys, f } = self;
         match ys {
             Some(ys) => xs.iter_mut().zip(ys).for_each(|(x, &y)| *x = f(*x, y)),
             None => xs.iter_mut().for_each(|x| *x = f(*x, 0.0)),
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(unsafe_code)]
-    unsafe fn avx2<F: Fn(f32, f32) -> f32>(xs: &mut [f32], ys: Option<&[f32]>, f: &F) {
-        run(xs, ys, f);
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    #[allow(unsafe_code)]
-    unsafe fn avx512<F: Fn(f32, f32) -> f32>(xs: &mut [f32], ys: Option<&[f32]>, f: &F) {
-        run(xs, ys, f);
-    }
-    match isa {
-        // SAFETY: `isa` is one `Isa::available` found on this CPU.
-        #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe { avx2(xs, ys, f) },
-        #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
-        Isa::Avx512Vnni => unsafe { avx512(xs, ys, f) },
-        _ => run(xs, ys, f),
     }
 }
 

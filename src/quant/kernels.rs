@@ -115,6 +115,47 @@ impl Isa {
     }
 }
 
+/// A loop nest written in plain Rust that [`on_isa`] compiles for an instruction set.
+pub trait IsaKernel {
+    type Out;
+    /// The work; `SIMD`: compiled with AVX2 or AVX-512 enabled (fused multiply-adds and
+    /// F16C are there). Implementations are `#[inline(always)]`, so that the work is
+    /// compiled inside [`on_isa`]'s functions, with their instruction sets.
+    fn run<const SIMD: bool>(self) -> Self::Out;
+}
+
+/// Runs `kernel` compiled for `isa` (one of [`Isa::available`]): inside a function with
+/// AVX2 or AVX-512 enabled its loops vectorise at that width (8 or 16 f32 lanes).
+pub fn on_isa<K: IsaKernel>(isa: Isa, kernel: K) -> K::Out {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    unsafe fn avx2<K: IsaKernel>(kernel: K) -> K::Out {
+        kernel.run::<true>()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    #[allow(unsafe_code)]
+    unsafe fn avx512<K: IsaKernel>(kernel: K) -> K::Out {
+        kernel.run::<true>()
+    }
+    assert!(
+        Isa::available().contains(&isa),
+        "this CPU cannot run the {} kernels",
+        isa.name()
+    );
+    match isa {
+        // SAFETY: the CPU has `isa`'s features (checked above).
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { avx2(kernel) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx512Vnni => unsafe { avx512(kernel) },
+        _ => kernel.run::<false>(),
+    }
+}
+
 /// The most matrices one joint product takes (q/k/v is three).
 const MAX_JOINT: usize = 4;
 
@@ -613,7 +654,15 @@ impl QuantizedRows {
                         ),
                     }
                 };
-                quantize_row_on(isa, &x[r * k..(r + 1) * k], group_size / BLOCK, row);
+                let x = &x[r * k..(r + 1) * k];
+                on_isa(
+                    isa,
+                    QuantizeRow {
+                        x,
+                        per_group: group_size / BLOCK,
+                        row,
+                    },
+                );
             }
         });
     }
@@ -627,30 +676,19 @@ struct Row<'a> {
     group_sums: &'a mut [f32],
 }
 
-/// [`quantize_row`] compiled for `isa` (one of `Isa::available()`): with AVX2 or AVX-512
-/// enabled its fixed-size block loops run as vector instructions.
-fn quantize_row_on(isa: Isa, x: &[f32], per_group: usize, row: Row<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(unsafe_code)]
-    unsafe fn avx2(x: &[f32], per_group: usize, row: Row<'_>) {
-        quantize_row(x, per_group, row);
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-    #[allow(unsafe_code)]
-    unsafe fn avx512(x: &[f32], per_group: usize, row: Row<'_>) {
-        quantize_row(x, per_group, row);
-    }
-    match isa {
-        // SAFETY: `isa` is one `Isa::available` found on this CPU.
-        #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe { avx2(x, per_group, row) },
-        #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
-        Isa::Avx512Vnni => unsafe { avx512(x, per_group, row) },
-        _ => quantize_row(x, per_group, row),
+/// One row of activations to round ([`quantize_row`]), for [`on_isa`].
+struct QuantizeRow<'x, 'r> {
+    x: &'x [f32],
+    per_group: usize,
+    row: Row<'r>,
+}
+
+impl IsaKernel for QuantizeRow<'_, '_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<const SIMD: bool>(self) {
+        quantize_row(self.x, self.per_group, self.row);
     }
 }
 
@@ -1053,7 +1091,15 @@ mod tests {
                     block_sums: &mut bs,
                     group_sums: &mut gsum,
                 };
-                quantize_row_on(isa, row, gs / BLOCK, out);
+                let per_group = gs / BLOCK;
+                on_isa(
+                    isa,
+                    QuantizeRow {
+                        x: row,
+                        per_group,
+                        row: out,
+                    },
+                );
                 assert_eq!(q, want, "{isa:?}, row {r}");
                 assert_eq!(&all.d[r * k / BLOCK..(r + 1) * k / BLOCK], &d[..]);
                 assert_eq!(&all.block_sums[r * k / BLOCK..(r + 1) * k / BLOCK], &bs[..]);
