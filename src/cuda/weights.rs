@@ -28,7 +28,7 @@ use std::sync::Arc;
 use super::{device_error, ptr, Arg, Gpu, GpuBuf};
 use crate::error::{Error, Result};
 use crate::quant::affine::int_layout;
-use crate::quant::{AffineMatrix, PackedMatrix, ScaleDType};
+use crate::quant::{ggml, AffineMatrix, PackedMatrix, ScaleDType};
 
 /// Rows of input up to which affine and half layers run the GEMV kernels (they keep a sum
 /// per row of input in registers); above, cuBLAS.
@@ -266,9 +266,21 @@ impl GpuLinear {
         })
     }
 
-    /// Affine groups in our CPU kernels' layout, back in MLX's for the GPU's.
+    /// Affine groups in our CPU kernels' layout, back in MLX's for the GPU's; Q6_K (groups
+    /// of 16) back in its blocks, for candle's.
     pub fn packed(gpu: &Gpu, p: &PackedMatrix) -> Result<GpuLinear> {
-        GpuLinear::affine(gpu, &p.to_affine()?)
+        match ggml::to_q6k(p) {
+            Some(blocks) => GpuLinear::ggml(
+                gpu,
+                &qtensor_from_ggml(
+                    GgmlDType::Q6K,
+                    &blocks,
+                    vec![p.rows, p.cols],
+                    &candle_core::Device::Cpu,
+                )?,
+            ),
+            None => GpuLinear::affine(gpu, &p.to_affine()?),
+        }
     }
 
     pub fn affine(gpu: &Gpu, a: &AffineMatrix) -> Result<GpuLinear> {

@@ -469,7 +469,6 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     scores.clear();
     scores.resize(queries.len() / hd * n, 0.0);
     wide.resize(hd * LANES, 0.0);
-    let quads = hd / 4 * 4;
     let mut at = 0;
     // Runs are small (a block's keys are 2–4 KB) and scattered, too short for the hardware
     // prefetcher to learn: ask for each run's keys two runs ahead, and for its values
@@ -488,21 +487,21 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
                 let keys = run.keys[at..at + LANES].try_into().expect("LANES keys");
                 wide.copy_from_slice(&T::widen16::<FMA>(keys));
             }
-            let keys = |d: usize| -> &[f32; LANES] {
-                wide[d * LANES..][..LANES].try_into().expect("LANES keys")
-            };
+            // `[hd][LANES]`, walked in step with the query (no index to check).
+            let keys = &wide.as_chunks::<LANES>().0[..hd];
             for (query, scores) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
                 let mut acc = [[0f32; LANES]; 4];
-                for d in (0..quads).step_by(4) {
-                    for (c, acc) in acc.iter_mut().enumerate() {
-                        let (qd, k) = (query[d + c], keys(d + c));
+                let (q4, k4) = (query.chunks_exact(4), keys.chunks_exact(4));
+                let rest = q4.remainder().iter().zip(k4.remainder());
+                for (q, k) in q4.zip(k4) {
+                    for ((acc, &qd), k) in acc.iter_mut().zip(q).zip(k) {
                         for (a, &k) in acc.iter_mut().zip(k) {
                             *a = fma::<FMA>(qd, k, *a);
                         }
                     }
                 }
-                for (d, &qd) in query.iter().enumerate().skip(quads) {
-                    for (a, &k) in acc[0].iter_mut().zip(keys(d)) {
+                for (&qd, k) in rest {
+                    for (a, &k) in acc[0].iter_mut().zip(k) {
                         *a = fma::<FMA>(qd, k, *a);
                     }
                 }

@@ -15,7 +15,8 @@ use crate::quant::{ggml, AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
 /// How a weight matrix `[out, in]` is stored in memory: affine groups in our kernels'
 /// layout (MLX folders, and the GGML types that are affine: Q4_0, Q4_1, Q5_0, Q5_1,
-/// Q8_0), other GGML blocks (k-quants, run by candle), or dense f32 (float safetensors).
+/// Q8_0, Q4_K, Q5_K; and Q6_K), other GGML blocks (the other k-quants, run by candle), or
+/// dense f32 (float safetensors).
 /// Quantized weights stay quantized; nothing is expanded to f32 at load.
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -25,12 +26,12 @@ pub enum Weight {
 }
 
 impl Weight {
-    /// GGML blocks as read from a GGUF file: repacked for our kernels when the type is
-    /// affine (exactly, see `quant::ggml`), kept for candle's otherwise.
+    /// GGML blocks as read from a GGUF file: repacked for our kernels when they run the
+    /// type (exactly, see `quant::ggml`), kept for candle's otherwise.
     pub fn from_ggml(q: Arc<QTensor>) -> Result<Weight> {
         let (rows, cols) = q.shape().dims2()?;
-        Ok(match ggml::to_affine(q.dtype(), &q.data()?, rows, cols)? {
-            Some(a) => Weight::Packed(Arc::new(PackedMatrix::from_affine(&a))),
+        Ok(match ggml::to_packed(q.dtype(), &q.data()?, rows, cols)? {
+            Some(p) => Weight::Packed(Arc::new(p)),
             None => Weight::Ggml(q),
         })
     }
@@ -385,12 +386,14 @@ impl Embedding {
     pub fn to_gpu(&self, gpu: &crate::cuda::Gpu) -> Result<(Embedding, usize)> {
         use crate::cuda::GpuEmbedding;
         let on_gpu = match &self.weight {
-            Weight::Packed(p) => Some(GpuEmbedding::packed(gpu, p)?),
+            Weight::Packed(p) if p.group_size >= 32 => Some(GpuEmbedding::packed(gpu, p)?),
             Weight::Dense(t) => {
                 let (rows, cols) = t.dims2()?;
                 Some(GpuEmbedding::dense(gpu, &values(t)?, rows, cols)?)
             }
-            Weight::Ggml(_) => None,
+            // GGML blocks and Q6_K (groups of 16, which the GPU's affine kernels do not
+            // take) are looked up on the host.
+            Weight::Packed(_) | Weight::Ggml(_) => None,
         };
         let bytes = on_gpu.as_ref().map_or(0, GpuEmbedding::nbytes);
         Ok((

@@ -3,7 +3,7 @@
 //! thousands of elements a layer. [`zip_in_place`] runs such a function over a buffer on
 //! the compute threads, each piece compiled for the CPU's vector width ([`on_isa`]).
 
-use crate::quant::kernels::{on_isa, IsaKernel};
+use crate::quant::kernels::{on_isa, round_to_int, IsaKernel};
 use crate::quant::Isa;
 
 /// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
@@ -17,15 +17,17 @@ pub fn exp(x: f32) -> f32 {
     debug_assert!(x <= 0.0 || x.is_nan(), "exp takes x <= 0, not {x}");
     // ln of the smallest normal f32: below it 2^n would not be a normal number.
     let x = x.max(-87.336_55);
-    // Round to nearest by adding 1.5·2^23 (exact for |x·log2 e| < 2^22).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let n = round_to_int(x * std::f32::consts::LOG2_E);
+    let nf = n as f32;
+    let r = x - nf * LN2_HI - nf * LN2_LO;
+    // Constants only (`r / 5040` would be a division per element, the loop's slowest step).
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// SiLU, `x · σ(x)`, with `σ` from `e^-|x|` (so [`exp`] sees only `x ≤ 0`):

@@ -31,6 +31,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::affine::{pack_row, unpack_row, AffineMatrix, ScaleDType};
+use super::kernels::{PackedMatrix, SuperBlocks};
 use crate::error::{Error, Result};
 
 const BLOCK: usize = 32;
@@ -199,6 +200,114 @@ pub fn to_affine(
     AffineMatrix::from_parts(rows, cols, bits, BLOCK, packed, scales, biases, scale_dtype).map(Some)
 }
 
+/// Q6_K's super-block: 256 values in 16 groups of 16, `w = d · sc[g] · (q − 32)`, as 128
+/// bytes of low nibbles, 64 of top crumbs, 16 int8 scales `sc` and an f16 `d`. Each half
+/// (128 values) stores value `l + 32j` (`l < 32`, `j < 4`) in the low (`j` even) or high
+/// nibble of byte `l + 32 (j % 2)` of its 64 bytes of nibbles, and in bits `2j..2j + 2` of
+/// byte `l` of its 32 bytes of crumbs (llama.cpp's `dequantize_row_q6_K`).
+const Q6K_BYTES: usize = 210;
+const SUPER: usize = 256;
+
+/// Q6_K blocks `[rows, cols]` as [`SuperBlocks`] for our kernels, or `None` for other
+/// types. The products `d · sc · (q − 32)` are exact in f32, as GGML computes them.
+pub fn to_super_blocks(
+    dtype: GgmlDType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<Option<SuperBlocks>> {
+    if dtype != GgmlDType::Q6K {
+        return Ok(None);
+    }
+    if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * Q6K_BYTES {
+        return Err(Error::param(
+            "weights",
+            format!(
+                "{} bytes of Q6_K blocks do not fit [{rows}, {cols}]",
+                data.len()
+            ),
+        ));
+    }
+    let supers = rows * cols / SUPER;
+    let mut out = SuperBlocks {
+        rows,
+        cols,
+        bits: 6,
+        zero: 32,
+        codes: vec![0u8; rows * cols],
+        ints: vec![0i8; rows * cols / 16],
+        factors: vec![f16::ZERO; supers],
+    };
+    out.codes
+        .par_chunks_mut(SUPER)
+        .zip(out.ints.par_chunks_mut(SUPER / 16))
+        .zip(out.factors.par_iter_mut())
+        .zip(data.par_chunks(Q6K_BYTES))
+        .for_each(|(((codes, ints), factor), b)| {
+            let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+            for half in 0..2 {
+                let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+                for l in 0..32 {
+                    for j in 0..4 {
+                        let nibble = ql[l + 32 * (j % 2)] >> (4 * (j / 2)) & 0xF;
+                        let crumb = qh[l] >> (2 * j) & 3;
+                        codes[128 * half + l + 32 * j] = nibble | crumb << 4;
+                    }
+                }
+            }
+            for (i, &s) in ints.iter_mut().zip(sc) {
+                *i = s as i8;
+            }
+            *factor = f16::from_le_bytes([b[208], b[209]]);
+        });
+    Ok(Some(out))
+}
+
+/// The inverse of [`to_super_blocks`]: a matrix packed from Q6_K blocks as those blocks
+/// again (for candle's GPU kernels), `None` for the other forms.
+pub fn to_q6k(p: &PackedMatrix) -> Option<Vec<u8>> {
+    if (p.bits, p.group_size) != (6, 16) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(p.rows * p.cols / SUPER * Q6K_BYTES);
+    for r in 0..p.rows {
+        let (codes, ints, factors) = p.super_row(r)?;
+        for (s, factor) in factors.iter().enumerate() {
+            let codes = &codes[SUPER * s..SUPER * (s + 1)];
+            let mut b = [0u8; Q6K_BYTES];
+            for half in 0..2 {
+                for l in 0..32 {
+                    for j in 0..4 {
+                        let q = codes[128 * half + l + 32 * j];
+                        b[64 * half + l + 32 * (j % 2)] |= (q & 0xF) << (4 * (j / 2));
+                        b[128 + 32 * half + l] |= (q >> 4) << (2 * j);
+                    }
+                }
+            }
+            for (o, &i) in b[192..208].iter_mut().zip(&ints[16 * s..16 * (s + 1)]) {
+                *o = i as u8;
+            }
+            b[208..].copy_from_slice(&factor.to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+    }
+    Some(out)
+}
+
+/// GGML blocks `[rows, cols]` in our kernels' layout: the affine types (above) and Q6_K;
+/// `None` for the others.
+pub fn to_packed(
+    dtype: GgmlDType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<Option<PackedMatrix>> {
+    if let Some(a) = to_affine(dtype, data, rows, cols)? {
+        return Ok(Some(PackedMatrix::from_affine(&a)));
+    }
+    Ok(to_super_blocks(dtype, data, rows, cols)?.map(|b| PackedMatrix::from_super_blocks(&b)))
+}
+
 /// Writes an affine matrix as GGML blocks when that loses nothing: group 32, 4 or 5 bits
 /// (as Q4_1 / Q5_1), scales and biases exact in f16. `None` otherwise.
 pub fn from_affine(a: &AffineMatrix) -> Option<(GgmlDType, Vec<u8>)> {
@@ -323,6 +432,88 @@ mod tests {
                     prop_assert_eq!(g.to_bits(), w.to_bits(), "{:?} value {}", dtype, i);
                 }
                 prop_assert!(to_affine(dtype, &bytes[1..], rows, cols).is_err());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Q6_K super-blocks of random bytes (any finite d, every int8 scale, every code) in
+    /// our kernels' layout: candle's dequantizer is the reference, bit for bit; the
+    /// blocks come back unchanged; every instruction set gives the scalar reference's
+    /// products to the bit, and those are the dequantized weights' products up to the
+    /// activations' rounding; tile-aligned row slices keep their values.
+    #[test]
+    fn q6k_super_blocks_run_in_our_tiles() {
+        use crate::quant::kernels::QuantizedRows;
+        use crate::quant::Isa;
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config::with_cases(48));
+        let case = (1usize..20, 1usize..3, 1usize..6).prop_flat_map(|(rows, blocks, m)| {
+            let bytes = proptest::collection::vec(any::<u8>(), rows * blocks * Q6K_BYTES);
+            let x = proptest::collection::vec(-1.0f32..1.0, m * blocks * SUPER);
+            (Just(rows), Just(blocks), Just(m), bytes, x)
+        });
+        runner
+            .run(&case, |(rows, blocks, m, mut bytes, x)| {
+                let cols = blocks * SUPER;
+                for b in bytes.chunks_mut(Q6K_BYTES) {
+                    // d finite and small enough that no product overflows.
+                    b[209] &= 0x3B;
+                }
+                let q = qtensor_from_ggml(GgmlDType::Q6K, &bytes, vec![rows, cols], &Device::Cpu)
+                    .unwrap();
+                let want = candle_values(&q);
+                let p = to_packed(GgmlDType::Q6K, &bytes, rows, cols)
+                    .unwrap()
+                    .unwrap();
+                let got = p.dequantize();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "value {}", i);
+                }
+                prop_assert_eq!(to_q6k(&p).unwrap(), bytes.clone());
+                prop_assert!(to_packed(GgmlDType::Q6K, &bytes[1..], rows, cols).is_err());
+
+                let xq = QuantizedRows::new(&x, m, cols, 16);
+                let reference = p.matmul_t_on(Isa::Scalar, &xq);
+                for i in 0..m {
+                    for j in 0..rows {
+                        let (xr, wr) = (
+                            &x[i * cols..(i + 1) * cols],
+                            &want[j * cols..(j + 1) * cols],
+                        );
+                        let exact: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        let bound: f32 = xr
+                            .chunks(32)
+                            .zip(wr.chunks(32))
+                            .map(|(xb, wb)| {
+                                let dx = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                                0.5 * dx * wb.iter().map(|v| v.abs()).sum::<f32>()
+                            })
+                            .sum();
+                        let got = reference[i * rows + j];
+                        prop_assert!(
+                            (got - exact).abs() <= bound * 1.01 + 1e-3 * (1.0 + exact.abs()),
+                            "{} vs exact {} (bound {})",
+                            got,
+                            exact,
+                            bound
+                        );
+                    }
+                }
+                for &isa in Isa::available() {
+                    prop_assert_eq!(p.matmul_t_on(isa, &xq), reference.clone(), "{:?}", isa);
+                }
+                if rows > 8 {
+                    let tail = p.rows(8, rows - 8).unwrap();
+                    prop_assert_eq!(tail.dequantize(), got[8 * cols..].to_vec());
+                    prop_assert_eq!(
+                        to_q6k(&tail).unwrap(),
+                        bytes[8 * blocks * Q6K_BYTES..].to_vec()
+                    );
+                }
+                prop_assert!(rows < 2 || p.rows(1, 1).is_err());
                 Ok(())
             })
             .unwrap();

@@ -1,6 +1,7 @@
 //! Quantized matrix products on the CPU: `x: [m, k]` (f32) times the transpose of an affine
 //! weight matrix `[n, k]` (MLX groups of 32/64/128 at 2–8 bits, which GGUF's Q4_0, Q4_1,
-//! Q5_0, Q5_1 and Q8_0 are too, see `ggml`), without expanding the weights to floats.
+//! Q5_0, Q5_1, Q8_0, Q4_K and Q5_K are too, and Q6_K's groups of 16 with two levels of
+//! scales, see `ggml`), without expanding the weights to floats.
 //!
 //! Activations are quantized to int8 per block of 32 values (`x ≈ dx · qx`, as llama.cpp's
 //! Q8 activations), so each block of a weight row contributes an integer dot product:
@@ -31,9 +32,15 @@
 //! | 8 | the register as bytes, code − 128 as i8: `maddubs` needs one operand unsigned, and codes up to 255 times 127 would overflow its i16 pair sums (the bias term adds 128·scale back); VNNI's `dpbusd` sums in i32, so it takes the unsigned code back with one `xor` and 128 times the block's Σx off the sum |
 //!
 //! Rows are padded to a multiple of 8 with zero codes, scales and biases.
+//!
+//! **Groups of 16** (Q6_K: `w = d · sc · (q − 32)` per 16 values): registers 0–3 of a
+//! block are its first group and 4–7 its second, so their dots are kept apart and each
+//! scaled on its own; the zero point comes off in integers (`32 · Σ qx` of the half
+//! block), so no float bias cancels against the sums.
 
 use std::sync::OnceLock;
 
+use half::f16;
 use rayon::prelude::*;
 
 use super::affine::{AffineMatrix, ScaleDType};
@@ -48,6 +55,8 @@ pub const TILE: usize = 8;
 const QUAD: usize = 4;
 /// Registers per block: 32 values in quads.
 const REGS: usize = BLOCK / QUAD;
+/// Values in half a block: the smallest group (GGUF's Q6_K), 4 registers.
+const HALF: usize = BLOCK / 2;
 
 /// The instruction sets the kernels are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -239,113 +248,261 @@ fn decode_tile_block(bits: u32, b: &[u8], regs: &mut Registers<i32>) {
     }
 }
 
-/// Scales or biases in the type the source stored them in (f16 for GGUF, usually bf16 or
-/// f16 for MLX), converted when read: f32 copies would add a quarter to the bytes a 4-bit
-/// matrix in groups of 32 streams per token.
+/// Scales or biases of a tile, `[tiles, groups, 8]`, in the form the source stored them in,
+/// converted when read: f32 copies would add a quarter to the bytes a 4-bit matrix in
+/// groups of 32 streams per token.
 #[derive(Debug, Clone)]
-struct Params {
-    bytes: Vec<u8>,
-    dtype: ScaleDType,
+enum Params {
+    /// One value a group in `dtype` (f16 for GGUF's simple blocks, usually bf16 or f16
+    /// for MLX).
+    Flat { bytes: Vec<u8>, dtype: ScaleDType },
+    /// GGUF's k-quant levels: an int8 a group times an f16 a super-block of `per` groups
+    /// (per row: `[tiles, groups / per, 8]`), e.g. Q6_K's `d · sc`. The product is exact in
+    /// f32 (11 and 8 significant bits).
+    Super {
+        ints: Vec<i8>,
+        factors: Vec<f16>,
+        groups: usize,
+        per: usize,
+    },
 }
 
 impl Params {
-    /// `values` in `dtype` (f32 when one of them is not exact in it).
-    fn new(values: &[f32], dtype: ScaleDType) -> Params {
+    /// `values` (`[tiles, groups, 8]`) in `dtype` (f32 when one of them is not exact in it).
+    fn flat(values: &[f32], dtype: ScaleDType) -> Params {
         let dtype = if values.iter().all(|&v| dtype.round(v) == v) {
             dtype
         } else {
             ScaleDType::F32
         };
-        Params {
+        Params::Flat {
             bytes: dtype.encode(values),
             dtype,
         }
     }
 
+    /// Element `i` of `[tiles, groups, 8]`.
     fn get(&self, i: usize) -> f32 {
-        let b = &self.bytes[i * self.dtype.size()..];
-        match self.dtype {
-            ScaleDType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            ScaleDType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-            ScaleDType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        match self {
+            Params::Flat { bytes, dtype } => {
+                let b = &bytes[i * dtype.size()..];
+                match dtype {
+                    ScaleDType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    ScaleDType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    ScaleDType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                }
+            }
+            Params::Super {
+                ints,
+                factors,
+                groups,
+                per,
+            } => {
+                f32::from(ints[i])
+                    * factors[Params::factor_index(i / TILE, *groups, *per) + i % TILE].to_f32()
+            }
+        }
+    }
+
+    /// Where the factors of tile-and-group `tg` (`tile · groups + g`) start.
+    fn factor_index(tg: usize, groups: usize, per: usize) -> usize {
+        ((tg / groups) * (groups / per) + (tg % groups) / per) * TILE
+    }
+
+    /// Tiles `t0..t1` alone, of a matrix with `groups` groups a row.
+    fn tiles(&self, t0: usize, t1: usize, groups: usize) -> Params {
+        match self {
+            Params::Flat { bytes, dtype } => {
+                let per_tile = groups * TILE * dtype.size();
+                Params::Flat {
+                    bytes: bytes[t0 * per_tile..t1 * per_tile].to_vec(),
+                    dtype: *dtype,
+                }
+            }
+            Params::Super {
+                ints,
+                factors,
+                groups,
+                per,
+            } => {
+                let (n, f) = (groups * TILE, groups / per * TILE);
+                Params::Super {
+                    ints: ints[t0 * n..t1 * n].to_vec(),
+                    factors: factors[t0 * f..t1 * f].to_vec(),
+                    groups: *groups,
+                    per: *per,
+                }
+            }
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        match self {
+            Params::Flat { bytes, .. } => bytes.len(),
+            Params::Super { ints, factors, .. } => ints.len() + 2 * factors.len(),
         }
     }
 }
 
 /// An affine `[rows, cols]` matrix in the kernels' layout (module docs).
+///
+/// Weight `v` of row `r`, in group `g`, is `s[r, g] · (code − zero) + b[r, g]`. The zero
+/// point is subtracted in integers: 128 for 8 bits (whose codes are stored as code − 128,
+/// so that their products fit `maddubs`), 32 for Q6_K (`d · sc · (code − 32)`, no bias),
+/// else 0; `b` is the source's bias plus `zero · s`.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bits: u32,
+    /// 32, 64 or 128 (MLX and GGUF's simple blocks), or 16 (GGUF's Q6_K).
     pub group_size: usize,
     /// `[tiles, cols / 32, tile_block_bytes(bits)]`.
     data: Vec<u8>,
     /// `[tiles, cols / group_size, 8]` each.
     scales: Params,
-    biases: Params,
+    /// Stored as the source's biases; `None`: the weights are `s · (code − zero)`.
+    biases: Option<Params>,
+    zero: i32,
     /// What the source stored scales and biases in (kept for writing them back).
     pub scale_dtype: ScaleDType,
+}
+
+/// `values: [rows, per_row]` as `[tiles, per_row, 8]` (rows padded with zeros).
+fn interleave<T: Copy + Default>(values: &[T], rows: usize, per_row: usize) -> Vec<T> {
+    let mut out = vec![T::default(); rows.div_ceil(TILE) * per_row * TILE];
+    for r in 0..rows {
+        for g in 0..per_row {
+            out[((r / TILE) * per_row + g) * TILE + r % TILE] = values[r * per_row + g];
+        }
+    }
+    out
+}
+
+/// Codes `[rows, cols]` (row `r` from `codes(r)`) in tiles of 8 rows, block by block.
+fn tile_codes(
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    codes: impl Fn(usize) -> Vec<u8> + Sync,
+) -> Vec<u8> {
+    let (tiles, blocks, tbb) = (rows.div_ceil(TILE), cols / BLOCK, tile_block_bytes(bits));
+    let mut data = vec![0u8; tiles * blocks * tbb];
+    data.par_chunks_mut(blocks * tbb)
+        .enumerate()
+        .for_each(|(tile, out)| {
+            let rows: Vec<Vec<u8>> = (tile * TILE..((tile + 1) * TILE).min(rows))
+                .map(&codes)
+                .collect();
+            let mut regs: Registers<u8> = [[0; BLOCK]; REGS];
+            for (b, out) in out.chunks_mut(tbb).enumerate() {
+                for (r, reg) in regs.iter_mut().enumerate() {
+                    for (l, o) in reg.iter_mut().enumerate() {
+                        let at = b * BLOCK + r * QUAD + l % QUAD;
+                        // Padding rows: code 0 (their scales and biases are 0 too).
+                        *o = rows.get(l / QUAD).map_or(0, |codes| codes[at]);
+                    }
+                }
+                encode_tile_block(bits, &regs, out);
+            }
+        });
+    data
+}
+
+/// A GGUF k-quant with groups of 16 as [`PackedMatrix::from_super_blocks`] takes it:
+/// weight `v` of row `r` is `factors[r, v / 256] · ints[r, v / 16] · (codes[r, v] − zero)`.
+pub struct SuperBlocks {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    pub zero: i32,
+    /// `[rows, cols]`.
+    pub codes: Vec<u8>,
+    /// `[rows, cols / 16]`.
+    pub ints: Vec<i8>,
+    /// `[rows, cols / 256]`.
+    pub factors: Vec<f16>,
 }
 
 impl PackedMatrix {
     /// Repacks an affine matrix (done once, at load).
     pub fn from_affine(a: &AffineMatrix) -> PackedMatrix {
-        let (tiles, blocks, groups) = (a.rows.div_ceil(TILE), a.cols / BLOCK, a.groups_per_row());
-        let tbb = tile_block_bytes(a.bits);
-        let mut data = vec![0u8; tiles * blocks * tbb];
-        data.par_chunks_mut(blocks * tbb)
-            .enumerate()
-            .for_each(|(tile, out)| {
-                let rows: Vec<Vec<u8>> = (tile * TILE..((tile + 1) * TILE).min(a.rows))
-                    .map(|r| a.codes(r))
-                    .collect();
-                let mut regs: Registers<u8> = [[0; BLOCK]; REGS];
-                for (b, out) in out.chunks_mut(tbb).enumerate() {
-                    for (r, reg) in regs.iter_mut().enumerate() {
-                        for (l, o) in reg.iter_mut().enumerate() {
-                            let at = b * BLOCK + r * QUAD + l % QUAD;
-                            // Padding rows: code 0 (their scales and biases are 0 too).
-                            *o = rows.get(l / QUAD).map_or(0, |codes| codes[at]);
-                        }
-                    }
-                    encode_tile_block(a.bits, &regs, out);
-                }
-            });
-        let interleave = |values: &[f32]| {
-            let mut out = vec![0f32; tiles * groups * TILE];
-            for r in 0..a.rows {
-                for g in 0..groups {
-                    out[((r / TILE) * groups + g) * TILE + r % TILE] = values[r * groups + g];
-                }
-            }
-            out
-        };
+        let groups = a.groups_per_row();
         PackedMatrix {
             rows: a.rows,
             cols: a.cols,
             bits: a.bits,
             group_size: a.group_size,
-            data,
-            scales: Params::new(&interleave(&a.scales), a.scale_dtype),
-            biases: Params::new(&interleave(&a.biases), a.scale_dtype),
+            data: tile_codes(a.rows, a.cols, a.bits, |r| a.codes(r)),
+            scales: Params::flat(&interleave(&a.scales, a.rows, groups), a.scale_dtype),
+            biases: Some(Params::flat(
+                &interleave(&a.biases, a.rows, groups),
+                a.scale_dtype,
+            )),
+            zero: if a.bits == 8 { 128 } else { 0 },
             scale_dtype: a.scale_dtype,
         }
+    }
+
+    /// Packs a k-quant in groups of 16 (Q6_K), keeping its two levels of scales.
+    pub fn from_super_blocks(b: &SuperBlocks) -> PackedMatrix {
+        const SUPER: usize = 256;
+        let (groups, supers) = (b.cols / 16, b.cols / SUPER);
+        assert!(
+            b.cols.is_multiple_of(SUPER)
+                && b.codes.len() == b.rows * b.cols
+                && b.ints.len() == b.rows * groups
+                && b.factors.len() == b.rows * supers
+                && b.bits < 8,
+            "super-blocks of [{}, {}]",
+            b.rows,
+            b.cols
+        );
+        PackedMatrix {
+            rows: b.rows,
+            cols: b.cols,
+            bits: b.bits,
+            group_size: 16,
+            data: tile_codes(b.rows, b.cols, b.bits, |r| {
+                b.codes[r * b.cols..(r + 1) * b.cols].to_vec()
+            }),
+            scales: Params::Super {
+                ints: interleave(&b.ints, b.rows, groups),
+                factors: interleave(&b.factors, b.rows, supers),
+                groups,
+                per: SUPER / 16,
+            },
+            biases: None,
+            zero: b.zero,
+            scale_dtype: ScaleDType::F32,
+        }
+    }
+
+    /// Row `r` of a matrix from [`PackedMatrix::from_super_blocks`] as it took it: codes,
+    /// ints and factors (`None` for the other forms).
+    pub fn super_row(&self, r: usize) -> Option<(Vec<u8>, Vec<i8>, Vec<f16>)> {
+        let Params::Super {
+            ints,
+            factors,
+            groups,
+            per,
+        } = &self.scales
+        else {
+            return None;
+        };
+        let mut codes = vec![0u8; self.cols];
+        self.row_codes(r, |v, q| codes[v] = q as u8);
+        let row_ints = (0..*groups).map(|g| ints[self.param_index(r, g)]).collect();
+        let row_factors = (0..groups / per)
+            .map(|f| factors[((r / TILE) * (groups / per) + f) * TILE + r % TILE])
+            .collect();
+        Some((codes, row_ints, row_factors))
     }
 
     /// Rows `start..start + len` back in MLX's layout (for requantizing, slicing or
     /// writing the weights out).
     pub fn to_affine_rows(&self, start: usize, len: usize) -> Result<AffineMatrix> {
-        if start + len > self.rows {
-            return Err(Error::param(
-                "rows",
-                format!(
-                    "rows {start}..{} of a {}-row matrix",
-                    start + len,
-                    self.rows
-                ),
-            ));
-        }
+        self.check_rows(start, len)?;
         let (groups, words) = (self.groups_per_row(), self.cols * self.bits as usize / 32);
         let mut packed = vec![0u32; len * words];
         let (mut scales, mut biases) = (Vec::with_capacity(len * groups), Vec::new());
@@ -354,8 +511,9 @@ impl PackedMatrix {
             self.row_codes(r, |v, q| codes[v] = (q + self.code_offset()) as u8);
             super::affine::pack_row(&codes, self.bits, packed);
             for g in 0..groups {
-                scales.push(self.scales.get(self.param_index(r, g)));
-                biases.push(self.biases.get(self.param_index(r, g)));
+                let (s, b) = self.scale_and_bias(r, g);
+                scales.push(s);
+                biases.push(b);
             }
         }
         AffineMatrix::from_parts(
@@ -368,6 +526,20 @@ impl PackedMatrix {
             biases,
             self.scale_dtype,
         )
+    }
+
+    fn check_rows(&self, start: usize, len: usize) -> Result<()> {
+        if start + len > self.rows {
+            return Err(Error::param(
+                "rows",
+                format!(
+                    "rows {start}..{} of a {}-row matrix",
+                    start + len,
+                    self.rows
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The whole matrix in MLX's layout.
@@ -395,6 +567,16 @@ impl PackedMatrix {
         ((r / TILE) * self.groups_per_row() + g) * TILE + r % TILE
     }
 
+    /// Row `r`, group `g`: the affine scale and bias (`w = s · code + b`).
+    fn scale_and_bias(&self, r: usize, g: usize) -> (f32, f32) {
+        let at = self.param_index(r, g);
+        let s = self.scales.get(at);
+        match &self.biases {
+            Some(b) => (s, b.get(at)),
+            None => (s, -(self.zero as f32) * s),
+        }
+    }
+
     /// What the stored integers lack of the codes: 128 for 8 bits (stored signed).
     fn code_offset(&self) -> i32 {
         if self.bits == 8 {
@@ -410,15 +592,20 @@ impl PackedMatrix {
 
     /// Bytes the matrix occupies.
     pub fn nbytes(&self) -> usize {
-        self.data.len() + self.scales.bytes.len() + self.biases.bytes.len()
+        self.data.len() + self.scales.nbytes() + self.biases.as_ref().map_or(0, Params::nbytes)
     }
 
-    /// Row `r` as f32 (`scale · code + bias` per group, as `mx.dequantize`).
+    /// Row `r` as f32 (`scale · code + bias` per group, as `mx.dequantize`; `scale ·
+    /// (code − zero)` for Q6_K, as GGML).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let offset = self.code_offset();
         self.row_codes(r, |v, q| {
             let at = self.param_index(r, v / self.group_size);
-            out[v] = self.scales.get(at) * (q + offset) as f32 + self.biases.get(at);
+            let s = self.scales.get(at);
+            out[v] = match &self.biases {
+                Some(b) => s * (q + offset) as f32 + b.get(at),
+                None => s * (q + offset - self.zero) as f32,
+            };
         });
     }
 
@@ -431,9 +618,32 @@ impl PackedMatrix {
         out
     }
 
-    /// Rows `start..start + len`.
+    /// Rows `start..start + len`: whole tiles copied when `start` begins one (the rows of
+    /// the last past `len` stay as padding, never written out), else repacked.
     pub fn rows(&self, start: usize, len: usize) -> Result<PackedMatrix> {
-        Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?))
+        self.check_rows(start, len)?;
+        if !start.is_multiple_of(TILE) {
+            if matches!(self.scales, Params::Super { .. }) {
+                return Err(Error::param(
+                    "rows",
+                    format!("rows from {start} of a k-quant matrix (not a multiple of {TILE})"),
+                ));
+            }
+            return Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?));
+        }
+        let (t0, t1, groups) = (
+            start / TILE,
+            (start + len).div_ceil(TILE),
+            self.groups_per_row(),
+        );
+        let tile_bytes = self.cols / BLOCK * tile_block_bytes(self.bits);
+        Ok(PackedMatrix {
+            rows: len,
+            data: self.data[t0 * tile_bytes..t1 * tile_bytes].to_vec(),
+            scales: self.scales.tiles(t0, t1, groups),
+            biases: self.biases.as_ref().map(|b| b.tiles(t0, t1, groups)),
+            ..*self
+        })
     }
 
     /// `x: [m, cols]` times the transpose of this matrix → `[m, rows]`, on the active
@@ -545,52 +755,67 @@ impl PackedMatrix {
         }
     }
 
-    /// The reference: the module docs' sum, block by block, for the 8 rows of a tile.
+    /// The reference: the module docs' sum for the 8 rows of a tile, in the SIMD kernels'
+    /// order (per group its bias term, then per block, or per group of 16, the integer
+    /// dot, each added with one fused multiply-add), so that they agree to the bit.
     #[allow(unsafe_code)]
     unsafe fn tile_scalar(&self, x: &QuantizedRows, tile: usize, out: *mut f32) {
         let (k, blocks, tbb) = (self.cols, self.cols / BLOCK, tile_block_bytes(self.bits));
-        let (groups, per_group) = (self.groups_per_row(), self.group_size / BLOCK);
-        let offset = self.code_offset() as f32;
+        let groups = self.groups_per_row();
+        // Values per integer dot: a block, or a group of 16.
+        let part = self.group_size.min(BLOCK);
+        let shift = self.code_offset() - self.zero;
         let mut regs: Registers<i32> = [[0; BLOCK]; REGS];
         let mut acc = vec![[0f32; TILE]; x.m];
-        let mut bias = vec![[0f32; TILE]; x.m];
-        for g in 0..groups {
-            let at = (tile * groups + g) * TILE;
-            let s: Vec<f32> = (at..at + TILE).map(|i| self.scales.get(i)).collect();
-            let b: Vec<f32> = (at..at + TILE).map(|i| self.biases.get(i)).collect();
-            for (i, bias) in bias.iter_mut().enumerate() {
-                let sum = x.group_sums[i * groups + g];
-                for r in 0..TILE {
-                    bias[r] += b[r] * sum + offset * s[r] * sum;
-                }
-            }
-            for blk in g * per_group..(g + 1) * per_group {
-                let start = (tile * blocks + blk) * tbb;
-                decode_tile_block(self.bits, &self.data[start..start + tbb], &mut regs);
+        for blk in 0..blocks {
+            let start = (tile * blocks + blk) * tbb;
+            decode_tile_block(self.bits, &self.data[start..start + tbb], &mut regs);
+            for first in (0..BLOCK).step_by(part) {
+                let g = (blk * BLOCK + first) / self.group_size;
+                let at = (tile * groups + g) * TILE;
+                let s: [f32; TILE] = std::array::from_fn(|r| self.scales.get(at + r));
                 for (i, acc) in acc.iter_mut().enumerate() {
+                    if let Some(biases) = self
+                        .biases
+                        .as_ref()
+                        .filter(|_| (blk * BLOCK + first).is_multiple_of(self.group_size))
+                    {
+                        let sum = x.group_sums[i * groups + g];
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let mut b = biases.get(at + r);
+                            if self.zero != 0 {
+                                b = (self.zero as f32).mul_add(s[r], b);
+                            }
+                            *acc = b.mul_add(sum, *acc);
+                        }
+                    }
                     let qx = &x.qs[i * k + blk * BLOCK..i * k + (blk + 1) * BLOCK];
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let mut isum = 0i32;
-                        for (reg_i, reg) in regs.iter().enumerate() {
-                            for t in 0..QUAD {
-                                isum += reg[r * QUAD + t] * i32::from(qx[reg_i * QUAD + t]);
-                            }
-                        }
-                        *acc += s[r] * x.d[i * blocks + blk] * isum as f32;
+                        let isum: i32 = (first..first + part)
+                            .map(|v| {
+                                (regs[v / QUAD][r * QUAD + v % QUAD] + shift) * i32::from(qx[v])
+                            })
+                            .sum();
+                        *acc = (isum as f32).mul_add(s[r] * x.d[i * blocks + blk], *acc);
                     }
                 }
             }
         }
-        for (i, (acc, bias)) in acc.iter().zip(&bias).enumerate() {
-            for r in 0..TILE.min(self.rows - tile * TILE) {
-                *out.add(i * self.rows + tile * TILE + r) = acc[r] + bias[r];
+        for (i, acc) in acc.iter().enumerate() {
+            for (r, &y) in acc
+                .iter()
+                .enumerate()
+                .take(TILE.min(self.rows - tile * TILE))
+            {
+                *out.add(i * self.rows + tile * TILE + r) = y;
             }
         }
     }
 }
 
 /// Activations `[m, k]` quantized to int8 per block of 32 (`x ≈ d · q`, `d = max|x| / 127`),
-/// with the sum of `d · q` over each group of `group_size` (for the weights' biases).
+/// with the sum of `d · q` over each group of `group_size` (for the weights' biases) and
+/// `Σ q` over each half block (for their zero points).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedRows {
     pub m: usize,
@@ -602,8 +827,8 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     /// `[m, k / group_size]`.
     group_sums: Vec<f32>,
-    /// `[m, k / 32]`: `Σ q` of each block.
-    block_sums: Vec<i32>,
+    /// `[m, k / 16]`: `Σ q` of each half block.
+    half_sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -618,22 +843,25 @@ impl QuantizedRows {
     /// and each row runs a loop compiled for the CPU's vector width.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, group_size: usize) {
         assert!(
-            x.len() == m * k && k.is_multiple_of(group_size) && group_size.is_multiple_of(BLOCK),
+            x.len() == m * k
+                && k.is_multiple_of(group_size)
+                && k.is_multiple_of(BLOCK)
+                && group_size.is_multiple_of(HALF),
             "activations [{m}, {k}] in groups of {group_size} from {} values",
             x.len()
         );
         let (blocks, groups) = (k / BLOCK, k / group_size);
         self.qs.resize(m * k, 0);
         self.d.resize(m * blocks, 0.0);
-        self.block_sums.resize(m * blocks, 0);
+        self.half_sums.resize(2 * m * blocks, 0);
         self.group_sums.resize(m * groups, 0.0);
         (self.m, self.k, self.group_size) = (m, k, group_size);
         let isa = Isa::active();
         let rows_per_task = crate::threads::rows_per_task(m, k);
-        let (qs, d, block_sums, group_sums) = (
+        let (qs, d, half_sums, group_sums) = (
             SendPtr(self.qs.as_mut_ptr()),
             SendPtr(self.d.as_mut_ptr()),
-            SendPtr(self.block_sums.as_mut_ptr()),
+            SendPtr(self.half_sums.as_mut_ptr()),
             SendPtr(self.group_sums.as_mut_ptr()),
         );
         crate::threads::parallel_for(m.div_ceil(rows_per_task), &|task| {
@@ -644,9 +872,9 @@ impl QuantizedRows {
                     Row {
                         q: std::slice::from_raw_parts_mut(qs.get().add(r * k), k),
                         d: std::slice::from_raw_parts_mut(d.get().add(r * blocks), blocks),
-                        block_sums: std::slice::from_raw_parts_mut(
-                            block_sums.get().add(r * blocks),
-                            blocks,
+                        half_sums: std::slice::from_raw_parts_mut(
+                            half_sums.get().add(2 * r * blocks),
+                            2 * blocks,
                         ),
                         group_sums: std::slice::from_raw_parts_mut(
                             group_sums.get().add(r * groups),
@@ -655,14 +883,7 @@ impl QuantizedRows {
                     }
                 };
                 let x = &x[r * k..(r + 1) * k];
-                on_isa(
-                    isa,
-                    QuantizeRow {
-                        x,
-                        per_group: group_size / BLOCK,
-                        row,
-                    },
-                );
+                on_isa(isa, QuantizeRow { x, group_size, row });
             }
         });
     }
@@ -672,14 +893,14 @@ impl QuantizedRows {
 struct Row<'a> {
     q: &'a mut [i8],
     d: &'a mut [f32],
-    block_sums: &'a mut [i32],
+    half_sums: &'a mut [i32],
     group_sums: &'a mut [f32],
 }
 
 /// One row of activations to round ([`quantize_row`]), for [`on_isa`].
 struct QuantizeRow<'x, 'r> {
     x: &'x [f32],
-    per_group: usize,
+    group_size: usize,
     row: Row<'r>,
 }
 
@@ -688,56 +909,77 @@ impl IsaKernel for QuantizeRow<'_, '_> {
 
     #[inline(always)]
     fn run<const SIMD: bool>(self) {
-        quantize_row(self.x, self.per_group, self.row);
+        quantize_row(self.x, self.group_size, self.row);
     }
 }
 
+/// `v` rounded to the nearest integer (ties to even), for `|v| < 2^22`: adding 1.5·2^23
+/// puts the integer in the low mantissa bits, from where it is read as an integer.
+/// Unlike `round() as i32`, whose cast saturates (a compare and two moves per element,
+/// which keep a loop scalar), this vectorises.
+#[inline(always)]
+pub fn round_to_int(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+}
+
 /// One row: per block of 32, `d = max|x| / 127`, `q = x · 127 / max|x|` rounded to the
-/// nearest integer (ties to even) and `Σ q`; per group of `per_group` blocks, the sum of
-/// the rounded values `d · q`.
+/// nearest integer (ties to even) and `Σ q` of each half; per group of `group_size`
+/// values, the sum of the rounded values `d · q`.
 ///
 /// Sums of the rounded values, not of `x`: then the product is exactly `Σ w · x̂`, whose
 /// rounding error is weighted by the weights themselves (centred on 0), not by their codes
 /// (all ≥ 0, so the errors would add up instead of cancelling: measured 1.6x the error on
 /// GGUF Q4_1 with outlier activations).
 #[inline(always)]
-fn quantize_row(x: &[f32], per_group: usize, row: Row<'_>) {
+fn quantize_row(x: &[f32], group_size: usize, row: Row<'_>) {
     let Row {
         q,
         d,
-        block_sums,
+        half_sums,
         group_sums,
     } = row;
     let (xs, _) = x.as_chunks::<BLOCK>();
     let (qs, _) = q.as_chunks_mut::<BLOCK>();
-    for (g, sum) in group_sums.iter_mut().enumerate() {
-        *sum = 0.0;
-        for b in g * per_group..(g + 1) * per_group {
-            let (xb, qb) = (&xs[b], &mut qs[b]);
-            // max|x| in 8 lanes, then across them (max is exact in any order).
-            let mut lanes = [0f32; 8];
-            for chunk in xb.chunks_exact(8) {
-                for (l, v) in lanes.iter_mut().zip(chunk) {
-                    *l = l.max(v.abs());
-                }
+    for (b, (xb, qb)) in xs.iter().zip(qs.iter_mut()).enumerate() {
+        // max|x| in 8 lanes, then across them (max is exact in any order).
+        let mut lanes = [0f32; 8];
+        for chunk in xb.chunks_exact(8) {
+            for (l, v) in lanes.iter_mut().zip(chunk) {
+                *l = l.max(v.abs());
             }
-            let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
-            d[b] = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        }
+        let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        d[b] = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (h, (qh, xh)) in qb
+            .chunks_exact_mut(HALF)
+            .zip(xb.chunks_exact(HALF))
+            .enumerate()
+        {
             let mut isum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // Round to nearest (ties to even), by adding 1.5·2^23: the integer lands in
-                // the low mantissa bits. Unlike `round() as i8`, whose saturating cast
-                // stays one element at a time, this vectorises. The clamp only acts on
-                // NaN (to −127) and on a block so small that `inv` overflowed.
+            for (q, v) in qh.iter_mut().zip(xh) {
+                // Round to nearest (ties to even), vectorised. The clamp only acts on NaN
+                // (to −127) and on a block so small that `inv` overflowed.
                 #[allow(clippy::manual_clamp)] // `clamp` keeps NaN
                 let v = (v * inv).max(-127.0).min(127.0);
-                let bits = (v + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-                *q = bits as i8;
+                *q = round_to_int(v) as i8;
                 isum += i32::from(*q);
             }
-            block_sums[b] = isum;
-            *sum += d[b] * isum as f32;
+            half_sums[2 * b + h] = isum;
+        }
+    }
+    if group_size == HALF {
+        for (h, sum) in group_sums.iter_mut().enumerate() {
+            *sum = d[h / 2] * half_sums[h] as f32;
+        }
+    } else {
+        let per_group = group_size / BLOCK;
+        for (g, sum) in group_sums.iter_mut().enumerate() {
+            *sum = 0.0;
+            for b in g * per_group..(g + 1) * per_group {
+                *sum += d[b] * (half_sums[2 * b] + half_sums[2 * b + 1]) as f32;
+            }
         }
     }
 }
@@ -752,7 +994,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        tile_block_bytes, PackedMatrix, Params, QuantizedRows, ScaleDType, BLOCK, QUAD, REGS, TILE,
+        tile_block_bytes, PackedMatrix, Params, QuantizedRows, ScaleDType, BLOCK, HALF, QUAD, REGS,
+        TILE,
     };
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -782,19 +1025,21 @@ mod x86 {
         tile: usize,
         out: *mut f32,
     ) {
-        match w.bits {
-            2 => rows::<VNNI, 2>(w, x, tile, out),
-            3 => rows::<VNNI, 3>(w, x, tile, out),
-            4 => rows::<VNNI, 4>(w, x, tile, out),
-            5 => rows::<VNNI, 5>(w, x, tile, out),
-            6 => rows::<VNNI, 6>(w, x, tile, out),
-            8 => rows::<VNNI, 8>(w, x, tile, out),
-            _ => unreachable!("bits are checked by AffineMatrix"),
+        match (w.bits, w.group_size == HALF) {
+            (2, false) => rows::<VNNI, 2, false>(w, x, tile, out),
+            (3, false) => rows::<VNNI, 3, false>(w, x, tile, out),
+            (4, false) => rows::<VNNI, 4, false>(w, x, tile, out),
+            (5, false) => rows::<VNNI, 5, false>(w, x, tile, out),
+            (6, false) => rows::<VNNI, 6, false>(w, x, tile, out),
+            (8, false) => rows::<VNNI, 8, false>(w, x, tile, out),
+            (6, true) => rows::<VNNI, 6, true>(w, x, tile, out),
+            _ => unreachable!("bits are checked by AffineMatrix; groups of 16 are Q6_K's"),
         }
     }
 
+    /// `SPLIT`: groups of 16 (each half block has its own scale).
     #[inline(always)]
-    unsafe fn rows<const VNNI: bool, const BITS: u32>(
+    unsafe fn rows<const VNNI: bool, const BITS: u32, const SPLIT: bool>(
         w: &PackedMatrix,
         x: &QuantizedRows,
         tile: usize,
@@ -803,20 +1048,20 @@ mod x86 {
         let m = x.m;
         let mut i = 0;
         while i + 4 <= m {
-            tile_rows::<VNNI, BITS, 4>(w, x, tile, i, out);
+            tile_rows::<VNNI, BITS, SPLIT, 4>(w, x, tile, i, out);
             i += 4;
         }
         match m - i {
-            3 => tile_rows::<VNNI, BITS, 3>(w, x, tile, i, out),
-            2 => tile_rows::<VNNI, BITS, 2>(w, x, tile, i, out),
-            1 => tile_rows::<VNNI, BITS, 1>(w, x, tile, i, out),
+            3 => tile_rows::<VNNI, BITS, SPLIT, 3>(w, x, tile, i, out),
+            2 => tile_rows::<VNNI, BITS, SPLIT, 2>(w, x, tile, i, out),
+            1 => tile_rows::<VNNI, BITS, SPLIT, 1>(w, x, tile, i, out),
             _ => {}
         }
     }
 
     /// The tile's 8 weight rows with activation rows `i0..i0 + M`.
     #[inline(always)]
-    unsafe fn tile_rows<const VNNI: bool, const BITS: u32, const M: usize>(
+    unsafe fn tile_rows<const VNNI: bool, const BITS: u32, const SPLIT: bool, const M: usize>(
         w: &PackedMatrix,
         x: &QuantizedRows,
         tile: usize,
@@ -824,100 +1069,95 @@ mod x86 {
         out: *mut f32,
     ) {
         let (k, blocks, tbb) = (w.cols, w.cols / BLOCK, tile_block_bytes(BITS));
-        let (groups, per_group) = (w.groups_per_row(), w.group_size / BLOCK);
+        let groups = w.groups_per_row();
         let data = w.data.as_ptr().add(tile * blocks * tbb);
-        let (scales, biases) = (&w.scales, &w.biases);
         let first = tile * groups * TILE;
         let qs = x.qs.as_ptr().add(i0 * k);
         let ds = x.d.as_ptr().add(i0 * blocks);
         let sums = x.group_sums.as_ptr().add(i0 * groups);
-        let block_sums = x.block_sums.as_ptr().add(i0 * blocks);
-        let offset = _mm256_set1_ps(w.code_offset() as f32);
+        let half_sums = x.half_sums.as_ptr().add(i0 * 2 * blocks);
+        // The activation row's 4 values from `value` on, in every lane.
+        let xq = |t: usize, value: usize| -> __m256i {
+            _mm256_set1_epi32(qs.add(t * k + value).cast::<i32>().read_unaligned())
+        };
         let mut acc = [_mm256_setzero_ps(); M];
-        for g in 0..groups {
-            let s = load8(scales, first + g * TILE);
-            // The bias term, `(bias + offset · s) · Σx` for the group, straight into the
-            // sums (a register per row of its own measured 15–20 % slower at 64 rows).
-            let mut b = load8(biases, first + g * TILE);
-            if BITS == 8 {
-                b = _mm256_fmadd_ps(offset, s, b);
-            }
-            for (t, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
-            }
-            for blk in g * per_group..(g + 1) * per_group {
-                let p = data.add(blk * tbb);
-                let xq = |t: usize, value: usize| -> __m256i {
-                    // The activation row's 4 values from `value` on, in every lane.
-                    _mm256_set1_epi32(
-                        qs.add(t * k + blk * BLOCK + value)
-                            .cast::<i32>()
-                            .read_unaligned(),
-                    )
-                };
-                let mut isum = [_mm256_setzero_si256(); M];
-                if (4..=6).contains(&BITS) {
-                    for r in 0..REGS / 2 {
-                        let v = _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>());
-                        let mask = _mm256_set1_epi8(15);
-                        let mut lo = _mm256_and_si256(v, mask);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                        let high = p.add(4 * BLOCK);
-                        if BITS == 5 {
-                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(plane(high.add(4 * r)), 4));
-                            hi = _mm256_or_si256(
-                                hi,
-                                _mm256_slli_epi16(plane(high.add(4 * (r + 4))), 4),
+        if SPLIT {
+            // Q6_K: per block two groups of 16, `d · sc` each (ints and factors, module
+            // docs of `PackedMatrix`), weights `s · (code − zero)` and no bias.
+            let Params::Super {
+                ints, factors, per, ..
+            } = &w.scales
+            else {
+                unreachable!("groups of 16 have two levels of scales")
+            };
+            let zero = w.zero;
+            for sb in 0..groups / per {
+                let f = _mm256_cvtph_ps(_mm_loadu_si128(
+                    factors
+                        .as_ptr()
+                        .add((tile * (groups / per) + sb) * TILE)
+                        .cast::<__m128i>(),
+                ));
+                for blk in sb * per / 2..(sb + 1) * per / 2 {
+                    // Groups 2·blk and 2·blk + 1: 8 ints each.
+                    let sc = _mm_loadu_si128(ints.as_ptr().add(first + 2 * blk * TILE).cast());
+                    let s_lo = _mm256_mul_ps(f, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                    let s_hi = _mm256_mul_ps(
+                        f,
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))),
+                    );
+                    let (lo, hi) =
+                        block_dots::<VNNI, BITS, true, M>(data.add(blk * tbb), |t, v| {
+                            xq(t, blk * BLOCK + v)
+                        });
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let dx = _mm256_set1_ps(*ds.add(t * blocks + blk));
+                        for (isum, s, h) in [(lo[t], s_lo, 2 * blk), (hi[t], s_hi, 2 * blk + 1)] {
+                            let shift = zero * *half_sums.add(t * 2 * blocks + h);
+                            let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
+                            *acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum),
+                                _mm256_mul_ps(s, dx),
+                                *acc,
                             );
-                        } else if BITS == 6 {
-                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(crumbs(high.add(8 * r)), 4));
-                            hi = _mm256_or_si256(
-                                hi,
-                                _mm256_slli_epi16(crumbs(high.add(8 * (r + 4))), 4),
-                            );
-                        }
-                        for (t, isum) in isum.iter_mut().enumerate() {
-                            *isum = dot::<VNNI>(*isum, lo, xq(t, r * QUAD));
-                            *isum = dot::<VNNI>(*isum, hi, xq(t, (r + REGS / 2) * QUAD));
-                        }
-                    }
-                } else {
-                    for r in 0..REGS {
-                        let v = match BITS {
-                            2 => crumbs(p.add(8 * r)),
-                            3 => _mm256_or_si256(
-                                crumbs(p.add(8 * r)),
-                                _mm256_slli_epi16(plane(p.add(64 + 4 * r)), 2),
-                            ),
-                            // 8 bits with VNNI: back to the unsigned code (flip the top
-                            // bit of code − 128), whose products `dpbusd` sums in i32
-                            // without overflow; 128 · Σx is taken off below.
-                            _ if VNNI => _mm256_xor_si256(
-                                _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
-                                _mm256_set1_epi8(-128),
-                            ),
-                            _ => _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
-                        };
-                        for (t, isum) in isum.iter_mut().enumerate() {
-                            *isum = if BITS == 8 && !VNNI {
-                                // Signed × signed: |w| × (x with w's sign).
-                                let xv = xq(t, r * QUAD);
-                                dot::<VNNI>(*isum, _mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
-                            } else {
-                                dot::<VNNI>(*isum, v, xq(t, r * QUAD))
-                            };
                         }
                     }
                 }
-                for (t, (acc, mut isum)) in acc.iter_mut().zip(isum).enumerate() {
-                    if BITS == 8 && VNNI {
-                        // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as integers): the
-                        // float sums stay as small as the signed codes make them.
-                        let shift = 128 * *block_sums.add(t * blocks + blk);
-                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
+            }
+        } else {
+            let per_group = w.group_size / BLOCK;
+            let biases = w
+                .biases
+                .as_ref()
+                .expect("affine groups of 32 or more have biases");
+            let offset = _mm256_set1_ps(w.code_offset() as f32);
+            for g in 0..groups {
+                let s = load8(&w.scales, first + g * TILE);
+                // The bias term, `(bias + offset · s) · Σx` for the group, straight into the
+                // sums (a register per row of its own measured 15–20 % slower at 64 rows).
+                let mut b = load8(biases, first + g * TILE);
+                if BITS == 8 {
+                    b = _mm256_fmadd_ps(offset, s, b);
+                }
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
+                }
+                for blk in g * per_group..(g + 1) * per_group {
+                    let (isum, _) =
+                        block_dots::<VNNI, BITS, false, M>(data.add(blk * tbb), |t, v| {
+                            xq(t, blk * BLOCK + v)
+                        });
+                    for (t, (acc, mut isum)) in acc.iter_mut().zip(isum).enumerate() {
+                        if BITS == 8 && VNNI {
+                            // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as integers): the
+                            // float sums stay as small as the signed codes make them.
+                            let h = half_sums.add(t * 2 * blocks + 2 * blk);
+                            isum =
+                                _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * (*h + *h.add(1))));
+                        }
+                        let sd = _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
                     }
-                    let sd = _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
                 }
             }
         }
@@ -934,11 +1174,81 @@ mod x86 {
         }
     }
 
-    /// Elements `at..at + 8` of scales or biases, as f32.
+    /// One block's integer dots of the tile's 8 rows with activation rows `t < M` (their
+    /// 4 values from `v` on: `xq(t, v)`): with `SPLIT`, values 0–15 (registers 0–3) and
+    /// 16–31 (registers 4–7) apart, else all in the first.
+    #[inline(always)]
+    unsafe fn block_dots<const VNNI: bool, const BITS: u32, const SPLIT: bool, const M: usize>(
+        p: *const u8,
+        xq: impl Fn(usize, usize) -> __m256i,
+    ) -> ([__m256i; M], [__m256i; M]) {
+        let mut lo = [_mm256_setzero_si256(); M];
+        let mut hi = [_mm256_setzero_si256(); M];
+        if (4..=6).contains(&BITS) {
+            for r in 0..REGS / 2 {
+                let v = _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>());
+                let mask = _mm256_set1_epi8(15);
+                let mut low = _mm256_and_si256(v, mask);
+                let mut high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                let top = p.add(4 * BLOCK);
+                if BITS == 5 {
+                    low = _mm256_or_si256(low, _mm256_slli_epi16(plane(top.add(4 * r)), 4));
+                    high = _mm256_or_si256(high, _mm256_slli_epi16(plane(top.add(4 * (r + 4))), 4));
+                } else if BITS == 6 {
+                    low = _mm256_or_si256(low, _mm256_slli_epi16(crumbs(top.add(8 * r)), 4));
+                    high =
+                        _mm256_or_si256(high, _mm256_slli_epi16(crumbs(top.add(8 * (r + 4))), 4));
+                }
+                for t in 0..M {
+                    lo[t] = dot::<VNNI>(lo[t], low, xq(t, r * QUAD));
+                    let sink = if SPLIT { &mut hi[t] } else { &mut lo[t] };
+                    *sink = dot::<VNNI>(*sink, high, xq(t, (r + REGS / 2) * QUAD));
+                }
+            }
+        } else {
+            for r in 0..REGS {
+                let v = match BITS {
+                    2 => crumbs(p.add(8 * r)),
+                    3 => _mm256_or_si256(
+                        crumbs(p.add(8 * r)),
+                        _mm256_slli_epi16(plane(p.add(64 + 4 * r)), 2),
+                    ),
+                    // 8 bits with VNNI: back to the unsigned code (flip the top bit of
+                    // code − 128), whose products `dpbusd` sums in i32 without overflow;
+                    // the caller takes 128 · Σx off.
+                    _ if VNNI => _mm256_xor_si256(
+                        _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
+                        _mm256_set1_epi8(-128),
+                    ),
+                    _ => _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
+                };
+                for t in 0..M {
+                    let sink = if SPLIT && r >= REGS / 2 {
+                        &mut hi[t]
+                    } else {
+                        &mut lo[t]
+                    };
+                    *sink = if BITS == 8 && !VNNI {
+                        // Signed × signed: |w| × (x with w's sign).
+                        let xv = xq(t, r * QUAD);
+                        dot::<VNNI>(*sink, _mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
+                    } else {
+                        dot::<VNNI>(*sink, v, xq(t, r * QUAD))
+                    };
+                }
+            }
+        }
+        (lo, hi)
+    }
+
+    /// Elements `at..at + 8` of flat scales or biases, as f32.
     #[inline(always)]
     unsafe fn load8(params: &Params, at: usize) -> __m256 {
-        let p = params.bytes.as_ptr().add(at * params.dtype.size());
-        match params.dtype {
+        let Params::Flat { bytes, dtype } = params else {
+            unreachable!("two levels of scales come with groups of 16")
+        };
+        let p = bytes.as_ptr().add(at * dtype.size());
+        match dtype {
             ScaleDType::F32 => _mm256_loadu_ps(p.cast::<f32>()),
             ScaleDType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())),
             // bf16 is the top half of an f32.
@@ -1010,7 +1320,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// Every bits / group pair, odd shapes: the layout round-trips, every instruction set
-        /// agrees with the scalar reference, and the reference is the dequantized f32 product
+        /// gives the scalar reference's bits, and the reference is the dequantized f32 product
         /// up to the activations' rounding (at most half a step `dx / 2` per value).
         #[test]
         fn kernels_match_reference(bits_i in 0usize..6, g_i in 0usize..3, m in 1usize..8,
@@ -1026,7 +1336,8 @@ mod tests {
             let dtype = [ScaleDType::F32, ScaleDType::F16, ScaleDType::BF16][dtype_i];
             let a = AffineMatrix::quantize(&w, n, k, bits, gs, dtype).unwrap();
             let p = PackedMatrix::from_affine(&a);
-            prop_assert_eq!(p.scales.dtype, dtype);
+            let flat = matches!(p.scales, Params::Flat { dtype: d, .. } if d == dtype);
+            prop_assert!(flat, "scales stored as {:?}", dtype);
             prop_assert_eq!(p.dequantize(), a.dequantize());
             let back = p.to_affine().unwrap();
             prop_assert_eq!((&back.packed, &back.scales, &back.biases), (&a.packed, &a.scales, &a.biases));
@@ -1047,10 +1358,8 @@ mod tests {
                 }
             }
             for &isa in Isa::available() {
-                let y = p.matmul_t_on(isa, &q);
-                for (a, b) in y.iter().zip(&reference) {
-                    prop_assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{:?}: {} vs {}", isa, a, b);
-                }
+                // The same sums in the same order: the same bits.
+                prop_assert_eq!(p.matmul_t_on(isa, &q), reference.clone(), "{:?}", isa);
             }
         }
     }
@@ -1084,25 +1393,24 @@ mod tests {
             assert_eq!(&all.qs[r * k..(r + 1) * k], &want[..], "row {r}");
             for &isa in Isa::available() {
                 let (mut q, mut d) = (vec![0i8; k], vec![0f32; k / BLOCK]);
-                let (mut bs, mut gsum) = (vec![0i32; k / BLOCK], vec![0f32; k / gs]);
+                let (mut hs, mut gsum) = (vec![0i32; k / HALF], vec![0f32; k / gs]);
                 let out = Row {
                     q: &mut q,
                     d: &mut d,
-                    block_sums: &mut bs,
+                    half_sums: &mut hs,
                     group_sums: &mut gsum,
                 };
-                let per_group = gs / BLOCK;
                 on_isa(
                     isa,
                     QuantizeRow {
                         x: row,
-                        per_group,
+                        group_size: gs,
                         row: out,
                     },
                 );
                 assert_eq!(q, want, "{isa:?}, row {r}");
                 assert_eq!(&all.d[r * k / BLOCK..(r + 1) * k / BLOCK], &d[..]);
-                assert_eq!(&all.block_sums[r * k / BLOCK..(r + 1) * k / BLOCK], &bs[..]);
+                assert_eq!(&all.half_sums[r * k / HALF..(r + 1) * k / HALF], &hs[..]);
                 assert_eq!(&all.group_sums[r * k / gs..(r + 1) * k / gs], &gsum[..]);
             }
         }
