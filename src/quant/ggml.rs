@@ -31,7 +31,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::affine::{pack_row, unpack_row, AffineMatrix, ScaleDType};
-use super::kernels::{PackedMatrix, SuperBlocks};
+use super::kernels::{Levels, PackedMatrix, SuperBlocks, SUPER};
 use crate::error::{Error, Result};
 
 const BLOCK: usize = 32;
@@ -111,30 +111,25 @@ fn scale_min_k4(g: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Decodes one Q4_K / Q5_K super-block into 256 codes and 8 scales and biases.
-fn decode_super(
-    dtype: GgmlDType,
-    b: &[u8],
-    codes: &mut [u8],
-    scales: &mut [f32],
-    biases: &mut [f32],
-) {
-    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+/// Decodes one Q4_K / Q5_K super-block into 256 codes; returns `d`, `dmin` and the 8
+/// groups' 6-bit scales and mins (weights `d · sc · q − dmin · m`).
+fn decode_super(dtype: GgmlDType, b: &[u8], codes: &mut [u8]) -> (f16, f16, [u8; 8], [u8; 8]) {
+    let half = |at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
     let pairs = &b[4..16];
     let (high, nibbles) = match dtype {
         GgmlDType::Q5K => (Some(&b[16..48]), &b[48..176]),
         _ => (None, &b[16..144]),
     };
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for g in 0..8 {
-        let (sc, m) = scale_min_k4(g, pairs);
-        scales[g] = d * f32::from(sc);
-        biases[g] = -(dmin * f32::from(m));
+        (sc[g], m[g]) = scale_min_k4(g, pairs);
         let shift = 4 * (g % 2);
         for (l, &byte) in nibbles[32 * (g / 2)..32 * (g / 2) + 32].iter().enumerate() {
             let fifth = high.map_or(0, |h| (h[l] >> g & 1) << 4);
             codes[BLOCK * g + l] = (byte >> shift & 0xF) | fifth;
         }
     }
+    (half(0), half(2), sc, m)
 }
 
 /// Rewrites a `[rows, cols]` tensor of GGML blocks as an affine matrix with group 32, or
@@ -175,14 +170,12 @@ pub fn to_affine(
                 for (i, b) in row.chunks(block_bytes).enumerate() {
                     let values = i * block_values..(i + 1) * block_values;
                     if is_k_quant(dtype) {
-                        let g = values.start / BLOCK..values.end / BLOCK;
-                        decode_super(
-                            dtype,
-                            b,
-                            &mut codes[values],
-                            &mut scales[g.clone()],
-                            &mut biases[g],
-                        );
+                        let first = values.start / BLOCK;
+                        let (d, dmin, sc, m) = decode_super(dtype, b, &mut codes[values]);
+                        for g in 0..8 {
+                            scales[first + g] = d.to_f32() * f32::from(sc[g]);
+                            biases[first + g] = -(dmin.to_f32() * f32::from(m[g]));
+                        }
                     } else {
                         let (s, bias) = decode_block(dtype, b, &mut codes[values]);
                         scales[i] = s;
@@ -206,60 +199,91 @@ pub fn to_affine(
 /// nibble of byte `l + 32 (j % 2)` of its 64 bytes of nibbles, and in bits `2j..2j + 2` of
 /// byte `l` of its 32 bytes of crumbs (llama.cpp's `dequantize_row_q6_K`).
 const Q6K_BYTES: usize = 210;
-const SUPER: usize = 256;
 
-/// Q6_K blocks `[rows, cols]` as [`SuperBlocks`] for our kernels, or `None` for other
-/// types. The products `d · sc · (q − 32)` are exact in f32, as GGML computes them.
+/// Decodes one Q6_K super-block's 256 codes (above).
+fn decode_q6k(b: &[u8], codes: &mut [u8]) {
+    let (ql, qh) = (&b[..128], &b[128..192]);
+    for half in 0..2 {
+        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+        for l in 0..32 {
+            for j in 0..4 {
+                let nibble = ql[l + 32 * (j % 2)] >> (4 * (j / 2)) & 0xF;
+                let crumb = qh[l] >> (2 * j) & 3;
+                codes[128 * half + l + 32 * j] = nibble | crumb << 4;
+            }
+        }
+    }
+}
+
+/// One super-block's scale ints and factor, and its bias ints and factor if it has biases.
+type DecodedSuper = (Vec<i8>, f16, Option<(Vec<i8>, f16)>);
+
+/// K-quant blocks `[rows, cols]` as [`SuperBlocks`] for our kernels (Q4_K, Q5_K, Q6_K),
+/// or `None` for other types. Their products (`d · sc`, `dmin · m`, an f16 times a small
+/// integer) are exact in f32, as GGML computes them.
 pub fn to_super_blocks(
     dtype: GgmlDType,
     data: &[u8],
     rows: usize,
     cols: usize,
 ) -> Result<Option<SuperBlocks>> {
-    if dtype != GgmlDType::Q6K {
-        return Ok(None);
-    }
-    if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * Q6K_BYTES {
+    let (bits, group_size, zero) = match dtype {
+        GgmlDType::Q4K => (4, BLOCK, 0),
+        GgmlDType::Q5K => (5, BLOCK, 0),
+        GgmlDType::Q6K => (6, 16, 32),
+        _ => return Ok(None),
+    };
+    let block_bytes = dtype.type_size();
+    if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * block_bytes {
         return Err(Error::param(
             "weights",
             format!(
-                "{} bytes of Q6_K blocks do not fit [{rows}, {cols}]",
+                "{} bytes of {dtype:?} blocks do not fit [{rows}, {cols}]",
                 data.len()
             ),
         ));
     }
-    let supers = rows * cols / SUPER;
+    let (supers, per) = (rows * cols / SUPER, SUPER / group_size);
+    let levels = || Levels {
+        ints: vec![0i8; supers * per],
+        factors: vec![f16::ZERO; supers],
+    };
     let mut out = SuperBlocks {
         rows,
         cols,
-        bits: 6,
-        zero: 32,
+        bits,
+        group_size,
+        zero,
         codes: vec![0u8; rows * cols],
-        ints: vec![0i8; rows * cols / 16],
-        factors: vec![f16::ZERO; supers],
+        scales: levels(),
+        biases: (dtype != GgmlDType::Q6K).then(levels),
     };
-    out.codes
+    // Per super-block: the scales' ints and factor, and the biases' (`−dmin`, `m`).
+    let decoded: Vec<DecodedSuper> = out
+        .codes
         .par_chunks_mut(SUPER)
-        .zip(out.ints.par_chunks_mut(SUPER / 16))
-        .zip(out.factors.par_iter_mut())
-        .zip(data.par_chunks(Q6K_BYTES))
-        .for_each(|(((codes, ints), factor), b)| {
-            let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
-            for half in 0..2 {
-                let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-                for l in 0..32 {
-                    for j in 0..4 {
-                        let nibble = ql[l + 32 * (j % 2)] >> (4 * (j / 2)) & 0xF;
-                        let crumb = qh[l] >> (2 * j) & 3;
-                        codes[128 * half + l + 32 * j] = nibble | crumb << 4;
-                    }
-                }
+        .zip(data.par_chunks(block_bytes))
+        .map(|(codes, b)| {
+            if dtype == GgmlDType::Q6K {
+                decode_q6k(b, codes);
+                let sc = b[192..208].iter().map(|&v| v as i8).collect();
+                (sc, f16::from_le_bytes([b[208], b[209]]), None)
+            } else {
+                let (d, dmin, sc, m) = decode_super(dtype, b, codes);
+                // 6-bit scales and mins fit an int8.
+                let ints = |v: [u8; 8]| v.iter().map(|&v| v as i8).collect();
+                (ints(sc), d, Some((ints(m), -dmin)))
             }
-            for (i, &s) in ints.iter_mut().zip(sc) {
-                *i = s as i8;
-            }
-            *factor = f16::from_le_bytes([b[208], b[209]]);
-        });
+        })
+        .collect();
+    for (i, (sc, d, bias)) in decoded.into_iter().enumerate() {
+        out.scales.ints[i * per..(i + 1) * per].copy_from_slice(&sc);
+        out.scales.factors[i] = d;
+        if let (Some(biases), Some((m, f))) = (out.biases.as_mut(), bias) {
+            biases.ints[i * per..(i + 1) * per].copy_from_slice(&m);
+            biases.factors[i] = f;
+        }
+    }
     Ok(Some(out))
 }
 
@@ -294,18 +318,18 @@ pub fn to_q6k(p: &PackedMatrix) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// GGML blocks `[rows, cols]` in our kernels' layout: the affine types (above) and Q6_K;
-/// `None` for the others.
+/// GGML blocks `[rows, cols]` in our kernels' layout: the k-quants in their two levels of
+/// scales, the other affine types (above) as affine groups; `None` for the others.
 pub fn to_packed(
     dtype: GgmlDType,
     data: &[u8],
     rows: usize,
     cols: usize,
 ) -> Result<Option<PackedMatrix>> {
-    if let Some(a) = to_affine(dtype, data, rows, cols)? {
-        return Ok(Some(PackedMatrix::from_affine(&a)));
+    if let Some(b) = to_super_blocks(dtype, data, rows, cols)? {
+        return Ok(Some(PackedMatrix::from_super_blocks(&b)));
     }
-    Ok(to_super_blocks(dtype, data, rows, cols)?.map(|b| PackedMatrix::from_super_blocks(&b)))
+    Ok(to_affine(dtype, data, rows, cols)?.map(|a| PackedMatrix::from_affine(&a)))
 }
 
 /// Writes an affine matrix as GGML blocks when that loses nothing: group 32, 4 or 5 bits
@@ -437,45 +461,60 @@ mod tests {
             .unwrap();
     }
 
-    /// Q6_K super-blocks of random bytes (any finite d, every int8 scale, every code) in
-    /// our kernels' layout: candle's dequantizer is the reference, bit for bit; the
-    /// blocks come back unchanged; every instruction set gives the scalar reference's
-    /// products to the bit, and those are the dequantized weights' products up to the
-    /// activations' rounding; tile-aligned row slices keep their values.
+    /// K-quant super-blocks of random bytes (finite d and dmin of any sign, every scale,
+    /// min and code) in our kernels' layout: candle's dequantizer is the reference, bit for
+    /// bit; Q6_K's blocks come back unchanged; every instruction set gives the scalar
+    /// reference's products to the bit, and those are the dequantized weights' products up
+    /// to the activations' rounding; tile-aligned row slices keep their values.
     #[test]
-    fn q6k_super_blocks_run_in_our_tiles() {
+    fn k_quants_run_in_our_tiles() {
         use crate::quant::kernels::QuantizedRows;
         use crate::quant::Isa;
         use candle_core::quantized::ggml_file::qtensor_from_ggml;
         use proptest::prelude::*;
         use proptest::test_runner::{Config, TestRunner};
         let mut runner = TestRunner::new(Config::with_cases(48));
-        let case = (1usize..20, 1usize..3, 1usize..6).prop_flat_map(|(rows, blocks, m)| {
-            let bytes = proptest::collection::vec(any::<u8>(), rows * blocks * Q6K_BYTES);
-            let x = proptest::collection::vec(-1.0f32..1.0, m * blocks * SUPER);
-            (Just(rows), Just(blocks), Just(m), bytes, x)
-        });
+        let case = (
+            prop_oneof![
+                Just(GgmlDType::Q4K),
+                Just(GgmlDType::Q5K),
+                Just(GgmlDType::Q6K)
+            ],
+            1usize..20,
+            1usize..3,
+            1usize..6,
+        )
+            .prop_flat_map(|(dtype, rows, blocks, m)| {
+                let bytes =
+                    proptest::collection::vec(any::<u8>(), rows * blocks * dtype.type_size());
+                let x = proptest::collection::vec(-1.0f32..1.0, m * blocks * SUPER);
+                (Just(dtype), Just(rows), Just(blocks), Just(m), bytes, x)
+            });
         runner
-            .run(&case, |(rows, blocks, m, mut bytes, x)| {
-                let cols = blocks * SUPER;
-                for b in bytes.chunks_mut(Q6K_BYTES) {
-                    // d finite and small enough that no product overflows.
-                    b[209] &= 0x3B;
+            .run(&case, |(dtype, rows, blocks, m, mut bytes, x)| {
+                let (cols, block_bytes) = (blocks * SUPER, dtype.type_size());
+                for b in bytes.chunks_mut(block_bytes) {
+                    // d (and dmin) finite and small enough that no product overflows.
+                    let high_bytes: &[usize] = if dtype == GgmlDType::Q6K {
+                        &[209]
+                    } else {
+                        &[1, 3]
+                    };
+                    for &at in high_bytes {
+                        b[at] &= 0xBB;
+                    }
                 }
-                let q = qtensor_from_ggml(GgmlDType::Q6K, &bytes, vec![rows, cols], &Device::Cpu)
-                    .unwrap();
+                let q = qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &Device::Cpu).unwrap();
                 let want = candle_values(&q);
-                let p = to_packed(GgmlDType::Q6K, &bytes, rows, cols)
-                    .unwrap()
-                    .unwrap();
+                let p = to_packed(dtype, &bytes, rows, cols).unwrap().unwrap();
                 let got = p.dequantize();
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    prop_assert_eq!(g.to_bits(), w.to_bits(), "value {}", i);
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "{:?} value {}", dtype, i);
                 }
-                prop_assert_eq!(to_q6k(&p).unwrap(), bytes.clone());
-                prop_assert!(to_packed(GgmlDType::Q6K, &bytes[1..], rows, cols).is_err());
+                prop_assert_eq!(to_q6k(&p), (dtype == GgmlDType::Q6K).then(|| bytes.clone()));
+                prop_assert!(to_packed(dtype, &bytes[1..], rows, cols).is_err());
 
-                let xq = QuantizedRows::new(&x, m, cols, 16);
+                let xq = QuantizedRows::new(&x, m, cols, p.group_size);
                 let reference = p.matmul_t_on(Isa::Scalar, &xq);
                 for i in 0..m {
                     for j in 0..rows {
@@ -508,12 +547,21 @@ mod tests {
                 if rows > 8 {
                     let tail = p.rows(8, rows - 8).unwrap();
                     prop_assert_eq!(tail.dequantize(), got[8 * cols..].to_vec());
-                    prop_assert_eq!(
-                        to_q6k(&tail).unwrap(),
-                        bytes[8 * blocks * Q6K_BYTES..].to_vec()
-                    );
+                    if dtype == GgmlDType::Q6K {
+                        prop_assert_eq!(
+                            to_q6k(&tail).unwrap(),
+                            bytes[8 * blocks * block_bytes..].to_vec()
+                        );
+                    }
                 }
-                prop_assert!(rows < 2 || p.rows(1, 1).is_err());
+                if rows >= 2 {
+                    // Mid-tile: repacked as affine groups, except groups of 16 (Q6_K).
+                    let one = p.rows(1, 1);
+                    prop_assert_eq!(one.is_ok(), dtype != GgmlDType::Q6K);
+                    if let Ok(one) = one {
+                        prop_assert_eq!(one.dequantize(), got[cols..2 * cols].to_vec());
+                    }
+                }
                 Ok(())
             })
             .unwrap();

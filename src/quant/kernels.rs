@@ -27,7 +27,7 @@
 //!
 //! | bits | block bytes (8 rows × 32 values) |
 //! |------|---------------|
-//! | 4, 5, 6 | nibbles: 32 bytes for registers ρ (low) and ρ + 4 (high), ρ < 4; then for 5 bits a 32-bit plane of bit 4 per register, for 6 bits 8 bytes of its bits 4–5 |
+//! | 4, 5, 6 | nibbles: 32 bytes for registers ρ (low) and ρ + 4 (high), ρ < 4; then for 5 bits 32 bytes whose bit ρ of byte `l` is bit 4 of byte `l` of register ρ, for 6 bits 64 bytes whose bits `2ρ′, 2ρ′ + 1` of byte `32·(ρ / 4) + l` are bits 4–5 of that byte of register ρ (`ρ′ = ρ mod 4`): one load serves four or eight registers, each taking its bits with a shift and a mask |
 //! | 2, 3 | 8 bytes of 2-bit values per register (byte `v` of the register from bits `2·(v / 8)` of byte `v % 8`); then for 3 bits a 32-bit plane of bit 2 per register |
 //! | 8 | the register as bytes, code − 128 as i8: `maddubs` needs one operand unsigned, and codes up to 255 times 127 would overflow its i16 pair sums (the bias term adds 128·scale back); VNNI's `dpbusd` sums in i32, so it takes the unsigned code back with one `xor` and 128 times the block's Σx off the sum |
 //!
@@ -201,10 +201,12 @@ fn encode_tile_block(bits: u32, regs: &Registers<u8>, out: &mut [u8]) {
             }
             let high = &mut out[4 * BLOCK..];
             for (r, reg) in regs.iter().enumerate() {
-                match bits {
-                    5 => encode_plane(reg, 4, &mut high[4 * r..]),
-                    6 => encode_crumbs(reg, 4, &mut high[8 * r..]),
-                    _ => {}
+                for (l, &q) in reg.iter().enumerate() {
+                    match bits {
+                        5 => high[l] |= (q >> 4 & 1) << r,
+                        6 => high[BLOCK * (r / 4) + l] |= (q >> 4 & 3) << (2 * (r % 4)),
+                        _ => {}
+                    }
                 }
             }
         }
@@ -239,8 +241,8 @@ fn decode_tile_block(bits: u32, b: &[u8], regs: &mut Registers<i32>) {
                 2 => crumb(&b[8 * r..], l),
                 3 => crumb(&b[8 * r..], l) | bit(&b[64 + 4 * r..], l) << 2,
                 4 => nibble(),
-                5 => nibble() | bit(&b[128 + 4 * r..], l) << 4,
-                6 => nibble() | crumb(&b[128 + 8 * r..], l) << 4,
+                5 => nibble() | i32::from(b[128 + l] >> r & 1) << 4,
+                6 => nibble() | i32::from(b[128 + BLOCK * (r / 4) + l] >> (2 * (r % 4)) & 3) << 4,
                 8 => i32::from(b[r * BLOCK + l] as i8),
                 _ => unreachable!("bits are checked by AffineMatrix"),
             };
@@ -257,8 +259,8 @@ enum Params {
     /// for MLX).
     Flat { bytes: Vec<u8>, dtype: ScaleDType },
     /// GGUF's k-quant levels: an int8 a group times an f16 a super-block of `per` groups
-    /// (per row: `[tiles, groups / per, 8]`), e.g. Q6_K's `d · sc`. The product is exact in
-    /// f32 (11 and 8 significant bits).
+    /// (per row: `[tiles, groups / per, 8]`; `per` is 8 or 16), e.g. Q6_K's `d · sc`. The
+    /// product is exact in f32 (11 and 8 significant bits).
     Super {
         ints: Vec<i8>,
         factors: Vec<f16>,
@@ -409,19 +411,30 @@ fn tile_codes(
     data
 }
 
-/// A GGUF k-quant with groups of 16 as [`PackedMatrix::from_super_blocks`] takes it:
-/// weight `v` of row `r` is `factors[r, v / 256] · ints[r, v / 16] · (codes[r, v] − zero)`.
+/// Values in a GGUF k-quant super-block.
+pub const SUPER: usize = 256;
+
+/// Per-group parameters in two levels: `factors[r, v / 256] · ints[r, v / group]`.
+pub struct Levels {
+    /// `[rows, cols / group]`.
+    pub ints: Vec<i8>,
+    /// `[rows, cols / 256]`.
+    pub factors: Vec<f16>,
+}
+
+/// A GGUF k-quant as [`PackedMatrix::from_super_blocks`] takes it: weight `v` of row `r` is
+/// `scale · (codes[r, v] − zero) + bias`, scale and bias (0 when `None`) in [`Levels`].
 pub struct SuperBlocks {
     pub rows: usize,
     pub cols: usize,
     pub bits: u32,
+    /// 32 (Q4_K, Q5_K: zero 0, biases) or 16 (Q6_K: zero 32, no biases).
+    pub group_size: usize,
     pub zero: i32,
     /// `[rows, cols]`.
     pub codes: Vec<u8>,
-    /// `[rows, cols / 16]`.
-    pub ints: Vec<i8>,
-    /// `[rows, cols / 256]`.
-    pub factors: Vec<f16>,
+    pub scales: Levels,
+    pub biases: Option<Levels>,
 }
 
 impl PackedMatrix {
@@ -444,42 +457,53 @@ impl PackedMatrix {
         }
     }
 
-    /// Packs a k-quant in groups of 16 (Q6_K), keeping its two levels of scales.
+    /// Packs a k-quant, keeping its two levels of scales (and biases): 4.6 bits a weight
+    /// for Q4_K instead of the 6 of f32 per group.
     pub fn from_super_blocks(b: &SuperBlocks) -> PackedMatrix {
-        const SUPER: usize = 256;
-        let (groups, supers) = (b.cols / 16, b.cols / SUPER);
+        let (groups, supers) = (b.cols / b.group_size, b.cols / SUPER);
+        let fits =
+            |l: &Levels| l.ints.len() == b.rows * groups && l.factors.len() == b.rows * supers;
         assert!(
             b.cols.is_multiple_of(SUPER)
                 && b.codes.len() == b.rows * b.cols
-                && b.ints.len() == b.rows * groups
-                && b.factors.len() == b.rows * supers
-                && b.bits < 8,
-            "super-blocks of [{}, {}]",
+                && fits(&b.scales)
+                && b.biases.as_ref().is_none_or(fits)
+                && b.bits < 8
+                // The kernels: a zero point and no biases in groups of 16, the reverse in
+                // groups of 32.
+                && if b.group_size == HALF {
+                    b.biases.is_none()
+                } else {
+                    b.group_size == BLOCK && b.zero == 0 && b.biases.is_some()
+                },
+            "super-blocks of [{}, {}] in groups of {}",
             b.rows,
-            b.cols
+            b.cols,
+            b.group_size
         );
+        let levels = |l: &Levels| Params::Super {
+            ints: interleave(&l.ints, b.rows, groups),
+            factors: interleave(&l.factors, b.rows, supers),
+            groups,
+            per: SUPER / b.group_size,
+        };
         PackedMatrix {
             rows: b.rows,
             cols: b.cols,
             bits: b.bits,
-            group_size: 16,
+            group_size: b.group_size,
             data: tile_codes(b.rows, b.cols, b.bits, |r| {
                 b.codes[r * b.cols..(r + 1) * b.cols].to_vec()
             }),
-            scales: Params::Super {
-                ints: interleave(&b.ints, b.rows, groups),
-                factors: interleave(&b.factors, b.rows, supers),
-                groups,
-                per: SUPER / 16,
-            },
-            biases: None,
+            scales: levels(&b.scales),
+            biases: b.biases.as_ref().map(levels),
             zero: b.zero,
             scale_dtype: ScaleDType::F32,
         }
     }
 
-    /// Row `r` of a matrix from [`PackedMatrix::from_super_blocks`] as it took it: codes,
-    /// ints and factors (`None` for the other forms).
+    /// Row `r` of a matrix from [`PackedMatrix::from_super_blocks`] as it took it: codes
+    /// and the scales' ints and factors (`None` for the other forms).
     pub fn super_row(&self, r: usize) -> Option<(Vec<u8>, Vec<i8>, Vec<f16>)> {
         let Params::Super {
             ints,
@@ -623,10 +647,10 @@ impl PackedMatrix {
     pub fn rows(&self, start: usize, len: usize) -> Result<PackedMatrix> {
         self.check_rows(start, len)?;
         if !start.is_multiple_of(TILE) {
-            if matches!(self.scales, Params::Super { .. }) {
+            if self.group_size == HALF {
                 return Err(Error::param(
                     "rows",
-                    format!("rows from {start} of a k-quant matrix (not a multiple of {TILE})"),
+                    format!("rows from {start} of a Q6_K matrix (not a multiple of {TILE})"),
                 ));
             }
             return Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?));
@@ -1071,7 +1095,6 @@ mod x86 {
         let (k, blocks, tbb) = (w.cols, w.cols / BLOCK, tile_block_bytes(BITS));
         let groups = w.groups_per_row();
         let data = w.data.as_ptr().add(tile * blocks * tbb);
-        let first = tile * groups * TILE;
         let qs = x.qs.as_ptr().add(i0 * k);
         let ds = x.d.as_ptr().add(i0 * blocks);
         let sums = x.group_sums.as_ptr().add(i0 * groups);
@@ -1082,45 +1105,21 @@ mod x86 {
         };
         let mut acc = [_mm256_setzero_ps(); M];
         if SPLIT {
-            // Q6_K: per block two groups of 16, `d · sc` each (ints and factors, module
-            // docs of `PackedMatrix`), weights `s · (code − zero)` and no bias.
-            let Params::Super {
-                ints, factors, per, ..
-            } = &w.scales
-            else {
-                unreachable!("groups of 16 have two levels of scales")
-            };
+            // Q6_K: per block two groups of 16, weights `s · (code − zero)`, no bias.
             let zero = w.zero;
-            for sb in 0..groups / per {
-                let f = _mm256_cvtph_ps(_mm_loadu_si128(
-                    factors
-                        .as_ptr()
-                        .add((tile * (groups / per) + sb) * TILE)
-                        .cast::<__m128i>(),
-                ));
-                for blk in sb * per / 2..(sb + 1) * per / 2 {
-                    // Groups 2·blk and 2·blk + 1: 8 ints each.
-                    let sc = _mm_loadu_si128(ints.as_ptr().add(first + 2 * blk * TILE).cast());
-                    let s_lo = _mm256_mul_ps(f, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                    let s_hi = _mm256_mul_ps(
-                        f,
-                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))),
-                    );
-                    let (lo, hi) =
-                        block_dots::<VNNI, BITS, true, M>(data.add(blk * tbb), |t, v| {
-                            xq(t, blk * BLOCK + v)
-                        });
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let dx = _mm256_set1_ps(*ds.add(t * blocks + blk));
-                        for (isum, s, h) in [(lo[t], s_lo, 2 * blk), (hi[t], s_hi, 2 * blk + 1)] {
-                            let shift = zero * *half_sums.add(t * 2 * blocks + h);
-                            let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
-                            *acc = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(isum),
-                                _mm256_mul_ps(s, dx),
-                                *acc,
-                            );
-                        }
+            for blk in 0..blocks {
+                let s_lo = params8(&w.scales, tile, groups, 2 * blk);
+                let s_hi = params8(&w.scales, tile, groups, 2 * blk + 1);
+                let (lo, hi) = block_dots::<VNNI, BITS, true, M>(data.add(blk * tbb), |t, v| {
+                    xq(t, blk * BLOCK + v)
+                });
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let dx = _mm256_set1_ps(*ds.add(t * blocks + blk));
+                    for (isum, s, h) in [(lo[t], s_lo, 2 * blk), (hi[t], s_hi, 2 * blk + 1)] {
+                        let shift = zero * *half_sums.add(t * 2 * blocks + h);
+                        let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
+                        *acc =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, dx), *acc);
                     }
                 }
             }
@@ -1132,10 +1131,10 @@ mod x86 {
                 .expect("affine groups of 32 or more have biases");
             let offset = _mm256_set1_ps(w.code_offset() as f32);
             for g in 0..groups {
-                let s = load8(&w.scales, first + g * TILE);
+                let s = params8(&w.scales, tile, groups, g);
                 // The bias term, `(bias + offset · s) · Σx` for the group, straight into the
                 // sums (a register per row of its own measured 15–20 % slower at 64 rows).
-                let mut b = load8(biases, first + g * TILE);
+                let mut b = params8(biases, tile, groups, g);
                 if BITS == 8 {
                     b = _mm256_fmadd_ps(offset, s, b);
                 }
@@ -1190,14 +1189,26 @@ mod x86 {
                 let mask = _mm256_set1_epi8(15);
                 let mut low = _mm256_and_si256(v, mask);
                 let mut high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                let top = p.add(4 * BLOCK);
+                // Bit 4 (5 bits) or bits 4–5 (6 bits) of registers r and r + 4, from the
+                // planes after the nibbles (module docs), shifted into place and masked.
+                // (16-bit shifts carry bits into the neighbouring byte; the mask drops them.)
+                let top = p.add(4 * BLOCK).cast::<__m256i>();
+                let ri = r as i32;
                 if BITS == 5 {
-                    low = _mm256_or_si256(low, _mm256_slli_epi16(plane(top.add(4 * r)), 4));
-                    high = _mm256_or_si256(high, _mm256_slli_epi16(plane(top.add(4 * (r + 4))), 4));
+                    let plane = _mm256_loadu_si256(top);
+                    let bit4 = _mm256_set1_epi8(0x10);
+                    low = _mm256_or_si256(low, _mm256_and_si256(shift(plane, 4 - ri), bit4));
+                    high = _mm256_or_si256(high, _mm256_and_si256(shift(plane, -ri), bit4));
                 } else if BITS == 6 {
-                    low = _mm256_or_si256(low, _mm256_slli_epi16(crumbs(top.add(8 * r)), 4));
-                    high =
-                        _mm256_or_si256(high, _mm256_slli_epi16(crumbs(top.add(8 * (r + 4))), 4));
+                    let (lo_plane, hi_plane) =
+                        (_mm256_loadu_si256(top), _mm256_loadu_si256(top.add(1)));
+                    let bits45 = _mm256_set1_epi8(0x30);
+                    low =
+                        _mm256_or_si256(low, _mm256_and_si256(shift(lo_plane, 4 - 2 * ri), bits45));
+                    high = _mm256_or_si256(
+                        high,
+                        _mm256_and_si256(shift(hi_plane, 4 - 2 * ri), bits45),
+                    );
                 }
                 for t in 0..M {
                     lo[t] = dot::<VNNI>(lo[t], low, xq(t, r * QUAD));
@@ -1241,21 +1252,36 @@ mod x86 {
         (lo, hi)
     }
 
-    /// Elements `at..at + 8` of flat scales or biases, as f32.
+    /// Group `g` of scales or biases of a tile (of a matrix with `groups` groups a row):
+    /// 8 rows as f32.
     #[inline(always)]
-    unsafe fn load8(params: &Params, at: usize) -> __m256 {
-        let Params::Flat { bytes, dtype } = params else {
-            unreachable!("two levels of scales come with groups of 16")
-        };
-        let p = bytes.as_ptr().add(at * dtype.size());
-        match dtype {
-            ScaleDType::F32 => _mm256_loadu_ps(p.cast::<f32>()),
-            ScaleDType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())),
-            // bf16 is the top half of an f32.
-            ScaleDType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<__m128i>())),
-                16,
-            )),
+    unsafe fn params8(params: &Params, tile: usize, groups: usize, g: usize) -> __m256 {
+        let at = (tile * groups + g) * TILE;
+        match params {
+            Params::Flat { bytes, dtype } => {
+                let p = bytes.as_ptr().add(at * dtype.size());
+                match dtype {
+                    ScaleDType::F32 => _mm256_loadu_ps(p.cast::<f32>()),
+                    ScaleDType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())),
+                    // bf16 is the top half of an f32.
+                    ScaleDType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<__m128i>())),
+                        16,
+                    )),
+                }
+            }
+            Params::Super {
+                ints, factors, per, ..
+            } => {
+                // `per` is a power of two: shifts, not divisions, in the group loop.
+                let shift = per.trailing_zeros();
+                let f = (tile * (groups >> shift) + (g >> shift)) * TILE;
+                let i = _mm_loadl_epi64(ints.as_ptr().add(at).cast::<__m128i>());
+                _mm256_mul_ps(
+                    _mm256_cvtph_ps(_mm_loadu_si128(factors.as_ptr().add(f).cast::<__m128i>())),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(i)),
+                )
+            }
         }
     }
 
@@ -1268,6 +1294,17 @@ mod x86 {
             // Pair sums fit i16: at most 2 · 128 · 127 (8-bit magnitudes) or 2 · 63 · 127.
             let pairs = _mm256_maddubs_epi16(u, s);
             _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// `v` shifted left by `s` bits in 16-bit lanes (right by `−s` for negative `s`; the
+    /// callers' `s` are constants once their loop unrolls).
+    #[inline(always)]
+    unsafe fn shift(v: __m256i, s: i32) -> __m256i {
+        if s >= 0 {
+            _mm256_sll_epi16(v, _mm_cvtsi32_si128(s))
+        } else {
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(-s))
         }
     }
 
