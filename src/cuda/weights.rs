@@ -266,14 +266,14 @@ impl GpuLinear {
         })
     }
 
-    /// Affine groups in our CPU kernels' layout, back in MLX's for the GPU's; Q6_K (groups
-    /// of 16) back in its blocks, for candle's.
+    /// Affine groups in our CPU kernels' layout, back in MLX's for the GPU's; Q2_K, Q3_K
+    /// and Q6_K (groups of 16) back in their blocks, for candle's.
     pub fn packed(gpu: &Gpu, p: &PackedMatrix) -> Result<GpuLinear> {
-        match ggml::to_q6k(p) {
-            Some(blocks) => GpuLinear::ggml(
+        match ggml::to_ggml(p) {
+            Some((dtype, blocks)) => GpuLinear::ggml(
                 gpu,
                 &qtensor_from_ggml(
-                    GgmlDType::Q6K,
+                    dtype,
                     &blocks,
                     vec![p.rows, p.cols],
                     &candle_core::Device::Cpu,

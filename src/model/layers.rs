@@ -15,8 +15,8 @@ use crate::quant::{ggml, AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
 /// How a weight matrix `[out, in]` is stored in memory: affine groups in our kernels'
 /// layout (MLX folders, and the GGML types that are affine: Q4_0, Q4_1, Q5_0, Q5_1,
-/// Q8_0, Q4_K, Q5_K; and Q6_K), other GGML blocks (the other k-quants, run by candle), or
-/// dense f32 (float safetensors).
+/// Q8_0 and the k-quants Q2_K to Q6_K), other GGML blocks (run by candle), or dense f32
+/// (float safetensors).
 /// Quantized weights stay quantized; nothing is expanded to f32 at load.
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -391,8 +391,8 @@ impl Embedding {
                 let (rows, cols) = t.dims2()?;
                 Some(GpuEmbedding::dense(gpu, &values(t)?, rows, cols)?)
             }
-            // GGML blocks and Q6_K (groups of 16, which the GPU's affine kernels do not
-            // take) are looked up on the host.
+            // GGML blocks and the k-quants in groups of 16 (which the GPU's affine kernels
+            // do not take) are looked up on the host.
             Weight::Packed(_) | Weight::Ggml(_) => None,
         };
         let bytes = on_gpu.as_ref().map_or(0, GpuEmbedding::nbytes);

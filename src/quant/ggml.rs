@@ -193,44 +193,197 @@ pub fn to_affine(
     AffineMatrix::from_parts(rows, cols, bits, BLOCK, packed, scales, biases, scale_dtype).map(Some)
 }
 
-/// Q6_K's super-block: 256 values in 16 groups of 16, `w = d · sc[g] · (q − 32)`, as 128
-/// bytes of low nibbles, 64 of top crumbs, 16 int8 scales `sc` and an f16 `d`. Each half
-/// (128 values) stores value `l + 32j` (`l < 32`, `j < 4`) in the low (`j` even) or high
-/// nibble of byte `l + 32 (j % 2)` of its 64 bytes of nibbles, and in bits `2j..2j + 2` of
-/// byte `l` of its 32 bytes of crumbs (llama.cpp's `dequantize_row_q6_K`).
-const Q6K_BYTES: usize = 210;
+/// One super-block of a k-quant in groups of 16, as its codes and levels: what
+/// [`to_super_blocks`] reads and [`to_ggml`] writes. Layouts (llama.cpp's
+/// `dequantize_row_q*_K`): value `v = 128n + 32j + 16s + l` (`n < 2` halves, `j < 4`,
+/// `s < 2`, `l < 16`) is in group `v / 16`, and
+///
+/// | type | bytes | value |
+/// |------|-------|-------|
+/// | Q6_K | 128 low nibbles, 64 top crumbs, 16 int8 `sc`, f16 `d` | `d · sc · (q − 32)`; `q`'s low nibble in byte `64n + 32 (j % 2) + 16s + l` (high nibble for `j ≥ 2`), its top 2 bits at bits `2j` of byte `128 + 32n + 16s + l` |
+/// | Q3_K | 32 high-bit bytes, 64 crumb bytes, 12 bytes of 6-bit scales, f16 `d` | `d · (sc − 32) · (q − 4)`; `q`'s low 2 bits at bits `2j` of byte `32 + 32n + 16s + l`, bit 2 at bit `4n + j` of byte `16s + l` |
+/// | Q2_K | 16 bytes of 4-bit scale and min, 64 crumb bytes, f16 `d`, f16 `dmin` | `d · sc · q − dmin · m`; `q` at bits `2j` of byte `16 + 32n + 16s + l` |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sixteens {
+    Q2K,
+    Q3K,
+    Q6K,
+}
 
-/// Decodes one Q6_K super-block's 256 codes (above).
-fn decode_q6k(b: &[u8], codes: &mut [u8]) {
-    let (ql, qh) = (&b[..128], &b[128..192]);
-    for half in 0..2 {
-        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-        for l in 0..32 {
-            for j in 0..4 {
-                let nibble = ql[l + 32 * (j % 2)] >> (4 * (j / 2)) & 0xF;
-                let crumb = qh[l] >> (2 * j) & 3;
-                codes[128 * half + l + 32 * j] = nibble | crumb << 4;
+/// Codes, the scales' ints and factor, and the biases' (Q2_K) of one super-block.
+struct Super16 {
+    codes: [u8; SUPER],
+    scales: [i8; 16],
+    d: f16,
+    /// `m` and `−dmin`.
+    biases: Option<([i8; 16], f16)>,
+}
+
+impl Sixteens {
+    fn of(dtype: GgmlDType) -> Option<Sixteens> {
+        match dtype {
+            GgmlDType::Q2K => Some(Sixteens::Q2K),
+            GgmlDType::Q3K => Some(Sixteens::Q3K),
+            GgmlDType::Q6K => Some(Sixteens::Q6K),
+            _ => None,
+        }
+    }
+
+    fn dtype(self) -> GgmlDType {
+        match self {
+            Sixteens::Q2K => GgmlDType::Q2K,
+            Sixteens::Q3K => GgmlDType::Q3K,
+            Sixteens::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Bits and zero point of the codes.
+    fn bits_and_zero(self) -> (u32, i32) {
+        match self {
+            Sixteens::Q2K => (2, 0),
+            Sixteens::Q3K => (3, 4),
+            Sixteens::Q6K => (6, 32),
+        }
+    }
+
+    /// Where value `v`'s bits live: (half `n`, `j`, `16s + l`).
+    fn place(v: usize) -> (usize, usize, usize) {
+        (v / 128, v % 128 / 32, v % 32)
+    }
+
+    fn decode(self, b: &[u8]) -> Super16 {
+        let half = |at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
+        let mut codes = [0u8; SUPER];
+        for (v, c) in codes.iter_mut().enumerate() {
+            let (n, j, l) = Sixteens::place(v);
+            *c = match self {
+                Sixteens::Q6K => {
+                    let nibble = b[64 * n + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0xF;
+                    nibble | (b[128 + 32 * n + l] >> (2 * j) & 3) << 4
+                }
+                Sixteens::Q3K => {
+                    (b[32 + 32 * n + l] >> (2 * j) & 3) | (b[l] >> (4 * n + j) & 1) << 2
+                }
+                Sixteens::Q2K => b[16 + 32 * n + l] >> (2 * j) & 3,
+            };
+        }
+        let mut scales = [0i8; 16];
+        let mut biases = None;
+        let d = match self {
+            Sixteens::Q6K => {
+                for (s, &raw) in scales.iter_mut().zip(&b[192..208]) {
+                    *s = raw as i8;
+                }
+                half(208)
+            }
+            Sixteens::Q3K => {
+                // 6-bit scales: the low 4 bits of scale `i` in the nibbles of bytes 96–103,
+                // its top 2 in bytes 104–107 (llama.cpp's `kmask` shuffle).
+                let raw = &b[96..108];
+                for (i, s) in scales.iter_mut().enumerate() {
+                    let (w, byte) = (i / 4, i % 4);
+                    let low = raw[4 * (w % 2) + byte] >> (4 * (w / 2)) & 0xF;
+                    let top = raw[8 + byte] >> (2 * w) & 3;
+                    *s = (low | top << 4) as i8 - 32;
+                }
+                half(108)
+            }
+            Sixteens::Q2K => {
+                let mut m = [0i8; 16];
+                for ((s, m), &raw) in scales.iter_mut().zip(&mut m).zip(&b[..16]) {
+                    (*s, *m) = ((raw & 0xF) as i8, (raw >> 4) as i8);
+                }
+                biases = Some((m, -half(82)));
+                half(80)
+            }
+        };
+        Super16 {
+            codes,
+            scales,
+            d,
+            biases,
+        }
+    }
+
+    /// The inverse of [`Sixteens::decode`].
+    fn encode(self, s: &Super16, out: &mut Vec<u8>) {
+        let mut b = vec![0u8; self.dtype().type_size()];
+        for (v, &q) in s.codes.iter().enumerate() {
+            let (n, j, l) = Sixteens::place(v);
+            match self {
+                Sixteens::Q6K => {
+                    b[64 * n + 32 * (j % 2) + l] |= (q & 0xF) << (4 * (j / 2));
+                    b[128 + 32 * n + l] |= (q >> 4) << (2 * j);
+                }
+                Sixteens::Q3K => {
+                    b[32 + 32 * n + l] |= (q & 3) << (2 * j);
+                    b[l] |= (q >> 2) << (4 * n + j);
+                }
+                Sixteens::Q2K => b[16 + 32 * n + l] |= q << (2 * j),
             }
         }
+        let d = s.d.to_le_bytes();
+        match self {
+            Sixteens::Q6K => {
+                for (raw, &sc) in b[192..208].iter_mut().zip(&s.scales) {
+                    *raw = sc as u8;
+                }
+                b[208..].copy_from_slice(&d);
+            }
+            Sixteens::Q3K => {
+                for (i, &sc) in s.scales.iter().enumerate() {
+                    let (w, byte, u) = (i / 4, i % 4, (sc + 32) as u8);
+                    b[96 + 4 * (w % 2) + byte] |= (u & 0xF) << (4 * (w / 2));
+                    b[104 + byte] |= (u >> 4) << (2 * w);
+                }
+                b[108..].copy_from_slice(&d);
+            }
+            Sixteens::Q2K => {
+                let (m, neg_dmin) = s.biases.expect("Q2_K has biases");
+                for ((raw, &sc), &m) in b[..16].iter_mut().zip(&s.scales).zip(&m) {
+                    *raw = sc as u8 | (m as u8) << 4;
+                }
+                b[80..82].copy_from_slice(&d);
+                b[82..].copy_from_slice(&(-neg_dmin).to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&b);
     }
 }
 
-/// One super-block's scale ints and factor, and its bias ints and factor if it has biases.
-type DecodedSuper = (Vec<i8>, f16, Option<(Vec<i8>, f16)>);
+/// A Q4_K / Q5_K super-block as [`Super16`]: 8 groups of 32, in the first halves of the
+/// arrays.
+fn decode_k32(dtype: GgmlDType, b: &[u8]) -> Super16 {
+    let mut codes = [0u8; SUPER];
+    let (d, dmin, sc, m) = decode_super(dtype, b, &mut codes);
+    let (mut scales, mut mins) = ([0i8; 16], [0i8; 16]);
+    for g in 0..8 {
+        // 6-bit scales and mins fit an int8.
+        (scales[g], mins[g]) = (sc[g] as i8, m[g] as i8);
+    }
+    Super16 {
+        codes,
+        scales,
+        d,
+        biases: Some((mins, -dmin)),
+    }
+}
 
-/// K-quant blocks `[rows, cols]` as [`SuperBlocks`] for our kernels (Q4_K, Q5_K, Q6_K),
-/// or `None` for other types. Their products (`d · sc`, `dmin · m`, an f16 times a small
-/// integer) are exact in f32, as GGML computes them.
+/// K-quant blocks `[rows, cols]` as [`SuperBlocks`] for our kernels (Q4_K, Q5_K in groups
+/// of 32; Q2_K, Q3_K, Q6_K in groups of 16), or `None` for other types. Their products
+/// (`d · sc`, `dmin · m`: an f16 times a small integer) are exact in f32, as GGML computes
+/// them.
 pub fn to_super_blocks(
     dtype: GgmlDType,
     data: &[u8],
     rows: usize,
     cols: usize,
 ) -> Result<Option<SuperBlocks>> {
-    let (bits, group_size, zero) = match dtype {
-        GgmlDType::Q4K => (4, BLOCK, 0),
-        GgmlDType::Q5K => (5, BLOCK, 0),
-        GgmlDType::Q6K => (6, 16, 32),
+    let sixteens = Sixteens::of(dtype);
+    let (bits, zero) = match (dtype, sixteens) {
+        (_, Some(k)) => k.bits_and_zero(),
+        (GgmlDType::Q4K, _) => (4, 0),
+        (GgmlDType::Q5K, _) => (5, 0),
         _ => return Ok(None),
     };
     let block_bytes = dtype.type_size();
@@ -243,79 +396,72 @@ pub fn to_super_blocks(
             ),
         ));
     }
-    let (supers, per) = (rows * cols / SUPER, SUPER / group_size);
-    let levels = || Levels {
-        ints: vec![0i8; supers * per],
-        factors: vec![f16::ZERO; supers],
-    };
+    let group_size = if sixteens.is_some() { 16 } else { BLOCK };
+    let per = SUPER / group_size;
+    let decoded: Vec<Super16> = data
+        .par_chunks(block_bytes)
+        .map(|b| sixteens.map_or_else(|| decode_k32(dtype, b), |k| k.decode(b)))
+        .collect();
+    let supers = decoded.len();
     let mut out = SuperBlocks {
         rows,
         cols,
         bits,
         group_size,
         zero,
-        codes: vec![0u8; rows * cols],
-        scales: levels(),
-        biases: (dtype != GgmlDType::Q6K).then(levels),
-    };
-    // Per super-block: the scales' ints and factor, and the biases' (`−dmin`, `m`).
-    let decoded: Vec<DecodedSuper> = out
-        .codes
-        .par_chunks_mut(SUPER)
-        .zip(data.par_chunks(block_bytes))
-        .map(|(codes, b)| {
-            if dtype == GgmlDType::Q6K {
-                decode_q6k(b, codes);
-                let sc = b[192..208].iter().map(|&v| v as i8).collect();
-                (sc, f16::from_le_bytes([b[208], b[209]]), None)
-            } else {
-                let (d, dmin, sc, m) = decode_super(dtype, b, codes);
-                // 6-bit scales and mins fit an int8.
-                let ints = |v: [u8; 8]| v.iter().map(|&v| v as i8).collect();
-                (ints(sc), d, Some((ints(m), -dmin)))
+        codes: Vec::with_capacity(rows * cols),
+        scales: Levels {
+            ints: Vec::with_capacity(supers * per),
+            factors: Vec::with_capacity(supers),
+        },
+        biases: (sixteens != Some(Sixteens::Q3K) && sixteens != Some(Sixteens::Q6K)).then(|| {
+            Levels {
+                ints: Vec::with_capacity(supers * per),
+                factors: Vec::with_capacity(supers),
             }
-        })
-        .collect();
-    for (i, (sc, d, bias)) in decoded.into_iter().enumerate() {
-        out.scales.ints[i * per..(i + 1) * per].copy_from_slice(&sc);
-        out.scales.factors[i] = d;
-        if let (Some(biases), Some((m, f))) = (out.biases.as_mut(), bias) {
-            biases.ints[i * per..(i + 1) * per].copy_from_slice(&m);
-            biases.factors[i] = f;
+        }),
+    };
+    for s in &decoded {
+        out.codes.extend_from_slice(&s.codes);
+        out.scales.ints.extend_from_slice(&s.scales[..per]);
+        out.scales.factors.push(s.d);
+        if let (Some(levels), Some((m, f))) = (out.biases.as_mut(), s.biases) {
+            levels.ints.extend_from_slice(&m[..per]);
+            levels.factors.push(f);
         }
     }
     Ok(Some(out))
 }
 
-/// The inverse of [`to_super_blocks`]: a matrix packed from Q6_K blocks as those blocks
-/// again (for candle's GPU kernels), `None` for the other forms.
-pub fn to_q6k(p: &PackedMatrix) -> Option<Vec<u8>> {
-    if (p.bits, p.group_size) != (6, 16) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(p.rows * p.cols / SUPER * Q6K_BYTES);
+/// The inverse of [`to_super_blocks`] for groups of 16: a matrix packed from Q2_K, Q3_K
+/// or Q6_K blocks as those blocks again (for candle's GPU kernels), `None` for the other
+/// forms.
+pub fn to_ggml(p: &PackedMatrix) -> Option<(GgmlDType, Vec<u8>)> {
+    let kind = match (p.bits, p.group_size) {
+        (2, 16) => Sixteens::Q2K,
+        (3, 16) => Sixteens::Q3K,
+        (6, 16) => Sixteens::Q6K,
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(p.rows * p.cols / SUPER * kind.dtype().type_size());
     for r in 0..p.rows {
-        let (codes, ints, factors) = p.super_row(r)?;
-        for (s, factor) in factors.iter().enumerate() {
-            let codes = &codes[SUPER * s..SUPER * (s + 1)];
-            let mut b = [0u8; Q6K_BYTES];
-            for half in 0..2 {
-                for l in 0..32 {
-                    for j in 0..4 {
-                        let q = codes[128 * half + l + 32 * j];
-                        b[64 * half + l + 32 * (j % 2)] |= (q & 0xF) << (4 * (j / 2));
-                        b[128 + 32 * half + l] |= (q >> 4) << (2 * j);
-                    }
-                }
-            }
-            for (o, &i) in b[192..208].iter_mut().zip(&ints[16 * s..16 * (s + 1)]) {
-                *o = i as u8;
-            }
-            b[208..].copy_from_slice(&factor.to_le_bytes());
-            out.extend_from_slice(&b);
+        let row = p.super_row(r)?;
+        for s in 0..p.cols / SUPER {
+            let ints = |l: &Levels| -> [i8; 16] {
+                l.ints[16 * s..16 * (s + 1)].try_into().expect("16 groups")
+            };
+            let block = Super16 {
+                codes: row.codes[SUPER * s..SUPER * (s + 1)]
+                    .try_into()
+                    .expect("256 codes"),
+                scales: ints(&row.scales),
+                d: row.scales.factors[s],
+                biases: row.biases.as_ref().map(|b| (ints(b), b.factors[s])),
+            };
+            kind.encode(&block, &mut out);
         }
     }
-    Some(out)
+    Some((kind.dtype(), out))
 }
 
 /// GGML blocks `[rows, cols]` in our kernels' layout: the k-quants in their two levels of
@@ -463,7 +609,7 @@ mod tests {
 
     /// K-quant super-blocks of random bytes (finite d and dmin of any sign, every scale,
     /// min and code) in our kernels' layout: candle's dequantizer is the reference, bit for
-    /// bit; Q6_K's blocks come back unchanged; every instruction set gives the scalar
+    /// bit; the blocks in groups of 16 (Q2_K, Q3_K, Q6_K) come back unchanged; every instruction set gives the scalar
     /// reference's products to the bit, and those are the dequantized weights' products up
     /// to the activations' rounding; tile-aligned row slices keep their values.
     #[test]
@@ -476,6 +622,8 @@ mod tests {
         let mut runner = TestRunner::new(Config::with_cases(48));
         let case = (
             prop_oneof![
+                Just(GgmlDType::Q2K),
+                Just(GgmlDType::Q3K),
                 Just(GgmlDType::Q4K),
                 Just(GgmlDType::Q5K),
                 Just(GgmlDType::Q6K)
@@ -495,10 +643,11 @@ mod tests {
                 let (cols, block_bytes) = (blocks * SUPER, dtype.type_size());
                 for b in bytes.chunks_mut(block_bytes) {
                     // d (and dmin) finite and small enough that no product overflows.
-                    let high_bytes: &[usize] = if dtype == GgmlDType::Q6K {
-                        &[209]
-                    } else {
-                        &[1, 3]
+                    let high_bytes: &[usize] = match dtype {
+                        GgmlDType::Q2K => &[81, 83],
+                        GgmlDType::Q3K => &[109],
+                        GgmlDType::Q6K => &[209],
+                        _ => &[1, 3],
                     };
                     for &at in high_bytes {
                         b[at] &= 0xBB;
@@ -511,7 +660,8 @@ mod tests {
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     prop_assert_eq!(g.to_bits(), w.to_bits(), "{:?} value {}", dtype, i);
                 }
-                prop_assert_eq!(to_q6k(&p), (dtype == GgmlDType::Q6K).then(|| bytes.clone()));
+                let sixteens = p.group_size == 16;
+                prop_assert_eq!(to_ggml(&p), sixteens.then(|| (dtype, bytes.clone())));
                 prop_assert!(to_packed(dtype, &bytes[1..], rows, cols).is_err());
 
                 let xq = QuantizedRows::new(&x, m, cols, p.group_size);
@@ -547,17 +697,15 @@ mod tests {
                 if rows > 8 {
                     let tail = p.rows(8, rows - 8).unwrap();
                     prop_assert_eq!(tail.dequantize(), got[8 * cols..].to_vec());
-                    if dtype == GgmlDType::Q6K {
-                        prop_assert_eq!(
-                            to_q6k(&tail).unwrap(),
-                            bytes[8 * blocks * block_bytes..].to_vec()
-                        );
+                    if sixteens {
+                        let tail_bytes = bytes[8 * blocks * block_bytes..].to_vec();
+                        prop_assert_eq!(to_ggml(&tail), Some((dtype, tail_bytes)));
                     }
                 }
                 if rows >= 2 {
-                    // Mid-tile: repacked as affine groups, except groups of 16 (Q6_K).
+                    // Mid-tile: repacked as affine groups, except groups of 16.
                     let one = p.rows(1, 1);
-                    prop_assert_eq!(one.is_ok(), dtype != GgmlDType::Q6K);
+                    prop_assert_eq!(one.is_ok(), !sixteens);
                     if let Ok(one) = one {
                         prop_assert_eq!(one.dequantize(), got[cols..2 * cols].to_vec());
                     }

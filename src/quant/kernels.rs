@@ -250,7 +250,7 @@ fn decode_tile_block(bits: u32, b: &[u8], regs: &mut Registers<i32>) {
     }
 }
 
-/// Scales or biases of a tile, `[tiles, groups, 8]`, in the form the source stored them in,
+/// Scales or biases of a matrix, `[tiles, groups, 8]`, in the form the source stored them in,
 /// converted when read: f32 copies would add a quarter to the bytes a 4-bit matrix in
 /// groups of 32 streams per token.
 #[derive(Debug, Clone)]
@@ -348,10 +348,11 @@ impl Params {
 
 /// An affine `[rows, cols]` matrix in the kernels' layout (module docs).
 ///
-/// Weight `v` of row `r`, in group `g`, is `s[r, g] · (code − zero) + b[r, g]`. The zero
-/// point is subtracted in integers: 128 for 8 bits (whose codes are stored as code − 128,
-/// so that their products fit `maddubs`), 32 for Q6_K (`d · sc · (code − 32)`, no bias),
-/// else 0; `b` is the source's bias plus `zero · s`.
+/// Weight `v` of row `r`, in group `g`, is `s · code + b` with the source's scale and bias,
+/// which the kernels compute as `s · (code − zero) + (b + zero · s)`, the zero point
+/// subtracted in integers: 128 for 8 bits (whose codes are stored as code − 128, so that
+/// their products fit `maddubs`), 32 for Q6_K (`d · sc · (code − 32)`: no bias stored, its
+/// `b + zero · s` is 0), else 0.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
@@ -363,7 +364,7 @@ pub struct PackedMatrix {
     data: Vec<u8>,
     /// `[tiles, cols / group_size, 8]` each.
     scales: Params,
-    /// Stored as the source's biases; `None`: the weights are `s · (code − zero)`.
+    /// `None`: the weights are `s · (code − zero)` (Q6_K).
     biases: Option<Params>,
     zero: i32,
     /// What the source stored scales and biases in (kept for writing them back).
@@ -428,7 +429,8 @@ pub struct SuperBlocks {
     pub rows: usize,
     pub cols: usize,
     pub bits: u32,
-    /// 32 (Q4_K, Q5_K: zero 0, biases) or 16 (Q6_K: zero 32, no biases).
+    /// 32 (Q4_K, Q5_K: zero 0, biases) or 16 (Q6_K and Q3_K: zero 32 and 4, no biases;
+    /// Q2_K: zero 0, biases).
     pub group_size: usize,
     pub zero: i32,
     /// `[rows, cols]`.
@@ -469,10 +471,9 @@ impl PackedMatrix {
                 && fits(&b.scales)
                 && b.biases.as_ref().is_none_or(fits)
                 && b.bits < 8
-                // The kernels: a zero point and no biases in groups of 16, the reverse in
-                // groups of 32.
+                // The kernels: a zero point or biases in groups of 16, biases in groups of 32.
                 && if b.group_size == HALF {
-                    b.biases.is_none()
+                    b.biases.is_none() || b.zero == 0
                 } else {
                     b.group_size == BLOCK && b.zero == 0 && b.biases.is_some()
                 },
@@ -502,25 +503,36 @@ impl PackedMatrix {
         }
     }
 
-    /// Row `r` of a matrix from [`PackedMatrix::from_super_blocks`] as it took it: codes
-    /// and the scales' ints and factors (`None` for the other forms).
-    pub fn super_row(&self, r: usize) -> Option<(Vec<u8>, Vec<i8>, Vec<f16>)> {
-        let Params::Super {
-            ints,
-            factors,
-            groups,
-            per,
-        } = &self.scales
-        else {
-            return None;
+    /// Row `r` of a matrix from [`PackedMatrix::from_super_blocks`] as it took it (`None`
+    /// for the other forms).
+    pub fn super_row(&self, r: usize) -> Option<SuperBlocks> {
+        let row_levels = |p: &Params| match p {
+            Params::Super {
+                ints,
+                factors,
+                groups,
+                per,
+            } => Some(Levels {
+                ints: (0..*groups).map(|g| ints[self.param_index(r, g)]).collect(),
+                factors: (0..groups / per)
+                    .map(|f| factors[((r / TILE) * (groups / per) + f) * TILE + r % TILE])
+                    .collect(),
+            }),
+            Params::Flat { .. } => None,
         };
+        let scales = row_levels(&self.scales)?;
         let mut codes = vec![0u8; self.cols];
         self.row_codes(r, |v, q| codes[v] = q as u8);
-        let row_ints = (0..*groups).map(|g| ints[self.param_index(r, g)]).collect();
-        let row_factors = (0..groups / per)
-            .map(|f| factors[((r / TILE) * (groups / per) + f) * TILE + r % TILE])
-            .collect();
-        Some((codes, row_ints, row_factors))
+        Some(SuperBlocks {
+            rows: 1,
+            cols: self.cols,
+            bits: self.bits,
+            group_size: self.group_size,
+            zero: self.zero,
+            codes,
+            scales,
+            biases: self.biases.as_ref().and_then(row_levels),
+        })
     }
 
     /// Rows `start..start + len` back in MLX's layout (for requantizing, slicing or
@@ -650,7 +662,7 @@ impl PackedMatrix {
             if self.group_size == HALF {
                 return Err(Error::param(
                     "rows",
-                    format!("rows from {start} of a Q6_K matrix (not a multiple of {TILE})"),
+                    format!("rows from {start} of a k-quant matrix in groups of 16 (not a multiple of {TILE})"),
                 ));
             }
             return Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?));
@@ -1056,8 +1068,10 @@ mod x86 {
             (5, false) => rows::<VNNI, 5, false>(w, x, tile, out),
             (6, false) => rows::<VNNI, 6, false>(w, x, tile, out),
             (8, false) => rows::<VNNI, 8, false>(w, x, tile, out),
+            (2, true) => rows::<VNNI, 2, true>(w, x, tile, out),
+            (3, true) => rows::<VNNI, 3, true>(w, x, tile, out),
             (6, true) => rows::<VNNI, 6, true>(w, x, tile, out),
-            _ => unreachable!("bits are checked by AffineMatrix; groups of 16 are Q6_K's"),
+            _ => unreachable!("bits are checked by AffineMatrix; groups of 16 are k-quants'"),
         }
     }
 
@@ -1105,21 +1119,37 @@ mod x86 {
         };
         let mut acc = [_mm256_setzero_ps(); M];
         if SPLIT {
-            // Q6_K: per block two groups of 16, weights `s · (code − zero)`, no bias.
+            // Q2_K, Q3_K, Q6_K: per block two groups of 16, each with its bias term (Q2_K;
+            // the others have a zero point instead, `(code − zero) · s`) and its dot.
             let zero = w.zero;
             for blk in 0..blocks {
-                let s_lo = params8(&w.scales, tile, groups, 2 * blk);
-                let s_hi = params8(&w.scales, tile, groups, 2 * blk + 1);
+                let groups_of_block = [2 * blk, 2 * blk + 1];
+                let s = groups_of_block.map(|g| params8(&w.scales, tile, groups, g));
+                let b = w
+                    .biases
+                    .as_ref()
+                    .map(|b| groups_of_block.map(|g| params8(b, tile, groups, g)));
                 let (lo, hi) = block_dots::<VNNI, BITS, true, M>(data.add(blk * tbb), |t, v| {
                     xq(t, blk * BLOCK + v)
                 });
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let dx = _mm256_set1_ps(*ds.add(t * blocks + blk));
-                    for (isum, s, h) in [(lo[t], s_lo, 2 * blk), (hi[t], s_hi, 2 * blk + 1)] {
-                        let shift = zero * *half_sums.add(t * 2 * blocks + h);
+                    for (h, isum) in [lo[t], hi[t]].into_iter().enumerate() {
+                        let g = groups_of_block[h];
+                        if let Some(b) = b {
+                            *acc = _mm256_fmadd_ps(
+                                b[h],
+                                _mm256_set1_ps(*sums.add(t * groups + g)),
+                                *acc,
+                            );
+                        }
+                        let shift = zero * *half_sums.add(t * 2 * blocks + g);
                         let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
-                        *acc =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, dx), *acc);
+                        *acc = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_mul_ps(s[h], dx),
+                            *acc,
+                        );
                     }
                 }
             }
