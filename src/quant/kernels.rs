@@ -1172,11 +1172,12 @@ mod x86 {
                     *acc = _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
                 }
                 for blk in g * per_group..(g + 1) * per_group {
-                    let (isum, _) =
+                    let (lo, hi) =
                         block_dots::<VNNI, BITS, false, M>(data.add(blk * tbb), |t, v| {
                             xq(t, blk * BLOCK + v)
                         });
-                    for (t, (acc, mut isum)) in acc.iter_mut().zip(isum).enumerate() {
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let mut isum = _mm256_add_epi32(lo[t], hi[t]);
                         if BITS == 8 && VNNI {
                             // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as integers): the
                             // float sums stay as small as the signed codes make them.
@@ -1204,13 +1205,17 @@ mod x86 {
     }
 
     /// One block's integer dots of the tile's 8 rows with activation rows `t < M` (their
-    /// 4 values from `v` on: `xq(t, v)`): with `SPLIT`, values 0–15 (registers 0–3) and
-    /// 16–31 (registers 4–7) apart, else all in the first.
+    /// 4 values from `v` on: `xq(t, v)`): values 0–15 (registers 0–3) and 16–31 (registers
+    /// 4–7) apart with `SPLIT`, and also for one or two rows, whose single chain of 8
+    /// dependent `dpbusd`s would wait on their latency (a 576×49152 8-bit head at one row,
+    /// two threads: 0.73–0.86 ms as one chain, 0.64–0.67 ms as two); else all in the
+    /// first. Without `SPLIT` the caller adds them.
     #[inline(always)]
     unsafe fn block_dots<const VNNI: bool, const BITS: u32, const SPLIT: bool, const M: usize>(
         p: *const u8,
         xq: impl Fn(usize, usize) -> __m256i,
     ) -> ([__m256i; M], [__m256i; M]) {
+        let apart = SPLIT || M <= 2;
         let mut lo = [_mm256_setzero_si256(); M];
         let mut hi = [_mm256_setzero_si256(); M];
         if (4..=6).contains(&BITS) {
@@ -1242,7 +1247,7 @@ mod x86 {
                 }
                 for t in 0..M {
                     lo[t] = dot::<VNNI>(lo[t], low, xq(t, r * QUAD));
-                    let sink = if SPLIT { &mut hi[t] } else { &mut lo[t] };
+                    let sink = if apart { &mut hi[t] } else { &mut lo[t] };
                     *sink = dot::<VNNI>(*sink, high, xq(t, (r + REGS / 2) * QUAD));
                 }
             }
@@ -1264,7 +1269,7 @@ mod x86 {
                     _ => _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
                 };
                 for t in 0..M {
-                    let sink = if SPLIT && r >= REGS / 2 {
+                    let sink = if apart && r >= REGS / 2 {
                         &mut hi[t]
                     } else {
                         &mut lo[t]
