@@ -191,9 +191,9 @@ impl Linear {
     }
 
     /// The same layer with its weight requantized to MLX affine groups of `bits` (the bias
-    /// is kept): the matrix is expanded one layer at a time and packed again, except affine
-    /// weights of that width already (GGML's Q4_0/Q4_1 at 4 bits, say), which stay exactly
-    /// as they are. A matrix whose width no group size divides stays as it is too.
+    /// is kept): the matrix is expanded one layer at a time and packed again, except packed
+    /// weights of that width already (GGML's Q4_0/Q4_1 or Q4_K at 4 bits, Q6_K at 6, say),
+    /// which stay exactly as they are. A matrix whose width no group size divides stays as it is too.
     pub fn requantized(&self, bits: u32, group_size: usize) -> Result<Linear> {
         if matches!(&self.weight, LinearWeight::Packed(p) if p.bits == bits) {
             return Ok(self.clone());

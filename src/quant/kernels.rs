@@ -1,7 +1,8 @@
 //! Quantized matrix products on the CPU: `x: [m, k]` (f32) times the transpose of an affine
 //! weight matrix `[n, k]` (MLX groups of 32/64/128 at 2–8 bits, which GGUF's Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0, Q4_K and Q5_K are too, and Q6_K's groups of 16 with two levels of
-//! scales, see `ggml`), without expanding the weights to floats.
+//! Q5_0, Q5_1, Q8_0, Q4_K and Q5_K are too, and the groups of 16 of Q2_K, Q3_K and Q6_K;
+//! the k-quants with their two levels of scales, see `ggml`), without expanding the
+//! weights to floats.
 //!
 //! Activations are quantized to int8 per block of 32 values (`x ≈ dx · qx`, as llama.cpp's
 //! Q8 activations), so each block of a weight row contributes an integer dot product:
@@ -31,12 +32,14 @@
 //! | 2, 3 | 8 bytes of 2-bit values per register (byte `v` of the register from bits `2·(v / 8)` of byte `v % 8`); then for 3 bits a 32-bit plane of bit 2 per register |
 //! | 8 | the register as bytes, code − 128 as i8: `maddubs` needs one operand unsigned, and codes up to 255 times 127 would overflow its i16 pair sums (the bias term adds 128·scale back); VNNI's `dpbusd` sums in i32, so it takes the unsigned code back with one `xor` and 128 times the block's Σx off the sum |
 //!
-//! Rows are padded to a multiple of 8 with zero codes, scales and biases.
+//! Rows are padded to a multiple of 8 with zero codes, scales and biases (a slice of whole
+//! tiles keeps its neighbours' rows there instead; no padding row is ever written out).
 //!
-//! **Groups of 16** (Q6_K: `w = d · sc · (q − 32)` per 16 values): registers 0–3 of a
-//! block are its first group and 4–7 its second, so their dots are kept apart and each
-//! scaled on its own; the zero point comes off in integers (`32 · Σ qx` of the half
-//! block), so no float bias cancels against the sums.
+//! **Groups of 16** (Q2_K, Q3_K, Q6_K: e.g. `w = d · sc · (q − 32)` per 16 values for
+//! Q6_K): registers 0–3 of a block are its first group and 4–7 its second, so their dots
+//! are kept apart and each scaled on its own (Q2_K's biases added per group); Q3_K's and
+//! Q6_K's zero points (4 and 32) come off in integers (`zero · Σ qx` of the half block), so
+//! no float bias cancels against the sums.
 
 use std::sync::OnceLock;
 
@@ -55,7 +58,7 @@ pub const TILE: usize = 8;
 const QUAD: usize = 4;
 /// Registers per block: 32 values in quads.
 const REGS: usize = BLOCK / QUAD;
-/// Values in half a block: the smallest group (GGUF's Q6_K), 4 registers.
+/// Values in half a block: the smallest group (GGUF's Q2_K, Q3_K, Q6_K), 4 registers.
 const HALF: usize = BLOCK / 2;
 
 /// The instruction sets the kernels are written for.
@@ -176,11 +179,11 @@ const fn tile_block_bytes(bits: u32) -> usize {
 /// One block of a tile as registers: `regs[ρ][4r + t]` = code of row `r`, value `4ρ + t`.
 type Registers<T> = [[T; BLOCK]; REGS];
 
-/// 2-bit fields (`(v >> shift) & 3`) of a register's 32 bytes, as 8 bytes: byte `j` holds
-/// those of bytes `j`, `j + 8`, `j + 16`, `j + 24` from its low bits up.
-fn encode_crumbs(reg: &[u8; BLOCK], shift: u32, out: &mut [u8]) {
+/// The low 2 bits of a register's 32 bytes, as 8 bytes: byte `j` holds those of bytes `j`,
+/// `j + 8`, `j + 16`, `j + 24` from its low bits up.
+fn encode_crumbs(reg: &[u8; BLOCK], out: &mut [u8]) {
     for (j, o) in out[..8].iter_mut().enumerate() {
-        *o = (0..4).fold(0u8, |b, q| b | ((reg[j + 8 * q] >> shift) & 3) << (2 * q));
+        *o = (0..4).fold(0u8, |b, q| b | (reg[j + 8 * q] & 3) << (2 * q));
     }
 }
 
@@ -212,7 +215,7 @@ fn encode_tile_block(bits: u32, regs: &Registers<u8>, out: &mut [u8]) {
         }
         2 | 3 => {
             for (r, reg) in regs.iter().enumerate() {
-                encode_crumbs(reg, 0, &mut out[8 * r..]);
+                encode_crumbs(reg, &mut out[8 * r..]);
                 if bits == 3 {
                     encode_plane(reg, 2, &mut out[64 + 4 * r..]);
                 }
@@ -311,11 +314,11 @@ impl Params {
         ((tg / groups) * (groups / per) + (tg % groups) / per) * TILE
     }
 
-    /// Tiles `t0..t1` alone, of a matrix with `groups` groups a row.
-    fn tiles(&self, t0: usize, t1: usize, groups: usize) -> Params {
+    /// Tiles `t0..t1` alone, of a matrix with `groups_per_row` groups a row.
+    fn tiles(&self, t0: usize, t1: usize, groups_per_row: usize) -> Params {
         match self {
             Params::Flat { bytes, dtype } => {
-                let per_tile = groups * TILE * dtype.size();
+                let per_tile = groups_per_row * TILE * dtype.size();
                 Params::Flat {
                     bytes: bytes[t0 * per_tile..t1 * per_tile].to_vec(),
                     dtype: *dtype,
@@ -351,20 +354,20 @@ impl Params {
 /// Weight `v` of row `r`, in group `g`, is `s · code + b` with the source's scale and bias,
 /// which the kernels compute as `s · (code − zero) + (b + zero · s)`, the zero point
 /// subtracted in integers: 128 for 8 bits (whose codes are stored as code − 128, so that
-/// their products fit `maddubs`), 32 for Q6_K (`d · sc · (code − 32)`: no bias stored, its
-/// `b + zero · s` is 0), else 0.
+/// their products fit `maddubs`), 32 for Q6_K and 4 for Q3_K (`d · sc · (code − zero)`: no
+/// bias stored, its `b + zero · s` is 0), else 0.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bits: u32,
-    /// 32, 64 or 128 (MLX and GGUF's simple blocks), or 16 (GGUF's Q6_K).
+    /// 32, 64 or 128 (MLX, GGUF's simple blocks, Q4_K, Q5_K), or 16 (Q2_K, Q3_K, Q6_K).
     pub group_size: usize,
     /// `[tiles, cols / 32, tile_block_bytes(bits)]`.
     data: Vec<u8>,
     /// `[tiles, cols / group_size, 8]` each.
     scales: Params,
-    /// `None`: the weights are `s · (code − zero)` (Q6_K).
+    /// `None`: the weights are `s · (code − zero)` (Q3_K, Q6_K).
     biases: Option<Params>,
     zero: i32,
     /// What the source stored scales and biases in (kept for writing them back).
@@ -565,7 +568,7 @@ impl PackedMatrix {
     }
 
     fn check_rows(&self, start: usize, len: usize) -> Result<()> {
-        if start + len > self.rows {
+        if len == 0 || start + len > self.rows {
             return Err(Error::param(
                 "rows",
                 format!(
@@ -632,7 +635,7 @@ impl PackedMatrix {
     }
 
     /// Row `r` as f32 (`scale · code + bias` per group, as `mx.dequantize`; `scale ·
-    /// (code − zero)` for Q6_K, as GGML).
+    /// (code − zero)` for Q3_K and Q6_K, as GGML).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let offset = self.code_offset();
         self.row_codes(r, |v, q| {
@@ -655,17 +658,28 @@ impl PackedMatrix {
     }
 
     /// Rows `start..start + len`: whole tiles copied when `start` begins one (the rows of
-    /// the last past `len` stay as padding, never written out), else repacked.
+    /// the last past `len` stay as padding, never written out), else repacked in the same
+    /// form.
     pub fn rows(&self, start: usize, len: usize) -> Result<PackedMatrix> {
         self.check_rows(start, len)?;
         if !start.is_multiple_of(TILE) {
-            if self.group_size == HALF {
-                return Err(Error::param(
-                    "rows",
-                    format!("rows from {start} of a k-quant matrix in groups of 16 (not a multiple of {TILE})"),
-                ));
+            // Mid-tile: the rows' codes and levels gathered again (k-quants), or through
+            // MLX's layout.
+            let Some(first) = self.super_row(start) else {
+                return Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?));
+            };
+            let mut all = SuperBlocks { rows: len, ..first };
+            for r in start + 1..start + len {
+                let row = self.super_row(r).expect("the same form as the first row");
+                all.codes.extend(row.codes);
+                all.scales.ints.extend(row.scales.ints);
+                all.scales.factors.extend(row.scales.factors);
+                if let (Some(all), Some(row)) = (all.biases.as_mut(), row.biases) {
+                    all.ints.extend(row.ints);
+                    all.factors.extend(row.factors);
+                }
             }
-            return Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?));
+            return Ok(PackedMatrix::from_super_blocks(&all));
         }
         let (t0, t1, groups) = (
             start / TILE,
@@ -882,7 +896,7 @@ impl QuantizedRows {
             x.len() == m * k
                 && k.is_multiple_of(group_size)
                 && k.is_multiple_of(BLOCK)
-                && group_size.is_multiple_of(HALF),
+                && (group_size == HALF || group_size.is_multiple_of(BLOCK)),
             "activations [{m}, {k}] in groups of {group_size} from {} values",
             x.len()
         );
@@ -1159,14 +1173,16 @@ mod x86 {
                 .biases
                 .as_ref()
                 .expect("affine groups of 32 or more have biases");
-            let offset = _mm256_set1_ps(w.code_offset() as f32);
+            // The zero point: 128 for 8 bits, else 0 (`from_super_blocks` asserts it for the
+            // k-quants in groups of 32).
+            let zero = w.zero;
             for g in 0..groups {
                 let s = params8(&w.scales, tile, groups, g);
-                // The bias term, `(bias + offset · s) · Σx` for the group, straight into the
+                // The bias term, `(bias + zero · s) · Σx` for the group, straight into the
                 // sums (a register per row of its own measured 15–20 % slower at 64 rows).
                 let mut b = params8(biases, tile, groups, g);
                 if BITS == 8 {
-                    b = _mm256_fmadd_ps(offset, s, b);
+                    b = _mm256_fmadd_ps(_mm256_set1_ps(zero as f32), s, b);
                 }
                 for (t, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
@@ -1180,10 +1196,11 @@ mod x86 {
                         let mut isum = _mm256_add_epi32(lo[t], hi[t]);
                         if BITS == 8 && VNNI {
                             // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as integers): the
-                            // float sums stay as small as the signed codes make them.
+                            // float sums stay as small as the signed codes make them. (AVX2
+                            // multiplies the stored code − 128 itself.)
                             let h = half_sums.add(t * 2 * blocks + 2 * blk);
                             isum =
-                                _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * (*h + *h.add(1))));
+                                _mm256_sub_epi32(isum, _mm256_set1_epi32(zero * (*h + *h.add(1))));
                         }
                         let sd = _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
                         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
