@@ -1223,16 +1223,18 @@ mod x86 {
 
     /// One block's integer dots of the tile's 8 rows with activation rows `t < M` (their
     /// 4 values from `v` on: `xq(t, v)`): values 0–15 (registers 0–3) and 16–31 (registers
-    /// 4–7) apart with `SPLIT`, and also for one or two rows, whose single chain of 8
-    /// dependent `dpbusd`s would wait on their latency (a 576×49152 8-bit head at one row,
-    /// two threads: 0.73–0.86 ms as one chain, 0.64–0.67 ms as two); else all in the
-    /// first. Without `SPLIT` the caller adds them.
+    /// 4–7) apart with `SPLIT`, and also for one row of 8-bit codes, whose single chain of
+    /// 8 dependent `dpbusd`s waits on their latency (a 576×49152 8-bit head at one row, two
+    /// threads: 0.73–0.86 ms as one chain, 0.64–0.67 ms as two); else all in the first.
+    /// (Splitting every format's one- and two-row tiles measured a 1B Q4_K_M prefill,
+    /// which runs 4-row tiles, 20–25 % slower: the compiled code changed beyond those
+    /// tiles.) Without `SPLIT` the caller adds them.
     #[inline(always)]
     unsafe fn block_dots<const VNNI: bool, const BITS: u32, const SPLIT: bool, const M: usize>(
         p: *const u8,
         xq: impl Fn(usize, usize) -> __m256i,
     ) -> ([__m256i; M], [__m256i; M]) {
-        let apart = SPLIT || M <= 2;
+        let apart = SPLIT || (BITS == 8 && M == 1);
         let mut lo = [_mm256_setzero_si256(); M];
         let mut hi = [_mm256_setzero_si256(); M];
         if (4..=6).contains(&BITS) {
