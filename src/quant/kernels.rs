@@ -517,8 +517,12 @@ impl PackedMatrix {
                 per,
             } => Some(Levels {
                 ints: (0..*groups).map(|g| ints[self.param_index(r, g)]).collect(),
+                // Super-block `f` starts at group `f · per`.
                 factors: (0..groups / per)
-                    .map(|f| factors[((r / TILE) * (groups / per) + f) * TILE + r % TILE])
+                    .map(|f| {
+                        let tg = (r / TILE) * groups + f * per;
+                        factors[Params::factor_index(tg, *groups, *per) + r % TILE]
+                    })
                     .collect(),
             }),
             Params::Flat { .. } => None,
