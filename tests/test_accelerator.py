@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cortex
-from cortex import MLXAccelerator, MLXConfig
+from cortex import MLXAccelerator, MLXConfig, _core
 from cortex.metal.mlx_accelerator import OPTIMIZATION_PRESETS
 from cortex.metal.mlx_accelerator import MLXAccelerator as MetalAccelerator
 
@@ -47,9 +47,28 @@ def test_every_setting_is_applied_or_reported():
     assert info["device"] == "cpu" and info["is_gpu"] is False and info["dtype"] == "float32"
     assert info["memory_total"] > info["memory_available"] > 0
     assert isinstance(info["cpu_features"]["avx2"], bool) and info["cpu_model"]
-    assert info["kernels"] in ("avx512vnni", "avx2", "scalar")
+    assert info["kernels"] in ("amx", "avx512vnni", "avx2", "scalar")
     if info["cpu_features"]["avx512_vnni"] and "CORTEX_KERNEL" not in os.environ:
-        assert info["kernels"] == "avx512vnni"
+        assert info["kernels"] == ("amx" if info["amx_available"] else "avx512vnni")
+    # AMX needs the CPU to list it (and the OS to grant it, and a trial to pass).
+    assert not info["amx_available"] or info["cpu_features"]["amx_int8"]
+
+
+def test_use_amx_turns_amx_off_and_on():
+    """``use_amx`` decides, process-wide, whether products may run on AMX: off, the
+    kernels report the AVX-512 level; on, AMX wherever it is available (the 16-core Xeon
+    runs this with AMX; a CPU without it reports it unused either way)."""
+    try:
+        off = MLXAccelerator(MLXConfig(use_amx=False)).get_device_info()
+        assert off["amx_in_use"] is False and off["kernels"] != "amx"
+        assert off["settings"]["use_amx"]["value"] is False
+        q = MLXAccelerator.benchmark_operation("qmatmul", (16, 256, 64), num_iterations=3, use_amx=True)
+        assert q["amx_enabled"] is off["amx_available"] and q["amx_requested"] is True
+        assert _core.kernel_isa() == off["kernels"]  # the call's setting is undone after it
+        on = MLXAccelerator(MLXConfig(use_amx=True)).get_device_info()
+        assert on["amx_in_use"] is on["amx_available"] is on["settings"]["use_amx"]["applied"]
+    finally:
+        _core.allow_amx(True)
 
 
 def test_generate_optimized_streams_and_honours_settings(smollm):

@@ -30,6 +30,8 @@ __all__ = [
     "__version__",
     "_error_samples",
     "affine_quantize",
+    "allow_amx",
+    "amx_available",
     "convert",
     "cuda_compiled",
     "cuda_device_count",
@@ -301,6 +303,8 @@ def engine_stats(
     model: Model, *, speculative: str | Model | None = None, num_speculative_tokens: int | None = None
 ) -> dict[str, float]: ...
 def kernel_isa() -> str: ...
+def amx_available() -> bool: ...
+def allow_amx(allowed: bool) -> bool: ...
 def time_operation(operation: str, shape: Sequence[int], iterations: int) -> tuple[float, float, float]: ...
 
 SUPPORTED_BITS: tuple[int, ...]

@@ -99,6 +99,9 @@ class MLXConfig:
     #: (``mx.bfloat16``) is accepted too, here or assigned later, and stored as its name
     #: (reading it always gives a ``str``).
     dtype: _DtypeName = _DtypeName()
+    #: Let quantized products of 4 or more activation rows (prefill, batched decode) run
+    #: on Intel AMX where the CPU and OS grant it (``get_device_info()["amx_available"]``).
+    #: Process-wide: the kernels are shared, so the accelerator made last decides.
     use_amx: bool = True
     fuse_operations: bool = True
     lazy_evaluation: bool = True
@@ -298,6 +301,7 @@ class MLXAccelerator:
 
     def __init__(self, config: MLXConfig | None = None) -> None:
         self.config = config or MLXConfig()
+        _core.allow_amx(self.config.use_amx)
         #: Where ``cortex.load(..., device="auto")`` puts models: the first GPU of a CUDA
         #: build on a machine with one, else the CPU. Models run where they were loaded.
         self.device = _placement("auto", None)
@@ -594,13 +598,15 @@ class MLXAccelerator:
         count. The result has GFLOP/s (``gflops``, ``None`` without a count), GB/s of the
         bytes an engine operation reads (weights, KV or buffer) and the original's keys
         (``avg_time_ms``, ``throughput_gflops``: ``0.0`` without a count, as the original
-        reported it, so it always formats as a number; ``amx_enabled``). AMX is never used:
-        it is unavailable on this backend (``use_amx`` is reported, not applied)."""
+        reported it, so it always formats as a number; ``amx_enabled``: whether the engine's
+        kernels ran on AMX, which ``use_amx`` allows for this call where the CPU grants it,
+        for products of 4 or more rows)."""
         if num_iterations < 1:
             raise ValueError("num_iterations must be at least 1")
         nbytes: float | None = None
         assumed = False
         framework: str | None = None
+        amx = False
         if callable(operation):
             shape = tuple(int(d) for d in input_shape)
             call: Callable[[], Any]
@@ -621,7 +627,13 @@ class MLXAccelerator:
             seconds, per_call = time.perf_counter() - start, flops
             name = getattr(operation, "__name__", "callable")
         else:
-            seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
+            before = _core.allow_amx(use_amx)
+            try:
+                # Only the quantized products of 4 or more rows have an AMX kernel.
+                amx = _core.kernel_isa() == "amx" and operation == "qmatmul" and input_shape[0] >= 4
+                seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
+            finally:
+                _core.allow_amx(before)
             name = operation
         avg = seconds / num_iterations
         gflops = per_call / avg / 1e9 if per_call else None
@@ -638,8 +650,8 @@ class MLXAccelerator:
             "throughput_gflops": gflops if gflops is not None else 0.0,
             "bytes": nbytes,
             "gbytes_per_s": nbytes / avg / 1e9 if nbytes else None,
-            "use_amx": False,
-            "amx_enabled": False,
+            "use_amx": amx,
+            "amx_enabled": amx,
             "amx_requested": use_amx,
         }
 
@@ -700,10 +712,16 @@ class MLXAccelerator:
             "applied": c.dtype == "float32",
             "reason": "activations are float32 (CPU and GPU); weights keep their stored precision",
         }
+        amx_available = _core.amx_available()
         settings["use_amx"] = {
             "value": c.use_amx,
-            "applied": False,
-            "reason": "AMX is not used: the CPU may list it, but no kernel here has proven it safe",
+            "applied": amx_available,
+            "reason": (
+                "quantized products of 4 or more rows run on AMX int8 tiles unless this is False"
+                " (process-wide)"
+                if amx_available
+                else "no AMX here: the CPU does not list it, the OS does not grant it, or a trial failed"
+            ),
         }
         gpu: dict[str, Any] | None = None
         if device.startswith("cuda"):
@@ -732,6 +750,9 @@ class MLXAccelerator:
             "cpu_features": features,
             # The instruction set our quantized kernels run with (CORTEX_KERNEL can lower it).
             "kernels": _core.kernel_isa(),
+            # AMX granted to this process, and in use now (granted, and allowed by use_amx).
+            "amx_available": amx_available,
+            "amx_in_use": _core.kernel_isa() == "amx",
             "memory_total": mem.get("MemTotal"),
             "memory_available": mem.get("MemAvailable"),
             "settings": settings,

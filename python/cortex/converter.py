@@ -60,8 +60,10 @@ class ConversionConfig:
     ``cortex._core.SUPPORTED_GROUP_SIZES``. ``mixed_precision_config`` may set
     ``critical_layers``, ``critical_bits``, ``standard_bits`` and ``predicate``: a callable
     ``(path, shape)`` or ``(path, module, config)`` returning a bool or ``{"bits",
-    "group_size"}``. ``use_amx`` and ``compile_model`` are recorded in ``conversion.json``;
-    they select nothing at conversion time on this backend.
+    "group_size"}``. ``use_amx``: validation's forward passes may run on Intel AMX where
+    the CPU grants it (for the duration of the conversion). ``use_amx`` and
+    ``compile_model`` are recorded in ``conversion.json``; ``compile_model`` selects
+    nothing on this backend.
     """
 
     source_format: ConversionFormat = ConversionFormat.HUGGINGFACE
@@ -195,9 +197,13 @@ class MLXConverter:
         }
         with building(out_abs) as tmp:
             target = tmp / f"{out_abs.name}.gguf" if config.output_format == "gguf" else tmp
-            done = with_progress(
-                "converting", "tensor", lambda p: _core.convert(source, target, **options, progress=p)
-            )
+            before = _core.allow_amx(config.use_amx)
+            try:
+                done = with_progress(
+                    "converting", "tensor", lambda p: _core.convert(source, target, **options, progress=p)
+                )
+            finally:
+                _core.allow_amx(before)
             record = {
                 **wanted,
                 "use_amx": config.use_amx,

@@ -348,10 +348,24 @@ pub fn gpu_profile(reset: bool, enable: Option<bool>) -> Vec<(&'static str, u64,
     }
 }
 
-/// The instruction set the quantized kernels run with: `avx512vnni`, `avx2` or `scalar`.
+/// The instruction set the quantized kernels run with: `amx`, `avx512vnni`, `avx2` or
+/// `scalar`.
 #[pyfunction]
 pub fn kernel_isa() -> &'static str {
     crate::quant::Isa::active().name()
+}
+
+/// Whether this process may run AMX: the CPU lists it, the OS grants it, and a trial
+/// product in a child process came out right (decided at the first call).
+#[pyfunction]
+pub fn amx_available() -> bool {
+    crate::quant::Isa::available().contains(&crate::quant::Isa::Amx)
+}
+
+/// Allows or forbids AMX for every model of this process; returns the previous setting.
+#[pyfunction]
+pub fn allow_amx(allowed: bool) -> bool {
+    crate::quant::Isa::allow_amx(allowed)
 }
 
 /// Times one of the engine's kernels (see `crate::bench::time_operation`): returns the

@@ -629,7 +629,8 @@ mod tests {
             ],
             1usize..20,
             1usize..3,
-            1usize..6,
+            // One tile of activations for the AVX-512 kernels; several for AMX.
+            prop_oneof![1usize..6, 15usize..40],
         )
             .prop_flat_map(|(dtype, rows, blocks, m)| {
                 let bytes =

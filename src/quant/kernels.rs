@@ -41,6 +41,7 @@
 //! Q6_K's zero points (4 and 32) come off in integers (`zero · Σ qx` of the half block), so
 //! no float bias cancels against the sums.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use half::f16;
@@ -69,6 +70,9 @@ pub enum Isa {
     Avx2,
     /// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`, with AVX-512 VL), plus the above.
     Avx512Vnni,
+    /// The above, and Intel AMX int8 tiles for products of [`AMX_MIN_ROWS`] activation
+    /// rows or more, where the OS grants them (see `amx::granted`).
+    Amx,
 }
 
 impl Isa {
@@ -77,6 +81,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Amx => "amx",
         }
     }
 
@@ -101,6 +106,9 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vnni")
                 {
                     levels.push(Isa::Avx512Vnni);
+                    if amx::granted() {
+                        levels.push(Isa::Amx);
+                    }
                 }
             }
         }
@@ -108,10 +116,11 @@ impl Isa {
     }
 
     /// The level the model runs with: the best available, or the one `CORTEX_KERNEL`
-    /// (`scalar`, `avx2`, `avx512vnni`) asks for when the CPU has it. Decided once.
+    /// (`scalar`, `avx2`, `avx512vnni`, `amx`) asks for when the CPU has it (decided once),
+    /// without AMX while [`Isa::allow_amx`] says so.
     pub fn active() -> Isa {
-        static ACTIVE: OnceLock<Isa> = OnceLock::new();
-        *ACTIVE.get_or_init(|| {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        let chosen = *CHOSEN.get_or_init(|| {
             let available = Isa::available();
             let best = *available.last().unwrap_or(&Isa::Scalar);
             std::env::var("CORTEX_KERNEL")
@@ -123,9 +132,24 @@ impl Isa {
                         .find(|isa| isa.name() == want.trim().to_ascii_lowercase())
                 })
                 .unwrap_or(best)
-        })
+        });
+        if chosen == Isa::Amx && !AMX_ALLOWED.load(Ordering::Relaxed) {
+            Isa::Avx512Vnni
+        } else {
+            chosen
+        }
+    }
+
+    /// Whether the models of this process may use AMX where [`Isa::active`] would (the
+    /// `use_amx` of `MLXConfig`; on by default); returns the previous setting.
+    /// Process-wide, as the kernels are.
+    pub fn allow_amx(allowed: bool) -> bool {
+        AMX_ALLOWED.swap(allowed, Ordering::Relaxed)
     }
 }
+
+/// See [`Isa::allow_amx`].
+static AMX_ALLOWED: AtomicBool = AtomicBool::new(true);
 
 /// A loop nest written in plain Rust that [`on_isa`] compiles for an instruction set.
 pub trait IsaKernel {
@@ -163,10 +187,16 @@ pub fn on_isa<K: IsaKernel>(isa: Isa, kernel: K) -> K::Out {
         Isa::Avx2 => unsafe { avx2(kernel) },
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Avx512Vnni => unsafe { avx512(kernel) },
+        Isa::Avx512Vnni | Isa::Amx => unsafe { avx512(kernel) },
         _ => kernel.run::<false>(),
     }
 }
+
+/// Activation rows from which a product runs on AMX ([`Isa::Amx`]); fewer run the AVX-512
+/// tiles.
+const AMX_MIN_ROWS: usize = 4;
+/// Activation rows of an AMX tile.
+const AMX_CHUNK: usize = 16;
 
 /// The most matrices one joint product takes (q/k/v is three).
 const MAX_JOINT: usize = 4;
@@ -768,7 +798,12 @@ impl PackedMatrix {
             "at most {MAX_JOINT} matrices at once"
         );
         let all_tiles: usize = mats.iter().map(|w| w.rows.div_ceil(TILE)).sum();
-        let per_task = (all_tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
+        let mut per_task = (all_tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
+        // AMX works on strips of two tiles: tasks start at even tiles.
+        let amx = cfg!(target_arch = "x86_64") && isa == Isa::Amx && !x.tiled.is_empty();
+        if amx {
+            per_task = per_task.next_multiple_of(2);
+        }
         // Tasks never span two matrices: matrix `i` has `tasks_of(i)` of them.
         let tasks_of = |i: usize| mats[i].rows.div_ceil(TILE).div_ceil(per_task);
         let tasks: usize = (0..mats.len()).map(tasks_of).sum();
@@ -785,6 +820,15 @@ impl PackedMatrix {
             }
             let tiles = mats[i].rows.div_ceil(TILE);
             let (first, end) = (task * per_task, ((task + 1) * per_task).min(tiles));
+            #[cfg(target_arch = "x86_64")]
+            if amx {
+                // SAFETY: as below, for strips of two tiles; the ISA says AMX is granted.
+                #[allow(unsafe_code)]
+                unsafe {
+                    amx::strips(mats[i], x, first / 2..end.div_ceil(2), sinks[i].get());
+                }
+                return;
+            }
             for tile in first..end {
                 // SAFETY: tasks own disjoint tiles, so they write disjoint columns of the
                 // outputs (`tile_into` writes only columns `8·tile..8·tile + 8` below
@@ -804,7 +848,7 @@ impl PackedMatrix {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::tile_avx2(self, x, tile, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => x86::tile_vnni(self, x, tile, out),
+            Isa::Avx512Vnni | Isa::Amx => x86::tile_vnni(self, x, tile, out),
             _ => self.tile_scalar(x, tile, out),
         }
     }
@@ -883,6 +927,11 @@ pub struct QuantizedRows {
     group_sums: Vec<f32>,
     /// `[m, k / 16]`: `Σ q` of each half block.
     half_sums: Vec<i32>,
+    /// `qs` again as AMX's activation tiles, `[m / 16 (rounded up), k / part, 16, part]`
+    /// (`part`: 16 for groups of 16, else 32): each tile's rows contiguous, where `qs`'s are
+    /// `k` bytes apart (which for `k` a multiple of 2 KiB puts all 16 in two sets of the
+    /// L1 cache). Only where AMX is available, for `AMX_MIN_ROWS` rows or more; else empty.
+    tiled: Vec<i8>,
 }
 
 impl QuantizedRows {
@@ -909,9 +958,17 @@ impl QuantizedRows {
         self.d.resize(m * blocks, 0.0);
         self.half_sums.resize(2 * m * blocks, 0);
         self.group_sums.resize(m * groups, 0.0);
+        let amx = m >= AMX_MIN_ROWS && Isa::available().contains(&Isa::Amx);
+        if amx {
+            self.tiled.resize(m.next_multiple_of(AMX_CHUNK) * k, 0);
+        } else {
+            self.tiled.clear();
+        }
+        let part = group_size.min(BLOCK);
         (self.m, self.k, self.group_size) = (m, k, group_size);
         let isa = Isa::active();
         let rows_per_task = crate::threads::rows_per_task(m, k);
+        let tiled = SendPtr(self.tiled.as_mut_ptr());
         let (qs, d, half_sums, group_sums) = (
             SendPtr(self.qs.as_mut_ptr()),
             SendPtr(self.d.as_mut_ptr()),
@@ -937,7 +994,24 @@ impl QuantizedRows {
                     }
                 };
                 let x = &x[r * k..(r + 1) * k];
+                let q = row.q.as_ptr();
                 on_isa(isa, QuantizeRow { x, group_size, row });
+                if amx {
+                    // Row `r % 16` of every tile of its chunk.
+                    let chunk = tiled.get().wrapping_add((r / AMX_CHUNK) * AMX_CHUNK * k);
+                    for j in 0..k / part {
+                        // SAFETY: tasks own disjoint rows, each `part` bytes of every tile
+                        // of `tiled` (sized above); `q` is this row's `k` values.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                q.add(j * part),
+                                chunk.add((j * AMX_CHUNK + r % AMX_CHUNK) * part),
+                                part,
+                            );
+                        }
+                    }
+                }
             }
         });
     }
@@ -1037,6 +1111,10 @@ fn quantize_row(x: &[f32], group_size: usize, row: Row<'_>) {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod amx;
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -1243,31 +1321,7 @@ mod x86 {
         let mut hi = [_mm256_setzero_si256(); M];
         if (4..=6).contains(&BITS) {
             for r in 0..REGS / 2 {
-                let v = _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>());
-                let mask = _mm256_set1_epi8(15);
-                let mut low = _mm256_and_si256(v, mask);
-                let mut high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                // Bit 4 (5 bits) or bits 4–5 (6 bits) of registers r and r + 4, from the
-                // planes after the nibbles (module docs), shifted into place and masked.
-                // (16-bit shifts carry bits into the neighbouring byte; the mask drops them.)
-                let top = p.add(4 * BLOCK).cast::<__m256i>();
-                let ri = r as i32;
-                if BITS == 5 {
-                    let plane = _mm256_loadu_si256(top);
-                    let bit4 = _mm256_set1_epi8(0x10);
-                    low = _mm256_or_si256(low, _mm256_and_si256(shift(plane, 4 - ri), bit4));
-                    high = _mm256_or_si256(high, _mm256_and_si256(shift(plane, -ri), bit4));
-                } else if BITS == 6 {
-                    let (lo_plane, hi_plane) =
-                        (_mm256_loadu_si256(top), _mm256_loadu_si256(top.add(1)));
-                    let bits45 = _mm256_set1_epi8(0x30);
-                    low =
-                        _mm256_or_si256(low, _mm256_and_si256(shift(lo_plane, 4 - 2 * ri), bits45));
-                    high = _mm256_or_si256(
-                        high,
-                        _mm256_and_si256(shift(hi_plane, 4 - 2 * ri), bits45),
-                    );
-                }
+                let (low, high) = register_pair::<BITS>(p, r);
                 for t in 0..M {
                     lo[t] = dot::<VNNI>(lo[t], low, xq(t, r * QUAD));
                     let sink = if apart { &mut hi[t] } else { &mut lo[t] };
@@ -1276,20 +1330,14 @@ mod x86 {
             }
         } else {
             for r in 0..REGS {
-                let v = match BITS {
-                    2 => crumbs(p.add(8 * r)),
-                    3 => _mm256_or_si256(
-                        crumbs(p.add(8 * r)),
-                        _mm256_slli_epi16(plane(p.add(64 + 4 * r)), 2),
-                    ),
-                    // 8 bits with VNNI: back to the unsigned code (flip the top bit of
-                    // code − 128), whose products `dpbusd` sums in i32 without overflow;
-                    // the caller takes 128 · Σx off.
-                    _ if VNNI => _mm256_xor_si256(
-                        _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
-                        _mm256_set1_epi8(-128),
-                    ),
-                    _ => _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
+                let v = register::<BITS>(p, r);
+                // 8 bits with VNNI: back to the unsigned code (flip the top bit of code −
+                // 128), whose products `dpbusd` sums in i32 without overflow; the caller
+                // takes 128 · Σx off.
+                let v = if BITS == 8 && VNNI {
+                    _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+                } else {
+                    v
                 };
                 for t in 0..M {
                     let sink = if apart && r >= REGS / 2 {
@@ -1310,10 +1358,54 @@ mod x86 {
         (lo, hi)
     }
 
+    /// Registers `r` and `r + 4` (`r < 4`) of a block of 4-, 5- or 6-bit codes, as
+    /// unsigned bytes.
+    #[inline(always)]
+    pub(super) unsafe fn register_pair<const BITS: u32>(
+        p: *const u8,
+        r: usize,
+    ) -> (__m256i, __m256i) {
+        let v = _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>());
+        let mask = _mm256_set1_epi8(15);
+        let mut low = _mm256_and_si256(v, mask);
+        let mut high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        // Bit 4 (5 bits) or bits 4–5 (6 bits) of registers r and r + 4, from the planes
+        // after the nibbles (module docs), shifted into place and masked. (16-bit shifts
+        // carry bits into the neighbouring byte; the mask drops them.)
+        let top = p.add(4 * BLOCK).cast::<__m256i>();
+        let ri = r as i32;
+        if BITS == 5 {
+            let plane = _mm256_loadu_si256(top);
+            let bit4 = _mm256_set1_epi8(0x10);
+            low = _mm256_or_si256(low, _mm256_and_si256(shift(plane, 4 - ri), bit4));
+            high = _mm256_or_si256(high, _mm256_and_si256(shift(plane, -ri), bit4));
+        } else if BITS == 6 {
+            let (lo_plane, hi_plane) = (_mm256_loadu_si256(top), _mm256_loadu_si256(top.add(1)));
+            let bits45 = _mm256_set1_epi8(0x30);
+            low = _mm256_or_si256(low, _mm256_and_si256(shift(lo_plane, 4 - 2 * ri), bits45));
+            high = _mm256_or_si256(high, _mm256_and_si256(shift(hi_plane, 4 - 2 * ri), bits45));
+        }
+        (low, high)
+    }
+
+    /// Register `r` of a block of 2-, 3- or 8-bit codes: the unsigned codes, or for 8 bits
+    /// the stored code − 128 (as i8).
+    #[inline(always)]
+    pub(super) unsafe fn register<const BITS: u32>(p: *const u8, r: usize) -> __m256i {
+        match BITS {
+            2 => crumbs(p.add(8 * r)),
+            3 => _mm256_or_si256(
+                crumbs(p.add(8 * r)),
+                _mm256_slli_epi16(plane(p.add(64 + 4 * r)), 2),
+            ),
+            _ => _mm256_loadu_si256(p.add(r * BLOCK).cast::<__m256i>()),
+        }
+    }
+
     /// Group `g` of scales or biases of a tile (of a matrix with `groups` groups a row):
     /// 8 rows as f32.
     #[inline(always)]
-    unsafe fn params8(params: &Params, tile: usize, groups: usize, g: usize) -> __m256 {
+    pub(super) unsafe fn params8(params: &Params, tile: usize, groups: usize, g: usize) -> __m256 {
         let at = (tile * groups + g) * TILE;
         match params {
             Params::Flat { bytes, dtype } => {
@@ -1418,7 +1510,7 @@ mod tests {
         /// gives the scalar reference's bits, and the reference is the dequantized f32 product
         /// up to the activations' rounding (at most half a step `dx / 2` per value).
         #[test]
-        fn kernels_match_reference(bits_i in 0usize..6, g_i in 0usize..3, m in 1usize..8,
+        fn kernels_match_reference(bits_i in 0usize..6, g_i in 0usize..3, m in prop_oneof![1usize..8, 15usize..36],
                                    n in prop_oneof![1usize..12, 120usize..260], groups in 1usize..4, dtype_i in 0usize..3,
                                    seed in any::<u64>()) {
             let (bits, gs) = (SUPPORTED_BITS[bits_i], SUPPORTED_GROUP_SIZES[g_i]);
