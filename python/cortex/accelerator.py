@@ -99,7 +99,7 @@ class MLXConfig:
     #: (``mx.bfloat16``) is accepted too, here or assigned later, and stored as its name
     #: (reading it always gives a ``str``).
     dtype: _DtypeName = _DtypeName()
-    #: Let quantized products of 4 or more activation rows (prefill, batched decode) run
+    #: Let quantized products of 8 or more activation rows (prefill, batched decode) run
     #: on Intel AMX where the CPU and OS grant it (``get_device_info()["amx_available"]``).
     #: Process-wide: the kernels are shared, so the accelerator made last decides.
     use_amx: bool = True
@@ -600,7 +600,7 @@ class MLXAccelerator:
         (``avg_time_ms``, ``throughput_gflops``: ``0.0`` without a count, as the original
         reported it, so it always formats as a number; ``amx_enabled``: whether the engine's
         kernels ran on AMX, which ``use_amx`` allows for this call where the CPU grants it,
-        for products of 4 or more rows)."""
+        for products of 8 or more rows)."""
         if num_iterations < 1:
             raise ValueError("num_iterations must be at least 1")
         nbytes: float | None = None
@@ -629,8 +629,8 @@ class MLXAccelerator:
         else:
             before = _core.allow_amx(use_amx)
             try:
-                # Only the quantized products of 4 or more rows have an AMX kernel.
-                amx = _core.kernel_isa() == "amx" and operation == "qmatmul" and input_shape[0] >= 4
+                # Only the quantized products of 8 or more rows have an AMX kernel.
+                amx = _core.kernel_isa() == "amx" and operation == "qmatmul" and input_shape[0] >= 8
                 seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
             finally:
                 _core.allow_amx(before)
@@ -717,7 +717,7 @@ class MLXAccelerator:
             "value": c.use_amx,
             "applied": amx_available,
             "reason": (
-                "quantized products of 4 or more rows run on AMX int8 tiles unless this is False"
+                "quantized products of 8 or more rows run on AMX int8 tiles unless this is False"
                 " (process-wide)"
                 if amx_available
                 else "no AMX here: the CPU does not list it, the OS does not grant it, or a trial failed"
