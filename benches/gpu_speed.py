@@ -21,7 +21,7 @@ batched.md) each row also prints the matching peer figure and the ratio (> 1: Co
 faster). With ``--profile``, each model's batch-1 decode runs once more op by op (no CUDA
 graphs), every operation synchronized and timed, and the time per operation is printed:
 where a decoded token's time goes, launch and synchronization costs included. (Do not set
-``CORTEX_GPU_PROFILE=1`` for a benchmark: it turns graphs off for every figure.)
+``CORTEX_PROFILE=1`` for a benchmark: it turns graphs off for every figure.)
 """
 
 from __future__ import annotations
@@ -109,11 +109,11 @@ def bench(path: Path, n_gen: int, profile: bool) -> dict[str, float]:
         # One more batch-1 decode and one more prefill, op by op, each operation charged its
         # time.
         for what, length, n in (("decode", 128, n_gen), ("prefill", 512, 1)):
-            _core.gpu_profile(reset=True, enable=True)
+            _core.profile(reset=True, enable=True)
             ids = prompts(vocab, 1, length)[0]
             for _ in cortex.stream_generate(model, tok, ids, max_tokens=n, ignore_eos=True):
                 pass
-            rows = _core.gpu_profile(reset=True, enable=False)
+            rows = _core.profile(reset=True, enable=False)
             total = sum(s for _, _, s in rows)
             print(f"  where {what} time goes ({n} tokens after {length}, each op synchronized):")
             for op, calls, secs in sorted(rows, key=lambda r: -r[2]):

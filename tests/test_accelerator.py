@@ -438,3 +438,23 @@ def test_accelerate_transformer(smollm):
     assert fast is not model and acc.last_warmup_seconds > 0
     assert acc.engine(fast, tok).stats()["steps"] == 0  # started, idle
     assert next(acc.generate_optimized(fast, tok, PROMPT, max_tokens=4, temperature=0.0, stream=False))
+
+
+def test_profile_times_every_operation_of_a_cpu_pass(smollm):
+    """``_core.profile``: with profiling on, a forward pass charges each of its operations
+    (one attention, RoPE and cache write per layer; q/k/v, o, gate/up and down per layer,
+    then the head); off, nothing is recorded."""
+    model, _ = smollm
+    n = model.config["num_hidden_layers"]
+    _core.profile(reset=True, enable=True)
+    try:
+        model.forward(list(range(10, 42)))
+        rows = {op: (calls, seconds) for op, calls, seconds in _core.profile(reset=True)}
+    finally:
+        _core.profile(reset=True, enable=False)
+    assert rows["attention"][0] == rows["rope"][0] == rows["kv store"][0] == n
+    assert rows["linear"][0] == 4 * n + 1
+    assert rows["embedding"][0] == 1 and rows["norm"][0] >= 2 * n
+    assert all(seconds > 0 for _, seconds in rows.values())
+    model.forward([1, 2, 3])
+    assert _core.profile() == []

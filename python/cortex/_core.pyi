@@ -37,13 +37,13 @@ __all__ = [
     "cuda_device_count",
     "cuda_info",
     "engine_stats",
-    "gpu_profile",
     "hub_cache_dir",
     "hub_snapshot_download",
     "kernel_isa",
     "load",
     "load_model",
     "load_tokenizer",
+    "profile",
     "stream",
     "time_operation",
 ]
@@ -288,7 +288,7 @@ def load_model(path: str | PathLike[str], progress: Progress | None = None, devi
 def cuda_compiled() -> bool: ...
 def cuda_device_count() -> int: ...
 def cuda_info(ordinal: int) -> dict[str, Any]: ...
-def gpu_profile(reset: bool = False, enable: bool | None = None) -> list[tuple[str, int, float]]: ...
+def profile(reset: bool = False, enable: bool | None = None) -> list[tuple[str, int, float]]: ...
 def load_tokenizer(path: str | PathLike[str]) -> Tokenizer: ...
 def stream(
     model: Model,

@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
-pub use ops::{profile, profiling, set_profiling, Meta, Params, Pass};
+pub use ops::{Meta, Params, Pass};
 pub use weights::{GpuEmbedding, GpuLinear, Scratch, GEMV_MAX_ROWS};
 
 /// The kernels of `kernels.cu`, as PTX for every GPU from Ampere on, and for Hopper and later

@@ -31,42 +31,6 @@ const NORM_PER: usize = 4;
 /// never changes them, so an address names one parameter for the decoder's life.
 pub type Params = Mutex<HashMap<usize, CudaSlice<f32>>>;
 
-/// Where the GPU's time goes, per operation, while profiling is on: each operation then
-/// waits for the GPU before and after it, and decode steps run op by op rather than as
-/// CUDA graphs (which slows the pass down, but charges every kernel to the operation that
-/// launched it). `(calls, seconds)` by operation.
-static PROFILE: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
-
-/// Profiling's switch: on from the start with `CORTEX_GPU_PROFILE=1`, else by
-/// [`set_profiling`].
-fn profiling_switch() -> &'static std::sync::atomic::AtomicBool {
-    static ON: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
-    ON.get_or_init(|| {
-        let on = std::env::var("CORTEX_GPU_PROFILE").is_ok_and(|v| v == "1");
-        std::sync::atomic::AtomicBool::new(on)
-    })
-}
-
-/// Whether GPU operations are being profiled.
-pub fn profiling() -> bool {
-    profiling_switch().load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Turns profiling on or off for the passes that start from now on.
-pub fn set_profiling(on: bool) {
-    profiling_switch().store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The profile so far (see [`PROFILE`]), and optionally a fresh start.
-pub fn profile(reset: bool) -> Vec<(&'static str, u64, f64)> {
-    let mut p = PROFILE.lock();
-    let out = p.clone();
-    if reset {
-        p.clear();
-    }
-    out
-}
-
 /// A batch's layout on the GPU, what the attention, RoPE and cache kernels read.
 pub struct Meta {
     /// `[rows]`: each row's position (RoPE).
@@ -209,24 +173,17 @@ impl<'a> Pass<'a> {
         Ok(ptr(slice, self.gpu.stream()))
     }
 
-    /// Runs `f`, charged to `op` in the profile when profiling.
+    /// Runs `f`, charged to `op` in the profile when profiling (`crate::model::profile`):
+    /// the GPU is waited for before and after, so the time is the work's own.
     fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        if !profiling() {
+        if !crate::model::profile::profiling() {
             return f();
         }
         self.gpu.synchronize()?;
         let start = std::time::Instant::now();
         let out = f()?;
         self.gpu.synchronize()?;
-        let secs = start.elapsed().as_secs_f64();
-        let mut p = PROFILE.lock();
-        match p.iter_mut().find(|e| e.0 == op) {
-            Some(e) => {
-                e.1 += 1;
-                e.2 += secs;
-            }
-            None => p.push((op, 1, secs)),
-        }
+        crate::model::profile::record(op, start.elapsed().as_secs_f64());
         Ok(out)
     }
 

@@ -332,7 +332,10 @@ impl Decoder {
         // GPU passes of one decoder take turns (one stream runs them in order anyway); the
         // buffers are kept.
         let mut ws = g.workspace.lock();
-        let graphs = g.graphs.as_ref().filter(|_| !crate::cuda::profiling());
+        let graphs = g
+            .graphs
+            .as_ref()
+            .filter(|_| !crate::model::profile::profiling());
         let key = graphs.and_then(|graphs| {
             Key::of(gpu, batch, kv, graphs.max_rows()).filter(|&k| graphs.seen_before(k))
         });

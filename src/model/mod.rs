@@ -9,6 +9,7 @@ pub mod layers;
 pub mod loader;
 pub mod math;
 pub mod ops;
+pub mod profile;
 pub mod weights;
 
 pub use config::ModelConfig;

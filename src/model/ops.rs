@@ -15,6 +15,7 @@ use crate::model::attention::{self, SeqSpan};
 use crate::model::config::Activation;
 use crate::model::decoder::Logits;
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
+use crate::model::profile::timed;
 use crate::quant::kernels::QuantizedRows;
 
 pub trait Ops {
@@ -133,8 +134,10 @@ impl Ops for Cpu {
         width: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        out.resize(ids.len() * width, 0.0);
-        table.forward_into(ids, out)
+        timed("embedding", || {
+            out.resize(ids.len() * width, 0.0);
+            table.forward_into(ids, out)
+        })
     }
 
     fn norm_into(
@@ -144,31 +147,39 @@ impl Ops for Cpu {
         out: &mut Vec<f32>,
         _scratch: &mut QuantizedRows,
     ) -> Result<()> {
-        out.clone_from(x);
-        norm.apply(out);
-        Ok(())
+        timed("norm", || {
+            out.clone_from(x);
+            norm.apply(out);
+            Ok(())
+        })
     }
 
     fn add(&self, x: &mut Vec<f32>, a: &Vec<f32>, b: Option<&Vec<f32>>) -> Result<()> {
-        match b {
-            None => x.iter_mut().zip(a).for_each(|(x, a)| *x += a),
-            Some(b) => {
-                for ((x, a), b) in x.iter_mut().zip(a).zip(b) {
-                    *x += a + b;
+        timed("elementwise", || {
+            match b {
+                None => x.iter_mut().zip(a).for_each(|(x, a)| *x += a),
+                Some(b) => {
+                    for ((x, a), b) in x.iter_mut().zip(a).zip(b) {
+                        *x += a + b;
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn scale(&self, x: &mut Vec<f32>, factor: f32) -> Result<()> {
-        x.iter_mut().for_each(|x| *x *= factor);
-        Ok(())
+        timed("elementwise", || {
+            x.iter_mut().for_each(|x| *x *= factor);
+            Ok(())
+        })
     }
 
     fn norm(&self, norm: &Norm, x: &mut Vec<f32>) -> Result<()> {
-        norm.apply(x);
-        Ok(())
+        timed("norm", || {
+            norm.apply(x);
+            Ok(())
+        })
     }
 
     fn linear<const N: usize>(
@@ -179,7 +190,9 @@ impl Ops for Cpu {
         outs: [&mut Vec<f32>; N],
         scratch: &mut QuantizedRows,
     ) -> Result<()> {
-        Linear::forward_rows(layers, x, rows, outs, scratch)
+        timed("linear", || {
+            Linear::forward_rows(layers, x, rows, outs, scratch)
+        })
     }
 
     fn attention(
@@ -200,10 +213,18 @@ impl Ops for Cpu {
                 "a GPU KV cache in a CPU forward pass".into(),
             ));
         }
-        rope.rotate((q, k), kv.layout().head_dim, positions);
-        *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
-        attention::store(kv, layer, seqs, k, v);
-        Ok(())
+        timed("rope", || {
+            rope.rotate((q, k), kv.layout().head_dim, positions);
+            Ok(())
+        })?;
+        timed("attention", || {
+            *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
+            Ok(())
+        })?;
+        timed("kv store", || {
+            attention::store(kv, layer, seqs, k, v);
+            Ok(())
+        })
     }
 
     fn gated(
@@ -213,20 +234,26 @@ impl Ops for Cpu {
         up: &Vec<f32>,
         _scratch: &mut QuantizedRows,
     ) -> Result<()> {
-        act.gated(gate, up);
-        Ok(())
+        timed("activation", || {
+            act.gated(gate, up);
+            Ok(())
+        })
     }
 
     fn activation(&self, act: Activation, x: &mut Vec<f32>) -> Result<()> {
-        act.apply(x);
-        Ok(())
+        timed("activation", || {
+            act.apply(x);
+            Ok(())
+        })
     }
 
     fn moe(&self, moe: &MoeMlp, x: &Vec<f32>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
-        let xs = Tensor::from_slice(x, (1, rows, x.len() / rows.max(1)), &Device::Cpu)?;
-        let y = moe.forward(&xs)?;
-        *out = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok(())
+        timed("moe routing and experts", || {
+            let xs = Tensor::from_slice(x, (1, rows, x.len() / rows.max(1)), &Device::Cpu)?;
+            let y = moe.forward(&xs)?;
+            *out = y.flatten_all()?.to_vec1::<f32>()?;
+            Ok(())
+        })
     }
 
     fn gather_rows(

@@ -40,7 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::cuda_compiled, m)?)?;
     m.add_function(wrap_pyfunction!(model::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(model::cuda_info, m)?)?;
-    m.add_function(wrap_pyfunction!(model::gpu_profile, m)?)?;
+    m.add_function(wrap_pyfunction!(model::profile, m)?)?;
     m.add_function(wrap_pyfunction!(engine::stream, m)?)?;
     m.add_function(wrap_pyfunction!(engine::engine_stats, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;

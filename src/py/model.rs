@@ -325,27 +325,19 @@ pub fn cuda_info(py: Python<'_>, ordinal: usize) -> PyResult<Py<pyo3::types::PyD
     }
 }
 
-/// Where the GPU's time went per operation while profiling was on, `[(operation, calls,
-/// seconds)]` (each operation then waits for the GPU and decode steps run op by op, not
-/// as CUDA graphs, so passes are slower); empty otherwise. `reset` starts a fresh profile;
-/// `enable` turns profiling on or off from then on (`CORTEX_GPU_PROFILE=1` turns it on
-/// from the start).
+/// Where forward passes' time went, per operation: `(operation, calls, seconds)`, while
+/// profiling is on (see `crate::model::profile`; on the GPU each operation is then
+/// synchronised and decode steps run op by op rather than as CUDA graphs). `reset` starts
+/// a fresh profile; `enable` turns profiling on or off from then on (`CORTEX_PROFILE=1`
+/// turns it on from the start).
 #[pyfunction]
 #[pyo3(signature = (reset = false, enable = None))]
-pub fn gpu_profile(reset: bool, enable: Option<bool>) -> Vec<(&'static str, u64, f64)> {
-    #[cfg(feature = "cuda")]
-    {
-        let rows = crate::cuda::profile(reset);
-        if let Some(on) = enable {
-            crate::cuda::set_profiling(on);
-        }
-        rows
+pub fn profile(reset: bool, enable: Option<bool>) -> Vec<(&'static str, u64, f64)> {
+    let rows = crate::model::profile::profile(reset);
+    if let Some(on) = enable {
+        crate::model::profile::set_profiling(on);
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (reset, enable);
-        Vec::new()
-    }
+    rows
 }
 
 /// The instruction set the quantized kernels run with: `amx`, `avx512vnni`, `avx2` or

@@ -13,11 +13,11 @@ use crate::model::arch::{self, Family};
 
 /// A scratch GGUF file holding only `metadata` (no tensors).
 fn gguf(name: &str, metadata: &[(String, Value)]) -> Result<GgufFile> {
-    let dir: PathBuf = std::env::temp_dir().join(format!("cortex-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     // A name of its own per call: tests run in parallel and several write the same
     // architecture (a shared name raced on the 16-core machine).
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir: PathBuf = std::env::temp_dir().join(format!("cortex-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!("{name}-{call}.gguf"));
     write_gguf(&path, metadata, &[], |_| Ok(vec![]))?;
