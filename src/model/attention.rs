@@ -20,6 +20,7 @@ use crate::engine::kv::{KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
 use crate::model::math::exp;
 use crate::quant::kernels::{on_isa, IsaKernel};
 use crate::quant::Isa;
+use crate::threads::SendPtr;
 use half::f16;
 
 /// An element type of the cache.
@@ -231,59 +232,149 @@ fn attend_in<T: Elem>(
     // Per task and query head: [max score, sum of weights, Σ weight·value (head_dim)].
     let part = 2 + hd;
     let mut partial = vec![0f32; units * splits * groups * part];
-    // A task takes one split when there are few rows (decoding: the splits are the
-    // parallelism) and all of a (row, KV head)'s otherwise; either way each split's
-    // arithmetic is the same.
-    let per_task = if units >= 4 * crate::threads::num_threads() {
-        splits
-    } else {
-        1
-    };
-    crate::threads::parallel_chunks_mut(
-        &mut partial,
-        per_task * groups * part,
-        &|task, partials| {
-            let (mut runs, mut scores, mut wide) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
-                let (unit, split) = (
-                    (task * per_task + i) / splits,
-                    (task * per_task + i) % splits,
-                );
-                let (row, kv_head) = (unit / nkv, unit % nkv);
-                let [kept, recent] = positions(row);
-                let n = kept.len() + recent.len();
-                if split >= splits_of(n) {
-                    // Nothing for this split: an empty partial softmax.
-                    partial.fill(0.0);
-                    continue;
+    // Prompt chunks: rows of a sequence in blocks of `ROWS_PER_BLOCK`, whose queries are
+    // scored together against the keys the block sees, each key widened once per block
+    // rather than once per row, each row's splits then softened over its own keys alone:
+    // the same sums in the same order as one row at a time, so the same bits. Without a
+    // ring (whose two ranges a block's rows do not share), and when the blocks alone keep
+    // every thread busy.
+    let blocks: Vec<(usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            (0..s.len)
+                .step_by(ROWS_PER_BLOCK)
+                .map(move |j| (i, s.row + j))
+        })
+        .collect();
+    if kv.ring.is_none()
+        && seqs.iter().any(|s| s.len > 1)
+        && blocks.len() * nkv >= 4 * crate::threads::num_threads()
+    {
+        let sink = SendPtr(partial.as_mut_ptr());
+        let per_row = splits * groups * part;
+        crate::threads::parallel_for(blocks.len() * nkv, &|task| {
+            let (block, kv_head) = (task / nkv, task % nkv);
+            let (s, first) = blocks[block];
+            let seq = &seqs[s];
+            let block_rows = first..(first + ROWS_PER_BLOCK).min(seq.row + seq.len);
+            // The positions each row sees (without a ring: `positions`' second range), and
+            // those the block sees.
+            let sees = |row: usize| positions(row)[1].clone();
+            let union = sees(first).start..sees(block_rows.end - 1).end;
+            let mut runs = Vec::new();
+            sources.runs(seq, kv_head, union.clone(), &mut runs);
+            let mut queries = Vec::with_capacity(block_rows.len() * groups * hd);
+            let mut segments = Vec::new();
+            for (i, row) in block_rows.clone().enumerate() {
+                queries
+                    .extend_from_slice(&q[(row * heads + kv_head * groups) * hd..][..groups * hd]);
+                let seen = sees(row);
+                let (n, offset) = (seen.len(), seen.start - union.start);
+                for g in 0..groups {
+                    segments.extend((0..splits_of(n)).map(|split| {
+                        let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                        Segment {
+                            query: i * groups + g,
+                            keys: offset + lo..offset + hi,
+                            out: i * per_row + (split * groups + g) * part,
+                        }
+                    }));
                 }
-                // This split's keys: indices `lo..hi` of the row's visible positions.
-                let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
-                let seq = &seqs[row_seq[row]];
-                runs.clear();
-                let k = kept.len();
-                if lo < k {
-                    let range = kept.start + lo..kept.start + hi.min(k);
-                    sources.runs(seq, kv_head, range, &mut runs);
-                }
-                if hi > k {
-                    let range = recent.start + lo.saturating_sub(k)..recent.start + hi - k;
-                    sources.runs(seq, kv_head, range, &mut runs);
-                }
-                // The query heads that share this KV head: `[groups, head_dim]`.
-                let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
-                weigh_on(
-                    isa,
-                    hd,
-                    queries,
-                    &runs,
-                    hi - lo,
-                    (&mut scores, &mut wide),
-                    partial,
-                );
             }
-        },
-    );
+            // Splits past a row's own stay empty partial softmaxes (zeros), as below.
+            let mut out = vec![0f32; block_rows.len() * per_row];
+            weigh_on(
+                isa,
+                hd,
+                &queries,
+                &runs,
+                union.len(),
+                (
+                    &mut Vec::new(),
+                    &mut Vec::new(),
+                    &mut segments,
+                    &mut Vec::new(),
+                ),
+                &mut out,
+            );
+            for (i, row) in block_rows.enumerate() {
+                let unit = row * nkv + kv_head;
+                // SAFETY: each (row, KV head) belongs to one task, so tasks write disjoint
+                // ranges of `partial` (`per_row` values a unit, allocated above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        out.as_ptr().add(i * per_row),
+                        sink.get().add(unit * per_row),
+                        per_row,
+                    );
+                }
+            }
+        });
+    } else {
+        // A task takes one split when there are few rows (decoding: the splits are the
+        // parallelism) and all of a (row, KV head)'s otherwise; either way each split's
+        // arithmetic is the same.
+        let per_task = if units >= 4 * crate::threads::num_threads() {
+            splits
+        } else {
+            1
+        };
+        crate::threads::parallel_chunks_mut(
+            &mut partial,
+            per_task * groups * part,
+            &|task, partials| {
+                let (mut runs, mut scores, mut wide, mut segments, mut cursors) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
+                    let (unit, split) = (
+                        (task * per_task + i) / splits,
+                        (task * per_task + i) % splits,
+                    );
+                    let (row, kv_head) = (unit / nkv, unit % nkv);
+                    let [kept, recent] = positions(row);
+                    let n = kept.len() + recent.len();
+                    if split >= splits_of(n) {
+                        // Nothing for this split: an empty partial softmax.
+                        partial.fill(0.0);
+                        continue;
+                    }
+                    // This split's keys: indices `lo..hi` of the row's visible positions.
+                    let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                    let seq = &seqs[row_seq[row]];
+                    runs.clear();
+                    let k = kept.len();
+                    if lo < k {
+                        let range = kept.start + lo..kept.start + hi.min(k);
+                        sources.runs(seq, kv_head, range, &mut runs);
+                    }
+                    if hi > k {
+                        let range = recent.start + lo.saturating_sub(k)..recent.start + hi - k;
+                        sources.runs(seq, kv_head, range, &mut runs);
+                    }
+                    // The query heads that share this KV head: `[groups, head_dim]`, each over
+                    // all of the split's keys.
+                    let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
+                    segments.clear();
+                    segments.extend((0..groups).map(|g| Segment {
+                        query: g,
+                        keys: 0..hi - lo,
+                        out: g * part,
+                    }));
+                    weigh_on(
+                        isa,
+                        hd,
+                        queries,
+                        &runs,
+                        hi - lo,
+                        (&mut scores, &mut wide, &mut segments, &mut cursors),
+                        partial,
+                    );
+                }
+            },
+        );
+    }
     // Merge the splits of each (row, head): rescale each to the largest maximum. Splits
     // without keys (`Σ w = 0`) take no part; a row always sees itself, so one has keys.
     let partial = &partial;
@@ -381,6 +472,8 @@ const _: () = assert!(
 /// Keys per attention task (while there are at most `MAX_SPLITS` tasks per row and KV head).
 const KEYS_PER_TASK: usize = 32;
 const MAX_SPLITS: usize = 8;
+/// Prompt rows scored together (see `attend_in`).
+const ROWS_PER_BLOCK: usize = 8;
 
 /// [`weigh`] compiled for the instruction set `isa` ([`on_isa`]: the loops are plain Rust;
 /// compiled with AVX2 or AVX-512 enabled they run 8 or 16 lanes wide with fused
@@ -392,7 +485,7 @@ fn weigh_on<T: Elem>(
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    scratch: (&mut Vec<f32>, &mut Vec<f32>),
+    scratch: Scratch<'_>,
     out: &mut [f32],
 ) {
     /// One call of [`weigh`] for head size `HD`.
@@ -401,7 +494,7 @@ fn weigh_on<T: Elem>(
         queries: &'a [f32],
         runs: &'a [Run<'r, T>],
         n: usize,
-        scratch: (&'a mut Vec<f32>, &'a mut Vec<f32>),
+        scratch: Scratch<'a>,
         out: &'a mut [f32],
     }
     impl<T: Elem, const HD: usize> IsaKernel for Weigh<'_, '_, T, HD> {
@@ -444,24 +537,19 @@ fn weigh_on<T: Elem>(
     }
 }
 
-/// The partial attention of the query heads `queries: [groups, head_dim]` over the `n`
-/// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
-/// with `w = exp(q·k − max)` (the queries come scaled). `scratch`: the scores and the
-/// widened keys or values. `HD` is the head size when it is known at compile
-/// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
-/// the values stream past. `HD`
-/// is a multiple of 16 (values are widened 16 at a time).
+/// `scores: [queries, n]` ← each query (`queries: [_, hd]`, scaled) times the `n` keys of
+/// `runs`. Shared by [`weigh`] and [`weigh_block`], so that a query's scores are the same
+/// bits on either path.
 #[inline(always)]
-fn weigh<T: Elem, const HD: usize, const FMA: bool>(
+fn score<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    (scores, wide): (&mut Vec<f32>, &mut Vec<f32>),
-    out: &mut [f32],
+    scores: &mut Vec<f32>,
+    wide: &mut Vec<f32>,
 ) {
-    let hd = if HD == 0 { hd } else { HD };
-    // Scores `[groups, n]`, for `LANES` keys at a time: over the dimensions, a query's
+    // Scores `[queries, n]`, for `LANES` keys at a time: over the dimensions, a query's
     // component times one row of the transposed keys, into four sums in registers
     // (independent chains of multiply-adds). Each group of keys is widened to f32 once, into
     // `wide: [hd, LANES]`, for all the query heads that share it. A run's last group of keys
@@ -514,56 +602,153 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
         at += run.n;
     }
     debug_assert_eq!(at, n);
-    for (scores, out) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(2 + hd)) {
+}
+
+/// The partial attention of the query heads `queries: [groups, head_dim]` over the `n`
+/// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
+/// with `w = exp(q·k − max)` (the queries come scaled). `scratch`: the scores and the
+/// widened keys or values. `HD` is the head size when it is known at compile
+/// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
+/// the values stream past. `HD`
+/// is a multiple of 16 (values are widened 16 at a time).
+#[inline(always)]
+fn weigh<T: Elem, const HD: usize, const FMA: bool>(
+    hd: usize,
+    queries: &[f32],
+    runs: &[Run<'_, T>],
+    n: usize,
+    (scores, wide, segments, cursors): Scratch<'_>,
+    out: &mut [f32],
+) {
+    let hd = if HD == 0 { hd } else { HD };
+    score::<T, HD, FMA>(hd, queries, runs, n, scores, wide);
+    soften::<T, HD, FMA>(hd, runs, n, (scores, wide, cursors), segments, out);
+}
+
+/// A task's buffers: the scores, the widened keys or values, the segments to compute (by
+/// query, then keys: see [`soften`]) and `soften`'s cursors into them.
+type Scratch<'a> = (
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<Segment>,
+    &'a mut Vec<usize>,
+);
+
+/// A partial softmax to compute: query `query`'s keys `keys` (indices into the scored
+/// keys) into `[max, Σ w, Σ w·v (head_dim)]` at `out` in the output.
+struct Segment {
+    query: usize,
+    keys: Range<usize>,
+    out: usize,
+}
+
+/// Each segment's partial softmax into `out` from `scores: [queries, n]` (turned into
+/// weights in place) and the values of `runs`.
+#[inline(always)]
+fn soften<T: Elem, const HD: usize, const FMA: bool>(
+    hd: usize,
+    runs: &[Run<'_, T>],
+    n: usize,
+    (scores, wide, cursors): (&mut [f32], &mut Vec<f32>, &mut Vec<usize>),
+    segments: &[Segment],
+    out: &mut [f32],
+) {
+    for seg in segments {
+        let scores = &mut scores[seg.query * n..][seg.keys.clone()];
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let out = &mut out[seg.out..seg.out + 2 + hd];
         out[0] = max;
         out[1] = scores.iter().sum();
         out[2..].fill(0.0);
     }
-    // `Σ w·v` per query head, `LANES` values at a time: widened once into `wide: [LANES,
-    // hd]`, then weighed for each head in registers (fixed `HD`). Each head's sum runs key
-    // by key in order, through the registers and back, so it is the same however the keys
-    // fall into runs (cached or fresh): a row's result does not depend on its batch.
+    // `Σ w·v` per segment, `LANES` values at a time: widened once into `wide: [LANES, hd]`,
+    // then weighed for each segment in registers (fixed `HD`). Each sum runs key by key in
+    // order, through the registers and back, so it is the same however the keys fall into
+    // runs (cached or fresh) or segments share them: a row's result does not depend on its
+    // batch.
+    wide.resize(hd * LANES, 0.0);
+    // Segments come by query, each query's in key order without overlap: per query, where
+    // its segments start (`bounds`) and the first not yet behind the keys reached (`next`).
+    cursors.clear();
+    for (i, seg) in segments.iter().enumerate() {
+        if i == 0 || seg.query != segments[i - 1].query {
+            cursors.push(i);
+        }
+    }
+    let queries = cursors.len();
+    cursors.push(segments.len());
+    cursors.extend_from_within(..queries);
+    let (bounds, next) = cursors.split_at_mut(queries + 1);
     let mut at = 0;
     for run in runs {
         for j in (0..run.n).step_by(LANES) {
             let count = (run.n - j).min(LANES);
-            for (i, wide) in wide.chunks_exact_mut(hd).take(count).enumerate() {
-                let value = &run.values[run.v_at + (j + i) * run.v_stride..][..hd];
-                if hd.is_multiple_of(16) {
-                    for (wide, value) in wide.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
-                        let value = value.try_into().expect("16 values");
-                        wide.copy_from_slice(&T::widen16::<FMA>(value));
-                    }
-                } else {
-                    wide.iter_mut()
-                        .zip(value)
-                        .for_each(|(w, v)| *w = v.to_f32());
+            let group = at + j..at + j + count;
+            let mut widened = false;
+            for (query, next) in next.iter_mut().enumerate() {
+                let end = bounds[query + 1];
+                while *next < end && segments[*next].keys.end <= group.start {
+                    *next += 1;
                 }
-            }
-            let values = wide.chunks_exact(hd).take(count);
-            for (weights, out) in scores.chunks_exact(n).zip(out.chunks_exact_mut(2 + hd)) {
-                let weights = &weights[at + j..at + j + count];
-                if HD == 0 {
-                    for (&p, value) in weights.iter().zip(values.clone()) {
-                        for (o, &x) in out[2..].iter_mut().zip(value) {
-                            *o = fma::<FMA>(p, x, *o);
-                        }
+                for seg in &segments[*next..end] {
+                    // The segment's keys among these `count`.
+                    if seg.keys.start >= group.end {
+                        break;
                     }
-                } else {
-                    let sums: &mut [f32; HD] = (&mut out[2..]).try_into().expect("HD sums");
-                    let mut acc = *sums;
-                    for (&p, value) in weights.iter().zip(values.clone()) {
-                        for (a, &x) in acc.iter_mut().zip(value) {
-                            *a = fma::<FMA>(p, x, *a);
-                        }
+                    let (lo, hi) = (seg.keys.start.max(group.start), seg.keys.end.min(group.end));
+                    if !widened {
+                        widen_values::<T, FMA>(hd, run, j, count, wide);
+                        widened = true;
                     }
-                    *sums = acc;
+                    let weights = &scores[seg.query * n + lo..seg.query * n + hi];
+                    let values =
+                        wide[(lo - group.start) * hd..(hi - group.start) * hd].chunks_exact(hd);
+                    let sums = &mut out[seg.out + 2..seg.out + 2 + hd];
+                    if HD == 0 {
+                        for (&p, value) in weights.iter().zip(values) {
+                            for (o, &x) in sums.iter_mut().zip(value) {
+                                *o = fma::<FMA>(p, x, *o);
+                            }
+                        }
+                    } else {
+                        let sums: &mut [f32; HD] = sums.try_into().expect("HD sums");
+                        let mut acc = *sums;
+                        for (&p, value) in weights.iter().zip(values) {
+                            for (a, &x) in acc.iter_mut().zip(value) {
+                                *a = fma::<FMA>(p, x, *a);
+                            }
+                        }
+                        *sums = acc;
+                    }
                 }
             }
         }
         at += run.n;
+    }
+}
+
+/// Values `j..j + count` of `run` as f32 into `wide: [count, hd]`.
+#[inline(always)]
+fn widen_values<T: Elem, const FMA: bool>(
+    hd: usize,
+    run: &Run<'_, T>,
+    j: usize,
+    count: usize,
+    wide: &mut [f32],
+) {
+    for (i, wide) in wide.chunks_exact_mut(hd).take(count).enumerate() {
+        let value = &run.values[run.v_at + (j + i) * run.v_stride..][..hd];
+        if hd.is_multiple_of(16) {
+            for (wide, value) in wide.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
+                let value = value.try_into().expect("16 values");
+                wide.copy_from_slice(&T::widen16::<FMA>(value));
+            }
+        } else {
+            wide.iter_mut()
+                .zip(value)
+                .for_each(|(w, v)| *w = v.to_f32());
+        }
     }
 }
 
@@ -835,6 +1020,53 @@ mod tests {
     }
 
     /// Prefill in uneven chunks through scattered blocks equals one causal pass.
+    /// A prompt chunk long enough to be scored in blocks of rows (up to 16 threads) gives
+    /// each row the bits it gets alone, one decode step at a time (both with and without a
+    /// sliding window, keys cached and fresh, f16 and f32 caches).
+    #[test]
+    fn prompt_blocks_give_the_bits_of_one_row_at_a_time() {
+        let (t, heads, nkv, bs) = (300, 4, 2, 16);
+        for (hd, dtype, window) in [
+            (64, KvDType::F16, None),
+            (64, KvDType::F16, Some(40)),
+            (256, KvDType::F32, None),
+            (8, KvDType::F32, Some(7)),
+        ] {
+            let (q, k, v) = (
+                data(t * heads * hd, 4),
+                data(t * nkv * hd, 5),
+                data(t * nkv * hd, 6),
+            );
+            let blocks: Vec<u32> = (0..t.div_ceil(bs) as u32).rev().collect();
+            let run = |spans: &[(usize, usize)]| {
+                let mut kv =
+                    KvStorage::new(dtype, 1, blocks.len(), layout(bs, nkv, hd, None)).unwrap();
+                let mut out = vec![];
+                for &(start, len) in spans {
+                    let seq = SeqSpan {
+                        row: 0,
+                        len,
+                        start,
+                        blocks: &blocks,
+                    };
+                    let rows =
+                        |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
+                    let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
+                    let qq = rows(&q, heads);
+                    out.extend(attend(&kv, 0, &[seq], &qq, &kk, &vv, heads, 0.125, window));
+                    store(&mut kv, 0, &[seq], &kk, &vv);
+                }
+                out
+            };
+            let one_by_one: Vec<(usize, usize)> = (0..t).map(|p| (p, 1)).collect();
+            assert_eq!(
+                run(&[(0, 7), (7, t - 7)]),
+                run(&one_by_one),
+                "{hd} {window:?}"
+            );
+        }
+    }
+
     #[test]
     fn chunked_paged_attention_matches_causal_attention() {
         // Every head size the kernels specialise for, and one they do not.
