@@ -264,53 +264,61 @@ fn attend_in<T: Elem>(
             let union = sees(first).start..sees(block_rows.end - 1).end;
             let mut runs = Vec::new();
             sources.runs(seq, kv_head, union.clone(), &mut runs);
-            let mut queries = Vec::with_capacity(block_rows.len() * groups * hd);
-            let mut segments = Vec::new();
-            for (i, row) in block_rows.clone().enumerate() {
-                queries
-                    .extend_from_slice(&q[(row * heads + kv_head * groups) * hd..][..groups * hd]);
-                let seen = sees(row);
-                let (n, offset) = (seen.len(), seen.start - union.start);
-                for g in 0..groups {
-                    segments.extend((0..splits_of(n)).map(|split| {
-                        let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
-                        Segment {
-                            query: i * groups + g,
-                            keys: offset + lo..offset + hi,
-                            out: i * per_row + (split * groups + g) * part,
-                        }
-                    }));
-                }
-            }
-            // Splits past a row's own stay empty partial softmaxes (zeros), as below.
-            let mut out = vec![0f32; block_rows.len() * per_row];
-            weigh_on(
-                isa,
-                hd,
-                &queries,
-                &runs,
-                union.len(),
-                (
-                    &mut Vec::new(),
-                    &mut Vec::new(),
-                    &mut segments,
-                    &mut Vec::new(),
-                ),
-                &mut out,
-            );
-            for (i, row) in block_rows.enumerate() {
-                let unit = row * nkv + kv_head;
-                // SAFETY: each (row, KV head) belongs to one task, so tasks write disjoint
-                // ranges of `partial` (`per_row` values a unit, allocated above).
-                #[allow(unsafe_code)]
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        out.as_ptr().add(i * per_row),
-                        sink.get().add(unit * per_row),
-                        per_row,
+            BUFFERS.with_borrow_mut(|b| {
+                let Buffers {
+                    scores,
+                    wide,
+                    segments,
+                    cursors,
+                    queries,
+                    out,
+                } = b;
+                queries.clear();
+                segments.clear();
+                for (i, row) in block_rows.clone().enumerate() {
+                    queries.extend_from_slice(
+                        &q[(row * heads + kv_head * groups) * hd..][..groups * hd],
                     );
+                    let seen = sees(row);
+                    let (n, offset) = (seen.len(), seen.start - union.start);
+                    for g in 0..groups {
+                        segments.extend((0..splits_of(n)).map(|split| {
+                            let (lo, hi) =
+                                (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                            Segment {
+                                query: i * groups + g,
+                                keys: offset + lo..offset + hi,
+                                out: i * per_row + (split * groups + g) * part,
+                            }
+                        }));
+                    }
                 }
-            }
+                // Splits past a row's own stay empty partial softmaxes (zeros), as below.
+                out.clear();
+                out.resize(block_rows.len() * per_row, 0.0);
+                weigh_on(
+                    isa,
+                    hd,
+                    queries,
+                    &runs,
+                    union.len(),
+                    (scores, wide, segments, cursors),
+                    out,
+                );
+                for (i, row) in block_rows.enumerate() {
+                    let unit = row * nkv + kv_head;
+                    // SAFETY: each (row, KV head) belongs to one task, so tasks write disjoint
+                    // ranges of `partial` (`per_row` values a unit, allocated above).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            out.as_ptr().add(i * per_row),
+                            sink.get().add(unit * per_row),
+                            per_row,
+                        );
+                    }
+                }
+            });
         });
     } else {
         // A task takes one split when there are few rows (decoding: the splits are the
@@ -325,79 +333,93 @@ fn attend_in<T: Elem>(
             &mut partial,
             per_task * groups * part,
             &|task, partials| {
-                let (mut runs, mut scores, mut wide, mut segments, mut cursors) =
-                    (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
-                    let (unit, split) = (
-                        (task * per_task + i) / splits,
-                        (task * per_task + i) % splits,
-                    );
-                    let (row, kv_head) = (unit / nkv, unit % nkv);
-                    let [kept, recent] = positions(row);
-                    let n = kept.len() + recent.len();
-                    if split >= splits_of(n) {
-                        // Nothing for this split: an empty partial softmax.
-                        partial.fill(0.0);
-                        continue;
+                let mut runs = Vec::new();
+                BUFFERS.with_borrow_mut(|b| {
+                    let Buffers {
+                        scores,
+                        wide,
+                        segments,
+                        cursors,
+                        ..
+                    } = b;
+                    for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
+                        let (unit, split) = (
+                            (task * per_task + i) / splits,
+                            (task * per_task + i) % splits,
+                        );
+                        let (row, kv_head) = (unit / nkv, unit % nkv);
+                        let [kept, recent] = positions(row);
+                        let n = kept.len() + recent.len();
+                        if split >= splits_of(n) {
+                            // Nothing for this split: an empty partial softmax.
+                            partial.fill(0.0);
+                            continue;
+                        }
+                        // This split's keys: indices `lo..hi` of the row's visible positions.
+                        let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                        let seq = &seqs[row_seq[row]];
+                        runs.clear();
+                        let k = kept.len();
+                        if lo < k {
+                            let range = kept.start + lo..kept.start + hi.min(k);
+                            sources.runs(seq, kv_head, range, &mut runs);
+                        }
+                        if hi > k {
+                            let range = recent.start + lo.saturating_sub(k)..recent.start + hi - k;
+                            sources.runs(seq, kv_head, range, &mut runs);
+                        }
+                        // The query heads that share this KV head: `[groups, head_dim]`, each over
+                        // all of the split's keys.
+                        let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
+                        segments.clear();
+                        segments.extend((0..groups).map(|g| Segment {
+                            query: g,
+                            keys: 0..hi - lo,
+                            out: g * part,
+                        }));
+                        weigh_on(
+                            isa,
+                            hd,
+                            queries,
+                            &runs,
+                            hi - lo,
+                            (scores, wide, segments, cursors),
+                            partial,
+                        );
                     }
-                    // This split's keys: indices `lo..hi` of the row's visible positions.
-                    let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
-                    let seq = &seqs[row_seq[row]];
-                    runs.clear();
-                    let k = kept.len();
-                    if lo < k {
-                        let range = kept.start + lo..kept.start + hi.min(k);
-                        sources.runs(seq, kv_head, range, &mut runs);
-                    }
-                    if hi > k {
-                        let range = recent.start + lo.saturating_sub(k)..recent.start + hi - k;
-                        sources.runs(seq, kv_head, range, &mut runs);
-                    }
-                    // The query heads that share this KV head: `[groups, head_dim]`, each over
-                    // all of the split's keys.
-                    let queries = &q[(row * heads + kv_head * groups) * hd..][..groups * hd];
-                    segments.clear();
-                    segments.extend((0..groups).map(|g| Segment {
-                        query: g,
-                        keys: 0..hi - lo,
-                        out: g * part,
-                    }));
-                    weigh_on(
-                        isa,
-                        hd,
-                        queries,
-                        &runs,
-                        hi - lo,
-                        (&mut scores, &mut wide, &mut segments, &mut cursors),
-                        partial,
-                    );
-                }
+                });
             },
         );
     }
     // Merge the splits of each (row, head): rescale each to the largest maximum. Splits
     // without keys (`Σ w = 0`) take no part; a row always sees itself, so one has keys.
+    // Rows are independent: split over the threads (run serially, it kept 15 of 16 threads
+    // idle for a prompt's rows × heads merges).
     let partial = &partial;
     let mut out = vec![0f32; rows * heads * hd];
-    for (i, out) in out.chunks_mut(hd).enumerate() {
-        let (row, head) = (i / heads, i % heads);
-        let (unit, h) = (row * nkv + head / groups, head % groups);
-        let parts = || {
-            (0..splits)
-                .map(move |s| &partial[((unit * splits + s) * groups + h) * part..][..part])
-                .filter(|p| p[1] > 0.0)
-        };
-        let max = parts().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for p in parts() {
-            let w = (p[0] - max).exp();
-            sum += w * p[1];
-            for (o, x) in out.iter_mut().zip(&p[2..]) {
-                *o += w * x;
+    let rows_per_task = crate::threads::rows_per_task(rows, heads * hd * splits);
+    crate::threads::parallel_chunks_mut(&mut out, rows_per_task * heads * hd, &|task, out| {
+        for (j, out) in out.chunks_mut(hd).enumerate() {
+            let i = task * rows_per_task * heads + j;
+            let (row, head) = (i / heads, i % heads);
+            let (unit, h) = (row * nkv + head / groups, head % groups);
+            let parts = || {
+                (0..splits)
+                    .map(move |s| &partial[((unit * splits + s) * groups + h) * part..][..part])
+                    .filter(|p| p[1] > 0.0)
+            };
+            let max = parts().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for p in parts() {
+                let w = (p[0] - max).exp();
+                sum += w * p[1];
+                for (o, x) in out.iter_mut().zip(&p[2..]) {
+                    *o += w * x;
+                }
             }
+            out.iter_mut().for_each(|o| *o /= sum);
         }
-        out.iter_mut().for_each(|o| *o /= sum);
-    }
+    });
     out
 }
 
@@ -457,6 +479,25 @@ impl<'a, T> Sources<'a, T> {
             out.push(run);
         }
     }
+}
+
+/// A thread's attention buffers, kept from task to task and layer to layer: allocated per
+/// task, they were fresh memory each time (allocated, zeroed and faulted in by every
+/// task of every layer).
+#[derive(Default)]
+struct Buffers {
+    scores: Vec<f32>,
+    wide: Vec<f32>,
+    segments: Vec<Segment>,
+    cursors: Vec<usize>,
+    /// A block's queries, `[rows, groups, head_dim]`.
+    queries: Vec<f32>,
+    /// A block's partial softmaxes, `[rows, splits, groups, 2 + head_dim]`.
+    out: Vec<f32>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::new(Buffers::default());
 }
 
 /// Keys scored at once (one AVX-512 register, two AVX2 ones).
