@@ -318,6 +318,7 @@ fn attend_in<T: Elem>(
                         );
                     }
                 }
+                b.trim();
             });
         });
     } else {
@@ -387,6 +388,7 @@ fn attend_in<T: Elem>(
                             partial,
                         );
                     }
+                    b.trim();
                 });
             },
         );
@@ -494,6 +496,26 @@ struct Buffers {
     queries: Vec<f32>,
     /// A block's partial softmaxes, `[rows, splits, groups, 2 + head_dim]`.
     out: Vec<f32>,
+}
+
+impl Buffers {
+    /// Bytes a thread keeps between tasks: a long context's scores (queries × keys) are
+    /// let go of rather than held by every thread.
+    const KEEP: usize = 1 << 20;
+
+    fn trim(&mut self) {
+        fn trim<T>(v: &mut Vec<T>) {
+            if v.capacity() * std::mem::size_of::<T>() > Buffers::KEEP {
+                *v = Vec::new();
+            }
+        }
+        trim(&mut self.scores);
+        trim(&mut self.wide);
+        trim(&mut self.segments);
+        trim(&mut self.cursors);
+        trim(&mut self.queries);
+        trim(&mut self.out);
+    }
 }
 
 thread_local! {
