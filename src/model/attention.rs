@@ -216,6 +216,9 @@ fn attend_in<T: Elem>(
     };
     // Ranges of a row that sees `n` keys: one per `KEYS_PER_TASK`, at most `MAX_SPLITS`.
     let splits_of = |n: usize| n.div_ceil(KEYS_PER_TASK).clamp(1, MAX_SPLITS);
+    // Split `split`'s keys: indices into the `n` positions a row sees.
+    let split_keys =
+        |split: usize, n: usize| split * n / splits_of(n)..(split + 1) * n / splits_of(n);
     let splits = (0..rows)
         .map(|row| {
             let seq = &seqs[row_seq[row]];
@@ -283,11 +286,10 @@ fn attend_in<T: Elem>(
                     let (n, offset) = (seen.len(), seen.start - union.start);
                     for g in 0..groups {
                         segments.extend((0..splits_of(n)).map(|split| {
-                            let (lo, hi) =
-                                (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                            let keys = split_keys(split, n);
                             Segment {
                                 query: i * groups + g,
-                                keys: offset + lo..offset + hi,
+                                keys: offset + keys.start..offset + keys.end,
                                 out: i * per_row + (split * groups + g) * part,
                             }
                         }));
@@ -357,7 +359,7 @@ fn attend_in<T: Elem>(
                             continue;
                         }
                         // This split's keys: indices `lo..hi` of the row's visible positions.
-                        let (lo, hi) = (split * n / splits_of(n), (split + 1) * n / splits_of(n));
+                        let Range { start: lo, end: hi } = split_keys(split, n);
                         let seq = &seqs[row_seq[row]];
                         runs.clear();
                         let k = kept.len();
@@ -601,8 +603,8 @@ fn weigh_on<T: Elem>(
 }
 
 /// `scores: [queries, n]` ← each query (`queries: [_, hd]`, scaled) times the `n` keys of
-/// `runs`. Shared by [`weigh`] and [`weigh_block`], so that a query's scores are the same
-/// bits on either path.
+/// `runs`: [`weigh`]'s first phase. A score depends on its query and key alone, so a row
+/// scored in a block of rows gets the bits it gets alone.
 #[inline(always)]
 fn score<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,
@@ -667,10 +669,11 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
     debug_assert_eq!(at, n);
 }
 
-/// The partial attention of the query heads `queries: [groups, head_dim]` over the `n`
-/// keys of `runs`: writes `[max, Σ w, Σ w·v]` per head to `out: [groups, 2 + head_dim]`,
-/// with `w = exp(q·k − max)` (the queries come scaled). `scratch`: the scores and the
-/// widened keys or values. `HD` is the head size when it is known at compile
+/// Partial attention of `queries: [_, head_dim]` over the `n` keys of `runs`: for each
+/// segment in `scratch` (a query and a range of the keys), `[max, Σ w, Σ w·v]` into `out`
+/// at the segment's offset, with `w = exp(q·k − max)` (the queries come scaled).
+/// `scratch`: the scores, the widened keys or values, the segments (filled by the
+/// caller) and [`soften`]'s cursors. `HD` is the head size when it is known at compile
 /// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
 /// the values stream past. `HD`
 /// is a multiple of 16 (values are widened 16 at a time).
@@ -891,6 +894,48 @@ mod tests {
     use super::*;
     use crate::engine::kv::KvDType;
 
+    /// One sequence's rows fed in `spans` (start, len) of `q, k, v` (all of its rows),
+    /// each chunk attended on `isa` and then stored: every row's output, in order.
+    #[allow(clippy::too_many_arguments)]
+    fn chunks(
+        isa: Isa,
+        kv: &mut KvStorage,
+        blocks: &[u32],
+        spans: &[(usize, usize)],
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        heads: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let (hd, nkv) = (kv.layout().head_dim, kv.layout().kv_heads);
+        let mut out = vec![];
+        for &(start, len) in spans {
+            let seq = SeqSpan {
+                row: 0,
+                len,
+                start,
+                blocks,
+            };
+            let rows = |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
+            let (kk, vv) = (rows(k, nkv), rows(v, nkv));
+            let qq = rows(q, heads);
+            out.extend(attend_on(
+                isa,
+                kv,
+                0,
+                &[seq],
+                &qq,
+                &kk,
+                &vv,
+                heads,
+                scale,
+                window,
+            ));
+            store(kv, 0, &[seq], &kk, &vv);
+        }
+        out
+    }
+
     fn layout(block_size: usize, kv_heads: usize, head_dim: usize, ring: Option<Ring>) -> KvLayout {
         KvLayout {
             block_size,
@@ -1038,8 +1083,7 @@ mod tests {
             for &isa in Isa::available() {
                 let mut kv = KvStorage::new(dtype, 1, 4, layout(bs, nkv, hd, Some(ring))).unwrap();
                 let blocks = [2u32, 0, 3];
-                let mut got = vec![];
-                for (start, len) in [
+                let spans = [
                     (0, 2),
                     (2, 9),
                     (11, 1),
@@ -1047,31 +1091,17 @@ mod tests {
                     (25, 1),
                     (26, 1),
                     (27, 14),
-                ] {
-                    let seq = SeqSpan {
-                        row: 0,
-                        len,
-                        start,
-                        blocks: &blocks,
-                    };
-                    let rows =
-                        |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
-                    let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
-                    let qq = rows(&q, heads);
-                    got.extend(attend_on(
-                        isa,
-                        &kv,
-                        0,
-                        &[seq],
-                        &qq,
-                        &kk,
-                        &vv,
-                        heads,
-                        1.0,
-                        Some(window),
-                    ));
-                    store(&mut kv, 0, &[seq], &kk, &vv);
-                }
+                ];
+                let got = chunks(
+                    isa,
+                    &mut kv,
+                    &blocks,
+                    &spans,
+                    (&q, &k, &v),
+                    heads,
+                    1.0,
+                    Some(window),
+                );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() < 1e-5,
@@ -1082,7 +1112,6 @@ mod tests {
         }
     }
 
-    /// Prefill in uneven chunks through scattered blocks equals one causal pass.
     /// A prompt chunk long enough to be scored in blocks of rows (up to 16 threads) gives
     /// each row the bits it gets alone, one decode step at a time (both with and without a
     /// sliding window, keys cached and fresh, f16 and f32 caches).
@@ -1104,22 +1133,17 @@ mod tests {
             let run = |spans: &[(usize, usize)]| {
                 let mut kv =
                     KvStorage::new(dtype, 1, blocks.len(), layout(bs, nkv, hd, None)).unwrap();
-                let mut out = vec![];
-                for &(start, len) in spans {
-                    let seq = SeqSpan {
-                        row: 0,
-                        len,
-                        start,
-                        blocks: &blocks,
-                    };
-                    let rows =
-                        |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
-                    let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
-                    let qq = rows(&q, heads);
-                    out.extend(attend(&kv, 0, &[seq], &qq, &kk, &vv, heads, 0.125, window));
-                    store(&mut kv, 0, &[seq], &kk, &vv);
-                }
-                out
+                let qkv = (&q[..], &k[..], &v[..]);
+                chunks(
+                    Isa::active(),
+                    &mut kv,
+                    &blocks,
+                    spans,
+                    qkv,
+                    heads,
+                    0.125,
+                    window,
+                )
             };
             let one_by_one: Vec<(usize, usize)> = (0..t).map(|p| (p, 1)).collect();
             assert_eq!(
@@ -1130,6 +1154,7 @@ mod tests {
         }
     }
 
+    /// Prefill in uneven chunks through scattered blocks equals one causal pass.
     #[test]
     fn chunked_paged_attention_matches_causal_attention() {
         // Every head size the kernels specialise for, and one they do not.
@@ -1143,29 +1168,17 @@ mod tests {
             let want = naive(&q, &k, &v, t, heads, nkv, hd);
             let mut kv = KvStorage::new(KvDType::F32, 1, 6, layout(bs, nkv, hd, None)).unwrap();
             let blocks = [5u32, 0, 3];
-            let mut got = vec![];
-            for (start, len) in [(0, 5), (5, 1), (6, 4), (10, 1)] {
-                let seq = SeqSpan {
-                    row: 0,
-                    len,
-                    start,
-                    blocks: &blocks,
-                };
-                let rows = |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
-                let (kk, vv) = (rows(&k, nkv), rows(&v, nkv));
-                got.extend(attend(
-                    &kv,
-                    0,
-                    &[seq],
-                    &rows(&q, heads),
-                    &kk,
-                    &vv,
-                    heads,
-                    1.0,
-                    None,
-                ));
-                store(&mut kv, 0, &[seq], &kk, &vv);
-            }
+            let spans = [(0, 5), (5, 1), (6, 4), (10, 1)];
+            let got = chunks(
+                Isa::active(),
+                &mut kv,
+                &blocks,
+                &spans,
+                (&q, &k, &v),
+                heads,
+                1.0,
+                None,
+            );
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "head size {hd}: {a} vs {b}");
             }
