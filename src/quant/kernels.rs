@@ -931,7 +931,8 @@ pub struct QuantizedRows {
     /// `qs` again as AMX's activation tiles, `[m / 16 (rounded up), k / part, 16, part]`
     /// (`part`: 16 for groups of 16, else 32): each tile's rows contiguous, where `qs`'s are
     /// `k` bytes apart (which for `k` a multiple of 2 KiB puts all 16 in two sets of the
-    /// L1 cache). Only where AMX is available, for `AMX_MIN_ROWS` rows or more; else empty.
+    /// L1 cache). Only while AMX is the active level, for `AMX_MIN_ROWS` rows or more; else
+    /// empty (and the products run the AVX-512 tiles).
     tiled: Vec<i8>,
 }
 
@@ -959,7 +960,9 @@ impl QuantizedRows {
         self.d.resize(m * blocks, 0.0);
         self.half_sums.resize(2 * m * blocks, 0);
         self.group_sums.resize(m * groups, 0.0);
-        let amx = m >= AMX_MIN_ROWS && Isa::available().contains(&Isa::Amx);
+        let isa = Isa::active();
+        // The AMX copy only where the products will read it (AMX allowed, enough rows).
+        let amx = m >= AMX_MIN_ROWS && isa == Isa::Amx;
         if amx {
             self.tiled.resize(m.next_multiple_of(AMX_CHUNK) * k, 0);
         } else {
@@ -967,7 +970,6 @@ impl QuantizedRows {
         }
         let part = group_size.min(BLOCK);
         (self.m, self.k, self.group_size) = (m, k, group_size);
-        let isa = Isa::active();
         let rows_per_task = crate::threads::rows_per_task(m, k);
         let tiled = SendPtr(self.tiled.as_mut_ptr());
         let (qs, d, half_sums, group_sums) = (
