@@ -25,6 +25,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Union, overload
 
@@ -122,6 +123,17 @@ class MLXConfig:
             raise ValueError(f"quantization_bits={self.quantization_bits}: one of {_BITS}")
         if self.prefetch_size < 0 or self.fusion_threshold < 0:
             raise ValueError("prefetch_size and fusion_threshold must not be negative")
+
+
+@contextmanager
+def amx_allowed(allowed: bool) -> Iterator[None]:
+    """AMX allowed (or not) for this process's products while the block runs, the previous
+    setting restored after it (``use_amx`` of one call)."""
+    before = _core.allow_amx(allowed)
+    try:
+        yield
+    finally:
+        _core.allow_amx(before)
 
 
 #: Named starting points: field overrides of :class:`MLXConfig`.
@@ -627,13 +639,10 @@ class MLXAccelerator:
             seconds, per_call = time.perf_counter() - start, flops
             name = getattr(operation, "__name__", "callable")
         else:
-            before = _core.allow_amx(use_amx)
-            try:
+            with amx_allowed(use_amx):
                 # Only the quantized products of 8 or more rows have an AMX kernel.
                 amx = _core.kernel_isa() == "amx" and operation == "qmatmul" and input_shape[0] >= 8
                 seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
-            finally:
-                _core.allow_amx(before)
             name = operation
         avg = seconds / num_iterations
         gflops = per_call / avg / 1e9 if per_call else None

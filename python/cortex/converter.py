@@ -25,6 +25,7 @@ from typing import Any, Callable
 from . import _core, hub
 from ._outputs import ConversionCache, building, check_existing, restore_interrupted_swap
 from ._progress import with_progress
+from .accelerator import amx_allowed
 from .exceptions import CortexError
 from .models import cortex_home
 
@@ -197,13 +198,10 @@ class MLXConverter:
         }
         with building(out_abs) as tmp:
             target = tmp / f"{out_abs.name}.gguf" if config.output_format == "gguf" else tmp
-            before = _core.allow_amx(config.use_amx)
-            try:
+            with amx_allowed(config.use_amx):
                 done = with_progress(
                     "converting", "tensor", lambda p: _core.convert(source, target, **options, progress=p)
                 )
-            finally:
-                _core.allow_amx(before)
             record = {
                 **wanted,
                 "use_amx": config.use_amx,
