@@ -147,6 +147,7 @@ pub fn time_operation(operation: &str, shape: &[usize], iterations: usize) -> Re
                 len: t,
                 start: 0,
                 blocks: &blocks,
+                window_blocks: &[],
             }];
             let scale = 1.0 / (hd as f32).sqrt();
             let run = || -> Result<()> {

@@ -1006,6 +1006,8 @@ def test_metrics(server, client):
         "cortex_kv_cache_usage_ratio",
         "cortex_kv_cache_blocks_free",
         "cortex_kv_cache_blocks_total",
+        "cortex_kv_cache_window_blocks_free",
+        "cortex_kv_cache_window_blocks_total",
     ):
         assert types[gauge] == "gauge", gauge
 

@@ -236,6 +236,7 @@ class Engine:
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
         prefix_caching: bool = True,
+        sliding_window_eviction: bool = True,
         speculative: str | Model | None = None,
         num_speculative_tokens: int | None = None,
     ) -> Engine: ...

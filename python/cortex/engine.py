@@ -75,6 +75,14 @@ class Engine:
             a repeated prefix is not computed again; output is the same either way. Off
             with ``rotating_kv_cache``. ``stats()`` reports ``prefix_cache_hits`` of
             ``prefix_cache_queries`` (prompt tokens) and ``prefix_cache_blocks``.
+        sliding_window_eviction: a model's sliding-window layers (Gemma 3's five local
+            layers of every six) keep only the positions their window still reads, in
+            blocks of their own, instead of every position masked: their cache stops
+            growing at the window (512 positions for Gemma 3 270M), and the cache's memory
+            goes to the global layers' positions (for Gemma 3 about 5x the positions per
+            byte at long contexts). Output is the same either way. ``stats()`` reports
+            ``kv_window_blocks_free`` of ``kv_window_blocks_total``. On a GPU these layers
+            keep every position.
         speculative: ``"prompt_lookup"`` (or vLLM's name, ``"ngram"``) for speculative
             decoding by prompt lookup: each step, a decoding request carries up to
             ``num_speculative_tokens`` draft tokens (those that followed the latest earlier
@@ -120,6 +128,7 @@ class Engine:
         kv_cache_size: int | None = None,
         rotating_kv_cache: bool = False,
         prefix_caching: bool = True,
+        sliding_window_eviction: bool = True,
         speculative: str | Model | None = None,
         num_speculative_tokens: int | None = None,
     ) -> None:
@@ -135,6 +144,7 @@ class Engine:
             kv_cache_size=kv_cache_size,
             rotating_kv_cache=rotating_kv_cache,
             prefix_caching=prefix_caching,
+            sliding_window_eviction=sliding_window_eviction,
             speculative=speculative,
             num_speculative_tokens=num_speculative_tokens,
         )
@@ -200,7 +210,8 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         """Throughput, latency percentiles (``ttft_p50_s``, ``itl_p99_s`` ...), queue and
-        batch sizes, KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``) and the
+        batch sizes, KV cache usage (``kv_blocks_free`` of ``kv_blocks_total``; for
+        sliding-window layers, ``kv_window_blocks_free`` of ``kv_window_blocks_total``), the
         prefix cache (``prefix_cache_hits`` of ``prefix_cache_queries`` prompt tokens,
         ``prefix_cache_hit_rate``, ``prefix_cache_blocks``) and speculative decoding
         (``speculative_accepted_tokens`` of ``speculative_draft_tokens``,

@@ -146,6 +146,7 @@ def serve(
     kv_cache_tokens: int | None = None,
     memory_fraction: float | None = None,
     prefix_caching: bool = True,
+    sliding_window_eviction: bool = True,
     speculative: str | _core.Model | None = None,
     num_speculative_tokens: int | None = None,
     max_queue: int = _core.DEFAULT_MAX_QUEUE,
@@ -168,8 +169,9 @@ def serve(
             Listening on an address other than loopback needs a key, or ``insecure``.
         served_model_name: the name clients give as ``model`` (default: the Hub repo id,
             the file's stem or the folder's name).
-        max_batch_size, kv_cache_tokens, memory_fraction, prefix_caching, speculative,
-            num_speculative_tokens: the engine's (see :class:`cortex.Engine`).
+        max_batch_size, kv_cache_tokens, memory_fraction, prefix_caching,
+            sliding_window_eviction, speculative, num_speculative_tokens: the engine's (see
+            :class:`cortex.Engine`).
         max_queue: sequences that may wait beyond the running batch; more get HTTP 429.
         chat_template: a Jinja chat template (a file, or its text) used instead of the
             model's.
@@ -206,6 +208,7 @@ def serve(
         kv_cache_tokens=kv_cache_tokens,
         memory_fraction=memory_fraction,
         prefix_caching=prefix_caching,
+        sliding_window_eviction=sliding_window_eviction,
         speculative=speculative,
         num_speculative_tokens=num_speculative_tokens,
     )

@@ -19,11 +19,11 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
-use super::kv::{BlockPool, CacheShape, Ring};
+use super::kv::{BlockPool, CacheShape, Ring, HOLE};
 use super::request::{Event, Request, RequestId, RequestState, Sink};
 use super::runner::Runner;
 use super::sampling::SamplingParams;
-use super::scheduler::Scheduler;
+use super::scheduler::{Scheduler, Windows};
 use super::stats::Stats;
 
 /// Positions the rotating cache always keeps from the start of a sequence (mlx-lm's
@@ -67,6 +67,25 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 /// Default [`EngineConfig::max_num_batched_tokens`].
 pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 256;
 
+/// Blocks for the window layers' pool beside `main` blocks of the others: no more than
+/// those (window layers hold a subset of a sequence's positions), unless one sequence
+/// needs more (beside a rotating cache smaller than the window), and enough that no
+/// sequence waits for one while the main pool has room. A sequence holds at most the
+/// blocks of its last `window - 1` positions, one more (see `Scheduler::schedule`) and
+/// those of its step's own positions, with a partial block at each end; a step runs at
+/// most `max_batch` sequences and `step_tokens` positions. Cached windows (prefix caching)
+/// live in what the running sequences leave free, as cached blocks do in the main pool.
+pub(crate) fn window_blocks(
+    window: usize,
+    block: usize,
+    (max_batch, step_tokens): (usize, usize),
+    main: usize,
+) -> usize {
+    let held = (window - 1).div_ceil(block) + 3;
+    let step = step_tokens.div_ceil(block);
+    (max_batch * held + step).min(main).max(held + step)
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     /// Most sequences in one step.
@@ -87,6 +106,10 @@ pub struct EngineConfig {
     /// Share the cached keys and values of common prefixes between requests (vLLM's
     /// automatic prefix caching; not with a rotating cache, whose blocks are rewritten).
     pub prefix_caching: bool,
+    /// Sliding-window layers (Gemma 3's local ones) keep only their window in the cache,
+    /// in blocks of their own, rather than every position masked (on a GPU they keep
+    /// every position).
+    pub sliding_window_eviction: bool,
     /// Speculative decoding: how draft tokens are proposed, if at all.
     pub speculative: Option<Speculative>,
 }
@@ -194,6 +217,7 @@ impl Default for EngineConfig {
             kv_cache_size: None,
             rotating: false,
             prefix_caching: true,
+            sliding_window_eviction: true,
             speculative: None,
         }
     }
@@ -344,9 +368,30 @@ impl Engine {
         let cfg = &model.config;
         let context = cfg.max_position_embeddings;
         let draft = c.speculative.as_ref().and_then(Speculative::model);
-        // A draft model's cache holds the same positions as the target's.
-        let per_token = model.decoder().kv_bytes_per_token()
-            + draft.map_or(0, |d| d.decoder().kv_bytes_per_token());
+        let decoder = model.decoder();
+        // Sliding-window layers that keep only their window: which, and the window.
+        let windows = (c.sliding_window_eviction && !decoder.on_gpu())
+            .then(|| decoder.window_layers())
+            .flatten();
+        // Bytes a position takes in the main blocks, and in window layers' blocks. A draft
+        // model's cache holds the same positions as the target's, in the main blocks.
+        let all = decoder.kv_bytes_per_token();
+        let window_per_token = windows.as_ref().map_or(0, |(layers, _)| {
+            all / layers.len() * layers.iter().filter(|&&w| w).count()
+        });
+        let per_token =
+            all - window_per_token + draft.map_or(0, |d| d.decoder().kv_bytes_per_token());
+        // Prefix caching needs blocks that are never rewritten: not with a rotating cache.
+        let caching = c.prefix_caching && !c.rotating;
+        // Window layers' blocks, for a cache of `blocks` main ones: at most as many, and
+        // enough for every sequence's window and the positions one step adds (see
+        // `window_blocks`).
+        let window_cap = |blocks: usize| {
+            windows.as_ref().map(|(_, window)| {
+                let step = (c.max_batch_size, c.max_num_batched_tokens);
+                window_blocks(*window, c.block_size, step, blocks)
+            })
+        };
         let tokens = match (c.kv_cache_tokens, c.memory_fraction) {
             (Some(_), Some(_)) => {
                 return Err(Error::param(
@@ -362,15 +407,26 @@ impl Engine {
                         format!("{f} is not in (0, 1]"),
                     ));
                 }
-                let available = memory(&model)?.available;
-                (available as f64 * f) as usize / per_token
+                let budget = (memory(&model)?.available as f64 * f) as usize;
+                // As many positions as fit beside the window layers' blocks, which stop
+                // growing at their cap.
+                let even = budget / (per_token + window_per_token);
+                match window_cap(usize::MAX) {
+                    Some(cap) if cap.saturating_mul(c.block_size) < even => {
+                        budget.saturating_sub(cap * c.block_size * window_per_token) / per_token
+                    }
+                    _ => even,
+                }
             }
             (None, None) => context.min(DEFAULT_KV_CACHE_TOKENS),
         };
         // The cache is reserved up front (on the CPU only touched as used), but a
         // reservation past the device's memory could still fail, and a failed host
         // allocation aborts the process: refuse it here instead (RELIABILITY G10).
-        let bytes = tokens.saturating_mul(per_token);
+        let num_window_blocks = window_cap(tokens / c.block_size);
+        let bytes = tokens
+            .saturating_mul(per_token)
+            .saturating_add(num_window_blocks.unwrap_or(0) * c.block_size * window_per_token);
         if let Some(total) = memory(&model).ok().map(|m| m.total).filter(|&t| bytes > t) {
             return Err(Error::param(
                 "kv_cache_tokens",
@@ -435,20 +491,28 @@ impl Engine {
             let positions = (limits.max_prompt).map(|m| m.min(limits.capacity));
             check_draft_model(&model, d, positions)?;
         }
-        let storage = model
-            .decoder()
-            .new_storage(num_blocks, c.block_size, ring)?;
+        let storage = decoder.new_storage(num_blocks, c.block_size, ring, num_window_blocks)?;
         let draft = match draft {
             Some(d) => {
-                let storage = d.decoder().new_storage(num_blocks, c.block_size, ring)?;
+                let storage = d
+                    .decoder()
+                    .new_storage(num_blocks, c.block_size, ring, None)?;
                 Some((d.clone(), storage))
             }
             None => None,
         };
-        let pool = BlockPool::new(num_blocks, c.block_size, c.prefix_caching && ring.is_none());
+        let pool = BlockPool::new(num_blocks, c.block_size, caching);
+        let windows = windows
+            .zip(num_window_blocks)
+            .map(|((_, window), n)| Windows {
+                pool: BlockPool::new(n, c.block_size, caching),
+                window,
+            });
         let stats = Arc::new(Mutex::new(Stats {
             kv_blocks_total: num_blocks,
             kv_blocks_free: num_blocks,
+            kv_window_blocks_total: num_window_blocks.unwrap_or(0),
+            kv_window_blocks_free: num_window_blocks.unwrap_or(0),
             kv_block_size: c.block_size,
             prefix_caching: pool.caching(),
             ..Stats::default()
@@ -456,6 +520,7 @@ impl Engine {
         let speculative_tokens = c.speculative.as_ref().map_or(0, Speculative::num_tokens);
         let scheduler = Scheduler::new(
             pool,
+            windows,
             ring,
             c.max_batch_size,
             c.max_num_batched_tokens,
@@ -558,7 +623,7 @@ impl Engine {
 
     /// What one block of this engine's cache holds.
     pub fn cache_shape(&self) -> CacheShape {
-        self.cache
+        self.cache.clone()
     }
 
     /// Positions the whole cache holds.
@@ -668,7 +733,11 @@ impl Worker {
             }
             Command::ReadPrefix { tokens, reply } => {
                 let data = match self.scheduler.cached_blocks(&tokens) {
-                    Some(blocks) => self.runner.storage().read_blocks(&blocks).map(Some),
+                    Some((blocks, windows)) => self
+                        .runner
+                        .storage()
+                        .read_blocks(&blocks, &windows)
+                        .map(Some),
                     None => Ok(None),
                 };
                 let _ = reply.send(data);
@@ -681,13 +750,12 @@ impl Worker {
                 let Worker {
                     runner, scheduler, ..
                 } = self;
-                let per_block = runner.storage().shape().block_bytes();
-                let filled = scheduler.adopt(&tokens, |table, first, size| {
-                    let blocks = &table[first..];
-                    let at = first * per_block;
-                    let part = data.get(at..at + blocks.len() * per_block);
-                    let part = part.ok_or_else(|| Error::Internal("a short prefix".into()))?;
-                    runner.storage().write_blocks(blocks, part)?;
+                let size = runner.storage().layout().block_size;
+                let filled = scheduler.adopt(&tokens, |table, first, windows| {
+                    // Blocks cached already stay as they are.
+                    let mut blocks = table.to_vec();
+                    blocks[..first].fill(HOLE);
+                    runner.storage().write_blocks(&blocks, windows, &data)?;
                     // A saved prefix holds the target's keys and values only: a draft
                     // model computes its own.
                     runner.fill_draft(&tokens[..table.len() * size], first * size, table)
@@ -719,6 +787,9 @@ impl Worker {
         stats.waiting = self.scheduler.num_waiting();
         stats.running = self.scheduler.num_running();
         stats.kv_blocks_free = self.scheduler.num_free_blocks();
+        if let Some((free, _)) = self.scheduler.window_blocks() {
+            stats.kv_window_blocks_free = free;
+        }
         stats.preemptions = self.scheduler.preemptions();
         (
             stats.prefix_cache_queries,

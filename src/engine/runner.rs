@@ -78,6 +78,7 @@ impl Runner {
                 tokens: tokens[start..end].to_vec(),
                 start,
                 blocks: table.to_vec(),
+                window_blocks: Vec::new(),
                 sample: false,
                 argmax_only: false,
                 drafts: 0,
@@ -108,6 +109,7 @@ fn batch(seqs: &[ScheduledSeq]) -> Batch<'_> {
             len,
             start: seq.start,
             blocks: &seq.blocks,
+            window_blocks: &seq.window_blocks,
         });
         if seq.sample {
             // The newest position's logits, and each draft's before it.

@@ -84,6 +84,11 @@ struct Header {
     tokens: usize,
     /// SHA-256 of everything after the header (the tokens and the blocks), in hex.
     sha256: String,
+    /// The sliding-window layers' keys and values cover only the blocks this many
+    /// positions before the end reads (the file was saved by an engine that keeps only
+    /// their window; zeros before); absent when they cover every position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<usize>,
 }
 
 fn dtype_name(d: KvDType) -> &'static str {
@@ -101,7 +106,11 @@ impl Header {
             dtype,
             layout,
             num_layers,
+            windows,
         } = engine.cache_shape();
+        let window = windows
+            .filter(|w| dead_blocks(w.window, layout.block_size, tokens) > 0)
+            .map(|w| w.window);
         Header {
             model: Identity::of(engine),
             dtype: dtype_name(dtype).into(),
@@ -111,8 +120,27 @@ impl Header {
             head_dim: layout.head_dim,
             tokens,
             sha256,
+            window,
         }
     }
+}
+
+/// Blocks of a prefix of `tokens` that a window of `window` no longer reads from its end
+/// (see `Windows::dead_blocks`).
+fn dead_blocks(window: usize, block_size: usize, tokens: usize) -> usize {
+    (tokens + 1).saturating_sub(window) / block_size
+}
+
+/// The parts of one block's data (as `KvStorage::read_blocks` lays it out) that belong
+/// to the layers that keep every position.
+fn full_layers(block: &[u8], shape: &CacheShape) -> Vec<u8> {
+    let per_layer = block.len() / shape.num_layers;
+    block
+        .chunks_exact(per_layer)
+        .enumerate()
+        .filter(|(l, _)| !shape.windows.as_ref().is_some_and(|w| w.layers[*l]))
+        .flat_map(|(_, part)| part.iter().copied())
+        .collect()
 }
 
 /// The values of `data`, little-endian elements of `dtype`, as f64.
@@ -230,12 +258,18 @@ impl Client {
         let shape = engine.cache_shape();
         let size = shape.layout.block_size;
         let block_bytes = shape.block_bytes();
-        // The first block, computed here, must match the file's.
+        // The first block, computed here, must match the file's: in the layers that keep
+        // every position when window layers may hold zeros there.
         let ours = self.cached_prefix_data(&tokens[..size])?;
-        let difference = relative_rms(
-            &values(&ours, shape.dtype),
-            &values(&data[..block_bytes], shape.dtype),
-        );
+        let theirs = &data[..block_bytes];
+        let zeroed =
+            (shape.windows.as_ref()).is_some_and(|w| dead_blocks(w.window, size, tokens.len()) > 0);
+        let (ours, theirs) = if zeroed {
+            (full_layers(&ours, &shape), full_layers(theirs, &shape))
+        } else {
+            (ours, theirs.to_vec())
+        };
+        let difference = relative_rms(&values(&ours, shape.dtype), &values(&theirs, shape.dtype));
         if difference > PROBE_TOLERANCE {
             return Err(bad(
                 path,
@@ -317,7 +351,7 @@ fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
     };
     let header: Header =
         serde_json::from_slice(raw).map_err(|e| bad(path, format!("a malformed header: {e}")))?;
-    let ours = Header::of(engine, header.tokens, header.sha256.clone());
+    let mut ours = Header::of(engine, header.tokens, header.sha256.clone());
     if header.model != ours.model {
         return Err(bad(
             path,
@@ -333,6 +367,17 @@ fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
             ),
         ));
     }
+    if let Some(w) = header.window.filter(|&w| ours.window != Some(w)) {
+        return Err(bad(
+            path,
+            format!(
+                "its sliding-window layers hold only the last {w} positions, and this engine \
+                 keeps them all: load it into one with sliding_window_eviction on (on the CPU)"
+            ),
+        ));
+    }
+    // A file whose window layers hold every position is read as this engine needs.
+    ours.window = header.window;
     if header != ours {
         return Err(bad(
             path,

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::error::{bail, Error, Result};
 use crate::model::Logits;
 
-use super::kv::{extend_hashes, BlockPool, Ring};
+use super::kv::{extend_hashes, BlockPool, Ring, HOLE};
 use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row, StepOutput};
 use super::stats::Stats;
 
@@ -36,6 +36,8 @@ pub struct Scheduler {
     /// Admitted requests, oldest first.
     running: Vec<Request>,
     pool: BlockPool,
+    /// The window layers' blocks, if the model has layers that keep only their window.
+    windows: Option<Windows>,
     ring: Option<Ring>,
     max_batch_size: usize,
     token_budget: usize,
@@ -49,6 +51,23 @@ pub struct Scheduler {
     prefix_hits: u64,
 }
 
+/// The blocks of the layers that keep only their window (see [`super::kv::WindowLayers`]):
+/// a pool of their own, with the same block size and names as the main one.
+#[derive(Debug)]
+pub struct Windows {
+    pub pool: BlockPool,
+    /// Positions each query of those layers attends to.
+    pub window: usize,
+}
+
+impl Windows {
+    /// A sequence's blocks that no query at `computed` or later reads: the first such
+    /// query reads back to position `computed + 1 - window`.
+    fn dead_blocks(&self, computed: usize) -> usize {
+        (computed + 1).saturating_sub(self.window) / self.pool.block_size()
+    }
+}
+
 /// One sequence's share of a step, all the runner needs to run it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledSeq {
@@ -59,6 +78,9 @@ pub struct ScheduledSeq {
     pub start: usize,
     /// The sequence's block table, covering every slot of the span.
     pub blocks: Vec<u32>,
+    /// Its window layers' table (empty without them): [`HOLE`]s, then blocks covering
+    /// every position the span reads or writes.
+    pub window_blocks: Vec<u32>,
     /// The span ends at the newest token: its logits are sampled.
     pub sample: bool,
     /// Sampling it takes the argmax and nothing else (`SamplingParams::is_plain_greedy`).
@@ -105,6 +127,7 @@ impl SchedulerOutput {
 impl Scheduler {
     pub fn new(
         pool: BlockPool,
+        windows: Option<Windows>,
         ring: Option<Ring>,
         max_batch_size: usize,
         token_budget: usize,
@@ -115,6 +138,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             pool,
+            windows,
             ring,
             max_batch_size,
             token_budget,
@@ -140,6 +164,11 @@ impl Scheduler {
 
     pub fn num_free_blocks(&self) -> usize {
         self.pool.num_free()
+    }
+
+    /// `(free, total)` blocks of the window layers' pool, if there is one.
+    pub fn window_blocks(&self) -> Option<(usize, usize)> {
+        (self.windows.as_ref()).map(|w| (w.pool.num_free(), w.pool.num_blocks()))
     }
 
     /// Requests preempted (and later recomputed) so far.
@@ -173,6 +202,15 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let request = &self.running[i];
+            if let Some(w) = &mut self.windows {
+                // No query from here on reads these (a rejected draft rolls back no
+                // further than this step's start). One more block is kept, so that when
+                // the sequence ends the window before its last full block stays cached
+                // (a follow-up turn hits there); generated positions are forgotten.
+                let gone = w.dead_blocks(request.computed).saturating_sub(1);
+                let forget = request.prompt_len / w.pool.block_size();
+                w.pool.release_before(request.id, gone, forget);
+            }
             // Drafts ride along only while blocks are plentiful: no running request
             // prefills (a chunk may need many), and more are free than the decoding
             // requests still to schedule (one each at most), so that drafts never cause a
@@ -190,15 +228,15 @@ impl Scheduler {
                 _ => (request.propose(room), 0),
             };
             let extra = drafts.len() + propose;
-            if extra > 0 && (self.pool).reserve(request.id, request.tokens.len() + extra) {
+            let (len, n) = (request.tokens.len(), request.pending().min(budget));
+            let computed = request.computed;
+            if extra > 0 && self.reserve(i, len + extra) {
                 budget -= 1 + extra;
                 self.push_span(&mut out, i, 1, (drafts, propose), now);
                 i += 1;
                 continue;
             }
-            let n = request.pending().min(budget);
-            let slots = Ring::slots(self.ring, request.computed + n);
-            if self.pool.reserve(request.id, slots) {
+            if self.reserve(i, computed + n) {
                 budget -= n;
                 self.push_span(&mut out, i, n, (Vec::new(), 0), now);
                 i += 1;
@@ -220,7 +258,7 @@ impl Scheduler {
             };
             // Its longest cached prefix of full blocks, short of the last token (whose
             // logits the step must compute).
-            let cached = if self.pool.caching() {
+            let mut cached = if self.pool.caching() {
                 let len = request.tokens.len();
                 let n = request.hash_blocks(self.pool.block_size(), len - 1);
                 self.pool
@@ -228,11 +266,31 @@ impl Scheduler {
             } else {
                 Vec::new()
             };
+            // Window layers need the window before the hit cached too: the longest hit
+            // that has it (none at all always does).
+            let mut window_cached = Vec::new();
+            if let Some(w) = &self.windows {
+                let size = self.pool.block_size();
+                while let Some(h) = (!cached.is_empty()).then_some(cached.len()) {
+                    let hashes = &request.block_hashes[..h];
+                    let from = w.dead_blocks(h * size);
+                    if let Some(found) = w.pool.cached_window(hashes, &request.tokens, from) {
+                        window_cached = found;
+                        break;
+                    }
+                    cached.pop();
+                }
+            }
             let computed = cached.len() * self.pool.block_size();
             let n = (request.tokens.len() - computed).min(budget);
             let slots = Ring::slots(self.ring, computed + n);
-            if !self.pool.admit(request.id, &cached, slots) {
+            let fits = |w: &Windows| w.pool.fits(&window_cached, computed + n);
+            if !self.pool.fits(&cached, slots) || !self.windows.as_ref().is_none_or(fits) {
                 break; // FIFO: nobody overtakes the head of the queue.
+            }
+            self.pool.admit(request.id, &cached, slots);
+            if let Some(w) = &mut self.windows {
+                w.pool.admit(request.id, &window_cached, computed + n);
             }
             let Some(mut request) = self.waiting.pop_front() else {
                 break;
@@ -250,6 +308,22 @@ impl Scheduler {
             self.push_span(&mut out, self.running.len() - 1, n, (Vec::new(), 0), now);
         }
         out
+    }
+
+    /// Grows `running[index]`'s tables to cover its first `len` positions; false when too
+    /// few blocks are free (what the main pool took then stays, for later steps).
+    fn reserve(&mut self, index: usize, len: usize) -> bool {
+        let id = self.running[index].id;
+        self.pool.reserve(id, Ring::slots(self.ring, len))
+            && (self.windows.as_mut()).is_none_or(|w| w.pool.reserve(id, len))
+    }
+
+    /// Gives back every block of request `id`.
+    fn release(&mut self, id: RequestId) {
+        self.pool.release(id);
+        if let Some(w) = &mut self.windows {
+            w.pool.release(id);
+        }
     }
 
     /// How many draft tokens a decoding `request` may carry this step: what the budget,
@@ -304,6 +378,8 @@ impl Scheduler {
             tokens,
             start: r.computed,
             blocks: self.pool.table(r.id).to_vec(),
+            window_blocks: (self.windows.as_ref())
+                .map_or(Vec::new(), |w| w.pool.table(r.id).to_vec()),
             sample: end == r.tokens.len(),
             argmax_only: r.params().is_plain_greedy(),
             drafts: num_drafts,
@@ -375,6 +451,8 @@ impl Scheduler {
                     tokens,
                     start: r.draft_computed,
                     blocks: seq.blocks.clone(),
+                    // The draft model's cache has no window layers (see `Engine::new`).
+                    window_blocks: Vec::new(),
                     sample,
                     argmax_only: seq.argmax_only,
                     drafts: 0,
@@ -416,7 +494,7 @@ impl Scheduler {
 
     fn preempt(&mut self, index: usize) {
         let mut request = self.running.remove(index);
-        self.pool.release(request.id);
+        self.release(request.id);
         request.computed = 0;
         request.draft_computed = 0;
         request.state = RequestState::Waiting;
@@ -424,47 +502,80 @@ impl Scheduler {
         self.waiting.push_front(request);
     }
 
-    /// The cached blocks of all of `tokens`' full blocks (a prefix to save), `None` when
-    /// some are not in the cache.
-    pub fn cached_blocks(&self, tokens: &[u32]) -> Option<Vec<u32>> {
+    /// The cached blocks of all of `tokens`' full blocks (a prefix to save) and the window
+    /// layers' (the window before its end, [`HOLE`]s before that), `None` when some are
+    /// not in the cache.
+    pub fn cached_blocks(&self, tokens: &[u32]) -> Option<(Vec<u32>, Vec<u32>)> {
         let size = self.pool.block_size();
         let mut hashes = Vec::new();
         extend_hashes(&mut hashes, tokens, size, tokens.len() / size);
         let found = self.pool.cached_prefix(&hashes, tokens);
-        (found.len() == hashes.len()).then_some(found)
+        let window = match &self.windows {
+            Some(w) => (w.pool).cached_window(&hashes, tokens, w.dead_blocks(tokens.len()))?,
+            None => Vec::new(),
+        };
+        (found.len() == hashes.len()).then_some((found, window))
     }
 
     /// Puts the full blocks of `tokens` (a saved prefix being loaded) into the cache, as
     /// free cached blocks like any others: those not cached yet get blocks, which `fill`
-    /// writes (given the whole block table, the index of the first block to fill and the
-    /// block size) before they are named. Returns how many blocks were filled. Fails when
-    /// running requests hold too many blocks.
+    /// writes before they are named. `fill` gets the whole block table, the index of the
+    /// first block to write (those before are cached already), and the window layers'
+    /// blocks to write (empty without them; [`HOLE`] where there is nothing to write: out
+    /// of the window before the prefix's end, or all cached already). Returns how many
+    /// blocks were filled. Fails when running requests hold too many blocks.
     pub fn adopt(
         &mut self,
         tokens: &[u32],
-        fill: impl FnOnce(&[u32], usize, usize) -> Result<()>,
+        fill: impl FnOnce(&[u32], usize, &[u32]) -> Result<()>,
     ) -> Result<usize> {
         let size = self.pool.block_size();
+        let n = tokens.len() / size;
         let mut hashes = Vec::new();
-        extend_hashes(&mut hashes, tokens, size, tokens.len() / size);
+        extend_hashes(&mut hashes, tokens, size, n);
         let found = self.pool.cached_prefix(&hashes, tokens);
+        // The window layers' part: all cached, or all written afresh.
+        let window = (self.windows.as_ref()).map(|w| {
+            let from = w.dead_blocks(tokens.len());
+            match w.pool.cached_window(&hashes, tokens, from) {
+                Some(all) => (all, true),
+                None => (vec![HOLE; from], false),
+            }
+        });
         // Held as one pseudo-request while filled, so that nothing evicts the found part.
         let id = RequestId::MAX;
-        if !self.pool.admit(id, &found, hashes.len() * size) {
-            bail!(
-                Engine,
-                "the KV cache is busy: the prefix needs {} blocks and {} are free",
-                hashes.len() - found.len(),
-                self.pool.num_free()
-            );
+        let busy = |needed: usize, free: usize| {
+            Error::Engine(format!(
+                "the KV cache is busy: the prefix needs {needed} blocks and {free} are free"
+            ))
+        };
+        if !self.pool.fits(&found, n * size) {
+            return Err(busy(n - found.len(), self.pool.num_free()));
         }
-        let blocks = self.pool.table(id).to_vec();
-        let filled = fill(&blocks, found.len(), size);
+        if let (Some(w), Some((cached, _))) = (&self.windows, &window) {
+            if !w.pool.fits(cached, n * size) {
+                return Err(busy(n - cached.len(), w.pool.num_free()));
+            }
+        }
+        self.pool.admit(id, &found, n * size);
+        let table = self.pool.table(id).to_vec();
+        let mut window_fill = Vec::new();
+        if let (Some(w), Some((cached, whole))) = (&mut self.windows, &window) {
+            w.pool.admit(id, cached, n * size);
+            window_fill = w.pool.table(id).to_vec();
+            if *whole {
+                window_fill.fill(HOLE);
+            }
+        }
+        let filled = fill(&table, found.len(), &window_fill);
         if filled.is_ok() {
-            (self.pool).name_full_blocks(id, &hashes, tokens, hashes.len() * size);
+            (self.pool).name_full_blocks(id, &hashes, tokens, n * size);
+            if let Some(w) = &mut self.windows {
+                w.pool.name_full_blocks(id, &hashes, tokens, n * size);
+            }
         }
-        self.pool.release(id);
-        filled.map(|()| hashes.len() - found.len())
+        self.release(id);
+        filled.map(|()| n - found.len())
     }
 
     /// The running requests this step samples whose output is held to a grammar: their
@@ -515,6 +626,9 @@ impl Scheduler {
             // Drafts are cached only once accepted (below).
             r.computed += seq.tokens.len() - seq.drafts;
             name_full_blocks(&mut self.pool, r, self.draft_model);
+            if let Some(w) = &mut self.windows {
+                name_full_blocks(&mut w.pool, r, self.draft_model);
+            }
             if seq.sample {
                 chosen.push((r, seq, row));
                 row += 1 + seq.drafts;
@@ -552,6 +666,9 @@ impl Scheduler {
             r.draft_computed = r.draft_computed.min(r.computed);
             if accepted > 0 {
                 name_full_blocks(&mut self.pool, r, self.draft_model);
+                if let Some(w) = &mut self.windows {
+                    name_full_blocks(&mut w.pool, r, self.draft_model);
+                }
             }
             stats.generation_tokens += steps.len() as u64;
             match (previous, r.last_token, r.first_token) {
@@ -586,7 +703,7 @@ impl Scheduler {
             .partition(Request::is_finished);
         self.running = running;
         for r in &done {
-            self.pool.release(r.id);
+            self.release(r.id);
         }
         done
     }
@@ -602,7 +719,7 @@ impl Scheduler {
                 .position(|r| r.id == id)
                 .and_then(|i| self.waiting.remove(i))
         };
-        self.pool.release(id);
+        self.release(id);
         let Some(mut request) = request else {
             return false;
         };
@@ -623,7 +740,7 @@ impl Scheduler {
         } else {
             self.running.remove(0)
         };
-        self.pool.release(request.id);
+        self.release(request.id);
         self.fail(&mut request);
         true
     }
@@ -641,7 +758,7 @@ impl Scheduler {
         let mut all: Vec<Request> = self.running.drain(..).collect();
         all.extend(self.waiting.drain(..));
         for r in &all {
-            self.pool.release(r.id);
+            self.release(r.id);
         }
         all
     }
@@ -689,19 +806,29 @@ mod tests {
     /// token written there) checks that every position a span attends to holds that
     /// sequence's token, cached blocks shared between requests included, and that no span
     /// writes into a block another request holds; with `draft_model`, a second stand-in
-    /// checks the same of the draft model's passes.
+    /// checks the same of the draft model's passes; with `window`, a third one the same of
+    /// window layers, over the last `window` positions of each query.
     fn run(
         requests: Vec<(usize, usize, Option<usize>, usize)>,
         num_blocks: usize,
         block_size: usize,
-        ring: Option<Ring>,
+        (ring, window): (Option<Ring>, Option<usize>),
         (speculative, draft_model): (usize, bool),
     ) -> (u64, Stats) {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let capacity = num_blocks * block_size;
+        let windows = window.map(|window| {
+            let n = crate::engine::core::window_blocks(window, block_size, (4, 24), num_blocks);
+            Windows {
+                pool: BlockPool::new(n, block_size, ring.is_none()),
+                window,
+            }
+        });
+        let window_capacity = windows.as_ref().map_or(0, |w| w.pool.capacity_tokens());
         let mut s = Scheduler::new(
             BlockPool::new(num_blocks, block_size, ring.is_none()),
+            windows,
             ring,
             4,
             24,
@@ -737,6 +864,7 @@ mod tests {
         let stats = Mutex::new(Stats::default());
         let mut memory: Vec<Option<(usize, u32)>> = vec![None; capacity];
         let mut draft_memory = memory.clone();
+        let mut window_memory = vec![None; window_capacity];
         let mut done = 0;
         for step in 0..10_000 {
             for &(_, id) in aborts.iter().filter(|(at, _)| *at == step) {
@@ -750,6 +878,9 @@ mod tests {
             let mut out = s.schedule(Instant::now());
             assert!(!out.is_empty(), "nothing scheduled: deadlock");
             s.pool.check();
+            if let Some(w) = &s.windows {
+                w.pool.check();
+            }
             if draft_model {
                 // What the draft passes may read: each sequence's tokens so far.
                 let known: Vec<(u64, Vec<u32>)> =
@@ -792,6 +923,18 @@ mod tests {
                     panic!("{} scheduled but not running", q.id);
                 };
                 check_span(q, &r.tokens, &tables, &mut memory, ring, block_size);
+                if let Some(w) = &s.windows {
+                    let ids = s.running.iter().map(|r| r.id);
+                    let tables: Vec<_> = ids.map(|id| (id, w.pool.table(id).to_vec())).collect();
+                    check_window(
+                        q,
+                        &r.tokens,
+                        &tables,
+                        &mut window_memory,
+                        w.window,
+                        block_size,
+                    );
+                }
             }
             // Greedy picks 3, 3, 5, 3, 3, 5...: prompt lookup's drafts are sometimes
             // accepted, sometimes not.
@@ -814,10 +957,20 @@ mod tests {
                 done += 1;
             }
             s.pool.check();
+            if let Some(w) = &s.windows {
+                w.pool.check();
+            }
         }
         assert!(s.is_idle(), "requests left after the step limit");
         assert_eq!(done, requests.len());
         assert_eq!(s.pool.num_free(), num_blocks, "blocks leaked");
+        if let Some(w) = &s.windows {
+            assert_eq!(
+                w.pool.num_free(),
+                w.pool.num_blocks(),
+                "window blocks leaked"
+            );
+        }
         (s.prefix_cache().1, stats.into_inner())
     }
 
@@ -870,12 +1023,62 @@ mod tests {
         }
     }
 
+    /// [`check_span`] for window layers: the window table (`q.window_blocks`, `tables`
+    /// every running request's) covers the span, holds every position its queries read (the
+    /// last `window` of each) and nothing of another request's is written.
+    fn check_window(
+        q: &ScheduledSeq,
+        tokens: &[u32],
+        tables: &[(u64, Vec<u32>)],
+        memory: &mut [Option<(usize, u32)>],
+        window: usize,
+        block_size: usize,
+    ) {
+        let table = &tables.iter().find(|t| t.0 == q.id).unwrap().1;
+        assert_eq!(&q.window_blocks, table, "stale window table of {}", q.id);
+        assert!(q.window_blocks.len() >= (q.start + q.tokens.len()).div_ceil(block_size));
+        let at = |p: usize| {
+            let block = q.window_blocks[p / block_size];
+            assert!(block != HOLE, "{}'s {p} read or written in a hole", q.id);
+            block as usize * block_size + p % block_size
+        };
+        for p in (q.start + 1).saturating_sub(window)..q.start.min(tokens.len()) {
+            assert_eq!(
+                memory[at(p)],
+                Some((p, tokens[p])),
+                "{}'s {p} (window)",
+                q.id
+            );
+        }
+        for (p, &t) in (q.start..).zip(&q.tokens) {
+            let block = q.window_blocks[p / block_size];
+            for (id, other) in tables.iter().filter(|t| t.0 != q.id) {
+                assert!(
+                    !other.contains(&block),
+                    "{} writes {id}'s window {block}",
+                    q.id
+                );
+            }
+            memory[at(p)] = Some((p, t));
+        }
+    }
+
     /// Requests that begin alike take each other's blocks: a 40-token prefix shared by
     /// six requests (blocks of 4) is found in the cache by all but the first.
     #[test]
     fn shared_prefixes_are_found() {
         let requests = vec![(50, 5, None, 40); 6];
-        let (hits, _) = run(requests, 64, 4, None, (0, false));
+        let (hits, _) = run(requests, 64, 4, (None, None), (0, false));
+        assert_eq!(hits, 5 * 40);
+    }
+
+    /// The same with window layers (a window of 6): their blocks before the window leave
+    /// the sequence, but stay cached, so the window before the shared prefix's end is
+    /// found too, and the whole prefix is a hit.
+    #[test]
+    fn shared_prefixes_are_found_with_window_layers() {
+        let requests = vec![(50, 5, None, 40); 6];
+        let (hits, _) = run(requests, 64, 4, (None, Some(6)), (0, false));
         assert_eq!(hits, 5 * 40);
     }
 
@@ -884,7 +1087,7 @@ mod tests {
     #[test]
     fn draft_model_passes_keep_their_cache_in_step() {
         let requests = vec![(30, 30, None, 20); 3];
-        let (hits, stats) = run(requests, 64, 4, None, (3, true));
+        let (hits, stats) = run(requests, 64, 4, (None, None), (3, true));
         assert_eq!(hits, 2 * 20);
         assert!(stats.speculative_accepted_tokens > 0, "{stats:?}");
         assert!(stats.speculative_draft_tokens > stats.speculative_accepted_tokens);
@@ -900,7 +1103,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, _rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, 4, 24, 0, false);
+        let mut s = Scheduler::new(BlockPool::new(3, 2, false), None, None, 4, 24, 0, false);
         for id in 0..2 {
             let params = SamplingParams {
                 max_tokens: 3,
@@ -959,7 +1162,7 @@ mod tests {
         let tok = word_tokenizer(VOCAB);
         let (tx, rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
-        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, 4, 24, 0, false);
+        let mut s = Scheduler::new(BlockPool::new(8, 4, true), None, None, 4, 24, 0, false);
         let greedy = SamplingParams {
             temperature: 0.0,
             max_tokens: 4,
@@ -1025,8 +1228,10 @@ mod tests {
             block_size in prop::sample::select(vec![1usize, 4, 16]),
             speculative in prop::sample::select(vec![0usize, 3]),
             draft_model in any::<bool>(),
+            window in prop::option::of(1usize..12),
         ) {
-            run(requests, num_blocks, block_size, None, (speculative, draft_model && speculative > 0));
+            let draft_model = draft_model && speculative > 0;
+            run(requests, num_blocks, block_size, (None, window), (speculative, draft_model));
         }
 
         #[test]
@@ -1035,9 +1240,10 @@ mod tests {
                 (1usize..60, 1usize..40, prop::option::of(0usize..80), 0usize..60), 1..12),
             window in 2usize..20,
             draft_model in any::<bool>(),
+            layers_window in prop::option::of(1usize..12),
         ) {
             let ring = Ring { keep: 4, window };
-            run(requests, 8, 4, Some(ring), (3, draft_model));
+            run(requests, 8, 4, (Some(ring), layers_window), (3, draft_model));
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct Stats {
     pub mask_seconds: f64,
     pub kv_blocks_total: usize,
     pub kv_blocks_free: usize,
+    /// Blocks of the sliding-window layers that keep only their window (0: none do).
+    pub kv_window_blocks_total: usize,
+    pub kv_window_blocks_free: usize,
     pub kv_block_size: usize,
     /// Whether prefix caching is on.
     pub prefix_caching: bool,

@@ -13,6 +13,7 @@
 //! Cost per layer: O(rows · visible keys · heads · head_dim), split into tasks of at most
 //! `KEYS_PER_TASK` keys (flash-decoding) so that a single long sequence uses every thread.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::engine::kv::storage::KEY_PAD;
@@ -87,6 +88,26 @@ pub struct SeqSpan<'a> {
     pub len: usize,
     pub start: usize,
     pub blocks: &'a [u32],
+    /// The table of the cache's window layers (see `WindowLayers`; empty without them):
+    /// holes up to the window of the span's first position, then blocks.
+    pub window_blocks: &'a [u32],
+}
+
+/// `seqs` as layer `layer` of `kv` reads and writes them: a window layer's spans carry its
+/// table as `blocks`.
+fn spans_of<'s, 'a>(
+    kv: &KvStorage,
+    layer: usize,
+    seqs: &'s [SeqSpan<'a>],
+) -> Cow<'s, [SeqSpan<'a>]> {
+    if !kv.is_window_layer(layer) {
+        return Cow::Borrowed(seqs);
+    }
+    let window = |s: &SeqSpan<'a>| SeqSpan {
+        blocks: s.window_blocks,
+        ..*s
+    };
+    Cow::Owned(seqs.iter().map(window).collect())
 }
 
 /// Keys whose storage is consecutive: dimension `d` of key `j < n` is at
@@ -152,7 +173,8 @@ fn attend_on(
     scale: f32,
     window: Option<usize>,
 ) -> Vec<f32> {
-    let layout = kv.layout();
+    let layout = kv.layout_of(layer);
+    let seqs = &spans_of(kv, layer, seqs);
     match kv.layer(layer) {
         LayerKv::F32(ck, cv) => {
             attend_in(isa, layout, (ck, cv), seqs, q, k, v, heads, scale, window)
@@ -885,10 +907,11 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
             }
         }
     }
-    let layout = kv.layout();
+    let layout = kv.layout_of(layer);
+    let seqs = spans_of(kv, layer, seqs).into_owned();
     match kv.layer_mut(layer) {
-        LayerKvMut::F32(ck, cv) => store_in(layout, (ck, cv), seqs, k, v),
-        LayerKvMut::F16(ck, cv) => store_in(layout, (ck, cv), seqs, k, v),
+        LayerKvMut::F32(ck, cv) => store_in(layout, (ck, cv), &seqs, k, v),
+        LayerKvMut::F16(ck, cv) => store_in(layout, (ck, cv), &seqs, k, v),
     }
 }
 
@@ -918,6 +941,7 @@ mod tests {
                 len,
                 start,
                 blocks,
+                window_blocks: &[],
             };
             let rows = |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
             let (kk, vv) = (rows(k, nkv), rows(v, nkv));
@@ -1006,6 +1030,7 @@ mod tests {
             len: t,
             start: 0,
             blocks: &blocks,
+            window_blocks: &[],
         };
         let got = attend(&kv, 0, &[seq], &q, &k, &v, heads, 1.0, None);
         for (a, b) in got.iter().zip(&want) {

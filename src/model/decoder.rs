@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::engine::kv::{KvDType, KvLayout, KvStorage, Ring};
+use crate::engine::kv::{KvDType, KvLayout, KvStorage, Ring, WindowLayers};
 use crate::error::{Error, Result};
 use crate::model::attention::SeqSpan;
 use crate::model::config::ModelConfig;
@@ -706,12 +706,22 @@ impl Decoder {
         )
     }
 
-    /// A cache for these layers: `num_blocks` blocks of `block_size` positions.
+    /// The sliding-window layers, if any: which they are, and their window.
+    pub fn window_layers(&self) -> Option<(Vec<bool>, usize)> {
+        let window = self.config.sliding_window?;
+        let local: Vec<bool> = self.layers.iter().map(|l| l.self_attn.local).collect();
+        local.contains(&true).then_some((local, window))
+    }
+
+    /// A cache for these layers: `num_blocks` blocks of `block_size` positions; with
+    /// `window_blocks` (host caches only), the sliding-window layers keep only their window,
+    /// in that many blocks of their own.
     pub fn new_storage(
         &self,
         num_blocks: usize,
         block_size: usize,
         ring: Option<Ring>,
+        window_blocks: Option<usize>,
     ) -> Result<KvStorage> {
         let a = &self.layers[0].self_attn;
         let layout = KvLayout {
@@ -730,7 +740,26 @@ impl Decoder {
                 layout,
             );
         }
-        KvStorage::new(self.kv_dtype(), self.layers.len(), num_blocks, layout)
+        let windows = match (window_blocks, self.window_layers()) {
+            (Some(num_blocks), Some((layers, window))) => Some(WindowLayers {
+                layers,
+                window,
+                num_blocks,
+            }),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::Internal(
+                    "window blocks for a model without windows".into(),
+                ))
+            }
+        };
+        KvStorage::with_windows(
+            self.kv_dtype(),
+            self.layers.len(),
+            num_blocks,
+            layout,
+            windows,
+        )
     }
 }
 

@@ -122,7 +122,9 @@ impl Model {
     /// A fresh, empty KV cache for one sequence run outside the engine.
     pub fn new_cache(&self) -> Result<SequenceCache> {
         Ok(SequenceCache {
-            storage: self.decoder.new_storage(0, SequenceCache::BLOCK, None)?,
+            storage: self
+                .decoder
+                .new_storage(0, SequenceCache::BLOCK, None, None)?,
             blocks: Vec::new(),
             len: 0,
         })
@@ -164,6 +166,7 @@ impl Model {
                 len: t,
                 start,
                 blocks: &cache.blocks,
+                window_blocks: &[],
             }],
             logits_rows: (first as u32..t as u32).collect(),
             argmax_only: false,
@@ -200,7 +203,7 @@ impl Model {
             .collect();
         let mut storage =
             self.decoder
-                .new_storage(per_seq.iter().sum(), SequenceCache::BLOCK, None)?;
+                .new_storage(per_seq.iter().sum(), SequenceCache::BLOCK, None, None)?;
         let mut next = 0u32;
         let tables: Vec<Vec<u32>> = per_seq
             .iter()
@@ -223,6 +226,7 @@ impl Model {
                 len: tokens.len(),
                 start: 0,
                 blocks,
+                window_blocks: &[],
             });
             let first = if all_positions {
                 row

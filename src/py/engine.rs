@@ -220,8 +220,8 @@ impl PyEngine {
     #[pyo3(signature = (model, tokenizer, *, max_batch_size = None, kv_cache_tokens = None,
         memory_fraction = None, block_size = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS, kv_cache_size = None,
-        rotating_kv_cache = false, prefix_caching = true, speculative = None,
-        num_speculative_tokens = None))]
+        rotating_kv_cache = false, prefix_caching = true, sliding_window_eviction = true,
+        speculative = None, num_speculative_tokens = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyModel,
@@ -234,6 +234,7 @@ impl PyEngine {
         kv_cache_size: Option<usize>,
         rotating_kv_cache: bool,
         prefix_caching: bool,
+        sliding_window_eviction: bool,
         speculative: Option<&Bound<'_, PyAny>>,
         num_speculative_tokens: Option<usize>,
     ) -> PyResult<Self> {
@@ -252,6 +253,7 @@ impl PyEngine {
             kv_cache_size,
             rotating: rotating_kv_cache,
             prefix_caching,
+            sliding_window_eviction,
             speculative: self::speculative(speculative, num_speculative_tokens)?,
         };
         let engine = Engine::new(model.inner.clone(), config)?;
@@ -351,6 +353,8 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, engine: &Engine) -> PyResult<Boun
     }
     d.set_item("kv_blocks_total", s.kv_blocks_total)?;
     d.set_item("kv_blocks_free", s.kv_blocks_free)?;
+    d.set_item("kv_window_blocks_total", s.kv_window_blocks_total)?;
+    d.set_item("kv_window_blocks_free", s.kv_window_blocks_free)?;
     d.set_item("kv_block_size", s.kv_block_size)?;
     d.set_item("kv_usage", s.kv_usage())?;
     d.set_item("prefix_caching", s.prefix_caching)?;

@@ -164,6 +164,18 @@ impl Metrics {
             "KV cache blocks.",
             engine.kv_blocks_total as f64,
         );
+        gauge(
+            &mut out,
+            "cortex_kv_cache_window_blocks_free",
+            "Free KV cache blocks of sliding-window layers that keep only their window.",
+            engine.kv_window_blocks_free as f64,
+        );
+        gauge(
+            &mut out,
+            "cortex_kv_cache_window_blocks_total",
+            "KV cache blocks of sliding-window layers that keep only their window (0: none).",
+            engine.kv_window_blocks_total as f64,
+        );
         counter(
             &mut out,
             "cortex_preemptions_total",

@@ -61,6 +61,12 @@ def add_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name:
         action="store_false",
         help="compute every prompt in full instead of reusing cached prefixes",
     )
+    engine.add_argument(
+        "--no-sliding-window-eviction",
+        dest="sliding_window_eviction",
+        action="store_false",
+        help="keep every position in sliding-window layers' cache (Gemma 3), not just their window",
+    )
     drafts = engine.add_mutually_exclusive_group()
     drafts.add_argument(
         "--speculative",
@@ -121,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         memory_fraction=args.memory_fraction,
         prefix_caching=args.prefix_caching,
+        sliding_window_eviction=args.sliding_window_eviction,
         speculative=speculative,
         num_speculative_tokens=args.num_speculative_tokens,
         max_queue=args.max_queue,

@@ -5,5 +5,7 @@
 pub mod pool;
 pub mod storage;
 
-pub use pool::{extend_hashes, BlockHash, BlockPool};
-pub use storage::{CacheShape, KvDType, KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
+pub use pool::{extend_hashes, BlockHash, BlockPool, HOLE};
+pub use storage::{
+    CacheShape, KvDType, KvLayout, KvStorage, LayerKv, LayerKvMut, Ring, WindowLayers,
+};

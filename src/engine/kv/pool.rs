@@ -14,6 +14,12 @@
 //! recently freed block, whose memory is resident, is reused first) and cached ones (a
 //! doubly linked list in the order they were freed). Allocation, release, a hit and an
 //! eviction are O(1) per block; a table lookup is O(1) (a hash map by request id).
+//!
+//! **Window layers** (sliding-window layers that keep only their window) have a pool of
+//! their own, whose tables have holes ([`HOLE`]): [`BlockPool::release_before`] gives
+//! back the blocks a sequence's window has left, named ones to the cache like any freed
+//! block, and [`BlockPool::cached_window`] finds the blocks a hit needs (the window
+//! before it), not the whole prefix.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -51,6 +57,10 @@ pub fn extend_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_size: us
 /// No block (the ends of the free list).
 const NIL: u32 = u32::MAX;
 
+/// A table entry whose block was given back ([`BlockPool::release_before`]): its
+/// positions are never read again.
+pub const HOLE: u32 = u32::MAX;
+
 /// What a block holds while it is named: its tokens and its parent's name are checked on
 /// every hit, so that handing out another prefix's keys and values takes two 64-bit
 /// names colliding along with equal tokens.
@@ -74,6 +84,7 @@ struct Block {
 /// One sequence's blocks.
 #[derive(Debug, Default)]
 struct Table {
+    /// [`HOLE`]s first (given back), then blocks.
     blocks: Vec<u32>,
     /// Leading blocks already named (taken from the cache or named since).
     named: usize,
@@ -171,24 +182,55 @@ impl BlockPool {
         found
     }
 
+    /// A window layers' pool's share of a hit on the first `hashes.len()` blocks of
+    /// `tokens`: [`HOLE`]s up to block `from`, then the cached blocks from there on (the
+    /// window the next position reads), or `None` when one of those is not cached.
+    pub fn cached_window(
+        &self,
+        hashes: &[BlockHash],
+        tokens: &[u32],
+        from: usize,
+    ) -> Option<Vec<u32>> {
+        let mut found = vec![HOLE; from];
+        for (i, &hash) in hashes.iter().enumerate().skip(from) {
+            let b = *self.by_hash.get(&hash)?;
+            let span = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            let parent = i.checked_sub(1).map(|p| hashes[p]);
+            match &self.blocks[b as usize].name {
+                Some(n) if n.hash == hash && n.parent == parent && *n.tokens == *span => {
+                    found.push(b);
+                }
+                _ => return None,
+            }
+        }
+        Some(found)
+    }
+
+    /// Whether [`BlockPool::admit`] of `cached` and `slots` would succeed.
+    pub fn fits(&self, cached: &[u32], slots: usize) -> bool {
+        let fresh = slots.div_ceil(self.block_size).saturating_sub(cached.len());
+        // Cached blocks nobody holds are counted free: taking them uses up free blocks.
+        let revived = cached
+            .iter()
+            .filter(|&&b| b != HOLE && self.blocks[b as usize].refs == 0)
+            .count();
+        fresh + revived <= self.num_free()
+    }
+
     /// Gives `id` (which holds no blocks) the cached blocks `cached` (from
-    /// [`BlockPool::cached_prefix`]) and fresh ones up to `slots` positions. All or nothing:
-    /// false, with nothing taken, when too few blocks are free.
+    /// [`BlockPool::cached_prefix`] or [`BlockPool::cached_window`]) and fresh ones up to
+    /// `slots` positions. All or nothing: false, with nothing taken, when too few blocks
+    /// are free.
     pub fn admit(&mut self, id: RequestId, cached: &[u32], slots: usize) -> bool {
         debug_assert!(
             !self.tables.contains_key(&id),
             "request {id} admitted twice"
         );
-        let fresh = slots.div_ceil(self.block_size).saturating_sub(cached.len());
-        // Cached blocks nobody holds are counted free: taking them uses up free blocks.
-        let revived = cached
-            .iter()
-            .filter(|&&b| self.blocks[b as usize].refs == 0)
-            .count();
-        if fresh + revived > self.num_free() {
+        if !self.fits(cached, slots) {
             return false;
         }
-        for &b in cached {
+        let fresh = slots.div_ceil(self.block_size).saturating_sub(cached.len());
+        for &b in cached.iter().filter(|&&b| b != HOLE) {
             if self.blocks[b as usize].refs == 0 {
                 self.unlink(b);
             }
@@ -238,6 +280,9 @@ impl BlockPool {
             .min(hashes.len());
         for i in table.named..full {
             let b = table.blocks[i];
+            if b == HOLE {
+                continue;
+            }
             let block = &mut self.blocks[b as usize];
             if block.name.is_some() || self.by_hash.contains_key(&hashes[i]) {
                 continue;
@@ -260,16 +305,49 @@ impl BlockPool {
             return;
         };
         for &b in table.blocks.iter().rev() {
-            let block = &mut self.blocks[b as usize];
-            block.refs -= 1;
-            if block.refs > 0 {
-                continue;
+            self.unref(b, false);
+        }
+    }
+
+    /// Gives back `id`'s first `n` blocks, which leave [`HOLE`]s in its table (window
+    /// layers: positions no query of the sequence reads again). Those from index `forget`
+    /// on (a sequence's generated positions, where later prompts seldom hit) lose their
+    /// names once nobody holds them, so that the sequence's next block reuses one of them
+    /// (whose memory is resident) rather than evicting a cached one.
+    pub fn release_before(&mut self, id: RequestId, n: usize, forget: usize) {
+        let Some(table) = self.tables.get_mut(&id) else {
+            return;
+        };
+        let n = n.min(table.blocks.len());
+        let gone: Vec<u32> = table.blocks[..n]
+            .iter_mut()
+            .map(|b| std::mem::replace(b, HOLE))
+            .collect();
+        for (i, b) in gone.into_iter().enumerate() {
+            self.unref(b, i >= forget);
+        }
+    }
+
+    /// Drops a table's hold on `b` (nothing for a [`HOLE`]): a block nobody holds is free,
+    /// cached if named and not to be forgotten.
+    fn unref(&mut self, b: u32, forget: bool) {
+        if b == HOLE {
+            return;
+        }
+        let block = &mut self.blocks[b as usize];
+        block.refs -= 1;
+        if block.refs > 0 {
+            return;
+        }
+        if forget {
+            if let Some(name) = block.name.take() {
+                self.by_hash.remove(&name.hash);
             }
-            if block.name.is_some() {
-                self.push_back(b);
-            } else {
-                self.empty.push(b);
-            }
+        }
+        if self.blocks[b as usize].name.is_some() {
+            self.push_back(b);
+        } else {
+            self.empty.push(b);
         }
     }
 
@@ -338,7 +416,9 @@ impl BlockPool {
         let mut refs = vec![0u32; self.blocks.len()];
         for t in self.tables.values() {
             assert!(t.named <= t.blocks.len());
-            for &b in &t.blocks {
+            let holes = t.blocks.iter().take_while(|&&b| b == HOLE).count();
+            for &b in &t.blocks[holes..] {
+                assert!(b != HOLE, "a hole after a block");
                 refs[b as usize] += 1;
             }
         }
@@ -484,6 +564,54 @@ mod tests {
         pool.check();
         assert!(pool.admit(2, &hit, 12));
         assert_eq!(pool.num_free(), 0);
+        pool.check();
+    }
+
+    /// Window layers: blocks out of a sequence's window go back (named ones to the cache),
+    /// leaving holes; a later sequence finds the window before its hit, and only if every
+    /// block of it is cached.
+    #[test]
+    fn windows_give_back_their_first_blocks_and_find_them_again() {
+        let mut pool = BlockPool::new(6, 4, true);
+        let a: Vec<u32> = (0..16).collect();
+        let ha = hashes(&a);
+        assert!(pool.admit(1, &[], 16));
+        pool.name_full_blocks(1, &ha, &a, 16);
+        let table = pool.table(1).to_vec();
+        pool.release_before(1, 2, 4);
+        assert_eq!(pool.table(1)[..2], [HOLE, HOLE]);
+        assert_eq!(pool.table(1)[2..], table[2..]);
+        assert_eq!((pool.num_free(), pool.num_cached()), (4, 4));
+        pool.release_before(1, 1, 4); // already gone: nothing changes
+        pool.check();
+        // A hit on the first three blocks needs blocks 1 and 2 (from 1 on).
+        let found = pool.cached_window(&ha[..3], &a, 1);
+        assert_eq!(found, Some(vec![HOLE, table[1], table[2]]));
+        assert!(pool.fits(&[HOLE, table[1], table[2]], 16));
+        assert!(pool.admit(2, &[HOLE, table[1], table[2]], 16));
+        assert_eq!(pool.table(2)[..3], [HOLE, table[1], table[2]]);
+        assert_eq!(pool.num_free(), 2); // block 0 cached, one fresh for request 2
+        pool.check();
+        // Block 0 evicted: a window that needs it is not found.
+        pool.release(2);
+        pool.release(1);
+        assert!(pool.reserve(3, 24));
+        assert_eq!(pool.cached_window(&ha[..3], &a, 0), None);
+        pool.release(3);
+        pool.check();
+        // Generated positions (from block 1 on, here) are forgotten as they leave; a block
+        // another table still holds keeps its name.
+        assert!(pool.admit(4, &[], 16));
+        pool.name_full_blocks(4, &ha, &a, 16);
+        let shared = pool.cached_prefix(&ha[..3], &a);
+        assert!(pool.admit(5, &shared, 12));
+        pool.release_before(4, 3, 1);
+        assert_eq!(pool.num_cached(), 4); // blocks 1 and 2 held by request 5
+        pool.release(5);
+        pool.release_before(4, 4, 1);
+        assert_eq!(pool.num_cached(), 3);
+        assert_eq!(pool.cached_prefix(&ha, &a).len(), 3);
+        pool.release(4);
         pool.check();
     }
 

@@ -12,6 +12,7 @@
 
 use half::f16;
 
+use super::pool::HOLE;
 use crate::error::{Error, Result};
 
 /// Elements after each layer's keys, so that a kernel reading 16 keys at a time past the
@@ -136,12 +137,27 @@ impl std::fmt::Debug for GpuLayers {
     }
 }
 
+/// Sliding-window layers whose cache keeps only their window (Gemma 3's local layers):
+/// their slots come from a second block table, [`super::BlockPool::release_before`]
+/// frees the blocks that fall out of the window, and their memory is a pool of its own,
+/// `num_blocks` blocks (a few windows per sequence, not whole contexts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowLayers {
+    /// Per layer: whether it is one of them.
+    pub layers: Vec<bool>,
+    /// Positions each query attends to (its own included).
+    pub window: usize,
+    pub num_blocks: usize,
+}
+
 /// What a block of a cache holds, for files that carry blocks from one cache to another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheShape {
     pub dtype: KvDType,
     pub layout: KvLayout,
     pub num_layers: usize,
+    /// Window layers, which hold a block only while it is in their window.
+    pub windows: Option<WindowLayers>,
 }
 
 impl CacheShape {
@@ -149,6 +165,27 @@ impl CacheShape {
     /// values.
     pub fn block_bytes(&self) -> usize {
         2 * self.num_layers * self.layout.block_len() * self.dtype.size()
+    }
+}
+
+/// An element of a host cache that allocates its zeros untouched (`calloc`: the OS maps
+/// pages as they are written), so that a cache is resident only where blocks are used.
+/// (`vec![f16::ZERO; n]` would write every element: `f16` is not one of the types the
+/// standard library allocates zeroed.)
+trait Zeroed: Sized {
+    fn zeroed(n: usize) -> Vec<Self>;
+}
+
+impl Zeroed for f32 {
+    fn zeroed(n: usize) -> Vec<Self> {
+        vec![0.0; n]
+    }
+}
+
+impl Zeroed for f16 {
+    fn zeroed(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        vec![0u16; n].reinterpret_into()
     }
 }
 
@@ -197,32 +234,42 @@ fn host_key(layout: KvLayout, c: usize) -> usize {
     (h * head_dim + d) * block_size + i
 }
 
-/// Appends the block at element `first` of every host layer to `out`, keys then values.
-fn read_host<T: LeBytes>(
+/// Appends one block of every host layer to `out`, keys then values: layer `l`'s block
+/// starts at element `first[l]`, and a layer without one (`None`: a window layer whose
+/// block has left its window) gets zeros.
+fn read_host<T: LeBytes + Default>(
     layers: &[(Vec<T>, Vec<T>)],
     layout: KvLayout,
-    first: usize,
+    first: &[Option<usize>],
     out: &mut Vec<u8>,
 ) {
     let n = layout.block_len();
-    for (k, v) in layers {
-        (0..n).for_each(|c| k[first + host_key(layout, c)].put(out));
-        v[first..first + n].iter().for_each(|x| x.put(out));
+    for ((k, v), first) in layers.iter().zip(first) {
+        match *first {
+            Some(first) => {
+                (0..n).for_each(|c| k[first + host_key(layout, c)].put(out));
+                v[first..first + n].iter().for_each(|x| x.put(out));
+            }
+            None => (0..2 * n).for_each(|_| T::default().put(out)),
+        }
     }
 }
 
-/// Writes the block at element `first` of every host layer from `parts` (each layer's
-/// keys, then its values, as [`read_host`] appends them).
+/// Writes one block of every host layer from `parts` (each layer's keys, then its
+/// values, as [`read_host`] appends them); `first` as there, `None` skipping the layer.
 fn write_host<'a, T: LeBytes>(
     layers: &mut [(Vec<T>, Vec<T>)],
     layout: KvLayout,
-    first: usize,
+    first: &[Option<usize>],
     parts: &mut impl Iterator<Item = &'a [u8]>,
 ) -> Result<()> {
     let n = layout.block_len();
-    for (k, v) in layers {
+    for ((k, v), first) in layers.iter_mut().zip(first) {
         let (Some(pk), Some(pv)) = (parts.next(), parts.next()) else {
             return Err(Error::Internal("a block's data ended early".into()));
+        };
+        let Some(first) = *first else {
+            continue;
         };
         for c in 0..n {
             k[first + host_key(layout, c)] = T::get(&pk[c * T::SIZE..]);
@@ -232,13 +279,15 @@ fn write_host<'a, T: LeBytes>(
     Ok(())
 }
 
-/// Keys and values of every layer, `num_blocks` blocks each.
+/// Keys and values of every layer, `num_blocks` blocks each (window layers: their own
+/// number).
 #[derive(Debug)]
 pub struct KvStorage {
     layers: Layers,
     layout: KvLayout,
     num_blocks: usize,
     dtype: KvDType,
+    windows: Option<WindowLayers>,
 }
 
 impl KvStorage {
@@ -248,18 +297,38 @@ impl KvStorage {
         num_blocks: usize,
         layout: KvLayout,
     ) -> Result<Self> {
-        fn zeros<T: Copy + Default>(layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
-            (0..layers)
-                .map(|_| (vec![T::default(); len + KEY_PAD], vec![T::default(); len]))
+        Self::with_windows(dtype, num_layers, num_blocks, layout, None)
+    }
+
+    /// A host cache whose `windows` layers (if any) keep only their window, in blocks of
+    /// their own.
+    pub fn with_windows(
+        dtype: KvDType,
+        num_layers: usize,
+        num_blocks: usize,
+        layout: KvLayout,
+        windows: Option<WindowLayers>,
+    ) -> Result<Self> {
+        fn zeros<T: Zeroed>(lens: &[usize]) -> Vec<(Vec<T>, Vec<T>)> {
+            lens.iter()
+                .map(|&len| (T::zeroed(len + KEY_PAD), T::zeroed(len)))
                 .collect()
         }
-        let len = num_blocks
-            .checked_mul(layout.block_len())
-            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
+        let elements = |blocks: usize| {
+            blocks
+                .checked_mul(layout.block_len())
+                .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))
+        };
+        let lens = (0..num_layers)
+            .map(|l| match &windows {
+                Some(w) if w.layers[l] => elements(w.num_blocks),
+                _ => elements(num_blocks),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(KvStorage {
             layers: match dtype {
-                KvDType::F32 => Layers::F32(zeros(num_layers, len)),
-                KvDType::F16 => Layers::F16(zeros(num_layers, len)),
+                KvDType::F32 => Layers::F32(zeros(&lens)),
+                KvDType::F16 => Layers::F16(zeros(&lens)),
                 KvDType::BF16 => {
                     return Err(Error::Internal("a bf16 KV cache on the CPU".into()));
                 }
@@ -267,6 +336,7 @@ impl KvStorage {
             layout,
             num_blocks,
             dtype,
+            windows,
         })
     }
 
@@ -297,6 +367,7 @@ impl KvStorage {
             layout,
             num_blocks,
             dtype,
+            windows: None,
         })
     }
 
@@ -336,18 +407,39 @@ impl KvStorage {
         self.layout
     }
 
+    /// Whether layer `layer` keeps only its window, in blocks of the window table.
+    pub fn is_window_layer(&self, layer: usize) -> bool {
+        self.windows.as_ref().is_some_and(|w| w.layers[layer])
+    }
+
+    /// Layer `layer`'s layout: a window layer's slot is its position (a rotating cache
+    /// turns only the other layers).
+    pub fn layout_of(&self, layer: usize) -> KvLayout {
+        if self.is_window_layer(layer) {
+            KvLayout {
+                ring: None,
+                ..self.layout
+            }
+        } else {
+            self.layout
+        }
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }
 
     /// Adds `more` blocks (a single sequence's cache growing); their ids follow the
-    /// existing ones. O(size) when the arrays move.
+    /// existing ones. O(size) when the arrays move. Not for a cache with window layers.
     pub fn grow(&mut self, more: usize) -> Result<()> {
         fn resize<T: Copy + Default>(layers: &mut [(Vec<T>, Vec<T>)], len: usize) {
             for (k, v) in layers {
                 k.resize(len + KEY_PAD, T::default());
                 v.resize(len, T::default());
             }
+        }
+        if self.windows.is_some() {
+            return Err(Error::Internal("growing a cache with window layers".into()));
         }
         self.num_blocks += more;
         let len = self.num_blocks * self.layout.block_len();
@@ -373,40 +465,66 @@ impl KvStorage {
         Ok(())
     }
 
-    pub fn shape(&self) -> CacheShape {
-        let num_layers = match &self.layers {
+    fn num_layers(&self) -> usize {
+        match &self.layers {
             Layers::F32(l) => l.len(),
             Layers::F16(l) => l.len(),
             #[cfg(feature = "cuda")]
             Layers::Cuda(g) => g.layers.len(),
-        };
-        CacheShape {
-            dtype: self.dtype,
-            layout: self.layout,
-            num_layers,
         }
     }
 
-    /// Copies `blocks` out (a saved prefix): block by block, each layer's keys then its
-    /// values, each `[kv_heads, block_size, head_dim]` (keys laid out as values are,
-    /// whatever this cache's own layout) in little-endian bytes of the cache's element
-    /// type, so that a CPU and a GPU cache of one element type read each other's blocks.
-    pub fn read_blocks(&self, blocks: &[u32]) -> Result<Vec<u8>> {
+    pub fn shape(&self) -> CacheShape {
+        CacheShape {
+            dtype: self.dtype,
+            layout: self.layout,
+            num_layers: self.num_layers(),
+            windows: self.windows.clone(),
+        }
+    }
+
+    /// Where block `i` of a prefix starts in each layer: `blocks[i]`'s first element, or
+    /// for a window layer `window_blocks[i]`'s (`None` where that is a [`HOLE`]: nothing to
+    /// read or write there).
+    fn firsts(&self, blocks: &[u32], window_blocks: &[u32], i: usize) -> Vec<Option<usize>> {
         let n = self.layout.block_len();
+        (0..self.num_layers())
+            .map(|l| {
+                let b = if self.is_window_layer(l) {
+                    window_blocks[i]
+                } else {
+                    blocks[i]
+                };
+                (b != HOLE).then_some(b as usize * n)
+            })
+            .collect()
+    }
+
+    /// Copies the blocks of a prefix out (a saved prefix): block by block, each layer's keys
+    /// then its values, each `[kv_heads, block_size, head_dim]` (keys laid out as values
+    /// are, whatever this cache's own layout) in little-endian bytes of the cache's element
+    /// type, so that a CPU and a GPU cache of one element type read each other's blocks.
+    /// Block `i` is `blocks[i]`, in window layers `window_blocks[i]` (zeros where that is
+    /// a [`HOLE`]; ignored without window layers).
+    pub fn read_blocks(&self, blocks: &[u32], window_blocks: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(blocks.len() * self.shape().block_bytes());
-        for &b in blocks {
-            let first = b as usize * n;
+        for i in 0..blocks.len() {
+            let firsts = self.firsts(blocks, window_blocks, i);
             match &self.layers {
-                Layers::F32(l) => read_host(l, self.layout, first, &mut out),
-                Layers::F16(l) => read_host(l, self.layout, first, &mut out),
+                Layers::F32(l) => read_host(l, self.layout, &firsts, &mut out),
+                Layers::F16(l) => read_host(l, self.layout, &firsts, &mut out),
                 #[cfg(feature = "cuda")]
                 Layers::Cuda(g) => {
+                    let n = self.layout.block_len();
                     let mut bits = vec![0u16; n];
-                    for (k, v) in &g.layers {
+                    for ((k, v), first) in g.layers.iter().zip(firsts) {
                         for half in [k, v] {
-                            (g.gpu.stream())
-                                .memcpy_dtoh(&half.slice(first..first + n), &mut bits)
-                                .map_err(|e| crate::cuda::device_error("saving a prefix", e))?;
+                            match first {
+                                Some(first) => (g.gpu.stream())
+                                    .memcpy_dtoh(&half.slice(first..first + n), &mut bits)
+                                    .map_err(|e| crate::cuda::device_error("saving a prefix", e))?,
+                                None => bits.fill(0),
+                            }
                             out.extend(bits.iter().flat_map(|x| x.to_le_bytes()));
                         }
                     }
@@ -416,8 +534,14 @@ impl KvStorage {
         Ok(out)
     }
 
-    /// Writes `data` (as [`KvStorage::read_blocks`] gives it) into `blocks`.
-    pub fn write_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
+    /// Writes `data` (as [`KvStorage::read_blocks`] gives it) into `blocks` (window layers:
+    /// into `window_blocks`), skipping [`HOLE`]s.
+    pub fn write_blocks(
+        &mut self,
+        blocks: &[u32],
+        window_blocks: &[u32],
+        data: &[u8],
+    ) -> Result<()> {
         let block_bytes = self.shape().block_bytes();
         if data.len() != blocks.len() * block_bytes {
             return Err(Error::Internal(format!(
@@ -429,17 +553,20 @@ impl KvStorage {
         let n = self.layout.block_len();
         // One layer's keys or values of one block at a time, `n` elements.
         let mut parts = data.chunks_exact(n * self.dtype.size());
-        for &b in blocks {
-            let first = b as usize * n;
+        for i in 0..blocks.len() {
+            let firsts = self.firsts(blocks, window_blocks, i);
             match &mut self.layers {
-                Layers::F32(l) => write_host(l, self.layout, first, &mut parts)?,
-                Layers::F16(l) => write_host(l, self.layout, first, &mut parts)?,
+                Layers::F32(l) => write_host(l, self.layout, &firsts, &mut parts)?,
+                Layers::F16(l) => write_host(l, self.layout, &firsts, &mut parts)?,
                 #[cfg(feature = "cuda")]
                 Layers::Cuda(g) => {
-                    for (k, v) in &mut g.layers {
+                    for ((k, v), first) in g.layers.iter_mut().zip(firsts) {
                         for half in [k, v] {
                             let Some(p) = parts.next() else {
                                 return Err(Error::Internal("a block's data ended early".into()));
+                            };
+                            let Some(first) = first else {
+                                continue;
                             };
                             let bits: Vec<u16> = p
                                 .chunks_exact(2)
@@ -523,6 +650,43 @@ mod tests {
         assert_eq!(Ring::slot(ring, 1), 1);
         assert_eq!(Ring::slot(ring, 7), 2);
         assert_eq!(Ring::slot(ring, 8), 3);
+        Ok(())
+    }
+
+    /// Window layers get their own number of blocks and no ring; a prefix's blocks read
+    /// back as written, a window layer's hole as zeros.
+    #[test]
+    fn window_layers_have_their_own_blocks() -> Result<()> {
+        let layout = KvLayout {
+            block_size: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            ring: Some(Ring { keep: 1, window: 3 }),
+        };
+        let windows = WindowLayers {
+            layers: vec![false, true],
+            window: 3,
+            num_blocks: 2,
+        };
+        let mut storage = KvStorage::with_windows(KvDType::F32, 2, 5, layout, Some(windows))?;
+        let (LayerKv::F32(_, main), LayerKv::F32(_, window)) = (storage.layer(0), storage.layer(1))
+        else {
+            return Err(Error::Internal("an f32 cache lent f16 arrays".into()));
+        };
+        assert_eq!((main.len(), window.len()), (5 * 4, 2 * 4));
+        assert!(!storage.is_window_layer(0) && storage.is_window_layer(1));
+        assert_eq!(storage.layout_of(0).ring, layout.ring);
+        assert_eq!(storage.layout_of(1).ring, None);
+        // Two blocks: the first left the window (a hole), the second is block 1.
+        let data: Vec<u8> = (0..2 * storage.shape().block_bytes())
+            .map(|i| (i % 7) as u8 + 1)
+            .collect();
+        storage.write_blocks(&[3, 4], &[HOLE, 1], &data)?;
+        let back = storage.read_blocks(&[3, 4], &[HOLE, 1])?;
+        let half = storage.shape().block_bytes() / 2; // one layer's keys and values
+        assert_eq!(back[..half], data[..half]);
+        assert!(back[half..2 * half].iter().all(|&b| b == 0));
+        assert_eq!(back[2 * half..], data[2 * half..]);
         Ok(())
     }
 
