@@ -494,6 +494,35 @@ def test_device_info_and_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(list(cortex.stream_generate(model, tok, [3, 1, 4], max_tokens=3, ignore_eos=True))) == 3
 
 
+def test_window_layers_keep_every_position_on_the_gpu(tmp_path: Path) -> None:
+    """On the GPU, Gemma's sliding-window layers keep every position (no window pool): an
+    engine there reports none, refuses by name a prefix saved by a CPU engine whose window
+    layers kept only their window, and its own saved prefix (every position, f16 on both as
+    an 8-bit conversion) serves a CPU engine that evicts."""
+    write_tiny_hf(tmp_path / "hf", model_type="gemma3_text", tokenizer="word")
+    # The word tokenizer cannot spell the validation text.
+    config = cortex.ConversionConfig(
+        quantization=cortex.QuantizationRecipe.QUALITY_8BIT, validate_conversion=False
+    )
+    converter = cortex.MLXConverter(tmp_path / "cache")
+    ok, message, out = converter.convert_model(str(tmp_path / "hf"), config=config)
+    assert ok, message
+    cpu_model, tok = cortex.load(out, device="cpu")
+    model, _ = cortex.load(out, device=DEVICE)
+    ids = [(i * 7 + 3) % 96 for i in range(40)]
+    gpu = cortex.Engine(model, tok, block_size=4)
+    assert len(gpu.generate_batch([ids], max_tokens=8, ignore_eos=True)[0].token_ids) == 8
+    assert _idle(gpu)["kv_window_blocks_total"] == 0
+    windowed, full = tmp_path / "cpu.cxkv", tmp_path / "gpu.cxkv"
+    cpu = cortex.Engine(cpu_model, tok, block_size=4)
+    assert cpu.save_prefix(ids, windowed) == 40
+    assert _idle(cpu)["kv_window_blocks_total"] > 0
+    with pytest.raises(cortex.SavedPrefixError, match="sliding_window_eviction"):
+        gpu.load_prefix(windowed)
+    assert gpu.save_prefix(ids, full) == 40
+    assert cortex.Engine(cpu_model, tok, block_size=4).load_prefix(full) == 40
+
+
 # ── 2. Families ──────────────────────────────────────────────────────────────────────────────
 
 IDS24 = [(i * 37 + 11) % 96 for i in range(24)]

@@ -76,11 +76,12 @@ class Engine:
             with ``rotating_kv_cache``. ``stats()`` reports ``prefix_cache_hits`` of
             ``prefix_cache_queries`` (prompt tokens) and ``prefix_cache_blocks``.
         sliding_window_eviction: a model's sliding-window layers (Gemma 3's five local
-            layers of every six) keep only the positions their window still reads, in
-            blocks of their own, instead of every position masked: their cache stops
-            growing at the window (512 positions for Gemma 3 270M), and the cache's memory
-            goes to the global layers' positions (for Gemma 3 about 5x the positions per
-            byte at long contexts). Output is the same either way. ``stats()`` reports
+            layers of every six) keep only the positions their window still reads, in a
+            pool of blocks of their own sized for the running requests' windows, instead
+            of every position masked: their cache stops growing at the window (512
+            positions for Gemma 3 270M, whose 16,000-token prompt then takes 73 MB of
+            cache instead of 271 MB). ``kv_cache_tokens`` counts the other layers'
+            positions. Output is the same either way. ``stats()`` reports
             ``kv_window_blocks_free`` of ``kv_window_blocks_total``. On a GPU these layers
             keep every position.
         speculative: ``"prompt_lookup"`` (or vLLM's name, ``"ngram"``) for speculative
