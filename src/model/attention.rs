@@ -908,7 +908,7 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
         }
     }
     let layout = kv.layout_of(layer);
-    let seqs = spans_of(kv, layer, seqs).into_owned();
+    let seqs = spans_of(kv, layer, seqs);
     match kv.layer_mut(layer) {
         LayerKvMut::F32(ck, cv) => store_in(layout, (ck, cv), &seqs, k, v),
         LayerKvMut::F16(ck, cv) => store_in(layout, (ck, cv), &seqs, k, v),
