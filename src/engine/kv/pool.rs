@@ -86,6 +86,8 @@ struct Block {
 struct Table {
     /// [`HOLE`]s first (given back), then blocks.
     blocks: Vec<u32>,
+    /// Leading [`HOLE`]s (of the blocks given back, or of a window hit).
+    holes: usize,
     /// Leading blocks already named (taken from the cache or named since).
     named: usize,
 }
@@ -239,7 +241,15 @@ impl BlockPool {
         let mut blocks = cached.to_vec();
         blocks.extend((0..fresh).map(|_| self.take()));
         let named = cached.len();
-        self.tables.insert(id, Table { blocks, named });
+        let holes = cached.iter().take_while(|&&b| b == HOLE).count();
+        self.tables.insert(
+            id,
+            Table {
+                blocks,
+                holes,
+                named,
+            },
+        );
         true
     }
 
@@ -318,12 +328,16 @@ impl BlockPool {
         let Some(table) = self.tables.get_mut(&id) else {
             return;
         };
-        let n = n.min(table.blocks.len());
-        let gone: Vec<u32> = table.blocks[..n]
+        let (from, n) = (table.holes, n.min(table.blocks.len()));
+        if n <= from {
+            return;
+        }
+        table.holes = n;
+        let gone: Vec<u32> = table.blocks[from..n]
             .iter_mut()
             .map(|b| std::mem::replace(b, HOLE))
             .collect();
-        for (i, b) in gone.into_iter().enumerate() {
+        for (i, b) in (from..).zip(gone) {
             self.unref(b, i >= forget);
         }
     }
@@ -417,6 +431,7 @@ impl BlockPool {
         for t in self.tables.values() {
             assert!(t.named <= t.blocks.len());
             let holes = t.blocks.iter().take_while(|&&b| b == HOLE).count();
+            assert_eq!(holes, t.holes, "holes miscounted");
             for &b in &t.blocks[holes..] {
                 assert!(b != HOLE, "a hole after a block");
                 refs[b as usize] += 1;
