@@ -79,8 +79,8 @@ class Engine:
             layers of every six) keep only the positions their window still reads, in a
             pool of blocks of their own sized for the running requests' windows, instead
             of every position masked: their cache stops growing at the window (512
-            positions for Gemma 3 270M, whose 16,000-token prompt then takes 73 MB of
-            cache instead of 271 MB). ``kv_cache_tokens`` counts the other layers'
+            positions for Gemma 3 270M, whose 32,000-token prompt then takes 115 MB of
+            cache instead of 546 MB). ``kv_cache_tokens`` counts the other layers'
             positions. Output is the same either way. ``stats()`` reports
             ``kv_window_blocks_free`` of ``kv_window_blocks_total``. On a GPU these layers
             keep every position.
