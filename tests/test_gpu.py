@@ -494,11 +494,12 @@ def test_device_info_and_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(list(cortex.stream_generate(model, tok, [3, 1, 4], max_tokens=3, ignore_eos=True))) == 3
 
 
-def test_window_layers_keep_every_position_on_the_gpu(tmp_path: Path) -> None:
-    """On the GPU, Gemma's sliding-window layers keep every position (no window pool): an
-    engine there reports none, refuses by name a prefix saved by a CPU engine whose window
-    layers kept only their window, and its own saved prefix (every position, f16 on both as
-    an 8-bit conversion) serves a CPU engine that evicts."""
+def test_window_layers_keep_only_their_window_on_the_gpu(tmp_path: Path) -> None:
+    """Gemma's sliding-window layers keep only their window on the GPU too: the same greedy
+    tokens as a GPU engine that keeps every position (captured decode steps included), every
+    window block comes back, and prefixes whose window layers hold only the window cross
+    between the CPU and the GPU both ways (f16 on both, as an 8-bit conversion); an engine
+    that keeps every position refuses them by name."""
     write_tiny_hf(tmp_path / "hf", model_type="gemma3_text", tokenizer="word")
     # The word tokenizer cannot spell the validation text.
     config = cortex.ConversionConfig(
@@ -509,18 +510,28 @@ def test_window_layers_keep_every_position_on_the_gpu(tmp_path: Path) -> None:
     assert ok, message
     cpu_model, tok = cortex.load(out, device="cpu")
     model, _ = cortex.load(out, device=DEVICE)
-    ids = [(i * 7 + 3) % 96 for i in range(40)]
-    gpu = cortex.Engine(model, tok, block_size=4)
-    assert len(gpu.generate_batch([ids], max_tokens=8, ignore_eos=True)[0].token_ids) == 8
-    assert _idle(gpu)["kv_window_blocks_total"] == 0
-    windowed, full = tmp_path / "cpu.cxkv", tmp_path / "gpu.cxkv"
-    cpu = cortex.Engine(cpu_model, tok, block_size=4)
-    assert cpu.save_prefix(ids, windowed) == 40
-    assert _idle(cpu)["kv_window_blocks_total"] > 0
+    shared = [(i * 7 + 3) % 96 for i in range(40)]
+    prompts = [shared + [(i * 13 + j) % 96 for j in range(5)] for i in range(4)]
+    kw: dict[str, int] = {"max_batch_size": 2, "max_num_batched_tokens": GEMV_MAX_ROWS, "block_size": 4}
+
+    def tokens(engine: cortex.Engine) -> list[list[int]]:
+        return [o.token_ids for o in engine.generate_batch(prompts, max_tokens=16, ignore_eos=True)]
+
+    full = cortex.Engine(model, tok, sliding_window_eviction=False, **kw)
+    gpu = cortex.Engine(model, tok, **kw)
+    assert tokens(gpu) == tokens(full)
+    stats = _idle(gpu)
+    assert stats["kv_window_blocks_free"] == stats["kv_window_blocks_total"] > 0
+    assert _idle(full)["kv_window_blocks_total"] == 0
+
+    windowed, back = tmp_path / "cpu.cxkv", tmp_path / "gpu.cxkv"
+    assert cortex.Engine(cpu_model, tok, block_size=4).save_prefix(shared, windowed) == 40
     with pytest.raises(cortex.SavedPrefixError, match="sliding_window_eviction"):
-        gpu.load_prefix(windowed)
-    assert gpu.save_prefix(ids, full) == 40
-    assert cortex.Engine(cpu_model, tok, block_size=4).load_prefix(full) == 40
+        cortex.Engine(model, tok, sliding_window_eviction=False, **kw).load_prefix(windowed)
+    loaded = cortex.Engine(model, tok, **kw)
+    assert loaded.load_prefix(windowed) == 40
+    assert loaded.save_prefix(shared, back) == 40
+    assert cortex.Engine(cpu_model, tok, block_size=4).load_prefix(back) == 40
 
 
 # ── 2. Families ──────────────────────────────────────────────────────────────────────────────

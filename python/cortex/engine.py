@@ -82,8 +82,7 @@ class Engine:
             positions for Gemma 3 270M, whose 32,000-token prompt then takes 115 MB of
             cache instead of 546 MB). ``kv_cache_tokens`` counts the other layers'
             positions. Output is the same either way. ``stats()`` reports
-            ``kv_window_blocks_free`` of ``kv_window_blocks_total``. On a GPU these layers
-            keep every position.
+            ``kv_window_blocks_free`` of ``kv_window_blocks_total``.
         speculative: ``"prompt_lookup"`` (or vLLM's name, ``"ngram"``) for speculative
             decoding by prompt lookup: each step, a decoding request carries up to
             ``num_speculative_tokens`` draft tokens (those that followed the latest earlier

@@ -38,6 +38,8 @@ pub struct Key {
     pub table_stride: usize,
     /// The KV cache (the address of its first layer's keys).
     pub kv: u64,
+    /// The cache has window layers (a second set of block tables).
+    pub window_layers: bool,
 }
 
 impl Key {
@@ -62,6 +64,7 @@ impl Key {
             return None;
         }
         let table_stride = Meta::longest_table(batch).next_power_of_two().max(16);
+        let window_layers = kv.has_window_layers();
         let super::Arg::Ptr(kv) = super::ptr(kv.cuda_layer(0)?.0, gpu.stream()) else {
             return None;
         };
@@ -69,6 +72,7 @@ impl Key {
             rows,
             table_stride,
             kv,
+            window_layers,
         })
     }
 }
@@ -99,7 +103,7 @@ impl Captured {
         Ok(Captured {
             graph: None,
             epoch: 0,
-            meta: Meta::with_capacity(gpu, key.rows, key.table_stride)?,
+            meta: Meta::with_capacity(gpu, key.rows, key.table_stride, key.window_layers)?,
             logits: GpuBuf::with_len(gpu, key.rows * vocab)?,
         })
     }

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::weights::Scratch;
 use super::{ptr, Arg, Gpu, GpuBuf};
-use crate::engine::kv::{KvDType, KvStorage, Ring};
+use crate::engine::kv::{KvDType, KvLayout, KvStorage, Ring};
 use crate::error::{Error, Result};
 use crate::model::attention::SeqSpan;
 use crate::model::config::Activation;
@@ -38,45 +38,88 @@ pub struct Meta {
     /// `[rows, 4]`: position, sequence start, sequence's first row, block-table offset
     /// (`RowMeta` in kernels.cu).
     rows: CudaSlice<i32>,
+    /// The block tables and slots of the cache's layers, and of its window layers (when it
+    /// has them: see `WindowLayers`), at the same offsets.
+    main: Tables,
+    window: Option<Tables>,
+    num_rows: usize,
+    table_stride: usize,
+}
+
+/// One group of layers' block tables and slots for a batch.
+struct Tables {
     /// Each sequence's block table at `table_stride` elements from the last.
     tables: CudaSlice<u32>,
     /// `[rows]`: the cache slot (block · block_size + index) each row's key goes to, or -1
     /// where a later row of the pass takes the same slot (a ring that wraps in one chunk).
     slots: CudaSlice<i64>,
-    num_rows: usize,
-    table_stride: usize,
 }
 
 /// [`Meta`]'s host side for `batch`, with tables `table_stride` apart.
 struct HostMeta {
     positions: Vec<i32>,
     rows: Vec<i32>,
+    main: HostTables,
+    window: Option<HostTables>,
+}
+
+/// [`Tables`]' host side.
+struct HostTables {
     tables: Vec<u32>,
     slots: Vec<i64>,
 }
 
 impl HostMeta {
     fn new(batch: &Batch<'_>, kv: &KvStorage, table_stride: usize) -> Result<HostMeta> {
-        let layout = kv.layout();
         let mut m = HostMeta {
             positions: Vec::new(),
             rows: Vec::new(),
+            main: HostTables::new(batch, kv.layout(), table_stride, |s| s.blocks)?,
+            window: None,
+        };
+        if kv.has_window_layers() {
+            let layout = KvLayout {
+                ring: None,
+                ..kv.layout()
+            };
+            let window = HostTables::new(batch, layout, table_stride, |s| s.window_blocks)?;
+            m.window = Some(window);
+        }
+        for (i, s) in batch.seqs.iter().enumerate() {
+            for j in 0..s.len {
+                let p = s.start + j;
+                m.positions.push(p as i32);
+                let offset = i * table_stride;
+                m.rows
+                    .extend([p as i32, s.start as i32, s.row as i32, offset as i32]);
+            }
+        }
+        Ok(m)
+    }
+}
+
+impl HostTables {
+    /// The tables `table_of` picks from `batch`'s spans, laid out as `layout` says.
+    fn new(
+        batch: &Batch<'_>,
+        layout: KvLayout,
+        table_stride: usize,
+        table_of: impl for<'s> Fn(&SeqSpan<'s>) -> &'s [u32],
+    ) -> Result<HostTables> {
+        let mut t = HostTables {
             tables: vec![0; batch.seqs.len() * table_stride],
             slots: Vec::new(),
         };
         for (i, s) in batch.seqs.iter().enumerate() {
+            let blocks = table_of(s);
             let offset = i * table_stride;
-            m.tables[offset..offset + s.blocks.len()].copy_from_slice(s.blocks);
-            for j in 0..s.len {
-                let p = s.start + j;
-                m.positions.push(p as i32);
-                m.rows
-                    .extend([p as i32, s.start as i32, s.row as i32, offset as i32]);
+            t.tables[offset..offset + blocks.len()].copy_from_slice(blocks);
+            for p in s.start..s.start + s.len {
                 let slot = Ring::slot(layout.ring, p);
-                let block = s.blocks.get(slot / layout.block_size).ok_or_else(|| {
+                let block = blocks.get(slot / layout.block_size).ok_or_else(|| {
                     Error::Internal(format!("position {p} is past its sequence's block table"))
                 })?;
-                m.slots.push(
+                t.slots.push(
                     i64::from(*block) * layout.block_size as i64
                         + (slot % layout.block_size) as i64,
                 );
@@ -85,22 +128,44 @@ impl HostMeta {
         // A slot written twice in one pass keeps the later row's key, as the CPU's
         // in-order store does.
         let mut last = HashMap::new();
-        for (row, &slot) in m.slots.iter().enumerate() {
+        for (row, &slot) in t.slots.iter().enumerate() {
             last.insert(slot, row);
         }
-        for (row, slot) in m.slots.iter_mut().enumerate() {
+        for (row, slot) in t.slots.iter_mut().enumerate() {
             if last[slot] != row {
                 *slot = -1;
             }
         }
-        Ok(m)
+        Ok(t)
+    }
+}
+
+impl Tables {
+    fn upload(gpu: &Gpu, h: &HostTables) -> Result<Tables> {
+        Ok(Tables {
+            tables: gpu.upload(&h.tables)?,
+            slots: gpu.upload(&h.slots)?,
+        })
+    }
+
+    fn with_capacity(gpu: &Gpu, rows: usize, table_stride: usize) -> Result<Tables> {
+        Ok(Tables {
+            tables: gpu.zeros(rows * table_stride)?,
+            slots: gpu.zeros(rows)?,
+        })
+    }
+
+    fn update(&mut self, gpu: &Gpu, h: &HostTables) -> Result<()> {
+        gpu.copy_to(&h.tables, &mut self.tables)?;
+        gpu.copy_to(&h.slots, &mut self.slots)
     }
 }
 
 impl Meta {
-    /// The longest block table of `batch`.
+    /// The longest block table of `batch` (window layers' included).
     pub fn longest_table(batch: &Batch<'_>) -> usize {
-        batch.seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(0)
+        let len = |s: &SeqSpan<'_>| s.blocks.len().max(s.window_blocks.len());
+        batch.seqs.iter().map(len).max().unwrap_or(0)
     }
 
     /// `batch`'s layout, uploaded into fresh buffers.
@@ -110,21 +175,34 @@ impl Meta {
         Ok(Meta {
             positions: gpu.upload(&h.positions)?,
             rows: gpu.upload(&h.rows)?,
-            tables: gpu.upload(&h.tables)?,
-            slots: gpu.upload(&h.slots)?,
+            main: Tables::upload(gpu, &h.main)?,
+            window: h
+                .window
+                .as_ref()
+                .map(|w| Tables::upload(gpu, w))
+                .transpose()?,
             num_rows: h.positions.len(),
             table_stride: stride,
         })
     }
 
     /// Buffers for batches of `rows` rows, one sequence each, with tables up to
-    /// `table_stride` blocks (a decode step's, for a captured graph).
-    pub fn with_capacity(gpu: &Gpu, rows: usize, table_stride: usize) -> Result<Meta> {
+    /// `table_stride` blocks (a decode step's, for a captured graph) for a cache with
+    /// window layers or without.
+    pub fn with_capacity(
+        gpu: &Gpu,
+        rows: usize,
+        table_stride: usize,
+        window_layers: bool,
+    ) -> Result<Meta> {
+        let window = window_layers
+            .then(|| Tables::with_capacity(gpu, rows, table_stride))
+            .transpose()?;
         Ok(Meta {
             positions: gpu.zeros(rows)?,
             rows: gpu.zeros(rows * 4)?,
-            tables: gpu.zeros(rows * table_stride)?,
-            slots: gpu.zeros(rows)?,
+            main: Tables::with_capacity(gpu, rows, table_stride)?,
+            window,
             num_rows: rows,
             table_stride,
         })
@@ -133,15 +211,30 @@ impl Meta {
     /// Overwrites the buffers with `batch`'s layout (its rows and tables must fit).
     pub fn update(&mut self, gpu: &Gpu, batch: &Batch<'_>, kv: &KvStorage) -> Result<()> {
         let h = HostMeta::new(batch, kv, self.table_stride)?;
-        if h.positions.len() != self.num_rows || Meta::longest_table(batch) > self.table_stride {
+        if h.positions.len() != self.num_rows
+            || Meta::longest_table(batch) > self.table_stride
+            || h.window.is_some() != self.window.is_some()
+        {
             return Err(Error::Internal(
                 "a batch that does not fit its graph".into(),
             ));
         }
         gpu.copy_to(&h.positions, &mut self.positions)?;
         gpu.copy_to(&h.rows, &mut self.rows)?;
-        gpu.copy_to(&h.tables, &mut self.tables)?;
-        gpu.copy_to(&h.slots, &mut self.slots)
+        self.main.update(gpu, &h.main)?;
+        match (&mut self.window, &h.window) {
+            (Some(t), Some(h)) => t.update(gpu, h),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tables layer `layer` of `kv` reads and writes.
+    fn tables(&self, kv: &KvStorage, layer: usize) -> Result<&Tables> {
+        if !kv.is_window_layer(layer) {
+            return Ok(&self.main);
+        }
+        (self.window.as_ref())
+            .ok_or_else(|| Error::Internal("a window layer without its block tables".into()))
     }
 }
 
@@ -362,7 +455,8 @@ impl Ops for Pass<'_> {
         scratch: &mut Scratch,
     ) -> Result<()> {
         self.timed("attention", || {
-            let layout = kv.layout();
+            let layout = kv.layout_of(layer);
+            let tables = self.meta.tables(kv, layer)?;
             let (hd, kvh) = (layout.head_dim, layout.kv_heads);
             if !super::attention_takes(hd) {
                 return Err(Error::Internal(format!(
@@ -386,7 +480,7 @@ impl Ops for Pass<'_> {
                         .ring
                         .is_none_or(|r| s.start + s.len <= r.keep + r.window)
             });
-            let slots = ptr(&self.meta.slots, self.gpu.stream());
+            let slots = ptr(&tables.slots, self.gpu.stream());
             let (inv_freq, interleaved, rope_scale) = rope.parts();
             let half = inv_freq.len();
             let store = if store_first {
@@ -446,7 +540,7 @@ impl Ops for Pass<'_> {
                     v.arg(self.gpu)?,
                     ck,
                     cv,
-                    ptr(&self.meta.tables, self.gpu.stream()),
+                    ptr(&tables.tables, self.gpu.stream()),
                     ptr(&self.meta.rows, self.gpu.stream()),
                     out.arg(self.gpu)?,
                     parts,

@@ -107,8 +107,7 @@ pub struct EngineConfig {
     /// automatic prefix caching; not with a rotating cache, whose blocks are rewritten).
     pub prefix_caching: bool,
     /// Sliding-window layers (Gemma 3's local ones) keep only their window in the cache,
-    /// in blocks of their own, rather than every position masked (on a GPU they keep
-    /// every position).
+    /// in blocks of their own, rather than every position masked.
     pub sliding_window_eviction: bool,
     /// Speculative decoding: how draft tokens are proposed, if at all.
     pub speculative: Option<Speculative>,
@@ -370,7 +369,8 @@ impl Engine {
         let draft = c.speculative.as_ref().and_then(Speculative::model);
         let decoder = model.decoder();
         // Sliding-window layers that keep only their window: which, and the window.
-        let windows = (c.sliding_window_eviction && !decoder.on_gpu())
+        let windows = c
+            .sliding_window_eviction
             .then(|| decoder.window_layers())
             .flatten();
         // Bytes a position takes in the main blocks, and in window layers' blocks. A draft

@@ -714,8 +714,8 @@ impl Decoder {
     }
 
     /// A cache for these layers: `num_blocks` blocks of `block_size` positions; with
-    /// `window_blocks` (host caches only), the sliding-window layers keep only their window,
-    /// in that many blocks of their own.
+    /// `window_blocks`, the sliding-window layers keep only their window, in that many
+    /// blocks of their own.
     pub fn new_storage(
         &self,
         num_blocks: usize,
@@ -730,16 +730,6 @@ impl Decoder {
             head_dim: a.head_dim,
             ring,
         };
-        #[cfg(feature = "cuda")]
-        if let Backend::Cuda(g) = &self.backend {
-            return KvStorage::on_gpu(
-                g.gpu.clone(),
-                self.kv_dtype(),
-                self.layers.len(),
-                num_blocks,
-                layout,
-            );
-        }
         let windows = match (window_blocks, self.window_layers()) {
             (Some(num_blocks), Some((layers, window))) => Some(WindowLayers {
                 layers,
@@ -753,6 +743,17 @@ impl Decoder {
                 ))
             }
         };
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(g) = &self.backend {
+            return KvStorage::on_gpu(
+                g.gpu.clone(),
+                self.kv_dtype(),
+                self.layers.len(),
+                num_blocks,
+                layout,
+                windows,
+            );
+        }
         KvStorage::with_windows(
             self.kv_dtype(),
             self.layers.len(),

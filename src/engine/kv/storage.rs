@@ -279,6 +279,27 @@ fn write_host<'a, T: LeBytes>(
     Ok(())
 }
 
+/// Elements of each layer's keys (or values): `num_blocks` blocks, or for a window layer
+/// its pool's.
+fn layer_lens(
+    num_layers: usize,
+    num_blocks: usize,
+    layout: KvLayout,
+    windows: Option<&WindowLayers>,
+) -> Result<Vec<usize>> {
+    (0..num_layers)
+        .map(|l| {
+            let blocks = match windows {
+                Some(w) if w.layers[l] => w.num_blocks,
+                _ => num_blocks,
+            };
+            blocks
+                .checked_mul(layout.block_len())
+                .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))
+        })
+        .collect()
+}
+
 /// Keys and values of every layer, `num_blocks` blocks each (window layers: their own
 /// number).
 #[derive(Debug)]
@@ -314,17 +335,7 @@ impl KvStorage {
                 .map(|&len| (T::zeroed(len + KEY_PAD), T::zeroed(len)))
                 .collect()
         }
-        let elements = |blocks: usize| {
-            blocks
-                .checked_mul(layout.block_len())
-                .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))
-        };
-        let lens = (0..num_layers)
-            .map(|l| match &windows {
-                Some(w) if w.layers[l] => elements(w.num_blocks),
-                _ => elements(num_blocks),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let lens = layer_lens(num_layers, num_blocks, layout, windows.as_ref())?;
         Ok(KvStorage {
             layers: match dtype {
                 KvDType::F32 => Layers::F32(zeros(&lens)),
@@ -340,7 +351,8 @@ impl KvStorage {
         })
     }
 
-    /// A cache in `gpu`'s memory, `dtype` F16 or BF16.
+    /// A cache in `gpu`'s memory, `dtype` F16 or BF16, whose `windows` layers (if any) keep
+    /// only their window, in blocks of their own.
     #[cfg(feature = "cuda")]
     pub fn on_gpu(
         gpu: std::sync::Arc<crate::cuda::Gpu>,
@@ -348,6 +360,7 @@ impl KvStorage {
         num_layers: usize,
         num_blocks: usize,
         layout: KvLayout,
+        windows: Option<WindowLayers>,
     ) -> Result<Self> {
         if dtype == KvDType::F32 {
             return Err(Error::Internal("an f32 KV cache on the GPU".into()));
@@ -356,18 +369,16 @@ impl KvStorage {
         // A new cache may reuse a dropped one's addresses: graphs captured over that one
         // must not replay over this one.
         gpu.bump_epoch();
-        let len = num_blocks
-            .checked_mul(layout.block_len())
-            .ok_or_else(|| Error::param("kv_cache_tokens", "the KV cache size overflows"))?;
-        let layers = (0..num_layers)
-            .map(|_| Ok((gpu.zeros(len)?, gpu.zeros(len)?)))
+        let layers = layer_lens(num_layers, num_blocks, layout, windows.as_ref())?
+            .into_iter()
+            .map(|len| Ok((gpu.zeros(len)?, gpu.zeros(len)?)))
             .collect::<Result<_>>()?;
         Ok(KvStorage {
             layers: Layers::Cuda(GpuLayers { gpu, layers }),
             layout,
             num_blocks,
             dtype,
-            windows: None,
+            windows,
         })
     }
 
@@ -405,6 +416,11 @@ impl KvStorage {
 
     pub fn layout(&self) -> KvLayout {
         self.layout
+    }
+
+    /// Whether some layers keep only their window.
+    pub fn has_window_layers(&self) -> bool {
+        self.windows.is_some()
     }
 
     /// Whether layer `layer` keeps only its window, in blocks of the window table.
