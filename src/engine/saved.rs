@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 
 use super::client::Client;
 use super::core::Engine;
-use super::kv::{CacheShape, KvDType};
+use super::kv::{dead_blocks, CacheShape, KvDType};
 use super::sampling::SamplingParams;
 
 const MAGIC: &[u8; 8] = b"CXPREFIX";
@@ -123,12 +123,6 @@ impl Header {
             window,
         }
     }
-}
-
-/// Blocks of a prefix of `tokens` that a window of `window` no longer reads from its end
-/// (see `Windows::dead_blocks`).
-fn dead_blocks(window: usize, block_size: usize, tokens: usize) -> usize {
-    (tokens + 1).saturating_sub(window) / block_size
 }
 
 /// The parts of one block's data (as `KvStorage::read_blocks` lays it out) that belong
@@ -372,7 +366,7 @@ fn read_checked(path: &Path, engine: &Engine) -> Result<(Vec<u32>, Vec<u8>)> {
             path,
             format!(
                 "its sliding-window layers hold only the last {w} positions, and this engine \
-                 keeps them all: load it into one with sliding_window_eviction on (on the CPU)"
+                 keeps them all: load it into one with sliding_window_eviction on"
             ),
         ));
     }

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::error::{bail, Error, Result};
 use crate::model::Logits;
 
-use super::kv::{extend_hashes, BlockPool, Ring, HOLE};
+use super::kv::{dead_blocks, extend_hashes, BlockPool, Ring, HOLE};
 use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row, StepOutput};
 use super::stats::Stats;
 
@@ -61,10 +61,9 @@ pub struct Windows {
 }
 
 impl Windows {
-    /// A sequence's blocks that no query at `computed` or later reads: the first such
-    /// query reads back to position `computed + 1 - window`.
+    /// A sequence's blocks that no query at `computed` or later reads.
     fn dead_blocks(&self, computed: usize) -> usize {
-        (computed + 1).saturating_sub(self.window) / self.pool.block_size()
+        dead_blocks(self.window, self.pool.block_size(), computed)
     }
 }
 

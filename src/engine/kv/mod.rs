@@ -5,7 +5,7 @@
 pub mod pool;
 pub mod storage;
 
-pub use pool::{extend_hashes, BlockHash, BlockPool, HOLE};
+pub use pool::{dead_blocks, extend_hashes, BlockHash, BlockPool, HOLE};
 pub use storage::{
     CacheShape, KvDType, KvLayout, KvStorage, LayerKv, LayerKvMut, Ring, WindowLayers,
 };

@@ -61,6 +61,13 @@ const NIL: u32 = u32::MAX;
 /// positions are never read again.
 pub const HOLE: u32 = u32::MAX;
 
+/// Blocks of `block_size` of a sequence that no query of a layer with a window of
+/// `window` reads once only positions `computed..` are left to run: the first such query
+/// reads back to position `computed + 1 - window`.
+pub fn dead_blocks(window: usize, block_size: usize, computed: usize) -> usize {
+    (computed + 1).saturating_sub(window) / block_size
+}
+
 /// What a block holds while it is named: its tokens and its parent's name are checked on
 /// every hit, so that handing out another prefix's keys and values takes two 64-bit
 /// names colliding along with equal tokens.
@@ -167,21 +174,21 @@ impl BlockPool {
         if !self.caching {
             return Vec::new();
         }
-        let mut found = Vec::new();
-        for (i, &hash) in hashes.iter().enumerate() {
-            let Some(&b) = self.by_hash.get(&hash) else {
-                break;
-            };
-            let span = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            let parent = i.checked_sub(1).map(|p| hashes[p]);
-            match &self.blocks[b as usize].name {
-                Some(n) if n.hash == hash && n.parent == parent && *n.tokens == *span => {
-                    found.push(b);
-                }
-                _ => break,
-            }
+        (0..hashes.len())
+            .map_while(|i| self.cached_block(hashes, tokens, i))
+            .collect()
+    }
+
+    /// The cached block named `hashes[i]`, block `i` of `tokens`, checked against its
+    /// tokens and its parent's name.
+    fn cached_block(&self, hashes: &[BlockHash], tokens: &[u32], i: usize) -> Option<u32> {
+        let b = *self.by_hash.get(&hashes[i])?;
+        let span = &tokens[i * self.block_size..(i + 1) * self.block_size];
+        let parent = i.checked_sub(1).map(|p| hashes[p]);
+        match &self.blocks[b as usize].name {
+            Some(n) if n.hash == hashes[i] && n.parent == parent && *n.tokens == *span => Some(b),
+            _ => None,
         }
-        found
     }
 
     /// A window layers' pool's share of a hit on the first `hashes.len()` blocks of
@@ -194,16 +201,8 @@ impl BlockPool {
         from: usize,
     ) -> Option<Vec<u32>> {
         let mut found = vec![HOLE; from];
-        for (i, &hash) in hashes.iter().enumerate().skip(from) {
-            let b = *self.by_hash.get(&hash)?;
-            let span = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            let parent = i.checked_sub(1).map(|p| hashes[p]);
-            match &self.blocks[b as usize].name {
-                Some(n) if n.hash == hash && n.parent == parent && *n.tokens == *span => {
-                    found.push(b);
-                }
-                _ => return None,
-            }
+        for i in from..hashes.len() {
+            found.push(self.cached_block(hashes, tokens, i)?);
         }
         Some(found)
     }
