@@ -198,6 +198,8 @@ pub fn on_isa<K: IsaKernel>(isa: Isa, kernel: K) -> K::Out {
 const AMX_MIN_ROWS: usize = 8;
 /// Activation rows of an AMX tile.
 const AMX_CHUNK: usize = 16;
+/// Weight tiles of a strip of the AMX kernel: two `B` tiles of 16 weight rows.
+const AMX_STRIP_TILES: usize = 4;
 
 /// The most matrices one joint product takes (q/k/v is three).
 const MAX_JOINT: usize = 4;
@@ -800,10 +802,10 @@ impl PackedMatrix {
         );
         let all_tiles: usize = mats.iter().map(|w| w.rows.div_ceil(TILE)).sum();
         let mut per_task = (all_tiles / (4 * crate::threads::num_threads())).clamp(1, 32);
-        // AMX works on strips of two tiles: tasks start at even tiles.
+        // AMX works on strips of four tiles: tasks start at multiples of four.
         let amx = cfg!(target_arch = "x86_64") && isa == Isa::Amx && !x.tiled.is_empty();
         if amx {
-            per_task = per_task.next_multiple_of(2);
+            per_task = per_task.next_multiple_of(AMX_STRIP_TILES);
         }
         // Tasks never span two matrices: matrix `i` has `tasks_of(i)` of them.
         let tasks_of = |i: usize| mats[i].rows.div_ceil(TILE).div_ceil(per_task);
@@ -823,10 +825,11 @@ impl PackedMatrix {
             let (first, end) = (task * per_task, ((task + 1) * per_task).min(tiles));
             #[cfg(target_arch = "x86_64")]
             if amx {
-                // SAFETY: as below, for strips of two tiles; the ISA says AMX is granted.
+                // SAFETY: as below, for strips of four tiles; the ISA says AMX is granted.
                 #[allow(unsafe_code)]
                 unsafe {
-                    amx::strips(mats[i], x, first / 2..end.div_ceil(2), sinks[i].get());
+                    let strips = first / AMX_STRIP_TILES..end.div_ceil(AMX_STRIP_TILES);
+                    amx::strips(mats[i], x, strips, sinks[i].get());
                 }
                 return;
             }

@@ -6,14 +6,23 @@
 //! `p` and `t < 4`. That is nearly our layout: `A` is 16 rows of the activations' int8
 //! values (`QuantizedRows` keeps a copy whose tiles are contiguous), and a register of a
 //! weight tile (lane `4r + t` = row `r`, value `t`) is a row of `B` for 8 weight rows, so
-//! two tiles side by side make the 64-byte row of a 16-column `B`. The codes are unpacked once per strip of 16
-//! weight rows into a buffer of such rows, as `code − zero` (signed: then no zero point
-//! needs taking off afterwards), and serve every 16 activation rows.
+//! two tiles side by side make the 64-byte row of a 16-column `B`. The codes are unpacked
+//! once per strip of 32 weight rows (two `B` tiles) into a buffer of such rows, as
+//! `code − zero` (signed: then no zero point needs taking off afterwards), and serve
+//! every 32 activation rows (two `A` tiles).
 //!
 //! The weights' scales apply per group (32 values, or 16 for Q2_K, Q3_K and Q6_K), so each
-//! block (half block) is one `tdpbssd` over `K` = 32 (16) into a zeroed `C`, which is then
+//! block (half block) is a `tdpbssd` over `K` = 32 (16) into a zeroed `C`, which is then
 //! scaled into f32 accumulators with AVX-512 in the same order as the other kernels: the
-//! same integers and the same fused multiply-adds, so the same bits.
+//! same integers and the same fused multiply-adds, so the same bits. A product cannot
+//! accumulate in its tile across blocks, so the tiles' results go through memory for
+//! every block; each part runs four independent products (2 `A` × 2 `B`, as llama.cpp's
+//! AMX kernels do), with the f32 sums of the 32 × 32 outputs kept in memory (in
+//! registers they would take 64). One core of the 2-core Xeon VM, 512 × 2048 × 8192 at
+//! 4 bits, per 16 × 16 × 32 product: ~146 TSC cycles with one product at a time
+//! (16 × 16 outputs, sums in registers), ~110 with four, ~95 with a pair of parts scaled
+//! per load and store of the sums; the unpacked weights aligned to 64 bytes (so no
+//! `B` row straddles two cache lines) took ~8 more off.
 //!
 //! The OS must grant the tiles (Linux 5.16+, `arch_prctl(ARCH_REQ_XCOMP_PERM)`); before
 //! the first use a child process runs one known product ([`granted`]), so a CPU or
@@ -28,15 +37,23 @@ use std::sync::OnceLock;
 
 use super::x86::{params8, register, register_pair};
 use super::{
-    tile_block_bytes, PackedMatrix, QuantizedRows, AMX_CHUNK as CHUNK, BLOCK, QUAD, REGS, TILE,
+    tile_block_bytes, PackedMatrix, QuantizedRows, AMX_CHUNK as CHUNK, AMX_STRIP_TILES, BLOCK,
+    QUAD, REGS, TILE,
 };
 
-/// Weight rows of a strip: the 16 i32 columns of an accumulator tile.
-pub(super) const STRIP: usize = 2 * TILE;
-/// Bytes of a `B` row: 4 values of each of the strip's 16 weight rows.
-const B_ROW: usize = QUAD * STRIP;
-/// Bytes of an unpacked block of a strip: 8 `B` rows.
+/// Weight rows of a strip: the 16 i32 columns of each of two accumulator tiles.
+const STRIP: usize = AMX_STRIP_TILES * TILE;
+/// Weight rows of a `B` tile (its columns).
+const B_COLS: usize = 2 * TILE;
+/// Bytes of a `B` row: 4 values of each of its 16 weight rows.
+const B_ROW: usize = QUAD * B_COLS;
+/// Bytes of an unpacked block of a `B` tile: 8 `B` rows.
 const B_BLOCK: usize = REGS * B_ROW;
+/// Activation rows multiplied at once: two `A` tiles.
+const ROWS: usize = 2 * CHUNK;
+/// Parts whose products are kept at once: at most three are in use (a pair being scaled
+/// and the part being computed), and four make the index a mask.
+const BUFFERS: usize = 4;
 
 /// The operand of `ldtilecfg` (palette 1): rows and bytes per row of each tile.
 #[repr(C, align(64))]
@@ -49,8 +66,9 @@ struct TileConfig {
 }
 
 impl TileConfig {
-    /// Tiles 0, 1, 2 and again 3, 4, 5 as `A` (`rows` activation rows of `k` bytes), `B`
-    /// (`k / 4` rows of 64 bytes) and `C` (`rows` rows of 16 i32).
+    /// `B0`, `B1` (tiles 0, 1: `k / 4` rows of 64 bytes), `A0`, `A1` (2, 3: the first 16
+    /// and the rest of `rows` activation rows, `k` bytes each) and `C(a, h)` (`4 + a + 2h`:
+    /// `A_a`'s rows of 16 i32). With 16 rows or fewer, `A1` and its `C`s stay unset.
     fn new(rows: usize, k: usize) -> TileConfig {
         let mut c = TileConfig {
             palette: 1,
@@ -59,12 +77,19 @@ impl TileConfig {
             colsb: [0; 16],
             rows: [0; 16],
         };
-        for (t, (r, b)) in [(rows, k), (k / QUAD, B_ROW), (rows, B_ROW)]
-            .into_iter()
-            .enumerate()
-        {
+        let (r0, r1) = (rows.min(CHUNK), rows.saturating_sub(CHUNK));
+        let tiles = [
+            (k / QUAD, B_ROW),
+            (k / QUAD, B_ROW),
+            (r0, k),
+            (r1, k),
+            (r0, B_ROW),
+            (r1, B_ROW),
+            (r0, B_ROW),
+            (r1, B_ROW),
+        ];
+        for (t, (r, b)) in tiles.into_iter().enumerate().filter(|(_, (r, _))| *r > 0) {
             (c.rows[t], c.colsb[t]) = (r as u8, b as u16);
-            (c.rows[t + 3], c.colsb[t + 3]) = (r as u8, b as u16);
         }
         c
     }
@@ -76,39 +101,74 @@ impl TileConfig {
     }
 }
 
-/// Two sets of tiles `A`, `B`, `C` (0–2 and 3–5), so that one product runs while the
-/// other's result is scaled: `$issue(a, stride, b)` loads `A` (rows `stride` apart) and
-/// `B` (64-byte rows) and computes `C = A · B`; `$store(c)` writes `C` (64-byte rows).
-macro_rules! tile_set {
-    ($issue:ident, $store:ident, $a:literal, $b:literal, $c:literal) => {
-        #[inline(always)]
-        unsafe fn $issue(a: *const i8, a_stride: usize, b: *const i8) {
-            asm!(
-                concat!("tileloadd tmm", $a, ", [{a} + {sa} * 1]"),
-                concat!("tileloadd tmm", $b, ", [{b} + {sb} * 1]"),
-                concat!("tilezero tmm", $c),
-                concat!("tdpbssd tmm", $c, ", tmm", $a, ", tmm", $b),
-                a = in(reg) a,
-                sa = in(reg) a_stride,
-                b = in(reg) b,
-                sb = in(reg) B_ROW,
-                options(nostack, readonly),
-            );
-        }
-
-        #[inline(always)]
-        unsafe fn $store(c: *mut i32) {
-            asm!(
-                concat!("tilestored [{c} + {sc} * 1], tmm", $c),
-                c = in(reg) c,
-                sc = in(reg) B_ROW,
-                options(nostack),
-            );
-        }
-    };
+/// One part of a chunk on two `A` tiles: loads `B0`, `B1` (64-byte rows at `b0`, `b1`),
+/// `A0`, `A1` (rows `stride` apart at `a0`, `a1`), computes the four `C(a, h) = A_a · B_h`
+/// and stores them into `c` (64-byte rows; see [`Products`]).
+#[inline(always)]
+unsafe fn round_two(
+    a0: *const i8,
+    a1: *const i8,
+    stride: usize,
+    b0: *const i8,
+    b1: *const i8,
+    c: &mut Products,
+) {
+    let c = c.0.as_mut_ptr();
+    asm!(
+        "tileloadd tmm0, [{b0} + {sb} * 1]",
+        "tileloadd tmm2, [{a0} + {sa} * 1]",
+        "tilezero tmm4",
+        "tdpbssd tmm4, tmm2, tmm0",
+        "tileloadd tmm3, [{a1} + {sa} * 1]",
+        "tilezero tmm5",
+        "tdpbssd tmm5, tmm3, tmm0",
+        "tileloadd tmm1, [{b1} + {sb} * 1]",
+        "tilezero tmm6",
+        "tdpbssd tmm6, tmm2, tmm1",
+        "tilezero tmm7",
+        "tdpbssd tmm7, tmm3, tmm1",
+        "tilestored [{c00} + {sb} * 1], tmm4",
+        "tilestored [{c10} + {sb} * 1], tmm5",
+        "tilestored [{c01} + {sb} * 1], tmm6",
+        "tilestored [{c11} + {sb} * 1], tmm7",
+        a0 = in(reg) a0,
+        a1 = in(reg) a1,
+        sa = in(reg) stride,
+        b0 = in(reg) b0,
+        b1 = in(reg) b1,
+        sb = in(reg) B_ROW,
+        c00 = in(reg) c,
+        c10 = in(reg) c.add(CHUNK * B_COLS),
+        c01 = in(reg) c.add(ROWS * B_COLS),
+        c11 = in(reg) c.add((ROWS + CHUNK) * B_COLS),
+        options(nostack),
+    );
 }
-tile_set!(issue_even, store_even, "0", "1", "2");
-tile_set!(issue_odd, store_odd, "3", "4", "5");
+
+/// [`round_two`] for a chunk of 16 rows or fewer: `A0` only.
+#[inline(always)]
+unsafe fn round_one(a0: *const i8, stride: usize, b0: *const i8, b1: *const i8, c: &mut Products) {
+    let c = c.0.as_mut_ptr();
+    asm!(
+        "tileloadd tmm0, [{b0} + {sb} * 1]",
+        "tileloadd tmm2, [{a0} + {sa} * 1]",
+        "tilezero tmm4",
+        "tdpbssd tmm4, tmm2, tmm0",
+        "tileloadd tmm1, [{b1} + {sb} * 1]",
+        "tilezero tmm6",
+        "tdpbssd tmm6, tmm2, tmm1",
+        "tilestored [{c00} + {sb} * 1], tmm4",
+        "tilestored [{c01} + {sb} * 1], tmm6",
+        a0 = in(reg) a0,
+        sa = in(reg) stride,
+        b0 = in(reg) b0,
+        b1 = in(reg) b1,
+        sb = in(reg) B_ROW,
+        c00 = in(reg) c,
+        c01 = in(reg) c.add(ROWS * B_COLS),
+        options(nostack),
+    );
+}
 
 /// Returns the tiles to their initial state, so that the OS does not save them on a
 /// context switch (8 KiB a thread).
@@ -161,34 +221,36 @@ unsafe fn permission() -> bool {
     ) == 0
 }
 
-/// Runs a 16 × 16 × 64 product in a forked child and compares it with the plain sums
-/// computed here; true only if the child exited cleanly with the right answer. The child
-/// touches only memory prepared before the fork (no allocation, no lock), as a fork of a
-/// threaded process requires.
+/// Runs a 32 × 32 × 64 product (all four tiles of [`round_two`]) in a forked child and
+/// compares it with the plain sums computed here; true only if the child exited cleanly
+/// with the right answer. The child touches only memory prepared before the fork (no
+/// allocation, no lock), as a fork of a threaded process requires.
 unsafe fn trial_in_child() -> bool {
-    const N: usize = 16;
     const K: usize = 64;
+    const B_TILE: usize = K / QUAD * B_ROW;
     let value = |i: usize| ((i * 37 + 11) % 255) as i8;
-    let a: [i8; N * K] = std::array::from_fn(value);
-    let b: [i8; K / QUAD * B_ROW] = std::array::from_fn(|i| value(i + 5));
-    let want: [i32; N * N] = std::array::from_fn(|at| {
-        let (n, j) = (at / N, at % N);
-        (0..K)
+    let a: [i8; ROWS * K] = std::array::from_fn(value);
+    let b: [i8; 2 * B_TILE] = std::array::from_fn(|i| value(i + 5));
+    let mut want = Products([0; 2 * ROWS * B_COLS]);
+    for (at, want) in want.0.iter_mut().enumerate() {
+        let (h, n, j) = (at / (ROWS * B_COLS), at / B_COLS % ROWS, at % B_COLS);
+        *want = (0..K)
             .map(|v| {
-                i32::from(a[n * K + v]) * i32::from(b[(v / QUAD) * B_ROW + QUAD * j + v % QUAD])
+                let w = b[h * B_TILE + (v / QUAD) * B_ROW + QUAD * j + v % QUAD];
+                i32::from(a[n * K + v]) * i32::from(w)
             })
-            .sum()
-    });
-    let mut got = [0i32; N * N];
-    let config = TileConfig::new(N, K);
+            .sum();
+    }
+    let mut got = Products([0; 2 * ROWS * B_COLS]);
+    let config = TileConfig::new(ROWS, K);
     match libc::fork() {
         -1 => false,
         0 => {
             config.load();
-            issue_even(a.as_ptr(), K, b.as_ptr());
-            store_even(got.as_mut_ptr());
+            let (a, b) = (a.as_ptr(), b.as_ptr());
+            round_two(a, a.add(CHUNK * K), K, b, b.add(B_TILE), &mut got);
             release();
-            libc::_exit(i32::from(got != want));
+            libc::_exit(i32::from(got.0 != want.0));
         }
         child => {
             let mut status = 0;
@@ -200,12 +262,13 @@ unsafe fn trial_in_child() -> bool {
 }
 
 thread_local! {
-    /// A strip's codes as `B` rows, `[blocks, 8, 64]` (reused: no allocation per product).
+    /// A strip's codes as `B` rows, `[2 B tiles, blocks, 8, 64]` (reused: no allocation
+    /// per product).
     static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Strips `strips` (16 weight rows each: tiles `2s`, `2s + 1`) of `w` times every
-/// activation row of `x`, into columns `16s..` of `out: [m, rows]`.
+/// Strips `strips` (32 weight rows each: tiles `4s..4s + 4`) of `w` times every
+/// activation row of `x`, into columns `32s..` of `out: [m, rows]`.
 ///
 /// # Safety
 /// [`granted`] is true, the CPU has the AVX-512 kernels' features, and no other thread
@@ -218,7 +281,10 @@ pub(super) unsafe fn strips(
     out: *mut f32,
 ) {
     UNPACKED.with_borrow_mut(|unpacked| {
-        unpacked.resize(w.cols / BLOCK * B_BLOCK, 0);
+        // From a cache line's start, so that no 64-byte `B` row straddles two lines.
+        unpacked.resize(2 * w.cols / BLOCK * B_BLOCK + B_ROW, 0);
+        let start = unpacked.as_ptr().align_offset(B_ROW);
+        let unpacked = &mut unpacked[start..];
         for s in strips {
             match w.bits {
                 2 => unpack::<2>(w, s, unpacked),
@@ -235,17 +301,20 @@ pub(super) unsafe fn strips(
     release();
 }
 
-/// Strip `s`'s codes into `B` rows: row `ρ` of block `b` is register `ρ` of tile `2s`
-/// then of tile `2s + 1` (zeros past the last tile), each code as `code − zero`.
+/// Strip `s`'s codes into `B` rows: row `ρ` of block `b` of `B_h` is register `ρ` of tile
+/// `4s + 2h` then of tile `4s + 2h + 1` (zeros past the last tile), each code as
+/// `code − zero`.
 #[inline(always)]
 unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, out: &mut [i8]) {
     let (blocks, tbb) = (w.cols / BLOCK, tile_block_bytes(BITS));
     // 8-bit codes are stored as code − 128 already (and their zero is 128).
     let zero = _mm256_set1_epi8(if BITS == 8 { 0 } else { w.zero as i8 });
     let tiles = w.rows.div_ceil(TILE);
-    for half in 0..2 {
-        let tile = 2 * s + half;
-        let dst = out.as_mut_ptr().add(half * QUAD * TILE);
+    for quarter in 0..4 {
+        let tile = AMX_STRIP_TILES * s + quarter;
+        let dst = out
+            .as_mut_ptr()
+            .add(quarter / 2 * blocks * B_BLOCK + quarter % 2 * QUAD * TILE);
         let store = |b: usize, r: usize, v: __m256i| {
             _mm256_storeu_si256(dst.add(b * B_BLOCK + r * B_ROW).cast::<__m256i>(), v);
         };
@@ -275,18 +344,23 @@ unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, out: &mut [i8]) {
     }
 }
 
-/// The strip's 16 scales or biases of group `g` of `groups` (zeros past the last tile).
+/// The 16 scales or biases of group `g` of `groups` of the weight rows of tiles `t` and
+/// `t + 1` (zeros past the last tile).
 #[inline(always)]
 unsafe fn params16(
     w: &PackedMatrix,
     p: &super::Params,
-    s: usize,
+    t: usize,
     groups: usize,
     g: usize,
 ) -> __m512 {
-    let low = params8(p, 2 * s, groups, g);
-    let high = if (2 * s + 1) * TILE < w.rows {
-        params8(p, 2 * s + 1, groups, g)
+    let low = if t * TILE < w.rows {
+        params8(p, t, groups, g)
+    } else {
+        _mm256_setzero_ps()
+    };
+    let high = if (t + 1) * TILE < w.rows {
+        params8(p, t + 1, groups, g)
     } else {
         _mm256_setzero_ps()
     };
@@ -297,97 +371,196 @@ unsafe fn params16(
     ))
 }
 
-/// Strip `s` (unpacked at `b`) times every activation row, 16 rows at a time: one tile
-/// product per part (a block, or a group of 16), the next one issued before this one's
-/// result is scaled.
+/// Strip `s` (unpacked at `b`) times every activation row, 32 rows at a time: four tile
+/// products per part (a block, or a group of 16), scaled while the next part's run.
 #[inline(always)]
 unsafe fn multiply(w: &PackedMatrix, x: &QuantizedRows, s: usize, b: *const i8, out: *mut f32) {
     let (k, blocks, groups) = (w.cols, w.cols / BLOCK, w.groups_per_row());
     // Values per tile product: a block, or a group of 16.
     let part = w.group_size.min(BLOCK);
     let parts = k / part;
-    // Part `j`'s block and group, by shifts (sizes are powers of two): a division costs
-    // tens of cycles, a part's scaling about as many.
+    // Part `j`'s block and group, by shifts (sizes are powers of two).
     let (block_shift, group_shift) = (
         (BLOCK / part).trailing_zeros(),
         (w.group_size / part).trailing_zeros(),
     );
-    // Part `j`'s activations (in `x.tiled`) and unpacked weights.
+    // Part `j`'s activations (in a 16-row tile of `x.tiled`) and unpacked weights (in `B0`).
     let a_at = |j: usize| j * CHUNK * part;
     let b_at = |j: usize| {
         (j >> block_shift) * B_BLOCK + (j & ((1 << block_shift) - 1)) * (part / QUAD) * B_ROW
     };
-    let valid = STRIP.min(w.rows - s * STRIP);
-    let keep: __mmask16 = if valid == STRIP {
-        u16::MAX
-    } else {
-        (1 << valid) - 1
-    };
-    let mut c = [Products([0; CHUNK * STRIP]), Products([0; CHUNK * STRIP])];
+    let b1 = b.add(blocks * B_BLOCK);
+    // The valid columns of each half of the strip.
+    let keep: [__mmask16; 2] = std::array::from_fn(|h| {
+        let valid = w.rows.saturating_sub(s * STRIP + h * B_COLS).min(B_COLS);
+        ((1u32 << valid) - 1) as __mmask16
+    });
+    // Parts are scaled in pairs, after the next part's products are issued: each
+    // accumulator is then loaded and stored once for two parts, and the scaling does not
+    // read what a tile store has just written.
+    let mut c: [Products; BUFFERS] = std::array::from_fn(|_| Products([0; 2 * ROWS * B_COLS]));
+    let mut acc = Accumulators([[_mm512_setzero_ps(); 2]; ROWS]);
     let mut configured = 0;
-    for n0 in (0..x.m).step_by(CHUNK) {
-        let rows = CHUNK.min(x.m - n0);
+    for n0 in (0..x.m).step_by(ROWS) {
+        let rows = ROWS.min(x.m - n0);
         if rows != configured {
             TileConfig::new(rows, part).load();
             configured = rows;
         }
-        let a = x.tiled.as_ptr().add(n0 * k);
-        let d = x.d.as_ptr().add(n0 * blocks);
-        let sums = x.group_sums.as_ptr().add(n0 * groups);
-        let mut acc = [_mm512_setzero_ps(); CHUNK];
-        let (mut scale, mut scale_group) = (_mm512_setzero_ps(), usize::MAX);
-        issue_even(a, part, b);
+        let a0 = x.tiled.as_ptr().add(n0 * k);
+        let a1 = a0.wrapping_add(CHUNK * k);
+        acc.0[..rows].fill([_mm512_setzero_ps(); 2]);
+        let mut at = Scaling {
+            w,
+            s,
+            rows,
+            blocks,
+            groups,
+            block_shift,
+            group_shift,
+            d: x.d.as_ptr().add(n0 * blocks),
+            sums: x.group_sums.as_ptr().add(n0 * groups),
+            scale: [_mm512_setzero_ps(); 2],
+            scale_group: usize::MAX,
+        };
+        // Parts `next..` are computed but not yet scaled; a pair is scaled once the part
+        // after it has been issued too.
+        let mut next = 0;
         for j in 0..parts {
-            let products = &mut c[j % 2];
-            if j % 2 == 0 {
-                store_even(products.0.as_mut_ptr());
+            let (aj, bj) = (a_at(j), b_at(j));
+            let products = &mut c[j % BUFFERS];
+            if rows > CHUNK {
+                round_two(
+                    a0.add(aj),
+                    a1.add(aj),
+                    part,
+                    b.add(bj),
+                    b1.add(bj),
+                    products,
+                );
             } else {
-                store_odd(products.0.as_mut_ptr());
+                round_one(a0.add(aj), part, b.add(bj), b1.add(bj), products);
             }
-            if j + 1 < parts {
-                let (a, b) = (a.add(a_at(j + 1)), b.add(b_at(j + 1)));
-                if j % 2 == 0 {
-                    issue_odd(a, part, b);
-                } else {
-                    issue_even(a, part, b);
-                }
-            }
-            let (blk, g) = (j >> block_shift, j >> group_shift);
-            if g != scale_group {
-                (scale, scale_group) = (params16(w, &w.scales, s, groups, g), g);
-            }
-            // The other kernels' order: a group's bias term (`(bias + zero · scale) · Σx`
-            // for 8 bits), then `acc += cvt(C) · (scale · dx)` per part.
-            if let Some(biases) = w
-                .biases
-                .as_ref()
-                .filter(|_| j & ((1 << group_shift) - 1) == 0)
-            {
-                let mut bias = params16(w, biases, s, groups, g);
-                if w.bits == 8 {
-                    bias = _mm512_fmadd_ps(_mm512_set1_ps(w.zero as f32), scale, bias);
-                }
-                for (n, acc) in acc.iter_mut().enumerate() {
-                    if n < rows {
-                        let sum = _mm512_set1_ps(*sums.add(n * groups + g));
-                        *acc = _mm512_fmadd_ps(bias, sum, *acc);
-                    }
-                }
-            }
-            for (n, acc) in acc.iter_mut().enumerate() {
-                if n < rows {
-                    let sd = _mm512_mul_ps(scale, _mm512_set1_ps(*d.add(n * blocks + blk)));
-                    let ints = _mm512_load_si512(products.0.as_ptr().add(n * STRIP).cast());
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), sd, *acc);
-                }
+            if j >= next + 2 {
+                let pair = [&c[next % BUFFERS], &c[(next + 1) % BUFFERS]];
+                scaled::<2>(&mut at, next, pair, &mut acc);
+                next += 2;
             }
         }
-        for (n, acc) in acc.iter().enumerate().take(rows) {
-            _mm512_mask_storeu_ps(out.add((n0 + n) * w.rows + s * STRIP), keep, *acc);
+        while next < parts {
+            if next + 1 < parts {
+                let pair = [&c[next % BUFFERS], &c[(next + 1) % BUFFERS]];
+                scaled::<2>(&mut at, next, pair, &mut acc);
+                next += 2;
+            } else {
+                scaled::<1>(&mut at, next, [&c[next % BUFFERS]], &mut acc);
+                next += 1;
+            }
+        }
+        for (n, acc) in acc.0.iter().enumerate().take(rows) {
+            for (h, (&keep, &acc)) in keep.iter().zip(acc).enumerate() {
+                if keep != 0 {
+                    let at = (n0 + n) * w.rows + s * STRIP + h * B_COLS;
+                    _mm512_mask_storeu_ps(out.add(at), keep, acc);
+                }
+            }
         }
     }
 }
 
-/// An accumulator tile as stored: `[16 activation rows, 16 weight rows]` i32.
+/// What scaling a part's products needs: the strip, the chunk's activation scales and
+/// group sums, and the scales of the last group seen.
+struct Scaling<'a> {
+    w: &'a PackedMatrix,
+    s: usize,
+    rows: usize,
+    blocks: usize,
+    groups: usize,
+    /// Part `j`'s block is `j >> block_shift`, its group `j >> group_shift` (a division
+    /// would cost tens of cycles, a part's scaling about as many).
+    block_shift: u32,
+    group_shift: u32,
+    d: *const f32,
+    sums: *const f32,
+    /// Of each half of the strip.
+    scale: [__m512; 2],
+    scale_group: usize,
+}
+
+/// Adds the products of parts `j..j + N` (as stored in `products`) into `acc`, in the
+/// other kernels' order: per part, a group's bias term (`(bias + zero · scale) · Σx` for
+/// 8 bits) at the group's first part, then `acc += cvt(C) · (scale · dx)`. Taking two
+/// parts at once loads and stores each accumulator once for both.
+#[inline(always)]
+unsafe fn scaled<const N: usize>(
+    at: &mut Scaling,
+    j: usize,
+    products: [&Products; N],
+    acc: &mut Accumulators,
+) {
+    let w = at.w;
+    let (blocks, groups) = (at.blocks, at.groups);
+    // The strip's two halves: tiles `t`, `t + 1` and `t + 2`, `t + 3`.
+    let t = AMX_STRIP_TILES * at.s;
+    let mut blk = [0; N];
+    let mut group = [0; N];
+    let mut scale = [[_mm512_setzero_ps(); 2]; N];
+    let mut bias = [None; N];
+    for p in 0..N {
+        let (b, g) = ((j + p) >> at.block_shift, (j + p) >> at.group_shift);
+        if g != at.scale_group {
+            at.scale = [
+                params16(w, &w.scales, t, groups, g),
+                params16(w, &w.scales, t + 2, groups, g),
+            ];
+            at.scale_group = g;
+        }
+        (blk[p], group[p], scale[p]) = (b, g, at.scale);
+        if let Some(biases) = w.biases.as_ref() {
+            if (j + p) & ((1 << at.group_shift) - 1) == 0 {
+                let mut b = [
+                    params16(w, biases, t, groups, g),
+                    params16(w, biases, t + 2, groups, g),
+                ];
+                if w.bits == 8 {
+                    let zero = _mm512_set1_ps(w.zero as f32);
+                    b[0] = _mm512_fmadd_ps(zero, at.scale[0], b[0]);
+                    b[1] = _mm512_fmadd_ps(zero, at.scale[1], b[1]);
+                }
+                bias[p] = Some(b);
+            }
+        }
+    }
+    for (n, acc) in acc.0.iter_mut().enumerate().take(at.rows) {
+        let mut sums = [_mm512_setzero_ps(); N];
+        let mut dx = [_mm512_setzero_ps(); N];
+        for p in 0..N {
+            if bias[p].is_some() {
+                sums[p] = _mm512_set1_ps(*at.sums.add(n * groups + group[p]));
+            }
+            dx[p] = _mm512_set1_ps(*at.d.add(n * blocks + blk[p]));
+        }
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let mut sum = *acc;
+            for p in 0..N {
+                if let Some(bias) = bias[p] {
+                    sum = _mm512_fmadd_ps(bias[h], sums[p], sum);
+                }
+                let c = products[p].0.as_ptr().add((h * ROWS + n) * B_COLS);
+                let ints = _mm512_load_si512(c.cast());
+                let sd = _mm512_mul_ps(scale[p][h], dx[p]);
+                sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), sd, sum);
+            }
+            *acc = sum;
+        }
+    }
+}
+
+/// A part's four accumulator tiles as stored: `[2 halves of the strip, 32 activation rows,
+/// 16 weight rows]` i32 (`C(a, h)` at rows `16a..` of half `h`).
 #[repr(C, align(64))]
-struct Products([i32; CHUNK * STRIP]);
+struct Products([i32; 2 * ROWS * B_COLS]);
+
+/// A chunk's f32 sums: `[32 activation rows, 2 halves of the strip]` of 16 weight rows.
+#[repr(C, align(64))]
+struct Accumulators([[__m512; 2]; ROWS]);
