@@ -261,10 +261,20 @@ unsafe fn trial_in_child() -> bool {
     }
 }
 
+/// A thread's buffers, reused by every product: no allocation or zeroing per strip
+/// (zeroing 20 KiB of products and sums per strip cost ~15 % of a 16-row product).
+struct Scratch {
+    /// A strip's codes as `B` rows, `[2 B tiles, blocks, 8, 64]` (plus room to start at a
+    /// cache line).
+    unpacked: Vec<i8>,
+    /// The products of the parts in flight.
+    products: [Products; BUFFERS],
+    /// A chunk's f32 sums.
+    acc: Accumulators,
+}
+
 thread_local! {
-    /// A strip's codes as `B` rows, `[2 B tiles, blocks, 8, 64]` (reused: no allocation
-    /// per product).
-    static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Option<Box<Scratch>>> = const { RefCell::new(None) };
 }
 
 /// Strips `strips` (32 weight rows each: tiles `4s..4s + 4`) of `w` times every
@@ -280,65 +290,74 @@ pub(super) unsafe fn strips(
     strips: Range<usize>,
     out: *mut f32,
 ) {
-    UNPACKED.with_borrow_mut(|unpacked| {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let scratch = scratch.get_or_insert_with(|| {
+            Box::new(Scratch {
+                unpacked: Vec::new(),
+                products: std::array::from_fn(|_| Products([0; 2 * ROWS * B_COLS])),
+                // SAFETY: zero bits are 0.0 in every lane.
+                acc: Accumulators(std::mem::zeroed()),
+            })
+        });
+        let Scratch {
+            unpacked,
+            products,
+            acc,
+        } = &mut **scratch;
         // From a cache line's start, so that no 64-byte `B` row straddles two lines.
         unpacked.resize(2 * w.cols / BLOCK * B_BLOCK + B_ROW, 0);
         let start = unpacked.as_ptr().align_offset(B_ROW);
         let unpacked = &mut unpacked[start..];
+        // The rows the tiles are configured for (none yet on this thread).
+        let mut configured = 0;
+        let b = unpacked.as_mut_ptr();
         for s in strips {
+            let c = &mut *products; // (reborrowed for each strip)
             match w.bits {
-                2 => unpack::<2>(w, s, unpacked),
-                3 => unpack::<3>(w, s, unpacked),
-                4 => unpack::<4>(w, s, unpacked),
-                5 => unpack::<5>(w, s, unpacked),
-                6 => unpack::<6>(w, s, unpacked),
-                8 => unpack::<8>(w, s, unpacked),
+                2 => multiply::<2>(w, x, s, b, c, acc, &mut configured, out),
+                3 => multiply::<3>(w, x, s, b, c, acc, &mut configured, out),
+                4 => multiply::<4>(w, x, s, b, c, acc, &mut configured, out),
+                5 => multiply::<5>(w, x, s, b, c, acc, &mut configured, out),
+                6 => multiply::<6>(w, x, s, b, c, acc, &mut configured, out),
+                8 => multiply::<8>(w, x, s, b, c, acc, &mut configured, out),
                 _ => unreachable!("bits are checked by AffineMatrix"),
             }
-            multiply(w, x, s, unpacked.as_ptr(), out);
         }
     });
     release();
 }
 
-/// Strip `s`'s codes into `B` rows: row `ρ` of block `b` of `B_h` is register `ρ` of tile
-/// `4s + 2h` then of tile `4s + 2h + 1` (zeros past the last tile), each code as
-/// `code − zero`.
+/// Block `b` of strip `s`'s codes into `B` rows: row `ρ` of the block in `B_h` is
+/// register `ρ` of tile `4s + 2h` then of tile `4s + 2h + 1` (zeros past the last tile),
+/// each code as `code − zero`.
 #[inline(always)]
-unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, out: &mut [i8]) {
+unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, b: usize, out: *mut i8) {
     let (blocks, tbb) = (w.cols / BLOCK, tile_block_bytes(BITS));
     // 8-bit codes are stored as code − 128 already (and their zero is 128).
     let zero = _mm256_set1_epi8(if BITS == 8 { 0 } else { w.zero as i8 });
     let tiles = w.rows.div_ceil(TILE);
     for quarter in 0..4 {
         let tile = AMX_STRIP_TILES * s + quarter;
-        let dst = out
-            .as_mut_ptr()
-            .add(quarter / 2 * blocks * B_BLOCK + quarter % 2 * QUAD * TILE);
-        let store = |b: usize, r: usize, v: __m256i| {
-            _mm256_storeu_si256(dst.add(b * B_BLOCK + r * B_ROW).cast::<__m256i>(), v);
+        let dst = out.add(quarter / 2 * blocks * B_BLOCK + b * B_BLOCK + quarter % 2 * QUAD * TILE);
+        let store = |r: usize, v: __m256i| {
+            _mm256_storeu_si256(dst.add(r * B_ROW).cast::<__m256i>(), v);
         };
         if tile >= tiles {
-            for b in 0..blocks {
-                for r in 0..REGS {
-                    store(b, r, _mm256_setzero_si256());
-                }
+            for r in 0..REGS {
+                store(r, _mm256_setzero_si256());
             }
             continue;
         }
-        let data = w.data.as_ptr().add(tile * blocks * tbb);
-        for b in 0..blocks {
-            let p = data.add(b * tbb);
-            if (4..=6).contains(&BITS) {
-                for r in 0..REGS / 2 {
-                    let (low, high) = register_pair::<BITS>(p, r);
-                    store(b, r, _mm256_sub_epi8(low, zero));
-                    store(b, r + REGS / 2, _mm256_sub_epi8(high, zero));
-                }
-            } else {
-                for r in 0..REGS {
-                    store(b, r, _mm256_sub_epi8(register::<BITS>(p, r), zero));
-                }
+        let p = w.data.as_ptr().add((tile * blocks + b) * tbb);
+        if (4..=6).contains(&BITS) {
+            for r in 0..REGS / 2 {
+                let (low, high) = register_pair::<BITS>(p, r);
+                store(r, _mm256_sub_epi8(low, zero));
+                store(r + REGS / 2, _mm256_sub_epi8(high, zero));
+            }
+        } else {
+            for r in 0..REGS {
+                store(r, _mm256_sub_epi8(register::<BITS>(p, r), zero));
             }
         }
     }
@@ -371,10 +390,22 @@ unsafe fn params16(
     ))
 }
 
-/// Strip `s` (unpacked at `b`) times every activation row, 32 rows at a time: four tile
-/// products per part (a block, or a group of 16), scaled while the next part's run.
+/// Strip `s` times every activation row, 32 rows at a time: four tile products per part
+/// (a block, or a group of 16), scaled while the next part's run. The strip's codes are
+/// unpacked into `b` during the first 32 rows, a block ahead of the products (so that a
+/// single chunk, a decode step's, overlaps the two), and read from there by the rest.
 #[inline(always)]
-unsafe fn multiply(w: &PackedMatrix, x: &QuantizedRows, s: usize, b: *const i8, out: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply<const BITS: u32>(
+    w: &PackedMatrix,
+    x: &QuantizedRows,
+    s: usize,
+    b: *mut i8,
+    c: &mut [Products; BUFFERS],
+    acc: &mut Accumulators,
+    configured: &mut usize,
+    out: *mut f32,
+) {
     let (k, blocks, groups) = (w.cols, w.cols / BLOCK, w.groups_per_row());
     // Values per tile product: a block, or a group of 16.
     let part = w.group_size.min(BLOCK);
@@ -390,6 +421,7 @@ unsafe fn multiply(w: &PackedMatrix, x: &QuantizedRows, s: usize, b: *const i8, 
         (j >> block_shift) * B_BLOCK + (j & ((1 << block_shift) - 1)) * (part / QUAD) * B_ROW
     };
     let b1 = b.add(blocks * B_BLOCK);
+    let mut unpacked = 0;
     // The valid columns of each half of the strip.
     let keep: [__mmask16; 2] = std::array::from_fn(|h| {
         let valid = w.rows.saturating_sub(s * STRIP + h * B_COLS).min(B_COLS);
@@ -398,14 +430,11 @@ unsafe fn multiply(w: &PackedMatrix, x: &QuantizedRows, s: usize, b: *const i8, 
     // Parts are scaled in pairs, after the next part's products are issued: each
     // accumulator is then loaded and stored once for two parts, and the scaling does not
     // read what a tile store has just written.
-    let mut c: [Products; BUFFERS] = std::array::from_fn(|_| Products([0; 2 * ROWS * B_COLS]));
-    let mut acc = Accumulators([[_mm512_setzero_ps(); 2]; ROWS]);
-    let mut configured = 0;
     for n0 in (0..x.m).step_by(ROWS) {
         let rows = ROWS.min(x.m - n0);
-        if rows != configured {
+        if rows != *configured {
             TileConfig::new(rows, part).load();
-            configured = rows;
+            *configured = rows;
         }
         let a0 = x.tiled.as_ptr().add(n0 * k);
         let a1 = a0.wrapping_add(CHUNK * k);
@@ -427,6 +456,13 @@ unsafe fn multiply(w: &PackedMatrix, x: &QuantizedRows, s: usize, b: *const i8, 
         // after it has been issued too.
         let mut next = 0;
         for j in 0..parts {
+            if n0 == 0 {
+                // Blocks up to the next part's, unpacked.
+                while unpacked < blocks.min((j >> block_shift) + 2) {
+                    unpack::<BITS>(w, s, unpacked, b);
+                    unpacked += 1;
+                }
+            }
             let (aj, bj) = (a_at(j), b_at(j));
             let products = &mut c[j % BUFFERS];
             if rows > CHUNK {
@@ -443,17 +479,17 @@ unsafe fn multiply(w: &PackedMatrix, x: &QuantizedRows, s: usize, b: *const i8, 
             }
             if j >= next + 2 {
                 let pair = [&c[next % BUFFERS], &c[(next + 1) % BUFFERS]];
-                scaled::<2>(&mut at, next, pair, &mut acc);
+                scaled::<2>(&mut at, next, pair, acc);
                 next += 2;
             }
         }
         while next < parts {
             if next + 1 < parts {
                 let pair = [&c[next % BUFFERS], &c[(next + 1) % BUFFERS]];
-                scaled::<2>(&mut at, next, pair, &mut acc);
+                scaled::<2>(&mut at, next, pair, acc);
                 next += 2;
             } else {
-                scaled::<1>(&mut at, next, [&c[next % BUFFERS]], &mut acc);
+                scaled::<1>(&mut at, next, [&c[next % BUFFERS]], acc);
                 next += 1;
             }
         }
