@@ -312,14 +312,13 @@ pub(super) unsafe fn strips(
         let mut configured = 0;
         let b = unpacked.as_mut_ptr();
         for s in strips {
-            let c = &mut *products; // (reborrowed for each strip)
             match w.bits {
-                2 => multiply::<2>(w, x, s, b, c, acc, &mut configured, out),
-                3 => multiply::<3>(w, x, s, b, c, acc, &mut configured, out),
-                4 => multiply::<4>(w, x, s, b, c, acc, &mut configured, out),
-                5 => multiply::<5>(w, x, s, b, c, acc, &mut configured, out),
-                6 => multiply::<6>(w, x, s, b, c, acc, &mut configured, out),
-                8 => multiply::<8>(w, x, s, b, c, acc, &mut configured, out),
+                2 => multiply::<2>(w, x, s, b, products, acc, &mut configured, out),
+                3 => multiply::<3>(w, x, s, b, products, acc, &mut configured, out),
+                4 => multiply::<4>(w, x, s, b, products, acc, &mut configured, out),
+                5 => multiply::<5>(w, x, s, b, products, acc, &mut configured, out),
+                6 => multiply::<6>(w, x, s, b, products, acc, &mut configured, out),
+                8 => multiply::<8>(w, x, s, b, products, acc, &mut configured, out),
                 _ => unreachable!("bits are checked by AffineMatrix"),
             }
         }
