@@ -1091,16 +1091,20 @@ fn quantize_row(x: &[f32], group_size: usize, row: Row<'_>) {
             .zip(xb.chunks_exact(HALF))
             .enumerate()
         {
-            let mut isum = 0i32;
-            for (q, v) in qh.iter_mut().zip(xh) {
-                // Round to nearest (ties to even), vectorised. The clamp only acts on NaN
-                // (to −127) and on a block so small that `inv` overflowed.
+            // Round to nearest (ties to even). The clamp only acts on NaN (to −127) and on
+            // a block so small that `inv` overflowed. In three fixed-length loops, which
+            // vectorise: as one loop (store, then add up) it compiled to scalar code that
+            // took 11 % of a 64-row decode step.
+            let mut ints = [0i32; HALF];
+            for (i, v) in ints.iter_mut().zip(xh) {
                 #[allow(clippy::manual_clamp)] // `clamp` keeps NaN
                 let v = (v * inv).max(-127.0).min(127.0);
-                *q = round_to_int(v) as i8;
-                isum += i32::from(*q);
+                *i = round_to_int(v);
             }
-            half_sums[2 * b + h] = isum;
+            for (q, &i) in qh.iter_mut().zip(&ints) {
+                *q = i as i8;
+            }
+            half_sums[2 * b + h] = ints.iter().sum();
         }
     }
     if group_size == HALF {
