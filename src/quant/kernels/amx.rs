@@ -18,11 +18,12 @@
 //! accumulate in its tile across blocks, so the tiles' results go through memory for
 //! every block; each part runs four independent products (2 `A` × 2 `B`, as llama.cpp's
 //! AMX kernels do), with the f32 sums of the 32 × 32 outputs kept in memory (in
-//! registers they would take 64). One core of the 2-core Xeon VM, 512 × 2048 × 8192 at
-//! 4 bits, per 16 × 16 × 32 product: ~146 TSC cycles with one product at a time
-//! (16 × 16 outputs, sums in registers), ~110 with four, ~95 with a pair of parts scaled
-//! per load and store of the sums; the unpacked weights aligned to 64 bytes (so no
-//! `B` row straddles two cache lines) took ~8 more off.
+//! registers they would take 64). TSC cycles per 16 × 16 × 32 product at 4 bits, one core
+//! of the 2-core Xeon VM: at 512 × 2048 × 8192, ~146 with one product at a time (16 × 16
+//! outputs, sums in registers), ~110 with four, ~95 with a pair of parts scaled per load
+//! and store of the sums (aligning the unpacked weights to a cache line, so that no `B`
+//! row straddles two, took ~8 off the first); at 16 rows, unpacking each block just ahead
+//! of its products instead of the whole strip first, 161 → 123.
 //!
 //! The OS must grant the tiles (Linux 5.16+, `arch_prctl(ARCH_REQ_XCOMP_PERM)`); before
 //! the first use a child process runs one known product ([`granted`]), so a CPU or
