@@ -535,7 +535,7 @@ impl Sampler {
         prompt_len: usize,
         allowed: Option<&SimpleVob>,
     ) -> Result<Cow<'a, [f32]>> {
-        if logits.iter().any(|x| x.is_nan()) {
+        if any_nan(logits) {
             return Err(Error::Engine("the model produced NaN logits".into()));
         }
         let p = &self.params;
@@ -662,15 +662,42 @@ fn pick(cands: &[(u32, f64)], mut u: f64) -> u32 {
     cands.last().map_or(0, |c| c.0)
 }
 
-/// Index of the largest logit, the first of equals.
+/// Index of the largest logit, the first of equals (NaNs are passed over, and a NaN
+/// first logit is the answer, as a scan keeping the first strictly larger value gives).
+///
+/// The largest value in 16 lanes, then the first index holding it: two passes that
+/// vectorise, where one scan (a compare that each step depends on) took 28 µs for 49,152
+/// logits (SmolLM2's vocabulary), ~2 % of a 64-sequence decode step. (`|`, not `||`:
+/// a branch per logit would keep the loops scalar.)
+#[allow(clippy::needless_bitwise_bool)]
 pub(crate) fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    if logits.first().is_none_or(|l| l.is_nan()) {
+        return 0;
+    }
+    let (chunks, rest) = logits.as_chunks::<16>();
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(l);
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    let chunk = chunks
+        .iter()
+        .position(|c| c.iter().fold(false, |hit, &l| hit | (l == max)))
+        .unwrap_or(chunks.len());
+    let at = chunk * 16;
+    let within = logits[at..].iter().position(|&l| l == max).unwrap_or(0);
+    (at + within) as u32
+}
+
+/// Whether any logit is NaN: every logit checked (no early exit), which vectorises.
+#[allow(clippy::needless_bitwise_bool)]
+fn any_nan(logits: &[f32]) -> bool {
+    logits.iter().fold(false, |nan, l| nan | l.is_nan())
 }
 
 /// `log(softmax(logits))`.
@@ -805,6 +832,33 @@ mod tests {
         p.seed = Some(2084870319995941157);
         let outside = sampled_outside_allowed(&logits, p, 64);
         assert!(outside.is_none(), "sampled (token, allowed) {outside:?}");
+    }
+
+    proptest! {
+        /// The two-pass argmax gives what one scan keeping the first strictly larger
+        /// value gives: ties, infinities and NaNs included, at every length around the
+        /// 16-lane chunks.
+        #[test]
+        fn argmax_is_the_first_of_the_largest(
+            values in prop::collection::vec(
+                prop_oneof![
+                    (-4i8..4).prop_map(f32::from),
+                    Just(f32::NEG_INFINITY),
+                    Just(f32::INFINITY),
+                    Just(f32::NAN),
+                ],
+                1..70,
+            )
+        ) {
+            let mut best = 0;
+            for (i, &l) in values.iter().enumerate() {
+                if l > values[best] {
+                    best = i;
+                }
+            }
+            prop_assert_eq!(argmax(&values), best as u32);
+            prop_assert_eq!(any_nan(&values), values.iter().any(|l| l.is_nan()));
+        }
     }
 
     #[test]
