@@ -18,27 +18,30 @@ use std::ops::Range;
 
 use crate::engine::kv::storage::KEY_PAD;
 use crate::engine::kv::{KvLayout, KvStorage, LayerKv, LayerKvMut, Ring};
-use crate::model::math::exp;
+use crate::model::math::{exp, max, sum};
 use crate::quant::kernels::{on_isa, IsaKernel};
 use crate::quant::Isa;
 use crate::threads::SendPtr;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// An element type of the cache.
 pub trait Elem: Copy + Default + Send + Sync + 'static {
-    fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `src` into `dst` (the same length), rounded to nearest even, a vector at a time
+    /// where the CPU converts in hardware.
+    fn narrow(src: &[f32], dst: &mut [Self]);
     /// 16 elements as f32. `SIMD`: the caller runs with AVX2 and F16C enabled.
     fn widen16<const SIMD: bool>(x: &[Self; 16]) -> [f32; 16];
 }
 
 impl Elem for f32 {
-    fn from_f32(x: f32) -> f32 {
-        x
-    }
-
     fn to_f32(self) -> f32 {
         self
+    }
+
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 
     #[inline(always)]
@@ -48,12 +51,13 @@ impl Elem for f32 {
 }
 
 impl Elem for f16 {
-    fn from_f32(x: f32) -> f16 {
-        f16::from_f32(x)
-    }
-
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        // F16C (`vcvtps2ph`) where the CPU has it, else `f16::from_f32` per element.
+        dst.convert_from_f32_slice(src);
     }
 
     #[inline(always)]
@@ -214,14 +218,17 @@ fn attend_in<T: Elem>(
     // The fresh keys and values as the cache stores them (so that a position's attention to
     // itself uses what later positions will read): keys transposed, `[kv_heads, head_dim,
     // rows]`, so that a run of them is scored the same way.
+    let mut narrow_k = vec![T::default(); k.len()];
+    T::narrow(k, &mut narrow_k);
     let mut fresh_k = vec![T::default(); nkv * hd * rows + PAD];
-    for (r, key) in k.chunks_exact(hd).enumerate() {
+    for (r, key) in narrow_k.chunks_exact(hd).enumerate() {
         let (row, kv_head) = (r / nkv, r % nkv);
         for (d, &x) in key.iter().enumerate() {
-            fresh_k[(kv_head * hd + d) * rows + row] = T::from_f32(x);
+            fresh_k[(kv_head * hd + d) * rows + row] = x;
         }
     }
-    let fresh_v: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    let mut fresh_v = vec![T::default(); v.len()];
+    T::narrow(v, &mut fresh_v);
     // The positions row `row` sees, in order, as two ranges: those from `first` on (the
     // sliding window's start, else 0) that a ring keeps for good, then the recent ones up to
     // the row's own. Without a ring the first range is empty. (Positions a ring has
@@ -258,11 +265,11 @@ fn attend_in<T: Elem>(
     let part = 2 + hd;
     let mut partial = vec![0f32; units * splits * groups * part];
     // Prompt chunks: rows of a sequence in blocks of `ROWS_PER_BLOCK`, whose queries are
-    // scored together against the keys the block sees, each key widened once per block
-    // rather than once per row, each row's splits then softened over its own keys alone:
-    // the same sums in the same order as one row at a time, so the same bits. Without a
-    // ring (whose two ranges a block's rows do not share), and when the blocks alone keep
-    // every thread busy.
+    // scored together against the keys the block sees, each key widened once per
+    // `SCORED` queries rather than once per query head, each row's splits then softened
+    // over its own keys alone: the same sums in the same order as one row at a time, so
+    // the same bits. Without a ring (whose two ranges a block's rows do not share), and
+    // when the blocks alone keep every thread busy.
     let blocks: Vec<(usize, usize)> = seqs
         .iter()
         .enumerate()
@@ -292,9 +299,7 @@ fn attend_in<T: Elem>(
             BUFFERS.with_borrow_mut(|b| {
                 let Buffers {
                     scores,
-                    wide,
                     segments,
-                    cursors,
                     queries,
                     out,
                 } = b;
@@ -306,14 +311,14 @@ fn attend_in<T: Elem>(
                     );
                     let seen = sees(row);
                     let (n, offset) = (seen.len(), seen.start - union.start);
-                    for g in 0..groups {
-                        segments.extend((0..splits_of(n)).map(|split| {
-                            let keys = split_keys(split, n);
-                            Segment {
-                                query: i * groups + g,
-                                keys: offset + keys.start..offset + keys.end,
-                                out: i * per_row + (split * groups + g) * part,
-                            }
+                    // By split, so that the query heads of a split (the same keys) are
+                    // consecutive.
+                    for split in 0..splits_of(n) {
+                        let keys = split_keys(split, n);
+                        segments.extend((0..groups).map(|g| Segment {
+                            query: i * groups + g,
+                            keys: offset + keys.start..offset + keys.end,
+                            out: i * per_row + (split * groups + g) * part,
                         }));
                     }
                 }
@@ -326,7 +331,7 @@ fn attend_in<T: Elem>(
                     queries,
                     &runs,
                     union.len(),
-                    (scores, wide, segments, cursors),
+                    (scores, segments),
                     out,
                 );
                 for (i, row) in block_rows.enumerate() {
@@ -367,11 +372,7 @@ fn attend_in<T: Elem>(
                 let mut runs = Vec::new();
                 BUFFERS.with_borrow_mut(|b| {
                     let Buffers {
-                        scores,
-                        wide,
-                        segments,
-                        cursors,
-                        ..
+                        scores, segments, ..
                     } = b;
                     for (i, partial) in partials.chunks_mut(groups * part).enumerate() {
                         let (unit, split) = (
@@ -414,7 +415,7 @@ fn attend_in<T: Elem>(
                             queries,
                             &runs,
                             hi - lo,
-                            (scores, wide, segments, cursors),
+                            (scores, segments),
                             partial,
                         );
                     }
@@ -519,9 +520,7 @@ impl<'a, T> Sources<'a, T> {
 #[derive(Default)]
 struct Buffers {
     scores: Vec<f32>,
-    wide: Vec<f32>,
     segments: Vec<Segment>,
-    cursors: Vec<usize>,
     /// A block's queries, `[rows, groups, head_dim]`.
     queries: Vec<f32>,
     /// A block's partial softmaxes, `[rows, splits, groups, 2 + head_dim]`.
@@ -540,9 +539,7 @@ impl Buffers {
             }
         }
         trim(&mut self.scores);
-        trim(&mut self.wide);
         trim(&mut self.segments);
-        trim(&mut self.cursors);
         trim(&mut self.queries);
         trim(&mut self.out);
     }
@@ -643,16 +640,9 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
     runs: &[Run<'_, T>],
     n: usize,
     scores: &mut Vec<f32>,
-    wide: &mut Vec<f32>,
 ) {
-    // Scores `[queries, n]`, for `LANES` keys at a time: over the dimensions, a query's
-    // component times one row of the transposed keys, into four sums in registers
-    // (independent chains of multiply-adds). Each group of keys is widened to f32 once, into
-    // `wide: [hd, LANES]`, for all the query heads that share it. A run's last group of keys
-    // reads past it into storage that `PAD` keeps in bounds; those lanes are dropped.
     scores.clear();
     scores.resize(queries.len() / hd * n, 0.0);
-    wide.resize(hd * LANES, 0.0);
     let mut at = 0;
     // Runs are small (a block's keys are 2–4 KB) and scattered, too short for the hardware
     // prefetcher to learn: ask for each run's keys two runs ahead, and for its values
@@ -666,38 +656,78 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
         }
         prefetch(run.values, run.v_at, run.v_stride, run.n, hd);
         for j in (0..run.n).step_by(LANES) {
-            for (d, wide) in wide.chunks_exact_mut(LANES).enumerate() {
-                let at = run.k_at + d * run.k_stride + j;
-                let keys = run.keys[at..at + LANES].try_into().expect("LANES keys");
-                wide.copy_from_slice(&T::widen16::<FMA>(keys));
-            }
-            // `[hd][LANES]`, walked in step with the query (no index to check).
-            let keys = &wide.as_chunks::<LANES>().0[..hd];
-            for (query, scores) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-                let mut acc = [[0f32; LANES]; 4];
-                let (q4, k4) = (query.chunks_exact(4), keys.chunks_exact(4));
-                let rest = q4.remainder().iter().zip(k4.remainder());
-                for (q, k) in q4.zip(k4) {
-                    for ((acc, &qd), k) in acc.iter_mut().zip(q).zip(k) {
-                        for (a, &k) in acc.iter_mut().zip(k) {
-                            *a = fma::<FMA>(qd, k, *a);
-                        }
-                    }
+            // Up to `SCORED` queries at a time: more sums than registers hold would spill.
+            let w = (run.n - j).min(LANES);
+            let mut first = 0;
+            for batch in queries.chunks(SCORED * hd) {
+                let sums: &mut dyn FnMut(usize, &[f32; LANES]) = &mut |g, sums| {
+                    scores[(first + g) * n + at + j..][..w].copy_from_slice(&sums[..w]);
+                };
+                match batch.len() / hd {
+                    1 => score_keys::<T, HD, FMA, 1>(hd, batch, run, j, sums),
+                    2 => score_keys::<T, HD, FMA, 2>(hd, batch, run, j, sums),
+                    3 => score_keys::<T, HD, FMA, 3>(hd, batch, run, j, sums),
+                    _ => score_keys::<T, HD, FMA, SCORED>(hd, batch, run, j, sums),
                 }
-                for (&qd, k) in rest {
-                    for (a, &k) in acc[0].iter_mut().zip(k) {
-                        *a = fma::<FMA>(qd, k, *a);
-                    }
-                }
-                let w = (run.n - j).min(LANES);
-                for (l, s) in scores[at + j..at + j + w].iter_mut().enumerate() {
-                    *s = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-                }
+                first += batch.len() / hd;
             }
         }
         at += run.n;
     }
     debug_assert_eq!(at, n);
+}
+
+/// Queries scored at once by [`score_keys`]: their sums, 4 × 16 lanes each, take 16 of
+/// AVX-512's 32 registers.
+const SCORED: usize = 4;
+
+/// The scores of `NQ` queries (`queries: [NQ, hd]`) against keys `j..j + LANES` of
+/// `run`, each handed to `out(query, scores)`. Dimensions outermost: each row of the
+/// transposed keys is widened to f32 once, in a register, and multiplied into every
+/// query's sums, four per query (independent chains of multiply-adds: dimension `d` into
+/// sum `d % 4`, the dimensions past a multiple of 4 into the first), added as
+/// `(s0 + s1) + (s2 + s3)`. A run's last group of keys reads past it into storage that
+/// `PAD` keeps in bounds; those lanes are dropped.
+#[inline(always)]
+fn score_keys<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
+    hd: usize,
+    queries: &[f32],
+    run: &Run<'_, T>,
+    j: usize,
+    out: &mut dyn FnMut(usize, &[f32; LANES]),
+) {
+    let hd = if HD == 0 { hd } else { HD };
+    let queries: [&[f32]; NQ] = std::array::from_fn(|g| &queries[g * hd..][..hd]);
+    let key = |d: usize| -> &[T; LANES] {
+        let at = run.k_at + d * run.k_stride + j;
+        run.keys[at..at + LANES].try_into().expect("LANES keys")
+    };
+    let mut acc = [[[0f32; LANES]; 4]; NQ];
+    for d4 in 0..hd / 4 {
+        for i in 0..4 {
+            let d = 4 * d4 + i;
+            let k = T::widen16::<FMA>(key(d));
+            for (acc, query) in acc.iter_mut().zip(&queries) {
+                let qd = query[d];
+                for (a, &k) in acc[i].iter_mut().zip(&k) {
+                    *a = fma::<FMA>(qd, k, *a);
+                }
+            }
+        }
+    }
+    for d in hd / 4 * 4..hd {
+        let k = T::widen16::<FMA>(key(d));
+        for (acc, query) in acc.iter_mut().zip(&queries) {
+            let qd = query[d];
+            for (a, &k) in acc[0].iter_mut().zip(&k) {
+                *a = fma::<FMA>(qd, k, *a);
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        let sums = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+        out(g, &sums);
+    }
 }
 
 /// Partial attention of `queries: [_, head_dim]` over the `n` keys of `runs`: for each
@@ -714,22 +744,16 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     queries: &[f32],
     runs: &[Run<'_, T>],
     n: usize,
-    (scores, wide, segments, cursors): Scratch<'_>,
+    (scores, segments): Scratch<'_>,
     out: &mut [f32],
 ) {
     let hd = if HD == 0 { hd } else { HD };
-    score::<T, HD, FMA>(hd, queries, runs, n, scores, wide);
-    soften::<T, HD, FMA>(hd, runs, n, (scores, wide, cursors), segments, out);
+    score::<T, HD, FMA>(hd, queries, runs, n, scores);
+    soften::<T, HD, FMA>(hd, runs, n, scores, segments, out);
 }
 
-/// A task's buffers: the scores, the widened keys or values, the segments to compute (by
-/// query, then keys: see [`soften`]) and `soften`'s cursors into them.
-type Scratch<'a> = (
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-    &'a mut Vec<Segment>,
-    &'a mut Vec<usize>,
-);
+/// A task's buffers: the scores and the segments to compute (see [`soften`]).
+type Scratch<'a> = (&'a mut Vec<f32>, &'a mut Vec<Segment>);
 
 /// A partial softmax to compute: query `query`'s keys `keys` (indices into the scored
 /// keys) into `[max, Σ w, Σ w·v (head_dim)]` at `out` in the output.
@@ -746,105 +770,88 @@ fn soften<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,
     runs: &[Run<'_, T>],
     n: usize,
-    (scores, wide, cursors): (&mut [f32], &mut Vec<f32>, &mut Vec<usize>),
+    scores: &mut [f32],
     segments: &[Segment],
     out: &mut [f32],
 ) {
     for seg in segments {
         let scores = &mut scores[seg.query * n..][seg.keys.clone()];
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max(scores);
         scores.iter_mut().for_each(|s| *s = exp(*s - max));
         let out = &mut out[seg.out..seg.out + 2 + hd];
         out[0] = max;
-        out[1] = scores.iter().sum();
-        out[2..].fill(0.0);
+        out[1] = sum(scores.iter().copied());
     }
-    // `Σ w·v` per segment, `LANES` values at a time: widened once into `wide: [LANES, hd]`,
-    // then weighed for each segment in registers (fixed `HD`). Each sum runs key by key in
-    // order, through the registers and back, so it is the same however the keys fall into
-    // runs (cached or fresh) or segments share them: a row's result does not depend on its
-    // batch.
-    wide.resize(hd * LANES, 0.0);
-    // Segments come by query, each query's in key order without overlap: per query, where
-    // its segments start (`bounds`) and the first not yet behind the keys reached (`next`).
-    cursors.clear();
-    for (i, seg) in segments.iter().enumerate() {
-        if i == 0 || seg.query != segments[i - 1].query {
-            cursors.push(i);
+    // `Σ w·v`: the segments over the same keys (the query heads of one row and split)
+    // together, up to `SCORED` at a time, so that each value is widened once for them all.
+    let mut first = 0;
+    while first < segments.len() {
+        let keys = &segments[first].keys;
+        let same = segments[first..]
+            .iter()
+            .take(SCORED)
+            .take_while(|s| s.keys == *keys)
+            .count();
+        let group = &segments[first..first + same];
+        match same {
+            1 => weigh_values::<T, HD, FMA, 1>(hd, runs, n, scores, group, out),
+            2 => weigh_values::<T, HD, FMA, 2>(hd, runs, n, scores, group, out),
+            3 => weigh_values::<T, HD, FMA, 3>(hd, runs, n, scores, group, out),
+            _ => weigh_values::<T, HD, FMA, SCORED>(hd, runs, n, scores, group, out),
         }
-    }
-    let queries = cursors.len();
-    cursors.push(segments.len());
-    cursors.extend_from_within(..queries);
-    let (bounds, next) = cursors.split_at_mut(queries + 1);
-    let mut at = 0;
-    for run in runs {
-        for j in (0..run.n).step_by(LANES) {
-            let count = (run.n - j).min(LANES);
-            let group = at + j..at + j + count;
-            let mut widened = false;
-            for (query, next) in next.iter_mut().enumerate() {
-                let end = bounds[query + 1];
-                while *next < end && segments[*next].keys.end <= group.start {
-                    *next += 1;
-                }
-                for seg in &segments[*next..end] {
-                    // The segment's keys among these `count`.
-                    if seg.keys.start >= group.end {
-                        break;
-                    }
-                    let (lo, hi) = (seg.keys.start.max(group.start), seg.keys.end.min(group.end));
-                    if !widened {
-                        widen_values::<T, FMA>(hd, run, j, count, wide);
-                        widened = true;
-                    }
-                    let weights = &scores[seg.query * n + lo..seg.query * n + hi];
-                    let values =
-                        wide[(lo - group.start) * hd..(hi - group.start) * hd].chunks_exact(hd);
-                    let sums = &mut out[seg.out + 2..seg.out + 2 + hd];
-                    if HD == 0 {
-                        for (&p, value) in weights.iter().zip(values) {
-                            for (o, &x) in sums.iter_mut().zip(value) {
-                                *o = fma::<FMA>(p, x, *o);
-                            }
-                        }
-                    } else {
-                        let sums: &mut [f32; HD] = sums.try_into().expect("HD sums");
-                        let mut acc = *sums;
-                        for (&p, value) in weights.iter().zip(values) {
-                            for (a, &x) in acc.iter_mut().zip(value) {
-                                *a = fma::<FMA>(p, x, *a);
-                            }
-                        }
-                        *sums = acc;
-                    }
-                }
-            }
-        }
-        at += run.n;
+        first += same;
     }
 }
 
-/// Values `j..j + count` of `run` as f32 into `wide: [count, hd]`.
+/// Dimensions of the values weighed at once by [`weigh_values`]: `NQ` sums of 64 f32 are
+/// 4 AVX-512 registers a query.
+const WEIGHED: usize = 64;
+
+/// `Σ w·v` of `NQ` segments over the same keys (`segments`; their weights in `scores:
+/// [queries, n]`) into `out`, `WEIGHED` dimensions at a time: each key's values widened to
+/// f32 once, in registers, and multiplied into every segment's sums. Each sum runs key by
+/// key in order, so it is the same however the keys fall into runs (cached or fresh) or
+/// segments share them: a row's result does not depend on its batch.
 #[inline(always)]
-fn widen_values<T: Elem, const FMA: bool>(
+fn weigh_values<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
     hd: usize,
-    run: &Run<'_, T>,
-    j: usize,
-    count: usize,
-    wide: &mut [f32],
+    runs: &[Run<'_, T>],
+    n: usize,
+    scores: &[f32],
+    segments: &[Segment],
+    out: &mut [f32],
 ) {
-    for (i, wide) in wide.chunks_exact_mut(hd).take(count).enumerate() {
-        let value = &run.values[run.v_at + (j + i) * run.v_stride..][..hd];
-        if hd.is_multiple_of(16) {
-            for (wide, value) in wide.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
-                let value = value.try_into().expect("16 values");
-                wide.copy_from_slice(&T::widen16::<FMA>(value));
+    let hd = if HD == 0 { hd } else { HD };
+    let keys = segments[0].keys.clone();
+    let weights: [&[f32]; NQ] =
+        std::array::from_fn(|g| &scores[segments[g].query * n..][keys.clone()]);
+    for dims in (0..hd).step_by(WEIGHED) {
+        let len = WEIGHED.min(hd - dims);
+        let mut acc = [[0f32; WEIGHED]; NQ];
+        let mut at = 0;
+        for run in runs {
+            for key in keys.start.max(at)..keys.end.min(at + run.n) {
+                let value = &run.values[run.v_at + (key - at) * run.v_stride + dims..][..len];
+                let mut v = [0f32; WEIGHED];
+                if len == WEIGHED {
+                    for (v, value) in v.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
+                        let value = value.try_into().expect("16 values");
+                        v.copy_from_slice(&T::widen16::<FMA>(value));
+                    }
+                } else {
+                    v.iter_mut().zip(value).for_each(|(v, x)| *v = x.to_f32());
+                }
+                for (acc, weights) in acc.iter_mut().zip(&weights) {
+                    let p = weights[key - keys.start];
+                    for (a, &x) in acc.iter_mut().zip(&v) {
+                        *a = fma::<FMA>(p, x, *a);
+                    }
+                }
             }
-        } else {
-            wide.iter_mut()
-                .zip(value)
-                .for_each(|(w, v)| *w = v.to_f32());
+            at += run.n;
+        }
+        for (seg, acc) in segments.iter().zip(&acc) {
+            out[seg.out + 2 + dims..][..len].copy_from_slice(&acc[..len]);
         }
     }
 }
@@ -894,21 +901,19 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
         v: &[f32],
     ) {
         let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
+        let mut key = vec![T::default(); hd];
         for seq in seqs {
             for i in 0..seq.len {
                 let slot = Ring::slot(kv.ring, seq.start + i);
                 for h in 0..nkv {
                     let (base, index) = kv.place(seq.blocks, slot, h);
                     let from = ((seq.row + i) * nkv + h) * hd;
-                    for (d, &x) in k[from..from + hd].iter().enumerate() {
-                        ck[base + d * bs + index] = T::from_f32(x);
+                    // Keys are stored transposed (a dimension's keys side by side).
+                    T::narrow(&k[from..from + hd], &mut key);
+                    for (d, &x) in key.iter().enumerate() {
+                        ck[base + d * bs + index] = x;
                     }
-                    for (c, &x) in cv[base + index * hd..][..hd]
-                        .iter_mut()
-                        .zip(&v[from..from + hd])
-                    {
-                        *c = T::from_f32(x);
-                    }
+                    T::narrow(&v[from..from + hd], &mut cv[base + index * hd..][..hd]);
                 }
             }
         }
@@ -1151,12 +1156,12 @@ mod tests {
     /// sliding window, keys cached and fresh, f16 and f32 caches).
     #[test]
     fn prompt_blocks_give_the_bits_of_one_row_at_a_time() {
-        let (t, heads, nkv, bs) = (300, 4, 2, 16);
-        for (hd, dtype, window) in [
-            (64, KvDType::F16, None),
-            (64, KvDType::F16, Some(40)),
-            (256, KvDType::F32, None),
-            (8, KvDType::F32, Some(7)),
+        let (t, bs) = (300, 16);
+        for (hd, dtype, window, heads, nkv) in [
+            (64, KvDType::F16, None, 4, 2),
+            (64, KvDType::F16, Some(40), 9, 3),
+            (256, KvDType::F32, None, 4, 1),
+            (8, KvDType::F32, Some(7), 10, 2),
         ] {
             let (q, k, v) = (
                 data(t * heads * hd, 4),
@@ -1188,33 +1193,45 @@ mod tests {
         }
     }
 
-    /// Prefill in uneven chunks through scattered blocks equals one causal pass.
+    /// Prefill in uneven chunks through scattered blocks equals one causal pass, on every
+    /// instruction set.
     #[test]
     fn chunked_paged_attention_matches_causal_attention() {
-        // Every head size the kernels specialise for, and one they do not.
-        for hd in [8, 64, 128, 256] {
-            let (t, heads, nkv, bs) = (11, 4, 2, 4);
+        // Every head size the kernels specialise for, and some they do not (96: a last
+        // partial run of `WEIGHED` dimensions); query heads per KV head from 1 to 9 (the
+        // kernels take up to `SCORED` at a time).
+        let shapes = [(4, 2), (3, 3), (6, 2), (5, 1), (9, 1)];
+        for ((heads, nkv), hd) in shapes
+            .into_iter()
+            .flat_map(|s| [8, 64, 96, 128, 256].map(|hd| (s, hd)))
+        {
+            let (t, bs) = (11, 4);
             let (q, k, v) = (
                 data(t * heads * hd, 1),
                 data(t * nkv * hd, 2),
                 data(t * nkv * hd, 3),
             );
             let want = naive(&q, &k, &v, t, heads, nkv, hd);
-            let mut kv = KvStorage::new(KvDType::F32, 1, 6, layout(bs, nkv, hd, None)).unwrap();
-            let blocks = [5u32, 0, 3];
-            let spans = [(0, 5), (5, 1), (6, 4), (10, 1)];
-            let got = chunks(
-                Isa::active(),
-                &mut kv,
-                &blocks,
-                &spans,
-                (&q, &k, &v),
-                heads,
-                1.0,
-                None,
-            );
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "head size {hd}: {a} vs {b}");
+            for &isa in Isa::available() {
+                let mut kv = KvStorage::new(KvDType::F32, 1, 6, layout(bs, nkv, hd, None)).unwrap();
+                let blocks = [5u32, 0, 3];
+                let spans = [(0, 5), (5, 1), (6, 4), (10, 1)];
+                let got = chunks(
+                    isa,
+                    &mut kv,
+                    &blocks,
+                    &spans,
+                    (&q, &k, &v),
+                    heads,
+                    1.0,
+                    None,
+                );
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{isa:?} {heads}/{nkv} heads of {hd}: {a} vs {b}"
+                    );
+                }
             }
         }
     }

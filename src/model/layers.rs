@@ -480,14 +480,14 @@ impl Norm {
         let d = self.weight.len() as f32;
         match &self.bias {
             None => {
-                let m = (sum(row.iter().map(|x| x * x)) / d + self.eps).sqrt();
+                let m = (math::sum(row.iter().map(|x| x * x)) / d + self.eps).sqrt();
                 for (x, w) in row.iter_mut().zip(&self.weight) {
                     *x = *x / m * w;
                 }
             }
             Some(bias) => {
-                let mean = sum(row.iter().copied()) / d;
-                let var = sum(row.iter().map(|x| (x - mean) * (x - mean))) / d;
+                let mean = math::sum(row.iter().copied()) / d;
+                let var = math::sum(row.iter().map(|x| (x - mean) * (x - mean))) / d;
                 let std = (var + self.eps).sqrt();
                 for ((x, w), b) in row.iter_mut().zip(&self.weight).zip(bias) {
                     *x = (*x - mean) / std * w + b;
@@ -495,16 +495,6 @@ impl Norm {
             }
         }
     }
-}
-
-/// A sum in 8 interleaved partial sums: 8 independent chains of additions, which the
-/// compiler may run as one vector (a single running sum must add one element at a time).
-fn sum(xs: impl Iterator<Item = f32>) -> f32 {
-    let mut lanes = [0f32; 8];
-    for (i, x) in xs.enumerate() {
-        lanes[i % 8] += x;
-    }
-    lanes.iter().sum()
 }
 
 /// Rotary position embeddings (Su et al., 2021), either on adjacent pairs (the layout

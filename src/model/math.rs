@@ -6,6 +6,35 @@
 use crate::quant::kernels::{on_isa, round_to_int, IsaKernel};
 use crate::quant::Isa;
 
+/// A sum in 8 interleaved partial sums: 8 independent chains of additions, which the
+/// compiler may run as one vector (a single running sum must add one element at a time).
+pub fn sum(xs: impl Iterator<Item = f32>) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (i, x) in xs.enumerate() {
+        lanes[i % 8] += x;
+    }
+    lanes.iter().sum()
+}
+
+/// The largest of `xs` (NaNs ignored, as by `f32::max`; −∞ if empty), in 16 lanes: one
+/// running maximum is a chain of dependent compares, which LLVM vectorises only for
+/// slices of 64 or more (a decode row's attention scores are often fewer). The maximum
+/// does not depend on the order, so this is `xs`' maximum exactly.
+#[inline(always)]
+pub fn max(xs: &[f32]) -> f32 {
+    let (chunks, rest) = xs.as_chunks::<16>();
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
 /// `e^x` for `x ≤ 0` (softmax weights) within 5e-7 relative of `f32::exp`, in plain
 /// arithmetic so that a loop over scores vectorises (libm's `expf` is a call per score):
 /// `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its Taylor series to `r⁷` (truncation
