@@ -349,6 +349,11 @@ unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, b: usize, out: *mu
             continue;
         }
         let p = w.data.as_ptr().add((tile * blocks + b) * tbb);
+        // The same block of the next strip, asked for a strip ahead.
+        let ahead = p.wrapping_add(AMX_STRIP_TILES * blocks * tbb);
+        for line in (0..tbb).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        }
         if (4..=6).contains(&BITS) {
             for r in 0..REGS / 2 {
                 let (low, high) = register_pair::<BITS>(p, r);
