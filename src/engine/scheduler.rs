@@ -20,13 +20,12 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use rayon::prelude::*;
 
 use crate::error::{bail, Error, Result};
 use crate::model::Logits;
 
 use super::kv::{dead_blocks, extend_hashes, BlockPool, Ring, HOLE};
-use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row, StepOutput};
+use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row};
 use super::stats::Stats;
 
 #[derive(Debug)]
@@ -634,17 +633,22 @@ impl Scheduler {
             }
         }
         // Sample every request in parallel; each has its own RNG, so the order of work
-        // does not change what any request draws.
+        // does not change what any request draws. On the compute threads, whose helpers
+        // wait between the step's operations anyway: rayon's would wake for this, then
+        // spin and yield on the cores the next step needs.
         let previous: Vec<_> = chosen.iter().map(|(r, ..)| r.last_token).collect();
-        let results: Vec<Result<Vec<StepOutput>>> = (chosen.par_iter_mut())
-            .map(|(r, seq, first)| {
-                let rows = *first..*first + 1 + seq.drafts;
-                r.sample_span(rows.map(|i| row_of(logits, i)), seq.draft_tokens())
-            })
-            .collect();
+        let mut sampled: Vec<_> = chosen.into_iter().map(|c| (c, None)).collect();
+        crate::threads::parallel_chunks_mut(&mut sampled, 1, &|_, one| {
+            let ((r, seq, first), result) = &mut one[0];
+            let rows = *first..*first + 1 + seq.drafts;
+            *result = Some(r.sample_span(rows.map(|i| row_of(logits, i)), seq.draft_tokens()));
+        });
         let mut stats = stats.lock();
         stats.prompt_tokens += output.prompt_tokens as u64;
-        for (((r, seq, _), result), previous) in chosen.into_iter().zip(results).zip(previous) {
+        for (((r, seq, _), result), previous) in sampled.into_iter().zip(previous) {
+            let Some(result) = result else {
+                bail!(Internal, "request {} was not sampled", r.id);
+            };
             let steps = match result {
                 Ok(steps) => steps,
                 Err(e) => {
