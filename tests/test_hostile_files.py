@@ -97,6 +97,14 @@ def test_unknown_ggml_type(tmp_path):
     _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, "unknown ggml type 999")
 
 
+@pytest.mark.parametrize(("type_id", "name"), [(20, "IQ4_NL"), (23, "IQ4_XS"), (39, "MXFP4")])
+def test_unsupported_ggml_type_is_named(tmp_path, type_id, name):
+    g = tiny_llama()
+    g.tensors[0].ggml_type = type_id
+    err = _expect(tmp_path, g.to_bytes(), cortex.ModelFormatError, f"ggml type {name} ({type_id})")
+    assert "Q4_K_M" in str(err)
+
+
 def test_duplicate_tensor_name(tmp_path):
     g = tiny_llama()
     g.tensors.append(Tensor("output_norm.weight", [8], b"\0" * 32))

@@ -283,6 +283,31 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     })
 }
 
+/// The names of ggml's types that no kernel here runs (ggml.h `enum ggml_type`): a file
+/// of them is refused by name, not as an unknown number.
+fn unsupported_type_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
+}
+
 impl GgufFile {
     /// Opens `path` and validates its whole header: magic, version, counts, every metadata
     /// value, every tensor's name, type, dims and byte range.
@@ -387,8 +412,16 @@ impl GgufFile {
             }
             let type_id = c.u32(&name)?;
             let offset = c.u64(&name)?;
-            let dtype = ggml_dtype(type_id)
-                .ok_or_else(|| c.err(format!("tensor '{name}' has unknown ggml type {type_id}")))?;
+            let dtype = ggml_dtype(type_id).ok_or_else(|| {
+                c.err(match unsupported_type_name(type_id) {
+                    Some(t) => format!(
+                        "tensor '{name}' is of ggml type {t} ({type_id}), which Cortex does not \
+                         run yet (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 and \
+                         Q2_K to Q8_K): use another quantization of the model, such as Q4_K_M"
+                    ),
+                    None => format!("tensor '{name}' has unknown ggml type {type_id}"),
+                })
+            })?;
             let elems = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| {
