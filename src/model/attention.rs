@@ -136,31 +136,30 @@ struct Run<'a, T> {
 /// task reads its keys and values once for all the query heads that share
 /// them and leaves a partial softmax per head (its maximum score, sum of weights and
 /// weighted values), which are merged at the end. The ranges depend on the row alone, so
-/// a row's result does not depend on what else is in the batch.
+/// a row's result does not depend on what else is in the batch. The result goes into `out`
+/// (resized; no allocation once it has the capacity).
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     kv: &KvStorage,
     layer: usize,
     seqs: &[SeqSpan<'_>],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
     heads: usize,
     scale: f32,
     window: Option<usize>,
-) -> Vec<f32> {
+    out: &mut Vec<f32>,
+) {
     attend_on(
         Isa::active(),
         kv,
         layer,
         seqs,
-        q,
-        k,
-        v,
+        (q, k, v),
         heads,
         scale,
         window,
-    )
+        out,
+    );
 }
 
 /// [`attend`] with its inner loops compiled for `isa` (one of `Isa::available()`).
@@ -170,23 +169,60 @@ fn attend_on(
     kv: &KvStorage,
     layer: usize,
     seqs: &[SeqSpan<'_>],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: (&[f32], &[f32], &[f32]),
     heads: usize,
     scale: f32,
     window: Option<usize>,
-) -> Vec<f32> {
+    out: &mut Vec<f32>,
+) {
     let layout = kv.layout_of(layer);
     let seqs = &spans_of(kv, layer, seqs);
+    // The thread's buffers, taken for the call (a call inside it would start empty ones).
+    let mut work = WORKSPACE.take();
     match kv.layer(layer) {
-        LayerKv::F32(ck, cv) => {
-            attend_in(isa, layout, (ck, cv), seqs, q, k, v, heads, scale, window)
-        }
-        LayerKv::F16(ck, cv) => {
-            attend_in(isa, layout, (ck, cv), seqs, q, k, v, heads, scale, window)
-        }
+        LayerKv::F32(ck, cv) => attend_in(
+            isa,
+            layout,
+            (ck, cv),
+            seqs,
+            qkv,
+            (heads, scale, window),
+            &mut work,
+            out,
+        ),
+        LayerKv::F16(ck, cv) => attend_in(
+            isa,
+            layout,
+            (ck, cv),
+            seqs,
+            qkv,
+            (heads, scale, window),
+            &mut work,
+            out,
+        ),
     }
+    if work.q.capacity() + work.partial.capacity() <= Workspace::KEEP / 4 {
+        WORKSPACE.set(work);
+    }
+}
+
+/// A thread's buffers for [`attend`]'s layer-sized arrays (the scaled queries and the
+/// partial softmaxes), kept from layer to layer: allocated per call, they were fresh pages
+/// each time, and a prompt's are megabytes (512 SmolLM2 prompt rows, 2 threads: some
+/// runs took ~21,000 more page faults and ~100 ms more a prefill than others).
+#[derive(Default)]
+struct Workspace {
+    q: Vec<f32>,
+    partial: Vec<f32>,
+}
+
+impl Workspace {
+    /// Bytes kept between calls: a long prompt's are let go of.
+    const KEEP: usize = 64 << 20;
+}
+
+thread_local! {
+    static WORKSPACE: std::cell::Cell<Workspace> = std::cell::Cell::new(Workspace::default());
 }
 
 /// [`attend_on`] over one layer's cache, `(keys, values)` in element type `T`.
@@ -196,17 +232,17 @@ fn attend_in<T: Elem>(
     kv: KvLayout,
     (cache_k, cache_v): (&[T], &[T]),
     seqs: &[SeqSpan<'_>],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    scale: f32,
-    window: Option<usize>,
-) -> Vec<f32> {
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (heads, scale, window): (usize, f32, Option<usize>),
+    work: &mut Workspace,
+    out: &mut Vec<f32>,
+) {
     let (hd, nkv) = (kv.head_dim, kv.kv_heads);
     let groups = heads / nkv;
     // Queries scaled once, not once per key.
-    let q: Vec<f32> = q.iter().map(|x| x * scale).collect();
+    work.q.clear();
+    work.q.extend(q.iter().map(|x| x * scale));
+    let q = &work.q;
     // Which sequence each row belongs to.
     let row_seq: Vec<usize> = seqs
         .iter()
@@ -263,7 +299,9 @@ fn attend_in<T: Elem>(
     };
     // Per task and query head: [max score, sum of weights, Σ weight·value (head_dim)].
     let part = 2 + hd;
-    let mut partial = vec![0f32; units * splits * groups * part];
+    let partial = &mut work.partial;
+    partial.clear();
+    partial.resize(units * splits * groups * part, 0.0);
     // Prompt chunks: rows of a sequence in blocks of `ROWS_PER_BLOCK`, whose queries are
     // scored together against the keys the block sees, each key widened once per
     // `SCORED` queries rather than once per query head, each row's splits then softened
@@ -366,7 +404,7 @@ fn attend_in<T: Elem>(
             1
         };
         crate::threads::parallel_chunks_mut(
-            &mut partial,
+            partial,
             per_task * groups * part,
             &|task, partials| {
                 let mut runs = Vec::new();
@@ -428,10 +466,11 @@ fn attend_in<T: Elem>(
     // without keys (`Σ w = 0`) take no part; a row always sees itself, so one has keys.
     // Rows are independent: split over the threads (run serially, it kept 15 of 16 threads
     // idle for a prompt's rows × heads merges).
-    let partial = &partial;
-    let mut out = vec![0f32; rows * heads * hd];
+    let partial = &*partial;
+    out.clear();
+    out.resize(rows * heads * hd, 0.0);
     let rows_per_task = crate::threads::rows_per_task(rows, heads * hd * splits);
-    crate::threads::parallel_chunks_mut(&mut out, rows_per_task * heads * hd, &|task, out| {
+    crate::threads::parallel_chunks_mut(out, rows_per_task * heads * hd, &|task, out| {
         for (j, out) in out.chunks_mut(hd).enumerate() {
             let i = task * rows_per_task * heads + j;
             let (row, head) = (i / heads, i % heads);
@@ -453,7 +492,6 @@ fn attend_in<T: Elem>(
             out.iter_mut().for_each(|o| *o /= sum);
         }
     });
-    out
 }
 
 /// Where one layer's keys and values are read from: the cache, and the batch's fresh
@@ -666,7 +704,6 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
                 match batch.len() / hd {
                     1 => score_keys::<T, HD, FMA, 1>(hd, batch, run, j, sums),
                     2 => score_keys::<T, HD, FMA, 2>(hd, batch, run, j, sums),
-                    3 => score_keys::<T, HD, FMA, 3>(hd, batch, run, j, sums),
                     _ => score_keys::<T, HD, FMA, SCORED>(hd, batch, run, j, sums),
                 }
                 first += batch.len() / hd;
@@ -677,9 +714,11 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
     debug_assert_eq!(at, n);
 }
 
-/// Queries scored at once by [`score_keys`]: their sums, 4 × 16 lanes each, take 16 of
-/// AVX-512's 32 registers.
-const SCORED: usize = 4;
+/// Queries scored at once by [`score_keys`]: their sums, 4 × 16 lanes each, take 12 of
+/// AVX-512's 32 registers. Four queries' sums (a 1 KB array) went partly through the stack,
+/// the compiler no longer splitting the array into registers: 30 SmolLM2 layers of a
+/// 512-row prompt took 162 ms of attention with four, 143–148 with three.
+const SCORED: usize = 3;
 
 /// The scores of `NQ` queries (`queries: [NQ, hd]`) against keys `j..j + LANES` of
 /// `run`, each handed to `out(query, scores)`. Dimensions outermost: each row of the
@@ -796,7 +835,6 @@ fn soften<T: Elem, const HD: usize, const FMA: bool>(
         match same {
             1 => weigh_values::<T, HD, FMA, 1>(hd, runs, n, scores, group, out),
             2 => weigh_values::<T, HD, FMA, 2>(hd, runs, n, scores, group, out),
-            3 => weigh_values::<T, HD, FMA, 3>(hd, runs, n, scores, group, out),
             _ => weigh_values::<T, HD, FMA, SCORED>(hd, runs, n, scores, group, out),
         }
         first += same;
@@ -957,18 +995,20 @@ mod tests {
             let rows = |x: &[f32], w: usize| x[start * w * hd..(start + len) * w * hd].to_vec();
             let (kk, vv) = (rows(k, nkv), rows(v, nkv));
             let qq = rows(q, heads);
-            out.extend(attend_on(
+            // Into a buffer that is not empty: what a layer before left must not matter.
+            let mut got = vec![f32::NAN; 5];
+            attend_on(
                 isa,
                 kv,
                 0,
                 &[seq],
-                &qq,
-                &kk,
-                &vv,
+                (&qq, &kk, &vv),
                 heads,
                 scale,
                 window,
-            ));
+                &mut got,
+            );
+            out.extend(got);
             store(kv, 0, &[seq], &kk, &vv);
         }
         out
@@ -1043,7 +1083,8 @@ mod tests {
             blocks: &blocks,
             window_blocks: &[],
         };
-        let got = attend(&kv, 0, &[seq], &q, &k, &v, heads, 1.0, None);
+        let mut got = Vec::new();
+        attend(&kv, 0, &[seq], (&q, &k, &v), heads, 1.0, None, &mut got);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }

@@ -218,7 +218,7 @@ impl Ops for Cpu {
             Ok(())
         })?;
         timed("attention", || {
-            *out = attention::attend(kv, layer, seqs, q, k, v, heads, scale, window);
+            attention::attend(kv, layer, seqs, (q, k, v), heads, scale, window, out);
             Ok(())
         })?;
         timed("kv store", || {
