@@ -201,7 +201,7 @@ fn attend_on(
             out,
         ),
     }
-    if work.q.capacity() + work.partial.capacity() <= Workspace::KEEP / 4 {
+    if (work.q.capacity() + work.partial.capacity()) * size_of::<f32>() <= Workspace::KEEP {
         WORKSPACE.set(work);
     }
 }
