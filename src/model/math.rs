@@ -117,6 +117,7 @@ impl<F: Fn(f32, f32) -> f32> IsaKernel for Zip<'_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn exp_matches_the_standard_library() {
@@ -157,6 +158,26 @@ mod tests {
         assert!(worst_gelu < 1.0, "gelu: {worst_gelu}");
         assert!(silu(f32::NAN).is_nan() && gelu_tanh(f32::NAN).is_nan());
         assert_eq!((silu(0.0), gelu_tanh(0.0)), (0.0, 0.0));
+    }
+
+    proptest! {
+        /// The 16-lane maximum is one running `f32::max`'s: infinities and NaNs (ignored)
+        /// included, at every length around the 16-lane chunks (signed zeros compare equal).
+        #[test]
+        fn max_is_the_running_maximum(
+            xs in prop::collection::vec(
+                prop_oneof![
+                    (-4i8..4).prop_map(f32::from),
+                    Just(f32::NEG_INFINITY),
+                    Just(f32::INFINITY),
+                    Just(f32::NAN),
+                ],
+                0..70,
+            )
+        ) {
+            let want = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            prop_assert_eq!(max(&xs), want);
+        }
     }
 
     #[test]
