@@ -772,11 +772,9 @@ fn score_keys<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
 /// Partial attention of `queries: [_, head_dim]` over the `n` keys of `runs`: for each
 /// segment in `scratch` (a query and a range of the keys), `[max, Σ w, Σ w·v]` into `out`
 /// at the segment's offset, with `w = exp(q·k − max)` (the queries come scaled).
-/// `scratch`: the scores, the widened keys or values, the segments (filled by the
-/// caller) and [`soften`]'s cursors. `HD` is the head size when it is known at compile
-/// time (0: `hd`): fixed lengths let the loops unroll and the sums stay in registers while
-/// the values stream past. `HD`
-/// is a multiple of 16 (values are widened 16 at a time).
+/// `scratch`: the scores and the segments (filled by the caller). `HD` is the head size
+/// when it is known at compile time (0: `hd`): fixed lengths let the loops unroll and the
+/// sums stay in registers while the keys and values stream past.
 #[inline(always)]
 fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,

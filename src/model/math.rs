@@ -114,6 +114,19 @@ impl<F: Fn(f32, f32) -> f32> IsaKernel for Zip<'_, F> {
     }
 }
 
+/// Test values for lane-wise reductions: few distinct finite values (so ties are common),
+/// both infinities and NaN.
+#[cfg(test)]
+pub(crate) fn ties_and_specials() -> impl proptest::strategy::Strategy<Value = f32> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (-4i8..4).prop_map(f32::from),
+        Just(f32::NEG_INFINITY),
+        Just(f32::INFINITY),
+        Just(f32::NAN),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,15 +178,7 @@ mod tests {
         /// included, at every length around the 16-lane chunks (signed zeros compare equal).
         #[test]
         fn max_is_the_running_maximum(
-            xs in prop::collection::vec(
-                prop_oneof![
-                    (-4i8..4).prop_map(f32::from),
-                    Just(f32::NEG_INFINITY),
-                    Just(f32::INFINITY),
-                    Just(f32::NAN),
-                ],
-                0..70,
-            )
+            xs in prop::collection::vec(ties_and_specials(), 0..70)
         ) {
             let want = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             prop_assert_eq!(max(&xs), want);
