@@ -264,7 +264,7 @@ fn ggml_bits(stored: &str) -> Option<u32> {
         "Q8_0" | "Q8_1" | "Q8K" => 8,
         "Q6K" => 6,
         "Q5_0" | "Q5_1" | "Q5K" => 5,
-        "Q4_0" | "Q4_1" | "Q4K" => 4,
+        "Q4_0" | "Q4_1" | "Q4K" | "IQ4_NL" | "IQ4_XS" => 4,
         "Q3K" => 3,
         "Q2K" => 2,
         _ => return None,

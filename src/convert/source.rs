@@ -269,7 +269,7 @@ impl Source {
                 parts: vec![],
                 name: out,
                 shape: info.shape.dims().to_vec(),
-                stored: format!("{:?}", info.ggml_dtype),
+                stored: gguf.stored_type(name)?,
             });
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));

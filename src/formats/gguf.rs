@@ -18,6 +18,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::error::{Error, Result};
+use crate::quant::ggml::Iq4;
 
 /// Longest string value accepted (a chat template or a token is far below this).
 const MAX_STRING_BYTES: u64 = 16 << 20;
@@ -45,7 +46,12 @@ pub struct GgufFile {
     pub metadata: HashMap<String, Value>,
     /// Tensor names in file order.
     pub tensor_names: Vec<String>,
+    /// Each tensor's shape, offset and the candle type [`GgufFile::tensor`] reads it as
+    /// (for the IQ4 types, which candle does not know, the type that holds their values
+    /// exactly: see [`Iq4`]).
     pub tensors: HashMap<String, TensorInfo>,
+    /// The tensors stored as an IQ4 type.
+    pub iq4: HashMap<String, Iq4>,
     /// Absolute offset of the tensor data section.
     pub data_offset: u64,
     file: File,
@@ -291,10 +297,8 @@ fn unsupported_type_name(id: u32) -> Option<&'static str> {
         17 => "IQ2_XS",
         18 => "IQ3_XXS",
         19 => "IQ1_S",
-        20 => "IQ4_NL",
         21 => "IQ3_S",
         22 => "IQ2_S",
-        23 => "IQ4_XS",
         24 => "I8",
         25 => "I16",
         26 => "I32",
@@ -393,6 +397,7 @@ impl GgufFile {
         // (name, info, byte size) in file order.
         let mut infos: Vec<(String, TensorInfo, u64)> = Vec::with_capacity(tensor_count as usize);
         let mut seen = HashSet::with_capacity(tensor_count as usize);
+        let mut iq4s = HashMap::new();
         for _ in 0..tensor_count {
             let name = c.string("tensor name")?;
             if name.is_empty() || name.len() > MAX_TENSOR_NAME {
@@ -412,16 +417,20 @@ impl GgufFile {
             }
             let type_id = c.u32(&name)?;
             let offset = c.u64(&name)?;
-            let dtype = ggml_dtype(type_id).ok_or_else(|| {
-                c.err(match unsupported_type_name(type_id) {
-                    Some(t) => format!(
-                        "tensor '{name}' is of ggml type {t} ({type_id}), which Cortex does not \
-                         run yet (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 and \
-                         Q2_K to Q8_K): use another quantization of the model, such as Q4_K_M"
-                    ),
-                    None => format!("tensor '{name}' has unknown ggml type {type_id}"),
-                })
-            })?;
+            let iq4 = Iq4::from_type_id(type_id);
+            let dtype = ggml_dtype(type_id)
+                .or(iq4.map(Iq4::exact_ggml))
+                .ok_or_else(|| {
+                    c.err(match unsupported_type_name(type_id) {
+                        Some(t) => format!(
+                            "tensor '{name}' is of ggml type {t} ({type_id}), which Cortex does \
+                             not run yet (it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, \
+                             Q8_1, Q2_K to Q8_K, IQ4_NL and IQ4_XS): use another quantization of \
+                             the model, such as Q4_K_M"
+                        ),
+                        None => format!("tensor '{name}' has unknown ggml type {type_id}"),
+                    })
+                })?;
             let elems = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| {
@@ -436,15 +445,20 @@ impl GgufFile {
                         "tensor '{name}' has invalid dims {dims:?} (zero, negative or overflowing)"
                     ))
                 })?;
-            let block = dtype.block_size() as u64;
+            // The stored type's blocks, which for an IQ4 type are not `dtype`'s.
+            let (type_name, block, block_bytes) = match iq4 {
+                Some(iq) => (iq.name().to_string(), iq.block_size(), iq.type_size()),
+                None => (format!("{dtype:?}"), dtype.block_size(), dtype.type_size()),
+            };
+            let block = block as u64;
             if dims[0] % block != 0 {
                 return Err(c.err(format!(
-                    "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {block}",
+                    "tensor '{name}': row length {} is not a multiple of the {type_name} block size {block}",
                     dims[0]
                 )));
             }
             let nbytes = (elems / block)
-                .checked_mul(dtype.type_size() as u64)
+                .checked_mul(block_bytes as u64)
                 .ok_or_else(|| c.err(format!("tensor '{name}': byte size overflows")))?;
             if offset % alignment != 0 {
                 return Err(c.err(format!("tensor '{name}': offset {offset} is not a multiple of the alignment {alignment}")));
@@ -458,6 +472,9 @@ impl GgufFile {
             };
             if !seen.insert(name.clone()) {
                 return Err(c.err(format!("duplicate tensor name '{name}'")));
+            }
+            if let Some(iq) = iq4 {
+                iq4s.insert(name.clone(), iq);
             }
             infos.push((name, info, nbytes));
         }
@@ -516,21 +533,65 @@ impl GgufFile {
             metadata,
             tensor_names,
             tensors,
+            iq4: iq4s,
             data_offset,
             file,
         })
     }
 
-    /// Reads tensor `name` into a quantized tensor on `device`, blocks kept as they are.
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::format(&self.path, None, format!("tensor '{name}' is missing")))
+    }
+
+    /// Reads tensor `name` into a quantized tensor on `device`, blocks kept as they are (an
+    /// IQ4 type's as the candle type that holds the same values, [`Iq4::exact_ggml`]).
     pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        let info = self.tensors.get(name).ok_or_else(|| {
-            Error::format(&self.path, None, format!("tensor '{name}' is missing"))
-        })?;
+        let info = self.info(name)?;
+        if let Some(iq) = self.iq4.get(name) {
+            let blocks = iq.to_exact_ggml(&self.stored_blocks(name)?);
+            return Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                info.ggml_dtype,
+                &blocks,
+                info.shape.dims().to_vec(),
+                device,
+            )?);
+        }
         let mut file = &self.file;
         // The header was validated against the file's length at open; if the file shrank
         // since (rewritten underneath us), candle's read reports the short read.
         info.read(&mut file, self.data_offset, device)
             .map_err(|e| Error::format(&self.path, None, format!("reading tensor '{name}': {e}")))
+    }
+
+    /// The bytes of IQ4 tensor `name` as the file stores them.
+    pub fn stored_blocks(&self, name: &str) -> Result<Vec<u8>> {
+        use std::io::{Seek, SeekFrom};
+        let info = self.info(name)?;
+        let Some(iq) = self.iq4.get(name) else {
+            return Err(Error::Internal(format!(
+                "tensor '{name}' is not of an IQ4 type"
+            )));
+        };
+        let len = info.shape.elem_count() / iq.block_size() * iq.type_size();
+        let mut data = vec![0u8; len];
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(self.data_offset + info.offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(|e| {
+                Error::format(&self.path, None, format!("reading tensor '{name}': {e}"))
+            })?;
+        Ok(data)
+    }
+
+    /// The type tensor `name` is stored as: candle's name for its types (`Q4K`, `Q8_0`),
+    /// else `IQ4_NL` or `IQ4_XS`.
+    pub fn stored_type(&self, name: &str) -> Result<String> {
+        Ok(match self.iq4.get(name) {
+            Some(iq) => iq.name().to_string(),
+            None => format!("{:?}", self.info(name)?.ggml_dtype),
+        })
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {

@@ -25,6 +25,7 @@ use crate::formats::safetensors::{Dtype, SafetensorsFile};
 use crate::model::arch::{Family, StoredLayout};
 use crate::model::layers::{dense, Weight};
 use crate::quant::affine::{transpose, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
+use crate::quant::ggml::{self, Iq4};
 use crate::quant::{AffineMatrix, ScaleDType};
 
 /// Splits a parameter name into its module path and `weight` / `bias`.
@@ -93,11 +94,8 @@ impl GgufWeights<'_> {
             .ok_or_else(|| Error::Internal(format!("no GGUF name for module '{module}'")))
     }
 
-    fn get(
-        &self,
-        module: &str,
-        expected: &[usize],
-    ) -> Result<Arc<candle_core::quantized::QTensor>> {
+    /// The name of `module`'s weight, checked to be there with the `expected` shape.
+    fn checked(&self, module: &str, expected: &[usize]) -> Result<String> {
         let name = self.name(module)?;
         let info = self.gguf.tensors.get(&name).ok_or_else(|| {
             Error::format(&self.gguf.path, None, format!("tensor '{name}' is missing"))
@@ -110,7 +108,40 @@ impl GgufWeights<'_> {
                 expected,
             ));
         }
+        Ok(name)
+    }
+
+    fn get(
+        &self,
+        module: &str,
+        expected: &[usize],
+    ) -> Result<Arc<candle_core::quantized::QTensor>> {
+        let name = self.checked(module, expected)?;
         Ok(Arc::new(self.gguf.tensor(&name, self.device)?))
+    }
+
+    /// `module`'s weight (`expected` its stored shape) as a `[rows, cols]` matrix. IQ4_XS
+    /// goes straight from its blocks to our kernels' 8-bit groups (the candle type that
+    /// holds its values exactly is f32).
+    fn weight(&self, module: &str, expected: &[usize], rows: usize, cols: usize) -> Result<Weight> {
+        let name = self.checked(module, expected)?;
+        if self.gguf.iq4.get(&name) == Some(&Iq4::Xs) {
+            let blocks = self.gguf.stored_blocks(&name)?;
+            return Ok(Weight::from_affine(&ggml::iq4_xs_to_affine(
+                &blocks, rows, cols,
+            )?));
+        }
+        let q = self.gguf.tensor(&name, self.device)?;
+        if q.shape().dims() == [rows, cols] {
+            return Weight::from_ggml(Arc::new(q));
+        }
+        let flat = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            q.dtype(),
+            &q.data()?,
+            vec![rows, cols],
+            self.device,
+        )?;
+        Weight::from_ggml(Arc::new(flat))
     }
 }
 
@@ -124,7 +155,7 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn matrix(&self, module: &str, out: usize, inp: usize) -> Result<Weight> {
-        Weight::from_ggml(self.get(module, &[out, inp])?)
+        self.weight(module, &[out, inp], out, inp)
     }
 
     fn vector(&self, module: &str, dim: usize) -> Result<Tensor> {
@@ -151,14 +182,7 @@ impl WeightSource for GgufWeights<'_> {
     fn stacked(&self, module: &str, experts: usize, out: usize, inp: usize) -> Result<Weight> {
         // `[experts, out, in]` as one matrix of `experts * out` rows (expert-major), whose
         // row blocks are the experts' matrices.
-        let q = self.get(module, &[experts, out, inp])?;
-        let flat = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            q.dtype(),
-            &q.data()?,
-            vec![experts * out, inp],
-            self.device,
-        )?;
-        Weight::from_ggml(Arc::new(flat))
+        self.weight(module, &[experts, out, inp], experts * out, inp)
     }
 
     fn num_parameters(&self) -> usize {

@@ -515,6 +515,179 @@ pub fn from_affine(a: &AffineMatrix) -> Option<(GgmlDType, Vec<u8>)> {
     Some((dtype, out))
 }
 
+/// The levels of ggml's non-linear 4-bit types (ggml-common.h `kvalues_iq4nl`): a code
+/// `q` stands for `IQ4_LEVELS[q]` times its group's scale.
+const IQ4_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// ggml's non-linear 4-bit types, which candle 0.11 does not know: each 4-bit code picks
+/// one of 16 fixed levels ([`IQ4_LEVELS`]) rather than a step of a linear scale.
+///
+/// | type | block (bytes) | value |
+/// |------|---------------|-------|
+/// | IQ4_NL | f16 d, 16 × two nibbles (32 values) | `d · level` |
+/// | IQ4_XS | 256 values: f16 d, u16 top crumbs, 4 bytes of low nibbles of 8 6-bit `ls`, 128 × two nibbles | `d · (ls − 32) · level`, `ls` per 32 values |
+///
+/// Both are read into forms our kernels (and candle's) run, exactly, at 8 bits a code:
+/// IQ4_NL as Q8_0 (the level is an int8, the scale the same f16); IQ4_XS as affine
+/// groups of 32 whose f32 scale is `d · (ls − 32)` (an f16 times a 6-bit integer: exact,
+/// as ggml computes it). That is 1.9× (IQ4_NL) and 2.4× (IQ4_XS) the file's bytes: a
+/// 4-bit form would need a table lookup in every kernel's unpacking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Iq4 {
+    Nl,
+    Xs,
+}
+
+impl Iq4 {
+    /// The type of ggml's type id `id` (ggml.h `enum ggml_type`), if it is one of these.
+    pub fn from_type_id(id: u32) -> Option<Iq4> {
+        match id {
+            20 => Some(Iq4::Nl),
+            23 => Some(Iq4::Xs),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Iq4::Nl => "IQ4_NL",
+            Iq4::Xs => "IQ4_XS",
+        }
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Iq4::Nl => BLOCK,
+            Iq4::Xs => SUPER,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            Iq4::Nl => 2 + BLOCK / 2,
+            Iq4::Xs => 2 + 2 + SUPER / 64 + SUPER / 2,
+        }
+    }
+
+    /// The candle type whose blocks hold the same values exactly: Q8_0 for IQ4_NL, f32
+    /// (dequantized) for IQ4_XS, whose scales are not f16.
+    pub fn exact_ggml(self) -> GgmlDType {
+        match self {
+            Iq4::Nl => GgmlDType::Q8_0,
+            Iq4::Xs => GgmlDType::F32,
+        }
+    }
+
+    /// `data`, blocks of this type, as blocks of [`Iq4::exact_ggml`].
+    pub fn to_exact_ggml(self, data: &[u8]) -> Vec<u8> {
+        let blocks = data.chunks_exact(self.type_size());
+        match self {
+            Iq4::Nl => blocks
+                .flat_map(|b| {
+                    let mut q8 = [0u8; 2 + BLOCK];
+                    q8[..2].copy_from_slice(&b[..2]);
+                    for (q, &level) in q8[2..].iter_mut().zip(&iq4_levels(&b[2..18])) {
+                        *q = level as u8;
+                    }
+                    q8
+                })
+                .collect(),
+            Iq4::Xs => blocks
+                .flat_map(|b| {
+                    let (levels, scales) = iq4_xs_block(b);
+                    (0..SUPER).map(move |v| scales[v / BLOCK] * f32::from(levels[v]))
+                })
+                .flat_map(f32::to_le_bytes)
+                .collect(),
+        }
+    }
+}
+
+/// The 32 levels of 16 bytes of nibbles: byte `j` holds value `j` (low nibble) and value
+/// `j + 16` (high nibble), as in Q4_0.
+fn iq4_levels(nibbles: &[u8]) -> [i8; BLOCK] {
+    let mut levels = [0i8; BLOCK];
+    for (j, &byte) in nibbles.iter().enumerate() {
+        levels[j] = IQ4_LEVELS[usize::from(byte & 0xF)];
+        levels[j + 16] = IQ4_LEVELS[usize::from(byte >> 4)];
+    }
+    levels
+}
+
+/// An IQ4_XS super-block's 256 levels and its 8 groups' scales `d · (ls − 32)`
+/// (llama.cpp's `dequantize_row_iq4_xs`): the low 4 bits of group `g`'s `ls` are nibble
+/// `g % 2` of byte `4 + g / 2`, its top 2 bits bits `2g` of the u16 at byte 2.
+fn iq4_xs_block(b: &[u8]) -> ([i8; SUPER], [f32; 8]) {
+    let d = half_at(b, 0).to_f32();
+    let high = u16::from_le_bytes([b[2], b[3]]);
+    let mut levels = [0i8; SUPER];
+    let mut scales = [0f32; 8];
+    for g in 0..8 {
+        let low = b[4 + g / 2] >> (4 * (g % 2)) & 0xF;
+        let ls = i32::from(low) | i32::from(high >> (2 * g) & 3) << 4;
+        scales[g] = d * (ls - 32) as f32;
+        let nibbles = &b[8 + 16 * g..8 + 16 * (g + 1)];
+        levels[BLOCK * g..BLOCK * (g + 1)].copy_from_slice(&iq4_levels(nibbles));
+    }
+    (levels, scales)
+}
+
+/// IQ4_XS blocks `[rows, cols]` as an affine matrix in groups of 32 at 8 bits: code
+/// `level + 128`, scale `d · (ls − 32)` and bias `−128 · scale` in f32, so that `scale ·
+/// code + bias` is ggml's `d · (ls − 32) · level` exactly (every product fits f32's 24
+/// bits).
+pub fn iq4_xs_to_affine(data: &[u8], rows: usize, cols: usize) -> Result<AffineMatrix> {
+    let bytes = Iq4::Xs.type_size();
+    if cols == 0 || !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * bytes {
+        return Err(Error::param(
+            "weights",
+            format!(
+                "{} bytes of IQ4_XS blocks do not fit [{rows}, {cols}]",
+                data.len()
+            ),
+        ));
+    }
+    let (groups, words) = (cols / BLOCK, cols * 8 / 32);
+    let mut packed = vec![0u32; rows * words];
+    let mut scales = vec![0f32; rows * groups];
+    let mut biases = vec![0f32; rows * groups];
+    packed
+        .par_chunks_mut(words)
+        .zip(scales.par_chunks_mut(groups))
+        .zip(biases.par_chunks_mut(groups))
+        .zip(data.par_chunks(cols / SUPER * bytes))
+        .for_each_init(
+            || vec![0u8; cols],
+            |codes, (((packed, scales), biases), row)| {
+                for (i, b) in row.chunks_exact(bytes).enumerate() {
+                    let (levels, s) = iq4_xs_block(b);
+                    for (c, &level) in codes[SUPER * i..SUPER * (i + 1)].iter_mut().zip(&levels) {
+                        *c = (i16::from(level) + 128) as u8;
+                    }
+                    for g in 0..8 {
+                        scales[8 * i + g] = s[g];
+                        biases[8 * i + g] = -128.0 * s[g];
+                    }
+                }
+                pack_row(codes, 8, packed);
+            },
+        );
+    AffineMatrix::from_parts(
+        rows,
+        cols,
+        8,
+        BLOCK,
+        packed,
+        scales,
+        biases,
+        ScaleDType::F32,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,6 +884,102 @@ mod tests {
                             bytes[blocks * block_bytes..2 * blocks * block_bytes].to_vec();
                         prop_assert_eq!(to_ggml(&one), Some((dtype, row_bytes)));
                     }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// ggml's `dequantize_row_iq4_nl` / `dequantize_row_iq4_xs`, written out as ggml has
+    /// them (the `gguf` package's dequantizer checks the same from Python).
+    fn ggml_iq4_values(iq: Iq4, data: &[u8]) -> Vec<f32> {
+        const KVALUES: [i8; 16] = [
+            -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+        ];
+        let mut y = Vec::new();
+        for x in data.chunks_exact(iq.type_size()) {
+            let d = f16::from_le_bytes([x[0], x[1]]).to_f32();
+            let groups: Vec<(f32, &[u8])> = match iq {
+                Iq4::Nl => vec![(d, &x[2..18])],
+                Iq4::Xs => {
+                    let scales_h = u16::from_le_bytes([x[2], x[3]]);
+                    (0..8)
+                        .map(|ib| {
+                            let ls = i32::from(x[4 + ib / 2] >> (4 * (ib % 2)) & 0xf)
+                                | i32::from((scales_h >> (2 * ib) & 3) << 4);
+                            (d * (ls - 32) as f32, &x[8 + 16 * ib..24 + 16 * ib])
+                        })
+                        .collect()
+                }
+            };
+            for (dl, qs) in groups {
+                let mut block = [0f32; 32];
+                for j in 0..16 {
+                    block[j] = dl * f32::from(KVALUES[usize::from(qs[j] & 0xf)]);
+                    block[j + 16] = dl * f32::from(KVALUES[usize::from(qs[j] >> 4)]);
+                }
+                y.extend_from_slice(&block);
+            }
+        }
+        y
+    }
+
+    /// IQ4_NL and IQ4_XS blocks of random bytes (finite d of any sign and exponent, every
+    /// code and 6-bit scale): read as Q8_0 (candle's dequantizer) or f32, and in our
+    /// kernels' layout, they are ggml's values exactly; every instruction set gives
+    /// the scalar kernel's products to the bit; a wrong byte count is an error.
+    #[test]
+    fn iq4_blocks_read_exactly() {
+        use crate::quant::kernels::QuantizedRows;
+        use crate::quant::Isa;
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config::with_cases(48));
+        let case = (
+            prop_oneof![Just(Iq4::Nl), Just(Iq4::Xs)],
+            1usize..20,
+            1usize..3,
+            prop_oneof![1usize..6, 15usize..40],
+        )
+            .prop_flat_map(|(iq, rows, supers, m)| {
+                let len = rows * supers * SUPER / iq.block_size() * iq.type_size();
+                let bytes = proptest::collection::vec(any::<u8>(), len);
+                let x = proptest::collection::vec(-1.0f32..1.0, m * supers * SUPER);
+                (Just(iq), Just(rows), Just(supers), Just(m), bytes, x)
+            });
+        runner
+            .run(&case, |(iq, rows, supers, m, mut bytes, x)| {
+                let cols = supers * SUPER;
+                for b in bytes.chunks_mut(iq.type_size()) {
+                    // d finite and small enough that no product overflows.
+                    b[1] &= 0xBB;
+                }
+                let want = ggml_iq4_values(iq, &bytes);
+                let exact = iq.to_exact_ggml(&bytes);
+                let q = qtensor_from_ggml(iq.exact_ggml(), &exact, vec![rows, cols], &Device::Cpu)
+                    .unwrap();
+                let p = match iq {
+                    Iq4::Nl => to_packed(GgmlDType::Q8_0, &exact, rows, cols)
+                        .unwrap()
+                        .unwrap(),
+                    Iq4::Xs => {
+                        prop_assert!(iq4_xs_to_affine(&bytes[1..], rows, cols).is_err());
+                        let a = iq4_xs_to_affine(&bytes, rows, cols).unwrap();
+                        PackedMatrix::from_affine(&a)
+                    }
+                };
+                for (form, got) in [("exact", candle_values(&q)), ("packed", p.dequantize())] {
+                    // Equal values; a zero scale's zeros may differ in sign (`d · (ls − 32)`
+                    // is −0 for a negative `ls − 32`, the affine form's `s · code + bias` +0).
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        prop_assert_eq!(g, w, "{:?} {} value {}", iq, form, i);
+                    }
+                }
+                let xq = QuantizedRows::new(&x, m, cols, p.group_size);
+                let reference = p.matmul_t_on(Isa::Scalar, &xq);
+                for &isa in Isa::available() {
+                    prop_assert_eq!(p.matmul_t_on(isa, &xq), reference.clone(), "{:?}", isa);
                 }
                 Ok(())
             })
