@@ -1285,39 +1285,73 @@ mod x86 {
             // The zero point: 128 for 8 bits, else 0 (`from_super_blocks` asserts it for the
             // k-quants in groups of 32).
             let zero = w.zero;
-            for g in 0..groups {
-                let s = params8(&w.scales, tile, groups, g);
-                // The bias term, `(bias + zero · s) · Σx` for the group, straight into the
-                // sums (a register per row of its own measured 15–20 % slower at 64 rows).
-                let mut b = params8(biases, tile, groups, g);
-                if BITS == 8 {
-                    b = _mm256_fmadd_ps(_mm256_set1_ps(zero as f32), s, b);
-                }
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
-                }
-                for blk in g * per_group..(g + 1) * per_group {
-                    if stream {
-                        prefetch::<BITS>(data, blk * tbb);
-                    }
-                    let (lo, hi) =
-                        block_dots::<VNNI, BITS, false, M>(data.add(blk * tbb), |t, v| {
-                            xq(t, blk * BLOCK + v)
-                        });
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let mut isum = _mm256_add_epi32(lo[t], hi[t]);
-                        if BITS == 8 && VNNI {
-                            // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as integers): the
-                            // float sums stay as small as the signed codes make them. (AVX2
-                            // multiplies the stored code − 128 itself.)
-                            let h = half_sums.add(t * 2 * blocks + 2 * blk);
-                            isum =
-                                _mm256_sub_epi32(isum, _mm256_set1_epi32(zero * (*h + *h.add(1))));
+            // The groups' loop, with `params(g)` giving group `g`'s scales and biases.
+            macro_rules! groups_loop {
+                ($params:expr) => {
+                    for g in 0..groups {
+                        let (s, mut b) = $params(g);
+                        // The bias term, `(bias + zero · s) · Σx` for the group, straight
+                        // into the sums (a register per row of its own measured 15–20 %
+                        // slower at 64 rows).
+                        if BITS == 8 {
+                            b = _mm256_fmadd_ps(_mm256_set1_ps(zero as f32), s, b);
                         }
-                        let sd = _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            *acc =
+                                _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
+                        }
+                        for blk in g * per_group..(g + 1) * per_group {
+                            if stream {
+                                prefetch::<BITS>(data, blk * tbb);
+                            }
+                            let (lo, hi) =
+                                block_dots::<VNNI, BITS, false, M>(data.add(blk * tbb), |t, v| {
+                                    xq(t, blk * BLOCK + v)
+                                });
+                            for (t, acc) in acc.iter_mut().enumerate() {
+                                let mut isum = _mm256_add_epi32(lo[t], hi[t]);
+                                if BITS == 8 && VNNI {
+                                    // Σ code·x − 128·Σx = Σ (code − 128)·x, exactly (as
+                                    // integers): the float sums stay as small as the signed
+                                    // codes make them. (AVX2 multiplies the stored code −
+                                    // 128 itself.)
+                                    let h = half_sums.add(t * 2 * blocks + 2 * blk);
+                                    isum = _mm256_sub_epi32(
+                                        isum,
+                                        _mm256_set1_epi32(zero * (*h + *h.add(1))),
+                                    );
+                                }
+                                let sd =
+                                    _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
+                                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
+                            }
+                        }
                     }
+                };
+            }
+            let f16_flat = |p: &Params| match p {
+                Params::Flat {
+                    bytes,
+                    dtype: ScaleDType::F16,
+                } => Some(bytes.as_ptr()),
+                _ => None,
+            };
+            match (stream, f16_flat(&w.scales), f16_flat(biases)) {
+                // Decode of GGUF's simple blocks and f16 MLX groups: their loads without
+                // `params8`'s match on the form, which per group of 32 took a third of the
+                // loop's instructions at one row.
+                (true, Some(scales), Some(biases)) => {
+                    let f16x8 = |p: *const u8, g: usize| {
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            p.add((tile * groups + g) * TILE * 2).cast::<__m128i>(),
+                        ))
+                    };
+                    groups_loop!(|g| (f16x8(scales, g), f16x8(biases, g)));
                 }
+                _ => groups_loop!(|g| (
+                    params8(&w.scales, tile, groups, g),
+                    params8(biases, tile, groups, g)
+                )),
             }
         }
         let valid = TILE.min(w.rows - tile * TILE);
