@@ -539,7 +539,8 @@ impl GgufFile {
         })
     }
 
-    fn info(&self, name: &str) -> Result<&TensorInfo> {
+    /// Tensor `name`'s info, or an error saying it is missing.
+    pub fn info(&self, name: &str) -> Result<&TensorInfo> {
         self.tensors
             .get(name)
             .ok_or_else(|| Error::format(&self.path, None, format!("tensor '{name}' is missing")))

@@ -94,21 +94,13 @@ impl GgufWeights<'_> {
             .ok_or_else(|| Error::Internal(format!("no GGUF name for module '{module}'")))
     }
 
-    /// The name of `module`'s weight, checked to be there with the `expected` shape.
-    fn checked(&self, module: &str, expected: &[usize]) -> Result<String> {
-        let name = self.name(module)?;
-        let info = self.gguf.tensors.get(&name).ok_or_else(|| {
-            Error::format(&self.gguf.path, None, format!("tensor '{name}' is missing"))
-        })?;
-        if info.shape.dims() != expected {
-            return Err(shape_error(
-                &self.gguf.path,
-                &name,
-                info.shape.dims(),
-                expected,
-            ));
+    /// Checks that tensor `name` is there with the `expected` shape.
+    fn checked(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let dims = self.gguf.info(name)?.shape.dims();
+        if dims != expected {
+            return Err(shape_error(&self.gguf.path, name, dims, expected));
         }
-        Ok(name)
+        Ok(())
     }
 
     fn get(
@@ -116,7 +108,8 @@ impl GgufWeights<'_> {
         module: &str,
         expected: &[usize],
     ) -> Result<Arc<candle_core::quantized::QTensor>> {
-        let name = self.checked(module, expected)?;
+        let name = self.name(module)?;
+        self.checked(&name, expected)?;
         Ok(Arc::new(self.gguf.tensor(&name, self.device)?))
     }
 
@@ -124,7 +117,8 @@ impl GgufWeights<'_> {
     /// goes straight from its blocks to our kernels' 8-bit groups (the candle type that
     /// holds its values exactly is f32).
     fn weight(&self, module: &str, expected: &[usize], rows: usize, cols: usize) -> Result<Weight> {
-        let name = self.checked(module, expected)?;
+        let name = self.name(module)?;
+        self.checked(&name, expected)?;
         if self.gguf.iq4.get(&name) == Some(&Iq4::Xs) {
             let blocks = self.gguf.stored_blocks(&name)?;
             return Ok(Weight::from_affine(&ggml::iq4_xs_to_affine(
@@ -165,17 +159,7 @@ impl WeightSource for GgufWeights<'_> {
 
     fn bias(&self, module: &str, dim: usize) -> Result<Tensor> {
         let name = self.name(module)?.replace(".weight", ".bias");
-        let info = self.gguf.tensors.get(&name).ok_or_else(|| {
-            Error::format(&self.gguf.path, None, format!("tensor '{name}' is missing"))
-        })?;
-        if info.shape.dims() != [dim] {
-            return Err(shape_error(
-                &self.gguf.path,
-                &name,
-                info.shape.dims(),
-                &[dim],
-            ));
-        }
+        self.checked(&name, &[dim])?;
         dense(&self.gguf.tensor(&name, self.device)?, self.device)
     }
 

@@ -151,6 +151,35 @@ impl AffineMatrix {
             ));
         }
         let n_bins = ((1u32 << bits) - 1) as f32;
+        Self::from_rows(
+            w,
+            cols,
+            (rows, cols, bits, group_size, scale_dtype),
+            |row, codes, scales, biases| {
+                for (g, chunk) in row.chunks(group_size).enumerate() {
+                    let (scale, bias) = group_params(chunk, n_bins);
+                    for (c, &v) in codes[g * group_size..].iter_mut().zip(chunk) {
+                        *c = ((v - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u8;
+                    }
+                    scales[g] = scale_dtype.round(scale);
+                    biases[g] = scale_dtype.round(bias);
+                }
+            },
+        )
+    }
+
+    /// A `[rows, cols]` matrix (`shape`: rows, cols, bits, group size, scale dtype) built
+    /// row by row in parallel: `fill(row, codes, scales, biases)` writes one row's `cols`
+    /// codes and its groups' scales and biases from the row's `row_len` elements of `src`
+    /// (floats to quantize, or GGML blocks to rewrite).
+    pub fn from_rows<T: Sync>(
+        src: &[T],
+        row_len: usize,
+        shape: (usize, usize, u32, usize, ScaleDType),
+        fill: impl Fn(&[T], &mut [u8], &mut [f32], &mut [f32]) + Sync + Send,
+    ) -> Result<Self> {
+        let (rows, cols, bits, group_size, scale_dtype) = shape;
+        check_params(bits, group_size, cols)?;
         let words = cols * bits as usize / 32;
         let groups = cols / group_size;
         let mut packed = vec![0u32; rows * words];
@@ -160,19 +189,14 @@ impl AffineMatrix {
             .par_chunks_mut(words)
             .zip(scales.par_chunks_mut(groups))
             .zip(biases.par_chunks_mut(groups))
-            .zip(w.par_chunks(cols))
-            .for_each(|(((packed, scales), biases), row)| {
-                let mut codes = vec![0u8; cols];
-                for (g, chunk) in row.chunks(group_size).enumerate() {
-                    let (scale, bias) = group_params(chunk, n_bins);
-                    for (c, &v) in codes[g * group_size..].iter_mut().zip(chunk) {
-                        *c = ((v - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u8;
-                    }
-                    scales[g] = scale_dtype.round(scale);
-                    biases[g] = scale_dtype.round(bias);
-                }
-                pack_row(&codes, bits, packed);
-            });
+            .zip(src.par_chunks(row_len))
+            .for_each_init(
+                || vec![0u8; cols],
+                |codes, (((packed, scales), biases), row)| {
+                    fill(row, codes, scales, biases);
+                    pack_row(codes, bits, packed);
+                },
+            );
         Self::from_parts(
             rows,
             cols,

@@ -31,7 +31,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
-use super::affine::{pack_row, unpack_row, AffineMatrix, ScaleDType};
+use super::affine::{unpack_row, AffineMatrix, ScaleDType};
 use super::kernels::{Levels, PackedMatrix, SuperBlocks, SUPER};
 use crate::error::{Error, Result};
 
@@ -154,43 +154,34 @@ pub fn to_affine(
             ),
         ));
     }
-    let groups = cols / BLOCK;
-    let words = cols * bits as usize / 32;
-    let mut packed = vec![0u32; rows * words];
-    let mut scales = vec![0f32; rows * groups];
-    let mut biases = vec![0f32; rows * groups];
-    packed
-        .par_chunks_mut(words)
-        .zip(scales.par_chunks_mut(groups))
-        .zip(biases.par_chunks_mut(groups))
-        .zip(data.par_chunks(cols / block_values * block_bytes))
-        .for_each_init(
-            || vec![0u8; cols],
-            |codes, (((packed, scales), biases), row)| {
-                for (i, b) in row.chunks(block_bytes).enumerate() {
-                    let values = i * block_values..(i + 1) * block_values;
-                    if is_k_quant(dtype) {
-                        let first = values.start / BLOCK;
-                        let (d, dmin, sc, m) = decode_super(dtype, b, &mut codes[values]);
-                        for g in 0..8 {
-                            scales[first + g] = d.to_f32() * f32::from(sc[g]);
-                            biases[first + g] = -(dmin.to_f32() * f32::from(m[g]));
-                        }
-                    } else {
-                        let (s, bias) = decode_block(dtype, b, &mut codes[values]);
-                        scales[i] = s;
-                        biases[i] = bias;
-                    }
-                }
-                pack_row(codes, bits, packed);
-            },
-        );
     let scale_dtype = if is_k_quant(dtype) {
         ScaleDType::F32
     } else {
         ScaleDType::F16
     };
-    AffineMatrix::from_parts(rows, cols, bits, BLOCK, packed, scales, biases, scale_dtype).map(Some)
+    AffineMatrix::from_rows(
+        data,
+        cols / block_values * block_bytes,
+        (rows, cols, bits, BLOCK, scale_dtype),
+        |row, codes, scales, biases| {
+            for (i, b) in row.chunks(block_bytes).enumerate() {
+                let values = i * block_values..(i + 1) * block_values;
+                if is_k_quant(dtype) {
+                    let first = values.start / BLOCK;
+                    let (d, dmin, sc, m) = decode_super(dtype, b, &mut codes[values]);
+                    for g in 0..8 {
+                        scales[first + g] = d.to_f32() * f32::from(sc[g]);
+                        biases[first + g] = -(dmin.to_f32() * f32::from(m[g]));
+                    }
+                } else {
+                    let (s, bias) = decode_block(dtype, b, &mut codes[values]);
+                    scales[i] = s;
+                    biases[i] = bias;
+                }
+            }
+        },
+    )
+    .map(Some)
 }
 
 /// One super-block of a k-quant in groups of 16, as its codes and levels: what
@@ -651,40 +642,22 @@ pub fn iq4_xs_to_affine(data: &[u8], rows: usize, cols: usize) -> Result<AffineM
             ),
         ));
     }
-    let (groups, words) = (cols / BLOCK, cols * 8 / 32);
-    let mut packed = vec![0u32; rows * words];
-    let mut scales = vec![0f32; rows * groups];
-    let mut biases = vec![0f32; rows * groups];
-    packed
-        .par_chunks_mut(words)
-        .zip(scales.par_chunks_mut(groups))
-        .zip(biases.par_chunks_mut(groups))
-        .zip(data.par_chunks(cols / SUPER * bytes))
-        .for_each_init(
-            || vec![0u8; cols],
-            |codes, (((packed, scales), biases), row)| {
-                for (i, b) in row.chunks_exact(bytes).enumerate() {
-                    let (levels, s) = iq4_xs_block(b);
-                    for (c, &level) in codes[SUPER * i..SUPER * (i + 1)].iter_mut().zip(&levels) {
-                        *c = (i16::from(level) + 128) as u8;
-                    }
-                    for g in 0..8 {
-                        scales[8 * i + g] = s[g];
-                        biases[8 * i + g] = -128.0 * s[g];
-                    }
+    AffineMatrix::from_rows(
+        data,
+        cols / SUPER * bytes,
+        (rows, cols, 8, BLOCK, ScaleDType::F32),
+        |row, codes, scales, biases| {
+            for (i, b) in row.chunks_exact(bytes).enumerate() {
+                let (levels, s) = iq4_xs_block(b);
+                for (c, &level) in codes[SUPER * i..SUPER * (i + 1)].iter_mut().zip(&levels) {
+                    *c = (i16::from(level) + 128) as u8;
                 }
-                pack_row(codes, 8, packed);
-            },
-        );
-    AffineMatrix::from_parts(
-        rows,
-        cols,
-        8,
-        BLOCK,
-        packed,
-        scales,
-        biases,
-        ScaleDType::F32,
+                for g in 0..8 {
+                    scales[8 * i + g] = s[g];
+                    biases[8 * i + g] = -128.0 * s[g];
+                }
+            }
+        },
     )
 }
 
