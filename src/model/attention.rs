@@ -240,8 +240,13 @@ fn attend_in<T: Elem>(
     let (hd, nkv) = (kv.head_dim, kv.kv_heads);
     let groups = heads / nkv;
     // Queries scaled once, not once per key.
-    work.q.clear();
-    work.q.extend(q.iter().map(|x| x * scale));
+    work.q.resize(q.len(), 0.0);
+    let piece = crate::threads::rows_per_task(q.len(), 1);
+    crate::threads::parallel_chunks_mut(&mut work.q, piece, &|i, scaled| {
+        for (s, x) in scaled.iter_mut().zip(&q[i * piece..]) {
+            *s = x * scale;
+        }
+    });
     let q = &work.q;
     // Which sequence each row belongs to.
     let row_seq: Vec<usize> = seqs
@@ -254,17 +259,27 @@ fn attend_in<T: Elem>(
     // The fresh keys and values as the cache stores them (so that a position's attention to
     // itself uses what later positions will read): keys transposed, `[kv_heads, head_dim,
     // rows]`, so that a run of them is scored the same way.
-    let mut narrow_k = vec![T::default(); k.len()];
-    T::narrow(k, &mut narrow_k);
+    // (A prompt's are 512 × kv_heads × head_dim and more: over the compute threads.)
+    let narrow_k = narrow_all(k);
     let mut fresh_k = vec![T::default(); nkv * hd * rows + PAD];
-    for (r, key) in narrow_k.chunks_exact(hd).enumerate() {
-        let (row, kv_head) = (r / nkv, r % nkv);
-        for (d, &x) in key.iter().enumerate() {
-            fresh_k[(kv_head * hd + d) * rows + row] = x;
-        }
-    }
-    let mut fresh_v = vec![T::default(); v.len()];
-    T::narrow(v, &mut fresh_v);
+    let dims_per_task = crate::threads::rows_per_task(nkv * hd, rows);
+    crate::threads::parallel_chunks_mut(
+        &mut fresh_k[..nkv * hd * rows],
+        dims_per_task * rows,
+        &|task, dims| {
+            // `dims`: rows `(kv_head, d)` of the transposed keys from `task`'s first on.
+            for (j, dim) in dims.chunks_exact_mut(rows).enumerate() {
+                let (kv_head, d) = (
+                    (task * dims_per_task + j) / hd,
+                    (task * dims_per_task + j) % hd,
+                );
+                for (row, x) in dim.iter_mut().enumerate() {
+                    *x = narrow_k[(row * nkv + kv_head) * hd + d];
+                }
+            }
+        },
+    );
+    let fresh_v = narrow_all(v);
     // The positions row `row` sees, in order, as two ranges: those from `first` on (the
     // sliding window's start, else 0) that a ring keeps for good, then the recent ones up to
     // the row's own. Without a ring the first range is empty. (Positions a ring has
@@ -927,6 +942,16 @@ fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// `xs` as the cache stores them, over the compute threads.
+fn narrow_all<T: Elem>(xs: &[f32]) -> Vec<T> {
+    let mut out = vec![T::default(); xs.len()];
+    let piece = crate::threads::rows_per_task(xs.len(), 1);
+    crate::threads::parallel_chunks_mut(&mut out, piece, &|i, out| {
+        T::narrow(&xs[i * piece..][..out.len()], out);
+    });
+    out
+}
+
 /// Stores the batch's fresh keys and values (`[rows, kv_heads, head_dim]`) in their slots.
 pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], v: &[f32]) {
     fn store_in<T: Elem>(
@@ -937,22 +962,44 @@ pub fn store(kv: &mut KvStorage, layer: usize, seqs: &[SeqSpan<'_>], k: &[f32], 
         v: &[f32],
     ) {
         let (hd, nkv, bs) = (kv.head_dim, kv.kv_heads, kv.block_size);
-        let mut key = vec![T::default(); hd];
-        for seq in seqs {
-            for i in 0..seq.len {
-                let slot = Ring::slot(kv.ring, seq.start + i);
-                for h in 0..nkv {
-                    let (base, index) = kv.place(seq.blocks, slot, h);
-                    let from = ((seq.row + i) * nkv + h) * hd;
-                    // Keys are stored transposed (a dimension's keys side by side).
-                    T::narrow(&k[from..from + hd], &mut key);
-                    for (d, &x) in key.iter().enumerate() {
-                        ck[base + d * bs + index] = x;
+        let rows: usize = seqs.iter().map(|s| s.len).sum();
+        // A prompt's KV heads over the compute threads: each head's slots lie in its own
+        // part of every block (`KvLayout::place`), and a head's rows stay in order (a ring
+        // may give two rows of one call the same slot; the later must win).
+        let heads_per_task = crate::threads::rows_per_task(nkv, 2 * rows * hd);
+        let (lk, lv) = (ck.len(), cv.len());
+        let (pk, pv) = (SendPtr(ck.as_mut_ptr()), SendPtr(cv.as_mut_ptr()));
+        crate::threads::parallel_for(nkv.div_ceil(heads_per_task), &|task| {
+            let mut key = vec![T::default(); hd];
+            let heads = task * heads_per_task..((task + 1) * heads_per_task).min(nkv);
+            for h in heads {
+                for seq in seqs {
+                    for i in 0..seq.len {
+                        let slot = Ring::slot(kv.ring, seq.start + i);
+                        let (base, index) = kv.place(seq.blocks, slot, h);
+                        let from = ((seq.row + i) * nkv + h) * hd;
+                        assert!(
+                            base + (hd - 1) * bs + index < lk && base + (index + 1) * hd <= lv,
+                            "a slot inside the cache"
+                        );
+                        // Keys are stored transposed (a dimension's keys side by side).
+                        T::narrow(&k[from..from + hd], &mut key);
+                        // SAFETY: inside the arrays (asserted), and in KV head `h`'s part
+                        // of the block, which no other task writes; both arrays stay
+                        // mutably borrowed until every task has finished.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            for (d, &x) in key.iter().enumerate() {
+                                *pk.get().add(base + d * bs + index) = x;
+                            }
+                            let value =
+                                std::slice::from_raw_parts_mut(pv.get().add(base + index * hd), hd);
+                            T::narrow(&v[from..from + hd], value);
+                        }
                     }
-                    T::narrow(&v[from..from + hd], &mut cv[base + index * hd..][..hd]);
                 }
             }
-        }
+        });
     }
     let layout = kv.layout_of(layer);
     let seqs = spans_of(kv, layer, seqs);

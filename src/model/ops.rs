@@ -148,29 +148,34 @@ impl Ops for Cpu {
         _scratch: &mut QuantizedRows,
     ) -> Result<()> {
         timed("norm", || {
-            out.clone_from(x);
-            norm.apply(out);
+            norm.apply_into(x, out);
             Ok(())
         })
     }
 
     fn add(&self, x: &mut Vec<f32>, a: &Vec<f32>, b: Option<&Vec<f32>>) -> Result<()> {
         timed("elementwise", || {
-            match b {
-                None => x.iter_mut().zip(a).for_each(|(x, a)| *x += a),
-                Some(b) => {
-                    for ((x, a), b) in x.iter_mut().zip(a).zip(b) {
-                        *x += a + b;
+            // Over the compute threads, as a prompt's residuals are 512 × d and more.
+            let piece = crate::threads::rows_per_task(x.len(), 1);
+            crate::threads::parallel_chunks_mut(x, piece, &|i, x| {
+                let a = &a[i * piece..][..x.len()];
+                match b {
+                    None => x.iter_mut().zip(a).for_each(|(x, a)| *x += a),
+                    Some(b) => {
+                        let b = &b[i * piece..][..x.len()];
+                        for ((x, a), b) in x.iter_mut().zip(a).zip(b) {
+                            *x += a + b;
+                        }
                     }
                 }
-            }
+            });
             Ok(())
         })
     }
 
     fn scale(&self, x: &mut Vec<f32>, factor: f32) -> Result<()> {
         timed("elementwise", || {
-            x.iter_mut().for_each(|x| *x *= factor);
+            crate::model::math::zip_in_place(x, None, |x, _| x * factor);
             Ok(())
         })
     }
