@@ -339,7 +339,9 @@ fn attend_in<T: Elem>(
         let sink = SendPtr(partial.as_mut_ptr());
         let per_row = splits * groups * part;
         crate::threads::parallel_for(blocks.len() * nkv, &|task| {
-            let (block, kv_head) = (task / nkv, task % nkv);
+            // Tasks are claimed in order: the last blocks of a sequence (the most keys)
+            // first, so that the threads finish together rather than waiting on them.
+            let (block, kv_head) = (blocks.len() - 1 - task / nkv, task % nkv);
             let (s, first) = blocks[block];
             let seq = &seqs[s];
             let block_rows = first..(first + ROWS_PER_BLOCK).min(seq.row + seq.len);
