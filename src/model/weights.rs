@@ -25,7 +25,7 @@ use crate::formats::safetensors::{Dtype, SafetensorsFile};
 use crate::model::arch::{Family, StoredLayout};
 use crate::model::layers::{dense, Weight};
 use crate::quant::affine::{transpose, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
-use crate::quant::ggml::{self, Iq4};
+use crate::quant::ggml;
 use crate::quant::{AffineMatrix, ScaleDType};
 
 /// Splits a parameter name into its module path and `weight` / `bias`.
@@ -113,17 +113,16 @@ impl GgufWeights<'_> {
         Ok(Arc::new(self.gguf.tensor(&name, self.device)?))
     }
 
-    /// `module`'s weight (`expected` its stored shape) as a `[rows, cols]` matrix. IQ4_XS
-    /// goes straight from its blocks to our kernels' 8-bit groups (the candle type that
-    /// holds its values exactly is f32).
+    /// `module`'s weight (`expected` its stored shape) as a `[rows, cols]` matrix. IQ4
+    /// types go straight from their blocks to our kernels' layout, at 4 bits a code.
     fn weight(&self, module: &str, expected: &[usize], rows: usize, cols: usize) -> Result<Weight> {
         let name = self.name(module)?;
         self.checked(&name, expected)?;
-        if self.gguf.iq4.get(&name) == Some(&Iq4::Xs) {
+        if let Some(&iq) = self.gguf.iq4.get(&name) {
             let blocks = self.gguf.stored_blocks(&name)?;
-            return Ok(Weight::from_affine(&ggml::iq4_xs_to_affine(
-                &blocks, rows, cols,
-            )?));
+            return Ok(Weight::Packed(Arc::new(ggml::iq4_to_packed(
+                iq, &blocks, rows, cols,
+            )?)));
         }
         let q = self.gguf.tensor(&name, self.device)?;
         if q.shape().dims() == [rows, cols] {

@@ -520,11 +520,12 @@ const IQ4_LEVELS: [i8; 16] = [
 /// | IQ4_NL | f16 d, 16 × two nibbles (32 values) | `d · level` |
 /// | IQ4_XS | 256 values: f16 d, u16 top crumbs, 4 bytes of low nibbles of 8 6-bit `ls`, 128 × two nibbles | `d · (ls − 32) · level`, `ls` per 32 values |
 ///
-/// Both are read into forms our kernels (and candle's) run, exactly, at 8 bits a code:
-/// IQ4_NL as Q8_0 (the level is an int8, the scale the same f16); IQ4_XS as affine
-/// groups of 32 whose f32 scale is `d · (ls − 32)` (an f16 times a 6-bit integer: exact,
-/// as ggml computes it). That is 1.9× (IQ4_NL) and 2.4× (IQ4_XS) the file's bytes: a
-/// 4-bit form would need a table lookup in every kernel's unpacking.
+/// Both are read exactly into 8-bit forms candle's kernels and the converter take: IQ4_NL
+/// as Q8_0 (the level is an int8, the scale the same f16); IQ4_XS as affine groups of 32
+/// whose f32 scale is `d · (ls − 32)` (an f16 times a 6-bit integer: exact, as ggml
+/// computes it). Our kernels keep those 8-bit codes as 4-bit indices into the levels
+/// ([`iq4_to_packed`], looked up with `vpshufb` as a block is unpacked): the file's size
+/// in memory rather than 1.9× (IQ4_NL) or 2.4× (IQ4_XS) it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Iq4 {
     Nl,
@@ -659,6 +660,19 @@ pub fn iq4_xs_to_affine(data: &[u8], rows: usize, cols: usize) -> Result<AffineM
             }
         },
     )
+}
+
+/// IQ4 blocks `[rows, cols]` in our kernels' layout at their own size: the exact 8-bit
+/// affine form (IQ4_NL as Q8_0, IQ4_XS by [`iq4_xs_to_affine`]) with its codes kept as
+/// 4-bit indices into [`IQ4_LEVELS`].
+pub fn iq4_to_packed(iq: Iq4, data: &[u8], rows: usize, cols: usize) -> Result<PackedMatrix> {
+    let affine = match iq {
+        Iq4::Nl => to_affine(GgmlDType::Q8_0, &iq.to_exact_ggml(data), rows, cols)?
+            .ok_or_else(|| Error::Internal("Q8_0 is not affine".into()))?,
+        Iq4::Xs => iq4_xs_to_affine(data, rows, cols)?,
+    };
+    PackedMatrix::from_affine_codebook(&affine, &IQ4_LEVELS)
+        .ok_or_else(|| Error::Internal(format!("{} levels outside the codebook", iq.name())))
 }
 
 #[cfg(test)]
@@ -899,8 +913,9 @@ mod tests {
 
     /// IQ4_NL and IQ4_XS blocks of random bytes (finite d of any sign and exponent, every
     /// code and 6-bit scale): read as Q8_0 (candle's dequantizer) or f32, and in our
-    /// kernels' layout, they are ggml's values exactly; every instruction set gives
-    /// the scalar kernel's products to the bit; a wrong byte count is an error.
+    /// kernels' layout (8-bit codes, or 4-bit indices into the levels), they are ggml's
+    /// values exactly; every instruction set gives the scalar kernel's products to the
+    /// bit in both forms; a wrong byte count is an error.
     #[test]
     fn iq4_blocks_read_exactly() {
         use crate::quant::kernels::QuantizedRows;
@@ -949,10 +964,33 @@ mod tests {
                         prop_assert_eq!(g, w, "{:?} {} value {}", iq, form, i);
                     }
                 }
+                // At 4 bits a code (indices into the levels): the same values, half the
+                // codes' bytes, and the 8-bit form's products to the bit.
+                prop_assert!(iq4_to_packed(iq, &bytes[1..], rows, cols).is_err());
+                let book = iq4_to_packed(iq, &bytes, rows, cols).unwrap();
+                prop_assert_eq!(book.dequantize(), p.dequantize());
+                prop_assert_eq!(
+                    book.to_affine().unwrap().dequantize(),
+                    p.to_affine().unwrap().dequantize()
+                );
+                prop_assert!(book.nbytes() < p.nbytes());
+                if rows > 1 {
+                    let (part, whole) = (
+                        book.rows(1, rows - 1).unwrap(),
+                        p.rows(1, rows - 1).unwrap(),
+                    );
+                    prop_assert_eq!(part.dequantize(), whole.dequantize());
+                }
                 let xq = QuantizedRows::new(&x, m, cols, p.group_size);
                 let reference = p.matmul_t_on(Isa::Scalar, &xq);
                 for &isa in Isa::available() {
                     prop_assert_eq!(p.matmul_t_on(isa, &xq), reference.clone(), "{:?}", isa);
+                    prop_assert_eq!(
+                        book.matmul_t_on(isa, &xq),
+                        reference.clone(),
+                        "{:?} 4-bit",
+                        isa
+                    );
                 }
                 Ok(())
             })

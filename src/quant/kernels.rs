@@ -405,6 +405,10 @@ pub struct PackedMatrix {
     zero: i32,
     /// What the source stored scales and biases in (kept for writing them back).
     pub scale_dtype: ScaleDType,
+    /// IQ4_NL and IQ4_XS: `bits` is 8, but `data` holds 4-bit indices into these 16 codes
+    /// (each stored as code − 128, as 8-bit codes are), looked up as the kernels unpack a
+    /// block: the matrix keeps the file's size instead of doubling it.
+    codebook: Option<[i8; 16]>,
 }
 
 /// `values: [rows, per_row]` as `[tiles, per_row, 8]` (rows padded with zeros).
@@ -478,13 +482,45 @@ pub struct SuperBlocks {
 impl PackedMatrix {
     /// Repacks an affine matrix (done once, at load).
     pub fn from_affine(a: &AffineMatrix) -> PackedMatrix {
+        let data = tile_codes(a.rows, a.cols, a.bits, |r| a.codes(r));
+        PackedMatrix::affine_with(a, data, None)
+    }
+
+    /// Repacks an 8-bit affine matrix whose codes are all among `codebook`'s 16 (stored
+    /// as code − 128), keeping 4-bit indices into it (IQ4_NL and IQ4_XS, whose levels
+    /// [`crate::quant::ggml`] reads as such codes). `None` if a code is not in it.
+    pub fn from_affine_codebook(a: &AffineMatrix, codebook: &[i8; 16]) -> Option<PackedMatrix> {
+        assert_eq!(a.bits, 8, "a codebook holds 8-bit codes");
+        // Index of each code (`None`: not in the codebook).
+        let mut index = [None; 256];
+        for (i, &c) in (0u8..).zip(codebook) {
+            index[(c as u8 ^ 0x80) as usize] = Some(i);
+        }
+        let missing = std::sync::atomic::AtomicBool::new(false);
+        let data = tile_codes(a.rows, a.cols, 4, |r| {
+            let codes = a.codes(r);
+            codes
+                .iter()
+                .map(|&c| {
+                    index[c as usize].unwrap_or_else(|| {
+                        missing.store(true, std::sync::atomic::Ordering::Relaxed);
+                        0
+                    })
+                })
+                .collect()
+        });
+        (!missing.into_inner()).then(|| PackedMatrix::affine_with(a, data, Some(*codebook)))
+    }
+
+    /// `a`'s scales, biases and shape around `data` (its codes in the tiles' layout).
+    fn affine_with(a: &AffineMatrix, data: Vec<u8>, codebook: Option<[i8; 16]>) -> PackedMatrix {
         let groups = a.groups_per_row();
         PackedMatrix {
             rows: a.rows,
             cols: a.cols,
             bits: a.bits,
             group_size: a.group_size,
-            data: tile_codes(a.rows, a.cols, a.bits, |r| a.codes(r)),
+            data,
             scales: Params::flat(&interleave(&a.scales, a.rows, groups), a.scale_dtype),
             biases: Some(Params::flat(
                 &interleave(&a.biases, a.rows, groups),
@@ -492,6 +528,7 @@ impl PackedMatrix {
             )),
             zero: if a.bits == 8 { 128 } else { 0 },
             scale_dtype: a.scale_dtype,
+            codebook,
         }
     }
 
@@ -536,6 +573,7 @@ impl PackedMatrix {
             biases: b.biases.as_ref().map(levels),
             zero: b.zero,
             scale_dtype: ScaleDType::F32,
+            codebook: None,
         }
     }
 
@@ -625,15 +663,35 @@ impl PackedMatrix {
 
     /// Calls `f(v, q)` for every value `v` of row `r`, `q` being the stored integer.
     fn row_codes(&self, r: usize, mut f: impl FnMut(usize, i32)) {
-        let (blocks, tbb) = (self.cols / BLOCK, tile_block_bytes(self.bits));
+        let (blocks, tbb) = (self.cols / BLOCK, tile_block_bytes(self.stored_bits()));
         let tile = &self.data[(r / TILE) * blocks * tbb..(r / TILE + 1) * blocks * tbb];
         let mut regs: Registers<i32> = [[0; BLOCK]; REGS];
         for (b, block) in tile.chunks(tbb).enumerate() {
-            decode_tile_block(self.bits, block, &mut regs);
+            self.decode_block(block, &mut regs);
             for (reg_i, reg) in regs.iter().enumerate() {
                 for t in 0..QUAD {
                     f(b * BLOCK + reg_i * QUAD + t, reg[(r % TILE) * QUAD + t]);
                 }
+            }
+        }
+    }
+
+    /// Bits a code takes in `data`: `bits`, or 4 for indices into a codebook.
+    fn stored_bits(&self) -> u32 {
+        if self.codebook.is_some() {
+            4
+        } else {
+            self.bits
+        }
+    }
+
+    /// One block of a tile as the integers the kernels multiply ([`decode_tile_block`]),
+    /// codebook indices looked up.
+    fn decode_block(&self, block: &[u8], regs: &mut Registers<i32>) {
+        decode_tile_block(self.stored_bits(), block, regs);
+        if let Some(book) = &self.codebook {
+            for q in regs.iter_mut().flatten() {
+                *q = i32::from(book[*q as usize]);
             }
         }
     }
@@ -703,7 +761,12 @@ impl PackedMatrix {
             // Mid-tile: the rows' codes and levels gathered again (k-quants), or through
             // MLX's layout.
             let Some(first) = self.super_row(start) else {
-                return Ok(PackedMatrix::from_affine(&self.to_affine_rows(start, len)?));
+                let a = self.to_affine_rows(start, len)?;
+                return Ok(match &self.codebook {
+                    Some(book) => PackedMatrix::from_affine_codebook(&a, book)
+                        .expect("the codes came from the codebook"),
+                    None => PackedMatrix::from_affine(&a),
+                });
             };
             let mut all = SuperBlocks { rows: len, ..first };
             for r in start + 1..start + len {
@@ -723,7 +786,7 @@ impl PackedMatrix {
             (start + len).div_ceil(TILE),
             self.groups_per_row(),
         );
-        let tile_bytes = self.cols / BLOCK * tile_block_bytes(self.bits);
+        let tile_bytes = self.cols / BLOCK * tile_block_bytes(self.stored_bits());
         Ok(PackedMatrix {
             rows: len,
             data: self.data[t0 * tile_bytes..t1 * tile_bytes].to_vec(),
@@ -862,7 +925,11 @@ impl PackedMatrix {
     /// dot, each added with one fused multiply-add), so that they agree to the bit.
     #[allow(unsafe_code)]
     unsafe fn tile_scalar(&self, x: &QuantizedRows, tile: usize, out: *mut f32) {
-        let (k, blocks, tbb) = (self.cols, self.cols / BLOCK, tile_block_bytes(self.bits));
+        let (k, blocks, tbb) = (
+            self.cols,
+            self.cols / BLOCK,
+            tile_block_bytes(self.stored_bits()),
+        );
         let groups = self.groups_per_row();
         // Values per integer dot: a block, or a group of 16.
         let part = self.group_size.min(BLOCK);
@@ -871,7 +938,7 @@ impl PackedMatrix {
         let mut acc = vec![[0f32; TILE]; x.m];
         for blk in 0..blocks {
             let start = (tile * blocks + blk) * tbb;
-            decode_tile_block(self.bits, &self.data[start..start + tbb], &mut regs);
+            self.decode_block(&self.data[start..start + tbb], &mut regs);
             for first in (0..BLOCK).step_by(part) {
                 let g = (blk * BLOCK + first) / self.group_size;
                 let at = (tile * groups + g) * TILE;
@@ -1178,22 +1245,24 @@ mod x86 {
         out: *mut f32,
     ) {
         match (w.bits, w.group_size == HALF) {
-            (2, false) => rows::<VNNI, 2, false>(w, x, tile, out),
-            (3, false) => rows::<VNNI, 3, false>(w, x, tile, out),
-            (4, false) => rows::<VNNI, 4, false>(w, x, tile, out),
-            (5, false) => rows::<VNNI, 5, false>(w, x, tile, out),
-            (6, false) => rows::<VNNI, 6, false>(w, x, tile, out),
-            (8, false) => rows::<VNNI, 8, false>(w, x, tile, out),
-            (2, true) => rows::<VNNI, 2, true>(w, x, tile, out),
-            (3, true) => rows::<VNNI, 3, true>(w, x, tile, out),
-            (6, true) => rows::<VNNI, 6, true>(w, x, tile, out),
+            (2, false) => rows::<VNNI, 2, false, false>(w, x, tile, out),
+            (3, false) => rows::<VNNI, 3, false, false>(w, x, tile, out),
+            (4, false) => rows::<VNNI, 4, false, false>(w, x, tile, out),
+            (5, false) => rows::<VNNI, 5, false, false>(w, x, tile, out),
+            (6, false) => rows::<VNNI, 6, false, false>(w, x, tile, out),
+            (8, false) if w.codebook.is_some() => rows::<VNNI, 8, false, true>(w, x, tile, out),
+            (8, false) => rows::<VNNI, 8, false, false>(w, x, tile, out),
+            (2, true) => rows::<VNNI, 2, true, false>(w, x, tile, out),
+            (3, true) => rows::<VNNI, 3, true, false>(w, x, tile, out),
+            (6, true) => rows::<VNNI, 6, true, false>(w, x, tile, out),
             _ => unreachable!("bits are checked by AffineMatrix; groups of 16 are k-quants'"),
         }
     }
 
-    /// `SPLIT`: groups of 16 (each half block has its own scale).
+    /// `SPLIT`: groups of 16 (each half block has its own scale). `BOOK`: 8-bit codes
+    /// stored as 4-bit indices into the matrix's codebook.
     #[inline(always)]
-    unsafe fn rows<const VNNI: bool, const BITS: u32, const SPLIT: bool>(
+    unsafe fn rows<const VNNI: bool, const BITS: u32, const SPLIT: bool, const BOOK: bool>(
         w: &PackedMatrix,
         x: &QuantizedRows,
         tile: usize,
@@ -1202,27 +1271,35 @@ mod x86 {
         let m = x.m;
         let mut i = 0;
         while i + 4 <= m {
-            tile_rows::<VNNI, BITS, SPLIT, 4>(w, x, tile, i, out);
+            tile_rows::<VNNI, BITS, SPLIT, 4, BOOK>(w, x, tile, i, out);
             i += 4;
         }
         match m - i {
-            3 => tile_rows::<VNNI, BITS, SPLIT, 3>(w, x, tile, i, out),
-            2 => tile_rows::<VNNI, BITS, SPLIT, 2>(w, x, tile, i, out),
-            1 => tile_rows::<VNNI, BITS, SPLIT, 1>(w, x, tile, i, out),
+            3 => tile_rows::<VNNI, BITS, SPLIT, 3, BOOK>(w, x, tile, i, out),
+            2 => tile_rows::<VNNI, BITS, SPLIT, 2, BOOK>(w, x, tile, i, out),
+            1 => tile_rows::<VNNI, BITS, SPLIT, 1, BOOK>(w, x, tile, i, out),
             _ => {}
         }
     }
 
     /// The tile's 8 weight rows with activation rows `i0..i0 + M`.
     #[inline(always)]
-    unsafe fn tile_rows<const VNNI: bool, const BITS: u32, const SPLIT: bool, const M: usize>(
+    unsafe fn tile_rows<
+        const VNNI: bool,
+        const BITS: u32,
+        const SPLIT: bool,
+        const M: usize,
+        const BOOK: bool,
+    >(
         w: &PackedMatrix,
         x: &QuantizedRows,
         tile: usize,
         i0: usize,
         out: *mut f32,
     ) {
-        let (k, blocks, tbb) = (w.cols, w.cols / BLOCK, tile_block_bytes(BITS));
+        let (k, blocks) = (w.cols, w.cols / BLOCK);
+        let tbb = tile_block_bytes(if BOOK { 4 } else { BITS });
+        let book = codebook::<VNNI>(w);
         let groups = w.groups_per_row();
         let data = w.data.as_ptr().add(tile * blocks * tbb);
         let qs = x.qs.as_ptr().add(i0 * k);
@@ -1244,7 +1321,7 @@ mod x86 {
             let zero = w.zero;
             for blk in 0..blocks {
                 if stream {
-                    prefetch::<BITS>(data, blk * tbb);
+                    prefetch::<BITS, BOOK>(data, blk * tbb);
                 }
                 let groups_of_block = [2 * blk, 2 * blk + 1];
                 let s = groups_of_block.map(|g| params8(&w.scales, tile, groups, g));
@@ -1252,9 +1329,10 @@ mod x86 {
                     .biases
                     .as_ref()
                     .map(|b| groups_of_block.map(|g| params8(b, tile, groups, g)));
-                let (lo, hi) = block_dots::<VNNI, BITS, true, M>(data.add(blk * tbb), |t, v| {
-                    xq(t, blk * BLOCK + v)
-                });
+                let (lo, hi) =
+                    block_dots::<VNNI, BITS, true, M, BOOK>(data.add(blk * tbb), book, |t, v| {
+                        xq(t, blk * BLOCK + v)
+                    });
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let dx = _mm256_set1_ps(*ds.add(t * blocks + blk));
                     for (h, isum) in [lo[t], hi[t]].into_iter().enumerate() {
@@ -1302,12 +1380,13 @@ mod x86 {
                         }
                         for blk in g * per_group..(g + 1) * per_group {
                             if stream {
-                                prefetch::<BITS>(data, blk * tbb);
+                                prefetch::<BITS, BOOK>(data, blk * tbb);
                             }
-                            let (lo, hi) =
-                                block_dots::<VNNI, BITS, false, M>(data.add(blk * tbb), |t, v| {
-                                    xq(t, blk * BLOCK + v)
-                                });
+                            let (lo, hi) = block_dots::<VNNI, BITS, false, M, BOOK>(
+                                data.add(blk * tbb),
+                                book,
+                                |t, v| xq(t, blk * BLOCK + v),
+                            );
                             for (t, acc) in acc.iter_mut().enumerate() {
                                 let mut isum = _mm256_add_epi32(lo[t], hi[t]);
                                 if BITS == 8 && VNNI {
@@ -1375,15 +1454,40 @@ mod x86 {
     /// (Splitting every format's one- and two-row tiles measured a 1B Q4_K_M prefill,
     /// which runs 4-row tiles, 20–25 % slower: the compiled code changed beyond those
     /// tiles.) Without `SPLIT` the caller adds them.
+    /// With `BOOK`, the 4-bit indices are looked up in `book` ([`codebook`]) and the codes
+    /// multiplied as 8-bit ones.
     #[inline(always)]
-    unsafe fn block_dots<const VNNI: bool, const BITS: u32, const SPLIT: bool, const M: usize>(
+    unsafe fn block_dots<
+        const VNNI: bool,
+        const BITS: u32,
+        const SPLIT: bool,
+        const M: usize,
+        const BOOK: bool,
+    >(
         p: *const u8,
+        book: __m256i,
         xq: impl Fn(usize, usize) -> __m256i,
     ) -> ([__m256i; M], [__m256i; M]) {
         let apart = SPLIT || (BITS == 8 && M == 1);
         let mut lo = [_mm256_setzero_si256(); M];
         let mut hi = [_mm256_setzero_si256(); M];
-        if (4..=6).contains(&BITS) {
+        if BOOK {
+            // Registers r and r + 4 as with 4 bits, then each index's code (`vpshufb`);
+            // the same integer sums as the 8-bit codes' (registers 0–3 into `lo`, 4–7
+            // into `hi` when apart), in another order, which integers do not see.
+            for r in 0..REGS / 2 {
+                let (low, high) = register_pair::<4>(p, r);
+                let (low, high) = (
+                    _mm256_shuffle_epi8(book, low),
+                    _mm256_shuffle_epi8(book, high),
+                );
+                for t in 0..M {
+                    lo[t] = dot8::<VNNI>(lo[t], low, xq(t, r * QUAD));
+                    let sink = if apart { &mut hi[t] } else { &mut lo[t] };
+                    *sink = dot8::<VNNI>(*sink, high, xq(t, (r + REGS / 2) * QUAD));
+                }
+            }
+        } else if (4..=6).contains(&BITS) {
             for r in 0..REGS / 2 {
                 let (low, high) = register_pair::<BITS>(p, r);
                 for t in 0..M {
@@ -1409,10 +1513,8 @@ mod x86 {
                     } else {
                         &mut lo[t]
                     };
-                    *sink = if BITS == 8 && !VNNI {
-                        // Signed × signed: |w| × (x with w's sign).
-                        let xv = xq(t, r * QUAD);
-                        dot::<VNNI>(*sink, _mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
+                    *sink = if BITS == 8 {
+                        dot8::<VNNI>(*sink, v, xq(t, r * QUAD))
                     } else {
                         dot::<VNNI>(*sink, v, xq(t, r * QUAD))
                     };
@@ -1500,17 +1602,45 @@ mod x86 {
     }
 
     /// Asks for the codes of one block of `BITS`-bit codes (`tile_block_bytes(BITS)` from
-    /// `p + at`) `PREFETCH` bytes ahead into L1 and `PREFETCH_L2` bytes ahead into L2, a
-    /// line at a time. Only hints: lines past the end of the codes are not read. (The
+    /// `p + at`, 4-bit indices with `BOOK`) `PREFETCH` bytes ahead into L1 and
+    /// `PREFETCH_L2` bytes ahead into L2, a line at a time. Only hints: lines past the end of the codes are not read. (The
     /// count of lines is a constant, so the loop unrolls: a `step_by` over the block's
     /// bytes compiled to ~25 instructions of bookkeeping a block, as many as the dots.)
     #[inline(always)]
-    unsafe fn prefetch<const BITS: u32>(p: *const u8, at: usize) {
-        for line in 0..tile_block_bytes(BITS).div_ceil(64) {
+    unsafe fn prefetch<const BITS: u32, const BOOK: bool>(p: *const u8, at: usize) {
+        for line in 0..tile_block_bytes(if BOOK { 4 } else { BITS }).div_ceil(64) {
             let q = p.wrapping_add(at + 64 * line);
             _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH).cast::<i8>());
             _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(PREFETCH_L2).cast::<i8>());
         }
+    }
+
+    /// `acc` plus the products of 8-bit codes `v` with activations `x`: with VNNI `v` holds
+    /// the unsigned codes; without, code − 128, multiplied signed × signed as |v| × (x with
+    /// v's sign).
+    #[inline(always)]
+    unsafe fn dot8<const VNNI: bool>(acc: __m256i, v: __m256i, x: __m256i) -> __m256i {
+        if VNNI {
+            dot::<VNNI>(acc, v, x)
+        } else {
+            dot::<VNNI>(acc, _mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v))
+        }
+    }
+
+    /// `w`'s codebook as [`dot8`] takes its codes, in both 16-byte lanes (for `vpshufb`):
+    /// unsigned with VNNI, else code − 128. Zeros without a codebook.
+    #[inline(always)]
+    unsafe fn codebook<const VNNI: bool>(w: &PackedMatrix) -> __m256i {
+        let Some(book) = &w.codebook else {
+            return _mm256_setzero_si256();
+        };
+        let stored = _mm_loadu_si128(book.as_ptr().cast::<__m128i>());
+        let codes = if VNNI {
+            _mm_xor_si128(stored, _mm_set1_epi8(-128))
+        } else {
+            stored
+        };
+        _mm256_broadcastsi128_si256(codes)
     }
 
     /// `acc` plus u8 × i8 products summed in fours (per lane: one row, 4 values).

@@ -314,12 +314,15 @@ pub(super) unsafe fn strips(
         let b = unpacked.as_mut_ptr();
         for s in strips {
             match w.bits {
-                2 => multiply::<2>(w, x, s, b, products, acc, &mut configured, out),
-                3 => multiply::<3>(w, x, s, b, products, acc, &mut configured, out),
-                4 => multiply::<4>(w, x, s, b, products, acc, &mut configured, out),
-                5 => multiply::<5>(w, x, s, b, products, acc, &mut configured, out),
-                6 => multiply::<6>(w, x, s, b, products, acc, &mut configured, out),
-                8 => multiply::<8>(w, x, s, b, products, acc, &mut configured, out),
+                2 => multiply::<2, false>(w, x, s, b, products, acc, &mut configured, out),
+                3 => multiply::<3, false>(w, x, s, b, products, acc, &mut configured, out),
+                4 => multiply::<4, false>(w, x, s, b, products, acc, &mut configured, out),
+                5 => multiply::<5, false>(w, x, s, b, products, acc, &mut configured, out),
+                6 => multiply::<6, false>(w, x, s, b, products, acc, &mut configured, out),
+                8 if w.codebook.is_some() => {
+                    multiply::<8, true>(w, x, s, b, products, acc, &mut configured, out);
+                }
+                8 => multiply::<8, false>(w, x, s, b, products, acc, &mut configured, out),
                 _ => unreachable!("bits are checked by AffineMatrix"),
             }
         }
@@ -329,10 +332,22 @@ pub(super) unsafe fn strips(
 
 /// Block `b` of strip `s`'s codes into `B` rows: row `ρ` of the block in `B_h` is
 /// register `ρ` of tile `4s + 2h` then of tile `4s + 2h + 1` (zeros past the last tile),
-/// each code as `code − zero`.
+/// each code as `code − zero` (`BOOK`: 4-bit indices looked up in the codebook, whose
+/// codes are stored as code − 128 already).
 #[inline(always)]
-unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, b: usize, out: *mut i8) {
-    let (blocks, tbb) = (w.cols / BLOCK, tile_block_bytes(BITS));
+unsafe fn unpack<const BITS: u32, const BOOK: bool>(
+    w: &PackedMatrix,
+    s: usize,
+    b: usize,
+    out: *mut i8,
+) {
+    let (blocks, tbb) = (
+        w.cols / BLOCK,
+        tile_block_bytes(if BOOK { 4 } else { BITS }),
+    );
+    let book = w.codebook.map_or(_mm256_setzero_si256(), |book| {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(book.as_ptr().cast::<__m128i>()))
+    });
     // 8-bit codes are stored as code − 128 already (and their zero is 128).
     let zero = _mm256_set1_epi8(if BITS == 8 { 0 } else { w.zero as i8 });
     let tiles = w.rows.div_ceil(TILE);
@@ -354,7 +369,13 @@ unsafe fn unpack<const BITS: u32>(w: &PackedMatrix, s: usize, b: usize, out: *mu
         for line in (0..tbb).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
         }
-        if (4..=6).contains(&BITS) {
+        if BOOK {
+            for r in 0..REGS / 2 {
+                let (low, high) = register_pair::<4>(p, r);
+                store(r, _mm256_shuffle_epi8(book, low));
+                store(r + REGS / 2, _mm256_shuffle_epi8(book, high));
+            }
+        } else if (4..=6).contains(&BITS) {
             for r in 0..REGS / 2 {
                 let (low, high) = register_pair::<BITS>(p, r);
                 store(r, _mm256_sub_epi8(low, zero));
@@ -401,7 +422,7 @@ unsafe fn params16(
 /// single chunk, a decode step's, overlaps the two), and read from there by the rest.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn multiply<const BITS: u32>(
+unsafe fn multiply<const BITS: u32, const BOOK: bool>(
     w: &PackedMatrix,
     x: &QuantizedRows,
     s: usize,
@@ -476,7 +497,7 @@ unsafe fn multiply<const BITS: u32>(
             if n0 == 0 {
                 // Blocks up to the next part's, unpacked.
                 while unpacked < blocks.min((j >> block_shift) + 2) {
-                    unpack::<BITS>(w, s, unpacked, b);
+                    unpack::<BITS, BOOK>(w, s, unpacked, b);
                     unpacked += 1;
                 }
             }
