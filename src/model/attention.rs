@@ -259,7 +259,7 @@ fn attend_in<T: Elem>(
     // The fresh keys and values as the cache stores them (so that a position's attention to
     // itself uses what later positions will read): keys transposed, `[kv_heads, head_dim,
     // rows]`, so that a run of them is scored the same way.
-    // (A prompt's are 512 × kv_heads × head_dim and more: over the compute threads.)
+    // Both over the compute threads: a prompt's are rows × kv_heads × head_dim values.
     let narrow_k = narrow_all(k);
     let mut fresh_k = vec![T::default(); nkv * hd * rows + PAD];
     let dims_per_task = crate::threads::rows_per_task(nkv * hd, rows);
