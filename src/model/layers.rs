@@ -15,7 +15,8 @@ use crate::quant::{ggml, AffineMatrix, Isa, PackedMatrix, ScaleDType};
 
 /// How a weight matrix `[out, in]` is stored in memory: affine groups in our kernels'
 /// layout (MLX folders, and the GGML types that are affine: Q4_0, Q4_1, Q5_0, Q5_1,
-/// Q8_0 and the k-quants Q2_K to Q6_K), other GGML blocks (run by candle), or dense f32
+/// Q8_0 and the k-quants Q2_K to Q6_K; IQ4_NL and IQ4_XS as 8-bit groups whose codes are
+/// 4-bit indices into their levels), other GGML blocks (run by candle), or dense f32
 /// (float safetensors).
 /// Quantized weights stay quantized; nothing is expanded to f32 at load.
 #[derive(Debug, Clone)]

@@ -32,6 +32,10 @@
 //! | 2, 3 | 8 bytes of 2-bit values per register (byte `v` of the register from bits `2·(v / 8)` of byte `v % 8`); then for 3 bits a 32-bit plane of bit 2 per register |
 //! | 8 | the register as bytes, code − 128 as i8: `maddubs` needs one operand unsigned, and codes up to 255 times 127 would overflow its i16 pair sums (the bias term adds 128·scale back); VNNI's `dpbusd` sums in i32, so it takes the unsigned code back with one `xor` and 128 times the block's Σx off the sum |
 //!
+//! An 8-bit matrix with a codebook (IQ4_NL, IQ4_XS: 16 codes) stores 4-bit indices in the
+//! 4-bit layout instead; the kernels look each up (`vpshufb`) as they unpack a block and
+//! go on as with 8 bits.
+//!
 //! Rows are padded to a multiple of 8 with zero codes, scales and biases (a slice of whole
 //! tiles keeps its neighbours' rows there instead; no padding row is ever written out).
 //!
