@@ -213,6 +213,16 @@ const fn tile_block_bytes(bits: u32) -> usize {
     BLOCK * bits as usize
 }
 
+/// Bits a code of a `bits`-bit matrix takes in its tiles: 4 for indices into a codebook
+/// (`book`), else `bits`.
+const fn stored_bits(bits: u32, book: bool) -> u32 {
+    if book {
+        4
+    } else {
+        bits
+    }
+}
+
 /// One block of a tile as registers: `regs[ρ][4r + t]` = code of row `r`, value `4ρ + t`.
 type Registers<T> = [[T; BLOCK]; REGS];
 
@@ -680,13 +690,9 @@ impl PackedMatrix {
         }
     }
 
-    /// Bits a code takes in `data`: `bits`, or 4 for indices into a codebook.
+    /// Bits a code takes in `data` ([`stored_bits`]).
     fn stored_bits(&self) -> u32 {
-        if self.codebook.is_some() {
-            4
-        } else {
-            self.bits
-        }
+        stored_bits(self.bits, self.codebook.is_some())
     }
 
     /// One block of a tile as the integers the kernels multiply ([`decode_tile_block`]),
@@ -1207,8 +1213,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        tile_block_bytes, PackedMatrix, Params, QuantizedRows, ScaleDType, BLOCK, HALF, QUAD, REGS,
-        TILE,
+        stored_bits, tile_block_bytes, PackedMatrix, Params, QuantizedRows, ScaleDType, BLOCK,
+        HALF, QUAD, REGS, TILE,
     };
 
     /// How far ahead of the block being multiplied a streaming product asks for its
@@ -1302,7 +1308,7 @@ mod x86 {
         out: *mut f32,
     ) {
         let (k, blocks) = (w.cols, w.cols / BLOCK);
-        let tbb = tile_block_bytes(if BOOK { 4 } else { BITS });
+        let tbb = tile_block_bytes(stored_bits(BITS, BOOK));
         let book = codebook::<VNNI>(w);
         let groups = w.groups_per_row();
         let data = w.data.as_ptr().add(tile * blocks * tbb);
@@ -1612,7 +1618,7 @@ mod x86 {
     /// bytes compiled to ~25 instructions of bookkeeping a block, as many as the dots.)
     #[inline(always)]
     unsafe fn prefetch<const BITS: u32, const BOOK: bool>(p: *const u8, at: usize) {
-        for line in 0..tile_block_bytes(if BOOK { 4 } else { BITS }).div_ceil(64) {
+        for line in 0..tile_block_bytes(stored_bits(BITS, BOOK)).div_ceil(64) {
             let q = p.wrapping_add(at + 64 * line);
             _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH).cast::<i8>());
             _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(PREFETCH_L2).cast::<i8>());
@@ -1634,7 +1640,7 @@ mod x86 {
     /// `w`'s codebook as [`dot8`] takes its codes, in both 16-byte lanes (for `vpshufb`):
     /// unsigned with VNNI, else code − 128. Zeros without a codebook.
     #[inline(always)]
-    unsafe fn codebook<const VNNI: bool>(w: &PackedMatrix) -> __m256i {
+    pub(super) unsafe fn codebook<const VNNI: bool>(w: &PackedMatrix) -> __m256i {
         let Some(book) = &w.codebook else {
             return _mm256_setzero_si256();
         };

@@ -36,10 +36,10 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::x86::{params8, register, register_pair};
+use super::x86::{codebook, params8, register, register_pair};
 use super::{
-    tile_block_bytes, PackedMatrix, QuantizedRows, AMX_CHUNK as CHUNK, AMX_STRIP_TILES, BLOCK,
-    QUAD, REGS, TILE,
+    stored_bits, tile_block_bytes, PackedMatrix, QuantizedRows, AMX_CHUNK as CHUNK,
+    AMX_STRIP_TILES, BLOCK, QUAD, REGS, TILE,
 };
 
 /// Weight rows of a strip: the 16 i32 columns of each of two accumulator tiles.
@@ -341,13 +341,9 @@ unsafe fn unpack<const BITS: u32, const BOOK: bool>(
     b: usize,
     out: *mut i8,
 ) {
-    let (blocks, tbb) = (
-        w.cols / BLOCK,
-        tile_block_bytes(if BOOK { 4 } else { BITS }),
-    );
-    let book = w.codebook.map_or(_mm256_setzero_si256(), |book| {
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(book.as_ptr().cast::<__m128i>()))
-    });
+    let (blocks, tbb) = (w.cols / BLOCK, tile_block_bytes(stored_bits(BITS, BOOK)));
+    // The codes as stored (code − 128), which the `B` rows hold.
+    let book = codebook::<false>(w);
     // 8-bit codes are stored as code − 128 already (and their zero is 128).
     let zero = _mm256_set1_epi8(if BITS == 8 { 0 } else { w.zero as i8 });
     let tiles = w.rows.div_ceil(TILE);
