@@ -317,6 +317,10 @@ fn attend_in<T: Elem>(
     let partial = &mut work.partial;
     partial.clear();
     partial.resize(units * splits * groups * part, 0.0);
+    out.clear();
+    out.resize(rows * heads * hd, 0.0);
+    // Whether the tasks below merged each (row, head)'s splits themselves (see `merge`).
+    let mut merged = false;
     // Prompt chunks: rows of a sequence in blocks of `ROWS_PER_BLOCK`, whose queries are
     // scored together against the keys the block sees, each key widened once per
     // `SCORED` queries rather than once per query head, each row's splits then softened
@@ -420,6 +424,11 @@ fn attend_in<T: Elem>(
         } else {
             1
         };
+        // A task that holds every split of its (row, KV head)s merges them into `out`
+        // (query head `h` of unit `u` at `(u · groups + h) · head_dim`), rather than
+        // leaving it to a pass of its own.
+        merged = per_task >= splits;
+        let sink = SendPtr(out.as_mut_ptr());
         crate::threads::parallel_chunks_mut(
             partial,
             per_task * groups * part,
@@ -476,39 +485,72 @@ fn attend_in<T: Elem>(
                     }
                     b.trim();
                 });
+                if merged {
+                    let per_unit = splits * groups * part;
+                    let first = task * per_task / splits;
+                    for (u, unit) in partials.chunks_exact(per_unit).enumerate() {
+                        for h in 0..groups {
+                            // SAFETY: tasks hold disjoint units, whose heads' outputs are
+                            // disjoint ranges of `out` (`rows · heads · head_dim`, above).
+                            #[allow(unsafe_code)]
+                            let out = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    sink.get().add(((first + u) * groups + h) * hd),
+                                    hd,
+                                )
+                            };
+                            merge(unit, groups, h, out);
+                        }
+                    }
+                }
             },
         );
     }
-    // Merge the splits of each (row, head): rescale each to the largest maximum. Splits
-    // without keys (`Σ w = 0`) take no part; a row always sees itself, so one has keys.
+    if merged {
+        return;
+    }
     // Rows are independent: split over the threads (run serially, it kept 15 of 16 threads
     // idle for a prompt's rows × heads merges).
     let partial = &*partial;
-    out.clear();
-    out.resize(rows * heads * hd, 0.0);
     let rows_per_task = crate::threads::rows_per_task(rows, heads * hd * splits);
     crate::threads::parallel_chunks_mut(out, rows_per_task * heads * hd, &|task, out| {
         for (j, out) in out.chunks_mut(hd).enumerate() {
             let i = task * rows_per_task * heads + j;
             let (row, head) = (i / heads, i % heads);
-            let (unit, h) = (row * nkv + head / groups, head % groups);
-            let parts = || {
-                (0..splits)
-                    .map(move |s| &partial[((unit * splits + s) * groups + h) * part..][..part])
-                    .filter(|p| p[1] > 0.0)
-            };
-            let max = parts().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for p in parts() {
-                let w = (p[0] - max).exp();
-                sum += w * p[1];
-                for (o, x) in out.iter_mut().zip(&p[2..]) {
-                    *o += w * x;
-                }
-            }
-            out.iter_mut().for_each(|o| *o /= sum);
+            let unit = row * nkv + head / groups;
+            let per_unit = splits * groups * part;
+            merge(
+                &partial[unit * per_unit..][..per_unit],
+                groups,
+                head % groups,
+                out,
+            );
         }
     });
+}
+
+/// Query head `h`'s attention from the partial softmaxes of its (row, KV head)'s splits,
+/// `partial: [splits, groups, 2 + head_dim]`, into `out: [head_dim]` (zeros): each split
+/// rescaled to the largest maximum. Splits without keys (`Σ w = 0`) take no part; a row
+/// always sees itself, so one has keys.
+fn merge(partial: &[f32], groups: usize, h: usize, out: &mut [f32]) {
+    let part = 2 + out.len();
+    let parts = || {
+        partial
+            .chunks_exact(groups * part)
+            .map(|split| &split[h * part..][..part])
+            .filter(|p| p[1] > 0.0)
+    };
+    let max = parts().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for p in parts() {
+        let w = (p[0] - max).exp();
+        sum += w * p[1];
+        for (o, x) in out.iter_mut().zip(&p[2..]) {
+            *o += w * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
 }
 
 /// Where one layer's keys and values are read from: the cache, and the batch's fresh
@@ -685,7 +727,8 @@ fn weigh_on<T: Elem>(
     }
 }
 
-/// `scores: [queries, n]` ← each query (`queries: [_, hd]`, scaled) times the `n` keys of
+/// `scores: [queries, n + LANES]` (a row of `n` scores per query, then room for a last
+/// register of them) ← each query (`queries: [_, hd]`, scaled) times the `n` keys of
 /// `runs`: [`weigh`]'s first phase. A score depends on its query and key alone, so a row
 /// scored in a block of rows gets the bits it gets alone.
 #[inline(always)]
@@ -696,8 +739,12 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
     n: usize,
     scores: &mut Vec<f32>,
 ) {
-    scores.clear();
-    scores.resize(queries.len() / hd * n, 0.0);
+    // Every score read is written first: the buffer only grows, and is not cleared.
+    let stride = n + LANES;
+    let len = queries.len() / hd * stride;
+    if scores.len() < len {
+        scores.resize(len, 0.0);
+    }
     let mut at = 0;
     // Runs are small (a block's keys are 2–4 KB) and scattered, too short for the hardware
     // prefetcher to learn: ask for each run's keys two runs ahead, and for its values
@@ -712,16 +759,26 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
         prefetch(run.values, run.v_at, run.v_stride, run.n, hd);
         for j in (0..run.n).step_by(LANES) {
             // Up to `SCORED` queries at a time: more sums than registers hold would spill.
-            let w = (run.n - j).min(LANES);
+            // All `LANES` scores are stored: those past the run are the next run's
+            // positions (written over when it is scored) or the row's spare room.
             let mut first = 0;
             for batch in queries.chunks(SCORED * hd) {
-                let sums: &mut dyn FnMut(usize, &[f32; LANES]) = &mut |g, sums| {
-                    scores[(first + g) * n + at + j..][..w].copy_from_slice(&sums[..w]);
+                let mut put = |g: usize, sums: &[f32; LANES]| {
+                    scores[(first + g) * stride + at + j..][..LANES].copy_from_slice(sums);
                 };
                 match batch.len() / hd {
-                    1 => score_keys::<T, HD, FMA, 1>(hd, batch, run, j, sums),
-                    2 => score_keys::<T, HD, FMA, 2>(hd, batch, run, j, sums),
-                    _ => score_keys::<T, HD, FMA, SCORED>(hd, batch, run, j, sums),
+                    1 => score_keys::<T, HD, FMA, 1>(hd, batch, run, j)
+                        .iter()
+                        .enumerate()
+                        .for_each(|(g, s)| put(g, s)),
+                    2 => score_keys::<T, HD, FMA, 2>(hd, batch, run, j)
+                        .iter()
+                        .enumerate()
+                        .for_each(|(g, s)| put(g, s)),
+                    _ => score_keys::<T, HD, FMA, SCORED>(hd, batch, run, j)
+                        .iter()
+                        .enumerate()
+                        .for_each(|(g, s)| put(g, s)),
                 }
                 first += batch.len() / hd;
             }
@@ -738,25 +795,31 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
 const SCORED: usize = 3;
 
 /// The scores of `NQ` queries (`queries: [NQ, hd]`) against keys `j..j + LANES` of
-/// `run`, each handed to `out(query, scores)`. Dimensions outermost: each row of the
-/// transposed keys is widened to f32 once, in a register, and multiplied into every
-/// query's sums, four per query (independent chains of multiply-adds: dimension `d` into
-/// sum `d % 4`, the dimensions past a multiple of 4 into the first), added as
-/// `(s0 + s1) + (s2 + s3)`. A run's last group of keys reads past it into storage that
-/// `PAD` keeps in bounds; those lanes are dropped.
+/// `run`. Dimensions outermost: each row of the transposed keys is widened to f32 once,
+/// in a register, and multiplied into every query's sums, four per query (independent
+/// chains of multiply-adds: dimension `d` into sum `d % 4`, the dimensions past a
+/// multiple of 4 into the first), added as `(s0 + s1) + (s2 + s3)`. A run's last group of
+/// keys reads past it into storage that `PAD` keeps in bounds; those lanes are garbage.
 #[inline(always)]
 fn score_keys<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
     hd: usize,
     queries: &[f32],
     run: &Run<'_, T>,
     j: usize,
-    out: &mut dyn FnMut(usize, &[f32; LANES]),
-) {
+) -> [[f32; LANES]; NQ] {
     let hd = if HD == 0 { hd } else { HD };
     let queries: [&[f32]; NQ] = std::array::from_fn(|g| &queries[g * hd..][..hd]);
+    // Rows `d < hd` of these keys: `LANES` elements at `d * stride`. One bounds check here
+    // rather than one per row (two compares and branches per 16 multiply-adds by 3).
+    let stride = run.k_stride;
+    let keys = &run.keys[run.k_at + j..][..(hd - 1) * stride + LANES];
     let key = |d: usize| -> &[T; LANES] {
-        let at = run.k_at + d * run.k_stride + j;
-        run.keys[at..at + LANES].try_into().expect("LANES keys")
+        debug_assert!(d < hd);
+        // SAFETY: `d < hd`, so `d * stride + LANES <= keys.len()`.
+        #[allow(unsafe_code)]
+        unsafe {
+            &*keys.as_ptr().add(d * stride).cast::<[T; LANES]>()
+        }
     };
     let mut acc = [[[0f32; LANES]; 4]; NQ];
     for d4 in 0..hd / 4 {
@@ -780,10 +843,14 @@ fn score_keys<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
             }
         }
     }
-    for (g, acc) in acc.iter().enumerate() {
-        let sums = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-        out(g, &sums);
+    // Plain loops: `map` with `from_fn` here became a call per query, spilling every sum.
+    let mut sums = [[0f32; LANES]; NQ];
+    for (sums, acc) in sums.iter_mut().zip(&acc) {
+        for (l, s) in sums.iter_mut().enumerate() {
+            *s = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+        }
     }
+    sums
 }
 
 /// Partial attention of `queries: [_, head_dim]` over the `n` keys of `runs`: for each
@@ -803,7 +870,7 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
 ) {
     let hd = if HD == 0 { hd } else { HD };
     score::<T, HD, FMA>(hd, queries, runs, n, scores);
-    soften::<T, HD, FMA>(hd, runs, n, scores, segments, out);
+    soften::<T, HD, FMA>(hd, runs, n, n + LANES, scores, segments, out);
 }
 
 /// A task's buffers: the scores and the segments to compute (see [`soften`]).
@@ -817,19 +884,21 @@ struct Segment {
     out: usize,
 }
 
-/// Each segment's partial softmax into `out` from `scores: [queries, n]` (turned into
-/// weights in place) and the values of `runs`.
+/// Each segment's partial softmax into `out` from `scores: [queries, stride]` (the first
+/// `n` of a row are its scores; turned into weights in place) and the values of `runs`.
 #[inline(always)]
 fn soften<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,
     runs: &[Run<'_, T>],
     n: usize,
+    stride: usize,
     scores: &mut [f32],
     segments: &[Segment],
     out: &mut [f32],
 ) {
+    debug_assert!(segments.iter().all(|s| s.keys.end <= n));
     for seg in segments {
-        let scores = &mut scores[seg.query * n..][seg.keys.clone()];
+        let scores = &mut scores[seg.query * stride..][seg.keys.clone()];
         let max = max(scores);
         scores.iter_mut().for_each(|s| *s = exp(*s - max));
         let out = &mut out[seg.out..seg.out + 2 + hd];
@@ -848,9 +917,9 @@ fn soften<T: Elem, const HD: usize, const FMA: bool>(
             .count();
         let group = &segments[first..first + same];
         match same {
-            1 => weigh_values::<T, HD, FMA, 1>(hd, runs, n, scores, group, out),
-            2 => weigh_values::<T, HD, FMA, 2>(hd, runs, n, scores, group, out),
-            _ => weigh_values::<T, HD, FMA, SCORED>(hd, runs, n, scores, group, out),
+            1 => weigh_values::<T, HD, FMA, 1>(hd, runs, stride, scores, group, out),
+            2 => weigh_values::<T, HD, FMA, 2>(hd, runs, stride, scores, group, out),
+            _ => weigh_values::<T, HD, FMA, SCORED>(hd, runs, stride, scores, group, out),
         }
         first += same;
     }
@@ -861,15 +930,15 @@ fn soften<T: Elem, const HD: usize, const FMA: bool>(
 const WEIGHED: usize = 64;
 
 /// `Σ w·v` of `NQ` segments over the same keys (`segments`; their weights in `scores:
-/// [queries, n]`) into `out`, `WEIGHED` dimensions at a time: each key's values widened to
-/// f32 once, in registers, and multiplied into every segment's sums. Each sum runs key by
-/// key in order, so it is the same however the keys fall into runs (cached or fresh) or
-/// segments share them: a row's result does not depend on its batch.
+/// [queries, stride]`) into `out`, `WEIGHED` dimensions at a time: each key's values
+/// widened to f32 once, in registers, and multiplied into every segment's sums. Each sum
+/// runs key by key in order, so it is the same however the keys fall into runs (cached or
+/// fresh) or segments share them: a row's result does not depend on its batch.
 #[inline(always)]
 fn weigh_values<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
     hd: usize,
     runs: &[Run<'_, T>],
-    n: usize,
+    stride: usize,
     scores: &[f32],
     segments: &[Segment],
     out: &mut [f32],
@@ -877,14 +946,23 @@ fn weigh_values<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
     let hd = if HD == 0 { hd } else { HD };
     let keys = segments[0].keys.clone();
     let weights: [&[f32]; NQ] =
-        std::array::from_fn(|g| &scores[segments[g].query * n..][keys.clone()]);
+        std::array::from_fn(|g| &scores[segments[g].query * stride..][keys.clone()]);
     for dims in (0..hd).step_by(WEIGHED) {
         let len = WEIGHED.min(hd - dims);
         let mut acc = [[0f32; WEIGHED]; NQ];
         let mut at = 0;
         for run in runs {
-            for key in keys.start.max(at)..keys.end.min(at + run.n) {
-                let value = &run.values[run.v_at + (key - at) * run.v_stride + dims..][..len];
+            // The run's keys among the segments': `lo..hi`, as indices of the row's keys.
+            let (lo, hi) = (keys.start.max(at), keys.end.min(at + run.n));
+            at += run.n;
+            if lo >= hi {
+                continue;
+            }
+            let values = &run.values[run.v_at + (lo - (at - run.n)) * run.v_stride + dims..];
+            let weights: [&[f32]; NQ] =
+                std::array::from_fn(|g| &weights[g][lo - keys.start..hi - keys.start]);
+            for i in 0..hi - lo {
+                let value = &values[i * run.v_stride..][..len];
                 let mut v = [0f32; WEIGHED];
                 if len == WEIGHED {
                     for (v, value) in v.chunks_exact_mut(16).zip(value.chunks_exact(16)) {
@@ -895,13 +973,12 @@ fn weigh_values<T: Elem, const HD: usize, const FMA: bool, const NQ: usize>(
                     v.iter_mut().zip(value).for_each(|(v, x)| *v = x.to_f32());
                 }
                 for (acc, weights) in acc.iter_mut().zip(&weights) {
-                    let p = weights[key - keys.start];
+                    let p = weights[i];
                     for (a, &x) in acc.iter_mut().zip(&v) {
                         *a = fma::<FMA>(p, x, *a);
                     }
                 }
             }
-            at += run.n;
         }
         for (seg, acc) in segments.iter().zip(&acc) {
             out[seg.out + 2 + dims..][..len].copy_from_slice(&acc[..len]);
