@@ -502,14 +502,14 @@ impl Norm {
         let d = self.weight.len() as f32;
         match &self.bias {
             None => {
-                let m = (math::sum(row.iter().map(|x| x * x)) / d + self.eps).sqrt();
+                let m = (math::sum(row, |x| x * x) / d + self.eps).sqrt();
                 for (x, w) in row.iter_mut().zip(&self.weight) {
                     *x = *x / m * w;
                 }
             }
             Some(bias) => {
-                let mean = math::sum(row.iter().copied()) / d;
-                let var = math::sum(row.iter().map(|x| (x - mean) * (x - mean))) / d;
+                let mean = math::sum(row, |x| x) / d;
+                let var = math::sum(row, |x| (x - mean) * (x - mean)) / d;
                 let std = (var + self.eps).sqrt();
                 for ((x, w), b) in row.iter_mut().zip(&self.weight).zip(bias) {
                     *x = (*x - mean) / std * w + b;
