@@ -100,7 +100,7 @@ class MLXConfig:
     #: (``mx.bfloat16``) is accepted too, here or assigned later, and stored as its name
     #: (reading it always gives a ``str``).
     dtype: _DtypeName = _DtypeName()
-    #: Let quantized products of 8 or more activation rows (prefill, batched decode) run
+    #: Let quantized products of 9 or more activation rows (prefill, batched decode) run
     #: on Intel AMX where the CPU and OS grant it (``get_device_info()["amx_available"]``).
     #: Process-wide: the kernels are shared, so the accelerator made last decides.
     use_amx: bool = True
@@ -612,7 +612,7 @@ class MLXAccelerator:
         (``avg_time_ms``, ``throughput_gflops``: ``0.0`` without a count, as the original
         reported it, so it always formats as a number; ``amx_enabled``: whether the engine's
         kernels ran on AMX, which ``use_amx`` allows for this call where the CPU grants it,
-        for products of 8 or more rows)."""
+        for products of 9 or more rows)."""
         if num_iterations < 1:
             raise ValueError("num_iterations must be at least 1")
         nbytes: float | None = None
@@ -640,8 +640,12 @@ class MLXAccelerator:
             name = getattr(operation, "__name__", "callable")
         else:
             with amx_allowed(use_amx):
-                # Only the quantized products of 8 or more rows have an AMX kernel.
-                amx = _core.kernel_isa() == "amx" and operation == "qmatmul" and input_shape[0] >= 8
+                # Only the quantized products of `amx_min_rows()` rows or more run on AMX.
+                amx = (
+                    _core.kernel_isa() == "amx"
+                    and operation == "qmatmul"
+                    and input_shape[0] >= _core.amx_min_rows()
+                )
                 seconds, per_call, nbytes = _core.time_operation(operation, list(input_shape), num_iterations)
             name = operation
         avg = seconds / num_iterations
@@ -726,7 +730,7 @@ class MLXAccelerator:
             "value": c.use_amx,
             "applied": amx_available,
             "reason": (
-                "quantized products of 8 or more rows run on AMX int8 tiles unless this is False"
+                "quantized products of 9 or more rows run on AMX int8 tiles unless this is False"
                 " (process-wide)"
                 if amx_available
                 else "no AMX here: the CPU does not list it, the OS does not grant it, or a trial failed"

@@ -35,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::load_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(model::time_operation, m)?)?;
     m.add_function(wrap_pyfunction!(model::kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(model::amx_min_rows, m)?)?;
     m.add_function(wrap_pyfunction!(model::amx_available, m)?)?;
     m.add_function(wrap_pyfunction!(model::allow_amx, m)?)?;
     m.add_function(wrap_pyfunction!(model::cuda_compiled, m)?)?;

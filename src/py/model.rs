@@ -347,6 +347,12 @@ pub fn kernel_isa() -> &'static str {
     crate::quant::Isa::active().name()
 }
 
+/// Activation rows from which a quantized product runs on AMX (where it is in use).
+#[pyfunction]
+pub fn amx_min_rows() -> usize {
+    crate::quant::kernels::AMX_MIN_ROWS
+}
+
 /// Whether this process may run AMX: the CPU lists it, the OS grants it, and a trial
 /// product in a child process came out right (decided at the first call).
 #[pyfunction]

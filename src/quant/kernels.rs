@@ -197,9 +197,12 @@ pub fn on_isa<K: IsaKernel>(isa: Isa, kernel: K) -> K::Out {
 }
 
 /// Activation rows from which a product runs on AMX ([`Isa::Amx`]); fewer run the AVX-512
-/// tiles. (16-core Xeon, 2048 × 8192 at 4 and 8 bits: AMX took 1.4–1.5× the time at 4
-/// rows, 0.86–1.05× at 8 on 16 threads and 0.4–0.9× on one, 0.57–0.65× at 16 rows.)
-const AMX_MIN_ROWS: usize = 8;
+/// tiles. (16-core Xeon, 2048 × 8192 at 4 and 8 bits, one tile at a time: AMX took
+/// 1.4–1.5× the time at 4 rows, 0.86–1.05× at 8 on 16 threads and 0.4–0.9× on one,
+/// 0.57–0.65× at 16 rows. With tiles in pairs, on the 2-core Xeon VM at 2 threads, AMX
+/// took 1.04–1.22× the pairs' time at 8 rows, 0.90–1.04× at 9, 0.89–1.0× at 10, for the
+/// SmolLM2 shapes and 2048 × 8192.)
+pub const AMX_MIN_ROWS: usize = 9;
 /// Activation rows of an AMX tile.
 const AMX_CHUNK: usize = 16;
 /// Weight tiles of a strip of the AMX kernel: two `B` tiles of 16 weight rows.
