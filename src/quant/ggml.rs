@@ -854,6 +854,11 @@ mod tests {
                 for &isa in Isa::available() {
                     prop_assert_eq!(p.matmul_t_on(isa, &xq), reference.clone(), "{:?}", isa);
                 }
+                // Tiles in pairs (Intel's products) give each tile's bits on any CPU.
+                #[cfg(target_arch = "x86_64")]
+                if let Some([pairs, single]) = crate::quant::kernels::pairs_and_singles(&p, &xq) {
+                    prop_assert_eq!(pairs, single, "{:?} in pairs", dtype);
+                }
                 if rows > 8 {
                     let tail = p.rows(8, rows - 8).unwrap();
                     prop_assert_eq!(tail.dequantize(), got[8 * cols..].to_vec());
@@ -991,6 +996,11 @@ mod tests {
                         "{:?} 4-bit",
                         isa
                     );
+                }
+                #[cfg(target_arch = "x86_64")]
+                if let Some([pairs, single]) = crate::quant::kernels::pairs_and_singles(&book, &xq)
+                {
+                    prop_assert_eq!(pairs, single, "{:?} 4-bit in pairs", iq);
                 }
                 Ok(())
             })
