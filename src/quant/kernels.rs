@@ -884,9 +884,9 @@ impl PackedMatrix {
             per_task = per_task.next_multiple_of(AMX_STRIP_TILES);
         }
         // Tiles in pairs (`x86::tile_pair_vnni`) where 512-bit registers run at full speed,
-        // for 3 rows or more: below, the product streams its codes from memory, and the
-        // pairs' two streams measured up to 8 % slower than one tile's (2 rows, 2048 ×
-        // 8192, one thread), though less code ran.
+        // for 3 rows or more: 1 or 2 rows are bound by how fast the codes stream in, and
+        // there the pairs' two streams measured up to 8 % slower than one tile's (2 rows,
+        // 2048 × 8192, one thread), though less code ran.
         #[cfg(target_arch = "x86_64")]
         let wide = matches!(isa, Isa::Avx512Vnni | Isa::Amx) && x.m >= 3 && x86::wide_registers();
         #[cfg(not(target_arch = "x86_64"))]
@@ -1323,6 +1323,60 @@ mod x86 {
         }
     }
 
+    /// Activation rows `i0..` of `x` as the tiles read them (row `t` is row `i0 + t`).
+    #[derive(Clone, Copy)]
+    struct Rows {
+        qs: *const i8,
+        d: *const f32,
+        group_sums: *const f32,
+        half_sums: *const i32,
+        k: usize,
+        blocks: usize,
+        groups: usize,
+    }
+
+    impl Rows {
+        unsafe fn new(x: &QuantizedRows, i0: usize) -> Rows {
+            let (blocks, groups) = (x.k / BLOCK, x.k / x.group_size);
+            Rows {
+                qs: x.qs.as_ptr().add(i0 * x.k),
+                d: x.d.as_ptr().add(i0 * blocks),
+                group_sums: x.group_sums.as_ptr().add(i0 * groups),
+                half_sums: x.half_sums.as_ptr().add(i0 * 2 * blocks),
+                k: x.k,
+                blocks,
+                groups,
+            }
+        }
+
+        /// Row `t`'s 4 int8 values from `value` on, as one i32.
+        #[inline(always)]
+        unsafe fn quad(self, t: usize, value: usize) -> i32 {
+            self.qs
+                .add(t * self.k + value)
+                .cast::<i32>()
+                .read_unaligned()
+        }
+
+        /// Row `t`'s scale of block `blk`.
+        #[inline(always)]
+        unsafe fn d(self, t: usize, blk: usize) -> f32 {
+            *self.d.add(t * self.blocks + blk)
+        }
+
+        /// Row `t`'s `Σ x` over group `g`.
+        #[inline(always)]
+        unsafe fn group_sum(self, t: usize, g: usize) -> f32 {
+            *self.group_sums.add(t * self.groups + g)
+        }
+
+        /// Row `t`'s `Σ q` over half block `h`.
+        #[inline(always)]
+        unsafe fn half_sum(self, t: usize, h: usize) -> i32 {
+            *self.half_sums.add(t * 2 * self.blocks + h)
+        }
+    }
+
     /// The tile's 8 weight rows with activation rows `i0..i0 + M`. `STREAM`: the codes
     /// come from memory (the first rows of a product), and are asked for ahead.
     #[inline(always)]
@@ -1340,19 +1394,14 @@ mod x86 {
         i0: usize,
         out: *mut f32,
     ) {
-        let (k, blocks) = (w.cols, w.cols / BLOCK);
+        let blocks = w.cols / BLOCK;
         let tbb = tile_block_bytes(stored_bits(BITS, BOOK));
         let book = codebook::<VNNI>(w);
         let groups = w.groups_per_row();
         let data = w.data.as_ptr().add(tile * blocks * tbb);
-        let qs = x.qs.as_ptr().add(i0 * k);
-        let ds = x.d.as_ptr().add(i0 * blocks);
-        let sums = x.group_sums.as_ptr().add(i0 * groups);
-        let half_sums = x.half_sums.as_ptr().add(i0 * 2 * blocks);
+        let rows = Rows::new(x, i0);
         // The activation row's 4 values from `value` on, in every lane.
-        let xq = |t: usize, value: usize| -> __m256i {
-            _mm256_set1_epi32(qs.add(t * k + value).cast::<i32>().read_unaligned())
-        };
+        let xq = |t: usize, value: usize| -> __m256i { _mm256_set1_epi32(rows.quad(t, value)) };
         let mut acc = [_mm256_setzero_ps(); M];
         // A decode step's product, or a small batch's, is bound by how fast the codes
         // stream in from memory. (Asked at run time, `x.m` below 4, the check cost a third
@@ -1377,17 +1426,14 @@ mod x86 {
                         xq(t, blk * BLOCK + v)
                     });
                 for (t, acc) in acc.iter_mut().enumerate() {
-                    let dx = _mm256_set1_ps(*ds.add(t * blocks + blk));
+                    let dx = _mm256_set1_ps(rows.d(t, blk));
                     for (h, isum) in [lo[t], hi[t]].into_iter().enumerate() {
                         let g = groups_of_block[h];
                         if let Some(b) = b {
-                            *acc = _mm256_fmadd_ps(
-                                b[h],
-                                _mm256_set1_ps(*sums.add(t * groups + g)),
-                                *acc,
-                            );
+                            *acc =
+                                _mm256_fmadd_ps(b[h], _mm256_set1_ps(rows.group_sum(t, g)), *acc);
                         }
-                        let shift = zero * *half_sums.add(t * 2 * blocks + g);
+                        let shift = zero * rows.half_sum(t, g);
                         let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(shift));
                         *acc = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(isum),
@@ -1418,8 +1464,7 @@ mod x86 {
                             b = _mm256_fmadd_ps(_mm256_set1_ps(zero as f32), s, b);
                         }
                         for (t, acc) in acc.iter_mut().enumerate() {
-                            *acc =
-                                _mm256_fmadd_ps(b, _mm256_set1_ps(*sums.add(t * groups + g)), *acc);
+                            *acc = _mm256_fmadd_ps(b, _mm256_set1_ps(rows.group_sum(t, g)), *acc);
                         }
                         for blk in g * per_group..(g + 1) * per_group {
                             if stream {
@@ -1437,14 +1482,11 @@ mod x86 {
                                     // integers): the float sums stay as small as the signed
                                     // codes make them. (AVX2 multiplies the stored code −
                                     // 128 itself.)
-                                    let h = half_sums.add(t * 2 * blocks + 2 * blk);
-                                    isum = _mm256_sub_epi32(
-                                        isum,
-                                        _mm256_set1_epi32(zero * (*h + *h.add(1))),
-                                    );
+                                    let h =
+                                        rows.half_sum(t, 2 * blk) + rows.half_sum(t, 2 * blk + 1);
+                                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zero * h));
                                 }
-                                let sd =
-                                    _mm256_mul_ps(s, _mm256_set1_ps(*ds.add(t * blocks + blk)));
+                                let sd = _mm256_mul_ps(s, _mm256_set1_ps(rows.d(t, blk)));
                                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, *acc);
                             }
                         }
@@ -1583,19 +1625,14 @@ mod x86 {
         i0: usize,
         out: *mut f32,
     ) {
-        let (k, blocks) = (w.cols, w.cols / BLOCK);
+        let blocks = w.cols / BLOCK;
         let tbb = tile_block_bytes(stored_bits(BITS, BOOK));
         let book = codebook::<true>(w);
         let groups = w.groups_per_row();
         let data = w.data.as_ptr().add(tile * blocks * tbb);
         let next = data.add(blocks * tbb);
-        let qs = x.qs.as_ptr().add(i0 * k);
-        let ds = x.d.as_ptr().add(i0 * blocks);
-        let sums = x.group_sums.as_ptr().add(i0 * groups);
-        let half_sums = x.half_sums.as_ptr().add(i0 * 2 * blocks);
-        let xq = |t: usize, value: usize| -> __m512i {
-            _mm512_set1_epi32(qs.add(t * k + value).cast::<i32>().read_unaligned())
-        };
+        let rows = Rows::new(x, i0);
+        let xq = |t: usize, value: usize| -> __m512i { _mm512_set1_epi32(rows.quad(t, value)) };
         let mut acc = [_mm512_setzero_ps(); M];
         let stream = STREAM;
         let zero = w.zero;
@@ -1614,7 +1651,7 @@ mod x86 {
                 b = _mm512_fmadd_ps(_mm512_set1_ps(zero as f32), s, b);
             }
             for (t, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(b, _mm512_set1_ps(*sums.add(t * groups + g)), *acc);
+                *acc = _mm512_fmadd_ps(b, _mm512_set1_ps(rows.group_sum(t, g)), *acc);
             }
             for blk in g * per_group..(g + 1) * per_group {
                 if stream {
@@ -1630,10 +1667,10 @@ mod x86 {
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let mut isum = _mm512_add_epi32(lo[t], hi[t]);
                     if BITS == 8 {
-                        let h = half_sums.add(t * 2 * blocks + 2 * blk);
-                        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(zero * (*h + *h.add(1))));
+                        let h = rows.half_sum(t, 2 * blk) + rows.half_sum(t, 2 * blk + 1);
+                        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(zero * h));
                     }
-                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(*ds.add(t * blocks + blk)));
+                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(rows.d(t, blk)));
                     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, *acc);
                 }
             }
