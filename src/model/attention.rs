@@ -314,6 +314,8 @@ fn attend_in<T: Elem>(
     };
     // Per task and query head: [max score, sum of weights, Σ weight·value (head_dim)].
     let part = 2 + hd;
+    // A (row, KV head)'s partial softmaxes, `[splits, groups, part]`.
+    let per_unit = splits * groups * part;
     let partial = &mut work.partial;
     partial.clear();
     partial.resize(units * splits * groups * part, 0.0);
@@ -490,7 +492,6 @@ fn attend_in<T: Elem>(
                     b.trim();
                 });
                 if merged {
-                    let per_unit = splits * groups * part;
                     let first = task * per_task / splits;
                     for (u, unit) in partials.chunks_exact(per_unit).enumerate() {
                         for h in 0..groups {
@@ -522,7 +523,6 @@ fn attend_in<T: Elem>(
             let i = task * rows_per_task * heads + j;
             let (row, head) = (i / heads, i % heads);
             let unit = row * nkv + head / groups;
-            let per_unit = splits * groups * part;
             merge(
                 &partial[unit * per_unit..][..per_unit],
                 groups,
@@ -733,8 +733,9 @@ fn weigh_on<T: Elem>(
 
 /// `scores: [queries, n + LANES]` (a row of `n` scores per query, then room for a last
 /// register of them) ← each query (`queries: [_, hd]`, scaled) times the `n` keys of
-/// `runs`: [`weigh`]'s first phase. A score depends on its query and key alone, so a row
-/// scored in a block of rows gets the bits it gets alone.
+/// `runs`: [`weigh`]'s first phase; returns the rows' stride, `n + LANES`. A score depends
+/// on its query and key alone, so a row scored in a block of rows gets the bits it gets
+/// alone.
 #[inline(always)]
 fn score<T: Elem, const HD: usize, const FMA: bool>(
     hd: usize,
@@ -742,7 +743,7 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
     runs: &[Run<'_, T>],
     n: usize,
     scores: &mut Vec<f32>,
-) {
+) -> usize {
     // Every score read is written first: the buffer only grows, and is not cleared.
     let stride = n + LANES;
     let len = queries.len() / hd * stride;
@@ -767,22 +768,15 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
             // positions (written over when it is scored) or the row's spare room.
             let mut first = 0;
             for batch in queries.chunks(SCORED * hd) {
-                let mut put = |g: usize, sums: &[f32; LANES]| {
-                    scores[(first + g) * stride + at + j..][..LANES].copy_from_slice(sums);
+                let mut put = |sums: &[[f32; LANES]]| {
+                    for (g, sums) in sums.iter().enumerate() {
+                        scores[(first + g) * stride + at + j..][..LANES].copy_from_slice(sums);
+                    }
                 };
                 match batch.len() / hd {
-                    1 => score_keys::<T, HD, FMA, 1>(hd, batch, run, j)
-                        .iter()
-                        .enumerate()
-                        .for_each(|(g, s)| put(g, s)),
-                    2 => score_keys::<T, HD, FMA, 2>(hd, batch, run, j)
-                        .iter()
-                        .enumerate()
-                        .for_each(|(g, s)| put(g, s)),
-                    _ => score_keys::<T, HD, FMA, SCORED>(hd, batch, run, j)
-                        .iter()
-                        .enumerate()
-                        .for_each(|(g, s)| put(g, s)),
+                    1 => put(&score_keys::<T, HD, FMA, 1>(hd, batch, run, j)),
+                    2 => put(&score_keys::<T, HD, FMA, 2>(hd, batch, run, j)),
+                    _ => put(&score_keys::<T, HD, FMA, SCORED>(hd, batch, run, j)),
                 }
                 first += batch.len() / hd;
             }
@@ -790,6 +784,7 @@ fn score<T: Elem, const HD: usize, const FMA: bool>(
         at += run.n;
     }
     debug_assert_eq!(at, n);
+    stride
 }
 
 /// Queries scored at once by [`score_keys`]: their sums, 4 × 16 lanes each, take 12 of
@@ -873,8 +868,8 @@ fn weigh<T: Elem, const HD: usize, const FMA: bool>(
     out: &mut [f32],
 ) {
     let hd = if HD == 0 { hd } else { HD };
-    score::<T, HD, FMA>(hd, queries, runs, n, scores);
-    soften::<T, HD, FMA>(hd, runs, n, n + LANES, scores, segments, out);
+    let stride = score::<T, HD, FMA>(hd, queries, runs, n, scores);
+    soften::<T, HD, FMA>(hd, runs, n, stride, scores, segments, out);
 }
 
 /// A task's buffers: the scores and the segments to compute (see [`soften`]).

@@ -1300,25 +1300,52 @@ mod x86 {
         tile: usize,
         out: *mut f32,
     ) {
-        // Only the first chunk of rows asks for the tile's codes ahead (`STREAM`): it reads
-        // them from memory, the rest find them in cache.
-        let m = x.m;
+        /// [`tile_rows`] on one tile.
+        struct Single<'a, const VNNI: bool, const BITS: u32, const SPLIT: bool, const BOOK: bool> {
+            w: &'a PackedMatrix,
+            x: &'a QuantizedRows,
+            tile: usize,
+            out: *mut f32,
+        }
+        impl<const VNNI: bool, const BITS: u32, const SPLIT: bool, const BOOK: bool> Chunk
+            for Single<'_, VNNI, BITS, SPLIT, BOOK>
+        {
+            #[inline(always)]
+            unsafe fn run<const M: usize, const STREAM: bool>(&self, i0: usize) {
+                tile_rows::<VNNI, BITS, SPLIT, M, BOOK, STREAM>(
+                    self.w, self.x, self.tile, i0, self.out,
+                );
+            }
+        }
+        by_chunks(x.m, &Single::<VNNI, BITS, SPLIT, BOOK> { w, x, tile, out });
+    }
+
+    /// A tile kernel on the `M` activation rows from `i0` on. `STREAM`: they are the first
+    /// of the product, which read the codes from memory and ask for them ahead; the rest
+    /// find them in cache.
+    trait Chunk {
+        unsafe fn run<const M: usize, const STREAM: bool>(&self, i0: usize);
+    }
+
+    /// `kernel` over `m` activation rows: 4 at a time, then the rest.
+    #[inline(always)]
+    unsafe fn by_chunks(m: usize, kernel: &impl Chunk) {
         let mut i = 0;
         while i + 4 <= m {
             if i == 0 {
-                tile_rows::<VNNI, BITS, SPLIT, 4, BOOK, true>(w, x, tile, i, out);
+                kernel.run::<4, true>(i);
             } else {
-                tile_rows::<VNNI, BITS, SPLIT, 4, BOOK, false>(w, x, tile, i, out);
+                kernel.run::<4, false>(i);
             }
             i += 4;
         }
         match (m - i, i == 0) {
-            (3, true) => tile_rows::<VNNI, BITS, SPLIT, 3, BOOK, true>(w, x, tile, i, out),
-            (3, false) => tile_rows::<VNNI, BITS, SPLIT, 3, BOOK, false>(w, x, tile, i, out),
-            (2, true) => tile_rows::<VNNI, BITS, SPLIT, 2, BOOK, true>(w, x, tile, i, out),
-            (2, false) => tile_rows::<VNNI, BITS, SPLIT, 2, BOOK, false>(w, x, tile, i, out),
-            (1, true) => tile_rows::<VNNI, BITS, SPLIT, 1, BOOK, true>(w, x, tile, i, out),
-            (1, false) => tile_rows::<VNNI, BITS, SPLIT, 1, BOOK, false>(w, x, tile, i, out),
+            (3, true) => kernel.run::<3, true>(i),
+            (3, false) => kernel.run::<3, false>(i),
+            (2, true) => kernel.run::<2, true>(i),
+            (2, false) => kernel.run::<2, false>(i),
+            (1, true) => kernel.run::<1, true>(i),
+            (1, false) => kernel.run::<1, false>(i),
             _ => {}
         }
     }
@@ -1575,26 +1602,20 @@ mod x86 {
         tile: usize,
         out: *mut f32,
     ) {
-        // As in `rows`: the first chunk of rows streams the codes.
-        let m = x.m;
-        let mut i = 0;
-        while i + 4 <= m {
-            if i == 0 {
-                pair_tile_rows::<BITS, 4, BOOK, true>(w, x, tile, i, out);
-            } else {
-                pair_tile_rows::<BITS, 4, BOOK, false>(w, x, tile, i, out);
+        /// [`pair_tile_rows`] on tiles `tile`, `tile + 1`.
+        struct Pair<'a, const BITS: u32, const BOOK: bool> {
+            w: &'a PackedMatrix,
+            x: &'a QuantizedRows,
+            tile: usize,
+            out: *mut f32,
+        }
+        impl<const BITS: u32, const BOOK: bool> Chunk for Pair<'_, BITS, BOOK> {
+            #[inline(always)]
+            unsafe fn run<const M: usize, const STREAM: bool>(&self, i0: usize) {
+                pair_tile_rows::<BITS, M, BOOK, STREAM>(self.w, self.x, self.tile, i0, self.out);
             }
-            i += 4;
         }
-        match (m - i, i == 0) {
-            (3, true) => pair_tile_rows::<BITS, 3, BOOK, true>(w, x, tile, i, out),
-            (3, false) => pair_tile_rows::<BITS, 3, BOOK, false>(w, x, tile, i, out),
-            (2, true) => pair_tile_rows::<BITS, 2, BOOK, true>(w, x, tile, i, out),
-            (2, false) => pair_tile_rows::<BITS, 2, BOOK, false>(w, x, tile, i, out),
-            (1, true) => pair_tile_rows::<BITS, 1, BOOK, true>(w, x, tile, i, out),
-            (1, false) => pair_tile_rows::<BITS, 1, BOOK, false>(w, x, tile, i, out),
-            _ => {}
-        }
+        by_chunks(x.m, &Pair::<BITS, BOOK> { w, x, tile, out });
     }
 
     /// `a` in the low half, `b` in the high half.
@@ -1634,7 +1655,6 @@ mod x86 {
         let rows = Rows::new(x, i0);
         let xq = |t: usize, value: usize| -> __m512i { _mm512_set1_epi32(rows.quad(t, value)) };
         let mut acc = [_mm512_setzero_ps(); M];
-        let stream = STREAM;
         let zero = w.zero;
         let params16 = |p: &Params, g: usize| {
             join_ps(params8(p, tile, groups, g), params8(p, tile + 1, groups, g))
@@ -1654,7 +1674,7 @@ mod x86 {
                 *acc = _mm512_fmadd_ps(b, _mm512_set1_ps(rows.group_sum(t, g)), *acc);
             }
             for blk in g * per_group..(g + 1) * per_group {
-                if stream {
+                if STREAM {
                     prefetch::<BITS, BOOK>(data, blk * tbb);
                     prefetch::<BITS, BOOK>(next, blk * tbb);
                 }
