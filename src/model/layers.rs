@@ -528,6 +528,27 @@ pub struct Rope {
     interleaved: bool,
     /// Multiplies the rotated dimensions (YaRN's attention factor; usually 1).
     scale: f32,
+    /// The rotations of the last positions rotated: every layer of a pass rotates the same
+    /// positions, and one `sin_cos` in f64 costs ~20 ns (SmolLM2, 16 decoding sequences:
+    /// 16 rows × 32 frequencies × 30 layers, ~0.5 ms of a 16 ms step).
+    last: RotationCache,
+}
+
+/// `cos · scale, sin · scale` of each frequency at each of `positions`: `[rows, half]`.
+#[derive(Debug)]
+struct Rotations {
+    positions: Vec<usize>,
+    cos_sin: Vec<(f32, f32)>,
+}
+
+/// A [`Rope`]'s last [`Rotations`] (a clone starts empty).
+#[derive(Debug, Default)]
+struct RotationCache(parking_lot::Mutex<Option<Arc<Rotations>>>);
+
+impl Clone for RotationCache {
+    fn clone(&self) -> Self {
+        RotationCache::default()
+    }
 }
 
 impl Rope {
@@ -552,6 +573,7 @@ impl Rope {
             inv_freq,
             interleaved,
             scale: 1.0,
+            last: RotationCache::default(),
         }
     }
 
@@ -563,6 +585,7 @@ impl Rope {
     #[must_use]
     pub fn with_attention_factor(mut self, scale: f32) -> Self {
         self.scale = scale;
+        self.last = RotationCache::default();
         self
     }
 
@@ -580,6 +603,11 @@ impl Rope {
                 && (rows == 0 || (q_width > 0 && k_width > 0)),
             "queries and keys of {rows} rows"
         );
+        let half = self.inv_freq.len();
+        if half == 0 {
+            return; // no rotary dimensions (GPT-2's learned positions)
+        }
+        let rotations = self.rotations(positions);
         let rows_per_task = crate::threads::rows_per_task(rows, q_width + k_width);
         let k_base = crate::threads::SendPtr(k.as_mut_ptr());
         crate::threads::parallel_chunks_mut(q, rows_per_task * q_width, &|task, q| {
@@ -594,37 +622,55 @@ impl Rope {
                 )
             };
             let rows = q.chunks_mut(q_width).zip(k.chunks_mut(k_width));
-            for ((q, k), &p) in rows.zip(&positions[first..]) {
-                self.rotate_row([q, k], head_dim, p);
+            let turns = rotations.cos_sin[first * half..].chunks(half);
+            for ((q, k), turns) in rows.zip(turns) {
+                self.rotate_row([q, k], head_dim, turns);
             }
         });
     }
 
-    /// One row of each of `xs` (`[heads, head_dim]` each) at position `p`.
-    fn rotate_row(&self, mut xs: [&mut [f32]; 2], head_dim: usize, p: usize) {
-        /// Frequencies whose rotation is computed at once (on the stack), for all heads.
-        const CHUNK: usize = 64;
+    /// The rotations at `positions`: the last ones if they were at the same positions.
+    fn rotations(&self, positions: &[usize]) -> Arc<Rotations> {
+        let mut last = self.last.0.lock();
+        if let Some(r) = last.as_ref().filter(|r| r.positions == positions) {
+            return Arc::clone(r);
+        }
         let half = self.inv_freq.len();
-        let mut cos_sin = [(0f32, 0f32); CHUNK];
-        for first in (0..half).step_by(CHUNK) {
-            let freqs = &self.inv_freq[first..(first + CHUNK).min(half)];
-            for (cs, &f) in cos_sin.iter_mut().zip(freqs) {
-                // f64 keeps large positions (long contexts) accurate.
-                let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
-                *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
-            }
-            for head in xs.iter_mut().flat_map(|x| x.chunks_mut(head_dim)) {
-                for (i, &(cos, sin)) in (first..).zip(&cos_sin[..freqs.len()]) {
-                    // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
-                    let (a, b) = if self.interleaved {
-                        (2 * i, 2 * i + 1)
-                    } else {
-                        (i, i + half)
-                    };
-                    let (x, y) = (head[a], head[b]);
-                    head[a] = x * cos - y * sin;
-                    head[b] = x * sin + y * cos;
+        let mut cos_sin = vec![(0f32, 0f32); positions.len() * half];
+        let rows_per_task = crate::threads::rows_per_task(positions.len(), 16 * half);
+        crate::threads::parallel_chunks_mut(&mut cos_sin, rows_per_task * half, &|task, rows| {
+            let first = task * rows_per_task;
+            for (row, &p) in rows.chunks_mut(half).zip(&positions[first..]) {
+                for (cs, &f) in row.iter_mut().zip(&self.inv_freq) {
+                    // f64 keeps large positions (long contexts) accurate.
+                    let (sin, cos) = (p as f64 * f64::from(f)).sin_cos();
+                    *cs = (cos as f32 * self.scale, sin as f32 * self.scale);
                 }
+            }
+        });
+        let r = Arc::new(Rotations {
+            positions: positions.to_vec(),
+            cos_sin,
+        });
+        *last = Some(Arc::clone(&r));
+        r
+    }
+
+    /// One row of each of `xs` (`[heads, head_dim]` each), turned by `turns` (its
+    /// [`Rotations`]).
+    fn rotate_row(&self, mut xs: [&mut [f32]; 2], head_dim: usize, turns: &[(f32, f32)]) {
+        let half = self.inv_freq.len();
+        for head in xs.iter_mut().flat_map(|x| x.chunks_mut(head_dim)) {
+            for (i, &(cos, sin)) in turns.iter().enumerate() {
+                // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
+                let (a, b) = if self.interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
+                let (x, y) = (head[a], head[b]);
+                head[a] = x * cos - y * sin;
+                head[b] = x * sin + y * cos;
             }
         }
     }
