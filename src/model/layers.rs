@@ -660,17 +660,22 @@ impl Rope {
     /// [`Rotations`]).
     fn rotate_row(&self, mut xs: [&mut [f32]; 2], head_dim: usize, turns: &[(f32, f32)]) {
         let half = self.inv_freq.len();
+        let turn = |x: &mut f32, y: &mut f32, (cos, sin): (f32, f32)| {
+            (*x, *y) = (*x * cos - *y * sin, *x * sin + *y * cos);
+        };
+        // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half). Zipped slices
+        // rather than indices, so that the loops hold no bounds checks and vectorise.
         for head in xs.iter_mut().flat_map(|x| x.chunks_mut(head_dim)) {
-            for (i, &(cos, sin)) in turns.iter().enumerate() {
-                // Pairs: adjacent (2i, 2i + 1), or the two halves (i, i + half).
-                let (a, b) = if self.interleaved {
-                    (2 * i, 2 * i + 1)
-                } else {
-                    (i, i + half)
-                };
-                let (x, y) = (head[a], head[b]);
-                head[a] = x * cos - y * sin;
-                head[b] = x * sin + y * cos;
+            if self.interleaved {
+                let (pairs, _) = head[..2 * half].as_chunks_mut::<2>();
+                for ([x, y], &t) in pairs.iter_mut().zip(turns) {
+                    turn(x, y, t);
+                }
+            } else {
+                let (low, high) = head[..2 * half].split_at_mut(half);
+                for ((x, y), &t) in low.iter_mut().zip(high).zip(turns) {
+                    turn(x, y, t);
+                }
             }
         }
     }
