@@ -850,6 +850,50 @@ pub fn dense(t: &QTensor, device: &Device) -> Result<Tensor> {
 mod tests {
     use super::*;
 
+    /// Rotations kept from one call serve only the same positions: a rope rotating other
+    /// positions, then the first again, matches the formula each time (both pair layouts).
+    #[test]
+    fn rotations_follow_the_positions() {
+        let (hd, heads, theta) = (8, 2, 10_000f32);
+        for interleaved in [true, false] {
+            let rope = Rope::new(hd, theta, None, 1.0, interleaved);
+            let x: Vec<f32> = (0..2 * heads * hd)
+                .map(|i| (i as f32 * 0.7).cos())
+                .collect();
+            let k: Vec<f32> = x[..2 * hd].to_vec();
+            for positions in [[0, 1], [5, 9], [0, 1], [7, 7]] {
+                let (mut q2, mut k2) = (x.clone(), k.clone());
+                rope.rotate((&mut q2, &mut k2), hd, &positions);
+                // The formula in f64: pair (a, b) of a head turned by p · θ^(−2i / hd).
+                let expect = |x: &[f32], width: usize| -> Vec<f32> {
+                    let mut out = x.to_vec();
+                    for (r, &p) in positions.iter().enumerate() {
+                        for head in out[r * width..(r + 1) * width].chunks_mut(hd) {
+                            for i in 0..hd / 2 {
+                                let (a, b) = if interleaved {
+                                    (2 * i, 2 * i + 1)
+                                } else {
+                                    (i, i + hd / 2)
+                                };
+                                let angle =
+                                    p as f64 / f64::from(theta).powf(2.0 * i as f64 / hd as f64);
+                                let (xa, xb) = (f64::from(head[a]), f64::from(head[b]));
+                                head[a] = (xa * angle.cos() - xb * angle.sin()) as f32;
+                                head[b] = (xa * angle.sin() + xb * angle.cos()) as f32;
+                            }
+                        }
+                    }
+                    out
+                };
+                for (got, want) in [(q2, expect(&x, heads * hd)), (k2, expect(&k, hd))] {
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-5, "{positions:?}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Layers of different forms (our kernels' layout and a dense matrix) with biases, run
     /// together, give what each gives alone: the bias is added once.
     #[test]
