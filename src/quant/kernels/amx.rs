@@ -160,38 +160,30 @@ unsafe fn round_two(
 /// wait on the products just issued.
 #[inline(always)]
 unsafe fn round_one<const ODD: bool>(a0: *const i8, stride: usize, b0: *const i8, b1: *const i8) {
+    // The part's `A` tile and its two `C` tiles.
+    macro_rules! round {
+        ($a:literal, $c0:literal, $c1:literal) => {
+            asm!(
+                "tileloadd tmm0, [{b0} + {sb} * 1]",
+                "tileloadd tmm1, [{b1} + {sb} * 1]",
+                concat!("tileloadd ", $a, ", [{a0} + {sa} * 1]"),
+                concat!("tilezero ", $c0),
+                concat!("tilezero ", $c1),
+                concat!("tdpbssd ", $c0, ", ", $a, ", tmm0"),
+                concat!("tdpbssd ", $c1, ", ", $a, ", tmm1"),
+                a0 = in(reg) a0,
+                sa = in(reg) stride,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                sb = in(reg) B_ROW,
+                options(nostack, readonly),
+            )
+        };
+    }
     if ODD {
-        asm!(
-            "tileloadd tmm0, [{b0} + {sb} * 1]",
-            "tileloadd tmm1, [{b1} + {sb} * 1]",
-            "tileloadd tmm3, [{a0} + {sa} * 1]",
-            "tilezero tmm5",
-            "tilezero tmm7",
-            "tdpbssd tmm5, tmm3, tmm0",
-            "tdpbssd tmm7, tmm3, tmm1",
-            a0 = in(reg) a0,
-            sa = in(reg) stride,
-            b0 = in(reg) b0,
-            b1 = in(reg) b1,
-            sb = in(reg) B_ROW,
-            options(nostack, readonly),
-        );
+        round!("tmm3", "tmm5", "tmm7");
     } else {
-        asm!(
-            "tileloadd tmm0, [{b0} + {sb} * 1]",
-            "tileloadd tmm1, [{b1} + {sb} * 1]",
-            "tileloadd tmm2, [{a0} + {sa} * 1]",
-            "tilezero tmm4",
-            "tilezero tmm6",
-            "tdpbssd tmm4, tmm2, tmm0",
-            "tdpbssd tmm6, tmm2, tmm1",
-            a0 = in(reg) a0,
-            sa = in(reg) stride,
-            b0 = in(reg) b0,
-            b1 = in(reg) b1,
-            sb = in(reg) B_ROW,
-            options(nostack, readonly),
-        );
+        round!("tmm2", "tmm4", "tmm6");
     }
 }
 
@@ -200,24 +192,22 @@ unsafe fn round_one<const ODD: bool>(a0: *const i8, stride: usize, b0: *const i8
 #[inline(always)]
 unsafe fn store_one<const ODD: bool>(c: &mut Products) {
     let c = c.0.as_mut_ptr();
+    macro_rules! store {
+        ($c0:literal, $c1:literal) => {
+            asm!(
+                concat!("tilestored [{c00} + {sb} * 1], ", $c0),
+                concat!("tilestored [{c01} + {sb} * 1], ", $c1),
+                sb = in(reg) B_ROW,
+                c00 = in(reg) c,
+                c01 = in(reg) c.add(ROWS * B_COLS),
+                options(nostack),
+            )
+        };
+    }
     if ODD {
-        asm!(
-            "tilestored [{c00} + {sb} * 1], tmm5",
-            "tilestored [{c01} + {sb} * 1], tmm7",
-            sb = in(reg) B_ROW,
-            c00 = in(reg) c,
-            c01 = in(reg) c.add(ROWS * B_COLS),
-            options(nostack),
-        );
+        store!("tmm5", "tmm7");
     } else {
-        asm!(
-            "tilestored [{c00} + {sb} * 1], tmm4",
-            "tilestored [{c01} + {sb} * 1], tmm6",
-            sb = in(reg) B_ROW,
-            c00 = in(reg) c,
-            c01 = in(reg) c.add(ROWS * B_COLS),
-            options(nostack),
-        );
+        store!("tmm4", "tmm6");
     }
 }
 
