@@ -637,6 +637,7 @@ impl Rope {
         }
         let half = self.inv_freq.len();
         let mut cos_sin = vec![(0f32, 0f32); positions.len() * half];
+        // A `sin_cos` weighs as ~16 of the elementwise operations `rows_per_task` counts.
         let rows_per_task = crate::threads::rows_per_task(positions.len(), 16 * half);
         crate::threads::parallel_chunks_mut(&mut cos_sin, rows_per_task * half, &|task, rows| {
             let first = task * rows_per_task;

@@ -154,12 +154,12 @@ unsafe fn round_two(
     );
 }
 
-/// [`round_two`] for a chunk of 16 rows or fewer, without the stores: `A0` (`A1` for an
-/// odd part) times `B0`, `B1` into `C(0, h)` (`C(1, h)` for an odd part), which
-/// [`store_one`] stores once the next part's products are issued, so that a store does not
-/// wait on the products just issued.
+/// [`round_two`] for part `j` of a chunk of 16 rows or fewer, without the stores: `A0`
+/// (`A1` for an odd part) times `B0`, `B1` into `C(0, h)` (`C(1, h)` for an odd part),
+/// which [`store_one`] stores once the next part's products are issued, so that a store
+/// does not wait on the products just issued.
 #[inline(always)]
-unsafe fn round_one<const ODD: bool>(a0: *const i8, stride: usize, b0: *const i8, b1: *const i8) {
+unsafe fn round_one(j: usize, a0: *const i8, stride: usize, b0: *const i8, b1: *const i8) {
     // The part's `A` tile and its two `C` tiles.
     macro_rules! round {
         ($a:literal, $c0:literal, $c1:literal) => {
@@ -180,17 +180,17 @@ unsafe fn round_one<const ODD: bool>(a0: *const i8, stride: usize, b0: *const i8
             )
         };
     }
-    if ODD {
+    if j % 2 == 1 {
         round!("tmm3", "tmm5", "tmm7");
     } else {
         round!("tmm2", "tmm4", "tmm6");
     }
 }
 
-/// Stores the products of a [`round_one`] (`ODD` as given there) into `c`, as
-/// [`round_two`] stores `C(0, h)`.
+/// Stores the products of part `j`'s [`round_one`] into `c`, as [`round_two`] stores
+/// `C(0, h)`.
 #[inline(always)]
-unsafe fn store_one<const ODD: bool>(c: &mut Products) {
+unsafe fn store_one(j: usize, c: &mut Products) {
     let c = c.0.as_mut_ptr();
     macro_rules! store {
         ($c0:literal, $c1:literal) => {
@@ -204,7 +204,7 @@ unsafe fn store_one<const ODD: bool>(c: &mut Products) {
             )
         };
     }
-    if ODD {
+    if j % 2 == 1 {
         store!("tmm5", "tmm7");
     } else {
         store!("tmm4", "tmm6");
@@ -551,15 +551,9 @@ unsafe fn multiply<const BITS: u32, const BOOK: bool>(
                 );
                 j + 1
             } else {
-                let (a, b0, b1) = (a0.add(aj), b.add(bj), b1.add(bj));
-                if j.is_multiple_of(2) {
-                    round_one::<false>(a, part, b0, b1);
-                    if j > 0 {
-                        store_one::<true>(&mut c[(j - 1) % BUFFERS]);
-                    }
-                } else {
-                    round_one::<true>(a, part, b0, b1);
-                    store_one::<false>(&mut c[(j - 1) % BUFFERS]);
+                round_one(j, a0.add(aj), part, b.add(bj), b1.add(bj));
+                if j > 0 {
+                    store_one(j - 1, &mut c[(j - 1) % BUFFERS]);
                 }
                 j
             };
@@ -570,11 +564,7 @@ unsafe fn multiply<const BITS: u32, const BOOK: bool>(
             }
         }
         if rows <= CHUNK {
-            if parts.is_multiple_of(2) {
-                store_one::<true>(&mut c[(parts - 1) % BUFFERS]);
-            } else {
-                store_one::<false>(&mut c[(parts - 1) % BUFFERS]);
-            }
+            store_one(parts - 1, &mut c[(parts - 1) % BUFFERS]);
         }
         while next < parts {
             if next + 1 < parts {
