@@ -317,12 +317,11 @@ fn attend_in<T: Elem>(
     // A (row, KV head)'s partial softmaxes, `[splits, groups, part]`.
     let per_unit = splits * groups * part;
     let partial = &mut work.partial;
-    partial.clear();
-    partial.resize(units * splits * groups * part, 0.0);
-    out.clear();
-    out.resize(rows * heads * hd, 0.0);
+    // Written whole below (every head's output by its merge), so not cleared first: that
+    // was serial work.
+    len_for_overwrite(out, rows * heads * hd);
     // Whether the tasks below merged each (row, head)'s splits themselves (see `merge`).
-    let mut merged = false;
+    let merged;
     // Prompt chunks: rows of a sequence in blocks of `ROWS_PER_BLOCK`, whose queries are
     // scored together against the keys the block sees, each key widened once per
     // `SCORED` queries rather than once per query head, each row's splits then softened
@@ -342,7 +341,10 @@ fn attend_in<T: Elem>(
         && seqs.iter().any(|s| s.len > 1)
         && blocks.len() * nkv >= 4 * crate::threads::num_threads()
     {
-        let sink = SendPtr(partial.as_mut_ptr());
+        // Each task merges its rows' splits into `out` itself: a 1B model's 512-row prompt
+        // has 17 MB of partial softmaxes a layer, which went through memory twice.
+        merged = true;
+        let sink = SendPtr(out.as_mut_ptr());
         let per_row = splits * groups * part;
         crate::threads::parallel_for(blocks.len() * nkv, &|task| {
             // Tasks are claimed in order: the last blocks of a sequence (the most keys)
@@ -362,7 +364,7 @@ fn attend_in<T: Elem>(
                     scores,
                     segments,
                     queries,
-                    out,
+                    partials,
                 } = b;
                 queries.clear();
                 segments.clear();
@@ -384,8 +386,8 @@ fn attend_in<T: Elem>(
                     }
                 }
                 // Splits past a row's own stay empty partial softmaxes (zeros), as below.
-                out.clear();
-                out.resize(block_rows.len() * per_row, 0.0);
+                partials.clear();
+                partials.resize(block_rows.len() * per_row, 0.0);
                 weigh_on(
                     isa,
                     hd,
@@ -393,19 +395,21 @@ fn attend_in<T: Elem>(
                     &runs,
                     union.len(),
                     (scores, segments),
-                    out,
+                    partials,
                 );
                 for (i, row) in block_rows.enumerate() {
-                    let unit = row * nkv + kv_head;
-                    // SAFETY: each (row, KV head) belongs to one task, so tasks write disjoint
-                    // ranges of `partial` (`per_row` values a unit, allocated above).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            out.as_ptr().add(i * per_row),
-                            sink.get().add(unit * per_row),
-                            per_row,
-                        );
+                    for h in 0..groups {
+                        // SAFETY: each (row, KV head) belongs to one task, so tasks write
+                        // disjoint ranges of `out` (its query heads', `rows · heads ·
+                        // head_dim`, sized above).
+                        #[allow(unsafe_code)]
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                sink.get().add(((row * nkv + kv_head) * groups + h) * hd),
+                                hd,
+                            )
+                        };
+                        merge(&partials[i * per_row..][..per_row], groups, h, out);
                     }
                 }
                 b.trim();
@@ -431,6 +435,9 @@ fn attend_in<T: Elem>(
         // leaving it to a pass of its own.
         merged = per_task >= splits;
         let sink = SendPtr(out.as_mut_ptr());
+        // Written whole by the tasks (each split's partial softmax, or zeros), so not
+        // cleared first.
+        len_for_overwrite(partial, units * per_unit);
         crate::threads::parallel_chunks_mut(
             partial,
             per_task * groups * part,
@@ -533,11 +540,22 @@ fn attend_in<T: Elem>(
     });
 }
 
+/// `v` at length `len`, its elements left as they are (those it grows by: zeros), for a
+/// caller that writes every one.
+fn len_for_overwrite(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    } else {
+        v.truncate(len);
+    }
+}
+
 /// Query head `h`'s attention from the partial softmaxes of its (row, KV head)'s splits,
-/// `partial: [splits, groups, 2 + head_dim]`, into `out: [head_dim]` (zeros): each split
-/// rescaled to the largest maximum. Splits without keys (`Σ w = 0`) take no part; a row
-/// always sees itself, so one has keys.
+/// `partial: [splits, groups, 2 + head_dim]`, into `out: [head_dim]` (overwritten): each
+/// split rescaled to the largest maximum. Splits without keys (`Σ w = 0`) take no part; a
+/// row always sees itself, so one has keys.
 fn merge(partial: &[f32], groups: usize, h: usize, out: &mut [f32]) {
+    out.fill(0.0);
     let part = 2 + out.len();
     let parts = || {
         partial
@@ -625,7 +643,7 @@ struct Buffers {
     /// A block's queries, `[rows, groups, head_dim]`.
     queries: Vec<f32>,
     /// A block's partial softmaxes, `[rows, splits, groups, 2 + head_dim]`.
-    out: Vec<f32>,
+    partials: Vec<f32>,
 }
 
 impl Buffers {
@@ -642,7 +660,7 @@ impl Buffers {
         trim(&mut self.scores);
         trim(&mut self.segments);
         trim(&mut self.queries);
-        trim(&mut self.out);
+        trim(&mut self.partials);
     }
 }
 
