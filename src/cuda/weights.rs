@@ -40,9 +40,11 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// twice as fast even without CUDA graphs (cuBLAS may allocate, so those steps run op by op).
 const BF16_GEMV_MAX_ROWS: usize = 2;
 
-/// Output rows per block of the block GEMVs (kernels.cu `BG_ROWS`), threads per block
-/// (`BG_WARPS` warps), and the most matrices one launch takes.
+/// Output rows per block of the block GEMVs (kernels.cu `BG_ROWS`; the float ones'
+/// `BG_WARPS · DG_WARP_ROWS`), threads per block (`BG_WARPS` warps), and the most matrices
+/// one launch takes.
 const BG_ROWS: usize = 8;
+const DG_ROWS: usize = 16;
 const BG_THREADS: u32 = 128;
 const GEMV_MATRICES: usize = 3;
 
@@ -769,7 +771,7 @@ impl GpuLinear {
         let mut blocks = 0;
         for (l, out) in layers.iter().zip(outs.iter_mut()) {
             out.resize(gpu, m * l.rows)?;
-            blocks += l.rows.div_ceil(BG_ROWS);
+            blocks += l.rows.div_ceil(if q8 { BG_ROWS } else { DG_ROWS });
             match &l.form {
                 Form::Dense(w) => args.push(w.arg(gpu)),
                 Form::Affine {
