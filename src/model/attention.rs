@@ -398,18 +398,12 @@ fn attend_in<T: Elem>(
                     partials,
                 );
                 for (i, row) in block_rows.enumerate() {
-                    for h in 0..groups {
-                        // SAFETY: each (row, KV head) belongs to one task, so tasks write
-                        // disjoint ranges of `out` (its query heads', `rows · heads ·
-                        // head_dim`, sized above).
-                        #[allow(unsafe_code)]
-                        let out = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                sink.get().add(((row * nkv + kv_head) * groups + h) * hd),
-                                hd,
-                            )
-                        };
-                        merge(&partials[i * per_row..][..per_row], groups, h, out);
+                    let unit = &partials[i * per_row..][..per_row];
+                    // SAFETY: `out` holds `rows · heads · head_dim` (sized above), and each
+                    // (row, KV head) belongs to one task.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        merge_unit(&sink, row * nkv + kv_head, unit, groups, hd);
                     }
                 }
                 b.trim();
@@ -501,17 +495,11 @@ fn attend_in<T: Elem>(
                 if merged {
                     let first = task * per_task / splits;
                     for (u, unit) in partials.chunks_exact(per_unit).enumerate() {
-                        for h in 0..groups {
-                            // SAFETY: tasks hold disjoint units, whose heads' outputs are
-                            // disjoint ranges of `out` (`rows · heads · head_dim`, above).
-                            #[allow(unsafe_code)]
-                            let out = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    sink.get().add(((first + u) * groups + h) * hd),
-                                    hd,
-                                )
-                            };
-                            merge(unit, groups, h, out);
+                        // SAFETY: `out` holds `rows · heads · head_dim` (sized above), and
+                        // tasks hold disjoint units.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            merge_unit(&sink, first + u, unit, groups, hd);
                         }
                     }
                 }
@@ -547,6 +535,23 @@ fn len_for_overwrite(v: &mut Vec<f32>, len: usize) {
         v.resize(len, 0.0);
     } else {
         v.truncate(len);
+    }
+}
+
+/// Each query head of `unit` (a row and KV head) from its partial softmaxes `partial:
+/// [splits, groups, 2 + head_dim]` (see [`merge`]) into `out`, the layer's outputs `[rows ·
+/// heads, head_dim]`: query head `h` of the unit at `(unit · groups + h) · head_dim`.
+///
+/// # Safety
+/// `out` points to at least `(unit + 1) · groups · head_dim` floats, and nothing else reads
+/// or writes this unit's while the call runs.
+#[allow(unsafe_code)]
+unsafe fn merge_unit(out: &SendPtr<f32>, unit: usize, partial: &[f32], groups: usize, hd: usize) {
+    for h in 0..groups {
+        // SAFETY: in bounds and not shared, as the caller promises.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(out.get().add((unit * groups + h) * hd), hd) };
+        merge(partial, groups, h, out);
     }
 }
 
