@@ -6,7 +6,9 @@ the CPU and computed there in f32: float checkpoints as they are, quantized ones
 ``Model.dequantize()`` (the same weight values, every product in f32, an f32 KV cache):
 
 1. device info and placement (``get_device_info``, ``device="auto"``, a missing GPU);
-2. each family's tiny model, logits at all 24 positions of a prompt;
+2. each family's tiny model, logits at all 24 positions of a prompt; attention's head shapes
+   at 100 positions, and 300-token prompts through the tensor-core prompt attention (one
+   pass, beside a short prompt, and in engine chunks of 80 rows);
 3. each weight form: MLX affine 2/3/4/5/6/8 bits x groups 32/64/128, GGUF Q4_0, Q4_1,
    Q5_0, Q5_1, Q8_0, Q4_K, Q2_K, Q3_K, Q6_K, mlx-lm's own 4-bit output and its bf16 checkpoint;
    prompts of 1 to 8 tokens (the GEMVs), of 17 and 77 (the quantized GEMM on bf16 tensor
@@ -35,7 +37,10 @@ Tolerances. The GPU computes what the CPU reference computes except for these ro
   significant bits;
 * the other GGML k-quants run candle's kernels, which round activations to 8 bits per block of 32
   (q8_1), as llama.cpp's do;
-* bf16 checkpoints: cuBLAS multiplies the bf16 weights by activations cast to bf16.
+* bf16 checkpoints: cuBLAS multiplies the bf16 weights by activations cast to bf16;
+* spans of 16 rows or more (prompts): attention's queries and softmax weights enter the
+  tensor cores' products as two values of the cache's type each (about 16 significant bits
+  with a bf16 cache, 22 with f16), summed in f32.
 
 Each bound is at least three times the worst value a float64 emulation of exactly those
 roundings (``numpy_reference.forward`` with them inserted) gave on the models and prompts
@@ -565,6 +570,54 @@ def test_attention_head_shapes_match_cpu_f32(tmp_path: Path, shape: str) -> None
     gpu = cortex.load_model(tmp_path / "m", device=DEVICE)
     want = cortex.load_model(tmp_path / "m", device="cpu").forward(IDS100, all_positions=True)
     _assert_matches(gpu.forward(IDS100, all_positions=True), want, F16_CACHE, shape)
+
+
+#: Prompts of the tensor-core prompt attention (kernels.cu `prompt_attention`, head sizes 64
+#: and 128): 300 positions are five tiles of 64 keys, and rows in tiles of 64 and 44; the
+#: engine's chunks of 80 start inside a tile of keys (80, 160, 240), each a pass of its own.
+PROMPT_SHAPES = {"8q-2kv-128": (8, 2, 128), "4q-1kv-64": (4, 1, 64)}
+PROMPT_VOCAB = 16
+IDS300 = [(i * 7 + i // 16) % PROMPT_VOCAB for i in range(300)]
+
+
+@pytest.mark.parametrize("shape", PROMPT_SHAPES)
+def test_prompt_attention_matches_cpu_f32(tmp_path: Path, shape: str) -> None:
+    """Float weights, f16 cache against the CPU's f32: all 300 positions of one pass, a
+    prompt beside a short one, and the last position's top-20 logprobs after a prefill in
+    chunks of 80 rows. Profiling one pass shows which kernel ran (the prompt attention
+    charges an op of its own)."""
+    heads = PROMPT_SHAPES[shape]
+    # A vocabulary of the byte-level tokenizer's 16 ids: the engine decodes what it samples.
+    w = _wide_weights(heads=heads)
+    w["token_embd.weight"] = w["token_embd.weight"][:PROMPT_VOCAB]
+    _write_wide_hf(tmp_path / "m", w, heads)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": PROMPT_VOCAB}))
+    gpu, tok = cortex.load(tmp_path / "m", device=DEVICE)
+    want = cortex.load_model(tmp_path / "m", device="cpu").forward(IDS300, all_positions=True)
+    _core.profile(reset=True, enable=True)
+    try:
+        got = gpu.forward(IDS300, all_positions=True)
+        ops = {op for op, _, _ in _core.profile(reset=True)}
+    finally:
+        _core.profile(reset=True, enable=False)
+    assert "prompt attention" in ops and "attention" not in ops, ops
+    _assert_matches(got, want, F16_CACHE, shape)
+    # A prompt beside a span too short for the tiles, in one pass: the flash-decoding
+    # kernel takes the short one's rows.
+    long, short = gpu.forward_batch([IDS300[:150], IDS300[:9]], all_positions=True)
+    _assert_matches(long, want[:150], F16_CACHE, f"{shape}, beside a short prompt")
+    _assert_matches(short, want[:9], F16_CACHE, f"{shape}, beside a long prompt")
+
+    engine = _core.Engine(gpu, tok, max_batch_size=1, max_num_batched_tokens=80)
+    params = _core.SamplingParams(max_tokens=1, ignore_eos=True, logprobs=20)
+    [event] = [e for e in engine.stream([IDS300], [params]) if e.token is not None]
+    assert event.error is None and event.logprobs is not None
+    tokens = [t for t, _ in event.logprobs[1]]
+    chunked = np.array([lp for _, lp in event.logprobs[1]])
+    reference = _log_softmax(want[-1:])[0, tokens]
+    err = _rel_l2(chunked, reference)
+    assert err <= F16_CACHE.rel, f"{shape}, chunks of 80: relative L2 error {err:.2e} of top-20 logprobs"
 
 
 # ── 3. Weight forms ──────────────────────────────────────────────────────────────────────────

@@ -23,6 +23,12 @@ use crate::model::ops::Ops;
 const ATT_GH: usize = 4;
 const ATT_MAX_SPLITS: usize = 32;
 
+/// Rows a block of the prompt attention serves (kernels.cu `PA_ROWS`), and fewest rows of a
+/// sequence's span for it to take them: a warp's 16 rows of the mma (shorter spans, such as
+/// decode steps, take the flash-decoding kernel).
+const PA_ROWS: usize = 64;
+const PA_MIN_ROWS: usize = 16;
+
 /// Values one thread of the norm kernel keeps (kernels.cu `NORM_PER`).
 const NORM_PER: usize = 4;
 
@@ -42,8 +48,22 @@ pub struct Meta {
     /// has them: see `WindowLayers`), at the same offsets.
     main: Tables,
     window: Option<Tables>,
+    /// The prompt attention's tiles, when a span of the pass has [`PA_MIN_ROWS`] rows or
+    /// more.
+    prompt: Option<PromptRows>,
     num_rows: usize,
     table_stride: usize,
+}
+
+/// Where a pass's prompts go through the prompt attention.
+struct PromptRows {
+    /// `[num_tiles, 2]`: each tile's first row and rows (up to [`PA_ROWS`] of one span).
+    tiles: CudaSlice<i32>,
+    num_tiles: usize,
+    /// The rows of the spans too short for it (`[num_short]`; `None` when there are none),
+    /// which the flash-decoding kernel serves.
+    short: Option<CudaSlice<i32>>,
+    num_short: usize,
 }
 
 /// One group of layers' block tables and slots for a batch.
@@ -61,6 +81,8 @@ struct HostMeta {
     rows: Vec<i32>,
     main: HostTables,
     window: Option<HostTables>,
+    /// Tiles and short rows (see [`PromptRows`]).
+    prompt: Option<(Vec<i32>, Vec<i32>)>,
 }
 
 /// [`Tables`]' host side.
@@ -76,6 +98,7 @@ impl HostMeta {
             rows: Vec::new(),
             main: HostTables::new(batch, kv.layout(), table_stride, |s| s.blocks)?,
             window: None,
+            prompt: None,
         };
         if kv.has_window_layers() {
             let layout = KvLayout {
@@ -93,6 +116,19 @@ impl HostMeta {
                 m.rows
                     .extend([p as i32, s.start as i32, s.row as i32, offset as i32]);
             }
+        }
+        if batch.seqs.iter().any(|s| s.len >= PA_MIN_ROWS) {
+            let (mut tiles, mut short) = (Vec::new(), Vec::new());
+            for s in &batch.seqs {
+                if s.len < PA_MIN_ROWS {
+                    short.extend((s.row..s.row + s.len).map(|r| r as i32));
+                    continue;
+                }
+                for t in (0..s.len).step_by(PA_ROWS) {
+                    tiles.extend([(s.row + t) as i32, PA_ROWS.min(s.len - t) as i32]);
+                }
+            }
+            m.prompt = Some((tiles, short));
         }
         Ok(m)
     }
@@ -161,6 +197,17 @@ impl Tables {
     }
 }
 
+impl PromptRows {
+    fn upload(gpu: &Gpu, tiles: &[i32], short: &[i32]) -> Result<PromptRows> {
+        Ok(PromptRows {
+            tiles: gpu.upload(tiles)?,
+            num_tiles: tiles.len() / 2,
+            short: (!short.is_empty()).then(|| gpu.upload(short)).transpose()?,
+            num_short: short.len(),
+        })
+    }
+}
+
 impl Meta {
     /// The longest block table of `batch` (window layers' included).
     pub fn longest_table(batch: &Batch<'_>) -> usize {
@@ -180,6 +227,9 @@ impl Meta {
                 .window
                 .as_ref()
                 .map(|w| Tables::upload(gpu, w))
+                .transpose()?,
+            prompt: (h.prompt.as_ref())
+                .map(|(tiles, short)| PromptRows::upload(gpu, tiles, short))
                 .transpose()?,
             num_rows: h.positions.len(),
             table_stride: stride,
@@ -203,6 +253,7 @@ impl Meta {
             rows: gpu.zeros(rows * 4)?,
             main: Tables::with_capacity(gpu, rows, table_stride)?,
             window,
+            prompt: None,
             num_rows: rows,
             table_stride,
         })
@@ -454,8 +505,26 @@ impl Ops for Pass<'_> {
         out: &mut GpuBuf,
         scratch: &mut Scratch,
     ) -> Result<()> {
-        self.timed("attention", || {
-            let layout = kv.layout_of(layer);
+        let layout = kv.layout_of(layer);
+        // The keys and values go into the cache with RoPE, before the attention reads it,
+        // unless a row would then read a slot a later row of its pass overwrote (a ring
+        // that wraps within a prompt's chunk): there the cache is written after.
+        let store_first = seqs.iter().all(|s| {
+            s.len == 1
+                || layout
+                    .ring
+                    .is_none_or(|r| s.start + s.len <= r.keep + r.window)
+        });
+        // Prompts: their rows in tiles on the tensor cores, where every key they see is in
+        // the cache by then and they see all before them.
+        let prompt = (self.meta.prompt.as_ref())
+            .filter(|_| store_first && window.is_none() && layout.ring.is_none())
+            .filter(|_| layout.head_dim == 64 || layout.head_dim == 128);
+        let op = match prompt {
+            Some(_) => "prompt attention",
+            None => "attention",
+        };
+        self.timed(op, || {
             let tables = self.meta.tables(kv, layer)?;
             let (hd, kvh) = (layout.head_dim, layout.kv_heads);
             if !super::attention_takes(hd) {
@@ -471,15 +540,6 @@ impl Ops for Pass<'_> {
             out.resize(self.gpu, self.num_rows * heads * hd)?;
             let (ring_keep, ring_window) = layout.ring.map_or((0, 0), |r| (r.keep, r.window));
             let cache = if bf16 { "bf16" } else { "f16" };
-            // The keys and values go into the cache with RoPE, before the attention reads
-            // it, unless a row would then read a slot a later row of its pass overwrote (a
-            // ring that wraps within a prompt's chunk): there the cache is written after.
-            let store_first = seqs.iter().all(|s| {
-                s.len == 1
-                    || layout
-                        .ring
-                        .is_none_or(|r| s.start + s.len <= r.keep + r.window)
-            });
             let slots = ptr(&tables.slots, self.gpu.stream());
             let (inv_freq, interleaved, rope_scale) = rope.parts();
             let half = inv_freq.len();
@@ -511,6 +571,36 @@ impl Ops for Pass<'_> {
                 ]
                 .concat(),
             )?;
+            if let Some(p) = prompt {
+                self.gpu.launch(
+                    &format!("prompt_attention_{cache}_{hd}"),
+                    (p.num_tiles as u32, heads as u32, 1),
+                    128, // kernels.cu, PA_WARPS
+                    &[
+                        q.arg(self.gpu)?,
+                        ck,
+                        cv,
+                        ptr(&tables.tables, self.gpu.stream()),
+                        ptr(&self.meta.rows, self.gpu.stream()),
+                        ptr(&p.tiles, self.gpu.stream()),
+                        out.arg(self.gpu)?,
+                        Arg::I32(heads as i32),
+                        Arg::I32(kvh as i32),
+                        Arg::I32(layout.block_size as i32),
+                        Arg::F32(scale),
+                    ],
+                )?;
+            }
+            // The rows the flash-decoding kernel serves: all, or those the tiles leave.
+            let (rows, row_ids) = match prompt {
+                None => (self.num_rows, Arg::Ptr(0)),
+                Some(PromptRows { short: None, .. }) => return Ok(()), // the cache is written
+                Some(PromptRows {
+                    short: Some(short),
+                    num_short,
+                    ..
+                }) => (*num_short, ptr(short, self.gpu.stream())),
+            };
             // The kernel for the cache type and the head size it is built for.
             let width = match hd {
                 ..=64 => 64,
@@ -523,16 +613,22 @@ impl Ops for Pass<'_> {
             // reaches the whole GPU; a prefill's rows already do). The split count depends
             // on the shape only, so a captured step's scratch never grows.
             let chunks = kvh * (heads / kvh).div_ceil(ATT_GH);
-            let blocks = self.num_rows * chunks;
-            let splits = (2 * self.gpu.sms()).div_ceil(blocks).min(ATT_MAX_SPLITS);
+            let splits = (2 * self.gpu.sms())
+                .div_ceil(rows * chunks)
+                .min(ATT_MAX_SPLITS);
+            // Partials and tickets are indexed by the row's number in the pass.
             let (parts, counts) = if splits > 1 {
-                scratch.attention(self.gpu, self.num_rows * heads * splits * (hd + 2), blocks)?
+                let (size, tickets) = (
+                    self.num_rows * heads * splits * (hd + 2),
+                    self.num_rows * chunks,
+                );
+                scratch.attention(self.gpu, size, tickets)?
             } else {
                 (Arg::Ptr(0), Arg::Ptr(0))
             };
             self.gpu.launch(
                 &name,
-                (self.num_rows as u32, chunks as u32, splits as u32),
+                (rows as u32, chunks as u32, splits as u32),
                 128, // kernels.cu, ATT_WARPS
                 &[
                     q.arg(self.gpu)?,
@@ -553,6 +649,7 @@ impl Ops for Pass<'_> {
                     Arg::I32(window.unwrap_or(0) as i32),
                     Arg::I32(ring_keep as i32),
                     Arg::I32(ring_window as i32),
+                    row_ids,
                 ],
             )?;
             if store_first {
