@@ -57,13 +57,11 @@ pub struct Meta {
 
 /// Where a pass's prompts go through the prompt attention.
 struct PromptRows {
-    /// `[num_tiles, 2]`: each tile's first row and rows (up to [`PA_ROWS`] of one span).
+    /// `[tiles, 2]`: each tile's first row and rows (up to [`PA_ROWS`] of one span).
     tiles: CudaSlice<i32>,
-    num_tiles: usize,
-    /// The rows of the spans too short for it (`[num_short]`; `None` when there are none),
-    /// which the flash-decoding kernel serves.
+    /// The rows of the spans too short for it (`None` when there are none), which the
+    /// flash-decoding kernel serves.
     short: Option<CudaSlice<i32>>,
-    num_short: usize,
 }
 
 /// One group of layers' block tables and slots for a batch.
@@ -201,9 +199,7 @@ impl PromptRows {
     fn upload(gpu: &Gpu, tiles: &[i32], short: &[i32]) -> Result<PromptRows> {
         Ok(PromptRows {
             tiles: gpu.upload(tiles)?,
-            num_tiles: tiles.len() / 2,
             short: (!short.is_empty()).then(|| gpu.upload(short)).transpose()?,
-            num_short: short.len(),
         })
     }
 }
@@ -517,9 +513,12 @@ impl Ops for Pass<'_> {
         });
         // Prompts: their rows in tiles on the tensor cores, where every key they see is in
         // the cache by then and they see all before them.
-        let prompt = (self.meta.prompt.as_ref())
-            .filter(|_| store_first && window.is_none() && layout.ring.is_none())
-            .filter(|_| layout.head_dim == 64 || layout.head_dim == 128);
+        let prompt = (self.meta.prompt.as_ref()).filter(|_| {
+            store_first
+                && window.is_none()
+                && layout.ring.is_none()
+                && matches!(layout.head_dim, 64 | 128)
+        });
         let op = match prompt {
             Some(_) => "prompt attention",
             None => "attention",
@@ -574,7 +573,7 @@ impl Ops for Pass<'_> {
             if let Some(p) = prompt {
                 self.gpu.launch(
                     &format!("prompt_attention_{cache}_{hd}"),
-                    (p.num_tiles as u32, heads as u32, 1),
+                    ((p.tiles.len() / 2) as u32, heads as u32, 1),
                     128, // kernels.cu, PA_WARPS
                     &[
                         q.arg(self.gpu)?,
@@ -592,14 +591,10 @@ impl Ops for Pass<'_> {
                 )?;
             }
             // The rows the flash-decoding kernel serves: all, or those the tiles leave.
-            let (rows, row_ids) = match prompt {
+            let (rows, row_ids) = match prompt.map(|p| &p.short) {
                 None => (self.num_rows, Arg::Ptr(0)),
-                Some(PromptRows { short: None, .. }) => return Ok(()), // the cache is written
-                Some(PromptRows {
-                    short: Some(short),
-                    num_short,
-                    ..
-                }) => (*num_short, ptr(short, self.gpu.stream())),
+                Some(None) => return Ok(()), // the cache is written
+                Some(Some(short)) => (short.len(), ptr(short, self.gpu.stream())),
             };
             // The kernel for the cache type and the head size it is built for.
             let width = match hd {
