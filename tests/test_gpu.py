@@ -705,8 +705,8 @@ def test_one_pass_steps_and_batches_agree(tiny_llama: dict[str, Path], variant: 
 
 
 def test_greedy_steps_take_the_argmax_computed_on_the_gpu(tiny_llama: dict[str, Path]) -> None:
-    """A plain greedy request copies back only its row's argmax (kernels.cu
-    ``argmax_rows_f32``, the first of equal values); asking for logprobs copies the whole
+    """A plain greedy request copies back only its row's argmax (kernels.cu ``sample_rows``
+    at temperature 0, the first of equal values); asking for logprobs copies the whole
     row and the host sampler takes the argmax. Over the same logits (same batch, same
     kernels) both must pick the same tokens: alone, and mixed in one batch, through the
     prefill pass and the graph-replayed decode steps."""
@@ -721,6 +721,68 @@ def test_greedy_steps_take_the_argmax_computed_on_the_gpu(tiny_llama: dict[str, 
     mixed = [c.token_ids for c in engine.generate_batch(prompts, [plain, host, plain, host])]
     assert on_gpu == on_host == mixed
     assert all(len(t) == 12 for t in on_gpu)
+
+
+#: Sampling settings, each drawn on the GPU and by the host sampler.
+DRAWS = [
+    {"temperature": 0.0, "repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.3},
+    {"temperature": 1.0},
+    {"temperature": 0.7, "top_k": 5},
+    {"temperature": 1.3, "top_p": 0.8},
+    {"temperature": 0.9, "min_p": 0.05},
+    {"temperature": 1.1, "top_k": 40, "top_p": 0.9, "min_p": 0.01, "repetition_penalty": 1.2,
+     "frequency_penalty": 0.5},
+    {"temperature": 2.0, "top_k": 4, "top_p": 0.5},
+    {"temperature": 0.05, "top_p": 0.95, "presence_penalty": -0.5},
+]  # fmt: skip
+#: SmolLM2's vocabulary, whose row the kernel works on in shared memory, and one too large
+#: for that (worked on in place).
+DRAW_VOCABS = {"in-shared-memory": 49152, "in-place": 129024}
+
+
+@pytest.mark.parametrize("vocab_size", DRAW_VOCABS.values(), ids=DRAW_VOCABS.keys())
+def test_draws_on_the_gpu_match_the_host_sampler(tmp_path: Path, vocab_size: int) -> None:
+    """A request that takes only its tokens has them drawn on the GPU (kernels.cu
+    ``sample_rows``: penalties, temperature, top-k, top-p, min-p and the seeded draw);
+    asking for logprobs copies the rows and the host sampler draws. Over the same logits
+    (same batches, same kernels) and seeds, both must pick the same tokens, every setting
+    in one batch, through the prefill pass and the graph-replayed steps. Every logit appears
+    three times (the tied head's rows repeat), so top-k's and top-p's cuts and the draws
+    fall among equal values."""
+    w = _wide_weights()
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_normal((vocab_size // 3, WIDE["hidden"])) * 0.5).astype(np.float32)
+    w["token_embd.weight"] = np.repeat(rows, 3, axis=0)
+    folder = tmp_path / "m"
+    _write_wide_hf(folder, w)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+    }  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+    model, tok = cortex.load(folder, device=DEVICE)
+    prompts = [[(i * 4099 + j * 977 + 5) % vocab_size for j in range(6)] for i in range(len(DRAWS))]
+
+    def params(logprobs: int | None) -> list[_core.SamplingParams]:
+        return [
+            _core.SamplingParams(max_tokens=16, ignore_eos=True, seed=100 + i, logprobs=logprobs, **d)
+            for i, d in enumerate(DRAWS)
+        ]
+
+    engine = _core.Engine(model, tok, max_batch_size=len(DRAWS))
+    on_gpu = [c.token_ids for c in engine.generate_batch(prompts, params(None))]
+    on_host = [c.token_ids for c in engine.generate_batch(prompts, params(1))]
+    assert on_gpu == on_host
+    assert all(len(t) == 16 for t in on_gpu)
+    # The draws mattered: sampled requests left their prompts' greedy paths.
+    plain = [_core.SamplingParams(max_tokens=16, ignore_eos=True)] * len(DRAWS)
+    greedy = [c.token_ids for c in engine.generate_batch(prompts, plain)]
+    assert sum(a != b for a, b in zip(on_gpu[1:], greedy[1:])) >= 5
 
 
 # ── 6. Batched greedy == alone ───────────────────────────────────────────────────────────────

@@ -160,6 +160,49 @@ GATHER_ROWS(f32, float)
 GATHER_ROWS(f16, __half)
 GATHER_ROWS(bf16, __nv_bfloat16)
 
+// ---- Drawing tokens where the logits are (engine/sampling.rs defines the draw) ----------------
+//
+// Every step below repeats sampling.rs bit for bit: penalties and the weights are IEEE
+// operations rounded once each (the _rn intrinsics keep nvcc from fusing a multiply and an
+// add), and every sum is of integers, so no result depends on the order threads add in.
+
+// Words of one row's draw (cuda/mod.rs `Gpu::sample_rows` packs them): temperature (0:
+// argmax), top_p, repetition, presence and frequency penalties (f32 bits), top_k (0: all),
+// the row's first penalized entry and their count, min-p's floor and the draw (u64 each, low
+// word first).
+#define DRAW_WORDS 12
+#define SAMPLE_THREADS 1024
+
+// 2^40 · e^x for x <= 0 as sampling.rs `weight` computes it, before its rounding down: t = x ·
+// log2(e), rounded to an integer n and a fraction f in [-0.5, 0.5], 2^f by Horner's rule over
+// Taylor's coefficients, times 2^(n + 40) (exact). 0 for NaN, -inf and below 2^-72. The weight
+// itself is this value rounded down to an integer (`as_weight`), so a row's weights fit in
+// its logits' place.
+__device__ __forceinline__ float weight_value(float x) {
+  float t = __fmul_rn(x, __int_as_float(0x3fb8aa3b));  // std::f32::consts::LOG2_E
+  if (isnan(t) || t < -72.0f) return 0.0f;
+  float n = __fsub_rn(__fadd_rn(t, 12582912.0f), 12582912.0f);
+  float f = __fsub_rn(t, n);
+  // ln(2)^k / k! for k = 7 down to 1, as f32 bits (sampling.rs EXP2_COEFFS).
+  const unsigned coeffs[7] = {0x377fe5fe, 0x39218489, 0x3aaec3ff, 0x3c1d955b,
+                              0x3d635847, 0x3e75fdf0, 0x3f317218};
+  float p = __int_as_float(coeffs[0]);
+#pragma unroll
+  for (int k = 1; k < 7; k++) p = __fadd_rn(__fmul_rn(p, f), __int_as_float(coeffs[k]));
+  p = __fadd_rn(__fmul_rn(p, f), 1.0f);
+  return __fmul_rn(p, __int_as_float((127 + (int)n + 40) << 23));
+}
+
+__device__ __forceinline__ unsigned long long as_weight(float value) {
+  return __float2ull_rz(value);
+}
+
+// An unsigned key that orders floats as Rust's total_cmp does.
+__device__ __forceinline__ unsigned order_key(float v) {
+  unsigned u = __float_as_uint(v);
+  return u ^ ((u >> 31) ? 0xffffffffu : 0x80000000u);
+}
+
 // Whether (v, i) beats (best, at) for an argmax: a larger value, or an equal one earlier.
 __device__ __forceinline__ bool beats(float v, int i, float best, int at) {
   return v > best || (v == best && i < at);
@@ -177,23 +220,159 @@ __device__ __forceinline__ void warp_argmax(float& best, int& at) {
   }
 }
 
-// out[r] = the index of row r's largest value, the first among equals (as the host sampler's
-// argmax), or 0xFFFFFFFF when the row holds a NaN. One block of 1024 threads per row of
-// `width` values: greedy steps copy back these ids instead of whole rows of logits.
-extern "C" __global__ void __launch_bounds__(1024) argmax_rows_f32(const float* x, int width,
-                                                                    unsigned* out) {
+// The block's exclusive prefix sum of v (threads in order) and, in `total`, its sum.
+__device__ unsigned long long block_scan(unsigned long long v, unsigned long long* total) {
+  __shared__ unsigned long long s_warp[SAMPLE_THREADS / WARP + 1];  // and the total
+  int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+  unsigned long long inc = v;
+  for (int o = 1; o < WARP; o *= 2) {
+    unsigned long long up = __shfl_up_sync(0xffffffff, inc, o);
+    if (lane >= o) inc += up;
+  }
+  if (lane == WARP - 1) s_warp[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    unsigned long long w = lane < blockDim.x / WARP ? s_warp[lane] : 0, wi = w;
+    for (int o = 1; o < WARP; o *= 2) {
+      unsigned long long up = __shfl_up_sync(0xffffffff, wi, o);
+      if (lane >= o) wi += up;
+    }
+    s_warp[lane] = wi - w;  // exclusive
+    if (lane == WARP - 1) s_warp[WARP] = wi;
+  }
+  __syncthreads();
+  unsigned long long before = s_warp[warp] + inc - v;
+  *total = s_warp[WARP];
+  __syncthreads();
+  return before;
+}
+
+// hist[b] += v for a 64-bit histogram kept as 32-bit halves (lo, hi): shared memory adds 32-bit
+// words natively, where a 64-bit add is a compare-and-swap loop that the threads of a radix
+// pass, whose values share their high digits, would retry on one address for hundreds of
+// µs. The low add's old value says whether it carried.
+__device__ __forceinline__ void hist_add64(unsigned* lo, unsigned* hi, int b, unsigned long long v) {
+  unsigned v_lo = (unsigned)v, v_hi = (unsigned)(v >> 32);
+  unsigned old = atomicAdd(&lo[b], v_lo);
+  v_hi += old + v_lo < old;
+  if (v_hi) atomicAdd(&hi[b], v_hi);
+}
+
+// One value per lane into the histogram (bin < 0: none); a warp whose lanes all hold one
+// bin adds its sum once. Every lane of the warp calls it.
+__device__ __forceinline__ void warp_hist_add(unsigned* lo, unsigned* hi, int bin,
+                                              unsigned long long v) {
+  int first = __shfl_sync(0xffffffff, bin, 0);
+  if (__all_sync(0xffffffff, bin == first)) {
+    if (first < 0) return;
+    for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (threadIdx.x % WARP == 0) hist_add64(lo, hi, first, v);
+  } else if (bin >= 0) {
+    hist_add64(lo, hi, bin, v);
+  }
+}
+
+// Warp 0, over 256 bins from the highest down: the bin where the running sum of `hist`
+// reaches `need`, and what of `need` is left for that bin (into s_bin, s_need).
+__device__ void select_bin(const unsigned long long* hist, unsigned long long need, int* s_bin,
+                           unsigned long long* s_need) {
+  int lane = threadIdx.x;
+  unsigned long long mine = 0;
+  for (int j = 0; j < 8; j++) mine += hist[255 - 8 * lane - j];
+  unsigned long long inc = mine;
+  for (int o = 1; o < WARP; o *= 2) {
+    unsigned long long up = __shfl_up_sync(0xffffffff, inc, o);
+    if (lane >= o) inc += up;
+  }
+  unsigned reached = __ballot_sync(0xffffffff, inc >= need);
+  int first = reached ? __ffs(reached) - 1 : WARP - 1;
+  if (lane == first) {
+    unsigned long long cum = inc - mine;
+    int b = 255 - 8 * lane;
+    for (int j = 0; j < 7 && cum + hist[b] < need; j++, b--) cum += hist[b];
+    *s_bin = b;
+    *s_need = need - cum;
+  }
+}
+
+// The index where the running sum of amount(i), in index order, first reaches `need` (each
+// thread sums a contiguous run of indices, then one block scan places the runs); `width`
+// when it never does.
+template <typename F>
+__device__ int find_nth(int width, unsigned long long need, F amount) {
+  __shared__ int s_at;
+  // An odd run, so that a warp's threads reading a row in shared memory hit distinct banks.
+  int run = ((width + blockDim.x - 1) / blockDim.x) | 1;
+  int lo = min((int)threadIdx.x * run, width), hi = min(lo + run, width);
+  unsigned long long mine = 0, total;
+  for (int i = lo; i < hi; i++) mine += amount(i);
+  if (threadIdx.x == 0) s_at = width;
+  unsigned long long before = block_scan(mine, &total);
+  if (before < need && before + mine >= need) {
+    unsigned long long cum = before;
+    for (int i = lo; i < hi; i++) {
+      cum += amount(i);
+      if (cum >= need) {
+        s_at = i;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return s_at;
+}
+
+// out[r] = the token row r of `logits: [rows, width]` draws (sampling.rs `Sampler::sample`),
+// 0xFFFFFFFF when the row holds a NaN. One block of 1024 threads a row. The row's penalties
+// are applied in place; then its argmax (temperature 0 stops there); top-k's set (a radix
+// select over the logits' order keys, the first indices among equals); the weights, over the
+// logits; top-p's run (a radix select over the weights, by weight); min-p's floor; and the
+// token where the running weight passes draw · mass / 2^64. With `in_shared`, the row is
+// worked on in dynamic shared memory (width floats), else in place.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
+    float* logits, int width, const unsigned* draws, const unsigned* penalized, int in_shared,
+    unsigned* out) {
   PDL_ENTER();
-  __shared__ float s_best[32];
-  __shared__ int s_at[32];
-  __shared__ int s_nan;
-  const float* row = x + (long)blockIdx.x * width;
-  if (threadIdx.x == 0) s_nan = 0;
-  // `at == width`: nothing seen yet, so any value (even -inf) replaces it.
+  extern __shared__ float s_row[];
+  __shared__ unsigned long long s_hist[256];
+  __shared__ unsigned s_lo[256], s_hi[256];
+  __shared__ float s_best[WARP];
+  __shared__ int s_at[WARP];
+  __shared__ int s_nan, s_bin;
+  __shared__ unsigned long long s_need;
+  float* x = logits + (long)blockIdx.x * width;
+  const unsigned* d = draws + blockIdx.x * DRAW_WORDS;
+  float temperature = __uint_as_float(d[0]), top_p = __uint_as_float(d[1]);
+  float repetition = __uint_as_float(d[2]), presence = __uint_as_float(d[3]);
+  float frequency = __uint_as_float(d[4]);
+  unsigned top_k = d[5], pen_from = d[6], pen_count = d[7];
+  unsigned long long floor_w = d[8] | (unsigned long long)d[9] << 32;
+  unsigned long long draw = d[10] | (unsigned long long)d[11] << 32;
+  int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+
+  // Penalties (sampling.rs `apply_penalties`): entries are (token, times generated), one per
+  // distinct token.
+  for (unsigned e = tid; e < pen_count; e += blockDim.x) {
+    unsigned t = penalized[2 * (pen_from + e)], n = penalized[2 * (pen_from + e) + 1];
+    if (t >= (unsigned)width) continue;
+    float l = x[t];
+    if (repetition != 1.0f) l = l > 0.0f ? __fdiv_rn(l, repetition) : __fmul_rn(l, repetition);
+    if (n > 0 && (presence != 0.0f || frequency != 0.0f))
+      l = __fsub_rn(l, __fadd_rn(presence, __fmul_rn(frequency, __uint2float_rn(n))));
+    x[t] = l;
+  }
+  if (tid == 0) s_nan = 0;
+  __syncthreads();
+
+  // The argmax (`at == width`: nothing seen yet, so any value, even -inf, replaces it), and
+  // the row copied to where the rest reads it.
+  float* row = in_shared ? s_row : x;
   float best = -INFINITY;
   int at = width;
   bool nan = false;
-  for (int i = threadIdx.x; i < width; i += blockDim.x) {
-    float v = row[i];
+  for (int i = tid; i < width; i += blockDim.x) {
+    float v = x[i];
+    if (in_shared) s_row[i] = v;
     nan |= isnan(v);
     if (beats(v, i, best, at)) {
       best = v;
@@ -201,20 +380,120 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows_f32(const float* 
     }
   }
   warp_argmax(best, at);
-  __syncthreads();
-  if (__any_sync(0xffffffff, nan) && threadIdx.x % WARP == 0) s_nan = 1;
-  int warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-  if (threadIdx.x % WARP == 0) {
+  if (__any_sync(0xffffffff, nan) && lane == 0) s_nan = 1;
+  if (lane == 0) {
     s_best[warp] = best;
     s_at[warp] = at;
   }
   __syncthreads();
   if (warp == 0) {
-    best = threadIdx.x < warps ? s_best[threadIdx.x] : -INFINITY;
-    at = threadIdx.x < warps ? s_at[threadIdx.x] : width;
+    best = lane < blockDim.x / WARP ? s_best[lane] : -INFINITY;
+    at = lane < blockDim.x / WARP ? s_at[lane] : width;
     warp_argmax(best, at);
-    if (threadIdx.x == 0) out[blockIdx.x] = s_nan ? 0xFFFFFFFFu : (unsigned)at;
+    if (lane == 0) {
+      s_best[0] = best;
+      s_at[0] = at;
+    }
   }
+  __syncthreads();
+  best = s_best[0];
+  at = s_at[0];
+  if (s_nan || temperature == 0.0f) {
+    if (tid == 0) out[blockIdx.x] = s_nan ? 0xFFFFFFFFu : (unsigned)at;
+    return;
+  }
+
+  // Top-k: the k-th largest order key, byte by byte from the top, and how many of the
+  // tokens holding it are kept (the first ones).
+  unsigned k_key = 0;
+  int k_cut = width;  // ties at k_key are kept up to this index
+  bool cut_k = top_k > 0 && top_k < (unsigned)width;
+  if (cut_k) {
+    unsigned mask = 0;
+    unsigned long long need = top_k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int b = tid; b < 256; b += blockDim.x) s_lo[b] = s_hi[b] = 0;
+      __syncthreads();
+      for (int base = 0; base < width; base += blockDim.x) {
+        int i = base + tid;
+        unsigned key = i < width ? order_key(row[i]) : 0;
+        bool in = i < width && (key & mask) == k_key;
+        warp_hist_add(s_lo, s_hi, in ? (int)((key >> shift) & 255) : -1, 1);
+      }
+      __syncthreads();
+      for (int b = tid; b < 256; b += blockDim.x) s_hist[b] = (unsigned long long)s_hi[b] << 32 | s_lo[b];
+      __syncthreads();
+      if (warp == 0) select_bin(s_hist, need, &s_bin, &s_need);
+      __syncthreads();
+      k_key |= (unsigned)s_bin << shift;
+      mask |= 255u << shift;
+      need = s_need;
+      __syncthreads();
+    }
+    k_cut = find_nth(width, need, [&](int i) { return (unsigned long long)(order_key(row[i]) == k_key); });
+  }
+  // The weights of top-k's set (0 outside it), computed once, over the logits.
+  unsigned long long mine = 0, total;
+  for (int i = tid; i < width; i += blockDim.x) {
+    float v = row[i];
+    unsigned key = order_key(v);
+    bool in = !cut_k || key > k_key || (key == k_key && i <= k_cut);
+    row[i] = in ? weight_value(__fdiv_rn(__fsub_rn(v, best), temperature)) : 0.0f;
+    mine += as_weight(row[i]);
+  }
+  block_scan(mine, &total);  // its barriers also publish the weights to the block
+  auto w_at = [&](int i) { return as_weight(row[i]); };
+
+  // Top-p: the weight w_p at which the heaviest weights reach ceil(top_p · total), and how
+  // many of those weighing exactly w_p are kept (the first ones).
+  unsigned long long w_p = 0;
+  int p_cut = width;
+  if (top_p < 1.0f) {
+    unsigned long long target = (unsigned long long)ceil((double)top_p * (double)total);
+    target = target < 1 ? 1 : target;
+    if (target < total) {
+      unsigned long long mask = 0, need = target;
+      for (int shift = 40; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += blockDim.x) s_lo[b] = s_hi[b] = 0;
+        __syncthreads();
+        for (int base = 0; base < width; base += blockDim.x) {
+          int i = base + tid;
+          unsigned long long wi = i < width ? w_at(i) : 0;
+          bool in = wi > 0 && (wi & mask) == w_p;
+          warp_hist_add(s_lo, s_hi, in ? (int)((wi >> shift) & 255) : -1, wi);
+        }
+        __syncthreads();
+        for (int b = tid; b < 256; b += blockDim.x) s_hist[b] = (unsigned long long)s_hi[b] << 32 | s_lo[b];
+        __syncthreads();
+        if (warp == 0) select_bin(s_hist, need, &s_bin, &s_need);
+        __syncthreads();
+        w_p |= (unsigned long long)s_bin << shift;
+        mask |= 255ull << shift;
+        need = s_need;
+        __syncthreads();
+      }
+      // `need` of the mass is left for the tokens weighing w_p: the first ceil(need / w_p).
+      unsigned long long ties = (need + w_p - 1) / w_p;
+      p_cut = find_nth(width, ties, [&](int i) { return (unsigned long long)(w_at(i) == w_p); });
+    }
+  }
+  auto kept = [&](int i) -> unsigned long long {
+    unsigned long long wi = w_at(i);
+    if (wi < floor_w || wi < w_p || (wi == w_p && i > p_cut)) return 0;
+    return wi;
+  };
+
+  // The draw: u = draw · mass / 2^64, and the token where the running mass passes u.
+  unsigned long long mass;
+  mine = 0;
+  for (int i = tid; i < width; i += blockDim.x) mine += kept(i);
+  block_scan(mine, &mass);
+  if (mass == 0) {
+    if (tid == 0) out[blockIdx.x] = (unsigned)at;
+    return;
+  }
+  int token = find_nth(width, __umul64hi(draw, mass) + 1, kept);
+  if (tid == 0) out[blockIdx.x] = (unsigned)(token < width ? token : at);
 }
 
 // out[rows[i], :] += weights[i] * y[i, :] (the rows are distinct: one expert's tokens).

@@ -29,6 +29,7 @@ use candle_core::Device;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::model::Draw;
 
 pub use ops::{Meta, Params, Pass};
 pub use weights::{GpuEmbedding, GpuLinear, Scratch, GEMV_MAX_ROWS};
@@ -37,6 +38,11 @@ pub use weights::{GpuEmbedding, GpuLinear, Scratch, GEMV_MAX_ROWS};
 /// (programmatic dependent launch, `PDL_WAIT` in kernels.cu).
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90.ptx"));
+
+/// Words of one row's draw in kernels.cu `sample_rows` (its `DRAW_WORDS`).
+const DRAW_WORDS: usize = 12;
+/// Bytes of static shared memory `sample_rows` takes beside a row (4.6 KiB by ptxas, and room).
+const SAMPLE_STATIC_SHARED: usize = 8 << 10;
 
 /// Whether the GPU attention kernels take heads of `head_dim` (kernels.cu `attention`:
 /// 16-byte loads of 8 dimensions, builds for up to 256).
@@ -77,6 +83,8 @@ pub struct Gpu {
     /// Compute capability 9.0 or later: kernels come from `PTX_SM90` and each may be
     /// scheduled while the one before it finishes (programmatic dependent launch).
     pdl: bool,
+    /// The most shared memory a block may ask for (bytes, past the default 48 KiB).
+    shared_optin: usize,
     functions: Mutex<HashMap<String, CudaFunction>>,
     /// Counts reallocations of the buffers a forward pass computes in (workspaces, scratch,
     /// KV caches): a captured graph holds their addresses, and is stale once this moves.
@@ -123,12 +131,15 @@ impl Gpu {
         };
         let sms = attribute(Attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let major = attribute(Attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let shared_optin =
+            attribute(Attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let gpu = Arc::new(Gpu {
             stream: device.cuda_stream(),
             device,
             ordinal,
             sms: sms.max(1) as usize,
             pdl: major >= 9,
+            shared_optin: shared_optin.max(0) as usize,
             functions: Mutex::default(),
             epoch: AtomicU64::new(0),
             launches: AtomicU64::new(0),
@@ -258,24 +269,64 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Each row's argmax in `x: [rows, width]` (kernels.cu `argmax_rows_f32`), on the
-    /// host: `rows` ids instead of `rows * width` values; `u32::MAX` marks a row with a NaN.
-    pub(crate) fn argmax_rows(
+    /// The token each row of `x: [draws.len(), width]` draws (kernels.cu `sample_rows`,
+    /// which repeats the host sampler bit for bit), on the host: one id a row instead of
+    /// `width` logits; `u32::MAX` marks a row with a NaN. The rows' penalties are applied
+    /// to `x` in place.
+    pub(crate) fn sample_rows(
         &self,
         x: &CudaSlice<f32>,
-        rows: usize,
         width: usize,
+        draws: &[Draw],
     ) -> Result<Vec<u32>> {
+        let rows = draws.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let row_bytes = width * std::mem::size_of::<f32>();
         let width = i32::try_from(width)
             .map_err(|_| Error::Internal(format!("a row of {width} logits")))?;
+        // The kernel's words a row (DRAW_WORDS) and the penalized (token, count) pairs.
+        let mut words = Vec::with_capacity(rows * DRAW_WORDS);
+        let mut penalized = Vec::new();
+        for d in draws {
+            let from = u32::try_from(penalized.len() / 2)
+                .map_err(|_| Error::Internal("too many penalized tokens".into()))?;
+            penalized.extend(d.penalized.iter().flat_map(|&(t, n)| [t, n]));
+            words.extend([
+                d.temperature.to_bits(),
+                d.top_p.to_bits(),
+                d.repetition_penalty.to_bits(),
+                d.presence_penalty.to_bits(),
+                d.frequency_penalty.to_bits(),
+                d.top_k,
+                from,
+                d.penalized.len() as u32,
+                d.min_p_floor as u32,
+                (d.min_p_floor >> 32) as u32,
+                d.draw as u32,
+                (d.draw >> 32) as u32,
+            ]);
+        }
+        let words_gpu = self.upload(&words)?;
+        let penalized_gpu = self.upload(&penalized)?;
+        // A row that samples makes a dozen passes over its logits: in shared memory when
+        // they fit beside the kernel's own (49,152 logits do on Hopper, 128,256 do not),
+        // else in place. Greedy rows read theirs once.
+        let in_shared = draws.iter().any(|d| d.temperature > 0.0)
+            && row_bytes + SAMPLE_STATIC_SHARED <= self.shared_optin;
         let out: CudaSlice<u32> = self.zeros(rows)?;
-        self.launch(
-            "argmax_rows_f32",
+        self.launch_with_shared(
+            "sample_rows",
             (rows as u32, 1),
             1024,
+            if in_shared { row_bytes } else { 0 },
             &[
                 ptr(x, &self.stream),
                 Arg::I32(width),
+                ptr(&words_gpu, &self.stream),
+                ptr(&penalized_gpu, &self.stream),
+                Arg::I32(i32::from(in_shared)),
                 ptr(&out, &self.stream),
             ],
         )?;
@@ -295,6 +346,19 @@ impl Gpu {
         name: &str,
         grid: impl Into<Grid>,
         block: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.launch_with_shared(name, grid, block, 0, args)
+    }
+
+    /// [`Gpu::launch`], each block given `shared` bytes of dynamic shared memory (at most
+    /// the device's opt-in limit).
+    pub(crate) fn launch_with_shared(
+        &self,
+        name: &str,
+        grid: impl Into<Grid>,
+        block: u32,
+        shared: usize,
         args: &[Arg],
     ) -> Result<()> {
         let Grid(x, y, z) = grid.into();
@@ -346,11 +410,24 @@ impl Gpu {
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: 0,
+            sharedMemBytes: shared as u32,
             hStream: self.stream.cu_stream(),
             attrs: &raw mut attr,
             numAttrs: u32::from(self.pdl),
         };
+        if shared > 48 << 10 {
+            // SAFETY: a valid function and attribute; the driver checks the value.
+            #[allow(unsafe_code)]
+            unsafe {
+                driver::sys::cuFuncSetAttribute(
+                    func.cu_function(),
+                    driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .result()
+                .map_err(|e| device_error(&format!("giving {name} {shared} bytes of shared memory"), e))?;
+            }
+        }
         // SAFETY: each kernel's arguments are built by its one caller in ops.rs to match
         // its signature in kernels.cu, with buffers sized for the launch; `params` points at
         // `slots`, alive until the call returns (the driver copies them).

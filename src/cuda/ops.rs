@@ -14,7 +14,7 @@ use crate::engine::kv::{KvDType, KvLayout, KvStorage, Ring};
 use crate::error::{Error, Result};
 use crate::model::attention::SeqSpan;
 use crate::model::config::Activation;
-use crate::model::decoder::{Batch, Logits};
+use crate::model::decoder::{Batch, Draw, Logits};
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::model::ops::Ops;
 
@@ -803,11 +803,17 @@ impl Ops for Pass<'_> {
         })
     }
 
-    fn to_host(&self, x: GpuBuf, rows: usize, width: usize, argmax_only: bool) -> Result<Logits> {
+    fn to_host(
+        &self,
+        x: GpuBuf,
+        rows: usize,
+        width: usize,
+        draws: Option<&[Draw]>,
+    ) -> Result<Logits> {
         self.timed("logits to host", || {
-            if argmax_only {
-                let ids = self.gpu.argmax_rows(x.slice()?, rows, width)?;
-                return Ok(Logits::argmax_only(ids, width));
+            if let Some(draws) = draws {
+                let ids = self.gpu.sample_rows(x.slice()?, width, draws)?;
+                return Ok(Logits::drawn_only(ids, width));
             }
             Logits::new(self.gpu.download(x.slice()?, rows * width)?, rows, width)
         })

@@ -10,6 +10,7 @@ use llguidance::toktrie::SimpleVob;
 use llguidance::Matcher;
 
 use crate::error::{bail, Error, Result};
+use crate::model::Draw;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 use super::kv::{extend_hashes, BlockHash};
@@ -169,9 +170,9 @@ impl StopMatcher {
 pub enum Row<'a> {
     /// The newest token's logits, `[vocab]`.
     Logits(&'a [f32]),
-    /// Their argmax, taken where they were computed (`u32::MAX`: they held a NaN), for a
-    /// request that takes nothing else (`SamplingParams::is_plain_greedy`).
-    Argmax(u32),
+    /// The token drawn where they were computed (`u32::MAX`: they held a NaN), for a
+    /// request that takes nothing else ([`Request::device_draw`]).
+    Drawn(u32),
 }
 
 /// A request's grammar state: llguidance's `Matcher` (which has no `Debug`), and the mask
@@ -394,12 +395,30 @@ impl Request {
         self.params().temperature > 0.0 && self.grammar.is_none()
     }
 
+    /// How a pass may draw this request's next token where its logits are, when the
+    /// token is all it takes (no grammar, no logprobs), for a span ending in `drafts`
+    /// proposals: any span of a plain greedy request (the argmax); a sampled or penalized
+    /// one's without drafts (their rows' contexts would hold the drafts), and never a
+    /// sampled one's beside a draft model (it verifies the draft model's distribution).
+    pub fn device_draw(&self, drafts: usize, draft_model: bool) -> Option<Draw> {
+        let p = self.params();
+        if self.grammar.is_some() || p.logprobs.is_some() {
+            None
+        } else if p.is_plain_greedy() {
+            Some(Draw::argmax())
+        } else if drafts > 0 || (draft_model && p.temperature > 0.0) {
+            None
+        } else {
+            Some(self.sampler.device_draw(&self.tokens, self.prompt_len))
+        }
+    }
+
     /// Takes the draft model's next proposal from `row` (its logits after this request's
     /// tokens and the proposals so far).
     pub fn propose_draft(&mut self, row: Row<'_>) -> Result<()> {
         let proposal = match row {
-            Row::Argmax(u32::MAX) => bail!(Engine, "the draft model produced NaN logits"),
-            Row::Argmax(token) => (token, None),
+            Row::Drawn(u32::MAX) => bail!(Engine, "the draft model produced NaN logits"),
+            Row::Drawn(token) => (token, None),
             // NaN logits fail in the sampler, as the model's own do.
             Row::Logits(logits) => {
                 let position = self.tokens.len() + self.proposals.len();
@@ -465,15 +484,15 @@ impl Request {
                 self.sampler
                     .sample(logits, &self.tokens, self.prompt_len, mask.as_ref())?
             }
-            Row::Argmax(_) if self.grammar.is_some() || !self.params().is_plain_greedy() => {
+            Row::Drawn(_) if self.grammar.is_some() || self.params().logprobs.is_some() => {
                 bail!(
                     Internal,
-                    "request {} was given an argmax to sample",
+                    "request {} was given a drawn token, not logits",
                     self.id
                 )
             }
-            Row::Argmax(u32::MAX) => bail!(Engine, "the model produced NaN logits"),
-            Row::Argmax(token) => (token, None),
+            Row::Drawn(u32::MAX) => bail!(Engine, "the model produced NaN logits"),
+            Row::Drawn(token) => (token, None),
         };
         self.push(token, logprobs)
     }

@@ -80,7 +80,7 @@ impl Runner {
                 blocks: table.to_vec(),
                 window_blocks: Vec::new(),
                 sample: false,
-                argmax_only: false,
+                draw: None,
                 drafts: 0,
                 propose: 0,
             };
@@ -98,7 +98,11 @@ fn batch(seqs: &[ScheduledSeq]) -> Batch<'_> {
         tokens: Vec::new(),
         seqs: Vec::with_capacity(seqs.len()),
         logits_rows: Vec::new(),
-        argmax_only: seqs.iter().all(|s| !s.sample || s.argmax_only),
+        // Each sampled span's draw for each of its rows, if every one has a draw.
+        draws: (seqs.iter().filter(|s| s.sample))
+            .map(|s| s.draw.as_ref().map(|d| vec![d.clone(); s.drafts + 1]))
+            .collect::<Option<Vec<_>>>()
+            .map(|rows| rows.concat()),
     };
     for seq in seqs {
         let row = batch.tokens.len();

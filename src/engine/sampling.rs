@@ -3,8 +3,17 @@
 //! Logits processing follows transformers' order: repetition penalty (CTRL, Keskar et al.
 //! 2019) and OpenAI presence/frequency penalties on the raw logits, then temperature,
 //! top-k, top-p (nucleus, Holtzman et al. 2019) and min-p (Nguyen et al. 2024) on the
-//! distribution. Each request samples from its own seeded RNG, so a seed reproduces the
-//! same text whatever else runs.
+//! distribution. Each request draws from its own seed, one draw per position, so a seed
+//! reproduces the same text whatever else runs.
+//!
+//! The draw itself is defined in integers so that a GPU repeats it bit for bit
+//! (`kernels.cu` `sample_rows`): every candidate's weight is `2^40 · exp((logit − max) /
+//! temperature)` rounded down (see [`weight`]: the exponential is a polynomial of
+//! additions and multiplications each rounded once, which IEEE arithmetic gives alike on
+//! any device), the filters and the draw sum those weights exactly, and a 64-bit draw
+//! picks the token where the running sum, in vocabulary order, passes `draw · mass /
+//! 2^64`. No result depends on the order of a sum, so a parallel kernel and this loop
+//! agree on every token.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -13,6 +22,7 @@ use llguidance::toktrie::SimpleVob;
 
 use super::grammar::{self, Constraint};
 use crate::error::{Error, Result};
+use crate::model::Draw;
 
 /// Most stop strings per request, and the longest one, in bytes.
 pub const MAX_STOP_STRINGS: usize = 64;
@@ -405,17 +415,18 @@ pub struct TokenLogprobs {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Rng,
-    /// The seed, for the draws speculative decoding with a draft model makes: each is
-    /// addressed by what it is for and the position of the token it decides, never by
-    /// how many came before, so that a token is the same whatever the drafts around it.
+    /// Every draw is addressed by what it is for and the position of the token it
+    /// decides, never by how many came before: a token is the same whatever the drafts
+    /// around it, and a GPU can be handed the draw for a row without the sampler's state.
     seed: u64,
 }
 
 /// A distribution over the vocabulary, dense: each token's probability, summing to 1.
 pub type Distribution = Vec<f32>;
 
-/// The purposes of a draft-model speculative draw (xored into the seed).
+/// The purposes of a draw (xored into the seed): a token's own, and a draft-model
+/// speculative step's.
+const SAMPLE_DRAW: u64 = 0x5851_F42D_4C95_7F2D;
 const DRAFT_DRAW: u64 = 0xD1B5_4A32_D192_ED03;
 const ACCEPT_DRAW: u64 = 0x8CB9_2BA7_2F3D_8DD7;
 const RESIDUAL_DRAW: u64 = 0xAF25_1AF3_B0F0_25B5;
@@ -423,11 +434,7 @@ const RESIDUAL_DRAW: u64 = 0xAF25_1AF3_B0F0_25B5;
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(fresh_seed);
-        Sampler {
-            params,
-            rng: Rng(seed),
-            seed,
-        }
+        Sampler { params, seed }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -436,10 +443,11 @@ impl Sampler {
 
     /// Picks the next token from `logits: [vocab]`, among the tokens `allowed` (a grammar's
     /// mask) when given. `context` is the prompt followed by the tokens generated so far;
-    /// `prompt_len` splits the two. Fails on NaN logits, which only a broken model produces.
+    /// `prompt_len` splits the two, and `context.len()` is the position the token takes,
+    /// which addresses its draw. Fails on NaN logits, which only a broken model produces.
     /// Log-probabilities are the model's own, before penalties and the mask.
     pub fn sample(
-        &mut self,
+        &self,
         logits: &[f32],
         context: &[u32],
         prompt_len: usize,
@@ -449,10 +457,42 @@ impl Sampler {
         let token = if self.params.temperature == 0.0 {
             argmax(&adjusted)
         } else {
-            let (cands, mass) = self.candidates(&adjusted);
-            pick(&cands, self.rng.next_f64() * mass)
+            let kept = self.candidates(&adjusted);
+            kept.pick(self.draw(SAMPLE_DRAW, context.len()))
+                .unwrap_or_else(|| argmax(&adjusted))
         };
         Ok((token, self.logprobs(logits, token)))
+    }
+
+    /// What a GPU pass needs to draw the token at `context.len()` itself, as
+    /// [`Sampler::sample`] would without a grammar's mask (kernels.cu `sample_rows`).
+    pub fn device_draw(&self, context: &[u32], prompt_len: usize) -> Draw {
+        let p = &self.params;
+        Draw {
+            temperature: if p.temperature == 0.0 {
+                0.0
+            } else {
+                p.temperature.max(MIN_TEMPERATURE)
+            },
+            // Above the vocabulary means all, as 0 does.
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            min_p_floor: if p.min_p > 0.0 {
+                min_p_floor(p.min_p)
+            } else {
+                0
+            },
+            draw: self.draw(SAMPLE_DRAW, context.len()),
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            penalized: self.penalized(context, prompt_len),
+        }
+    }
+
+    /// The 64-bit draw for `purpose` at token `position`.
+    fn draw(&self, purpose: u64, position: usize) -> u64 {
+        Rng::at(self.seed ^ purpose, position as u64).next_u64()
     }
 
     /// Uniform in [0, 1): the draw for `purpose` at token `position`.
@@ -475,11 +515,12 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return Ok((argmax(&adjusted), None));
         }
-        let (cands, mass) = self.candidates(&adjusted);
-        let token = pick(&cands, self.uniform(DRAFT_DRAW, position) * mass);
+        let kept = self.candidates(&adjusted);
+        let token =
+            (kept.pick(self.draw(DRAFT_DRAW, position))).unwrap_or_else(|| argmax(&adjusted));
         let mut q = vec![0.0f32; logits.len()];
-        for (t, prob) in cands {
-            q[t as usize] = (prob / mass) as f32;
+        for (t, prob) in kept.probabilities() {
+            q[t as usize] = prob as f32;
         }
         Ok((token, Some(q)))
     }
@@ -500,8 +541,7 @@ impl Sampler {
         (draft, q): (u32, &[f32]),
     ) -> Result<(u32, Option<TokenLogprobs>)> {
         let adjusted = self.adjusted(logits, context, prompt_len, None)?;
-        let (mut p, mass) = self.candidates(&adjusted);
-        p.iter_mut().for_each(|c| c.1 /= mass);
+        let p = self.candidates(&adjusted).probabilities();
         let q_of = |t: u32| q.get(t as usize).map_or(0.0, |&x| f64::from(x));
         let q_draft = q_of(draft);
         let p_draft = p.iter().find(|c| c.0 == draft).map_or(0.0, |c| c.1);
@@ -568,86 +608,190 @@ impl Sampler {
         })
     }
 
-    fn apply_penalties(&self, logits: &mut [f32], context: &[u32], prompt_len: usize) {
+    /// `(token, times generated)` of each distinct token a penalty changes: with a
+    /// repetition penalty every token of `context`, else those generated (after
+    /// `prompt_len`), with presence or frequency penalties.
+    fn penalized(&self, context: &[u32], prompt_len: usize) -> Vec<(u32, u32)> {
         let p = &self.params;
+        let mut counts: HashMap<u32, u32> = HashMap::new();
         if p.repetition_penalty != 1.0 {
-            let mut seen = vec![false; logits.len()];
             for &t in context {
-                let t = t as usize;
-                if t < logits.len() && !seen[t] {
-                    seen[t] = true;
-                    let l = &mut logits[t];
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
+                counts.entry(t).or_default();
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            let mut counts: HashMap<u32, usize> = HashMap::new();
             for &t in &context[prompt_len.min(context.len())..] {
                 *counts.entry(t).or_default() += 1;
             }
-            for (t, n) in counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
-                }
+        }
+        counts.into_iter().collect()
+    }
+
+    /// The penalties on `logits`, token by token as kernels.cu `sample_rows` applies them:
+    /// the repetition penalty divides a positive logit and multiplies a negative one
+    /// (CTRL); presence and frequency penalties subtract `presence + frequency · count`
+    /// from a generated token's.
+    fn apply_penalties(&self, logits: &mut [f32], context: &[u32], prompt_len: usize) {
+        let p = &self.params;
+        let counted = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        for (t, n) in self.penalized(context, prompt_len) {
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
+            if p.repetition_penalty != 1.0 {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+            if counted && n > 0 {
+                *l -= p.presence_penalty + p.frequency_penalty * n as f32;
             }
         }
     }
 
-    /// The candidates of softmax(logits / temperature) that top-k, top-p and min-p keep,
-    /// as `(token, probability)`, and their total probability (below 1 after min-p).
-    fn candidates(&self, logits: &[f32]) -> (Vec<(u32, f64)>, f64) {
+    /// The candidates of softmax(logits / temperature) that top-k, then top-p, then min-p
+    /// keep, with their integer weights, in vocabulary order. Defined so that `sample_rows`
+    /// (kernels.cu) keeps the same set: top-k takes the largest logits, the first index
+    /// among equals; top-p the shortest run of the heaviest weights, the first index among
+    /// equals, whose weight reaches `ceil(top_p · total)`; min-p those weighing at least
+    /// `ceil(min_p · 2^40)` (the most likely token weighs 2^40).
+    fn candidates(&self, logits: &[f32]) -> Kept {
         let p = &self.params;
         let temperature = p.temperature.max(MIN_TEMPERATURE);
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if p.top_k > 0 && p.top_k < idx.len() {
+            let by_logit = |a: &u32, b: &u32| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            };
             idx.select_nth_unstable_by(p.top_k - 1, by_logit);
             idx.truncate(p.top_k);
-        }
-        // Only top-p needs the candidates in order; sorting the whole vocabulary for every
-        // token would cost more than the rest of sampling together.
-        if p.top_p < 1.0 {
-            idx.sort_unstable_by(by_logit);
+            idx.sort_unstable();
         }
         let max = idx
             .iter()
             .map(|&i| logits[i as usize])
             .fold(f32::NEG_INFINITY, f32::max);
-        // (token, probability) at `temperature`, normalised over the candidates.
-        let mut cands: Vec<(u32, f64)> = idx
+        let mut tokens: Vec<(u32, u64)> = idx
             .iter()
-            .map(|&i| (i, f64::from((logits[i as usize] - max) / temperature).exp()))
+            .map(|&i| (i, weight((logits[i as usize] - max) / temperature)))
+            .filter(|c| c.1 > 0)
             .collect();
-        // Tokens a grammar forbade (logit −∞) have probability 0: never candidates, not
-        // even as the fallback below.
-        cands.retain(|c| c.1 > 0.0);
-        let total: f64 = cands.iter().map(|c| c.1).sum();
-        cands.iter_mut().for_each(|c| c.1 /= total);
-        // top-p: the smallest prefix (most likely first) whose mass reaches top_p.
         if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            let keep = cands
+            let total: u64 = tokens.iter().map(|c| c.1).sum();
+            let target = top_p_target(p.top_p, total);
+            let mut order: Vec<(u64, u32)> = tokens.iter().map(|&(t, w)| (w, t)).collect();
+            order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            let mut cum = 0;
+            // The last token kept: the heaviest first, the first index among equals.
+            let last = order
                 .iter()
-                .position(|c| {
-                    cum += c.1;
-                    cum >= f64::from(p.top_p)
+                .find(|c| {
+                    cum += c.0;
+                    cum >= target
                 })
-                .map_or(cands.len(), |i| i + 1);
-            cands.truncate(keep);
+                .or(order.last())
+                .copied();
+            if let Some((w, t)) = last {
+                tokens.retain(|c| c.1 > w || (c.1 == w && c.0 <= t));
+            }
         }
-        // min-p: relative to the most likely token (probability 1 / total), which survives.
         if p.min_p > 0.0 {
-            let floor = f64::from(p.min_p) / total;
-            cands.retain(|c| c.1 >= floor);
+            let floor = min_p_floor(p.min_p);
+            tokens.retain(|c| c.1 >= floor);
         }
-        let mass: f64 = cands.iter().map(|c| c.1).sum();
-        (cands, mass)
+        Kept { tokens }
     }
+}
+
+/// The candidates a draw chooses from, in vocabulary order, with their weights.
+#[derive(Debug)]
+struct Kept {
+    tokens: Vec<(u32, u64)>,
+}
+
+impl Kept {
+    /// Their total weight: at most the vocabulary's size times 2^40, well within a u64.
+    fn mass(&self) -> u64 {
+        self.tokens.iter().map(|c| c.1).sum()
+    }
+
+    /// The token where the running weight, in vocabulary order, passes `draw · mass /
+    /// 2^64`; `None` when nothing weighs anything (the logits held +∞).
+    fn pick(&self, draw: u64) -> Option<u32> {
+        let mut u = ((u128::from(draw) * u128::from(self.mass())) >> 64) as u64;
+        for &(token, w) in &self.tokens {
+            if u < w {
+                return Some(token);
+            }
+            u -= w;
+        }
+        None
+    }
+
+    /// `(token, probability)` of each candidate.
+    fn probabilities(&self) -> Vec<(u32, f64)> {
+        let mass = self.mass() as f64;
+        self.tokens
+            .iter()
+            .map(|&(t, w)| (t, w as f64 / mass))
+            .collect()
+    }
+}
+
+/// Bits of fraction in a weight: the most likely token weighs `2^WEIGHT_BITS`.
+pub(crate) const WEIGHT_BITS: i32 = 40;
+
+/// `2^f` for `f` in [-0.5, 0.5]: Taylor's coefficients, `ln(2)^k / k!` for k = 1..=7,
+/// rounded to f32 (the next term is below 5e-9 of the value, under f32's rounding). Given
+/// as bits, which kernels.cu `weight` spells the same.
+const EXP2_COEFFS: [f32; 7] = [
+    f32::from_bits(0x3f31_7218),
+    f32::from_bits(0x3e75_fdf0),
+    f32::from_bits(0x3d63_5847),
+    f32::from_bits(0x3c1d_955b),
+    f32::from_bits(0x3aae_c3ff),
+    f32::from_bits(0x3921_8489),
+    f32::from_bits(0x377f_e5fe),
+];
+
+/// Rounds an f32 below 2^22 in magnitude to an integer, ties to even, when added and
+/// subtracted: at 1.5 · 2^23 an f32 has no fraction bits.
+const ROUND: f32 = 12_582_912.0;
+
+/// `floor(2^40 · e^x)` for `x ≤ 0`; 0 for NaN, −∞ and anything below `2^-72`. Every step
+/// is one IEEE operation rounded to nearest (no fused multiply-add), so kernels.cu's
+/// `weight_value` and `as_weight` give the same bits: `t = x · log2(e)`, split into an
+/// integer `n` and `f = t − n` in [-0.5, 0.5], `2^f` by Horner's rule, times `2^(n + 40)`
+/// (exact: a power of two, the product normal), rounded down.
+pub(crate) fn weight(x: f32) -> u64 {
+    let t = x * std::f32::consts::LOG2_E;
+    if t.is_nan() || t < -72.0 {
+        return 0;
+    }
+    let n = (t + ROUND) - ROUND;
+    let f = t - n;
+    let mut p = EXP2_COEFFS[6];
+    for &c in EXP2_COEFFS[..6].iter().rev() {
+        p = p * f + c;
+    }
+    p = p * f + 1.0;
+    // n in [-72, 0]: 2^(n + 40) as an f32's exponent bits.
+    let scale = f32::from_bits(((127 + n as i32 + WEIGHT_BITS) as u32) << 23);
+    (p * scale) as u64
+}
+
+/// The weight top-p's run must reach: `ceil(top_p · total)` in f64, at least 1.
+pub(crate) fn top_p_target(top_p: f32, total: u64) -> u64 {
+    ((f64::from(top_p) * total as f64).ceil() as u64).max(1)
+}
+
+/// The least weight min-p keeps: `ceil(min_p · 2^40)`.
+pub(crate) fn min_p_floor(min_p: f32) -> u64 {
+    (f64::from(min_p) * (1u64 << WEIGHT_BITS) as f64).ceil() as u64
 }
 
 /// The token at `u` in the cumulative distribution of `cands` (`u` in [0, their total
@@ -780,6 +924,13 @@ mod tests {
             .collect()
     }
 
+    /// The token `s` samples from `logits` at `position` (its draw's address; no penalty
+    /// reads the context).
+    fn at(s: &Sampler, logits: &[f32], position: usize) -> u32 {
+        let context = vec![0; position];
+        s.sample(logits, &context, position, None).unwrap().0
+    }
+
     /// The first of `draws` samples that [`allowed`] excludes, with the allowed set.
     fn sampled_outside_allowed(
         logits: &[f32],
@@ -787,9 +938,9 @@ mod tests {
         draws: usize,
     ) -> Option<(u32, Vec<u32>)> {
         let ok = allowed(logits, &p);
-        let mut sampler = Sampler::new(p);
+        let sampler = Sampler::new(p);
         (0..draws)
-            .map(|_| sampler.sample(logits, &[], 0, None).unwrap().0)
+            .map(|position| at(&sampler, logits, position))
             .find(|t| !ok.contains(t))
             .map(|t| (t, ok))
     }
@@ -814,9 +965,9 @@ mod tests {
         fn same_seed_same_tokens(logits in prop::collection::vec(-5.0f32..5.0, 2..64), seed in any::<u64>()) {
             let mut p = params(1.0, 0, 1.0, 0.0);
             p.seed = Some(seed);
-            let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
-            for _ in 0..8 {
-                prop_assert_eq!(a.sample(&logits, &[], 0, None).unwrap().0, b.sample(&logits, &[], 0, None).unwrap().0);
+            let (a, b) = (Sampler::new(p.clone()), Sampler::new(p));
+            for position in 0..8 {
+                prop_assert_eq!(at(&a, &logits, position), at(&b, &logits, position));
             }
         }
     }
@@ -855,17 +1006,18 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_argmax() {
-        let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[], 0, None).unwrap().0, 1);
+        let s = Sampler::new(SamplingParams::default());
+        assert_eq!(at(&s, &[0.1, 3.0, -1.0, 2.9], 0), 1);
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
         // Two tokens with probabilities 0.25 and 0.75 at temperature 1.
         let logits = [0.0, 3f32.ln()];
-        let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0));
+        let s = Sampler::new(params(1.0, 0, 1.0, 0.0));
+        let context = vec![0; 4000];
         let ones = (0..4000)
-            .filter(|_| s.sample(&logits, &[], 0, None).unwrap().0 == 1)
+            .filter(|&i| s.sample(&logits, &context[..i], i, None).unwrap().0 == 1)
             .count();
         assert!((2800..3200).contains(&ones), "{ones} of 4000");
     }
@@ -896,9 +1048,10 @@ mod tests {
             kept += usize::from(token == x);
         }
         let dist = |logits: &[f32]| {
-            let (c, mass) = s.candidates(logits);
             let mut d = [0.0f64; 6];
-            c.iter().for_each(|&(t, pr)| d[t as usize] = pr / mass);
+            (s.candidates(logits).probabilities())
+                .iter()
+                .for_each(|&(t, pr)| d[t as usize] = pr);
             d
         };
         let (pd, qd) = (dist(&target), dist(&draft));
@@ -913,6 +1066,60 @@ mod tests {
         let rate: f64 = (0..6).map(|t| pd[t].min(qd[t])).sum();
         let seen = kept as f64 / n as f64;
         assert!((seen - rate).abs() < 0.015, "kept {seen}, expected {rate}");
+    }
+
+    /// The integer exponential is `2^40 · e^x` to f32's precision over the range that
+    /// matters, and exact at 0.
+    #[test]
+    fn weight_is_the_exponential() {
+        let mut term = 1.0f64;
+        for (k, c) in EXP2_COEFFS.iter().enumerate() {
+            term *= std::f64::consts::LN_2 / (k + 1) as f64;
+            assert_eq!(*c, term as f32, "coefficient {}", k + 1);
+        }
+        assert_eq!(std::f32::consts::LOG2_E.to_bits(), 0x3fb8_aa3b);
+        assert_eq!(weight(0.0), 1 << WEIGHT_BITS);
+        assert_eq!(weight(-0.0), 1 << WEIGHT_BITS);
+        assert_eq!(weight(f32::NEG_INFINITY), 0);
+        assert_eq!(weight(f32::NAN), 0);
+        assert_eq!(weight(-60.0), 0);
+        for i in 0..200_000 {
+            let x = -(i as f32) * 1.4e-4;
+            let exact = (f64::from(x).exp()) * (1u64 << WEIGHT_BITS) as f64;
+            let w = weight(x) as f64;
+            // t = x · log2(e) is rounded once in f32: up to |t| · 2^-24 of relative error.
+            let tolerance = exact * (2e-7 + f64::from(x.abs()) * 1e-7) + 1.0;
+            assert!((w - exact).abs() <= tolerance, "x {x}: {w} against {exact}");
+        }
+    }
+
+    /// The draw splits the mass exactly: two tokens of equal weight each take half of
+    /// the 64-bit draws, the first the lower half; top-p's ties go to the first index.
+    #[test]
+    fn draws_and_ties_are_exact() {
+        let s = Sampler::new(params(1.0, 0, 1.0, 0.0));
+        let kept = s.candidates(&[1.0, f32::NEG_INFINITY, 1.0]);
+        let half = 1u64 << 63;
+        assert_eq!(kept.pick(half - 1), Some(0));
+        assert_eq!(kept.pick(half + (half >> 20)), Some(2));
+        // Three equal tokens: top-p 0.5 needs two of them, the first two.
+        let s = Sampler::new(params(1.0, 0, 0.5, 0.0));
+        let tokens: Vec<u32> = s
+            .candidates(&[0.5, 0.5, 0.5])
+            .tokens
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(tokens, [0, 1]);
+        // top-k 2 among three equal logits keeps the first two as well.
+        let s = Sampler::new(params(1.0, 2, 1.0, 0.0));
+        let tokens: Vec<u32> = s
+            .candidates(&[0.5, 0.5, 0.5])
+            .tokens
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(tokens, [0, 1]);
     }
 
     #[test]
@@ -932,7 +1139,7 @@ mod tests {
 
     #[test]
     fn nan_logits_fail_the_request() {
-        let mut s = Sampler::new(SamplingParams::default());
+        let s = Sampler::new(SamplingParams::default());
         assert!(matches!(
             s.sample(&[0.0, f32::NAN], &[], 0, None),
             Err(Error::Engine(_))

@@ -22,7 +22,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use crate::error::{bail, Error, Result};
-use crate::model::Logits;
+use crate::model::{Draw, Logits};
 
 use super::kv::{dead_blocks, extend_hashes, BlockPool, Ring, HOLE};
 use super::request::{Event, FinishReason, Request, RequestId, RequestState, Row};
@@ -81,8 +81,9 @@ pub struct ScheduledSeq {
     pub window_blocks: Vec<u32>,
     /// The span ends at the newest token: its logits are sampled.
     pub sample: bool,
-    /// Sampling it takes the argmax and nothing else (`SamplingParams::is_plain_greedy`).
-    pub argmax_only: bool,
+    /// How a pass may draw the span's token where its logits are, when that is all the
+    /// request takes ([`Request::device_draw`]; `None` for a span that does not sample).
+    pub draw: Option<Draw>,
     /// The span's last `drafts` tokens are proposed, not yet accepted (speculative
     /// decoding): logits come back for each of them and for the position before.
     pub drafts: usize,
@@ -379,7 +380,9 @@ impl Scheduler {
             window_blocks: (self.windows.as_ref())
                 .map_or(Vec::new(), |w| w.pool.table(r.id).to_vec()),
             sample: end == r.tokens.len(),
-            argmax_only: r.params().is_plain_greedy(),
+            draw: (end == r.tokens.len())
+                .then(|| r.device_draw(num_drafts, self.draft_model))
+                .flatten(),
             drafts: num_drafts,
             propose,
         });
@@ -452,7 +455,9 @@ impl Scheduler {
                     // The draft model's cache has no window layers (see `Engine::new`).
                     window_blocks: Vec::new(),
                     sample,
-                    argmax_only: seq.argmax_only,
+                    // A proposal is the argmax, or drawn from a distribution the host
+                    // keeps.
+                    draw: seq.draw.clone().filter(Draw::is_argmax),
                     drafts: 0,
                     propose: 0,
                 });
@@ -767,11 +772,11 @@ impl Scheduler {
     }
 }
 
-/// Row `i` of `logits` as a request samples it: its argmax where the pass computed only
-/// that (every row greedy), else its logits.
+/// Row `i` of `logits` as a request samples it: its token where the pass drew only that,
+/// else its logits.
 fn row_of(logits: &Logits, i: usize) -> Row<'_> {
-    match logits.argmax() {
-        Some(ids) => Row::Argmax(ids[i]),
+    match logits.drawn() {
+        Some(ids) => Row::Drawn(ids[i]),
         None => Row::Logits(&logits.values()[i * logits.vocab()..(i + 1) * logits.vocab()]),
     }
 }
@@ -1158,10 +1163,11 @@ mod tests {
         Ok(())
     }
 
-    /// Plain greedy requests are marked for an argmax-only pass and take the ids it gives
-    /// (a NaN row fails its request alone); a penalty or a temperature needs the logits.
+    /// Requests without a grammar or logprobs are marked for a pass that draws their
+    /// tokens (the argmax for plain greedy ones, a penalized draw at the token's position
+    /// for the others) and take the ids it gives (a NaN row fails its request alone).
     #[test]
-    fn plain_greedy_requests_take_the_argmax_of_the_pass() -> Result<()> {
+    fn requests_take_the_tokens_the_pass_drew() -> Result<()> {
         let tok = word_tokenizer(VOCAB);
         let (tx, rx) = mpsc::channel();
         let stats = Mutex::new(Stats::default());
@@ -1193,8 +1199,16 @@ mod tests {
             ));
         }
         let out = s.schedule(Instant::now());
-        let marks: Vec<bool> = out.seqs.iter().map(|q| q.argmax_only).collect();
-        assert_eq!(marks, [true, true, false, false]);
+        let draws: Vec<Draw> = out.seqs.iter().map(|q| q.draw.clone().unwrap()).collect();
+        assert!(draws[0].is_argmax() && draws[1].is_argmax());
+        // Penalized: both prompt tokens, neither generated yet.
+        let mut penalized = draws[2].penalized.clone();
+        penalized.sort_unstable();
+        assert_eq!(
+            (draws[2].temperature, penalized),
+            (0.0, vec![(1, 0), (2, 0)])
+        );
+        assert!(draws[3].temperature == 0.7 && draws[3].penalized.is_empty());
         // The first two alone, as a pass would see them.
         s.abort(2);
         s.abort(3);
@@ -1202,7 +1216,7 @@ mod tests {
             seqs: out.seqs.into_iter().take(2).collect(),
             prompt_tokens: 4,
         };
-        s.update_from_output(&two, &Logits::argmax_only(vec![7, u32::MAX], VOCAB), &stats)?;
+        s.update_from_output(&two, &Logits::drawn_only(vec![7, u32::MAX], VOCAB), &stats)?;
         let events: Vec<_> = rx.try_iter().collect();
         let token = |id: u64| {
             events.iter().find_map(|o| match &o.event {

@@ -130,22 +130,69 @@ pub struct Batch<'a> {
     pub tokens: Vec<u32>,
     pub seqs: Vec<SeqSpan<'a>>,
     pub logits_rows: Vec<u32>,
-    /// Every sampled row takes its argmax and nothing else (greedy, no penalty, mask or
-    /// logprobs): a GPU pass then returns only the ids ([`Logits::argmax`]).
-    pub argmax_only: bool,
+    /// One per row of `logits_rows` when each row's token is all that is wanted: a GPU
+    /// pass then draws the tokens where the logits are and returns only them
+    /// ([`Logits::drawn`]); the host sampler would draw the same ones.
+    pub draws: Option<Vec<Draw>>,
+}
+
+/// How a pass draws a row's token where its logits are (kernels.cu `sample_rows`): what
+/// the host sampler (`engine::sampling`) draws from the same logits, bit for bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draw {
+    /// 0: the argmax after the penalties; else at least `sampling::MIN_TEMPERATURE`.
+    pub temperature: f32,
+    /// 0: every token.
+    pub top_k: u32,
+    pub top_p: f32,
+    /// The least weight min-p keeps (`sampling::min_p_floor`; 0: no floor).
+    pub min_p_floor: u64,
+    /// The 64-bit draw of the token's position.
+    pub draw: u64,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// `(token, times generated)` of each distinct token the penalties change.
+    pub penalized: Vec<(u32, u32)>,
+}
+
+/// The parameters are validated finite, so equality is total.
+impl Eq for Draw {}
+
+impl Draw {
+    /// The argmax, and nothing else.
+    pub fn argmax() -> Draw {
+        Draw {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p_floor: 0,
+            draw: 0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalized: Vec::new(),
+        }
+    }
+
+    /// Whether the draw is the argmax of the raw logits, whatever the row's position and
+    /// context.
+    pub fn is_argmax(&self) -> bool {
+        self.temperature == 0.0 && self.penalized.is_empty()
+    }
 }
 
 /// What a forward pass returns: the logits of `Batch::logits_rows`, on the host,
 /// `[rows][vocab]` row-major in one allocation (the sampler reads rows in place), or, for
-/// a GPU pass with `Batch::argmax_only`, only each row's argmax.
+/// a GPU pass with `Batch::draws`, only each row's token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logits {
-    /// `[rows][vocab]`; empty when only the argmax came back.
+    /// `[rows][vocab]`; empty when only the tokens came back.
     values: Vec<f32>,
     rows: usize,
     vocab: usize,
-    /// Each row's argmax, computed where the logits are (`u32::MAX`: the row held a NaN).
-    argmax: Option<Vec<u32>>,
+    /// Each row's token, drawn where the logits are (`u32::MAX`: the row held a NaN).
+    drawn: Option<Vec<u32>>,
 }
 
 impl Logits {
@@ -161,17 +208,18 @@ impl Logits {
             values,
             rows,
             vocab,
-            argmax: None,
+            drawn: None,
         })
     }
 
-    /// Only each row's argmax (`u32::MAX` for a row that held a NaN).
-    pub fn argmax_only(ids: Vec<u32>, vocab: usize) -> Logits {
+    /// Only each row's token, drawn where the logits are (`u32::MAX` for a row that held
+    /// a NaN).
+    pub fn drawn_only(ids: Vec<u32>, vocab: usize) -> Logits {
         Logits {
             values: Vec::new(),
             rows: ids.len(),
             vocab,
-            argmax: Some(ids),
+            drawn: Some(ids),
         }
     }
 
@@ -183,14 +231,14 @@ impl Logits {
         self.vocab
     }
 
-    /// Every value, row after row (none when only the argmax came back).
+    /// Every value, row after row (none when only the tokens came back).
     pub fn values(&self) -> &[f32] {
         &self.values
     }
 
-    /// Each row's argmax, when that is all the pass returned.
-    pub fn argmax(&self) -> Option<&[u32]> {
-        self.argmax.as_deref()
+    /// Each row's token, when that is all the pass returned.
+    pub fn drawn(&self) -> Option<&[u32]> {
+        self.drawn.as_deref()
     }
 
     pub fn into_values(self) -> Vec<f32> {
@@ -360,9 +408,9 @@ impl Decoder {
             }
         }
         step.launch()?;
-        let logits = if batch.argmax_only {
-            gpu.argmax_rows(step.logits.slice()?, key.rows, vocab)
-                .map(|ids| Logits::argmax_only(ids, vocab))
+        let logits = if let Some(draws) = &batch.draws {
+            gpu.sample_rows(step.logits.slice()?, vocab, draws)
+                .map(|ids| Logits::drawn_only(ids, vocab))
         } else {
             gpu.download(step.logits.slice()?, key.rows * vocab)
                 .and_then(|values| Logits::new(values, key.rows, vocab))
@@ -454,7 +502,7 @@ impl Decoder {
             logits,
             batch.logits_rows.len(),
             self.config.vocab_size,
-            batch.argmax_only,
+            batch.draws.as_deref(),
         )
     }
 

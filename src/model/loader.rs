@@ -169,7 +169,7 @@ impl Model {
                 window_blocks: &[],
             }],
             logits_rows: (first as u32..t as u32).collect(),
-            argmax_only: false,
+            draws: None,
         };
         let logits = self.decoder.forward(&batch, &mut cache.storage)?;
         cache.len = start + t;
@@ -216,7 +216,7 @@ impl Model {
             tokens: Vec::new(),
             seqs: Vec::new(),
             logits_rows: Vec::new(),
-            argmax_only: false,
+            draws: None,
         };
         for (tokens, blocks) in seqs.iter().zip(&tables) {
             let row = batch.tokens.len();

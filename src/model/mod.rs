@@ -13,7 +13,7 @@ pub mod profile;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use decoder::{Batch, Decoder, Logits};
+pub use decoder::{Batch, Decoder, Draw, Logits};
 pub use loader::{
     load, load_model, load_model_with, load_tokenizer, load_with, resolve_model_path, Model,
     SequenceCache,

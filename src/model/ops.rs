@@ -13,7 +13,7 @@ use crate::engine::kv::KvStorage;
 use crate::error::Result;
 use crate::model::attention::{self, SeqSpan};
 use crate::model::config::Activation;
-use crate::model::decoder::Logits;
+use crate::model::decoder::{Draw, Logits};
 use crate::model::layers::{Embedding, Linear, MoeMlp, Norm, Rope};
 use crate::model::profile::timed;
 use crate::quant::kernels::QuantizedRows;
@@ -112,10 +112,15 @@ pub trait Ops {
         width: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// `x: [rows, width]` on the host (the logits the sampler reads); with `argmax_only`, a
-    /// backend whose copies are dear may return each row's argmax alone.
-    fn to_host(&self, x: Self::Buf, rows: usize, width: usize, argmax_only: bool)
-        -> Result<Logits>;
+    /// `x: [rows, width]` on the host (the logits the sampler reads); given `draws`, a
+    /// backend whose copies are dear may draw each row's token itself and return those.
+    fn to_host(
+        &self,
+        x: Self::Buf,
+        rows: usize,
+        width: usize,
+        draws: Option<&[Draw]>,
+    ) -> Result<Logits>;
 }
 
 /// The CPU: host buffers, Cortex's kernels.
@@ -275,8 +280,14 @@ impl Ops for Cpu {
         Ok(())
     }
 
-    /// The logits are on the host already: the sampler takes the argmax.
-    fn to_host(&self, x: Vec<f32>, rows: usize, width: usize, _: bool) -> Result<Logits> {
+    /// The logits are on the host already: the sampler draws from them.
+    fn to_host(
+        &self,
+        x: Vec<f32>,
+        rows: usize,
+        width: usize,
+        _: Option<&[Draw]>,
+    ) -> Result<Logits> {
         Logits::new(x, rows, width)
     }
 }
