@@ -743,11 +743,11 @@ impl Kept {
 }
 
 /// Bits of fraction in a weight: the most likely token weighs `2^WEIGHT_BITS`.
-pub(crate) const WEIGHT_BITS: i32 = 40;
+const WEIGHT_BITS: i32 = 40;
 
 /// `2^f` for `f` in [-0.5, 0.5]: Taylor's coefficients, `ln(2)^k / k!` for k = 1..=7,
 /// rounded to f32 (the next term is below 5e-9 of the value, under f32's rounding). Given
-/// as bits, which kernels.cu `weight` spells the same.
+/// as bits, which kernels.cu `weight_value` spells the same.
 const EXP2_COEFFS: [f32; 7] = [
     f32::from_bits(0x3f31_7218),
     f32::from_bits(0x3e75_fdf0),
@@ -767,7 +767,7 @@ const ROUND: f32 = 12_582_912.0;
 /// `weight_value` and `as_weight` give the same bits: `t = x · log2(e)`, split into an
 /// integer `n` and `f = t − n` in [-0.5, 0.5], `2^f` by Horner's rule, times `2^(n + 40)`
 /// (exact: a power of two, the product normal), rounded down.
-pub(crate) fn weight(x: f32) -> u64 {
+fn weight(x: f32) -> u64 {
     let t = x * std::f32::consts::LOG2_E;
     if t.is_nan() || t < -72.0 {
         return 0;
@@ -785,12 +785,12 @@ pub(crate) fn weight(x: f32) -> u64 {
 }
 
 /// The weight top-p's run must reach: `ceil(top_p · total)` in f64, at least 1.
-pub(crate) fn top_p_target(top_p: f32, total: u64) -> u64 {
+fn top_p_target(top_p: f32, total: u64) -> u64 {
     ((f64::from(top_p) * total as f64).ceil() as u64).max(1)
 }
 
 /// The least weight min-p keeps: `ceil(min_p · 2^40)`.
-pub(crate) fn min_p_floor(min_p: f32) -> u64 {
+fn min_p_floor(min_p: f32) -> u64 {
     (f64::from(min_p) * (1u64 << WEIGHT_BITS) as f64).ceil() as u64
 }
 
