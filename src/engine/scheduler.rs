@@ -455,9 +455,9 @@ impl Scheduler {
                     // The draft model's cache has no window layers (see `Engine::new`).
                     window_blocks: Vec::new(),
                     sample,
-                    // A proposal is the argmax, or drawn from a distribution the host
-                    // keeps.
-                    draw: seq.draw.clone().filter(Draw::is_argmax),
+                    // A proposal is the argmax, or drawn (penalties counting the
+                    // proposals so far) from a distribution the host keeps.
+                    draw: r.params().is_plain_greedy().then(Draw::argmax),
                     drafts: 0,
                     propose: 0,
                 });
@@ -1200,7 +1200,7 @@ mod tests {
         }
         let out = s.schedule(Instant::now());
         let draws: Vec<Draw> = out.seqs.iter().map(|q| q.draw.clone().unwrap()).collect();
-        assert!(draws[0].is_argmax() && draws[1].is_argmax());
+        assert!(draws[0] == Draw::argmax() && draws[1] == Draw::argmax());
         // Penalized: both prompt tokens, neither generated yet.
         let mut penalized = draws[2].penalized.clone();
         penalized.sort_unstable();

@@ -174,12 +174,6 @@ impl Draw {
             penalized: Vec::new(),
         }
     }
-
-    /// Whether the draw is the argmax of the raw logits, whatever the row's position and
-    /// context.
-    pub fn is_argmax(&self) -> bool {
-        self.temperature == 0.0 && self.penalized.is_empty()
-    }
 }
 
 /// What a forward pass returns: the logits of `Batch::logits_rows`, on the host,
