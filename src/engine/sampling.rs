@@ -1118,24 +1118,14 @@ mod tests {
         let half = 1u64 << 63;
         assert_eq!(kept.pick(half - 1), Some(0));
         assert_eq!(kept.pick(half + (half >> 20)), Some(2));
-        // Three equal tokens: top-p 0.5 needs two of them, the first two.
-        let s = Sampler::new(params(1.0, 0, 0.5, 0.0));
-        let tokens: Vec<u32> = s
-            .candidates(&[0.5, 0.5, 0.5])
-            .tokens
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(tokens, [0, 1]);
-        // top-k 2 among three equal logits keeps the first two as well.
-        let s = Sampler::new(params(1.0, 2, 1.0, 0.0));
-        let tokens: Vec<u32> = s
-            .candidates(&[0.5, 0.5, 0.5])
-            .tokens
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(tokens, [0, 1]);
+        let kept_of_three_equal = |p: SamplingParams| -> Vec<u32> {
+            let kept = Sampler::new(p).candidates(&[0.5, 0.5, 0.5]);
+            kept.tokens.iter().map(|c| c.0).collect()
+        };
+        // Top-p 0.5 needs two of them, the first two.
+        assert_eq!(kept_of_three_equal(params(1.0, 0, 0.5, 0.0)), [0, 1]);
+        // top-k 2 keeps the first two as well.
+        assert_eq!(kept_of_three_equal(params(1.0, 2, 1.0, 0.0)), [0, 1]);
     }
 
     proptest! {
