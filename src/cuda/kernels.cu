@@ -328,7 +328,7 @@ __device__ int find_nth(int width, unsigned long long need, F amount) {
 // select over the logits' order keys, the first indices among equals); the weights, over the
 // logits; top-p's run (a radix select over the weights, by weight); min-p's floor; and the
 // token where the running weight passes draw · mass / 2^64. With `in_shared`, the row is
-// worked on in dynamic shared memory (width floats), else in place.
+// worked on in dynamic shared memory (width floats), else in place. `draws` null: argmaxes.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     float* logits, int width, const unsigned* draws, const unsigned* penalized, int in_shared,
     unsigned* out) {
@@ -341,7 +341,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
   __shared__ int s_nan, s_bin;
   __shared__ unsigned long long s_need;
   float* x = logits + (long)blockIdx.x * width;
-  const unsigned* d = draws + blockIdx.x * DRAW_WORDS;
+  // Null draws: every row takes its argmax (temperature 0, no penalties).
+  const unsigned argmax_words[DRAW_WORDS] = {};
+  const unsigned* d = draws ? draws + blockIdx.x * DRAW_WORDS : argmax_words;
   float temperature = __uint_as_float(d[0]), top_p = __uint_as_float(d[1]);
   float repetition = __uint_as_float(d[2]), presence = __uint_as_float(d[3]);
   float frequency = __uint_as_float(d[4]);

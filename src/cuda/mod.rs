@@ -286,8 +286,44 @@ impl Gpu {
         let row_bytes = width * std::mem::size_of::<f32>();
         let width = i32::try_from(width)
             .map_err(|_| Error::Internal(format!("a row of {width} logits")))?;
-        // The kernel's words a row (DRAW_WORDS) and the penalized (token, count) pairs.
-        let mut words = Vec::with_capacity(rows * DRAW_WORDS);
+        // A batch that only takes argmaxes (greedy decoding, the hot path) uploads nothing:
+        // the kernel reads null words as every row's argmax.
+        let uploaded = if draws.iter().all(|d| *d == Draw::argmax()) {
+            None
+        } else {
+            Some(self.upload_draws(draws)?)
+        };
+        let (words_arg, penalized_arg) = match &uploaded {
+            Some((words, penalized)) => (ptr(words, &self.stream), ptr(penalized, &self.stream)),
+            None => (Arg::Ptr(0), Arg::Ptr(0)),
+        };
+        // A row that samples makes a dozen passes over its logits: in shared memory when
+        // they fit beside the kernel's own (49,152 logits do on Hopper, 128,256 do not),
+        // else in place. Greedy rows read theirs once.
+        let in_shared = draws.iter().any(|d| d.temperature > 0.0)
+            && row_bytes + SAMPLE_STATIC_SHARED <= self.shared_optin;
+        let out: CudaSlice<u32> = self.zeros(rows)?;
+        self.launch_with_shared(
+            "sample_rows",
+            (rows as u32, 1),
+            1024,
+            if in_shared { row_bytes } else { 0 },
+            &[
+                ptr(x, &self.stream),
+                Arg::I32(width),
+                words_arg,
+                penalized_arg,
+                Arg::I32(i32::from(in_shared)),
+                ptr(&out, &self.stream),
+            ],
+        )?;
+        self.download(&out, rows)
+    }
+
+    /// The draws as `sample_rows` reads them, on the GPU: `DRAW_WORDS` words a row, and the
+    /// penalized `(token, count)` pairs the rows' words point into.
+    fn upload_draws(&self, draws: &[Draw]) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
+        let mut words = Vec::with_capacity(draws.len() * DRAW_WORDS);
         let mut penalized = Vec::new();
         for d in draws {
             let from = u32::try_from(penalized.len() / 2)
@@ -308,29 +344,7 @@ impl Gpu {
                 (d.draw >> 32) as u32,
             ]);
         }
-        let words_gpu = self.upload(&words)?;
-        let penalized_gpu = self.upload(&penalized)?;
-        // A row that samples makes a dozen passes over its logits: in shared memory when
-        // they fit beside the kernel's own (49,152 logits do on Hopper, 128,256 do not),
-        // else in place. Greedy rows read theirs once.
-        let in_shared = draws.iter().any(|d| d.temperature > 0.0)
-            && row_bytes + SAMPLE_STATIC_SHARED <= self.shared_optin;
-        let out: CudaSlice<u32> = self.zeros(rows)?;
-        self.launch_with_shared(
-            "sample_rows",
-            (rows as u32, 1),
-            1024,
-            if in_shared { row_bytes } else { 0 },
-            &[
-                ptr(x, &self.stream),
-                Arg::I32(width),
-                ptr(&words_gpu, &self.stream),
-                ptr(&penalized_gpu, &self.stream),
-                Arg::I32(i32::from(in_shared)),
-                ptr(&out, &self.stream),
-            ],
-        )?;
-        self.download(&out, rows)
+        Ok((self.upload(&words)?, self.upload(&penalized)?))
     }
 
     /// Waits until every launched kernel has finished (and reports a fault one raised).
